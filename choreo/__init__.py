@@ -1,0 +1,10 @@
+"""choreo: Prompt Choreography -- LLM workflows over one global KV cache of messages."""
+
+from .cache import CapacityError, Message
+from .baseline import Baseline
+from .engine import Call, Choreographer, linearize
+from .runner import Runner, Session
+from .model import Model, load_model
+
+__version__ = "0.1.0"
+__all__ = ["Baseline", "Call", "CapacityError", "Choreographer", "Message", "Model", "Runner", "Session", "linearize", "load_model", "__version__"]

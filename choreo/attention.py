@@ -1,0 +1,163 @@
+"""Attention backends for choreographed calls, behind one function signature.
+
+Each call of a batch attends to a list of cached segments (store rows with a position shift) and,
+causally, to its own tokens (already written to the store). ``AttentionPlan`` names that once per
+forward step; a backend turns it into attention:
+
+- ``reference``: a dense boolean mask over every store row, fp64 math. Slow and obviously correct; the oracle.
+- ``torch``: gathers the attended rows of each call, re-rotates moved keys, one SDPA call. The CPU default.
+- ``triton``: the fused kernel of ``triton_kernels`` (segment table in the kernel, keys re-rotated in
+  registers, no gather). The default on CUDA.
+
+Shapes: q (B, H, S, D); store k/v (Hkv, N, D); output (B, H, S, D).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .model import rerotate
+
+Segment = tuple[int, int, int]  # (first store row, length, position delta)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AttentionPlan:
+    """What each of B calls attends to in one forward step.
+
+    Example: call 0 attends to message rows 0..9 moved by +5 and to its own 3 tokens, 2 of them new::
+
+        AttentionPlan(segments=(((0, 10, 5),),), own_start=(40,), own_past=(1,), new_len=(2,))
+
+    Query row i of call b is the token at own index ``own_past[b] + i``; it sees every row of every
+    segment of b, and own rows ``own_start[b] .. own_start[b] + own_past[b] + i``.
+    """
+
+    segments: tuple[tuple[Segment, ...], ...]
+    own_start: tuple[int, ...]
+    own_past: tuple[int, ...]
+    new_len: tuple[int, ...]
+    _index: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def batch(self) -> int:
+        return len(self.own_start)
+
+    @property
+    def max_new(self) -> int:
+        return max(self.new_len)
+
+    @functools.cached_property
+    def any_delta(self) -> bool:
+        return any(d for segs in self.segments for _, _, d in segs)
+
+    def rows(self, b: int) -> tuple[list[int], list[int]]:
+        """Store rows attended by call b (segments, then own rows up to its last new token) and their deltas."""
+        rows, deltas = [], []
+        for row, n, d in self.segments[b]:
+            rows.extend(range(row, row + n))
+            deltas.extend([d] * n)
+        own = self.own_past[b] + self.new_len[b]
+        rows.extend(range(self.own_start[b], self.own_start[b] + own))
+        deltas.extend([0] * own)
+        return rows, deltas
+
+    def gather_index(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Padded key rows (B, T), deltas (B, T) and a bool mask (B, 1, S, T) for gathered attention."""
+        device = torch.device(device)
+        if device not in self._index:  # built once per step, shared by all layers
+            self._index[device] = self._build_index(device)
+        return self._index[device]
+
+    def _build_index(self, device):
+        S, B = self.max_new, self.batch
+        per_call = [self.rows(b) for b in range(B)]
+        T = max(len(r) for r, _ in per_call)
+        idx = torch.zeros(B, T, dtype=torch.long)
+        delta = torch.zeros(B, T, dtype=torch.long)
+        mask = torch.zeros(B, 1, S, T, dtype=torch.bool)
+        for b, (rows, deltas) in enumerate(per_call):
+            n_ctx = len(rows) - self.new_len[b]  # keys visible to the first new token, minus itself
+            idx[b, : len(rows)] = torch.tensor(rows)
+            idx[b, len(rows):] = self.own_start[b]
+            delta[b, : len(rows)] = torch.tensor(deltas)
+            i = torch.arange(S)[:, None]
+            mask[b, 0] = torch.arange(T)[None, :] <= n_ctx + i.clamp(max=self.new_len[b] - 1)
+        return idx.to(device), delta.to(device), mask.to(device)
+
+
+# (plan, q, k_store, v_store, inv_freq, scale) -> out
+Backend = Callable[[AttentionPlan, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+def torch_attention(plan, q, k_store, v_store, inv_freq, scale):
+    """Gather each call's attended rows, re-rotate moved keys, one SDPA call with a padding mask."""
+    idx, delta, mask = plan.gather_index(q.device)  # (B, T), (B, T), (B, 1, S, T)
+    k = k_store[:, idx].transpose(0, 1)  # (B, Hkv, T, D)
+    v = v_store[:, idx].transpose(0, 1)
+    if plan.any_delta:
+        k = rerotate(k, delta[:, None, :], inv_freq)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
+def reference_attention(plan, q, k_store, v_store, inv_freq, scale):
+    """Dense boolean mask over all N store rows and a per-row delta per call, in fp64."""
+    B, H, S, D = q.shape
+    Hkv, N, _ = k_store.shape
+    allowed = torch.zeros(B, S, N, dtype=torch.bool)
+    delta = torch.zeros(B, N, dtype=torch.long)
+    for b in range(B):
+        for row, n, d in plan.segments[b]:
+            if allowed[b, 0, row:row + n].any():
+                raise ValueError(f"call {b} attends to store rows {row}..{row + n - 1} twice")
+            allowed[b, :, row:row + n] = True
+            delta[b, row:row + n] = d
+        for i in range(S):
+            last = plan.own_past[b] + min(i, plan.new_len[b] - 1)  # padding rows copy the last real row
+            allowed[b, i, plan.own_start[b]:plan.own_start[b] + last + 1] = True
+    k = rerotate(k_store.double()[None].expand(B, -1, -1, -1), delta[:, None, :].to(q.device), inv_freq.double())
+    k = k.repeat_interleave(H // Hkv, dim=1)  # (B, H, N, D)
+    v = v_store.double()[None].expand(B, -1, -1, -1).repeat_interleave(H // Hkv, dim=1)
+    scores = (q.double() @ k.transpose(-1, -2)) * scale  # (B, H, S, N)
+    scores = scores.masked_fill(~allowed[:, None].to(q.device), float("-inf"))
+    return (scores.softmax(-1) @ v).to(q.dtype)
+
+
+def triton_attention(plan, q, k_store, v_store, inv_freq, scale):
+    """The fused segment-table kernel (``triton_kernels.segment_attention``)."""
+    from triton_kernels import segment_attention
+
+    dev = q.device
+    G = max((len(s) for s in plan.segments), default=0)
+    table = torch.zeros(3, plan.batch, G, dtype=torch.int32)
+    for b, segs in enumerate(plan.segments):
+        for g, seg in enumerate(segs):
+            table[:, b, g] = torch.tensor(seg, dtype=torch.int32)
+    own = torch.tensor([plan.own_start, plan.own_past, plan.new_len], dtype=torch.int32).to(dev)
+    table = table.to(dev)
+    return segment_attention(
+        q.contiguous(), k_store, v_store, table[0], table[1], table[2], own[0], own[1], own[2], inv_freq,
+        scale=scale,
+    )
+
+
+BACKENDS: dict[str, Backend] = {
+    "torch": torch_attention,
+    "reference": reference_attention,
+    "triton": triton_attention,
+}
+
+
+def get_backend(name: str) -> Backend:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {sorted(BACKENDS)}")
+    return BACKENDS[name]
+
+
+def default_backend(device: torch.device) -> str:
+    return "triton" if torch.device(device).type == "cuda" else "torch"

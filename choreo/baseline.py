@@ -1,0 +1,155 @@
+"""The re-encoding baseline: ordinary chat prompting behind the choreography API.
+
+Every call re-encodes, from position 0, a serial prompt made of its parents' turns in position order
+(ties keep the listed order) followed by its own header. Parents are text: nothing of how a parent was
+encoded carries over, so there is no leakage and no blockage.
+
+With ``prefix_reuse=True`` a call may attend to the cached encoding of an earlier prompt that starts
+with exactly the same tokens at the same positions (what vLLM's or SGLang's prefix caching does). The
+math is the same; results differ from full re-encoding only by floating-point reassociation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .cache import Message
+from .engine import Call, Choreographer, Job, default_start, resolve_offsets
+from .model import Model
+
+
+@dataclasses.dataclass(eq=False)
+class _Chain:
+    """An encoded token sequence at positions 0.. as a list of (internal message, rows used)."""
+
+    ids: list[int]
+    parts: list[tuple[Message, int]]
+
+
+class Baseline(Choreographer):
+    """Same verbs as ``Choreographer``; each call re-encodes its parents' text.
+
+    Example::
+
+        bl = Baseline(choreo.load_model())
+        sys = bl.prefill("You are terse.", role="system")        # no forward pass: text only
+        q = bl.prefill("Capital of France?", role="user", parents=[sys])
+        bl.decode(role="assistant", parents=[sys, q], max_tokens=10).text
+    """
+
+    def __init__(self, model: Model, *, attention: str | None = None, capacity: int = 65536, prefix_reuse: bool = False):
+        super().__init__(model, attention=attention, capacity=capacity)
+        self.prefix_reuse = prefix_reuse
+        self._chains: dict[int, _Chain] = {}  # output message id -> the chain that encoded it
+        self._refs: dict[int, int] = {}  # internal message id -> number of chains using it
+        self._internal: dict[int, Message] = {}
+        self.reused_tokens = 0
+
+    def start_prefill(self, text, *, role, parents=(), offsets=None, new_offset=None) -> Job:
+        job = super().start_prefill(text, role=role, parents=parents, offsets=offsets, new_offset=new_offset)
+        self.engine.store.free(job.msg.row, job.reserved)  # text only: nothing is encoded until a decode needs it
+        job.msg.row, job.reserved, job.done, job.pending = -1, 0, True, []
+        return job
+
+    def start_decode(self, calls: list[Call]) -> list[Job]:
+        calls = [c if isinstance(c, Call) else Call(**c) for c in calls]
+        prompts = [self._prompt(c) for c in calls]
+        jobs = []
+        try:
+            for call, (prompt, start, parent_ids) in zip(calls, prompts):
+                parts, reuse = self._reuse(prompt)
+                segments = tuple((m.row, n, 0) for m, n in parts)
+                job = self.make_job(call, prompt[reuse:], segments=segments, start=reuse, parents=parent_ids)
+                job.origin = (start, prompt[:reuse], parts)
+                jobs.append(job)
+        except Exception:
+            for job in jobs:
+                self.engine.store.free(job.msg.row, job.reserved)
+            raise
+        for job in jobs:
+            job.msg.id = next(self._ids)
+            self._internal[job.msg.id] = job.msg
+            for m, _ in job.origin[2]:
+                self._refs[m.id] += 1
+        return jobs
+
+    def finish(self, jobs: list[Job]) -> list[Message]:
+        out = []
+        for job in jobs:
+            if job.call is None:  # a prefill: already a user-facing message
+                out.append(job.msg)
+                continue
+            inner, call = job.msg, job.call
+            header = self.format.header(call.role, call.prefix)
+            gen = inner.tokens
+            msg = Message(
+                id=next(self._ids), role=call.role, parents=inner.parents, start=job.origin[0],
+                ids=header + gen + inner.ids[inner.content[1]:], content=(len(header), len(header) + len(gen)),
+                text=inner.text, prefix=call.prefix, ttft=inner.ttft, latency=inner.latency,
+                logprobs=inner.logprobs, logits=inner.logits,
+            )
+            self._messages[msg.id] = msg
+            _, prefix_ids, parts = job.origin
+            chain = _Chain(ids=prefix_ids + inner.ids, parts=parts + [(inner, inner.length)])
+            self._refs[inner.id] = self._refs.get(inner.id, 0) + 1
+            if self.prefix_reuse:
+                self._chains[msg.id] = chain
+            else:
+                self._release(chain)
+            out.append(msg)
+        return out
+
+    def free(self, *messages) -> None:
+        for msg in [self._lookup(m, "free") for m in messages]:
+            chain = self._chains.pop(msg.id, None)
+            if chain is not None:
+                self._release(chain)
+            msg.freed = True
+            del self._messages[msg.id]
+
+    # ------------------------------------------------------------------ prompts and reuse
+    def _prompt(self, call: Call) -> tuple[list[int], int, tuple[int, ...]]:
+        """The serial prompt of a call: its parents' turns in position order, then its header."""
+        parents = [self._lookup(p, "parents") for p in call.parents]
+        if len({p.id for p in parents}) != len(parents):
+            raise ValueError(f"parents list a message twice: {[p.id for p in parents]}")
+        starts = resolve_offsets(parents, call.offsets)
+        order = sorted(range(len(parents)), key=lambda i: (starts[i], i))
+        prompt = [t for i in order for t in parents[i].ids] + self.format.header(call.role, call.prefix)
+        start = default_start(parents, starts) if call.new_offset is None else call.new_offset
+        return prompt, start, tuple(p.id for p in parents)
+
+    def _reuse(self, prompt: list[int]) -> tuple[list[tuple[Message, int]], int]:
+        """The chain parts covering the longest cached exact prefix of ``prompt`` (one token is left to encode)."""
+        if not self.prefix_reuse:
+            return [], 0
+        best, best_len = None, 0
+        for chain in self._chains.values():
+            n = _common_prefix(chain.ids, prompt, len(prompt) - 1)
+            if n > best_len:
+                best, best_len = chain, n
+        if best is None:
+            return [], 0
+        self.reused_tokens += best_len
+        parts, n = [], best_len
+        for m, used in best.parts:  # the leading parts covering exactly best_len tokens
+            if n <= 0:
+                break
+            parts.append((m, min(used, n)))
+            n -= used
+        return parts, best_len
+
+    def _release(self, chain: _Chain) -> None:
+        for m, _ in chain.parts:
+            self._refs[m.id] -= 1
+            if self._refs[m.id] == 0:
+                del self._refs[m.id], self._internal[m.id]
+                self.engine.store.free(m.row, m.length)
+
+
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    n = min(len(a), len(b), limit)
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

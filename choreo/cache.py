@@ -1,0 +1,148 @@
+"""The global message store: a message table over one key/value buffer per model.
+
+Keys and values of every cached token live in two tensors of shape (L, Hkv, N, D). A message owns a
+contiguous run of rows; rows are handed out first-fit from a free list and returned when the message
+is freed. Keys are stored after RoPE at the message's own positions; moving a message re-rotates keys
+at read time, so nothing is ever rewritten.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+
+import torch
+
+from .model import ModelSpec
+
+
+class CapacityError(RuntimeError):
+    """The store cannot hold the requested tokens within its capacity."""
+
+
+@dataclasses.dataclass(eq=False, kw_only=True)
+class Message:
+    """One encoded chat turn. ``ids`` = header + forced prefix + content + footer.
+
+    ``tokens`` are the content token ids (generated ones for a decode), ``text`` their text (without
+    the forced prefix). Positions run from ``start`` to ``end - 1``.
+    """
+
+    id: int
+    role: str
+    parents: tuple[int, ...]
+    start: int
+    ids: list[int]
+    content: tuple[int, int]  # [a, b) index range of the content within ids
+    text: str
+    prefix: str = ""
+    row: int = -1  # first store row; -1 when not held in a store (baseline messages)
+    ttft: float | None = None  # seconds from submission to the first sampled token
+    latency: float | None = None  # seconds from submission to the end of the turn
+    logprobs: list[float] | None = None  # per content token, when teacher-forced with scoring
+    logits: torch.Tensor | None = None  # (len(tokens), V) when requested
+    freed: bool = False
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.ids[self.content[0]:self.content[1]]
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.ids)
+
+    def __repr__(self) -> str:
+        text = self.text if len(self.text) < 40 else self.text[:37] + "..."
+        return f"Message(id={self.id}, role={self.role!r}, start={self.start}, len={self.length}, text={text!r})"
+
+
+class KVStore:
+    """Key/value rows for all cached tokens, with first-fit allocation and a hard token capacity.
+
+    Example::
+
+        store = KVStore(model.spec, capacity=4096)
+        row = store.alloc(10)            # rows row .. row+9
+        store.k[layer][:, row:row + 10]  # (Hkv, 10, D)
+        store.free(row, 10)
+    """
+
+    def __init__(self, spec: ModelSpec, *, capacity: int, initial: int = 1024):
+        if capacity < 1:
+            raise ValueError(f"capacity must be at least 1 token, got {capacity}")
+        self.spec, self.capacity = spec, capacity
+        n = min(initial, capacity)
+        shape = (spec.n_layers, spec.n_kv_heads, n, spec.head_dim)
+        self.k = torch.zeros(shape, dtype=spec.dtype, device=spec.device)  # (L, Hkv, N, D)
+        self.v = torch.zeros(shape, dtype=spec.dtype, device=spec.device)
+        self._free: list[tuple[int, int]] = [(0, n)]  # sorted, merged (start, length) runs
+        self.used = 0
+        self.peak = 0
+
+    @property
+    def allocated(self) -> int:
+        return self.k.shape[2]
+
+    def alloc(self, n: int) -> int:
+        """Reserve n contiguous rows; grows the buffers (up to capacity) when no free run fits."""
+        if n < 1:
+            raise ValueError(f"cannot allocate {n} rows")
+        for i, (start, length) in enumerate(self._free):
+            if length >= n:
+                self._free[i:i + 1] = [(start + n, length - n)] if length > n else []
+                self.used += n
+                self.peak = max(self.peak, self.used)
+                return start
+        self._grow(n)
+        return self.alloc(n)
+
+    def _grow(self, n: int) -> None:
+        old = self.allocated
+        tail = self._free[-1][1] if self._free and sum(self._free[-1]) == old else 0
+        need = old + n - tail
+        if need > self.capacity:
+            raise CapacityError(
+                f"cannot cache {n} more tokens: {self.used} of {self.capacity} rows in use "
+                f"(largest free run {max((l for _, l in self._free), default=0)}); free messages or raise capacity"
+            )
+        new = min(self.capacity, max(need, 2 * old))
+        # torch.cat rather than an in-place resize: keeps the autograd graph when replaying with gradients.
+        self.k = torch.cat([self.k, self.k.new_zeros(self.k.shape[:2] + (new - old, self.k.shape[3]))], dim=2)
+        self.v = torch.cat([self.v, self.v.new_zeros(self.v.shape[:2] + (new - old, self.v.shape[3]))], dim=2)
+        self.free(old, new - old, _count=False)
+
+    def free(self, row: int, n: int, *, _count: bool = True) -> None:
+        """Return rows row .. row+n-1 to the free list (merging neighbours)."""
+        if n <= 0:
+            return
+        if _count:
+            self.used -= n
+        i = bisect.bisect_left(self._free, (row, 0))
+        if i > 0 and sum(self._free[i - 1]) > row or i < len(self._free) and row + n > self._free[i][0]:
+            raise RuntimeError(f"double free of rows {row}..{row + n - 1}")
+        self._free.insert(i, (row, n))
+        if i + 1 < len(self._free) and row + n == self._free[i + 1][0]:
+            self._free[i:i + 2] = [(row, n + self._free[i + 1][1])]
+        if i > 0 and sum(self._free[i - 1]) == row:
+            self._free[i - 1:i + 1] = [(self._free[i - 1][0], self._free[i - 1][1] + self._free[i][1])]
+
+    def detach_(self) -> None:
+        """Drop any autograd history held by the buffers (after a training step)."""
+        self.k, self.v = self.k.detach(), self.v.detach()
+
+    def report(self) -> dict:
+        """Token counts and bytes: what is in use, allocated, the peak and the capacity."""
+        per_token = self.spec.kv_bytes_per_token
+        return {
+            "tokens_used": self.used,
+            "tokens_peak": self.peak,
+            "tokens_allocated": self.allocated,
+            "tokens_capacity": self.capacity,
+            "kv_bytes_per_token": per_token,
+            "bytes_used": self.used * per_token,
+            "bytes_allocated": self.allocated * per_token,
+        }

@@ -1,0 +1,35 @@
+"""A three-agent conversation run under both executors, printing transcripts and per-call timings."""
+
+from __future__ import annotations
+
+from .baseline import Baseline
+from .engine import Choreographer
+from .model import Model
+
+AGENTS = {
+    "alice": "You are Alice, an optimist. Answer in one short sentence.",
+    "bob": "You are Bob, a sceptic. Answer in one short sentence.",
+    "carol": "You are Carol, a mediator. Answer in one short sentence.",
+}
+TOPIC = "Should our town build a new library or a new park?"
+
+
+def conversation(executor, *, rounds: int = 1, max_tokens: int = 40) -> list[tuple[str, object]]:
+    """Each agent sees its own system prompt, the topic and every earlier public message."""
+    systems = {name: executor.prefill(text, role="system") for name, text in AGENTS.items()}
+    topic = executor.prefill(TOPIC, role="user", parents=list(systems.values()))
+    public, transcript = [topic], []
+    for _ in range(rounds):
+        for name in AGENTS:
+            msg = executor.decode(role=f"assistant:{name}", parents=[systems[name], *public], max_tokens=max_tokens)
+            public.append(msg)
+            transcript.append((name, msg))
+    return transcript
+
+
+def run_demo(model: Model, *, rounds: int = 1, max_tokens: int = 40, attention: str | None = None) -> None:
+    for label, executor in (("choreographed", Choreographer(model, attention=attention)), ("baseline", Baseline(model))):
+        print(f"\n=== {label} ===")
+        for name, msg in conversation(executor, rounds=rounds, max_tokens=max_tokens):
+            print(f"[{name}] (ttft {1000 * msg.ttft:.0f} ms, {len(msg.tokens)} tokens) {msg.text}")
+        print(f"cache: {executor.memory()}")

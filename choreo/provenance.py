@@ -1,0 +1,69 @@
+"""Provenance for every number written to ``results/``: model and hash, versions, device, date, command."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+_LIBRARIES = ("choreo", "torch", "transformers", "peft", "triton", "numpy", "scipy")
+
+
+def library_versions() -> dict[str, str | None]:
+    out = {"python": platform.python_version()}
+    for name in _LIBRARIES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def device_name(device: str | torch.device = "cpu") -> str:
+    """A human-readable device: the GPU's name, or the CPU model and core count."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def provenance(model=None, *, seeds=None, sample_sizes=None, command: str | None = None, **extra) -> dict:
+    """A JSON-ready record of how a result was produced.
+
+    Example: ``provenance(model, seeds=[0, 1], sample_sizes={"games": 64})``.
+    """
+    spec = getattr(model, "spec", None)
+    return {
+        "model": None if spec is None else {"name": spec.name, "sha256": spec.sha256, "dtype": str(spec.dtype)},
+        "device": device_name(spec.device if spec is not None else "cpu"),
+        "seeds": seeds,
+        "sample_sizes": sample_sizes,
+        "versions": library_versions(),
+        "git_commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command or " ".join(shlex.quote(a) for a in sys.argv),
+        **extra,
+    }

@@ -1,0 +1,93 @@
+"""Writing results without ever losing or corrupting what is already there.
+
+- ``write_json`` / ``write_text``: write to a temporary file in the same folder, then atomically rename.
+- ``JsonlLog``: append-only records (one finished workflow instance per line), flushed and fsynced per
+  record, so an interrupted run resumes from what is on disk. A torn last line (the process died while
+  writing) is ignored; a malformed line anywhere else is an error naming the file and line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | os.PathLike, payload: Any) -> Path:
+    return write_text(path, json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
+
+
+class JsonlLog:
+    """Append-only JSON-lines records keyed by a field, for resumable runs.
+
+    Example::
+
+        log = JsonlLog("results/leakage/games.jsonl", key="game")
+        done = log.keys()                   # keys already finished
+        log.append({"game": 7, "coop": True})
+    """
+
+    def __init__(self, path: str | os.PathLike, *, key: str):
+        self.path, self.key = Path(path), key
+
+    def records(self) -> Iterator[dict]:
+        if not self.path.exists():
+            return
+        lines = self.path.read_text().split("\n")
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                if number == len(lines):  # a torn final write; the record is redone on resume
+                    continue
+                raise ValueError(f"{self.path}:{number}: malformed JSON line ({error.msg})") from None
+            if not isinstance(record, dict) or self.key not in record:
+                raise ValueError(f"{self.path}:{number}: record without the key field {self.key!r}")
+            yield record
+
+    def keys(self) -> set:
+        return {_freeze(r[self.key]) for r in self.records()}
+
+    def append(self, record: dict) -> None:
+        if self.key not in record:
+            raise ValueError(f"record lacks the key field {self.key!r}: {sorted(record)}")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._repair()
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _repair(self) -> None:
+        """Drop a torn final line so the next append starts on a fresh line."""
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return
+        data = self.path.read_bytes()
+        if not data.endswith(b"\n"):
+            cut = data.rfind(b"\n") + 1
+            with open(self.path, "r+b") as f:
+                f.truncate(cut)
+
+
+def _freeze(value):
+    return tuple(_freeze(v) for v in value) if isinstance(value, list) else value

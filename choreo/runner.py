@@ -1,0 +1,166 @@
+"""Run many workflow instances at once, batching all their pending calls into shared forward passes.
+
+A workflow is an ``async def`` that takes a ``Session`` (the executor's verbs, awaitable) and reads like
+sequential code. The runner drives the coroutines itself (no asyncio): whenever every live instance is
+waiting on calls, it runs one engine step over all of their jobs, so calls join and leave the decode
+batch as they start and finish. Decoding is memory-bound, so this is where throughput comes from.
+
+Example::
+
+    async def chat(ex, seed):
+        sys = await ex.prefill("You are terse.", role="system")
+        q = await ex.prefill(f"Name a number above {seed}.", role="user", parents=[sys])
+        a = await ex.decode(role="assistant", parents=[sys, q], max_tokens=8, seed=seed)
+        return a.text
+
+    texts = Runner(Choreographer(model)).run([lambda ex, s=s: chat(ex, s) for s in range(64)])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Coroutine, Iterable, Sequence
+
+from tqdm.auto import tqdm
+
+from .cache import Message
+from .engine import Call, Choreographer, Job
+from .trace import TraceRecorder
+
+Workflow = Callable[["Session"], Coroutine[Any, Any, Any]]
+
+
+class _Request:
+    """What a workflow awaits: a set of jobs; resumes with their messages."""
+
+    def __init__(self, jobs: list[Job], single: bool):
+        self.jobs, self.single = jobs, single
+
+    def __await__(self):
+        return (yield self)
+
+
+class Session:
+    """The executor's verbs for one workflow instance; every message it creates is freed at the end."""
+
+    def __init__(self, executor: Choreographer, *, trace: bool = False):
+        self.executor = executor
+        self.created: list[Message] = []
+        self.trace = TraceRecorder() if trace else None
+
+    async def prefill(self, text: str, *, role: str, parents=(), offsets=None, new_offset=None) -> Message:
+        job = self.executor.start_prefill(text, role=role, parents=parents, offsets=offsets, new_offset=new_offset)
+        msg = await _Request([job], single=True)
+        if self.trace is not None:
+            self.trace.prefill(msg, text=text, role=role, parents=parents, offsets=offsets, new_offset=new_offset)
+        return msg
+
+    async def decode(self, calls: Sequence[Call] | None = None, /, **fields) -> Message | list[Message]:
+        if calls is not None and fields:
+            raise TypeError(f"decode(calls) takes no keyword fields, got {sorted(fields)}")
+        single = calls is None
+        calls = [Call(**fields)] if single else [c if isinstance(c, Call) else Call(**c) for c in calls]
+        msgs = await _Request(self.executor.start_decode(calls), single=False)
+        if self.trace is not None:
+            self.trace.decode(msgs, calls)
+        return msgs[0] if single else msgs
+
+    def free(self, *messages: Message) -> None:
+        self.executor.free(*messages)
+
+    def _close(self) -> None:
+        live = [m for m in self.created if not m.freed]
+        if live:
+            self.executor.free(*live)
+
+
+@dataclasses.dataclass
+class RunStats:
+    """Counters of one ``Runner.run``: wall time, forward passes and tokens processed."""
+
+    instances: int = 0
+    wall_s: float = 0.0
+    forward_passes: int = 0
+    tokens_processed: int = 0
+    peak_cache_tokens: int = 0
+    max_batch: int = 0
+
+
+class Runner:
+    """Drive up to ``max_concurrent`` workflow instances over one executor.
+
+    ``run(workflows)`` takes callables ``f(session) -> coroutine`` and returns their results in order;
+    ``on_result(index, result)`` is called as each instance finishes (to append results to a file).
+    """
+
+    def __init__(self, executor: Choreographer, *, max_concurrent: int = 64, progress: bool | str = True,
+                 trace: bool = False):
+        if max_concurrent < 1:
+            raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
+        self.executor, self.max_concurrent, self.progress = executor, max_concurrent, progress
+        self.trace = trace
+        self.traces: dict[int, list] = {}  # instance index -> trace events, when trace=True
+        self.stats = RunStats()
+
+    def run(self, workflows: Iterable[Workflow], *, on_result: Callable[[int, Any], None] | None = None) -> list:
+        todo = list(workflows)
+        results: list = [None] * len(todo)
+        engine = self.executor.engine
+        passes0, tokens0 = engine.forward_passes, engine.tokens_processed
+        t0 = time.perf_counter()
+        bar = tqdm(total=len(todo), desc=self.progress if isinstance(self.progress, str) else "workflows",
+                   disable=not self.progress, leave=False)
+        ready: list[tuple[int, Session, Coroutine, Any]] = []
+        waiting: dict[int, tuple[Session, Coroutine, _Request]] = {}
+        admitted = 0
+
+        def admit():
+            nonlocal admitted
+            while admitted < len(todo) and len(ready) + len(waiting) < self.max_concurrent:
+                session = Session(self.executor, trace=self.trace)
+                ready.append((admitted, session, todo[admitted](session), None))
+                admitted += 1
+
+        try:
+            admit()
+            while ready or waiting:
+                while ready:
+                    i, session, coro, value = ready.pop()
+                    try:
+                        request = coro.send(value)
+                    except StopIteration as stop:
+                        session._close()
+                        results[i] = stop.value
+                        if session.trace is not None:
+                            self.traces[i] = session.trace.events
+                        bar.update(1)
+                        if on_result is not None:
+                            on_result(i, stop.value)
+                        admit()
+                        continue
+                    except BaseException:
+                        session._close()
+                        raise
+                    if not isinstance(request, _Request):
+                        raise TypeError(f"workflow {i} awaited {request!r}; only Session verbs can be awaited")
+                    waiting[i] = (session, coro, request)
+                jobs = [j for _, _, r in waiting.values() for j in r.jobs if not j.done]
+                self.stats.max_batch = max(self.stats.max_batch, len(jobs))
+                engine.step(jobs)
+                self.stats.peak_cache_tokens = max(self.stats.peak_cache_tokens, engine.store.used)
+                for i in [i for i, (_, _, r) in waiting.items() if all(j.done for j in r.jobs)]:
+                    session, coro, request = waiting.pop(i)
+                    messages = self.executor.finish(request.jobs)
+                    session.created.extend(messages)
+                    ready.append((i, session, coro, messages[0] if request.single else messages))
+        finally:
+            bar.close()
+            for session, coro, _ in waiting.values():
+                coro.close()
+                session._close()
+        self.stats.instances += len(todo)
+        self.stats.wall_s += time.perf_counter() - t0
+        self.stats.forward_passes += engine.forward_passes - passes0
+        self.stats.tokens_processed += engine.tokens_processed - tokens0
+        return results

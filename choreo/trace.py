@@ -1,0 +1,141 @@
+"""Traces: every call a workflow instance made, recorded so it can be replayed exactly.
+
+A trace is a list of events in the order the calls were issued. Parents are referred to by the index of
+the event that produced them, so a trace recorded under one executor replays under another (the
+baseline's outputs teacher-forced through the choreographed executor is how fine-tuning data is made).
+Calls issued together (one parallel ``decode([...])``) share a ``group``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Sequence
+
+from .cache import Message
+from .engine import Call
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TraceEvent:
+    kind: str  # "prefill" | "decode"
+    group: int
+    role: str
+    parents: tuple[int, ...]  # indices of earlier events
+    offsets: tuple[int | None, ...] | None = None
+    new_offset: int | None = None
+    text: str = ""  # prefill text, or the decoded text
+    prefix: str = ""
+    max_tokens: int = 0
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    tokens: tuple[int, ...] = ()  # decoded content tokens
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, record: dict) -> "TraceEvent":
+        record = dict(record)
+        for key in ("parents", "stop", "tokens"):
+            record[key] = tuple(record.get(key) or ())
+        if record.get("offsets") is not None:
+            record["offsets"] = tuple(record["offsets"])
+        return cls(**record)
+
+
+class TraceRecorder:
+    """Collects events for one workflow instance (``Session(trace=True)`` owns one)."""
+
+    def __init__(self):
+        self.events: list[TraceEvent] = []
+        self._index: dict[int, int] = {}  # id(Message) -> event index
+        self._groups = 0
+
+    def _parents(self, parents: Sequence) -> tuple[int, ...]:
+        out = []
+        for p in parents:
+            if not isinstance(p, Message) or id(p) not in self._index:
+                raise ValueError(f"traced calls must name parents as Message objects of the same instance, got {p!r}")
+            out.append(self._index[id(p)])
+        return tuple(out)
+
+    def prefill(self, msg: Message, *, text, role, parents, offsets, new_offset) -> None:
+        self._add(msg, TraceEvent(kind="prefill", group=self._next_group(), role=role, parents=self._parents(parents),
+                                  offsets=None if offsets is None else tuple(offsets), new_offset=new_offset, text=text))
+
+    def decode(self, msgs: Sequence[Message], calls: Sequence[Call]) -> None:
+        group = self._next_group()
+        for msg, call in zip(msgs, calls):
+            self._add(msg, TraceEvent(
+                kind="decode", group=group, role=call.role, parents=self._parents(call.parents),
+                offsets=None if call.offsets is None else tuple(call.offsets), new_offset=call.new_offset,
+                text=msg.text, prefix=call.prefix, max_tokens=call.max_tokens, temperature=call.temperature,
+                top_p=call.top_p, seed=call.seed, stop=tuple(call.stop), tokens=tuple(msg.tokens),
+            ))
+
+    def _next_group(self) -> int:
+        self._groups += 1
+        return self._groups - 1
+
+    def _add(self, msg: Message, event: TraceEvent) -> None:
+        self._index[id(msg)] = len(self.events)
+        self.events.append(event)
+
+
+def save_traces(path: str | Path, traces: Sequence[Sequence[TraceEvent]], *, meta: Sequence[dict] | None = None) -> None:
+    """One JSON line per workflow instance: {"meta": ..., "events": [...]}."""
+    from .results import write_text
+
+    lines = [json.dumps({"meta": (meta[i] if meta else {}), "events": [e.to_json() for e in t]}) for i, t in enumerate(traces)]
+    write_text(path, "\n".join(lines) + "\n")
+
+
+def load_traces(path: str | Path) -> list[tuple[dict, list[TraceEvent]]]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"trace file {str(path)!r} does not exist")
+    out = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            out.append((record.get("meta", {}), [TraceEvent.from_json(e) for e in record["events"]]))
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(f"{path}:{number}: malformed trace line ({error})") from None
+    return out
+
+
+def replay_calls(events: Sequence[TraceEvent], messages: Sequence[Message], *, teacher: bool = True,
+                 group: int) -> list[Call]:
+    """The calls of one parallel group, with parents mapped to replayed messages (teacher-forced by default)."""
+    calls = []
+    for e in events:
+        if e.group != group or e.kind != "decode":
+            continue
+        calls.append(Call(
+            role=e.role, parents=[messages[i] for i in e.parents], offsets=e.offsets, new_offset=e.new_offset,
+            prefix=e.prefix, max_tokens=max(e.max_tokens, 1), temperature=e.temperature, top_p=e.top_p, seed=e.seed,
+            stop=e.stop, teacher_tokens=list(e.tokens) if teacher and e.tokens else None,
+        ))
+    return calls
+
+
+def replay(executor, events: Sequence[TraceEvent], *, teacher: bool = True) -> list[Message]:
+    """Re-run a trace on an executor, group by group; returns one message per event."""
+    messages: list[Message | None] = [None] * len(events)
+    for group in sorted({e.group for e in events}):
+        idx = [i for i, e in enumerate(events) if e.group == group]
+        first = events[idx[0]]
+        if first.kind == "prefill":
+            messages[idx[0]] = executor.prefill(first.text, role=first.role, parents=[messages[i] for i in first.parents],
+                                                offsets=first.offsets, new_offset=first.new_offset)
+        else:
+            out = executor.decode(replay_calls(events, messages, teacher=teacher, group=group))
+            for i, m in zip(idx, out):
+                messages[i] = m
+    return messages

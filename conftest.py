@@ -1,0 +1,68 @@
+"""Options and fixtures shared by the library tests (tests/) and the reproduction suites (suites/)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from choreo.profiles import DEFAULT_PROFILE, PROFILES
+
+ROOT = Path(__file__).resolve().parent
+
+
+def default_data_dir() -> str | None:
+    if os.environ.get("CHOREO_DATA"):
+        return os.environ["CHOREO_DATA"]
+    shared = ROOT.parent / "shared" / "data"
+    return str(shared) if shared.is_dir() else None
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("choreo")
+    group.addoption("--profile", default=DEFAULT_PROFILE, choices=PROFILES,
+                    help="size of the reproduction suites: smoke (CI), small (CPU, tens of minutes), paper")
+    group.addoption("--model", default=None, help="local Hugging Face checkpoint; default: the embedded SmolLM2-135M")
+    group.addoption("--results-dir", default=None,
+                    help="write result tables here (default: a temporary folder; `choreo repro` uses results/)")
+    group.addoption("--data-dir", default=default_data_dir(),
+                    help="folder with math_test.jsonl / commongen_hard.jsonl (default: $CHOREO_DATA or ../shared/data)")
+    group.addoption("--run-slow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    skip_slow = pytest.mark.skip(reason="slow: pass --run-slow")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "slow" in item.keywords and not config.getoption("--run-slow"):
+            item.add_marker(skip_slow)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def profile(request) -> str:
+    return request.config.getoption("--profile")
+
+
+@pytest.fixture(scope="session")
+def data_dir(request) -> Path | None:
+    value = request.config.getoption("--data-dir")
+    return Path(value) if value else None
+
+
+@pytest.fixture(scope="session")
+def results_dir(request, tmp_path_factory) -> Path:
+    value = request.config.getoption("--results-dir")
+    return Path(value) if value else tmp_path_factory.mktemp("results")
+
+
+@pytest.fixture(scope="session")
+def model(request):
+    """The model under test: --model, else the embedded SmolLM2-135M-Instruct (fp32, CPU)."""
+    import choreo
+
+    return choreo.load_model(request.config.getoption("--model"))
