@@ -1,5 +1,6 @@
 """choreo: Prompt Choreography -- LLM workflows over one global KV cache of messages."""
 
+from . import attention
 from .cache import CapacityError, Message
 from .baseline import Baseline
 from .engine import Call, Choreographer, linearize

@@ -37,6 +37,8 @@ class Baseline(Choreographer):
         bl.decode(role="assistant", parents=[sys, q], max_tokens=10).text
     """
 
+    adapter = False  # ordinary prompting of the base model: a LoRA adapter on the model never applies
+
     def __init__(self, model: Model, *, attention: str | None = None, capacity: int = 65536, prefix_reuse: bool = False):
         super().__init__(model, attention=attention, capacity=capacity)
         self.prefix_reuse = prefix_reuse

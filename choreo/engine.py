@@ -18,6 +18,7 @@ import torch
 from .attention import AttentionPlan, default_backend, get_backend
 from .cache import KVStore, Message
 from .chat import ChatFormat, parse_role
+from .lora import adapter_scope
 from .model import Model
 from .sampling import make_generator, sample
 
@@ -90,8 +91,10 @@ class Job:
 class Engine:
     """Batched forward steps over jobs that share one KV store."""
 
-    def __init__(self, model: Model, *, attention: str | None = None, capacity: int = 65536):
+    def __init__(self, model: Model, *, attention: str | None = None, capacity: int = 65536, adapter: bool = True):
         self.model = model
+        self.adapter = adapter  # False: a LoRA adapter on the model is switched off for this engine's passes
+        self.grad = False  # True: record autograd history (teacher-forced replays for fine-tuning)
         self.attention = attention or default_backend(model.spec.device)
         self.backend = get_backend(self.attention)
         self.store = KVStore(model.spec, capacity=capacity)
@@ -139,7 +142,8 @@ class Engine:
             index = None
         else:
             index = torch.tensor([[len(j.pending) - 1] for j in jobs], device=dev)
-        logits = self.model.forward(ids.to(dev), pos.to(dev), attend, logits_index=index)  # (B, K, V)
+        with torch.set_grad_enabled(self.grad and torch.is_grad_enabled()), adapter_scope(self.model, enabled=self.adapter):
+            logits = self.model.forward(ids.to(dev), pos.to(dev), attend, logits_index=index)  # (B, K, V)
         self.forward_passes += 1
         self.tokens_processed += len(rows)
         for b, j in enumerate(jobs):
@@ -214,9 +218,11 @@ class Choreographer:
         a.text, a.start, ch.memory()["tokens_used"]
     """
 
+    adapter = True  # whether a LoRA adapter on the model applies to this executor's passes
+
     def __init__(self, model: Model, *, attention: str | None = None, capacity: int = 65536):
         self.model = model
-        self.engine = Engine(model, attention=attention, capacity=capacity)
+        self.engine = Engine(model, attention=attention, capacity=capacity, adapter=self.adapter)
         self.format = self.engine.format
         self._messages: dict[int, Message] = {}
         self._ids = itertools.count()

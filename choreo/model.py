@@ -105,7 +105,8 @@ class Model:
     # ---------------------------------------------------------------- rotary embedding
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin for integer positions (...,) -> (..., D) each, as HF computes them."""
-        freqs = positions[..., None].float() * self.inv_freq  # (..., D/2)
+        work = torch.promote_types(self.spec.dtype, torch.float32)
+        freqs = positions[..., None].to(work) * self.inv_freq.to(work)  # (..., D/2)
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos() * self.rope_scaling, emb.sin() * self.rope_scaling
 
@@ -160,9 +161,10 @@ def rerotate(k: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> to
 
     k: (..., T, D); delta: (T,) or broadcastable to (..., T) integer shifts. Math in fp32.
     """
-    angle = delta[..., None].float() * inv_freq  # (..., T, D/2)
+    work = torch.promote_types(k.dtype, torch.float32)  # fp32 math for half types, fp64 stays fp64
+    angle = delta[..., None].to(work) * inv_freq.to(work)  # (..., T, D/2)
     angle = torch.cat((angle, angle), dim=-1)
-    kf = k.float()
+    kf = k.to(work)
     return (kf * angle.cos() + rotate_half(kf) * angle.sin()).to(k.dtype)
 
 

@@ -32,12 +32,12 @@ def run(args) -> int:
     import pytest
 
     suites = available_suites()
+    for name in args.only or ():
+        if name not in suites:
+            raise ValueError(f"unknown suite {name!r}; available: {', '.join(suites) or '(none)'}")
     if not suites:
         raise FileNotFoundError(f"no reproduction suites found under {SUITES_DIR} (run from a checkout of choreo)")
     chosen = args.only or suites
-    for name in chosen:
-        if name not in suites:
-            raise ValueError(f"unknown suite {name!r}; available: {', '.join(suites)}")
     if args.model is not None and not Path(args.model).is_dir():
         raise FileNotFoundError(f"model path {args.model!r} is not a directory")
     results = Path(args.results_dir)

@@ -1,0 +1,145 @@
+"""LoRA adapters on a loaded model: add, save, load, unload, and switch them off for a scope.
+
+peft injects its LoRA layers into the Hugging Face ``q_proj``/``k_proj``/``v_proj``/``o_proj`` modules, and
+``Model.forward`` calls those modules directly, so an adapter applies to every executor without further work.
+``Model.hf_model`` is replaced in place by the ``PeftModel`` that wraps it (and restored by ``unload_adapter``).
+
+The engine calls ``adapter_scope`` around every forward pass: the baseline executor runs with the adapter
+off (ordinary prompting of the base model), the choreographed executor with whatever state the model is in.
+peft is imported only when a model actually carries an adapter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def is_adapted(model) -> bool:
+    """Whether ``model.hf_model`` is wrapped by peft."""
+    if "peft" not in sys.modules:
+        return False
+    from peft import PeftModel
+
+    return isinstance(model.hf_model, PeftModel)
+
+
+def lora_layers(model) -> list:
+    """The peft tuner layers injected into the model's modules (empty without an adapter)."""
+    if not is_adapted(model):
+        return []
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.hf_model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def add_adapter(model, *, rank: int, alpha: float, dropout: float, targets: Sequence[str] = DEFAULT_TARGETS,
+                seed: int = 0):
+    """Wrap ``model.hf_model`` with a fresh, trainable LoRA adapter (B = 0: the model is unchanged at first).
+
+    Example: ``add_adapter(model, rank=64, alpha=32, dropout=0.05)``; then ``trainable_parameters(model)``.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if is_adapted(model):
+        raise ValueError("the model already carries an adapter; unload_adapter(model) first")
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
+                        bias="none", task_type="CAUSAL_LM")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.hf_model = get_peft_model(model.hf_model, config)
+    return model.hf_model
+
+
+def trainable_parameters(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.hf_model.parameters() if p.requires_grad]
+
+
+def save_adapter(model, path: str | Path) -> Path:
+    """Write the adapter weights and config (peft format) to ``path``."""
+    if not is_adapted(model):
+        raise ValueError("the model carries no adapter to save")
+    path = Path(path)
+    model.hf_model.save_pretrained(path)
+    return path
+
+
+def load_adapter(model, path: str | Path, *, trainable: bool = False):
+    """Wrap ``model.hf_model`` in place with the adapter saved at ``path`` (replacing weights of one already there).
+
+    Example::
+
+        load_adapter(model, "runs/blockage/best")
+        Choreographer(model).decode(...)        # with the adapter
+        with adapter_disabled(model): ...       # without it
+    """
+    from peft import PeftModel, set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    path = Path(path)
+    if not (path / "adapter_config.json").exists():
+        raise FileNotFoundError(f"adapter path {str(path)!r} has no adapter_config.json (not a saved adapter)")
+    if is_adapted(model):
+        set_peft_model_state_dict(model.hf_model, load_peft_weights(str(path), device=str(model.spec.device)))
+    else:
+        model.hf_model = PeftModel.from_pretrained(model.hf_model, path, is_trainable=trainable)
+    model.hf_model.to(model.spec.device)
+    return model.hf_model
+
+
+def unload_adapter(model) -> None:
+    """Remove the LoRA layers and restore the plain Hugging Face model (weights unmerged, unchanged)."""
+    if is_adapted(model):
+        model.hf_model = model.hf_model.unload()
+
+
+@contextlib.contextmanager
+def adapter_scope(model, *, enabled: bool) -> Iterator[None]:
+    """Switch a model's LoRA layers off inside the block when ``enabled`` is False (restoring their state after).
+
+    ``enabled=True`` leaves the model as it is (an adapter that is off stays off). The engine's hook.
+    """
+    layers = [] if enabled else lora_layers(model)
+    if not layers:
+        yield
+        return
+    was_off = [layer.disable_adapters for layer in layers]
+    grads = [[(p, p.requires_grad) for p in layer.parameters()] for layer in layers]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer, off, flags in zip(layers, was_off, grads):
+            layer.enable_adapters(not off)
+            for p, flag in flags:  # peft's enable_adapters(True) marks adapter weights trainable
+                p.requires_grad_(flag)
+
+
+def adapter_disabled(model):
+    """Context manager: every executor runs the base model inside the block.
+
+    Example: ``with adapter_disabled(model): Choreographer(model).decode(...)``.
+    """
+    return adapter_scope(model, enabled=False)
+
+
+@contextlib.contextmanager
+def use_adapter(model, path: str | Path) -> Iterator[None]:
+    """Context manager: the adapter at ``path`` applies inside the block; the model is restored after.
+
+    Example: ``with use_adapter(model, "runs/blockage/best"): Choreographer(model).decode(...)``.
+    """
+    if is_adapted(model):
+        raise ValueError("use_adapter needs a model without an adapter; unload_adapter(model) first")
+    load_adapter(model, path)
+    try:
+        yield
+    finally:
+        unload_adapter(model)

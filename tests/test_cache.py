@@ -1,0 +1,73 @@
+"""The message store: allocation, freeing, growth, capacity and reported sizes."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import choreo
+from choreo.cache import CapacityError, KVStore
+
+
+def test_kv_bytes_per_token_of_the_embedded_architecture(tiny_gqa):
+    spec = tiny_gqa.spec
+    assert spec.kv_bytes_per_token == 2 * spec.n_layers * spec.n_kv_heads * spec.head_dim * 8  # fp64
+
+
+def test_free_merges_and_reuses_rows(tiny_gqa):
+    store = KVStore(tiny_gqa.spec, capacity=100, initial=100)
+    a, b, c = store.alloc(10), store.alloc(20), store.alloc(30)
+    assert (a, b, c) == (0, 10, 30) and store.used == 60
+    store.free(b, 20)
+    assert store.alloc(15) == 10  # first fit inside the hole
+    store.free(a, 10)
+    store.free(10, 15)
+    assert store._free[0] == (0, 30)  # neighbours merged
+    with pytest.raises(RuntimeError, match="double free"):
+        store.free(0, 5)
+
+
+def test_growth_preserves_contents_and_capacity_is_hard(tiny_gqa):
+    store = KVStore(tiny_gqa.spec, capacity=64, initial=8)
+    row = store.alloc(8)
+    store.k[:, :, row:row + 8] = 1.0
+    big = store.alloc(40)
+    assert store.allocated >= 48 and (store.k[:, :, :8] == 1.0).all()
+    with pytest.raises(CapacityError, match="64"):
+        store.alloc(30)
+    store.free(big, 40)
+    assert store.report()["tokens_used"] == 8
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 30)), min_size=1, max_size=40))
+def test_allocator_never_overlaps(spec_ops):
+    import torch
+
+    from choreo.model import ModelSpec
+
+    spec = ModelSpec(name="t", model_type="llama", n_layers=1, n_heads=1, n_kv_heads=1, head_dim=2, vocab_size=2,
+                     dtype=torch.float32, device=torch.device("cpu"))
+    store, live = KVStore(spec, capacity=400, initial=16), []
+    for do_free, n in spec_ops:
+        if do_free and live:
+            store.free(*live.pop(n % len(live)))
+        else:
+            try:
+                live.append((store.alloc(n), n))
+            except CapacityError:
+                continue
+        rows = sorted(r for a, k in live for r in range(a, a + k))
+        assert len(rows) == len(set(rows)) and store.used == len(rows)
+
+
+def test_memory_report_and_freeing(tiny_gqa):
+    ch = choreo.Choreographer(tiny_gqa)
+    sys = ch.prefill("Be brief.", role="system")
+    ans = ch.decode(role="assistant", parents=[sys], max_tokens=5)
+    mem = ch.memory()
+    assert mem["tokens_used"] == sys.length + ans.length  # the unused reservation was returned
+    assert mem["bytes_used"] == mem["tokens_used"] * tiny_gqa.spec.kv_bytes_per_token
+    ch.free(sys, ans)
+    assert ch.memory()["tokens_used"] == 0 and ch.memory()["messages"] == 0
+    assert ans.text == ans.text and ans.freed  # text stays readable

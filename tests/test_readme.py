@@ -1,0 +1,51 @@
+"""The README's API examples run as written, and the command line answers."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+@pytest.mark.model
+def test_readme_python_examples_run(model, monkeypatch):
+    import choreo
+
+    monkeypatch.setattr(choreo, "load_model", lambda *a, **k: model)  # the session's model, already loaded
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert len(blocks) >= 2
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, str(README), "exec"), namespace)
+    sys_, q1, q2 = (namespace[k] for k in ("sys", "q1", "q2"))
+    assert namespace["both"].start == q1.end and q1.start == q2.start  # siblings overlap
+    assert namespace["line"].start == sys_.length + q1.length + q2.length  # linearized: back to back
+    assert len(namespace["answers"]) == 2 and all(isinstance(a, str) for a in namespace["answers"])
+
+
+def test_readme_names_exactly_the_two_newcomer_commands():
+    text = README.read_text()
+    block = re.search(r"## Two commands.*?```bash\n(.*?)```", text, flags=re.S).group(1)
+    commands = [line.split("#")[0].strip() for line in block.splitlines() if line.strip()]
+    assert commands == ["bash scripts/repro.sh", "bash scripts/test.sh"]
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert "scripts/test.sh" in ci
+
+
+def test_cli_version_and_help():
+    out = subprocess.run([sys.executable, "-m", "choreo.cli", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("choreo ")
+    out = subprocess.run([sys.executable, "-m", "choreo.cli", "--help"], capture_output=True, text=True, check=True)
+    assert "demo" in out.stdout and "repro" in out.stdout
+
+
+def test_cli_reports_bad_values_by_name():
+    out = subprocess.run([sys.executable, "-m", "choreo.cli", "repro", "--only", "nosuchsuite"], capture_output=True, text=True)
+    assert out.returncode != 0 and "nosuchsuite" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "choreo.cli", "demo", "--model", "/no/such/model"], capture_output=True, text=True)
+    assert out.returncode == 2 and "/no/such/model" in out.stderr
