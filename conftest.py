@@ -6,6 +6,11 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run on CPU only in the interpreter, which must be chosen before triton is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from choreo.profiles import DEFAULT_PROFILE, PROFILES
 

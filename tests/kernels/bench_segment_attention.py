@@ -1,0 +1,189 @@
+"""GPU benchmarks: the segment-attention kernel vs the PyTorch ways of computing the same attention.
+
+Implementations, all at bf16 on the same workload (each call attends to randomly chosen cached messages,
+linearised by per-message position deltas, then causally to its own tokens):
+
+- ``triton``: ``segment_attention`` walks the segment table; no gather, no mask tensor.
+- ``sdpa_dense``: gather + re-rotate each call's keys, SDPA with a dense boolean mask (the engine's torch backend).
+- ``flex``: the same gather + re-rotation, compiled FlexAttention with a block mask from the key table.
+- ``sdpa_causal``: plain SDPA over contiguous K/V with the same number of attended tokens and a lower-right
+  causal mask: no gather, no re-rotation; the speed of light for this much attention.
+
+Host-side tables (dense layout, block mask) are built once outside the timed region: the engine builds them
+once per step and shares them across layers. TFLOP/s in ``extra_info`` counts only attended (query, key) pairs
+(4 * D flops per pair and head), so it is comparable across implementations whatever work they waste on masks.
+
+Run: ``pytest tests/kernels/bench_segment_attention.py -m gpu --benchmark-group-by=group``; add
+``--benchmark-save=NAME`` / ``--benchmark-compare --benchmark-compare-fail=mean:10%`` for regression gates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.bench,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark: needs CUDA"),
+]
+
+H, HKV, D = 32, 8, 128  # Llama-3-8B attention shape
+DTYPE = torch.bfloat16
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Workload:
+    """B calls with S new tokens each; each attends to `attended` cached tokens in messages of `msg_len`."""
+
+    name: str
+    B: int
+    S: int
+    attended: int
+    own_past: int = 0
+    msg_len: int = 128
+
+    @property
+    def pool_messages(self) -> int:  # twice as many cached messages as any call reads
+        return 2 * self.attended // self.msg_len
+
+
+WORKLOADS = [
+    Workload(name="decode-B64-T1k", B=64, S=1, attended=1024, own_past=63),
+    Workload(name="decode-B32-T4k", B=32, S=1, attended=4096, own_past=63),
+    Workload(name="decode-B8-T16k", B=8, S=1, attended=16384, own_past=63),
+    Workload(name="prefill-B16-S256-T1k", B=16, S=256, attended=1024),
+    Workload(name="prefill-B8-S512-T4k", B=8, S=512, attended=4096),
+    Workload(name="prefill-B8-S128-T16k", B=8, S=128, attended=16384),
+]
+
+
+def build_inputs(w: Workload, device, seed=0):
+    """Random store + segment tables: the positional arguments of ``segment_attention``."""
+    gen = torch.Generator().manual_seed(seed)
+    n_pick = w.attended // w.msg_len
+    pool = w.pool_messages * w.msg_len
+    own_rows = w.own_past + w.S
+    N = pool + w.B * own_rows
+    seg_start = torch.empty(w.B, n_pick, dtype=torch.int32)
+    for b in range(w.B):
+        seg_start[b] = torch.randperm(w.pool_messages, generator=gen)[:n_pick].int() * w.msg_len
+    seg_len = torch.full((w.B, n_pick), w.msg_len, dtype=torch.int32)
+    seg_delta = torch.arange(n_pick, dtype=torch.int32) * w.msg_len - seg_start  # laid out back to back
+    own_start = pool + torch.arange(w.B, dtype=torch.int32) * own_rows
+    own_past = torch.full((w.B,), w.own_past, dtype=torch.int32)
+    new_len = torch.full((w.B,), w.S, dtype=torch.int32)
+    q = torch.randn(w.B, H, w.S, D, generator=gen)
+    k, v = torch.randn(2, HKV, N, D, generator=gen)
+    inv_freq = 1.0 / (500000.0 ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
+    return tuple(t.to(device) for t in (q.to(DTYPE), k.to(DTYPE), v.to(DTYPE), seg_start, seg_len, seg_delta,
+                                        own_start, own_past, new_len, inv_freq))
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _gather_rotated(args, layout):
+    from triton_kernels.reference import rope_shift
+
+    q, k_cache, v_cache, *_, inv_freq = args
+    k = k_cache[:, layout.key_rows].transpose(0, 1)  # (B, Hkv, T, D)
+    v = v_cache[:, layout.key_rows].transpose(0, 1)
+    return rope_shift(k, layout.key_delta[:, None, :], inv_freq).to(q.dtype), v
+
+
+def make_impl(name: str, w: Workload, args):
+    """A zero-argument function computing the attention one way (host-side tables built here, untimed)."""
+    from triton_kernels.reference import dense_layout
+
+    q = args[0]
+    if name == "triton":
+        from triton_kernels import segment_attention
+
+        return lambda: segment_attention(*args)
+    layout = dense_layout(*args[3:9], w.S)
+    if name == "sdpa_dense":
+        mask = layout.mask[:, None]  # (B, 1, S, T)
+
+        def sdpa_dense():
+            k, v = _gather_rotated(args, layout)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+        return sdpa_dense
+    if name == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        key_own, own_past, new_len = layout.key_own, args[7], args[8]
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            own = key_own[b, kv_idx]
+            seen = (own == -1) | ((own >= 0) & (own <= own_past[b] + q_idx))
+            return seen & (q_idx < new_len[b])
+
+        block_mask = create_block_mask(mask_mod, w.B, None, w.S, layout.key_rows.shape[1], device=q.device)
+        flex = _compiled_flex()
+
+        def flex_gathered():
+            k, v = _gather_rotated(args, layout)
+            return flex(q, k, v, block_mask=block_mask, enable_gqa=True)
+
+        return flex_gathered
+    if name == "sdpa_causal":
+        from torch.nn.attention.bias import causal_lower_right
+
+        T = layout.key_rows.shape[1]
+        k = args[1][:, :T].expand(w.B, -1, -1, -1)  # (B, Hkv, T, D) contiguous rows, no gather
+        v = args[2][:, :T].expand(w.B, -1, -1, -1)
+        mask = causal_lower_right(w.S, T)
+        return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    raise ValueError(f"unknown implementation {name!r}")
+
+
+IMPLS = ["triton", "sdpa_dense", "flex", "sdpa_causal"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("w", WORKLOADS, ids=[w.name for w in WORKLOADS])
+def test_segment_attention_speed(benchmark, w, impl):
+    import triton
+
+    from triton_kernels.reference import dense_layout, segment_attention_sdpa
+
+    args = build_inputs(w, "cuda")
+    fn = make_impl(impl, w, args)
+    layout = dense_layout(*args[3:9], w.S)
+    out = fn()  # also compiles / autotunes before timing
+    if impl != "sdpa_causal":  # the same attention: check before timing
+        torch.testing.assert_close(out, segment_attention_sdpa(*args, layout=layout), atol=2e-2, rtol=2e-2)
+    del out
+
+    def run():
+        fn()
+        torch.cuda.synchronize()
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base_mem = torch.cuda.memory_allocated()
+    benchmark.group = w.name
+    benchmark.pedantic(run, rounds=20, warmup_rounds=3, iterations=1)
+    pairs = int(layout.mask.sum())  # attended (query, key) pairs per head
+    seconds = benchmark.stats.stats.mean
+    benchmark.extra_info.update(
+        impl=impl,
+        device=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        attended_pairs=pairs,
+        mask_density=layout.density,
+        tflops=4 * D * H * pairs / seconds / 1e12,
+        new_tokens_per_s=w.B * w.S / seconds,
+        peak_extra_mem_mib=(torch.cuda.max_memory_allocated() - base_mem) / 2**20,
+    )

@@ -1,0 +1,260 @@
+"""Segment-attention kernel vs the fp64 reference (property tests + awkward cases + wrapper errors).
+
+Without CUDA the kernel runs under the Triton interpreter on CPU tensors (TRITON_INTERPRET=1 must be set
+before the kernel module is first imported), with small shapes; with CUDA, bigger shapes and more examples.
+"""
+
+import dataclasses
+import os
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from triton_kernels import interpreter_active, is_available, segment_attention  # noqa: E402
+from triton_kernels.reference import dense_layout, segment_attention_ref, segment_attention_sdpa  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+pytestmark = pytest.mark.skipif(
+    not is_available(DEVICE),
+    reason="no CUDA, and triton_kernels was imported before TRITON_INTERPRET=1 was set (set it in conftest)",
+)
+
+# Absolute floor added to the 2x-PyTorch-error bound: where PyTorch happens to be exact at that dtype
+# (tiny attention sets), the kernel may still differ by a rounding step of the output.
+ABS_FLOOR = {torch.float32: 1e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Case:
+    """One call batch: segments[b] is a list of (start, length, delta); own_* and new_len per call."""
+
+    segments: list
+    own_start: list
+    own_past: list
+    new_len: list
+    S: int
+    H: int = 4
+    Hkv: int = 2
+    D: int = 64
+    N: int | None = None  # store rows; default: just enough
+    dtype: torch.dtype = torch.float32
+    seed: int = 0
+
+    def tensors(self, device=DEVICE):
+        """(q, k_cache, v_cache, seg_start, seg_len, seg_delta, own_start, own_past, new_len, inv_freq)."""
+        B, G = len(self.own_start), max((len(s) for s in self.segments), default=0)
+        table = torch.zeros(3, B, G, dtype=torch.int32)
+        for b, segs in enumerate(self.segments):
+            for g, seg in enumerate(segs):
+                table[:, b, g] = torch.tensor(seg, dtype=torch.int32)
+        ends = [s + n for segs in self.segments for s, n, _ in segs if n > 0] + [
+            s + p + n for s, p, n in zip(self.own_start, self.own_past, self.new_len)]
+        N = self.N if self.N is not None else max(ends + [1])
+        gen = torch.Generator().manual_seed(self.seed)
+        q = torch.randn(B, self.H, self.S, self.D, generator=gen)
+        k = torch.randn(self.Hkv, N, self.D, generator=gen)
+        v = torch.randn(self.Hkv, N, self.D, generator=gen)
+        inv_freq = 1.0 / (10000.0 ** (torch.arange(0, self.D, 2, dtype=torch.float32) / self.D))
+        own = torch.tensor([self.own_start, self.own_past, self.new_len], dtype=torch.int32).reshape(3, B)
+        return tuple(t.to(device) for t in (
+            q.to(self.dtype), k.to(self.dtype), v.to(self.dtype), *table, *own, inv_freq))
+
+
+def check_against_reference(case: Case):
+    args = case.tensors()
+    out = segment_attention(*args)
+    q, k, v, *rest = args
+    ref = segment_attention_ref(q.double(), k.double(), v.double(), *rest)  # fp64, not rounded to the dtype
+    pt = segment_attention_ref(*args, upcast=False)  # PyTorch at the input dtype
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert not out.isnan().any(), "kernel produced NaN"
+    new_len = args[8].cpu()
+    for b in range(q.shape[0]):  # padding rows are exact zeros
+        assert (out[b, :, int(new_len[b]):] == 0).all(), f"call {b}: rows >= new_len are not zero"
+    err = (out.double() - ref).abs().max().item() if out.numel() else 0.0
+    err_pt = (pt.double() - ref).abs().max().item() if out.numel() else 0.0
+    bound = 2 * err_pt + ABS_FLOOR[case.dtype]
+    assert err <= bound, f"kernel error {err:.3g} > 2 x PyTorch's {err_pt:.3g} + {ABS_FLOOR[case.dtype]:g} for {case}"
+
+
+# ----------------------------------------------------------------------------------- property test
+SIZES = dict(max_b=4, max_s=70, max_seg=150, max_g=5, max_past=150) if CUDA else dict(
+    max_b=2, max_s=21, max_seg=40, max_g=3, max_past=40)
+
+
+@st.composite
+def cases(draw):
+    B = draw(st.integers(1, SIZES["max_b"]))
+    Hkv = draw(st.sampled_from([1, 2]))
+    group = draw(st.sampled_from([1, 2, 3]))
+    S = draw(st.one_of(st.just(1), st.integers(1, SIZES["max_s"])))
+    pool = draw(st.integers(1, 2 * SIZES["max_seg"]))  # store rows segments are drawn from
+    seg = st.tuples(st.integers(0, pool - 1), st.integers(0, SIZES["max_seg"]), st.integers(-300, 300))
+    segments = []
+    for _ in range(B):
+        segs = [(s, min(n, pool - s), d) for s, n, d in draw(st.lists(seg, max_size=SIZES["max_g"]))]
+        if segs and draw(st.booleans()):
+            segs.append(segs[0])  # the same store rows attended twice
+        segments.append(segs)
+    new_len = [draw(st.one_of(st.just(S), st.integers(0, S))) for _ in range(B)]
+    own_past = [draw(st.integers(0, SIZES["max_past"])) for _ in range(B)]
+    own_start, row = [], pool  # own rows after the pool, with gaps
+    for p, n in zip(own_past, new_len):
+        row += draw(st.integers(0, 5))
+        own_start.append(row)
+        row += p + n
+    return Case(segments=segments, own_start=own_start, own_past=own_past, new_len=new_len, S=S,
+                H=Hkv * group, Hkv=Hkv, D=draw(st.sampled_from([64, 128])),
+                dtype=draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16])),
+                seed=draw(st.integers(0, 2**16)))
+
+
+@settings(max_examples=300 if CUDA else 60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases())
+def test_matches_fp64_reference(case):
+    check_against_reference(case)
+
+
+# ----------------------------------------------------------------------------------- awkward cases
+AWKWARD = {
+    "decode-S1": Case(segments=[[(0, 30, 5)], [(10, 20, -10)]], own_start=[40, 60], own_past=[7, 12],
+                      new_len=[1, 1], S=1),
+    "empty-segment-list-G0": Case(segments=[[], []], own_start=[0, 9], own_past=[4, 0], new_len=[3, 2], S=3),
+    "padding-segments-and-rows": Case(segments=[[(0, 0, 0), (3, 9, 2), (10**6, 0, 0)], [(0, 0, 7)]],
+                                      own_start=[20, 30], own_past=[2, 5], new_len=[2, 0], S=5),
+    "all-calls-padding": Case(segments=[[(0, 4, 1)]], own_start=[5], own_past=[3], new_len=[0], S=4),
+    "overlap-repeat-gap": Case(segments=[[(0, 20, 0), (10, 20, 25), (0, 20, 0), (40, 3, -60)]], own_start=[50],
+                               own_past=[0], new_len=[6], S=6),
+    "gqa-4-to-1": Case(segments=[[(0, 33, 3)]], own_start=[40], own_past=[5], new_len=[7], S=7, H=4, Hkv=1),
+    "gqa-3-decode": Case(segments=[[(0, 17, -4), (20, 9, 40)]], own_start=[30], own_past=[3], new_len=[1], S=1,
+                         H=6, Hkv=2),
+    "seqlen-97": Case(segments=[[(0, 45, 100)]], own_start=[45], own_past=[10], new_len=[97], S=97, H=2, Hkv=2),
+    "multi-tile-segments": Case(segments=[[(0, 65, 7), (70, 33, -7)]], own_start=[110], own_past=[49],
+                                new_len=[2], S=2),
+    "bf16": Case(segments=[[(0, 40, 9)], [(5, 30, -3)]], own_start=[50, 70], own_past=[4, 0], new_len=[5, 3], S=5,
+                 dtype=torch.bfloat16),
+    "fp16-D128": Case(segments=[[(0, 40, 9)]], own_start=[50], own_past=[4], new_len=[5], S=5, D=128,
+                      dtype=torch.float16),
+    "large-deltas": Case(segments=[[(0, 20, 4000), (20, 20, -4000)]], own_start=[40], own_past=[2], new_len=[3],
+                         S=3),
+}
+
+
+@pytest.mark.parametrize("case", AWKWARD.values(), ids=AWKWARD.keys())
+def test_awkward_cases(case):
+    check_against_reference(case)
+
+
+def test_padding_rows_ignore_garbage_queries():
+    """Rows >= new_len may hold anything (here NaN): they come out as zeros and do not leak into valid rows."""
+    case = AWKWARD["padding-segments-and-rows"]
+    args = list(case.tensors())
+    clean = segment_attention(*args)
+    args[0] = args[0].clone()
+    args[0][0, :, 2:] = float("nan")  # call 0 has new_len 2
+    args[0][1] = float("nan")  # call 1 has new_len 0
+    out = segment_attention(*args)
+    assert not out.isnan().any()
+    assert torch.equal(out, clean)
+
+
+def test_strided_inputs():
+    """Non-contiguous q (a transposed view) and a store sliced out of a bigger buffer give the same result."""
+    case = AWKWARD["gqa-4-to-1"]
+    q, k, v, *rest = case.tensors()
+    q_t = q.transpose(1, 2).contiguous().transpose(1, 2)  # (B, H, S, D) with S-major memory
+    big_k = torch.zeros(k.shape[0], k.shape[1] + 8, k.shape[2], dtype=k.dtype, device=k.device)
+    big_k[:, 8:] = k
+    assert not q_t.is_contiguous()
+    assert torch.equal(segment_attention(q_t, big_k[:, 8:], v, *rest), segment_attention(q, k, v, *rest))
+
+
+def test_scale_argument():
+    case = AWKWARD["decode-S1"]
+    args = case.tensors()
+    out = segment_attention(*args, scale=0.3)
+    q, k, v, *rest = args
+    ref = segment_attention_ref(q.double(), k.double(), v.double(), *rest, scale=0.3)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------------- the references agree
+@pytest.mark.parametrize("name", ["decode-S1", "overlap-repeat-gap", "padding-segments-and-rows", "gqa-3-decode"])
+def test_dense_sdpa_helper_matches_reference(name):
+    q, k, v, *rest = AWKWARD[name].tensors(device="cpu")
+    args = (q.double(), k.double(), v.double(), *rest)
+    torch.testing.assert_close(segment_attention_sdpa(*args), segment_attention_ref(*args), atol=1e-12, rtol=0)
+
+
+def test_dense_layout_docstring_example():
+    t = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    lay = dense_layout(t([[0]]), t([[2]]), t([[5]]), t([7]), t([1]), t([2]), num_queries=2)
+    assert lay.key_rows.tolist() == [[0, 1, 7, 8, 9]]
+    assert lay.key_delta.tolist() == [[5, 5, 0, 0, 0]]
+    assert lay.key_own.tolist() == [[-1, -1, 0, 1, 2]]
+    assert lay.mask.int().tolist() == [[[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]]
+
+
+# ----------------------------------------------------------------------------------- wrapper errors
+def _args(**over):
+    names = ["q", "k_cache", "v_cache", "seg_start", "seg_len", "seg_delta", "own_start", "own_past", "new_len",
+             "inv_freq"]
+    args = dict(zip(names, AWKWARD["decode-S1"].tensors()))
+    args.update(over)
+    return args
+
+
+def _bad(name, fn):
+    args = _args()
+    args[name] = fn(args[name])
+    return args
+
+
+BAD_ARGS = {
+    "q-int-dtype": (lambda: _bad("q", lambda t: t.to(torch.int32)), TypeError, "q"),
+    "q-3d": (lambda: _bad("q", lambda t: t[0]), ValueError, "q"),
+    "k-dtype-mismatch": (lambda: _bad("k_cache", lambda t: t.double()), TypeError, "k_cache"),
+    "v-wrong-shape": (lambda: _bad("v_cache", lambda t: t[:, :-1]), ValueError, "v_cache"),
+    "k-head-dim": (lambda: _args(k_cache=_args()["k_cache"][..., :32], v_cache=_args()["v_cache"][..., :32]),
+                   ValueError, "head dim"),
+    "h-not-multiple-of-hkv": (lambda: _args(q=torch.randn(2, 3, 1, 64, device=DEVICE)), ValueError, "Hkv"),
+    "seg-float-dtype": (lambda: _bad("seg_len", lambda t: t.float()), TypeError, "seg_len"),
+    "seg-wrong-shape": (lambda: _bad("seg_delta", lambda t: t[:, :0]), ValueError, "seg_delta"),
+    "own-wrong-shape": (lambda: _bad("own_past", lambda t: t[:1]), ValueError, "own_past"),
+    "new-len-device": (lambda: _bad("new_len", lambda t: t.to("meta")), ValueError, "new_len"),
+    "inv-freq-shape": (lambda: _bad("inv_freq", lambda t: t[:-1]), ValueError, "inv_freq"),
+    "k-device": (lambda: _bad("k_cache", lambda t: t.to("meta")), ValueError, "k_cache"),
+    "head-dim-not-pow2": (lambda: _args(q=torch.randn(2, 4, 1, 48, device=DEVICE),
+                                        k_cache=torch.randn(2, 90, 48, device=DEVICE),
+                                        v_cache=torch.randn(2, 90, 48, device=DEVICE)), ValueError, "power of two"),
+}
+if not CUDA:  # data checks run only where they need no device sync
+    BAD_ARGS["new-len-above-S"] = (lambda: _bad("new_len", lambda t: t + 1), ValueError, "new_len")
+    BAD_ARGS["segment-out-of-store"] = (lambda: _bad("seg_start", lambda t: t + 1000), ValueError, "segment")
+
+
+@pytest.mark.parametrize("make, exc, word", BAD_ARGS.values(), ids=BAD_ARGS.keys())
+def test_wrapper_rejects_bad_arguments(make, exc, word):
+    with pytest.raises(exc, match=word):
+        segment_attention(**make())
+
+
+def test_unsupported_device_is_refused():
+    meta = {name: t.to("meta") for name, t in _args().items()}
+    with pytest.raises(RuntimeError, match="cannot run on meta"):
+        segment_attention(**meta)
+
+
+def test_availability_helpers():
+    kernel_module = sys.modules["triton_kernels.segment_attention"]
+    assert kernel_module.segment_attention is segment_attention
+    assert is_available(DEVICE) and not is_available("meta")
+    assert is_available("cpu") == interpreter_active()

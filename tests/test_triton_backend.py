@@ -1,0 +1,39 @@
+"""The engine's "triton" backend (the fused kernel; the Triton interpreter on CPU) equals the "torch" backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import choreo
+from tests.conftest import build_tiny
+
+triton_kernels = pytest.importorskip("triton_kernels")
+
+
+@pytest.fixture(scope="module")
+def tiny32(tokenizer):
+    return build_tiny(tokenizer, "llama-gqa", dtype=torch.float32)
+
+
+def program(ch):
+    sys = ch.prefill("Answer both questions.", role="system")
+    q1 = ch.prefill("What is the capital of France?", role="user", parents=[sys])
+    q2 = ch.prefill("What colour is grass?", role="user", parents=[sys])
+    calls = [
+        choreo.Call(parents=[sys, q1, q2], max_tokens=5),
+        choreo.Call(parents=[sys, q1, q2], offsets=choreo.linearize([sys, q1, q2]), max_tokens=4),
+        choreo.Call(parents=[q2, sys], offsets=[3, None], max_tokens=3),
+    ]
+    greedy = ch.decode(calls)
+    forced = ch.decode(role="assistant", parents=[sys, q2], offsets=[None, 50], teacher_tokens=[5, 6, 7], keep_logits=True)
+    return greedy, forced
+
+
+def test_triton_backend_matches_torch_backend(tiny32):
+    if not triton_kernels.is_available():
+        pytest.skip("Triton interpreter not active (TRITON_INTERPRET must be set before triton is imported)")
+    greedy_t, forced_t = program(choreo.Choreographer(tiny32, attention="torch"))
+    greedy_k, forced_k = program(choreo.Choreographer(tiny32, attention="triton"))
+    assert [m.tokens for m in greedy_k] == [m.tokens for m in greedy_t]
+    torch.testing.assert_close(forced_k.logits, forced_t.logits, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,10 @@
+"""Triton kernels of choreo: ``segment_attention`` (fused segment-table attention) and its reference.
+
+``from triton_kernels import segment_attention`` gives the function; the kernel module itself is
+``sys.modules["triton_kernels.segment_attention"]``. Set ``TRITON_INTERPRET=1`` before the first import to run
+the kernel on CPU tensors (tests only).
+"""
+
+from .segment_attention import interpreter_active, is_available, segment_attention
+
+__all__ = ["segment_attention", "is_available", "interpreter_active"]

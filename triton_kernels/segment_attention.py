@@ -1,0 +1,359 @@
+"""Fused segment-table attention for Prompt Choreography (FlashAttention-2 style forward pass, Triton).
+
+Each call ``b`` of a batch attends to
+
+1. every token of the segments in its row of the segment table: store rows
+   ``seg_start[b, g] .. seg_start[b, g] + seg_len[b, g] - 1``, moved by ``seg_delta[b, g]`` positions
+   (keys are stored after RoPE at their original positions; RoPE rotations compose, so a move is one more
+   rotation by ``delta * inv_freq``), and
+2. causally, its own tokens: store rows ``own_start[b] ..``; query row ``i`` (own index ``own_past[b] + i``)
+   sees own key ``j`` iff ``j <= own_past[b] + i``.
+
+There is no gather, no dense mask and no repeated K/V: the kernel walks the table, one online softmax over
+all segments and then the own part.
+
+Supported:
+    dtypes fp32 / fp16 / bf16 (q, k_cache, v_cache alike; fp32 dots run in IEEE fp32, not tf32), head dim
+    any power of two 16..256, any S (decode S = 1, prefill S not a multiple of the block), any number of
+    segments G >= 0 (zero-length entries are padding; segments may overlap, repeat or leave gaps), position
+    deltas of either sign, grouped-query attention (H % Hkv == 0), arbitrary strides for q / k_cache / v_cache.
+    Runs on CUDA (and ROCm builds of torch), or on CPU tensors under the Triton interpreter
+    (``TRITON_INTERPRET=1`` set before this module is imported; ~400x slower than SDPA, for tests only).
+Not supported:
+    backward pass, sliding windows, ALiBi / softcapping, RoPE conventions other than HF Llama "rotate_half",
+    split-K ("flash decoding") for decode over very long contexts: a decode step runs B * Hkv programs.
+    Row offsets inside one segment or own run are int32 (N * D < 2**31 elements per KV head).
+    Table values are checked on CPU only (on CUDA a check would synchronise): out-of-range rows are the caller's bug.
+
+Worked example (call 0 sees store rows 0..9 moved 5 positions later, then its own 3 tokens, 2 of them new)::
+
+    out = segment_attention(
+        q,                       # (1, H, 2, D), the 2 new tokens, RoPE'd at own positions
+        k_cache, v_cache,        # (Hkv, N, D)
+        seg_start=torch.tensor([[0]]), seg_len=torch.tensor([[10]]), seg_delta=torch.tensor([[5]]),
+        own_start=torch.tensor([40]), own_past=torch.tensor([1]), new_len=torch.tensor([2]),
+        inv_freq=inv_freq,       # (D / 2,) fp32
+    )                            # (1, H, 2, D)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["segment_attention", "is_available", "interpreter_active"]
+
+# exp(x) == exp2(x * log2(e)): the softmax runs on exp2, the GPU's native exponential (one MUFU.EX2 instruction),
+# so the softmax scale is pre-multiplied by log2(e) = 1 / ln(2).
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _to(x, DTYPE: tl.constexpr, FIX_BF16: tl.constexpr):
+    # Cast fp32 -> DTYPE rounding to nearest even. The interpreter truncates fp32 -> bf16 casts (compiled Triton
+    # rounds), so under FIX_BF16 round the fp32 bits first (add half a bf16 ulp, ties to even, clear the low 16
+    # bits): the truncating cast is then exact and CPU tests see the GPU's numerics.
+    if FIX_BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(DTYPE)
+
+
+@triton.jit
+def _load_q_rotated(q_ptrs, q_swap_ptrs, row_ok, rot_sign, inv_freq, delta):
+    # RoPE is relative: <R(m) q, R(n + delta) k> == <R(m - delta) q, R(n) k>. Instead of re-rotating every key
+    # tile of a moved segment by +delta, counter-rotate the query tile by -delta once per segment: the same
+    # attention scores, O(BLOCK_M * D) work per segment instead of O(seg_len * D), and the inner loop below
+    # stays a plain FlashAttention loop. Rotation math in fp32; delta == 0 is exact (cos 0 = 1, sin 0 = 0).
+    # The query is loaded twice, once with its two halves of D swapped, so that
+    # rotate_half(q) = cat(-q2, q1) = rot_sign * q_swap needs no in-register shuffle.
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)  # (BLOCK_M, D)
+    q_swap = tl.load(q_swap_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    angle = -delta.to(tl.float32) * inv_freq  # (D,), each frequency repeated for both halves
+    return q * tl.cos(angle)[None, :] + rot_sign[None, :] * q_swap * tl.sin(angle)[None, :]
+
+
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, q,  #
+                    K_BASE, V_BASE, lo, hi, kv_len, row_limit, qk_scale,  #
+                    offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,  #
+                    BLOCK_N: tl.constexpr, KEY_BOUND: tl.constexpr, CAUSAL: tl.constexpr,  #
+                    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, FIX_BF16: tl.constexpr):
+    # Keys lo .. hi - 1 of one contiguous run of store rows starting at K_BASE / V_BASE.
+    # KEY_BOUND masks keys >= kv_len (the tail tile of a run); CAUSAL masks keys j > row_limit of each row.
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n  # (BLOCK_N,)
+        col_ok = cols < kv_len
+        # -- compute qk: K^T tile (D, BLOCK_N) --
+        k_ptrs = K_BASE + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd
+        if KEY_BOUND:
+            kT = tl.load(k_ptrs, mask=col_ok[None, :], other=0.0)
+        else:
+            kT = tl.load(k_ptrs)
+        if DOT_FP32:
+            qk = tl.dot(q.to(tl.float32), kT.to(tl.float32), input_precision=INPUT_PRECISION)
+        else:
+            qk = tl.dot(q, kT, input_precision=INPUT_PRECISION)
+        qk = qk * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        if CAUSAL:
+            qk = tl.where(col_ok[None, :] & (cols[None, :] <= row_limit[:, None]), qk, float("-inf"))
+        elif KEY_BOUND:
+            qk = tl.where(col_ok[None, :], qk, float("-inf"))
+        # -- online softmax update --
+        m_ij = tl.maximum(m_i, tl.max(qk, 1))
+        # A row that has seen no key yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN. (With the
+        # tiling below a valid row never meets an all-masked tile before its first key; this keeps any mask safe.)
+        m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        # -- update acc with the V tile (BLOCK_N, D) --
+        v_ptrs = V_BASE + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd
+        if KEY_BOUND:
+            v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        p = _to(p, v.dtype, FIX_BF16)  # probabilities at the input precision, as FlashAttention does
+        if DOT_FP32:
+            acc = tl.dot(p.to(tl.float32), v.to(tl.float32), acc, input_precision=INPUT_PRECISION)
+        else:
+            acc = tl.dot(p, v, acc, input_precision=INPUT_PRECISION)
+        m_i = m_ij
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, OUT,  #
+              SEG_START, SEG_LEN, SEG_DELTA, OWN_START, OWN_PAST, NEW_LEN, INV_FREQ, qk_scale,  #
+              stride_qb, stride_qh, stride_qs, stride_qd,  #
+              stride_kh, stride_kn, stride_kd,  #
+              stride_vh, stride_vn, stride_vd,  #
+              stride_ob, stride_oh, stride_os, stride_od,  #
+              stride_segb, stride_segg,  #
+              Hkv, S, G,  #
+              GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
+              DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, FIX_BF16: tl.constexpr):
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = off_bh // Hkv
+    off_hkv = off_bh % Hkv
+    HALF: tl.constexpr = HEAD_DIM // 2
+
+    # -- rows of this block --
+    # Row r is (token r // GROUP, query head off_hkv * GROUP + r % GROUP): the GROUP query heads that share a
+    # KV head are packed into the M dimension, so each K/V tile is loaded once for the whole group (GQA by
+    # index mapping; for decode this is what fills the 16-row minimum of tl.dot).
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    tok = offs_m // GROUP
+    head = off_hkv * GROUP + offs_m % GROUP
+    n_new = tl.minimum(tl.load(NEW_LEN + off_b), S)
+    row_ok = tok < n_new  # padding rows load q = 0 and are written as zeros
+    tok_lo = (start_m * BLOCK_M) // GROUP
+    tok_hi = tl.minimum((start_m * BLOCK_M + BLOCK_M - 1) // GROUP, n_new - 1)
+    alive = tok_lo < n_new  # a block of padding rows only writes zeros
+
+    q_rows = Q + off_b.to(tl.int64) * stride_qb + head[:, None].to(tl.int64) * stride_qh + tok[:, None] * stride_qs
+    q_ptrs = q_rows + offs_d[None, :] * stride_qd
+    q_swap_ptrs = q_rows + ((offs_d + HALF) % HEAD_DIM)[None, :] * stride_qd
+    rot_sign = tl.where(offs_d < HALF, -1.0, 1.0)
+    inv_freq = tl.load(INV_FREQ + offs_d % HALF)
+    K_HEAD = K + off_hkv.to(tl.int64) * stride_kh
+    V_HEAD = V + off_hkv.to(tl.int64) * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    own_past = tl.load(OWN_PAST + off_b)
+    row_limit = own_past + tok  # own key j is visible to a row iff j <= own_past + token
+
+    # -- phase 1: the segments; every row sees every key, keys moved by delta --
+    n_seg = tl.where(alive, G, 0)
+    for g in range(0, n_seg):
+        seg = off_b * stride_segb + g * stride_segg
+        seg_start = tl.load(SEG_START + seg).to(tl.int64)
+        seg_len = tl.load(SEG_LEN + seg)
+        delta = tl.load(SEG_DELTA + seg)
+        q = _load_q_rotated(q_ptrs, q_swap_ptrs, row_ok, rot_sign, inv_freq, delta)
+        q = _to(q, Q.dtype.element_ty, FIX_BF16)
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_HEAD + seg_start * stride_kn,
+                                        V_HEAD + seg_start * stride_vn, 0, seg_len, seg_len, row_limit, qk_scale,
+                                        offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
+                                        BLOCK_N, True, False, DOT_FP32, INPUT_PRECISION, FIX_BF16)
+
+    # -- phase 2: the call's own tokens, causal, delta 0 --
+    own_start = tl.load(OWN_START + off_b).to(tl.int64)
+    K_OWN = K_HEAD + own_start * stride_kn
+    V_OWN = V_HEAD + own_start * stride_vn
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    # Own keys below own_past + tok_lo + 1 are visible to every row of the block: whole tiles of them need no
+    # mask. The band from there to own_past + tok_hi + 1 (the diagonal) is masked per row.
+    band_lo = tl.where(alive, (own_past + tok_lo + 1) // BLOCK_N * BLOCK_N, 0)
+    band_hi = tl.where(alive, own_past + tok_hi + 1, 0)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_OWN, V_OWN, 0, band_lo, band_hi, row_limit, qk_scale,
+                                    offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
+                                    BLOCK_N, False, False, DOT_FP32, INPUT_PRECISION, FIX_BF16)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_OWN, V_OWN, band_lo, band_hi, band_hi, row_limit, qk_scale,
+                                    offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
+                                    BLOCK_N, True, True, DOT_FP32, INPUT_PRECISION, FIX_BF16)
+
+    # -- epilogue: normalise; padding rows and rows that saw no key are zeros, never NaN --
+    has_keys = row_ok & (l_i > 0.0)
+    l_safe = tl.where(has_keys, l_i, 1.0)
+    out = tl.where(has_keys[:, None], acc / l_safe[:, None], 0.0)
+    o_ptrs = (OUT + off_b.to(tl.int64) * stride_ob + head[:, None].to(tl.int64) * stride_oh + tok[:, None] * stride_os
+              + offs_d[None, :] * stride_od)
+    tl.store(o_ptrs, _to(out, OUT.dtype.element_ty, FIX_BF16), mask=(tok < S)[:, None])
+
+
+# ----------------------------------------------------------------------------------------------- host side
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def interpreter_active() -> bool:
+    """True if this module's kernels were built for the Triton interpreter (TRITON_INTERPRET=1 at import)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_attn_fwd, InterpretedFunction)
+
+
+def is_available(device: torch.device | str | None = None) -> bool:
+    """Whether ``segment_attention`` can run on tensors of ``device`` (default: CUDA if present, else CPU)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if interpreter_active():
+        return device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_available())
+    return device.type == "cuda" and torch.cuda.is_available()
+
+
+@dataclasses.dataclass(frozen=True)
+class _LaunchConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def _launch_config(rows: int, head_dim: int, interpret: bool) -> _LaunchConfig:
+    """Tile sizes for ``rows`` = S * (H // Hkv) packed query rows. 16 is tl.dot's smallest tile side."""
+    if interpret:  # per-op Python overhead dominates; small tiles keep padding work low
+        return _LaunchConfig(16, 16, 1, 1)
+    block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
+    block_n = 64 if head_dim <= 128 else 32
+    num_warps = 4 if head_dim <= 128 else 8
+    return _LaunchConfig(block_m, block_n, num_warps, 2 if head_dim > 64 else 3)
+
+
+def _check_index(name: str, t, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be an int32 (or int64) tensor, got {t.dtype}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but q is on {device}: all tensors must share q's device")
+    return t.to(torch.int32).contiguous()
+
+
+def _check_table_values(seg_start, seg_len, own_start, own_past, new_len, S: int, N: int) -> None:
+    """Data-dependent checks; only run on CPU, where they need no device synchronisation."""
+    if (seg_len < 0).any() or (own_past < 0).any() or (new_len < 0).any():
+        raise ValueError("seg_len, own_past and new_len must be >= 0")
+    if (new_len > S).any():
+        raise ValueError(f"new_len must be <= S = {S} (q's token dim), got max {int(new_len.max())}")
+    used = seg_len > 0
+    if ((seg_start < 0) & used).any() or ((seg_start + seg_len > N) & used).any():
+        raise ValueError(f"every non-empty segment must lie in store rows 0 .. N - 1 = {N - 1}")
+    if (own_start < 0).any() or (own_start + own_past + new_len > N).any():
+        raise ValueError(f"own rows own_start .. own_start + own_past + new_len - 1 must lie in 0 .. {N - 1}")
+
+
+def segment_attention(q, k_cache, v_cache, seg_start, seg_len, seg_delta, own_start, own_past, new_len, inv_freq,
+                      *, scale=None) -> torch.Tensor:
+    """Attention of B calls over a shared KV store, each to its segment table and causally to its own tokens.
+
+    q: (B, H, S, D) new tokens, RoPE'd at their positions; row i of call b is valid iff i < new_len[b].
+    k_cache, v_cache: (Hkv, N, D) one layer's store, keys RoPE'd at their original positions; H % Hkv == 0.
+    seg_start, seg_len, seg_delta: (B, G) int32 segment table (seg_len 0 = padding; delta = position shift).
+    own_start, own_past, new_len: (B,) int32; own rows own_start .. own_start + own_past + new_len - 1.
+    inv_freq: (D / 2,) RoPE inverse frequencies (HF Llama rotate_half convention), used in fp32.
+    scale: softmax scale, default 1 / sqrt(D).
+    Returns (B, H, S, D) in q's dtype; invalid rows are zeros.
+    """
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("inv_freq", inv_freq)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if q.dim() != 4:
+        raise ValueError(f"q must be 4-D (B, H, S, D), got shape {tuple(q.shape)}")
+    B, H, S, D = q.shape
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"q must be float32, float16 or bfloat16, got {q.dtype}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be 3-D (Hkv, N, D), got shape {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}: all tensors must share q's device")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} "
+                         f"and {tuple(v_cache.shape)}")
+    Hkv, N, Dk = k_cache.shape
+    if Dk != D:
+        raise ValueError(f"k_cache head dim {Dk} must equal q's head dim D = {D}")
+    if D < 16 or D > 256 or D & (D - 1):
+        raise ValueError(f"head dim D must be a power of two in 16..256, got {D}")
+    if Hkv == 0 or H % Hkv:
+        raise ValueError(f"q's H = {H} must be a multiple of k_cache's Hkv = {Hkv} (grouped-query attention)")
+    if seg_start.dim() != 2:
+        raise ValueError(f"seg_start must be 2-D (B, G), got shape {tuple(seg_start.shape)}")
+    G = seg_start.shape[1]
+    seg_start, seg_len, seg_delta = (_check_index(n, t, (B, G), q.device) for n, t in
+                                     (("seg_start", seg_start), ("seg_len", seg_len), ("seg_delta", seg_delta)))
+    own_start, own_past, new_len = (_check_index(n, t, (B,), q.device) for n, t in
+                                    (("own_start", own_start), ("own_past", own_past), ("new_len", new_len)))
+    if inv_freq.shape != (D // 2,):
+        raise ValueError(f"inv_freq must have shape (D/2,) = ({D // 2},), got {tuple(inv_freq.shape)}")
+    if not inv_freq.is_floating_point():
+        raise TypeError(f"inv_freq must be a floating tensor, got {inv_freq.dtype}")
+    if inv_freq.device != q.device:
+        raise ValueError(f"inv_freq is on {inv_freq.device} but q is on {q.device}: all tensors must share q's device")
+    if not is_available(q.device):
+        raise RuntimeError(f"segment_attention cannot run on {q.device}: it needs CUDA, or CPU tensors with "
+                           "TRITON_INTERPRET=1 set before triton_kernels is imported")
+    if q.device.type == "cpu":
+        _check_table_values(seg_start, seg_len, own_start, own_past, new_len, S, N)
+
+    out = torch.empty((B, H, S, D), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    if G == 0:  # a real (never read) table, so no kernel argument is a null pointer
+        seg_start = seg_len = seg_delta = torch.zeros((B, 1), dtype=torch.int32, device=q.device)
+    inv_freq = inv_freq.to(torch.float32).contiguous()
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+
+    group = H // Hkv
+    interpret = interpreter_active()
+    cfg = _launch_config(S * group, D, interpret)
+    dot_fp32 = interpret or q.dtype == torch.float32  # the interpreter's bf16 tl.dot is wrong (upstream bug)
+    grid = (triton.cdiv(S * group, cfg.block_m), B * Hkv)
+    _attn_fwd[grid](
+        q, k_cache, v_cache, out,  #
+        seg_start, seg_len, seg_delta, own_start, own_past, new_len, inv_freq, scale * LOG2E,  #
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),  #
+        seg_start.stride(0), seg_start.stride(1),  #
+        Hkv, S, G,  #
+        GROUP=group, HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,  #
+        DOT_FP32=dot_fp32, INPUT_PRECISION="ieee" if dot_fp32 else "tf32",  #
+        FIX_BF16=interpret and q.dtype == torch.bfloat16,  #
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
