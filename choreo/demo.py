@@ -15,13 +15,18 @@ TOPIC = "Should our town build a new library or a new park?"
 
 
 def conversation(executor, *, rounds: int = 1, max_tokens: int = 40) -> list[tuple[str, object]]:
-    """Each agent sees its own system prompt, the topic and every earlier public message."""
+    """Each agent sees its own system prompt, the topic and every earlier public message.
+
+    Turns use the plain assistant role: SmolLM2's template has no name field, and a named role header
+    (``assistant:alice``) makes the 135M model end its turn at once.
+    """
     systems = {name: executor.prefill(text, role="system") for name, text in AGENTS.items()}
     topic = executor.prefill(TOPIC, role="user", parents=list(systems.values()))
     public, transcript = [topic], []
-    for _ in range(rounds):
-        for name in AGENTS:
-            msg = executor.decode(role=f"assistant:{name}", parents=[systems[name], *public], max_tokens=max_tokens)
+    for r in range(rounds):
+        for i, name in enumerate(AGENTS):
+            msg = executor.decode(role="assistant", parents=[systems[name], *public], max_tokens=max_tokens,
+                                  temperature=0.8, seed=10 * r + i)
             public.append(msg)
             transcript.append((name, msg))
     return transcript
