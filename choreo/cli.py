@@ -33,9 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _registered():
     """Subcommands that live beside the modules they drive."""
-    from . import repro
+    from . import finetune, repro
 
-    return [repro.register]
+    return [repro.register, finetune.register]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -142,7 +142,8 @@ class Engine:
             index = None
         else:
             index = torch.tensor([[len(j.pending) - 1] for j in jobs], device=dev)
-        with torch.set_grad_enabled(self.grad and torch.is_grad_enabled()), adapter_scope(self.model, enabled=self.adapter):
+        grad = self.grad and torch.is_grad_enabled()
+        with torch.set_grad_enabled(grad), adapter_scope(self.model, enabled=self.adapter):
             logits = self.model.forward(ids.to(dev), pos.to(dev), attend, logits_index=index)  # (B, K, V)
         self.forward_passes += 1
         self.tokens_processed += len(rows)

@@ -1,0 +1,486 @@
+"""Fine-tuning: teach the model to behave under cached encodings as it does when messages are re-encoded.
+
+The data are **baseline traces** (``Runner(Baseline(model), trace=True)``; ``choreo.trace``). The loss replays a
+trace through the **choreographed** executor with teacher forcing and gradients through the cache: every
+call's baseline output is forced under the choreographed parents and positions, and later calls attend to
+the cached keys/values of earlier forced outputs, so gradients reach how earlier messages were encoded.
+
+    loss(trace) = sum over selected calls of mean CE over (content tokens + end-of-turn token)
+
+Training is LoRA (peft) with AdamW, warm-up then cosine decay, clipping, gradient accumulation over workflow
+instances (one per micro-batch), dev evaluation, checkpoint selection on dev, and resumable checkpoints.
+
+Example::
+
+    traces = [events for _, events in load_traces("blockage.jsonl")]
+    train_set, dev_set = split_traces(traces, dev_fraction=0.1, seed=0)
+    result = train(model, train_set, dev_set, config=FinetuneConfig.preset("embedded-cpu"), out_dir="runs/b")
+    result.best_adapter, result.history[-1]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import resource
+import time
+from pathlib import Path
+from typing import ClassVar, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .cache import Message
+from .engine import Call, Choreographer
+from .lora import DEFAULT_TARGETS, add_adapter, adapter_disabled, is_adapted, load_adapter, save_adapter, \
+    trainable_parameters, unload_adapter, use_adapter
+from .trace import TraceEvent
+
+__all__ = ["FinetuneConfig", "ReplayLoss", "TrainResult", "adapter_disabled", "evaluate", "load_adapter",
+           "replay_loss", "select_calls", "split_traces", "train", "unload_adapter", "use_adapter", "register"]
+
+Trace = Sequence[TraceEvent]
+
+
+# ---------------------------------------------------------------------------------------------- configuration
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FinetuneConfig:
+    """Everything a fine-tuning run depends on. Defaults are the paper's settings (PROTOCOLS.md).
+
+    Example: ``FinetuneConfig.preset("embedded-cpu", epochs=2)``.
+    """
+
+    lora_rank: int = dataclasses.field(default=64, metadata={"help": "LoRA rank r"})
+    lora_alpha: float = dataclasses.field(default=32.0, metadata={"help": "LoRA scale numerator (scale alpha/r)"})
+    lora_dropout: float = dataclasses.field(default=0.05, metadata={"help": "dropout on the LoRA input"})
+    lora_targets: tuple[str, ...] = dataclasses.field(default=DEFAULT_TARGETS, metadata={"help": "modules to adapt"})
+    lr: float = dataclasses.field(default=5e-5, metadata={"help": "peak AdamW learning rate"})
+    weight_decay: float = dataclasses.field(default=0.01, metadata={"help": "AdamW weight decay"})
+    warmup: float = dataclasses.field(default=0.1, metadata={"help": "fraction of steps with linear warm-up"})
+    max_grad_norm: float = dataclasses.field(default=1.0, metadata={"help": "gradient clipping norm"})
+    grad_accum: int = dataclasses.field(default=4, metadata={"help": "workflow instances per optimizer step"})
+    epochs: int = dataclasses.field(default=4, metadata={"help": "passes over the training traces"})
+    max_steps: int | None = dataclasses.field(default=None, metadata={"help": "cap on optimizer steps"})
+    eval_every: int = dataclasses.field(default=25, metadata={"help": "optimizer steps between dev evaluations"})
+    dev_fraction: float = dataclasses.field(default=0.1, metadata={"help": "dev share when splitting one trace set"})
+    loss_calls: str = dataclasses.field(default="all", metadata={"help": "'all', 'last' or 'role:<role>'"})
+    through_cache: bool = dataclasses.field(default=True, metadata={"help": "gradients into earlier encodings"})
+    attention: str = dataclasses.field(default="torch", metadata={"help": "backend with a backward pass"})
+    seed: int = dataclasses.field(default=0, metadata={"help": "adapter init, data order and dropout"})
+
+    PRESETS: ClassVar[dict[str, dict]] = {
+        "paper": {},
+        # CPU minutes on the embedded 135M model: a lower rank and a higher learning rate than the paper's.
+        "embedded-cpu": dict(lora_rank=16, lora_alpha=32.0, lr=3e-4, epochs=2, eval_every=4, dev_fraction=0.2),
+        # Mechanics only (tests): a handful of steps.
+        "smoke": dict(lora_rank=4, lora_alpha=8.0, lr=1e-3, epochs=1, grad_accum=2, eval_every=2),
+    }
+
+    def __post_init__(self):
+        for name in ("lora_rank", "grad_accum", "epochs", "eval_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+            raise ValueError(f"max_steps must be an integer >= 1 or None, got {self.max_steps!r}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"warmup must be a fraction in [0, 1), got {self.warmup!r}")
+        if not 0 < self.dev_fraction < 1:
+            raise ValueError(f"dev_fraction must be in (0, 1), got {self.dev_fraction!r}")
+        if not self.lr > 0 or not self.max_grad_norm > 0:
+            raise ValueError(f"lr and max_grad_norm must be > 0, got {self.lr!r} and {self.max_grad_norm!r}")
+        if self.attention == "triton":
+            raise ValueError("attention 'triton' has no backward pass; train with 'torch' (or 'reference')")
+        check_loss_calls(self.loss_calls)
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "FinetuneConfig":
+        if name not in cls.PRESETS:
+            raise ValueError(f"unknown fine-tuning preset {name!r}; choose one of {sorted(cls.PRESETS)}")
+        return cls(**{**cls.PRESETS[name], **overrides})
+
+    def to_json(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def check_loss_calls(spec: str) -> None:
+    if spec in ("all", "last") or (isinstance(spec, str) and spec.startswith("role:") and len(spec) > 5):
+        return
+    raise ValueError(f"loss_calls must be 'all', 'last' or 'role:<role>', got {spec!r}")
+
+
+# ---------------------------------------------------------------------------------------------- data
+def as_events(trace) -> list[TraceEvent]:
+    """Accept a list of events or a ``(meta, events)`` pair as ``load_traces`` returns."""
+    if isinstance(trace, tuple) and len(trace) == 2 and isinstance(trace[0], dict):
+        trace = trace[1]
+    return list(trace)
+
+
+def split_traces(traces: Sequence, *, dev_fraction: float, seed: int) -> tuple[list, list]:
+    """Seeded, disjoint train/dev split (by instance; every instance lands in exactly one side).
+
+    Example: ``split_traces(list(range(10)), dev_fraction=0.2, seed=0)`` -> 8 train items, 2 dev items.
+    """
+    n = len(traces)
+    if not 0 < dev_fraction < 1:
+        raise ValueError(f"dev_fraction must be in (0, 1), got {dev_fraction!r}")
+    if n < 2:
+        raise ValueError(f"need at least 2 traces to split into train and dev, got {n}")
+    n_dev = min(n - 1, max(1, round(n * dev_fraction)))
+    order = np.random.default_rng(seed).permutation(n)
+    dev_idx = set(order[:n_dev].tolist())
+    return [t for i, t in enumerate(traces) if i not in dev_idx], [t for i, t in enumerate(traces) if i in dev_idx]
+
+
+def select_calls(events: Trace, spec: str) -> list[int]:
+    """Indices of the decode events that contribute to the loss ('all', 'last' or 'role:<role>')."""
+    check_loss_calls(spec)
+    decodes = [i for i, e in enumerate(events) if e.kind == "decode"]
+    if spec == "last":
+        return decodes[-1:]
+    if spec.startswith("role:"):
+        return [i for i in decodes if events[i].role == spec[5:]]
+    return decodes
+
+
+# ---------------------------------------------------------------------------------------------- the replay loss
+@dataclasses.dataclass
+class ReplayLoss:
+    """The loss of one trace: ``loss`` (a scalar tensor), per-call token-mean CE, and the replayed messages.
+
+    ``logits[i]`` (n_i + 1, V), when kept: the rows predicting event i's content tokens and its end-of-turn token.
+    """
+
+    loss: torch.Tensor
+    per_call: dict[int, float]
+    messages: list[Message]
+    logits: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+
+def replay_loss(executor: Choreographer, events: Trace, *, calls: str = "all", through_cache: bool = True,
+                keep_logits: bool = False) -> ReplayLoss:
+    """Replay a trace through ``executor`` with every decode teacher-forced; sum the selected calls' losses.
+
+    Gradients are recorded when ``executor.engine.grad`` is True. ``through_cache=False`` detaches the cache
+    after each group, so a call's loss reaches only its own encoding (an ablation). Every message the replay
+    creates is freed before returning.
+
+    Example::
+
+        ch = Choreographer(model, attention="torch"); ch.engine.grad = True
+        out = replay_loss(ch, events)          # out.loss.backward()
+    """
+    events = as_events(events)
+    chosen = set(select_calls(events, calls))
+    store = executor.engine.store
+    messages: list[Message | None] = [None] * len(events)
+    total = torch.zeros((), device=executor.model.spec.device)
+    per_call, kept = {}, {}
+    store.detach_()
+    try:
+        for group in sorted({e.group for e in events}):
+            idx = [i for i, e in enumerate(events) if e.group == group]
+            first = events[idx[0]]
+            if first.kind == "prefill":
+                messages[idx[0]] = executor.prefill(
+                    first.text, role=first.role, parents=[messages[p] for p in first.parents],
+                    offsets=first.offsets, new_offset=first.new_offset)
+            else:
+                jobs = executor.start_decode([_forced_call(events, i, messages) for i in idx])
+                executor.engine.run(jobs)
+                for i, job, msg in zip(idx, jobs, executor.finish(jobs)):
+                    messages[i] = msg
+                    if i not in chosen:
+                        continue
+                    a, b = msg.content
+                    rows = job.logits[a - 1:b]  # (n + 1, V): row j predicts ids[a + j]; the last, end-of-turn
+                    target = torch.tensor(msg.ids[a:b + 1], device=rows.device)
+                    ce = F.cross_entropy(rows.float(), target)
+                    total = total + ce
+                    per_call[i] = float(ce.detach())
+                    if keep_logits:
+                        kept[i] = rows.detach()
+            if not through_cache:
+                store.detach_()
+    finally:
+        live = [m for m in messages if m is not None and not m.freed]
+        if live:
+            executor.free(*live)
+    return ReplayLoss(loss=total, per_call=per_call, messages=messages, logits=kept)
+
+
+def _forced_call(events: Trace, i: int, messages) -> Call:
+    e = events[i]
+    if not e.tokens:
+        raise ValueError(f"event {i} decoded no tokens: an empty output cannot be teacher-forced (drop the trace)")
+    return Call(role=e.role, parents=[messages[p] for p in e.parents], offsets=e.offsets, new_offset=e.new_offset,
+                prefix=e.prefix, teacher_tokens=list(e.tokens))
+
+
+def evaluate(model, traces: Sequence, *, config: FinetuneConfig, executor: Choreographer | None = None) -> float:
+    """Mean replay loss over traces, without gradients (the dev criterion)."""
+    if not traces:
+        raise ValueError("evaluate needs at least one trace")
+    executor = executor or Choreographer(model, attention=config.attention)
+    was_training = model.hf_model.training
+    model.hf_model.eval()
+    try:
+        with torch.no_grad():
+            losses = [float(replay_loss(executor, t, calls=config.loss_calls).loss) for t in traces]
+    finally:
+        model.hf_model.train(was_training)
+    return float(np.mean(losses))
+
+
+# ---------------------------------------------------------------------------------------------- training
+@dataclasses.dataclass
+class TrainResult:
+    """``best_adapter``: the adapter folder chosen on dev; ``history``: one record per optimizer step."""
+
+    best_adapter: Path
+    best_step: int
+    best_dev_loss: float
+    history: list[dict]
+    steps: int
+    seconds_per_step: float
+    peak_rss_mb: float
+
+
+def schedule(step: int, total: int, warmup: float) -> float:
+    """Learning-rate multiplier: linear warm-up over ``warmup * total`` steps, then cosine decay to 0."""
+    n_warm = max(1, math.ceil(warmup * total)) if warmup > 0 else 0
+    if step < n_warm:
+        return (step + 1) / (n_warm + 1)
+    progress = (step - n_warm) / max(1, total - n_warm)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _plan(n_train: int, config: FinetuneConfig) -> tuple[int, int]:
+    """(micro-batches, optimizer steps) of the run."""
+    micro = n_train * config.epochs
+    steps = math.ceil(micro / config.grad_accum)
+    if config.max_steps is not None:
+        steps = min(steps, config.max_steps)
+        micro = min(micro, steps * config.grad_accum)
+    return micro, steps
+
+
+def _instance(m: int, n_train: int, seed: int) -> int:
+    """Which training trace micro-batch m uses: a seeded permutation per epoch."""
+    epoch, k = divmod(m, n_train)
+    return int(np.random.default_rng([seed, epoch]).permutation(n_train)[k])
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MiB; Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train(model, train_traces: Sequence, dev_traces: Sequence, *, config: FinetuneConfig, out_dir,
+          resume: bool = False, stop_after: int | None = None, progress: bool = True) -> TrainResult:
+    """Fine-tune a LoRA adapter on baseline traces replayed through the choreographed executor.
+
+    Writes ``out_dir/best`` (adapter with the lowest dev replay loss, dev evaluated every ``eval_every`` steps
+    and at step 0), ``out_dir/last`` (adapter + optimizer, scheduler, step and RNG state) and
+    ``out_dir/history.json``. ``resume=True`` continues from ``out_dir/last``; ``stop_after`` ends the run after
+    that many optimizer steps (the schedule is unchanged), so a later ``resume`` finishes it. On return the model
+    carries the best adapter (eval mode).
+
+    Example::
+
+        result = train(model, train_set, dev_set, config=FinetuneConfig.preset("embedded-cpu"), out_dir="runs/b")
+        with adapter_disabled(model): ...   # the base model again
+    """
+    from tqdm.auto import tqdm
+
+    train_traces = [as_events(t) for t in train_traces]
+    dev_traces = [as_events(t) for t in dev_traces]
+    if not train_traces or not dev_traces:
+        raise ValueError(f"need training and dev traces, got {len(train_traces)} and {len(dev_traces)}")
+    out = Path(out_dir)
+    last, best_dir = out / "last", out / "best"
+    if resume and not (last / "trainer_state.pt").exists():
+        raise FileNotFoundError(f"cannot resume: {str(last / 'trainer_state.pt')!r} does not exist")
+    n_micro, total = _plan(len(train_traces), config)
+
+    add_adapter(model, rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                targets=config.lora_targets, seed=config.seed)
+    params = trainable_parameters(model)
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s, total, config.warmup))
+    executor = Choreographer(model, attention=config.attention)
+    state = {"step": 0, "history": [], "best_step": 0, "best_dev_loss": math.inf}
+    if resume:
+        saved = torch.load(last / "trainer_state.pt", weights_only=False)
+        load_adapter(model, last)
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        _set_rng_state(saved["rng"])
+        state = saved["state"]
+        if saved["config"] != config.to_json():
+            raise ValueError(f"cannot resume {str(out)!r} with a different config: saved {saved['config']}")
+    else:
+        torch.manual_seed(config.seed)
+        dev = evaluate(model, dev_traces, config=config, executor=executor)
+        state["best_dev_loss"] = dev
+        state["history"].append({"step": 0, "dev_loss": dev})
+        save_adapter(model, best_dir)
+
+    bar = tqdm(total=total, initial=state["step"], desc="finetune", disable=not progress)
+    times = []
+    try:
+        while state["step"] < total and (stop_after is None or state["step"] < stop_after):
+            step = state["step"]
+            t0 = time.perf_counter()
+            batch = range(step * config.grad_accum, min((step + 1) * config.grad_accum, n_micro))
+            loss = _optimizer_step(model, executor, [train_traces[_instance(m, len(train_traces), config.seed)]
+                                                     for m in batch], params, opt, config)
+            sched.step()
+            state["step"] = step + 1
+            times.append(time.perf_counter() - t0)
+            record = {"step": state["step"], "train_loss": loss, "lr": opt.param_groups[0]["lr"],
+                      "seconds": times[-1]}
+            if state["step"] % config.eval_every == 0 or state["step"] == total:
+                record["dev_loss"] = evaluate(model, dev_traces, config=config, executor=executor)
+                if record["dev_loss"] < state["best_dev_loss"]:
+                    state["best_dev_loss"], state["best_step"] = record["dev_loss"], state["step"]
+                    save_adapter(model, best_dir)
+            state["history"].append(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", dev=f"{state['best_dev_loss']:.3f}")
+            if "dev_loss" in record or state["step"] == stop_after:
+                _save_last(model, last, opt, sched, state, config)
+    finally:
+        bar.close()
+    _write_history(out / "history.json", state, config)
+    load_adapter(model, best_dir)
+    model.hf_model.eval()
+    return TrainResult(best_adapter=best_dir, best_step=state["best_step"], best_dev_loss=state["best_dev_loss"],
+                       history=state["history"], steps=state["step"],
+                       seconds_per_step=float(np.mean(times)) if times else float("nan"), peak_rss_mb=peak_rss_mb())
+
+
+def _optimizer_step(model, executor, traces, params, opt, config) -> float:
+    """One optimizer step over a list of workflow instances (one micro-batch each); returns the mean loss."""
+    model.hf_model.train()  # LoRA dropout on
+    executor.engine.grad = True
+    opt.zero_grad(set_to_none=True)
+    losses = []
+    try:
+        for events in traces:
+            out = replay_loss(executor, events, calls=config.loss_calls, through_cache=config.through_cache)
+            (out.loss / len(traces)).backward()
+            losses.append(float(out.loss.detach()))
+            executor.engine.store.detach_()
+    finally:
+        executor.engine.grad = False
+        model.hf_model.eval()
+    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+    opt.step()
+    return float(np.mean(losses))
+
+
+def _save_last(model, last: Path, opt, sched, state, config) -> None:
+    save_adapter(model, last)
+    tmp = last / "trainer_state.pt.tmp"
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(),
+                "state": state, "config": config.to_json()}, tmp)
+    tmp.replace(last / "trainer_state.pt")
+
+
+def _write_history(path: Path, state: dict, config: FinetuneConfig) -> None:
+    from .results import write_json
+
+    write_json(path, {"config": config.to_json(), "best_step": state["best_step"],
+                      "best_dev_loss": state["best_dev_loss"], "history": state["history"]})
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def register(sub) -> None:
+    """``choreo finetune collect|train|recovery``."""
+    p = sub.add_parser("finetune", help="collect baseline traces and fine-tune a LoRA adapter on them")
+    verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+    c = verbs.add_parser("collect", help="run a built-in task under the baseline and save its traces (JSONL)")
+    c.add_argument("--task", default="blockage", choices=["blockage"])
+    c.add_argument("--n", type=int, default=64, help="workflow instances")
+    c.add_argument("--split", default="train", choices=["train", "eval"], help="which question pool")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", required=True, help="trace file to write")
+    c.add_argument("--model", default=None, help="local checkpoint directory (default: embedded SmolLM2-135M)")
+    c.set_defaults(func=_cli_collect)
+    t = verbs.add_parser("train", help="train an adapter from trace files")
+    t.add_argument("--traces", required=True, nargs="+", help="training trace files (JSONL)")
+    t.add_argument("--dev-traces", nargs="*", default=None, help="dev trace files (default: split off --traces)")
+    t.add_argument("--out", required=True, help="run folder (best/, last/, history.json)")
+    t.add_argument("--config", default="embedded-cpu", choices=sorted(FinetuneConfig.PRESETS))
+    t.add_argument("--resume", action="store_true", help="continue from OUT/last")
+    t.add_argument("--model", default=None)
+    t.set_defaults(func=_cli_train)
+    r = verbs.add_parser("recovery", help="blockage recovery: KL and agreement before/after fine-tuning")
+    r.add_argument("--n-train", type=int, default=40)
+    r.add_argument("--n-eval", type=int, default=24)
+    r.add_argument("--out", required=True)
+    r.add_argument("--config", default="embedded-cpu", choices=sorted(FinetuneConfig.PRESETS))
+    r.add_argument("--model", default=None)
+    r.set_defaults(func=_cli_recovery)
+
+
+def _cli_collect(args) -> int:
+    from .model import load_model
+    from .recovery import collect_traces
+
+    traces, meta = collect_traces(load_model(args.model), n=args.n, split=args.split, seed=args.seed)
+    from .trace import save_traces
+
+    save_traces(args.out, traces, meta=meta)
+    print(f"wrote {len(traces)} {args.task} traces to {args.out}")
+    return 0
+
+
+def _cli_train(args) -> int:
+    from .model import load_model
+    from .trace import load_traces
+
+    config = FinetuneConfig.preset(args.config)
+    traces = [events for path in args.traces for _, events in load_traces(path)]
+    if args.dev_traces:
+        train_set, dev_set = traces, [events for path in args.dev_traces for _, events in load_traces(path)]
+    else:
+        train_set, dev_set = split_traces(traces, dev_fraction=config.dev_fraction, seed=config.seed)
+    result = train(load_model(args.model), train_set, dev_set, config=config, out_dir=args.out, resume=args.resume)
+    print(json.dumps({"best_adapter": str(result.best_adapter), "best_step": result.best_step,
+                      "best_dev_loss": result.best_dev_loss, "steps": result.steps,
+                      "seconds_per_step": result.seconds_per_step, "peak_rss_mb": result.peak_rss_mb}, indent=1))
+    return 0
+
+
+def _cli_recovery(args) -> int:
+    from .model import load_model
+    from .recovery import recovery_experiment
+
+    report = recovery_experiment(load_model(args.model), config=FinetuneConfig.preset(args.config),
+                                 out_dir=args.out, n_train=args.n_train, n_eval=args.n_eval,
+                                 adapter_dir=Path(args.out) / "run")
+    print(json.dumps(report["summary"], indent=1))
+    return 0
