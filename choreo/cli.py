@@ -33,9 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _registered():
     """Subcommands that live beside the modules they drive."""
-    from . import finetune, repro
+    from . import finetune, perf, repro
 
-    return [repro.register, finetune.register]
+    return [repro.register, finetune.register, perf.register]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,102 @@
+"""The performance shapes: every arm runs the same prompts and emits the same tokens (tiny random model)."""
+
+from __future__ import annotations
+
+import pytest
+
+import choreo
+from choreo import perf
+
+LENGTHS = perf.Lengths(prompt_words=4, content_tokens=3)
+SHAPES = [
+    perf.make_shape("prisoners_dilemma", rounds=1),
+    perf.make_shape("multiqa", k=3),
+    perf.make_shape("branch_solve_merge", N=2),
+    perf.make_shape("tree_of_thoughts", B=3, V=2),
+    perf.make_shape("iterative_debate", rounds=2),
+    perf.make_shape("parallel_debate", A=2, rounds=2),
+    perf.make_shape("conversation", turns=2),
+]
+ARMS = perf.available_arms("cpu")
+
+
+@pytest.fixture(scope="module")
+def synth(tokenizer):
+    return perf.Synth(tokenizer, LENGTHS)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=[s.label for s in SHAPES])
+def test_every_arm_same_tokens(tiny_gqa, synth, shape):
+    runs = {arm: [perf.run_once(tiny_gqa, shape, arm, synth)] for arm in ARMS}
+    perf.check_identical(runs)
+    first = {arm: r[0] for arm, r in runs.items()}
+    generated = first["baseline"]["generated"]
+    assert all(len(tokens) == LENGTHS.content_tokens for tokens in generated), generated
+    # The re-encoding arms and Hugging Face encode the same serial prompts, token for token.
+    assert first["hf"]["tokens_processed"] == first["baseline"]["tokens_processed"]
+    assert first["hf"]["prompt_tokens"] == first["baseline"]["prompt_tokens"] == first["baseline+prefix"]["prompt_tokens"]
+    assert first["baseline+prefix"]["tokens_processed"] <= first["baseline"]["tokens_processed"]
+    assert first["choreographed[torch]"]["tokens_processed"] <= first["baseline"]["tokens_processed"]
+    assert len({r["calls"] for r in first.values()}) == 1 and len({r["stages"] for r in first.values()}) == 1
+
+
+def test_generated_tokens_are_the_teacher_tokens(tiny_gqa, synth):
+    shape = perf.make_shape("tree_of_thoughts", B=2, V=2)
+    result = perf.run_once(tiny_gqa, shape, "choreographed[torch]", synth)
+    tags = ["tot/cand0", "tot/cand1", "tot/vote0", "tot/vote1", "tot/answer"]
+    assert result["generated"] == [synth.tokens(t) for t in tags]
+    assert result["stages"] == 3 and result["calls"] == 5
+
+
+def test_stepwise_decoding_takes_one_pass_per_token(tiny_gqa, synth):
+    """Teacher tokens are fed one decode step each: prompt pass, n - 1 steps, a closing pass."""
+    ex = perf.StepwiseChoreographer(tiny_gqa)
+    prompt = ex.prefill("Hello there.", role="user")
+    before = ex.engine.forward_passes
+    msg = ex.decode(parents=[prompt], teacher_tokens=synth.tokens("x"))
+    assert ex.engine.forward_passes - before == LENGTHS.content_tokens + 1
+    assert msg.tokens == synth.tokens("x") and msg.ttft is not None and msg.ttft <= msg.latency
+    plain = choreo.Choreographer(tiny_gqa)
+    p2 = plain.prefill("Hello there.", role="user")
+    assert plain.decode(parents=[p2], teacher_tokens=synth.tokens("x")).ids == msg.ids
+
+
+def test_prefix_reuse_skips_tokens(tiny_gqa, synth):
+    shape = perf.make_shape("iterative_debate", rounds=2)
+    full = perf.run_once(tiny_gqa, shape, "baseline", synth)
+    reuse = perf.run_once(tiny_gqa, shape, "baseline+prefix", synth)
+    assert reuse["tokens_processed"] < full["tokens_processed"]
+
+
+def test_speedups_and_bounds():
+    slow = [{"wall_s": 4.0, "ttft_sum_s": 2.0, "tokens_processed": 100, "prompt_tokens": 80},
+            {"wall_s": 6.0, "ttft_sum_s": 3.0, "tokens_processed": 100, "prompt_tokens": 80}]
+    fast = [{"wall_s": 2.0, "ttft_sum_s": 0.5, "tokens_processed": 25, "prompt_tokens": 10},
+            {"wall_s": 2.0, "ttft_sum_s": 0.5, "tokens_processed": 25, "prompt_tokens": 10}]
+    s = perf.speedups({"b": slow, "c": fast}, "b", "c")
+    assert s["e2e_rounds"] == [2.0, 3.0] and s["e2e"] == 2.5
+    assert s["ttft"] == 5.0 and s["e2e_bound"] == 4.0 and s["ttft_bound"] == 8.0
+
+
+def test_check_identical_names_the_arm():
+    runs = {"a": [{"generated": [[1, 2]], "shape": "s"}], "b": [{"generated": [[1, 3]], "shape": "s"}]}
+    with pytest.raises(AssertionError, match="arm 'b'"):
+        perf.check_identical(runs)
+
+
+@pytest.mark.parametrize("name, size, match", [
+    ("tree_of_thoughts", {"B": 17, "V": 4}, "B=17 must be an integer in 1..16"),
+    ("parallel_debate", {"A": 1}, "A=1 must be an integer in 2..8"),
+    ("chess", {}, "unknown shape 'chess'"),
+])
+def test_shape_errors(name, size, match):
+    with pytest.raises(ValueError, match=match):
+        perf.make_shape(name, **size)
+
+
+def test_unknown_arm_and_lengths(tiny_gqa):
+    with pytest.raises(ValueError, match="unknown arm 'vllm'"):
+        perf.make_executor(tiny_gqa, "vllm")
+    with pytest.raises(ValueError, match="content_tokens must be an integer >= 1"):
+        perf.Lengths(content_tokens=0)
+    assert perf.available_arms("cpu") == ["choreographed[torch]", "baseline", "baseline+prefix", "hf"]
