@@ -104,9 +104,17 @@ class Engine:
         self.tokens_processed = 0
 
     def step(self, jobs: Iterable[Job]) -> None:
-        """Feed every job's pending tokens: decode-sized chunks and longer chunks in separate passes."""
+        """Feed every job's pending tokens, in up to three passes: first chunks (prompts), then single decode
+        tokens, then closing chunks (padding decode tokens to a chunk's length would waste compute).
+
+        A prompt may attend to a message that is prefilled in the same pass: each layer writes every job's
+        keys and values before any job attends, so a child reads its parent's rows of that very layer.
+        """
         live = [j for j in jobs if not j.done and j.pending]
-        for group in ([j for j in live if len(j.pending) == 1], [j for j in live if len(j.pending) > 1]):
+        first = [j for j in live if j.fed == 0]
+        single = [j for j in live if j.fed > 0 and len(j.pending) == 1]
+        closing = [j for j in live if j.fed > 0 and len(j.pending) > 1]
+        for group in (first, single, closing):
             if group:
                 self._forward(group)
 

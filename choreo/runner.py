@@ -44,14 +44,20 @@ class _Request:
 class Session:
     """The executor's verbs for one workflow instance; every message it creates is freed at the end."""
 
-    def __init__(self, executor: Choreographer, *, trace: bool = False):
+    def __init__(self, executor: Choreographer, *, trace: bool = False, deferred: list[Job] | None = None):
         self.executor = executor
         self.created: list[Message] = []
         self.trace = TraceRecorder() if trace else None
+        self._deferred = deferred  # the runner's prefills waiting for the next engine step
 
     async def prefill(self, text: str, *, role: str, parents=(), offsets=None, new_offset=None) -> Message:
+        """Returns at once: the message is encoded in the runner's next step, in the same forward pass as the
+        first call that reads it (or earlier), so a workflow's prompts cost no passes of their own."""
         job = self.executor.start_prefill(text, role=role, parents=parents, offsets=offsets, new_offset=new_offset)
-        msg = await _Request([job], single=True)
+        if not job.done:
+            self._deferred.append(job)
+        msg = self.executor.finish([job])[0]
+        self.created.append(msg)
         if self.trace is not None:
             self.trace.prefill(msg, text=text, role=role, parents=parents, offsets=offsets, new_offset=new_offset)
         return msg
@@ -70,6 +76,10 @@ class Session:
         self.executor.free(*messages)
 
     def _close(self) -> None:
+        mine = {id(m) for m in self.created}
+        for job in self._deferred:
+            if id(job.msg) in mine:  # never read, never encoded: drop it with its rows
+                job.done = True
         live = [m for m in self.created if not m.freed]
         if live:
             self.executor.free(*live)
@@ -112,13 +122,14 @@ class Runner:
         bar = tqdm(total=len(todo), desc=self.progress if isinstance(self.progress, str) else "workflows",
                    disable=not self.progress, leave=False)
         ready: list[tuple[int, Session, Coroutine, Any]] = []
+        deferred: list[Job] = []
         waiting: dict[int, tuple[Session, Coroutine, _Request]] = {}
         admitted = 0
 
         def admit():
             nonlocal admitted
             while admitted < len(todo) and len(ready) + len(waiting) < self.max_concurrent:
-                session = Session(self.executor, trace=self.trace)
+                session = Session(self.executor, trace=self.trace, deferred=deferred)
                 ready.append((admitted, session, todo[admitted](session), None))
                 admitted += 1
 
@@ -145,9 +156,11 @@ class Runner:
                     if not isinstance(request, _Request):
                         raise TypeError(f"workflow {i} awaited {request!r}; only Session verbs can be awaited")
                     waiting[i] = (session, coro, request)
-                jobs = [j for _, _, r in waiting.values() for j in r.jobs if not j.done]
+                jobs = [j for j in deferred if not j.done]
+                jobs += [j for _, _, r in waiting.values() for j in r.jobs if not j.done]
                 self.stats.max_batch = max(self.stats.max_batch, len(jobs))
                 engine.step(jobs)
+                deferred.clear()
                 self.stats.peak_cache_tokens = max(self.stats.peak_cache_tokens, engine.store.used)
                 for i in [i for i, (_, _, r) in waiting.items() if all(j.done for j in r.jobs)]:
                     session, coro, request = waiting.pop(i)

@@ -68,3 +68,26 @@ def test_malformed_trace_file_names_the_line(tmp_path):
     path.write_text('{"meta": {}, "events": []}\n{not json\n')
     with pytest.raises(ValueError, match="bad.jsonl:2"):
         load_traces(path)
+
+
+def test_deferred_prefills_fuse_into_the_reading_pass_and_change_nothing(tiny_gqa):
+    """Prompts a workflow prefills are encoded in the pass of the first call that reads them (parents and
+    children in one pass), with the same result as eager, one-pass-per-message encoding."""
+    async def chain(ex):
+        sys = await ex.prefill("You are a poet.", role="system")
+        q1 = await ex.prefill("Rain?", role="user", parents=[sys])
+        q2 = await ex.prefill("And snow?", role="user", parents=[sys, q1])
+        out = await ex.decode(role="assistant", parents=[sys, q1, q2], teacher_tokens=[5, 6, 7], keep_logits=True)
+        return out.logits
+
+    ch = choreo.Choreographer(tiny_gqa)
+    runner = choreo.Runner(ch, progress=False)
+    fused = runner.run([chain])[0]
+    assert runner.stats.forward_passes == 1  # three prefills and the call's prompt in one pass
+    sys = ch.prefill("You are a poet.", role="system")
+    q1 = ch.prefill("Rain?", role="user", parents=[sys])
+    q2 = ch.prefill("And snow?", role="user", parents=[sys, q1])
+    eager = ch.decode(role="assistant", parents=[sys, q1, q2], teacher_tokens=[5, 6, 7], keep_logits=True).logits
+    import torch
+
+    torch.testing.assert_close(fused, eager, atol=1e-9, rtol=1e-9)
