@@ -23,6 +23,7 @@ from .model import Model
 from .sampling import make_generator, sample
 
 ParentRef = Message | int
+RAW = "raw"  # prefill role of a raw segment: part of a chat turn, e.g. one question of a user turn
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -242,7 +243,12 @@ class Choreographer:
 
     # ------------------------------------------------------------------ public verbs
     def prefill(self, text: str, *, role: str, parents: Sequence[ParentRef] = (), offsets=None, new_offset=None) -> Message:
-        """Encode one message in one forward pass; it attends to ``parents`` and causally to itself."""
+        """Encode one message in one forward pass; it attends to ``parents`` and causally to itself.
+
+        ``role="raw"`` encodes the text's tokens with no chat header or footer: several raw segments can
+        make up one turn (template tokens written in the text), e.g. the questions of one user turn encoded
+        in parallel, while the serial layout of the same segments reproduces the ordinary prompt exactly.
+        """
         job = self.start_prefill(text, role=role, parents=parents, offsets=offsets, new_offset=new_offset)
         self.engine.run([job])
         return self.finish([job])[0]
@@ -281,14 +287,17 @@ class Choreographer:
     def start_prefill(self, text, *, role, parents=(), offsets=None, new_offset=None) -> Job:
         if not isinstance(text, str) or not text:
             raise ValueError(f"prefill text must be a non-empty string, got {text!r}")
-        parse_role(role)
+        if role == RAW:  # a piece of a turn: the text's own tokens, no header or footer
+            ids = self.format.tokenizer.encode(text, add_special_tokens=False)
+            content = (0, len(ids))
+        else:
+            parse_role(role)
+            ids = self.format.encode(text, role)
+            content = (len(self.format.header(role)), len(ids) - len(self.format.footer(role)))
         segments, start, parent_ids = self._place(parents, offsets, new_offset)
-        ids = self.format.encode(text, role)
-        header = len(self.format.header(role))
         row = self.engine.store.alloc(len(ids))
         msg = Message(
-            id=next(self._ids), role=role, parents=parent_ids, start=start, ids=ids,
-            content=(header, len(ids) - len(self.format.footer(role))), text=text, row=row,
+            id=next(self._ids), role=role, parents=parent_ids, start=start, ids=ids, content=content, text=text, row=row,
         )
         self._messages[msg.id] = msg
         return Job(msg=msg, segments=segments, pending=list(ids), reserved=len(ids))

@@ -127,3 +127,17 @@ def test_leakage_is_visible_on_the_embedded_model(model):
     p_choreo, p_base = (out[k].logits.log_softmax(-1) for k in ("choreo", "baseline"))
     kl = torch.nn.functional.kl_div(p_choreo, p_base, log_target=True, reduction="batchmean")
     assert kl > 1e-3, f"no visible difference between cached and re-encoded messages (KL {kl:.2e})"
+
+
+def test_raw_segments_in_series_equal_the_whole_turn(tiny_gqa):
+    """role="raw" pieces of one user turn, each attending to the earlier ones, encode exactly like the turn."""
+    ch = choreo.Choreographer(tiny_gqa)
+    whole = ch.prefill("Question 1: Rain?\nQuestion 2: Snow?", role="user")
+    head = ch.prefill("<|im_start|>user\nQuestion 1: Rain?\n", role="raw")
+    tail = ch.prefill("Question 2: Snow?<|im_end|>\n", role="raw", parents=[head])
+    assert head.ids + tail.ids == whole.ids and tail.start == head.length
+    k = ch.engine.store.k
+    torch.testing.assert_close(torch.cat([k[:, :, head.row:head.row + head.length], k[:, :, tail.row:tail.row + tail.length]], 2),
+                               k[:, :, whole.row:whole.row + whole.length], atol=1e-9, rtol=1e-9)
+    with pytest.raises(ValueError, match="raw"):
+        ch.decode(role="raw", parents=[head])

@@ -1,0 +1,1 @@
+"""Workflows written once against the executor API (``choreo.Session``); the executor picks the arm."""

@@ -1,0 +1,276 @@
+"""Branch-solve-merge story generation (information blockage at the merge).
+
+1. Branch: propose a topic and split the concepts into two groups (fixed format, parsed; a parse
+   failure ends the instance with coverage 0). With ``BSMConfig(branch="halves")`` the model proposes the
+   topic only and the groups are the two halves of the concept list (for models too small to follow the
+   split format; the blockage under test is at the merge).
+2. Solve: one story paragraph per group, both decoded in parallel.
+3. Merge: one paragraph combining the two stories and keeping every concept. The merge attends to the
+   system prompt, each solve prompt (with its concept list) and each story, then a merge instruction.
+
+The workflow is written once; the condition is the executor plus ``layout``:
+
+- baseline: ``choreo.Baseline`` with ``layout="linearized"`` -- the merge re-encodes, as one serial
+  prompt, solve prompt 1, story 1, solve prompt 2, story 2 and the instruction;
+- choreographed: ``choreo.Choreographer`` with ``layout="parallel"`` -- the merge attends to the cached
+  solve branches, which overlap in position;
+- linearized: ``choreo.Choreographer`` with ``layout="linearized"`` -- the cached branches rotated back
+  to back (the same positions as the baseline, without attention between them);
+- fine-tuned: ``parallel`` on an executor whose model carries a LoRA adapter.
+
+Sampling uses T = 0.7 and a seed per call derived from the instance seed, identical in every condition.
+
+Example::
+
+    from choreo import Choreographer, Runner, load_model
+    from choreo.data.concepts import load_concept_sets
+    sets = load_concept_sets(None, n=4, size=10)
+    out = Runner(Choreographer(load_model())).run([lambda ex, c=c, i=i: bsm(ex, c, layout="parallel", seed=i)
+                                                  for i, c in enumerate(sets)])
+    out[0]["coverage"]["word"]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Sequence
+
+from ..data.concepts import coverage
+from ..engine import linearize
+
+LAYOUTS = ("parallel", "linearized")
+BRANCH_MODES = ("model", "halves")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BSMConfig:
+    """Prompts and sampling of branch-solve-merge (identical in every condition)."""
+
+    system: str = "You are a creative writer who follows instructions exactly."
+    branch: str = "model"  # "model": the model splits the concepts; "halves": it proposes the topic only
+    temperature: float = 0.7
+    top_p: float = 1.0
+    branch_tokens: int = 160
+    solve_tokens: int = 200
+    merge_tokens: int = 320
+
+    def __post_init__(self):
+        if self.branch not in BRANCH_MODES:
+            raise ValueError(f"BSMConfig.branch must be one of {BRANCH_MODES}, got {self.branch!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"BSMConfig.temperature must be >= 0, got {self.temperature!r}")
+        for name in ("branch_tokens", "solve_tokens", "merge_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"BSMConfig.{name} must be an integer >= 1, got {value!r}")
+
+
+def branch_prompt(concepts: Sequence[str]) -> str:
+    return (f"Concepts: {', '.join(concepts)}\n\n"
+            "Propose a topic for a story that uses all of these concepts, and split the concepts into two groups. "
+            "Use exactly this format:\nTopic: <one sentence>\nGroup 1: <concepts, comma-separated>\n"
+            "Group 2: <concepts, comma-separated>")
+
+
+def topic_prompt(concepts: Sequence[str]) -> str:
+    return (f"Concepts: {', '.join(concepts)}\n\n"
+            "Propose a topic for a story that uses all of these concepts. Answer with one sentence.")
+
+
+def halves(concepts: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The first and second half of a concept list (the fixed split of ``branch="halves"``)."""
+    k = (len(concepts) + 1) // 2
+    return list(concepts[:k]), list(concepts[k:])
+
+
+def solve_prompt(topic: str, group: Sequence[str]) -> str:
+    return (f"Write one short story paragraph about this topic: {topic}\n"
+            f"The story must use all of these concepts: {', '.join(group)}.")
+
+
+MERGE_PROMPT = ("Combine the two stories above into one coherent story paragraph. "
+                "Keep every concept from both concept lists.")
+
+_GROUP = re.compile(r"^\W*group\s*([12])\W*[:\-]\s*(.*)$", re.IGNORECASE | re.MULTILINE)
+_TOPIC = re.compile(r"^\W*topic\W*[:\-]\s*(.+)$", re.IGNORECASE | re.MULTILINE)
+
+
+def parse_branch(text: str, concepts: Sequence[str]) -> tuple[str, list[str], list[str]] | None:
+    """(topic, group 1, group 2) from a branch answer, or None when it does not follow the format.
+
+    Group items are matched to the given concepts (case-insensitive, surrounding punctuation ignored);
+    unknown items are dropped and a concept keeps its first group. None if the topic is missing or a
+    group has no known concept. Example::
+
+        parse_branch("Topic: a day out\\nGroup 1: dog, ball\\nGroup 2: park", ["dog", "ball", "park"])
+        # ("a day out", ["dog", "ball"], ["park"])
+    """
+    topic = _TOPIC.search(text)
+    known = {c.lower(): c for c in concepts}
+    groups: dict[int, list[str]] = {}
+    seen: set[str] = set()
+    for m in _GROUP.finditer(text):
+        k = int(m.group(1))
+        if k in groups:
+            continue
+        items = [re.sub(r"^[\W_]+|[\W_]+$", "", x).lower() for x in re.split(r"[,;]|\band\b", m.group(2))]
+        groups[k] = []
+        for x in items:
+            if x in known and x not in seen:
+                groups[k].append(known[x])
+                seen.add(x)
+    if topic is None or not groups.get(1) or not groups.get(2):
+        return None
+    return topic.group(1).strip(), groups[1], groups[2]
+
+
+async def bsm(ex, concepts: Sequence[str], *, layout: str, seed: int, config: BSMConfig = BSMConfig(),
+              split: tuple[str, Sequence[str], Sequence[str]] | None = None) -> dict:
+    """One branch-solve-merge instance; returns texts, the parsed branch and coverage.
+
+    ``split`` = (topic, group 1, group 2) skips the branch call (a fixed split, e.g. to test the merge alone).
+
+    Returns ``{"parsed", "topic", "groups", "branch", "stories", "merged", "coverage": {"word", "substring"},
+    "group_coverage": {"word": [g1, g2], "substring": [g1, g2]}}``; coverage is 0 when the branch fails to parse.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown BSM layout {layout!r}; choose one of {LAYOUTS}")
+    concepts = list(concepts)
+    if len(concepts) < 2:
+        raise ValueError(f"branch-solve-merge needs at least 2 concepts, got {concepts!r}")
+    sample = dict(temperature=config.temperature, top_p=config.top_p)
+    sys = await ex.prefill(config.system, role="system")
+    if split is None and config.branch == "halves":  # the model names the topic; the groups are fixed
+        ask = await ex.prefill(topic_prompt(concepts), role="user", parents=[sys])
+        branch = await ex.decode(role="assistant", parents=[sys, ask], prefix="Topic:", stop=("\n",),
+                                 max_tokens=config.branch_tokens, seed=4 * seed, **sample)
+        branch_text = "Topic:" + branch.text
+        topic = branch.text.strip().split("\n")[0].strip()
+        parsed = (topic, *halves(concepts)) if topic else None
+    elif split is None:
+        ask = await ex.prefill(branch_prompt(concepts), role="user", parents=[sys])
+        branch = await ex.decode(role="assistant", parents=[sys, ask], prefix="Topic:",
+                                 max_tokens=config.branch_tokens, seed=4 * seed, **sample)
+        branch_text = "Topic:" + branch.text
+        parsed = parse_branch(branch_text, concepts)
+    else:
+        branch_text, parsed = "", (split[0], list(split[1]), list(split[2]))
+    out = {"parsed": parsed is not None, "branch": branch_text, "topic": None, "groups": None, "stories": None,
+           "merged": "", "coverage": {"word": 0.0, "substring": 0.0},
+           "group_coverage": {"word": [0.0, 0.0], "substring": [0.0, 0.0]}}
+    if parsed is None:
+        return out
+    topic, g1, g2 = parsed
+    from ..engine import Call
+
+    asks = [await ex.prefill(solve_prompt(topic, g), role="user", parents=[sys]) for g in (g1, g2)]
+    stories = await ex.decode([Call(role="assistant", parents=[sys, a], max_tokens=config.solve_tokens,
+                                    seed=4 * seed + 1 + i, **sample) for i, a in enumerate(asks)])
+    context = [sys, asks[0], stories[0], asks[1], stories[1]]
+    offsets = linearize(context) if layout == "linearized" else None
+    instruction = await ex.prefill(MERGE_PROMPT, role="user", parents=context, offsets=offsets)
+    parents = context + [instruction]
+    merged = await ex.decode(role="assistant", parents=parents,
+                             offsets=None if offsets is None else offsets + [None],
+                             max_tokens=config.merge_tokens, seed=4 * seed + 3, **sample)
+    story = merged.text
+    out.update(topic=topic, groups=[g1, g2], stories=[s.text for s in stories], merged=story,
+               coverage={m: coverage(concepts, story, method=m) for m in ("word", "substring")},
+               group_coverage={m: [coverage(g, story, method=m) for g in (g1, g2)] for m in ("word", "substring")})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Head-to-head judge
+# ---------------------------------------------------------------------------------------------------------------
+
+JUDGE_SYSTEM = "You are a careful judge of writing quality."
+
+
+def judge_prompt(first: str, second: str) -> str:
+    return (f"Story A:\n{first.strip()}\n\nStory B:\n{second.strip()}\n\n"
+            "Which story is more coherent and better written? Answer with the single letter A or B.")
+
+
+def parse_verdict(text: str) -> str | None:
+    """'A', 'B' or None from a judge's answer (the first standalone A or B)."""
+    m = re.search(r"\b([AB])\b", text)
+    return m.group(1) if m else None
+
+
+async def judge(ex, story_a: str, story_b: str, *, max_tokens: int = 8) -> str:
+    """Compare two stories in both orders (greedy); "A" or "B" only if preferred in both orders, else "tie".
+
+    An empty story (a failed instance) loses to a non-empty one; two empty stories tie.
+    """
+    from ..engine import Call
+    from ..stats import combine_orders
+
+    if not story_a.strip() or not story_b.strip():
+        return "tie" if not story_a.strip() and not story_b.strip() else ("B" if not story_a.strip() else "A")
+    sys = await ex.prefill(JUDGE_SYSTEM, role="system")
+    asks = [await ex.prefill(judge_prompt(x, y), role="user", parents=[sys]) for x, y in ((story_a, story_b),
+                                                                                          (story_b, story_a))]
+    ab, ba = await ex.decode([Call(role="assistant", parents=[sys, a], prefix="Answer:", max_tokens=max_tokens)
+                              for a in asks])
+    pref_ab = parse_verdict(ab.text)
+    pref_ba = {"A": "B", "B": "A"}.get(parse_verdict(ba.text))  # map the position back to the story
+    return combine_orders(pref_ab, pref_ba)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running conditions
+# ---------------------------------------------------------------------------------------------------------------
+
+CONDITIONS = {  # name -> (executor, layout); a fine-tuned condition is "choreographed" with an adapter loaded
+    "baseline": ("baseline", "linearized"),
+    "choreographed": ("choreographed", "parallel"),
+    "linearized": ("choreographed", "linearized"),
+}
+
+
+def run_condition(model, concept_sets: Sequence[Sequence[str]], *, condition: str, config: BSMConfig = BSMConfig(),
+                  seed: int = 0, batch: int = 64, progress: bool | str = True, trace: bool = False,
+                  seeds: Sequence[int] | None = None, on_result=None):
+    """Run every concept set under one of ``CONDITIONS`` (instance i uses seed ``seed + i``, or ``seeds[i]``).
+
+    Returns the results, or (results, traces) with ``trace=True``.
+    Example: ``run_condition(model, load_concept_sets(None, n=8, size=10), condition="choreographed")``.
+    """
+    from ..runner import Runner
+    from .multiqa import make_executor
+
+    if condition not in CONDITIONS:
+        raise ValueError(f"unknown BSM condition {condition!r}; choose one of {sorted(CONDITIONS)}")
+    kind, layout = CONDITIONS[condition]
+    runner = Runner(make_executor(model, kind), max_concurrent=batch, progress=progress, trace=trace)
+    seeds = [seed + i for i in range(len(concept_sets))] if seeds is None else list(seeds)
+    if len(seeds) != len(concept_sets):
+        raise ValueError(f"seeds has {len(seeds)} entries for {len(concept_sets)} concept sets")
+    results = runner.run([lambda ex, c=c, s=s: bsm(ex, c, layout=layout, seed=s, config=config)
+                          for c, s in zip(concept_sets, seeds)], on_result=on_result)
+    return (results, [runner.traces[i] for i in range(len(results))]) if trace else results
+
+
+def as_layout(events, layout: str) -> list:
+    """A recorded trace with the merge calls re-laid for ``layout`` (a baseline trace replayed as choreographed).
+
+    The baseline records the merge with back-to-back offsets; "parallel" drops them (the cached branches
+    overlap in position), "linearized" keeps them.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown BSM layout {layout!r}; choose one of {LAYOUTS}")
+    if layout == "linearized":
+        return list(events)
+    return [dataclasses.replace(e, offsets=None) if e.offsets is not None else e for e in events]
+
+
+def run_judge(model, pairs: Sequence[tuple[str, str]], *, batch: int = 64, progress: bool | str = True,
+              on_result=None) -> list[str]:
+    """Head-to-head outcomes ("A", "B" or "tie") for (story A, story B) pairs, judged in both orders (greedy)."""
+    from ..engine import Choreographer
+    from ..runner import Runner
+
+    runner = Runner(Choreographer(model), max_concurrent=batch, progress=progress)
+    return runner.run([lambda ex, a=a, b=b: judge(ex, a, b) for a, b in pairs], on_result=on_result)

@@ -1,0 +1,159 @@
+"""Shared by the blockage tables: resumable per-instance runs logged under results/blockage/<table>/runs/."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable, Sequence
+
+from choreo.results import JsonlLog
+
+
+def fingerprint(**parts) -> str:
+    """A short hash of everything a run's records depend on (model hash, profile, sizes, prompts, seeds)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def resumable(folder: Path, name: str, items: Sequence, run: Callable) -> list:
+    """Results for ``items``, reusing those already logged in ``folder/<name>.jsonl`` and logging new ones.
+
+    ``run(todo_items, on_result)`` computes the missing items (``on_result(j, result)`` for todo item j).
+    The log is append-only (``choreo.results.JsonlLog``): an interrupted session resumes where it stopped.
+    """
+    log = JsonlLog(Path(folder) / f"{name}.jsonl", key="index")
+    done = {r["index"]: r["result"] for r in log.records() if r["index"] < len(items)}
+    todo = [i for i in range(len(items)) if i not in done]
+    if todo:
+        def on_result(j, result):
+            log.append({"index": todo[j], "result": result})
+            done[todo[j]] = result
+
+        run([items[i] for i in todo], on_result)
+    return [done[i] for i in range(len(items))]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Branch-solve-merge: one study feeds the coverage table and the head-to-head table
+# ---------------------------------------------------------------------------------------------------------------
+
+import time
+
+import pytest
+
+BSM_SIZES = {  # concept sets evaluated, concepts per set, token caps (branch, solve, merge), branch mode
+    "smoke": dict(n=2, size=6, tokens=(32, 40, 48), branch="halves"),
+    "small": dict(n=24, size=12, tokens=(48, 128, 200), branch="halves"),
+    "paper": dict(n=50, size=None, tokens=(256, 320, 480), branch="model"),
+}
+BSM_SEED = 0
+BSM_EVAL_SKIP = 100  # CommonGen-Hard: sets 0-99 are for fine-tuning traces, the next ones for evaluation
+BSM_ARMS = {"Baseline": "baseline", "Choreographed": "choreographed", "Choreographed + Linearization": "linearized"}
+BSM_FINETUNE = {  # baseline traces from separate concept sets (the first ones), LoRA preset; None: not run
+    "smoke": dict(train=4, preset="smoke"),
+    "small": None,  # CPU time: about an hour on a shared 2-core machine; run at `paper` or by hand
+    "paper": dict(train=100, preset="embedded-cpu"),
+}
+FINETUNE_ROW = "Choreographed + Fine-tuning"
+
+
+def _finetuned_arm(model, *, plan, config, sizes, data_dir, use_file, sets, seeds, key, folder, out_dir):
+    """Train on baseline traces of separate concept sets (dev-selected checkpoint), run the choreographed arm
+    with the adapter, then remove the adapter. Returns (results, training summary)."""
+    from choreo.data.concepts import load_concept_sets
+    from choreo.finetune import FinetuneConfig, split_traces, train, unload_adapter
+    from choreo.results import write_json
+    from choreo.workflows.bsm import as_layout, run_condition
+
+    ft_config = FinetuneConfig.preset(plan["preset"])
+    ft_key = fingerprint(eval=key, plan=plan, ft=ft_config.to_json())
+    log = Path(folder) / f"finetuned-{ft_key}.jsonl"
+    done = {r["index"]: r["result"] for r in JsonlLog(log, key="index").records()}
+    if all(i in done for i in range(len(sets))):  # the arm finished in an earlier session
+        return [done[i] for i in range(len(sets))], {"resumed": str(log)}
+    if use_file:
+        train_sets = load_concept_sets(data_dir, n=plan["train"], skip=0)
+        train_sets = [c[:sizes["size"]] for c in train_sets] if sizes["size"] else train_sets
+    else:
+        train_sets = load_concept_sets(None, n=plan["train"], skip=0, size=sizes["size"] or 30, seed=BSM_SEED)
+    _, traces = run_condition(model, train_sets, condition="baseline", config=config, trace=True,
+                              seeds=[10_000 + i for i in range(len(train_sets))], progress="bsm traces")
+    usable = [as_layout(t, "parallel") for t in traces if all(e.tokens for e in t if e.kind == "decode")]
+    train_set, dev_set = split_traces(usable, dev_fraction=0.1, seed=BSM_SEED)
+    result = train(model, train_set, dev_set, config=ft_config, out_dir=out_dir)
+    try:
+        runs = resumable(folder, f"finetuned-{ft_key}", list(range(len(sets))), lambda todo, cb: run_condition(
+            model, [sets[i] for i in todo], condition="choreographed", config=config, seeds=[seeds[i] for i in todo],
+            progress="bsm finetuned", on_result=cb))
+    finally:
+        unload_adapter(model)
+    summary = {"train_traces": len(train_set), "dev_traces": len(dev_set), "dropped_traces": len(traces) - len(usable),
+               "best_step": result.best_step, "best_dev_loss": result.best_dev_loss, "steps": result.steps,
+               "seconds_per_step": result.seconds_per_step, "config": ft_config.to_json(), "history": result.history}
+    write_json(Path(folder) / f"finetune-{ft_key}.json", summary)
+    return runs, summary
+
+
+@pytest.fixture(scope="session")
+def bsm_study(model, profile, data_dir, results_dir, tmp_path_factory):
+    from choreo.data.concepts import FILE_NAME, load_concept_sets
+    from choreo.profiles import pick
+    from choreo.workflows.bsm import BSMConfig, run_condition, run_judge
+
+    sizes = pick(BSM_SIZES, profile)
+    use_file = data_dir is not None and (Path(data_dir) / FILE_NAME).is_file()
+    if use_file:
+        sets = load_concept_sets(data_dir, n=sizes["n"], skip=BSM_EVAL_SKIP)
+        sets = [s[:sizes["size"]] for s in sets] if sizes["size"] else sets
+        source = f"{Path(data_dir) / FILE_NAME} rows {BSM_EVAL_SKIP}-{BSM_EVAL_SKIP + sizes['n'] - 1}" + \
+            (f", first {sizes['size']} concepts of each" if sizes["size"] else "")
+    else:
+        sets = load_concept_sets(None, n=sizes["n"], skip=BSM_EVAL_SKIP, size=sizes["size"] or 30, seed=BSM_SEED)
+        source = "built-in concept list (choreo.data.concepts), seeded draws"
+    b, s, m = sizes["tokens"]
+    config = BSMConfig(branch_tokens=b, solve_tokens=s, merge_tokens=m, branch=sizes["branch"])
+    seeds = [BSM_SEED + i for i in range(len(sets))]
+    key = fingerprint(model=model.spec.sha256, sets=sets, config=config, seeds=seeds)
+    folder = results_dir / "blockage" / "bsm" / "runs"
+    t0 = time.perf_counter()
+    runs = {}
+    for row, cond in BSM_ARMS.items():
+        runs[row] = resumable(folder, f"{cond}-{key}", list(range(len(sets))), lambda todo, cb, cond=cond: run_condition(
+            model, [sets[i] for i in todo], condition=cond, config=config, seeds=[seeds[i] for i in todo],
+            progress=f"bsm {cond}", on_result=cb))
+    plan, finetune = pick(BSM_FINETUNE, profile), None
+    if plan is not None:
+        runs[FINETUNE_ROW], finetune = _finetuned_arm(
+            model, plan=plan, config=config, sizes=sizes, data_dir=data_dir, use_file=use_file, sets=sets,
+            seeds=seeds, key=key, folder=folder, out_dir=tmp_path_factory.mktemp("bsm-finetune"))
+    runs = {row: [_rescore(r, sets[i]) for i, r in enumerate(rs)] for row, rs in runs.items()}
+    judged = {}
+    for row in [r for r in runs if r != "Baseline"]:  # the judge is the base model (no adapter)
+        pairs = [(a["merged"], b["merged"]) for a, b in zip(runs["Baseline"], runs[row])]
+        judged[row] = resumable(folder, f"judge-{BSM_ARMS.get(row, 'finetuned')}-{key}", pairs, lambda todo, cb: run_judge(
+            model, todo, progress="bsm judge", on_result=cb))
+    return {"profile": profile, "sizes": sizes, "sets": sets, "source": source, "config": config, "seeds": seeds,
+            "runs": runs, "judged": judged, "wall_s": time.perf_counter() - t0, "key": key, "finetune": finetune,
+            "finetune_note": (f"{FINETUNE_ROW}: not run at profile {profile} (CPU time; it runs at smoke for the "
+                              "mechanics and at paper)." if plan is None else
+                              f"{FINETUNE_ROW}: LoRA preset {plan['preset']!r} on baseline traces of {plan['train']} "
+                              f"separate concept sets (replayed as the choreographed layout), checkpoint chosen on a "
+                              f"disjoint dev split: {_ft_summary(finetune)}.")}
+
+
+def _rescore(record: dict, concepts) -> dict:
+    """Coverage recomputed from the logged texts with the current matcher (logs keep texts; scoring may improve)."""
+    from choreo.data.concepts import coverage
+
+    if not record["parsed"]:
+        return record
+    story, groups = record["merged"], record["groups"]
+    return {**record, "coverage": {m: coverage(concepts, story, method=m) for m in ("word", "substring")},
+            "group_coverage": {m: [coverage(g, story, method=m) for g in groups] for m in ("word", "substring")}}
+
+
+def _ft_summary(summary):
+    if not summary or "best_step" not in summary:
+        return f"resumed from {summary}"
+    return (f"{summary['train_traces']} train / {summary['dev_traces']} dev traces, best step {summary['best_step']} "
+            f"of {summary['steps']}, dev replay loss {summary['best_dev_loss']:.3f}")

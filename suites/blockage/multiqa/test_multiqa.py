@@ -1,0 +1,182 @@
+"""MultiQA (information blockage): Q1 / Q2 / both correct by condition, same tokens in every condition."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from choreo import stats
+from choreo.data.trivia import load_questions, make_pairs
+from choreo.profiles import pick
+from choreo.provenance import provenance
+from choreo.report import plot_rates, write_table
+from choreo.results import write_text
+from choreo.workflows.multiqa import MultiQAConfig, collect_traces, finetune, run_condition
+
+from ..conftest import fingerprint, resumable
+
+HERE = Path(__file__).resolve().parent
+SIZES = {"smoke": 4, "small": 100, "paper": 500}  # question pairs
+SEED = 0
+ALPHA = 0.05
+ROWS = ["baseline", "choreographed", "choreographed+linearized", "choreographed+finetuned"]
+CONDITION = {"baseline": "baseline", "choreographed": "choreographed", "choreographed+linearized": "linearized"}
+FINETUNE = {  # training pairs (baseline traces, 10% of them dev), LoRA preset and overrides
+    "smoke": dict(train=6, preset="smoke", overrides={}),
+    "small": dict(train=60, preset="embedded-cpu", overrides={"max_steps": 10, "eval_every": 5}),  # CPU time
+    "paper": dict(train=450, preset="embedded-cpu", overrides={}),
+}
+TRAIN_SEED = 1
+
+
+def _finetuned(model, profile, questions, pairs, config, key, folder):
+    """Train on baseline traces of separate pairs (dev-selected checkpoint), run the choreographed condition
+    with the adapter, remove it. Resumes from the logged results when the arm finished earlier."""
+    import tempfile
+
+    from choreo.finetune import FinetuneConfig, split_traces, unload_adapter
+    from choreo.results import JsonlLog, write_json
+
+    plan = pick(FINETUNE, profile)
+    ft_config = FinetuneConfig.preset(plan["preset"], **plan["overrides"])
+    name = f"finetuned-{fingerprint(eval=key, plan=plan, ft=ft_config.to_json())}"
+    done = {r["index"]: r["result"] for r in JsonlLog(folder / f"{name}.jsonl", key="index").records()}
+    summary_path = folder / f"{name}.train.json"
+    if all(i in done for i in range(len(pairs))) and summary_path.exists():
+        return [done[i] for i in range(len(pairs))], json.loads(summary_path.read_text())
+    evaluated = {frozenset((a.id, b.id)) for a, b in pairs}
+    train_pairs = [p for p in make_pairs(questions, 3 * plan["train"], seed=TRAIN_SEED)
+                   if frozenset((p[0].id, p[1].id)) not in evaluated][:plan["train"]]
+    traces = collect_traces(model, train_pairs, config=config, progress="multiqa traces")
+    traces = [t for t in traces if all(e.tokens for e in t if e.kind == "decode")]
+    train_set, dev_set = split_traces(traces, dev_fraction=0.1, seed=SEED)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = finetune(model, train_set, dev_set, config=ft_config, out_dir=tmp)
+        try:
+            results = resumable(folder, name, pairs, lambda todo, cb: run_condition(
+                model, todo, condition="choreographed", config=config, progress="multiqa finetuned", on_result=cb))
+        finally:
+            unload_adapter(model)
+    summary.update(train_pairs=len(train_pairs), train_seconds=time.perf_counter() - t0, config=ft_config.to_json(),
+                   shared_questions=len({q.id for p in train_pairs for q in p} & {q.id for p in pairs for q in p}))
+    write_json(summary_path, summary)
+    return results, summary
+
+
+def _rates(results, key):
+    return [r["correct"][0] for r in results] if key == "Q1" else \
+        [r["correct"][1] for r in results] if key == "Q2" else [r["both"] for r in results]
+
+
+@pytest.fixture(scope="module")
+def table(model, profile, results_dir):
+    n = pick(SIZES, profile)
+    config = MultiQAConfig()
+    questions = load_questions()
+    pairs = make_pairs(questions, n, seed=SEED)
+    key = fingerprint(model=model.spec.sha256, pairs=[[q.to_json() for q in p] for p in pairs], config=vars(config))
+    folder = results_dir / "blockage" / "multiqa" / "runs"
+    t0 = time.perf_counter()
+    runs = {}
+    for name, cond in [*CONDITION.items(), ("serial check", "serial")]:
+        runs[name] = resumable(folder, f"{cond}-{key}", pairs, lambda todo, cb, cond=cond: run_condition(
+            model, todo, condition=cond, config=config, progress=f"multiqa {cond}", on_result=cb))
+    ft, ft_summary = _finetuned(model, profile, questions, pairs, config, key, folder)
+    runs["choreographed+finetuned"] = ft
+    wall = time.perf_counter() - t0
+    base, serial = runs["baseline"], runs["serial check"]
+    identical = sum(a["response"] == b["response"] for a, b in zip(base, serial))
+    # Claims, Holm-adjusted together.
+    tests = {
+        "choreographed both < baseline both": stats.mcnemar_exact(_rates(runs["choreographed"], "Both"), _rates(base, "Both")),
+        "finetuned both > choreographed both": stats.mcnemar_exact(_rates(runs["choreographed+finetuned"], "Both"),
+                                                                   _rates(runs["choreographed"], "Both")),
+        "linearized Q2 > linearized Q1": stats.mcnemar_exact(_rates(runs["choreographed+linearized"], "Q1"),
+                                                             _rates(runs["choreographed+linearized"], "Q2")),
+        "linearized both < baseline both": stats.mcnemar_exact(_rates(runs["choreographed+linearized"], "Both"),
+                                                               _rates(base, "Both")),
+    }
+    adjusted = stats.adjust_pvalues([t.pvalue for t in tests.values()], method="holm", alpha=ALPHA).adjusted
+    holm = {name: float(p) for name, p in zip(tests, adjusted)}
+    rates = {row: {k: stats.rate(sum(_rates(runs[row], k)), n) for k in ("Q1", "Q2", "Both")} for row in ROWS}
+    paper = json.loads((HERE / "paper.json").read_text())["rows"]
+    rows = [[row] + [rates[row][k].format() for k in ("Q1", "Q2", "Both")]
+            + [" / ".join(f"{paper[row][k]:.1f}" for k in ("Q1", "Q2", "Both"))] for row in ROWS]
+    ft_note = (f"choreographed+finetuned: LoRA (preset {pick(FINETUNE, profile)['preset']!r}, rank "
+               f"{ft_summary['config']['lora_rank']}, lr {ft_summary['config']['lr']}, {ft_summary['steps']} optimizer steps "
+               f"of {ft_summary['config']['grad_accum']} instances) on baseline traces of {ft_summary['train_pairs']} separate "
+               f"question pairs (no evaluation pair among them; {ft_summary['shared_questions']} individual questions "
+               f"also occur in evaluation pairs), replayed as the parallel layout; {ft_summary['train_traces']} train / "
+               f"{ft_summary['dev_traces']} dev traces, checkpoint chosen on dev (best step {ft_summary['best_step']} of "
+               f"{ft_summary['steps']}, dev replay loss {ft_summary['history'][0]['dev_loss']:.3f} -> "
+               f"{ft_summary['best_dev_loss']:.3f}).")
+    notes = [f"n = {n} question pairs per condition (profile {profile}), greedy; the same pairs in every condition; "
+             f"'±' is the normal 95% half-width as in the paper (Wilson intervals in the JSON).",
+             f"Serial segments under the choreographed executor reproduce the baseline response in {identical}/{n} pairs.",
+             *[f"{name}: difference {t.difference:+.3f}, exact McNemar p = {t.pvalue:.2g}, Holm-adjusted p = {holm[name]:.2g}"
+               for name, t in tests.items()],
+             ft_note,
+             f"Wall time in this session {wall:.0f} s for {len(runs)} conditions (records already logged in "
+             f"runs/*-{key}.jsonl are reused, not recomputed; shared, contended CPU: not a benchmark)."]
+    data = {"n": n, "profile": profile, "config": vars(config) if hasattr(config, "__dict__") else str(config),
+            "rates": {row: {k: {"successes": r.successes, "n": r.n, "rate": r.rate, "low": r.low, "high": r.high,
+                                "half_width": r.half_width} for k, r in rs.items()} for row, rs in rates.items()},
+            "serial_identical": identical,
+            "tests": {name: {"a_only": t.a_only, "b_only": t.b_only, "difference": t.difference, "pvalue": t.pvalue,
+                             "holm": holm[name]} for name, t in tests.items()},
+            "paper": paper, "wall_s": wall, "finetune": ft_summary, "records": f"runs/*-{key}.jsonl"}
+    prov = provenance(model, seeds=[SEED], sample_sizes={"pairs": n}, profile=profile)
+    out = results_dir / "blockage" / "multiqa"
+    write_table(out, "multiqa", title=f"MultiQA: questions answered correctly by condition (% , n = {n})",
+                columns=["Condition", "Q1", "Q2", "Both", "Paper Q1 / Q2 / Both"], rows=rows, data=data,
+                provenance=prov, notes=notes)
+    plot_rates(out / "multiqa.png", title=f"MultiQA (n = {n})", ylabel="correct",
+               groups={k: {row: (rates[row][k].rate, rates[row][k].low, rates[row][k].high) for row in ROWS}
+                       for k in ("Q1", "Q2", "Both")})
+    records = [{"pair": i, "questions": [q.to_json() for q in p],
+                **{name: runs[name][i] for name in runs}} for i, p in enumerate(pairs)]
+    write_text(out / "records.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    text = (out / "multiqa.md").read_text()
+    return {"n": n, "profile": profile, "runs": runs, "rates": rates, "tests": tests, "holm": holm,
+            "identical": identical, "text": text}
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("row", ROWS)
+def test_multiqa(table, row):
+    text, runs = table["text"], table["runs"]
+    condition_runs = runs[row]
+    assert len(condition_runs) == table["n"], text
+    assert all(isinstance(r["response"], str) and len(r["correct"]) == 2 for r in condition_runs), text
+    if row == "baseline":
+        # Mechanics at every profile: serial segments reproduce the baseline (float reassociation may flip a rare tie).
+        assert table["identical"] >= 0.95 * table["n"], text
+        if table["profile"] != "smoke":
+            assert table["rates"]["baseline"]["Both"].successes > 0, text
+        return
+    if table["profile"] == "smoke":
+        return
+    if row == "choreographed+finetuned":
+        for name, direction in FINETUNE_CLAIMS:
+            t = table["tests"][name]
+            if direction == "greater":
+                assert t.difference > 0 and table["holm"][name] < ALPHA, f"{name}\n{text}"
+            else:  # "not detected": no recovery at this training budget
+                assert table["holm"][name] >= ALPHA, f"{name}\n{text}"
+        return
+    name = f"{'choreographed' if row == 'choreographed' else 'linearized'} both < baseline both"
+    both = table["tests"][name]
+    assert both.difference < 0 and table["holm"][name] < ALPHA, text
+    if row == "choreographed+linearized":
+        bias = table["tests"]["linearized Q2 > linearized Q1"]
+        assert bias.difference < 0 and table["holm"]["linearized Q2 > linearized Q1"] < ALPHA, text
+
+
+# What fine-tuning was measured to do on the embedded model at `small` (see README): with the CPU budget of
+# `small` (10 optimizer steps, 40 replayed traces) the dev replay loss falls but both-correct stays at 0/100,
+# so the paper's recovery (0.4% -> 48.8%) does NOT reproduce at this size; `paper` trains on 450 traces.
+FINETUNE_CLAIMS = [("finetuned both > choreographed both", "not detected")]
