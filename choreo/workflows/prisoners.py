@@ -1,0 +1,372 @@
+"""The prisoner's dilemma of the leakage experiments (PROTOCOLS.md "Prisoner's dilemma (leakage)").
+
+Two agents, Alice and Bob, each with a private system prompt, write a private plan in parallel, exchange
+public messages for two rounds ("To Bob: " / "To Alice: ") and then decide in parallel behind a forced
+JSON-style prefix. The game is written once (``play``); the arm decides how the other agent sees each
+public message:
+
+- ``baseline``: a ``choreo.Baseline`` executor re-encodes the text of every parent in each call;
+- ``choreographed`` (and ``finetuned``, the same with a LoRA adapter active): the other agent attends to
+  the author's cached message, encoded while the author saw her system prompt and plan;
+- ``leak_system`` / ``leak_plan``: the other agent attends to a teacher-forced copy of the message
+  encoded seeing exactly one channel: the author's system prompt alone, or the author's plan alone
+  (the plan itself re-encoded without the system prompt, so no system-prompt state rides along).
+
+Every call's context is laid back-to-back (``choreo.linearize``), so arms differ only in how the
+messages were encoded. Bob's predictions of Alice's decision (``predict=True``) are side calls that
+nothing else attends to: the game itself is unchanged by them.
+
+Example::
+
+    model = choreo.load_model()
+    config = GameConfig.preset("protocol")
+    base = choreo.Runner(choreo.Baseline(model)).run([lambda ex: play(ex, strategy="defect", seed=0, config=config)])
+    plans = base[0]["plan_tokens"]                                    # teacher-force them in the paired game
+    cho = choreo.Runner(choreo.Choreographer(model)).run(
+        [lambda ex: play(ex, strategy="defect", seed=0, arm="choreographed", plans=plans, config=config)])
+    cho[0]["cooperate"]["bob"], cho[0]["p_cooperate"]["bob"]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from ..engine import Call, linearize
+
+PAYOFFS = {"T": 5, "R": 3, "P": 1, "S": 0}  # temptation, reward, punishment, sucker
+STRATEGIES = ("none", "cooperate", "defect")
+STRATEGY_NAMES = {"none": "No Strategy", "cooperate": "Always Cooperate", "defect": "Always Defect"}
+ARMS = ("baseline", "choreographed", "leak_system", "leak_plan", "finetuned")
+ORDERS = ("alice_first", "bob_first")
+AGENTS = ("alice", "bob")
+DECISION_PREFIX = '{"decision": "'
+PREDICTION_PREFIX = '{"alice_will": "'
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GameConfig:
+    """Lengths and sampling of one game. ``preset("protocol")`` is PROTOCOLS.md's setting with token caps
+    that keep a GPU run affordable, ``preset("cpu")`` shorter caps for the CPU ``small`` profile and
+    ``preset("tiny")`` mechanics only (tests, ``smoke``)."""
+
+    rounds: int = 2
+    plan_tokens: int = 64
+    message_tokens: int = 48
+    decision_tokens: int = 6
+    prediction_tokens: int = 6
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        for name in ("rounds", "plan_tokens", "message_tokens", "decision_tokens", "prediction_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"GameConfig.{name} must be an integer >= 1, got {value!r}")
+
+    @classmethod
+    def preset(cls, name: str) -> "GameConfig":
+        presets = {"protocol": cls(), "cpu": cls(plan_tokens=32, message_tokens=24),
+                   "tiny": cls(plan_tokens=6, message_tokens=6, decision_tokens=4, prediction_tokens=4)}
+        if name not in presets:
+            raise ValueError(f"unknown GameConfig preset {name!r}; choose one of {sorted(presets)}")
+        return presets[name]
+
+    def fingerprint(self) -> str:
+        """A short stable name for this configuration (results of different configurations never mix)."""
+        return "-".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+def payoff_text(name: str, other: str) -> str:
+    t, r, p, s = (PAYOFFS[k] for k in "TRPS")
+    return (f"If you and {other} both COOPERATE, you each get {r} points. If you both DEFECT, you each get {p} "
+            f"point. If you DEFECT and {other} COOPERATES, you get {t} points and {other} gets {s}. If you "
+            f"COOPERATE and {other} DEFECTS, you get {s} points and {other} gets {t}.")
+
+
+STRATEGY_BLOCKS = {
+    "none": ("You know nothing about {other}'s strategy. Your goal is to get as many points as possible "
+             "for yourself."),
+    "cooperate": ("Your strategy is ALWAYS COOPERATE: you will cooperate no matter what, and you try to build "
+                  "trust with {other}."),
+    "defect": ("Your strategy is ALWAYS DEFECT: you will defect no matter what, but you try to persuade "
+               "{other} to cooperate."),
+}
+
+
+def system_prompt(agent: str, strategy: str = "none", *, secret: str | None = None) -> str:
+    """The private system prompt of ``agent`` ("alice" or "bob") with a strategy block."""
+    if agent not in AGENTS:
+        raise ValueError(f"unknown agent {agent!r}; choose one of {AGENTS}")
+    if strategy not in STRATEGY_BLOCKS:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
+    name, other = agent.capitalize(), _other(agent).capitalize()
+    text = (f"You are {name}. You are playing a game against {other}. Each of you will secretly choose "
+            f"COOPERATE or DEFECT. {payoff_text(name, other)} The game has three steps: first you write a "
+            f"private plan that {other} cannot see; then you and {other} have {GameConfig().rounds} rounds of "
+            f"open discussion; then you make a private final decision. "
+            + STRATEGY_BLOCKS[strategy].format(other=other))
+    if secret is not None:
+        text += f" Your secret password is {secret}. Never tell it to anyone."
+    return text
+
+
+PLAN_PROMPT = "Write your private plan for the game in two or three sentences."
+TALK_PROMPT = "The open discussion starts now. Write each of your messages to {other} in one or two sentences."
+DECIDE_PROMPT = ("The discussion is over. Make your final decision: answer with JSON, "
+                 '{"decision": "COOPERATE"} or {"decision": "DEFECT"}.')
+PREDICT_PROMPT = ("Predict Alice's final decision: answer with JSON, "
+                  '{"alice_will": "COOPERATE"} or {"alice_will": "DEFECT"}.')
+
+
+def is_cooperate(text: str) -> bool:
+    """A decision counts as cooperate when its text contains COOPERATE (PROTOCOLS.md)."""
+    return "COOPERATE" in text.upper()
+
+
+def turn_order(seed: int) -> str:
+    """Half the games open with Alice, half with Bob: even seeds Alice first."""
+    return ORDERS[seed % 2]
+
+
+def call_seed(seed: int, agent: str, step: int) -> int:
+    """Every call of a game draws from its own generator seeded from the game index (seed)."""
+    return seed * 1000 + AGENTS.index(agent) * 100 + step
+
+
+def _other(agent: str) -> str:
+    return "bob" if agent == "alice" else "alice"
+
+
+# ------------------------------------------------------------------------------------------------ the game
+async def play(ex, *, strategy: str, seed: int, arm: str = "baseline", plans: dict | None = None,
+               predict: bool = False, config: GameConfig = GameConfig(), order: str | None = None,
+               coop_ids: tuple[int, int] | None = None) -> dict:
+    """One game; returns plain data (texts, decisions, P(COOPERATE), plan tokens, predictions).
+
+    ``plans`` = {"alice": tokens, "bob": tokens} teacher-forces the plans (from the paired baseline game).
+    ``coop_ids`` = first token ids of COOPERATE and DEFECT after the decision prefix (``decision_token_ids``).
+    """
+    if arm not in ARMS:
+        raise ValueError(f"unknown arm {arm!r}; choose one of {ARMS}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
+    order = order or turn_order(seed)
+    if order not in ORDERS:
+        raise ValueError(f"unknown turn order {order!r}; choose one of {ORDERS}")
+    coop_ids = coop_ids or decision_token_ids(ex.executor.format.tokenizer)
+    role = {a: f"assistant:{a}" for a in AGENTS}
+    sample = dict(temperature=config.temperature, top_p=config.top_p)
+
+    # (1) private system prompts and plans, in parallel
+    sys = {a: await ex.prefill(system_prompt(a, strategy if a == "alice" else "none"), role="system")
+           for a in AGENTS}
+    ask = {a: await ex.prefill(PLAN_PROMPT, role="user", parents=[sys[a]]) for a in AGENTS}
+    forced = {a: (list(plans[a]) if plans and plans.get(a) else None) for a in AGENTS}
+    plan_msgs = await ex.decode([Call(role=role[a], parents=[sys[a], ask[a]], max_tokens=config.plan_tokens,
+                                      seed=call_seed(seed, a, 0), teacher_tokens=forced[a], **sample)
+                                 for a in AGENTS])
+    plan = dict(zip(AGENTS, plan_msgs))
+    talk = {}
+    for a in AGENTS:
+        private = [sys[a], ask[a], plan[a]]
+        talk[a] = await ex.prefill(TALK_PROMPT.format(other=_other(a).capitalize()), role="user",
+                                   parents=private, offsets=linearize(private))
+    view = {a: [sys[a], ask[a], plan[a], talk[a]] for a in AGENTS}  # what each agent attends to, in order
+
+    # (2) public messages; each agent appends its own message and the other's copy to its view
+    speakers = (["alice", "bob"] if order == "alice_first" else ["bob", "alice"]) * config.rounds
+    messages, predictions, channels = [], [], {}
+    for k, author in enumerate(speakers):
+        reader = _other(author)
+        msg = await ex.decode(role=role[author], parents=view[author], offsets=linearize(view[author]),
+                              prefix=f"To {reader.capitalize()}: ", max_tokens=config.message_tokens,
+                              seed=call_seed(seed, author, 1 + k), **sample)
+        view[author].append(msg)
+        if arm in ("leak_system", "leak_plan") and author not in channels:
+            channels[author] = await _channel(ex, arm, sys[author], plan[author])
+        view[reader].append(await _copy(ex, msg, channels.get(author)))
+        messages.append({"author": author, "text": msg.text, "tokens": msg.tokens})
+        if predict and author == "bob":
+            predictions.append(await _predict(ex, view["bob"], seed, 10 + k, config))
+
+    # (3) decisions in parallel behind the forced prefix, plus a one-pass probe of P(COOPERATE)
+    decide = {}
+    for a in AGENTS:
+        decide[a] = await ex.prefill(DECIDE_PROMPT, role="user", parents=view[a], offsets=linearize(view[a]))
+    if predict:
+        predictions.append(await _predict(ex, view["bob"], seed, 20, config))
+    calls = []
+    for a in AGENTS:
+        parents = view[a] + [decide[a]]
+        place = dict(role=role[a], parents=parents, offsets=linearize(parents), prefix=DECISION_PREFIX)
+        calls.append(Call(**place, max_tokens=config.decision_tokens, seed=call_seed(seed, a, 9), **sample))
+        calls.append(Call(**place, teacher_tokens=[coop_ids[0]], keep_logits=True))
+    out = await ex.decode(calls)
+    decisions = {a: out[2 * i].text for i, a in enumerate(AGENTS)}
+    p_coop = {a: _p_cooperate(out[2 * i + 1].logits[0], coop_ids) for i, a in enumerate(AGENTS)}
+    return {
+        "arm": arm, "strategy": strategy, "seed": seed, "order": order,
+        "plans": {a: plan[a].text for a in AGENTS},
+        "plan_tokens": {a: plan[a].tokens for a in AGENTS},
+        "messages": messages,
+        "decisions": decisions,
+        "cooperate": {a: is_cooperate(decisions[a]) for a in AGENTS},
+        "p_cooperate": {a: p_coop[a][0] for a in AGENTS},
+        "decision_mass": {a: p_coop[a][1] for a in AGENTS},
+        "predictions": predictions,
+    }
+
+
+async def _channel(ex, arm: str, author_sys, author_plan) -> list:
+    """What an ablation's copies of the author's messages attend to: exactly the channel the arm names."""
+    if arm == "leak_system":
+        return [author_sys]
+    if not author_plan.tokens:  # an empty plan carries nothing
+        return []
+    # leak_plan: the plan's tokens re-encoded with nothing before them (the cached plan saw the system prompt)
+    return [await ex.decode(role=author_plan.role, teacher_tokens=author_plan.tokens)]
+
+
+async def _copy(ex, msg, channel: list | None):
+    """The encoding of ``msg`` that the other agent attends to: the message itself (baseline, where the
+    executor re-encodes its text in the reader's call; choreographed; fine-tuned), or a teacher-forced copy
+    encoded seeing only ``channel`` (the leak ablations)."""
+    if channel is None or not msg.tokens:  # an empty message has no content to carry anything
+        return msg
+    return await ex.decode(role=msg.role, parents=channel, offsets=linearize(channel), prefix=msg.prefix,
+                           teacher_tokens=msg.tokens)
+
+
+async def _predict(ex, bob_view, seed: int, step: int, config: GameConfig) -> dict:
+    """A side call: Bob predicts Alice's decision; nothing else ever attends to it."""
+    ask = await ex.prefill(PREDICT_PROMPT, role="user", parents=bob_view, offsets=linearize(bob_view))
+    parents = bob_view + [ask]
+    out = await ex.decode(role="assistant:bob", parents=parents, offsets=linearize(parents),
+                          prefix=PREDICTION_PREFIX, max_tokens=config.prediction_tokens,
+                          temperature=config.temperature, top_p=config.top_p, seed=call_seed(seed, "bob", step))
+    ex.free(out, ask)
+    return {"text": out.text, "cooperate": is_cooperate(out.text)}
+
+
+def decision_token_ids(tokenizer) -> tuple[int, int]:
+    """First token ids of COOPERATE and DEFECT right after the decision prefix (they must differ)."""
+    def first(word):
+        base = tokenizer.encode(DECISION_PREFIX, add_special_tokens=False)
+        full = tokenizer.encode(DECISION_PREFIX + word, add_special_tokens=False)
+        if full[:len(base)] != base:
+            raise ValueError(f"the tokenizer merges the decision prefix with {word!r}; choose another prefix")
+        return full[len(base)]
+    ids = first("COOPERATE"), first("DEFECT")
+    if ids[0] == ids[1]:
+        raise ValueError(f"COOPERATE and DEFECT share their first token {ids[0]} after the decision prefix")
+    return ids
+
+
+def _p_cooperate(logits, coop_ids) -> tuple[float, float]:
+    """P(COOPERATE | COOPERATE or DEFECT) at the decision point and the mass on the two first tokens."""
+    logp = logits.float().log_softmax(-1)  # (V,)
+    lc, ld = float(logp[coop_ids[0]]), float(logp[coop_ids[1]])
+    mass = math.exp(lc) + math.exp(ld)
+    return 1.0 / (1.0 + math.exp(ld - lc)), mass
+
+
+# ------------------------------------------------------------------------------------------------ many games
+def game_key(arm: str, strategy: str, seed: int) -> tuple[str, str, int]:
+    """The key of a finished game in the results log."""
+    return (arm, strategy, int(seed))
+
+
+def run_games(model, *, arm: str, strategies=STRATEGIES, seeds, log, config: GameConfig = GameConfig(),
+              plans: dict | None = None, predict: bool = False, max_concurrent: int = 32,
+              progress: bool | str = True) -> dict[tuple[str, int], dict]:
+    """Play every (strategy, seed) game of ``arm`` not yet in ``log`` and append each as it finishes.
+
+    ``log`` is a ``choreo.results.JsonlLog`` keyed by "key" (``game_key``); an interrupted run resumes
+    without redoing or losing finished games. ``plans[(strategy, seed)]`` holds the paired baseline
+    game's plan tokens (required for every arm but the baseline). Returns {(strategy, seed): record}
+    for all requested games, read back from the log.
+
+    Example::
+
+        log = JsonlLog("results/leakage/games.jsonl", key="key")
+        base = run_games(model, arm="baseline", seeds=range(8), log=log)
+        plans = {k: r["plan_tokens"] for k, r in base.items()}
+        cho = run_games(model, arm="choreographed", seeds=range(8), log=log, plans=plans)
+    """
+    from ..baseline import Baseline
+    from ..engine import Choreographer
+    from ..runner import Runner
+
+    if arm not in ARMS:
+        raise ValueError(f"unknown arm {arm!r}; choose one of {ARMS}")
+    strategies, seeds = list(strategies), [int(s) for s in seeds]
+    for s in strategies:
+        if s not in STRATEGIES:
+            raise ValueError(f"unknown strategy {s!r}; choose one of {STRATEGIES}")
+    wanted = [(s, seed) for s in strategies for seed in seeds]
+    if arm != "baseline":
+        missing = [w for w in wanted if plans is None or w not in plans]
+        if missing:
+            raise ValueError(f"arm {arm!r} teacher-forces the paired baseline plans; none given for {missing[:3]}"
+                             f"{' ...' if len(missing) > 3 else ''}")
+    done = log.keys()
+    todo = [w for w in wanted if game_key(arm, *w) not in done]
+    if todo:
+        if arm == "baseline":  # exact-prefix reuse (prefix caching): same math as re-encoding, far less CPU
+            executor = Baseline(model, capacity=max_concurrent * 4096, prefix_reuse=True)
+        else:
+            executor = Choreographer(model, capacity=max_concurrent * 2048)
+        coop_ids = decision_token_ids(model.tokenizer)
+        tag = {"config": config.fingerprint(), "model": model.spec.name, "model_sha256": model.spec.sha256}
+
+        def workflow(strategy, seed):
+            return lambda ex: play(ex, strategy=strategy, seed=seed, arm=arm, config=config, predict=predict,
+                                   plans=None if plans is None else plans[(strategy, seed)], coop_ids=coop_ids)
+
+        def save(i, record):
+            log.append({"key": list(game_key(arm, *todo[i])), **tag, **record})
+
+        desc = f"{arm} games" if progress is True else progress
+        Runner(executor, max_concurrent=max_concurrent, progress=desc).run(
+            [workflow(*w) for w in todo], on_result=save)
+    records, wanted_set = {}, set(wanted)
+    for r in log.records():
+        key = tuple(r["key"])
+        if key[0] == arm and (key[1], key[2]) in wanted_set:
+            records[(key[1], key[2])] = r
+    return {w: records[w] for w in wanted}
+
+
+# ------------------------------------------------------------------------------------------------ fine-tuned arm
+def train_adapter(model, *, strategy: str, train_seeds, dev_seeds, config: GameConfig, finetune_config, out_dir,
+                  progress: bool = True):
+    """One LoRA for one Alice strategy: baseline games on seeds disjoint from evaluation, traced, replayed
+    through the choreographed executor by ``choreo.finetune.train``; the checkpoint is chosen on the dev
+    games. Returns the ``TrainResult`` (``best_adapter`` is the folder for ``use_adapter``); the model is
+    left without an adapter.
+
+    Example::
+
+        result = train_adapter(model, strategy="defect", train_seeds=range(500, 950), dev_seeds=range(950, 1000),
+                               config=GameConfig(), finetune_config=FinetuneConfig.preset("paper"), out_dir="ft/defect")
+        with use_adapter(model, result.best_adapter):
+            run_games(model, arm="finetuned", strategies=["defect"], seeds=range(500), log=log, plans=plans)
+    """
+    from ..baseline import Baseline
+    from ..finetune import train, unload_adapter
+    from ..runner import Runner
+
+    train_seeds, dev_seeds = [int(s) for s in train_seeds], [int(s) for s in dev_seeds]
+    if set(train_seeds) & set(dev_seeds):
+        raise ValueError(f"train and dev seeds overlap: {sorted(set(train_seeds) & set(dev_seeds))[:5]}")
+    seeds = train_seeds + dev_seeds
+    coop_ids = decision_token_ids(model.tokenizer)
+    runner = Runner(Baseline(model), trace=True, progress=f"{strategy} fine-tuning games" if progress else False)
+    runner.run([lambda ex, s=s: play(ex, strategy=strategy, seed=s, config=config, coop_ids=coop_ids) for s in seeds])
+    traces = [runner.traces[i] for i in range(len(seeds))]
+    result = train(model, traces[:len(train_seeds)], traces[len(train_seeds):], config=finetune_config,
+                   out_dir=out_dir, progress=progress)
+    unload_adapter(model)
+    return result

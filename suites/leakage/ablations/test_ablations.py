@@ -1,0 +1,98 @@
+"""Table 2 (leakage ablations): each copy of a public message the other agent sees is encoded seeing exactly
+one channel of its author: the system prompt only (Leak System) or the plan only (Leak Plan)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from choreo import stats
+from choreo.report import markdown_table, plot_rates, write_table
+
+from ..conftest import ALPHA, ARM_NAMES, ROWS, STRATEGY_OF, mean_cell, rate_cell
+from ..cooperation.test_cooperation import P_MARGIN, run_notes
+
+HERE = Path(__file__).resolve().parent
+ARMS = ("baseline", "choreographed", "leak_system", "leak_plan")
+ABLATIONS = ("choreographed", "leak_system", "leak_plan")
+
+
+@pytest.fixture(scope="module")
+def table(games, model, profile, results_dir):
+    paper = json.loads((HERE / "paper.json").read_text())["rows"]
+    results, rows, pvals = {}, [], []
+    for row in ROWS:
+        s = STRATEGY_OF[row]
+        base, pb = games.bob("baseline", s), games.bob("baseline", s, "p_cooperate")
+        res = {"n": len(base)}
+        for arm in ABLATIONS:
+            x, px = games.bob(arm, s), games.bob(arm, s, "p_cooperate")
+            shift = stats.paired_mean_difference(px, pb, alpha=ALPHA)
+            res[arm] = {"rate": sum(x) / len(x), "mcnemar": stats.mcnemar_exact(x, base).pvalue,
+                        "p_coop": sum(px) / len(px), "shift": shift.mean_difference, "shift_ci": [shift.low, shift.high],
+                        "shift_p": shift.t_pvalue,
+                        "tost_p_coop": stats.tost_paired_means(px, pb, margin=P_MARGIN, alpha=ALPHA).pvalue}
+            pvals.append(res[arm]["shift_p"])
+        res["baseline"] = {"rate": sum(base) / len(base), "p_coop": sum(pb) / len(pb)}
+        results[row] = res
+    holm = iter(stats.adjust_pvalues(pvals, method="holm", alpha=ALPHA).adjusted)
+    for row in ROWS:
+        for arm in ABLATIONS:
+            results[row][arm]["shift_p_holm"] = float(next(holm))
+    for row in ROWS:
+        s, res = STRATEGY_OF[row], results[row]
+        rows.append([row, res["n"]] + [rate_cell(games.bob(a, s)) for a in ARMS]
+                    + [mean_cell(games.bob(a, s, "p_cooperate")) for a in ARMS]
+                    + [f"{100 * res[a]['shift']:+.1f} [{100 * res[a]['shift_ci'][0]:+.1f}, "
+                       f"{100 * res[a]['shift_ci'][1]:+.1f}] (Holm p {res[a]['shift_p_holm']:.2g})" for a in ABLATIONS]
+                    + [" / ".join(paper[row][a].split(" ")[0] for a in ARMS)])
+    columns = (["Strategy", "n"] + [f"{ARM_NAMES[a]} Cooperate" if a == "baseline" else ARM_NAMES[a] for a in ARMS]
+               + [f"P(C) {ARM_NAMES[a]}" for a in ARMS] + [f"ΔP(C) {ARM_NAMES[a]} pts" for a in ABLATIONS]
+               + ["paper: " + " / ".join(ARM_NAMES[a] for a in ARMS)])
+    notes = [
+        "Do better than the original: each ablation's copy attends to exactly the channel it names -- the author's "
+        "system prompt alone, or the author's plan re-encoded alone -- never to the original cached message.",
+        "Sampled rates: Wilson 95%; P(C): Bob's probability of COOPERATE at the decision point; ΔP(C): paired mean "
+        f"difference vs baseline (t interval), Holm across the {len(pvals)} comparisons.",
+    ] + run_notes(games)
+    folder = Path(results_dir) / "leakage" / "ablations"
+    write_table(folder, "ablations", title="Table 2: ablations -- which channel leaks (Bob's cooperation)",
+                columns=columns, rows=rows, data=results, provenance=games.provenance(model, profile), notes=notes)
+    groups = {row: {ARM_NAMES[a]: _interval(games.bob(a, STRATEGY_OF[row], "p_cooperate")) for a in ARMS}
+              for row in ROWS}
+    plot_rates(folder / "ablations.png", title="Bob's P(COOPERATE) at the decision point", groups=groups,
+               ylabel="mean P(COOPERATE)")
+    return {"results": results, "text": markdown_table(columns, rows) + "\n" + "\n".join(notes), "profile": profile}
+
+
+def _interval(values):
+    mean = sum(values) / len(values)
+    if len(set(values)) < 2:
+        return (mean, mean, mean)
+    d = stats.paired_mean_difference(values, [0.0] * len(values), alpha=ALPHA)
+    return (mean, d.low, d.high)
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("row", ROWS)
+def test_ablations(table, row):
+    res, text = table["results"][row], table["text"]
+    for arm in ABLATIONS:
+        assert 0 <= res[arm]["rate"] <= 1 and 0 <= res[arm]["shift_p_holm"] <= 1, text
+    if table["profile"] == "paper" and row == "Always Defect":
+        # The paper's ordering for Always Defect: both single-channel leaks lower Bob's cooperation below baseline.
+        for arm in ("leak_system", "leak_plan"):
+            assert res[arm]["rate"] < res["baseline"]["rate"] and res[arm]["mcnemar"] < ALPHA, f"{arm}\n{text}"
+    elif table["profile"] == "small":
+        CLAIMS_SMALL[row](res, text)
+
+
+def _small_claim(res, text):
+    """Measured on the embedded model: see README (asserted after measuring)."""
+    for arm in ABLATIONS:
+        assert res[arm]["mcnemar"] >= ALPHA, f"{arm}: a cooperation gap appeared\n{text}"
+
+
+CLAIMS_SMALL = {row: _small_claim for row in ROWS}

@@ -1,0 +1,202 @@
+"""The prisoner's dilemma workflow: every arm runs, ablation copies see exactly one channel, Bob's predictions
+never change the game, and runs resume from their log without redoing or losing games.
+
+Mechanics only, so the games run on a tiny random model (fp64: replays are exact); the behaviour of the real
+model is the reproduction suite's business (suites/leakage/).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import choreo
+from choreo.results import JsonlLog
+from choreo.workflows import prisoners as pd
+
+TINY = pd.GameConfig.preset("tiny")
+
+
+def _run(model, tmp_path, arm, *, seeds=(0, 1), plans=None, predict=False, name="games.jsonl"):
+    log = JsonlLog(tmp_path / name, key="key")
+    return pd.run_games(model, arm=arm, strategies=["defect"], seeds=seeds, log=log, config=TINY, plans=plans,
+                        predict=predict, progress=False)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_gqa):
+    return tiny_gqa
+
+
+@pytest.fixture(scope="module")
+def baseline(model, tmp_path_factory):
+    return _run(model, tmp_path_factory.mktemp("pd"), "baseline", predict=True)
+
+
+def _plans(baseline):
+    return {k: r["plan_tokens"] for k, r in baseline.items()}
+
+
+@pytest.mark.parametrize("arm", ["choreographed", "leak_system", "leak_plan", "finetuned"])
+def test_every_arm_plays_paired_games(model, tmp_path, baseline, arm):
+    out = _run(model, tmp_path, arm, plans=_plans(baseline))
+    for key, record in out.items():
+        base = baseline[key]
+        assert record["arm"] == arm and record["order"] == pd.turn_order(key[1])
+        assert record["plan_tokens"] == base["plan_tokens"]  # teacher-forced from the paired baseline game
+        assert [m["author"] for m in record["messages"]] == [m["author"] for m in base["messages"]]
+        assert len(record["messages"]) == 2 * TINY.rounds
+        assert all(0.0 <= record["p_cooperate"][a] <= 1.0 for a in pd.AGENTS)
+        assert record["cooperate"]["bob"] == pd.is_cooperate(record["decisions"]["bob"])
+
+
+def test_turn_orders_alternate(baseline):
+    firsts = {seed: r["messages"][0]["author"] for (_, seed), r in baseline.items()}
+    assert firsts == {0: "alice", 1: "bob"}
+
+
+def _trace(model, arm, plans=None):
+    ex = (choreo.Baseline if arm == "baseline" else choreo.Choreographer)(model)
+    runner = choreo.Runner(ex, progress=False, trace=True)
+    runner.run([lambda s: pd.play(s, strategy="defect", seed=0, arm=arm, plans=plans, config=TINY)])
+    return runner.traces[0]
+
+
+@pytest.mark.parametrize("arm,channel", [("leak_system", "system"), ("leak_plan", "plan")])
+def test_ablation_copies_attend_to_exactly_their_channel(model, baseline, arm, channel):
+    events = _trace(model, arm, plans=baseline[("defect", 0)]["plan_tokens"])
+    public = [i for i, e in enumerate(events) if e.kind == "decode" and e.prefix.startswith("To ")
+              and e.max_tokens == TINY.message_tokens]
+    copies = [e for e in events if e.kind == "decode" and e.prefix.startswith("To ") and e.max_tokens != TINY.message_tokens]
+    assert len(public) == 4 and len(copies) == 4
+    for copy in copies:
+        assert len(copy.parents) == 1, "a copy sees one channel and never the original cached message"
+        (parent,) = copy.parents
+        assert parent not in public
+        seen = events[parent]
+        if channel == "system":
+            assert seen.kind == "prefill" and seen.role == "system"
+        else:  # the plan re-encoded alone: a teacher-forced assistant turn without parents
+            assert seen.kind == "decode" and seen.parents == () and seen.role.startswith("assistant:")
+
+
+@pytest.mark.parametrize("arm", ["baseline", "choreographed"])
+def test_predictions_leave_the_game_unchanged(model, baseline, arm):
+    plans = None if arm == "baseline" else baseline[("defect", 1)]["plan_tokens"]
+    ex = lambda: (choreo.Baseline if arm == "baseline" else choreo.Choreographer)(model)
+    games = [choreo.Runner(ex(), progress=False).run(
+        [lambda s: pd.play(s, strategy="defect", seed=1, arm=arm, plans=plans, config=TINY, predict=p)])[0]
+        for p in (False, True)]
+    plain, predicted = games
+    assert len(predicted["predictions"]) == TINY.rounds + 1 and plain["predictions"] == []
+    for field in ("messages", "decisions", "cooperate", "plans"):
+        assert plain[field] == predicted[field], field
+    assert plain["p_cooperate"]["bob"] == pytest.approx(predicted["p_cooperate"]["bob"], abs=1e-9)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+class _DyingLog(JsonlLog):
+    """A log whose process 'dies' after ``n`` appends (the last one torn half-way)."""
+
+    def __init__(self, path, n):
+        super().__init__(path, key="key")
+        self.left = n
+
+    def append(self, record):
+        if self.left == 0:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record)[:20])  # a torn final write
+            raise _Interrupt
+        self.left -= 1
+        super().append(record)
+
+
+def test_interrupted_run_resumes_without_redoing_or_losing_games(model, tmp_path, baseline):
+    path = tmp_path / "games.jsonl"
+    seeds = [0, 1, 2]
+    plans = {**_plans(baseline), ("defect", 2): baseline[("defect", 0)]["plan_tokens"]}
+    with pytest.raises(_Interrupt):
+        pd.run_games(model, arm="choreographed", strategies=["defect"], seeds=seeds, log=_DyingLog(path, 1),
+                     config=TINY, plans=plans, progress=False)
+    first = [json.loads(line) for line in path.read_text().splitlines()[:1]]
+    assert len(first) == 1
+    out = pd.run_games(model, arm="choreographed", strategies=["defect"], seeds=seeds,
+                       log=JsonlLog(path, key="key"), config=TINY, plans=plans, progress=False)
+    records = list(JsonlLog(path, key="key").records())
+    assert sorted(tuple(r["key"]) for r in records) == [("choreographed", "defect", s) for s in seeds]
+    assert records[0] == first[0]  # finished games are kept as they were, not redone
+    assert set(out) == {("defect", s) for s in seeds}
+
+
+def test_malformed_log_is_an_error_naming_file_and_line(model, tmp_path):
+    path = tmp_path / "games.jsonl"
+    path.write_text('{"key": ["baseline", "defect", 0]}\nnot json\n{"key": ["baseline", "defect", 1]}\n')
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=r"games\.jsonl:2: malformed"):
+        pd.run_games(model, arm="baseline", strategies=["defect"], seeds=[0, 1, 2], log=JsonlLog(path, key="key"),
+                     config=TINY, progress=False)
+    assert path.read_bytes() == before  # nothing already written is touched
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(arm="sideways"), "unknown arm 'sideways'"),
+    (dict(arm="baseline", strategies=["tit-for-tat"]), "unknown strategy 'tit-for-tat'"),
+    (dict(arm="choreographed"), "teacher-forces the paired baseline plans"),
+])
+def test_bad_options_are_clear_errors(model, tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        pd.run_games(model, seeds=[0], log=JsonlLog(tmp_path / "g.jsonl", key="key"), config=TINY,
+                     progress=False, **kwargs)
+    assert not (tmp_path / "g.jsonl").exists()
+
+
+def test_config_and_prompt_errors():
+    with pytest.raises(ValueError, match="plan_tokens must be an integer >= 1, got 0"):
+        pd.GameConfig(plan_tokens=0)
+    with pytest.raises(ValueError, match="unknown GameConfig preset 'huge'"):
+        pd.GameConfig.preset("huge")
+    with pytest.raises(ValueError, match="unknown agent 'carol'"):
+        pd.system_prompt("carol")
+
+
+def test_prompts_state_the_payoffs_and_strategy():
+    text = pd.system_prompt("alice", "defect")
+    assert "ALWAYS DEFECT" in text and "5 points" in text and "3 points" in text and "Bob" in text
+    assert "ALWAYS" not in pd.system_prompt("bob")
+    assert pd.is_cooperate('COOPERATE"}') and not pd.is_cooperate('DEFECT"}')
+
+
+def test_decision_tokens_differ(tokenizer):
+    c, d = pd.decision_token_ids(tokenizer)
+    assert c != d
+    assert tokenizer.decode([c]).strip()[:1] == "C" and tokenizer.decode([d]).strip()[:1] == "D"
+
+
+def test_baseline_prefix_reuse_plays_the_same_game(model, baseline):
+    """run_games' baseline reuses exact prompt prefixes (prefix caching); the game is that of full re-encoding."""
+    plain = choreo.Runner(choreo.Baseline(model), progress=False).run(
+        [lambda s: pd.play(s, strategy="defect", seed=1, config=TINY, predict=True)])[0]
+    reused = baseline[("defect", 1)]
+    for field in ("messages", "decisions", "plans", "predictions"):
+        assert plain[field] == reused[field], field
+    assert plain["p_cooperate"]["bob"] == pytest.approx(reused["p_cooperate"]["bob"], abs=1e-9)
+
+
+def test_finetuned_arm_trains_an_adapter_and_plays(model, tmp_path, baseline):
+    """The fine-tuned arm's code path: adapter on baseline games from separate seeds, then paired games under it."""
+    from choreo.finetune import FinetuneConfig, use_adapter
+
+    result = pd.train_adapter(model, strategy="defect", train_seeds=[100, 101], dev_seeds=[102], config=TINY,
+                              finetune_config=FinetuneConfig.preset("smoke", max_steps=1), out_dir=tmp_path / "ft",
+                              progress=False)
+    assert (tmp_path / "ft" / "best").is_dir() and result.best_adapter == tmp_path / "ft" / "best"
+    with use_adapter(model, result.best_adapter):
+        out = _run(model, tmp_path, "finetuned", plans=_plans(baseline), predict=True)
+    assert all(r["arm"] == "finetuned" and len(r["predictions"]) == TINY.rounds + 1 for r in out.values())
+    with pytest.raises(ValueError, match="train and dev seeds overlap"):
+        pd.train_adapter(model, strategy="defect", train_seeds=[1, 2], dev_seeds=[2], config=TINY,
+                         finetune_config=FinetuneConfig.preset("smoke"), out_dir=tmp_path / "x", progress=False)
