@@ -54,10 +54,13 @@ class Session:
         """Returns at once: the message is encoded in the runner's next step, in the same forward pass as the
         first call that reads it (or earlier), so a workflow's prompts cost no passes of their own."""
         job = self.executor.start_prefill(text, role=role, parents=parents, offsets=offsets, new_offset=new_offset)
-        if not job.done:
-            self._deferred.append(job)
-        msg = self.executor.finish([job])[0]
-        self.created.append(msg)
+        if self._deferred is None:
+            msg = await _Request([job], single=True)
+        else:
+            if not job.done:
+                self._deferred.append(job)
+            msg = self.executor.finish([job])[0]
+            self.created.append(msg)
         if self.trace is not None:
             self.trace.prefill(msg, text=text, role=role, parents=parents, offsets=offsets, new_offset=new_offset)
         return msg
@@ -77,7 +80,7 @@ class Session:
 
     def _close(self) -> None:
         mine = {id(m) for m in self.created}
-        for job in self._deferred:
+        for job in self._deferred or ():
             if id(job.msg) in mine:  # never read, never encoded: drop it with its rows
                 job.done = True
         live = [m for m in self.created if not m.freed]
@@ -105,11 +108,14 @@ class Runner:
     """
 
     def __init__(self, executor: Choreographer, *, max_concurrent: int = 64, progress: bool | str = True,
-                 trace: bool = False):
+                 trace: bool = False, fuse_prefills: bool = True):
         if max_concurrent < 1:
             raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
         self.executor, self.max_concurrent, self.progress = executor, max_concurrent, progress
         self.trace = trace
+        # True: a prefill is encoded in the pass of the first call that reads it (fewer passes). False: each
+        # prefill is a step of its own before the workflow continues (prompts encoded ahead of any call).
+        self.fuse_prefills = fuse_prefills
         self.traces: dict[int, list] = {}  # instance index -> trace events, when trace=True
         self.stats = RunStats()
 
@@ -129,7 +135,7 @@ class Runner:
         def admit():
             nonlocal admitted
             while admitted < len(todo) and len(ready) + len(waiting) < self.max_concurrent:
-                session = Session(self.executor, trace=self.trace, deferred=deferred)
+                session = Session(self.executor, trace=self.trace, deferred=deferred if self.fuse_prefills else None)
                 ready.append((admitted, session, todo[admitted](session), None))
                 admitted += 1
 

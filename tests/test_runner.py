@@ -84,6 +84,9 @@ def test_deferred_prefills_fuse_into_the_reading_pass_and_change_nothing(tiny_gq
     runner = choreo.Runner(ch, progress=False)
     fused = runner.run([chain])[0]
     assert runner.stats.forward_passes == 1  # three prefills and the call's prompt in one pass
+    apart = choreo.Runner(ch, progress=False, fuse_prefills=False)
+    separate = apart.run([chain])[0]
+    assert apart.stats.forward_passes == 4  # one pass per prefill, then the call
     sys = ch.prefill("You are a poet.", role="system")
     q1 = ch.prefill("Rain?", role="user", parents=[sys])
     q2 = ch.prefill("And snow?", role="user", parents=[sys, q1])
@@ -91,3 +94,4 @@ def test_deferred_prefills_fuse_into_the_reading_pass_and_change_nothing(tiny_gq
     import torch
 
     torch.testing.assert_close(fused, eager, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(separate, eager, atol=1e-9, rtol=1e-9)

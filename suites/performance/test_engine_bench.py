@@ -167,6 +167,6 @@ def test_runner_memory(benchmark, model, profile, engine_rows):
                              f"one instance alone {mib(figures['solo_kv_peak_bytes'])}); RSS peak {mib(figures['rss_peak'])}"]
     benchmark.group = "engine memory"
     benchmark.extra_info.update({"instances": CONVERSATIONS, **figures, "load_average": os.getloadavg()})
-    assert figures["max_batch"] == CONVERSATIONS, f"only {figures['max_batch']} calls ever shared a pass"
+    assert figures["max_batch"] >= CONVERSATIONS, f"only {figures['max_batch']} calls ever shared a pass"
     assert figures["kv_peak_tokens"] <= CONVERSATIONS * solo.stats.peak_cache_tokens, figures
     assert ex.memory()["tokens_used"] == 0, f"messages left in the cache after the run: {ex.memory()}"
