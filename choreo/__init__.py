@@ -1,6 +1,6 @@
 """choreo: Prompt Choreography -- LLM workflows over one global KV cache of messages."""
 
-from . import attention
+from . import attention, stats  # noqa: F401  (public submodules)
 from .cache import CapacityError, Message
 from .baseline import Baseline
 from .engine import Call, Choreographer, linearize

@@ -120,7 +120,7 @@ class Engine:
                 self._forward(group)
 
     def _forward(self, jobs: list[Job]) -> None:
-        spec, dev = self.model.spec, self.model.spec.device
+        dev = self.model.spec.device
         B, S = len(jobs), max(len(j.pending) for j in jobs)
         ids = torch.zeros(B, S, dtype=torch.long)
         pos = torch.zeros(B, S, dtype=torch.long)

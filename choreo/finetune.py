@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from .cache import Message
 from .engine import Call, Choreographer
-from .lora import DEFAULT_TARGETS, add_adapter, adapter_disabled, is_adapted, load_adapter, save_adapter, \
+from .lora import DEFAULT_TARGETS, add_adapter, adapter_disabled, load_adapter, save_adapter, \
     trainable_parameters, unload_adapter, use_adapter
 from .trace import TraceEvent
 

@@ -96,5 +96,17 @@ class JsonlLog:
                 f.truncate(cut)
 
 
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) for each non-blank line; a malformed line is an error naming file:line."""
+    path = Path(path)
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: malformed JSON line ({error.msg})") from None
+
+
 def _freeze(value):
     return tuple(_freeze(v) for v in value) if isinstance(value, list) else value

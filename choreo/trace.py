@@ -15,6 +15,7 @@ from typing import Sequence
 
 from .cache import Message
 from .engine import Call
+from .results import read_jsonl
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -99,14 +100,11 @@ def load_traces(path: str | Path) -> list[tuple[dict, list[TraceEvent]]]:
     if not path.exists():
         raise FileNotFoundError(f"trace file {str(path)!r} does not exist")
     out = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, record in read_jsonl(path):
         try:
-            record = json.loads(line)
             out.append((record.get("meta", {}), [TraceEvent.from_json(e) for e in record["events"]]))
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ValueError(f"{path}:{number}: malformed trace line ({error})") from None
+        except (AttributeError, KeyError, TypeError) as error:
+            raise ValueError(f"{path}:{number}: malformed trace line ({error!r})") from None
     return out
 
 

@@ -8,7 +8,7 @@ import pytest
 
 import choreo
 from choreo.data.concepts import BUILTIN_CONCEPTS, coverage, found, load_concept_sets
-from choreo.workflows.bsm import (BSMConfig, as_layout, bsm, judge, parse_branch, parse_verdict, run_condition,
+from choreo.workflows.bsm import (BSMConfig, as_layout, bsm, parse_branch, parse_verdict, run_condition,
                                   run_judge)
 
 CONCEPTS = ["dog", "ball", "park", "dance", "river", "art"]

@@ -18,11 +18,6 @@ async def chat(ex, seed):
     return [a.tokens, b.tokens, c.tokens]
 
 
-def sequential(ex, seed):
-    coro = chat(ex, seed)
-    return choreo.Runner(ex, max_concurrent=1, progress=False).run([lambda s: chat(s, seed)])[0]
-
-
 @pytest.mark.parametrize("kind", [choreo.Choreographer, choreo.Baseline])
 def test_concurrent_results_equal_sequential_and_everything_is_freed(tiny_gqa, kind):
     ex = kind(tiny_gqa)

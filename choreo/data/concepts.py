@@ -8,11 +8,12 @@ lower-cased story, so "art" matches "start") and by whole words allowing regular
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from pathlib import Path
 from typing import Sequence
+
+from ..results import read_jsonl
 
 FILE_NAME = "commongen_hard.jsonl"
 
@@ -47,16 +48,10 @@ def load_concept_sets(data_dir: str | Path | None = None, *, n: int, skip: int =
     if not path.is_file():
         raise FileNotFoundError(f"concept file {str(path)!r} does not exist (expected {FILE_NAME} in the data folder)")
     sets = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number}: malformed JSON line ({error.msg})") from None
+    for number, record in read_jsonl(path):
         concepts = record.get("concepts") if isinstance(record, dict) else None
         if not isinstance(concepts, list) or not concepts or not all(isinstance(c, str) and c.strip() for c in concepts):
-            raise ValueError(f"{path}:{number}: expected {{\"concepts\": [non-empty strings]}}, got {line[:80]!r}")
+            raise ValueError(f"{path}:{number}: expected {{\"concepts\": [non-empty strings]}}, got {str(record)[:80]!r}")
         sets.append([c.strip().lower() for c in concepts])
     if len(sets) < skip + n:
         raise ValueError(f"{path} has {len(sets)} concept sets; {skip + n} needed (skip {skip} + n {n})")

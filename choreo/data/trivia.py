@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from ..results import read_jsonl
+
 HERE = Path(__file__).resolve().parent
 CANDIDATES = HERE / "trivia_candidates.json"
 BUILTIN = HERE / "trivia_questions.json"
@@ -151,13 +153,7 @@ def load_questions(path: str | Path | None = None, *, limit: int | None = None) 
     text = path.read_text()
     out: list[Question] = []
     if path.suffix == ".jsonl":
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: malformed JSON line ({error.msg})") from None
+        for number, record in read_jsonl(path):
             out.append(_from_record(record, f"{path}:{number}", len(out)))
     else:
         try:

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from choreo import stats
-from choreo.profiles import pick
 from choreo.report import markdown_table, plot_rates, write_table
 from choreo.results import JsonlLog
 from choreo.workflows.canary import CONDITIONS, run_probes
@@ -66,10 +65,10 @@ def table(model, profile, results_dir):
                      f"x{math.exp(res['mean_difference']):.3g}", f"{res['t_pvalue']:.2g}", f"{res['holm_pvalue']:.2g}"])
     means = {c: float(np.mean([r["logprob"][c] for r in records])) for c in CONDITIONS}
     top1 = {c: stats.rate(sum(r["rank"][c] == 1 for r in records), n) for c in CONDITIONS}
-    cached, base = results["cached vs baseline"], results["cached vs cached without secret"]
+    base = results["cached vs cached without secret"]
     leak = _significant_positive(base) and _significant_positive(results["cached vs baseline (contrast)"])
     notes = [
-        f"Mean log-probability (nats) of the secret: " + ", ".join(f"{c} {means[c]:.2f}" for c in CONDITIONS) + ".",
+        "Mean log-probability (nats) of the secret: " + ", ".join(f"{c} {means[c]:.2f}" for c in CONDITIONS) + ".",
         "Secret ranked first among itself and 7 distractors: "
         + ", ".join(f"{c} {top1[c].format()}" for c in CONDITIONS) + ".",
         "Differences are paired by game (same message tokens, same secret); CI: paired bootstrap (2000 resamples, "
