@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 
 from .cache import Message
-from .engine import Call, Choreographer, Job, default_start, resolve_offsets
+from .engine import Call, Choreographer, Job
 from .model import Model
 
 
@@ -112,13 +112,9 @@ class Baseline(Choreographer):
     # ------------------------------------------------------------------ prompts and reuse
     def _prompt(self, call: Call) -> tuple[list[int], int, tuple[int, ...]]:
         """The serial prompt of a call: its parents' turns in position order, then its header."""
-        parents = [self._lookup(p, "parents") for p in call.parents]
-        if len({p.id for p in parents}) != len(parents):
-            raise ValueError(f"parents list a message twice: {[p.id for p in parents]}")
-        starts = resolve_offsets(parents, call.offsets)
+        parents, starts, start = self._resolve(call.parents, call.offsets, call.new_offset)
         order = sorted(range(len(parents)), key=lambda i: (starts[i], i))
         prompt = [t for i in order for t in parents[i].ids] + self.format.header(call.role, call.prefix)
-        start = default_start(parents, starts) if call.new_offset is None else call.new_offset
         return prompt, start, tuple(p.id for p in parents)
 
     def _reuse(self, prompt: list[int]) -> tuple[list[tuple[Message, int]], int]:

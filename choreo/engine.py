@@ -353,15 +353,20 @@ class Choreographer:
             raise KeyError(f"{what}: unknown or freed message {ref!r}")
         return msg
 
-    def _place(self, parents, offsets, new_offset):
-        """Resolve parents to store segments and the new message's start position (validates everything)."""
+    def _resolve(self, parents, offsets, new_offset) -> tuple[list[Message], list[int], int]:
+        """Validate a call's placement: its parent messages, their effective starts and its own start."""
         parents = [self._lookup(p, "parents") for p in parents]
         if len({p.id for p in parents}) != len(parents):
             raise ValueError(f"parents list a message twice: {[p.id for p in parents]}")
         starts = resolve_offsets(parents, offsets)
         check_position(new_offset, "new_offset")
-        segments = tuple((p.row, p.length, s - p.start) for p, s in zip(parents, starts))
         start = default_start(parents, starts) if new_offset is None else new_offset
+        return parents, starts, start
+
+    def _place(self, parents, offsets, new_offset):
+        """Resolve parents to store segments and the new message's start position (validates everything)."""
+        parents, starts, start = self._resolve(parents, offsets, new_offset)
+        segments = tuple((p.row, p.length, s - p.start) for p, s in zip(parents, starts))
         return segments, start, tuple(p.id for p in parents)
 
 
