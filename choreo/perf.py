@@ -535,7 +535,7 @@ class BenchConfig:
 
 
 BENCH_PROFILES = {
-    "smoke": BenchConfig(lengths=Lengths(prompt_words=32, content_tokens=4), rounds=1, warmup=0,
+    "smoke": BenchConfig(lengths=Lengths(prompt_words=32, content_tokens=4), rounds=3, warmup=1,
                          shapes=(make_shape("multiqa", k=2), make_shape("tree_of_thoughts", B=2, V=2),
                                  make_shape("parallel_debate", A=2, rounds=1)), memory_arms=()),
     "small": BenchConfig(lengths=Lengths(prompt_words=24, content_tokens=8), rounds=2, warmup=1, scaling=SCALING),
