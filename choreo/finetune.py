@@ -5,7 +5,14 @@ trace through the **choreographed** executor with teacher forcing and gradients 
 call's baseline output is forced under the choreographed parents and positions, and later calls attend to
 the cached keys/values of earlier forced outputs, so gradients reach how earlier messages were encoded.
 
-    loss(trace) = sum over selected calls of mean CE over (content tokens + end-of-turn token)
+    loss(trace) = sum over selected calls of a token mean over (content tokens + end-of-turn token) of
+        "ce":    -log q(baseline token)                   (cross-entropy on the baseline's output)
+        "kl":    KL(p || q)                               (distillation from the adapter-off baseline)
+        "ce+kl": both
+
+where q is the choreographed next-token distribution with the adapter on and p the re-encoding baseline's
+with the adapter off (``Teacher``: computed once per trace, no gradient). ``select_on_dev`` trains several
+configs and keeps the one with the lowest dev KL, one criterion for every candidate.
 
 Training is LoRA (peft) with AdamW, warm-up then cosine decay, clipping, gradient accumulation over workflow
 instances (one per micro-batch), dev evaluation, checkpoint selection on dev, and resumable checkpoints.
@@ -33,16 +40,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .baseline import Baseline
 from .cache import Message
 from .engine import Call, Choreographer
 from .lora import DEFAULT_TARGETS, add_adapter, adapter_disabled, load_adapter, save_adapter, \
     trainable_parameters, unload_adapter, use_adapter
 from .trace import TraceEvent
 
-__all__ = ["FinetuneConfig", "ReplayLoss", "TrainResult", "adapter_disabled", "evaluate", "load_adapter",
-           "replay_loss", "select_calls", "split_traces", "train", "unload_adapter", "use_adapter", "register"]
+__all__ = ["FinetuneConfig", "ReplayLoss", "Selection", "Teacher", "TrainResult", "adapter_disabled", "evaluate",
+           "load_adapter", "replay_loss", "select_calls", "select_on_dev", "split_traces", "train", "unload_adapter",
+           "use_adapter", "register"]
 
 Trace = Sequence[TraceEvent]
+LOSSES = ("ce", "kl", "ce+kl")
 
 
 # ---------------------------------------------------------------------------------------------- configuration
@@ -67,6 +77,10 @@ class FinetuneConfig:
     eval_every: int = dataclasses.field(default=25, metadata={"help": "optimizer steps between dev evaluations"})
     dev_fraction: float = dataclasses.field(default=0.1, metadata={"help": "dev share when splitting one trace set"})
     loss_calls: str = dataclasses.field(default="all", metadata={"help": "'all', 'last' or 'role:<role>'"})
+    loss: str = dataclasses.field(default="ce", metadata={
+        "help": "'ce' (baseline tokens), 'kl' (to the adapter-off baseline's distributions) or 'ce+kl'"})
+    dev_metric: str | None = dataclasses.field(default=None, metadata={
+        "help": "dev criterion for checkpoint selection, one of LOSSES (None: the training loss)"})
     through_cache: bool = dataclasses.field(default=True, metadata={"help": "gradients into earlier encodings"})
     attention: str = dataclasses.field(default="torch", metadata={"help": "backend with a backward pass"})
     seed: int = dataclasses.field(default=0, metadata={"help": "adapter init, data order and dropout"})
@@ -96,6 +110,9 @@ class FinetuneConfig:
         if self.attention == "triton":
             raise ValueError("attention 'triton' has no backward pass; train with 'torch' (or 'reference')")
         check_loss_calls(self.loss_calls)
+        check_loss(self.loss, "loss")
+        if self.dev_metric is not None:
+            check_loss(self.dev_metric, "dev_metric")
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
 
     @classmethod
@@ -106,6 +123,16 @@ class FinetuneConfig:
 
     def to_json(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @property
+    def dev_criterion(self) -> str:
+        """What dev evaluation measures: ``dev_metric``, or the training loss when it is None."""
+        return self.dev_metric or self.loss
+
+
+def check_loss(value: str, name: str = "loss") -> None:
+    if value not in LOSSES:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, LOSSES))}, got {value!r}")
 
 
 def check_loss_calls(spec: str) -> None:
@@ -152,7 +179,8 @@ def select_calls(events: Trace, spec: str) -> list[int]:
 # ---------------------------------------------------------------------------------------------- the replay loss
 @dataclasses.dataclass
 class ReplayLoss:
-    """The loss of one trace: ``loss`` (a scalar tensor), per-call token-mean CE, and the replayed messages.
+    """The loss of one trace: ``loss`` (a scalar tensor), each selected call's token-mean loss, and the replayed
+    messages.
 
     ``logits[i]`` (n_i + 1, V), when kept: the rows predicting event i's content tokens and its end-of-turn token.
     """
@@ -164,20 +192,28 @@ class ReplayLoss:
 
 
 def replay_loss(executor: Choreographer, events: Trace, *, calls: str = "all", through_cache: bool = True,
-                keep_logits: bool = False) -> ReplayLoss:
+                keep_logits: bool = False, loss: str = "ce", teacher: dict[int, torch.Tensor] | None = None
+                ) -> ReplayLoss:
     """Replay a trace through ``executor`` with every decode teacher-forced; sum the selected calls' losses.
 
-    Gradients are recorded when ``executor.engine.grad`` is True. ``through_cache=False`` detaches the cache
-    after each group, so a call's loss reaches only its own encoding (an ablation). Every message the replay
-    creates is freed before returning.
+    ``loss`` is 'ce', 'kl' or 'ce+kl' (module docstring); the KL needs ``teacher``: event index -> the
+    teacher's (n + 1, V) log-probs over the same rows (``Teacher``). Gradients are recorded when
+    ``executor.engine.grad`` is True. ``through_cache=False`` detaches the cache after each group, so a call's
+    loss reaches only its own encoding (an ablation). Every message the replay creates is freed before returning.
+    Any executor replays, the re-encoding ``Baseline`` included (that is how ``Teacher`` gets its rows).
 
     Example::
 
         ch = Choreographer(model, attention="torch"); ch.engine.grad = True
         out = replay_loss(ch, events)          # out.loss.backward()
+        out = replay_loss(ch, events, loss="kl", teacher=Teacher(model)(events))
     """
+    check_loss(loss)
     events = as_events(events)
     chosen = set(select_calls(events, calls))
+    if "kl" in loss and (teacher is None or not chosen <= set(teacher)):
+        raise ValueError(f"loss {loss!r} needs teacher log-probs for calls {sorted(chosen)}, "
+                         f"got {None if teacher is None else sorted(teacher)}")
     store = executor.engine.store
     messages: list[Message | None] = [None] * len(events)
     total = torch.zeros((), device=executor.model.spec.device)
@@ -198,12 +234,13 @@ def replay_loss(executor: Choreographer, events: Trace, *, calls: str = "all", t
                     messages[i] = msg
                     if i not in chosen:
                         continue
-                    a, b = msg.content
+                    # The job's own tokens (the baseline's job holds its whole re-encoded prompt).
+                    a, b = job.msg.content
                     rows = job.logits[a - 1:b]  # (n + 1, V): row j predicts ids[a + j]; the last, end-of-turn
-                    target = torch.tensor(msg.ids[a:b + 1], device=rows.device)
-                    ce = F.cross_entropy(rows.float(), target)
-                    total = total + ce
-                    per_call[i] = float(ce.detach())
+                    target = torch.tensor(job.msg.ids[a:b + 1], device=rows.device)
+                    call_loss = call_losses(rows, target, loss=loss, teacher=None if teacher is None else teacher[i])
+                    total = total + call_loss
+                    per_call[i] = float(call_loss.detach())
                     if keep_logits:
                         kept[i] = rows.detach()
             if not through_cache:
@@ -215,6 +252,26 @@ def replay_loss(executor: Choreographer, events: Trace, *, calls: str = "all", t
     return ReplayLoss(loss=total, per_call=per_call, messages=messages, logits=kept)
 
 
+def call_losses(rows: torch.Tensor, target: torch.Tensor, *, loss: str, teacher: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """Token-mean loss of one call. rows (S, V) student logits; target (S,) the baseline's tokens; teacher (S, V)
+    the baseline's log-probs. 'kl' is KL(teacher || student) = sum_v p_v (log p_v - log q_v), averaged over rows.
+
+    Example: ``call_losses(logits, target, loss="kl", teacher=logits.log_softmax(-1))`` is 0.
+    """
+    logq = rows.float().log_softmax(-1)  # (S, V)
+    out = torch.zeros((), device=rows.device)
+    if loss in ("ce", "ce+kl"):
+        out = out + F.nll_loss(logq, target)
+    if loss in ("kl", "ce+kl"):
+        if teacher is None or teacher.shape != rows.shape:
+            raise ValueError(f"teacher log-probs must match the student rows {tuple(rows.shape)}, "
+                             f"got {None if teacher is None else tuple(teacher.shape)}")
+        logp = teacher.to(device=rows.device, dtype=torch.float32)
+        out = out + (logp.exp() * (logp - logq)).sum(-1).mean()
+    return out
+
+
 def _forced_call(events: Trace, i: int, messages) -> Call:
     e = events[i]
     if not e.tokens:
@@ -223,16 +280,66 @@ def _forced_call(events: Trace, i: int, messages) -> Call:
                 prefix=e.prefix, teacher_tokens=list(e.tokens))
 
 
-def evaluate(model, traces: Sequence, *, config: FinetuneConfig, executor: Choreographer | None = None) -> float:
-    """Mean replay loss over traces, without gradients (the dev criterion)."""
+class Teacher:
+    """The distillation target: the re-encoding baseline's next-token log-probs over each trace's forced rows
+    (the rows the CE uses: content tokens + end-of-turn, for the calls ``calls`` selects), adapter off.
+
+    Computed once per trace (keyed by the trace's events) and kept for the whole run: they do not change while
+    the adapter trains. Storage: float32 log-probs, (n + 1, V) per selected call, on the model's device. That is
+    exact enough for KL(teacher || student) to be 0 when the two encodings coincide, and small here
+    (SmolLM2: V = 49152, a 24-token blockage answer is 25 rows = 4.9 MB, 200 MB for 40 traces); a long-output,
+    large-vocabulary run would keep only the top-k instead (not implemented).
+
+    Example::
+
+        teacher = Teacher(model)             # any adapter on the model is ignored
+        logp = teacher(events)               # {event index: (n + 1, V) log-probs}
+        replay_loss(ch, events, loss="kl", teacher=logp)
+    """
+
+    def __init__(self, model, *, calls: str = "all", attention: str | None = None):
+        check_loss_calls(calls)
+        self.model, self.calls = model, calls
+        self.executor = Baseline(model, attention=attention)  # Baseline.adapter = False: the LoRA is switched off
+        self._cache: dict[tuple[TraceEvent, ...], dict[int, torch.Tensor]] = {}
+
+    def __call__(self, events: Trace) -> dict[int, torch.Tensor]:
+        key = tuple(as_events(events))
+        if key not in self._cache:
+            self._cache[key] = self._compute(list(key))
+        return self._cache[key]
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def _compute(self, events: list[TraceEvent]) -> dict[int, torch.Tensor]:
+        was_training = self.model.hf_model.training
+        self.model.hf_model.eval()
+        try:
+            with torch.no_grad(), adapter_disabled(self.model):  # the executor disables it too; explicit here
+                out = replay_loss(self.executor, events, calls=self.calls, keep_logits=True)
+        finally:
+            self.model.hf_model.train(was_training)
+        return {i: rows.float().log_softmax(-1) for i, rows in out.logits.items()}
+
+
+def evaluate(model, traces: Sequence, *, config: FinetuneConfig, executor: Choreographer | None = None,
+             metric: str | None = None, teacher: Teacher | None = None) -> float:
+    """Mean replay loss over traces without gradients: ``metric`` (default ``config.dev_criterion``, the dev
+    criterion); a KL metric uses ``teacher`` (a new one when None)."""
     if not traces:
         raise ValueError("evaluate needs at least one trace")
+    metric = metric or config.dev_criterion
+    check_loss(metric, "metric")
     executor = executor or Choreographer(model, attention=config.attention)
+    if "kl" in metric and teacher is None:
+        teacher = Teacher(model, calls=config.loss_calls, attention=config.attention)
     was_training = model.hf_model.training
     model.hf_model.eval()
     try:
         with torch.no_grad():
-            losses = [float(replay_loss(executor, t, calls=config.loss_calls).loss) for t in traces]
+            losses = [float(replay_loss(executor, t, calls=config.loss_calls, loss=metric,
+                                        teacher=teacher(t) if "kl" in metric else None).loss) for t in traces]
     finally:
         model.hf_model.train(was_training)
     return float(np.mean(losses))
@@ -298,14 +405,16 @@ def peak_rss_mb() -> float:
 
 
 def train(model, train_traces: Sequence, dev_traces: Sequence, *, config: FinetuneConfig, out_dir,
-          resume: bool = False, stop_after: int | None = None, progress: bool = True) -> TrainResult:
+          resume: bool = False, stop_after: int | None = None, progress: bool = True,
+          teacher: Teacher | None = None) -> TrainResult:
     """Fine-tune a LoRA adapter on baseline traces replayed through the choreographed executor.
 
-    Writes ``out_dir/best`` (adapter with the lowest dev replay loss, dev evaluated every ``eval_every`` steps
-    and at step 0), ``out_dir/last`` (adapter + optimizer, scheduler, step and RNG state) and
+    Writes ``out_dir/best`` (adapter with the lowest dev ``config.dev_criterion``, dev evaluated every
+    ``eval_every`` steps and at step 0), ``out_dir/last`` (adapter + optimizer, scheduler, step and RNG state) and
     ``out_dir/history.json``. ``resume=True`` continues from ``out_dir/last``; ``stop_after`` ends the run after
-    that many optimizer steps (the schedule is unchanged), so a later ``resume`` finishes it. On return the model
-    carries the best adapter (eval mode).
+    that many optimizer steps (the schedule is unchanged), so a later ``resume`` finishes it. A KL loss or dev
+    criterion uses ``teacher`` (pass one to share its cache between runs; a new one when None), filled for every
+    train and dev trace before the first step. On return the model carries the best adapter (eval mode).
 
     Example::
 
@@ -323,6 +432,13 @@ def train(model, train_traces: Sequence, dev_traces: Sequence, *, config: Finetu
     if resume and not (last / "trainer_state.pt").exists():
         raise FileNotFoundError(f"cannot resume: {str(last / 'trainer_state.pt')!r} does not exist")
     n_micro, total = _plan(len(train_traces), config)
+    kl_train, kl_dev = "kl" in config.loss, "kl" in config.dev_criterion
+    if (kl_train or kl_dev) and teacher is None:
+        teacher = Teacher(model, calls=config.loss_calls, attention=config.attention)
+    if teacher is not None and teacher.calls != config.loss_calls:
+        raise ValueError(f"teacher selects calls {teacher.calls!r} but the config's loss_calls is {config.loss_calls!r}")
+    for events in (train_traces if kl_train else []) + (dev_traces if kl_dev else []):
+        teacher(events)  # before the adapter exists: the targets never see it
 
     add_adapter(model, rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
                 targets=config.lora_targets, seed=config.seed)
@@ -342,7 +458,7 @@ def train(model, train_traces: Sequence, dev_traces: Sequence, *, config: Finetu
             raise ValueError(f"cannot resume {str(out)!r} with a different config: saved {saved['config']}")
     else:
         torch.manual_seed(config.seed)
-        dev = evaluate(model, dev_traces, config=config, executor=executor)
+        dev = evaluate(model, dev_traces, config=config, executor=executor, teacher=teacher)
         state["best_dev_loss"] = dev
         state["history"].append({"step": 0, "dev_loss": dev})
         save_adapter(model, best_dir)
@@ -355,14 +471,14 @@ def train(model, train_traces: Sequence, dev_traces: Sequence, *, config: Finetu
             t0 = time.perf_counter()
             batch = range(step * config.grad_accum, min((step + 1) * config.grad_accum, n_micro))
             loss = _optimizer_step(model, executor, [train_traces[_instance(m, len(train_traces), config.seed)]
-                                                     for m in batch], params, opt, config)
+                                                     for m in batch], params, opt, config, teacher)
             sched.step()
             state["step"] = step + 1
             times.append(time.perf_counter() - t0)
             record = {"step": state["step"], "train_loss": loss, "lr": opt.param_groups[0]["lr"],
                       "seconds": times[-1]}
             if state["step"] % config.eval_every == 0 or state["step"] == total:
-                record["dev_loss"] = evaluate(model, dev_traces, config=config, executor=executor)
+                record["dev_loss"] = evaluate(model, dev_traces, config=config, executor=executor, teacher=teacher)
                 if record["dev_loss"] < state["best_dev_loss"]:
                     state["best_dev_loss"], state["best_step"] = record["dev_loss"], state["step"]
                     save_adapter(model, best_dir)
@@ -381,7 +497,7 @@ def train(model, train_traces: Sequence, dev_traces: Sequence, *, config: Finetu
                        seconds_per_step=float(np.mean(times)) if times else float("nan"), peak_rss_mb=peak_rss_mb())
 
 
-def _optimizer_step(model, executor, traces, params, opt, config) -> float:
+def _optimizer_step(model, executor, traces, params, opt, config, teacher) -> float:
     """One optimizer step over a list of workflow instances (one micro-batch each); returns the mean loss."""
     model.hf_model.train()  # LoRA dropout on
     executor.engine.grad = True
@@ -389,7 +505,8 @@ def _optimizer_step(model, executor, traces, params, opt, config) -> float:
     losses = []
     try:
         for events in traces:
-            out = replay_loss(executor, events, calls=config.loss_calls, through_cache=config.through_cache)
+            out = replay_loss(executor, events, calls=config.loss_calls, through_cache=config.through_cache,
+                              loss=config.loss, teacher=teacher(events) if "kl" in config.loss else None)
             (out.loss / len(traces)).backward()
             losses.append(float(out.loss.detach()))
             executor.engine.store.detach_()
@@ -412,8 +529,64 @@ def _save_last(model, last: Path, opt, sched, state, config) -> None:
 def _write_history(path: Path, state: dict, config: FinetuneConfig) -> None:
     from .results import write_json
 
-    write_json(path, {"config": config.to_json(), "best_step": state["best_step"],
+    write_json(path, {"config": config.to_json(), "dev_metric": config.dev_criterion, "best_step": state["best_step"],
                       "best_dev_loss": state["best_dev_loss"], "history": state["history"]})
+
+
+# ---------------------------------------------------------------------------------------------- selection on dev
+@dataclasses.dataclass
+class Selection:
+    """What ``select_on_dev`` tried and chose. ``candidates[k]``: config k (as run), its best dev ``metric``,
+    best step, steps and seconds per step; ``best``: the index of the chosen one."""
+
+    best: int
+    config: FinetuneConfig
+    result: TrainResult
+    metric: str
+    candidates: list[dict]
+
+
+def select_on_dev(model, train_traces: Sequence, dev_traces: Sequence, *, configs: Sequence[FinetuneConfig],
+                  out_dir, metric: str = "kl", teacher: Teacher | None = None, progress: bool = True) -> Selection:
+    """Train every candidate config and keep the one whose best checkpoint has the lowest dev ``metric``.
+
+    One metric for all candidates (and for checkpoint selection inside each run: every candidate runs with
+    ``dev_metric=metric``), so CE- and KL-trained adapters compare on the same scale; the default is the dev KL
+    to the adapter-off baseline. Only ``train_traces`` and ``dev_traces`` are read: held-out data stays out of
+    every choice. Candidate k writes ``out_dir/candidate-k``. Ties go to the earlier candidate. On return the
+    model carries the chosen adapter (eval mode).
+
+    Example::
+
+        grid = [FinetuneConfig.preset("embedded-cpu", loss=loss, lr=lr) for loss in ("ce", "kl") for lr in (3e-4, 1e-3)]
+        chosen = select_on_dev(model, train_set, dev_set, configs=grid, out_dir="runs/select")
+        chosen.config.lr, chosen.candidates
+    """
+    check_loss(metric, "metric")
+    configs = [dataclasses.replace(c, dev_metric=metric) for c in configs]
+    if not configs:
+        raise ValueError("select_on_dev needs at least one candidate config")
+    shared = {(c.loss_calls, c.attention) for c in configs}
+    if len(shared) > 1:
+        raise ValueError(f"candidates must share loss_calls and attention (one dev metric), got {sorted(shared)}")
+    if teacher is None:  # (an empty Teacher is falsy: it has a length)
+        teacher = Teacher(model, calls=configs[0].loss_calls, attention=configs[0].attention)
+    results, rows = [], []
+    for k, config in enumerate(configs):
+        try:
+            result = train(model, train_traces, dev_traces, config=config, out_dir=Path(out_dir) / f"candidate-{k}",
+                           teacher=teacher, progress=progress)
+        finally:
+            unload_adapter(model)
+        results.append(result)
+        rows.append({"config": config.to_json(), "loss": config.loss, "lr": config.lr, "dev_metric": metric,
+                     "best_dev": result.best_dev_loss, "dev_step0": result.history[0]["dev_loss"],
+                     "best_step": result.best_step, "steps": result.steps,
+                     "seconds_per_step": result.seconds_per_step})
+    best = min(range(len(configs)), key=lambda k: (results[k].best_dev_loss, k))
+    load_adapter(model, results[best].best_adapter)
+    model.hf_model.eval()
+    return Selection(best=best, config=configs[best], result=results[best], metric=metric, candidates=rows)
 
 
 # ---------------------------------------------------------------------------------------------- command line
@@ -438,10 +611,14 @@ def register(sub) -> None:
     t.add_argument("--model", default=None)
     t.set_defaults(func=_cli_train)
     r = verbs.add_parser("recovery", help="blockage recovery: KL and agreement before/after fine-tuning")
-    r.add_argument("--n-train", type=int, default=40)
-    r.add_argument("--n-eval", type=int, default=24)
-    r.add_argument("--out", required=True)
+    r.add_argument("--n-train", type=int, default=40, help="training pairs (dev is split off these)")
+    r.add_argument("--n-eval", type=int, default=24, help="held-out pairs")
+    r.add_argument("--out", required=True, help="folder for recovery.json and recovery.md")
     r.add_argument("--config", default="embedded-cpu", choices=sorted(FinetuneConfig.PRESETS))
+    r.add_argument("--losses", nargs="+", default=["kl"], choices=list(LOSSES), help="candidate losses")
+    r.add_argument("--lrs", nargs="+", type=float, default=[3e-4, 1e-3], help="candidate learning rates")
+    r.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
+    r.add_argument("--runs", default=None, help="keep the candidates' adapters here (default: a temporary folder)")
     r.add_argument("--model", default=None)
     r.set_defaults(func=_cli_recovery)
 
@@ -477,10 +654,11 @@ def _cli_train(args) -> int:
 
 def _cli_recovery(args) -> int:
     from .model import load_model
-    from .recovery import recovery_experiment
+    from .recovery import candidate_configs, recovery_experiment
 
-    report = recovery_experiment(load_model(args.model), config=FinetuneConfig.preset(args.config),
-                                 out_dir=args.out, n_train=args.n_train, n_eval=args.n_eval,
-                                 adapter_dir=Path(args.out) / "run")
+    overrides = {} if args.epochs is None else {"epochs": args.epochs}
+    configs = candidate_configs(FinetuneConfig.preset(args.config, **overrides), losses=args.losses, lrs=args.lrs)
+    report = recovery_experiment(load_model(args.model), configs=configs, out_dir=args.out, n_train=args.n_train,
+                                 n_eval=args.n_eval, adapter_dir=args.runs)
     print(json.dumps(report["summary"], indent=1))
     return 0

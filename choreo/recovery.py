@@ -9,13 +9,15 @@ turns ("Question 1: ...", "Question 2: ..."), and one assistant call answers the
 
 Both arms encode the same tokens (one user turn per question in both; PROTOCOLS.md notes that on the 135M model
 this format makes even the serial prompt favour the later question, which is what the baseline traces record).
-Metrics on held-out pairs, before and after fine-tuning on baseline traces of training pairs: mean
-KL(baseline || choreographed) of next-token distributions over the baseline answer tokens (teacher-forced), and
-exact agreement of greedy choreographed answers with the baseline's.
+The learning rate and the loss are chosen on dev traces split off the training pairs (``select_on_dev``, by dev
+KL to the adapter-off baseline); the held-out pairs are collected and measured once, after that choice, adapter
+off (before) and on (after): mean KL(baseline || choreographed) of next-token distributions over the baseline
+answer tokens (teacher-forced), NLL and top-1 of those tokens, and exact agreement of greedy choreographed answers
+with the baseline's.
 
 Example::
 
-    report = recovery_experiment(choreo.load_model(), config=FinetuneConfig.preset("embedded-cpu"),
+    report = recovery_experiment(choreo.load_model(), configs=candidate_configs(FinetuneConfig.preset("embedded-cpu")),
                                  out_dir="runs/recovery", n_train=48, n_eval=24)
     report["summary"]["kl_before"], report["summary"]["kl_after"]
 """
@@ -160,57 +162,149 @@ def divergence(model, traces: Sequence[Sequence[TraceEvent]]) -> dict:
     return {"kl": kl, "nll": nll, "top1": top1, "agree": agree}
 
 
-def recovery_experiment(model, *, config, out_dir, n_train: int = 40, n_eval: int = 24, seed: int = 0,
-                        adapter_dir=None, progress: bool = True) -> dict:
-    """Collect baseline traces, fine-tune, and compare held-out KL and agreement before and after.
+def candidate_configs(base, *, losses: Sequence[str] = ("kl",), lrs: Sequence[float] = (3e-4, 1e-3)) -> list:
+    """The grid ``select_on_dev`` chooses from: ``base`` with every (loss, lr) combination, losses outer.
 
-    The model is returned to its adapter-free state at the end. Writes ``out_dir/recovery.json``; the
-    training run (adapters, history) goes to ``adapter_dir``, or to a temporary folder deleted afterwards.
+    Example: ``candidate_configs(FinetuneConfig.preset("embedded-cpu"), losses=("ce", "kl"), lrs=(3e-4,))``.
+    """
+    import dataclasses
+
+    if not losses or not lrs:
+        raise ValueError(f"need at least one loss and one learning rate, got {list(losses)} and {list(lrs)}")
+    return [dataclasses.replace(base, loss=loss, lr=float(lr)) for loss in losses for lr in lrs]
+
+
+def recovery_experiment(model, *, configs, out_dir, n_train: int = 40, n_eval: int = 24, seed: int = 0,
+                        adapter_dir=None, progress: bool = True, command: str | None = None) -> dict:
+    """Collect training traces, choose a fine-tuning config on dev, then compare held-out metrics before and after.
+
+    ``configs``: the candidates (``candidate_configs``); the train/dev split uses the first one's ``dev_fraction``
+    and ``seed``. The held-out pairs are collected only after the choice and measured once per arm. The model is
+    returned to its adapter-free state. Writes ``out_dir/recovery.json`` and ``out_dir/recovery.md``; the training
+    runs (adapters, histories) go to ``adapter_dir``, or to a temporary folder deleted afterwards.
     """
     import tempfile
 
-    from . import stats
-    from .finetune import split_traces, train
-    from .lora import unload_adapter
+    from .finetune import select_on_dev, split_traces
+    from .lora import adapter_disabled, unload_adapter
     from .provenance import provenance
-    from .results import write_json
+    from .results import write_json, write_text
 
+    configs = list(configs)
+    if not configs:
+        raise ValueError("recovery_experiment needs at least one candidate config")
     t0 = time.perf_counter()
     train_traces, _ = collect_traces(model, n=n_train, split="train", seed=seed)
-    eval_traces, eval_meta = collect_traces(model, n=n_eval, split="eval", seed=seed)
-    before = divergence(model, eval_traces)
-    train_set, dev_set = split_traces(train_traces, dev_fraction=config.dev_fraction, seed=config.seed)
+    train_set, dev_set = split_traces(train_traces, dev_fraction=configs[0].dev_fraction, seed=configs[0].seed)
     with tempfile.TemporaryDirectory() as scratch:
         try:
-            result = train(model, train_set, dev_set, config=config, out_dir=Path(adapter_dir or scratch),
-                           progress=progress)
+            chosen = select_on_dev(model, train_set, dev_set, configs=configs, out_dir=Path(adapter_dir or scratch),
+                                   progress=progress)
+            t_selected = time.perf_counter()
+            # Held-out data: first touched here, once, for the before/after report.
+            eval_traces, eval_meta = collect_traces(model, n=n_eval, split="eval", seed=seed)
             after = divergence(model, eval_traces)
+            with adapter_disabled(model):
+                before = divergence(model, eval_traces)
         finally:
             unload_adapter(model)
-    diff = stats.paired_mean_difference(before["kl"], after["kl"])
-    agree_test = stats.mcnemar_exact(after["agree"], before["agree"])
-    nll_diff = stats.paired_mean_difference(before["nll"], after["nll"])
-    top1_diff = stats.paired_mean_difference(after["top1"], before["top1"])
-    n = len(eval_traces)
+    result = chosen.result
     summary = {
-        "n_eval": n, "n_train": len(train_set), "n_dev": len(dev_set),
-        "kl_before": float(np.mean(before["kl"])), "kl_after": float(np.mean(after["kl"])),
-        "kl_reduction": diff.mean_difference, "kl_reduction_ci": [diff.low, diff.high],
-        "kl_t_pvalue": diff.t_pvalue, "kl_wilcoxon_pvalue": diff.wilcoxon_pvalue,
-        "nll_before": float(np.mean(before["nll"])), "nll_after": float(np.mean(after["nll"])),
-        "nll_reduction": nll_diff.mean_difference, "nll_t_pvalue": nll_diff.t_pvalue,
-        "top1_before": float(np.mean(before["top1"])), "top1_after": float(np.mean(after["top1"])),
-        "top1_gain": top1_diff.mean_difference, "top1_t_pvalue": top1_diff.t_pvalue,
-        "agree_before": stats.rate(sum(before["agree"]), n).format(),
-        "agree_after": stats.rate(sum(after["agree"]), n).format(),
-        "agree_mcnemar_pvalue": agree_test.pvalue,
-        "best_step": result.best_step, "steps": result.steps, "best_dev_loss": result.best_dev_loss,
-        "dev_loss_step0": result.history[0]["dev_loss"],
-        "seconds_per_step": result.seconds_per_step, "peak_rss_mb": result.peak_rss_mb,
-        "wall_s": time.perf_counter() - t0,
+        "n_eval": len(eval_traces), "n_train": len(train_set), "n_dev": len(dev_set),
+        **compare(before, after),
+        "selection_metric": chosen.metric, "chosen": chosen.best, "chosen_loss": chosen.config.loss,
+        "chosen_lr": chosen.config.lr, "best_step": result.best_step, "steps": result.steps,
+        "best_dev": result.best_dev_loss, "dev_step0": result.history[0]["dev_loss"],
+        "seconds_per_step": result.seconds_per_step,
+        "seconds_per_step_all": float(np.mean([c["seconds_per_step"] for c in chosen.candidates])),
+        "peak_rss_mb": result.peak_rss_mb, "train_wall_s": t_selected - t0, "wall_s": time.perf_counter() - t0,
     }
-    report = {"summary": summary, "before": before, "after": after, "eval_pairs": eval_meta,
-              "config": config.to_json(), "history": result.history,
-              "provenance": provenance(model, seeds=[seed, config.seed], sample_sizes={"train": n_train, "eval": n})}
+    report = {"summary": summary, "candidates": chosen.candidates, "before": before, "after": after,
+              "eval_pairs": eval_meta, "config": chosen.config.to_json(), "history": result.history,
+              "provenance": provenance(model, seeds={"pairs": seed, "finetune": configs[0].seed},
+                                       sample_sizes={"train_pairs": n_train, "train": len(train_set),
+                                                     "dev": len(dev_set), "eval": len(eval_traces)},
+                                       command=command)}
     write_json(Path(out_dir) / "recovery.json", report)
+    write_text(Path(out_dir) / "recovery.md", recovery_markdown(report))
     return report
+
+
+METRICS = (  # name, what it is, which direction is better
+    ("kl", "KL(baseline || choreographed), nats/token", "lower"),
+    ("nll", "NLL of the baseline's tokens, nats/token", "lower"),
+    ("top1", "top-1 = baseline token", "higher"),
+    ("agree", "greedy answer = baseline's", "higher"),
+)
+
+
+def compare(before: dict, after: dict, *, alpha: float = 0.05) -> dict:
+    """Paired before/after statistics per metric: means, the improvement (before - after for "lower" metrics,
+    after - before otherwise) with its t interval, paired t and Wilcoxon p, and Holm-adjusted p across the
+    four metrics; agreement adds Wilson intervals and the exact McNemar p (the p that enters the adjustment)."""
+    from . import stats
+
+    out, pvalues = {}, []
+    for name, _, better in METRICS:
+        x, y = (before[name], after[name]) if better == "lower" else (after[name], before[name])
+        d = stats.paired_mean_difference(x, y, alpha=alpha)
+        out.update({f"{name}_before": float(np.mean(before[name])), f"{name}_after": float(np.mean(after[name])),
+                    f"{name}_gain": d.mean_difference, f"{name}_gain_ci": [d.low, d.high],
+                    f"{name}_t_pvalue": d.t_pvalue, f"{name}_wilcoxon_pvalue": d.wilcoxon_pvalue})
+        pvalues.append(d.t_pvalue)
+    n = len(before["agree"])
+    out["agree_before_ci"] = stats.rate(sum(before["agree"]), n).format()
+    out["agree_after_ci"] = stats.rate(sum(after["agree"]), n).format()
+    out["agree_mcnemar_pvalue"] = stats.mcnemar_exact(after["agree"], before["agree"]).pvalue
+    pvalues[-1] = out["agree_mcnemar_pvalue"]
+    adjusted = stats.adjust_pvalues(pvalues, method="holm", alpha=alpha).adjusted
+    for (name, _, _), p in zip(METRICS, adjusted):
+        out[f"{name}_holm_pvalue"] = float(p)
+    return out
+
+
+def recovery_markdown(report: dict) -> str:
+    """The before/after table, the dev selection and provenance, as Markdown."""
+    s, prov = report["summary"], report["provenance"]
+    lines = [
+        "# Blockage recovery after fine-tuning (embedded model)",
+        "",
+        f"Held-out question pairs: {s['n_eval']} (pool disjoint from training). Training pairs: {s['n_train']}, "
+        f"dev: {s['n_dev']}. Chosen on dev ({s['selection_metric']}): loss {s['chosen_loss']!r}, lr {s['chosen_lr']:g}, "
+        f"best step {s['best_step']} of {s['steps']}.",
+        "",
+        "| metric | before | after | gain [95% CI] | paired t p | Wilcoxon p | Holm p |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, label, better in METRICS:
+        lo, hi = s[f"{name}_gain_ci"]
+        before, after = s[f"{name}_before"], s[f"{name}_after"]
+        if name == "agree":
+            before, after = s["agree_before_ci"], s["agree_after_ci"]
+            p_main = f"McNemar {s['agree_mcnemar_pvalue']:.3g}"
+        else:
+            before, after = f"{before:.4f}", f"{after:.4f}"
+            p_main = f"{s[f'{name}_t_pvalue']:.3g}"
+        lines.append(f"| {label} ({better} is better) | {before} | {after} | {s[f'{name}_gain']:+.4f} "
+                     f"[{lo:+.4f}, {hi:+.4f}] | {p_main} | {s[f'{name}_wilcoxon_pvalue']:.3g} | "
+                     f"{s[f'{name}_holm_pvalue']:.3g} |")
+    lines += ["", "Gain: before - after for lower-is-better metrics, after - before otherwise (positive = closer to "
+              "the baseline). Tests are two-sided and paired over held-out pairs; Holm adjusts across the four rows.",
+              "", "## Selection on dev (held-out data not used)", "",
+              f"| candidate | loss | lr | dev {s['selection_metric']} at step 0 | best dev {s['selection_metric']} | "
+              "best step | s/step |", "|---|---|---|---|---|---|---|"]
+    for k, c in enumerate(report["candidates"]):
+        mark = " (chosen)" if k == s["chosen"] else ""
+        lines.append(f"| {k}{mark} | {c['loss']} | {c['lr']:g} | {c['dev_step0']:.4f} | {c['best_dev']:.4f} | "
+                     f"{c['best_step']}/{c['steps']} | {c['seconds_per_step']:.1f} |")
+    model = prov.get("model") or {}
+    lines += ["", "## Provenance", "",
+              f"- model: {model.get('name')} sha256 {model.get('sha256')} ({model.get('dtype')})",
+              f"- device: {prov['device']}",
+              f"- seeds: {prov['seeds']}; sizes: {prov['sample_sizes']}",
+              f"- versions: {', '.join(f'{k} {v}' for k, v in prov['versions'].items())}",
+              f"- git commit: {prov['git_commit']}; date: {prov['date']}",
+              f"- time per optimizer step (chosen run): {s['seconds_per_step']:.1f} s; peak RSS {s['peak_rss_mb']:.0f} MiB; "
+              f"wall {s['wall_s'] / 60:.1f} min",
+              f"- command: `{prov['command']}`", ""]
+    return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""Fine-tuning: the replay loss, gradients through the cache, adapters, training, resume and splits.
+"""Fine-tuning: the replay loss (CE and KL to the baseline), gradients through the cache, adapters, training,
+resume, splits and selection on dev.
 
 A tiny random Llama over the embedded tokenizer (tests/conftest.py ``build_tiny``), fp64 so that independent
 computations of the same loss agree to round-off.
@@ -7,13 +8,15 @@ computations of the same loss agree to round-off.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 
 import pytest
 import torch
 
 import choreo
-from choreo.finetune import FinetuneConfig, evaluate, register, replay_loss, schedule, select_calls, split_traces, train
+from choreo.finetune import FinetuneConfig, Teacher, evaluate, register, replay_loss, schedule, select_calls, \
+    select_on_dev, split_traces, train
 from choreo.lora import add_adapter, adapter_disabled, is_adapted, load_adapter, lora_layers, save_adapter, \
     trainable_parameters, unload_adapter, use_adapter
 
@@ -247,6 +250,95 @@ def test_dev_loss_drops_when_training_on_the_dev_traces(tiny, traces, tmp_path):
     assert result.best_dev_loss == pytest.approx(after) and after < before - 0.2  # deterministic: 30.71 -> 30.21
 
 
+async def serial_chain(ex, topic: str):
+    """Every call sees exactly the serial prompt the baseline re-encodes: choreographed == baseline encodings."""
+    sys = await ex.prefill("Be brief.", role="system")
+    user = await ex.prefill(f"Topic: {topic}", role="user", parents=[sys])
+    first = await ex.decode(role="assistant", parents=[sys, user], max_tokens=MAX_TOKENS)
+    again = await ex.prefill("Again.", role="user", parents=[sys, user, first])
+    final = await ex.decode(role="assistant", parents=[sys, user, first, again], max_tokens=MAX_TOKENS)
+    return final.tokens
+
+
+@pytest.fixture(scope="module")
+def serial_traces(tiny):
+    runner = choreo.Runner(choreo.Baseline(tiny), progress=False, trace=True)
+    with torch.no_grad():
+        runner.run([lambda ex, t=t: serial_chain(ex, t) for t in ["owls", "figs"]])
+    return [runner.traces[i] for i in range(2)]
+
+
+def test_kl_loss_is_zero_when_the_encodings_coincide(tiny, serial_traces, traces):
+    teacher = Teacher(tiny)
+    ch = choreo.Choreographer(tiny)
+    with torch.no_grad():
+        same = replay_loss(ch, serial_traces[0], loss="kl", teacher=teacher(serial_traces[0]))
+        blocked = replay_loss(ch, traces[0], loss="kl", teacher=teacher(traces[0]))
+        ce = replay_loss(ch, traces[0])
+        both = replay_loss(ch, traces[0], loss="ce+kl", teacher=teacher(traces[0]))
+    assert len(same.per_call) == 2 and all(abs(v) < 1e-10 for v in same.per_call.values()), same.per_call
+    # In ``chain`` the two parallel calls each see a serial prompt (system, their own topic), as in the baseline;
+    # the last attends to two independently encoded topics and outputs (blockage): only its distributions differ.
+    x, y, last = select_calls(traces[0], "all")
+    assert abs(blocked.per_call[x]) < 1e-10 and abs(blocked.per_call[y]) < 1e-10, blocked.per_call
+    assert blocked.per_call[last] > 1e-4, blocked.per_call
+    assert float(both.loss) == pytest.approx(float(ce.loss) + float(blocked.loss), rel=1e-6)  # fp32 losses
+    # The teacher rows are the CE rows (content + end-of-turn) and are computed once per trace.
+    decodes = select_calls(traces[0], "all")
+    assert sorted(teacher(traces[0])) == decodes and len(teacher) == 2
+    assert all(teacher(traces[0])[i].shape[0] == len(traces[0][i].tokens) + 1 for i in decodes)
+    assert teacher(list(traces[0])) is teacher(traces[0])
+
+
+def test_teacher_ignores_the_adapter_and_kl_gradients_reach_lora(adapted, traces):
+    events = traces[5]
+    with adapter_disabled(adapted):
+        off = Teacher(adapted)(events)
+    on = Teacher(adapted)(events)
+    for i in off:
+        torch.testing.assert_close(on[i], off[i], rtol=0, atol=0)
+    ch = choreo.Choreographer(adapted, attention="torch")
+    ch.engine.grad = True
+    params = dict((n, p) for n, p in adapted.hf_model.named_parameters() if p.requires_grad)
+    out = replay_loss(ch, events, loss="kl", teacher=on)
+    assert float(out.loss.detach()) > 0
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params.values()), \
+        [n for n, p in params.items() if p.grad is None or p.grad.abs().sum() == 0]
+    assert all(not t.requires_grad for t in on.values())
+
+
+def test_kl_loss_needs_a_teacher(tiny, traces):
+    with pytest.raises(ValueError, match="needs teacher log-probs"):
+        replay_loss(choreo.Choreographer(tiny), traces[0], loss="kl")
+    with pytest.raises(ValueError, match="loss must be one of 'ce', 'kl', 'ce\\+kl', got 'mse'"):
+        replay_loss(choreo.Choreographer(tiny), traces[0], loss="mse")
+
+
+def test_select_on_dev_compares_candidates_on_dev_kl(tiny, traces, tmp_path):
+    """CE and KL candidates are trained and compared on one dev metric; the lowest wins and is loaded."""
+    base = FinetuneConfig.preset("smoke", lora_dropout=0.0, epochs=1, eval_every=1)
+    configs = [dataclasses.replace(base, loss="ce", lr=1e-2), dataclasses.replace(base, loss="kl", lr=1e-2),
+               dataclasses.replace(base, loss="ce+kl", lr=1e-5)]
+    teacher = Teacher(tiny)
+    chosen = select_on_dev(tiny, traces[:4], traces[6:], configs=configs, out_dir=tmp_path, teacher=teacher,
+                           progress=False)
+    try:
+        assert is_adapted(tiny) and chosen.metric == "kl" and len(teacher) == 6  # train + dev, each once
+        best = [c["best_dev"] for c in chosen.candidates]
+        assert chosen.best == min(range(3), key=best.__getitem__) and chosen.config.loss == configs[chosen.best].loss
+        assert all(c["config"]["dev_metric"] == "kl" for c in chosen.candidates)
+        assert len({c["dev_step0"] for c in chosen.candidates}) == 1  # the same base model, the same metric
+        assert min(best) < chosen.candidates[0]["dev_step0"]  # training moved dev KL down
+        assert evaluate(tiny, traces[6:], config=chosen.config, teacher=teacher) == pytest.approx(best[chosen.best])
+    finally:
+        unload_adapter(tiny)
+    with pytest.raises(ValueError, match="share loss_calls"):
+        select_on_dev(tiny, traces[:4], traces[6:], configs=[base, dataclasses.replace(base, loss_calls="last")],
+                      out_dir=tmp_path, progress=False)
+    assert not is_adapted(tiny)
+
+
 def test_split_traces_is_seeded_and_disjoint():
     items = list(range(50))
     train_a, dev_a = split_traces(items, dev_fraction=0.1, seed=0)
@@ -273,6 +365,12 @@ def test_config_defaults_presets_and_validation():
         FinetuneConfig(loss_calls="first")
     with pytest.raises(ValueError, match="no backward"):
         FinetuneConfig(attention="triton")
+    with pytest.raises(ValueError, match="loss must be one of 'ce', 'kl', 'ce\\+kl', got 'KL'"):
+        FinetuneConfig(loss="KL")
+    with pytest.raises(ValueError, match="dev_metric must be one of .* got 'nll'"):
+        FinetuneConfig(dev_metric="nll")
+    assert paper.loss == "ce" and paper.dev_criterion == "ce"
+    assert FinetuneConfig(loss="ce+kl").dev_criterion == "ce+kl" and FinetuneConfig(dev_metric="kl").dev_criterion == "kl"
     total = 20  # warm-up over 2 steps, then cosine to 0
     lrs = [schedule(s, total, 0.1) for s in range(total)]
     assert lrs[0] < lrs[1] < lrs[2] == 1.0 and all(a >= b for a, b in zip(lrs[2:], lrs[3:])) and lrs[-1] < 0.01
@@ -285,6 +383,8 @@ def test_command_line_parses():
     assert args.verb == "train" and args.resume and args.config == "embedded-cpu"
     args = parser.parse_args(["finetune", "collect", "--task", "blockage", "--n", "8", "--out", "t.jsonl"])
     assert args.task == "blockage" and args.n == 8
+    args = parser.parse_args(["finetune", "recovery", "--out", "r", "--losses", "ce", "kl", "--lrs", "1e-3"])
+    assert args.losses == ["ce", "kl"] and args.lrs == [1e-3]
 
 
 def test_blockage_task_helpers(tiny):
@@ -303,3 +403,44 @@ def test_blockage_task_helpers(tiny):
     # The questions are encoded in parallel in the choreographed arm: its distributions differ from the baseline's.
     assert len(result["kl"]) == len(traces) and all(k > 0 for k in result["kl"])
     assert set(result["agree"]) <= {0, 1}
+
+
+def test_recovery_chooses_on_dev_before_touching_held_out_pairs(tiny, tmp_path, monkeypatch):
+    """The held-out pairs are collected after the dev choice and measured once per arm; the report is written."""
+    import json
+
+    from choreo import recovery
+
+    calls = []
+    collect, divergence, select = recovery.collect_traces, recovery.divergence, choreo.finetune.select_on_dev
+
+    def spy_collect(model, *, split, **kw):
+        calls.append(f"collect:{split}")
+        return collect(model, split=split, max_tokens=4, **kw)
+
+    def spy_divergence(model, traces):
+        calls.append("measure:" + ("after" if any(not l.disable_adapters for l in lora_layers(model)) else "before"))
+        return divergence(model, traces)
+
+    def spy_select(*args, **kw):
+        calls.append("select")
+        return select(*args, **kw)
+
+    monkeypatch.setattr(recovery, "collect_traces", spy_collect)
+    monkeypatch.setattr(recovery, "divergence", spy_divergence)
+    monkeypatch.setattr(choreo.finetune, "select_on_dev", spy_select)
+    configs = recovery.candidate_configs(FinetuneConfig.preset("smoke", epochs=1), losses=("ce", "kl"), lrs=(1e-3,))
+    assert [(c.loss, c.lr) for c in configs] == [("ce", 1e-3), ("kl", 1e-3)]
+    report = recovery.recovery_experiment(tiny, configs=configs, out_dir=tmp_path, n_train=6, n_eval=4,
+                                          progress=False, command="test")
+    assert calls == ["collect:train", "select", "collect:eval", "measure:after", "measure:before"]
+    assert not is_adapted(tiny)
+    s = report["summary"]
+    assert s["n_train"] + s["n_dev"] <= 6 and len(report["candidates"]) == 2 and s["chosen"] in (0, 1)
+    for name in ("kl", "nll", "top1", "agree"):
+        assert {f"{name}_before", f"{name}_after", f"{name}_gain_ci", f"{name}_holm_pvalue"} <= set(s)
+    assert json.loads((tmp_path / "recovery.json").read_text())["provenance"]["command"] == "test"
+    md = (tmp_path / "recovery.md").read_text()
+    assert "| KL(baseline || choreographed)" in md and "(chosen)" in md
+    with pytest.raises(ValueError, match="at least one loss"):
+        recovery.candidate_configs(FinetuneConfig(), losses=())
