@@ -55,7 +55,7 @@ class Baseline(Choreographer):
 
     def start_decode(self, calls: list[Call]) -> list[Job]:
         calls = [c if isinstance(c, Call) else Call(**c) for c in calls]
-        prompts = [self._prompt(c) for c in calls]
+        prompts = [self.serial_prompt(c) for c in calls]
         jobs = []
         try:
             for call, (prompt, start, parent_ids) in zip(calls, prompts):
@@ -110,12 +110,32 @@ class Baseline(Choreographer):
             del self._messages[msg.id]
 
     # ------------------------------------------------------------------ prompts and reuse
-    def _prompt(self, call: Call) -> tuple[list[int], int, tuple[int, ...]]:
-        """The serial prompt of a call: its parents' turns in position order, then its header."""
+    def serial_prompt(self, call: Call) -> tuple[list[int], int, tuple[int, ...]]:
+        """The serial prompt of a call: its parents' turns in position order, then its header.
+
+        Returns (prompt token ids, the start the output message gets, parent ids). Placement is validated
+        as for a decode (unknown or freed parents, bad offsets raise ``ValueError``).
+        """
         parents, starts, start = self._resolve(call.parents, call.offsets, call.new_offset)
         order = sorted(range(len(parents)), key=lambda i: (starts[i], i))
         prompt = [t for i in order for t in parents[i].ids] + self.format.header(call.role, call.prefix)
         return prompt, start, tuple(p.id for p in parents)
+
+    def add_generated(self, call: Call, tokens, *, ttft: float | None = None,
+                      latency: float | None = None) -> Message:
+        """Register a message generated elsewhere for ``call`` (e.g. by another implementation from
+        ``serial_prompt(call)``) as this executor's text message, so later calls can list it as a parent.
+
+        ``tokens``: the generated content ids (without header or end-of-turn footer).
+        """
+        call = call if isinstance(call, Call) else Call(**call)
+        _, start, parents = self.serial_prompt(call)
+        header, gen = self.format.header(call.role, call.prefix), [int(t) for t in tokens]
+        msg = Message(id=next(self._ids), role=call.role, parents=parents, start=start,
+                      ids=header + gen + self.format.footer(call.role), content=(len(header), len(header) + len(gen)),
+                      text=self.format.decode(gen), prefix=call.prefix, ttft=ttft, latency=latency)
+        self._messages[msg.id] = msg
+        return msg
 
     def _reuse(self, prompt: list[int]) -> tuple[list[tuple[Message, int]], int]:
         """The chain parts covering the longest cached exact prefix of ``prompt`` (one token is left to encode)."""

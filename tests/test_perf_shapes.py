@@ -99,4 +99,68 @@ def test_unknown_arm_and_lengths(tiny_gqa):
         perf.make_executor(tiny_gqa, "vllm")
     with pytest.raises(ValueError, match="content_tokens must be an integer >= 1"):
         perf.Lengths(content_tokens=0)
-    assert perf.available_arms("cpu") == ["choreographed[torch]", "baseline", "baseline+prefix", "hf"]
+    assert perf.available_arms("cpu") == ["choreographed[torch]", "choreographed[torch]+fused", "baseline",
+                                          "baseline+prefix", "hf"]
+    with pytest.raises(ValueError, match="BenchConfig.rounds must be an integer >= 1, got 0"):
+        perf.BenchConfig(lengths=perf.Lengths(), rounds=0)
+
+
+def test_fused_prefills_fold_prompts_into_the_first_reading_pass(tiny_gqa, synth):
+    """Same tokens; fewer passes; the prompts count towards the tokens before the first token."""
+    shape = perf.make_shape("tree_of_thoughts", B=3, V=2)
+    plain = perf.run_once(tiny_gqa, shape, "choreographed[torch]", synth)
+    fused = perf.run_once(tiny_gqa, shape, "choreographed[torch]+fused", synth)
+    assert fused["generated"] == plain["generated"]
+    assert fused["tokens_processed"] == plain["tokens_processed"]
+    prompts = 4  # question, propose, vote, final: one pass each when not fused
+    assert fused["forward_passes"] == plain["forward_passes"] - prompts
+    assert fused["prompt_tokens"] > plain["prompt_tokens"]
+    assert [len(s) for s in plain["stage_tokens"]] == [1, 1, 1]  # one batched pass per stage
+
+
+def test_hf_arm_counts_passes_and_per_call_first_tokens(tiny_gqa, synth):
+    shape = perf.make_shape("tree_of_thoughts", B=3, V=2)
+    hf = perf.run_once(tiny_gqa, shape, "hf", synth)
+    base = perf.run_once(tiny_gqa, shape, "baseline", synth)
+    assert [len(s) for s in hf["stage_tokens"]] == [3, 2, 1]  # calls run one after another
+    assert sum(map(sum, hf["stage_tokens"])) == hf["prompt_tokens"] == base["prompt_tokens"]
+    assert hf["forward_passes"] == hf["calls"] * (LENGTHS.content_tokens + 1)
+
+
+def test_fit_affine_and_model_bounds():
+    assert perf.fit_affine([1, 2, 3], [3.0, 5.0, 7.0]) == pytest.approx((1.0, 2.0))
+    with pytest.raises(ValueError, match="two distinct x values"):
+        perf.fit_affine([4, 4], [1.0, 2.0])
+    cost = {"fixed_s": 1.0, "per_token_s": 0.1}
+    slow = {"wall_s": 3.0, "ttft_sum_s": 2.0, "tokens_processed": 100, "prompt_tokens": 40, "forward_passes": 10,
+            "stage_tokens": [[20], [20]]}
+    fast = {"wall_s": 1.0, "ttft_sum_s": 1.0, "tokens_processed": 20, "prompt_tokens": 4, "forward_passes": 10,
+            "stage_tokens": [[2], [2]]}
+    assert perf.model_seconds(slow, cost) == pytest.approx({"ttft": 6.0, "e2e": 20.0})
+    s = perf.speedups({"b": [slow], "c": [fast]}, "b", "c", cost=cost)
+    assert s["ttft_bound"] == 10.0 and s["ttft_model"] == pytest.approx(6.0 / 2.4)
+    assert s["e2e_bound"] == 5.0 and s["e2e_model"] == pytest.approx(20.0 / 12.0)
+
+
+def test_table_row_shows_bounds_and_fused(tiny_gqa, synth):
+    shape = perf.make_shape("multiqa", k=2)
+    runs = perf.compare(tiny_gqa, shape, arms=["choreographed[torch]", "choreographed[torch]+fused", "baseline"],
+                        lengths=LENGTHS, rounds=1, warmup=0)
+    figure = perf.summarize(runs, "choreographed[torch]", cost={"fixed_s": 0.01, "per_token_s": 0.001})
+    assert set(figure["speedups"]) == {"choreographed[torch]+fused", "baseline"} and "fused" in figure
+    row = perf.table_rows({shape.label: figure}, {})[0]
+    assert row[0] == "multiqa k=2" and "tokens" in row[1] and "passes" in row[2] and row[3] != "-"
+
+
+def test_baseline_add_generated_is_a_parent_like_any_other(tiny_gqa):
+    """The public route the hf arm takes: a message generated elsewhere joins the baseline's book."""
+    bl = choreo.Baseline(tiny_gqa)
+    q = bl.prefill("Hello there.", role="user")
+    call = choreo.Call(role="assistant", parents=[q], max_tokens=3)
+    prompt, start, parents = bl.serial_prompt(call)
+    assert parents == (q.id,) and start == q.start + q.length and prompt[: q.length] == q.ids
+    msg = bl.add_generated(call, [5, 6, 7])
+    assert msg.tokens == [5, 6, 7] and bl.message(msg.id) is msg
+    follow = bl.serial_prompt(choreo.Call(role="user", parents=[q, msg]))[0]
+    assert follow[: len(prompt) - len(bl.format.header("assistant", ""))] == q.ids
+    assert msg.ids == follow[q.length: q.length + msg.length]

@@ -149,9 +149,9 @@ def test_runner_memory(benchmark, model, profile, engine_rows):
     def target():
         runner = choreo.Runner(ex, max_concurrent=CONVERSATIONS, progress=False)
         before = psutil.Process().memory_info().rss
-        reset = perf._reset_peak_rss()
+        reset = perf.reset_peak_rss()
         runner.run([workflow] * CONVERSATIONS)
-        figures.update(rss_before=before, rss_peak=perf._peak_rss(), peak_reset=reset,
+        figures.update(rss_before=before, rss_peak=perf.peak_rss(), peak_reset=reset,
                        kv_peak_tokens=runner.stats.peak_cache_tokens, max_batch=runner.stats.max_batch)
 
     benchmark.pedantic(target, rounds=1, warmup_rounds=0)

@@ -31,13 +31,21 @@ def pytest_generate_tests(metafunc):
 
 
 @pytest.fixture(scope="module")
-def collected(model, profile, results_dir):
+def cost(model, profile):
+    """The affine cost of one forward pass (for the pass-cost bounds); None where the profile skips it."""
+    sizes = perf.BENCH_PROFILES[profile].pass_sizes
+    return perf.pass_costs(model, sizes=sizes) if sizes else None
+
+
+@pytest.fixture(scope="module")
+def collected(model, profile, results_dir, cost):
     """Figures per row, gathered by the benchmarks; the table is written once they have all run."""
     figures, memory = {}, {}
     yield {"figures": figures, "memory": memory}
     if figures:
         perf.write_results(results_dir / "performance", model=model, profile=profile, figures=figures,
-                           memory=memory, scaling={}, command=f"pytest suites/performance --profile {profile}")
+                           memory=memory, scaling={}, cost=cost,
+                           command=f"pytest suites/performance --profile {profile}")
 
 
 def _table(figures: dict) -> str:
@@ -46,7 +54,7 @@ def _table(figures: dict) -> str:
     return markdown_table(["shape", "e2e measured / bound", "TTFT measured / bound"], rows)
 
 
-def test_speedups(benchmark, model, profile, shape, collected):
+def test_speedups(benchmark, model, profile, shape, collected, cost):
     cfg = perf.BENCH_PROFILES[profile]
     arms = perf.available_arms(model.spec.device)
     fast = perf.fast_arm(model.spec.device)
@@ -66,9 +74,8 @@ def test_speedups(benchmark, model, profile, shape, collected):
     benchmark.pedantic(target, setup=setup, rounds=cfg.rounds, warmup_rounds=cfg.warmup, iterations=1)
     runs = {a: r[-cfg.rounds:] for a, r in runs.items()}  # drop warm-up rounds
     perf.check_identical(runs)
-    speed = {a: perf.speedups(runs, a, fast) for a in others}
-    slim = {a: [{k: v for k, v in r.items() if k != "generated"} for r in rs] for a, rs in runs.items()}
-    collected["figures"][shape.label] = {"fast": fast, "runs": slim, "speedups": speed}
+    figure = collected["figures"][shape.label] = perf.summarize(runs, fast, cost=cost)
+    speed = figure["speedups"]
     if model.spec.device.type == "cpu" and cfg.memory_arms:
         collected["memory"][shape.label] = {a: perf.measure_memory(shape, a, cfg.lengths)
                                             for a in perf.memory_arms(cfg, model.spec.device)}
@@ -76,11 +83,12 @@ def test_speedups(benchmark, model, profile, shape, collected):
     benchmark.extra_info.update({
         "shape": shape.label, "protocol": perf.TEACHER, "hf_protocol": perf.HF_PROTOCOL,
         "lengths": {"prompt_words": cfg.lengths.prompt_words, "content_tokens": cfg.lengths.content_tokens},
-        "speedups": speed,
+        "speedups": speed, "fused": figure.get("fused"), "pass_cost": cost,
         "ttft_calls_s": {a: r["ttft_calls_s"] for a, r in first.items()},
         "ttft_sum_s": {a: r["ttft_sum_s"] for a, r in first.items()},
         "wall_s": {a: [x["wall_s"] for x in r] for a, r in runs.items()},
         "tokens_processed": {a: r["tokens_processed"] for a, r in first.items()},
+        "forward_passes": {a: r["forward_passes"] for a, r in first.items()},
         "prompt_tokens": {a: r["prompt_tokens"] for a, r in first.items()},
         "kv_peak_bytes": {a: r["kv_peak_bytes"] for a, r in first.items()},
         "cuda_peak_bytes": {a: r["cuda_peak_bytes"] for a, r in first.items()},

@@ -1,0 +1,32 @@
+"""Performance: workflow shapes, the arms that run them, and side-by-side measurement.
+
+Modules: ``shapes`` (synthetic content, the paper's workflows), ``arms`` (executors emitting identical
+tokens), ``measure`` (``run_once``, ``compare``, speed-ups with their token and pass-cost bounds, the cost
+of one forward pass), ``memory`` (peak RSS in a subprocess), ``config`` (profiles), ``report`` (tables,
+plots), ``cli`` (``choreo bench``).
+
+Example::
+
+    from choreo import perf
+    model = choreo.load_model()
+    runs = perf.compare(model, perf.make_shape("tree_of_thoughts", B=8, V=4),
+                        arms=("choreographed[torch]", "baseline"), lengths=perf.Lengths(), rounds=3)
+    perf.speedups(runs, "baseline", "choreographed[torch]")  # {"e2e": ..., "ttft": ..., bounds ...}
+"""
+
+from .arms import (HF_PROTOCOL, TEACHER, HFSession, StepwiseBaseline, StepwiseChoreographer, available_arms,
+                   fast_arm, make_executor)
+from .cli import bench, register, remeasure_memory
+from .config import BENCH_PROFILES, BenchConfig, memory_arms
+from .measure import (check_identical, compare, fit_affine, measure_shape, model_seconds, pass_costs, run_once,
+                      speedups, summarize)
+from .memory import measure_memory, measure_memory_here, peak_rss, reset_peak_rss
+from .report import plot_scaling, table_rows, write_pass_costs, write_results
+from .shapes import PAPER, PAPER_SHAPES, SCALING, WORKFLOWS, Lengths, Recorder, Shape, Synth, make_shape
+
+__all__ = ["BENCH_PROFILES", "BenchConfig", "HFSession", "HF_PROTOCOL", "Lengths", "PAPER", "PAPER_SHAPES",
+           "Recorder", "SCALING", "Shape", "StepwiseBaseline", "StepwiseChoreographer", "Synth", "TEACHER",
+           "WORKFLOWS", "available_arms", "bench", "check_identical", "compare", "fast_arm", "fit_affine",
+           "make_executor", "make_shape", "measure_memory", "measure_memory_here", "measure_shape", "memory_arms",
+           "model_seconds", "pass_costs", "peak_rss", "plot_scaling", "register", "remeasure_memory",
+           "reset_peak_rss", "run_once", "speedups", "summarize", "table_rows", "write_pass_costs", "write_results"]

@@ -1,0 +1,137 @@
+"""The arms of the performance suite: executors that run a shape, all emitting the same tokens.
+
+- ``choreographed[<backend>]``: ``Choreographer`` with an attention backend ("torch"; "triton" on CUDA).
+- ``baseline``: ``Baseline`` (each call re-encodes its serial prompt from position 0).
+- ``baseline+prefix``: ``Baseline(prefix_reuse=True)`` (exact prefix caching, as vLLM/SGLang do).
+- ``hf``: ``model.hf_model`` with its own KV cache on the *same serial prompt ids* the baseline builds.
+
+Content is teacher-forced *one decode step at a time* (``TEACHER``): a call's prompt is encoded, then each
+forced content token is fed as if it had been sampled, so time to first token is real prompt processing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Sequence
+
+import torch
+
+from ..baseline import Baseline
+from ..cache import Message
+from ..engine import Call, Choreographer, Engine, Job
+from ..model import Model
+
+TEACHER = "teacher-forced, one decode step per content token (identical tokens in every arm)"
+HF_PROTOCOL = ("hf_model forward with its DynamicCache on the baseline's serial prompt ids, then the same "
+               "teacher tokens one step at a time and a closing step with the footer (logits_to_keep=1); "
+               "parallel calls one after another")
+
+
+class _StepwiseEngine(Engine):
+    """Feeds a job's forced tokens as if sampled (no argmax), one decode step each."""
+
+    def _advance(self, job: Job, logits: torch.Tensor) -> None:
+        forced = getattr(job, "forced", None)
+        if forced is None or job.closing:
+            return super()._advance(job, logits)
+        if job.msg.ttft is None:
+            job.msg.ttft = time.perf_counter() - job.t0
+        token = forced[len(job.generated)]
+        job.generated.append(token)
+        done = len(job.generated) >= len(forced)
+        job.pending, job.closing = ([token] + job.footer, True) if done else ([token], False)
+
+
+class _Stepwise:
+    """Executor mixin: a call with ``teacher_tokens`` decodes them step by step instead of in one pass."""
+
+    def __init__(self, model, **kwargs):
+        super().__init__(model, **kwargs)
+        self.engine.__class__ = _StepwiseEngine  # adds behaviour only, no state
+
+    def make_job(self, call: Call, header, **kwargs) -> Job:
+        if call.teacher_tokens is None:
+            return super().make_job(call, header, **kwargs)
+        forced = [int(t) for t in call.teacher_tokens]
+        job = super().make_job(dataclasses.replace(call, teacher_tokens=None, max_tokens=len(forced)), header, **kwargs)
+        job.forced = forced
+        return job
+
+
+class StepwiseChoreographer(_Stepwise, Choreographer):
+    """``Choreographer`` whose teacher-forced calls decode one token per step."""
+
+
+class StepwiseBaseline(_Stepwise, Baseline):
+    """``Baseline`` whose teacher-forced calls decode one token per step."""
+
+
+class HFSession:
+    """The executor verbs over ``model.hf_model`` on the baseline's serial prompts (verbs never suspend)."""
+
+    def __init__(self, model: Model):
+        self.model, self.book = model, Baseline(model)  # the book keeps messages and builds the prompts
+        self.tokens_processed, self.forward_passes, self.peak_kv_tokens, self.created = 0, 0, 0, []
+
+    async def prefill(self, text, *, role, parents=(), offsets=None, new_offset=None) -> Message:
+        msg = self.book.prefill(text, role=role, parents=parents, offsets=offsets, new_offset=new_offset)
+        self.created.append(msg)
+        return msg
+
+    async def decode(self, calls: Sequence[Call]) -> list[Message]:
+        t0, out = time.perf_counter(), []
+        for call in calls:
+            out.append(self._one(call, t0))
+        self.created.extend(out)
+        return out
+
+    @torch.inference_mode()
+    def _one(self, call: Call, t0: float) -> Message:
+        hf, dev = self.model.hf_model, self.model.spec.device
+        prompt, _, _ = self.book.serial_prompt(call)  # exactly the baseline's serial prompt
+        forced, footer = [int(t) for t in call.teacher_tokens], self.book.format.footer(call.role)
+        step = lambda ids, past: hf(input_ids=torch.tensor([ids], device=dev), past_key_values=past,
+                                    use_cache=True, logits_to_keep=1)
+        out = step(prompt, None)
+        ttft = time.perf_counter() - t0
+        for token in forced[:-1]:
+            out = step([token], out.past_key_values)
+        step([forced[-1]] + footer, out.past_key_values)
+        n = len(prompt) + len(forced) + len(footer)
+        self.tokens_processed += n
+        self.forward_passes += len(forced) + 1
+        self.peak_kv_tokens = max(self.peak_kv_tokens, n)
+        return self.book.add_generated(call, forced, ttft=ttft, latency=time.perf_counter() - t0)
+
+    def close(self) -> None:
+        self.book.free(*[m for m in self.created if not m.freed])
+        self.created = []
+
+
+def available_arms(device) -> list[str]:
+    """Arms that run on ``device``: the torch backend everywhere, triton on CUDA; the device's default
+    backend also with prefills fused into the first pass that reads them (``+fused``)."""
+    backends = ["torch"] + (["triton"] if torch.device(device).type == "cuda" else [])
+    return ([f"choreographed[{b}]" for b in backends] + [fast_arm(device) + "+fused"]
+            + ["baseline", "baseline+prefix", "hf"])
+
+
+def fast_arm(device) -> str:
+    """The choreographed arm with the device's default attention backend (torch on CPU, triton on CUDA)."""
+    from ..attention import default_backend
+
+    return f"choreographed[{default_backend(torch.device(device))}]"
+
+
+def make_executor(model: Model, arm: str):
+    """The executor of an engine arm (``hf`` has none: see ``HFSession``). ``+fused`` changes how the
+    runner schedules prefills (``run_once``), not the executor."""
+    base = arm.removesuffix("+fused")
+    if base.startswith("choreographed[") and base.endswith("]"):
+        return StepwiseChoreographer(model, attention=base[len("choreographed["):-1])
+    if arm == "baseline":
+        return StepwiseBaseline(model)
+    if arm == "baseline+prefix":
+        return StepwiseBaseline(model, prefix_reuse=True)
+    raise ValueError(f"unknown arm {arm!r}; choose one of {available_arms('cuda')}")

@@ -1,0 +1,114 @@
+"""``choreo bench``: measure the performance shapes and write ``results/performance/``."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from ..model import Model
+from .arms import available_arms, fast_arm
+from .config import BENCH_PROFILES, memory_arms
+from .measure import measure_shape, pass_costs
+from .memory import measure_memory
+from .report import write_pass_costs, write_results
+
+
+def bench(model: Model, *, profile: str, results_dir: Path, model_path: str | None = None,
+          command: str | None = None, log: Callable[[str], None] = print, progress: bool = True) -> dict:
+    """Measure every shape of a profile, write ``results_dir/performance/`` (tables, JSON, plots)."""
+    from tqdm.auto import tqdm
+
+    cfg = BENCH_PROFILES[profile]
+    arms = available_arms(model.spec.device)
+    out = Path(results_dir) / "performance"
+    cost = pass_costs(model, sizes=cfg.pass_sizes) if cfg.pass_sizes else None
+    if cost is not None:
+        write_pass_costs(out, model, cost, command=command)
+        log(f"pass cost: {1000 * cost['fixed_s']:.1f} ms + {1000 * cost['per_token_s']:.2f} ms x S")
+    figures, memory, scaling = {}, {}, {}
+    for shape in tqdm(cfg.shapes, desc="shapes", disable=not progress):
+        figures[shape.label] = measure_shape(model, shape, arms, lengths=cfg.lengths, rounds=cfg.rounds,
+                                             warmup=cfg.warmup, cost=cost)
+        log(f"{shape.label}: e2e {json.dumps({a: round(s['e2e'], 2) for a, s in figures[shape.label]['speedups'].items()})}")
+    fast = fast_arm(model.spec.device)
+    for axis, shapes in cfg.scaling.items():
+        scaling[axis] = []
+        for shape in tqdm(shapes, desc=f"scaling {axis}", disable=not progress):
+            f = measure_shape(model, shape, [fast, "baseline"], lengths=cfg.lengths, rounds=cfg.scaling_rounds,
+                              warmup=0, cost=cost)
+            scaling[axis].append((dict(shape.size)[axis], f["speedups"]["baseline"]))
+    if model.spec.device.type == "cpu":
+        for shape in tqdm(cfg.shapes if cfg.memory_arms else (), desc="memory", disable=not progress):
+            memory[shape.label] = {a: measure_memory(shape, a, cfg.lengths, model_path=model_path)
+                                   for a in memory_arms(cfg, model.spec.device)}
+    write_results(out, model=model, profile=profile, figures=figures, memory=memory, scaling=scaling, cost=cost,
+                  command=command)
+    return {"figures": figures, "memory": memory, "scaling": scaling, "cost": cost}
+
+
+def remeasure_memory(out: Path, model: Model, *, model_path: str | None = None, command: str | None = None) -> Path:
+    """Peak memory again for every shape in ``out/speedups.json``; timings are kept as measured (their command
+    and date stay in the provenance as ``timings_command``/``timings_date``)."""
+    stored = json.loads((Path(out) / "speedups.json").read_text())
+    data, timed = stored["data"], stored["provenance"]
+    cfg = BENCH_PROFILES[data["profile"]]
+    memory = {}
+    for shape in cfg.shapes:
+        if shape.label in data["figures"]:
+            memory[shape.label] = {a: measure_memory(shape, a, cfg.lengths, model_path=model_path)
+                                   for a in memory_arms(cfg, model.spec.device)}
+    return write_results(Path(out), model=model, profile=data["profile"], figures=data["figures"], memory=memory,
+                         scaling={k: [tuple(p) for p in v] for k, v in data["scaling"].items()},
+                         cost=data.get("cost"), command=command,
+                         timings_command=timed.get("timings_command", timed.get("command")),
+                         timings_date=timed.get("timings_date", timed.get("date")))
+
+
+def register(sub) -> None:
+    """Add ``bench`` to an argparse subparsers object."""
+    p = sub.add_parser("bench", help="time to first token, end-to-end time and peak memory per workflow shape")
+    p.add_argument("--profile", default="small", choices=sorted(BENCH_PROFILES), help="sizes (default: small)")
+    p.add_argument("--model", default=None, help="local checkpoint directory (default: embedded SmolLM2-135M)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
+    p.add_argument("--results-dir", default="results", help="where performance/ goes (default: results/)")
+    p.add_argument("--passes-only", action="store_true", help="only measure the cost of one forward pass")
+    p.add_argument("--memory-only", action="store_true",
+                   help="re-measure peak memory for the shapes of an existing speedups.json and rewrite the table")
+    p.set_defaults(func=_bench_command)
+
+
+def _command(args) -> str:
+    """The command line that reproduces ``args`` (for provenance)."""
+    parts = ["choreo", "bench", "--profile", args.profile, "--results-dir", args.results_dir]
+    parts += [x for k in ("model", "device") if getattr(args, k) for x in (f"--{k}", getattr(args, k))]
+    parts += [f"--{k.replace('_', '-')}" for k in ("passes_only", "memory_only") if getattr(args, k)]
+    return " ".join(shlex.quote(str(p)) for p in parts)
+
+
+def _bench_command(args) -> int:
+    from ..model import load_model
+
+    model = load_model(args.model, device=args.device)
+    out, command = Path(args.results_dir) / "performance", _command(args)
+    if args.memory_only:
+        remeasure_memory(out, model, model_path=args.model, command=command)
+        print((out / "speedups.md").read_text())
+    elif args.passes_only:
+        print(write_pass_costs(out, model, pass_costs(model), command=command).read_text())
+    else:
+        bench(model, profile=args.profile, results_dir=Path(args.results_dir), model_path=args.model, command=command)
+        print((out / "speedups.md").read_text())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m choreo.perf bench ...`` (the same as ``choreo bench ...``)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m choreo.perf")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    return args.func(args)

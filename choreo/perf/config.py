@@ -1,0 +1,47 @@
+"""What ``choreo bench`` and the performance suite measure at each profile."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .arms import fast_arm
+from .shapes import PAPER_SHAPES, SCALING, Lengths, Shape, make_shape
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BenchConfig:
+    """Sizes, shapes and repetitions of one profile (``BENCH_PROFILES``).
+
+    Example: ``BENCH_PROFILES["small"].rounds``.
+    """
+
+    lengths: Lengths
+    shapes: tuple[Shape, ...] = PAPER_SHAPES
+    rounds: int = 3
+    warmup: int = 1
+    scaling: dict = dataclasses.field(default_factory=dict)
+    scaling_rounds: int = 1
+    memory_arms: tuple[str, ...] = ("choreographed", "baseline")  # "choreographed": the device's default
+    pass_sizes: tuple[int, ...] = (1, 8, 32, 128, 512)  # prefill sizes of the pass-cost fit; () skips it
+
+    def __post_init__(self):
+        for name in ("rounds", "scaling_rounds"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"BenchConfig.{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"BenchConfig.warmup must be an integer >= 0, got {self.warmup!r}")
+
+
+BENCH_PROFILES = {
+    "smoke": BenchConfig(lengths=Lengths(prompt_words=32, content_tokens=4), rounds=3, warmup=1,
+                         shapes=(make_shape("multiqa", k=2), make_shape("tree_of_thoughts", B=2, V=2),
+                                 make_shape("parallel_debate", A=2, rounds=1)), memory_arms=(), pass_sizes=()),
+    "small": BenchConfig(lengths=Lengths(prompt_words=24, content_tokens=8), rounds=2, warmup=1, scaling=SCALING),
+    "paper": BenchConfig(lengths=Lengths(prompt_words=64, content_tokens=64), rounds=5, warmup=1, scaling=SCALING,
+                         scaling_rounds=3, memory_arms=("choreographed", "baseline", "baseline+prefix", "hf")),
+}
+
+
+def memory_arms(cfg: BenchConfig, device) -> list[str]:
+    """The arms whose peak memory a profile measures, with "choreographed" resolved for ``device``."""
+    return [fast_arm(device) if a == "choreographed" else a for a in cfg.memory_arms]

@@ -1,0 +1,90 @@
+"""Peak memory of one workflow run, measured in isolation (one subprocess per configuration).
+
+Process RSS on CPU: the peak resident set (``VmHWM``, reset before the run) above the RSS before it.
+KV-cache bytes and, on CUDA, ``torch.cuda.max_memory_allocated`` come from ``run_once``.
+
+Example: ``measure_memory(make_shape("multiqa", k=2), "baseline", Lengths())["rss_delta"]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from ..model import Model
+from .arms import make_executor
+from .measure import run_once
+from .shapes import Lengths, Shape, Synth, make_shape
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS; False where the kernel does not allow it (then the peak is since start)."""
+    try:  # Linux >= 4.0: writing 5 resets VmHWM (the peak resident set) of this process
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss() -> int:
+    """Peak resident set of this process in bytes (since the last ``reset_peak_rss``)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure_memory_here(model: Model, shape: Shape, arm: str, lengths: Lengths) -> dict:
+    """Peak RSS of one run in this process, above the RSS before it.
+
+    One 2-token forward pass runs first: the first pass of a process allocates a fixed ~0.4 GiB (library
+    initialisation, the same in every arm) that is not the workflow's. The workflow itself is not warmed
+    up: its KV buffers, activations and allocator growth are its footprint.
+    """
+    import psutil
+
+    synth = Synth(model.tokenizer, lengths)
+    executor = None if arm == "hf" else make_executor(model, arm)
+    with torch.inference_mode():
+        model.hf_model(input_ids=torch.tensor([[1, 2]], device=model.spec.device), logits_to_keep=1)
+    before = psutil.Process().memory_info().rss
+    reset = reset_peak_rss()
+    result = run_once(model, shape, arm, synth, executor)
+    peak = peak_rss()
+    return {"arm": arm, "shape": shape.label, "rss_before": before, "rss_peak": peak, "peak_reset": reset,
+            "rss_delta": max(peak - before, 0), "kv_peak_bytes": result["kv_peak_bytes"],
+            "cuda_peak_bytes": result["cuda_peak_bytes"]}
+
+
+def measure_memory(shape: Shape, arm: str, lengths: Lengths, *, model_path: str | None = None,
+                   timeout: float = 900) -> dict:
+    """``measure_memory_here`` in a fresh subprocess (one per configuration, so peaks do not mix)."""
+    spec = {"shape": shape.name, "size": dict(shape.size), "arm": arm, "lengths": dataclasses.asdict(lengths),
+            "model": model_path}
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    out = subprocess.run([sys.executable, "-m", "choreo.perf.memory", json.dumps(spec)], capture_output=True, text=True,
+                         timeout=timeout, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory subprocess for {shape.label} / {arm} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _child(spec: dict) -> None:
+    from ..model import load_model
+
+    model = load_model(spec["model"])
+    result = measure_memory_here(model, make_shape(spec["shape"], **spec["size"]), spec["arm"],
+                                 Lengths(**spec["lengths"]))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":  # python -m choreo.perf.memory '<json spec>': one measurement, printed as JSON
+    _child(json.loads(sys.argv[1]))

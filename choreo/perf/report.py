@@ -1,0 +1,151 @@
+"""The performance tables and scaling plots under ``results/performance/``."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+
+from ..model import Model
+from .arms import HF_PROTOCOL, TEACHER
+from .config import BENCH_PROFILES
+from .shapes import PAPER
+
+COLUMNS = ["workflow", "end-to-end speed-up vs baseline", "TTFT speed-up vs baseline",
+           "end-to-end vs baseline, prefills fused", "end-to-end vs baseline+prefix / hf", "paper (A100) e2e / TTFT",
+           "peak RSS (+ above loaded model): choreographed vs baseline", "peak KV cache: choreographed vs baseline"]
+
+
+def _x(s: dict, key: str) -> str:
+    """``1.72x (tokens 4.3x: 40%; passes 2.0x: 86%)``: a speed-up against its token and pass-cost bounds."""
+    value, parts = s[key], []
+    if f"{key}_bound" in s:
+        parts.append(f"tokens {s[f'{key}_bound']:.1f}x: {100 * value / s[f'{key}_bound']:.0f}%")
+    if f"{key}_model" in s:
+        parts.append(f"passes {s[f'{key}_model']:.1f}x: {100 * value / s[f'{key}_model']:.0f}%")
+    return f"{value:.2f}x" + (f" ({'; '.join(parts)})" if parts else "")
+
+
+def _mib(n: float | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+def _rss(m: dict | None) -> str:
+    return "-" if not m else f"{m['rss_peak'] / 2**20:.0f} MiB (+{m['rss_delta'] / 2**20:.0f})"
+
+
+def table_rows(figures: dict, memory: dict) -> list[list[str]]:
+    """One row per shape: speed-ups of the choreographed arm over each other arm, and peak memory."""
+    rows = []
+    for label, f in figures.items():
+        base = f["speedups"]["baseline"]
+        mem = memory.get(label, {})
+        paper = PAPER.get(label)
+        rows.append([
+            label, _x(base, "e2e"), _x(base, "ttft"),
+            _x(f["fused"], "e2e") if f.get("fused") else "-",
+            " / ".join(f"{f['speedups'][a]['e2e']:.2f}x" for a in ("baseline+prefix", "hf") if a in f["speedups"]) or "-",
+            "-" if paper is None else f"{paper['e2e']:.2f}x / {paper['ttft']:.1f}x",
+            " vs ".join(_rss(mem.get(a)) for a in (f["fast"], "baseline")) if mem else "-",
+            " vs ".join(_mib(f["runs"][a][0]["kv_peak_bytes"]) for a in (f["fast"], "baseline")),
+        ])
+    return rows
+
+
+def plot_scaling(path: Path, *, title: str, axis: str, points: list[tuple[int, dict]]) -> Path:
+    """Speed-up of the choreographed arm over the baseline against one size, with its bounds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [x for x, _ in points]
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for key, marker, color in (("e2e", "o", "tab:blue"), ("ttft", "s", "tab:green")):
+        ax.plot(xs, [s[key] for _, s in points], marker + "-", color=color, label=f"{key} measured")
+        ax.plot(xs, [s[f"{key}_bound"] for _, s in points], marker + ":", color=color, alpha=0.5,
+                label=f"{key} token bound")
+        if all(f"{key}_model" in s for _, s in points):
+            ax.plot(xs, [s[f"{key}_model"] for _, s in points], marker + "--", color=color, alpha=0.7,
+                    label=f"{key} pass-cost bound")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.set_xlabel(axis)
+    ax.set_ylabel("speed-up vs baseline (x)")
+    ax.set_title(title, fontsize="medium")
+    ax.legend(fontsize="x-small", frameon=False)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_results(out: Path, *, model: Model, profile: str, figures: dict, memory: dict, scaling: dict,
+                  cost: dict | None = None, command: str | None = None, **extra) -> Path:
+    """``speedups.md``/``.json`` (one row per shape) and ``scaling_<axis>.png`` under ``out``.
+
+    ``extra`` goes into the provenance (e.g. where re-measured memory joins earlier timings).
+    """
+    from ..provenance import provenance
+    from ..report import write_table
+
+    cfg = BENCH_PROFILES[profile]
+    load = os.getloadavg()
+    prov = provenance(model, seeds=None, sample_sizes={"rounds": cfg.rounds, "warmup": cfg.warmup,
+                                                      **dataclasses.asdict(cfg.lengths)},
+                      command=command, protocol=TEACHER, hf_protocol=HF_PROTOCOL, load_average=load,
+                      threads=torch.get_num_threads(), **extra)
+    notes = [
+        f"Protocol: {TEACHER}; {cfg.lengths.prompt_words}-word synthetic prompts, "
+        f"{cfg.lengths.content_tokens} content tokens per call. hf arm: {HF_PROTOCOL}.",
+        "Speed-ups are medians over rounds of ratios measured side by side in the same round (arms interleaved).",
+        "Bounds: tokens = tokens the baseline encodes / tokens the choreographed arm encodes (end-to-end: all "
+        "forward-pass tokens; TTFT: tokens encoded before each stage's first tokens); passes = the same ratio of "
+        "times predicted by the affine cost of one forward pass (pass_cost.md), which charges every pass its fixed "
+        "part. The percentage is measured / bound.",
+        "TTFT = summed over sequential stages of the slowest call's time to first token. Choreographed prompt "
+        "messages are encoded when created, in passes of their own, counted in end-to-end time but not in TTFT; "
+        "'prefills fused' encodes them in the first pass of the call that reads them (the Runner's default).",
+        "Peak RSS: one subprocess per configuration (model loaded, one 2-token priming pass, VmHWM reset, one "
+        "run); + is the growth above the RSS before the run. Peak KV: the store's peak rows in use x bytes per "
+        "token.",
+        f"1-min load average {load[0]:.1f} on {os.cpu_count()} cores at the end of the run, "
+        f"{torch.get_num_threads()} torch threads.",
+    ]
+    if cost is not None:
+        notes.append(f"Pass cost used for the bounds: t(S) = {1000 * cost['fixed_s']:.1f} ms + "
+                     f"{1000 * cost['per_token_s']:.2f} ms x S, measured in the same run.")
+    write_table(out, "speedups", title="Performance: choreographed vs re-encoding vs Hugging Face (teacher-forced)",
+                columns=COLUMNS, rows=table_rows(figures, memory),
+                data={"figures": figures, "memory": memory, "scaling": scaling, "profile": profile, "cost": cost},
+                provenance=prov, notes=notes)
+    titles = {"B": "tree of thoughts, V=4: proposals B", "V": "tree of thoughts, B=4: voters V",
+              "A": "parallel debate, 3 rounds: agents A"}
+    for axis, points in scaling.items():
+        plot_scaling(out / f"scaling_{axis}.png", title=titles.get(axis, axis), axis=axis, points=points)
+    return out / "speedups.md"
+
+
+def write_pass_costs(out: Path, model: Model, costs: dict, *, command: str | None = None) -> Path:
+    """``pass_cost.md``/``.json``: measured pass times against the affine fit."""
+    from ..provenance import provenance
+    from ..report import write_table
+
+    fit = lambda s: costs["fixed_s"] + costs["per_token_s"] * s
+    rows = [[f"prefill, S={s}", f"{1000 * t:.1f} ms", f"{1000 * fit(s):.1f} ms"] for s, t in costs["prefill_s"].items()]
+    rows += [[f"decode step, B={b} calls", f"{1000 * t:.1f} ms", f"{1000 * fit(b):.1f} ms"]
+             for b, t in costs["decode_step_s"].items()]
+    notes = [f"Least-squares fit over the prefills: t(S) = {1000 * costs['fixed_s']:.1f} ms + "
+             f"{1000 * costs['per_token_s']:.2f} ms x S. The fixed part is paid by every forward pass (on CPU, "
+             "mostly streaming the weights from memory), so a choreographed call that encodes a few header tokens "
+             "cannot be faster than it, whatever the token bound says. A decode step of B calls encodes B tokens.",
+             f"1-min load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, "
+             f"{costs.get('threads', torch.get_num_threads())} torch threads."]
+    return write_table(out, "pass_cost", title="Cost of one forward pass (choreographed engine, torch attention)",
+                       columns=["pass", "measured (min of repeats)", "affine fit"], rows=rows, data=costs,
+                       provenance=provenance(model, seeds=None, sample_sizes={"repeats": costs.get("repeats")},
+                                             command=command), notes=notes)

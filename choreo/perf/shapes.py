@@ -1,0 +1,228 @@
+"""Workflow shapes of the performance suite: synthetic content and the paper's workflows, written once.
+
+Every shape is one ``async def`` over a ``Recorder`` (the executor verbs plus a record of each decode
+stage); the arm that runs it is the executor underneath. Content is synthetic and deterministic
+(``Synth``), so every arm runs the same prompts and emits the same teacher tokens.
+
+Example::
+
+    shape = make_shape("tree_of_thoughts", B=8, V=4)
+    stages = Runner(executor).run([shape.workflow(Synth(model.tokenizer, Lengths()))])[0]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Callable, Sequence
+
+from ..cache import Message
+from ..engine import Call
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Lengths:
+    """Sizes of the synthetic messages: words per prompt, tokens per generated message."""
+
+    prompt_words: int = 24
+    content_tokens: int = 16
+
+    def __post_init__(self):
+        for name in ("prompt_words", "content_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"Lengths.{name} must be an integer >= 1, got {value!r}")
+
+
+_WORDS = ("the plan should weigh cost risk and time before we agree on a fair answer to this question "
+          "consider each option carefully then explain which one is better and why a careful reader "
+          "would accept it given what we know about the problem so far").split()
+
+
+class Synth:
+    """Deterministic prompts and teacher tokens keyed by a tag (the same in every arm).
+
+    Example: ``s = Synth(model.tokenizer, Lengths()); s.prompt("question"); s.tokens("vote/3")``.
+    """
+
+    def __init__(self, tokenizer, lengths: Lengths):
+        self.tokenizer, self.lengths = tokenizer, lengths
+        self._cache: dict[str, list[int]] = {}
+        bad = {tokenizer.eos_token_id, *tokenizer.all_special_ids}
+        self._bad = {b for b in bad if b is not None}
+
+    def prompt(self, tag: str) -> str:
+        rng = random.Random(f"prompt/{tag}")
+        return f"[{tag}] " + " ".join(rng.choice(_WORDS) for _ in range(self.lengths.prompt_words))
+
+    def tokens(self, tag: str) -> list[int]:
+        """``content_tokens`` ordinary token ids (no special or stop tokens)."""
+        if tag not in self._cache:
+            rng = random.Random(f"content/{tag}")
+            text = " ".join(rng.choice(_WORDS) for _ in range(4 * self.lengths.content_tokens))
+            ids = [t for t in self.tokenizer.encode(text, add_special_tokens=False) if t not in self._bad]
+            self._cache[tag] = ids[: self.lengths.content_tokens]
+        return self._cache[tag]
+
+
+class Recorder:
+    """Wraps a session: passes verbs through and records every decode stage (a set of parallel calls)."""
+
+    def __init__(self, ex, synth: Synth):
+        self.ex, self.synth, self.stages = ex, synth, []
+        self._prefilled = 0  # tokens of the messages prefilled since the last stage
+
+    async def prefill(self, tag: str, *, role: str, parents=()) -> Message:
+        msg = await self.ex.prefill(self.synth.prompt(tag), role=role, parents=parents)
+        self._prefilled += msg.length
+        return msg
+
+    async def decode(self, tags: Sequence[str], parents: Sequence[Sequence[Message]], role="assistant") -> list[Message]:
+        roles = [role] * len(tags) if isinstance(role, str) else list(role)
+        calls = [Call(role=r, parents=tuple(p), teacher_tokens=self.synth.tokens(t), max_tokens=1)
+                 for t, p, r in zip(tags, parents, roles)]
+        msgs = await self.ex.decode(calls)
+        self.stages.append([{
+            "ttft": m.ttft, "latency": m.latency, "tokens": list(m.tokens), "header": m.content[0],
+            "parent_tokens": sum(p.length for p in ps), "prefilled": self._prefilled,
+        } for m, ps in zip(msgs, parents)])
+        self._prefilled = 0
+        return msgs
+
+    async def decode1(self, tag: str, parents: Sequence[Message], role="assistant") -> Message:
+        return (await self.decode([tag], [parents], role))[0]
+
+
+async def prisoners_dilemma(rec: Recorder, *, rounds: int = 2):
+    """Private plans, ``rounds`` of public A->B turns, then both decisions in parallel."""
+    sys_ = {a: await rec.prefill(f"pd/system/{a}", role="system") for a in ("alice", "bob")}
+    plan = dict(zip(sys_, await rec.decode(["pd/plan/alice", "pd/plan/bob"], [[sys_["alice"]], [sys_["bob"]]])))
+    public: list[Message] = []
+    for r in range(rounds):
+        for a in ("alice", "bob"):
+            public.append(await rec.decode1(f"pd/turn/{r}/{a}", [sys_[a], plan[a], *public], role=f"assistant:{a}"))
+    await rec.decode([f"pd/decide/{a}" for a in sys_], [[sys_[a], plan[a], *public] for a in sys_])
+    return rec.stages
+
+
+async def multiqa(rec: Recorder, *, k: int = 2):
+    """k questions encoded in parallel, one answer attending to all of them."""
+    sys_ = await rec.prefill("mqa/system", role="system")
+    qs = [await rec.prefill(f"mqa/q{i}", role="user", parents=[sys_]) for i in range(k)]
+    await rec.decode1("mqa/answer", [sys_, *qs])
+    return rec.stages
+
+
+async def branch_solve_merge(rec: Recorder, *, N: int = 2):
+    """A task, N branch instructions, N parallel solutions, one merge over them."""
+    task = await rec.prefill("bsm/task", role="user")
+    branches = [await rec.prefill(f"bsm/branch{i}", role="user", parents=[task]) for i in range(N)]
+    solved = await rec.decode([f"bsm/solve{i}" for i in range(N)], [[task, b] for b in branches])
+    merge = await rec.prefill("bsm/merge", role="user", parents=[task])
+    await rec.decode1("bsm/final", [task, merge, *solved])
+    return rec.stages
+
+
+async def tree_of_thoughts(rec: Recorder, *, B: int = 8, V: int = 4):
+    """B proposals in parallel, V voters attending to all of them, a final answer from the winner."""
+    q = await rec.prefill("tot/question", role="user")
+    ask = await rec.prefill("tot/propose", role="user", parents=[q])
+    cands = await rec.decode([f"tot/cand{i}" for i in range(B)], [[q, ask]] * B)
+    vote = await rec.prefill("tot/vote", role="user", parents=[q])
+    await rec.decode([f"tot/vote{i}" for i in range(V)], [[vote, *cands]] * V)
+    final = await rec.prefill("tot/final", role="user", parents=[q])
+    await rec.decode1("tot/answer", [final, cands[0]])  # teacher-forced votes: the winner is fixed
+    return rec.stages
+
+
+async def iterative_debate(rec: Recorder, *, rounds: int = 3):
+    """Affirmative then negative, each seeing the whole debate so far, then a judge."""
+    q = await rec.prefill("id/question", role="user")
+    aff_sys = await rec.prefill("id/aff", role="system")
+    neg_sys = await rec.prefill("id/neg", role="system")
+    prev: list[Message] = []
+    for r in range(rounds):
+        prev.append(await rec.decode1(f"id/aff{r}", [aff_sys, q, *prev], role="assistant:aff"))
+        prev.append(await rec.decode1(f"id/neg{r}", [neg_sys, q, *prev], role="assistant:neg"))
+    judge = await rec.prefill("id/judge", role="system")
+    await rec.decode1("id/verdict", [judge, q, *prev])
+    return rec.stages
+
+
+async def parallel_debate(rec: Recorder, *, A: int = 3, rounds: int = 3):
+    """A agents answer in parallel each round, seeing every answer of the previous round."""
+    q = await rec.prefill("pdb/question", role="user")
+    agents = [await rec.prefill(f"pdb/agent{a}", role="system") for a in range(A)]
+    last: list[Message] = []
+    for r in range(rounds):
+        last = await rec.decode([f"pdb/{r}/{a}" for a in range(A)], [[agents[a], q, *last] for a in range(A)],
+                                role=[f"assistant:agent{a}" for a in range(A)])
+    return rec.stages
+
+
+async def conversation(rec: Recorder, *, turns: int = 2):
+    """A multi-turn chat: system prompt, then ``turns`` user/assistant exchanges, each seeing all before it."""
+    history = [await rec.prefill("chat/system", role="system")]
+    for t in range(turns):
+        history.append(await rec.prefill(f"chat/user{t}", role="user", parents=history))
+        history.append(await rec.decode1(f"chat/assistant{t}", history))
+    return rec.stages
+
+
+WORKFLOWS: dict[str, Callable] = {
+    "prisoners_dilemma": prisoners_dilemma,
+    "multiqa": multiqa,
+    "branch_solve_merge": branch_solve_merge,
+    "tree_of_thoughts": tree_of_thoughts,
+    "iterative_debate": iterative_debate,
+    "parallel_debate": parallel_debate,
+    "conversation": conversation,
+}
+_LIMITS = {"B": (1, 16), "V": (2, 16), "A": (2, 8), "k": (1, 16), "N": (1, 16), "rounds": (1, 8), "turns": (1, 16)}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Shape:
+    """A workflow and its size, e.g. ``Shape(name="tree_of_thoughts", size=(("B", 8), ("V", 4)))``."""
+
+    name: str
+    size: tuple[tuple[str, int], ...] = ()
+
+    def __post_init__(self):
+        if self.name not in WORKFLOWS:
+            raise ValueError(f"unknown shape {self.name!r}; choose one of {sorted(WORKFLOWS)}")
+        for key, value in self.size:
+            lo, hi = _LIMITS.get(key, (1, 64))
+            if not isinstance(value, int) or not lo <= value <= hi:
+                raise ValueError(f"{self.name}: size {key}={value!r} must be an integer in {lo}..{hi}")
+
+    @property
+    def label(self) -> str:
+        return self.name + "".join(f" {k}={v}" for k, v in self.size)
+
+    def workflow(self, synth: Synth):
+        return lambda ex: WORKFLOWS[self.name](Recorder(ex, synth), **dict(self.size))
+
+
+def make_shape(name: str, **size: int) -> Shape:
+    return Shape(name=name, size=tuple(sorted(size.items())))
+
+
+# The paper's shapes (Performance section of the seed) at their reported sizes.
+PAPER_SHAPES = (
+    make_shape("prisoners_dilemma", rounds=2),
+    make_shape("multiqa", k=2),
+    make_shape("branch_solve_merge", N=2),
+    make_shape("tree_of_thoughts", B=8, V=4),
+    make_shape("iterative_debate", rounds=3),
+    make_shape("parallel_debate", A=3, rounds=3),
+)
+SCALING = {
+    "B": [make_shape("tree_of_thoughts", B=b, V=4) for b in (2, 4, 8, 16)],
+    "V": [make_shape("tree_of_thoughts", B=4, V=v) for v in (2, 4, 8, 16)],
+    "A": [make_shape("parallel_debate", A=a, rounds=3) for a in (2, 4, 8)],
+}
+# Paper figures (A100), for the table's reference column.
+PAPER = {"tree_of_thoughts B=8 V=4": {"ttft": 3.6, "e2e": 1.03},
+         "iterative_debate rounds=3": {"ttft": 2.0, "e2e": 1.03},
+         "parallel_debate A=3 rounds=3": {"ttft": 6.2, "e2e": 1.03}}
