@@ -192,11 +192,39 @@ def test_finetuned_arm_trains_an_adapter_and_plays(model, tmp_path, baseline):
 
     result = pd.train_adapter(model, strategy="defect", train_seeds=[100, 101], dev_seeds=[102], config=TINY,
                               finetune_config=FinetuneConfig.preset("smoke", max_steps=1), out_dir=tmp_path / "ft",
-                              progress=False)
+                              max_nll=100.0, progress=False)
     assert (tmp_path / "ft" / "best").is_dir() and result.best_adapter == tmp_path / "ft" / "best"
+    fluency = json.loads((tmp_path / "ft" / "fluency.json").read_text())
+    assert [g["seed"] for g in fluency["games"]] == [100, 101, 102] and all(g["kept"] for g in fluency["games"])
+    assert all(0 < g["nll"] < 100 for g in fluency["games"]) and fluency["max_nll"] == 100.0
     with use_adapter(model, result.best_adapter):
         out = _run(model, tmp_path, "finetuned", plans=_plans(baseline), predict=True)
     assert all(r["arm"] == "finetuned" and len(r["predictions"]) == TINY.rounds + 1 for r in out.values())
     with pytest.raises(ValueError, match="train and dev seeds overlap"):
         pd.train_adapter(model, strategy="defect", train_seeds=[1, 2], dev_seeds=[2], config=TINY,
                          finetune_config=FinetuneConfig.preset("smoke"), out_dir=tmp_path / "x", progress=False)
+    with pytest.raises(ValueError, match="max_nll must be > 0 nats or None, got -1"):
+        pd.train_adapter(model, strategy="defect", train_seeds=[1], dev_seeds=[2], config=TINY, max_nll=-1,
+                         finetune_config=FinetuneConfig.preset("smoke"), out_dir=tmp_path / "x", progress=False)
+    with pytest.raises(ValueError, match=r"fluency filter \(max_nll=1e-06\) kept 0 training and 0 dev games"):
+        pd.train_adapter(model, strategy="defect", train_seeds=[100], dev_seeds=[102], config=TINY, max_nll=1e-6,
+                         finetune_config=FinetuneConfig.preset("smoke"), out_dir=tmp_path / "y", progress=False)
+    assert not (tmp_path / "y" / "best").exists()
+
+
+def test_game_nll_is_the_teacher_forced_baseline_nll(tiny_gqa):
+    """game_nll agrees with the log-probs a teacher-forced Baseline decode reports, token-weighted over calls."""
+    async def two_calls(ex):
+        q = await ex.prefill("Say something.", role="user")
+        a = await ex.decode(role="assistant", parents=[q], max_tokens=5, temperature=1.0, seed=3)
+        await ex.decode(role="assistant", parents=[q, a], max_tokens=3, temperature=1.0, seed=4)
+
+    runner = choreo.Runner(choreo.Baseline(tiny_gqa), trace=True, progress=False)
+    runner.run([two_calls])
+    trace = runner.traces[0]
+    bl = choreo.Baseline(tiny_gqa)
+    q = bl.prefill("Say something.", role="user")
+    a = bl.decode(role="assistant", parents=[q], teacher_tokens=list(trace[1].tokens))
+    b = bl.decode(role="assistant", parents=[q, a], teacher_tokens=list(trace[2].tokens))
+    expected = -(sum(a.logprobs) + sum(b.logprobs)) / (len(a.logprobs) + len(b.logprobs))
+    assert pd.game_nll(tiny_gqa, [trace]) == pytest.approx([expected], rel=1e-6)

@@ -340,12 +340,47 @@ def run_games(model, *, arm: str, strategies=STRATEGIES, seeds, log, config: Gam
 
 
 # ------------------------------------------------------------------------------------------------ fine-tuned arm
+# Training games are kept when their sampled messages are fluent (PROTOCOLS.md): the token-mean negative
+# log-likelihood of every generated token of the game, under the base model re-encoding it, is at most this
+# many nats. Set from 16 baseline games of the embedded model (GameConfig defaults, T = 1.0, strategies "none"
+# and "defect", seeds 500-507): game NLLs ran from 2.3 to 3.7 nats per token; 3.5 keeps 13 of the 16 and drops
+# the tail, whose messages read as word salad ("Thinkers of mine are clueless about how they can help ...").
+FLUENCY_MAX_NLL = 3.5
+
+
+def game_nll(model, traces) -> list[float]:
+    """Per traced game: the token-mean negative log-likelihood (nats) of all its generated content tokens under
+    the adapter-free re-encoding baseline, teacher-forced. End-of-turn tokens are not scored: a message cut at
+    its token cap has none, and scoring the forced one would call every capped message disfluent.
+
+    Example: ``[nll <= FLUENCY_MAX_NLL for nll in game_nll(model, traces)]``.
+    """
+    import torch
+
+    from ..baseline import Baseline
+    from ..finetune import replay_loss
+
+    out = []
+    for trace in traces:
+        with torch.no_grad():
+            replay = replay_loss(Baseline(model), trace, calls="all", keep_logits=True)
+        total, n = 0.0, 0
+        for i, rows in replay.logits.items():  # rows (n_i + 1, V): content tokens, then end of turn
+            tokens = torch.tensor(trace[i].tokens, device=rows.device)
+            if len(tokens):
+                total += float(-rows[:-1].float().log_softmax(-1).gather(1, tokens[:, None]).sum())
+                n += len(tokens)
+        out.append(total / n if n else float("nan"))
+    return out
+
+
 def train_adapter(model, *, strategy: str, train_seeds, dev_seeds, config: GameConfig, finetune_config, out_dir,
-                  progress: bool = True):
-    """One LoRA for one Alice strategy: baseline games on seeds disjoint from evaluation, traced, replayed
-    through the choreographed executor by ``choreo.finetune.train``; the checkpoint is chosen on the dev
-    games. Returns the ``TrainResult`` (``best_adapter`` is the folder for ``use_adapter``); the model is
-    left without an adapter.
+                  max_nll: float | None = FLUENCY_MAX_NLL, progress: bool = True):
+    """One LoRA for one Alice strategy: baseline games on seeds disjoint from evaluation, traced, kept when
+    fluent (``game_nll`` at most ``max_nll``; None keeps all), replayed through the choreographed executor by
+    ``choreo.finetune.train``; the checkpoint is chosen on the (equally filtered) dev games. Writes
+    ``out_dir/fluency.json`` (every game's NLL and whether it was kept). Returns the ``TrainResult``
+    (``best_adapter`` is the folder for ``use_adapter``); the model is left without an adapter.
 
     Example::
 
@@ -354,19 +389,33 @@ def train_adapter(model, *, strategy: str, train_seeds, dev_seeds, config: GameC
         with use_adapter(model, result.best_adapter):
             run_games(model, arm="finetuned", strategies=["defect"], seeds=range(500), log=log, plans=plans)
     """
+    from pathlib import Path
+
     from ..baseline import Baseline
     from ..finetune import train, unload_adapter
+    from ..results import write_json
     from ..runner import Runner
 
     train_seeds, dev_seeds = [int(s) for s in train_seeds], [int(s) for s in dev_seeds]
     if set(train_seeds) & set(dev_seeds):
         raise ValueError(f"train and dev seeds overlap: {sorted(set(train_seeds) & set(dev_seeds))[:5]}")
+    if max_nll is not None and not max_nll > 0:
+        raise ValueError(f"max_nll must be > 0 nats or None, got {max_nll!r}")
     seeds = train_seeds + dev_seeds
     coop_ids = decision_token_ids(model.tokenizer)
     runner = Runner(Baseline(model), trace=True, progress=f"{strategy} fine-tuning games" if progress else False)
     runner.run([lambda ex, s=s: play(ex, strategy=strategy, seed=s, config=config, coop_ids=coop_ids) for s in seeds])
     traces = [runner.traces[i] for i in range(len(seeds))]
-    result = train(model, traces[:len(train_seeds)], traces[len(train_seeds):], config=finetune_config,
-                   out_dir=out_dir, progress=progress)
+    nll = game_nll(model, traces)
+    keep = [max_nll is None or x <= max_nll for x in nll]
+    train_set = [t for t, k in zip(traces[:len(train_seeds)], keep) if k]
+    dev_set = [t for t, k in zip(traces[len(train_seeds):], keep[len(train_seeds):]) if k]
+    write_json(Path(out_dir) / "fluency.json", {
+        "max_nll": max_nll, "games": [{"seed": s, "nll": x, "kept": k, "split": "train" if i < len(train_seeds) else "dev"}
+                                      for i, (s, x, k) in enumerate(zip(seeds, nll, keep))]})
+    if not train_set or not dev_set:
+        raise ValueError(f"the fluency filter (max_nll={max_nll}) kept {len(train_set)} training and {len(dev_set)} "
+                         f"dev games of {len(train_seeds)} and {len(dev_seeds)}; raise max_nll or play more games")
+    result = train(model, train_set, dev_set, config=finetune_config, out_dir=out_dir, progress=progress)
     unload_adapter(model)
     return result

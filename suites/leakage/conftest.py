@@ -143,7 +143,7 @@ def finetuned_arm(model, profile: str, records: dict, *, seeds, log, config, pla
                 "then run_games(arm='finetuned') under choreo.finetune.use_adapter; `paper` runs it, "
                 "CHOREO_LEAKAGE_FINETUNE=1 runs a reduced CPU version.")
     from choreo.finetune import FinetuneConfig, use_adapter
-    from choreo.workflows.prisoners import train_adapter
+    from choreo.workflows.prisoners import FLUENCY_MAX_NLL, train_adapter
 
     first, n_train, n_dev = plan["first_seed"], plan["train"], plan["dev"]
     train_seeds = range(first, first + n_train)
@@ -162,4 +162,5 @@ def finetuned_arm(model, profile: str, records: dict, *, seeds, log, config, pla
     records["finetuned"] = {s: [out[(s, seed)] for seed in seeds] for s in STRATEGIES}
     return (f"Choreographed + FT: one LoRA per Alice strategy (preset {plan['preset']!r}), trained on {n_train} "
             f"baseline games (seeds {first}-{first + n_train - 1}), checkpoint chosen on {n_dev} dev games; "
-            "no fluency filter on the training games.")
+            f"training and dev games kept when fluent (mean NLL of their messages under the base model <= "
+            f"{FLUENCY_MAX_NLL} nats/token; counts in the adapters' fluency.json).")
