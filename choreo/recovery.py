@@ -194,6 +194,7 @@ def recovery_experiment(model, *, configs, out_dir, n_train: int = 40, n_eval: i
     if not configs:
         raise ValueError("recovery_experiment needs at least one candidate config")
     t0 = time.perf_counter()
+    launch = launch_record()  # the run takes minutes: the code and scheduling it started with
     train_traces, _ = collect_traces(model, n=n_train, split="train", seed=seed)
     train_set, dev_set = split_traces(train_traces, dev_fraction=configs[0].dev_fraction, seed=configs[0].seed)
     with tempfile.TemporaryDirectory() as scratch:
@@ -224,10 +225,20 @@ def recovery_experiment(model, *, configs, out_dir, n_train: int = 40, n_eval: i
               "provenance": provenance(model, seeds={"pairs": seed, "finetune": configs[0].seed},
                                        sample_sizes={"train_pairs": n_train, "train": len(train_set),
                                                      "dev": len(dev_set), "eval": len(eval_traces)},
-                                       command=command)}
+                                       command=command, **launch)}
     write_json(Path(out_dir) / "recovery.json", report)
     write_text(Path(out_dir) / "recovery.md", recovery_markdown(report))
     return report
+
+
+def launch_record() -> dict:
+    """The git commit, niceness and OMP thread setting at the start of a run (provenance is written at its end)."""
+    import os
+
+    from .provenance import git_commit
+
+    return {"git_commit_at_start": git_commit(), "niceness": os.nice(0),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
 
 
 METRICS = (  # name, what it is, which direction is better
@@ -271,7 +282,9 @@ def recovery_markdown(report: dict) -> str:
         "",
         f"Held-out question pairs: {s['n_eval']} (pool disjoint from training). Training pairs: {s['n_train']}, "
         f"dev: {s['n_dev']}. Chosen on dev ({s['selection_metric']}): loss {s['chosen_loss']!r}, lr {s['chosen_lr']:g}, "
-        f"best step {s['best_step']} of {s['steps']}.",
+        f"best step {s['best_step']} of {s['steps']}. The held-out pairs were collected and measured once, after "
+        f"that choice. Mean KL to the baseline: {s['kl_before']:.4f} -> {s['kl_after']:.4f} nats/token "
+        f"({s['kl_gain'] / s['kl_before']:.0%} of the gap closed).",
         "",
         "| metric | before | after | gain [95% CI] | paired t p | Wilcoxon p | Holm p |",
         "|---|---|---|---|---|---|---|",
@@ -285,6 +298,7 @@ def recovery_markdown(report: dict) -> str:
         else:
             before, after = f"{before:.4f}", f"{after:.4f}"
             p_main = f"{s[f'{name}_t_pvalue']:.3g}"
+        label = label.replace("|", "\\|")  # a bare pipe would split the Markdown cell
         lines.append(f"| {label} ({better} is better) | {before} | {after} | {s[f'{name}_gain']:+.4f} "
                      f"[{lo:+.4f}, {hi:+.4f}] | {p_main} | {s[f'{name}_wilcoxon_pvalue']:.3g} | "
                      f"{s[f'{name}_holm_pvalue']:.3g} |")
@@ -303,7 +317,9 @@ def recovery_markdown(report: dict) -> str:
               f"- device: {prov['device']}",
               f"- seeds: {prov['seeds']}; sizes: {prov['sample_sizes']}",
               f"- versions: {', '.join(f'{k} {v}' for k, v in prov['versions'].items())}",
-              f"- git commit: {prov['git_commit']}; date: {prov['date']}",
+              f"- git commit at start: {prov.get('git_commit_at_start')}; at the end: {prov['git_commit']}; "
+              f"finished {prov['date']}",
+              f"- OMP_NUM_THREADS={prov.get('omp_num_threads')}, niceness {prov.get('niceness')}",
               f"- time per optimizer step (chosen run): {s['seconds_per_step']:.1f} s; peak RSS {s['peak_rss_mb']:.0f} MiB; "
               f"wall {s['wall_s'] / 60:.1f} min",
               f"- command: `{prov['command']}`", ""]

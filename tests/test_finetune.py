@@ -441,6 +441,7 @@ def test_recovery_chooses_on_dev_before_touching_held_out_pairs(tiny, tmp_path, 
         assert {f"{name}_before", f"{name}_after", f"{name}_gain_ci", f"{name}_holm_pvalue"} <= set(s)
     assert json.loads((tmp_path / "recovery.json").read_text())["provenance"]["command"] == "test"
     md = (tmp_path / "recovery.md").read_text()
-    assert "| KL(baseline || choreographed)" in md and "(chosen)" in md
+    assert "| KL(baseline \\|\\| choreographed)" in md and "(chosen)" in md
+    assert all(line.count(" | ") == 6 for line in md.splitlines() if line.startswith("| KL"))  # 7 cells
     with pytest.raises(ValueError, match="at least one loss"):
         recovery.candidate_configs(FinetuneConfig(), losses=())
