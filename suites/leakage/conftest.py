@@ -39,7 +39,9 @@ FINETUNE = {
     "small": None,  # hours of CPU on a shared 2-core machine; run at `paper` (GPU) or set CHOREO_LEAKAGE_FINETUNE=1
     "paper": dict(train=450, dev=50, first_seed=500, preset="paper"),
 }
-FINETUNE_REDUCED = dict(train=24, dev=8, first_seed=500, preset="embedded-cpu")
+# The reduced CPU run distils the adapter-off baseline (loss "kl"): on the blockage recovery task it closed 71%
+# of the held-out KL where cross-entropy on sampled tokens closed little (results/finetune/recovery.md).
+FINETUNE_REDUCED = dict(train=24, dev=8, first_seed=500, preset="embedded-cpu", overrides=dict(loss="kl", lr=1e-3))
 ARM_NAMES = {"baseline": "Baseline", "choreographed": "Choreographed", "leak_system": "Leak System",
              "leak_plan": "Leak Plan", "finetuned": "Choreographed + FT"}
 ROWS = [STRATEGY_NAMES[s] for s in STRATEGIES]
@@ -155,12 +157,18 @@ def finetuned_arm(model, profile: str, records: dict, *, seeds, log, config, pla
         best = folder / s / "best"
         if not best.is_dir():
             train_adapter(model, strategy=s, train_seeds=train_seeds, dev_seeds=dev_seeds, config=config,
-                          finetune_config=FinetuneConfig.preset(plan["preset"]), out_dir=folder / s)
+                          finetune_config=FinetuneConfig.preset(plan["preset"], **plan.get("overrides", {})),
+                          out_dir=folder / s)
         with use_adapter(model, best):
             out.update(run_games(model, arm="finetuned", strategies=[s], seeds=seeds, log=log, config=config,
                                  plans=plans, predict=True))
     records["finetuned"] = {s: [out[(s, seed)] for seed in seeds] for s in STRATEGIES}
-    return (f"Choreographed + FT: one LoRA per Alice strategy (preset {plan['preset']!r}), trained on {n_train} "
+    kept = {}
+    for s in STRATEGIES:
+        games = json.loads((folder / s / "fluency.json").read_text())["games"]
+        kept[s] = "/".join(f"{sum(g['kept'] for g in games if g['split'] == split)}" for split in ("train", "dev"))
+    return (f"Choreographed + FT: one LoRA per Alice strategy (preset {plan['preset']!r}, "
+            f"{plan.get('overrides') or 'no overrides'}), trained on {n_train} "
             f"baseline games (seeds {first}-{first + n_train - 1}), checkpoint chosen on {n_dev} dev games; "
             f"training and dev games kept when fluent (mean NLL of their messages under the base model <= "
-            f"{FLUENCY_MAX_NLL} nats/token; counts in the adapters' fluency.json).")
+            f"{FLUENCY_MAX_NLL} nats/token; kept train/dev per strategy: {kept}).")
