@@ -60,9 +60,10 @@ def plot_scaling(path: Path, *, title: str, axis: str, points: list[tuple[int, d
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     xs = [x for x, _ in points]
-    fig, ax = plt.subplots(figsize=(5, 3.4))
+    fig, ax = plt.subplots(figsize=(6.6, 3.4))
     for key, marker, color in (("e2e", "o", "tab:blue"), ("ttft", "s", "tab:green")):
         ax.plot(xs, [s[key] for _, s in points], marker + "-", color=color, label=f"{key} measured")
         ax.plot(xs, [s[f"{key}_bound"] for _, s in points], marker + ":", color=color, alpha=0.5,
@@ -72,11 +73,12 @@ def plot_scaling(path: Path, *, title: str, axis: str, points: list[tuple[int, d
                     label=f"{key} pass-cost bound")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xticks(xs, [str(x) for x in xs])
     ax.set_xlabel(axis)
     ax.set_ylabel("speed-up vs baseline (x)")
     ax.set_title(title, fontsize="medium")
-    ax.legend(fontsize="x-small", frameon=False)
+    ax.legend(fontsize="x-small", frameon=False, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
