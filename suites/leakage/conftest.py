@@ -163,12 +163,15 @@ def finetuned_arm(model, profile: str, records: dict, *, seeds, log, config, pla
             out.update(run_games(model, arm="finetuned", strategies=[s], seeds=seeds, log=log, config=config,
                                  plans=plans, predict=True))
     records["finetuned"] = {s: [out[(s, seed)] for seed in seeds] for s in STRATEGIES}
-    kept = {}
+    kept, chosen = {}, {}
     for s in STRATEGIES:
         games = json.loads((folder / s / "fluency.json").read_text())["games"]
         kept[s] = "/".join(f"{sum(g['kept'] for g in games if g['split'] == split)}" for split in ("train", "dev"))
+        run = json.loads((folder / s / "history.json").read_text())
+        chosen[s] = (f"step {run['best_step']} of {run['history'][-1]['step']}, dev {run['dev_metric']} "
+                     f"{run['history'][0]['dev_loss']:.3f} -> {run['best_dev_loss']:.3f}")
     return (f"Choreographed + FT: one LoRA per Alice strategy (preset {plan['preset']!r}, "
             f"{plan.get('overrides') or 'no overrides'}), trained on {n_train} "
             f"baseline games (seeds {first}-{first + n_train - 1}), checkpoint chosen on {n_dev} dev games; "
             f"training and dev games kept when fluent (mean NLL of their messages under the base model <= "
-            f"{FLUENCY_MAX_NLL} nats/token; kept train/dev per strategy: {kept}).")
+            f"{FLUENCY_MAX_NLL} nats/token; kept train/dev per strategy: {kept}); chosen checkpoints: {chosen}.")
