@@ -181,7 +181,8 @@ def test_multiqa(table, row):
         assert bias.difference < 0 and table["holm"]["linearized Q2 > linearized Q1"] < ALPHA, text
 
 
-# What fine-tuning was measured to do on the embedded model at `small` (see README): with the CPU budget of
-# `small` (10 optimizer steps, 40 replayed traces) the dev replay loss falls but both-correct stays at 0/100,
-# so the paper's recovery (0.4% -> 48.8%) does NOT reproduce at this size; `paper` trains on 450 traces.
+# What fine-tuning was measured to do on the embedded model at `small` (see README): 26 steps distilling the
+# baseline on 54 traces bring dev KL from 0.296 to 0.096 nats/token (best step 13), yet both-correct goes from
+# 0/100 to only 1/100 (10 cross-entropy steps earlier: 0/100), so the paper's recovery (0.4% -> 48.8%) does NOT
+# reproduce at this size; `paper` trains on 450 traces.
 FINETUNE_CLAIMS = [("finetuned both > choreographed both", "not detected")]
