@@ -164,3 +164,17 @@ def test_baseline_add_generated_is_a_parent_like_any_other(tiny_gqa):
     follow = bl.serial_prompt(choreo.Call(role="user", parents=[q, msg]))[0]
     assert follow[: len(prompt) - len(bl.format.header("assistant", ""))] == q.ids
     assert msg.ids == follow[q.length: q.length + msg.length]
+
+
+def test_bench_command_line_reproduces_the_options():
+    """The provenance of a bench table names the command that reproduces it, not a script path."""
+    import argparse
+
+    from choreo.perf.cli import _command, register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "--profile", "smoke", "--results-dir", "out dir", "--memory-only"])
+    assert _command(args) == "choreo bench --profile smoke --results-dir 'out dir' --memory-only"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "--profile", "huge"])
