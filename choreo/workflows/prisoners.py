@@ -360,17 +360,14 @@ def game_nll(model, traces) -> list[float]:
     from ..baseline import Baseline
     from ..finetune import replay_loss
 
-    out = []
+    executor, out = Baseline(model), []
     for trace in traces:
         with torch.no_grad():
-            replay = replay_loss(Baseline(model), trace, calls="all", keep_logits=True)
-        total, n = 0.0, 0
-        for i, rows in replay.logits.items():  # rows (n_i + 1, V): content tokens, then end of turn
-            tokens = torch.tensor(trace[i].tokens, device=rows.device)
-            if len(tokens):
-                total += float(-rows[:-1].float().log_softmax(-1).gather(1, tokens[:, None]).sum())
-                n += len(tokens)
-        out.append(total / n if n else float("nan"))
+            replay = replay_loss(executor, trace, calls="all")
+        # Teacher-forced messages carry the log-probs of their content tokens (end of turn excluded).
+        scored = [m.logprobs for m, e in zip(replay.messages, trace) if e.kind == "decode"]
+        n = sum(map(len, scored))
+        out.append(-sum(map(sum, scored)) / n if n else float("nan"))
     return out
 
 
