@@ -74,6 +74,24 @@ class AttentionPlan:
             self._index[device] = self._build_index(device)
         return self._index[device]
 
+    def segment_table(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """``segment_attention``'s int32 table on ``device``: seg_start, seg_len, seg_delta (B, G) and own_start,
+        own_past, new_len (B,); G = the most segments of any call, shorter rows padded with empty segments.
+        Built once per step (one host-to-device copy), shared by all layers."""
+        device = torch.device(device)
+        key = ("table", device)
+        if key not in self._index:
+            G = max((len(s) for s in self.segments), default=0)
+            table = torch.zeros(3, self.batch, G, dtype=torch.int32)
+            for b, segs in enumerate(self.segments):
+                if segs:
+                    table[:, b, :len(segs)] = torch.tensor(segs, dtype=torch.int32).T
+            own = torch.tensor([self.own_start, self.own_past, self.new_len], dtype=torch.int32)
+            flat = torch.cat([table.flatten(), own.flatten()]).to(device)  # one copy
+            table, own = flat[:table.numel()].view(3, self.batch, G), flat[table.numel():].view(3, self.batch)
+            self._index[key] = (*table, *own)
+        return self._index[key]
+
     def _build_index(self, device):
         S, B = self.max_new, self.batch
         per_call = [self.rows(b) for b in range(B)]
@@ -132,18 +150,9 @@ def triton_attention(plan, q, k_store, v_store, inv_freq, scale):
     """The fused segment-table kernel (``triton_kernels.segment_attention``)."""
     from triton_kernels import segment_attention
 
-    dev = q.device
-    G = max((len(s) for s in plan.segments), default=0)
-    table = torch.zeros(3, plan.batch, G, dtype=torch.int32)
-    for b, segs in enumerate(plan.segments):
-        for g, seg in enumerate(segs):
-            table[:, b, g] = torch.tensor(seg, dtype=torch.int32)
-    own = torch.tensor([plan.own_start, plan.own_past, plan.new_len], dtype=torch.int32).to(dev)
-    table = table.to(dev)
-    return segment_attention(
-        q.contiguous(), k_store, v_store, table[0], table[1], table[2], own[0], own[1], own[2], inv_freq,
-        scale=scale,
-    )
+    seg_start, seg_len, seg_delta, own_start, own_past, new_len = plan.segment_table(q.device)
+    return segment_attention(q.contiguous(), k_store, v_store, seg_start, seg_len, seg_delta, own_start, own_past,
+                             new_len, inv_freq, scale=scale)
 
 
 BACKENDS: dict[str, Backend] = {

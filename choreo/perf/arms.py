@@ -6,7 +6,8 @@
 - ``hf``: ``model.hf_model`` with its own KV cache on the *same serial prompt ids* the baseline builds.
 
 Content is teacher-forced *one decode step at a time* (``TEACHER``): a call's prompt is encoded, then each
-forced content token is fed as if it had been sampled, so time to first token is real prompt processing.
+forced content token is fed as if it had been sampled, so time to first token is real prompt processing. Every
+step reads its argmax to the host, as sampling does, so on a GPU each step waits for its pass to finish.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class _StepwiseEngine(Engine):
         forced = getattr(job, "forced", None)
         if forced is None or job.closing:
             return super()._advance(job, logits)
+        int(logits[-1].argmax())  # what sampling costs: the step's result reaches the host (a sync on a GPU)
         if job.msg.ttft is None:
             job.msg.ttft = time.perf_counter() - job.t0
         token = forced[len(job.generated)]
@@ -91,8 +93,12 @@ class HFSession:
         hf, dev = self.model.hf_model, self.model.spec.device
         prompt, _, _ = self.book.serial_prompt(call)  # exactly the baseline's serial prompt
         forced, footer = [int(t) for t in call.teacher_tokens], self.book.format.footer(call.role)
-        step = lambda ids, past: hf(input_ids=torch.tensor([ids], device=dev), past_key_values=past,
-                                    use_cache=True, logits_to_keep=1)
+        def step(ids, past):  # one forward; its argmax reaches the host, as sampling would (a sync on a GPU)
+            out = hf(input_ids=torch.tensor([ids], device=dev), past_key_values=past, use_cache=True,
+                     logits_to_keep=1)
+            int(out.logits[0, -1].argmax())
+            return out
+
         out = step(prompt, None)
         ttft = time.perf_counter() - t0
         for token in forced[:-1]:

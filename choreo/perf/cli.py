@@ -17,8 +17,12 @@ from .report import write_pass_costs, write_results
 
 
 def bench(model: Model, *, profile: str, results_dir: Path, model_path: str | None = None,
-          command: str | None = None, log: Callable[[str], None] = print, progress: bool = True) -> dict:
-    """Measure every shape of a profile, write ``results_dir/performance/`` (tables, JSON, plots)."""
+          command: str | None = None, log: Callable[[str], None] = print, progress: bool = True,
+          rss: bool = True) -> dict:
+    """Measure every shape of a profile, write ``results_dir/performance/`` (tables, JSON, plots).
+
+    On CPU, peak RSS runs in subprocesses that load ``model_path`` (``rss=False`` skips them, e.g. when
+    ``model`` has random weights); on CUDA the runs record allocated memory themselves."""
     from tqdm.auto import tqdm
 
     cfg = BENCH_PROFILES[profile]
@@ -40,7 +44,7 @@ def bench(model: Model, *, profile: str, results_dir: Path, model_path: str | No
             f = measure_shape(model, shape, [fast, "baseline"], lengths=cfg.lengths, rounds=cfg.scaling_rounds,
                               warmup=0, cost=cost)
             scaling[axis].append((dict(shape.size)[axis], f["speedups"]["baseline"]))
-    if model.spec.device.type == "cpu":
+    if model.spec.device.type == "cpu" and rss:
         for shape in tqdm(cfg.shapes if cfg.memory_arms else (), desc="memory", disable=not progress):
             memory[shape.label] = {a: measure_memory(shape, a, cfg.lengths, model_path=model_path)
                                    for a in memory_arms(cfg, model.spec.device)}
@@ -74,6 +78,9 @@ def register(sub) -> None:
     p.add_argument("--model", default=None, help="local checkpoint directory (default: embedded SmolLM2-135M)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
     p.add_argument("--results-dir", default="results", help="where performance/ goes (default: results/)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="the model's architecture and tokenizer with seeded random weights (timings only; for "
+                        "machines without the weights: teacher-forced work does not depend on them)")
     p.add_argument("--passes-only", action="store_true", help="only measure the cost of one forward pass")
     p.add_argument("--memory-only", action="store_true",
                    help="re-measure peak memory for the shapes of an existing speedups.json and rewrite the table")
@@ -84,14 +91,18 @@ def _command(args) -> str:
     """The command line that reproduces ``args`` (for provenance)."""
     parts = ["choreo", "bench", "--profile", args.profile, "--results-dir", args.results_dir]
     parts += [x for k in ("model", "device") if getattr(args, k) for x in (f"--{k}", getattr(args, k))]
-    parts += [f"--{k.replace('_', '-')}" for k in ("passes_only", "memory_only") if getattr(args, k)]
+    parts += [f"--{k.replace('_', '-')}" for k in ("random_weights", "passes_only", "memory_only")
+              if getattr(args, k, False)]
     return " ".join(shlex.quote(str(p)) for p in parts)
 
 
 def _bench_command(args) -> int:
-    from ..model import load_model
+    from ..model import load_model, random_model
 
-    model = load_model(args.model, device=args.device)
+    if args.random_weights and args.memory_only:
+        raise SystemExit("--random-weights cannot re-measure memory: the memory subprocesses load real weights")
+    model = random_model(args.model, device=args.device) if args.random_weights else load_model(args.model,
+                                                                                                 device=args.device)
     out, command = Path(args.results_dir) / "performance", _command(args)
     if args.memory_only:
         remeasure_memory(out, model, model_path=args.model, command=command)
@@ -99,7 +110,8 @@ def _bench_command(args) -> int:
     elif args.passes_only:
         print(write_pass_costs(out, model, pass_costs(model), command=command).read_text())
     else:
-        bench(model, profile=args.profile, results_dir=Path(args.results_dir), model_path=args.model, command=command)
+        bench(model, profile=args.profile, results_dir=Path(args.results_dir), model_path=args.model, command=command,
+              rss=not args.random_weights)
         print((out / "speedups.md").read_text())
     return 0
 

@@ -45,9 +45,10 @@ def run_once(model: Model, shape: Shape, arm: str, synth: Synth, executor=None) 
     """
     workflow = shape.workflow(synth)
     cuda = model.spec.device.type == "cuda"
+    _sync(model)
     if cuda:
         torch.cuda.reset_peak_memory_stats(model.spec.device)
-    _sync(model)
+    cuda_base = torch.cuda.memory_allocated(model.spec.device) if cuda else None
     fused = arm.endswith("+fused")
     if arm == "hf":
         session = HFSession(model)
@@ -97,6 +98,7 @@ def run_once(model: Model, shape: Shape, arm: str, synth: Synth, executor=None) 
         "tokens_processed": tokens, "forward_passes": passes,
         "kv_peak_tokens": kv_tokens, "kv_peak_bytes": kv_tokens * model.spec.kv_bytes_per_token,
         "cuda_peak_bytes": torch.cuda.max_memory_allocated(model.spec.device) if cuda else None,
+        "cuda_base_bytes": cuda_base,  # allocated when the run began: weights, every executor's KV store
     }
 
 

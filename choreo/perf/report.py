@@ -15,7 +15,7 @@ from .shapes import PAPER
 
 COLUMNS = ["workflow", "end-to-end speed-up vs baseline", "TTFT speed-up vs baseline",
            "end-to-end vs baseline, prefills fused", "end-to-end vs baseline+prefix / hf", "paper (A100) e2e / TTFT",
-           "peak RSS (+ above loaded model): choreographed vs baseline", "peak KV cache: choreographed vs baseline"]
+           "peak memory (+ growth in the run): choreographed vs baseline", "peak KV cache: choreographed vs baseline"]
 
 
 def _x(s: dict, key: str) -> str:
@@ -36,6 +36,15 @@ def _rss(m: dict | None) -> str:
     return "-" if not m else f"{m['rss_peak'] / 2**20:.0f} MiB (+{m['rss_delta'] / 2**20:.0f})"
 
 
+def _cuda(runs: list[dict]) -> str:
+    """Peak CUDA memory allocated in a run and its growth above the run's start (max over rounds)."""
+    if not runs or runs[0].get("cuda_peak_bytes") is None:
+        return "-"
+    peak = max(r["cuda_peak_bytes"] for r in runs)
+    grow = max(r["cuda_peak_bytes"] - (r.get("cuda_base_bytes") or 0) for r in runs)
+    return f"{peak / 2**20:.0f} MiB (+{grow / 2**20:.1f})"
+
+
 def table_rows(figures: dict, memory: dict) -> list[list[str]]:
     """One row per shape: speed-ups of the choreographed arm over each other arm, and peak memory."""
     rows = []
@@ -48,7 +57,8 @@ def table_rows(figures: dict, memory: dict) -> list[list[str]]:
             _x(f["fused"], "e2e") if f.get("fused") else "-",
             " / ".join(f"{f['speedups'][a]['e2e']:.2f}x" for a in ("baseline+prefix", "hf") if a in f["speedups"]) or "-",
             "-" if paper is None else f"{paper['e2e']:.2f}x / {paper['ttft']:.1f}x",
-            " vs ".join(_rss(mem.get(a)) for a in (f["fast"], "baseline")) if mem else "-",
+            " vs ".join(_rss(mem.get(a)) for a in (f["fast"], "baseline")) if mem
+            else " vs ".join(_cuda(f["runs"].get(a, [])) for a in (f["fast"], "baseline")),
             " vs ".join(_mib(f["runs"][a][0]["kv_peak_bytes"]) for a in (f["fast"], "baseline")),
         ])
     return rows
@@ -112,9 +122,14 @@ def write_results(out: Path, *, model: Model, profile: str, figures: dict, memor
         "TTFT = summed over sequential stages of the slowest call's time to first token. Choreographed prompt "
         "messages are encoded when created, in passes of their own, counted in end-to-end time but not in TTFT; "
         "'prefills fused' encodes them in the first pass of the call that reads them (the Runner's default).",
-        "Peak RSS: one subprocess per configuration (model loaded, one 2-token priming pass, VmHWM reset, one "
-        "run); + is the growth above the RSS before the run. Peak KV: the store's peak rows in use x bytes per "
-        "token.",
+        ("Peak memory: not measured in this run." if
+         model.spec.device.type == "cpu" and not memory else
+         "Peak memory: CUDA memory allocated (torch.cuda.max_memory_allocated, peak reset at the start of each run, "
+         "max over rounds); + is the growth above what was allocated when the run began (weights and every arm's "
+         "preallocated KV store stay allocated across runs)." if model.spec.device.type == "cuda" else
+         "Peak memory: peak RSS of one subprocess per configuration (model loaded, one 2-token priming pass, VmHWM "
+         "reset, one run); + is the growth above the RSS before the run.")
+        + " Peak KV: the store's peak rows in use x bytes per token.",
         f"1-min load average {load[0]:.1f} on {os.cpu_count()} cores at the end of the run, "
         f"{torch.get_num_threads()} torch threads.",
     ]

@@ -6,12 +6,16 @@ linearised by per-message position deltas, then causally to its own tokens):
 - ``triton``: ``segment_attention`` walks the segment table; no gather, no mask tensor.
 - ``sdpa_dense``: gather + re-rotate each call's keys, SDPA with a dense boolean mask (the engine's torch backend).
 - ``flex``: the same gather + re-rotation, compiled FlexAttention with a block mask from the key table.
+- ``flex_kernel``: FlexAttention's kernel alone, on keys gathered and re-rotated before timing (a lower bound
+  on what a FlexAttention backend could cost).
 - ``sdpa_causal``: plain SDPA over contiguous K/V with the same number of attended tokens and a lower-right
   causal mask: no gather, no re-rotation; the speed of light for this much attention.
 
 Host-side tables (dense layout, block mask) are built once outside the timed region: the engine builds them
 once per step and shares them across layers. TFLOP/s in ``extra_info`` counts only attended (query, key) pairs
 (4 * D flops per pair and head), so it is comparable across implementations whatever work they waste on masks.
+A timed round is several calls then one synchronisation (``REPS``); ``seconds_per_call`` is the median round
+over its calls. ``test_segment_attention_tiles`` times the kernel at each candidate tile configuration.
 
 Run: ``pytest tests/kernels/bench_segment_attention.py -m gpu --benchmark-group-by=group``; add
 ``--benchmark-save=NAME`` / ``--benchmark-compare --benchmark-compare-fail=mean:10%`` for regression gates.
@@ -135,6 +139,7 @@ def make_impl(name: str, w: Workload, args):
             k, v = _gather_rotated(args, layout)
             return flex(q, k, v, block_mask=block_mask, enable_gqa=True)
 
+        flex_gathered.flex, flex_gathered.block_mask = flex, block_mask
         return flex_gathered
     if name == "sdpa_causal":
         from torch.nn.attention.bias import causal_lower_right
@@ -147,43 +152,98 @@ def make_impl(name: str, w: Workload, args):
     raise ValueError(f"unknown implementation {name!r}")
 
 
-IMPLS = ["triton", "sdpa_dense", "flex", "sdpa_causal"]
+IMPLS = ["triton", "sdpa_dense", "flex", "flex_kernel", "sdpa_causal"]
+
+# Calls per timed round: a round is REPS launches then one synchronisation, so that the host's launch and
+# sync latency (tens of microseconds) does not swamp short kernels. Same for every implementation of a workload.
+REPS = {1: 20}  # decode; prefill: 5
+
+
+def _time(benchmark, fn, w: Workload, rounds: int = 10) -> float:
+    """Median seconds per call of ``fn`` over ``rounds`` rounds of REPS calls each."""
+    reps = REPS.get(w.S, 5)
+
+    def run():
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+
+    torch.cuda.synchronize()
+    benchmark.pedantic(run, rounds=rounds, warmup_rounds=2, iterations=1)
+    benchmark.extra_info["calls_per_round"] = reps
+    return benchmark.stats.stats.median / reps
+
+
+def _machine_info() -> dict:
+    import triton
+
+    return dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                cuda=torch.version.cuda)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("w", WORKLOADS, ids=[w.name for w in WORKLOADS])
 def test_segment_attention_speed(benchmark, w, impl):
-    import triton
-
     from triton_kernels.reference import dense_layout, segment_attention_sdpa
 
     args = build_inputs(w, "cuda")
-    fn = make_impl(impl, w, args)
+    if impl == "flex_kernel":  # FlexAttention's kernel alone: keys gathered and re-rotated before timing
+        layout = dense_layout(*args[3:9], w.S)
+        k, v = _gather_rotated(args, layout)
+        gathered = make_impl("flex", w, args)
+        flex, block_mask = gathered.flex, gathered.block_mask
+        fn = lambda: flex(args[0], k, v, block_mask=block_mask, enable_gqa=True)  # noqa: E731
+    else:
+        fn = make_impl(impl, w, args)
     layout = dense_layout(*args[3:9], w.S)
-    out = fn()  # also compiles / autotunes before timing
+    out = fn()  # also compiles before timing
     if impl != "sdpa_causal":  # the same attention: check before timing
         torch.testing.assert_close(out, segment_attention_sdpa(*args, layout=layout), atol=2e-2, rtol=2e-2)
     del out
-
-    def run():
-        fn()
-        torch.cuda.synchronize()
-
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base_mem = torch.cuda.memory_allocated()
     benchmark.group = w.name
-    benchmark.pedantic(run, rounds=20, warmup_rounds=3, iterations=1)
+    seconds = _time(benchmark, fn, w)
     pairs = int(layout.mask.sum())  # attended (query, key) pairs per head
-    seconds = benchmark.stats.stats.mean
     benchmark.extra_info.update(
-        impl=impl,
-        device=torch.cuda.get_device_name(),
-        torch=torch.__version__,
-        triton=triton.__version__,
+        impl=impl, **_machine_info(),
         attended_pairs=pairs,
         mask_density=layout.density,
+        seconds_per_call=seconds,
         tflops=4 * D * H * pairs / seconds / 1e12,
         new_tokens_per_s=w.B * w.S / seconds,
         peak_extra_mem_mib=(torch.cuda.max_memory_allocated() - base_mem) / 2**20,
     )
+
+
+def _tile_configs():
+    from triton_kernels import LaunchConfig
+
+    decode = [LaunchConfig(block_m=16, block_n=n, num_warps=wp, num_stages=st)
+              for n, wp, st in ((64, 4, 3), (128, 4, 3), (32, 2, 4), (128, 8, 2), (64, 4, 4))]
+    prefill = [LaunchConfig(block_m=m, block_n=n, num_warps=wp, num_stages=st)
+               for m, n, wp, st in ((128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3),
+                                    (64, 128, 4, 3), (128, 32, 8, 4))]
+    return [(w, c) for w in WORKLOADS for c in (decode if w.S == 1 else prefill)]
+
+
+TILES = _tile_configs()
+
+
+@pytest.mark.parametrize("w, cfg", TILES, ids=[f"{w.name}-m{c.block_m}n{c.block_n}w{c.num_warps}s{c.num_stages}"
+                                                 for w, c in TILES])
+def test_segment_attention_tiles(benchmark, w, cfg):
+    """The kernel at each candidate tile configuration (what the default ``launch_config`` is chosen from)."""
+    from triton_kernels import launch_config, segment_attention
+    from triton_kernels.reference import dense_layout
+
+    args = build_inputs(w, "cuda")
+    fn = lambda: segment_attention(*args, config=cfg)  # noqa: E731
+    fn()
+    benchmark.group = f"{w.name} tiles"
+    seconds = _time(benchmark, fn, w)
+    pairs = int(dense_layout(*args[3:9], w.S).mask.sum())
+    default = launch_config(w.S * H // HKV, D, DTYPE)
+    benchmark.extra_info.update(config=dataclasses.asdict(cfg), is_default=cfg == default, **_machine_info(),
+                                seconds_per_call=seconds, tflops=4 * D * H * pairs / seconds / 1e12)

