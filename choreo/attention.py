@@ -92,6 +92,16 @@ class AttentionPlan:
             self._index[key] = (*table, *own)
         return self._index[key]
 
+    def tile_table(self, device: torch.device, block_n: int):
+        """``triton_kernels.tile_table`` of this plan's segments, built on the host once per step and tile size."""
+        from triton_kernels import tile_table
+
+        key = ("tiles", torch.device(device), block_n)
+        if key not in self._index:
+            start, length, delta = self.segment_table("cpu")[:3]
+            self._index[key] = tile_table(start, length, delta, block_n, device=device)
+        return self._index[key]
+
     def _build_index(self, device):
         S, B = self.max_new, self.batch
         per_call = [self.rows(b) for b in range(B)]
@@ -150,9 +160,13 @@ def triton_attention(plan, q, k_store, v_store, inv_freq, scale):
     """The fused segment-table kernel (``triton_kernels.segment_attention``)."""
     from triton_kernels import segment_attention
 
+    from triton_kernels import interpreter_active, launch_config
+
+    B, H, S, D = q.shape
+    cfg = launch_config(S * (H // k_store.shape[0]), D, q.dtype, interpreter_active())
     seg_start, seg_len, seg_delta, own_start, own_past, new_len = plan.segment_table(q.device)
     return segment_attention(q.contiguous(), k_store, v_store, seg_start, seg_len, seg_delta, own_start, own_past,
-                             new_len, inv_freq, scale=scale)
+                             new_len, inv_freq, scale=scale, config=cfg, tiles=plan.tile_table(q.device, cfg.block_n))
 
 
 BACKENDS: dict[str, Backend] = {

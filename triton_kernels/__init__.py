@@ -5,6 +5,8 @@
 the kernel on CPU tensors (tests only).
 """
 
-from .segment_attention import LaunchConfig, interpreter_active, is_available, launch_config, segment_attention
+from .segment_attention import (LaunchConfig, TileTable, default_splits, interpreter_active, is_available,
+                                launch_config, segment_attention, tile_table)
 
-__all__ = ["segment_attention", "is_available", "interpreter_active", "LaunchConfig", "launch_config"]
+__all__ = ["segment_attention", "is_available", "interpreter_active", "LaunchConfig", "launch_config", "TileTable",
+           "tile_table", "default_splits"]

@@ -39,13 +39,15 @@ Worked example (call 0 sees store rows 0..9 moved 5 positions later, then its ow
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["segment_attention", "is_available", "interpreter_active", "LaunchConfig", "launch_config"]
+__all__ = ["segment_attention", "is_available", "interpreter_active", "LaunchConfig", "launch_config",
+           "TileTable", "tile_table", "default_splits"]
 
 # exp(x) == exp2(x * log2(e)): the softmax runs on exp2, the GPU's native exponential (one MUFU.EX2 instruction),
 # so the softmax scale is pre-multiplied by log2(e) = 1 / ln(2).
@@ -79,6 +81,60 @@ def _load_q_rotated(q_ptrs, q_swap_ptrs, row_ok, rot_sign, inv_freq, delta):
 
 
 @triton.jit
+def _online_softmax(acc, l_i, m_i, qk, v, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                    FIX_BF16: tl.constexpr):
+    # One FlashAttention-2 step: scores qk (BLOCK_M, BLOCK_N) in log2 units (masked keys -inf), V tile
+    # (BLOCK_N, D); acc (BLOCK_M, D), l_i and m_i (BLOCK_M,) are the running unnormalised output, sum and max.
+    m_ij = tl.maximum(m_i, tl.max(qk, 1))
+    # A row that has seen no key yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN (an all-masked
+    # tile: a padding tile of the flat loop, or a split that holds no key of this row).
+    m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+    p = tl.math.exp2(qk - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    p = _to(p, v.dtype, FIX_BF16)  # probabilities at the input precision, as FlashAttention does
+    if DOT_FP32:
+        acc = tl.dot(p.to(tl.float32), v.to(tl.float32), acc, input_precision=INPUT_PRECISION)
+    else:
+        acc = tl.dot(p, v, acc, input_precision=INPUT_PRECISION)
+    return acc, l_i, m_ij
+
+
+@triton.jit
+def _attn_fwd_flat(acc, l_i, m_i, Q, q_ptrs, q_swap_ptrs, row_ok, rot_sign, inv_freq,  #
+                   TILE_ROW, TILE_CNT, TILE_DELTA, stride_tt, t_lo, t_hi, K_HEAD, V_HEAD, qk_scale,  #
+                   offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,  #
+                   DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, FIX_BF16: tl.constexpr):
+    # Tiles t_lo .. t_hi - 1 of a call's tile table, all segments in one loop: tile t holds TILE_CNT[t] keys
+    # from store row TILE_ROW[t] on, moved by TILE_DELTA[t]. The K/V addresses come from a table indexed by the
+    # loop counter, so the software pipeliner prefetches across segment boundaries (as paged attention does);
+    # the query is re-rotated only where the delta changes (once per segment).
+    cur = tl.load(TILE_DELTA + t_lo * stride_tt, mask=t_lo < t_hi, other=0)
+    q = _to(_load_q_rotated(q_ptrs, q_swap_ptrs, row_ok, rot_sign, inv_freq, cur), Q.dtype.element_ty, FIX_BF16)
+    for t in range(t_lo, t_hi):
+        row = tl.load(TILE_ROW + t * stride_tt).to(tl.int64)
+        cnt = tl.load(TILE_CNT + t * stride_tt)
+        delta = tl.load(TILE_DELTA + t * stride_tt)
+        if delta != cur:
+            q = _to(_load_q_rotated(q_ptrs, q_swap_ptrs, row_ok, rot_sign, inv_freq, delta), Q.dtype.element_ty,
+                    FIX_BF16)
+            cur = delta
+        col_ok = offs_n < cnt
+        kT = tl.load(K_HEAD + (row + offs_n)[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                     mask=col_ok[None, :], other=0.0)  # (D, BLOCK_N)
+        if DOT_FP32:
+            qk = tl.dot(q.to(tl.float32), kT.to(tl.float32), input_precision=INPUT_PRECISION)
+        else:
+            qk = tl.dot(q, kT, input_precision=INPUT_PRECISION)
+        qk = tl.where(col_ok[None, :], qk * qk_scale, float("-inf"))
+        v = tl.load(V_HEAD + (row + offs_n)[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=col_ok[:, None], other=0.0)  # (BLOCK_N, D)
+        acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, DOT_FP32, INPUT_PRECISION, FIX_BF16)
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q,  #
                     K_BASE, V_BASE, lo, hi, kv_len, row_limit, qk_scale,  #
                     offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,  #
@@ -104,43 +160,31 @@ def _attn_fwd_inner(acc, l_i, m_i, q,  #
             qk = tl.where(col_ok[None, :] & (cols[None, :] <= row_limit[:, None]), qk, float("-inf"))
         elif KEY_BOUND:
             qk = tl.where(col_ok[None, :], qk, float("-inf"))
-        # -- online softmax update --
-        m_ij = tl.maximum(m_i, tl.max(qk, 1))
-        # A row that has seen no key yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN. (With the
-        # tiling below a valid row never meets an all-masked tile before its first key; this keeps any mask safe.)
-        m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)
-        p = tl.math.exp2(qk - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        # -- update acc with the V tile (BLOCK_N, D) --
         v_ptrs = V_BASE + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd
         if KEY_BOUND:
             v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
         else:
             v = tl.load(v_ptrs)
-        p = _to(p, v.dtype, FIX_BF16)  # probabilities at the input precision, as FlashAttention does
-        if DOT_FP32:
-            acc = tl.dot(p.to(tl.float32), v.to(tl.float32), acc, input_precision=INPUT_PRECISION)
-        else:
-            acc = tl.dot(p, v, acc, input_precision=INPUT_PRECISION)
-        m_i = m_ij
+        acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, DOT_FP32, INPUT_PRECISION, FIX_BF16)
     return acc, l_i, m_i
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, OUT,  #
-              SEG_START, SEG_LEN, SEG_DELTA, OWN_START, OWN_PAST, NEW_LEN, INV_FREQ, qk_scale,  #
+def _attn_fwd(Q, K, V, OUT, PART_ACC, PART_M, PART_L,  #
+              SEG_START, SEG_LEN, SEG_DELTA, TILES, N_TILES, OWN_START, OWN_PAST, NEW_LEN, INV_FREQ, qk_scale,  #
               stride_qb, stride_qh, stride_qs, stride_qd,  #
               stride_kh, stride_kn, stride_kd,  #
               stride_vh, stride_vn, stride_vd,  #
               stride_ob, stride_oh, stride_os, stride_od,  #
-              stride_segb, stride_segg,  #
-              Hkv, S, G,  #
+              stride_segb, stride_segg, stride_tc, stride_tb, stride_tt,  #
+              H, Hkv, S, G,  #
               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
+              FLAT: tl.constexpr, SPLIT: tl.constexpr,  #
               DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, FIX_BF16: tl.constexpr):
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
+    split = tl.program_id(2)
+    num_splits = tl.num_programs(2)
     off_b = off_bh // Hkv
     off_hkv = off_bh % Hkv
     HALF: tl.constexpr = HEAD_DIM // 2
@@ -174,35 +218,51 @@ def _attn_fwd(Q, K, V, OUT,  #
     own_past = tl.load(OWN_PAST + off_b)
     row_limit = own_past + tok  # own key j is visible to a row iff j <= own_past + token
 
-    # -- phase 1: the segments; every row sees every key, keys moved by delta --
-    n_seg = tl.where(alive, G, 0)
-    for g in range(0, n_seg):
-        seg = off_b * stride_segb + g * stride_segg
-        seg_start = tl.load(SEG_START + seg).to(tl.int64)
-        seg_len = tl.load(SEG_LEN + seg)
-        delta = tl.load(SEG_DELTA + seg)
-        q = _load_q_rotated(q_ptrs, q_swap_ptrs, row_ok, rot_sign, inv_freq, delta)
-        q = _to(q, Q.dtype.element_ty, FIX_BF16)
-        K_SEG = K_HEAD + seg_start * stride_kn
-        V_SEG = V_HEAD + seg_start * stride_vn
-        # Whole tiles need no key mask; the tail tile (if any) is masked.
-        full = seg_len // BLOCK_N * BLOCK_N
-        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_SEG, V_SEG, 0, full, seg_len, row_limit, qk_scale,
-                                        offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
-                                        BLOCK_N, False, False, DOT_FP32, INPUT_PRECISION, FIX_BF16)
-        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_SEG, V_SEG, full, seg_len, seg_len, row_limit, qk_scale,
-                                        offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
-                                        BLOCK_N, True, False, DOT_FP32, INPUT_PRECISION, FIX_BF16)
+    # -- phase 1: the segments; every row sees every key, keys moved by delta. With split-K (a grid of
+    #    num_splits along axis 2) each split takes an equal share of the call's tiles (FLAT) or segments. --
+    if FLAT:
+        n_tiles = tl.where(alive, tl.load(N_TILES + off_b), 0)
+        chunk = tl.cdiv(n_tiles, num_splits)
+        t_lo = tl.minimum(split * chunk, n_tiles)
+        t_hi = tl.minimum(t_lo + chunk, n_tiles)
+        T_ROW = TILES + off_b.to(tl.int64) * stride_tb
+        acc, l_i, m_i = _attn_fwd_flat(acc, l_i, m_i, Q, q_ptrs, q_swap_ptrs, row_ok, rot_sign, inv_freq,
+                                       T_ROW, T_ROW + stride_tc, T_ROW + 2 * stride_tc, stride_tt, t_lo, t_hi,
+                                       K_HEAD, V_HEAD, qk_scale, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
+                                       stride_vd, DOT_FP32, INPUT_PRECISION, FIX_BF16)
+    else:
+        n_seg = tl.where(alive, G, 0)
+        chunk = tl.cdiv(n_seg, num_splits)
+        g_lo = tl.minimum(split * chunk, n_seg)
+        g_hi = tl.minimum(g_lo + chunk, n_seg)
+        for g in range(g_lo, g_hi):
+            seg = off_b * stride_segb + g * stride_segg
+            seg_start = tl.load(SEG_START + seg).to(tl.int64)
+            seg_len = tl.load(SEG_LEN + seg)
+            delta = tl.load(SEG_DELTA + seg)
+            q = _load_q_rotated(q_ptrs, q_swap_ptrs, row_ok, rot_sign, inv_freq, delta)
+            q = _to(q, Q.dtype.element_ty, FIX_BF16)
+            K_SEG = K_HEAD + seg_start * stride_kn
+            V_SEG = V_HEAD + seg_start * stride_vn
+            # Whole tiles need no key mask; the tail tile (if any) is masked.
+            full = seg_len // BLOCK_N * BLOCK_N
+            acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_SEG, V_SEG, 0, full, seg_len, row_limit, qk_scale,
+                                            offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
+                                            BLOCK_N, False, False, DOT_FP32, INPUT_PRECISION, FIX_BF16)
+            acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_SEG, V_SEG, full, seg_len, seg_len, row_limit,
+                                            qk_scale, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
+                                            BLOCK_N, True, False, DOT_FP32, INPUT_PRECISION, FIX_BF16)
 
-    # -- phase 2: the call's own tokens, causal, delta 0 --
+    # -- phase 2: the call's own tokens, causal, delta 0 (in the last split) --
     own_start = tl.load(OWN_START + off_b).to(tl.int64)
     K_OWN = K_HEAD + own_start * stride_kn
     V_OWN = V_HEAD + own_start * stride_vn
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
     # Own keys below own_past + tok_lo + 1 are visible to every row of the block: whole tiles of them need no
     # mask. The band from there to own_past + tok_hi + 1 (the diagonal) is masked per row.
-    band_lo = tl.where(alive, (own_past + tok_lo + 1) // BLOCK_N * BLOCK_N, 0)
-    band_hi = tl.where(alive, own_past + tok_hi + 1, 0)
+    own_here = alive & (split == num_splits - 1)
+    band_lo = tl.where(own_here, (own_past + tok_lo + 1) // BLOCK_N * BLOCK_N, 0)
+    band_hi = tl.where(own_here, own_past + tok_hi + 1, 0)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_OWN, V_OWN, 0, band_lo, band_hi, row_limit, qk_scale,
                                     offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
                                     BLOCK_N, False, False, DOT_FP32, INPUT_PRECISION, FIX_BF16)
@@ -210,13 +270,23 @@ def _attn_fwd(Q, K, V, OUT,  #
                                     offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
                                     BLOCK_N, True, True, DOT_FP32, INPUT_PRECISION, FIX_BF16)
 
-    # -- epilogue: normalise; padding rows and rows that saw no key are zeros, never NaN --
-    has_keys = row_ok & (l_i > 0.0)
-    l_safe = tl.where(has_keys, l_i, 1.0)
-    out = tl.where(has_keys[:, None], acc / l_safe[:, None], 0.0)
-    o_ptrs = (OUT + off_b.to(tl.int64) * stride_ob + head[:, None].to(tl.int64) * stride_oh + tok[:, None] * stride_os
-              + offs_d[None, :] * stride_od)
-    tl.store(o_ptrs, _to(out, OUT.dtype.element_ty, FIX_BF16), mask=(tok < S)[:, None])
+    out_ok = (tok < S)[:, None]
+    if SPLIT:
+        # -- partial results (unnormalised acc, max m and sum l in log2 units), merged by _merge_splits --
+        B = tl.num_programs(1) // Hkv
+        part = ((split * B + off_b) * H + head).to(tl.int64) * S + tok  # row index into (splits, B, H, S)
+        tl.store(PART_M + part, tl.where(row_ok, m_i, float("-inf")), mask=tok < S)
+        tl.store(PART_L + part, tl.where(row_ok, l_i, 0.0), mask=tok < S)
+        tl.store(PART_ACC + part[:, None] * HEAD_DIM + offs_d[None, :], tl.where(row_ok[:, None], acc, 0.0),
+                 mask=out_ok)
+    else:
+        # -- epilogue: normalise; padding rows and rows that saw no key are zeros, never NaN --
+        has_keys = row_ok & (l_i > 0.0)
+        l_safe = tl.where(has_keys, l_i, 1.0)
+        out = tl.where(has_keys[:, None], acc / l_safe[:, None], 0.0)
+        o_ptrs = (OUT + off_b.to(tl.int64) * stride_ob + head[:, None].to(tl.int64) * stride_oh
+                  + tok[:, None] * stride_os + offs_d[None, :] * stride_od)
+        tl.store(o_ptrs, _to(out, OUT.dtype.element_ty, FIX_BF16), mask=out_ok)
 
 
 # ----------------------------------------------------------------------------------------------- host side
@@ -247,12 +317,15 @@ class LaunchConfig:
 
     block_m: packed query rows per program (S * H / Hkv rows in all), block_n: keys per tile; both powers of
     two >= 16 (``tl.dot``'s smallest side). num_warps: a power of two; num_stages >= 1 (software pipelining).
+    flat: walk all segments' key tiles in one loop from a tile table (``tile_table``), so K/V prefetching runs
+    across segment boundaries; False walks the segment table with one loop per segment.
     """
 
     block_m: int
     block_n: int
     num_warps: int = 4
     num_stages: int = 2
+    flat: bool = True
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
@@ -263,6 +336,79 @@ class LaunchConfig:
             raise ValueError(f"LaunchConfig.num_warps must be a power of two >= 1, got {self.num_warps!r}")
         if not isinstance(self.num_stages, int) or self.num_stages < 1:
             raise ValueError(f"LaunchConfig.num_stages must be an integer >= 1, got {self.num_stages!r}")
+        if not isinstance(self.flat, bool):
+            raise ValueError(f"LaunchConfig.flat must be a bool, got {self.flat!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TileTable:
+    """Every call's segments cut into key tiles of ``block_n`` (what the flat loop walks).
+
+    tiles: (3, B, T) int32 on the kernel's device: first store row, key count (1..block_n) and position delta of
+    each tile, calls' tiles in segment order, padded with zeros; n_tiles: (B,) int32; max_tiles: T, on the host.
+    """
+
+    block_n: int
+    tiles: torch.Tensor
+    n_tiles: torch.Tensor
+    max_tiles: int
+
+
+def tile_table(seg_start, seg_len, seg_delta, block_n: int, device=None) -> TileTable:
+    """Cut a segment table (B, G) into key tiles of ``block_n``; built on the host, then copied to ``device``
+    (default: the tables' device). Tables on a GPU are copied to the host first (a synchronisation): callers
+    that know their segments on the host (the engine) build the table there, once per step.
+
+    Example: segments (0, 100, 5) and (300, 10, 0) with block_n 64 give tiles (0, 64, 5), (64, 36, 5), (300, 10, 0).
+    """
+    device = torch.device(device) if device is not None else seg_start.device
+    start, length, delta = (t.detach().to("cpu", torch.int64) for t in (seg_start, seg_len, seg_delta))
+    B, G = start.shape
+    per_seg = (length.clamp(min=0) + block_n - 1) // block_n  # (B, G) tiles per segment
+    n_tiles = per_seg.sum(1)  # (B,)
+    T = int(n_tiles.max()) if B else 0
+    table = torch.zeros(3, B, max(T, 1), dtype=torch.int32)
+    if T:
+        flat_counts = per_seg.flatten()
+        seg_id = torch.repeat_interleave(torch.arange(B * G), flat_counts)  # (total tiles,) -> segment
+        seg_first = torch.cumsum(flat_counts, 0) - flat_counts
+        j = torch.arange(len(seg_id)) - seg_first[seg_id]  # tile index within its segment
+        b = seg_id // G
+        call_first = torch.cumsum(n_tiles, 0) - n_tiles
+        pos = torch.arange(len(seg_id)) - call_first[b]  # tile index within its call
+        offset = j * block_n
+        table[0, b, pos] = (start.flatten()[seg_id] + offset).to(torch.int32)
+        table[1, b, pos] = (length.flatten()[seg_id] - offset).clamp(max=block_n).to(torch.int32)
+        table[2, b, pos] = delta.flatten()[seg_id].to(torch.int32)
+    return TileTable(block_n=block_n, tiles=table.to(device), n_tiles=n_tiles.to(torch.int32).to(device), max_tiles=T)
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def default_splits(programs: int, max_keys: int, device: torch.device) -> int:
+    """Split-K ways for a launch of ``programs`` (query blocks x calls x KV heads) over at most ``max_keys``
+    segment keys per call: split only when the launch leaves the GPU's multiprocessors idle (under two
+    programs each) and every split still gets >= 1024 keys; then aim at ~4 programs per multiprocessor."""
+    if device.type != "cuda" or interpreter_active():
+        return 1
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    if programs >= 2 * sms:
+        return 1
+    return max(1, min(triton.cdiv(4 * sms, programs), max_keys // 1024, 64))
+
+
+def _merge_splits(acc, row_max, row_sum, dtype) -> torch.Tensor:
+    """Merge split-K partials: acc (splits, B, H, S, D) unnormalised; row_max and row_sum (splits, B, H, S), in
+    log2 units. Rows with no key anywhere (row_sum 0 in every split) come out as zeros."""
+    m_max = row_max.amax(0)
+    m_max = torch.where(m_max == float("-inf"), 0.0, m_max)
+    w = torch.exp2(row_max - m_max)  # (splits, B, H, S); 0 where a split saw no key
+    total = (row_sum * w).sum(0)
+    out = (acc * w[..., None]).sum(0) / torch.where(total > 0, total, 1.0)[..., None]
+    return out.to(dtype)
 
 
 def launch_config(rows: int, head_dim: int, dtype: torch.dtype, interpret: bool = False) -> LaunchConfig:
@@ -306,7 +452,8 @@ def _check_table_values(seg_start, seg_len, own_start, own_past, new_len, S: int
 
 
 def segment_attention(q, k_cache, v_cache, seg_start, seg_len, seg_delta, own_start, own_past, new_len, inv_freq,
-                      *, scale=None, config: LaunchConfig | None = None) -> torch.Tensor:
+                      *, scale=None, config: LaunchConfig | None = None, tiles: TileTable | None = None,
+                      num_splits: int | None = None) -> torch.Tensor:
     """Attention of B calls over a shared KV store, each to its segment table and causally to its own tokens.
 
     q: (B, H, S, D) new tokens, RoPE'd at their positions; row i of call b is valid iff i < new_len[b].
@@ -316,6 +463,10 @@ def segment_attention(q, k_cache, v_cache, seg_start, seg_len, seg_delta, own_st
     inv_freq: (D / 2,) RoPE inverse frequencies (HF Llama rotate_half convention), used in fp32.
     scale: softmax scale, default 1 / sqrt(D).
     config: tile sizes (``LaunchConfig``); default ``launch_config(S * H // Hkv, D, q.dtype)``.
+    tiles: the segment table cut into tiles of config.block_n (``tile_table``), for the flat loop; default: built
+        here (on CUDA that copies the table to the host: a synchronisation; the engine passes its own).
+    num_splits: split-K ways (each split takes a share of every call's tiles; partials merged in fp32); default
+        ``default_splits`` when the tile table is known, else 1.
     Returns (B, H, S, D) in q's dtype; invalid rows are zeros.
     """
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("inv_freq", inv_freq)):
@@ -358,6 +509,16 @@ def segment_attention(q, k_cache, v_cache, seg_start, seg_len, seg_delta, own_st
         raise ValueError(f"inv_freq is on {inv_freq.device} but q is on {q.device}: all tensors must share q's device")
     if config is not None and not isinstance(config, LaunchConfig):
         raise TypeError(f"config must be a LaunchConfig or None, got {type(config).__name__}")
+    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"num_splits must be an integer >= 1 or None, got {num_splits!r}")
+    if tiles is not None:
+        if not isinstance(tiles, TileTable):
+            raise TypeError(f"tiles must be a TileTable or None, got {type(tiles).__name__}")
+        if tiles.tiles.dim() != 3 or tiles.tiles.shape[:2] != (3, B) or tuple(tiles.n_tiles.shape) != (B,):
+            raise ValueError(f"tiles must hold a (3, B = {B}, T) table and (B,) counts, got "
+                             f"{tuple(tiles.tiles.shape)} and {tuple(tiles.n_tiles.shape)}")
+        if tiles.tiles.device != q.device or tiles.n_tiles.device != q.device:
+            raise ValueError(f"tiles are on {tiles.tiles.device} but q is on {q.device}")
     if not is_available(q.device):
         raise RuntimeError(f"segment_attention cannot run on {q.device}: it needs CUDA, or CPU tensors with "
                            "TRITON_INTERPRET=1 set before triton_kernels is imported")
@@ -375,16 +536,37 @@ def segment_attention(q, k_cache, v_cache, seg_start, seg_len, seg_delta, own_st
     group = H // Hkv
     interpret = interpreter_active()
     cfg = config or launch_config(S * group, D, q.dtype, interpret)
+    if cfg.flat:
+        if tiles is None:
+            tiles = tile_table(seg_start, seg_len, seg_delta, cfg.block_n, device=q.device)
+        elif tiles.block_n != cfg.block_n:
+            raise ValueError(f"tiles were cut for block_n = {tiles.block_n}, but the launch uses block_n = "
+                             f"{cfg.block_n}: build them with tile_table(..., block_n={cfg.block_n})")
+        table, n_tiles = tiles.tiles, tiles.n_tiles
+    else:  # never read: real tensors so no kernel argument is a null pointer
+        table, n_tiles = torch.zeros((3, B, 1), dtype=torch.int32, device=q.device), own_past
+    m_blocks = triton.cdiv(S * group, cfg.block_m)
+    if num_splits is None:
+        num_splits = 1 if tiles is None else default_splits(m_blocks * B * Hkv, tiles.max_tiles * cfg.block_n,
+                                                            q.device)
+    split = num_splits > 1
+    if split:  # fp32 partials: unnormalised output, row max and row sum (log2 units)
+        part_acc = torch.empty((num_splits, B, H, S, D), dtype=torch.float32, device=q.device)
+        part_m, part_l = torch.empty((2, num_splits, B, H, S), dtype=torch.float32, device=q.device)
+    else:
+        part_acc = part_m = part_l = out
     dot_fp32 = interpret or q.dtype == torch.float32  # the interpreter's bf16 tl.dot is wrong (upstream bug)
-    grid = (triton.cdiv(S * group, cfg.block_m), B * Hkv)
+    grid = (m_blocks, B * Hkv, num_splits)
     _attn_fwd[grid](
-        q, k_cache, v_cache, out,  #
-        seg_start, seg_len, seg_delta, own_start, own_past, new_len, inv_freq, scale * LOG2E,  #
+        q, k_cache, v_cache, out, part_acc, part_m, part_l,  #
+        seg_start, seg_len, seg_delta, table, n_tiles, own_start, own_past, new_len, inv_freq, scale * LOG2E,  #
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),  #
-        seg_start.stride(0), seg_start.stride(1),  #
-        Hkv, S, G,  #
-        GROUP=group, HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,  #
+        seg_start.stride(0), seg_start.stride(1), *table.stride(),  #
+        H, Hkv, S, G,  #
+        GROUP=group, HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, FLAT=cfg.flat, SPLIT=split,  #
         DOT_FP32=dot_fp32, INPUT_PRECISION="ieee" if dot_fp32 else "tf32",  #
         FIX_BF16=interpret and q.dtype == torch.bfloat16,  #
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if split:
+        out.copy_(_merge_splits(part_acc, part_m, part_l, q.dtype))
     return out

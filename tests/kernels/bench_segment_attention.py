@@ -29,6 +29,7 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 
 pytestmark = [
     pytest.mark.gpu,
@@ -109,10 +110,12 @@ def make_impl(name: str, w: Workload, args):
     from triton_kernels.reference import dense_layout
 
     q = args[0]
-    if name == "triton":
-        from triton_kernels import segment_attention
+    if name == "triton":  # the defaults; the tile table built once outside timing, as the engine does per step
+        from triton_kernels import interpreter_active, launch_config, segment_attention, tile_table
 
-        return lambda: segment_attention(*args)
+        cfg = launch_config(w.S * H // HKV, D, DTYPE, interpreter_active())
+        tiles = tile_table(*args[3:6], cfg.block_n)
+        return lambda: segment_attention(*args, config=cfg, tiles=tiles)
     layout = dense_layout(*args[3:9], w.S)
     if name == "sdpa_dense":
         mask = layout.mask[:, None]  # (B, 1, S, T)
@@ -218,32 +221,39 @@ def test_segment_attention_speed(benchmark, w, impl):
 
 
 def _tile_configs():
+    """(workload, LaunchConfig, num_splits) candidates: tiles and loop structure for prefill, split-K for decode."""
     from triton_kernels import LaunchConfig
 
-    decode = [LaunchConfig(block_m=16, block_n=n, num_warps=wp, num_stages=st)
-              for n, wp, st in ((64, 4, 3), (128, 4, 3), (32, 2, 4), (128, 8, 2), (64, 4, 4))]
-    prefill = [LaunchConfig(block_m=m, block_n=n, num_warps=wp, num_stages=st)
-               for m, n, wp, st in ((128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3),
-                                    (64, 128, 4, 3), (128, 32, 8, 4))]
-    return [(w, c) for w in WORKLOADS for c in (decode if w.S == 1 else prefill)]
+    decode = [(LaunchConfig(block_m=16, block_n=64, num_warps=4, num_stages=3, flat=f), n)
+              for f, n in ((True, 1), (False, 1), (True, 4), (True, 8), (True, 16))]
+    decode += [(LaunchConfig(block_m=16, block_n=128, num_warps=4, num_stages=2), 8)]
+    prefill = [(LaunchConfig(block_m=m, block_n=n, num_warps=wp, num_stages=st, flat=f), 1)
+               for m, n, wp, st, f in ((128, 64, 8, 3, True), (128, 64, 8, 3, False), (64, 64, 4, 3, True),
+                                       (128, 128, 8, 2, True), (64, 64, 4, 4, True))]
+    return [(w, c, n) for w in WORKLOADS for c, n in (decode if w.S == 1 else prefill)]
 
 
 TILES = _tile_configs()
 
 
-@pytest.mark.parametrize("w, cfg", TILES, ids=[f"{w.name}-m{c.block_m}n{c.block_n}w{c.num_warps}s{c.num_stages}"
-                                                 for w, c in TILES])
-def test_segment_attention_tiles(benchmark, w, cfg):
-    """The kernel at each candidate tile configuration (what the default ``launch_config`` is chosen from)."""
-    from triton_kernels import launch_config, segment_attention
+@pytest.mark.parametrize("w, cfg, splits", TILES, ids=[
+    f"{w.name}-m{c.block_m}n{c.block_n}w{c.num_warps}s{c.num_stages}{'' if c.flat else '-nested'}-k{n}"
+    for w, c, n in TILES])
+def test_segment_attention_tiles(benchmark, w, cfg, splits):
+    """The kernel at each candidate tile configuration and split count (what the defaults are chosen from)."""
+    from triton_kernels import default_splits, launch_config, segment_attention, tile_table
     from triton_kernels.reference import dense_layout
 
     args = build_inputs(w, "cuda")
-    fn = lambda: segment_attention(*args, config=cfg)  # noqa: E731
+    tiles = tile_table(*args[3:6], cfg.block_n)  # built once, as the engine does per step
+    fn = lambda: segment_attention(*args, config=cfg, tiles=tiles, num_splits=splits)  # noqa: E731
     fn()
     benchmark.group = f"{w.name} tiles"
     seconds = _time(benchmark, fn, w)
     pairs = int(dense_layout(*args[3:9], w.S).mask.sum())
     default = launch_config(w.S * H // HKV, D, DTYPE)
-    benchmark.extra_info.update(config=dataclasses.asdict(cfg), is_default=cfg == default, **_machine_info(),
-                                seconds_per_call=seconds, tflops=4 * D * H * pairs / seconds / 1e12)
+    default_k = default_splits(triton.cdiv(w.S * H // HKV, default.block_m) * w.B * HKV,
+                               tiles.max_tiles * cfg.block_n, torch.device("cuda"))
+    benchmark.extra_info.update(config=dataclasses.asdict(cfg), num_splits=splits,
+                                is_default=cfg == default and splits == default_k, default_splits=default_k,
+                                **_machine_info(), seconds_per_call=seconds, tflops=4 * D * H * pairs / seconds / 1e12)

@@ -17,7 +17,8 @@ if not torch.cuda.is_available():
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from triton_kernels import LaunchConfig, interpreter_active, is_available, launch_config, segment_attention  # noqa: E402
+from triton_kernels import (LaunchConfig, TileTable, default_splits, interpreter_active, is_available,  # noqa: E402
+                            launch_config, segment_attention, tile_table)
 from triton_kernels.reference import dense_layout, segment_attention_ref, segment_attention_sdpa  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -115,10 +116,14 @@ def cases(draw, dtype: torch.dtype, D: int):
                 H=Hkv * group, Hkv=Hkv, D=D, dtype=dtype, seed=draw(st.integers(0, 2**16)))
 
 
+# Examples per (dtype, head dim): $CHOREO_KERNEL_EXAMPLES, default 50 on a GPU, 10 in the interpreter.
+EXAMPLES = int(os.environ.get("CHOREO_KERNEL_EXAMPLES") or (50 if CUDA else 10))
+
+
 # One test per (dtype, head dim), so that pytest-xdist spreads the kernel compilations over workers.
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
-@settings(max_examples=50 if CUDA else 10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_matches_fp64_reference(dtype, D, data):
     check_against_reference(data.draw(cases(dtype, D), label="case"))
@@ -179,7 +184,8 @@ def test_strided_inputs():
 
 
 CONFIGS = [LaunchConfig(block_m=16, block_n=32, num_warps=2, num_stages=1),
-           LaunchConfig(block_m=32, block_n=16, num_warps=4, num_stages=2)]
+           LaunchConfig(block_m=32, block_n=16, num_warps=4, num_stages=2),
+           LaunchConfig(block_m=16, block_n=16, num_warps=1, num_stages=1, flat=False)]
 if CUDA:  # the tiles the default picks on a GPU for prefill and decode, and their neighbours
     CONFIGS += [LaunchConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
                 LaunchConfig(block_m=64, block_n=128, num_warps=4, num_stages=3),
@@ -194,6 +200,63 @@ def test_tile_configs_agree(name, cfg):
     case = dataclasses.replace(AWKWARD[name], dtype=torch.float32)
     args = case.tensors()
     torch.testing.assert_close(segment_attention(*args, config=cfg), segment_attention(*args), atol=2e-5, rtol=0)
+
+
+SPLIT_CASES = ["decode-S1", "empty-segment-list-G0", "padding-segments-and-rows", "all-calls-padding",
+               "overlap-repeat-gap", "gqa-3-decode", "multi-tile-segments", "bf16"]
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "nested"])
+@pytest.mark.parametrize("splits", [2, 3, 7])
+@pytest.mark.parametrize("name", SPLIT_CASES)
+def test_split_k_matches_reference(name, splits, flat):
+    """Split-K (more splits than some calls have tiles or segments, so some splits are empty) and both loop
+    structures against the fp64 reference, on the awkward cases."""
+    case = AWKWARD[name]
+    cfg = dataclasses.replace(launch_config(case.S * case.H // case.Hkv, case.D, case.dtype, interpreter_active()),
+                              flat=flat)
+    args = case.tensors()
+    out = segment_attention(*args, config=cfg, num_splits=splits)
+    q, k, v, *rest = args
+    ref = segment_attention_ref(q.double(), k.double(), v.double(), *rest)
+    pt = segment_attention_ref(*args, upcast=False)
+    err, err_pt = (out.double() - ref).abs().max().item(), (pt.double() - ref).abs().max().item()
+    assert not out.isnan().any()
+    assert err <= 2 * err_pt + ABS_FLOOR[case.dtype], (err, err_pt)
+
+
+def test_tile_table_docstring_example():
+    t = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    table = tile_table(t([[0, 300], [7, 0]]), t([[100, 10], [0, 0]]), t([[5, 0], [1, 2]]), 64)
+    assert table.max_tiles == 3 and table.n_tiles.tolist() == [3, 0]
+    assert table.tiles[:, 0].T.tolist() == [[0, 64, 5], [64, 36, 5], [300, 10, 0]]
+    assert (table.tiles[:, 1] == 0).all()
+    empty = tile_table(t([[]]).reshape(1, 0), t([[]]).reshape(1, 0), t([[]]).reshape(1, 0), 16)
+    assert empty.max_tiles == 0 and empty.tiles.shape == (3, 1, 1)
+
+
+def test_prebuilt_tiles_and_their_errors():
+    case = AWKWARD["multi-tile-segments"]
+    args = case.tensors()
+    cfg = launch_config(case.S * case.H // case.Hkv, case.D, case.dtype, interpreter_active())
+    tiles = tile_table(*args[3:6], cfg.block_n)
+    assert isinstance(tiles, TileTable)
+    torch.testing.assert_close(segment_attention(*args, tiles=tiles), segment_attention(*args), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="block_n"):
+        segment_attention(*args, tiles=tile_table(*args[3:6], 2 * cfg.block_n))
+    with pytest.raises(TypeError, match="tiles"):
+        segment_attention(*args, tiles=(tiles.tiles, tiles.n_tiles))
+    with pytest.raises(ValueError, match="num_splits"):
+        segment_attention(*args, num_splits=0)
+
+
+def test_default_splits_only_on_an_idle_gpu():
+    assert default_splits(8, 10**6, torch.device("cpu")) == 1
+    if CUDA:
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        assert default_splits(2 * sms, 10**6, DEVICE) == 1  # the GPU is already full
+        assert default_splits(8, 512, DEVICE) == 1  # too few keys to share out
+        assert default_splits(8, 10**6, DEVICE) > 1
 
 
 def test_default_launch_config():
