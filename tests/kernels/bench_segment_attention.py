@@ -64,6 +64,8 @@ WORKLOADS = [
     Workload(name="prefill-B16-S256-T1k", B=16, S=256, attended=1024),
     Workload(name="prefill-B8-S512-T4k", B=8, S=512, attended=4096),
     Workload(name="prefill-B8-S128-T16k", B=8, S=128, attended=16384),
+    # one 4k-token message per call: the same attention as prefill-B8-S512-T4k without per-segment overhead
+    Workload(name="prefill-B8-S512-T4k-one-segment", B=8, S=512, attended=4096, msg_len=4096),
 ]
 
 
