@@ -124,27 +124,29 @@ class Engine:
         B, S = len(jobs), max(len(j.pending) for j in jobs)
         ids = torch.zeros(B, S, dtype=torch.long)
         pos = torch.zeros(B, S, dtype=torch.long)
-        valid = torch.zeros(B, S, dtype=torch.bool)
-        rows = []
+        rows, src = [], []  # store row of each new token, and its flat (call, position) index b * S + i
         for b, j in enumerate(jobs):
             n = len(j.pending)
             ids[b, :n] = torch.tensor(j.pending)
             first = j.msg.start + j.fed
             pos[b] = torch.arange(first, first + S).clamp(max=first + n - 1)
-            valid[b, :n] = True
             rows.extend(range(j.msg.row + j.fed, j.msg.row + j.fed + n))
+            src.extend(range(b * S, b * S + n))
         plan = AttentionPlan(
             segments=tuple(j.segments for j in jobs),
             own_start=tuple(j.msg.row for j in jobs),
             own_past=tuple(j.fed for j in jobs),
             new_len=tuple(len(j.pending) for j in jobs),
         )
-        rows_t, valid = torch.tensor(rows, device=dev), valid.to(dev)
+        # One host-to-device copy per pass; integer indices, not a boolean mask: boolean indexing makes every
+        # layer wait for the GPU (its output size must be read back).
+        rows_t, src_t = torch.tensor([rows, src], device=dev)
         store, backend, inv_freq = self.store, self.backend, self.model.inv_freq
 
         def attend(layer, q, k, v):  # q (B, H, S, D); k, v (B, Hkv, S, D)
-            store.k[layer][:, rows_t] = k.transpose(0, 1)[:, valid]  # (Hkv, n_valid, D)
-            store.v[layer][:, rows_t] = v.transpose(0, 1)[:, valid]
+            Hkv, D = k.shape[1], k.shape[3]
+            store.k[layer][:, rows_t] = k.transpose(0, 1).reshape(Hkv, B * S, D)[:, src_t]  # (Hkv, n_valid, D)
+            store.v[layer][:, rows_t] = v.transpose(0, 1).reshape(Hkv, B * S, D)[:, src_t]
             return backend(plan, q, store.k[layer], store.v[layer], inv_freq, self.scale)
 
         if any(j.wants_all_logits for j in jobs):

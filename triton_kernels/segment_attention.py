@@ -10,7 +10,9 @@ Each call ``b`` of a batch attends to
    sees own key ``j`` iff ``j <= own_past[b] + i``.
 
 There is no gather, no dense mask and no repeated K/V: the kernel walks the table, one online softmax over
-all segments and then the own part.
+all segments and then the own part. By default the segments are first cut into key tiles (``tile_table``) and
+walked in one loop, so K/V prefetching continues across segment boundaries; calls with many keys and too few
+programs to fill the GPU are split along their tiles (split-K), with the partials merged in fp32.
 
 Supported:
     dtypes fp32 / fp16 / bf16 (q, k_cache, v_cache alike; fp32 dots run in IEEE fp32, not tf32), head dim
@@ -20,10 +22,14 @@ Supported:
     Runs on CUDA (and ROCm builds of torch), or on CPU tensors under the Triton interpreter
     (``TRITON_INTERPRET=1`` set before this module is imported; ~400x slower than SDPA, for tests only).
 Not supported:
-    backward pass, sliding windows, ALiBi / softcapping, RoPE conventions other than HF Llama "rotate_half",
-    split-K ("flash decoding") for decode over very long contexts: a decode step runs B * Hkv programs.
+    backward pass, sliding windows, ALiBi / softcapping, RoPE conventions other than HF Llama "rotate_half".
     Row offsets inside one segment or own run are int32 (N * D < 2**31 elements per KV head).
     Table values are checked on CPU only (on CUDA a check would synchronise): out-of-range rows are the caller's bug.
+
+Measured (H200, bf16, H=32, Hkv=8, D=128; ``tests/kernels/bench_segment_attention.py``; ``results/kernels/``):
+decode over 1k-4k keys per call runs at 1.4x causal SDPA's speed at equal attended tokens; prefill over
+128-token messages at 63-70% of it (80% when a call reads one long message); split-K decode over 16k keys at
+41%. Faster in every measured shape than FlexAttention on gathered, re-rotated keys.
 
 Worked example (call 0 sees store rows 0..9 moved 5 positions later, then its own 3 tokens, 2 of them new)::
 
@@ -390,12 +396,14 @@ def _sm_count(index: int) -> int:
 
 def default_splits(programs: int, max_keys: int, device: torch.device) -> int:
     """Split-K ways for a launch of ``programs`` (query blocks x calls x KV heads) over at most ``max_keys``
-    segment keys per call: split only when the launch leaves the GPU's multiprocessors idle (under two
-    programs each) and every split still gets >= 1024 keys; then aim at ~4 programs per multiprocessor."""
+    segment keys per call: split only when the launch leaves half the GPU's multiprocessors idle and every split
+    still gets >= 1024 keys; then aim at ~4 programs per multiprocessor. (On an H200, splitting a decode launch
+    of 64 programs over 16k keys 8 ways took 404 -> 293 us; splitting launches of 256 programs made them slower:
+    the merge's launches cost more than the idle multiprocessors.)"""
     if device.type != "cuda" or interpreter_active():
         return 1
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    if programs >= 2 * sms:
+    if 2 * programs >= sms:
         return 1
     return max(1, min(triton.cdiv(4 * sms, programs), max_keys // 1024, 64))
 
@@ -420,8 +428,8 @@ def launch_config(rows: int, head_dim: int, dtype: torch.dtype, interpret: bool 
         block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
         return LaunchConfig(block_m=block_m, block_n=64 if head_dim <= 128 else 32, num_warps=4,
                             num_stages=3 if half and head_dim <= 128 else 2)
-    if half and head_dim <= 128:  # prefill: the FlashAttention-2 tile of Triton's fused-attention tutorial
-        return LaunchConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
+    if half and head_dim <= 128:  # prefill: the fastest tile of the H200 sweep on segmented workloads
+        return LaunchConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
     return LaunchConfig(block_m=64, block_n=32 if head_dim > 64 or not half else 64,
                         num_warps=4 if head_dim <= 128 else 8, num_stages=2)
 

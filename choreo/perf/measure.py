@@ -205,6 +205,8 @@ def pass_costs(model: Model, *, sizes=(1, 8, 32, 128, 512), batches=(1, 8, 32), 
     step = {}
     for b in batches:
         calls = [Call(parents=[prompt], teacher_tokens=None, max_tokens=8, seed=i) for i in range(b)]
+        ch.free(*ch.decode(calls))  # warm-up: a GPU compiles kernels for a new batch size on first use
+        _sync(model)
         passes0, t0 = ch.engine.forward_passes, time.perf_counter()
         msgs = ch.decode(calls)
         _sync(model)

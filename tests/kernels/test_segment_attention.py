@@ -188,7 +188,7 @@ CONFIGS = [LaunchConfig(block_m=16, block_n=32, num_warps=2, num_stages=1),
            LaunchConfig(block_m=16, block_n=16, num_warps=1, num_stages=1, flat=False)]
 if CUDA:  # the tiles the default picks on a GPU for prefill and decode, and their neighbours
     CONFIGS += [LaunchConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
-                LaunchConfig(block_m=64, block_n=128, num_warps=4, num_stages=3),
+                LaunchConfig(block_m=64, block_n=64, num_warps=4, num_stages=3),
                 LaunchConfig(block_m=128, block_n=128, num_warps=8, num_stages=2)]
 
 
@@ -254,14 +254,15 @@ def test_default_splits_only_on_an_idle_gpu():
     assert default_splits(8, 10**6, torch.device("cpu")) == 1
     if CUDA:
         sms = torch.cuda.get_device_properties(0).multi_processor_count
-        assert default_splits(2 * sms, 10**6, DEVICE) == 1  # the GPU is already full
+        assert default_splits(sms // 2, 10**6, DEVICE) == 1  # half the GPU is busy already
         assert default_splits(8, 512, DEVICE) == 1  # too few keys to share out
         assert default_splits(8, 10**6, DEVICE) > 1
 
 
 def test_default_launch_config():
     assert launch_config(4, 64, torch.bfloat16) == LaunchConfig(block_m=16, block_n=64, num_warps=4, num_stages=3)
-    assert launch_config(1024, 128, torch.bfloat16).block_m == 128
+    assert launch_config(1024, 128, torch.bfloat16) == LaunchConfig(block_m=64, block_n=64, num_warps=4,
+                                                                     num_stages=3)
     assert launch_config(1024, 128, torch.float32).block_m == 64  # fp32 tiles twice the bytes: smaller
     assert launch_config(1024, 256, torch.float16).block_n == 32
     assert launch_config(4, 64, torch.float32, interpret=True).block_m == 16
