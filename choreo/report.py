@@ -58,11 +58,18 @@ def plot_rates(path: str | Path, *, title: str, groups: dict[str, dict[str, tupl
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize="small", frameon=False)
+    return save_figure(fig, path, dpi=120)
+
+
+def save_figure(fig, path: str | Path, *, dpi: int = 110) -> Path:
+    """Lay out, write atomically (a half-written PNG never replaces a good one) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
     tmp.replace(path)
     return path

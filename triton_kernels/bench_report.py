@@ -31,7 +31,8 @@ IMPLS = {
 def _config_label(extra: dict) -> str:
     c = extra["config"]
     loop = "flat" if c.get("flat", True) else "nested"
-    return f"m{c['block_m']} n{c['block_n']} w{c['num_warps']} s{c['num_stages']} {loop}, {extra['num_splits']} split(s)"
+    tiles = f"m{c['block_m']} n{c['block_n']} w{c['num_warps']} s{c['num_stages']}"
+    return f"{tiles} {loop}, {extra['num_splits']} split(s)"
 
 
 def summarize(bench: dict) -> dict:
@@ -102,11 +103,9 @@ def plot(path: Path, summary: dict, device: str) -> Path:
     ax.set_xlabel("TFLOP/s over attended (query, key) pairs (higher is better)")
     ax.set_title(f"Segment attention vs PyTorch attention, bf16, {device}", fontsize="medium")
     ax.legend(fontsize="x-small", frameon=False, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    from choreo.report import save_figure
+
+    return save_figure(fig, path)
 
 
 def write_report(bench_json: Path, out: Path, *, commit: str | None, command: str | None,

@@ -89,11 +89,9 @@ def plot_scaling(path: Path, *, title: str, axis: str, points: list[tuple[int, d
     ax.set_ylabel("speed-up vs baseline (x)")
     ax.set_title(title, fontsize="medium")
     ax.legend(fontsize="x-small", frameon=False, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    from ..report import save_figure
+
+    return save_figure(fig, path)
 
 
 def write_results(out: Path, *, model: Model, profile: str, figures: dict, memory: dict, scaling: dict,

@@ -1,0 +1,53 @@
+"""The kernel benchmark report: pytest-benchmark JSON in, table, plot and provenance out."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from triton_kernels import bench_report
+
+
+def _record(name, group, **extra):
+    base = dict(device="NVIDIA H200", torch="2.11.0", triton="3.6.0", cuda="13.0")
+    return {"name": name, "group": group, "extra_info": base | extra}
+
+
+def _bench():
+    speed = lambda impl, s, tf: _record(f"test_segment_attention_speed[w-{impl}]", "w", impl=impl,  # noqa: E731
+                                        seconds_per_call=s, tflops=tf, peak_extra_mem_mib=1.0, mask_density=0.5,
+                                        attended_pairs=100)
+    tile = lambda s, m, k: _record("test_segment_attention_tiles[w-x]", "w tiles", seconds_per_call=s,  # noqa: E731
+                                   tflops=1 / s, num_splits=k,
+                                   config=dict(block_m=m, block_n=64, num_warps=4, num_stages=3, flat=True))
+    return {"datetime": "2026-11-26T05:11:17", "machine_info": {"python_version": "3.12.3"},
+            "benchmarks": [speed("triton", 2e-3, 100.0), speed("sdpa_causal", 1e-3, 200.0),
+                           speed("flex", 4e-3, 50.0), tile(3e-3, 128, 1), tile(1.5e-3, 64, 2)]}
+
+
+def test_summary_picks_the_fastest_sweep_config():
+    summary = bench_report.summarize(_bench())
+    assert summary["w"]["best"]["seconds"] == 1.5e-3
+    assert summary["w"]["best"]["config"] == "m64 n64 w4 s3 flat, 2 split(s)"
+    row = bench_report.table_rows(summary)[0]
+    assert row[5] == "67%"  # causal SDPA 1.0 ms / fastest kernel 1.5 ms
+    assert row[-1] == "2.7x"  # Flex + gather 4.0 ms / 1.5 ms
+
+
+def test_report_writes_table_plot_raw_json_and_provenance(tmp_path):
+    src = tmp_path / "bench.json"
+    src.write_text(json.dumps(_bench()))
+    md = bench_report.write_report(src, tmp_path / "out", commit="abc", command="pytest ...", extra_notes=["hello"])
+    text = md.read_text()
+    assert "NVIDIA H200" in text and "hello" in text and "`pytest ...`" in text
+    data = json.loads((tmp_path / "out" / "segment_attention.json").read_text())
+    assert data["provenance"]["git_commit"] == "abc" and data["provenance"]["versions"]["triton"] == "3.6.0"
+    assert (tmp_path / "out" / "segment_attention.png").stat().st_size > 0
+    assert (tmp_path / "out" / "segment_attention_raw.json").read_text() == src.read_text()
+
+
+def test_cli_names_a_missing_file(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench_report.main([str(tmp_path / "nope.json")])
+    assert "nope.json" in capsys.readouterr().err
