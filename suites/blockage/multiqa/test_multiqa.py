@@ -26,10 +26,11 @@ ROWS = ["baseline", "choreographed", "choreographed+linearized", "choreographed+
 CONDITION = {"baseline": "baseline", "choreographed": "choreographed", "choreographed+linearized": "linearized"}
 FINETUNE = {  # training pairs (baseline traces, 10% of them dev), LoRA preset and overrides
     "smoke": dict(train=6, preset="smoke", overrides={}),
-    # CPU time: a reduced run. It distils the adapter-off baseline (loss "kl", lr chosen on dev for the blockage
-    # recovery task, results/finetune/recovery.md), where cross-entropy on 10 steps moved nothing.
-    "small": dict(train=60, preset="embedded-cpu", overrides={"max_steps": 26, "eval_every": 13, "loss": "kl",
-                                                              "lr": 1e-3}),
+    # The paper's 450 training pairs, one epoch, LoRA rank 16 (about 50 CPU minutes). It distils the adapter-off
+    # baseline (loss "kl", lr chosen on dev for the blockage recovery task, results/finetune/recovery.md): on 60
+    # pairs, cross-entropy (10 steps) gave 0/100 both correct and KL (26 steps) 1/100 (runs/finetuned-*.json).
+    "small": dict(train=450, preset="embedded-cpu", overrides={"epochs": 1, "eval_every": 25, "loss": "kl",
+                                                               "lr": 1e-3}),
     "paper": dict(train=450, preset="embedded-cpu", overrides={}),
 }
 TRAIN_SEED = 1
@@ -105,6 +106,9 @@ def table(model, profile, results_dir):
     }
     adjusted = stats.adjust_pvalues([t.pvalue for t in tests.values()], method="holm", alpha=ALPHA).adjusted
     holm = {name: float(p) for name, p in zip(tests, adjusted)}
+    ft_both, base_both = _rates(runs["choreographed+finetuned"], "Both"), _rates(base, "Both")
+    vs_base = stats.mcnemar_exact(ft_both, base_both)
+    tost = stats.tost_paired_proportions(ft_both, base_both, margin=EQUIVALENCE_MARGIN, alpha=ALPHA)
     rates = {row: {k: stats.rate(sum(_rates(runs[row], k)), n) for k in ("Q1", "Q2", "Both")} for row in ROWS}
     paper = json.loads((HERE / "paper.json").read_text())["rows"]
     rows = [[row] + [rates[row][k].format() for k in ("Q1", "Q2", "Both")]
@@ -118,12 +122,17 @@ def table(model, profile, results_dir):
                f"{ft_summary['dev_traces']} dev traces, checkpoint chosen on dev (best step {ft_summary['best_step']} of "
                f"{ft_summary['steps']}, dev {ft_summary['config'].get('dev_metric') or ft_summary['config'].get('loss', 'ce')} "
                f"{ft_summary['history'][0]['dev_loss']:.3f} -> "
-               f"{ft_summary['best_dev_loss']:.3f}).")
+               f"{ft_summary['best_dev_loss']:.3f}); traces, training and the evaluation with the adapter took "
+               f"{ft_summary['train_seconds']:.0f} s.")
     notes = [f"n = {n} question pairs per condition (profile {profile}), greedy; the same pairs in every condition; "
              f"'±' is the normal 95% half-width as in the paper (Wilson intervals in the JSON).",
              f"Serial segments under the choreographed executor reproduce the baseline response in {identical}/{n} pairs.",
              *[f"{name}: difference {t.difference:+.3f}, exact McNemar p = {t.pvalue:.2g}, Holm-adjusted p = {holm[name]:.2g}"
                for name, t in tests.items()],
+             f"finetuned both vs baseline both: difference {vs_base.difference:+.3f}, exact McNemar p = "
+             f"{vs_base.pvalue:.2g}; TOST within ±{100 * EQUIVALENCE_MARGIN:.0f} points: "
+             f"{100 * (1 - 2 * ALPHA):.0f}% interval [{tost.low:+.3f}, {tost.high:+.3f}], p = {tost.pvalue:.2g} "
+             f"({'equivalent' if tost.equivalent else 'equivalence not shown'}).",
              ft_note,
              f"Wall time in this session {wall:.0f} s for {len(runs)} conditions (records already logged in "
              f"runs/*-{key}.jsonl are reused, not recomputed; shared, contended CPU: not a benchmark)."]
@@ -133,6 +142,9 @@ def table(model, profile, results_dir):
             "serial_identical": identical,
             "tests": {name: {"a_only": t.a_only, "b_only": t.b_only, "difference": t.difference, "pvalue": t.pvalue,
                              "holm": holm[name]} for name, t in tests.items()},
+            "finetuned_vs_baseline": {"difference": vs_base.difference, "mcnemar_p": vs_base.pvalue,
+                                      "tost": {"margin": tost.margin, "low": tost.low, "high": tost.high,
+                                               "pvalue": tost.pvalue, "equivalent": tost.equivalent}},
             "paper": paper, "wall_s": wall, "finetune": ft_summary, "records": f"runs/*-{key}.jsonl"}
     prov = provenance(model, seeds=[SEED], sample_sizes={"pairs": n}, profile=profile)
     out = results_dir / "blockage" / "multiqa"
@@ -181,8 +193,10 @@ def test_multiqa(table, row):
         assert bias.difference < 0 and table["holm"]["linearized Q2 > linearized Q1"] < ALPHA, text
 
 
-# What fine-tuning was measured to do on the embedded model at `small` (see README): 26 steps distilling the
-# baseline on 54 traces bring dev KL from 0.296 to 0.096 nats/token (best step 13), yet both-correct goes from
-# 0/100 to only 1/100 (10 cross-entropy steps earlier: 0/100), so the paper's recovery (0.4% -> 48.8%) does NOT
-# reproduce at this size; `paper` trains on 450 traces.
-FINETUNE_CLAIMS = [("finetuned both > choreographed both", "not detected")]
+# What fine-tuning was measured to do on the embedded model at `small` (see README). With the paper's 450 training
+# pairs (one epoch, 102 steps distilling the baseline) dev KL falls from 0.263 to 0.049 nats/token and both-correct
+# recovers from 0/100 to 13/100 (baseline 18/100): the paper's direction (0.4% -> 48.8%). On 60 pairs it did not
+# (KL, 26 steps: 1/100; cross-entropy, 10 steps: 0/100).
+FINETUNE_CLAIMS = [("finetuned both > choreographed both", "greater")]
+# Equivalence of fine-tuned and baseline both-correct is reported (TOST at this margin, in rate points), not asserted.
+EQUIVALENCE_MARGIN = 0.10
