@@ -36,7 +36,8 @@ def _config_label(extra: dict) -> str:
 
 
 def summarize(bench: dict) -> dict:
-    """Per workload: {impl: (seconds, tflops, extra memory MiB)}, the sweep's best kernel configuration, density."""
+    """Per workload: ``impls`` ({impl: {seconds, tflops, extra_mem_mib}}), ``sweep`` (every tile configuration
+    timed), ``best`` (the fastest of them), mask density, attended pairs and device."""
     out: dict[str, dict] = {}
     for b in bench["benchmarks"]:
         e = b["extra_info"]

@@ -94,6 +94,18 @@ def plot_scaling(path: Path, *, title: str, axis: str, points: list[tuple[int, d
     return save_figure(fig, path)
 
 
+def _memory_note(device: torch.device, *, measured: bool) -> str:
+    """How the table's peak-memory column was measured on ``device``."""
+    if device.type == "cuda":
+        return ("Peak memory: CUDA memory allocated (torch.cuda.max_memory_allocated, peak reset at the start of each "
+                "run, max over rounds); + is the growth above what was allocated when the run began (weights and "
+                "every arm's preallocated KV store stay allocated across runs).")
+    if not measured:
+        return "Peak memory: not measured in this run."
+    return ("Peak memory: peak RSS of one subprocess per configuration (model loaded, one 2-token priming pass, "
+            "VmHWM reset, one run); + is the growth above the RSS before the run.")
+
+
 def write_results(out: Path, *, model: Model, profile: str, figures: dict, memory: dict, scaling: dict,
                   cost: dict | None = None, command: str | None = None, **extra) -> Path:
     """``speedups.md``/``.json`` (one row per shape) and ``scaling_<axis>.png`` under ``out``.
@@ -120,14 +132,8 @@ def write_results(out: Path, *, model: Model, profile: str, figures: dict, memor
         "TTFT = summed over sequential stages of the slowest call's time to first token. Choreographed prompt "
         "messages are encoded when created, in passes of their own, counted in end-to-end time but not in TTFT; "
         "'prefills fused' encodes them in the first pass of the call that reads them (the Runner's default).",
-        ("Peak memory: not measured in this run." if
-         model.spec.device.type == "cpu" and not memory else
-         "Peak memory: CUDA memory allocated (torch.cuda.max_memory_allocated, peak reset at the start of each run, "
-         "max over rounds); + is the growth above what was allocated when the run began (weights and every arm's "
-         "preallocated KV store stay allocated across runs)." if model.spec.device.type == "cuda" else
-         "Peak memory: peak RSS of one subprocess per configuration (model loaded, one 2-token priming pass, VmHWM "
-         "reset, one run); + is the growth above the RSS before the run.")
-        + " Peak KV: the store's peak rows in use x bytes per token.",
+        _memory_note(model.spec.device, measured=bool(memory)) + " Peak KV: the store's peak rows in use x bytes "
+        "per token.",
         f"1-min load average {load[0]:.1f} on {os.cpu_count()} cores at the end of the run, "
         f"{torch.get_num_threads()} torch threads.",
     ]

@@ -192,15 +192,14 @@ def test_segment_attention_speed(benchmark, w, impl):
     from triton_kernels.reference import dense_layout, segment_attention_sdpa
 
     args = build_inputs(w, "cuda")
+    layout = dense_layout(*args[3:9], w.S)
     if impl == "flex_kernel":  # FlexAttention's kernel alone: keys gathered and re-rotated before timing
-        layout = dense_layout(*args[3:9], w.S)
         k, v = _gather_rotated(args, layout)
         gathered = make_impl("flex", w, args)
         flex, block_mask = gathered.flex, gathered.block_mask
         fn = lambda: flex(args[0], k, v, block_mask=block_mask, enable_gqa=True)  # noqa: E731
     else:
         fn = make_impl(impl, w, args)
-    layout = dense_layout(*args[3:9], w.S)
     out = fn()  # also compiles before timing
     if impl != "sdpa_causal":  # the same attention: check before timing
         torch.testing.assert_close(out, segment_attention_sdpa(*args, layout=layout), atol=2e-2, rtol=2e-2)
