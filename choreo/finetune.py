@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .attention import BACKENDS
 from .baseline import Baseline
 from .cache import Message
 from .engine import Call, Choreographer
@@ -82,7 +83,8 @@ class FinetuneConfig:
     dev_metric: str | None = dataclasses.field(default=None, metadata={
         "help": "dev criterion for checkpoint selection, one of LOSSES (None: the training loss)"})
     through_cache: bool = dataclasses.field(default=True, metadata={"help": "gradients into earlier encodings"})
-    attention: str = dataclasses.field(default="torch", metadata={"help": "backend with a backward pass"})
+    attention: str = dataclasses.field(default="torch", metadata={
+        "help": "attention backend of the replays: 'torch', 'reference' or 'triton' (the fused kernel's backward)"})
     seed: int = dataclasses.field(default=0, metadata={"help": "adapter init, data order and dropout"})
 
     PRESETS: ClassVar[dict[str, dict]] = {
@@ -107,8 +109,8 @@ class FinetuneConfig:
             raise ValueError(f"dev_fraction must be in (0, 1), got {self.dev_fraction!r}")
         if not self.lr > 0 or not self.max_grad_norm > 0:
             raise ValueError(f"lr and max_grad_norm must be > 0, got {self.lr!r} and {self.max_grad_norm!r}")
-        if self.attention == "triton":
-            raise ValueError("attention 'triton' has no backward pass; train with 'torch' (or 'reference')")
+        if self.attention not in BACKENDS:
+            raise ValueError(f"attention must be one of {', '.join(map(repr, BACKENDS))}, got {self.attention!r}")
         check_loss_calls(self.loss_calls)
         check_loss(self.loss, "loss")
         if self.dev_metric is not None:
@@ -608,6 +610,8 @@ def register(sub) -> None:
     t.add_argument("--out", required=True, help="run folder (best/, last/, history.json)")
     t.add_argument("--config", default="embedded-cpu", choices=sorted(FinetuneConfig.PRESETS))
     t.add_argument("--resume", action="store_true", help="continue from OUT/last")
+    t.add_argument("--attention", default="torch", choices=sorted(BACKENDS),
+                   help="attention backend of the replays ('triton': the fused kernel's forward and backward, CUDA)")
     t.add_argument("--model", default=None)
     t.set_defaults(func=_cli_train)
     r = verbs.add_parser("recovery", help="blockage recovery: KL and agreement before/after fine-tuning")
@@ -639,7 +643,7 @@ def _cli_train(args) -> int:
     from .model import load_model
     from .trace import load_traces
 
-    config = FinetuneConfig.preset(args.config)
+    config = FinetuneConfig.preset(args.config, attention=args.attention)
     traces = [events for path in args.traces for _, events in load_traces(path)]
     if args.dev_traces:
         train_set, dev_set = traces, [events for path in args.dev_traces for _, events in load_traces(path)]

@@ -21,9 +21,13 @@ def _bench():
     tile = lambda s, m, k: _record("test_segment_attention_tiles[w-x]", "w tiles", seconds_per_call=s,  # noqa: E731
                                    tflops=1 / s, num_splits=k,
                                    config=dict(block_m=m, block_n=64, num_warps=4, num_stages=3, flat=True))
+    train = lambda impl, s: _record(f"test_segment_attention_training_speed[w-{impl}]", "w training",  # noqa: E731
+                                    impl=impl, seconds_per_call=s, tflops=1 / s, peak_extra_mem_mib=s * 1e4,
+                                    attended_pairs=100)
     return {"datetime": "2026-11-26T05:11:17", "machine_info": {"python_version": "3.12.3"},
             "benchmarks": [speed("triton", 2e-3, 100.0), speed("sdpa_causal", 1e-3, 200.0),
-                           speed("flex", 4e-3, 50.0), tile(3e-3, 128, 1), tile(1.5e-3, 64, 2)]}
+                           speed("flex", 4e-3, 50.0), tile(3e-3, 128, 1), tile(1.5e-3, 64, 2),
+                           train("triton", 4e-3), train("sdpa_dense", 1e-2), train("sdpa_causal", 3e-3)]}
 
 
 def test_summary_picks_the_fastest_sweep_config():
@@ -33,6 +37,8 @@ def test_summary_picks_the_fastest_sweep_config():
     row = bench_report.table_rows(summary)[0]
     assert row[5] == "67%"  # causal SDPA 1.0 ms / fastest kernel 1.5 ms
     assert row[-1] == "2.7x"  # Flex + gather 4.0 ms / 1.5 ms
+    training = bench_report.training_rows(summary)
+    assert training == [["w", "4,000 us (250)", "10,000 us (100)", "3,000 us (333)", "75%", "2.5x", "40 / 100 MiB"]]
 
 
 def test_report_writes_table_plot_raw_json_and_provenance(tmp_path):
@@ -45,6 +51,8 @@ def test_report_writes_table_plot_raw_json_and_provenance(tmp_path):
     assert data["provenance"]["git_commit"] == "abc" and data["provenance"]["versions"]["triton"] == "3.6.0"
     assert (tmp_path / "out" / "segment_attention.png").stat().st_size > 0
     assert (tmp_path / "out" / "segment_attention_raw.json").read_text() == src.read_text()
+    training = (tmp_path / "out" / "segment_attention_training.md").read_text()
+    assert "forward + backward" in training and "NVIDIA H200" in training
 
 
 def test_cli_names_a_missing_file(tmp_path, capsys):

@@ -363,8 +363,9 @@ def test_config_defaults_presets_and_validation():
         FinetuneConfig.preset("gpu-xl")
     with pytest.raises(ValueError, match="loss_calls"):
         FinetuneConfig(loss_calls="first")
-    with pytest.raises(ValueError, match="no backward"):
-        FinetuneConfig(attention="triton")
+    with pytest.raises(ValueError, match="attention must be .* got 'flash'"):
+        FinetuneConfig(attention="flash")
+    assert FinetuneConfig(attention="triton").attention == "triton"  # the kernel has a backward pass
     with pytest.raises(ValueError, match="loss must be one of 'ce', 'kl', 'ce\\+kl', got 'KL'"):
         FinetuneConfig(loss="KL")
     with pytest.raises(ValueError, match="dev_metric must be one of .* got 'nll'"):
@@ -380,7 +381,9 @@ def test_command_line_parses():
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["finetune", "train", "--traces", "a.jsonl", "--out", "run", "--resume"])
-    assert args.verb == "train" and args.resume and args.config == "embedded-cpu"
+    assert args.verb == "train" and args.resume and args.config == "embedded-cpu" and args.attention == "torch"
+    assert parser.parse_args(["finetune", "train", "--traces", "a", "--out", "r", "--attention", "triton"]).attention \
+        == "triton"
     args = parser.parse_args(["finetune", "collect", "--task", "blockage", "--n", "8", "--out", "t.jsonl"])
     assert args.task == "blockage" and args.n == 8
     args = parser.parse_args(["finetune", "recovery", "--out", "r", "--losses", "ce", "kl", "--lrs", "1e-3"])

@@ -1,4 +1,5 @@
-"""Triton kernels of choreo: ``segment_attention`` (fused segment-table attention) and its reference.
+"""Triton kernels of choreo: ``segment_attention`` (fused segment-table attention, forward and backward) and its
+reference.
 
 ``from triton_kernels import segment_attention`` gives the function; the kernel module itself is
 ``sys.modules["triton_kernels.segment_attention"]``. Set ``TRITON_INTERPRET=1`` before the first import to run

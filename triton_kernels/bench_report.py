@@ -37,7 +37,8 @@ def _config_label(extra: dict) -> str:
 
 def summarize(bench: dict) -> dict:
     """Per workload: ``impls`` ({impl: {seconds, tflops, extra_mem_mib}}), ``sweep`` (every tile configuration
-    timed), ``best`` (the fastest of them), mask density, attended pairs and device."""
+    timed), ``best`` (the fastest of them), ``training`` (forward + backward, {impl: ...}; prefill workloads),
+    mask density, attended pairs and device."""
     out: dict[str, dict] = {}
     for b in bench["benchmarks"]:
         e = b["extra_info"]
@@ -46,6 +47,10 @@ def summarize(bench: dict) -> dict:
             w["impls"][e["impl"]] = {"seconds": e["seconds_per_call"], "tflops": e["tflops"],
                                      "extra_mem_mib": e["peak_extra_mem_mib"]}
             w["density"], w["pairs"], w["device"] = e["mask_density"], e["attended_pairs"], e["device"]
+        elif b["name"].startswith("test_segment_attention_training_speed"):
+            w = out.setdefault(b["group"].removesuffix(" training"), {"impls": {}, "sweep": []})
+            w.setdefault("training", {})[e["impl"]] = {"seconds": e["seconds_per_call"], "tflops": e["tflops"],
+                                                      "extra_mem_mib": e["peak_extra_mem_mib"]}
         elif b["name"].startswith("test_segment_attention_tiles"):
             w = out.setdefault(b["group"].removesuffix(" tiles"), {"impls": {}, "sweep": []})
             w["sweep"].append({"config": _config_label(e), "seconds": e["seconds_per_call"], "tflops": e["tflops"]})
@@ -63,6 +68,8 @@ def table_rows(summary: dict) -> list[list[str]]:
     rows = []
     for name, w in summary.items():
         impls, best = w["impls"], w.get("best")
+        if "triton" not in impls:
+            continue
         causal = impls.get("sdpa_causal")
         fastest = min([impls["triton"]["seconds"]] + ([best["seconds"]] if best else []))
         cell = lambda k: "-" if k not in impls else f"{_us(impls[k]['seconds'])} ({impls[k]['tflops']:.0f})"  # noqa: E731
@@ -76,6 +83,27 @@ def table_rows(summary: dict) -> list[list[str]]:
         ])
     return rows
 
+
+def training_rows(summary: dict) -> list[list[str]]:
+    """Forward + backward per workload: the kernel, autograd through gather + dense-mask SDPA, causal SDPA."""
+    rows = []
+    for name, w in summary.items():
+        t = w.get("training", {})
+        if "triton" not in t:
+            continue
+        cell = lambda k: "-" if k not in t else f"{_us(t[k]['seconds'])} ({t[k]['tflops']:.0f})"  # noqa: E731
+        ratio = lambda k, f: "-" if k not in t else f(t[k]["seconds"], t["triton"]["seconds"])  # noqa: E731
+        rows.append([name, cell("triton"), cell("sdpa_dense"), cell("sdpa_causal"),
+                     ratio("sdpa_causal", lambda c, k: f"{100 * c / k:.0f}%"),
+                     ratio("sdpa_dense", lambda d, k: f"{d / k:.1f}x"),
+                     "-" if "sdpa_dense" not in t else
+                     f"{t['triton']['extra_mem_mib']:,.0f} / {t['sdpa_dense']['extra_mem_mib']:,.0f} MiB"])
+    return rows
+
+
+TRAINING_COLUMNS = ["workload", "kernel fwd + bwd: time (TFLOP/s)", "dense-mask SDPA + gather, autograd",
+                    "causal SDPA fwd + bwd", "kernel speed / causal SDPA", "kernel speed-up vs dense-mask SDPA",
+                    "extra memory, kernel / dense-mask"]
 
 COLUMNS = ["workload", "mask density", "kernel, defaults then: time (TFLOP/s)", "kernel, best of sweep",
            "causal SDPA", "kernel speed / causal SDPA", "Flex kernel, keys pre-gathered", "Flex + gather",
@@ -144,6 +172,17 @@ def write_report(bench_json: Path, out: Path, *, commit: str | None, command: st
     write_table(out, name, title=f"Segment attention kernel vs PyTorch attention ({device})", columns=COLUMNS,
                 rows=table_rows(summary), data=summary, provenance=provenance, notes=notes + list(extra_notes))
     plot(out / f"{name}.png", summary, device)
+    training = training_rows(summary)
+    if training:
+        write_table(out, f"{name}_training", title=f"Segment attention forward + backward vs PyTorch ({device})",
+                    columns=TRAINING_COLUMNS, rows=training,
+                    data={k: w["training"] for k, w in summary.items() if "training" in w}, provenance=provenance,
+                    notes=[notes[0].replace("4 * D flops per pair and query head", "3.5 x 4 * D flops per pair and "
+                                            "query head, forward + backward"),
+                           "Gradients to q and to the whole store (keys and values), as a LoRA step through the "
+                           "cache needs. 'dense-mask SDPA + gather' is the engine's torch backend under autograd "
+                           "(the gather's backward scatters into the store); 'extra memory' is the peak CUDA memory "
+                           "above the inputs during one step."] + list(extra_notes))
     return out / f"{name}.md"
 
 

@@ -21,15 +21,19 @@ Supported:
     deltas of either sign, grouped-query attention (H % Hkv == 0), arbitrary strides for q / k_cache / v_cache.
     Runs on CUDA (and ROCm builds of torch), or on CPU tensors under the Triton interpreter
     (``TRITON_INTERPRET=1`` set before this module is imported; ~400x slower than SDPA, for tests only).
+Differentiable: when q, k_cache or v_cache requires grad, the forward also keeps each row's log-sum-exp and
+    the backward kernels of ``segment_attention_backward`` give dq and dk / dv into the whole store (through the
+    re-rotation of moved segments), so LoRA fine-tuning through the cache runs on the kernel.
 Not supported:
-    backward pass, sliding windows, ALiBi / softcapping, RoPE conventions other than HF Llama "rotate_half".
+    double backward, sliding windows, ALiBi / softcapping, RoPE conventions other than HF Llama "rotate_half".
     Row offsets inside one segment or own run are int32 (N * D < 2**31 elements per KV head).
     Table values are checked on CPU only (on CUDA a check would synchronise): out-of-range rows are the caller's bug.
 
 Measured (H200, bf16, H=32, Hkv=8, D=128; ``tests/kernels/bench_segment_attention.py``; ``results/kernels/``):
 decode over 1k-4k keys per call runs at 1.4x causal SDPA's speed at equal attended tokens; prefill over
 128-token messages at 63-70% of it (80% when a call reads one long message); split-K decode over 16k keys at
-41%. Faster in every measured shape than FlexAttention on gathered, re-rotated keys.
+41%. Faster in every measured shape than FlexAttention on gathered, re-rotated keys. The backward is tested
+(CPU interpreter) but not yet timed on a GPU (``test_segment_attention_training_speed``).
 
 Worked example (call 0 sees store rows 0..9 moved 5 positions later, then its own 3 tokens, 2 of them new)::
 
@@ -176,7 +180,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q,  #
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, OUT, PART_ACC, PART_M, PART_L,  #
+def _attn_fwd(Q, K, V, OUT, LSE, PART_ACC, PART_M, PART_L,  #
               SEG_START, SEG_LEN, SEG_DELTA, TILES, N_TILES, OWN_START, OWN_PAST, NEW_LEN, INV_FREQ, qk_scale,  #
               stride_qb, stride_qh, stride_qs, stride_qd,  #
               stride_kh, stride_kn, stride_kd,  #
@@ -185,7 +189,7 @@ def _attn_fwd(Q, K, V, OUT, PART_ACC, PART_M, PART_L,  #
               stride_segb, stride_segg, stride_tc, stride_tb, stride_tt,  #
               H, Hkv, S, G,  #
               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
-              FLAT: tl.constexpr, SPLIT: tl.constexpr,  #
+              FLAT: tl.constexpr, SPLIT: tl.constexpr, STORE_LSE: tl.constexpr,  #
               DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, FIX_BF16: tl.constexpr):
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
@@ -293,6 +297,9 @@ def _attn_fwd(Q, K, V, OUT, PART_ACC, PART_M, PART_L,  #
         o_ptrs = (OUT + off_b.to(tl.int64) * stride_ob + head[:, None].to(tl.int64) * stride_oh
                   + tok[:, None] * stride_os + offs_d[None, :] * stride_od)
         tl.store(o_ptrs, _to(out, OUT.dtype.element_ty, FIX_BF16), mask=out_ok)
+        if STORE_LSE:  # for the backward pass: log2-sum-exp2 of each row's scores, +inf where it saw no key
+            lse = tl.where(has_keys, m_i + tl.math.log2(l_safe), float("inf"))
+            tl.store(LSE + ((off_b * H + head).to(tl.int64) * S + tok), lse, mask=tok < S)
 
 
 # ----------------------------------------------------------------------------------------------- host side
@@ -408,15 +415,17 @@ def default_splits(programs: int, max_keys: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(4 * sms, programs), max_keys // 1024, 64))
 
 
-def _merge_splits(acc, row_max, row_sum, dtype) -> torch.Tensor:
+def _merge_splits(acc, row_max, row_sum, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge split-K partials: acc (splits, B, H, S, D) unnormalised; row_max and row_sum (splits, B, H, S), in
-    log2 units. Rows with no key anywhere (row_sum 0 in every split) come out as zeros."""
+    log2 units. Returns the output (B, H, S, D) in ``dtype`` and each row's log2-sum-exp2 (B, H, S) fp32. Rows
+    with no key anywhere (row_sum 0 in every split) come out as zeros, with log2-sum-exp2 +inf."""
     m_max = row_max.amax(0)
     m_max = torch.where(m_max == float("-inf"), 0.0, m_max)
     w = torch.exp2(row_max - m_max)  # (splits, B, H, S); 0 where a split saw no key
     total = (row_sum * w).sum(0)
     out = (acc * w[..., None]).sum(0) / torch.where(total > 0, total, 1.0)[..., None]
-    return out.to(dtype)
+    lse = torch.where(total > 0, m_max + torch.log2(total), float("inf"))
+    return out.to(dtype), lse
 
 
 def launch_config(rows: int, head_dim: int, dtype: torch.dtype, interpret: bool = False) -> LaunchConfig:
@@ -430,8 +439,9 @@ def launch_config(rows: int, head_dim: int, dtype: torch.dtype, interpret: bool 
                             num_stages=3 if half and head_dim <= 128 else 2)
     if half and head_dim <= 128:  # prefill: the fastest tile of the H200 sweep on segmented workloads
         return LaunchConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
-    return LaunchConfig(block_m=64, block_n=32 if head_dim > 64 or not half else 64,
-                        num_warps=4 if head_dim <= 128 else 8, num_stages=2)
+    # fp32 (IEEE dots, twice the registers) and D = 256: 8 warps, so that the tile compiles for sm_90 without
+    # spilling registers (4 warps spilled 1.3-5 KB at fp32; ``ptxas_report``). Not timed on a GPU.
+    return LaunchConfig(block_m=64, block_n=32, num_warps=8, num_stages=2)
 
 
 def _check_index(name: str, t, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -475,7 +485,9 @@ def segment_attention(q, k_cache, v_cache, seg_start, seg_len, seg_delta, own_st
         here (on CUDA that copies the table to the host: a synchronisation; the engine passes its own).
     num_splits: split-K ways (each split takes a share of every call's tiles; partials merged in fp32); default
         ``default_splits`` when the tile table is known, else 1.
-    Returns (B, H, S, D) in q's dtype; invalid rows are zeros.
+    Returns (B, H, S, D) in q's dtype; invalid rows are zeros. Differentiable in q, k_cache and v_cache (the store
+    is held by reference until the backward: rows the calls read must stay unchanged until then; see
+    ``segment_attention_backward``).
     """
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("inv_freq", inv_freq)):
         if not isinstance(t, torch.Tensor):
@@ -533,14 +545,8 @@ def segment_attention(q, k_cache, v_cache, seg_start, seg_len, seg_delta, own_st
     if q.device.type == "cpu":
         _check_table_values(seg_start, seg_len, own_start, own_past, new_len, S, N)
 
-    out = torch.empty((B, H, S, D), dtype=q.dtype, device=q.device)
-    if out.numel() == 0:
-        return out
     if G == 0:  # a real (never read) table, so no kernel argument is a null pointer
         seg_start = seg_len = seg_delta = torch.zeros((B, 1), dtype=torch.int32, device=q.device)
-    inv_freq = inv_freq.to(torch.float32).contiguous()
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-
     group = H // Hkv
     interpret = interpreter_active()
     cfg = config or launch_config(S * group, D, q.dtype, interpret)
@@ -550,13 +556,56 @@ def segment_attention(q, k_cache, v_cache, seg_start, seg_len, seg_delta, own_st
         elif tiles.block_n != cfg.block_n:
             raise ValueError(f"tiles were cut for block_n = {tiles.block_n}, but the launch uses block_n = "
                              f"{cfg.block_n}: build them with tile_table(..., block_n={cfg.block_n})")
-        table, n_tiles = tiles.tiles, tiles.n_tiles
-    else:  # never read: real tensors so no kernel argument is a null pointer
-        table, n_tiles = torch.zeros((3, B, 1), dtype=torch.int32, device=q.device), own_past
-    m_blocks = triton.cdiv(S * group, cfg.block_m)
     if num_splits is None:
-        num_splits = 1 if tiles is None else default_splits(m_blocks * B * Hkv, tiles.max_tiles * cfg.block_n,
-                                                            q.device)
+        programs = triton.cdiv(S * group, cfg.block_m) * B * Hkv
+        num_splits = 1 if tiles is None else default_splits(programs, tiles.max_tiles * cfg.block_n, q.device)
+    launch = Launch(seg_start=seg_start, seg_len=seg_len, seg_delta=seg_delta, own_start=own_start,
+                    own_past=own_past, new_len=new_len, inv_freq=inv_freq.to(torch.float32).contiguous(),
+                    scale=1.0 / math.sqrt(D) if scale is None else float(scale), config=cfg,
+                    tiles=tiles if cfg.flat else None, num_splits=num_splits, G=G)
+    if torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad):
+        from .segment_attention_backward import SegmentAttentionFunction
+
+        return SegmentAttentionFunction.apply(q, k_cache, v_cache, launch)
+    return forward(q, k_cache, v_cache, launch)[0]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Launch:
+    """A checked call of ``segment_attention``: int32 tables on q's device (a G = 0 table padded to one empty
+    column), fp32 inv_freq, the softmax scale, tiles, the tile table (flat loop; None for the nested one) and
+    the split-K ways. Shared by the forward and backward passes."""
+
+    seg_start: torch.Tensor
+    seg_len: torch.Tensor
+    seg_delta: torch.Tensor
+    own_start: torch.Tensor
+    own_past: torch.Tensor
+    new_len: torch.Tensor
+    inv_freq: torch.Tensor
+    scale: float
+    config: LaunchConfig
+    tiles: TileTable | None
+    num_splits: int
+    G: int
+
+
+def forward(q, k_cache, v_cache, launch: Launch, *, store_lse: bool = False):
+    """Run the forward kernel on checked arguments. Returns the output (B, H, S, D) in q's dtype and, with
+    ``store_lse``, each row's log2-sum-exp2 of its scaled scores (B, H, S) fp32 (+inf for rows that saw no key,
+    padding rows included), else None."""
+    B, H, S, D = q.shape
+    Hkv = k_cache.shape[0]
+    cfg, num_splits = launch.config, launch.num_splits
+    out = torch.empty((B, H, S, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, S), dtype=torch.float32, device=q.device) if store_lse else None
+    if out.numel() == 0:
+        return out, lse
+    interpret = interpreter_active()
+    if launch.tiles is not None:
+        table, n_tiles = launch.tiles.tiles, launch.tiles.n_tiles
+    else:  # never read: real tensors so no kernel argument is a null pointer
+        table, n_tiles = torch.zeros((3, B, 1), dtype=torch.int32, device=q.device), launch.own_past
     split = num_splits > 1
     if split:  # fp32 partials: unnormalised output, row max and row sum (log2 units)
         part_acc = torch.empty((num_splits, B, H, S, D), dtype=torch.float32, device=q.device)
@@ -564,17 +613,22 @@ def segment_attention(q, k_cache, v_cache, seg_start, seg_len, seg_delta, own_st
     else:
         part_acc = part_m = part_l = out
     dot_fp32 = interpret or q.dtype == torch.float32  # the interpreter's bf16 tl.dot is wrong (upstream bug)
-    grid = (m_blocks, B * Hkv, num_splits)
+    grid = (triton.cdiv(S * (H // Hkv), cfg.block_m), B * Hkv, num_splits)
     _attn_fwd[grid](
-        q, k_cache, v_cache, out, part_acc, part_m, part_l,  #
-        seg_start, seg_len, seg_delta, table, n_tiles, own_start, own_past, new_len, inv_freq, scale * LOG2E,  #
+        q, k_cache, v_cache, out, lse if store_lse else out, part_acc, part_m, part_l,  #
+        launch.seg_start, launch.seg_len, launch.seg_delta, table, n_tiles, launch.own_start, launch.own_past,
+        launch.new_len, launch.inv_freq, launch.scale * LOG2E,  #
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),  #
-        seg_start.stride(0), seg_start.stride(1), *table.stride(),  #
-        H, Hkv, S, G,  #
-        GROUP=group, HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, FLAT=cfg.flat, SPLIT=split,  #
+        launch.seg_start.stride(0), launch.seg_start.stride(1), *table.stride(),  #
+        H, Hkv, S, launch.G,  #
+        GROUP=H // Hkv, HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, FLAT=cfg.flat, SPLIT=split,  #
+        STORE_LSE=store_lse and not split,  #
         DOT_FP32=dot_fp32, INPUT_PRECISION="ieee" if dot_fp32 else "tf32",  #
         FIX_BF16=interpret and q.dtype == torch.bfloat16,  #
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split:
-        out.copy_(_merge_splits(part_acc, part_m, part_l, q.dtype))
-    return out
+        merged, merged_lse = _merge_splits(part_acc, part_m, part_l, q.dtype)
+        out.copy_(merged)
+        if store_lse:
+            lse.copy_(merged_lse)
+    return out, lse

@@ -15,7 +15,9 @@ Host-side tables (dense layout, block mask) are built once outside the timed reg
 once per step and shares them across layers. TFLOP/s in ``extra_info`` counts only attended (query, key) pairs
 (4 * D flops per pair and head), so it is comparable across implementations whatever work they waste on masks.
 A timed round is several calls then one synchronisation (``REPS``); ``seconds_per_call`` is the median round
-over its calls. ``test_segment_attention_tiles`` times the kernel at each candidate tile configuration.
+over its calls. ``test_segment_attention_tiles`` times the kernel at each candidate tile configuration;
+``test_segment_attention_training_speed`` times forward + backward (the kernel's backward against autograd
+through the gather + dense-mask SDPA path and through causal SDPA).
 
 Run: ``pytest tests/kernels/bench_segment_attention.py -m gpu --benchmark-group-by=group``; add
 ``--benchmark-save=NAME`` / ``--benchmark-compare --benchmark-compare-fail=mean:10%`` for regression gates.
@@ -258,3 +260,42 @@ def test_segment_attention_tiles(benchmark, w, cfg, splits):
     benchmark.extra_info.update(config=dataclasses.asdict(cfg), num_splits=splits,
                                 is_default=cfg == default and splits == default_k, default_splits=default_k,
                                 **_machine_info(), seconds_per_call=seconds, tflops=4 * D * H * pairs / seconds / 1e12)
+
+
+TRAIN_IMPLS = ["triton", "sdpa_dense", "sdpa_causal"]
+TRAIN_WORKLOADS = [w for w in WORKLOADS if w.S > 1]  # training replays teacher-forced calls: prefill shapes
+
+
+@pytest.mark.parametrize("impl", TRAIN_IMPLS)
+@pytest.mark.parametrize("w", TRAIN_WORKLOADS, ids=[w.name for w in TRAIN_WORKLOADS])
+def test_segment_attention_training_speed(benchmark, w, impl):
+    """Forward + backward with gradients to q and to the whole store (a LoRA step through the cache needs
+    both). TFLOP/s charge 3.5x the forward's flops (the backward's 5 matmuls per tile against the forward's 2)."""
+    from triton_kernels.reference import dense_layout
+
+    args = build_inputs(w, "cuda")
+    q, k, v = (t.detach().requires_grad_() for t in args[:3])
+    fn = make_impl(impl, w, (q, k, v, *args[3:]))
+    g = torch.randn_like(q)
+
+    def step():
+        return torch.autograd.grad(fn(), (q, k, v), g)
+
+    grads = step()  # also compiles before timing
+    if impl == "triton":  # the same gradients as the dense-mask backend: check before timing
+        for mine, theirs in zip(grads, torch.autograd.grad(make_impl("sdpa_dense", w, (q, k, v, *args[3:]))(),
+                                                           (q, k, v), g)):
+            err = (mine.float() - theirs.float()).abs().max().item()
+            assert err <= 5e-2 * theirs.float().abs().max().item() + 1e-2, err
+    del grads
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base_mem = torch.cuda.memory_allocated()
+    benchmark.group = f"{w.name} training"
+    seconds = _time(benchmark, step, w)
+    pairs = int(dense_layout(*args[3:9], w.S).mask.sum())
+    benchmark.extra_info.update(
+        impl=impl, **_machine_info(), attended_pairs=pairs, seconds_per_call=seconds,
+        tflops=3.5 * 4 * D * H * pairs / seconds / 1e12,
+        peak_extra_mem_mib=(torch.cuda.max_memory_allocated() - base_mem) / 2**20,
+    )

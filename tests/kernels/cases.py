@@ -1,0 +1,118 @@
+"""Shared cases of the segment-attention kernel tests: the ``Case`` record, a Hypothesis strategy of random
+segment tables, and the awkward cases by name.
+
+Importing this module sets TRITON_INTERPRET=1 when there is no CUDA device, so it must be imported before
+``triton_kernels`` (the test modules import it first).
+"""
+
+import dataclasses
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hypothesis import strategies as st
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+
+# Absolute floor added to the 2x-PyTorch-error bound: where PyTorch happens to be exact at that dtype
+# (tiny attention sets), the kernel may still differ by a rounding step of the output.
+ABS_FLOOR = {torch.float32: 1e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Case:
+    """One call batch: segments[b] is a list of (start, length, delta); own_* and new_len per call."""
+
+    segments: list
+    own_start: list
+    own_past: list
+    new_len: list
+    S: int
+    H: int = 4
+    Hkv: int = 2
+    D: int = 64
+    N: int | None = None  # store rows; default: just enough
+    dtype: torch.dtype = torch.float32
+    seed: int = 0
+
+    def tensors(self, device=DEVICE):
+        """(q, k_cache, v_cache, seg_start, seg_len, seg_delta, own_start, own_past, new_len, inv_freq)."""
+        B, G = len(self.own_start), max((len(s) for s in self.segments), default=0)
+        table = torch.zeros(3, B, G, dtype=torch.int32)
+        for b, segs in enumerate(self.segments):
+            for g, seg in enumerate(segs):
+                table[:, b, g] = torch.tensor(seg, dtype=torch.int32)
+        ends = [s + n for segs in self.segments for s, n, _ in segs if n > 0] + [
+            s + p + n for s, p, n in zip(self.own_start, self.own_past, self.new_len)]
+        N = self.N if self.N is not None else max(ends + [1])
+        gen = torch.Generator().manual_seed(self.seed)
+        q = torch.randn(B, self.H, self.S, self.D, generator=gen)
+        k = torch.randn(self.Hkv, N, self.D, generator=gen)
+        v = torch.randn(self.Hkv, N, self.D, generator=gen)
+        inv_freq = 1.0 / (10000.0 ** (torch.arange(0, self.D, 2, dtype=torch.float32) / self.D))
+        own = torch.tensor([self.own_start, self.own_past, self.new_len], dtype=torch.int32).reshape(3, B)
+        return tuple(t.to(device) for t in (
+            q.to(self.dtype), k.to(self.dtype), v.to(self.dtype), *table, *own, inv_freq))
+
+
+# ----------------------------------------------------------------------------------- property test
+SIZES = dict(max_b=4, max_s=70, max_seg=150, max_g=5, max_past=150) if CUDA else dict(
+    max_b=2, max_s=21, max_seg=40, max_g=3, max_past=40)
+
+
+@st.composite
+def cases(draw, dtype: torch.dtype, D: int):
+    B = draw(st.integers(1, SIZES["max_b"]))
+    Hkv = draw(st.sampled_from([1, 2]))
+    group = draw(st.sampled_from([1, 2, 3]))
+    S = draw(st.one_of(st.just(1), st.integers(1, SIZES["max_s"])))
+    pool = draw(st.integers(1, 2 * SIZES["max_seg"]))  # store rows segments are drawn from
+    seg = st.tuples(st.integers(0, pool - 1), st.integers(0, SIZES["max_seg"]), st.integers(-300, 300))
+    segments = []
+    for _ in range(B):
+        segs = [(s, min(n, pool - s), d) for s, n, d in draw(st.lists(seg, max_size=SIZES["max_g"]))]
+        if segs and draw(st.booleans()):
+            segs.append(segs[0])  # the same store rows attended twice
+        segments.append(segs)
+    new_len = [draw(st.one_of(st.just(S), st.integers(0, S))) for _ in range(B)]
+    own_past = [draw(st.integers(0, SIZES["max_past"])) for _ in range(B)]
+    own_start, row = [], pool  # own rows after the pool, with gaps
+    for p, n in zip(own_past, new_len):
+        row += draw(st.integers(0, 5))
+        own_start.append(row)
+        row += p + n
+    return Case(segments=segments, own_start=own_start, own_past=own_past, new_len=new_len, S=S,
+                H=Hkv * group, Hkv=Hkv, D=D, dtype=dtype, seed=draw(st.integers(0, 2**16)))
+
+
+# Examples per (dtype, head dim): $CHOREO_KERNEL_EXAMPLES, default 50 on a GPU, 10 in the interpreter.
+EXAMPLES = int(os.environ.get("CHOREO_KERNEL_EXAMPLES") or (50 if CUDA else 10))
+
+
+# ----------------------------------------------------------------------------------- awkward cases
+AWKWARD = {
+    "decode-S1": Case(segments=[[(0, 30, 5)], [(10, 20, -10)]], own_start=[40, 60], own_past=[7, 12],
+                      new_len=[1, 1], S=1),
+    "empty-segment-list-G0": Case(segments=[[], []], own_start=[0, 9], own_past=[4, 0], new_len=[3, 2], S=3),
+    "padding-segments-and-rows": Case(segments=[[(0, 0, 0), (3, 9, 2), (10**6, 0, 0)], [(0, 0, 7)]],
+                                      own_start=[20, 30], own_past=[2, 5], new_len=[2, 0], S=5),
+    "all-calls-padding": Case(segments=[[(0, 4, 1)]], own_start=[5], own_past=[3], new_len=[0], S=4),
+    "overlap-repeat-gap": Case(segments=[[(0, 20, 0), (10, 20, 25), (0, 20, 0), (40, 3, -60)]], own_start=[50],
+                               own_past=[0], new_len=[6], S=6),
+    "gqa-4-to-1": Case(segments=[[(0, 33, 3)]], own_start=[40], own_past=[5], new_len=[7], S=7, H=4, Hkv=1),
+    "gqa-3-decode": Case(segments=[[(0, 17, -4), (20, 9, 40)]], own_start=[30], own_past=[3], new_len=[1], S=1,
+                         H=6, Hkv=2),
+    "seqlen-97": Case(segments=[[(0, 45, 100)]], own_start=[45], own_past=[10], new_len=[97], S=97, H=2, Hkv=2),
+    "multi-tile-segments": Case(segments=[[(0, 65, 7), (70, 33, -7)]], own_start=[110], own_past=[49],
+                                new_len=[2], S=2),
+    "bf16": Case(segments=[[(0, 40, 9)], [(5, 30, -3)]], own_start=[50, 70], own_past=[4, 0], new_len=[5, 3], S=5,
+                 dtype=torch.bfloat16),
+    "fp16-D128": Case(segments=[[(0, 40, 9)]], own_start=[50], own_past=[4], new_len=[5], S=5, D=128,
+                      dtype=torch.float16),
+    "large-deltas": Case(segments=[[(0, 20, 4000), (20, 20, -4000)]], own_start=[40], own_past=[2], new_len=[3],
+                         S=3),
+}

@@ -1,0 +1,50 @@
+"""The default tiles compile for sm_90 without spilling registers (Triton's ahead-of-time compiler and the ptxas
+in its wheel; no GPU needed). A kernel that spills pays local-memory traffic in its inner loop whatever its tiles,
+so a change that makes the defaults spill is a performance regression this machine can see."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+ROOT = Path(__file__).resolve().parents[2]
+
+# Bytes of spill stores tolerated per kernel: the forward's prefill tile spills 12 bytes with Triton 3.7 (a few
+# registers kept across its loop); anything beyond a handful of registers is a regression.
+MAX_SPILL = 64
+
+
+@pytest.fixture(scope="module")
+def default_stats():
+    if not PTXAS.is_file():
+        pytest.skip(f"no ptxas in the Triton wheel ({PTXAS})")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile for a GPU, not interpret
+    run = subprocess.run([sys.executable, "-m", "triton_kernels.ptxas_report", "--json", "--dtype", "bf16", "fp32",
+                          "--head-dim", "64", "128"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return [json.loads(line) for line in run.stdout.splitlines()]
+
+
+def test_default_tiles_do_not_spill(default_stats):
+    labels = {(s["label"], s["dtype"], s["head_dim"]) for s in default_stats}
+    assert len(labels) == 2 * 2 * 6  # dtypes x head dims x (forward, dq, dkdv) x (prefill, decode)
+    spilling = [s for s in default_stats if s["spill_bytes"] > MAX_SPILL]
+    assert not spilling, "\n".join(f"{s['label']} {s['dtype']} D={s['head_dim']} m{s['block_m']} n{s['block_n']} "
+                                   f"w{s['num_warps']}: {s['spill_bytes']} B spilled" for s in spilling)
+    assert all(s["shared_bytes"] <= 227 * 1024 for s in default_stats)  # an H100's shared memory per block
+
+
+def test_refuses_to_compile_interpreted_kernels():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "-m", "triton_kernels.ptxas_report"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "TRITON_INTERPRET" in run.stderr

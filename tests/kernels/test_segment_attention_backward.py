@@ -1,0 +1,160 @@
+"""Backward pass of the segment-attention kernel vs autograd through the fp64 reference.
+
+Gradients dq, dk, dv of <out, g> for a random cotangent g. Tolerance as for the forward (flash-attention's
+tests): the kernel's error against fp64 is at most 2x PyTorch's own error at the input dtype (autograd through
+the reference computed at that dtype), plus a rounding floor scaled by the gradient's size.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.kernels.cases import ABS_FLOOR, AWKWARD, DEVICE, EXAMPLES, Case, cases  # sets TRITON_INTERPRET
+from triton_kernels import LaunchConfig, interpreter_active, is_available, launch_config, segment_attention
+from triton_kernels.reference import segment_attention_ref
+from triton_kernels.segment_attention_backward import backward_configs
+
+# Rounding floor of the gradients, relative to their largest entry (at least 1). The backward recomputes P from
+# the stored row statistics (exp2(s - lse): an exponent rounded at the dtype carries a relative error of a few
+# ulps of |s|) and forms dS = P (dP - rowsum(dO O)), a difference of terms of size |dO| |V|; so at fp32 the
+# gradients differ from autograd's by ~1e-6 even where PyTorch happens to be nearly exact. fp16 / bf16 as the
+# forward's floor.
+GRAD_FLOOR = {torch.float32: 1e-5, torch.float16: ABS_FLOOR[torch.float16], torch.bfloat16: ABS_FLOOR[torch.bfloat16]}
+
+pytestmark = pytest.mark.skipif(
+    not is_available(DEVICE),
+    reason="no CUDA, and triton_kernels was imported before TRITON_INTERPRET=1 was set (set it in conftest)",
+)
+
+# Examples per (dtype, head dim): the forward's (cases.EXAMPLES) halved, as the backward costs ~2x the forward.
+BACKWARD_EXAMPLES = max(2, EXAMPLES // 2)
+
+
+def gradients(fn, args, dtype, cotangent, **kwargs):
+    """(out, dq, dk, dv) of <fn(q, k, v, *tables), cotangent> with q, k, v cast to ``dtype``."""
+    q, k, v, *rest = args
+    q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v, *rest, **kwargs)
+    (out.to(cotangent.dtype) * cotangent).sum().backward()
+    return out, q.grad, k.grad, v.grad
+
+
+def read_rows(case: Case, N: int) -> torch.Tensor:
+    """(N,) bool: the store rows some call of ``case`` attends to (its segments, and its own rows)."""
+    read = torch.zeros(N, dtype=torch.bool)
+    for segs, start, past, n in zip(case.segments, case.own_start, case.own_past, case.new_len):
+        for row, length, _ in segs:
+            read[row:row + length] = True
+        if n:  # a call with no valid row reads nothing
+            read[start:start + past + n] = True
+    return read.to(DEVICE)
+
+
+def check_gradients(case: Case, **kwargs):
+    args = case.tensors()
+    q = args[0]
+    g = torch.randn(q.shape, generator=torch.Generator().manual_seed(case.seed + 1)).to(DEVICE)
+    out, *grads = gradients(segment_attention, args, case.dtype, g.to(case.dtype), **kwargs)
+    _, *ref = gradients(segment_attention_ref, args, torch.float64, g.double())
+    _, *pt = gradients(lambda *a: segment_attention_ref(*a, upcast=False), args, case.dtype, g.to(case.dtype))
+    assert out.requires_grad
+    new_len = args[8].cpu()
+    for name, mine, gold, theirs in zip(("dq", "dk", "dv"), grads, ref, pt):
+        assert mine.dtype == case.dtype and mine.shape == gold.shape
+        assert not mine.isnan().any(), f"{name} has NaN for {case}"
+        if not gold.numel():
+            continue
+        err = (mine.double() - gold).abs().max().item()
+        err_pt = (theirs.double() - gold).abs().max().item()
+        bound = 2 * err_pt + GRAD_FLOOR[case.dtype] * max(1.0, gold.abs().max().item())
+        assert err <= bound, f"{name}: kernel error {err:.3g} > 2 x PyTorch's {err_pt:.3g} + floor for {case}"
+        if name != "dq":  # store rows no call reads get exactly zero gradient
+            assert (mine[:, ~read_rows(case, mine.shape[1])] == 0).all(), f"{name} is non-zero on rows nobody read"
+    for b in range(q.shape[0]):  # padding query rows get exactly zero gradient
+        assert (grads[0][b, :, int(new_len[b]):] == 0).all(), f"call {b}: dq rows >= new_len are not zero"
+
+
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@settings(max_examples=BACKWARD_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_gradients_match_fp64_reference(dtype, D, data):
+    check_gradients(data.draw(cases(dtype, D), label="case"))
+
+
+@pytest.mark.parametrize("case", AWKWARD.values(), ids=AWKWARD.keys())
+def test_gradients_awkward_cases(case):
+    check_gradients(case)
+
+
+@pytest.mark.parametrize("name", ["decode-S1", "overlap-repeat-gap", "padding-segments-and-rows", "multi-tile-segments"])
+def test_gradients_after_split_k_and_nested_forward(name):
+    """The backward reads the row statistics of a split-K forward (merged on the host) and of the nested-loop
+    forward (no tile table: the backward cuts one) as it reads the flat forward's."""
+    case = AWKWARD[name]
+    cfg = launch_config(case.S * case.H // case.Hkv, case.D, case.dtype, interpreter_active())
+    check_gradients(case, num_splits=3)
+    check_gradients(case, config=dataclasses.replace(cfg, flat=False))
+
+
+def test_padding_rows_with_garbage_do_not_leak():
+    """NaN queries and a NaN cotangent on rows >= new_len change no gradient of the valid rows."""
+    case = AWKWARD["padding-segments-and-rows"]
+    args = list(case.tensors())
+    g = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(3), device=DEVICE)
+    clean = gradients(segment_attention, args, case.dtype, g)
+    args[0] = args[0].clone()
+    args[0][0, :, 2:] = float("nan")  # call 0 has new_len 2
+    args[0][1] = float("nan")  # call 1 has new_len 0
+    g[0, :, 2:] = float("nan")
+    g[1] = float("nan")
+    dirty = gradients(segment_attention, args, case.dtype, g)
+    for a, b in zip(clean[1:], dirty[1:]):
+        assert not b.isnan().any()
+        assert torch.equal(a, b)
+
+
+def test_store_rows_written_after_the_forward():
+    """The engine writes later tokens' rows into the same store tensors between a layer's forward and the
+    backward: allowed (the store is held by reference), and the gradients are those of the rows read."""
+    case = AWKWARD["decode-S1"]
+    q, k, v, *rest = case.tensors()
+    extra = 16
+    k_big, v_big = (torch.cat([t, torch.zeros(t.shape[0], extra, t.shape[2], device=DEVICE)], 1) for t in (k, v))
+    q, k_big, v_big = (t.detach().requires_grad_() for t in (q, k_big, v_big))
+    k_store, v_store = k_big * 1.0, v_big * 1.0  # non-leaf, as in the engine
+    out = segment_attention(q, k_store, v_store, *rest)
+    with torch.no_grad():
+        k_store[:, -extra:] = 7.0  # rows no call read
+        v_store[:, -extra:] = -7.0
+    out.sum().backward()
+    _, dq, dk, dv = gradients(segment_attention, (q, k, v, *rest), case.dtype, torch.ones_like(out))
+    torch.testing.assert_close(q.grad, dq, rtol=0, atol=0)
+    torch.testing.assert_close(k_big.grad[:, :-extra], dk, rtol=0, atol=0)
+    assert (k_big.grad[:, -extra:] == 0).all() and (v_big.grad[:, -extra:] == 0).all()
+
+
+def test_gradients_only_where_asked():
+    case = AWKWARD["gqa-3-decode"]
+    q, k, v, *rest = case.tensors()
+    q.requires_grad_()
+    segment_attention(q, k, v, *rest).sum().backward()
+    assert q.grad is not None and k.grad is None and v.grad is None
+    with torch.no_grad():  # no graph, no statistics
+        assert not segment_attention(q, k, v, *rest).requires_grad
+
+
+def test_backward_configs():
+    fwd = LaunchConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
+    dq, dkdv = backward_configs(fwd, 1024, 128, torch.bfloat16)
+    assert (dq.block_m, dkdv.block_m) == (64, 32)
+    assert backward_configs(fwd, 1024, 64, torch.float16)[0].block_m == 128
+    assert backward_configs(fwd, 1024, 128, torch.float32)[0].block_m == 16  # fp32 tiles hold twice the registers
+    assert all(c.block_m == 16 for c in backward_configs(fwd, 4, 128, torch.bfloat16))  # decode: tl.dot's minimum
+    assert backward_configs(fwd, 8, 64, torch.float32, interpret=True) == (
+        LaunchConfig(block_m=16, block_n=64, num_warps=1, num_stages=1),) * 2
+    for rows in (1, 100, 4096):  # the forward's tile table serves the backward
+        assert all(c.block_n == fwd.block_n for c in backward_configs(fwd, rows, 64, torch.float16))

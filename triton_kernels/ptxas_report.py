@@ -1,0 +1,194 @@
+"""Registers, spills and shared memory of the segment-attention kernels, compiled for a GPU without one.
+
+Triton compiles ahead of time for any target (``triton.compile`` with a ``GPUTarget``), and its wheel ships
+``ptxas``; ``ptxas -v`` reports each kernel's registers per thread and the bytes it spills to local memory. A
+spilling kernel is slow whatever its tiles, so this is how the default tiles are checked on a machine with no
+GPU (a regression test runs it), and a first filter before timing tiles on one.
+
+Arguments are specialised as the JIT specialises a real launch of the engine's layout: pointers 16-byte aligned,
+unit strides as constants, strides that are multiples of 16 marked so (``values``).
+
+Usage (TRITON_INTERPRET must be unset: interpreted kernels cannot be compiled)::
+
+    python -m triton_kernels.ptxas_report                 # the default tiles, sm_90
+    python -m triton_kernels.ptxas_report --sweep dq --head-dim 128 --dtype bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+__all__ = ["KernelStats", "compile_stats", "default_stats"]
+
+KERNELS = ("fwd", "dq", "dkdv")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KernelStats:
+    """One compiled kernel: ``registers`` per thread, ``spill_bytes`` (local-memory stores), ``shared_bytes``."""
+
+    kernel: str
+    dtype: str
+    head_dim: int
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    registers: int
+    spill_bytes: int
+    shared_bytes: int
+    arch: int
+
+
+def _kernel(name: str):
+    import triton_kernels.segment_attention_backward as bwd
+
+    fwd = sys.modules["triton_kernels.segment_attention"]
+    if fwd.interpreter_active():
+        raise RuntimeError("the kernels were imported for the Triton interpreter: unset TRITON_INTERPRET to compile "
+                           "them for a GPU")
+    return {"fwd": fwd._attn_fwd, "dq": bwd._attn_bwd_dq, "dkdv": bwd._attn_bwd_dkdv}[name]
+
+
+def values(head_dim: int) -> dict[str, int]:
+    """Representative integer arguments: q (B, H, S, D) and out contiguous, store (Hkv, N, D), tile table (3, B, T),
+    segment table (B, G), H = 32 query heads over Hkv = 8."""
+    S, H, Hkv, B, T, N, G, D = 256, 32, 8, 16, 40, 40000, 8, head_dim
+    q = {"b": H * S * D, "h": S * D, "s": D, "d": 1}
+    kv = {"h": N * D, "n": D, "d": 1}
+    return ({f"stride_q{k}": v for k, v in q.items()} | {f"stride_o{k}": v for k, v in q.items()}
+            | {f"stride_k{k}": v for k, v in kv.items()} | {f"stride_v{k}": v for k, v in kv.items()}
+            | {"stride_segb": G, "stride_segg": 1, "stride_tc": B * T, "stride_tb": T, "stride_tt": 1,
+               "H": H, "Hkv": Hkv, "S": S, "G": G, "N": N})
+
+
+FLOAT_ARGS = ("qk_scale", "sm_scale")
+FP32_POINTERS = ("LSE", "DI", "DK", "DV", "INV_FREQ", "PART_ACC", "PART_M", "PART_L")
+DATA_POINTERS = ("Q", "K", "V", "DO", "DQ", "OUT")
+
+
+def compile_stats(kernel: str, dtype: str, head_dim: int, *, block_m: int, block_n: int, num_warps: int,
+                  num_stages: int, group: int = 4, arch: int = 90) -> KernelStats:
+    """Compile one kernel for ``sm_<arch>`` and read its resource use from ``ptxas -v``."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+
+    fn = _kernel(kernel)
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    dot_fp32 = dtype == "fp32"
+    constexprs = {"GROUP": group, "HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n,
+                  "DOT_FP32": dot_fp32, "INPUT_PRECISION": "ieee" if dot_fp32 else "tf32", "FIX_BF16": False}
+    if kernel == "fwd":
+        constexprs |= {"FLAT": True, "SPLIT": False, "STORE_LSE": True}
+    ints = values(head_dim)
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in FLOAT_ARGS:
+            signature[name] = "fp32"
+        elif name in ints:
+            if ints[name] == 1:  # the JIT turns integer arguments equal to 1 into constants
+                signature[name], constexprs[name] = "constexpr", 1
+            else:
+                signature[name] = "i32"
+                if ints[name] % 16 == 0:
+                    attrs[(i,)] = backend.parse_attr("D")
+        else:
+            signature[name] = f"*{dtype}" if name in DATA_POINTERS else "*fp32" if name in FP32_POINTERS else "*i32"
+            attrs[(i,)] = backend.parse_attr("D")
+    compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs), target=target,
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    registers, spills = _ptxas_verbose(compiled.asm["ptx"], arch)
+    return KernelStats(kernel=kernel, dtype=dtype, head_dim=head_dim, block_m=block_m, block_n=block_n,
+                       num_warps=num_warps, num_stages=num_stages, registers=registers, spill_bytes=spills,
+                       shared_bytes=compiled.metadata.shared, arch=arch)
+
+
+def _ptxas_verbose(ptx: str, arch: int) -> tuple[int, int]:
+    import triton
+
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    suffix = "a" if arch >= 90 else ""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        run = subprocess.run([str(ptxas), "-v", f"--gpu-name=sm_{arch}{suffix}", str(src), "-o",
+                              str(Path(tmp) / "kernel.cubin")], capture_output=True, text=True, check=True)
+    regs = re.search(r"Used (\d+) registers", run.stderr)
+    spills = re.search(r"(\d+) bytes spill stores", run.stderr)
+    if regs is None:
+        raise RuntimeError(f"ptxas -v printed no register count:\n{run.stderr}")
+    return int(regs.group(1)), int(spills.group(1)) if spills else 0
+
+
+def default_configs(dtype: str, head_dim: int) -> dict[str, "object"]:
+    """The tiles ``segment_attention`` and its backward pick for prefill (S * group >= 256 rows) and decode."""
+    from .segment_attention import launch_config
+    from .segment_attention_backward import backward_configs
+
+    torch_dtype = DTYPES[dtype]
+    out = {}
+    for shape, rows in (("prefill", 1024), ("decode", 4)):
+        fwd = launch_config(rows, head_dim, torch_dtype)
+        dq, dkdv = backward_configs(fwd, rows, head_dim, torch_dtype)
+        out |= {f"fwd {shape}": fwd, f"dq {shape}": dq, f"dkdv {shape}": dkdv}
+    return out
+
+
+def default_stats(dtypes: Sequence[str] = ("bf16",), head_dims: Sequence[int] = (64, 128), arch: int = 90):
+    """``KernelStats`` of every default tile configuration (prefill and decode, forward and backward)."""
+    stats = []
+    for dtype, head_dim in itertools.product(dtypes, head_dims):
+        for label, cfg in default_configs(dtype, head_dim).items():
+            stats.append((label, compile_stats(label.split()[0], dtype, head_dim, block_m=cfg.block_m,
+                                               block_n=cfg.block_n, num_warps=cfg.num_warps,
+                                               num_stages=cfg.num_stages, arch=arch)))
+    return stats
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m triton_kernels.ptxas_report", description=__doc__.split("\n")[0])
+    parser.add_argument("--dtype", nargs="+", default=["bf16"], choices=sorted(DTYPES))
+    parser.add_argument("--head-dim", nargs="+", type=int, default=[64, 128])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (80: A100, 90: H100/H200)")
+    parser.add_argument("--sweep", choices=KERNELS, default=None,
+                        help="every block_m x block_n x warps x stages of one kernel instead of the defaults")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET"):
+        parser.error("TRITON_INTERPRET is set: interpreted kernels cannot be compiled for a GPU")
+    if args.sweep:
+        rows = [(args.sweep, compile_stats(args.sweep, d, h, block_m=m, block_n=n, num_warps=w, num_stages=s,
+                                           arch=args.arch))
+                for d, h in itertools.product(args.dtype, args.head_dim)
+                for m, n, w, s in itertools.product((16, 32, 64, 128), (32, 64, 128), (4, 8), (1, 2, 3))]
+    else:
+        rows = default_stats(args.dtype, args.head_dim, args.arch)
+    for label, st in rows:
+        if args.json:
+            print(json.dumps({"label": label} | dataclasses.asdict(st)), flush=True)
+        else:
+            print(f"{label:<14} {st.dtype} D={st.head_dim:<4} m{st.block_m} n{st.block_n} w{st.num_warps} "
+                  f"s{st.num_stages}: {st.registers} registers, {st.spill_bytes} B spilled, "
+                  f"{st.shared_bytes / 1024:.0f} KiB shared (sm_{st.arch})", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,292 @@
+"""Backward pass of ``segment_attention`` (FlashAttention-2 style, Triton): dQ, and dK / dV into the store.
+
+With the forward's output O and each row's log2-sum-exp2 L, the probabilities are recomputed tile by tile,
+P = exp2(s - L) (s: scores in log2 units), and
+
+    dP = dO V^T,    dS = P * (dP - rowsum(dO * O)),    dQ = scale * dS K',    dK' = scale * dS^T Q,    dV = P^T dO
+
+where K' are the keys as the call sees them. A segment moved by delta is seen as R(delta) k (RoPE is relative:
+<q, R(delta) k> = <R(-delta) q, k>), so
+
+- ``_attn_bwd_dq`` (one program per query block, call and KV head, the forward's grid) rotates each key tile by
+  +delta in registers: dQ += dS (R(delta) K). No atomics; deterministic.
+- ``_attn_bwd_dkdv`` (one program per key tile, call and KV head: the call's segment tiles from the forward's tile
+  table, then its own keys) counter-rotates the query by -delta, as the forward does, so the key gradient comes
+  out in the store's frame directly: dK += dS^T (R(-delta) Q). A store row may be read by several calls, by
+  several segments of one call, or by its own call and others, so each program adds its tile into fp32 dK / dV
+  with atomics (on a GPU the order of those additions, and so the last bits of dK / dV, vary from run to run).
+
+Contract: between the forward and the backward the caller leaves the store rows the calls read unchanged (the
+store tensors themselves may be written elsewhere, as the engine writes later tokens' rows); the store is
+held by reference, not copied, and not checked by autograd's version counter.
+
+Supported as the forward is, except split-K (the backward does not split) and the nested loop (``flat=False``
+launches get a tile table built here). Tiles: ``backward_configs``; chosen to compile without register spills
+for sm_90 (``ptxas_report``), not yet timed on a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from torch.autograd.function import once_differentiable
+import triton.language as tl
+
+from .segment_attention import (LOG2E, Launch, LaunchConfig, _load_q_rotated, _to, forward, interpreter_active,
+                                tile_table)
+
+__all__ = ["SegmentAttentionFunction", "backward", "backward_configs"]
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    # acc + a @ b with fp32 accumulation; DOT_FP32 upcasts the operands (fp32 inputs, and the interpreter,
+    # whose bf16 tl.dot is wrong).
+    if DOT_FP32:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=INPUT_PRECISION)
+    else:
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _grad_scores(q, k, v, do, lse, di, ok, qk_scale, DTYPE: tl.constexpr,
+                 DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, FIX_BF16: tl.constexpr):
+    # q, do (BLOCK_M, D); k, v (BLOCK_N, D) as the rows see them; lse, di (BLOCK_M,); ok (BLOCK_M, BLOCK_N) the
+    # attended pairs. Returns P and dS (BLOCK_M, BLOCK_N) at DTYPE, ready for the next dots.
+    zero = tl.zeros([q.shape[0], k.shape[0]], dtype=tl.float32)
+    s = _mma(q, tl.trans(k), zero, DOT_FP32, INPUT_PRECISION) * qk_scale
+    p = tl.where(ok, tl.math.exp2(s - lse[:, None]), 0.0)  # lse = +inf on rows that saw no key: p = 0
+    dp = _mma(do, tl.trans(v), zero, DOT_FP32, INPUT_PRECISION)
+    ds = p * (dp - di[:, None])
+    return _to(p, DTYPE, FIX_BF16), _to(ds, DTYPE, FIX_BF16)
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, LSE, DI, DQ,  #
+                 TILES, N_TILES, OWN_START, OWN_PAST, NEW_LEN, INV_FREQ, qk_scale, sm_scale,  #
+                 stride_qb, stride_qh, stride_qs, stride_qd,  #
+                 stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,  #
+                 stride_tc, stride_tb, stride_tt,  #
+                 H, Hkv, S,  #
+                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
+                 DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, FIX_BF16: tl.constexpr):
+    # DO and DQ share Q's strides (the host makes them so); LSE and DI are (B, H, S) contiguous.
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = off_bh // Hkv
+    off_hkv = off_bh % Hkv
+    HALF: tl.constexpr = HEAD_DIM // 2
+    DTYPE = Q.dtype.element_ty
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    tok = offs_m // GROUP  # packed rows, as in the forward
+    head = off_hkv * GROUP + offs_m % GROUP
+    n_new = tl.minimum(tl.load(NEW_LEN + off_b), S)
+    row_ok = tok < n_new
+    alive = (start_m * BLOCK_M) // GROUP < n_new
+    tok_hi = tl.minimum((start_m * BLOCK_M + BLOCK_M - 1) // GROUP, n_new - 1)
+
+    rows = off_b.to(tl.int64) * stride_qb + head[:, None].to(tl.int64) * stride_qh + tok[:, None] * stride_qs
+    q = tl.load(Q + rows + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + rows + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
+    stat = (off_b * H + head).to(tl.int64) * S + tok
+    lse = tl.load(LSE + stat, mask=row_ok, other=float("inf"))
+    di = tl.load(DI + stat, mask=row_ok, other=0.0)
+    rot_sign = tl.where(offs_d < HALF, -1.0, 1.0)
+    inv_freq = tl.load(INV_FREQ + offs_d % HALF)
+    K_HEAD = K + off_hkv.to(tl.int64) * stride_kh
+    V_HEAD = V + off_hkv.to(tl.int64) * stride_vh
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    # -- the segments' key tiles, each rotated by its +delta (every valid row sees every key) --
+    T_ROW = TILES + off_b.to(tl.int64) * stride_tb
+    n_tiles = tl.where(alive, tl.load(N_TILES + off_b), 0)
+    for t in range(0, n_tiles):
+        row = tl.load(T_ROW + t * stride_tt).to(tl.int64)
+        cnt = tl.load(T_ROW + stride_tc + t * stride_tt)
+        delta = tl.load(T_ROW + 2 * stride_tc + t * stride_tt)
+        col_ok = offs_n < cnt
+        k_rows = K_HEAD + (row + offs_n)[:, None] * stride_kn
+        k = _load_q_rotated(k_rows + offs_d[None, :] * stride_kd, k_rows + ((offs_d + HALF) % HEAD_DIM)[None, :]
+                            * stride_kd, col_ok, rot_sign, inv_freq, -delta)  # R(+delta) k, fp32
+        k = _to(k, DTYPE, FIX_BF16)
+        v = tl.load(V_HEAD + (row + offs_n)[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=col_ok[:, None], other=0.0)
+        ok = row_ok[:, None] & col_ok[None, :]
+        p, ds = _grad_scores(q, k, v, do, lse, di, ok, qk_scale, DTYPE, DOT_FP32, INPUT_PRECISION, FIX_BF16)
+        dq = _mma(ds, k, dq, DOT_FP32, INPUT_PRECISION)
+
+    # -- the call's own keys, causal: own key j is seen by row tok iff j <= own_past + tok --
+    own_past = tl.load(OWN_PAST + off_b)
+    own_start = tl.load(OWN_START + off_b).to(tl.int64)
+    own_hi = tl.where(alive, own_past + tok_hi + 1, 0)
+    for j0 in range(0, own_hi, BLOCK_N):
+        cols = j0 + offs_n
+        k = tl.load(K_HEAD + (own_start + cols)[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=(cols < own_hi)[:, None], other=0.0)
+        v = tl.load(V_HEAD + (own_start + cols)[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=(cols < own_hi)[:, None], other=0.0)
+        ok = row_ok[:, None] & (cols[None, :] <= (own_past + tok)[:, None])
+        p, ds = _grad_scores(q, k, v, do, lse, di, ok, qk_scale, DTYPE, DOT_FP32, INPUT_PRECISION, FIX_BF16)
+        dq = _mma(ds, k, dq, DOT_FP32, INPUT_PRECISION)
+
+    dq = tl.where(row_ok[:, None], dq * sm_scale, 0.0)
+    tl.store(DQ + rows + offs_d[None, :] * stride_qd, _to(dq, DQ.dtype.element_ty, FIX_BF16), mask=(tok < S)[:, None])
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DI, DK, DV,  #
+                   TILES, N_TILES, OWN_START, OWN_PAST, NEW_LEN, INV_FREQ, qk_scale, sm_scale,  #
+                   stride_qb, stride_qh, stride_qs, stride_qd,  #
+                   stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,  #
+                   stride_tc, stride_tb, stride_tt,  #
+                   H, Hkv, S, N,  #
+                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
+                   DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, FIX_BF16: tl.constexpr):
+    # Program (t, b * Hkv + h): key tile t of call b, KV head h. Tiles 0 .. n_tiles[b] - 1 are the call's segment
+    # tiles (tile table); tile n_tiles[b] + i holds own keys i * BLOCK_N .. of the call. DK / DV: (Hkv, N, D) fp32
+    # contiguous, added to atomically.
+    pid = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = off_bh // Hkv
+    off_hkv = off_bh % Hkv
+    HALF: tl.constexpr = HEAD_DIM // 2
+    DTYPE = Q.dtype.element_ty
+
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    n_new = tl.minimum(tl.load(NEW_LEN + off_b), S)
+    own_past = tl.load(OWN_PAST + off_b)
+    n_tiles = tl.load(N_TILES + off_b)
+    is_seg = pid < n_tiles
+    T_ROW = TILES + off_b.to(tl.int64) * stride_tb
+    t = tl.minimum(pid, tl.maximum(n_tiles - 1, 0))  # a valid column either way; read only for segment tiles
+    j0 = (pid - n_tiles) * BLOCK_N  # own index of an own tile's first key
+    row = tl.where(is_seg, tl.load(T_ROW + t * stride_tt), tl.load(OWN_START + off_b) + j0).to(tl.int64)
+    cnt = tl.where(is_seg, tl.load(T_ROW + stride_tc + t * stride_tt),
+                   tl.minimum(tl.maximum(own_past + n_new - j0, 0), BLOCK_N))
+    delta = tl.where(is_seg, tl.load(T_ROW + 2 * stride_tc + t * stride_tt), 0)
+    col_ok = offs_n < cnt
+    # Rows that can see this tile: every valid row for a segment tile; tokens >= j0 - own_past for an own tile.
+    m_lo = tl.where(is_seg, 0, tl.maximum(j0 - own_past, 0) * GROUP // BLOCK_M * BLOCK_M)
+    m_hi = tl.where(cnt > 0, n_new * GROUP, 0)
+
+    K_HEAD = K + off_hkv.to(tl.int64) * stride_kh
+    V_HEAD = V + off_hkv.to(tl.int64) * stride_vh
+    k = tl.load(K_HEAD + (row + offs_n)[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=col_ok[:, None], other=0.0)  # (BLOCK_N, D), the store's frame
+    v = tl.load(V_HEAD + (row + offs_n)[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                mask=col_ok[:, None], other=0.0)
+    rot_sign = tl.where(offs_d < HALF, -1.0, 1.0)
+    inv_freq = tl.load(INV_FREQ + offs_d % HALF)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+
+    for start_m in range(m_lo, m_hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        tok = offs_m // GROUP
+        head = off_hkv * GROUP + offs_m % GROUP
+        row_ok = tok < n_new
+        rows = off_b.to(tl.int64) * stride_qb + head[:, None].to(tl.int64) * stride_qh + tok[:, None] * stride_qs
+        q = _load_q_rotated(Q + rows + offs_d[None, :] * stride_qd, Q + rows + ((offs_d + HALF) % HEAD_DIM)[None, :]
+                            * stride_qd, row_ok, rot_sign, inv_freq, delta)  # R(-delta) q, fp32
+        q = _to(q, DTYPE, FIX_BF16)
+        do = tl.load(DO + rows + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
+        stat = (off_b * H + head).to(tl.int64) * S + tok
+        lse = tl.load(LSE + stat, mask=row_ok, other=float("inf"))
+        di = tl.load(DI + stat, mask=row_ok, other=0.0)
+        ok = row_ok[:, None] & col_ok[None, :] & (is_seg | ((j0 + offs_n)[None, :] <= (own_past + tok)[:, None]))
+        p, ds = _grad_scores(q, k, v, do, lse, di, ok, qk_scale, DTYPE, DOT_FP32, INPUT_PRECISION, FIX_BF16)
+        dv = _mma(tl.trans(p), do, dv, DOT_FP32, INPUT_PRECISION)
+        dk = _mma(tl.trans(ds), q, dk, DOT_FP32, INPUT_PRECISION)
+
+    out = off_hkv.to(tl.int64) * N * HEAD_DIM + (row + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.atomic_add(DK + out, dk * sm_scale, mask=col_ok[:, None])
+    tl.atomic_add(DV + out, dv, mask=col_ok[:, None])
+
+
+# ----------------------------------------------------------------------------------------------- host side
+def backward_configs(forward_config: LaunchConfig, rows: int, head_dim: int, dtype: torch.dtype,
+                     interpret: bool = False) -> tuple[LaunchConfig, LaunchConfig]:
+    """Tiles of the two backward kernels, (dq, dkdv), for ``rows`` = S * (H // Hkv) packed query rows.
+
+    The key tile is the forward's ``block_n``, so the forward's tile table serves both passes. Query blocks,
+    warps and stages are the largest that compile for sm_90 without spilling registers (``ptxas_report``; checked
+    by a test), not yet timed on a GPU. A query block is at most ``rows`` rounded up to a power of two (>= 16).
+    """
+    n = forward_config.block_n
+    if interpret:
+        one = LaunchConfig(block_m=16, block_n=n, num_warps=1, num_stages=1)
+        return one, one
+    if dtype == torch.float32:  # IEEE fp32 dots hold twice the registers: small query blocks, one stage
+        (m_dq, s_dq), (m_kv, s_kv) = (16, 1), (16, 1)
+    elif head_dim <= 64:
+        (m_dq, s_dq), (m_kv, s_kv) = (128, 2), (64, 2)
+    elif head_dim <= 128:
+        (m_dq, s_dq), (m_kv, s_kv) = (64, 2), (32, 2)
+    else:
+        (m_dq, s_dq), (m_kv, s_kv) = (32, 1), (32, 1)
+    fit = max(16, triton.next_power_of_2(rows))
+    return (LaunchConfig(block_m=min(m_dq, fit), block_n=n, num_warps=8, num_stages=s_dq),
+            LaunchConfig(block_m=min(m_kv, fit), block_n=n, num_warps=8, num_stages=s_kv))
+
+
+def backward(do, q, k_cache, v_cache, out, lse, launch: Launch):
+    """Gradients of ``segment_attention`` for a checked ``launch``: do, q, out (B, H, S, D); k_cache, v_cache
+    (Hkv, N, D); lse (B, H, S) fp32 from ``forward(..., store_lse=True)``. Returns dq (B, H, S, D) in q's dtype
+    and dk, dv (Hkv, N, D) in the store's dtype, zero on rows no call read."""
+    B, H, S, D = q.shape
+    Hkv, N, _ = k_cache.shape
+    interpret = interpreter_active()
+    cfg_dq, cfg_kv = backward_configs(launch.config, S * (H // Hkv), D, q.dtype, interpret)
+    tiles = launch.tiles
+    if tiles is None:  # a nested-loop forward: cut its table here (on CUDA, one synchronisation)
+        tiles = tile_table(launch.seg_start, launch.seg_len, launch.seg_delta, cfg_dq.block_n, device=q.device)
+    q = q.contiguous()
+    do = do.to(q.dtype).contiguous()
+    di = (do.float() * out.float()).sum(-1)  # (B, H, S): rowsum(dO * O)
+    dq = torch.empty_like(q)
+    dk = torch.zeros((Hkv, N, D), dtype=torch.float32, device=q.device)
+    dv = torch.zeros((Hkv, N, D), dtype=torch.float32, device=q.device)
+    if q.numel() == 0 or N == 0:
+        return dq, dk.to(k_cache.dtype), dv.to(v_cache.dtype)
+    dot_fp32 = interpret or q.dtype == torch.float32
+    common = dict(GROUP=H // Hkv, HEAD_DIM=D, DOT_FP32=dot_fp32, INPUT_PRECISION="ieee" if dot_fp32 else "tf32",
+                  FIX_BF16=interpret and q.dtype == torch.bfloat16)
+    tiles_of = lambda cfg: dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,  # noqa: E731
+                                num_stages=cfg.num_stages)
+    args = (tiles.tiles, tiles.n_tiles, launch.own_start, launch.own_past, launch.new_len, launch.inv_freq,
+            launch.scale * LOG2E, launch.scale, *q.stride(), *k_cache.stride(), *v_cache.stride(),
+            *tiles.tiles.stride())
+    _attn_bwd_dq[(triton.cdiv(S * (H // Hkv), cfg_dq.block_m), B * Hkv)](
+        q, k_cache, v_cache, do, lse, di, dq, *args, H, Hkv, S, **common, **tiles_of(cfg_dq))
+    # Key tiles per call: its segment tiles, then its own keys (at most own_past + S; the largest own_past is
+    # read back here, one synchronisation on CUDA).
+    own_tiles = triton.cdiv(int(launch.own_past.max()) + S, cfg_kv.block_n)
+    _attn_bwd_dkdv[(tiles.max_tiles + own_tiles, B * Hkv)](
+        q, k_cache, v_cache, do, lse, di, dk, dv, *args, H, Hkv, S, N, **common, **tiles_of(cfg_kv))
+    return dq, dk.to(k_cache.dtype), dv.to(v_cache.dtype)
+
+
+class SegmentAttentionFunction(torch.autograd.Function):
+    """``segment_attention`` with gradients to q, k_cache and v_cache (``segment_attention`` uses it when any
+    of them requires grad). The store is saved by reference: see the module's contract."""
+
+    @staticmethod
+    def forward(ctx, q, k_cache, v_cache, launch: Launch):
+        out, lse = forward(q, k_cache, v_cache, launch, store_lse=True)
+        ctx.save_for_backward(q, out, lse)
+        ctx.store = (k_cache.detach(), v_cache.detach())  # by reference: later writes to other rows are allowed
+        ctx.launch = launch
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        q, out, lse = ctx.saved_tensors
+        k_cache, v_cache = ctx.store
+        dq, dk, dv = backward(dout, q, k_cache, v_cache, out, lse, ctx.launch)
+        return dq, dk, dv, None
