@@ -234,12 +234,16 @@ def backward_configs(forward_config: LaunchConfig, rows: int, head_dim: int, dty
             LaunchConfig(block_m=min(m_kv, fit), block_n=n, num_warps=8, num_stages=s_kv))
 
 
-def backward(do, q, k_cache, v_cache, out, lse, launch: Launch):
+def backward(do, q, k_cache, v_cache, out, lse, launch: Launch, *, need_dq: bool = True, need_dkv: bool = True):
     """Gradients of ``segment_attention`` for a checked ``launch``: do, q, out (B, H, S, D); k_cache, v_cache
     (Hkv, N, D); lse (B, H, S) fp32 from ``forward(..., store_lse=True)``. Returns dq (B, H, S, D) in q's dtype
-    and dk, dv (Hkv, N, D) in the store's dtype, zero on rows no call read."""
+    and dk, dv (Hkv, N, D) in the store's dtype, zero on rows no call read; None for those not needed (that
+    kernel is not launched)."""
     B, H, S, D = q.shape
     Hkv, N, _ = k_cache.shape
+    if q.numel() == 0 or N == 0:  # no row or no key: nothing attended, zero gradients
+        return (torch.zeros_like(q) if need_dq else None, torch.zeros_like(k_cache) if need_dkv else None,
+                torch.zeros_like(v_cache) if need_dkv else None)
     interpret = interpreter_active()
     cfg_dq, cfg_kv = backward_configs(launch.config, S * (H // Hkv), D, q.dtype, interpret)
     tiles = launch.tiles
@@ -248,27 +252,30 @@ def backward(do, q, k_cache, v_cache, out, lse, launch: Launch):
     q = q.contiguous()
     do = do.to(q.dtype).contiguous()
     di = (do.float() * out.float()).sum(-1)  # (B, H, S): rowsum(dO * O)
-    dq = torch.empty_like(q)
-    dk = torch.zeros((Hkv, N, D), dtype=torch.float32, device=q.device)
-    dv = torch.zeros((Hkv, N, D), dtype=torch.float32, device=q.device)
-    if q.numel() == 0 or N == 0:
-        return dq, dk.to(k_cache.dtype), dv.to(v_cache.dtype)
     dot_fp32 = interpret or q.dtype == torch.float32
     common = dict(GROUP=H // Hkv, HEAD_DIM=D, DOT_FP32=dot_fp32, INPUT_PRECISION="ieee" if dot_fp32 else "tf32",
                   FIX_BF16=interpret and q.dtype == torch.bfloat16)
-    tiles_of = lambda cfg: dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,  # noqa: E731
-                                num_stages=cfg.num_stages)
     args = (tiles.tiles, tiles.n_tiles, launch.own_start, launch.own_past, launch.new_len, launch.inv_freq,
             launch.scale * LOG2E, launch.scale, *q.stride(), *k_cache.stride(), *v_cache.stride(),
             *tiles.tiles.stride())
-    _attn_bwd_dq[(triton.cdiv(S * (H // Hkv), cfg_dq.block_m), B * Hkv)](
-        q, k_cache, v_cache, do, lse, di, dq, *args, H, Hkv, S, **common, **tiles_of(cfg_dq))
-    # Key tiles per call: its segment tiles, then its own keys (at most own_past + S; the largest own_past is
-    # read back here, one synchronisation on CUDA).
-    own_tiles = triton.cdiv(int(launch.own_past.max()) + S, cfg_kv.block_n)
-    _attn_bwd_dkdv[(tiles.max_tiles + own_tiles, B * Hkv)](
-        q, k_cache, v_cache, do, lse, di, dk, dv, *args, H, Hkv, S, N, **common, **tiles_of(cfg_kv))
-    return dq, dk.to(k_cache.dtype), dv.to(v_cache.dtype)
+    dq = dk = dv = None
+    if need_dq:
+        dq = torch.empty_like(q)  # do and dq share q's (contiguous) strides
+        _attn_bwd_dq[(triton.cdiv(S * (H // Hkv), cfg_dq.block_m), B * Hkv)](
+            q, k_cache, v_cache, do, lse, di, dq, *args, H, Hkv, S, **common, **_tiles(cfg_dq))
+    if need_dkv:
+        dk, dv = torch.zeros((2, Hkv, N, D), dtype=torch.float32, device=q.device)  # fp32, added to atomically
+        # Key tiles per call: its segment tiles, then its own keys (at most own_past + S; the largest own_past
+        # is read back here, one synchronisation on CUDA).
+        own_tiles = triton.cdiv(int(launch.own_past.max()) + S, cfg_kv.block_n)
+        _attn_bwd_dkdv[(tiles.max_tiles + own_tiles, B * Hkv)](
+            q, k_cache, v_cache, do, lse, di, dk, dv, *args, H, Hkv, S, N, **common, **_tiles(cfg_kv))
+        dk, dv = dk.to(k_cache.dtype), dv.to(v_cache.dtype)
+    return dq, dk, dv
+
+
+def _tiles(cfg: LaunchConfig) -> dict:
+    return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 class SegmentAttentionFunction(torch.autograd.Function):
@@ -288,5 +295,7 @@ class SegmentAttentionFunction(torch.autograd.Function):
     def backward(ctx, dout):
         q, out, lse = ctx.saved_tensors
         k_cache, v_cache = ctx.store
-        dq, dk, dv = backward(dout, q, k_cache, v_cache, out, lse, ctx.launch)
+        need_q, need_k, need_v = ctx.needs_input_grad[:3]
+        dq, dk, dv = backward(dout, q, k_cache, v_cache, out, lse, ctx.launch, need_dq=need_q,
+                              need_dkv=need_k or need_v)
         return dq, dk, dv, None

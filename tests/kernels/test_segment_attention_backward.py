@@ -138,11 +138,21 @@ def test_store_rows_written_after_the_forward():
 
 
 def test_gradients_only_where_asked():
+    """Only the kernels whose gradients autograd asks for run; their results are those of a full backward."""
     case = AWKWARD["gqa-3-decode"]
-    q, k, v, *rest = case.tensors()
+    args = case.tensors()
+    _, dq_all, dk_all, dv_all = gradients(segment_attention, args, case.dtype, torch.ones_like(args[0]))
+    q, k, v, *rest = args
     q.requires_grad_()
     segment_attention(q, k, v, *rest).sum().backward()
-    assert q.grad is not None and k.grad is None and v.grad is None
+    assert k.grad is None and v.grad is None
+    torch.testing.assert_close(q.grad, dq_all, rtol=0, atol=0)
+    q, k, v, *rest = case.tensors()
+    k.requires_grad_()
+    v.requires_grad_()
+    segment_attention(q, k, v, *rest).sum().backward()
+    assert q.grad is None
+    torch.testing.assert_close((k.grad, v.grad), (dk_all, dv_all), rtol=0, atol=0)
     with torch.no_grad():  # no graph, no statistics
         assert not segment_attention(q, k, v, *rest).requires_grad
 
@@ -158,3 +168,11 @@ def test_backward_configs():
         LaunchConfig(block_m=16, block_n=64, num_warps=1, num_stages=1),) * 2
     for rows in (1, 100, 4096):  # the forward's tile table serves the backward
         assert all(c.block_n == fwd.block_n for c in backward_configs(fwd, rows, 64, torch.float16))
+
+
+def test_no_query_rows_gives_zero_gradients():
+    case = Case(segments=[[(0, 4, 1)]], own_start=[5], own_past=[3], new_len=[0], S=0)
+    out, dq, dk, dv = gradients(segment_attention, case.tensors(), case.dtype,
+                                torch.zeros(1, case.H, 0, case.D, device=DEVICE))
+    assert out.shape == (1, case.H, 0, case.D) and dq.shape == out.shape
+    assert (dk == 0).all() and (dv == 0).all() and dk.shape == (case.Hkv, 8, case.D)
