@@ -30,7 +30,7 @@ IMPLS = {
 
 def _config_label(extra: dict) -> str:
     c = extra["config"]
-    loop = "flat" if c.get("flat", True) else "nested"
+    loop = ("flat + TMA" if c.get("tma") else "flat") if c.get("flat", True) else "nested"
     tiles = f"m{c['block_m']} n{c['block_n']} w{c['num_warps']} s{c['num_stages']}"
     return f"{tiles} {loop}, {extra['num_splits']} split(s)"
 

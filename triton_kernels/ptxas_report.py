@@ -47,6 +47,7 @@ class KernelStats:
     block_n: int
     num_warps: int
     num_stages: int
+    tma: bool
     registers: int
     spill_bytes: int
     shared_bytes: int
@@ -77,12 +78,13 @@ def values(head_dim: int) -> dict[str, int]:
 
 FLOAT_ARGS = ("qk_scale", "sm_scale")
 FP32_POINTERS = ("LSE", "DI", "DK", "DV", "INV_FREQ", "PART_ACC", "PART_M", "PART_L")
-DATA_POINTERS = ("Q", "K", "V", "DO", "DQ", "OUT")
+DATA_POINTERS = ("Q", "K", "V", "DO", "DQ", "OUT", "K_DESC", "V_DESC")
 
 
 def compile_stats(kernel: str, dtype: str, head_dim: int, *, block_m: int, block_n: int, num_warps: int,
-                  num_stages: int, group: int = 4, arch: int = 90) -> KernelStats:
-    """Compile one kernel for ``sm_<arch>`` and read its resource use from ``ptxas -v``."""
+                  num_stages: int, tma: bool = False, group: int = 4, arch: int = 90) -> KernelStats:
+    """Compile one kernel for ``sm_<arch>`` and read its resource use from ``ptxas -v`` (``tma``: the forward's
+    tensor-descriptor loads)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
@@ -94,7 +96,7 @@ def compile_stats(kernel: str, dtype: str, head_dim: int, *, block_m: int, block
     constexprs = {"GROUP": group, "HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n,
                   "DOT_FP32": dot_fp32, "INPUT_PRECISION": "ieee" if dot_fp32 else "tf32", "FIX_BF16": False}
     if kernel == "fwd":
-        constexprs |= {"FLAT": True, "SPLIT": False, "STORE_LSE": True}
+        constexprs |= {"FLAT": True, "SPLIT": False, "STORE_LSE": True, "TMA": tma}
     ints = values(head_dim)
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -109,6 +111,8 @@ def compile_stats(kernel: str, dtype: str, head_dim: int, *, block_m: int, block
                 signature[name] = "i32"
                 if ints[name] % 16 == 0:
                     attrs[(i,)] = backend.parse_attr("D")
+        elif name in ("K_DESC", "V_DESC") and tma:
+            signature[name] = f"tensordesc<{dtype}[1,{block_n},{head_dim}]>"
         else:
             signature[name] = f"*{dtype}" if name in DATA_POINTERS else "*fp32" if name in FP32_POINTERS else "*i32"
             attrs[(i,)] = backend.parse_attr("D")
@@ -116,7 +120,7 @@ def compile_stats(kernel: str, dtype: str, head_dim: int, *, block_m: int, block
                               options={"num_warps": num_warps, "num_stages": num_stages})
     registers, spills = _ptxas_verbose(compiled.asm["ptx"], arch)
     return KernelStats(kernel=kernel, dtype=dtype, head_dim=head_dim, block_m=block_m, block_n=block_n,
-                       num_warps=num_warps, num_stages=num_stages, registers=registers, spill_bytes=spills,
+                       num_warps=num_warps, num_stages=num_stages, tma=tma, registers=registers, spill_bytes=spills,
                        shared_bytes=compiled.metadata.shared, arch=arch)
 
 
@@ -158,7 +162,7 @@ def default_stats(dtypes: Sequence[str] = ("bf16",), head_dims: Sequence[int] = 
         for label, cfg in default_configs(dtype, head_dim).items():
             stats.append((label, compile_stats(label.split()[0], dtype, head_dim, block_m=cfg.block_m,
                                                block_n=cfg.block_n, num_warps=cfg.num_warps,
-                                               num_stages=cfg.num_stages, arch=arch)))
+                                               num_stages=cfg.num_stages, tma=cfg.tma, arch=arch)))
     return stats
 
 

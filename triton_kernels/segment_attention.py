@@ -114,12 +114,15 @@ def _online_softmax(acc, l_i, m_i, qk, v, DOT_FP32: tl.constexpr, INPUT_PRECISIO
 @triton.jit
 def _attn_fwd_flat(acc, l_i, m_i, Q, q_ptrs, q_swap_ptrs, row_ok, rot_sign, inv_freq,  #
                    TILE_ROW, TILE_CNT, TILE_DELTA, stride_tt, t_lo, t_hi, K_HEAD, V_HEAD, qk_scale,  #
-                   offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,  #
-                   DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, FIX_BF16: tl.constexpr):
+                   offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, K_DESC, V_DESC, off_hkv,  #
+                   DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, FIX_BF16: tl.constexpr,  #
+                   TMA: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
     # Tiles t_lo .. t_hi - 1 of a call's tile table, all segments in one loop: tile t holds TILE_CNT[t] keys
     # from store row TILE_ROW[t] on, moved by TILE_DELTA[t]. The K/V addresses come from a table indexed by the
     # loop counter, so the software pipeliner prefetches across segment boundaries (as paged attention does);
-    # the query is re-rotated only where the delta changes (once per segment).
+    # the query is re-rotated only where the delta changes (once per segment). TMA: K/V tiles come through
+    # tensor descriptors over the (Hkv, N, D) store (Hopper's copy engine; rows past N read as zeros), not
+    # through per-element address tensors; keys past the tile's count are masked in the scores as before.
     cur = tl.load(TILE_DELTA + t_lo * stride_tt, mask=t_lo < t_hi, other=0)
     q = _to(_load_q_rotated(q_ptrs, q_swap_ptrs, row_ok, rot_sign, inv_freq, cur), Q.dtype.element_ty, FIX_BF16)
     for t in range(t_lo, t_hi):
@@ -131,15 +134,22 @@ def _attn_fwd_flat(acc, l_i, m_i, Q, q_ptrs, q_swap_ptrs, row_ok, rot_sign, inv_
                     FIX_BF16)
             cur = delta
         col_ok = offs_n < cnt
-        kT = tl.load(K_HEAD + (row + offs_n)[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                     mask=col_ok[None, :], other=0.0)  # (D, BLOCK_N)
+        if TMA:
+            kT = tl.trans(K_DESC.load([off_hkv, row.to(tl.int32), 0]).reshape(BLOCK_N, HEAD_DIM))
+        else:
+            kT = tl.load(K_HEAD + (row + offs_n)[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                         mask=col_ok[None, :], other=0.0)  # (D, BLOCK_N)
         if DOT_FP32:
             qk = tl.dot(q.to(tl.float32), kT.to(tl.float32), input_precision=INPUT_PRECISION)
         else:
             qk = tl.dot(q, kT, input_precision=INPUT_PRECISION)
         qk = tl.where(col_ok[None, :], qk * qk_scale, float("-inf"))
-        v = tl.load(V_HEAD + (row + offs_n)[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=col_ok[:, None], other=0.0)  # (BLOCK_N, D)
+        if TMA:  # rows past the count are other keys' values (finite), zeroed so no inf * 0 can reach acc
+            v = V_DESC.load([off_hkv, row.to(tl.int32), 0]).reshape(BLOCK_N, HEAD_DIM)
+            v = tl.where(col_ok[:, None], v, 0.0)
+        else:
+            v = tl.load(V_HEAD + (row + offs_n)[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                        mask=col_ok[:, None], other=0.0)  # (BLOCK_N, D)
         acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, DOT_FP32, INPUT_PRECISION, FIX_BF16)
     return acc, l_i, m_i
 
@@ -180,7 +190,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q,  #
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, OUT, LSE, PART_ACC, PART_M, PART_L,  #
+def _attn_fwd(Q, K, V, OUT, LSE, PART_ACC, PART_M, PART_L, K_DESC, V_DESC,  #
               SEG_START, SEG_LEN, SEG_DELTA, TILES, N_TILES, OWN_START, OWN_PAST, NEW_LEN, INV_FREQ, qk_scale,  #
               stride_qb, stride_qh, stride_qs, stride_qd,  #
               stride_kh, stride_kn, stride_kd,  #
@@ -189,7 +199,7 @@ def _attn_fwd(Q, K, V, OUT, LSE, PART_ACC, PART_M, PART_L,  #
               stride_segb, stride_segg, stride_tc, stride_tb, stride_tt,  #
               H, Hkv, S, G,  #
               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
-              FLAT: tl.constexpr, SPLIT: tl.constexpr, STORE_LSE: tl.constexpr,  #
+              FLAT: tl.constexpr, SPLIT: tl.constexpr, STORE_LSE: tl.constexpr, TMA: tl.constexpr,  #
               DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, FIX_BF16: tl.constexpr):
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
@@ -239,7 +249,8 @@ def _attn_fwd(Q, K, V, OUT, LSE, PART_ACC, PART_M, PART_L,  #
         acc, l_i, m_i = _attn_fwd_flat(acc, l_i, m_i, Q, q_ptrs, q_swap_ptrs, row_ok, rot_sign, inv_freq,
                                        T_ROW, T_ROW + stride_tc, T_ROW + 2 * stride_tc, stride_tt, t_lo, t_hi,
                                        K_HEAD, V_HEAD, qk_scale, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
-                                       stride_vd, DOT_FP32, INPUT_PRECISION, FIX_BF16)
+                                       stride_vd, K_DESC, V_DESC, off_hkv, DOT_FP32, INPUT_PRECISION, FIX_BF16,
+                                       TMA, BLOCK_N, HEAD_DIM)
     else:
         n_seg = tl.where(alive, G, 0)
         chunk = tl.cdiv(n_seg, num_splits)
@@ -332,6 +343,9 @@ class LaunchConfig:
     two >= 16 (``tl.dot``'s smallest side). num_warps: a power of two; num_stages >= 1 (software pipelining).
     flat: walk all segments' key tiles in one loop from a tile table (``tile_table``), so K/V prefetching runs
     across segment boundaries; False walks the segment table with one loop per segment.
+    tma: (flat loop, CUDA capability >= 9) load K/V tiles through host-made tensor descriptors (Hopper's copy
+    engine) instead of per-element addresses; needs k_cache / v_cache with unit last stride and 16-byte-aligned
+    strides. Off by default: not yet timed on a GPU.
     """
 
     block_m: int
@@ -339,6 +353,7 @@ class LaunchConfig:
     num_warps: int = 4
     num_stages: int = 2
     flat: bool = True
+    tma: bool = False
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
@@ -351,6 +366,9 @@ class LaunchConfig:
             raise ValueError(f"LaunchConfig.num_stages must be an integer >= 1, got {self.num_stages!r}")
         if not isinstance(self.flat, bool):
             raise ValueError(f"LaunchConfig.flat must be a bool, got {self.flat!r}")
+        if not isinstance(self.tma, bool) or (self.tma and not self.flat):
+            raise ValueError(f"LaunchConfig.tma must be a bool, and needs flat=True, got tma={self.tma!r}, "
+                             f"flat={self.flat!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -570,6 +588,20 @@ def segment_attention(q, k_cache, v_cache, seg_start, seg_len, seg_delta, own_st
     return forward(q, k_cache, v_cache, launch)[0]
 
 
+def _descriptor(t: torch.Tensor, name: str, block_n: int):
+    """A host-made tensor descriptor over one layer's store (Hkv, N, D), tiles of (1, block_n, D)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    if t.device.type == "cuda" and torch.cuda.get_device_capability(t.device)[0] < 9:
+        raise ValueError(f"LaunchConfig.tma needs a GPU of compute capability >= 9 (Hopper), got "
+                         f"{torch.cuda.get_device_capability(t.device)} for {name}")
+    ok = t.stride(2) == 1 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:2]) and t.data_ptr() % 16 == 0
+    if not ok:
+        raise ValueError(f"LaunchConfig.tma needs {name} with unit last stride and 16-byte-aligned strides and base, "
+                         f"got strides {t.stride()}")
+    return TensorDescriptor.from_tensor(t, block_shape=[1, block_n, t.shape[2]])
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Launch:
     """A checked call of ``segment_attention``: int32 tables on q's device (a G = 0 table padded to one empty
@@ -613,16 +645,20 @@ def forward(q, k_cache, v_cache, launch: Launch, *, store_lse: bool = False):
     else:
         part_acc = part_m = part_l = out
     dot_fp32 = interpret or q.dtype == torch.float32  # the interpreter's bf16 tl.dot is wrong (upstream bug)
+    if cfg.tma:
+        k_desc, v_desc = (_descriptor(t, name, cfg.block_n) for t, name in ((k_cache, "k_cache"), (v_cache, "v_cache")))
+    else:  # never read
+        k_desc, v_desc = k_cache, v_cache
     grid = (triton.cdiv(S * (H // Hkv), cfg.block_m), B * Hkv, num_splits)
     _attn_fwd[grid](
-        q, k_cache, v_cache, out, lse if store_lse else out, part_acc, part_m, part_l,  #
+        q, k_cache, v_cache, out, lse if store_lse else out, part_acc, part_m, part_l, k_desc, v_desc,  #
         launch.seg_start, launch.seg_len, launch.seg_delta, table, n_tiles, launch.own_start, launch.own_past,
         launch.new_len, launch.inv_freq, launch.scale * LOG2E,  #
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),  #
         launch.seg_start.stride(0), launch.seg_start.stride(1), *table.stride(),  #
         H, Hkv, S, launch.G,  #
         GROUP=H // Hkv, HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, FLAT=cfg.flat, SPLIT=split,  #
-        STORE_LSE=store_lse and not split,  #
+        STORE_LSE=store_lse and not split, TMA=cfg.tma,  #
         DOT_FP32=dot_fp32, INPUT_PRECISION="ieee" if dot_fp32 else "tf32",  #
         FIX_BF16=interpret and q.dtype == torch.bfloat16,  #
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)

@@ -224,15 +224,19 @@ def test_segment_attention_speed(benchmark, w, impl):
 
 
 def _tile_configs():
-    """(workload, LaunchConfig, num_splits) candidates: tiles and loop structure for prefill, split-K for decode."""
+    """(workload, LaunchConfig, num_splits) candidates: tiles and loop structure for prefill, split-K for decode,
+    and tensor-descriptor (TMA) loads for both."""
     from triton_kernels import LaunchConfig
 
     decode = [(LaunchConfig(block_m=16, block_n=64, num_warps=4, num_stages=3, flat=f), n)
               for f, n in ((True, 1), (False, 1), (True, 4), (True, 8), (True, 16))]
-    decode += [(LaunchConfig(block_m=16, block_n=128, num_warps=4, num_stages=2), 8)]
-    prefill = [(LaunchConfig(block_m=m, block_n=n, num_warps=wp, num_stages=st, flat=f), 1)
-               for m, n, wp, st, f in ((128, 64, 8, 3, True), (128, 64, 8, 3, False), (64, 64, 4, 3, True),
-                                       (128, 128, 8, 2, True), (64, 64, 4, 4, True))]
+    decode += [(LaunchConfig(block_m=16, block_n=128, num_warps=4, num_stages=2), 8),
+               (LaunchConfig(block_m=16, block_n=64, num_warps=4, num_stages=3, tma=True), 1)]
+    prefill = [(LaunchConfig(block_m=m, block_n=n, num_warps=wp, num_stages=st, flat=f, tma=t), 1)
+               for m, n, wp, st, f, t in ((128, 64, 8, 3, True, False), (128, 64, 8, 3, False, False),
+                                          (64, 64, 4, 3, True, False), (128, 128, 8, 2, True, False),
+                                          (64, 64, 4, 4, True, False), (64, 64, 4, 3, True, True),
+                                          (128, 64, 8, 3, True, True))]
     return [(w, c, n) for w in WORKLOADS for c, n in (decode if w.S == 1 else prefill)]
 
 
@@ -240,13 +244,16 @@ TILES = _tile_configs()
 
 
 @pytest.mark.parametrize("w, cfg, splits", TILES, ids=[
-    f"{w.name}-m{c.block_m}n{c.block_n}w{c.num_warps}s{c.num_stages}{'' if c.flat else '-nested'}-k{n}"
+    f"{w.name}-m{c.block_m}n{c.block_n}w{c.num_warps}s{c.num_stages}{'-tma' if c.tma else '' if c.flat else '-nested'}"
+    f"-k{n}"
     for w, c, n in TILES])
 def test_segment_attention_tiles(benchmark, w, cfg, splits):
     """The kernel at each candidate tile configuration and split count (what the defaults are chosen from)."""
     from triton_kernels import default_splits, launch_config, segment_attention, tile_table
     from triton_kernels.reference import dense_layout
 
+    if cfg.tma and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor-descriptor (TMA) loads need compute capability >= 9")
     args = build_inputs(w, "cuda")
     tiles = tile_table(*args[3:6], cfg.block_n)  # built once, as the engine does per step
     fn = lambda: segment_attention(*args, config=cfg, tiles=tiles, num_splits=splits)  # noqa: E731

@@ -48,3 +48,17 @@ def test_refuses_to_compile_interpreted_kernels():
     run = subprocess.run([sys.executable, "-m", "triton_kernels.ptxas_report"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "TRITON_INTERPRET" in run.stderr
+
+
+def test_tensor_descriptor_loads_compile_for_hopper():
+    """The forward's opt-in TMA loads (``LaunchConfig.tma``) compile for sm_90 to bulk tensor copies, spill-free."""
+    if not PTXAS.is_file():
+        pytest.skip(f"no ptxas in the Triton wheel ({PTXAS})")
+    code = ("import dataclasses, json; from triton_kernels.ptxas_report import compile_stats; print(json.dumps("
+            "dataclasses.asdict(compile_stats('fwd', 'bf16', 128, block_m=64, block_n=64, num_warps=4, "
+            "num_stages=3, tma=True))))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    stats = json.loads(run.stdout.splitlines()[-1])
+    assert stats["tma"] and stats["spill_bytes"] <= MAX_SPILL, stats

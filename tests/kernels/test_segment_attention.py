@@ -78,16 +78,20 @@ def test_strided_inputs():
     assert torch.equal(segment_attention(q_t, big_k[:, 8:], v, *rest), segment_attention(q, k, v, *rest))
 
 
+HOPPER = not CUDA or torch.cuda.get_device_capability()[0] >= 9  # tensor descriptors (TMA): Hopper, or the interpreter
 CONFIGS = [LaunchConfig(block_m=16, block_n=32, num_warps=2, num_stages=1),
            LaunchConfig(block_m=32, block_n=16, num_warps=4, num_stages=2),
            LaunchConfig(block_m=16, block_n=16, num_warps=1, num_stages=1, flat=False)]
+if HOPPER:
+    CONFIGS += [LaunchConfig(block_m=16, block_n=16, num_warps=1, num_stages=1, tma=True)]
 if CUDA:  # the tiles the default picks on a GPU for prefill and decode, and their neighbours
     CONFIGS += [LaunchConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
                 LaunchConfig(block_m=64, block_n=64, num_warps=4, num_stages=3),
                 LaunchConfig(block_m=128, block_n=128, num_warps=8, num_stages=2)]
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"m{c.block_m}-n{c.block_n}-w{c.num_warps}-s{c.num_stages}")
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"m{c.block_m}-n{c.block_n}-w{c.num_warps}-s{c.num_stages}"
+                         + ("-nested" if not c.flat else "-tma" if c.tma else ""))
 @pytest.mark.parametrize("name", ["seqlen-97", "multi-tile-segments", "gqa-3-decode"])
 def test_tile_configs_agree(name, cfg):
     """Any tile configuration gives the default's result up to rounding (the tiles change only the order of
@@ -101,15 +105,15 @@ SPLIT_CASES = ["decode-S1", "empty-segment-list-G0", "padding-segments-and-rows"
                "overlap-repeat-gap", "gqa-3-decode", "multi-tile-segments", "bf16"]
 
 
-@pytest.mark.parametrize("flat", [True, False], ids=["flat", "nested"])
+@pytest.mark.parametrize("loop", ["flat", "nested"] + (["tma"] if HOPPER else []))
 @pytest.mark.parametrize("splits", [2, 3, 7])
 @pytest.mark.parametrize("name", SPLIT_CASES)
-def test_split_k_matches_reference(name, splits, flat):
-    """Split-K (more splits than some calls have tiles or segments, so some splits are empty) and both loop
-    structures against the fp64 reference, on the awkward cases."""
+def test_split_k_matches_reference(name, splits, loop):
+    """Split-K (more splits than some calls have tiles or segments, so some splits are empty), both loop
+    structures and the tensor-descriptor loads against the fp64 reference, on the awkward cases."""
     case = AWKWARD[name]
     cfg = dataclasses.replace(launch_config(case.S * case.H // case.Hkv, case.D, case.dtype, interpreter_active()),
-                              flat=flat)
+                              flat=loop != "nested", tma=loop == "tma")
     args = case.tensors()
     out = segment_attention(*args, config=cfg, num_splits=splits)
     q, k, v, *rest = args
@@ -163,10 +167,21 @@ def test_default_launch_config():
     assert launch_config(4, 64, torch.float32, interpret=True).block_m == 16
 
 
+def test_tma_needs_an_aligned_store():
+    case = AWKWARD["multi-tile-segments"]
+    q, k, v, *rest = case.tensors()
+    cfg = LaunchConfig(block_m=16, block_n=16, num_warps=1, num_stages=1, tma=True)
+    padded = torch.zeros(k.shape[0], k.shape[1], k.shape[2] + 1, device=DEVICE)[..., :-1]  # row stride 65 floats
+    padded.copy_(k)
+    with pytest.raises(ValueError, match="16-byte"):
+        segment_attention(q, padded, v, *rest, config=cfg)
+
+
 @pytest.mark.parametrize("kwargs, word", [
     (dict(block_m=8, block_n=16), "block_m"), (dict(block_m=16, block_n=48), "block_n"),
     (dict(block_m=16, block_n=16, num_warps=3), "num_warps"),
     (dict(block_m=16, block_n=16, num_stages=0), "num_stages"),
+    (dict(block_m=16, block_n=16, flat=False, tma=True), "tma"),
 ])
 def test_launch_config_rejects_bad_values(kwargs, word):
     with pytest.raises(ValueError, match=word):
