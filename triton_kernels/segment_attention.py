@@ -293,7 +293,7 @@ def _attn_fwd(Q, K, V, OUT, LSE, PART_ACC, PART_M, PART_L, K_DESC, V_DESC,  #
 
     out_ok = (tok < S)[:, None]
     if SPLIT:
-        # -- partial results (unnormalised acc, max m and sum l in log2 units), merged by _merge_splits --
+        # -- partial results (unnormalised acc, max m and sum l in log2 units), merged by _merge_splits_kernel --
         B = tl.num_programs(1) // Hkv
         part = ((split * B + off_b) * H + head).to(tl.int64) * S + tok  # row index into (splits, B, H, S)
         tl.store(PART_M + part, tl.where(row_ok, m_i, float("-inf")), mask=tok < S)
@@ -311,6 +311,37 @@ def _attn_fwd(Q, K, V, OUT, LSE, PART_ACC, PART_M, PART_L, K_DESC, V_DESC,  #
         if STORE_LSE:  # for the backward pass: log2-sum-exp2 of each row's scores, +inf where it saw no key
             lse = tl.where(has_keys, m_i + tl.math.log2(l_safe), float("inf"))
             tl.store(LSE + ((off_b * H + head).to(tl.int64) * S + tok), lse, mask=tok < S)
+
+
+@triton.jit
+def _merge_splits_kernel(PART_ACC, PART_M, PART_L, OUT, LSE, rows, num_splits,  #
+                         stride_ob, stride_oh, stride_os, stride_od, H, S,  #
+                         HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, STORE_LSE: tl.constexpr,
+                         FIX_BF16: tl.constexpr):
+    # Split-K merge in one launch: partials PART_ACC (splits, rows, D), PART_M / PART_L (splits, rows), fp32
+    # contiguous, rows = B * H * S (row (b * H + h) * S + s). Same arithmetic as ``_merge_splits``.
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = r < rows
+    offs_d = tl.arange(0, HEAD_DIM)
+    m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    for k in range(num_splits):
+        m = tl.maximum(m, tl.load(PART_M + k * rows + r, mask=ok, other=float("-inf")))
+    m = tl.where(m == float("-inf"), 0.0, m)  # rows no split saw a key of: weights exp2(-inf) = 0
+    total = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, HEAD_DIM], dtype=tl.float32)
+    for k in range(num_splits):
+        w = tl.math.exp2(tl.load(PART_M + k * rows + r, mask=ok, other=float("-inf")) - m)
+        total += w * tl.load(PART_L + k * rows + r, mask=ok, other=0.0)
+        part = (k * rows + r).to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
+        acc += w[:, None] * tl.load(PART_ACC + part, mask=ok[:, None], other=0.0)
+    total_safe = tl.where(total > 0, total, 1.0)
+    out = acc / total_safe[:, None]
+    b, h, s = r // (H * S), (r // S) % H, r % S
+    o_ptrs = (OUT + b.to(tl.int64)[:, None] * stride_ob + h[:, None].to(tl.int64) * stride_oh
+              + s[:, None] * stride_os + offs_d[None, :] * stride_od)
+    tl.store(o_ptrs, _to(out, OUT.dtype.element_ty, FIX_BF16), mask=ok[:, None])
+    if STORE_LSE:
+        tl.store(LSE + r, tl.where(total > 0, m + tl.math.log2(total_safe), float("inf")), mask=ok)
 
 
 # ----------------------------------------------------------------------------------------------- host side
@@ -424,7 +455,8 @@ def default_splits(programs: int, max_keys: int, device: torch.device) -> int:
     segment keys per call: split only when the launch leaves half the GPU's multiprocessors idle and every split
     still gets >= 1024 keys; then aim at ~4 programs per multiprocessor. (On an H200, splitting a decode launch
     of 64 programs over 16k keys 8 ways took 404 -> 293 us; splitting launches of 256 programs made them slower:
-    the merge's launches cost more than the idle multiprocessors.)"""
+    the merge's launches cost more than the idle multiprocessors. That merge was 4 PyTorch operations; it is now
+    one kernel, not yet timed.)"""
     if device.type != "cuda" or interpreter_active():
         return 1
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
@@ -433,10 +465,14 @@ def default_splits(programs: int, max_keys: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(4 * sms, programs), max_keys // 1024, 64))
 
 
+MERGE_ROWS = 16  # rows per program of the split-K merge
+
+
 def _merge_splits(acc, row_max, row_sum, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge split-K partials: acc (splits, B, H, S, D) unnormalised; row_max and row_sum (splits, B, H, S), in
-    log2 units. Returns the output (B, H, S, D) in ``dtype`` and each row's log2-sum-exp2 (B, H, S) fp32. Rows
-    with no key anywhere (row_sum 0 in every split) come out as zeros, with log2-sum-exp2 +inf."""
+    """The slow reference of the split-K merge (``_merge_splits_kernel`` does it in one launch). Partials: acc
+    (splits, B, H, S, D) unnormalised; row_max and row_sum (splits, B, H, S), in log2 units. Returns the output
+    (B, H, S, D) in ``dtype`` and each row's log2-sum-exp2 (B, H, S) fp32. Rows with no key anywhere (row_sum 0
+    in every split) come out as zeros, with log2-sum-exp2 +inf."""
     m_max = row_max.amax(0)
     m_max = torch.where(m_max == float("-inf"), 0.0, m_max)
     w = torch.exp2(row_max - m_max)  # (splits, B, H, S); 0 where a split saw no key
@@ -662,9 +698,10 @@ def forward(q, k_cache, v_cache, launch: Launch, *, store_lse: bool = False):
         DOT_FP32=dot_fp32, INPUT_PRECISION="ieee" if dot_fp32 else "tf32",  #
         FIX_BF16=interpret and q.dtype == torch.bfloat16,  #
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if split:
-        merged, merged_lse = _merge_splits(part_acc, part_m, part_l, q.dtype)
-        out.copy_(merged)
-        if store_lse:
-            lse.copy_(merged_lse)
+    if split:  # one launch (``_merge_splits`` is its reference)
+        rows = B * H * S
+        _merge_splits_kernel[(triton.cdiv(rows, MERGE_ROWS),)](
+            part_acc, part_m, part_l, out, lse if store_lse else part_m, rows, num_splits, *out.stride(), H, S,
+            HEAD_DIM=D, BLOCK_R=MERGE_ROWS, STORE_LSE=store_lse, FIX_BF16=interpret and q.dtype == torch.bfloat16,
+            num_warps=4)
     return out, lse

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+import triton
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -274,3 +275,27 @@ def test_availability_helpers():
     assert kernel_module.segment_attention is segment_attention
     assert is_available(DEVICE) and not is_available("meta")
     assert is_available("cpu") == interpreter_active()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_merge_kernel_matches_its_reference(dtype):
+    """The one-launch split-K merge against ``_merge_splits`` on random partials, with rows that one split, or
+    every split, saw no key of (max -inf, sum 0)."""
+    kernel_module = sys.modules["triton_kernels.segment_attention"]
+    splits, B, H, S, D = 3, 2, 3, 5, 64  # rows = 30: not a multiple of the merge's block
+    gen = torch.Generator().manual_seed(0)
+    acc = torch.randn(splits, B, H, S, D, generator=gen)
+    row_max = torch.randn(splits, B, H, S, generator=gen) * 4
+    row_sum = torch.rand(splits, B, H, S, generator=gen) + 0.5
+    row_max[0, 0, 0, :2], row_sum[0, 0, 0, :2], acc[0, 0, 0, :2] = float("-inf"), 0.0, 0.0  # one split empty
+    row_max[:, 1, 2, 4], row_sum[:, 1, 2, 4], acc[:, 1, 2, 4] = float("-inf"), 0.0, 0.0  # no key anywhere
+    acc, row_max, row_sum = (t.to(DEVICE) for t in (acc, row_max, row_sum))
+    ref, ref_lse = kernel_module._merge_splits(acc, row_max, row_sum, dtype)
+    out = torch.empty(B, H, S, D, dtype=dtype, device=DEVICE).transpose(1, 2).contiguous().transpose(1, 2)  # strided
+    lse = torch.empty(B, H, S, device=DEVICE)
+    kernel_module._merge_splits_kernel[(triton.cdiv(B * H * S, kernel_module.MERGE_ROWS),)](
+        acc, row_max, row_sum, out, lse, B * H * S, splits, *out.stride(), H, S, HEAD_DIM=D,
+        BLOCK_R=kernel_module.MERGE_ROWS, STORE_LSE=True, FIX_BF16=interpreter_active() and dtype == torch.bfloat16)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-2)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-6, atol=1e-6)
+    assert (out[1, 2, 4] == 0).all() and lse[1, 2, 4] == float("inf")
