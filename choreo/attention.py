@@ -53,6 +53,11 @@ class AttentionPlan:
         return max(self.new_len)
 
     @functools.cached_property
+    def max_own_len(self) -> int:
+        """The most own keys any call attends to (own_past + new_len): the kernel's backward grid."""
+        return max(p + n for p, n in zip(self.own_past, self.new_len))
+
+    @functools.cached_property
     def any_delta(self) -> bool:
         return any(d for segs in self.segments for _, _, d in segs)
 
@@ -166,7 +171,8 @@ def triton_attention(plan, q, k_store, v_store, inv_freq, scale):
     cfg = launch_config(S * (H // k_store.shape[0]), D, q.dtype, interpreter_active())
     seg_start, seg_len, seg_delta, own_start, own_past, new_len = plan.segment_table(q.device)
     return segment_attention(q.contiguous(), k_store, v_store, seg_start, seg_len, seg_delta, own_start, own_past,
-                             new_len, inv_freq, scale=scale, config=cfg, tiles=plan.tile_table(q.device, cfg.block_n))
+                             new_len, inv_freq, scale=scale, config=cfg, tiles=plan.tile_table(q.device, cfg.block_n),
+                             max_own_len=plan.max_own_len)
 
 
 BACKENDS: dict[str, Backend] = {

@@ -525,7 +525,7 @@ def _check_table_values(seg_start, seg_len, own_start, own_past, new_len, S: int
 
 def segment_attention(q, k_cache, v_cache, seg_start, seg_len, seg_delta, own_start, own_past, new_len, inv_freq,
                       *, scale=None, config: LaunchConfig | None = None, tiles: TileTable | None = None,
-                      num_splits: int | None = None) -> torch.Tensor:
+                      num_splits: int | None = None, max_own_len: int | None = None) -> torch.Tensor:
     """Attention of B calls over a shared KV store, each to its segment table and causally to its own tokens.
 
     q: (B, H, S, D) new tokens, RoPE'd at their positions; row i of call b is valid iff i < new_len[b].
@@ -539,6 +539,9 @@ def segment_attention(q, k_cache, v_cache, seg_start, seg_len, seg_delta, own_st
         here (on CUDA that copies the table to the host: a synchronisation; the engine passes its own).
     num_splits: split-K ways (each split takes a share of every call's tiles; partials merged in fp32); default
         ``default_splits`` when the tile table is known, else 1.
+    max_own_len: the largest own_past + new_len of any call, if the caller knows it on the host (the engine
+        does); the backward sizes its key-tile grid with it. Default: read from the tensors when the backward
+        runs (on CUDA a synchronisation).
     Returns (B, H, S, D) in q's dtype; invalid rows are zeros. Differentiable in q, k_cache and v_cache (the store
     is held by reference until the backward: rows the calls read must stay unchanged until then; see
     ``segment_attention_backward``).
@@ -583,6 +586,8 @@ def segment_attention(q, k_cache, v_cache, seg_start, seg_len, seg_delta, own_st
         raise ValueError(f"inv_freq is on {inv_freq.device} but q is on {q.device}: all tensors must share q's device")
     if config is not None and not isinstance(config, LaunchConfig):
         raise TypeError(f"config must be a LaunchConfig or None, got {type(config).__name__}")
+    if max_own_len is not None and (not isinstance(max_own_len, int) or max_own_len < 0):
+        raise ValueError(f"max_own_len must be an integer >= 0 or None, got {max_own_len!r}")
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"num_splits must be an integer >= 1 or None, got {num_splits!r}")
     if tiles is not None:
@@ -598,6 +603,9 @@ def segment_attention(q, k_cache, v_cache, seg_start, seg_len, seg_delta, own_st
                            "TRITON_INTERPRET=1 set before triton_kernels is imported")
     if q.device.type == "cpu":
         _check_table_values(seg_start, seg_len, own_start, own_past, new_len, S, N)
+        if max_own_len is not None and B and max_own_len < int((own_past + new_len).max()):
+            raise ValueError(f"max_own_len = {max_own_len} is below the largest own_past + new_len, "
+                             f"{int((own_past + new_len).max())}")
 
     if G == 0:  # a real (never read) table, so no kernel argument is a null pointer
         seg_start = seg_len = seg_delta = torch.zeros((B, 1), dtype=torch.int32, device=q.device)
@@ -616,7 +624,7 @@ def segment_attention(q, k_cache, v_cache, seg_start, seg_len, seg_delta, own_st
     launch = Launch(seg_start=seg_start, seg_len=seg_len, seg_delta=seg_delta, own_start=own_start,
                     own_past=own_past, new_len=new_len, inv_freq=inv_freq.to(torch.float32).contiguous(),
                     scale=1.0 / math.sqrt(D) if scale is None else float(scale), config=cfg,
-                    tiles=tiles if cfg.flat else None, num_splits=num_splits, G=G)
+                    tiles=tiles if cfg.flat else None, num_splits=num_splits, G=G, max_own_len=max_own_len)
     if torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad):
         from .segment_attention_backward import SegmentAttentionFunction
 
@@ -642,7 +650,8 @@ def _descriptor(t: torch.Tensor, name: str, block_n: int):
 class Launch:
     """A checked call of ``segment_attention``: int32 tables on q's device (a G = 0 table padded to one empty
     column), fp32 inv_freq, the softmax scale, tiles, the tile table (flat loop; None for the nested one) and
-    the split-K ways. Shared by the forward and backward passes."""
+    the split-K ways; the largest own_past + new_len if known on the host. Shared by the forward and backward
+    passes."""
 
     seg_start: torch.Tensor
     seg_len: torch.Tensor
@@ -656,6 +665,7 @@ class Launch:
     tiles: TileTable | None
     num_splits: int
     G: int
+    max_own_len: int | None = None
 
 
 def forward(q, k_cache, v_cache, launch: Launch, *, store_lse: bool = False):

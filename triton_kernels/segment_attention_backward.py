@@ -11,7 +11,7 @@ where K' are the keys as the call sees them. A segment moved by delta is seen as
 - ``_attn_bwd_dq`` (one program per query block, call and KV head, the forward's grid) rotates each key tile by
   +delta in registers: dQ += dS (R(delta) K). No atomics; deterministic.
 - ``_attn_bwd_dkdv`` (one program per key tile, call and KV head: the call's segment tiles from the forward's tile
-  table, then its own keys) counter-rotates the query by -delta, as the forward does, so the key gradient comes
+  table, then its own keys, as many as ``max_own_len`` allows) counter-rotates the query by -delta, as the forward does, so the key gradient comes
   out in the store's frame directly: dK += dS^T (R(-delta) Q). A store row may be read by several calls, by
   several segments of one call, or by its own call and others, so each program adds its tile into fp32 dK / dV
   with atomics (on a GPU the order of those additions, and so the last bits of dK / dV, vary from run to run).
@@ -265,9 +265,12 @@ def backward(do, q, k_cache, v_cache, out, lse, launch: Launch, *, need_dq: bool
             q, k_cache, v_cache, do, lse, di, dq, *args, H, Hkv, S, **common, **_tiles(cfg_dq))
     if need_dkv:
         dk, dv = torch.zeros((2, Hkv, N, D), dtype=torch.float32, device=q.device)  # fp32, added to atomically
-        # Key tiles per call: its segment tiles, then its own keys (at most own_past + S; the largest own_past
-        # is read back here, one synchronisation on CUDA).
-        own_tiles = triton.cdiv(int(launch.own_past.max()) + S, cfg_kv.block_n)
+        # Key tiles per call: its segment tiles, then its own keys (own_past + new_len of them; unless the caller
+        # gave the largest, it is read back here: one synchronisation on CUDA).
+        own_len = launch.max_own_len
+        if own_len is None:
+            own_len = int((launch.own_past + launch.new_len.clamp(max=S)).max())
+        own_tiles = triton.cdiv(own_len, cfg_kv.block_n)
         _attn_bwd_dkdv[(tiles.max_tiles + own_tiles, B * Hkv)](
             q, k_cache, v_cache, do, lse, di, dk, dv, *args, H, Hkv, S, N, **common, **_tiles(cfg_kv))
         dk, dv = dk.to(k_cache.dtype), dv.to(v_cache.dtype)

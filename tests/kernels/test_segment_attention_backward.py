@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.kernels.cases import ABS_FLOOR, AWKWARD, DEVICE, EXAMPLES, Case, cases  # sets TRITON_INTERPRET
+from tests.kernels.cases import ABS_FLOOR, AWKWARD, CUDA, DEVICE, EXAMPLES, Case, cases  # sets TRITON_INTERPRET
 from triton_kernels import LaunchConfig, interpreter_active, is_available, launch_config, segment_attention
 from triton_kernels.reference import segment_attention_ref
 from triton_kernels.segment_attention_backward import backward_configs
@@ -176,3 +176,20 @@ def test_no_query_rows_gives_zero_gradients():
                                 torch.zeros(1, case.H, 0, case.D, device=DEVICE))
     assert out.shape == (1, case.H, 0, case.D) and dq.shape == out.shape
     assert (dk == 0).all() and (dv == 0).all() and dk.shape == (case.Hkv, 8, case.D)
+
+
+def test_max_own_len_sizes_the_backward_grid():
+    """A caller that knows the largest own_past + new_len (the engine) passes it and gets the same gradients
+    without the backward reading it back; a value too small is refused (checked on CPU)."""
+    case = AWKWARD["seqlen-97"]  # own_past 10 + new_len 97: several own key tiles
+    args = case.tensors()
+    g = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    plain = gradients(segment_attention, args, case.dtype, g)
+    given_len = gradients(segment_attention, args, case.dtype, g, max_own_len=107)
+    for a, b in zip(plain, given_len):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    if not CUDA:
+        with pytest.raises(ValueError, match="max_own_len"):
+            gradients(segment_attention, args, case.dtype, g, max_own_len=100)
+    with pytest.raises(ValueError, match="max_own_len"):
+        segment_attention(*args, max_own_len=-1)
