@@ -225,18 +225,20 @@ def test_segment_attention_speed(benchmark, w, impl):
 
 def _tile_configs():
     """(workload, LaunchConfig, num_splits) candidates: tiles and loop structure for prefill, split-K for decode,
-    and tensor-descriptor (TMA) loads for both."""
+    and tensor-descriptor (TMA) loads for both (tiles that compile for sm_90 without spills, ``ptxas_report``)."""
     from triton_kernels import LaunchConfig
 
     decode = [(LaunchConfig(block_m=16, block_n=64, num_warps=4, num_stages=3, flat=f), n)
               for f, n in ((True, 1), (False, 1), (True, 4), (True, 8), (True, 16))]
     decode += [(LaunchConfig(block_m=16, block_n=128, num_warps=4, num_stages=2), 8),
-               (LaunchConfig(block_m=16, block_n=64, num_warps=4, num_stages=3, tma=True), 1)]
+               (LaunchConfig(block_m=16, block_n=64, num_warps=4, num_stages=3, tma=True), 1),
+               (LaunchConfig(block_m=16, block_n=128, num_warps=4, num_stages=3, tma=True), 1)]
     prefill = [(LaunchConfig(block_m=m, block_n=n, num_warps=wp, num_stages=st, flat=f, tma=t), 1)
                for m, n, wp, st, f, t in ((128, 64, 8, 3, True, False), (128, 64, 8, 3, False, False),
                                           (64, 64, 4, 3, True, False), (128, 128, 8, 2, True, False),
                                           (64, 64, 4, 4, True, False), (64, 64, 4, 3, True, True),
-                                          (128, 64, 8, 3, True, True))]
+                                          (128, 64, 8, 3, True, True), (128, 64, 8, 4, True, True),
+                                          (128, 128, 8, 2, True, True))]
     return [(w, c, n) for w in WORKLOADS for c, n in (decode if w.S == 1 else prefill)]
 
 
