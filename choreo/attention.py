@@ -82,30 +82,43 @@ class AttentionPlan:
     def segment_table(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         """``segment_attention``'s int32 table on ``device``: seg_start, seg_len, seg_delta (B, G) and own_start,
         own_past, new_len (B,); G = the most segments of any call, shorter rows padded with empty segments.
-        Built once per step (one host-to-device copy), shared by all layers."""
+        Built once per step, shared by all layers."""
         device = torch.device(device)
         key = ("table", device)
         if key not in self._index:
-            G = max((len(s) for s in self.segments), default=0)
-            table = torch.zeros(3, self.batch, G, dtype=torch.int32)
-            for b, segs in enumerate(self.segments):
-                if segs:
-                    table[:, b, :len(segs)] = torch.tensor(segs, dtype=torch.int32).T
-            own = torch.tensor([self.own_start, self.own_past, self.new_len], dtype=torch.int32)
+            table, own = self._host_table()
             flat = torch.cat([table.flatten(), own.flatten()]).to(device)  # one copy
-            table, own = flat[:table.numel()].view(3, self.batch, G), flat[table.numel():].view(3, self.batch)
-            self._index[key] = (*table, *own)
+            self._index[key] = (*flat[:table.numel()].view(table.shape), *flat[table.numel():].view(own.shape))
         return self._index[key]
 
-    def tile_table(self, device: torch.device, block_n: int):
-        """``triton_kernels.tile_table`` of this plan's segments, built on the host once per step and tile size."""
-        from triton_kernels import tile_table
+    def kernel_tables(self, device: torch.device, block_n: int):
+        """The segment table (``segment_table``'s six tensors) and its ``triton_kernels.tile_table`` for tiles of
+        ``block_n``, built on the host and copied to ``device`` together: one copy per step and tile size."""
+        from triton_kernels import TileTable, tile_table
 
-        key = ("tiles", torch.device(device), block_n)
+        device = torch.device(device)
+        key = ("kernel", device, block_n)
         if key not in self._index:
-            start, length, delta = self.segment_table("cpu")[:3]
-            self._index[key] = tile_table(start, length, delta, block_n, device=device)
+            table, own = self._host_table()
+            tiles = tile_table(*table, block_n)
+            parts = [table, own, tiles.tiles, tiles.n_tiles]
+            flat = torch.cat([p.flatten() for p in parts]).to(device)  # one copy
+            views, at = [], 0
+            for p in parts:
+                views.append(flat[at:at + p.numel()].view(p.shape))
+                at += p.numel()
+            self._index[key] = (*views[0], *views[1], TileTable(block_n=block_n, tiles=views[2], n_tiles=views[3],
+                                                                  max_tiles=tiles.max_tiles))
         return self._index[key]
+
+    def _host_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(3, B, G) segment rows (start, length, delta) and (3, B) own rows (start, past, new), int32 on the host."""
+        G = max((len(s) for s in self.segments), default=0)
+        table = torch.zeros(3, self.batch, G, dtype=torch.int32)
+        for b, segs in enumerate(self.segments):
+            if segs:
+                table[:, b, :len(segs)] = torch.tensor(segs, dtype=torch.int32).T
+        return table, torch.tensor([self.own_start, self.own_past, self.new_len], dtype=torch.int32)
 
     def _build_index(self, device):
         S, B = self.max_new, self.batch
@@ -169,9 +182,8 @@ def triton_attention(plan, q, k_store, v_store, inv_freq, scale):
 
     B, H, S, D = q.shape
     cfg = launch_config(S * (H // k_store.shape[0]), D, q.dtype, interpreter_active())
-    seg_start, seg_len, seg_delta, own_start, own_past, new_len = plan.segment_table(q.device)
-    return segment_attention(q.contiguous(), k_store, v_store, seg_start, seg_len, seg_delta, own_start, own_past,
-                             new_len, inv_freq, scale=scale, config=cfg, tiles=plan.tile_table(q.device, cfg.block_n),
+    *table, tiles = plan.kernel_tables(q.device, cfg.block_n)  # one host-to-device copy per step
+    return segment_attention(q.contiguous(), k_store, v_store, *table, inv_freq, scale=scale, config=cfg, tiles=tiles,
                              max_own_len=plan.max_own_len)
 
 

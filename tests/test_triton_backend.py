@@ -88,3 +88,19 @@ def test_triton_backend_trains_like_torch_backend(tokenizer):
         torch.testing.assert_close(grads_k, grads_t, rtol=1e-3, atol=1e-5 * grads_t.abs().max().item())
     finally:
         unload_adapter(model)
+
+
+def test_kernel_tables_come_in_one_copy_and_match_their_parts():
+    from choreo.attention import AttentionPlan
+
+    plan = AttentionPlan(segments=(((0, 100, 5), (300, 10, 0)), ()), own_start=(400, 500), own_past=(3, 0),
+                         new_len=(2, 7))
+    *table, tiles = plan.kernel_tables("cpu", 64)
+    for mine, theirs in zip(table, plan.segment_table("cpu")):
+        assert torch.equal(mine, theirs) and mine.dtype == torch.int32
+    expected = triton_kernels.tile_table(*plan.segment_table("cpu")[:3], 64)
+    assert torch.equal(tiles.tiles, expected.tiles) and torch.equal(tiles.n_tiles, expected.n_tiles)
+    assert tiles.max_tiles == 3 and tiles.block_n == 64
+    assert table[0].untyped_storage().data_ptr() == tiles.tiles.untyped_storage().data_ptr()  # one buffer
+    assert plan.kernel_tables("cpu", 64)[-1] is tiles  # cached per step
+    assert plan.max_own_len == 7

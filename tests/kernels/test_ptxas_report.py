@@ -15,6 +15,10 @@ import pytest
 triton = pytest.importorskip("triton")
 
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+# Register allocation, and the compiler's Python API, change between Triton releases: the budgets below are
+# those of the pinned 3.7 line.
+pytestmark = pytest.mark.skipif(not triton.__version__.startswith("3.7."),
+                                reason=f"spill budgets recorded for Triton 3.7, this is {triton.__version__}")
 ROOT = Path(__file__).resolve().parents[2]
 
 # Bytes of spill stores tolerated per kernel: the forward's prefill tile spills 12 bytes with Triton 3.7 (a few
