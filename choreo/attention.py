@@ -52,6 +52,12 @@ class AttentionPlan:
     def max_new(self) -> int:
         return max(self.new_len)
 
+    def read_rows(self) -> torch.Tensor:
+        """Every store row some call reads (segments and own rows, with repeats), int64 on the host."""
+        runs = [(s, n) for segs in self.segments for s, n, _ in segs]
+        runs += [(o, p + n) for o, p, n in zip(self.own_start, self.own_past, self.new_len)]
+        return torch.cat([torch.arange(s, s + n) for s, n in runs] + [torch.zeros(0, dtype=torch.long)])
+
     @functools.cached_property
     def max_own_len(self) -> int:
         """The most own keys any call attends to (own_past + new_len): the kernel's backward grid."""

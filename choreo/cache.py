@@ -82,6 +82,9 @@ class KVStore:
         self._free: list[tuple[int, int]] = [(0, n)]  # sorted, merged (start, length) runs
         self.used = 0
         self.peak = 0
+        # (N,) on the host: how many times each row has been written (``mark_written``), so that a read whose
+        # backward needs the rows themselves can check they are unchanged (``read_guard``).
+        self.writes = torch.zeros(n, dtype=torch.int64)
 
     @property
     def allocated(self) -> int:
@@ -113,6 +116,7 @@ class KVStore:
         # torch.cat rather than an in-place resize: keeps the autograd graph when replaying with gradients.
         self.k = torch.cat([self.k, self.k.new_zeros(self.k.shape[:2] + (new - old, self.k.shape[3]))], dim=2)
         self.v = torch.cat([self.v, self.v.new_zeros(self.v.shape[:2] + (new - old, self.v.shape[3]))], dim=2)
+        self.writes = torch.cat([self.writes, torch.zeros(new - old, dtype=torch.int64)])
         self.free(old, new - old, _count=False)
 
     def free(self, row: int, n: int, *, _count: bool = True) -> None:
@@ -129,6 +133,28 @@ class KVStore:
             self._free[i:i + 2] = [(row, n + self._free[i + 1][1])]
         if i > 0 and sum(self._free[i - 1]) == row:
             self._free[i - 1:i + 1] = [(self._free[i - 1][0], self._free[i - 1][1] + self._free[i][1])]
+
+    def mark_written(self, rows: torch.Tensor) -> None:
+        """Count a write of ``rows`` (host int64 indices; every layer's K/V of those rows)."""
+        self.writes[rows] += 1
+
+    def read_guard(self, rows: torch.Tensor):
+        """A gradient hook for the output of an attention that read ``rows`` (host int64) and keeps the store by
+        reference for its backward (the fused kernel): it raises if any of those rows has been written since,
+        e.g. a freed message's rows reused by a later replay before the earlier one's backward. Gradients computed
+        from overwritten keys would otherwise be silently wrong."""
+        snapshot = self.writes[rows].clone()
+
+        def check(grad):
+            changed = (self.writes[rows] != snapshot).nonzero()
+            if len(changed):
+                raise RuntimeError(
+                    f"store rows read by this attention were overwritten before its backward (first: row "
+                    f"{int(rows[changed[0, 0]])}): call backward() before the rows are freed and reused, e.g. once "
+                    f"per replay, or train with attention='torch', which copies what it reads")
+            return grad
+
+        return check
 
     def detach_(self) -> None:
         """Drop any autograd history held by the buffers (after a training step)."""

@@ -142,18 +142,24 @@ class Engine:
         # layer wait for the GPU (its output size must be read back).
         rows_t, src_t = torch.tensor([rows, src], device=dev)
         store, backend, inv_freq = self.store, self.backend, self.model.inv_freq
+        store.mark_written(torch.tensor(rows, dtype=torch.long))
+        grad = self.grad and torch.is_grad_enabled()
+        # The fused kernel's backward reads the store itself, not a copy: guard the rows it read.
+        guard = store.read_guard(plan.read_rows()) if grad and self.attention == "triton" else None
 
         def attend(layer, q, k, v):  # q (B, H, S, D); k, v (B, Hkv, S, D)
             Hkv, D = k.shape[1], k.shape[3]
             store.k[layer][:, rows_t] = k.transpose(0, 1).reshape(Hkv, B * S, D)[:, src_t]  # (Hkv, n_valid, D)
             store.v[layer][:, rows_t] = v.transpose(0, 1).reshape(Hkv, B * S, D)[:, src_t]
-            return backend(plan, q, store.k[layer], store.v[layer], inv_freq, self.scale)
+            out = backend(plan, q, store.k[layer], store.v[layer], inv_freq, self.scale)
+            if guard is not None and out.requires_grad:
+                out.register_hook(guard)
+            return out
 
         if any(j.wants_all_logits for j in jobs):
             index = None
         else:
             index = torch.tensor([[len(j.pending) - 1] for j in jobs], device=dev)
-        grad = self.grad and torch.is_grad_enabled()
         with torch.set_grad_enabled(grad), adapter_scope(self.model, enabled=self.adapter):
             logits = self.model.forward(ids.to(dev), pos.to(dev), attend, logits_index=index)  # (B, K, V)
         self.forward_passes += 1

@@ -71,3 +71,23 @@ def test_memory_report_and_freeing(tiny_gqa):
     ch.free(sys, ans)
     assert ch.memory()["tokens_used"] == 0 and ch.memory()["messages"] == 0
     assert ans.text == ans.text and ans.freed  # text stays readable
+
+
+def test_read_guard_catches_rows_rewritten_before_the_backward(tiny_gqa):
+    """Write counts survive growth; a guard over rows read raises once any of them is written again."""
+    import torch
+
+    store = KVStore(tiny_gqa.spec, capacity=64, initial=8)
+    row = store.alloc(6)
+    store.mark_written(torch.arange(row, row + 6))
+    guard = store.read_guard(torch.tensor([row, row + 2, row + 2]))  # repeats allowed (a segment read twice)
+    grad = torch.ones(3)
+    assert guard(grad) is grad
+    store.alloc(20)  # growth keeps the counts
+    assert store.writes.shape == (store.allocated,) and store.writes[row:row + 6].tolist() == [1] * 6
+    store.mark_written(torch.tensor([row + 1]))  # a row nobody read: fine
+    guard(grad)
+    store.free(row, 6)
+    store.mark_written(torch.tensor([row + 2]))  # freed, reused, rewritten
+    with pytest.raises(RuntimeError, match=f"row {row + 2}"):
+        guard(grad)

@@ -56,6 +56,17 @@ def test_triton_backend_bf16_error_within_torch_backends(tokenizer):
     assert err_kernel <= 2 * err_torch + 1e-2, (err_kernel, err_torch)
 
 
+async def moved_messages(ex):
+    """Two answers at the same positions, then a call that reads them linearised (the second moved after the
+    first) and a call that reads the first moved 40 positions later."""
+    sys = await ex.prefill("Be brief.", role="system")
+    q = await ex.prefill("Name a colour.", role="user", parents=[sys])
+    a, b = await ex.decode([choreo.Call(role="assistant:a", parents=[sys, q], max_tokens=4),
+                            choreo.Call(role="assistant:b", parents=[sys, q], max_tokens=4)])
+    await ex.decode(role="assistant", parents=[sys, q, a, b], offsets=choreo.linearize([sys, q, a, b]), max_tokens=4)
+    await ex.decode(role="assistant", parents=[sys, a], offsets=[None, 40], max_tokens=3)
+
+
 def test_triton_backend_trains_like_torch_backend(tokenizer):
     """Fine-tuning through the kernel's backward: the replay loss of a trace (gradients through the cache into
     earlier messages' encodings) and every LoRA gradient equal the torch backend's (fp32)."""
@@ -67,6 +78,10 @@ def test_triton_backend_trains_like_torch_backend(tokenizer):
 
     model = build_tiny(tokenizer, "llama-gqa", dtype=torch.float32, device=DEVICE)
     events = collect(model, ["cats"])[0]
+    runner = choreo.Runner(choreo.Baseline(model), progress=False, trace=True)
+    with torch.no_grad():  # a trace with moved messages: gradients through the kernel's re-rotation too
+        runner.run([moved_messages])
+    traces = [events, runner.traces[0]]
     add_adapter(model, rank=4, alpha=8, dropout=0.0, seed=1)
     with torch.no_grad():
         for name, p in model.hf_model.named_parameters():
@@ -79,10 +94,20 @@ def test_triton_backend_trains_like_torch_backend(tokenizer):
             ch.engine.grad = True
             for p in trainable_parameters(model):
                 p.grad = None
-            loss = replay_loss(ch, events).loss
-            loss.backward()
+            loss = 0.0
+            for trace in traces:  # one backward per replay, as training does
+                out_loss = replay_loss(ch, trace).loss
+                out_loss.backward()
+                loss = loss + out_loss.detach()
             out[backend] = loss.detach(), torch.cat([p.grad.flatten() for p in trainable_parameters(model)])
         torch.testing.assert_close(out["triton"][0], out["torch"][0], rtol=1e-5, atol=1e-6)
+        # Two replays before one backward: the second reuses the rows the first freed, which the kernel's
+        # backward would read; the engine's guard refuses rather than return wrong gradients.
+        ch = choreo.Choreographer(model, attention="triton")
+        ch.engine.grad = True
+        loss = replay_loss(ch, traces[0]).loss + replay_loss(ch, traces[1]).loss
+        with pytest.raises(RuntimeError, match="overwritten before its backward"):
+            loss.backward()
         grads_t, grads_k = out["torch"][1], out["triton"][1]
         assert grads_t.abs().sum() > 0
         torch.testing.assert_close(grads_k, grads_t, rtol=1e-3, atol=1e-5 * grads_t.abs().max().item())

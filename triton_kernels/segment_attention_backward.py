@@ -18,7 +18,9 @@ where K' are the keys as the call sees them. A segment moved by delta is seen as
 
 Contract: between the forward and the backward the caller leaves the store rows the calls read unchanged (the
 store tensors themselves may be written elsewhere, as the engine writes later tokens' rows); the store is
-held by reference, not copied, and not checked by autograd's version counter.
+held by reference, not copied, and not checked by autograd's version counter. The engine checks it: its
+store counts row writes, and a gradient hook raises if rows a pass read were rewritten before that pass's
+backward (``KVStore.read_guard``; e.g. two replays summed into one loss, the second reusing freed rows).
 
 Supported as the forward is, except split-K (the backward does not split) and the nested loop (``flat=False``
 launches get a tile table built here). Tiles: ``backward_configs``; chosen to compile without register spills
