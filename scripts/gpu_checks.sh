@@ -3,8 +3,8 @@
 # does not stop the next):
 #   1. the kernel's tests (forward and backward) and the engine's triton-backend tests on CUDA (bigger shapes
 #      than the CPU runs);
-#   2. the kernel benchmarks, forward and forward + backward (pytest-benchmark JSON, with the device name in
-#      every record);
+#   2. the kernel benchmarks, forward and forward + backward, and one fine-tuning step with each backend
+#      (pytest-benchmark JSON, with the device name in every record);
 #   3. `choreo bench` on CUDA: the performance table with the triton and torch backends.
 # Usage: bash scripts/gpu_checks.sh OUT_DIR [MODEL_DIR]
 #   MODEL_DIR: a checkpoint directory (default: the embedded model). Set CHOREO_RANDOM_WEIGHTS=1 when it holds
@@ -39,7 +39,8 @@ for stage in $stages; do
     1) timeout ${CHOREO_TEST_TIMEOUT:-240} $py -m pytest tests/kernels/test_segment_attention.py \
          tests/kernels/test_segment_attention_backward.py tests/test_triton_backend.py -q \
          -p no:cacheprovider "${xdist[@]}" --junitxml="$out/tests.xml" 2>&1 | tee "$out/tests.log" | tail -25 ;;
-    2) timeout ${CHOREO_BENCH_TIMEOUT:-300} $py -m pytest tests/kernels/bench_segment_attention.py -q -p no:cacheprovider -m gpu \
+    2) timeout ${CHOREO_BENCH_TIMEOUT:-420} $py -m pytest tests/kernels/bench_segment_attention.py \
+         tests/kernels/bench_finetune_step.py -q -p no:cacheprovider -m gpu \
          --benchmark-json="$out/kernel_bench.json" --benchmark-group-by=group \
          --benchmark-columns=median,iqr,rounds 2>&1 | tee "$out/kernel_bench.log" | tail -60 ;;
     3) args=(--profile small --device cuda --results-dir "$out/results")

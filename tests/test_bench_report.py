@@ -24,10 +24,14 @@ def _bench():
     train = lambda impl, s: _record(f"test_segment_attention_training_speed[w-{impl}]", "w training",  # noqa: E731
                                     impl=impl, seconds_per_call=s, tflops=1 / s, peak_extra_mem_mib=s * 1e4,
                                     attended_pairs=100)
+    step = lambda attention, s: _record(f"test_finetune_step_speed[{attention}]", "finetune step",  # noqa: E731
+                                        attention=attention, seconds_per_step=s, traces=8, model="m",
+                                        peak_mem_mib=100.0, first_loss=7.5)
     return {"datetime": "2026-11-26T05:11:17", "machine_info": {"python_version": "3.12.3"},
             "benchmarks": [speed("triton", 2e-3, 100.0), speed("sdpa_causal", 1e-3, 200.0),
                            speed("flex", 4e-3, 50.0), tile(3e-3, 128, 1), tile(1.5e-3, 64, 2),
-                           train("triton", 4e-3), train("sdpa_dense", 1e-2), train("sdpa_causal", 3e-3)]}
+                           train("triton", 4e-3), train("sdpa_dense", 1e-2), train("sdpa_causal", 3e-3),
+                           step("torch", 2.0), step("triton", 1.6)]}
 
 
 def test_summary_picks_the_fastest_sweep_config():
@@ -53,6 +57,7 @@ def test_report_writes_table_plot_raw_json_and_provenance(tmp_path):
     assert (tmp_path / "out" / "segment_attention_raw.json").read_text() == src.read_text()
     training = (tmp_path / "out" / "segment_attention_training.md").read_text()
     assert "forward + backward" in training and "NVIDIA H200" in training
+    assert "torch backend 2.000 s, kernel 1.600 s (1.25x)" in training
 
 
 def test_cli_names_a_missing_file(tmp_path, capsys):

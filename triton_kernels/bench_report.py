@@ -51,6 +51,11 @@ def summarize(bench: dict) -> dict:
             w = out.setdefault(b["group"].removesuffix(" training"), {"impls": {}, "sweep": []})
             w.setdefault("training", {})[e["impl"]] = {"seconds": e["seconds_per_call"], "tflops": e["tflops"],
                                                       "extra_mem_mib": e["peak_extra_mem_mib"]}
+        elif b["name"].startswith("test_finetune_step_speed"):
+            w = out.setdefault("finetune step", {"impls": {}, "sweep": []})
+            w.setdefault("finetune", {})[e["attention"]] = {
+                "seconds": e["seconds_per_step"], "traces": e["traces"], "model": e["model"],
+                "peak_mem_mib": e["peak_mem_mib"], "first_loss": e["first_loss"]}
         elif b["name"].startswith("test_segment_attention_tiles"):
             w = out.setdefault(b["group"].removesuffix(" tiles"), {"impls": {}, "sweep": []})
             w["sweep"].append({"config": _config_label(e), "seconds": e["seconds_per_call"], "tflops": e["tflops"]})
@@ -173,6 +178,14 @@ def write_report(bench_json: Path, out: Path, *, commit: str | None, command: st
                 rows=table_rows(summary), data=summary, provenance=provenance, notes=notes + list(extra_notes))
     plot(out / f"{name}.png", summary, device)
     training = training_rows(summary)
+    step = summary.get("finetune step", {}).get("finetune", {})
+    if {"torch", "triton"} <= set(step):
+        t, k = step["torch"], step["triton"]
+        extra_notes = list(extra_notes) + [
+            f"One LoRA optimizer step of blockage fine-tuning ({k['traces']} traces, {k['model']}, "
+            f"tests/kernels/bench_finetune_step.py): torch backend {t['seconds']:.3f} s, kernel {k['seconds']:.3f} s "
+            f"({t['seconds'] / k['seconds']:.2f}x); peak memory {t['peak_mem_mib']:,.0f} / {k['peak_mem_mib']:,.0f} "
+            f"MiB; first-step loss {t['first_loss']:.4f} / {k['first_loss']:.4f}."]
     if training:
         write_table(out, f"{name}_training", title=f"Segment attention forward + backward vs PyTorch ({device})",
                     columns=TRAINING_COLUMNS, rows=training,
