@@ -24,9 +24,12 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def check_against_reference(case: Case):
+HOPPER = not CUDA or torch.cuda.get_device_capability()[0] >= 9  # tensor descriptors (TMA): Hopper, or the interpreter
+
+
+def check_against_reference(case: Case, **kwargs):
     args = case.tensors()
-    out = segment_attention(*args)
+    out = segment_attention(*args, **kwargs)
     q, k, v, *rest = args
     ref = segment_attention_ref(q.double(), k.double(), v.double(), *rest)  # fp64, not rounded to the dtype
     pt = segment_attention_ref(*args, upcast=False)  # PyTorch at the input dtype
@@ -47,7 +50,12 @@ def check_against_reference(case: Case):
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_matches_fp64_reference(dtype, D, data):
-    check_against_reference(data.draw(cases(dtype, D), label="case"))
+    case = data.draw(cases(dtype, D), label="case")
+    if HOPPER and data.draw(st.booleans(), label="tma"):  # the default tiles, K/V through tensor descriptors
+        cfg = launch_config(case.S * case.H // case.Hkv, case.D, case.dtype, interpreter_active())
+        check_against_reference(case, config=dataclasses.replace(cfg, tma=True))
+    else:
+        check_against_reference(case)
 
 
 @pytest.mark.parametrize("case", AWKWARD.values(), ids=AWKWARD.keys())
@@ -79,7 +87,6 @@ def test_strided_inputs():
     assert torch.equal(segment_attention(q_t, big_k[:, 8:], v, *rest), segment_attention(q, k, v, *rest))
 
 
-HOPPER = not CUDA or torch.cuda.get_device_capability()[0] >= 9  # tensor descriptors (TMA): Hopper, or the interpreter
 CONFIGS = [LaunchConfig(block_m=16, block_n=32, num_warps=2, num_stages=1),
            LaunchConfig(block_m=32, block_n=16, num_warps=4, num_stages=2),
            LaunchConfig(block_m=16, block_n=16, num_warps=1, num_stages=1, flat=False)]
