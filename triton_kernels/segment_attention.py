@@ -85,7 +85,8 @@ def _load_q_rotated(q_ptrs, q_swap_ptrs, row_ok, rot_sign, inv_freq, delta):
     # The query is loaded twice, once with its two halves of D swapped, so that
     # rotate_half(q) = cat(-q2, q1) = rot_sign * q_swap needs no in-register shuffle.
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)  # (BLOCK_M, D)
-    q_swap = tl.load(q_swap_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    # An unmoved tile (delta 0, the common case) needs no swapped copy: the predicated-off load reads no memory.
+    q_swap = tl.load(q_swap_ptrs, mask=row_ok[:, None] & (delta != 0), other=0.0).to(tl.float32)
     angle = -delta.to(tl.float32) * inv_freq  # (D,), each frequency repeated for both halves
     return q * tl.cos(angle)[None, :] + rot_sign[None, :] * q_swap * tl.sin(angle)[None, :]
 
