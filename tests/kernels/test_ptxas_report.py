@@ -27,15 +27,28 @@ MAX_SPILL = 64
 
 
 @pytest.fixture(scope="module")
-def default_stats():
+def report_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("registers")
+
+
+@pytest.fixture(scope="module")
+def default_stats(report_dir):
     if not PTXAS.is_file():
         pytest.skip(f"no ptxas in the Triton wheel ({PTXAS})")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile for a GPU, not interpret
     run = subprocess.run([sys.executable, "-m", "triton_kernels.ptxas_report", "--json", "--dtype", "bf16", "fp32",
-                          "--head-dim", "64", "128"], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=900)
+                          "--head-dim", "64", "128", "--out", str(report_dir)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
-    return [json.loads(line) for line in run.stdout.splitlines()]
+    return [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+
+
+def test_report_table_carries_provenance(default_stats, report_dir):
+    data = json.loads((report_dir / "registers.json").read_text())
+    assert len(data["rows"]) == len(default_stats)
+    assert "sm_90" in data["provenance"]["device"] and data["provenance"]["versions"]["triton"] == triton.__version__
+    assert "ptxas_report" in data["provenance"]["command"]
+    assert "spilled bytes" in (report_dir / "registers.md").read_text()
 
 
 def test_default_tiles_do_not_spill(default_stats):
