@@ -36,7 +36,7 @@ $py -c "import xdist" 2>/dev/null && xdist=(-p xdist -n 8)
 for stage in $stages; do
   start=$SECONDS
   case $stage in
-    1) timeout ${CHOREO_TEST_TIMEOUT:-240} $py -m pytest tests/kernels/test_segment_attention.py \
+    1) timeout ${CHOREO_TEST_TIMEOUT:-420} $py -m pytest tests/kernels/test_segment_attention.py \
          tests/kernels/test_segment_attention_backward.py tests/test_triton_backend.py -q \
          -p no:cacheprovider "${xdist[@]}" --junitxml="$out/tests.xml" 2>&1 | tee "$out/tests.log" | tail -25 ;;
     2) timeout ${CHOREO_BENCH_TIMEOUT:-420} $py -m pytest tests/kernels/bench_segment_attention.py \
