@@ -65,6 +65,25 @@ def _grad_scores(q, k, v, do, lse, di, ok, qk_scale, DTYPE: tl.constexpr,
 
 
 @triton.jit
+def _query_block(DO, LSE, DI, start_m, off_b, off_hkv, n_new, H, S, stride_qb, stride_qh, stride_qs, stride_qd,
+                 offs_d, GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
+    # Packed query rows start_m .. start_m + BLOCK_M - 1 of call off_b and KV head off_hkv, as in the forward
+    # (row r: token r // GROUP, query head off_hkv * GROUP + r % GROUP). Returns each row's token and validity,
+    # its offsets into Q / DO / DQ (BLOCK_M, 1), and its dO (BLOCK_M, D), log2-sum-exp2 and rowsum(dO * O)
+    # (BLOCK_M,; +inf and 0 on invalid rows). LSE and DI are (B, H, S) contiguous.
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    tok = offs_m // GROUP
+    head = off_hkv * GROUP + offs_m % GROUP
+    row_ok = tok < n_new
+    rows = off_b.to(tl.int64) * stride_qb + head[:, None].to(tl.int64) * stride_qh + tok[:, None] * stride_qs
+    do = tl.load(DO + rows + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
+    stat = (off_b * H + head).to(tl.int64) * S + tok
+    lse = tl.load(LSE + stat, mask=row_ok, other=float("inf"))
+    di = tl.load(DI + stat, mask=row_ok, other=0.0)
+    return tok, row_ok, rows, do, lse, di
+
+
+@triton.jit
 def _attn_bwd_dq(Q, K, V, DO, LSE, DI, DQ,  #
                  TILES, N_TILES, OWN_START, OWN_PAST, NEW_LEN, INV_FREQ, qk_scale, sm_scale,  #
                  stride_qb, stride_qh, stride_qs, stride_qd,  #
@@ -81,22 +100,14 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DI, DQ,  #
     HALF: tl.constexpr = HEAD_DIM // 2
     DTYPE = Q.dtype.element_ty
 
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    tok = offs_m // GROUP  # packed rows, as in the forward
-    head = off_hkv * GROUP + offs_m % GROUP
     n_new = tl.minimum(tl.load(NEW_LEN + off_b), S)
-    row_ok = tok < n_new
     alive = (start_m * BLOCK_M) // GROUP < n_new
     tok_hi = tl.minimum((start_m * BLOCK_M + BLOCK_M - 1) // GROUP, n_new - 1)
-
-    rows = off_b.to(tl.int64) * stride_qb + head[:, None].to(tl.int64) * stride_qh + tok[:, None] * stride_qs
+    tok, row_ok, rows, do, lse, di = _query_block(DO, LSE, DI, start_m * BLOCK_M, off_b, off_hkv, n_new, H, S,
+                                                  stride_qb, stride_qh, stride_qs, stride_qd, offs_d, GROUP, BLOCK_M)
     q = tl.load(Q + rows + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + rows + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
-    stat = (off_b * H + head).to(tl.int64) * S + tok
-    lse = tl.load(LSE + stat, mask=row_ok, other=float("inf"))
-    di = tl.load(DI + stat, mask=row_ok, other=0.0)
     rot_sign = tl.where(offs_d < HALF, -1.0, 1.0)
     inv_freq = tl.load(INV_FREQ + offs_d % HALF)
     K_HEAD = K + off_hkv.to(tl.int64) * stride_kh
@@ -188,18 +199,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DI, DK, DV,  #
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
 
     for start_m in range(m_lo, m_hi, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        tok = offs_m // GROUP
-        head = off_hkv * GROUP + offs_m % GROUP
-        row_ok = tok < n_new
-        rows = off_b.to(tl.int64) * stride_qb + head[:, None].to(tl.int64) * stride_qh + tok[:, None] * stride_qs
+        tok, row_ok, rows, do, lse, di = _query_block(DO, LSE, DI, start_m, off_b, off_hkv, n_new, H, S, stride_qb,
+                                                      stride_qh, stride_qs, stride_qd, offs_d, GROUP, BLOCK_M)
         q = _load_q_rotated(Q + rows + offs_d[None, :] * stride_qd, Q + rows + ((offs_d + HALF) % HEAD_DIM)[None, :]
                             * stride_qd, row_ok, rot_sign, inv_freq, delta)  # R(-delta) q, fp32
         q = _to(q, DTYPE, FIX_BF16)
-        do = tl.load(DO + rows + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
-        stat = (off_b * H + head).to(tl.int64) * S + tok
-        lse = tl.load(LSE + stat, mask=row_ok, other=float("inf"))
-        di = tl.load(DI + stat, mask=row_ok, other=0.0)
         ok = row_ok[:, None] & col_ok[None, :] & (is_seg | ((j0 + offs_n)[None, :] <= (own_past + tok)[:, None]))
         p, ds = _grad_scores(q, k, v, do, lse, di, ok, qk_scale, DTYPE, DOT_FP32, INPUT_PRECISION, FIX_BF16)
         dv = _mma(tl.trans(p), do, dv, DOT_FP32, INPUT_PRECISION)
