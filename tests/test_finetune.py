@@ -57,14 +57,33 @@ def traces(tiny):
     return collect(tiny, ["cats", "rain", "tea", "maps", "jazz", "salt", "bees", "wind"])
 
 
-@pytest.fixture
-def adapted(tiny):
-    """The tiny model with a LoRA adapter whose B matrices are non-zero (so every LoRA weight gets gradient)."""
-    add_adapter(tiny, rank=4, alpha=8, dropout=0.0, seed=1)
+def add_test_adapter(model) -> None:
+    """A LoRA adapter whose B matrices are non-zero (so every LoRA weight gets gradient)."""
+    add_adapter(model, rank=4, alpha=8, dropout=0.0, seed=1)
     with torch.no_grad():
-        for name, p in tiny.hf_model.named_parameters():
+        for name, p in model.hf_model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
+
+
+def lora_gradients(model, attention: str, traces) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replay ``traces`` through a fresh choreographed executor with ``attention``, one backward per replay (as
+    training does); returns the summed loss and every LoRA gradient, flattened."""
+    ch = choreo.Choreographer(model, attention=attention)
+    ch.engine.grad = True
+    for p in trainable_parameters(model):
+        p.grad = None
+    total = torch.zeros(())
+    for events in traces:
+        loss = replay_loss(ch, events).loss
+        loss.backward()
+        total = total + loss.detach().cpu()
+    return total, torch.cat([p.grad.flatten() for p in trainable_parameters(model)])
+
+
+@pytest.fixture
+def adapted(tiny):
+    add_test_adapter(tiny)
     yield tiny
     unload_adapter(tiny)
 
@@ -164,14 +183,7 @@ def test_gradients_reach_every_lora_layer_and_flow_through_the_cache(adapted, tr
 
 def test_sdpa_bool_mask_backward_on_cpu(adapted, traces):
     """The torch backend's CPU backward equals the fp64 dense reference's."""
-    out = {}
-    for backend in ("torch", "reference"):
-        ch = choreo.Choreographer(adapted, attention=backend)
-        ch.engine.grad = True
-        for p in trainable_parameters(adapted):
-            p.grad = None
-        replay_loss(ch, traces[2]).loss.backward()
-        out[backend] = torch.cat([p.grad.flatten() for p in trainable_parameters(adapted)])
+    out = {backend: lora_gradients(adapted, backend, [traces[2]])[1] for backend in ("torch", "reference")}
     torch.testing.assert_close(out["torch"], out["reference"], rtol=1e-7, atol=1e-9)
 
 

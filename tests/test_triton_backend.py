@@ -73,8 +73,8 @@ def test_triton_backend_trains_like_torch_backend(tokenizer):
     if not triton_kernels.is_available(DEVICE):
         pytest.skip("Triton interpreter not active (TRITON_INTERPRET must be set before triton is imported)")
     from choreo.finetune import replay_loss
-    from choreo.lora import add_adapter, trainable_parameters, unload_adapter
-    from tests.test_finetune import collect
+    from choreo.lora import unload_adapter
+    from tests.test_finetune import add_test_adapter, collect, lora_gradients
 
     model = build_tiny(tokenizer, "llama-gqa", dtype=torch.float32, device=DEVICE)
     events = collect(model, ["cats"])[0]
@@ -82,24 +82,9 @@ def test_triton_backend_trains_like_torch_backend(tokenizer):
     with torch.no_grad():  # a trace with moved messages: gradients through the kernel's re-rotation too
         runner.run([moved_messages])
     traces = [events, runner.traces[0]]
-    add_adapter(model, rank=4, alpha=8, dropout=0.0, seed=1)
-    with torch.no_grad():
-        for name, p in model.hf_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
+    add_test_adapter(model)
     try:
-        out = {}
-        for backend in ("torch", "triton"):
-            ch = choreo.Choreographer(model, attention=backend)
-            ch.engine.grad = True
-            for p in trainable_parameters(model):
-                p.grad = None
-            loss = 0.0
-            for trace in traces:  # one backward per replay, as training does
-                out_loss = replay_loss(ch, trace).loss
-                out_loss.backward()
-                loss = loss + out_loss.detach()
-            out[backend] = loss.detach(), torch.cat([p.grad.flatten() for p in trainable_parameters(model)])
+        out = {backend: lora_gradients(model, backend, traces) for backend in ("torch", "triton")}
         torch.testing.assert_close(out["triton"][0], out["torch"][0], rtol=1e-5, atol=1e-6)
         # Two replays before one backward: the second reuses the rows the first freed, which the kernel's
         # backward would read; the engine's guard refuses rather than return wrong gradients.
