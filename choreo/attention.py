@@ -85,21 +85,11 @@ class AttentionPlan:
             self._index[device] = self._build_index(device)
         return self._index[device]
 
-    def segment_table(self, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """``segment_attention``'s int32 table on ``device``: seg_start, seg_len, seg_delta (B, G) and own_start,
-        own_past, new_len (B,); G = the most segments of any call, shorter rows padded with empty segments.
-        Built once per step, shared by all layers."""
-        device = torch.device(device)
-        key = ("table", device)
-        if key not in self._index:
-            table, own = self._host_table()
-            flat = torch.cat([table.flatten(), own.flatten()]).to(device)  # one copy
-            self._index[key] = (*flat[:table.numel()].view(table.shape), *flat[table.numel():].view(own.shape))
-        return self._index[key]
-
     def kernel_tables(self, device: torch.device, block_n: int):
-        """The segment table (``segment_table``'s six tensors) and its ``triton_kernels.tile_table`` for tiles of
-        ``block_n``, built on the host and copied to ``device`` together: one copy per step and tile size."""
+        """``segment_attention``'s int32 tables on ``device``: seg_start, seg_len, seg_delta (B, G) (G = the most
+        segments of any call, shorter rows padded with empty segments), own_start, own_past, new_len (B,), and their
+        ``triton_kernels.tile_table`` for tiles of ``block_n``. Built on the host and copied to ``device``
+        together: one copy per step and tile size, shared by all layers."""
         from triton_kernels import TileTable, tile_table
 
         device = torch.device(device)

@@ -140,9 +140,10 @@ class Engine:
         )
         # One host-to-device copy per pass; integer indices, not a boolean mask: boolean indexing makes every
         # layer wait for the GPU (its output size must be read back).
-        rows_t, src_t = torch.tensor([rows, src], device=dev)
+        index = torch.tensor([rows, src])  # (2, n_valid) on the host
+        rows_t, src_t = index.to(dev)
         store, backend, inv_freq = self.store, self.backend, self.model.inv_freq
-        store.mark_written(torch.tensor(rows, dtype=torch.long))
+        store.mark_written(index[0])
         grad = self.grad and torch.is_grad_enabled()
         # The fused kernel's backward reads the store itself, not a copy: guard the rows it read.
         guard = store.read_guard(plan.read_rows()) if grad and self.attention == "triton" else None
