@@ -41,16 +41,23 @@ def device_name(device: str | torch.device = "cpu") -> str:
     return f"{model} ({torch.get_num_threads()} threads)"
 
 
-def git_commit() -> str | None:
-    """HEAD of the source tree, or $CHOREO_GIT_COMMIT where the tree is a copy without its .git."""
+def git_commit(root: Path | None = None) -> str | None:
+    """HEAD of the source tree (``root``, default this package's checkout), with "+dirty" if tracked files outside
+    ``results/`` differ from it (the result came from uncommitted code), or $CHOREO_GIT_COMMIT where the tree is
+    a copy without its .git."""
     import os
 
     if os.environ.get("CHOREO_GIT_COMMIT"):
         return os.environ["CHOREO_GIT_COMMIT"]
     try:
-        root = Path(__file__).resolve().parent.parent
+        root = root or Path(__file__).resolve().parent.parent
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None
+        head = out.stdout.strip()
+        if not head:
+            return None
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                 ":(exclude)results"], capture_output=True, text=True, timeout=10)
+        return head + "+dirty" if status.returncode == 0 and status.stdout.strip() else head
     except (OSError, subprocess.SubprocessError):
         return None
 
