@@ -32,6 +32,8 @@ def _config_label(extra: dict) -> str:
     c = extra["config"]
     loop = ("flat + TMA" if c.get("tma") else "flat") if c.get("flat", True) else "nested"
     tiles = f"m{c['block_m']} n{c['block_n']} w{c['num_warps']} s{c['num_stages']}"
+    if c.get("flat_stages"):  # records from before flat_stages existed ran the flat loop at num_stages
+        tiles += f" flat-s{c['flat_stages']}"
     return f"{tiles} {loop}, {extra['num_splits']} split(s)"
 
 

@@ -33,12 +33,15 @@ import torch
 __all__ = ["KernelStats", "compile_stats", "default_stats"]
 
 KERNELS = ("fwd", "dq", "dkdv")
+FLAT_KERNELS = ("fwd", "dq")  # those with a loop over the tile table (``LaunchConfig.flat_stages``)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class KernelStats:
-    """One compiled kernel: ``registers`` per thread, ``spill_bytes`` (local-memory stores), ``shared_bytes``."""
+    """One compiled kernel: ``registers`` per thread, ``spill_bytes`` (local-memory stores), ``shared_bytes``, and
+    ``loop_buffers``: the shared-memory buffers of each tile its first loop loads (forward: the segments' K/V
+    tiles; dq: K/V; dkdv: the query blocks); 1 = not pipelined, b = tiles loaded b - 1 iterations ahead."""
 
     kernel: str
     dtype: str
@@ -48,9 +51,11 @@ class KernelStats:
     num_warps: int
     num_stages: int
     tma: bool
+    flat_stages: int | None
     registers: int
     spill_bytes: int
     shared_bytes: int
+    loop_buffers: int
     arch: int
 
 
@@ -82,9 +87,10 @@ DATA_POINTERS = ("Q", "K", "V", "DO", "DQ", "OUT", "K_DESC", "V_DESC")
 
 
 def compile_stats(kernel: str, dtype: str, head_dim: int, *, block_m: int, block_n: int, num_warps: int,
-                  num_stages: int, tma: bool = False, group: int = 4, arch: int = 90) -> KernelStats:
-    """Compile one kernel for ``sm_<arch>`` and read its resource use from ``ptxas -v`` (``tma``: the forward's
-    tensor-descriptor loads)."""
+                  num_stages: int, tma: bool = False, flat_stages: int | None = None, group: int = 4,
+                  arch: int = 90) -> KernelStats:
+    """Compile one kernel for ``sm_<arch>`` and read its resource use from ``ptxas -v`` and its pipelining from
+    the Triton GPU IR (``tma`` and ``flat_stages``: the forward's ``LaunchConfig`` options)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
@@ -95,6 +101,11 @@ def compile_stats(kernel: str, dtype: str, head_dim: int, *, block_m: int, block
     dot_fp32 = dtype == "fp32"
     constexprs = {"GROUP": group, "HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n,
                   "DOT_FP32": dot_fp32, "INPUT_PRECISION": "ieee" if dot_fp32 else "tf32", "FIX_BF16": False}
+    if kernel in FLAT_KERNELS:
+        from .segment_attention import LaunchConfig
+
+        constexprs["FLAT_STAGES"] = LaunchConfig(block_m=block_m, block_n=block_n, num_warps=num_warps,
+                                                 num_stages=num_stages, flat_stages=flat_stages).flat_loop_stages
     if kernel == "fwd":
         constexprs |= {"FLAT": True, "SPLIT": False, "STORE_LSE": True, "TMA": tma}
     ints = values(head_dim)
@@ -119,9 +130,25 @@ def compile_stats(kernel: str, dtype: str, head_dim: int, *, block_m: int, block
     compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs), target=target,
                               options={"num_warps": num_warps, "num_stages": num_stages})
     registers, spills = _ptxas_verbose(compiled.asm["ptx"], arch)
+    tile = block_m if kernel == "dkdv" else block_n
     return KernelStats(kernel=kernel, dtype=dtype, head_dim=head_dim, block_m=block_m, block_n=block_n,
-                       num_warps=num_warps, num_stages=num_stages, tma=tma, registers=registers, spill_bytes=spills,
-                       shared_bytes=compiled.metadata.shared, arch=arch)
+                       num_warps=num_warps, num_stages=num_stages, tma=tma, flat_stages=flat_stages,
+                       registers=registers, spill_bytes=spills, shared_bytes=compiled.metadata.shared,
+                       loop_buffers=loop_buffers(compiled.asm["ttgir"], tile, head_dim), arch=arch)
+
+
+def loop_buffers(ttgir: str, tile: int, head_dim: int) -> int:
+    """Shared-memory buffers per tile of the first loop in a kernel's Triton GPU IR: the pipeliner allocates a ring
+    of b buffers, ``local_alloc : () -> memdesc<b x R x C>``, before the loop it pipelines, for each load it keeps
+    b - 1 iterations ahead (R x C: the tile, (tile, head_dim) in either order). The least over that loop's tiles;
+    1 where it allocates none (loads wait in the iteration that uses them)."""
+    head, found, _ = ttgir.partition("scf.for")
+    if not found:
+        raise ValueError("the kernel's IR has no loop (scf.for)")
+    rings = re.findall(r"local_alloc : \(\) -> !ttg\.memdesc<(\d+)x(\d+)x(\d+)x", head)
+    shapes = {(tile, head_dim), (head_dim, tile)}
+    counts = [int(b) for b, r, c in rings if (int(r), int(c)) in shapes]
+    return min(counts, default=1)
 
 
 def _ptxas_verbose(ptx: str, arch: int) -> tuple[int, int]:
@@ -155,19 +182,30 @@ def default_configs(dtype: str, head_dim: int) -> dict[str, "object"]:
     return out
 
 
-def default_stats(dtypes: Sequence[str] = ("bf16",), head_dims: Sequence[int] = (64, 128), arch: int = 90):
-    """``KernelStats`` of every default tile configuration (prefill and decode, forward and backward)."""
+def default_stats(dtypes: Sequence[str] = ("bf16",), head_dims: Sequence[int] = (64, 128), arch: int = 90,
+                  flat_stages: Sequence[int | None] = (None,)):
+    """``KernelStats`` of every default tile configuration (prefill and decode, forward and backward); those of
+    the kernels with a flat tile loop (forward, dq) once per ``flat_stages`` (None: the default)."""
     stats = []
     for dtype, head_dim in itertools.product(dtypes, head_dims):
-        for label, cfg in default_configs(dtype, head_dim).items():
-            stats.append((label, compile_stats(label.split()[0], dtype, head_dim, block_m=cfg.block_m,
-                                               block_n=cfg.block_n, num_warps=cfg.num_warps,
-                                               num_stages=cfg.num_stages, tma=cfg.tma, arch=arch)))
+        for label, default in default_configs(dtype, head_dim).items():
+            for cfg in ([dataclasses.replace(default, flat_stages=f) if f else default for f in flat_stages]
+                        if label.split()[0] in FLAT_KERNELS else [default]):
+                stats.append((label, compile_stats(label.split()[0], dtype, head_dim, block_m=cfg.block_m,
+                                                   block_n=cfg.block_n, num_warps=cfg.num_warps,
+                                                   num_stages=cfg.num_stages, tma=cfg.tma,
+                                                   flat_stages=cfg.flat_stages, arch=arch)))
     return stats
 
 
 COLUMNS = ["kernel", "dtype", "D", "tiles (block_m, block_n, warps, stages)", "registers / thread", "spilled bytes",
-           "shared memory"]
+           "shared memory", "first loop's buffers per tile"]
+
+
+def tiles_label(st: KernelStats) -> str:
+    """'m64 n64 w4 s3', with ' flat-s5' for a flat loop's own stages and ' TMA'."""
+    return (f"m{st.block_m} n{st.block_n} w{st.num_warps} s{st.num_stages}"
+            + (f" flat-s{st.flat_stages}" if st.flat_stages else "") + (" TMA" if st.tma else ""))
 
 
 def write_report(rows, out: Path, *, command: str) -> Path:
@@ -179,16 +217,24 @@ def write_report(rows, out: Path, *, command: str) -> Path:
 
     arch = {st.arch for _, st in rows}
     table = [[label, st.dtype, st.head_dim,
-              f"m{st.block_m} n{st.block_n} w{st.num_warps} s{st.num_stages}" + (" TMA" if st.tma else ""),
-              st.registers, st.spill_bytes, f"{st.shared_bytes / 1024:.0f} KiB"] for label, st in rows]
+              tiles_label(st), st.registers, st.spill_bytes, f"{st.shared_bytes / 1024:.0f} KiB", st.loop_buffers]
+             for label, st in rows]
     prov = provenance(command=command, device=f"none: compiled for sm_{'/'.join(map(str, sorted(arch)))} by Triton "
                                              f"{triton.__version__} and its ptxas")
     notes = ["Compiled ahead of time with arguments specialised as the JIT specialises the engine's layout (16-byte "
              "aligned pointers, unit strides as constants, multiples of 16 marked); registers and spills from "
              "`ptxas -v`. A GPU has 255 registers per thread at most; spilled bytes go to local memory in the "
              "inner loop. 'prefill': 1024 packed query rows (S x H / Hkv), 'decode': 4.",
+             "Buffers per tile, from the Triton GPU IR: the ring of shared-memory buffers the software pipeliner "
+             "gives each tile the kernel's first loop loads (forward and dq: the segments' K/V tiles; dkdv: the "
+             "query blocks); b buffers load tiles b - 1 iterations ahead, 1 means the loop waits for every load. "
+             "The flat loops of the forward and dq kernels address K/V through a tile-table load, which takes part "
+             "of their stages (LaunchConfig.flat_stages): the forward's gets 2 x stages - 1, so that its buffers "
+             "match its own-token loops', and dq's 2 x stages + 1, the fewest that pipeline it. 'flat-sN': a loop "
+             "compiled with N stages.",
              "tests/kernels/test_ptxas_report.py fails if a default tile spills more than 64 bytes."]
-    return write_table(out, "registers", title="Segment-attention kernels: registers, spills and shared memory",
+    title = "Segment-attention kernels: registers, spills, shared memory and pipelining"
+    return write_table(out, "registers", title=title,
                        columns=COLUMNS, rows=table, data={"kernels": [dict(label=label, **dataclasses.asdict(st))
                                                                       for label, st in rows]},
                        provenance=prov, notes=notes)
@@ -201,19 +247,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (80: A100, 90: H100/H200)")
     parser.add_argument("--sweep", choices=KERNELS, default=None,
                         help="every block_m x block_n x warps x stages of one kernel instead of the defaults")
+    parser.add_argument("--flat-stages", nargs="+", type=int, default=None,
+                        help="compile the forward and dq kernels with each of these LaunchConfig.flat_stages "
+                             "(default: their own)")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     parser.add_argument("--out", type=Path, default=None,
                         help="also write <out>/registers.{md,json} (the table, with provenance)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET"):
         parser.error("TRITON_INTERPRET is set: interpreted kernels cannot be compiled for a GPU")
+    flat_stages = args.flat_stages or [None]
+    if args.flat_stages and min(args.flat_stages) < 1:
+        parser.error(f"--flat-stages must be >= 1, got {args.flat_stages}")
     if args.sweep:
         rows = [(args.sweep, compile_stats(args.sweep, d, h, block_m=m, block_n=n, num_warps=w, num_stages=s,
-                                           arch=args.arch))
+                                           flat_stages=f, arch=args.arch))
                 for d, h in itertools.product(args.dtype, args.head_dim)
-                for m, n, w, s in itertools.product((16, 32, 64, 128), (32, 64, 128), (4, 8), (1, 2, 3))]
+                for m, n, w, s in itertools.product((16, 32, 64, 128), (32, 64, 128), (4, 8), (1, 2, 3))
+                for f in (flat_stages if args.sweep in FLAT_KERNELS else [None])]
     else:
-        rows = default_stats(args.dtype, args.head_dim, args.arch)
+        rows = default_stats(args.dtype, args.head_dim, args.arch, flat_stages)
     if args.out is not None:
         print(write_report(rows, args.out, command=" ".join(["python -m triton_kernels.ptxas_report",
                                                              *(argv if argv is not None else sys.argv[1:])])))
@@ -221,9 +274,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.json:
             print(json.dumps({"label": label} | dataclasses.asdict(st)), flush=True)
         else:
-            print(f"{label:<14} {st.dtype} D={st.head_dim:<4} m{st.block_m} n{st.block_n} w{st.num_warps} "
-                  f"s{st.num_stages}: {st.registers} registers, {st.spill_bytes} B spilled, "
-                  f"{st.shared_bytes / 1024:.0f} KiB shared (sm_{st.arch})", flush=True)
+            print(f"{label:<14} {st.dtype} D={st.head_dim:<4} {tiles_label(st)}: {st.registers} registers, "
+                  f"{st.spill_bytes} B spilled, {st.shared_bytes / 1024:.0f} KiB shared, {st.loop_buffers} "
+                  f"buffer(s) per tile in the first loop (sm_{st.arch})", flush=True)
     return 0
 
 

@@ -32,8 +32,10 @@ Not supported:
 Measured (H200, bf16, H=32, Hkv=8, D=128; ``tests/kernels/bench_segment_attention.py``; ``results/kernels/``):
 decode over 1k-4k keys per call runs at 1.4x causal SDPA's speed at equal attended tokens; prefill over
 128-token messages at 63-70% of it (80% when a call reads one long message); split-K decode over 16k keys at
-41%. Faster in every measured shape than FlexAttention on gathered, re-rotated keys. The backward is tested
-(CPU interpreter) but not yet timed on a GPU (``test_segment_attention_training_speed``).
+41%. Faster in every measured shape than FlexAttention on gathered, re-rotated keys. Since those timings the
+flat loop keeps one more K/V tile in flight (``LaunchConfig.flat_stages``; seen in the compiled code, not yet
+timed). The backward is tested (CPU interpreter) but not yet timed on a GPU
+(``test_segment_attention_training_speed``).
 
 Worked example (call 0 sees store rows 0..9 moved 5 positions later, then its own 3 tokens, 2 of them new)::
 
@@ -117,16 +119,18 @@ def _attn_fwd_flat(acc, l_i, m_i, Q, q_ptrs, q_swap_ptrs, row_ok, rot_sign, inv_
                    TILE_ROW, TILE_CNT, TILE_DELTA, stride_tt, t_lo, t_hi, K_HEAD, V_HEAD, qk_scale,  #
                    offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, K_DESC, V_DESC, off_hkv,  #
                    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, FIX_BF16: tl.constexpr,  #
-                   TMA: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+                   TMA: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, STAGES: tl.constexpr):
     # Tiles t_lo .. t_hi - 1 of a call's tile table, all segments in one loop: tile t holds TILE_CNT[t] keys
     # from store row TILE_ROW[t] on, moved by TILE_DELTA[t]. The K/V addresses come from a table indexed by the
     # loop counter, so the software pipeliner prefetches across segment boundaries (as paged attention does);
     # the query is re-rotated only where the delta changes (once per segment). TMA: K/V tiles come through
     # tensor descriptors over the (Hkv, N, D) store (Hopper's copy engine; rows past N read as zeros), not
     # through per-element address tensors; keys past the tile's count are masked in the scores as before.
+    # STAGES: this loop's software-pipelining stages. K/V addresses depend on a tile-table load, and the
+    # pipeliner shares the stages between the two loads: 2p + 1 stages keep K/V p tiles ahead (``LaunchConfig``).
     cur = tl.load(TILE_DELTA + t_lo * stride_tt, mask=t_lo < t_hi, other=0)
     q = _to(_load_q_rotated(q_ptrs, q_swap_ptrs, row_ok, rot_sign, inv_freq, cur), Q.dtype.element_ty, FIX_BF16)
-    for t in range(t_lo, t_hi):
+    for t in tl.range(t_lo, t_hi, num_stages=STAGES):
         row = tl.load(TILE_ROW + t * stride_tt).to(tl.int64)
         cnt = tl.load(TILE_CNT + t * stride_tt)
         delta = tl.load(TILE_DELTA + t * stride_tt)
@@ -200,8 +204,8 @@ def _attn_fwd(Q, K, V, OUT, LSE, PART_ACC, PART_M, PART_L, K_DESC, V_DESC,  #
               stride_segb, stride_segg, stride_tc, stride_tb, stride_tt,  #
               H, Hkv, S, G,  #
               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
-              FLAT: tl.constexpr, SPLIT: tl.constexpr, STORE_LSE: tl.constexpr, TMA: tl.constexpr,  #
-              DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, FIX_BF16: tl.constexpr):
+              FLAT: tl.constexpr, FLAT_STAGES: tl.constexpr, SPLIT: tl.constexpr, STORE_LSE: tl.constexpr,  #
+              TMA: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, FIX_BF16: tl.constexpr):
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
     split = tl.program_id(2)
@@ -251,7 +255,7 @@ def _attn_fwd(Q, K, V, OUT, LSE, PART_ACC, PART_M, PART_L, K_DESC, V_DESC,  #
                                        T_ROW, T_ROW + stride_tc, T_ROW + 2 * stride_tc, stride_tt, t_lo, t_hi,
                                        K_HEAD, V_HEAD, qk_scale, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
                                        stride_vd, K_DESC, V_DESC, off_hkv, DOT_FP32, INPUT_PRECISION, FIX_BF16,
-                                       TMA, BLOCK_N, HEAD_DIM)
+                                       TMA, BLOCK_N, HEAD_DIM, FLAT_STAGES)
     else:
         n_seg = tl.where(alive, G, 0)
         chunk = tl.cdiv(n_seg, num_splits)
@@ -279,7 +283,10 @@ def _attn_fwd(Q, K, V, OUT, LSE, PART_ACC, PART_M, PART_L, K_DESC, V_DESC,  #
     own_start = tl.load(OWN_START + off_b).to(tl.int64)
     K_OWN = K_HEAD + own_start * stride_kn
     V_OWN = V_HEAD + own_start * stride_vn
-    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    # Not the same op as the segment loop's first query load (".cg": read once, not kept in L1): identical loads
+    # are merged, and the merged value, held in shared memory for the own loops' dots, would stay allocated
+    # through the segment loop and take the shared memory of one of its K/V buffers.
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
     # Own keys below own_past + tok_lo + 1 are visible to every row of the block: whole tiles of them need no
     # mask. The band from there to own_past + tok_hi + 1 (the diagonal) is masked per row.
     own_here = alive & (split == num_splits - 1)
@@ -378,6 +385,14 @@ class LaunchConfig:
     tma: (flat loop, CUDA capability >= 9) load K/V tiles through host-made tensor descriptors (Hopper's copy
     engine) instead of per-element addresses; needs k_cache / v_cache with unit last stride and 16-byte-aligned
     strides. Off by default: not yet timed on a GPU.
+    flat_stages: software-pipelining stages of the flat loop alone (the own-token loops use ``num_stages``).
+    Its K/V loads are addressed by a tile-table load, and Triton's pipeliner (3.6, 3.7) splits a loop's stages
+    between the two loads: at ``num_stages`` 3 the forward's flat loop kept a single K/V tile in flight and
+    waited for it before every score tile (decode tiles: none in flight). The default, 2 * num_stages - 1, gives
+    it the K/V buffers the own loops get from ``num_stages``, at the same shared memory (``python -m
+    triton_kernels.ptxas_report`` prints the buffers, registers and shared memory each setting compiles to).
+    The dq kernel's loop needs more (``backward_configs``). Not yet timed on a GPU; ``flat_stages=num_stages``
+    is the forward's earlier schedule.
     """
 
     block_m: int
@@ -386,6 +401,12 @@ class LaunchConfig:
     num_stages: int = 2
     flat: bool = True
     tma: bool = False
+    flat_stages: int | None = None
+
+    @property
+    def flat_loop_stages(self) -> int:
+        """The flat loop's software-pipelining stages: ``flat_stages``, or 2 * num_stages - 1."""
+        return self.flat_stages if self.flat_stages is not None else 2 * self.num_stages - 1
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
@@ -401,6 +422,10 @@ class LaunchConfig:
         if not isinstance(self.tma, bool) or (self.tma and not self.flat):
             raise ValueError(f"LaunchConfig.tma must be a bool, and needs flat=True, got tma={self.tma!r}, "
                              f"flat={self.flat!r}")
+        if self.flat_stages is not None and (isinstance(self.flat_stages, bool) or not isinstance(self.flat_stages, int)
+                                             or self.flat_stages < 1 or not self.flat):
+            raise ValueError(f"LaunchConfig.flat_stages must be None or an integer >= 1, and needs flat=True, got "
+                             f"flat_stages={self.flat_stages!r}, flat={self.flat!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -704,7 +729,8 @@ def forward(q, k_cache, v_cache, launch: Launch, *, store_lse: bool = False):
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),  #
         launch.seg_start.stride(0), launch.seg_start.stride(1), *table.stride(),  #
         H, Hkv, S, launch.G,  #
-        GROUP=H // Hkv, HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, FLAT=cfg.flat, SPLIT=split,  #
+        GROUP=H // Hkv, HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, FLAT=cfg.flat,  #
+        FLAT_STAGES=cfg.flat_loop_stages, SPLIT=split,  #
         STORE_LSE=store_lse and not split, TMA=cfg.tma,  #
         DOT_FP32=dot_fp32, INPUT_PRECISION="ieee" if dot_fp32 else "tf32",  #
         FIX_BF16=interpret and q.dtype == torch.bfloat16,  #

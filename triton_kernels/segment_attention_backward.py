@@ -91,8 +91,10 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DI, DQ,  #
                  stride_tc, stride_tb, stride_tt,  #
                  H, Hkv, S,  #
                  GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
-                 DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, FIX_BF16: tl.constexpr):
-    # DO and DQ share Q's strides (the host makes them so); LSE and DI are (B, H, S) contiguous.
+                 DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, FIX_BF16: tl.constexpr,  #
+                 FLAT_STAGES: tl.constexpr):
+    # DO and DQ share Q's strides (the host makes them so); LSE and DI are (B, H, S) contiguous. FLAT_STAGES:
+    # the segment loop's pipelining stages (its K/V addresses come from a tile-table load: ``LaunchConfig``).
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
     off_b = off_bh // Hkv
@@ -117,7 +119,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DI, DQ,  #
     # -- the segments' key tiles, each rotated by its +delta (every valid row sees every key) --
     T_ROW = TILES + off_b.to(tl.int64) * stride_tb
     n_tiles = tl.where(alive, tl.load(N_TILES + off_b), 0)
-    for t in range(0, n_tiles):
+    for t in tl.range(0, n_tiles, num_stages=FLAT_STAGES):
         row = tl.load(T_ROW + t * stride_tt).to(tl.int64)
         cnt = tl.load(T_ROW + stride_tc + t * stride_tt)
         delta = tl.load(T_ROW + 2 * stride_tc + t * stride_tt)
@@ -222,6 +224,11 @@ def backward_configs(forward_config: LaunchConfig, rows: int, head_dim: int, dty
     The key tile is the forward's ``block_n``, so the forward's tile table serves both passes. Query blocks,
     warps and stages are the largest that compile for sm_90 without spilling registers (``ptxas_report``; checked
     by a test), not yet timed on a GPU. A query block is at most ``rows`` rounded up to a power of two (>= 16).
+    dq's segment loop loads K twice (and its half-swapped copy, for the rotation) at addresses from the tile
+    table: at fp16 / bf16, D <= 128 it gets 2 * stages + 1 stages, the fewest with which Triton 3.7 pipelines it
+    (K/V one tile ahead; 2 * stages - 1 left it waiting for every load). dkdv's loop over query blocks is
+    pipelined from 3 stages on (2 waited for every load). Prefill tiles use 198-242 registers x 8 warps, so one
+    program runs per multiprocessor and the rings' shared memory (<= 160 KiB) costs no occupancy.
     """
     n = forward_config.block_n
     if interpret:
@@ -230,13 +237,14 @@ def backward_configs(forward_config: LaunchConfig, rows: int, head_dim: int, dty
     if dtype == torch.float32:  # IEEE fp32 dots hold twice the registers: small query blocks, one stage
         (m_dq, s_dq), (m_kv, s_kv) = (16, 1), (16, 1)
     elif head_dim <= 64:
-        (m_dq, s_dq), (m_kv, s_kv) = (128, 2), (64, 2)
+        (m_dq, s_dq), (m_kv, s_kv) = (128, 2), (64, 3)
     elif head_dim <= 128:
-        (m_dq, s_dq), (m_kv, s_kv) = (64, 2), (32, 2)
+        (m_dq, s_dq), (m_kv, s_kv) = (64, 2), (32, 3)
     else:
         (m_dq, s_dq), (m_kv, s_kv) = (32, 1), (32, 1)
     fit = max(16, triton.next_power_of_2(rows))
-    return (LaunchConfig(block_m=min(m_dq, fit), block_n=n, num_warps=8, num_stages=s_dq),
+    flat_dq = 2 * s_dq + 1 if dtype != torch.float32 and head_dim <= 128 else None
+    return (LaunchConfig(block_m=min(m_dq, fit), block_n=n, num_warps=8, num_stages=s_dq, flat_stages=flat_dq),
             LaunchConfig(block_m=min(m_kv, fit), block_n=n, num_warps=8, num_stages=s_kv))
 
 
@@ -268,7 +276,8 @@ def backward(do, q, k_cache, v_cache, out, lse, launch: Launch, *, need_dq: bool
     if need_dq:
         dq = torch.empty_like(q)  # do and dq share q's (contiguous) strides
         _attn_bwd_dq[(triton.cdiv(S * (H // Hkv), cfg_dq.block_m), B * Hkv)](
-            q, k_cache, v_cache, do, lse, di, dq, *args, H, Hkv, S, **common, **_tiles(cfg_dq))
+            q, k_cache, v_cache, do, lse, di, dq, *args, H, Hkv, S, **common, **_tiles(cfg_dq),
+            FLAT_STAGES=cfg_dq.flat_loop_stages)
     if need_dkv:
         dk, dv = torch.zeros((2, Hkv, N, D), dtype=torch.float32, device=q.device)  # fp32, added to atomically
         # Key tiles per call: its segment tiles, then its own keys (own_past + new_len of them; unless the caller

@@ -225,20 +225,26 @@ def test_segment_attention_speed(benchmark, w, impl):
 
 def _tile_configs():
     """(workload, LaunchConfig, num_splits) candidates: tiles and loop structure for prefill, split-K for decode,
-    and tensor-descriptor (TMA) loads for both (tiles that compile for sm_90 without spills, ``ptxas_report``)."""
+    tensor-descriptor (TMA) loads for both (tiles that compile for sm_90 without spills, ``ptxas_report``), and
+    the flat loop's earlier pipelining (``flat_stages=num_stages``: one K/V tile in flight, none at decode) beside
+    the default (2 * num_stages - 1) at the default tiles."""
     from triton_kernels import LaunchConfig
 
     decode = [(LaunchConfig(block_m=16, block_n=64, num_warps=4, num_stages=3, flat=f), n)
               for f, n in ((True, 1), (False, 1), (True, 4), (True, 8), (True, 16))]
     decode += [(LaunchConfig(block_m=16, block_n=128, num_warps=4, num_stages=2), 8),
                (LaunchConfig(block_m=16, block_n=64, num_warps=4, num_stages=3, tma=True), 1),
-               (LaunchConfig(block_m=16, block_n=128, num_warps=4, num_stages=3, tma=True), 1)]
+               (LaunchConfig(block_m=16, block_n=128, num_warps=4, num_stages=3, tma=True), 1),
+               (LaunchConfig(block_m=16, block_n=64, num_warps=4, num_stages=3, flat_stages=3), 1),
+               (LaunchConfig(block_m=16, block_n=64, num_warps=4, num_stages=3, flat_stages=3), 8)]
     prefill = [(LaunchConfig(block_m=m, block_n=n, num_warps=wp, num_stages=st, flat=f, tma=t), 1)
                for m, n, wp, st, f, t in ((128, 64, 8, 3, True, False), (128, 64, 8, 3, False, False),
                                           (64, 64, 4, 3, True, False), (128, 128, 8, 2, True, False),
                                           (64, 64, 4, 4, True, False), (64, 64, 4, 3, True, True),
                                           (128, 64, 8, 3, True, True), (128, 64, 8, 4, True, True),
                                           (128, 128, 8, 2, True, True))]
+    prefill += [(LaunchConfig(block_m=64, block_n=64, num_warps=4, num_stages=3, flat_stages=3), 1),
+                (LaunchConfig(block_m=64, block_n=64, num_warps=4, num_stages=3, flat_stages=3, tma=True), 1)]
     return [(w, c, n) for w in WORKLOADS for c, n in (decode if w.S == 1 else prefill)]
 
 
@@ -247,7 +253,7 @@ TILES = _tile_configs()
 
 @pytest.mark.parametrize("w, cfg, splits", TILES, ids=[
     f"{w.name}-m{c.block_m}n{c.block_n}w{c.num_warps}s{c.num_stages}{'-tma' if c.tma else '' if c.flat else '-nested'}"
-    f"-k{n}"
+    f"{f'-flat{c.flat_stages}' if c.flat_stages else ''}-k{n}"
     for w, c, n in TILES])
 def test_segment_attention_tiles(benchmark, w, cfg, splits):
     """The kernel at each candidate tile configuration and split count (what the defaults are chosen from)."""

@@ -89,17 +89,20 @@ def test_strided_inputs():
 
 CONFIGS = [LaunchConfig(block_m=16, block_n=32, num_warps=2, num_stages=1),
            LaunchConfig(block_m=32, block_n=16, num_warps=4, num_stages=2),
-           LaunchConfig(block_m=16, block_n=16, num_warps=1, num_stages=1, flat=False)]
+           LaunchConfig(block_m=16, block_n=16, num_warps=1, num_stages=1, flat=False),
+           LaunchConfig(block_m=16, block_n=16, num_warps=1, num_stages=2, flat_stages=2)]
 if HOPPER:
     CONFIGS += [LaunchConfig(block_m=16, block_n=16, num_warps=1, num_stages=1, tma=True)]
 if CUDA:  # the tiles the default picks on a GPU for prefill and decode, and their neighbours
     CONFIGS += [LaunchConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
                 LaunchConfig(block_m=64, block_n=64, num_warps=4, num_stages=3),
-                LaunchConfig(block_m=128, block_n=128, num_warps=8, num_stages=2)]
+                LaunchConfig(block_m=128, block_n=128, num_warps=8, num_stages=2),
+                LaunchConfig(block_m=64, block_n=64, num_warps=4, num_stages=3, flat_stages=3)]
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"m{c.block_m}-n{c.block_n}-w{c.num_warps}-s{c.num_stages}"
-                         + ("-nested" if not c.flat else "-tma" if c.tma else ""))
+                         + ("-nested" if not c.flat else "-tma" if c.tma else "")
+                         + (f"-flat{c.flat_stages}" if c.flat_stages else ""))
 @pytest.mark.parametrize("name", ["seqlen-97", "multi-tile-segments", "gqa-3-decode"])
 def test_tile_configs_agree(name, cfg):
     """Any tile configuration gives the default's result up to rounding (the tiles change only the order of
@@ -173,6 +176,9 @@ def test_default_launch_config():
     assert launch_config(1024, 128, torch.float32).block_m == 64  # fp32 tiles twice the bytes: smaller
     assert launch_config(1024, 256, torch.float16).block_n == 32
     assert launch_config(4, 64, torch.float32, interpret=True).block_m == 16
+    # the flat loop: twice the stages less one, so that its K/V buffers match the own-token loops'
+    assert launch_config(1024, 128, torch.bfloat16).flat_loop_stages == 5
+    assert LaunchConfig(block_m=16, block_n=16, num_stages=3, flat_stages=3).flat_loop_stages == 3
 
 
 def test_tma_needs_an_aligned_store():
@@ -190,6 +196,9 @@ def test_tma_needs_an_aligned_store():
     (dict(block_m=16, block_n=16, num_warps=3), "num_warps"),
     (dict(block_m=16, block_n=16, num_stages=0), "num_stages"),
     (dict(block_m=16, block_n=16, flat=False, tma=True), "tma"),
+    (dict(block_m=16, block_n=16, flat_stages=0), "flat_stages"),
+    (dict(block_m=16, block_n=16, flat_stages=True), "flat_stages"),
+    (dict(block_m=16, block_n=16, flat=False, flat_stages=3), "flat_stages"),
 ])
 def test_launch_config_rejects_bad_values(kwargs, word):
     with pytest.raises(ValueError, match=word):
