@@ -1,9 +1,11 @@
-"""Registers, spills and shared memory of the segment-attention kernels, compiled for a GPU without one.
+"""Registers, spills, shared memory and pipelining of the segment-attention kernels, compiled for a GPU without one.
 
 Triton compiles ahead of time for any target (``triton.compile`` with a ``GPUTarget``), and its wheel ships
 ``ptxas``; ``ptxas -v`` reports each kernel's registers per thread and the bytes it spills to local memory. A
 spilling kernel is slow whatever its tiles, so this is how the default tiles are checked on a machine with no
-GPU (a regression test runs it), and a first filter before timing tiles on one.
+GPU (a regression test runs it), and a first filter before timing tiles on one. The Triton GPU IR shows how far
+ahead the software pipeliner loads each loop's tiles (``loop_buffers``): a loop that waits for every load leaves
+the tensor cores idle for a memory latency per tile, whatever its tiles.
 
 Arguments are specialised as the JIT specialises a real launch of the engine's layout: pointers 16-byte aligned,
 unit strides as constants, strides that are multiples of 16 marked so (``values``).
@@ -12,6 +14,7 @@ Usage (TRITON_INTERPRET must be unset: interpreted kernels cannot be compiled)::
 
     python -m triton_kernels.ptxas_report                 # the default tiles, sm_90
     python -m triton_kernels.ptxas_report --sweep dq --head-dim 128 --dtype bf16
+    python -m triton_kernels.ptxas_report --flat-stages 3 5     # the flat loops at other stage counts
 """
 
 from __future__ import annotations
