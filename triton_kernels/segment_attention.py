@@ -32,10 +32,20 @@ Not supported:
 Measured (H200, bf16, H=32, Hkv=8, D=128; ``tests/kernels/bench_segment_attention.py``; ``results/kernels/``):
 decode over 1k-4k keys per call runs at 1.4x causal SDPA's speed at equal attended tokens; prefill over
 128-token messages at 63-70% of it (80% when a call reads one long message); split-K decode over 16k keys at
-41%. Faster in every measured shape than FlexAttention on gathered, re-rotated keys. Since those timings the
-flat loop keeps one more K/V tile in flight (``LaunchConfig.flat_stages``; seen in the compiled code, not yet
-timed). The backward is tested (CPU interpreter) but not yet timed on a GPU
-(``test_segment_attention_training_speed``).
+41%. Faster in every measured shape than FlexAttention on gathered, re-rotated keys. The backward is tested
+(CPU interpreter) but not yet timed on a GPU (``test_segment_attention_training_speed``).
+
+Where the time goes, as the compiled code shows it (sm_90, Triton 3.7, bf16 D 128; ``ptxas_report`` and the
+Triton GPU IR; none of this is timed yet):
+- Until ``LaunchConfig.flat_stages``, the flat loop kept one K/V tile in flight at prefill and none at decode,
+  where the own-token loops kept two: its stages are shared with the tile-table load that addresses K/V. It now
+  keeps two (three buffers at prefill, two at decode) at the same shared memory.
+- The counter-rotated query is carried across the flat loop in registers, so every tile stores it to shared
+  memory and loads it back for the score dot (a BLOCK_M x D round trip per tile, about as many bytes as the
+  K/V tile itself); the own loops keep their query in shared memory once. The nested loop avoids this but
+  restarts its pipeline at every segment.
+- With ``tma=True``, keys past a partial tile's count are zeroed in registers, which sends every V tile through
+  registers and back to shared memory.
 
 Worked example (call 0 sees store rows 0..9 moved 5 positions later, then its own 3 tokens, 2 of them new)::
 
