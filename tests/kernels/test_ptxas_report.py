@@ -67,17 +67,24 @@ def test_refuses_to_compile_interpreted_kernels():
     assert run.returncode == 2 and "TRITON_INTERPRET" in run.stderr
 
 
-def test_tensor_descriptor_loads_compile_for_hopper():
-    """The forward's opt-in TMA loads (``LaunchConfig.tma``) compile for sm_90 to bulk tensor copies, spill-free."""
+def _forward_stats(**options) -> dict:
+    """``compile_stats`` of the bf16 D-128 prefill forward tile (m64 n64 w4 s3) with ``options``, compiled in a
+    fresh process (this one may have imported the kernels for the interpreter)."""
     if not PTXAS.is_file():
         pytest.skip(f"no ptxas in the Triton wheel ({PTXAS})")
-    code = ("import dataclasses, json; from triton_kernels.ptxas_report import compile_stats; print(json.dumps("
+    code = ("import dataclasses, json, sys; from triton_kernels.ptxas_report import compile_stats; print(json.dumps("
             "dataclasses.asdict(compile_stats('fwd', 'bf16', 128, block_m=64, block_n=64, num_warps=4, "
-            "num_stages=3, tma=True))))")
+            "num_stages=3, **json.loads(sys.argv[1])))))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, "-c", code, json.dumps(options)], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    stats = json.loads(run.stdout.splitlines()[-1])
+    return json.loads(run.stdout.splitlines()[-1])
+
+
+def test_tensor_descriptor_loads_compile_for_hopper():
+    """The forward's opt-in TMA loads (``LaunchConfig.tma``) compile for sm_90 to bulk tensor copies, spill-free."""
+    stats = _forward_stats(tma=True)
     assert stats["tma"] and stats["spill_bytes"] <= MAX_SPILL, stats
 
 
@@ -91,13 +98,7 @@ def test_flat_loop_keeps_the_own_loops_buffers(default_stats):
         assert s["loop_buffers"] >= 2, (label, head_dim, s)
         if label == "fwd prefill":
             assert s["loop_buffers"] == s["num_stages"], s
-    code = ("import dataclasses, json; from triton_kernels.ptxas_report import compile_stats; print(json.dumps("
-            "dataclasses.asdict(compile_stats('fwd', 'bf16', 128, block_m=64, block_n=64, num_warps=4, "
-            "num_stages=3, flat_stages=3))))")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    earlier = json.loads(run.stdout.splitlines()[-1])
+    earlier = _forward_stats(flat_stages=3)
     default = fwd[("fwd prefill", 128)]
     assert (earlier["block_m"], earlier["block_n"], earlier["num_stages"]) == (default["block_m"], default["block_n"],
                                                                                 default["num_stages"])
