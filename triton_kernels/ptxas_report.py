@@ -263,8 +263,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.flat_stages and min(args.flat_stages) < 1:
         parser.error(f"--flat-stages must be >= 1, got {args.flat_stages}")
     if args.sweep:
+        from .segment_attention_backward import dq_flat_stages
+
+        def own(s, h, d):  # the stages the defaults would give this loop (None: LaunchConfig's)
+            return dq_flat_stages(s, h, DTYPES[d]) if args.sweep == "dq" else None
+
         rows = [(args.sweep, compile_stats(args.sweep, d, h, block_m=m, block_n=n, num_warps=w, num_stages=s,
-                                           flat_stages=f, arch=args.arch))
+                                           flat_stages=f or own(s, h, d), arch=args.arch))
                 for d, h in itertools.product(args.dtype, args.head_dim)
                 for m, n, w, s in itertools.product((16, 32, 64, 128), (32, 64, 128), (4, 8), (1, 2, 3))
                 for f in (flat_stages if args.sweep in FLAT_KERNELS else [None])]

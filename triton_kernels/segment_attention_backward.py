@@ -217,6 +217,12 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DI, DK, DV,  #
 
 
 # ----------------------------------------------------------------------------------------------- host side
+def dq_flat_stages(num_stages: int, head_dim: int, dtype: torch.dtype) -> int | None:
+    """The stages of dq's loop over the tile table (``LaunchConfig.flat_stages``) for a dq tile of ``num_stages``:
+    2 * num_stages + 1 at fp16 / bf16 with D <= 128 (see ``backward_configs``), else the LaunchConfig default."""
+    return 2 * num_stages + 1 if dtype != torch.float32 and head_dim <= 128 else None
+
+
 def backward_configs(forward_config: LaunchConfig, rows: int, head_dim: int, dtype: torch.dtype,
                      interpret: bool = False) -> tuple[LaunchConfig, LaunchConfig]:
     """Tiles of the two backward kernels, (dq, dkdv), for ``rows`` = S * (H // Hkv) packed query rows.
@@ -243,8 +249,8 @@ def backward_configs(forward_config: LaunchConfig, rows: int, head_dim: int, dty
     else:
         (m_dq, s_dq), (m_kv, s_kv) = (32, 1), (32, 1)
     fit = max(16, triton.next_power_of_2(rows))
-    flat_dq = 2 * s_dq + 1 if dtype != torch.float32 and head_dim <= 128 else None
-    return (LaunchConfig(block_m=min(m_dq, fit), block_n=n, num_warps=8, num_stages=s_dq, flat_stages=flat_dq),
+    return (LaunchConfig(block_m=min(m_dq, fit), block_n=n, num_warps=8, num_stages=s_dq,
+                         flat_stages=dq_flat_stages(s_dq, head_dim, dtype)),
             LaunchConfig(block_m=min(m_kv, fit), block_n=n, num_warps=8, num_stages=s_kv))
 
 
