@@ -11,10 +11,11 @@ where K' are the keys as the call sees them. A segment moved by delta is seen as
 - ``_attn_bwd_dq`` (one program per query block, call and KV head, the forward's grid) rotates each key tile by
   +delta in registers: dQ += dS (R(delta) K). No atomics; deterministic.
 - ``_attn_bwd_dkdv`` (one program per key tile, call and KV head: the call's segment tiles from the forward's tile
-  table, then its own keys, as many as ``max_own_len`` allows) counter-rotates the query by -delta, as the forward does, so the key gradient comes
-  out in the store's frame directly: dK += dS^T (R(-delta) Q). A store row may be read by several calls, by
-  several segments of one call, or by its own call and others, so each program adds its tile into fp32 dK / dV
-  with atomics (on a GPU the order of those additions, and so the last bits of dK / dV, vary from run to run).
+  table, then its own keys, as many as ``max_own_len`` allows) counter-rotates the query by -delta, as the
+  forward does, so the key gradient comes out in the store's frame directly: dK += dS^T (R(-delta) Q). A store
+  row may be read by several calls, by several segments of one call, or by its own call and others, so each
+  program adds its tile into fp32 dK / dV with atomics (on a GPU the order of those additions, and so the last
+  bits of dK / dV, vary from run to run).
 
 Contract: between the forward and the backward the caller leaves the store rows the calls read unchanged (the
 store tensors themselves may be written elsewhere, as the engine writes later tokens' rows); the store is
@@ -230,8 +231,9 @@ def backward_configs(forward_config: LaunchConfig, rows: int, head_dim: int, dty
     The key tile is the forward's ``block_n``, so the forward's tile table serves both passes. Query blocks,
     warps and stages are the largest that compile for sm_90 without spilling registers (``ptxas_report``; checked
     by a test), not yet timed on a GPU. A query block is at most ``rows`` rounded up to a power of two (>= 16).
-    dq's segment loop loads K twice (and its half-swapped copy, for the rotation) at addresses from the tile
-    table: at fp16 / bf16, D <= 128 it gets 2 * stages + 1 stages, the fewest with which Triton 3.7 pipelines it
+    dq's segment loop loads each K tile twice (as stored and half-swapped, for the rotation) and its V tile at
+    addresses from the tile table: at fp16 / bf16, D <= 128 it gets 2 * stages + 1 stages, the fewest with which
+    Triton 3.7 pipelines it
     (K/V one tile ahead; 2 * stages - 1 left it waiting for every load). dkdv's loop over query blocks is
     pipelined from 3 stages on (2 waited for every load). Prefill tiles use 198-242 registers x 8 warps, so one
     program runs per multiprocessor and the rings' shared memory (<= 160 KiB) costs no occupancy.
