@@ -89,6 +89,15 @@ def _to(x, DTYPE: tl.constexpr, FIX_BF16: tl.constexpr):
 
 
 @triton.jit
+def _rope_tables(INV_FREQ, offs_d, HEAD_DIM: tl.constexpr):
+    # HF Llama's "rotate_half" convention, per column d of D (offs_d), for ``_load_q_rotated``: the sign of
+    # rotate_half (-1 on the first half), the frequency (inv_freq[d % (D / 2)]: each repeated for both halves) and
+    # the column the other half pairs with d ((d + D / 2) % D, for the half-swapped load).
+    HALF: tl.constexpr = HEAD_DIM // 2
+    return tl.where(offs_d < HALF, -1.0, 1.0), tl.load(INV_FREQ + offs_d % HALF), (offs_d + HALF) % HEAD_DIM
+
+
+@triton.jit
 def _load_q_rotated(q_ptrs, q_swap_ptrs, row_ok, rot_sign, inv_freq, delta):
     # RoPE is relative: <R(m) q, R(n + delta) k> == <R(m - delta) q, R(n) k>. Instead of re-rotating every key
     # tile of a moved segment by +delta, counter-rotate the query tile by -delta once per segment: the same
@@ -222,7 +231,6 @@ def _attn_fwd(Q, K, V, OUT, LSE, PART_ACC, PART_M, PART_L, K_DESC, V_DESC,  #
     num_splits = tl.num_programs(2)
     off_b = off_bh // Hkv
     off_hkv = off_bh % Hkv
-    HALF: tl.constexpr = HEAD_DIM // 2
 
     # -- rows of this block --
     # Row r is (token r // GROUP, query head off_hkv * GROUP + r % GROUP): the GROUP query heads that share a
@@ -240,10 +248,9 @@ def _attn_fwd(Q, K, V, OUT, LSE, PART_ACC, PART_M, PART_L, K_DESC, V_DESC,  #
     alive = tok_lo < n_new  # a block of padding rows only writes zeros
 
     q_rows = Q + off_b.to(tl.int64) * stride_qb + head[:, None].to(tl.int64) * stride_qh + tok[:, None] * stride_qs
+    rot_sign, inv_freq, offs_swap = _rope_tables(INV_FREQ, offs_d, HEAD_DIM)
     q_ptrs = q_rows + offs_d[None, :] * stride_qd
-    q_swap_ptrs = q_rows + ((offs_d + HALF) % HEAD_DIM)[None, :] * stride_qd
-    rot_sign = tl.where(offs_d < HALF, -1.0, 1.0)
-    inv_freq = tl.load(INV_FREQ + offs_d % HALF)
+    q_swap_ptrs = q_rows + offs_swap[None, :] * stride_qd
     K_HEAD = K + off_hkv.to(tl.int64) * stride_kh
     V_HEAD = V + off_hkv.to(tl.int64) * stride_vh
 

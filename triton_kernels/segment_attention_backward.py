@@ -35,8 +35,8 @@ import triton
 from torch.autograd.function import once_differentiable
 import triton.language as tl
 
-from .segment_attention import (LOG2E, Launch, LaunchConfig, _load_q_rotated, _to, forward, interpreter_active,
-                                tile_table)
+from .segment_attention import (LOG2E, Launch, LaunchConfig, _load_q_rotated, _rope_tables, _to, forward,
+                                interpreter_active, tile_table)
 
 __all__ = ["SegmentAttentionFunction", "backward", "backward_configs"]
 
@@ -100,7 +100,6 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DI, DQ,  #
     off_bh = tl.program_id(1)
     off_b = off_bh // Hkv
     off_hkv = off_bh % Hkv
-    HALF: tl.constexpr = HEAD_DIM // 2
     DTYPE = Q.dtype.element_ty
 
     offs_n = tl.arange(0, BLOCK_N)
@@ -111,8 +110,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DI, DQ,  #
     tok, row_ok, rows, do, lse, di = _query_block(DO, LSE, DI, start_m * BLOCK_M, off_b, off_hkv, n_new, H, S,
                                                   stride_qb, stride_qh, stride_qs, stride_qd, offs_d, GROUP, BLOCK_M)
     q = tl.load(Q + rows + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
-    rot_sign = tl.where(offs_d < HALF, -1.0, 1.0)
-    inv_freq = tl.load(INV_FREQ + offs_d % HALF)
+    rot_sign, inv_freq, offs_swap = _rope_tables(INV_FREQ, offs_d, HEAD_DIM)
     K_HEAD = K + off_hkv.to(tl.int64) * stride_kh
     V_HEAD = V + off_hkv.to(tl.int64) * stride_vh
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -126,8 +124,8 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DI, DQ,  #
         delta = tl.load(T_ROW + 2 * stride_tc + t * stride_tt)
         col_ok = offs_n < cnt
         k_rows = K_HEAD + (row + offs_n)[:, None] * stride_kn
-        k = _load_q_rotated(k_rows + offs_d[None, :] * stride_kd, k_rows + ((offs_d + HALF) % HEAD_DIM)[None, :]
-                            * stride_kd, col_ok, rot_sign, inv_freq, -delta)  # R(+delta) k, fp32
+        k = _load_q_rotated(k_rows + offs_d[None, :] * stride_kd, k_rows + offs_swap[None, :] * stride_kd, col_ok,
+                            rot_sign, inv_freq, -delta)  # R(+delta) k, fp32
         k = _to(k, DTYPE, FIX_BF16)
         v = tl.load(V_HEAD + (row + offs_n)[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                     mask=col_ok[:, None], other=0.0)
@@ -169,7 +167,6 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DI, DK, DV,  #
     off_bh = tl.program_id(1)
     off_b = off_bh // Hkv
     off_hkv = off_bh % Hkv
-    HALF: tl.constexpr = HEAD_DIM // 2
     DTYPE = Q.dtype.element_ty
 
     offs_n = tl.arange(0, BLOCK_N)
@@ -196,16 +193,15 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DI, DK, DV,  #
                 mask=col_ok[:, None], other=0.0)  # (BLOCK_N, D), the store's frame
     v = tl.load(V_HEAD + (row + offs_n)[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                 mask=col_ok[:, None], other=0.0)
-    rot_sign = tl.where(offs_d < HALF, -1.0, 1.0)
-    inv_freq = tl.load(INV_FREQ + offs_d % HALF)
+    rot_sign, inv_freq, offs_swap = _rope_tables(INV_FREQ, offs_d, HEAD_DIM)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
 
     for start_m in range(m_lo, m_hi, BLOCK_M):
         tok, row_ok, rows, do, lse, di = _query_block(DO, LSE, DI, start_m, off_b, off_hkv, n_new, H, S, stride_qb,
                                                       stride_qh, stride_qs, stride_qd, offs_d, GROUP, BLOCK_M)
-        q = _load_q_rotated(Q + rows + offs_d[None, :] * stride_qd, Q + rows + ((offs_d + HALF) % HEAD_DIM)[None, :]
-                            * stride_qd, row_ok, rot_sign, inv_freq, delta)  # R(-delta) q, fp32
+        q = _load_q_rotated(Q + rows + offs_d[None, :] * stride_qd, Q + rows + offs_swap[None, :] * stride_qd, row_ok,
+                            rot_sign, inv_freq, delta)  # R(-delta) q, fp32
         q = _to(q, DTYPE, FIX_BF16)
         ok = row_ok[:, None] & col_ok[None, :] & (is_seg | ((j0 + offs_n)[None, :] <= (own_past + tok)[:, None]))
         p, ds = _grad_scores(q, k, v, do, lse, di, ok, qk_scale, DTYPE, DOT_FP32, INPUT_PRECISION, FIX_BF16)
