@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import random
 import resource
 import time
@@ -612,6 +613,9 @@ def register(sub) -> None:
     t.add_argument("--resume", action="store_true", help="continue from OUT/last")
     t.add_argument("--attention", default="torch", choices=sorted(BACKENDS),
                    help="attention backend of the replays ('triton': the fused kernel's forward and backward, CUDA)")
+    t.add_argument("--deterministic", action="store_true",
+                   help="torch.use_deterministic_algorithms(True) for the run: deterministic GPU algorithms, an "
+                        "operation without one raises (the kernel's backward adds dK / dV in a fixed order)")
     t.add_argument("--model", default=None)
     t.set_defaults(func=_cli_train)
     r = verbs.add_parser("recovery", help="blockage recovery: KL and agreement before/after fine-tuning")
@@ -643,6 +647,9 @@ def _cli_train(args) -> int:
     from .model import load_model
     from .trace import load_traces
 
+    if args.deterministic:  # before any CUDA work: cuBLAS reads its workspace setting when it starts
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     config = FinetuneConfig.preset(args.config, attention=args.attention)
     traces = [events for path in args.traces for _, events in load_traces(path)]
     if args.dev_traces:

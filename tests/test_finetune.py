@@ -262,6 +262,24 @@ def test_dev_loss_drops_when_training_on_the_dev_traces(tiny, traces, tmp_path):
     assert result.best_dev_loss == pytest.approx(after) and after < before - 0.2  # deterministic: 30.71 -> 30.21
 
 
+def test_training_runs_under_deterministic_algorithms(tiny, traces, tmp_path):
+    """``choreo finetune train --deterministic`` turns on torch.use_deterministic_algorithms: no operation of the
+    training loop refuses it (PyTorch raises for one without a deterministic implementation), and on CPU the run
+    matches the ordinary one."""
+    config = FinetuneConfig.preset("smoke", epochs=2)
+    plain = train(tiny, traces[:2], traces[:2], config=config, out_dir=tmp_path / "plain", progress=False)
+    unload_adapter(tiny)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        det = train(tiny, traces[:2], traces[:2], config=config, out_dir=tmp_path / "det", progress=False)
+    finally:
+        torch.use_deterministic_algorithms(before)
+        unload_adapter(tiny)
+    assert det.steps == plain.steps == 2
+    assert [h.get("train_loss") for h in det.history] == pytest.approx([h.get("train_loss") for h in plain.history])
+
+
 async def serial_chain(ex, topic: str):
     """Every call sees exactly the serial prompt the baseline re-encodes: choreographed == baseline encodings."""
     sys = await ex.prefill("Be brief.", role="system")
@@ -394,6 +412,8 @@ def test_command_line_parses():
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["finetune", "train", "--traces", "a.jsonl", "--out", "run", "--resume"])
     assert args.verb == "train" and args.resume and args.config == "embedded-cpu" and args.attention == "torch"
+    assert not args.deterministic
+    assert parser.parse_args(["finetune", "train", "--traces", "a", "--out", "r", "--deterministic"]).deterministic
     assert parser.parse_args(["finetune", "train", "--traces", "a", "--out", "r", "--attention", "triton"]).attention \
         == "triton"
     args = parser.parse_args(["finetune", "collect", "--task", "blockage", "--n", "8", "--out", "t.jsonl"])

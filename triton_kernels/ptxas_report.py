@@ -55,6 +55,7 @@ class KernelStats:
     num_stages: int
     tma: bool
     flat_stages: int | None
+    deterministic: bool
     registers: int
     spill_bytes: int
     shared_bytes: int
@@ -87,13 +88,15 @@ def values(head_dim: int) -> dict[str, int]:
 FLOAT_ARGS = ("qk_scale", "sm_scale")
 FP32_POINTERS = ("LSE", "DI", "DK", "DV", "INV_FREQ", "PART_ACC", "PART_M", "PART_L")
 DATA_POINTERS = ("Q", "K", "V", "DO", "DQ", "OUT", "K_DESC", "V_DESC")
+I64_POINTERS = ("DEST",)
 
 
 def compile_stats(kernel: str, dtype: str, head_dim: int, *, block_m: int, block_n: int, num_warps: int,
                   num_stages: int, tma: bool = False, flat_stages: int | None = None, group: int = 4,
-                  arch: int = 90) -> KernelStats:
+                  arch: int = 90, deterministic: bool = False) -> KernelStats:
     """Compile one kernel for ``sm_<arch>`` and read its resource use from ``ptxas -v`` and its pipelining from
-    the Triton GPU IR (``tma`` and ``flat_stages``: the forward's ``LaunchConfig`` options)."""
+    the Triton GPU IR (``tma`` and ``flat_stages``: the forward's ``LaunchConfig`` options; ``deterministic``:
+    dkdv's partials instead of atomics)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
@@ -111,6 +114,8 @@ def compile_stats(kernel: str, dtype: str, head_dim: int, *, block_m: int, block
                                                  num_stages=num_stages, flat_stages=flat_stages).flat_loop_stages
     if kernel == "fwd":
         constexprs |= {"FLAT": True, "SPLIT": False, "STORE_LSE": True, "TMA": tma}
+    if kernel == "dkdv":
+        constexprs["DETERMINISTIC"] = deterministic
     ints = values(head_dim)
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -128,7 +133,8 @@ def compile_stats(kernel: str, dtype: str, head_dim: int, *, block_m: int, block
         elif name in ("K_DESC", "V_DESC") and tma:
             signature[name] = f"tensordesc<{dtype}[1,{block_n},{head_dim}]>"
         else:
-            signature[name] = f"*{dtype}" if name in DATA_POINTERS else "*fp32" if name in FP32_POINTERS else "*i32"
+            signature[name] = (f"*{dtype}" if name in DATA_POINTERS else "*fp32" if name in FP32_POINTERS
+                               else "*i64" if name in I64_POINTERS else "*i32")
             attrs[(i,)] = backend.parse_attr("D")
     compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs), target=target,
                               options={"num_warps": num_warps, "num_stages": num_stages})
@@ -136,6 +142,7 @@ def compile_stats(kernel: str, dtype: str, head_dim: int, *, block_m: int, block
     tile = block_m if kernel == "dkdv" else block_n
     return KernelStats(kernel=kernel, dtype=dtype, head_dim=head_dim, block_m=block_m, block_n=block_n,
                        num_warps=num_warps, num_stages=num_stages, tma=tma, flat_stages=flat_stages,
+                       deterministic=deterministic,
                        registers=registers, spill_bytes=spills, shared_bytes=compiled.metadata.shared,
                        loop_buffers=loop_buffers(compiled.asm["ttgir"], tile, head_dim), arch=arch)
 

@@ -23,7 +23,8 @@ Supported:
     (``TRITON_INTERPRET=1`` set before this module is imported; ~400x slower than SDPA, for tests only).
 Differentiable: when q, k_cache or v_cache requires grad, the forward also keeps each row's log-sum-exp and
     the backward kernels of ``segment_attention_backward`` give dq and dk / dv into the whole store (through the
-    re-rotation of moved segments), so LoRA fine-tuning through the cache runs on the kernel.
+    re-rotation of moved segments), so LoRA fine-tuning through the cache runs on the kernel. dk / dv are
+    added with atomics, or, under ``torch.use_deterministic_algorithms(True)``, reduced in a fixed order.
 Not supported:
     double backward, sliding windows, ALiBi / softcapping, RoPE conventions other than HF Llama "rotate_half".
     Row offsets inside one segment or own run are int32 (N * D < 2**31 elements per KV head).

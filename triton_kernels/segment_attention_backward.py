@@ -15,7 +15,11 @@ where K' are the keys as the call sees them. A segment moved by delta is seen as
   forward does, so the key gradient comes out in the store's frame directly: dK += dS^T (R(-delta) Q). A store
   row may be read by several calls, by several segments of one call, or by its own call and others, so each
   program adds its tile into fp32 dK / dV with atomics (on a GPU the order of those additions, and so the last
-  bits of dK / dV, vary from run to run).
+  bits of dK / dV, vary from run to run). Under ``torch.use_deterministic_algorithms(True)`` each program
+  instead writes its tile to a buffer of per-tile partials, and ``_reduce_partials`` adds them into the store's
+  rows in a fixed order (``index_put_`` with ``accumulate=True``: a stable sort by row): the same bits on every
+  run, for fp32 partials as large as the keys the calls read (B x tiles x block_n x Hkv x D x 8 bytes) and one
+  sort.
 
 Contract: between the forward and the backward the caller leaves the store rows the calls read unchanged (the
 store tensors themselves may be written elsewhere, as the engine writes later tokens' rows); the store is
@@ -152,17 +156,20 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DI, DQ,  #
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DI, DK, DV,  #
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DI, DK, DV, DEST,  #
                    TILES, N_TILES, OWN_START, OWN_PAST, NEW_LEN, INV_FREQ, qk_scale, sm_scale,  #
                    stride_qb, stride_qh, stride_qs, stride_qd,  #
                    stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,  #
                    stride_tc, stride_tb, stride_tt,  #
                    H, Hkv, S, N,  #
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
+                   DETERMINISTIC: tl.constexpr,  #
                    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, FIX_BF16: tl.constexpr):
     # Program (t, b * Hkv + h): key tile t of call b, KV head h. Tiles 0 .. n_tiles[b] - 1 are the call's segment
     # tiles (tile table); tile n_tiles[b] + i holds own keys i * BLOCK_N .. of the call. DK / DV: (Hkv, N, D) fp32
-    # contiguous, added to atomically.
+    # contiguous, added to atomically; DETERMINISTIC: (P, Hkv, D) fp32 partials instead, P = B * tiles * BLOCK_N,
+    # each program writing its tile's rows (zeros past its count) and DEST (P,) int64 the store row of each (N for
+    # none), for ``_reduce_partials`` to add in a fixed order.
     pid = tl.program_id(0)
     off_bh = tl.program_id(1)
     off_b = off_bh // Hkv
@@ -208,9 +215,16 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DI, DK, DV,  #
         dv = _mma(tl.trans(p), do, dv, DOT_FP32, INPUT_PRECISION)
         dk = _mma(tl.trans(ds), q, dk, DOT_FP32, INPUT_PRECISION)
 
-    out = off_hkv.to(tl.int64) * N * HEAD_DIM + (row + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.atomic_add(DK + out, dk * sm_scale, mask=col_ok[:, None])
-    tl.atomic_add(DV + out, dv, mask=col_ok[:, None])
+    if DETERMINISTIC:
+        part = (off_b * tl.num_programs(0) + pid).to(tl.int64) * BLOCK_N + offs_n  # (BLOCK_N,) partial rows
+        out = (part[:, None] * Hkv + off_hkv) * HEAD_DIM + offs_d[None, :]
+        tl.store(DK + out, dk * sm_scale)  # rows past cnt are exact zeros: no query attended them
+        tl.store(DV + out, dv)
+        tl.store(DEST + part, tl.where(col_ok, row + offs_n, N), mask=off_hkv == 0)
+    else:
+        out = off_hkv.to(tl.int64) * N * HEAD_DIM + (row + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.atomic_add(DK + out, dk * sm_scale, mask=col_ok[:, None])
+        tl.atomic_add(DV + out, dv, mask=col_ok[:, None])
 
 
 # ----------------------------------------------------------------------------------------------- host side
@@ -252,11 +266,13 @@ def backward_configs(forward_config: LaunchConfig, rows: int, head_dim: int, dty
             LaunchConfig(block_m=min(m_kv, fit), block_n=n, num_warps=8, num_stages=s_kv))
 
 
-def backward(do, q, k_cache, v_cache, out, lse, launch: Launch, *, need_dq: bool = True, need_dkv: bool = True):
+def backward(do, q, k_cache, v_cache, out, lse, launch: Launch, *, need_dq: bool = True, need_dkv: bool = True,
+             deterministic: bool | None = None):
     """Gradients of ``segment_attention`` for a checked ``launch``: do, q, out (B, H, S, D); k_cache, v_cache
     (Hkv, N, D); lse (B, H, S) fp32 from ``forward(..., store_lse=True)``. Returns dq (B, H, S, D) in q's dtype
     and dk, dv (Hkv, N, D) in the store's dtype, zero on rows no call read; None for those not needed (that
-    kernel is not launched)."""
+    kernel is not launched). ``deterministic`` (default: ``torch.are_deterministic_algorithms_enabled()``): dK / dV
+    from per-tile partials added in a fixed order instead of atomics, the same bits on every run."""
     B, H, S, D = q.shape
     Hkv, N, _ = k_cache.shape
     if q.numel() == 0 or N == 0:  # no row or no key: nothing attended, zero gradients
@@ -283,17 +299,37 @@ def backward(do, q, k_cache, v_cache, out, lse, launch: Launch, *, need_dq: bool
             q, k_cache, v_cache, do, lse, di, dq, *args, H, Hkv, S, **common, **_tiles(cfg_dq),
             FLAT_STAGES=cfg_dq.flat_loop_stages)
     if need_dkv:
-        dk, dv = torch.zeros((2, Hkv, N, D), dtype=torch.float32, device=q.device)  # fp32, added to atomically
         # Key tiles per call: its segment tiles, then its own keys (own_past + new_len of them; unless the caller
         # gave the largest, it is read back here: one synchronisation on CUDA).
         own_len = launch.max_own_len
         if own_len is None:
             own_len = int((launch.own_past + launch.new_len.clamp(max=S)).max())
-        own_tiles = triton.cdiv(own_len, cfg_kv.block_n)
-        _attn_bwd_dkdv[(tiles.max_tiles + own_tiles, B * Hkv)](
-            q, k_cache, v_cache, do, lse, di, dk, dv, *args, H, Hkv, S, N, **common, **_tiles(cfg_kv))
+        grid = (tiles.max_tiles + triton.cdiv(own_len, cfg_kv.block_n), B * Hkv)
+        if deterministic is None:
+            deterministic = torch.are_deterministic_algorithms_enabled()
+        if deterministic:
+            rows = B * grid[0] * cfg_kv.block_n
+            dk, dv = torch.empty((2, rows, Hkv, D), dtype=torch.float32, device=q.device)  # per-tile partials
+            dest = torch.empty(rows, dtype=torch.int64, device=q.device)
+        else:
+            dk, dv = torch.zeros((2, Hkv, N, D), dtype=torch.float32, device=q.device)  # fp32, added to atomically
+            dest = dk  # unused
+        _attn_bwd_dkdv[grid](q, k_cache, v_cache, do, lse, di, dk, dv, dest, *args, H, Hkv, S, N, **common,
+                             DETERMINISTIC=deterministic, **_tiles(cfg_kv))
+        if deterministic:
+            dk, dv = _reduce_partials(dk, dest, N), _reduce_partials(dv, dest, N)
         dk, dv = dk.to(k_cache.dtype), dv.to(v_cache.dtype)
     return dq, dk, dv
+
+
+def _reduce_partials(part: torch.Tensor, dest: torch.Tensor, N: int) -> torch.Tensor:
+    """Add per-tile partials part (P, Hkv, D) into store rows dest (P,) (N: discarded), in the same order on every
+    run: ``index_put_`` with ``accumulate=True`` sorts the rows stably and adds each row's partials in turn (on
+    CUDA always; on CPU under ``torch.use_deterministic_algorithms``, which is on when this runs). Returns
+    (Hkv, N, D) fp32, contiguous."""
+    out = torch.zeros((N + 1,) + part.shape[1:], dtype=part.dtype, device=part.device)
+    out.index_put_((dest,), part, accumulate=True)
+    return out[:N].transpose(0, 1).contiguous()
 
 
 def _tiles(cfg: LaunchConfig) -> dict:

@@ -67,19 +67,23 @@ def test_refuses_to_compile_interpreted_kernels():
     assert run.returncode == 2 and "TRITON_INTERPRET" in run.stderr
 
 
-def _forward_stats(**options) -> dict:
-    """``compile_stats`` of the bf16 D-128 prefill forward tile (m64 n64 w4 s3) with ``options``, compiled in a
-    fresh process (this one may have imported the kernels for the interpreter)."""
+def _compiled_stats(kernel: str, **arguments) -> dict:
+    """``compile_stats(kernel, 'bf16', 128, **arguments)``, compiled in a fresh process (this one may have imported
+    the kernels for the interpreter)."""
     if not PTXAS.is_file():
         pytest.skip(f"no ptxas in the Triton wheel ({PTXAS})")
     code = ("import dataclasses, json, sys; from triton_kernels.ptxas_report import compile_stats; print(json.dumps("
-            "dataclasses.asdict(compile_stats('fwd', 'bf16', 128, block_m=64, block_n=64, num_warps=4, "
-            "num_stages=3, **json.loads(sys.argv[1])))))")
+            "dataclasses.asdict(compile_stats(sys.argv[1], 'bf16', 128, **json.loads(sys.argv[2])))))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", code, json.dumps(options)], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=600)
+    run = subprocess.run([sys.executable, "-c", code, kernel, json.dumps(arguments)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.splitlines()[-1])
+
+
+def _forward_stats(**options) -> dict:
+    """The bf16 D-128 prefill forward tile (m64 n64 w4 s3) compiled with ``options``."""
+    return _compiled_stats("fwd", block_m=64, block_n=64, num_warps=4, num_stages=3, **options)
 
 
 def test_tensor_descriptor_loads_compile_for_hopper():
@@ -128,3 +132,14 @@ def test_backward_loops_are_pipelined(default_stats):
     keeps one stage (its dots hold twice the registers)."""
     bwd = [s for s in default_stats if s["kernel"] in ("dq", "dkdv") and s["dtype"] == "bf16"]
     assert len(bwd) == 8 and all(s["loop_buffers"] >= 2 for s in bwd), bwd
+
+
+def test_deterministic_dkdv_compiles_like_the_atomic_one(default_stats):
+    """dkdv's deterministic variant (partials written with plain stores instead of atomics) compiles for sm_90 at
+    the default bf16 D-128 prefill tile with no more spill than the budget and the same pipelined loop."""
+    atomic = next(s for s in default_stats if s["label"] == "dkdv prefill" and s["dtype"] == "bf16"
+                  and s["head_dim"] == 128)
+    tiles = {k: atomic[k] for k in ("block_m", "block_n", "num_warps", "num_stages")}
+    det = _compiled_stats("dkdv", deterministic=True, **tiles)
+    assert det["deterministic"] and not atomic["deterministic"]
+    assert det["spill_bytes"] <= MAX_SPILL and det["loop_buffers"] == atomic["loop_buffers"], (det, atomic)

@@ -5,6 +5,7 @@ tests): the kernel's error against fp64 is at most 2x PyTorch's own error at the
 the reference computed at that dtype), plus a rounding floor scaled by the gradient's size.
 """
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -53,11 +54,26 @@ def read_rows(case: Case, N: int) -> torch.Tensor:
     return read.to(DEVICE)
 
 
-def check_gradients(case: Case, **kwargs):
+@contextlib.contextmanager
+def deterministic_algorithms(mode: bool = True):
+    """``torch.use_deterministic_algorithms(mode)`` inside the block, the previous setting restored after."""
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(mode)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+
+def check_gradients(case: Case, *, deterministic: bool = False, **kwargs):
+    """The kernel's gradients (under ``torch.use_deterministic_algorithms(deterministic)``) against autograd through
+    the fp64 reference, within 2x PyTorch's own error at the dtype. Returns them, (out, dq, dk, dv)."""
     args = case.tensors()
     q = args[0]
     g = torch.randn(q.shape, generator=torch.Generator().manual_seed(case.seed + 1)).to(DEVICE)
-    out, *grads = gradients(segment_attention, args, case.dtype, g.to(case.dtype), **kwargs)
+    with deterministic_algorithms(deterministic):  # the references below use matmuls: cuBLAS refuses the mode
+        out, *grads = gradients(segment_attention, args, case.dtype, g.to(case.dtype), **kwargs)
     _, *ref = gradients(segment_attention_ref, args, torch.float64, g.double())
     _, *pt = gradients(lambda *a: segment_attention_ref(*a, upcast=False), args, case.dtype, g.to(case.dtype))
     assert out.requires_grad
@@ -75,6 +91,7 @@ def check_gradients(case: Case, **kwargs):
             assert (mine[:, ~read_rows(case, mine.shape[1])] == 0).all(), f"{name} is non-zero on rows nobody read"
     for b in range(q.shape[0]):  # padding query rows get exactly zero gradient
         assert (grads[0][b, :, int(new_len[b]):] == 0).all(), f"call {b}: dq rows >= new_len are not zero"
+    return (out, *grads)
 
 
 @pytest.mark.parametrize("D", [64, 128])
@@ -90,7 +107,8 @@ def test_gradients_awkward_cases(case):
     check_gradients(case)
 
 
-@pytest.mark.parametrize("name", ["decode-S1", "overlap-repeat-gap", "padding-segments-and-rows", "multi-tile-segments"])
+@pytest.mark.parametrize("name",
+                         ["decode-S1", "overlap-repeat-gap", "padding-segments-and-rows", "multi-tile-segments"])
 def test_gradients_after_split_k_and_nested_forward(name):
     """The backward reads the row statistics of a split-K forward (merged on the host) and of the nested-loop
     forward (no tile table: the backward cuts one) as it reads the flat forward's."""
@@ -98,6 +116,29 @@ def test_gradients_after_split_k_and_nested_forward(name):
     cfg = launch_config(case.S * case.H // case.Hkv, case.D, case.dtype, interpreter_active())
     check_gradients(case, num_splits=3)
     check_gradients(case, config=dataclasses.replace(cfg, flat=False))
+
+
+@pytest.mark.parametrize("name", ["decode-S1", "overlap-repeat-gap", "padding-segments-and-rows", "all-calls-padding",
+                                  "empty-segment-list-G0", "gqa-3-decode", "seqlen-97", "multi-tile-segments", "bf16"])
+def test_deterministic_gradients(name, monkeypatch):
+    """Under torch.use_deterministic_algorithms(True) dk / dv come from per-tile partials added in a fixed order
+    (store rows read by two calls, twice by one call, or by a call and its own tokens; padding; G = 0): the
+    reference's gradients, those of the atomic path up to the order of fp32 additions, and the same bits on
+    every run."""
+    import triton_kernels.segment_attention_backward as bwd
+
+    reduced = []
+    reduce_partials = bwd._reduce_partials
+    monkeypatch.setattr(bwd, "_reduce_partials", lambda *a: reduced.append(a[0].shape) or reduce_partials(*a))
+    case = AWKWARD[name]
+    first = check_gradients(case, deterministic=True)
+    assert len(reduced) == 2, "the deterministic path did not run"  # dk and dv
+    again = check_gradients(case, deterministic=True)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    atomic = check_gradients(case)
+    assert len(reduced) == 4
+    torch.testing.assert_close(first, atomic)
 
 
 def test_padding_rows_with_garbage_do_not_leak():
