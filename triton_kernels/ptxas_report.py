@@ -42,9 +42,11 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class KernelStats:
-    """One compiled kernel: ``registers`` per thread, ``spill_bytes`` (local-memory stores), ``shared_bytes``, and
+    """One compiled kernel: ``registers`` per thread, ``spill_bytes`` (local-memory stores), ``shared_bytes``,
     ``loop_buffers``: the shared-memory buffers of each tile its first loop loads (forward: the segments' K/V
-    tiles; dq: K/V; dkdv: the query blocks); 1 = not pipelined, b = tiles loaded b - 1 iterations ahead."""
+    tiles; dq: K/V; dkdv: the query blocks); 1 = not pipelined, b = tiles loaded b - 1 iterations ahead; and
+    ``loop_instructions``: what one iteration of that loop issues on its common path (``loop_instructions``;
+    None without nvdisasm)."""
 
     kernel: str
     dtype: str
@@ -60,6 +62,7 @@ class KernelStats:
     spill_bytes: int
     shared_bytes: int
     loop_buffers: int
+    loop_instructions: int | None
     arch: int
 
 
@@ -144,7 +147,8 @@ def compile_stats(kernel: str, dtype: str, head_dim: int, *, block_m: int, block
                        num_warps=num_warps, num_stages=num_stages, tma=tma, flat_stages=flat_stages,
                        deterministic=deterministic,
                        registers=registers, spill_bytes=spills, shared_bytes=compiled.metadata.shared,
-                       loop_buffers=loop_buffers(compiled.asm["ttgir"], tile, head_dim), arch=arch)
+                       loop_buffers=loop_buffers(compiled.asm["ttgir"], tile, head_dim),
+                       loop_instructions=_main_loop_instructions(compiled.asm["cubin"]), arch=arch)
 
 
 def loop_buffers(ttgir: str, tile: int, head_dim: int) -> int:
@@ -159,6 +163,50 @@ def loop_buffers(ttgir: str, tile: int, head_dim: int) -> int:
     shapes = {(tile, head_dim), (head_dim, tile)}
     counts = [int(b) for b, r, c in rings if (int(r), int(c)) in shapes]
     return min(counts, default=1)
+
+
+_SASS_LINE = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(.*?)\s*;")
+_SASS_LABEL = re.compile(r"^\s*\.(L_x_\d+):")
+_SASS_BRANCH = re.compile(r"\bBRA(?:\.\w+)*\s+`?\(?\.?(L_x_\d+)")
+
+
+def loop_instructions(sass: str) -> int:
+    """Instructions one iteration of a kernel's main loop issues on its common path, from its SASS (``nvdisasm``
+    output). The main loop: the longest loop (code from a label to a branch back to it) holding a tensor-core
+    instruction (HGMMA / HMMA): the forward's and dq's loop over the segments' key tiles, dkdv's over query
+    blocks (in a kernel with no tensor-core instruction, IEEE fp32 dots on the FMA units: the longest loop). Its
+    common path takes every forward branch inside it: the blocks the compiler jumps over run only sometimes (a
+    new segment's re-rotation, a partial tile's mask, a sine's slow argument reduction)."""
+    ins, labels = [], {}
+    for line in sass.splitlines():
+        if m := _SASS_LABEL.match(line):
+            labels[m.group(1)] = len(ins)
+        elif m := _SASS_LINE.match(line):
+            ins.append(m.group(1))
+    loops = [(labels[m.group(1)], i) for i, text in enumerate(ins)
+             if (m := _SASS_BRANCH.search(text)) and labels.get(m.group(1), len(ins)) <= i]
+    mma = [(lo, hi) for lo, hi in loops if any(re.search(r"\bH(GMMA|MMA)\b", t) for t in ins[lo:hi + 1])]
+    if not loops:
+        raise ValueError("the kernel's SASS has no loop")
+    lo, hi = max(mma or loops, key=lambda r: r[1] - r[0])
+    skipped = set()
+    for i in range(lo, hi + 1):
+        if (m := _SASS_BRANCH.search(ins[i])) and labels.get(m.group(1), -1) > i:
+            skipped.update(range(i + 1, min(labels[m.group(1)], hi + 1)))
+    return hi - lo + 1 - len(skipped)
+
+
+def _main_loop_instructions(cubin: bytes) -> int | None:
+    import triton
+
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    if not nvdisasm.is_file():
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        run = subprocess.run([str(nvdisasm), "-c", str(path)], capture_output=True, text=True, check=True)
+    return loop_instructions(run.stdout)
 
 
 def _ptxas_verbose(ptx: str, arch: int) -> tuple[int, int]:
@@ -209,7 +257,7 @@ def default_stats(dtypes: Sequence[str] = ("bf16",), head_dims: Sequence[int] = 
 
 
 COLUMNS = ["kernel", "dtype", "D", "tiles (block_m, block_n, warps, stages)", "registers / thread", "spilled bytes",
-           "shared memory", "first loop's buffers per tile"]
+           "shared memory", "first loop's buffers per tile", "first loop's instructions per tile"]
 
 
 def tiles_label(st: KernelStats) -> str:
@@ -227,7 +275,8 @@ def write_report(rows, out: Path, *, command: str) -> Path:
 
     arch = {st.arch for _, st in rows}
     table = [[label, st.dtype, st.head_dim,
-              tiles_label(st), st.registers, st.spill_bytes, f"{st.shared_bytes / 1024:.0f} KiB", st.loop_buffers]
+              tiles_label(st), st.registers, st.spill_bytes, f"{st.shared_bytes / 1024:.0f} KiB", st.loop_buffers,
+              "-" if st.loop_instructions is None else st.loop_instructions]
              for label, st in rows]
     prov = provenance(command=command, device=f"none: compiled for sm_{'/'.join(map(str, sorted(arch)))} by Triton "
                                              f"{triton.__version__} and its ptxas")
@@ -242,7 +291,14 @@ def write_report(rows, out: Path, *, command: str) -> Path:
              "of their stages (LaunchConfig.flat_stages): the forward's gets 2 x stages - 1, so that its buffers "
              "match its own-token loops', and dq's 2 x stages + 1, the fewest that pipeline it. 'flat-sN': a loop "
              "compiled with N stages.",
-             "tests/kernels/test_ptxas_report.py fails if a default tile spills more than 64 bytes."]
+             "Instructions per tile, from the SASS (nvdisasm): what one iteration of that first loop issues on its "
+             "common path, every forward branch in it taken (a new segment's re-rotation, a partial tile's mask "
+             "and a sine's slow argument reduction run only sometimes), per warp. An SM's 4 schedulers issue one "
+             "warp instruction a cycle each: with two 4-warp programs per SM a loop needs about as many issue "
+             "cycles per tile as it has instructions per tile, while a bf16 D-128 forward tile's dots (2 x 64 x 64 "
+             "x 128 multiply-adds) keep the tensor cores busy for about 512 cycles.",
+             "tests/kernels/test_ptxas_report.py fails if a default tile spills more than 64 bytes, or if the "
+             "forward's flat loop issues more per tile than its budget."]
     title = "Segment-attention kernels: registers, spills, shared memory and pipelining"
     return write_table(out, "registers", title=title,
                        columns=COLUMNS, rows=table, data={"kernels": [dict(label=label, **dataclasses.asdict(st))
@@ -291,7 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"{label:<14} {st.dtype} D={st.head_dim:<4} {tiles_label(st)}: {st.registers} registers, "
                   f"{st.spill_bytes} B spilled, {st.shared_bytes / 1024:.0f} KiB shared, {st.loop_buffers} "
-                  f"buffer(s) per tile in the first loop (sm_{st.arch})", flush=True)
+                  f"buffer(s) and {st.loop_instructions} instructions per tile in the first loop (sm_{st.arch})",
+                  flush=True)
     return 0
 
 

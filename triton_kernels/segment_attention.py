@@ -47,6 +47,15 @@ Triton GPU IR; none of this is timed yet):
   restarts its pipeline at every segment.
 - With ``tma=True``, keys past a partial tile's count are zeroed in registers, which sends every V tile through
   registers and back to shared memory.
+- Instructions issued per key tile (SASS, nvdisasm; ``ptxas_report``'s ``loop_instructions``): masked K/V loads
+  and a masked score tile cost the flat loop 674 instructions per whole tile at prefill and 481 at decode (the
+  own-token loop over whole tiles, counted the same way: 404 and 284).
+  A prefill tile's dots take about 512 cycles of an SM's tensor cores (2 x 64 x 64 x 128 multiply-adds at
+  ~4k flops per cycle); two programs per SM, 4 warps each, issuing 674 instructions per tile need ~674 issue
+  cycles per tile on its 4 schedulers: by this count (an estimate, not a measurement) the flat loop was bound by
+  instruction issue where the own loop is bound by the tensor cores. Loads
+  that re-read a tile's last key instead of masking (in bounds, finite), and a score mask only on a partial
+  tile, bring that to 534 and 372 (``_attn_fwd_flat``).
 
 Worked example (call 0 sees store rows 0..9 moved 5 positions later, then its own 3 tokens, 2 of them new)::
 
@@ -109,8 +118,22 @@ def _load_q_rotated(q_ptrs, q_swap_ptrs, row_ok, rot_sign, inv_freq, delta):
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)  # (BLOCK_M, D)
     # An unmoved tile (delta 0, the common case) needs no swapped copy: the predicated-off load reads no memory.
     q_swap = tl.load(q_swap_ptrs, mask=row_ok[:, None] & (delta != 0), other=0.0).to(tl.float32)
-    angle = -delta.to(tl.float32) * inv_freq  # (D,), each frequency repeated for both halves
-    return q * tl.cos(angle)[None, :] + rot_sign[None, :] * q_swap * tl.sin(angle)[None, :]
+    cos_a, sin_a = _rotation(inv_freq, delta)
+    return _rotate(q, q_swap, rot_sign, cos_a, sin_a)
+
+
+@triton.jit
+def _rotation(inv_freq, delta):
+    # cos and sin (D,) of R(-delta)'s angles, -delta * inv_freq (each frequency repeated for both halves of D).
+    angle = -delta.to(tl.float32) * inv_freq
+    return tl.cos(angle), tl.sin(angle)
+
+
+@triton.jit
+def _rotate(x, x_swap, rot_sign, cos_a, sin_a):
+    # Rows x (R, D) rotated by the angles of cos_a, sin_a (D,), in fp32; x_swap: the same rows with their two
+    # halves of D swapped (rotate_half(x) = rot_sign * x_swap).
+    return x * cos_a[None, :] + rot_sign[None, :] * x_swap * sin_a[None, :]
 
 
 @triton.jit
@@ -148,6 +171,10 @@ def _attn_fwd_flat(acc, l_i, m_i, Q, q_ptrs, q_swap_ptrs, row_ok, rot_sign, inv_
     # through per-element address tensors; keys past the tile's count are masked in the scores as before.
     # STAGES: this loop's software-pipelining stages. K/V addresses depend on a tile-table load, and the
     # pipeliner shares the stages between the two loads: 2p + 1 stages keep K/V p tiles ahead (``LaunchConfig``).
+    # Without TMA the loads are not masked: lanes past a tile's count re-read its last key (in bounds, and a key
+    # the call attends to, so finite), and only a partial tile masks its scores. A whole tile (every tile of a
+    # segment but its last) then pays no per-key predicate on its loads or scores: for the bf16 D-128 prefill
+    # tile that is 534 instructions per tile on sm_90 instead of 674 with masked loads (``ptxas_report``).
     cur = tl.load(TILE_DELTA + t_lo * stride_tt, mask=t_lo < t_hi, other=0)
     q = _to(_load_q_rotated(q_ptrs, q_swap_ptrs, row_ok, rot_sign, inv_freq, cur), Q.dtype.element_ty, FIX_BF16)
     for t in tl.range(t_lo, t_hi, num_stages=STAGES):
@@ -159,22 +186,23 @@ def _attn_fwd_flat(acc, l_i, m_i, Q, q_ptrs, q_swap_ptrs, row_ok, rot_sign, inv_
                     FIX_BF16)
             cur = delta
         col_ok = offs_n < cnt
+        key = tl.minimum(offs_n, cnt - 1)  # (BLOCK_N,) the key each lane loads: cnt >= 1 in every table tile
         if TMA:
             kT = tl.trans(K_DESC.load([off_hkv, row.to(tl.int32), 0]).reshape(BLOCK_N, HEAD_DIM))
         else:
-            kT = tl.load(K_HEAD + (row + offs_n)[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                         mask=col_ok[None, :], other=0.0)  # (D, BLOCK_N)
+            kT = tl.load(K_HEAD + row * stride_kn + (key[None, :] * stride_kn + offs_d[:, None] * stride_kd))
         if DOT_FP32:
             qk = tl.dot(q.to(tl.float32), kT.to(tl.float32), input_precision=INPUT_PRECISION)
         else:
-            qk = tl.dot(q, kT, input_precision=INPUT_PRECISION)
-        qk = tl.where(col_ok[None, :], qk * qk_scale, float("-inf"))
+            qk = tl.dot(q, kT, input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        qk = qk * qk_scale
+        if TMA or cnt < BLOCK_N:
+            qk = tl.where(col_ok[None, :], qk, float("-inf"))
         if TMA:  # rows past the count are other keys' values (finite), zeroed so no inf * 0 can reach acc
             v = V_DESC.load([off_hkv, row.to(tl.int32), 0]).reshape(BLOCK_N, HEAD_DIM)
             v = tl.where(col_ok[:, None], v, 0.0)
         else:
-            v = tl.load(V_HEAD + (row + offs_n)[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                        mask=col_ok[:, None], other=0.0)  # (BLOCK_N, D)
+            v = tl.load(V_HEAD + row * stride_vn + (key[:, None] * stride_vn + offs_d[None, :] * stride_vd))
         acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, DOT_FP32, INPUT_PRECISION, FIX_BF16)
     return acc, l_i, m_i
 

@@ -9,7 +9,8 @@ where K' are the keys as the call sees them. A segment moved by delta is seen as
 <q, R(delta) k> = <R(-delta) q, k>), so
 
 - ``_attn_bwd_dq`` (one program per query block, call and KV head, the forward's grid) rotates each key tile by
-  +delta in registers: dQ += dS (R(delta) K). No atomics; deterministic.
+  +delta in registers: dQ += dS (R(delta) K), the rotation's cosines and sines computed once per segment (where
+  the delta changes), the loads unmasked as in the forward's flat loop. No atomics; deterministic.
 - ``_attn_bwd_dkdv`` (one program per key tile, call and KV head: the call's segment tiles from the forward's tile
   table, then its own keys, as many as ``max_own_len`` allows) counter-rotates the query by -delta, as the
   forward does, so the key gradient comes out in the store's frame directly: dK += dS^T (R(-delta) Q). A store
@@ -39,8 +40,8 @@ import triton
 from torch.autograd.function import once_differentiable
 import triton.language as tl
 
-from .segment_attention import (LOG2E, Launch, LaunchConfig, _load_q_rotated, _rope_tables, _to, forward,
-                                interpreter_active, tile_table)
+from .segment_attention import (LOG2E, Launch, LaunchConfig, _load_q_rotated, _rope_tables, _rotate, _rotation, _to,
+                                forward, interpreter_active, tile_table)
 
 __all__ = ["SegmentAttentionFunction", "backward", "backward_configs"]
 
@@ -122,17 +123,23 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DI, DQ,  #
     # -- the segments' key tiles, each rotated by its +delta (every valid row sees every key) --
     T_ROW = TILES + off_b.to(tl.int64) * stride_tb
     n_tiles = tl.where(alive, tl.load(N_TILES + off_b), 0)
+    cur = tl.load(T_ROW + 2 * stride_tc, mask=n_tiles > 0, other=0)
+    cos_a, sin_a = _rotation(inv_freq, -cur)  # R(+delta), recomputed only where the delta changes
     for t in tl.range(0, n_tiles, num_stages=FLAT_STAGES):
         row = tl.load(T_ROW + t * stride_tt).to(tl.int64)
         cnt = tl.load(T_ROW + stride_tc + t * stride_tt)
         delta = tl.load(T_ROW + 2 * stride_tc + t * stride_tt)
+        if delta != cur:
+            cos_a, sin_a = _rotation(inv_freq, -delta)
+            cur = delta
         col_ok = offs_n < cnt
-        k_rows = K_HEAD + (row + offs_n)[:, None] * stride_kn
-        k = _load_q_rotated(k_rows + offs_d[None, :] * stride_kd, k_rows + offs_swap[None, :] * stride_kd, col_ok,
-                            rot_sign, inv_freq, -delta)  # R(+delta) k, fp32
-        k = _to(k, DTYPE, FIX_BF16)
-        v = tl.load(V_HEAD + (row + offs_n)[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=col_ok[:, None], other=0.0)
+        # Unmasked loads, as in the forward's flat loop: lanes past the count re-read the tile's last key.
+        key = tl.minimum(offs_n, cnt - 1)  # (BLOCK_N,)
+        k_rows = K_HEAD + row * stride_kn + key[:, None] * stride_kn
+        k = tl.load(k_rows + offs_d[None, :] * stride_kd).to(tl.float32)  # (BLOCK_N, D)
+        k_swap = tl.load(k_rows + offs_swap[None, :] * stride_kd, mask=delta != 0, other=0.0).to(tl.float32)
+        k = _to(_rotate(k, k_swap, rot_sign, cos_a, sin_a), DTYPE, FIX_BF16)  # R(+delta) k
+        v = tl.load(V_HEAD + row * stride_vn + (key[:, None] * stride_vn + offs_d[None, :] * stride_vd))
         ok = row_ok[:, None] & col_ok[None, :]
         p, ds = _grad_scores(q, k, v, do, lse, di, ok, qk_scale, DTYPE, DOT_FP32, INPUT_PRECISION, FIX_BF16)
         dq = _mma(ds, k, dq, DOT_FP32, INPUT_PRECISION)

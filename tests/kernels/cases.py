@@ -116,3 +116,14 @@ AWKWARD = {
     "large-deltas": Case(segments=[[(0, 20, 4000), (20, 20, -4000)]], own_start=[40], own_past=[2], new_len=[3],
                          S=3),
 }
+
+
+def read_rows(case: Case, N: int) -> torch.Tensor:
+    """(N,) bool on DEVICE: the store rows some call of ``case`` attends to (its segments, and its own rows)."""
+    read = torch.zeros(N, dtype=torch.bool)
+    for segs, start, past, n in zip(case.segments, case.own_start, case.own_past, case.new_len):
+        for row, length, _ in segs:
+            read[row:row + length] = True
+        if n:  # a call with no valid row reads nothing
+            read[start:start + past + n] = True
+    return read.to(DEVICE)

@@ -13,7 +13,8 @@ import triton
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.kernels.cases import ABS_FLOOR, AWKWARD, CUDA, DEVICE, EXAMPLES, Case, cases  # sets TRITON_INTERPRET
+from tests.kernels.cases import (ABS_FLOOR, AWKWARD, CUDA, DEVICE, EXAMPLES, Case, cases,  # sets TRITON_INTERPRET
+                                 read_rows)
 from triton_kernels import (LaunchConfig, TileTable, default_splits, interpreter_active, is_available,
                             launch_config, segment_attention, tile_table)
 from triton_kernels.reference import dense_layout, segment_attention_ref, segment_attention_sdpa
@@ -74,6 +75,37 @@ def test_padding_rows_ignore_garbage_queries():
     out = segment_attention(*args)
     assert not out.isnan().any()
     assert torch.equal(out, clean)
+
+
+GARBAGE_CASES = ["overlap-repeat-gap", "multi-tile-segments", "decode-S1", "padding-segments-and-rows", "gqa-3-decode",
+                 "gqa-4-to-1"]
+
+
+def with_garbage_in_unread_rows(case: Case, args: tuple) -> tuple:
+    """``args`` (``Case.tensors``) with NaN in the keys and inf in the values of every store row no call reads:
+    gaps between segments, and the rows just past a segment's last, partial key tile."""
+    q, k, v, *rest = args
+    unread = ~read_rows(case, k.shape[1])
+    assert unread.any(), f"{case} reads every store row"
+    k, v = k.clone(), v.clone()
+    k[:, unread], v[:, unread] = float("nan"), float("inf")
+    return (q, k, v, *rest)
+
+
+@pytest.mark.parametrize("loop", ["flat", "nested"] + (["tma"] if HOPPER else []))
+@pytest.mark.parametrize("name", GARBAGE_CASES)
+def test_unread_store_rows_ignore_garbage(name, loop):
+    """Store rows no call reads may hold anything (freed or never written): the output is bit for bit the one
+    with finite values there, whether a partial tile's lanes past its count are masked (nested loop), re-read
+    its last key (flat loop) or read the rows after it and zero them (tensor descriptors); with split-K too."""
+    case = AWKWARD[name]
+    cfg = dataclasses.replace(launch_config(case.S * case.H // case.Hkv, case.D, case.dtype, interpreter_active()),
+                              flat=loop != "nested", tma=loop == "tma")
+    args = case.tensors()
+    dirty = with_garbage_in_unread_rows(case, args)
+    for splits in (1, 3):
+        clean = segment_attention(*args, config=cfg, num_splits=splits)
+        assert torch.equal(segment_attention(*dirty, config=cfg, num_splits=splits), clean)
 
 
 def test_strided_inputs():

@@ -13,7 +13,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.kernels.cases import ABS_FLOOR, AWKWARD, CUDA, DEVICE, EXAMPLES, Case, cases  # sets TRITON_INTERPRET
+from tests.kernels.cases import (ABS_FLOOR, AWKWARD, CUDA, DEVICE, EXAMPLES, Case, cases,  # sets TRITON_INTERPRET
+                                 read_rows)
 from triton_kernels import LaunchConfig, interpreter_active, is_available, launch_config, segment_attention
 from triton_kernels.reference import segment_attention_ref
 from triton_kernels.segment_attention_backward import backward_configs
@@ -41,17 +42,6 @@ def gradients(fn, args, dtype, cotangent, **kwargs):
     out = fn(q, k, v, *rest, **kwargs)
     (out.to(cotangent.dtype) * cotangent).sum().backward()
     return out, q.grad, k.grad, v.grad
-
-
-def read_rows(case: Case, N: int) -> torch.Tensor:
-    """(N,) bool: the store rows some call of ``case`` attends to (its segments, and its own rows)."""
-    read = torch.zeros(N, dtype=torch.bool)
-    for segs, start, past, n in zip(case.segments, case.own_start, case.own_past, case.new_len):
-        for row, length, _ in segs:
-            read[row:row + length] = True
-        if n:  # a call with no valid row reads nothing
-            read[start:start + past + n] = True
-    return read.to(DEVICE)
 
 
 @contextlib.contextmanager
@@ -155,6 +145,21 @@ def test_padding_rows_with_garbage_do_not_leak():
     dirty = gradients(segment_attention, args, case.dtype, g)
     for a, b in zip(clean[1:], dirty[1:]):
         assert not b.isnan().any()
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["overlap-repeat-gap", "multi-tile-segments", "decode-S1", "gqa-4-to-1"])
+def test_unread_store_rows_ignore_garbage(name):
+    """NaN keys and inf values in store rows no call reads change no gradient: dq, and dk / dv on the rows read
+    (the rows nobody read get zero either way)."""
+    from tests.kernels.test_segment_attention import with_garbage_in_unread_rows
+
+    case = AWKWARD[name]
+    args = case.tensors()
+    g = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    clean = gradients(segment_attention, args, case.dtype, g)
+    dirty = gradients(segment_attention, with_garbage_in_unread_rows(case, args), case.dtype, g)
+    for a, b in zip(clean, dirty):
         assert torch.equal(a, b)
 
 
