@@ -97,14 +97,15 @@ class AttentionPlan:
         if key not in self._index:
             table, own = self._host_table()
             tiles = tile_table(*table, block_n)
-            parts = [table, own, tiles.tiles, tiles.n_tiles]
+            # The int64 tile entries go first, as int32 pairs, so that their view back is 8-byte aligned.
+            parts = [tiles.tiles.view(torch.int32), table, own, tiles.n_tiles]
             flat = torch.cat([p.flatten() for p in parts]).to(device)  # one copy
             views, at = [], 0
             for p in parts:
                 views.append(flat[at:at + p.numel()].view(p.shape))
                 at += p.numel()
-            self._index[key] = (*views[0], *views[1], TileTable(block_n=block_n, tiles=views[2], n_tiles=views[3],
-                                                                  max_tiles=tiles.max_tiles))
+            self._index[key] = (*views[1], *views[2], TileTable(block_n=block_n, tiles=views[0].view(torch.int64),
+                                                                  n_tiles=views[3], max_tiles=tiles.max_tiles))
         return self._index[key]
 
     def _host_table(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -77,21 +77,21 @@ def _kernel(name: str):
 
 
 def values(head_dim: int) -> dict[str, int]:
-    """Representative integer arguments: q (B, H, S, D) and out contiguous, store (Hkv, N, D), tile table (3, B, T),
+    """Representative integer arguments: q (B, H, S, D) and out contiguous, store (Hkv, N, D), tile table (B, T),
     segment table (B, G), H = 32 query heads over Hkv = 8."""
-    S, H, Hkv, B, T, N, G, D = 256, 32, 8, 16, 40, 40000, 8, head_dim
+    S, H, Hkv, T, N, G, D = 256, 32, 8, 40, 40000, 8, head_dim
     q = {"b": H * S * D, "h": S * D, "s": D, "d": 1}
     kv = {"h": N * D, "n": D, "d": 1}
     return ({f"stride_q{k}": v for k, v in q.items()} | {f"stride_o{k}": v for k, v in q.items()}
             | {f"stride_k{k}": v for k, v in kv.items()} | {f"stride_v{k}": v for k, v in kv.items()}
-            | {"stride_segb": G, "stride_segg": 1, "stride_tc": B * T, "stride_tb": T, "stride_tt": 1,
+            | {"stride_segb": G, "stride_segg": 1, "stride_tb": T, "stride_tt": 1,
                "H": H, "Hkv": Hkv, "S": S, "G": G, "N": N})
 
 
 FLOAT_ARGS = ("qk_scale", "sm_scale")
 FP32_POINTERS = ("LSE", "DI", "DK", "DV", "INV_FREQ", "PART_ACC", "PART_M", "PART_L")
 DATA_POINTERS = ("Q", "K", "V", "DO", "DQ", "OUT", "K_DESC", "V_DESC")
-I64_POINTERS = ("DEST",)
+I64_POINTERS = ("DEST", "TILES")
 
 
 def compile_stats(kernel: str, dtype: str, head_dim: int, *, block_m: int, block_n: int, num_warps: int,
@@ -288,8 +288,8 @@ def write_report(rows, out: Path, *, command: str) -> Path:
              "gives each tile the kernel's first loop loads (forward and dq: the segments' K/V tiles; dkdv: the "
              "query blocks); b buffers load tiles b - 1 iterations ahead, 1 means the loop waits for every load. "
              "The flat loops of the forward and dq kernels address K/V through a tile-table load, which takes part "
-             "of their stages (LaunchConfig.flat_stages): the forward's gets 2 x stages - 1, so that its buffers "
-             "match its own-token loops', and dq's 2 x stages + 1, the fewest that pipeline it. 'flat-sN': a loop "
+             "of their stages (LaunchConfig.flat_stages): the forward's gets num_stages, which gives it its "
+             "own-token loops' buffers, and dq's stages + 1, the fewest that pipeline it. 'flat-sN': a loop "
              "compiled with N stages.",
              "Instructions per tile, from the SASS (nvdisasm): what one iteration of that first loop issues on its "
              "common path, every forward branch in it taken (a new segment's re-rotation, a partial tile's mask "

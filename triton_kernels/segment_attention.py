@@ -38,9 +38,10 @@ decode over 1k-4k keys per call runs at 1.4x causal SDPA's speed at equal attend
 
 Where the time goes, as the compiled code shows it (sm_90, Triton 3.7, bf16 D 128; ``ptxas_report`` and the
 Triton GPU IR; none of this is timed yet):
-- Until ``LaunchConfig.flat_stages``, the flat loop kept one K/V tile in flight at prefill and none at decode,
-  where the own-token loops kept two: its stages are shared with the tile-table load that addresses K/V. It now
-  keeps two (three buffers at prefill, two at decode) at the same shared memory.
+- With three int32 table loads per tile, the flat loop kept one K/V tile in flight at prefill and none at
+  decode at ``num_stages``, where the own-token loops kept two: its stages are shared with the tile-table loads
+  that address K/V. One int64 entry per tile (``pack_tiles``) gives it the own loops' buffers (three at prefill,
+  two at decode) at ``num_stages`` and the same shared memory (``LaunchConfig.flat_stages``).
 - The counter-rotated query is carried across the flat loop in registers, so every tile stores it to shared
   memory and loads it back for the score dot (a BLOCK_M x D round trip per tile, about as many bytes as the
   K/V tile itself); the own loops keep their query in shared memory once. The nested loop avoids this but
@@ -55,7 +56,8 @@ Triton GPU IR; none of this is timed yet):
   cycles per tile on its 4 schedulers: by this count (an estimate, not a measurement) the flat loop was bound by
   instruction issue where the own loop is bound by the tensor cores. Loads
   that re-read a tile's last key instead of masking (in bounds, finite), and a score mask only on a partial
-  tile, bring that to 534 and 372 (``_attn_fwd_flat``).
+  tile, bring that to 534 and 372 (``_attn_fwd_flat``); one int64 table entry per tile, read with one load
+  instead of three, to 500 and 344.
 
 Worked example (call 0 sees store rows 0..9 moved 5 positions later, then its own 3 tokens, 2 of them new)::
 
@@ -79,11 +81,17 @@ import triton
 import triton.language as tl
 
 __all__ = ["segment_attention", "is_available", "interpreter_active", "LaunchConfig", "launch_config",
-           "TileTable", "tile_table", "default_splits"]
+           "TileTable", "tile_table", "pack_tiles", "unpack_tiles", "default_splits"]
 
 # exp(x) == exp2(x * log2(e)): the softmax runs on exp2, the GPU's native exponential (one MUFU.EX2 instruction),
 # so the softmax scale is pre-multiplied by log2(e) = 1 / ln(2).
 LOG2E = 1.4426950408889634
+
+# A tile-table entry is one int64, so the flat loop reads a tile's row, count and delta with one load:
+# row (bits 0..31) + count * 2**32 (9 bits: block_n <= 256) + delta * 2**41 (23 bits, signed).
+TILE_COUNT_BITS: tl.constexpr = tl.constexpr(9)
+TILE_COUNT_LIMIT: tl.constexpr = tl.constexpr(1 << 9)
+MAX_TILE_DELTA = (1 << 22) - 1  # |delta| <= this
 
 
 @triton.jit
@@ -105,6 +113,15 @@ def _rope_tables(INV_FREQ, offs_d, HEAD_DIM: tl.constexpr):
     # the column the other half pairs with d ((d + D / 2) % D, for the half-swapped load).
     HALF: tl.constexpr = HEAD_DIM // 2
     return tl.where(offs_d < HALF, -1.0, 1.0), tl.load(INV_FREQ + offs_d % HALF), (offs_d + HALF) % HEAD_DIM
+
+
+@triton.jit
+def _tile(ENTRY, ok):
+    # One tile-table entry (int64, ``pack_tiles``): its first store row (int64), key count and position delta
+    # (zeros where not ok).
+    e = tl.load(ENTRY, mask=ok, other=0)
+    hi = (e >> 32).to(tl.int32)  # count + delta * 2**9 (arithmetic shifts: the delta keeps its sign)
+    return e & 0xFFFFFFFF, hi & (TILE_COUNT_LIMIT - 1), hi >> TILE_COUNT_BITS
 
 
 @triton.jit
@@ -159,28 +176,26 @@ def _online_softmax(acc, l_i, m_i, qk, v, DOT_FP32: tl.constexpr, INPUT_PRECISIO
 
 @triton.jit
 def _attn_fwd_flat(acc, l_i, m_i, Q, q_ptrs, q_swap_ptrs, row_ok, rot_sign, inv_freq,  #
-                   TILE_ROW, TILE_CNT, TILE_DELTA, stride_tt, t_lo, t_hi, K_HEAD, V_HEAD, qk_scale,  #
+                   T_ROW, stride_tt, t_lo, t_hi, K_HEAD, V_HEAD, qk_scale,  #
                    offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, K_DESC, V_DESC, off_hkv,  #
                    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, FIX_BF16: tl.constexpr,  #
                    TMA: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, STAGES: tl.constexpr):
-    # Tiles t_lo .. t_hi - 1 of a call's tile table, all segments in one loop: tile t holds TILE_CNT[t] keys
-    # from store row TILE_ROW[t] on, moved by TILE_DELTA[t]. The K/V addresses come from a table indexed by the
-    # loop counter, so the software pipeliner prefetches across segment boundaries (as paged attention does);
-    # the query is re-rotated only where the delta changes (once per segment). TMA: K/V tiles come through
-    # tensor descriptors over the (Hkv, N, D) store (Hopper's copy engine; rows past N read as zeros), not
-    # through per-element address tensors; keys past the tile's count are masked in the scores as before.
-    # STAGES: this loop's software-pipelining stages. K/V addresses depend on a tile-table load, and the
-    # pipeliner shares the stages between the two loads: 2p + 1 stages keep K/V p tiles ahead (``LaunchConfig``).
+    # Tiles t_lo .. t_hi - 1 of a call's row T_ROW of the tile table, all segments in one loop: tile t holds cnt
+    # keys from store row ``row`` on, moved by ``delta`` (one int64 entry, ``_tile``). The K/V addresses come from
+    # a table indexed by the loop counter, so the software pipeliner prefetches across segment boundaries (as
+    # paged attention does); the query is re-rotated only where the delta changes (once per segment). TMA: K/V
+    # tiles come through tensor descriptors over the (Hkv, N, D) store (Hopper's copy engine; rows past N read as
+    # zeros), not through per-element address tensors; keys past the tile's count are masked in the scores.
+    # STAGES: this loop's software-pipelining stages, shared by the pipeliner between the table load and the K/V
+    # loads it addresses (``LaunchConfig.flat_stages``).
     # Without TMA the loads are not masked: lanes past a tile's count re-read its last key (in bounds, and a key
     # the call attends to, so finite), and only a partial tile masks its scores. A whole tile (every tile of a
     # segment but its last) then pays no per-key predicate on its loads or scores: for the bf16 D-128 prefill
-    # tile that is 534 instructions per tile on sm_90 instead of 674 with masked loads (``ptxas_report``).
-    cur = tl.load(TILE_DELTA + t_lo * stride_tt, mask=t_lo < t_hi, other=0)
+    # tile that took 674 instructions per tile on sm_90 to 534 (``ptxas_report``).
+    _, _, cur = _tile(T_ROW + t_lo * stride_tt, t_lo < t_hi)
     q = _to(_load_q_rotated(q_ptrs, q_swap_ptrs, row_ok, rot_sign, inv_freq, cur), Q.dtype.element_ty, FIX_BF16)
     for t in tl.range(t_lo, t_hi, num_stages=STAGES):
-        row = tl.load(TILE_ROW + t * stride_tt).to(tl.int64)
-        cnt = tl.load(TILE_CNT + t * stride_tt)
-        delta = tl.load(TILE_DELTA + t * stride_tt)
+        row, cnt, delta = _tile(T_ROW + t * stride_tt, True)
         if delta != cur:
             q = _to(_load_q_rotated(q_ptrs, q_swap_ptrs, row_ok, rot_sign, inv_freq, delta), Q.dtype.element_ty,
                     FIX_BF16)
@@ -249,7 +264,7 @@ def _attn_fwd(Q, K, V, OUT, LSE, PART_ACC, PART_M, PART_L, K_DESC, V_DESC,  #
               stride_kh, stride_kn, stride_kd,  #
               stride_vh, stride_vn, stride_vd,  #
               stride_ob, stride_oh, stride_os, stride_od,  #
-              stride_segb, stride_segg, stride_tc, stride_tb, stride_tt,  #
+              stride_segb, stride_segg, stride_tb, stride_tt,  #
               H, Hkv, S, G,  #
               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
               FLAT: tl.constexpr, FLAT_STAGES: tl.constexpr, SPLIT: tl.constexpr, STORE_LSE: tl.constexpr,  #
@@ -298,10 +313,9 @@ def _attn_fwd(Q, K, V, OUT, LSE, PART_ACC, PART_M, PART_L, K_DESC, V_DESC,  #
         t_hi = tl.minimum(t_lo + chunk, n_tiles)
         T_ROW = TILES + off_b.to(tl.int64) * stride_tb
         acc, l_i, m_i = _attn_fwd_flat(acc, l_i, m_i, Q, q_ptrs, q_swap_ptrs, row_ok, rot_sign, inv_freq,
-                                       T_ROW, T_ROW + stride_tc, T_ROW + 2 * stride_tc, stride_tt, t_lo, t_hi,
-                                       K_HEAD, V_HEAD, qk_scale, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
-                                       stride_vd, K_DESC, V_DESC, off_hkv, DOT_FP32, INPUT_PRECISION, FIX_BF16,
-                                       TMA, BLOCK_N, HEAD_DIM, FLAT_STAGES)
+                                       T_ROW, stride_tt, t_lo, t_hi, K_HEAD, V_HEAD, qk_scale, offs_n, offs_d,
+                                       stride_kn, stride_kd, stride_vn, stride_vd, K_DESC, V_DESC, off_hkv,
+                                       DOT_FP32, INPUT_PRECISION, FIX_BF16, TMA, BLOCK_N, HEAD_DIM, FLAT_STAGES)
     else:
         n_seg = tl.where(alive, G, 0)
         chunk = tl.cdiv(n_seg, num_splits)
@@ -431,14 +445,14 @@ class LaunchConfig:
     tma: (flat loop, CUDA capability >= 9) load K/V tiles through host-made tensor descriptors (Hopper's copy
     engine) instead of per-element addresses; needs k_cache / v_cache with unit last stride and 16-byte-aligned
     strides. Off by default: not yet timed on a GPU.
-    flat_stages: software-pipelining stages of the flat loop alone (the own-token loops use ``num_stages``).
-    Its K/V loads are addressed by a tile-table load, and Triton's pipeliner (3.6, 3.7) splits a loop's stages
-    between the two loads: at ``num_stages`` 3 the forward's flat loop kept a single K/V tile in flight and
-    waited for it before every score tile (decode tiles: none in flight). The default, 2 * num_stages - 1, gives
-    it the K/V buffers the own loops get from ``num_stages``, at the same shared memory (``python -m
-    triton_kernels.ptxas_report`` prints the buffers, registers and shared memory each setting compiles to).
-    The dq kernel's loop needs more (``backward_configs``). Not yet timed on a GPU; ``flat_stages=num_stages``
-    is the forward's earlier schedule.
+    flat_stages: software-pipelining stages of the flat loop alone (the own-token loops use ``num_stages``);
+    default ``num_stages``. Its K/V loads are addressed by a tile-table load, and Triton's pipeliner (3.6, 3.7)
+    splits a loop's stages between the two: with a tile's row, count and delta in three int32 loads,
+    ``num_stages`` 3 kept one K/V tile in flight at prefill and none at decode, and 2 * num_stages - 1 stages
+    were needed to match the own loops. With one int64 entry per tile (``pack_tiles``) ``num_stages`` gives the
+    flat loop the own loops' buffers (3 at the default prefill tile, 2 at decode) at the same shared memory; more
+    stages add buffers and shared memory (``python -m triton_kernels.ptxas_report --flat-stages ...`` prints the
+    buffers, registers, shared memory and instructions each setting compiles to). dq's loop: ``backward_configs``.
     """
 
     block_m: int
@@ -451,8 +465,8 @@ class LaunchConfig:
 
     @property
     def flat_loop_stages(self) -> int:
-        """The flat loop's software-pipelining stages: ``flat_stages``, or 2 * num_stages - 1."""
-        return self.flat_stages if self.flat_stages is not None else 2 * self.num_stages - 1
+        """The flat loop's software-pipelining stages: ``flat_stages``, or ``num_stages``."""
+        return self.flat_stages if self.flat_stages is not None else self.num_stages
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
@@ -478,8 +492,9 @@ class LaunchConfig:
 class TileTable:
     """Every call's segments cut into key tiles of ``block_n`` (what the flat loop walks).
 
-    tiles: (3, B, T) int32 on the kernel's device: first store row, key count (1..block_n) and position delta of
-    each tile, calls' tiles in segment order, padded with zeros; n_tiles: (B,) int32; max_tiles: T, on the host.
+    tiles: (B, T) int64 on the kernel's device, one entry per tile (``pack_tiles``: first store row, key count
+    1..block_n and position delta), calls' tiles in segment order, padded with zeros; n_tiles: (B,) int32;
+    max_tiles: T, on the host. ``fields()`` unpacks the entries.
     """
 
     block_n: int
@@ -487,21 +502,46 @@ class TileTable:
     n_tiles: torch.Tensor
     max_tiles: int
 
+    def fields(self) -> torch.Tensor:
+        """(3, B, T) int32: each tile's first store row, key count and position delta."""
+        return unpack_tiles(self.tiles)
+
+
+def pack_tiles(row: torch.Tensor, count: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Tile-table entries, int64: row (0 <= row < 2**31) + count * 2**32 (0 <= count < 512) + delta * 2**41
+    (|delta| <= ``MAX_TILE_DELTA``), so that the kernels read a tile with one load (``_tile``)."""
+    row, count, delta = (t.to(torch.int64) for t in (row, count, delta))
+    return row + (count << 32) + delta * (1 << 41)
+
+
+def unpack_tiles(entries: torch.Tensor) -> torch.Tensor:
+    """(3, *shape) int32 row, count and delta of ``pack_tiles`` entries."""
+    hi = entries >> 32
+    return torch.stack([entries & 0xFFFFFFFF, hi & 511, hi >> 9]).to(torch.int32)
+
 
 def tile_table(seg_start, seg_len, seg_delta, block_n: int, device=None) -> TileTable:
     """Cut a segment table (B, G) into key tiles of ``block_n``; built on the host, then copied to ``device``
     (default: the tables' device). Tables on a GPU are copied to the host first (a synchronisation): callers
     that know their segments on the host (the engine) build the table there, once per step.
 
-    Example: segments (0, 100, 5) and (300, 10, 0) with block_n 64 give tiles (0, 64, 5), (64, 36, 5), (300, 10, 0).
+    Example: segments (0, 100, 5) and (300, 10, 0) with block_n 64 give tiles (0, 64, 5), (64, 36, 5), (300, 10, 0)
+    (``TileTable.fields()``).
     """
     device = torch.device(device) if device is not None else seg_start.device
     start, length, delta = (t.detach().to("cpu", torch.int64) for t in (seg_start, seg_len, seg_delta))
+    if not 1 <= block_n < 512:
+        raise ValueError(f"block_n must be in 1..511 (a tile's key count has 9 bits), got {block_n}")
+    moved = delta[length > 0]
+    if moved.numel() and int(moved.abs().max()) > MAX_TILE_DELTA:
+        bad = int(moved[moved.abs() > MAX_TILE_DELTA][0])
+        raise ValueError(f"seg_delta {bad} is out of range: tile tables hold position deltas up to "
+                         f"+-{MAX_TILE_DELTA} (use flat=False for larger moves)")
     B, G = start.shape
     per_seg = (length.clamp(min=0) + block_n - 1) // block_n  # (B, G) tiles per segment
     n_tiles = per_seg.sum(1)  # (B,)
     T = int(n_tiles.max()) if B else 0
-    table = torch.zeros(3, B, max(T, 1), dtype=torch.int32)
+    table = torch.zeros(B, max(T, 1), dtype=torch.int64)
     if T:
         flat_counts = per_seg.flatten()
         seg_id = torch.repeat_interleave(torch.arange(B * G), flat_counts)  # (total tiles,) -> segment
@@ -511,9 +551,8 @@ def tile_table(seg_start, seg_len, seg_delta, block_n: int, device=None) -> Tile
         call_first = torch.cumsum(n_tiles, 0) - n_tiles
         pos = torch.arange(len(seg_id)) - call_first[b]  # tile index within its call
         offset = j * block_n
-        table[0, b, pos] = (start.flatten()[seg_id] + offset).to(torch.int32)
-        table[1, b, pos] = (length.flatten()[seg_id] - offset).clamp(max=block_n).to(torch.int32)
-        table[2, b, pos] = delta.flatten()[seg_id].to(torch.int32)
+        table[b, pos] = pack_tiles(start.flatten()[seg_id] + offset,
+                                   (length.flatten()[seg_id] - offset).clamp(max=block_n), delta.flatten()[seg_id])
     return TileTable(block_n=block_n, tiles=table.to(device), n_tiles=n_tiles.to(torch.int32).to(device), max_tiles=T)
 
 
@@ -665,9 +704,10 @@ def segment_attention(q, k_cache, v_cache, seg_start, seg_len, seg_delta, own_st
     if tiles is not None:
         if not isinstance(tiles, TileTable):
             raise TypeError(f"tiles must be a TileTable or None, got {type(tiles).__name__}")
-        if tiles.tiles.dim() != 3 or tiles.tiles.shape[:2] != (3, B) or tuple(tiles.n_tiles.shape) != (B,):
-            raise ValueError(f"tiles must hold a (3, B = {B}, T) table and (B,) counts, got "
-                             f"{tuple(tiles.tiles.shape)} and {tuple(tiles.n_tiles.shape)}")
+        if (tiles.tiles.dim() != 2 or tiles.tiles.shape[0] != B or tiles.tiles.dtype != torch.int64
+                or tuple(tiles.n_tiles.shape) != (B,)):
+            raise ValueError(f"tiles must hold a (B = {B}, T) int64 table and (B,) counts, got "
+                             f"{tuple(tiles.tiles.shape)} {tiles.tiles.dtype} and {tuple(tiles.n_tiles.shape)}")
         if tiles.tiles.device != q.device or tiles.n_tiles.device != q.device:
             raise ValueError(f"tiles are on {tiles.tiles.device} but q is on {q.device}")
     if not is_available(q.device):
@@ -755,7 +795,7 @@ def forward(q, k_cache, v_cache, launch: Launch, *, store_lse: bool = False):
     if launch.tiles is not None:
         table, n_tiles = launch.tiles.tiles, launch.tiles.n_tiles
     else:  # never read: real tensors so no kernel argument is a null pointer
-        table, n_tiles = torch.zeros((3, B, 1), dtype=torch.int32, device=q.device), launch.own_past
+        table, n_tiles = torch.zeros((B, 1), dtype=torch.int64, device=q.device), launch.own_past
     split = num_splits > 1
     if split:  # fp32 partials: unnormalised output, row max and row sum (log2 units)
         part_acc = torch.empty((num_splits, B, H, S, D), dtype=torch.float32, device=q.device)

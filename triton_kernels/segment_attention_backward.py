@@ -40,8 +40,8 @@ import triton
 from torch.autograd.function import once_differentiable
 import triton.language as tl
 
-from .segment_attention import (LOG2E, Launch, LaunchConfig, _load_q_rotated, _rope_tables, _rotate, _rotation, _to,
-                                forward, interpreter_active, tile_table)
+from .segment_attention import (LOG2E, Launch, LaunchConfig, _load_q_rotated, _rope_tables, _rotate, _rotation, _tile,
+                                _to, forward, interpreter_active, tile_table)
 
 __all__ = ["SegmentAttentionFunction", "backward", "backward_configs"]
 
@@ -94,7 +94,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DI, DQ,  #
                  TILES, N_TILES, OWN_START, OWN_PAST, NEW_LEN, INV_FREQ, qk_scale, sm_scale,  #
                  stride_qb, stride_qh, stride_qs, stride_qd,  #
                  stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,  #
-                 stride_tc, stride_tb, stride_tt,  #
+                 stride_tb, stride_tt,  #
                  H, Hkv, S,  #
                  GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
                  DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, FIX_BF16: tl.constexpr,  #
@@ -123,12 +123,10 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DI, DQ,  #
     # -- the segments' key tiles, each rotated by its +delta (every valid row sees every key) --
     T_ROW = TILES + off_b.to(tl.int64) * stride_tb
     n_tiles = tl.where(alive, tl.load(N_TILES + off_b), 0)
-    cur = tl.load(T_ROW + 2 * stride_tc, mask=n_tiles > 0, other=0)
+    _, _, cur = _tile(T_ROW, n_tiles > 0)
     cos_a, sin_a = _rotation(inv_freq, -cur)  # R(+delta), recomputed only where the delta changes
     for t in tl.range(0, n_tiles, num_stages=FLAT_STAGES):
-        row = tl.load(T_ROW + t * stride_tt).to(tl.int64)
-        cnt = tl.load(T_ROW + stride_tc + t * stride_tt)
-        delta = tl.load(T_ROW + 2 * stride_tc + t * stride_tt)
+        row, cnt, delta = _tile(T_ROW + t * stride_tt, True)
         if delta != cur:
             cos_a, sin_a = _rotation(inv_freq, -delta)
             cur = delta
@@ -167,7 +165,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DI, DK, DV, DEST,  #
                    TILES, N_TILES, OWN_START, OWN_PAST, NEW_LEN, INV_FREQ, qk_scale, sm_scale,  #
                    stride_qb, stride_qh, stride_qs, stride_qd,  #
                    stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,  #
-                   stride_tc, stride_tb, stride_tt,  #
+                   stride_tb, stride_tt,  #
                    H, Hkv, S, N,  #
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
                    DETERMINISTIC: tl.constexpr,  #
@@ -192,10 +190,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DI, DK, DV, DEST,  #
     T_ROW = TILES + off_b.to(tl.int64) * stride_tb
     t = tl.minimum(pid, tl.maximum(n_tiles - 1, 0))  # a valid column either way; read only for segment tiles
     j0 = (pid - n_tiles) * BLOCK_N  # own index of an own tile's first key
-    row = tl.where(is_seg, tl.load(T_ROW + t * stride_tt), tl.load(OWN_START + off_b) + j0).to(tl.int64)
-    cnt = tl.where(is_seg, tl.load(T_ROW + stride_tc + t * stride_tt),
-                   tl.minimum(tl.maximum(own_past + n_new - j0, 0), BLOCK_N))
-    delta = tl.where(is_seg, tl.load(T_ROW + 2 * stride_tc + t * stride_tt), 0)
+    seg_row, seg_cnt, seg_delta = _tile(T_ROW + t * stride_tt, is_seg)
+    row = tl.where(is_seg, seg_row, tl.load(OWN_START + off_b).to(tl.int64) + j0)
+    cnt = tl.where(is_seg, seg_cnt, tl.minimum(tl.maximum(own_past + n_new - j0, 0), BLOCK_N))
+    delta = tl.where(is_seg, seg_delta, 0)
     col_ok = offs_n < cnt
     # Rows that can see this tile: every valid row for a segment tile; tokens >= j0 - own_past for an own tile.
     m_lo = tl.where(is_seg, 0, tl.maximum(j0 - own_past, 0) * GROUP // BLOCK_M * BLOCK_M)
@@ -237,8 +235,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DI, DK, DV, DEST,  #
 # ----------------------------------------------------------------------------------------------- host side
 def dq_flat_stages(num_stages: int, head_dim: int, dtype: torch.dtype) -> int | None:
     """The stages of dq's loop over the tile table (``LaunchConfig.flat_stages``) for a dq tile of ``num_stages``:
-    2 * num_stages + 1 at fp16 / bf16 with D <= 128 (see ``backward_configs``), else the LaunchConfig default."""
-    return 2 * num_stages + 1 if dtype != torch.float32 and head_dim <= 128 else None
+    num_stages + 1 at fp16 / bf16 with D <= 128 (see ``backward_configs``), else the LaunchConfig default."""
+    return num_stages + 1 if dtype != torch.float32 and head_dim <= 128 else None
 
 
 def backward_configs(forward_config: LaunchConfig, rows: int, head_dim: int, dtype: torch.dtype,
@@ -249,11 +247,11 @@ def backward_configs(forward_config: LaunchConfig, rows: int, head_dim: int, dty
     warps and stages are the largest that compile for sm_90 without spilling registers (``ptxas_report``; checked
     by a test), not yet timed on a GPU. A query block is at most ``rows`` rounded up to a power of two (>= 16).
     dq's segment loop loads each K tile twice (as stored and half-swapped, for the rotation) and its V tile at
-    addresses from the tile table: at fp16 / bf16, D <= 128 it gets 2 * stages + 1 stages, the fewest with which
-    Triton 3.7 pipelines it
-    (K/V one tile ahead; 2 * stages - 1 left it waiting for every load). dkdv's loop over query blocks is
-    pipelined from 3 stages on (2 waited for every load). Prefill tiles use 198-242 registers x 8 warps, so one
-    program runs per multiprocessor and the rings' shared memory (<= 160 KiB) costs no occupancy.
+    addresses from the tile table: at fp16 / bf16, D <= 128 it gets stages + 1 stages, the fewest with which
+    Triton 3.7 pipelines it (K/V one tile ahead; each further stage adds a K/V buffer, 48 KiB at D 128: stages
+    + 3 would not fit an H100's 227 KiB). dkdv's loop over query blocks is pipelined from 3 stages on (2 waited
+    for every load). Prefill tiles use 198-229 registers x 8 warps, so one program runs per multiprocessor and
+    the rings' shared memory (<= 160 KiB) costs no occupancy.
     """
     n = forward_config.block_n
     if interpret:

@@ -226,8 +226,8 @@ def test_segment_attention_speed(benchmark, w, impl):
 def _tile_configs():
     """(workload, LaunchConfig, num_splits) candidates: tiles and loop structure for prefill, split-K for decode,
     tensor-descriptor (TMA) loads for both (tiles that compile for sm_90 without spills, ``ptxas_report``), and
-    the flat loop's earlier pipelining (``flat_stages=num_stages``: one K/V tile in flight, none at decode) beside
-    the default (2 * num_stages - 1) at the default tiles."""
+    a deeper flat-loop ring (``flat_stages=num_stages + 1``: one more K/V tile in flight, for more shared
+    memory) beside the default at the default tiles."""
     from triton_kernels import LaunchConfig
 
     decode = [(LaunchConfig(block_m=16, block_n=64, num_warps=4, num_stages=3, flat=f), n)
@@ -235,16 +235,16 @@ def _tile_configs():
     decode += [(LaunchConfig(block_m=16, block_n=128, num_warps=4, num_stages=2), 8),
                (LaunchConfig(block_m=16, block_n=64, num_warps=4, num_stages=3, tma=True), 1),
                (LaunchConfig(block_m=16, block_n=128, num_warps=4, num_stages=3, tma=True), 1),
-               (LaunchConfig(block_m=16, block_n=64, num_warps=4, num_stages=3, flat_stages=3), 1),
-               (LaunchConfig(block_m=16, block_n=64, num_warps=4, num_stages=3, flat_stages=3), 8)]
+               (LaunchConfig(block_m=16, block_n=64, num_warps=4, num_stages=3, flat_stages=4), 1),
+               (LaunchConfig(block_m=16, block_n=64, num_warps=4, num_stages=3, flat_stages=4), 8)]
     prefill = [(LaunchConfig(block_m=m, block_n=n, num_warps=wp, num_stages=st, flat=f, tma=t), 1)
                for m, n, wp, st, f, t in ((128, 64, 8, 3, True, False), (128, 64, 8, 3, False, False),
                                           (64, 64, 4, 3, True, False), (128, 128, 8, 2, True, False),
                                           (64, 64, 4, 4, True, False), (64, 64, 4, 3, True, True),
                                           (128, 64, 8, 3, True, True), (128, 64, 8, 4, True, True),
                                           (128, 128, 8, 2, True, True))]
-    prefill += [(LaunchConfig(block_m=64, block_n=64, num_warps=4, num_stages=3, flat_stages=3), 1),
-                (LaunchConfig(block_m=64, block_n=64, num_warps=4, num_stages=3, flat_stages=3, tma=True), 1)]
+    prefill += [(LaunchConfig(block_m=64, block_n=64, num_warps=4, num_stages=3, flat_stages=4), 1),
+                (LaunchConfig(block_m=64, block_n=64, num_warps=4, num_stages=3, flat_stages=4, tma=True), 1)]
     return [(w, c, n) for w in WORKLOADS for c, n in (decode if w.S == 1 else prefill)]
 
 

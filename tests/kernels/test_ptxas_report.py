@@ -94,21 +94,18 @@ def test_tensor_descriptor_loads_compile_for_hopper():
 
 def test_flat_loop_keeps_the_own_loops_buffers(default_stats):
     """The flat loop's K/V loads are addressed by a tile-table load, and the pipeliner shares the stages between the
-    two: at the default 2 * num_stages - 1 its K/V tiles get num_stages buffers (num_stages - 1 tiles in flight),
-    as the own-token loops do. With flat_stages = num_stages it kept one fewer (one tile in flight at prefill,
-    none at decode), at the same shared memory for tiles."""
+    two: with one int64 entry per tile, the default flat_stages = num_stages gives its K/V tiles the own-token
+    loops' buffers (num_stages at prefill: num_stages - 1 tiles in flight; two at decode). A deeper ring costs
+    shared memory: at bf16 D 128, one more stage takes 144 KiB, and two programs no longer fit an SM."""
     fwd = {(s["label"], s["head_dim"]): s for s in default_stats if s["kernel"] == "fwd" and s["dtype"] == "bf16"}
     for (label, head_dim), s in fwd.items():
         assert s["loop_buffers"] >= 2, (label, head_dim, s)
         if label == "fwd prefill":
             assert s["loop_buffers"] == s["num_stages"], s
-    earlier = _forward_stats(flat_stages=3)
     default = fwd[("fwd prefill", 128)]
-    assert (earlier["block_m"], earlier["block_n"], earlier["num_stages"]) == (default["block_m"], default["block_n"],
-                                                                                default["num_stages"])
-    assert earlier["loop_buffers"] == default["loop_buffers"] - 1
-    # the same K/V shared memory (a few bytes more for the deeper ring of tile-table entries): the same occupancy
-    assert default["shared_bytes"] - earlier["shared_bytes"] < 1024, (default, earlier)
+    assert default["shared_bytes"] <= 114 * 1024, default  # two programs per SM (228 KiB)
+    deeper = _forward_stats(flat_stages=default["num_stages"] + 1)
+    assert deeper["loop_buffers"] == default["loop_buffers"] + 1 and deeper["shared_bytes"] > 114 * 1024, deeper
 
 
 def test_loop_buffers_reads_the_first_loops_rings():
@@ -128,7 +125,7 @@ def test_loop_buffers_reads_the_first_loops_rings():
 
 def test_backward_loops_are_pipelined(default_stats):
     """At half precision the backward kernels load their next tile while computing on this one: dq's loop over
-    the tile table (``backward_configs`` gives it 2 * stages + 1 stages) and dkdv's loop over query blocks. fp32
+    the tile table (``backward_configs`` gives it stages + 1 stages) and dkdv's loop over query blocks. fp32
     keeps one stage (its dots hold twice the registers)."""
     bwd = [s for s in default_stats if s["kernel"] in ("dq", "dkdv") and s["dtype"] == "bf16"]
     assert len(bwd) == 8 and all(s["loop_buffers"] >= 2 for s in bwd), bwd
@@ -146,8 +143,9 @@ def test_deterministic_dkdv_compiles_like_the_atomic_one(default_stats):
 
 
 # Instructions per whole key tile the forward's flat loop may issue (Triton 3.7, sm_90, bf16 D 128): with masked
-# loads and scores it issued 674 at prefill and 481 at decode; unmasked loads brought that to 534 and 372.
-FLAT_LOOP_BUDGET = {"fwd prefill": 560, "fwd decode": 400}
+# loads and scores it issued 674 at prefill and 481 at decode; unmasked loads brought that to 534 and 372, and
+# one table entry per tile (one load instead of three) to 500 and 344.
+FLAT_LOOP_BUDGET = {"fwd prefill": 520, "fwd decode": 360}
 
 
 def test_flat_loop_instruction_budget(default_stats):

@@ -129,7 +129,7 @@ if CUDA:  # the tiles the default picks on a GPU for prefill and decode, and the
     CONFIGS += [LaunchConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
                 LaunchConfig(block_m=64, block_n=64, num_warps=4, num_stages=3),
                 LaunchConfig(block_m=128, block_n=128, num_warps=8, num_stages=2),
-                LaunchConfig(block_m=64, block_n=64, num_warps=4, num_stages=3, flat_stages=3)]
+                LaunchConfig(block_m=64, block_n=64, num_warps=4, num_stages=3, flat_stages=4)]
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"m{c.block_m}-n{c.block_n}-w{c.num_warps}-s{c.num_stages}"
@@ -171,10 +171,28 @@ def test_tile_table_docstring_example():
     t = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
     table = tile_table(t([[0, 300], [7, 0]]), t([[100, 10], [0, 0]]), t([[5, 0], [1, 2]]), 64)
     assert table.max_tiles == 3 and table.n_tiles.tolist() == [3, 0]
-    assert table.tiles[:, 0].T.tolist() == [[0, 64, 5], [64, 36, 5], [300, 10, 0]]
-    assert (table.tiles[:, 1] == 0).all()
+    assert table.tiles.dtype == torch.int64 and table.tiles.shape == (2, 3)  # one entry per tile
+    assert table.fields()[:, 0].T.tolist() == [[0, 64, 5], [64, 36, 5], [300, 10, 0]]
+    assert (table.tiles[1] == 0).all()
     empty = tile_table(t([[]]).reshape(1, 0), t([[]]).reshape(1, 0), t([[]]).reshape(1, 0), 16)
-    assert empty.max_tiles == 0 and empty.tiles.shape == (3, 1, 1)
+    assert empty.max_tiles == 0 and empty.tiles.shape == (1, 1)
+
+
+def test_tile_entries_round_trip_and_refuse_deltas_out_of_range():
+    """A tile's row, count and delta share one int64 (one load per tile): every delta the format holds, either
+    sign, survives packing; a larger move is refused, naming it (the nested loop has no such limit)."""
+    from triton_kernels.segment_attention import MAX_TILE_DELTA, pack_tiles, unpack_tiles
+
+    row = torch.tensor([0, 1, 2**31 - 1, 7, 123456])
+    count = torch.tensor([1, 64, 256, 511, 17])
+    delta = torch.tensor([0, -1, MAX_TILE_DELTA, -MAX_TILE_DELTA, 4000])
+    assert unpack_tiles(pack_tiles(row, count, delta)).tolist() == [row.tolist(), count.tolist(), delta.tolist()]
+    t = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    with pytest.raises(ValueError, match=str(MAX_TILE_DELTA + 1)):
+        tile_table(t([[0, 9]]), t([[5, 4]]), t([[0, MAX_TILE_DELTA + 1]]), 64)
+    assert tile_table(t([[0, 9]]), t([[5, 0]]), t([[0, 2**30]]), 64).max_tiles == 1  # an empty segment's delta
+    with pytest.raises(ValueError, match="block_n"):
+        tile_table(t([[0]]), t([[5]]), t([[0]]), 512)
 
 
 def test_prebuilt_tiles_and_their_errors():
@@ -208,9 +226,9 @@ def test_default_launch_config():
     assert launch_config(1024, 128, torch.float32).block_m == 64  # fp32 tiles twice the bytes: smaller
     assert launch_config(1024, 256, torch.float16).block_n == 32
     assert launch_config(4, 64, torch.float32, interpret=True).block_m == 16
-    # the flat loop: twice the stages less one, so that its K/V buffers match the own-token loops'
-    assert launch_config(1024, 128, torch.bfloat16).flat_loop_stages == 5
-    assert LaunchConfig(block_m=16, block_n=16, num_stages=3, flat_stages=3).flat_loop_stages == 3
+    # the flat loop: num_stages (its K/V buffers match the own-token loops'), unless set
+    assert launch_config(1024, 128, torch.bfloat16).flat_loop_stages == 3
+    assert LaunchConfig(block_m=16, block_n=16, num_stages=3, flat_stages=5).flat_loop_stages == 5
 
 
 def test_tma_needs_an_aligned_store():
