@@ -175,24 +175,28 @@ def loop_instructions(sass: str) -> int:
     output). The main loop: the longest loop (code from a label to a branch back to it) holding a tensor-core
     instruction (HGMMA / HMMA): the forward's and dq's loop over the segments' key tiles, dkdv's over query
     blocks (in a kernel with no tensor-core instruction, IEEE fp32 dots on the FMA units: the longest loop). Its
-    common path takes every forward branch inside it: the blocks the compiler jumps over run only sometimes (a
-    new segment's re-rotation, a partial tile's mask, a sine's slow argument reduction)."""
+    common path takes every forward branch that lands inside it: the blocks the compiler jumps over run only
+    sometimes (a new segment's re-rotation, a partial tile's mask, a sine's slow argument reduction); a branch
+    out of the loop is its exit, not taken while it runs."""
     ins, labels = [], {}
     for line in sass.splitlines():
         if m := _SASS_LABEL.match(line):
             labels[m.group(1)] = len(ins)
         elif m := _SASS_LINE.match(line):
             ins.append(m.group(1))
+    # A loop: code from a label to a branch back to it, with no EXIT between (a block the compiler placed after
+    # the function's end, e.g. a slow path, jumps back into the body: that is not a loop).
     loops = [(labels[m.group(1)], i) for i, text in enumerate(ins)
-             if (m := _SASS_BRANCH.search(text)) and labels.get(m.group(1), len(ins)) <= i]
+             if (m := _SASS_BRANCH.search(text)) and labels.get(m.group(1), len(ins)) <= i
+             and not any(re.search(r"\bEXIT\b", t) for t in ins[labels[m.group(1)]:i])]
     mma = [(lo, hi) for lo, hi in loops if any(re.search(r"\bH(GMMA|MMA)\b", t) for t in ins[lo:hi + 1])]
     if not loops:
         raise ValueError("the kernel's SASS has no loop")
     lo, hi = max(mma or loops, key=lambda r: r[1] - r[0])
     skipped = set()
-    for i in range(lo, hi + 1):
-        if (m := _SASS_BRANCH.search(ins[i])) and labels.get(m.group(1), -1) > i:
-            skipped.update(range(i + 1, min(labels[m.group(1)], hi + 1)))
+    for i in range(lo, hi + 1):  # forward branches within the loop (one past its end leaves it: not a skip)
+        if (m := _SASS_BRANCH.search(ins[i])) and i < labels.get(m.group(1), -1) <= hi:
+            skipped.update(range(i + 1, labels[m.group(1)]))
     return hi - lo + 1 - len(skipped)
 
 

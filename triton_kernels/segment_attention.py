@@ -29,8 +29,10 @@ Not supported:
     double backward, sliding windows, ALiBi / softcapping, RoPE conventions other than HF Llama "rotate_half".
     Row offsets inside one segment or own run are int32 (N * D < 2**31 elements per KV head).
     Table values are checked on CPU only (on CUDA a check would synchronise): out-of-range rows are the caller's bug.
+    The flat loop's tile table holds position deltas up to +-4194303 (``tile_table`` refuses larger ones).
 
-Measured (H200, bf16, H=32, Hkv=8, D=128; ``tests/kernels/bench_segment_attention.py``; ``results/kernels/``):
+Measured (H200, bf16, H=32, Hkv=8, D=128; ``tests/kernels/bench_segment_attention.py``; ``results/kernels/``; at
+commit d964f76, before the flat loop's pipelining, unmasked loads and one-entry tiles below, which are untimed):
 decode over 1k-4k keys per call runs at 1.4x causal SDPA's speed at equal attended tokens; prefill over
 128-token messages at 63-70% of it (80% when a call reads one long message); split-K decode over 16k keys at
 41%. Faster in every measured shape than FlexAttention on gathered, re-rotated keys. The backward is tested
@@ -46,8 +48,10 @@ Triton GPU IR; none of this is timed yet):
   memory and loads it back for the score dot (a BLOCK_M x D round trip per tile, about as many bytes as the
   K/V tile itself); the own loops keep their query in shared memory once. The nested loop avoids this but
   restarts its pipeline at every segment.
-- With ``tma=True``, keys past a partial tile's count are zeroed in registers, which sends every V tile through
-  registers and back to shared memory.
+- With ``tma=True``, zeroing the values past a partial tile's count (in registers, for every tile: a tensor
+  descriptor's tile is used from shared memory or not at all) cost 730 instructions per tile at prefill and a
+  K/V buffer. The option now requires finite store rows instead (its lanes past the count read the next store
+  rows, with zero probabilities): 423 instructions and three buffers, against 500 for the default loads.
 - Instructions issued per key tile (SASS, nvdisasm; ``ptxas_report``'s ``loop_instructions``): masked K/V loads
   and a masked score tile cost the flat loop 674 instructions per whole tile at prefill and 481 at decode (the
   own-token loop over whole tiles, counted the same way: 404 and 284).
@@ -185,7 +189,8 @@ def _attn_fwd_flat(acc, l_i, m_i, Q, q_ptrs, q_swap_ptrs, row_ok, rot_sign, inv_
     # a table indexed by the loop counter, so the software pipeliner prefetches across segment boundaries (as
     # paged attention does); the query is re-rotated only where the delta changes (once per segment). TMA: K/V
     # tiles come through tensor descriptors over the (Hkv, N, D) store (Hopper's copy engine; rows past N read as
-    # zeros), not through per-element address tensors; keys past the tile's count are masked in the scores.
+    # zeros), not through per-element address tensors; a partial tile's rows past its count are masked in the
+    # scores, and their values, finite by the option's contract, are multiplied by zero probabilities.
     # STAGES: this loop's software-pipelining stages, shared by the pipeliner between the table load and the K/V
     # loads it addresses (``LaunchConfig.flat_stages``).
     # Without TMA the loads are not masked: lanes past a tile's count re-read its last key (in bounds, and a key
@@ -211,11 +216,10 @@ def _attn_fwd_flat(acc, l_i, m_i, Q, q_ptrs, q_swap_ptrs, row_ok, rot_sign, inv_
         else:
             qk = tl.dot(q, kT, input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
         qk = qk * qk_scale
-        if TMA or cnt < BLOCK_N:
+        if cnt < BLOCK_N:  # a partial tile: its lanes past the count hold no key of this call
             qk = tl.where(col_ok[None, :], qk, float("-inf"))
-        if TMA:  # rows past the count are other keys' values (finite), zeroed so no inf * 0 can reach acc
+        if TMA:  # rows past a partial tile's count are other store rows, finite (``LaunchConfig.tma``): p = 0 x v
             v = V_DESC.load([off_hkv, row.to(tl.int32), 0]).reshape(BLOCK_N, HEAD_DIM)
-            v = tl.where(col_ok[:, None], v, 0.0)
         else:
             v = tl.load(V_HEAD + row * stride_vn + (key[:, None] * stride_vn + offs_d[None, :] * stride_vd))
         acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, DOT_FP32, INPUT_PRECISION, FIX_BF16)
@@ -444,7 +448,10 @@ class LaunchConfig:
     across segment boundaries; False walks the segment table with one loop per segment.
     tma: (flat loop, CUDA capability >= 9) load K/V tiles through host-made tensor descriptors (Hopper's copy
     engine) instead of per-element addresses; needs k_cache / v_cache with unit last stride and 16-byte-aligned
-    strides. Off by default: not yet timed on a GPU.
+    strides, and finite values in every store row: a partial tile's box reads the rows after its keys (rows
+    past N read as zeros), which enter the output multiplied by zero (inf or NaN there would make NaN). The
+    engine's store is allocated with zeros and written with keys and values only. Off by default: not yet
+    timed on a GPU.
     flat_stages: software-pipelining stages of the flat loop alone (the own-token loops use ``num_stages``);
     default ``num_stages``. Its K/V loads are addressed by a tile-table load, and Triton's pipeliner (3.6, 3.7)
     splits a loop's stages between the two: with a tile's row, count and delta in three int32 loads,

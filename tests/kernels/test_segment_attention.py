@@ -81,14 +81,15 @@ GARBAGE_CASES = ["overlap-repeat-gap", "multi-tile-segments", "decode-S1", "padd
                  "gqa-4-to-1"]
 
 
-def with_garbage_in_unread_rows(case: Case, args: tuple) -> tuple:
-    """``args`` (``Case.tensors``) with NaN in the keys and inf in the values of every store row no call reads:
-    gaps between segments, and the rows just past a segment's last, partial key tile."""
+def with_garbage_in_unread_rows(case: Case, args: tuple, finite: bool = False) -> tuple:
+    """``args`` (``Case.tensors``) with NaN in the keys and inf in the values of every store row no call reads
+    (``finite``: -1e30 and 1e30): gaps between segments, and the rows just past a segment's last, partial key
+    tile."""
     q, k, v, *rest = args
     unread = ~read_rows(case, k.shape[1])
     assert unread.any(), f"{case} reads every store row"
     k, v = k.clone(), v.clone()
-    k[:, unread], v[:, unread] = float("nan"), float("inf")
+    k[:, unread], v[:, unread] = (-1e30, 1e30) if finite else (float("nan"), float("inf"))
     return (q, k, v, *rest)
 
 
@@ -96,13 +97,15 @@ def with_garbage_in_unread_rows(case: Case, args: tuple) -> tuple:
 @pytest.mark.parametrize("name", GARBAGE_CASES)
 def test_unread_store_rows_ignore_garbage(name, loop):
     """Store rows no call reads may hold anything (freed or never written): the output is bit for bit the one
-    with finite values there, whether a partial tile's lanes past its count are masked (nested loop), re-read
-    its last key (flat loop) or read the rows after it and zero them (tensor descriptors); with split-K too."""
+    with other values there, whether a partial tile's lanes past its count are masked (nested loop) or re-read
+    its last key (flat loop); with split-K too. Tensor-descriptor loads read the rows after a partial tile's
+    keys and weigh them by zero, so they need finite rows (``LaunchConfig.tma``): huge finite values change
+    nothing."""
     case = AWKWARD[name]
     cfg = dataclasses.replace(launch_config(case.S * case.H // case.Hkv, case.D, case.dtype, interpreter_active()),
                               flat=loop != "nested", tma=loop == "tma")
     args = case.tensors()
-    dirty = with_garbage_in_unread_rows(case, args)
+    dirty = with_garbage_in_unread_rows(case, args, finite=loop == "tma")
     for splits in (1, 3):
         clean = segment_attention(*args, config=cfg, num_splits=splits)
         assert torch.equal(segment_attention(*dirty, config=cfg, num_splits=splits), clean)
