@@ -24,6 +24,8 @@ def _bench():
     train = lambda impl, s: _record(f"test_segment_attention_training_speed[w-{impl}]", "w training",  # noqa: E731
                                     impl=impl, seconds_per_call=s, tflops=1 / s, peak_extra_mem_mib=s * 1e4,
                                     attended_pairs=100)
+    bwd = lambda label, s: _record("test_segment_attention_backward_tiles[w-x]", "w backward tiles",  # noqa: E731
+                                   backward_tiles=label, seconds_per_call=s, tflops=1 / s)
     step = lambda attention, s: _record(f"test_finetune_step_speed[{attention}]", "finetune step",  # noqa: E731
                                         attention=attention, seconds_per_step=s, traces=8, model="m",
                                         peak_mem_mib=100.0, first_loss=7.5)
@@ -31,6 +33,7 @@ def _bench():
             "benchmarks": [speed("triton", 2e-3, 100.0), speed("sdpa_causal", 1e-3, 200.0),
                            speed("flex", 4e-3, 50.0), tile(3e-3, 128, 1), tile(1.5e-3, 64, 2),
                            train("triton", 4e-3), train("sdpa_dense", 1e-2), train("sdpa_causal", 3e-3),
+                           bwd("default", 4e-3), bwd("dkdv m128 w8 s1", 5e-3),
                            step("torch", 2.0), step("triton", 1.6)]}
 
 
@@ -42,7 +45,8 @@ def test_summary_picks_the_fastest_sweep_config():
     assert row[5] == "67%"  # causal SDPA 1.0 ms / fastest kernel 1.5 ms
     assert row[-1] == "2.7x"  # Flex + gather 4.0 ms / 1.5 ms
     training = bench_report.training_rows(summary)
-    assert training == [["w", "4,000 us (250)", "10,000 us (100)", "3,000 us (333)", "75%", "2.5x", "40 / 100 MiB"]]
+    assert training == [["w", "4,000 us (250)", "10,000 us (100)", "3,000 us (333)", "75%", "2.5x", "40 / 100 MiB",
+                         "4,000 us (250): default"]]
 
 
 def test_report_writes_table_plot_raw_json_and_provenance(tmp_path):

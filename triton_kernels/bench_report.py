@@ -58,12 +58,18 @@ def summarize(bench: dict) -> dict:
             w.setdefault("finetune", {})[e["attention"]] = {
                 "seconds": e["seconds_per_step"], "traces": e["traces"], "model": e["model"],
                 "peak_mem_mib": e["peak_mem_mib"], "first_loss": e["first_loss"]}
+        elif b["name"].startswith("test_segment_attention_backward_tiles"):
+            w = out.setdefault(b["group"].removesuffix(" backward tiles"), {"impls": {}, "sweep": []})
+            w.setdefault("backward_sweep", []).append({"config": e["backward_tiles"], "seconds": e["seconds_per_call"],
+                                                       "tflops": e["tflops"]})
         elif b["name"].startswith("test_segment_attention_tiles"):
             w = out.setdefault(b["group"].removesuffix(" tiles"), {"impls": {}, "sweep": []})
             w["sweep"].append({"config": _config_label(e), "seconds": e["seconds_per_call"], "tflops": e["tflops"]})
     for w in out.values():
         if w["sweep"]:
             w["best"] = min(w["sweep"], key=lambda r: r["seconds"])
+        if w.get("backward_sweep"):
+            w["best_backward"] = min(w["backward_sweep"], key=lambda r: r["seconds"])
     return out
 
 
@@ -100,17 +106,19 @@ def training_rows(summary: dict) -> list[list[str]]:
             continue
         cell = lambda k: "-" if k not in t else f"{_us(t[k]['seconds'])} ({t[k]['tflops']:.0f})"  # noqa: E731
         ratio = lambda k, f: "-" if k not in t else f(t[k]["seconds"], t["triton"]["seconds"])  # noqa: E731
+        best = w.get("best_backward")
         rows.append([name, cell("triton"), cell("sdpa_dense"), cell("sdpa_causal"),
                      ratio("sdpa_causal", lambda c, k: f"{100 * c / k:.0f}%"),
                      ratio("sdpa_dense", lambda d, k: f"{d / k:.1f}x"),
                      "-" if "sdpa_dense" not in t else
-                     f"{t['triton']['extra_mem_mib']:,.0f} / {t['sdpa_dense']['extra_mem_mib']:,.0f} MiB"])
+                     f"{t['triton']['extra_mem_mib']:,.0f} / {t['sdpa_dense']['extra_mem_mib']:,.0f} MiB",
+                     "-" if best is None else f"{_us(best['seconds'])} ({best['tflops']:.0f}): {best['config']}"])
     return rows
 
 
 TRAINING_COLUMNS = ["workload", "kernel fwd + bwd: time (TFLOP/s)", "dense-mask SDPA + gather, autograd",
                     "causal SDPA fwd + bwd", "kernel speed / causal SDPA", "kernel speed-up vs dense-mask SDPA",
-                    "extra memory, kernel / dense-mask"]
+                    "extra memory, kernel / dense-mask", "kernel, best of backward-tile sweep"]
 
 COLUMNS = ["workload", "mask density", "kernel, defaults then: time (TFLOP/s)", "kernel, best of sweep",
            "causal SDPA", "kernel speed / causal SDPA", "Flex kernel, keys pre-gathered", "Flex + gather",

@@ -314,3 +314,39 @@ def test_segment_attention_training_speed(benchmark, w, impl):
         tflops=3.5 * 4 * D * H * pairs / seconds / 1e12,
         peak_extra_mem_mib=(torch.cuda.max_memory_allocated() - base_mem) / 2**20,
     )
+
+
+def _backward_tile_configs():
+    """(label, dkdv LaunchConfig or None for the default) candidates of the backward sweep: dkdv's default query
+    block (m32 at D 128: 503 instructions per 32 x 64 block on sm_90, about twice the issue cycles of its dots)
+    and m128 with one stage (1275 per 128 x 64 block: 1.25x, but its query loads unpipelined); ``ptxas_report
+    --sweep dkdv``. The key tile is the forward's (its tile table serves the backward)."""
+    from triton_kernels import LaunchConfig
+
+    return [("default", None), ("dkdv m128 w8 s1", LaunchConfig(block_m=128, block_n=64, num_warps=8, num_stages=1))]
+
+
+BACKWARD_TILES = _backward_tile_configs()
+
+
+@pytest.mark.parametrize("label, dkdv", BACKWARD_TILES, ids=[label.replace(" ", "-") for label, _ in BACKWARD_TILES])
+@pytest.mark.parametrize("w", TRAIN_WORKLOADS, ids=[w.name for w in TRAIN_WORKLOADS])
+def test_segment_attention_backward_tiles(benchmark, monkeypatch, w, label, dkdv):
+    """The kernel's forward + backward with each candidate dkdv tile (what ``backward_configs`` is chosen from)."""
+    import triton_kernels.segment_attention_backward as bwd
+    from triton_kernels.reference import dense_layout
+
+    if dkdv is not None:
+        default = bwd.backward_configs
+        monkeypatch.setattr(bwd, "backward_configs", lambda *a, **k: (default(*a, **k)[0], dkdv))
+    args = build_inputs(w, "cuda")
+    q, k, v = (t.detach().requires_grad_() for t in args[:3])
+    fn = make_impl("triton", w, (q, k, v, *args[3:]))
+    g = torch.randn_like(q)
+    step = lambda: torch.autograd.grad(fn(), (q, k, v), g)  # noqa: E731
+    step()
+    benchmark.group = f"{w.name} backward tiles"
+    seconds = _time(benchmark, step, w)
+    pairs = int(dense_layout(*args[3:9], w.S).mask.sum())
+    benchmark.extra_info.update(backward_tiles=label, **_machine_info(), seconds_per_call=seconds,
+                                tflops=3.5 * 4 * D * H * pairs / seconds / 1e12)
