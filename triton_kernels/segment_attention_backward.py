@@ -12,8 +12,11 @@ where K' are the keys as the call sees them. A segment moved by delta is seen as
   +delta in registers: dQ += dS (R(delta) K), the rotation's cosines and sines computed once per segment (where
   the delta changes), the loads unmasked as in the forward's flat loop. No atomics; deterministic.
 - ``_attn_bwd_dkdv`` (one program per key tile, call and KV head: the call's segment tiles from the forward's tile
-  table, then its own keys, as many as ``max_own_len`` allows) counter-rotates the query by -delta, as the
-  forward does, so the key gradient comes out in the store's frame directly: dK += dS^T (R(-delta) Q). A store
+  table, then its own keys, as many as ``max_own_len`` allows) rotates its key tile by +delta once, runs a plain
+  FlashAttention backward over the unrotated query blocks, dK' += dS^T Q, and turns the rotated keys' gradient
+  back to the store's frame once at the end: dK = R(-delta) dK' (R(delta)^T = R(-delta)). (Counter-rotating
+  every query block by -delta instead, as the forward does with its one query block, cost a second query load
+  and the rotation per block: 503 instructions per 32-row block at bf16 D 128 on sm_90, now 397.) A store
   row may be read by several calls, by several segments of one call, or by its own call and others, so each
   program adds its tile into fp32 dK / dV with atomics (on a GPU the order of those additions, and so the last
   bits of dK / dV, vary from run to run). Under ``torch.use_deterministic_algorithms(True)`` each program
@@ -40,8 +43,8 @@ import triton
 from torch.autograd.function import once_differentiable
 import triton.language as tl
 
-from .segment_attention import (LOG2E, Launch, LaunchConfig, _load_q_rotated, _rope_tables, _rotate, _rotation, _tile,
-                                _to, forward, interpreter_active, tile_table)
+from .segment_attention import (LOG2E, Launch, LaunchConfig, _rope_tables, _rotate, _rotation, _tile, _to, forward,
+                                interpreter_active, tile_table)
 
 __all__ = ["SegmentAttentionFunction", "backward", "backward_configs"]
 
@@ -68,6 +71,14 @@ def _grad_scores(q, k, v, do, lse, di, ok, qk_scale, DTYPE: tl.constexpr,
     dp = _mma(do, tl.trans(v), zero, DOT_FP32, INPUT_PRECISION)
     ds = p * (dp - di[:, None])
     return _to(p, DTYPE, FIX_BF16), _to(ds, DTYPE, FIX_BF16)
+
+
+@triton.jit
+def _swap_halves(x, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    # x (ROWS, D) with its two halves of D swapped, cat(x2, x1), in registers (rotate_half(x) = rot_sign * this).
+    halves = tl.permute(tl.reshape(x, (ROWS, 2, HEAD_DIM // 2)), (0, 2, 1))  # (ROWS, D / 2, 2)
+    x1, x2 = tl.split(halves)
+    return tl.reshape(tl.permute(tl.join(x2, x1), (0, 2, 1)), (ROWS, HEAD_DIM))
 
 
 @triton.jit
@@ -201,24 +212,32 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DI, DK, DV, DEST,  #
 
     K_HEAD = K + off_hkv.to(tl.int64) * stride_kh
     V_HEAD = V + off_hkv.to(tl.int64) * stride_vh
-    k = tl.load(K_HEAD + (row + offs_n)[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                mask=col_ok[:, None], other=0.0)  # (BLOCK_N, D), the store's frame
+    # The keys as the call sees them, R(+delta) k, rotated once here (not every query block by -delta): the loop
+    # below is a plain FlashAttention backward over unrotated queries, and dK comes back to the store's frame
+    # once at the end.
+    rot_sign, inv_freq, offs_swap = _rope_tables(INV_FREQ, offs_d, HEAD_DIM)
+    cos_a, sin_a = _rotation(inv_freq, -delta)  # R(+delta)
+    k_rows = K_HEAD + (row + offs_n)[:, None] * stride_kn
+    k = tl.load(k_rows + offs_d[None, :] * stride_kd, mask=col_ok[:, None], other=0.0).to(tl.float32)  # (BLOCK_N, D)
+    k_swap = tl.load(k_rows + offs_swap[None, :] * stride_kd, mask=col_ok[:, None] & (delta != 0), other=0.0)
+    k = _to(_rotate(k, k_swap.to(tl.float32), rot_sign, cos_a, sin_a), DTYPE, FIX_BF16)
     v = tl.load(V_HEAD + (row + offs_n)[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                 mask=col_ok[:, None], other=0.0)
-    rot_sign, inv_freq, offs_swap = _rope_tables(INV_FREQ, offs_d, HEAD_DIM)
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)  # gradient of the rotated keys
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
 
     for start_m in range(m_lo, m_hi, BLOCK_M):
         tok, row_ok, rows, do, lse, di = _query_block(DO, LSE, DI, start_m, off_b, off_hkv, n_new, H, S, stride_qb,
                                                       stride_qh, stride_qs, stride_qd, offs_d, GROUP, BLOCK_M)
-        q = _load_q_rotated(Q + rows + offs_d[None, :] * stride_qd, Q + rows + offs_swap[None, :] * stride_qd, row_ok,
-                            rot_sign, inv_freq, delta)  # R(-delta) q, fp32
-        q = _to(q, DTYPE, FIX_BF16)
+        q = tl.load(Q + rows + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
         ok = row_ok[:, None] & col_ok[None, :] & (is_seg | ((j0 + offs_n)[None, :] <= (own_past + tok)[:, None]))
         p, ds = _grad_scores(q, k, v, do, lse, di, ok, qk_scale, DTYPE, DOT_FP32, INPUT_PRECISION, FIX_BF16)
         dv = _mma(tl.trans(p), do, dv, DOT_FP32, INPUT_PRECISION)
         dk = _mma(tl.trans(ds), q, dk, DOT_FP32, INPUT_PRECISION)
+
+    # d/dk <q, R(delta) k> = R(delta)^T (...) = R(-delta) (...): the rotated keys' gradient in the store's frame.
+    cos_b, sin_b = _rotation(inv_freq, delta)
+    dk = _rotate(dk, _swap_halves(dk, BLOCK_N, HEAD_DIM), rot_sign, cos_b, sin_b)
 
     if DETERMINISTIC:
         part = (off_b * tl.num_programs(0) + pid).to(tl.int64) * BLOCK_N + offs_n  # (BLOCK_N,) partial rows
@@ -244,14 +263,16 @@ def backward_configs(forward_config: LaunchConfig, rows: int, head_dim: int, dty
     """Tiles of the two backward kernels, (dq, dkdv), for ``rows`` = S * (H // Hkv) packed query rows.
 
     The key tile is the forward's ``block_n``, so the forward's tile table serves both passes. Query blocks,
-    warps and stages are the largest that compile for sm_90 without spilling registers (``ptxas_report``; checked
-    by a test), not yet timed on a GPU. A query block is at most ``rows`` rounded up to a power of two (>= 16).
-    dq's segment loop loads each K tile twice (as stored and half-swapped, for the rotation) and its V tile at
-    addresses from the tile table: at fp16 / bf16, D <= 128 it gets stages + 1 stages, the fewest with which
-    Triton 3.7 pipelines it (K/V one tile ahead; each further stage adds a K/V buffer, 48 KiB at D 128: stages
-    + 3 would not fit an H100's 227 KiB). dkdv's loop over query blocks is pipelined from 3 stages on (2 waited
-    for every load). Prefill tiles use 198-229 registers x 8 warps, so one program runs per multiprocessor and
-    the rings' shared memory (<= 160 KiB) costs no occupancy.
+    warps and stages are the largest that compile for sm_90 without spilling registers and fit an H100's 227 KiB
+    of shared memory (``ptxas_report``; checked by a test), not yet timed on a GPU. A query block is at most
+    ``rows`` rounded up to a power of two (>= 16). dq's segment loop loads each K tile twice (as stored and
+    half-swapped, for the rotation) and its V tile at addresses from the tile table: at fp16 / bf16, D <= 128 it
+    gets stages + 1 stages, the fewest with which Triton 3.7 pipelines it (K/V one tile ahead). At bf16 the
+    prefill tiles are 128-row query blocks on 8 warps (203-255 registers: one program per multiprocessor):
+    since dkdv rotates its key tile once instead of every query block, its 128-row block compiles without
+    spilling (D 128: 787-831 instructions per block on sm_90, about 0.8x the issue cycles of its dots; the
+    earlier 32-row block issued 1.55x), and so does dq's (664 instructions per 128 x 64 tile, 0.86x; 64 rows:
+    717, 1.87x). dkdv's 128-row block at D 128 gets 2 stages (3 would need 242 KiB).
     """
     n = forward_config.block_n
     if interpret:
@@ -259,16 +280,17 @@ def backward_configs(forward_config: LaunchConfig, rows: int, head_dim: int, dty
         return one, one
     if dtype == torch.float32:  # IEEE fp32 dots hold twice the registers: small query blocks, one stage
         (m_dq, s_dq), (m_kv, s_kv) = (16, 1), (16, 1)
-    elif head_dim <= 64:
-        (m_dq, s_dq), (m_kv, s_kv) = (128, 2), (64, 3)
     elif head_dim <= 128:
-        (m_dq, s_dq), (m_kv, s_kv) = (64, 2), (32, 3)
+        (m_dq, s_dq), (m_kv, s_kv) = (128, 2), (128, 3)
     else:
         (m_dq, s_dq), (m_kv, s_kv) = (32, 1), (32, 1)
     fit = max(16, triton.next_power_of_2(rows))
-    return (LaunchConfig(block_m=min(m_dq, fit), block_n=n, num_warps=8, num_stages=s_dq,
+    m_dq, m_kv = min(m_dq, fit), min(m_kv, fit)
+    if head_dim > 64 and m_kv >= 128:  # a third query-block buffer would take dkdv to 242 KiB of shared memory
+        s_kv = 2
+    return (LaunchConfig(block_m=m_dq, block_n=n, num_warps=8, num_stages=s_dq,
                          flat_stages=dq_flat_stages(s_dq, head_dim, dtype)),
-            LaunchConfig(block_m=min(m_kv, fit), block_n=n, num_warps=8, num_stages=s_kv))
+            LaunchConfig(block_m=m_kv, block_n=n, num_warps=8, num_stages=s_kv))
 
 
 def backward(do, q, k_cache, v_cache, out, lse, launch: Launch, *, need_dq: bool = True, need_dkv: bool = True,

@@ -317,28 +317,33 @@ def test_segment_attention_training_speed(benchmark, w, impl):
 
 
 def _backward_tile_configs():
-    """(label, dkdv LaunchConfig or None for the default) candidates of the backward sweep: dkdv's default query
-    block (m32 at D 128: 503 instructions per 32 x 64 block on sm_90, about twice the issue cycles of its dots)
-    and m128 with one stage (1275 per 128 x 64 block: 1.25x, but its query loads unpipelined); ``ptxas_report
-    --sweep dkdv``. The key tile is the forward's (its tile table serves the backward)."""
+    """(label, dq LaunchConfig, dkdv LaunchConfig; None: the default) candidates of the backward sweep at D 128:
+    the defaults (128-row query blocks for both kernels: about 0.8x the issue cycles of their dots on sm_90,
+    ``ptxas_report``), the earlier ones (dq 64 rows, dkdv 32: 1.87x and 1.55x), and dkdv on 32 rows and 4 warps
+    (1.05x, two programs per multiprocessor). The key tile is the forward's (its tile table serves the backward)."""
     from triton_kernels import LaunchConfig
 
-    return [("default", None), ("dkdv m128 w8 s1", LaunchConfig(block_m=128, block_n=64, num_warps=8, num_stages=1))]
+    earlier_dq = LaunchConfig(block_m=64, block_n=64, num_warps=8, num_stages=2, flat_stages=3)
+    earlier_dkdv = LaunchConfig(block_m=32, block_n=64, num_warps=8, num_stages=3)
+    return [("default", None, None), ("dq m64 w8 s2, dkdv m32 w8 s3", earlier_dq, earlier_dkdv),
+            ("dkdv m32 w4 s3", None, LaunchConfig(block_m=32, block_n=64, num_warps=4, num_stages=3))]
 
 
 BACKWARD_TILES = _backward_tile_configs()
 
 
-@pytest.mark.parametrize("label, dkdv", BACKWARD_TILES, ids=[label.replace(" ", "-") for label, _ in BACKWARD_TILES])
+@pytest.mark.parametrize("label, dq, dkdv", BACKWARD_TILES,
+                         ids=[label.replace(", ", "-").replace(" ", "-") for label, *_ in BACKWARD_TILES])
 @pytest.mark.parametrize("w", TRAIN_WORKLOADS, ids=[w.name for w in TRAIN_WORKLOADS])
-def test_segment_attention_backward_tiles(benchmark, monkeypatch, w, label, dkdv):
-    """The kernel's forward + backward with each candidate dkdv tile (what ``backward_configs`` is chosen from)."""
+def test_segment_attention_backward_tiles(benchmark, monkeypatch, w, label, dq, dkdv):
+    """The kernel's forward + backward with each candidate backward tile (what ``backward_configs`` is chosen
+    from)."""
     import triton_kernels.segment_attention_backward as bwd
     from triton_kernels.reference import dense_layout
 
-    if dkdv is not None:
-        default = bwd.backward_configs
-        monkeypatch.setattr(bwd, "backward_configs", lambda *a, **k: (default(*a, **k)[0], dkdv))
+    default = bwd.backward_configs
+    monkeypatch.setattr(bwd, "backward_configs", lambda *a, **k: tuple(
+        mine or theirs for mine, theirs in zip((dq, dkdv), default(*a, **k))))
     args = build_inputs(w, "cuda")
     q, k, v = (t.detach().requires_grad_() for t in args[:3])
     fn = make_impl("triton", w, (q, k, v, *args[3:]))

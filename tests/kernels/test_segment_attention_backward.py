@@ -206,7 +206,8 @@ def test_gradients_only_where_asked():
 def test_backward_configs():
     fwd = LaunchConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
     dq, dkdv = backward_configs(fwd, 1024, 128, torch.bfloat16)
-    assert (dq.block_m, dkdv.block_m) == (64, 32)
+    assert (dq.block_m, dkdv.block_m, dkdv.num_stages) == (128, 128, 2)  # 3 stages would not fit shared memory
+    assert backward_configs(fwd, 4, 128, torch.bfloat16)[1].num_stages == 3  # a decode block has room
     assert backward_configs(fwd, 1024, 64, torch.float16)[0].block_m == 128
     assert backward_configs(fwd, 1024, 128, torch.float32)[0].block_m == 16  # fp32 tiles hold twice the registers
     assert all(c.block_m == 16 for c in backward_configs(fwd, 4, 128, torch.bfloat16))  # decode: tl.dot's minimum
