@@ -58,10 +58,9 @@ Triton GPU IR; none of this is timed yet):
   A prefill tile's dots take about 512 cycles of an SM's tensor cores (2 x 64 x 64 x 128 multiply-adds at
   ~4k flops per cycle); two programs per SM, 4 warps each, issuing 674 instructions per tile need ~674 issue
   cycles per tile on its 4 schedulers: by this count (an estimate, not a measurement) the flat loop was bound by
-  instruction issue where the own loop is bound by the tensor cores. Loads
-  that re-read a tile's last key instead of masking (in bounds, finite), and a score mask only on a partial
-  tile, bring that to 534 and 372 (``_attn_fwd_flat``); one int64 table entry per tile, read with one load
-  instead of three, to 500 and 344.
+  instruction issue where the own loop is bound by the tensor cores. Loads that re-read a tile's last key
+  instead of masking (in bounds, finite), and a score mask only on a partial tile, bring that to 534 and 372
+  (``_attn_fwd_flat``); one int64 table entry per tile, read with one load instead of three, to 500 and 344.
 
 Worked example (call 0 sees store rows 0..9 moved 5 positions later, then its own 3 tokens, 2 of them new)::
 
