@@ -105,7 +105,8 @@ class AttentionPlan:
                 views.append(flat[at:at + p.numel()].view(p.shape))
                 at += p.numel()
             self._index[key] = (*views[1], *views[2], TileTable(block_n=block_n, tiles=views[0].view(torch.int64),
-                                                                  n_tiles=views[3], max_tiles=tiles.max_tiles))
+                                                                  n_tiles=views[3], max_tiles=tiles.max_tiles,
+                                                                  moved=tiles.moved))
         return self._index[key]
 
     def _host_table(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -58,6 +58,7 @@ class KernelStats:
     tma: bool
     flat_stages: int | None
     deterministic: bool
+    moved: bool
     registers: int
     spill_bytes: int
     shared_bytes: int
@@ -96,10 +97,10 @@ I64_POINTERS = ("DEST", "TILES")
 
 def compile_stats(kernel: str, dtype: str, head_dim: int, *, block_m: int, block_n: int, num_warps: int,
                   num_stages: int, tma: bool = False, flat_stages: int | None = None, group: int = 4,
-                  arch: int = 90, deterministic: bool = False) -> KernelStats:
+                  arch: int = 90, deterministic: bool = False, moved: bool = True) -> KernelStats:
     """Compile one kernel for ``sm_<arch>`` and read its resource use from ``ptxas -v`` and its pipelining from
     the Triton GPU IR (``tma`` and ``flat_stages``: the forward's ``LaunchConfig`` options; ``deterministic``:
-    dkdv's partials instead of atomics)."""
+    dkdv's partials instead of atomics; ``moved=False``: the launch has no moved segment, no re-rotation)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
@@ -115,6 +116,7 @@ def compile_stats(kernel: str, dtype: str, head_dim: int, *, block_m: int, block
 
         constexprs["FLAT_STAGES"] = LaunchConfig(block_m=block_m, block_n=block_n, num_warps=num_warps,
                                                  num_stages=num_stages, flat_stages=flat_stages).flat_loop_stages
+    constexprs["MOVED"] = moved
     if kernel == "fwd":
         constexprs |= {"FLAT": True, "SPLIT": False, "STORE_LSE": True, "TMA": tma}
     if kernel == "dkdv":
@@ -145,7 +147,7 @@ def compile_stats(kernel: str, dtype: str, head_dim: int, *, block_m: int, block
     tile = block_m if kernel == "dkdv" else block_n
     return KernelStats(kernel=kernel, dtype=dtype, head_dim=head_dim, block_m=block_m, block_n=block_n,
                        num_warps=num_warps, num_stages=num_stages, tma=tma, flat_stages=flat_stages,
-                       deterministic=deterministic,
+                       deterministic=deterministic, moved=moved,
                        registers=registers, spill_bytes=spills, shared_bytes=compiled.metadata.shared,
                        loop_buffers=loop_buffers(compiled.asm["ttgir"], tile, head_dim),
                        loop_instructions=_main_loop_instructions(compiled.asm["cubin"]), arch=arch)
@@ -172,9 +174,9 @@ _SASS_BRANCH = re.compile(r"\bBRA(?:\.\w+)*\s+`?\(?\.?(L_x_\d+)")
 
 def loop_instructions(sass: str) -> int:
     """Instructions one iteration of a kernel's main loop issues on its common path, from its SASS (``nvdisasm``
-    output). The main loop: the longest loop (code from a label to a branch back to it) holding a tensor-core
-    instruction (HGMMA / HMMA): the forward's and dq's loop over the segments' key tiles, dkdv's over query
-    blocks (in a kernel with no tensor-core instruction, IEEE fp32 dots on the FMA units: the longest loop). Its
+    output). The main loop: the first innermost loop (code from a label to a branch back to it) holding a
+    tensor-core instruction (HGMMA / HMMA): the forward's and dq's loop over the segments' key tiles, dkdv's over
+    query blocks (in a kernel with no tensor-core instruction, IEEE fp32 dots on the FMA units: the longest loop). Its
     common path takes every forward branch that lands inside it: the blocks the compiler jumps over run only
     sometimes (a new segment's re-rotation, a partial tile's mask, a sine's slow argument reduction); a branch
     out of the loop is its exit, not taken while it runs."""
@@ -192,7 +194,8 @@ def loop_instructions(sass: str) -> int:
     mma = [(lo, hi) for lo, hi in loops if any(re.search(r"\bH(GMMA|MMA)\b", t) for t in ins[lo:hi + 1])]
     if not loops:
         raise ValueError("the kernel's SASS has no loop")
-    lo, hi = max(mma or loops, key=lambda r: r[1] - r[0])
+    innermost = [a for a in mma if not any(b != a and a[0] <= b[0] and b[1] <= a[1] for b in mma)]
+    lo, hi = min(innermost, key=lambda r: r[0]) if innermost else max(loops, key=lambda r: r[1] - r[0])
     skipped = set()
     for i in range(lo, hi + 1):  # forward branches within the loop (one past its end leaves it: not a skip)
         if (m := _SASS_BRANCH.search(ins[i])) and i < labels.get(m.group(1), -1) <= hi:

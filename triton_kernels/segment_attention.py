@@ -46,8 +46,8 @@ Triton GPU IR; none of this is timed yet):
   two at decode) at ``num_stages`` and the same shared memory (``LaunchConfig.flat_stages``).
 - The counter-rotated query is carried across the flat loop in registers, so every tile stores it to shared
   memory and loads it back for the score dot (a BLOCK_M x D round trip per tile, about as many bytes as the
-  K/V tile itself); the own loops keep their query in shared memory once. The nested loop avoids this but
-  restarts its pipeline at every segment.
+  K/V tile itself); the own loops keep their query in shared memory once, and so does the flat loop of a
+  launch with no moved segment. The nested loop avoids this but restarts its pipeline at every segment.
 - With ``tma=True``, zeroing the values past a partial tile's count (in registers, for every tile: a tensor
   descriptor's tile is used from shared memory or not at all) cost 730 instructions per tile at prefill and a
   K/V buffer. The option now requires finite store rows instead (its lanes past the count read the next store
@@ -61,6 +61,8 @@ Triton GPU IR; none of this is timed yet):
   instruction issue where the own loop is bound by the tensor cores. Loads that re-read a tile's last key
   instead of masking (in bounds, finite), and a score mask only on a partial tile, bring that to 534 and 372
   (``_attn_fwd_flat``); one int64 table entry per tile, read with one load instead of three, to 500 and 344.
+  A launch with no moved segment (``TileTable.moved`` False: the engine's calls without ``offsets``) keeps its
+  query in shared memory and skips the re-rotation: 428 and 309 (dq: 404 per 128 x 64 tile instead of 664).
 
 Worked example (call 0 sees store rows 0..9 moved 5 positions later, then its own 3 tokens, 2 of them new)::
 
@@ -182,7 +184,8 @@ def _attn_fwd_flat(acc, l_i, m_i, Q, q_ptrs, q_swap_ptrs, row_ok, rot_sign, inv_
                    T_ROW, stride_tt, t_lo, t_hi, K_HEAD, V_HEAD, qk_scale,  #
                    offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, K_DESC, V_DESC, off_hkv,  #
                    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, FIX_BF16: tl.constexpr,  #
-                   TMA: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, STAGES: tl.constexpr):
+                   TMA: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, STAGES: tl.constexpr,
+                   MOVED: tl.constexpr):
     # Tiles t_lo .. t_hi - 1 of a call's row T_ROW of the tile table, all segments in one loop: tile t holds cnt
     # keys from store row ``row`` on, moved by ``delta`` (one int64 entry, ``_tile``). The K/V addresses come from
     # a table indexed by the loop counter, so the software pipeliner prefetches across segment boundaries (as
@@ -196,14 +199,21 @@ def _attn_fwd_flat(acc, l_i, m_i, Q, q_ptrs, q_swap_ptrs, row_ok, rot_sign, inv_
     # the call attends to, so finite), and only a partial tile masks its scores. A whole tile (every tile of a
     # segment but its last) then pays no per-key predicate on its loads or scores: for the bf16 D-128 prefill
     # tile that took 674 instructions per tile on sm_90 to 534 (``ptxas_report``).
-    _, _, cur = _tile(T_ROW + t_lo * stride_tt, t_lo < t_hi)
-    q = _to(_load_q_rotated(q_ptrs, q_swap_ptrs, row_ok, rot_sign, inv_freq, cur), Q.dtype.element_ty, FIX_BF16)
+    # MOVED False (no tile of the launch has a delta): the query as loaded, loop-invariant, so it stays in shared
+    # memory for every score dot (as in the own-token loops) instead of going through registers each tile.
+    if MOVED:
+        _, _, cur = _tile(T_ROW + t_lo * stride_tt, t_lo < t_hi)
+        q = _to(_load_q_rotated(q_ptrs, q_swap_ptrs, row_ok, rot_sign, inv_freq, cur), Q.dtype.element_ty, FIX_BF16)
+    else:
+        cur = 0
+        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
     for t in tl.range(t_lo, t_hi, num_stages=STAGES):
         row, cnt, delta = _tile(T_ROW + t * stride_tt, True)
-        if delta != cur:
-            q = _to(_load_q_rotated(q_ptrs, q_swap_ptrs, row_ok, rot_sign, inv_freq, delta), Q.dtype.element_ty,
-                    FIX_BF16)
-            cur = delta
+        if MOVED:
+            if delta != cur:
+                q = _to(_load_q_rotated(q_ptrs, q_swap_ptrs, row_ok, rot_sign, inv_freq, delta),
+                        Q.dtype.element_ty, FIX_BF16)
+                cur = delta
         col_ok = offs_n < cnt
         key = tl.minimum(offs_n, cnt - 1)  # (BLOCK_N,) the key each lane loads: cnt >= 1 in every table tile
         if TMA:
@@ -270,7 +280,8 @@ def _attn_fwd(Q, K, V, OUT, LSE, PART_ACC, PART_M, PART_L, K_DESC, V_DESC,  #
               stride_segb, stride_segg, stride_tb, stride_tt,  #
               H, Hkv, S, G,  #
               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
-              FLAT: tl.constexpr, FLAT_STAGES: tl.constexpr, SPLIT: tl.constexpr, STORE_LSE: tl.constexpr,  #
+              FLAT: tl.constexpr, FLAT_STAGES: tl.constexpr, MOVED: tl.constexpr, SPLIT: tl.constexpr,  #
+              STORE_LSE: tl.constexpr,  #
               TMA: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, FIX_BF16: tl.constexpr):
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
@@ -318,7 +329,8 @@ def _attn_fwd(Q, K, V, OUT, LSE, PART_ACC, PART_M, PART_L, K_DESC, V_DESC,  #
         acc, l_i, m_i = _attn_fwd_flat(acc, l_i, m_i, Q, q_ptrs, q_swap_ptrs, row_ok, rot_sign, inv_freq,
                                        T_ROW, stride_tt, t_lo, t_hi, K_HEAD, V_HEAD, qk_scale, offs_n, offs_d,
                                        stride_kn, stride_kd, stride_vn, stride_vd, K_DESC, V_DESC, off_hkv,
-                                       DOT_FP32, INPUT_PRECISION, FIX_BF16, TMA, BLOCK_N, HEAD_DIM, FLAT_STAGES)
+                                       DOT_FP32, INPUT_PRECISION, FIX_BF16, TMA, BLOCK_N, HEAD_DIM, FLAT_STAGES,
+                                       MOVED)
     else:
         n_seg = tl.where(alive, G, 0)
         chunk = tl.cdiv(n_seg, num_splits)
@@ -500,13 +512,16 @@ class TileTable:
 
     tiles: (B, T) int64 on the kernel's device, one entry per tile (``pack_tiles``: first store row, key count
     1..block_n and position delta), calls' tiles in segment order, padded with zeros; n_tiles: (B,) int32;
-    max_tiles: T, on the host. ``fields()`` unpacks the entries.
+    max_tiles: T, on the host. ``fields()`` unpacks the entries. moved: whether any tile has a non-zero delta
+    (on the host); False lets the kernels skip the re-rotation entirely (the engine's calls without ``offsets``
+    read every parent where it was encoded), True is always correct.
     """
 
     block_n: int
     tiles: torch.Tensor
     n_tiles: torch.Tensor
     max_tiles: int
+    moved: bool = True
 
     def fields(self) -> torch.Tensor:
         """(3, B, T) int32: each tile's first store row, key count and position delta."""
@@ -538,9 +553,9 @@ def tile_table(seg_start, seg_len, seg_delta, block_n: int, device=None) -> Tile
     start, length, delta = (t.detach().to("cpu", torch.int64) for t in (seg_start, seg_len, seg_delta))
     if not 1 <= block_n < 512:
         raise ValueError(f"block_n must be in 1..511 (a tile's key count has 9 bits), got {block_n}")
-    moved = delta[length > 0]
-    if moved.numel() and int(moved.abs().max()) > MAX_TILE_DELTA:
-        bad = int(moved[moved.abs() > MAX_TILE_DELTA][0])
+    used = delta[length > 0]  # the deltas of the segments with keys
+    if used.numel() and int(used.abs().max()) > MAX_TILE_DELTA:
+        bad = int(used[used.abs() > MAX_TILE_DELTA][0])
         raise ValueError(f"seg_delta {bad} is out of range: tile tables hold position deltas up to "
                          f"+-{MAX_TILE_DELTA} (use flat=False for larger moves)")
     B, G = start.shape
@@ -559,7 +574,8 @@ def tile_table(seg_start, seg_len, seg_delta, block_n: int, device=None) -> Tile
         offset = j * block_n
         table[b, pos] = pack_tiles(start.flatten()[seg_id] + offset,
                                    (length.flatten()[seg_id] - offset).clamp(max=block_n), delta.flatten()[seg_id])
-    return TileTable(block_n=block_n, tiles=table.to(device), n_tiles=n_tiles.to(torch.int32).to(device), max_tiles=T)
+    return TileTable(block_n=block_n, tiles=table.to(device), n_tiles=n_tiles.to(torch.int32).to(device), max_tiles=T,
+                     moved=bool(used.ne(0).any()))
 
 
 @functools.cache
@@ -822,7 +838,7 @@ def forward(q, k_cache, v_cache, launch: Launch, *, store_lse: bool = False):
         launch.seg_start.stride(0), launch.seg_start.stride(1), *table.stride(),  #
         H, Hkv, S, launch.G,  #
         GROUP=H // Hkv, HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, FLAT=cfg.flat,  #
-        FLAT_STAGES=cfg.flat_loop_stages, SPLIT=split,  #
+        FLAT_STAGES=cfg.flat_loop_stages, MOVED=launch.tiles is None or launch.tiles.moved, SPLIT=split,  #
         STORE_LSE=store_lse and not split, TMA=cfg.tma,  #
         DOT_FP32=dot_fp32, INPUT_PRECISION="ieee" if dot_fp32 else "tf32",  #
         FIX_BF16=interpret and q.dtype == torch.bfloat16,  #

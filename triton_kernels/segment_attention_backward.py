@@ -109,7 +109,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DI, DQ,  #
                  H, Hkv, S,  #
                  GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
                  DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, FIX_BF16: tl.constexpr,  #
-                 FLAT_STAGES: tl.constexpr):
+                 FLAT_STAGES: tl.constexpr, MOVED: tl.constexpr):
     # DO and DQ share Q's strides (the host makes them so); LSE and DI are (B, H, S) contiguous. FLAT_STAGES:
     # the segment loop's pipelining stages (its K/V addresses come from a tile-table load: ``LaunchConfig``).
     start_m = tl.program_id(0)
@@ -138,16 +138,19 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DI, DQ,  #
     cos_a, sin_a = _rotation(inv_freq, -cur)  # R(+delta), recomputed only where the delta changes
     for t in tl.range(0, n_tiles, num_stages=FLAT_STAGES):
         row, cnt, delta = _tile(T_ROW + t * stride_tt, True)
-        if delta != cur:
-            cos_a, sin_a = _rotation(inv_freq, -delta)
-            cur = delta
         col_ok = offs_n < cnt
         # Unmasked loads, as in the forward's flat loop: lanes past the count re-read the tile's last key.
         key = tl.minimum(offs_n, cnt - 1)  # (BLOCK_N,)
         k_rows = K_HEAD + row * stride_kn + key[:, None] * stride_kn
-        k = tl.load(k_rows + offs_d[None, :] * stride_kd).to(tl.float32)  # (BLOCK_N, D)
-        k_swap = tl.load(k_rows + offs_swap[None, :] * stride_kd, mask=delta != 0, other=0.0).to(tl.float32)
-        k = _to(_rotate(k, k_swap, rot_sign, cos_a, sin_a), DTYPE, FIX_BF16)  # R(+delta) k
+        if MOVED:
+            if delta != cur:
+                cos_a, sin_a = _rotation(inv_freq, -delta)
+                cur = delta
+            k = tl.load(k_rows + offs_d[None, :] * stride_kd).to(tl.float32)  # (BLOCK_N, D)
+            k_swap = tl.load(k_rows + offs_swap[None, :] * stride_kd, mask=delta != 0, other=0.0).to(tl.float32)
+            k = _to(_rotate(k, k_swap, rot_sign, cos_a, sin_a), DTYPE, FIX_BF16)  # R(+delta) k
+        else:  # no tile of the launch is moved
+            k = tl.load(k_rows + offs_d[None, :] * stride_kd)
         v = tl.load(V_HEAD + row * stride_vn + (key[:, None] * stride_vn + offs_d[None, :] * stride_vd))
         ok = row_ok[:, None] & col_ok[None, :]
         p, ds = _grad_scores(q, k, v, do, lse, di, ok, qk_scale, DTYPE, DOT_FP32, INPUT_PRECISION, FIX_BF16)
@@ -179,7 +182,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DI, DK, DV, DEST,  #
                    stride_tb, stride_tt,  #
                    H, Hkv, S, N,  #
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
-                   DETERMINISTIC: tl.constexpr,  #
+                   DETERMINISTIC: tl.constexpr, MOVED: tl.constexpr,  #
                    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, FIX_BF16: tl.constexpr):
     # Program (t, b * Hkv + h): key tile t of call b, KV head h. Tiles 0 .. n_tiles[b] - 1 are the call's segment
     # tiles (tile table); tile n_tiles[b] + i holds own keys i * BLOCK_N .. of the call. DK / DV: (Hkv, N, D) fp32
@@ -216,11 +219,12 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DI, DK, DV, DEST,  #
     # below is a plain FlashAttention backward over unrotated queries, and dK comes back to the store's frame
     # once at the end.
     rot_sign, inv_freq, offs_swap = _rope_tables(INV_FREQ, offs_d, HEAD_DIM)
-    cos_a, sin_a = _rotation(inv_freq, -delta)  # R(+delta)
     k_rows = K_HEAD + (row + offs_n)[:, None] * stride_kn
-    k = tl.load(k_rows + offs_d[None, :] * stride_kd, mask=col_ok[:, None], other=0.0).to(tl.float32)  # (BLOCK_N, D)
-    k_swap = tl.load(k_rows + offs_swap[None, :] * stride_kd, mask=col_ok[:, None] & (delta != 0), other=0.0)
-    k = _to(_rotate(k, k_swap.to(tl.float32), rot_sign, cos_a, sin_a), DTYPE, FIX_BF16)
+    k = tl.load(k_rows + offs_d[None, :] * stride_kd, mask=col_ok[:, None], other=0.0)  # (BLOCK_N, D)
+    if MOVED:
+        cos_a, sin_a = _rotation(inv_freq, -delta)  # R(+delta)
+        k_swap = tl.load(k_rows + offs_swap[None, :] * stride_kd, mask=col_ok[:, None] & (delta != 0), other=0.0)
+        k = _to(_rotate(k.to(tl.float32), k_swap.to(tl.float32), rot_sign, cos_a, sin_a), DTYPE, FIX_BF16)
     v = tl.load(V_HEAD + (row + offs_n)[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                 mask=col_ok[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)  # gradient of the rotated keys
@@ -236,8 +240,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DI, DK, DV, DEST,  #
         dk = _mma(tl.trans(ds), q, dk, DOT_FP32, INPUT_PRECISION)
 
     # d/dk <q, R(delta) k> = R(delta)^T (...) = R(-delta) (...): the rotated keys' gradient in the store's frame.
-    cos_b, sin_b = _rotation(inv_freq, delta)
-    dk = _rotate(dk, _swap_halves(dk, BLOCK_N, HEAD_DIM), rot_sign, cos_b, sin_b)
+    if MOVED:
+        cos_b, sin_b = _rotation(inv_freq, delta)
+        dk = _rotate(dk, _swap_halves(dk, BLOCK_N, HEAD_DIM), rot_sign, cos_b, sin_b)
 
     if DETERMINISTIC:
         part = (off_b * tl.num_programs(0) + pid).to(tl.int64) * BLOCK_N + offs_n  # (BLOCK_N,) partial rows
@@ -324,7 +329,7 @@ def backward(do, q, k_cache, v_cache, out, lse, launch: Launch, *, need_dq: bool
         dq = torch.empty_like(q)  # do and dq share q's (contiguous) strides
         _attn_bwd_dq[(triton.cdiv(S * (H // Hkv), cfg_dq.block_m), B * Hkv)](
             q, k_cache, v_cache, do, lse, di, dq, *args, H, Hkv, S, **common, **_tiles(cfg_dq),
-            FLAT_STAGES=cfg_dq.flat_loop_stages)
+            FLAT_STAGES=cfg_dq.flat_loop_stages, MOVED=tiles.moved)
     if need_dkv:
         # Key tiles per call: its segment tiles, then its own keys (own_past + new_len of them; unless the caller
         # gave the largest, it is read back here: one synchronisation on CUDA).
@@ -342,7 +347,7 @@ def backward(do, q, k_cache, v_cache, out, lse, launch: Launch, *, need_dq: bool
             dk, dv = torch.zeros((2, Hkv, N, D), dtype=torch.float32, device=q.device)  # fp32, added to atomically
             dest = dk  # unused
         _attn_bwd_dkdv[grid](q, k_cache, v_cache, do, lse, di, dk, dv, dest, *args, H, Hkv, S, N, **common,
-                             DETERMINISTIC=deterministic, **_tiles(cfg_kv))
+                             DETERMINISTIC=deterministic, MOVED=tiles.moved, **_tiles(cfg_kv))
         if deterministic:
             dk, dv = _reduce_partials(dk, dest, N), _reduce_partials(dv, dest, N)
         dk, dv = dk.to(k_cache.dtype), dv.to(v_cache.dtype)

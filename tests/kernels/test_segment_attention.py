@@ -181,6 +181,23 @@ def test_tile_table_docstring_example():
     assert empty.max_tiles == 0 and empty.tiles.shape == (1, 1)
 
 
+UNMOVED = Case(segments=[[(0, 65, 0), (70, 33, 0), (0, 9, 0)], [(10, 20, 0), (40, 0, 5)]], own_start=[110, 140],
+               own_past=[49, 3], new_len=[2, 5], S=5)
+
+
+def test_unmoved_launch_skips_the_rotation():
+    """A launch none of whose segments is moved (the engine's calls without ``offsets``) runs without the
+    re-rotation (``TileTable.moved``; an empty segment's delta does not count): the same output, bit for bit,
+    as the rotating loop (a rotation by 0 is exact), and the reference's."""
+    args = UNMOVED.tensors()
+    cfg = launch_config(UNMOVED.S * UNMOVED.H // UNMOVED.Hkv, UNMOVED.D, UNMOVED.dtype, interpreter_active())
+    tiles = tile_table(*args[3:6], cfg.block_n)
+    assert not tiles.moved and tile_table(*AWKWARD["multi-tile-segments"].tensors()[3:6], cfg.block_n).moved
+    out = segment_attention(*args, tiles=tiles)
+    assert torch.equal(out, segment_attention(*args, tiles=dataclasses.replace(tiles, moved=True)))
+    check_against_reference(UNMOVED)
+
+
 def test_tile_entries_round_trip_and_refuse_deltas_out_of_range():
     """A tile's row, count and delta share one int64 (one load per tile): every delta the format holds, either
     sign, survives packing; a larger move is refused, naming it (the nested loop has no such limit)."""

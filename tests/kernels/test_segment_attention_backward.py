@@ -163,6 +163,24 @@ def test_unread_store_rows_ignore_garbage(name):
         assert torch.equal(a, b)
 
 
+def test_unmoved_launch_gradients():
+    """The backward of a launch with no moved segment skips the rotations (dq's key tiles, dkdv's key tile and
+    its gradient): the reference's gradients, and bit for bit those of the rotating kernels."""
+    from tests.kernels.test_segment_attention import UNMOVED
+    from triton_kernels import tile_table
+
+    args = UNMOVED.tensors()
+    cfg = launch_config(UNMOVED.S * UNMOVED.H // UNMOVED.Hkv, UNMOVED.D, UNMOVED.dtype, interpreter_active())
+    tiles = tile_table(*args[3:6], cfg.block_n)
+    assert not tiles.moved
+    g = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    plain = gradients(segment_attention, args, UNMOVED.dtype, g, tiles=tiles)
+    rotating = gradients(segment_attention, args, UNMOVED.dtype, g, tiles=dataclasses.replace(tiles, moved=True))
+    for a, b in zip(plain, rotating):
+        assert torch.equal(a, b)
+    check_gradients(UNMOVED)
+
+
 def test_store_rows_written_after_the_forward():
     """The engine writes later tokens' rows into the same store tensors between a layer's forward and the
     backward: allowed (the store is held by reference), and the gradients are those of the rows read."""
