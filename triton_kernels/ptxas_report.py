@@ -290,7 +290,9 @@ def write_report(rows, out: Path, *, command: str) -> Path:
     notes = ["Compiled ahead of time with arguments specialised as the JIT specialises the engine's layout (16-byte "
              "aligned pointers, unit strides as constants, multiples of 16 marked); registers and spills from "
              "`ptxas -v`. A GPU has 255 registers per thread at most; spilled bytes go to local memory in the "
-             "inner loop. 'prefill': 1024 packed query rows (S x H / Hkv), 'decode': 4.",
+             "inner loop. 'prefill': 1024 packed query rows (S x H / Hkv), 'decode': 4. Compiled for launches "
+             "with moved segments (the re-rotation on); a launch with none (TileTable.moved False) compiles "
+             "without it: compile_stats(..., moved=False).",
              "Buffers per tile, from the Triton GPU IR: the ring of shared-memory buffers the software pipeliner "
              "gives each tile the kernel's first loop loads (forward and dq: the segments' K/V tiles; dkdv: the "
              "query blocks); b buffers load tiles b - 1 iterations ahead, 1 means the loop waits for every load. "
