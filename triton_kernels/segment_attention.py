@@ -94,9 +94,10 @@ LOG2E = 1.4426950408889634
 
 # A tile-table entry is one int64, so the flat loop reads a tile's row, count and delta with one load:
 # row (bits 0..31) + count * 2**32 (9 bits: block_n <= 256) + delta * 2**41 (23 bits, signed).
-TILE_COUNT_BITS: tl.constexpr = tl.constexpr(9)
-TILE_COUNT_LIMIT: tl.constexpr = tl.constexpr(1 << 9)
-MAX_TILE_DELTA = (1 << 22) - 1  # |delta| <= this
+COUNT_BITS = 9
+TILE_COUNT_BITS: tl.constexpr = tl.constexpr(COUNT_BITS)  # the same, for the kernels
+TILE_COUNT_LIMIT: tl.constexpr = tl.constexpr(1 << COUNT_BITS)
+MAX_TILE_DELTA = (1 << (31 - COUNT_BITS)) - 1  # |delta| <= this
 
 
 @triton.jit
@@ -532,13 +533,13 @@ def pack_tiles(row: torch.Tensor, count: torch.Tensor, delta: torch.Tensor) -> t
     """Tile-table entries, int64: row (0 <= row < 2**31) + count * 2**32 (0 <= count < 512) + delta * 2**41
     (|delta| <= ``MAX_TILE_DELTA``), so that the kernels read a tile with one load (``_tile``)."""
     row, count, delta = (t.to(torch.int64) for t in (row, count, delta))
-    return row + (count << 32) + delta * (1 << 41)
+    return row + (count << 32) + delta * (1 << (32 + COUNT_BITS))
 
 
 def unpack_tiles(entries: torch.Tensor) -> torch.Tensor:
     """(3, *shape) int32 row, count and delta of ``pack_tiles`` entries."""
     hi = entries >> 32
-    return torch.stack([entries & 0xFFFFFFFF, hi & 511, hi >> 9]).to(torch.int32)
+    return torch.stack([entries & 0xFFFFFFFF, hi & ((1 << COUNT_BITS) - 1), hi >> COUNT_BITS]).to(torch.int32)
 
 
 def tile_table(seg_start, seg_len, seg_delta, block_n: int, device=None) -> TileTable:
@@ -551,8 +552,9 @@ def tile_table(seg_start, seg_len, seg_delta, block_n: int, device=None) -> Tile
     """
     device = torch.device(device) if device is not None else seg_start.device
     start, length, delta = (t.detach().to("cpu", torch.int64) for t in (seg_start, seg_len, seg_delta))
-    if not 1 <= block_n < 512:
-        raise ValueError(f"block_n must be in 1..511 (a tile's key count has 9 bits), got {block_n}")
+    if not 1 <= block_n < 1 << COUNT_BITS:
+        raise ValueError(f"block_n must be in 1..{(1 << COUNT_BITS) - 1} (a tile's key count has {COUNT_BITS} bits), "
+                         f"got {block_n}")
     used = delta[length > 0]  # the deltas of the segments with keys
     if used.numel() and int(used.abs().max()) > MAX_TILE_DELTA:
         bad = int(used[used.abs() > MAX_TILE_DELTA][0])

@@ -357,8 +357,8 @@ def backward(do, q, k_cache, v_cache, out, lse, launch: Launch, *, need_dq: bool
 def _reduce_partials(part: torch.Tensor, dest: torch.Tensor, N: int) -> torch.Tensor:
     """Add per-tile partials part (P, Hkv, D) into store rows dest (P,) (N: discarded), in the same order on every
     run: ``index_put_`` with ``accumulate=True`` sorts the rows stably and adds each row's partials in turn (on
-    CUDA always; on CPU under ``torch.use_deterministic_algorithms``, which is on when this runs). Returns
-    (Hkv, N, D) fp32, contiguous."""
+    CUDA always; on CPU under ``torch.use_deterministic_algorithms``, the flag that selects this path unless
+    ``backward`` is called with ``deterministic=True``). Returns (Hkv, N, D) fp32, contiguous."""
     out = torch.zeros((N + 1,) + part.shape[1:], dtype=part.dtype, device=part.device)
     out.index_put_((dest,), part, accumulate=True)
     return out[:N].transpose(0, 1).contiguous()
