@@ -6,6 +6,8 @@
 #   2. the kernel benchmarks, forward and forward + backward, and one fine-tuning step with each backend
 #      (pytest-benchmark JSON, with the device name in every record);
 #   3. `choreo bench` on CUDA: the performance table with the triton and torch backends.
+# A stage past its limit is interrupted (SIGINT), so pytest still writes the results of what ran; stage 2 runs
+# the comparisons first and the tile sweep last, so a short limit cuts the sweep.
 # Usage: bash scripts/gpu_checks.sh OUT_DIR [MODEL_DIR]
 #   MODEL_DIR: a checkpoint directory (default: the embedded model). Set CHOREO_RANDOM_WEIGHTS=1 when it holds
 #   only config.json and tokenizer files (timings with seeded random weights), CHOREO_TOKENIZER for the tests'
@@ -37,11 +39,13 @@ $py -c "import xdist" 2>/dev/null && xdist=(-p xdist -n 8)
 for stage in $stages; do
   start=$SECONDS
   case $stage in
-    1) timeout ${CHOREO_TEST_TIMEOUT:-420} $py -m pytest tests/kernels/test_segment_attention.py \
+    1) timeout -s INT -k 30 ${CHOREO_TEST_TIMEOUT:-420} $py -m pytest tests/kernels/test_segment_attention.py \
          tests/kernels/test_segment_attention_backward.py tests/test_triton_backend.py -q \
          -p no:cacheprovider "${xdist[@]}" --junitxml="$out/tests.xml" 2>&1 | tee "$out/tests.log" | tail -25 ;;
-    2) timeout ${CHOREO_BENCH_TIMEOUT:-420} $py -m pytest tests/kernels/bench_segment_attention.py \
-         tests/kernels/bench_finetune_step.py -q -p no:cacheprovider -m gpu \
+    2) bench=tests/kernels/bench_segment_attention.py
+       timeout -s INT -k 30 ${CHOREO_BENCH_TIMEOUT:-420} $py -m pytest $bench::test_segment_attention_speed \
+         $bench::test_segment_attention_training_speed $bench::test_segment_attention_backward_tiles \
+         tests/kernels/bench_finetune_step.py $bench::test_segment_attention_tiles -q -p no:cacheprovider -m gpu \
          ${CHOREO_BENCH_FILTER:+-k "$CHOREO_BENCH_FILTER"} \
          --benchmark-json="$out/kernel_bench.json" --benchmark-group-by=group \
          --benchmark-columns=median,iqr,rounds 2>&1 | tee "$out/kernel_bench.log" | tail -60 ;;
