@@ -595,7 +595,7 @@ def default_splits(programs: int, max_keys: int, device: torch.device) -> int:
     if device.type != "cuda" or interpreter_active():
         return 1
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    if 2 * programs >= sms:
+    if programs == 0 or 2 * programs >= sms:  # no query rows (S = 0), or half the GPU busy already
         return 1
     return max(1, min(triton.cdiv(4 * sms, programs), max_keys // 1024, 64))
 

@@ -230,8 +230,19 @@ def test_prebuilt_tiles_and_their_errors():
         segment_attention(*args, num_splits=0)
 
 
-def test_default_splits_only_on_an_idle_gpu():
+def test_default_splits_only_on_an_idle_gpu(monkeypatch):
     assert default_splits(8, 10**6, torch.device("cpu")) == 1
+    sa = sys.modules["triton_kernels.segment_attention"]  # the module (the package exports the function by its name)
+    with monkeypatch.context() as m:  # the heuristic on a 132-multiprocessor GPU, checked without one
+        m.setattr(sa, "_sm_count", lambda index: 132)
+        m.setattr(sa, "interpreter_active", lambda: False)
+        cuda = torch.device("cuda", 0)
+        assert default_splits(0, 10**6, cuda) == 1  # no query rows: nothing to split (no division by zero)
+        assert default_splits(66, 10**6, cuda) == 1  # half the GPU is busy already
+        assert default_splits(8, 1024, cuda) == 1  # too few keys to share out
+        assert default_splits(8, 16384, cuda) == 16  # 4 programs per multiprocessor would take 66; keys allow 16
+        assert default_splits(64, 16384, cuda) == 9  # decode-B8-T16k: 64 programs, cdiv(528, 64) = 9 splits
+        assert default_splits(1, 10**8, cuda) == 64  # at most 64
     if CUDA:
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         assert default_splits(sms // 2, 10**6, DEVICE) == 1  # half the GPU is busy already

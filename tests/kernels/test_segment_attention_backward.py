@@ -46,7 +46,11 @@ def gradients(fn, args, dtype, cotangent, **kwargs):
 
 @contextlib.contextmanager
 def deterministic_algorithms(mode: bool = True):
-    """``torch.use_deterministic_algorithms(mode)`` inside the block, the previous setting restored after."""
+    """``torch.use_deterministic_algorithms(mode)`` inside the block, the previous setting restored after.
+
+    Tests that compare dk / dv bit for bit between two backward passes run them inside this block: by default
+    dkdv adds its partials into the store's gradient with fp32 atomics, whose order (so the rounding) varies from
+    run to run on a GPU wherever two programs write the same row (repeated or overlapping segments)."""
     before = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(mode)
@@ -135,14 +139,16 @@ def test_padding_rows_with_garbage_do_not_leak():
     """NaN queries and a NaN cotangent on rows >= new_len change no gradient of the valid rows."""
     case = AWKWARD["padding-segments-and-rows"]
     args = list(case.tensors())
-    g = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(3), device=DEVICE)
-    clean = gradients(segment_attention, args, case.dtype, g)
+    g = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    with deterministic_algorithms():
+        clean = gradients(segment_attention, args, case.dtype, g)
     args[0] = args[0].clone()
     args[0][0, :, 2:] = float("nan")  # call 0 has new_len 2
     args[0][1] = float("nan")  # call 1 has new_len 0
     g[0, :, 2:] = float("nan")
     g[1] = float("nan")
-    dirty = gradients(segment_attention, args, case.dtype, g)
+    with deterministic_algorithms():
+        dirty = gradients(segment_attention, args, case.dtype, g)
     for a, b in zip(clean[1:], dirty[1:]):
         assert not b.isnan().any()
         assert torch.equal(a, b)
@@ -157,8 +163,9 @@ def test_unread_store_rows_ignore_garbage(name):
     case = AWKWARD[name]
     args = case.tensors()
     g = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(4)).to(DEVICE)
-    clean = gradients(segment_attention, args, case.dtype, g)
-    dirty = gradients(segment_attention, with_garbage_in_unread_rows(case, args), case.dtype, g)
+    with deterministic_algorithms():
+        clean = gradients(segment_attention, args, case.dtype, g)
+        dirty = gradients(segment_attention, with_garbage_in_unread_rows(case, args), case.dtype, g)
     for a, b in zip(clean, dirty):
         assert torch.equal(a, b)
 
@@ -174,8 +181,9 @@ def test_unmoved_launch_gradients():
     tiles = tile_table(*args[3:6], cfg.block_n)
     assert not tiles.moved
     g = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(6)).to(DEVICE)
-    plain = gradients(segment_attention, args, UNMOVED.dtype, g, tiles=tiles)
-    rotating = gradients(segment_attention, args, UNMOVED.dtype, g, tiles=dataclasses.replace(tiles, moved=True))
+    with deterministic_algorithms():
+        plain = gradients(segment_attention, args, UNMOVED.dtype, g, tiles=tiles)
+        rotating = gradients(segment_attention, args, UNMOVED.dtype, g, tiles=dataclasses.replace(tiles, moved=True))
     for a, b in zip(plain, rotating):
         assert torch.equal(a, b)
     check_gradients(UNMOVED)
@@ -190,12 +198,13 @@ def test_store_rows_written_after_the_forward():
     k_big, v_big = (torch.cat([t, torch.zeros(t.shape[0], extra, t.shape[2], device=DEVICE)], 1) for t in (k, v))
     q, k_big, v_big = (t.detach().requires_grad_() for t in (q, k_big, v_big))
     k_store, v_store = k_big * 1.0, v_big * 1.0  # non-leaf, as in the engine
-    out = segment_attention(q, k_store, v_store, *rest)
-    with torch.no_grad():
-        k_store[:, -extra:] = 7.0  # rows no call read
-        v_store[:, -extra:] = -7.0
-    out.sum().backward()
-    _, dq, dk, dv = gradients(segment_attention, (q, k, v, *rest), case.dtype, torch.ones_like(out))
+    with deterministic_algorithms():
+        out = segment_attention(q, k_store, v_store, *rest)
+        with torch.no_grad():
+            k_store[:, -extra:] = 7.0  # rows no call read
+            v_store[:, -extra:] = -7.0
+        out.sum().backward()
+        _, dq, dk, dv = gradients(segment_attention, (q, k, v, *rest), case.dtype, torch.ones_like(out))
     torch.testing.assert_close(q.grad, dq, rtol=0, atol=0)
     torch.testing.assert_close(k_big.grad[:, :-extra], dk, rtol=0, atol=0)
     assert (k_big.grad[:, -extra:] == 0).all() and (v_big.grad[:, -extra:] == 0).all()
@@ -205,7 +214,8 @@ def test_gradients_only_where_asked():
     """Only the kernels whose gradients autograd asks for run; their results are those of a full backward."""
     case = AWKWARD["gqa-3-decode"]
     args = case.tensors()
-    _, dq_all, dk_all, dv_all = gradients(segment_attention, args, case.dtype, torch.ones_like(args[0]))
+    with deterministic_algorithms():
+        _, dq_all, dk_all, dv_all = gradients(segment_attention, args, case.dtype, torch.ones_like(args[0]))
     q, k, v, *rest = args
     q.requires_grad_()
     segment_attention(q, k, v, *rest).sum().backward()
@@ -214,7 +224,8 @@ def test_gradients_only_where_asked():
     q, k, v, *rest = case.tensors()
     k.requires_grad_()
     v.requires_grad_()
-    segment_attention(q, k, v, *rest).sum().backward()
+    with deterministic_algorithms():
+        segment_attention(q, k, v, *rest).sum().backward()
     assert q.grad is None
     torch.testing.assert_close((k.grad, v.grad), (dk_all, dv_all), rtol=0, atol=0)
     with torch.no_grad():  # no graph, no statistics
@@ -249,8 +260,9 @@ def test_max_own_len_sizes_the_backward_grid():
     case = AWKWARD["seqlen-97"]  # own_past 10 + new_len 97: several own key tiles
     args = case.tensors()
     g = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(5)).to(DEVICE)
-    plain = gradients(segment_attention, args, case.dtype, g)
-    given_len = gradients(segment_attention, args, case.dtype, g, max_own_len=107)
+    with deterministic_algorithms():
+        plain = gradients(segment_attention, args, case.dtype, g)
+        given_len = gradients(segment_attention, args, case.dtype, g, max_own_len=107)
     for a, b in zip(plain, given_len):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     if not CUDA:
