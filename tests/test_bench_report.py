@@ -52,7 +52,8 @@ def test_summary_picks_the_fastest_sweep_config():
 def test_report_writes_table_plot_raw_json_and_provenance(tmp_path):
     src = tmp_path / "bench.json"
     src.write_text(json.dumps(_bench()))
-    md = bench_report.write_report(src, tmp_path / "out", commit="abc", command="pytest ...", extra_notes=["hello"])
+    md = bench_report.write_report(src, tmp_path / "out", commit="abc", command="pytest ...", extra_notes=["hello"],
+                                   training_notes=["backward note"])
     text = md.read_text()
     assert "NVIDIA H200" in text and "hello" in text and "`pytest ...`" in text
     data = json.loads((tmp_path / "out" / "segment_attention.json").read_text())
@@ -61,6 +62,7 @@ def test_report_writes_table_plot_raw_json_and_provenance(tmp_path):
     assert (tmp_path / "out" / "segment_attention_raw.json").read_text() == src.read_text()
     training = (tmp_path / "out" / "segment_attention_training.md").read_text()
     assert "forward + backward" in training and "NVIDIA H200" in training
+    assert "backward note" in training and "hello" not in training and "backward note" not in text
     assert "torch backend 2.000 s, kernel 1.600 s (1.25x)" in training
 
 

@@ -134,7 +134,7 @@ def plot(path: Path, summary: dict, device: str) -> Path:
 
     series = {"kernel, best of sweep": lambda w: w.get("best", {}).get("tflops")}
     series.update({label: (lambda w, k=k: w["impls"].get(k, {}).get("tflops")) for k, label in IMPLS.items()})
-    names = list(summary)
+    names = [n for n, w in summary.items() if w["impls"]]  # workloads timed forward (not the fine-tuning step)
     fig, ax = plt.subplots(figsize=(8.5, 0.9 + 0.75 * len(names)))
     height = 0.8 / len(series)
     for k, (label, get) in enumerate(series.items()):
@@ -153,8 +153,10 @@ def plot(path: Path, summary: dict, device: str) -> Path:
 
 
 def write_report(bench_json: Path, out: Path, *, commit: str | None, command: str | None,
-                 name: str = "segment_attention", extra_notes: Sequence[str] = ()) -> Path:
-    """``out/<name>.{md,json,png}`` and a copy of the raw pytest-benchmark JSON."""
+                 name: str = "segment_attention", extra_notes: Sequence[str] = (),
+                 training_notes: Sequence[str] = ()) -> Path:
+    """``out/<name>.{md,json,png}`` (the forward table, with ``extra_notes``), ``out/<name>_training.{md,json}``
+    (forward + backward, with ``training_notes``) and a copy of the raw pytest-benchmark JSON."""
     from choreo.report import write_table
 
     bench = json.loads(Path(bench_json).read_text())
@@ -191,7 +193,7 @@ def write_report(bench_json: Path, out: Path, *, commit: str | None, command: st
     step = summary.get("finetune step", {}).get("finetune", {})
     if {"torch", "triton"} <= set(step):
         t, k = step["torch"], step["triton"]
-        extra_notes = list(extra_notes) + [
+        training_notes = list(training_notes) + [
             f"One LoRA optimizer step of blockage fine-tuning ({k['traces']} traces, {k['model']}, "
             f"tests/kernels/bench_finetune_step.py): torch backend {t['seconds']:.3f} s, kernel {k['seconds']:.3f} s "
             f"({t['seconds'] / k['seconds']:.2f}x); peak memory {t['peak_mem_mib']:,.0f} / {k['peak_mem_mib']:,.0f} "
@@ -205,7 +207,7 @@ def write_report(bench_json: Path, out: Path, *, commit: str | None, command: st
                            "Gradients to q and to the whole store (keys and values), as a LoRA step through the "
                            "cache needs. 'dense-mask SDPA + gather' is the engine's torch backend under autograd "
                            "(the gather's backward scatters into the store); 'extra memory' is the peak CUDA memory "
-                           "above the inputs during one step."] + list(extra_notes))
+                           "above the inputs during one step."] + list(training_notes))
     return out / f"{name}.md"
 
 
@@ -215,12 +217,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("results/kernels"))
     parser.add_argument("--commit", default=None, help="commit the benchmark ran")
     parser.add_argument("--command", default=None, help="command that produced the JSON")
-    parser.add_argument("--note", action="append", default=[], help="a line added to the table's notes")
+    parser.add_argument("--note", action="append", default=[], help="a line added to the forward table's notes")
+    parser.add_argument("--training-note", action="append", default=[],
+                        help="a line added to the forward + backward table's notes")
     args = parser.parse_args(argv)
     if not args.bench_json.is_file():
         parser.error(f"no such file: {args.bench_json}")
     print(write_report(args.bench_json, args.out, commit=args.commit, command=args.command,
-                       extra_notes=args.note).read_text())
+                       extra_notes=args.note, training_notes=args.training_note).read_text())
     return 0
 
 

@@ -46,7 +46,8 @@ class KernelStats:
     ``loop_buffers``: the shared-memory buffers of each tile its first loop loads (forward: the segments' K/V
     tiles; dq: K/V; dkdv: the query blocks); 1 = not pipelined, b = tiles loaded b - 1 iterations ahead; and
     ``loop_instructions``: what one iteration of that loop issues on its common path (``loop_instructions``;
-    None without nvdisasm)."""
+    None without nvdisasm); ``switch_instructions``: what the largest block that loop jumps over issues when it
+    runs (the forward's re-rotation at a new segment, ``switch_instructions``)."""
 
     kernel: str
     dtype: str
@@ -64,6 +65,7 @@ class KernelStats:
     shared_bytes: int
     loop_buffers: int
     loop_instructions: int | None
+    switch_instructions: int | None
     arch: int
 
 
@@ -145,12 +147,13 @@ def compile_stats(kernel: str, dtype: str, head_dim: int, *, block_m: int, block
                               options={"num_warps": num_warps, "num_stages": num_stages})
     registers, spills = _ptxas_verbose(compiled.asm["ptx"], arch)
     tile = block_m if kernel == "dkdv" else block_n
+    loop_ins, switch_ins = _main_loop_instructions(compiled.asm["cubin"])
     return KernelStats(kernel=kernel, dtype=dtype, head_dim=head_dim, block_m=block_m, block_n=block_n,
                        num_warps=num_warps, num_stages=num_stages, tma=tma, flat_stages=flat_stages,
                        deterministic=deterministic, moved=moved,
                        registers=registers, spill_bytes=spills, shared_bytes=compiled.metadata.shared,
                        loop_buffers=loop_buffers(compiled.asm["ttgir"], tile, head_dim),
-                       loop_instructions=_main_loop_instructions(compiled.asm["cubin"]), arch=arch)
+                       loop_instructions=loop_ins, switch_instructions=switch_ins, arch=arch)
 
 
 def loop_buffers(ttgir: str, tile: int, head_dim: int) -> int:
@@ -172,20 +175,20 @@ _SASS_LABEL = re.compile(r"^\s*\.(L_x_\d+):")
 _SASS_BRANCH = re.compile(r"\bBRA(?:\.\w+)*\s+`?\(?\.?(L_x_\d+)")
 
 
-def loop_instructions(sass: str) -> int:
-    """Instructions one iteration of a kernel's main loop issues on its common path, from its SASS (``nvdisasm``
-    output). The main loop: the first innermost loop (code from a label to a branch back to it) holding a
-    tensor-core instruction (HGMMA / HMMA): the forward's and dq's loop over the segments' key tiles, dkdv's over
-    query blocks (in a kernel with no tensor-core instruction, IEEE fp32 dots on the FMA units: the longest loop). Its
-    common path takes every forward branch that lands inside it: the blocks the compiler jumps over run only
-    sometimes (a new segment's re-rotation, a partial tile's mask, a sine's slow argument reduction); a branch
-    out of the loop is its exit, not taken while it runs."""
+def _parse_sass(sass: str) -> tuple[list[str], dict[str, int]]:
+    """Instructions of ``nvdisasm`` output, in order, and each label's index among them."""
     ins, labels = [], {}
     for line in sass.splitlines():
         if m := _SASS_LABEL.match(line):
             labels[m.group(1)] = len(ins)
         elif m := _SASS_LINE.match(line):
             ins.append(m.group(1))
+    return ins, labels
+
+
+def _main_loop(ins: list[str], labels: dict[str, int]) -> tuple[int, int]:
+    """First and last instruction of the main loop: the first innermost loop (code from a label to a branch back
+    to it) holding a tensor-core instruction (HGMMA / HMMA); in a kernel with none, the longest loop."""
     # A loop: code from a label to a branch back to it, with no EXIT between (a block the compiler placed after
     # the function's end, e.g. a slow path, jumps back into the body: that is not a loop).
     loops = [(labels[m.group(1)], i) for i, text in enumerate(ins)
@@ -195,25 +198,65 @@ def loop_instructions(sass: str) -> int:
     if not loops:
         raise ValueError("the kernel's SASS has no loop")
     innermost = [a for a in mma if not any(b != a and a[0] <= b[0] and b[1] <= a[1] for b in mma)]
-    lo, hi = min(innermost, key=lambda r: r[0]) if innermost else max(loops, key=lambda r: r[1] - r[0])
-    skipped = set()
-    for i in range(lo, hi + 1):  # forward branches within the loop (one past its end leaves it: not a skip)
+    return min(innermost, key=lambda r: r[0]) if innermost else max(loops, key=lambda r: r[1] - r[0])
+
+
+def _skips(ins: list[str], labels: dict[str, int], lo: int, hi: int) -> list[tuple[int, int]]:
+    """The blocks [first, end) that forward branches between ``lo`` and ``hi`` jump over, landing at most at
+    ``hi`` (a branch one past the end leaves the range: it is an exit, not a skip)."""
+    out = []
+    for i in range(lo, hi + 1):
         if (m := _SASS_BRANCH.search(ins[i])) and i < labels.get(m.group(1), -1) <= hi:
-            skipped.update(range(i + 1, labels[m.group(1)]))
+            out.append((i + 1, labels[m.group(1)]))
+    return out
+
+
+def _common_path(ins: list[str], labels: dict[str, int], lo: int, hi: int) -> int:
+    """Instructions from ``lo`` to ``hi`` (inclusive) with every forward branch inside taken."""
+    skipped = set()
+    for first, end in _skips(ins, labels, lo, hi):
+        skipped.update(range(first, end))
     return hi - lo + 1 - len(skipped)
 
 
-def _main_loop_instructions(cubin: bytes) -> int | None:
+def loop_instructions(sass: str) -> int:
+    """Instructions one iteration of a kernel's main loop issues on its common path, from its SASS (``nvdisasm``
+    output). The main loop: the first innermost loop (code from a label to a branch back to it) holding a
+    tensor-core instruction (HGMMA / HMMA): the forward's and dq's loop over the segments' key tiles, dkdv's over
+    query blocks (in a kernel with no tensor-core instruction, IEEE fp32 dots on the FMA units: the longest loop). Its
+    common path takes every forward branch that lands inside it: the blocks the compiler jumps over run only
+    sometimes (a new segment's re-rotation, a partial tile's mask, a sine's slow argument reduction); a branch
+    out of the loop is its exit, not taken while it runs."""
+    ins, labels = _parse_sass(sass)
+    return _common_path(ins, labels, *_main_loop(ins, labels))
+
+
+def switch_instructions(sass: str) -> int:
+    """Instructions the largest block the main loop jumps over issues when it runs, on its own common path (its
+    inner forward branches taken): in the forward, the query's re-rotation where a new segment's delta begins;
+    in dq, the new delta's cosines and sines. 0 where the loop jumps over nothing (a launch with no moved
+    segment)."""
+    ins, labels = _parse_sass(sass)
+    blocks = _skips(ins, labels, *_main_loop(ins, labels))
+    if not blocks:
+        return 0
+    first, end = max(blocks, key=lambda b: b[1] - b[0])
+    # counted up to its landing instruction (an inner branch may land there too), which is not the block's
+    return _common_path(ins, labels, first, end) - 1
+
+
+def _main_loop_instructions(cubin: bytes) -> tuple[int | None, int | None]:
+    """``loop_instructions`` and ``switch_instructions`` of a cubin (None, None without nvdisasm)."""
     import triton
 
     nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
     if not nvdisasm.is_file():
-        return None
+        return None, None
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(cubin)
         run = subprocess.run([str(nvdisasm), "-c", str(path)], capture_output=True, text=True, check=True)
-    return loop_instructions(run.stdout)
+    return loop_instructions(run.stdout), switch_instructions(run.stdout)
 
 
 def _ptxas_verbose(ptx: str, arch: int) -> tuple[int, int]:
@@ -264,7 +307,8 @@ def default_stats(dtypes: Sequence[str] = ("bf16",), head_dims: Sequence[int] = 
 
 
 COLUMNS = ["kernel", "dtype", "D", "tiles (block_m, block_n, warps, stages)", "registers / thread", "spilled bytes",
-           "shared memory", "first loop's buffers per tile", "first loop's instructions per tile"]
+           "shared memory", "first loop's buffers per tile", "first loop's instructions per tile",
+           "instructions of its largest skipped block"]
 
 
 def tiles_label(st: KernelStats) -> str:
@@ -283,7 +327,8 @@ def write_report(rows, out: Path, *, command: str) -> Path:
     arch = {st.arch for _, st in rows}
     table = [[label, st.dtype, st.head_dim,
               tiles_label(st), st.registers, st.spill_bytes, f"{st.shared_bytes / 1024:.0f} KiB", st.loop_buffers,
-              "-" if st.loop_instructions is None else st.loop_instructions]
+              "-" if st.loop_instructions is None else st.loop_instructions,
+              "-" if st.switch_instructions is None else st.switch_instructions]
              for label, st in rows]
     prov = provenance(command=command, device=f"none: compiled for sm_{'/'.join(map(str, sorted(arch)))} by Triton "
                                              f"{triton.__version__} and its ptxas")
@@ -306,6 +351,11 @@ def write_report(rows, out: Path, *, command: str) -> Path:
              "warp instruction a cycle each: with two 4-warp programs per SM a loop needs about as many issue "
              "cycles per tile as it has instructions per tile, while a bf16 D-128 forward tile's dots (2 x 64 x 64 "
              "x 128 multiply-adds) keep the tensor cores busy for about 512 cycles.",
+             "Largest skipped block: the instructions the biggest block that loop jumps over issues when it runs, "
+             "its own rare branches taken: in the forward, the query's re-rotation where a new segment's delta "
+             "begins (loads of the query and its half-swapped copy, their conversion to fp32, the cosines and "
+             "sines, the rotation, the store for the score dot), once per segment; in dq, a new delta's cosines "
+             "and sines. Prefill over 128-token messages pays it every two 64-key tiles.",
              "tests/kernels/test_ptxas_report.py fails if a default tile spills more than 64 bytes, or if the "
              "forward's flat loop issues more per tile than its budget."]
     title = "Segment-attention kernels: registers, spills, shared memory and pipelining"
@@ -356,7 +406,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"{label:<14} {st.dtype} D={st.head_dim:<4} {tiles_label(st)}: {st.registers} registers, "
                   f"{st.spill_bytes} B spilled, {st.shared_bytes / 1024:.0f} KiB shared, {st.loop_buffers} "
-                  f"buffer(s) and {st.loop_instructions} instructions per tile in the first loop (sm_{st.arch})",
+                  f"buffer(s) and {st.loop_instructions} instructions per tile in the first loop, "
+                  f"{st.switch_instructions} in its largest skipped block (sm_{st.arch})",
                   flush=True)
     return 0
 

@@ -31,15 +31,20 @@ Not supported:
     Table values are checked on CPU only (on CUDA a check would synchronise): out-of-range rows are the caller's bug.
     The flat loop's tile table holds position deltas up to +-4194303 (``tile_table`` refuses larger ones).
 
-Measured (H200, bf16, H=32, Hkv=8, D=128; ``tests/kernels/bench_segment_attention.py``; ``results/kernels/``; at
-commit d964f76, before the flat loop's pipelining, unmasked loads and one-entry tiles below, which are untimed):
-decode over 1k-4k keys per call runs at 1.4x causal SDPA's speed at equal attended tokens; prefill over
-128-token messages at 63-70% of it (80% when a call reads one long message); split-K decode over 16k keys at
-41%. Faster in every measured shape than FlexAttention on gathered, re-rotated keys. The backward is tested
-(CPU interpreter) but not yet timed on a GPU (``test_segment_attention_training_speed``).
+Measured (H100 80GB HBM3, bf16, H=32, Hkv=8, D=128, Triton 3.6; ``tests/kernels/bench_segment_attention.py``;
+``results/kernels/segment_attention.md``; commit 134a743): prefill over 32 moved 128-token messages per call at
+76-81% of causal SDPA's speed at equal attended tokens, over one 4k-token message at 98%; decode over 1k-4k keys
+per call at 0.86-1.9x causal SDPA (90-130 us a call), over 16k keys at 0.69x (split 4 ways, now the default
+there: 0.76x). FlexAttention's kernel alone, on keys gathered and re-rotated before
+timing, is faster than both on prefill (the kernel reaches 66-85% of its speed) and slower on decode; as a backend
+it needs that gather, which the kernel beats 1.8-4.8x on prefill and 25-42x on decode. Forward + backward runs
+at 73-86% of causal SDPA's and 1.2-1.8x faster than autograd through the gather + dense-mask path, in a
+fraction of its memory (224-412 MiB against 629-3,225 MiB). The tests (forward, backward, engine) passed on the
+H100 once three faults of the tests and the host wrapper were fixed (``results/kernels/gpu_tests.md``). The
+prefill gap is consistent with the per-segment re-rotation below.
 
 Where the time goes, as the compiled code shows it (sm_90, Triton 3.7, bf16 D 128; ``ptxas_report`` and the
-Triton GPU IR; none of this is timed yet):
+Triton GPU IR; counted, not timed one by one: the H100 numbers above are their sum):
 - With three int32 table loads per tile, the flat loop kept one K/V tile in flight at prefill and none at
   decode at ``num_stages``, where the own-token loops kept two: its stages are shared with the tile-table loads
   that address K/V. One int64 entry per tile (``pack_tiles``) gives it the own loops' buffers (three at prefill,
@@ -62,7 +67,15 @@ Triton GPU IR; none of this is timed yet):
   instead of masking (in bounds, finite), and a score mask only on a partial tile, bring that to 534 and 372
   (``_attn_fwd_flat``); one int64 table entry per tile, read with one load instead of three, to 500 and 344.
   A launch with no moved segment (``TileTable.moved`` False: the engine's calls without ``offsets``) keeps its
-  query in shared memory and skips the re-rotation: 428 and 309 (dq: 404 per 128 x 64 tile instead of 664).
+  query in shared memory and skips the re-rotation: 428 and 309 (dq: 404 per 128 x 64 tile instead of 632).
+- The re-rotation where a new segment's delta begins (``ptxas_report``'s largest skipped block) issues 482
+  instructions per thread at prefill, bf16 D 128: two 16-byte loads per 8 query elements (the query and its
+  half-swapped copy), 128 bf16 -> fp32 conversions, the rotation (a multiply and a fused multiply-add per
+  element, the sign of rotate_half folded into the sine), packing, and the store for the score dot. With
+  128-token messages it comes every two 64-key tiles of 499: the measured prefill gap (98% of causal SDPA on one
+  long message, 76-81% on 128-token messages) is consistent with that size. At D 64 the cosines and sines are
+  evaluated per thread for each of its columns and the block is 637 instructions; dq's new-delta cosines and
+  sines, 431.
 
 Worked example (call 0 sees store rows 0..9 moved 5 positions later, then its own 3 tokens, 2 of them new)::
 
@@ -141,22 +154,24 @@ def _load_q_rotated(q_ptrs, q_swap_ptrs, row_ok, rot_sign, inv_freq, delta):
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)  # (BLOCK_M, D)
     # An unmoved tile (delta 0, the common case) needs no swapped copy: the predicated-off load reads no memory.
     q_swap = tl.load(q_swap_ptrs, mask=row_ok[:, None] & (delta != 0), other=0.0).to(tl.float32)
-    cos_a, sin_a = _rotation(inv_freq, delta)
-    return _rotate(q, q_swap, rot_sign, cos_a, sin_a)
+    cos_a, sin_a = _rotation(inv_freq, delta, rot_sign)
+    return _rotate(q, q_swap, cos_a, sin_a)
 
 
 @triton.jit
-def _rotation(inv_freq, delta):
-    # cos and sin (D,) of R(-delta)'s angles, -delta * inv_freq (each frequency repeated for both halves of D).
+def _rotation(inv_freq, delta, rot_sign):
+    # cos and signed sin (D,) of R(-delta)'s angles, -delta * inv_freq (each frequency repeated for both halves of
+    # D): the sine carries rotate_half's sign (rot_sign, +-1), so that ``_rotate`` spends one multiply and one
+    # fused multiply-add per element, with the same rounding as x * cos + (rot_sign * x_swap) * sin.
     angle = -delta.to(tl.float32) * inv_freq
-    return tl.cos(angle), tl.sin(angle)
+    return tl.cos(angle), rot_sign * tl.sin(angle)
 
 
 @triton.jit
-def _rotate(x, x_swap, rot_sign, cos_a, sin_a):
-    # Rows x (R, D) rotated by the angles of cos_a, sin_a (D,), in fp32; x_swap: the same rows with their two
-    # halves of D swapped (rotate_half(x) = rot_sign * x_swap).
-    return x * cos_a[None, :] + rot_sign[None, :] * x_swap * sin_a[None, :]
+def _rotate(x, x_swap, cos_a, sin_a):
+    # Rows x (R, D) rotated by the angles of cos_a and the signed sin_a (D,, ``_rotation``), in fp32; x_swap: the
+    # same rows with their two halves of D swapped (rotate_half(x) = rot_sign * x_swap).
+    return x * cos_a[None, :] + x_swap * sin_a[None, :]
 
 
 @triton.jit
@@ -588,16 +603,16 @@ def _sm_count(index: int) -> int:
 def default_splits(programs: int, max_keys: int, device: torch.device) -> int:
     """Split-K ways for a launch of ``programs`` (query blocks x calls x KV heads) over at most ``max_keys``
     segment keys per call: split only when the launch leaves half the GPU's multiprocessors idle and every split
-    still gets >= 1024 keys; then aim at ~4 programs per multiprocessor. (On an H200, splitting a decode launch
-    of 64 programs over 16k keys 8 ways took 404 -> 293 us; splitting launches of 256 programs made them slower:
-    the merge's launches cost more than the idle multiprocessors. That merge was 4 PyTorch operations; it is now
-    one kernel, not yet timed.)"""
+    still gets >= 1024 keys; then aim at ~2 programs per multiprocessor. (Decode over 16k keys, 64 programs on an
+    H100's 132 multiprocessors, bf16 D 128: unsplit 284 us; 4 splits 164 us, 8 splits 199, 9 (the earlier aim of
+    ~4 programs per multiprocessor) 182, 16 splits 186; on an H200, 8 splits 293 us against 404 unsplit. Splitting
+    launches of 256 programs made them slower there: the merge costs more than the idle multiprocessors.)"""
     if device.type != "cuda" or interpreter_active():
         return 1
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     if programs == 0 or 2 * programs >= sms:  # no query rows (S = 0), or half the GPU busy already
         return 1
-    return max(1, min(triton.cdiv(4 * sms, programs), max_keys // 1024, 64))
+    return max(1, min(2 * sms // programs, max_keys // 1024, 64))
 
 
 MERGE_ROWS = 16  # rows per program of the split-K merge

@@ -135,7 +135,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DI, DQ,  #
     T_ROW = TILES + off_b.to(tl.int64) * stride_tb
     n_tiles = tl.where(alive, tl.load(N_TILES + off_b), 0)
     _, _, cur = _tile(T_ROW, n_tiles > 0)
-    cos_a, sin_a = _rotation(inv_freq, -cur)  # R(+delta), recomputed only where the delta changes
+    cos_a, sin_a = _rotation(inv_freq, -cur, rot_sign)  # R(+delta), recomputed only where the delta changes
     for t in tl.range(0, n_tiles, num_stages=FLAT_STAGES):
         row, cnt, delta = _tile(T_ROW + t * stride_tt, True)
         col_ok = offs_n < cnt
@@ -144,11 +144,11 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DI, DQ,  #
         k_rows = K_HEAD + row * stride_kn + key[:, None] * stride_kn
         if MOVED:
             if delta != cur:
-                cos_a, sin_a = _rotation(inv_freq, -delta)
+                cos_a, sin_a = _rotation(inv_freq, -delta, rot_sign)
                 cur = delta
             k = tl.load(k_rows + offs_d[None, :] * stride_kd).to(tl.float32)  # (BLOCK_N, D)
             k_swap = tl.load(k_rows + offs_swap[None, :] * stride_kd, mask=delta != 0, other=0.0).to(tl.float32)
-            k = _to(_rotate(k, k_swap, rot_sign, cos_a, sin_a), DTYPE, FIX_BF16)  # R(+delta) k
+            k = _to(_rotate(k, k_swap, cos_a, sin_a), DTYPE, FIX_BF16)  # R(+delta) k
         else:  # no tile of the launch is moved
             k = tl.load(k_rows + offs_d[None, :] * stride_kd)
         v = tl.load(V_HEAD + row * stride_vn + (key[:, None] * stride_vn + offs_d[None, :] * stride_vd))
@@ -222,9 +222,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DI, DK, DV, DEST,  #
     k_rows = K_HEAD + (row + offs_n)[:, None] * stride_kn
     k = tl.load(k_rows + offs_d[None, :] * stride_kd, mask=col_ok[:, None], other=0.0)  # (BLOCK_N, D)
     if MOVED:
-        cos_a, sin_a = _rotation(inv_freq, -delta)  # R(+delta)
+        cos_a, sin_a = _rotation(inv_freq, -delta, rot_sign)  # R(+delta)
         k_swap = tl.load(k_rows + offs_swap[None, :] * stride_kd, mask=col_ok[:, None] & (delta != 0), other=0.0)
-        k = _to(_rotate(k.to(tl.float32), k_swap.to(tl.float32), rot_sign, cos_a, sin_a), DTYPE, FIX_BF16)
+        k = _to(_rotate(k.to(tl.float32), k_swap.to(tl.float32), cos_a, sin_a), DTYPE, FIX_BF16)
     v = tl.load(V_HEAD + (row + offs_n)[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                 mask=col_ok[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)  # gradient of the rotated keys
@@ -241,8 +241,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DI, DK, DV, DEST,  #
 
     # d/dk <q, R(delta) k> = R(delta)^T (...) = R(-delta) (...): the rotated keys' gradient in the store's frame.
     if MOVED:
-        cos_b, sin_b = _rotation(inv_freq, delta)
-        dk = _rotate(dk, _swap_halves(dk, BLOCK_N, HEAD_DIM), rot_sign, cos_b, sin_b)
+        cos_b, sin_b = _rotation(inv_freq, delta, rot_sign)
+        dk = _rotate(dk, _swap_halves(dk, BLOCK_N, HEAD_DIM), cos_b, sin_b)
 
     if DETERMINISTIC:
         part = (off_b * tl.num_programs(0) + pid).to(tl.int64) * BLOCK_N + offs_n  # (BLOCK_N,) partial rows

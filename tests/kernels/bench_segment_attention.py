@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 
 import pytest
 import torch
@@ -40,6 +41,21 @@ pytestmark = [
 ]
 
 H, HKV, D = 32, 8, 128  # Llama-3-8B attention shape
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _warm_gpu():
+    """About a second of bf16 matrix products before the first timed benchmark: an idle GPU runs its first
+    benchmark at lower clocks (on an H100 the first kernel benchmark of a run spread from 190 to 1,300 us per
+    call where the same launch later took 91 us)."""
+    if torch.cuda.is_available():
+        a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+        end = time.perf_counter() + 1.0
+        while time.perf_counter() < end:
+            for _ in range(20):
+                a @ a
+            torch.cuda.synchronize()
+    yield
 DTYPE = torch.bfloat16
 
 
@@ -234,7 +250,7 @@ def _tile_configs():
     from triton_kernels import LaunchConfig
 
     decode = [(LaunchConfig(block_m=16, block_n=64, num_warps=4, num_stages=3, flat=f), n)
-              for f, n in ((True, 1), (False, 1), (True, 4), (True, 8), (True, 16))]
+              for f, n in ((True, 1), (False, 1), (True, 2), (True, 4), (True, 8), (True, 16))]
     decode += [(LaunchConfig(block_m=16, block_n=128, num_warps=4, num_stages=2), 8),
                (LaunchConfig(block_m=16, block_n=64, num_warps=4, num_stages=3, tma=True), 1),
                (LaunchConfig(block_m=16, block_n=128, num_warps=4, num_stages=3, tma=True), 1),

@@ -163,7 +163,7 @@ def test_flat_loop_instruction_budget(default_stats):
 
 
 def test_loop_instructions_counts_the_main_loops_common_path():
-    from triton_kernels.ptxas_report import loop_instructions
+    from triton_kernels.ptxas_report import loop_instructions, switch_instructions
 
     sass = """
         /*0000*/                   MOV R1, c[0x0][0x28] ;
@@ -186,6 +186,12 @@ def test_loop_instructions_counts_the_main_loops_common_path():
 """
     # the loop with the HGMMA, not the longer FFMA loop; the re-rotation block jumped over is not counted
     assert loop_instructions(sass) == 4
+    assert switch_instructions(sass) == 2  # ... but is the loop's largest skipped block
+    nested = sass.replace("        /*00a0*/                   MUFU.SIN R9, R8 ;\n",
+                          "        /*00a0*/              @!P3 BRA `(.L_x_2) ;\n"
+                          "        /*00a8*/                   FFMA R9, R8, R8, R8 ;\n")
+    assert switch_instructions(nested) == 2  # its own branch to the landing label is taken: FFMA skipped
+    assert switch_instructions(sass.replace("@!P1 BRA `(.L_x_2)", "IADD3 R1, R1, 1")) == 0
     assert loop_instructions(sass.replace("HGMMA.64x64x16.F32.BF16 R24, R120, gdesc[UR8], R24", "IADD3 R1, R1, 1")) == 6
     with pytest.raises(ValueError, match="no loop"):
         loop_instructions("        /*0000*/                   EXIT ;")

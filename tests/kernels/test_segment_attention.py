@@ -240,8 +240,8 @@ def test_default_splits_only_on_an_idle_gpu(monkeypatch):
         assert default_splits(0, 10**6, cuda) == 1  # no query rows: nothing to split (no division by zero)
         assert default_splits(66, 10**6, cuda) == 1  # half the GPU is busy already
         assert default_splits(8, 1024, cuda) == 1  # too few keys to share out
-        assert default_splits(8, 16384, cuda) == 16  # 4 programs per multiprocessor would take 66; keys allow 16
-        assert default_splits(64, 16384, cuda) == 9  # decode-B8-T16k: 64 programs, cdiv(528, 64) = 9 splits
+        assert default_splits(8, 16384, cuda) == 16  # 2 programs per multiprocessor would take 33; keys allow 16
+        assert default_splits(64, 16384, cuda) == 4  # decode-B8-T16k: 64 programs, 264 // 64 = 4 splits
         assert default_splits(1, 10**8, cuda) == 64  # at most 64
     if CUDA:
         sms = torch.cuda.get_device_properties(0).multi_processor_count
