@@ -99,10 +99,13 @@ I64_POINTERS = ("DEST", "TILES")
 
 def compile_stats(kernel: str, dtype: str, head_dim: int, *, block_m: int, block_n: int, num_warps: int,
                   num_stages: int, tma: bool = False, flat_stages: int | None = None, group: int = 4,
-                  arch: int = 90, deterministic: bool = False, moved: bool = True) -> KernelStats:
+                  arch: int = 90, deterministic: bool = False, moved: bool = True,
+                  half_angles: bool | None = None) -> KernelStats:
     """Compile one kernel for ``sm_<arch>`` and read its resource use from ``ptxas -v`` and its pipelining from
     the Triton GPU IR (``tma`` and ``flat_stages``: the forward's ``LaunchConfig`` options; ``deterministic``:
-    dkdv's partials instead of atomics; ``moved=False``: the launch has no moved segment, no re-rotation)."""
+    dkdv's partials instead of atomics; ``moved=False``: the launch has no moved segment, no re-rotation;
+    ``half_angles``: how it evaluates the rotation's cosines and sines, None: as launches do,
+    ``segment_attention.half_angles``)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
@@ -119,6 +122,11 @@ def compile_stats(kernel: str, dtype: str, head_dim: int, *, block_m: int, block
         constexprs["FLAT_STAGES"] = LaunchConfig(block_m=block_m, block_n=block_n, num_warps=num_warps,
                                                  num_stages=num_stages, flat_stages=flat_stages).flat_loop_stages
     constexprs["MOVED"] = moved
+    if half_angles is None:
+        from .segment_attention import half_angles as rule
+
+        half_angles = rule(kernel, DTYPES[dtype], head_dim)
+    constexprs["HALF_ANGLES"] = half_angles
     if kernel == "fwd":
         constexprs |= {"FLAT": True, "SPLIT": False, "STORE_LSE": True, "TMA": tma}
     if kernel == "dkdv":

@@ -73,9 +73,10 @@ Triton GPU IR; counted, not timed one by one: the H100 numbers above are their s
   half-swapped copy), 128 bf16 -> fp32 conversions, the rotation (a multiply and a fused multiply-add per
   element, the sign of rotate_half folded into the sine), packing, and the store for the score dot. With
   128-token messages it comes every two 64-key tiles of 499: the measured prefill gap (98% of causal SDPA on one
-  long message, 76-81% on 128-token messages) is consistent with that size. At D 64 the cosines and sines are
-  evaluated per thread for each of its columns and the block is 637 instructions; dq's new-delta cosines and
-  sines, 431.
+  long message, 76-81% on 128-token messages) is consistent with that size. Evaluated once per column, the
+  cosines and sines cost a thread one evaluation for each column it holds: at D 64 the block was 637
+  instructions and dq's new-delta block 431 (D 128); evaluated on the D / 2 frequencies (``half_angles``: dq at
+  16-bit dtypes, the forward at D <= 64), 268 and 64, and dq's loop 615 per tile instead of 632.
 
 Worked example (call 0 sees store rows 0..9 moved 5 positions later, then its own 3 tokens, 2 of them new)::
 
@@ -99,7 +100,7 @@ import triton
 import triton.language as tl
 
 __all__ = ["segment_attention", "is_available", "interpreter_active", "LaunchConfig", "launch_config",
-           "TileTable", "tile_table", "pack_tiles", "unpack_tiles", "default_splits"]
+           "TileTable", "tile_table", "pack_tiles", "unpack_tiles", "default_splits", "half_angles"]
 
 # exp(x) == exp2(x * log2(e)): the softmax runs on exp2, the GPU's native exponential (one MUFU.EX2 instruction),
 # so the softmax scale is pre-multiplied by log2(e) = 1 / ln(2).
@@ -126,12 +127,16 @@ def _to(x, DTYPE: tl.constexpr, FIX_BF16: tl.constexpr):
 
 
 @triton.jit
-def _rope_tables(INV_FREQ, offs_d, HEAD_DIM: tl.constexpr):
-    # HF Llama's "rotate_half" convention, per column d of D (offs_d), for ``_load_q_rotated``: the sign of
-    # rotate_half (-1 on the first half), the frequency (inv_freq[d % (D / 2)]: each repeated for both halves) and
-    # the column the other half pairs with d ((d + D / 2) % D, for the half-swapped load).
+def _rope_tables(INV_FREQ, offs_d, HEAD_DIM: tl.constexpr, HALF_ANGLES: tl.constexpr):
+    # HF Llama's "rotate_half" convention: the frequencies (fp32; HALF_ANGLES: the D / 2 of them, else one per
+    # column d of D (offs_d), inv_freq[d % (D / 2)]) and per column d the column the other half pairs with
+    # ((d + D / 2) % D, for the half-swapped loads).
     HALF: tl.constexpr = HEAD_DIM // 2
-    return tl.where(offs_d < HALF, -1.0, 1.0), tl.load(INV_FREQ + offs_d % HALF), (offs_d + HALF) % HEAD_DIM
+    if HALF_ANGLES:
+        inv_freq = tl.load(INV_FREQ + tl.arange(0, HALF))
+    else:
+        inv_freq = tl.load(INV_FREQ + offs_d % HALF)
+    return inv_freq, (offs_d + HALF) % HEAD_DIM
 
 
 @triton.jit
@@ -144,33 +149,45 @@ def _tile(ENTRY, ok):
 
 
 @triton.jit
-def _load_q_rotated(q_ptrs, q_swap_ptrs, row_ok, rot_sign, inv_freq, delta):
+def _load_q_rotated(q_ptrs, q_swap_ptrs, row_ok, inv_freq, delta, HEAD_DIM: tl.constexpr,
+                    HALF_ANGLES: tl.constexpr):
     # RoPE is relative: <R(m) q, R(n + delta) k> == <R(m - delta) q, R(n) k>. Instead of re-rotating every key
     # tile of a moved segment by +delta, counter-rotate the query tile by -delta once per segment: the same
     # attention scores, O(BLOCK_M * D) work per segment instead of O(seg_len * D), and the inner loop below
     # stays a plain FlashAttention loop. Rotation math in fp32; delta == 0 is exact (cos 0 = 1, sin 0 = 0).
-    # The query is loaded twice, once with its two halves of D swapped, so that
-    # rotate_half(q) = cat(-q2, q1) = rot_sign * q_swap needs no in-register shuffle.
+    # The query is loaded twice, once with its two halves of D swapped, so that rotate_half(q) = cat(-q2, q1)
+    # (q_swap with its first half negated) needs no in-register shuffle.
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)  # (BLOCK_M, D)
     # An unmoved tile (delta 0, the common case) needs no swapped copy: the predicated-off load reads no memory.
     q_swap = tl.load(q_swap_ptrs, mask=row_ok[:, None] & (delta != 0), other=0.0).to(tl.float32)
-    cos_a, sin_a = _rotation(inv_freq, delta, rot_sign)
+    cos_a, sin_a = _rotation(inv_freq, delta, HEAD_DIM, HALF_ANGLES)
     return _rotate(q, q_swap, cos_a, sin_a)
 
 
 @triton.jit
-def _rotation(inv_freq, delta, rot_sign):
-    # cos and signed sin (D,) of R(-delta)'s angles, -delta * inv_freq (each frequency repeated for both halves of
-    # D): the sine carries rotate_half's sign (rot_sign, +-1), so that ``_rotate`` spends one multiply and one
-    # fused multiply-add per element, with the same rounding as x * cos + (rot_sign * x_swap) * sin.
-    angle = -delta.to(tl.float32) * inv_freq
-    return tl.cos(angle), rot_sign * tl.sin(angle)
+def _rotation(inv_freq, delta, HEAD_DIM: tl.constexpr, HALF_ANGLES: tl.constexpr):
+    # cos and signed sin (D,) of R(-delta)'s angles, -delta * inv_freq (``_rope_tables``). The sine carries
+    # rotate_half's sign (-1 on the first half of D), so that ``_rotate`` spends one multiply and one fused
+    # multiply-add per element, with the rounding of x * cos + rotate_half(x) * sin. HALF_ANGLES: each cosine and
+    # sine is evaluated once, on the D / 2 frequencies, then laid out for both halves; else once per column (D
+    # evaluations, each frequency twice). The same values either way; which compiles to fewer instructions
+    # depends on the layouts Triton picks (``half_angles``).
+    angle = -delta.to(tl.float32) * inv_freq  # (D / 2,) or (D,)
+    if HALF_ANGLES:
+        cos_h = tl.cos(angle)
+        sin_h = tl.sin(angle)
+        cos_a = tl.reshape(tl.permute(tl.join(cos_h, cos_h), (1, 0)), (HEAD_DIM,))  # cat(cos, cos)
+        sin_a = tl.reshape(tl.permute(tl.join(-sin_h, sin_h), (1, 0)), (HEAD_DIM,))  # cat(-sin, sin)
+    else:
+        cos_a = tl.cos(angle)
+        sin_a = tl.where(tl.arange(0, HEAD_DIM) < HEAD_DIM // 2, -1.0, 1.0) * tl.sin(angle)
+    return cos_a, sin_a
 
 
 @triton.jit
 def _rotate(x, x_swap, cos_a, sin_a):
     # Rows x (R, D) rotated by the angles of cos_a and the signed sin_a (D,, ``_rotation``), in fp32; x_swap: the
-    # same rows with their two halves of D swapped (rotate_half(x) = rot_sign * x_swap).
+    # same rows with their two halves of D swapped (rotate_half(x) = cat(-x2, x1), its sign in sin_a).
     return x * cos_a[None, :] + x_swap * sin_a[None, :]
 
 
@@ -196,12 +213,12 @@ def _online_softmax(acc, l_i, m_i, qk, v, DOT_FP32: tl.constexpr, INPUT_PRECISIO
 
 
 @triton.jit
-def _attn_fwd_flat(acc, l_i, m_i, Q, q_ptrs, q_swap_ptrs, row_ok, rot_sign, inv_freq,  #
+def _attn_fwd_flat(acc, l_i, m_i, Q, q_ptrs, q_swap_ptrs, row_ok, inv_freq,  #
                    T_ROW, stride_tt, t_lo, t_hi, K_HEAD, V_HEAD, qk_scale,  #
                    offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, K_DESC, V_DESC, off_hkv,  #
                    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, FIX_BF16: tl.constexpr,  #
                    TMA: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, STAGES: tl.constexpr,
-                   MOVED: tl.constexpr):
+                   MOVED: tl.constexpr, HALF_ANGLES: tl.constexpr):
     # Tiles t_lo .. t_hi - 1 of a call's row T_ROW of the tile table, all segments in one loop: tile t holds cnt
     # keys from store row ``row`` on, moved by ``delta`` (one int64 entry, ``_tile``). The K/V addresses come from
     # a table indexed by the loop counter, so the software pipeliner prefetches across segment boundaries (as
@@ -219,7 +236,8 @@ def _attn_fwd_flat(acc, l_i, m_i, Q, q_ptrs, q_swap_ptrs, row_ok, rot_sign, inv_
     # memory for every score dot (as in the own-token loops) instead of going through registers each tile.
     if MOVED:
         _, _, cur = _tile(T_ROW + t_lo * stride_tt, t_lo < t_hi)
-        q = _to(_load_q_rotated(q_ptrs, q_swap_ptrs, row_ok, rot_sign, inv_freq, cur), Q.dtype.element_ty, FIX_BF16)
+        q = _to(_load_q_rotated(q_ptrs, q_swap_ptrs, row_ok, inv_freq, cur, HEAD_DIM, HALF_ANGLES), Q.dtype.element_ty,
+                FIX_BF16)
     else:
         cur = 0
         q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
@@ -227,7 +245,7 @@ def _attn_fwd_flat(acc, l_i, m_i, Q, q_ptrs, q_swap_ptrs, row_ok, rot_sign, inv_
         row, cnt, delta = _tile(T_ROW + t * stride_tt, True)
         if MOVED:
             if delta != cur:
-                q = _to(_load_q_rotated(q_ptrs, q_swap_ptrs, row_ok, rot_sign, inv_freq, delta),
+                q = _to(_load_q_rotated(q_ptrs, q_swap_ptrs, row_ok, inv_freq, delta, HEAD_DIM, HALF_ANGLES),
                         Q.dtype.element_ty, FIX_BF16)
                 cur = delta
         col_ok = offs_n < cnt
@@ -297,7 +315,7 @@ def _attn_fwd(Q, K, V, OUT, LSE, PART_ACC, PART_M, PART_L, K_DESC, V_DESC,  #
               H, Hkv, S, G,  #
               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
               FLAT: tl.constexpr, FLAT_STAGES: tl.constexpr, MOVED: tl.constexpr, SPLIT: tl.constexpr,  #
-              STORE_LSE: tl.constexpr,  #
+              STORE_LSE: tl.constexpr, HALF_ANGLES: tl.constexpr,  #
               TMA: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, FIX_BF16: tl.constexpr):
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
@@ -322,7 +340,7 @@ def _attn_fwd(Q, K, V, OUT, LSE, PART_ACC, PART_M, PART_L, K_DESC, V_DESC,  #
     alive = tok_lo < n_new  # a block of padding rows only writes zeros
 
     q_rows = Q + off_b.to(tl.int64) * stride_qb + head[:, None].to(tl.int64) * stride_qh + tok[:, None] * stride_qs
-    rot_sign, inv_freq, offs_swap = _rope_tables(INV_FREQ, offs_d, HEAD_DIM)
+    inv_freq, offs_swap = _rope_tables(INV_FREQ, offs_d, HEAD_DIM, HALF_ANGLES)
     q_ptrs = q_rows + offs_d[None, :] * stride_qd
     q_swap_ptrs = q_rows + offs_swap[None, :] * stride_qd
     K_HEAD = K + off_hkv.to(tl.int64) * stride_kh
@@ -342,11 +360,11 @@ def _attn_fwd(Q, K, V, OUT, LSE, PART_ACC, PART_M, PART_L, K_DESC, V_DESC,  #
         t_lo = tl.minimum(split * chunk, n_tiles)
         t_hi = tl.minimum(t_lo + chunk, n_tiles)
         T_ROW = TILES + off_b.to(tl.int64) * stride_tb
-        acc, l_i, m_i = _attn_fwd_flat(acc, l_i, m_i, Q, q_ptrs, q_swap_ptrs, row_ok, rot_sign, inv_freq,
+        acc, l_i, m_i = _attn_fwd_flat(acc, l_i, m_i, Q, q_ptrs, q_swap_ptrs, row_ok, inv_freq,
                                        T_ROW, stride_tt, t_lo, t_hi, K_HEAD, V_HEAD, qk_scale, offs_n, offs_d,
                                        stride_kn, stride_kd, stride_vn, stride_vd, K_DESC, V_DESC, off_hkv,
                                        DOT_FP32, INPUT_PRECISION, FIX_BF16, TMA, BLOCK_N, HEAD_DIM, FLAT_STAGES,
-                                       MOVED)
+                                       MOVED, HALF_ANGLES)
     else:
         n_seg = tl.where(alive, G, 0)
         chunk = tl.cdiv(n_seg, num_splits)
@@ -357,7 +375,7 @@ def _attn_fwd(Q, K, V, OUT, LSE, PART_ACC, PART_M, PART_L, K_DESC, V_DESC,  #
             seg_start = tl.load(SEG_START + seg).to(tl.int64)
             seg_len = tl.load(SEG_LEN + seg)
             delta = tl.load(SEG_DELTA + seg)
-            q = _load_q_rotated(q_ptrs, q_swap_ptrs, row_ok, rot_sign, inv_freq, delta)
+            q = _load_q_rotated(q_ptrs, q_swap_ptrs, row_ok, inv_freq, delta, HEAD_DIM, HALF_ANGLES)
             q = _to(q, Q.dtype.element_ty, FIX_BF16)
             K_SEG = K_HEAD + seg_start * stride_kn
             V_SEG = V_HEAD + seg_start * stride_vn
@@ -598,6 +616,18 @@ def tile_table(seg_start, seg_len, seg_delta, block_n: int, device=None) -> Tile
 @functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def half_angles(kernel: str, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether ``kernel`` ("fwd", "dq" or "dkdv") evaluates its rotations' cosines and sines on the D / 2
+    frequencies and lays them out for both halves of D (True), or once per column (False). Both give the same
+    values; the choice is the one that compiles to fewer instructions (sm_90, Triton 3.7, ``ptxas_report``):
+    at 16-bit dtypes dq's new-delta block issues 64 instructions instead of 431 (D 128) and its loop 615 per
+    tile instead of 632, the forward's re-rotation at D 64 268 instead of 637; elsewhere it gains nothing or
+    costs registers (fp32 dq spills over 300 bytes; the forward at bf16 D 128 decode spills 12)."""
+    if dtype == torch.float32 or kernel == "dkdv":
+        return False
+    return kernel == "dq" or head_dim <= 64
 
 
 def default_splits(programs: int, max_keys: int, device: torch.device) -> int:
@@ -856,7 +886,7 @@ def forward(q, k_cache, v_cache, launch: Launch, *, store_lse: bool = False):
         H, Hkv, S, launch.G,  #
         GROUP=H // Hkv, HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, FLAT=cfg.flat,  #
         FLAT_STAGES=cfg.flat_loop_stages, MOVED=launch.tiles is None or launch.tiles.moved, SPLIT=split,  #
-        STORE_LSE=store_lse and not split, TMA=cfg.tma,  #
+        STORE_LSE=store_lse and not split, TMA=cfg.tma, HALF_ANGLES=half_angles("fwd", q.dtype, D),  #
         DOT_FP32=dot_fp32, INPUT_PRECISION="ieee" if dot_fp32 else "tf32",  #
         FIX_BF16=interpret and q.dtype == torch.bfloat16,  #
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)

@@ -44,7 +44,7 @@ from torch.autograd.function import once_differentiable
 import triton.language as tl
 
 from .segment_attention import (LOG2E, Launch, LaunchConfig, _rope_tables, _rotate, _rotation, _tile, _to, forward,
-                                interpreter_active, tile_table)
+                                half_angles, interpreter_active, tile_table)
 
 __all__ = ["SegmentAttentionFunction", "backward", "backward_configs"]
 
@@ -75,7 +75,8 @@ def _grad_scores(q, k, v, do, lse, di, ok, qk_scale, DTYPE: tl.constexpr,
 
 @triton.jit
 def _swap_halves(x, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
-    # x (ROWS, D) with its two halves of D swapped, cat(x2, x1), in registers (rotate_half(x) = rot_sign * this).
+    # x (ROWS, D) with its two halves of D swapped, cat(x2, x1), in registers (rotate_half(x) is this with its
+    # first half negated).
     halves = tl.permute(tl.reshape(x, (ROWS, 2, HEAD_DIM // 2)), (0, 2, 1))  # (ROWS, D / 2, 2)
     x1, x2 = tl.split(halves)
     return tl.reshape(tl.permute(tl.join(x2, x1), (0, 2, 1)), (ROWS, HEAD_DIM))
@@ -109,7 +110,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DI, DQ,  #
                  H, Hkv, S,  #
                  GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
                  DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, FIX_BF16: tl.constexpr,  #
-                 FLAT_STAGES: tl.constexpr, MOVED: tl.constexpr):
+                 FLAT_STAGES: tl.constexpr, MOVED: tl.constexpr, HALF_ANGLES: tl.constexpr):
     # DO and DQ share Q's strides (the host makes them so); LSE and DI are (B, H, S) contiguous. FLAT_STAGES:
     # the segment loop's pipelining stages (its K/V addresses come from a tile-table load: ``LaunchConfig``).
     start_m = tl.program_id(0)
@@ -126,7 +127,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DI, DQ,  #
     tok, row_ok, rows, do, lse, di = _query_block(DO, LSE, DI, start_m * BLOCK_M, off_b, off_hkv, n_new, H, S,
                                                   stride_qb, stride_qh, stride_qs, stride_qd, offs_d, GROUP, BLOCK_M)
     q = tl.load(Q + rows + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
-    rot_sign, inv_freq, offs_swap = _rope_tables(INV_FREQ, offs_d, HEAD_DIM)
+    inv_freq, offs_swap = _rope_tables(INV_FREQ, offs_d, HEAD_DIM, HALF_ANGLES)
     K_HEAD = K + off_hkv.to(tl.int64) * stride_kh
     V_HEAD = V + off_hkv.to(tl.int64) * stride_vh
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -135,7 +136,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DI, DQ,  #
     T_ROW = TILES + off_b.to(tl.int64) * stride_tb
     n_tiles = tl.where(alive, tl.load(N_TILES + off_b), 0)
     _, _, cur = _tile(T_ROW, n_tiles > 0)
-    cos_a, sin_a = _rotation(inv_freq, -cur, rot_sign)  # R(+delta), recomputed only where the delta changes
+    cos_a, sin_a = _rotation(inv_freq, -cur, HEAD_DIM, HALF_ANGLES)  # R(+delta), recomputed where the delta changes
     for t in tl.range(0, n_tiles, num_stages=FLAT_STAGES):
         row, cnt, delta = _tile(T_ROW + t * stride_tt, True)
         col_ok = offs_n < cnt
@@ -144,7 +145,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DI, DQ,  #
         k_rows = K_HEAD + row * stride_kn + key[:, None] * stride_kn
         if MOVED:
             if delta != cur:
-                cos_a, sin_a = _rotation(inv_freq, -delta, rot_sign)
+                cos_a, sin_a = _rotation(inv_freq, -delta, HEAD_DIM, HALF_ANGLES)
                 cur = delta
             k = tl.load(k_rows + offs_d[None, :] * stride_kd).to(tl.float32)  # (BLOCK_N, D)
             k_swap = tl.load(k_rows + offs_swap[None, :] * stride_kd, mask=delta != 0, other=0.0).to(tl.float32)
@@ -182,7 +183,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DI, DK, DV, DEST,  #
                    stride_tb, stride_tt,  #
                    H, Hkv, S, N,  #
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
-                   DETERMINISTIC: tl.constexpr, MOVED: tl.constexpr,  #
+                   DETERMINISTIC: tl.constexpr, MOVED: tl.constexpr, HALF_ANGLES: tl.constexpr,  #
                    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, FIX_BF16: tl.constexpr):
     # Program (t, b * Hkv + h): key tile t of call b, KV head h. Tiles 0 .. n_tiles[b] - 1 are the call's segment
     # tiles (tile table); tile n_tiles[b] + i holds own keys i * BLOCK_N .. of the call. DK / DV: (Hkv, N, D) fp32
@@ -218,11 +219,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DI, DK, DV, DEST,  #
     # The keys as the call sees them, R(+delta) k, rotated once here (not every query block by -delta): the loop
     # below is a plain FlashAttention backward over unrotated queries, and dK comes back to the store's frame
     # once at the end.
-    rot_sign, inv_freq, offs_swap = _rope_tables(INV_FREQ, offs_d, HEAD_DIM)
+    inv_freq, offs_swap = _rope_tables(INV_FREQ, offs_d, HEAD_DIM, HALF_ANGLES)
     k_rows = K_HEAD + (row + offs_n)[:, None] * stride_kn
     k = tl.load(k_rows + offs_d[None, :] * stride_kd, mask=col_ok[:, None], other=0.0)  # (BLOCK_N, D)
     if MOVED:
-        cos_a, sin_a = _rotation(inv_freq, -delta, rot_sign)  # R(+delta)
+        cos_a, sin_a = _rotation(inv_freq, -delta, HEAD_DIM, HALF_ANGLES)  # R(+delta)
         k_swap = tl.load(k_rows + offs_swap[None, :] * stride_kd, mask=col_ok[:, None] & (delta != 0), other=0.0)
         k = _to(_rotate(k.to(tl.float32), k_swap.to(tl.float32), cos_a, sin_a), DTYPE, FIX_BF16)
     v = tl.load(V_HEAD + (row + offs_n)[:, None] * stride_vn + offs_d[None, :] * stride_vd,
@@ -241,7 +242,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DI, DK, DV, DEST,  #
 
     # d/dk <q, R(delta) k> = R(delta)^T (...) = R(-delta) (...): the rotated keys' gradient in the store's frame.
     if MOVED:
-        cos_b, sin_b = _rotation(inv_freq, delta, rot_sign)
+        cos_b, sin_b = _rotation(inv_freq, delta, HEAD_DIM, HALF_ANGLES)
         dk = _rotate(dk, _swap_halves(dk, BLOCK_N, HEAD_DIM), cos_b, sin_b)
 
     if DETERMINISTIC:
@@ -329,7 +330,7 @@ def backward(do, q, k_cache, v_cache, out, lse, launch: Launch, *, need_dq: bool
         dq = torch.empty_like(q)  # do and dq share q's (contiguous) strides
         _attn_bwd_dq[(triton.cdiv(S * (H // Hkv), cfg_dq.block_m), B * Hkv)](
             q, k_cache, v_cache, do, lse, di, dq, *args, H, Hkv, S, **common, **_tiles(cfg_dq),
-            FLAT_STAGES=cfg_dq.flat_loop_stages, MOVED=tiles.moved)
+            FLAT_STAGES=cfg_dq.flat_loop_stages, MOVED=tiles.moved, HALF_ANGLES=half_angles("dq", q.dtype, D))
     if need_dkv:
         # Key tiles per call: its segment tiles, then its own keys (own_past + new_len of them; unless the caller
         # gave the largest, it is read back here: one synchronisation on CUDA).
@@ -347,7 +348,8 @@ def backward(do, q, k_cache, v_cache, out, lse, launch: Launch, *, need_dq: bool
             dk, dv = torch.zeros((2, Hkv, N, D), dtype=torch.float32, device=q.device)  # fp32, added to atomically
             dest = dk  # unused
         _attn_bwd_dkdv[grid](q, k_cache, v_cache, do, lse, di, dk, dv, dest, *args, H, Hkv, S, N, **common,
-                             DETERMINISTIC=deterministic, MOVED=tiles.moved, **_tiles(cfg_kv))
+                             DETERMINISTIC=deterministic, MOVED=tiles.moved,
+                             HALF_ANGLES=half_angles("dkdv", q.dtype, D), **_tiles(cfg_kv))
         if deterministic:
             dk, dv = _reduce_partials(dk, dest, N), _reduce_partials(dv, dest, N)
         dk, dv = dk.to(k_cache.dtype), dv.to(v_cache.dtype)

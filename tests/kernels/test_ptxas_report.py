@@ -162,6 +162,19 @@ def test_flat_loop_instruction_budget(default_stats):
         assert s["loop_instructions"] is not None and s["loop_instructions"] <= budget, s
 
 
+# Instructions of the largest block the main loop skips (bf16 D 128, sm_90): dq's new-delta cosines and sines took
+# 431 evaluated once per column and take 64 on the D / 2 frequencies (``half_angles``); the forward's re-rotation
+# took 542 before the rotation's sign moved into its sine table, 482 after.
+SWITCH_BUDGET = {"dq prefill": 100, "dq decode": 100, "fwd prefill": 500}
+
+
+def test_switch_instruction_budget(default_stats):
+    """What a new segment's delta costs the flat loops, per thread, stays near what the compiled code gave."""
+    for label, budget in SWITCH_BUDGET.items():
+        s = next(s for s in default_stats if s["label"] == label and s["dtype"] == "bf16" and s["head_dim"] == 128)
+        assert s["switch_instructions"] is not None and s["switch_instructions"] <= budget, s
+
+
 def test_loop_instructions_counts_the_main_loops_common_path():
     from triton_kernels.ptxas_report import loop_instructions, switch_instructions
 

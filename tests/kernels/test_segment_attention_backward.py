@@ -189,6 +189,28 @@ def test_unmoved_launch_gradients():
     check_gradients(UNMOVED)
 
 
+@pytest.mark.parametrize("name", ["large-deltas", "bf16", "overlap-repeat-gap"])
+def test_half_angles_give_the_same_results(name, monkeypatch):
+    """The rotations' cosines and sines evaluated on the D / 2 frequencies or once per column (``half_angles``, a
+    choice of generated code): outputs and gradients bit for bit the same, in every kernel."""
+    import sys
+
+    import triton_kernels.segment_attention_backward as bwd
+
+    fwd = sys.modules["triton_kernels.segment_attention"]
+    case = AWKWARD[name]
+    args = case.tensors()
+    g = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    results = []
+    for choice in (True, False):
+        for module in (fwd, bwd):
+            monkeypatch.setattr(module, "half_angles", lambda kernel, dtype, head_dim, choice=choice: choice)
+        with deterministic_algorithms():
+            results.append(gradients(segment_attention, args, case.dtype, g))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 def test_store_rows_written_after_the_forward():
     """The engine writes later tokens' rows into the same store tensors between a layer's forward and the
     backward: allowed (the store is held by reference), and the gradients are those of the rows read."""
