@@ -155,7 +155,7 @@ def compile_stats(kernel: str, dtype: str, head_dim: int, *, block_m: int, block
                               options={"num_warps": num_warps, "num_stages": num_stages})
     registers, spills = _ptxas_verbose(compiled.asm["ptx"], arch)
     tile = block_m if kernel == "dkdv" else block_n
-    loop_ins, switch_ins = _main_loop_instructions(compiled.asm["cubin"])
+    loop_ins, switch_ins = _sass_instruction_counts(compiled.asm["cubin"])
     return KernelStats(kernel=kernel, dtype=dtype, head_dim=head_dim, block_m=block_m, block_n=block_n,
                        num_warps=num_warps, num_stages=num_stages, tma=tma, flat_stages=flat_stages,
                        deterministic=deterministic, moved=moved,
@@ -253,7 +253,7 @@ def switch_instructions(sass: str) -> int:
     return _common_path(ins, labels, first, end) - 1
 
 
-def _main_loop_instructions(cubin: bytes) -> tuple[int | None, int | None]:
+def _sass_instruction_counts(cubin: bytes) -> tuple[int | None, int | None]:
     """``loop_instructions`` and ``switch_instructions`` of a cubin (None, None without nvdisasm)."""
     import triton
 

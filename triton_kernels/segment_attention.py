@@ -35,9 +35,9 @@ Measured (H100 80GB HBM3, bf16, H=32, Hkv=8, D=128, Triton 3.6; ``tests/kernels/
 ``results/kernels/segment_attention.md``; commit 134a743): prefill over 32 moved 128-token messages per call at
 76-81% of causal SDPA's speed at equal attended tokens, over one 4k-token message at 98%; decode over 1k-4k keys
 per call at 0.86-1.9x causal SDPA (90-130 us a call), over 16k keys at 0.69x (split 4 ways, now the default
-there: 0.76x). FlexAttention's kernel alone, on keys gathered and re-rotated before
-timing, is faster than both on prefill (the kernel reaches 66-85% of its speed) and slower on decode; as a backend
-it needs that gather, which the kernel beats 1.8-4.8x on prefill and 25-42x on decode. Forward + backward runs
+there: 0.76x). FlexAttention's kernel alone, on keys gathered and re-rotated before timing, is faster than both
+on prefill (the kernel reaches 66-85% of its speed) and slower on decode; as a backend it needs that gather,
+which the kernel beats 1.8-4.8x on prefill and 25-42x on decode. Forward + backward runs
 at 73-86% of causal SDPA's and 1.2-1.8x faster than autograd through the gather + dense-mask path, in a
 fraction of its memory (224-412 MiB against 629-3,225 MiB). The tests (forward, backward, engine) passed on the
 H100 once three faults of the tests and the host wrapper were fixed (``results/kernels/gpu_tests.md``). The
@@ -67,7 +67,7 @@ Triton GPU IR; counted, not timed one by one: the H100 numbers above are their s
   instead of masking (in bounds, finite), and a score mask only on a partial tile, bring that to 534 and 372
   (``_attn_fwd_flat``); one int64 table entry per tile, read with one load instead of three, to 500 and 344.
   A launch with no moved segment (``TileTable.moved`` False: the engine's calls without ``offsets``) keeps its
-  query in shared memory and skips the re-rotation: 428 and 309 (dq: 404 per 128 x 64 tile instead of 632).
+  query in shared memory and skips the re-rotation: 428 and 309 (dq: 404 per 128 x 64 tile instead of 615).
 - The re-rotation where a new segment's delta begins (``ptxas_report``'s largest skipped block) issues 482
   instructions per thread at prefill, bf16 D 128: two 16-byte loads per 8 query elements (the query and its
   half-swapped copy), 128 bf16 -> fp32 conversions, the rotation (a multiply and a fused multiply-add per

@@ -277,7 +277,7 @@ def backward_configs(forward_config: LaunchConfig, rows: int, head_dim: int, dty
     prefill tiles are 128-row query blocks on 8 warps (203-255 registers: one program per multiprocessor):
     since dkdv rotates its key tile once instead of every query block, its 128-row block compiles without
     spilling (D 128: 787-831 instructions per block on sm_90, about 0.8x the issue cycles of its dots; the
-    earlier 32-row block issued 1.55x), and so does dq's (664 instructions per 128 x 64 tile, 0.86x; 64 rows:
+    earlier 32-row block issued 1.55x), and so does dq's (615 instructions per 128 x 64 tile, 0.8x; 64 rows:
     717, 1.87x). dkdv's 128-row block at D 128 gets 2 stages (3 would need 242 KiB).
     """
     n = forward_config.block_n
