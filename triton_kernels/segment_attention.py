@@ -56,7 +56,10 @@ Triton GPU IR; counted, not timed one by one: the H100 numbers above are their s
 - With ``tma=True``, zeroing the values past a partial tile's count (in registers, for every tile: a tensor
   descriptor's tile is used from shared memory or not at all) cost 730 instructions per tile at prefill and a
   K/V buffer. The option now requires finite store rows instead (its lanes past the count read the next store
-  rows, with zero probabilities): 423 instructions and three buffers, against 500 for the default loads.
+  rows, with zero probabilities): 423 instructions and three buffers, against 500 for the default loads
+  (now 425 against 483). Timed on the H100 (commit 134a743, default prefill tile) it was 4-12% slower than the
+  default loads at prefill; at decode, slower over 1k and 4k keys, and over 16k faster than the unsplit
+  default loads only with 128-key tiles, slower than split-K (``results/kernels/segment_attention_raw.json``).
 - Instructions issued per key tile (SASS, nvdisasm; ``ptxas_report``'s ``loop_instructions``): masked K/V loads
   and a masked score tile cost the flat loop 674 instructions per whole tile at prefill and 481 at decode (the
   own-token loop over whole tiles, counted the same way: 404 and 284).
@@ -68,15 +71,17 @@ Triton GPU IR; counted, not timed one by one: the H100 numbers above are their s
   (``_attn_fwd_flat``); one int64 table entry per tile, read with one load instead of three, to 500 and 344.
   A launch with no moved segment (``TileTable.moved`` False: the engine's calls without ``offsets``) keeps its
   query in shared memory and skips the re-rotation: 428 and 309 (dq: 404 per 128 x 64 tile instead of 615).
-- The re-rotation where a new segment's delta begins (``ptxas_report``'s largest skipped block) issues 482
+- The re-rotation where a new segment's delta begins (``ptxas_report``'s largest skipped block) issues 368
   instructions per thread at prefill, bf16 D 128: two 16-byte loads per 8 query elements (the query and its
-  half-swapped copy), 128 bf16 -> fp32 conversions, the rotation (a multiply and a fused multiply-add per
-  element, the sign of rotate_half folded into the sine), packing, and the store for the score dot. With
-  128-token messages it comes every two 64-key tiles of 499: the measured prefill gap (98% of causal SDPA on one
-  long message, 76-81% on 128-token messages) is consistent with that size. Evaluated once per column, the
-  cosines and sines cost a thread one evaluation for each column it holds: at D 64 the block was 637
+  half-swapped copy), 128 bf16 -> fp32 conversions (one instruction each, ``_widen``), the rotation (a multiply
+  and a fused multiply-add per element, the sign of rotate_half folded into the sine), packing, and the store
+  for the score dot. At the timed commit it issued 482 (its masked loads zero-filled their registers first,
+  and the plain bf16 cast took 1.5 instructions per element) every two 64-key tiles of 499 with 128-token
+  messages: the measured prefill gap (98% of causal SDPA on one long message, 76-81% on 128-token messages)
+  is consistent with that size. Now 368 every two tiles of 483; not yet timed. Evaluated once per column, the
+  cosines and sines cost a thread one evaluation for each column it holds: at D 64 the block is 580
   instructions and dq's new-delta block 431 (D 128); evaluated on the D / 2 frequencies (``half_angles``: dq at
-  16-bit dtypes, the forward at D <= 64), 268 and 64, and dq's loop 615 per tile instead of 632.
+  16-bit dtypes, the forward at D <= 64), 215 and 64, and dq's loop 615 per tile instead of 632.
 
 Worked example (call 0 sees store rows 0..9 moved 5 positions later, then its own 3 tokens, 2 of them new)::
 
@@ -127,6 +132,16 @@ def _to(x, DTYPE: tl.constexpr, FIX_BF16: tl.constexpr):
 
 
 @triton.jit
+def _widen(x):
+    # x as fp32, exactly. A bf16 is the top half of its fp32: one shift or mask per element (sm_90 compiles the
+    # plain cast of a packed pair to three instructions, the upper element's as a byte permute and a shift).
+    if x.dtype == tl.bfloat16:
+        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
 def _rope_tables(INV_FREQ, offs_d, HEAD_DIM: tl.constexpr, HALF_ANGLES: tl.constexpr):
     # HF Llama's "rotate_half" convention: the frequencies (fp32; HALF_ANGLES: the D / 2 of them, else one per
     # column d of D (offs_d), inv_freq[d % (D / 2)]) and per column d the column the other half pairs with
@@ -149,17 +164,18 @@ def _tile(ENTRY, ok):
 
 
 @triton.jit
-def _load_q_rotated(q_ptrs, q_swap_ptrs, row_ok, inv_freq, delta, HEAD_DIM: tl.constexpr,
+def _load_q_rotated(q_ptrs, q_swap_ptrs, inv_freq, delta, HEAD_DIM: tl.constexpr,
                     HALF_ANGLES: tl.constexpr):
     # RoPE is relative: <R(m) q, R(n + delta) k> == <R(m - delta) q, R(n) k>. Instead of re-rotating every key
     # tile of a moved segment by +delta, counter-rotate the query tile by -delta once per segment: the same
     # attention scores, O(BLOCK_M * D) work per segment instead of O(seg_len * D), and the inner loop below
     # stays a plain FlashAttention loop. Rotation math in fp32; delta == 0 is exact (cos 0 = 1, sin 0 = 0).
     # The query is loaded twice, once with its two halves of D swapped, so that rotate_half(q) = cat(-q2, q1)
-    # (q_swap with its first half negated) needs no in-register shuffle.
-    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)  # (BLOCK_M, D)
-    # An unmoved tile (delta 0, the common case) needs no swapped copy: the predicated-off load reads no memory.
-    q_swap = tl.load(q_swap_ptrs, mask=row_ok[:, None] & (delta != 0), other=0.0).to(tl.float32)
+    # (q_swap with its first half negated) needs no in-register shuffle. Unmasked: the pointers address valid
+    # rows only (``_attn_fwd`` points padding rows at a real token), which saves the zero-filling of predicated
+    # loads (bf16 D 128 prefill: 418 -> 368 instructions per re-rotation, sm_90).
+    q = _widen(tl.load(q_ptrs))  # (BLOCK_M, D)
+    q_swap = _widen(tl.load(q_swap_ptrs))
     cos_a, sin_a = _rotation(inv_freq, delta, HEAD_DIM, HALF_ANGLES)
     return _rotate(q, q_swap, cos_a, sin_a)
 
@@ -213,7 +229,7 @@ def _online_softmax(acc, l_i, m_i, qk, v, DOT_FP32: tl.constexpr, INPUT_PRECISIO
 
 
 @triton.jit
-def _attn_fwd_flat(acc, l_i, m_i, Q, q_ptrs, q_swap_ptrs, row_ok, inv_freq,  #
+def _attn_fwd_flat(acc, l_i, m_i, Q, q_ptrs, q_swap_ptrs, inv_freq,  #
                    T_ROW, stride_tt, t_lo, t_hi, K_HEAD, V_HEAD, qk_scale,  #
                    offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, K_DESC, V_DESC, off_hkv,  #
                    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, FIX_BF16: tl.constexpr,  #
@@ -236,16 +252,16 @@ def _attn_fwd_flat(acc, l_i, m_i, Q, q_ptrs, q_swap_ptrs, row_ok, inv_freq,  #
     # memory for every score dot (as in the own-token loops) instead of going through registers each tile.
     if MOVED:
         _, _, cur = _tile(T_ROW + t_lo * stride_tt, t_lo < t_hi)
-        q = _to(_load_q_rotated(q_ptrs, q_swap_ptrs, row_ok, inv_freq, cur, HEAD_DIM, HALF_ANGLES), Q.dtype.element_ty,
+        q = _to(_load_q_rotated(q_ptrs, q_swap_ptrs, inv_freq, cur, HEAD_DIM, HALF_ANGLES), Q.dtype.element_ty,
                 FIX_BF16)
     else:
         cur = 0
-        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+        q = tl.load(q_ptrs)
     for t in tl.range(t_lo, t_hi, num_stages=STAGES):
         row, cnt, delta = _tile(T_ROW + t * stride_tt, True)
         if MOVED:
             if delta != cur:
-                q = _to(_load_q_rotated(q_ptrs, q_swap_ptrs, row_ok, inv_freq, delta, HEAD_DIM, HALF_ANGLES),
+                q = _to(_load_q_rotated(q_ptrs, q_swap_ptrs, inv_freq, delta, HEAD_DIM, HALF_ANGLES),
                         Q.dtype.element_ty, FIX_BF16)
                 cur = delta
         col_ok = offs_n < cnt
@@ -334,12 +350,15 @@ def _attn_fwd(Q, K, V, OUT, LSE, PART_ACC, PART_M, PART_L, K_DESC, V_DESC,  #
     tok = offs_m // GROUP
     head = off_hkv * GROUP + offs_m % GROUP
     n_new = tl.minimum(tl.load(NEW_LEN + off_b), S)
-    row_ok = tok < n_new  # padding rows load q = 0 and are written as zeros
+    row_ok = tok < n_new  # padding rows are written as zeros
     tok_lo = (start_m * BLOCK_M) // GROUP
     tok_hi = tl.minimum((start_m * BLOCK_M + BLOCK_M - 1) // GROUP, n_new - 1)
     alive = tok_lo < n_new  # a block of padding rows only writes zeros
 
-    q_rows = Q + off_b.to(tl.int64) * stride_qb + head[:, None].to(tl.int64) * stride_qh + tok[:, None] * stride_qs
+    # Padding rows read the call's last new token (row 0 if it has none, never read then): every query load is
+    # in bounds and finite without a mask, and their outputs are discarded.
+    tok_q = tl.minimum(tok, tl.maximum(n_new - 1, 0))
+    q_rows = Q + off_b.to(tl.int64) * stride_qb + head[:, None].to(tl.int64) * stride_qh + tok_q[:, None] * stride_qs
     inv_freq, offs_swap = _rope_tables(INV_FREQ, offs_d, HEAD_DIM, HALF_ANGLES)
     q_ptrs = q_rows + offs_d[None, :] * stride_qd
     q_swap_ptrs = q_rows + offs_swap[None, :] * stride_qd
@@ -360,7 +379,7 @@ def _attn_fwd(Q, K, V, OUT, LSE, PART_ACC, PART_M, PART_L, K_DESC, V_DESC,  #
         t_lo = tl.minimum(split * chunk, n_tiles)
         t_hi = tl.minimum(t_lo + chunk, n_tiles)
         T_ROW = TILES + off_b.to(tl.int64) * stride_tb
-        acc, l_i, m_i = _attn_fwd_flat(acc, l_i, m_i, Q, q_ptrs, q_swap_ptrs, row_ok, inv_freq,
+        acc, l_i, m_i = _attn_fwd_flat(acc, l_i, m_i, Q, q_ptrs, q_swap_ptrs, inv_freq,
                                        T_ROW, stride_tt, t_lo, t_hi, K_HEAD, V_HEAD, qk_scale, offs_n, offs_d,
                                        stride_kn, stride_kd, stride_vn, stride_vd, K_DESC, V_DESC, off_hkv,
                                        DOT_FP32, INPUT_PRECISION, FIX_BF16, TMA, BLOCK_N, HEAD_DIM, FLAT_STAGES,
@@ -375,7 +394,7 @@ def _attn_fwd(Q, K, V, OUT, LSE, PART_ACC, PART_M, PART_L, K_DESC, V_DESC,  #
             seg_start = tl.load(SEG_START + seg).to(tl.int64)
             seg_len = tl.load(SEG_LEN + seg)
             delta = tl.load(SEG_DELTA + seg)
-            q = _load_q_rotated(q_ptrs, q_swap_ptrs, row_ok, inv_freq, delta, HEAD_DIM, HALF_ANGLES)
+            q = _load_q_rotated(q_ptrs, q_swap_ptrs, inv_freq, delta, HEAD_DIM, HALF_ANGLES)
             q = _to(q, Q.dtype.element_ty, FIX_BF16)
             K_SEG = K_HEAD + seg_start * stride_kn
             V_SEG = V_HEAD + seg_start * stride_vn
@@ -495,8 +514,8 @@ class LaunchConfig:
     engine) instead of per-element addresses; needs k_cache / v_cache with unit last stride and 16-byte-aligned
     strides, and finite values in every store row: a partial tile's box reads the rows after its keys (rows
     past N read as zeros), which enter the output multiplied by zero (inf or NaN there would make NaN). The
-    engine's store is allocated with zeros and written with keys and values only. Off by default: not yet
-    timed on a GPU.
+    engine's store is allocated with zeros and written with keys and values only. Off by default: on an H100
+    it was slower than the default loads on the benchmarked prefill workloads (see the module docstring).
     flat_stages: software-pipelining stages of the flat loop alone (the own-token loops use ``num_stages``);
     default ``num_stages``. Its K/V loads are addressed by a tile-table load, and Triton's pipeliner (3.6, 3.7)
     splits a loop's stages between the two: with a tile's row, count and delta in three int32 loads,
@@ -623,8 +642,8 @@ def half_angles(kernel: str, dtype: torch.dtype, head_dim: int) -> bool:
     frequencies and lays them out for both halves of D (True), or once per column (False). Both give the same
     values; the choice is the one that compiles to fewer instructions (sm_90, Triton 3.7, ``ptxas_report``):
     at 16-bit dtypes dq's new-delta block issues 64 instructions instead of 431 (D 128) and its loop 615 per
-    tile instead of 632, the forward's re-rotation at D 64 268 instead of 637; elsewhere it gains nothing or
-    costs registers (fp32 dq spills over 300 bytes; the forward at bf16 D 128 decode spills 12)."""
+    tile instead of 632, the forward's re-rotation at D 64 215 instead of 580; elsewhere it gains nothing or
+    costs registers (fp32 dq spills over 300 bytes; the forward at bf16 D 128 decode spills 8)."""
     if dtype == torch.float32 or kernel == "dkdv":
         return False
     return kernel == "dq" or head_dim <= 64

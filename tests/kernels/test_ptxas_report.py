@@ -149,9 +149,10 @@ def test_deterministic_dkdv_compiles_like_the_atomic_one(default_stats):
 
 
 # Instructions per whole key tile the forward's flat loop may issue (Triton 3.7, sm_90, bf16 D 128): with masked
-# loads and scores it issued 674 at prefill and 481 at decode; unmasked loads brought that to 534 and 372, and
-# one table entry per tile (one load instead of three) to 500 and 344.
-FLAT_LOOP_BUDGET = {"fwd prefill": 520, "fwd decode": 360}
+# loads and scores it issued 674 at prefill and 481 at decode; unmasked loads brought that to 534 and 372, one
+# table entry per tile (one load instead of three) to 500 and 344, and unmasked query loads at the re-rotation to
+# 483 and 342.
+FLAT_LOOP_BUDGET = {"fwd prefill": 500, "fwd decode": 360}
 
 
 def test_flat_loop_instruction_budget(default_stats):
@@ -164,8 +165,9 @@ def test_flat_loop_instruction_budget(default_stats):
 
 # Instructions of the largest block the main loop skips (bf16 D 128, sm_90): dq's new-delta cosines and sines took
 # 431 evaluated once per column and take 64 on the D / 2 frequencies (``half_angles``); the forward's re-rotation
-# took 542 before the rotation's sign moved into its sine table, 482 after.
-SWITCH_BUDGET = {"dq prefill": 100, "dq decode": 100, "fwd prefill": 500}
+# took 542 before the rotation's sign moved into its sine table, 482 after, and 368 with unmasked loads and one
+# instruction per bf16 -> fp32 conversion.
+SWITCH_BUDGET = {"dq prefill": 100, "dq decode": 100, "fwd prefill": 400}
 
 
 def test_switch_instruction_budget(default_stats):
