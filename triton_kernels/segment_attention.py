@@ -57,7 +57,7 @@ Triton GPU IR; counted, not timed one by one: the H100 numbers above are their s
   descriptor's tile is used from shared memory or not at all) cost 730 instructions per tile at prefill and a
   K/V buffer. The option now requires finite store rows instead (its lanes past the count read the next store
   rows, with zero probabilities): 423 instructions and three buffers, against 500 for the default loads
-  (now 425 against 483). Timed on the H100 (commit 134a743, default prefill tile) it was 4-12% slower than the
+  (now 395 against 453). Timed on the H100 (commit 134a743, default prefill tile) it was 4-12% slower than the
   default loads at prefill; at decode, slower over 1k and 4k keys, and over 16k faster than the unsplit
   default loads only with 128-key tiles, slower than split-K (``results/kernels/segment_attention_raw.json``).
 - Instructions issued per key tile (SASS, nvdisasm; ``ptxas_report``'s ``loop_instructions``): masked K/V loads
@@ -69,8 +69,10 @@ Triton GPU IR; counted, not timed one by one: the H100 numbers above are their s
   instruction issue where the own loop is bound by the tensor cores. Loads that re-read a tile's last key
   instead of masking (in bounds, finite), and a score mask only on a partial tile, bring that to 534 and 372
   (``_attn_fwd_flat``); one int64 table entry per tile, read with one load instead of three, to 500 and 344.
+  The softmax scale applied in the exponent's fused multiply-add instead of to the score tile first
+  (``_online_softmax``), and unmasked query loads at the re-rotation: 453 and 336 (not yet timed).
   A launch with no moved segment (``TileTable.moved`` False: the engine's calls without ``offsets``) keeps its
-  query in shared memory and skips the re-rotation: 428 and 309 (dq: 404 per 128 x 64 tile instead of 615).
+  query in shared memory and skips the re-rotation: 400 and 301 (dq: 404 per 128 x 64 tile instead of 615).
 - The re-rotation where a new segment's delta begins (``ptxas_report``'s largest skipped block) issues 368
   instructions per thread at prefill, bf16 D 128: two 16-byte loads per 8 query elements (the query and its
   half-swapped copy), 128 bf16 -> fp32 conversions (one instruction each, ``_widen``), the rotation (a multiply
@@ -78,7 +80,7 @@ Triton GPU IR; counted, not timed one by one: the H100 numbers above are their s
   for the score dot. At the timed commit it issued 482 (its masked loads zero-filled their registers first,
   and the plain bf16 cast took 1.5 instructions per element) every two 64-key tiles of 499 with 128-token
   messages: the measured prefill gap (98% of causal SDPA on one long message, 76-81% on 128-token messages)
-  is consistent with that size. Now 368 every two tiles of 483; not yet timed. Evaluated once per column, the
+  is consistent with that size. Now 368 every two tiles of 453; not yet timed. Evaluated once per column, the
   cosines and sines cost a thread one evaluation for each column it holds: at D 64 the block is 580
   instructions and dq's new-delta block 431 (D 128); evaluated on the D / 2 frequencies (``half_angles``: dq at
   16-bit dtypes, the forward at D <= 64), 215 and 64, and dq's loop 615 per tile instead of 632.
@@ -208,15 +210,18 @@ def _rotate(x, x_swap, cos_a, sin_a):
 
 
 @triton.jit
-def _online_softmax(acc, l_i, m_i, qk, v, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+def _online_softmax(acc, l_i, m_i, qk, qk_scale, v, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                     FIX_BF16: tl.constexpr):
-    # One FlashAttention-2 step: scores qk (BLOCK_M, BLOCK_N) in log2 units (masked keys -inf), V tile
-    # (BLOCK_N, D); acc (BLOCK_M, D), l_i and m_i (BLOCK_M,) are the running unnormalised output, sum and max.
-    m_ij = tl.maximum(m_i, tl.max(qk, 1))
+    # One FlashAttention-2 step: unscaled scores qk (BLOCK_M, BLOCK_N) (masked keys -inf), qk_scale > 0 (the
+    # softmax scale times log2(e): scaled scores are in log2 units), V tile (BLOCK_N, D); acc (BLOCK_M, D), l_i
+    # and m_i (BLOCK_M,) are the running unnormalised output, sum and max of the scaled scores.
+    # The scale is applied in the exponent's fused multiply-add (qk * qk_scale - m), not to the whole tile first:
+    # the row max of the unscaled scores, scaled, is that of the scaled ones (rounding is monotonic).
+    m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     # A row that has seen no key yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN (an all-masked
     # tile: a padding tile of the flat loop, or a split that holds no key of this row).
     m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)
-    p = tl.math.exp2(qk - m_safe[:, None])
+    p = tl.math.exp2(qk * qk_scale - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
@@ -274,14 +279,13 @@ def _attn_fwd_flat(acc, l_i, m_i, Q, q_ptrs, q_swap_ptrs, inv_freq,  #
             qk = tl.dot(q.to(tl.float32), kT.to(tl.float32), input_precision=INPUT_PRECISION)
         else:
             qk = tl.dot(q, kT, input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
-        qk = qk * qk_scale
         if cnt < BLOCK_N:  # a partial tile: its lanes past the count hold no key of this call
             qk = tl.where(col_ok[None, :], qk, float("-inf"))
         if TMA:  # rows past a partial tile's count are other store rows, finite (``LaunchConfig.tma``): p = 0 x v
             v = V_DESC.load([off_hkv, row.to(tl.int32), 0]).reshape(BLOCK_N, HEAD_DIM)
         else:
             v = tl.load(V_HEAD + row * stride_vn + (key[:, None] * stride_vn + offs_d[None, :] * stride_vd))
-        acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, DOT_FP32, INPUT_PRECISION, FIX_BF16)
+        acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, qk_scale, v, DOT_FP32, INPUT_PRECISION, FIX_BF16)
     return acc, l_i, m_i
 
 
@@ -306,8 +310,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q,  #
             qk = tl.dot(q.to(tl.float32), kT.to(tl.float32), input_precision=INPUT_PRECISION)
         else:
             qk = tl.dot(q, kT, input_precision=INPUT_PRECISION)
-        qk = qk * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
-        if CAUSAL:
+        if CAUSAL:  # (BLOCK_M, BLOCK_N)
             qk = tl.where(col_ok[None, :] & (cols[None, :] <= row_limit[:, None]), qk, float("-inf"))
         elif KEY_BOUND:
             qk = tl.where(col_ok[None, :], qk, float("-inf"))
@@ -316,7 +319,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q,  #
             v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
         else:
             v = tl.load(v_ptrs)
-        acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, DOT_FP32, INPUT_PRECISION, FIX_BF16)
+        acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, qk_scale, v, DOT_FP32, INPUT_PRECISION, FIX_BF16)
     return acc, l_i, m_i
 
 
@@ -722,6 +725,16 @@ def _check_table_values(seg_start, seg_len, own_start, own_past, new_len, S: int
         raise ValueError(f"own rows own_start .. own_start + own_past + new_len - 1 must lie in 0 .. {N - 1}")
 
 
+def _positive_finite(x) -> bool:
+    if isinstance(x, (bool, str, bytes)):
+        return False
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return False
+    return math.isfinite(x) and x > 0
+
+
 def segment_attention(q, k_cache, v_cache, seg_start, seg_len, seg_delta, own_start, own_past, new_len, inv_freq,
                       *, scale=None, config: LaunchConfig | None = None, tiles: TileTable | None = None,
                       num_splits: int | None = None, max_own_len: int | None = None) -> torch.Tensor:
@@ -732,7 +745,7 @@ def segment_attention(q, k_cache, v_cache, seg_start, seg_len, seg_delta, own_st
     seg_start, seg_len, seg_delta: (B, G) int32 segment table (seg_len 0 = padding; delta = position shift).
     own_start, own_past, new_len: (B,) int32; own rows own_start .. own_start + own_past + new_len - 1.
     inv_freq: (D / 2,) RoPE inverse frequencies (HF Llama rotate_half convention), used in fp32.
-    scale: softmax scale, default 1 / sqrt(D).
+    scale: softmax scale, a positive finite number; default 1 / sqrt(D).
     config: tile sizes (``LaunchConfig``); default ``launch_config(S * H // Hkv, D, q.dtype)``.
     tiles: the segment table cut into tiles of config.block_n (``tile_table``), for the flat loop; default: built
         here (on CUDA that copies the table to the host: a synchronisation; the engine passes its own).
@@ -753,6 +766,9 @@ def segment_attention(q, k_cache, v_cache, seg_start, seg_len, seg_delta, own_st
     B, H, S, D = q.shape
     if q.dtype not in _DTYPES:
         raise TypeError(f"q must be float32, float16 or bfloat16, got {q.dtype}")
+    # the kernels scale scores inside the softmax's exponent and take the row max before scaling: scale > 0
+    if scale is not None and not _positive_finite(scale):
+        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.dim() != 3:
             raise ValueError(f"{name} must be 3-D (Hkv, N, D), got shape {tuple(t.shape)}")

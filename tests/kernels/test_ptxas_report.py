@@ -150,9 +150,9 @@ def test_deterministic_dkdv_compiles_like_the_atomic_one(default_stats):
 
 # Instructions per whole key tile the forward's flat loop may issue (Triton 3.7, sm_90, bf16 D 128): with masked
 # loads and scores it issued 674 at prefill and 481 at decode; unmasked loads brought that to 534 and 372, one
-# table entry per tile (one load instead of three) to 500 and 344, and unmasked query loads at the re-rotation to
-# 483 and 342.
-FLAT_LOOP_BUDGET = {"fwd prefill": 500, "fwd decode": 360}
+# table entry per tile (one load instead of three) to 500 and 344, and the softmax scale in the exponent's fused
+# multiply-add with unmasked query loads at the re-rotation to 453 and 336.
+FLAT_LOOP_BUDGET = {"fwd prefill": 470, "fwd decode": 350}
 
 
 def test_flat_loop_instruction_budget(default_stats):

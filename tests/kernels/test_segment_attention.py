@@ -300,6 +300,12 @@ def test_scale_argument():
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("scale", [0.0, -0.3, float("inf"), float("nan"), True, "0.3"])
+def test_scale_must_be_positive_and_finite(scale):
+    with pytest.raises(ValueError, match="scale must be a positive finite number"):
+        segment_attention(*AWKWARD["decode-S1"].tensors(), scale=scale)
+
+
 # ----------------------------------------------------------------------------------- the references agree
 @pytest.mark.parametrize("name", ["decode-S1", "overlap-repeat-gap", "padding-segments-and-rows", "gqa-3-decode"])
 def test_dense_sdpa_helper_matches_reference(name):
