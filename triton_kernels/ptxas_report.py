@@ -242,8 +242,8 @@ def loop_instructions(sass: str) -> int:
 def switch_instructions(sass: str) -> int:
     """Instructions the largest block the main loop jumps over issues when it runs, on its own common path (its
     inner forward branches taken): in the forward, the query's re-rotation where a new segment's delta begins;
-    in dq, the new delta's cosines and sines. 0 where the loop jumps over nothing (a launch with no moved
-    segment)."""
+    in dq, the new delta's cosines and sines; in dkdv, an own-key tile's causal mask. 0 where the loop jumps
+    over nothing."""
     ins, labels = _parse_sass(sass)
     blocks = _skips(ins, labels, *_main_loop(ins, labels))
     if not blocks:
@@ -363,7 +363,8 @@ def write_report(rows, out: Path, *, command: str) -> Path:
              "its own rare branches taken: in the forward, the query's re-rotation where a new segment's delta "
              "begins (loads of the query and its half-swapped copy, their conversion to fp32, the cosines and "
              "sines, the rotation, the store for the score dot), once per segment; in dq, a new delta's cosines "
-             "and sines. Prefill over 128-token messages pays it every two 64-key tiles.",
+             "and sines; in dkdv, the causal mask of a program over the call's own keys. Prefill over 128-token "
+             "messages pays the first two every two 64-key tiles.",
              "tests/kernels/test_ptxas_report.py fails if a default tile spills more than 64 bytes, or if the "
              "forward's flat loop issues more per tile than its budget."]
     title = "Segment-attention kernels: registers, spills, shared memory and pipelining"

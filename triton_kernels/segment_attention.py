@@ -72,7 +72,7 @@ Triton GPU IR; counted, not timed one by one: the H100 numbers above are their s
   The softmax scale applied in the exponent's fused multiply-add instead of to the score tile first
   (``_online_softmax``), and unmasked query loads at the re-rotation: 453 and 336 (not yet timed).
   A launch with no moved segment (``TileTable.moved`` False: the engine's calls without ``offsets``) keeps its
-  query in shared memory and skips the re-rotation: 400 and 301 (dq: 404 per 128 x 64 tile instead of 615).
+  query in shared memory and skips the re-rotation: 400 and 301 (dq: 327 per 128 x 64 tile instead of 537).
 - The re-rotation where a new segment's delta begins (``ptxas_report``'s largest skipped block) issues 368
   instructions per thread at prefill, bf16 D 128: two 16-byte loads per 8 query elements (the query and its
   half-swapped copy), 128 bf16 -> fp32 conversions (one instruction each, ``_widen``), the rotation (a multiply
@@ -82,8 +82,8 @@ Triton GPU IR; counted, not timed one by one: the H100 numbers above are their s
   messages: the measured prefill gap (98% of causal SDPA on one long message, 76-81% on 128-token messages)
   is consistent with that size. Now 368 every two tiles of 453; not yet timed. Evaluated once per column, the
   cosines and sines cost a thread one evaluation for each column it holds: at D 64 the block is 580
-  instructions and dq's new-delta block 431 (D 128); evaluated on the D / 2 frequencies (``half_angles``: dq at
-  16-bit dtypes, the forward at D <= 64), 215 and 64, and dq's loop 615 per tile instead of 632.
+  instructions and dq's new-delta block 429 (D 128); evaluated on the D / 2 frequencies (``half_angles``: dq at
+  16-bit dtypes, the forward at D <= 64), 215 and 64, and dq's loop 537 per tile instead of 555.
 
 Worked example (call 0 sees store rows 0..9 moved 5 positions later, then its own 3 tokens, 2 of them new)::
 
@@ -644,8 +644,8 @@ def half_angles(kernel: str, dtype: torch.dtype, head_dim: int) -> bool:
     """Whether ``kernel`` ("fwd", "dq" or "dkdv") evaluates its rotations' cosines and sines on the D / 2
     frequencies and lays them out for both halves of D (True), or once per column (False). Both give the same
     values; the choice is the one that compiles to fewer instructions (sm_90, Triton 3.7, ``ptxas_report``):
-    at 16-bit dtypes dq's new-delta block issues 64 instructions instead of 431 (D 128) and its loop 615 per
-    tile instead of 632, the forward's re-rotation at D 64 215 instead of 580; elsewhere it gains nothing or
+    at 16-bit dtypes dq's new-delta block issues 64 instructions instead of 429 (D 128) and its loop 537 per
+    tile instead of 555, the forward's re-rotation at D 64 215 instead of 580; elsewhere it gains nothing or
     costs registers (fp32 dq spills over 300 bytes; the forward at bf16 D 128 decode spills 8)."""
     if dtype == torch.float32 or kernel == "dkdv":
         return False

@@ -25,6 +25,14 @@ where K' are the keys as the call sees them. A segment moved by delta is seen as
   run, for fp32 partials as large as the keys the calls read (B x tiles x block_n x Hkv x D x 8 bytes) and one
   sort.
 
+Masks: a row that is not a query (padding) has L = +inf and dO = 0, so its P and dS are exactly 0 with no mask;
+the scores are masked (-inf) only where a valid row does not attend a key: a partial tile's lanes past its count
+in dq's segment loop (a branch taken on partial tiles only), the causal band of the call's own keys. dkdv loads
+zeros past its tile's count and masks nothing there in its loop: those lanes gather gradient (possibly inf, where
+P = exp2(0 - L) overflows) into their own rows of dK / dV only, which it zeroes once after the loop. The
+softmax scale goes into the exponent's fused multiply-add, exp2(s * scale - L). At bf16 D 128 on sm_90 this
+took dkdv's loop from 828 to 586 instructions per 128-row block and dq's from 615 to 537 per 64-key tile.
+
 Contract: between the forward and the backward the caller leaves the store rows the calls read unchanged (the
 store tensors themselves may be written elsewhere, as the engine writes later tokens' rows); the store is
 held by reference, not copied, and not checked by autograd's version counter. The engine checks it: its
@@ -61,14 +69,21 @@ def _mma(a, b, acc, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _grad_scores(q, k, v, do, lse, di, ok, qk_scale, DTYPE: tl.constexpr,
+def _scores(q, k, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    # Unscaled scores q k^T (BLOCK_M, BLOCK_N) fp32 of q (BLOCK_M, D) and k (BLOCK_N, D) as the rows see them.
+    return _mma(q, tl.trans(k), tl.zeros([q.shape[0], k.shape[0]], dtype=tl.float32), DOT_FP32, INPUT_PRECISION)
+
+
+@triton.jit
+def _grad_scores(s, qk_scale, v, do, lse, di, DTYPE: tl.constexpr,
                  DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, FIX_BF16: tl.constexpr):
-    # q, do (BLOCK_M, D); k, v (BLOCK_N, D) as the rows see them; lse, di (BLOCK_M,); ok (BLOCK_M, BLOCK_N) the
-    # attended pairs. Returns P and dS (BLOCK_M, BLOCK_N) at DTYPE, ready for the next dots.
-    zero = tl.zeros([q.shape[0], k.shape[0]], dtype=tl.float32)
-    s = _mma(q, tl.trans(k), zero, DOT_FP32, INPUT_PRECISION) * qk_scale
-    p = tl.where(ok, tl.math.exp2(s - lse[:, None]), 0.0)  # lse = +inf on rows that saw no key: p = 0
-    dp = _mma(do, tl.trans(v), zero, DOT_FP32, INPUT_PRECISION)
+    # s: unscaled scores (``_scores``), -inf where a row does not attend a key; do (BLOCK_M, D); v (BLOCK_N, D);
+    # lse, di (BLOCK_M,). Returns P and dS (BLOCK_M, BLOCK_N) at DTYPE, ready for the next dots. A row that is
+    # not a query (padding) has lse = +inf and dO = 0, so its P and dS are 0 with no mask: the callers mask only
+    # what a row does not attend (a partial tile's lanes, the causal band), and the scale goes into the
+    # exponent's fused multiply-add.
+    p = tl.math.exp2(s * qk_scale - lse[:, None])
+    dp = _mma(do, tl.trans(v), tl.zeros([s.shape[0], v.shape[0]], dtype=tl.float32), DOT_FP32, INPUT_PRECISION)
     ds = p * (dp - di[:, None])
     return _to(p, DTYPE, FIX_BF16), _to(ds, DTYPE, FIX_BF16)
 
@@ -153,8 +168,10 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DI, DQ,  #
         else:  # no tile of the launch is moved
             k = tl.load(k_rows + offs_d[None, :] * stride_kd)
         v = tl.load(V_HEAD + row * stride_vn + (key[:, None] * stride_vn + offs_d[None, :] * stride_vd))
-        ok = row_ok[:, None] & col_ok[None, :]
-        p, ds = _grad_scores(q, k, v, do, lse, di, ok, qk_scale, DTYPE, DOT_FP32, INPUT_PRECISION, FIX_BF16)
+        s = _scores(q, k, DOT_FP32, INPUT_PRECISION)
+        if cnt < BLOCK_N:  # a partial tile: its lanes past the count re-read its last key
+            s = tl.where(col_ok[None, :], s, float("-inf"))
+        p, ds = _grad_scores(s, qk_scale, v, do, lse, di, DTYPE, DOT_FP32, INPUT_PRECISION, FIX_BF16)
         dq = _mma(ds, k, dq, DOT_FP32, INPUT_PRECISION)
 
     # -- the call's own keys, causal: own key j is seen by row tok iff j <= own_past + tok --
@@ -167,8 +184,10 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DI, DQ,  #
                     mask=(cols < own_hi)[:, None], other=0.0)
         v = tl.load(V_HEAD + (own_start + cols)[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                     mask=(cols < own_hi)[:, None], other=0.0)
-        ok = row_ok[:, None] & (cols[None, :] <= (own_past + tok)[:, None])
-        p, ds = _grad_scores(q, k, v, do, lse, di, ok, qk_scale, DTYPE, DOT_FP32, INPUT_PRECISION, FIX_BF16)
+        # causal; own keys past the call's (cols >= own_hi) lie past every valid row's limit too
+        s = tl.where(cols[None, :] <= (own_past + tok)[:, None], _scores(q, k, DOT_FP32, INPUT_PRECISION),
+                     float("-inf"))
+        p, ds = _grad_scores(s, qk_scale, v, do, lse, di, DTYPE, DOT_FP32, INPUT_PRECISION, FIX_BF16)
         dq = _mma(ds, k, dq, DOT_FP32, INPUT_PRECISION)
 
     dq = tl.where(row_ok[:, None], dq * sm_scale, 0.0)
@@ -235,10 +254,16 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DI, DK, DV, DEST,  #
         tok, row_ok, rows, do, lse, di = _query_block(DO, LSE, DI, start_m, off_b, off_hkv, n_new, H, S, stride_qb,
                                                       stride_qh, stride_qs, stride_qd, offs_d, GROUP, BLOCK_M)
         q = tl.load(Q + rows + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
-        ok = row_ok[:, None] & col_ok[None, :] & (is_seg | ((j0 + offs_n)[None, :] <= (own_past + tok)[:, None]))
-        p, ds = _grad_scores(q, k, v, do, lse, di, ok, qk_scale, DTYPE, DOT_FP32, INPUT_PRECISION, FIX_BF16)
+        s = _scores(q, k, DOT_FP32, INPUT_PRECISION)
+        if not is_seg:  # an own tile: causal
+            s = tl.where((j0 + offs_n)[None, :] <= (own_past + tok)[:, None], s, float("-inf"))
+        p, ds = _grad_scores(s, qk_scale, v, do, lse, di, DTYPE, DOT_FP32, INPUT_PRECISION, FIX_BF16)
         dv = _mma(tl.trans(p), do, dv, DOT_FP32, INPUT_PRECISION)
         dk = _mma(tl.trans(ds), q, dk, DOT_FP32, INPUT_PRECISION)
+    # Lanes past the tile's count (zero keys and values, unmasked in the loop) gathered gradient into their own
+    # rows only: zero them.
+    dk = tl.where(col_ok[:, None], dk, 0.0)
+    dv = tl.where(col_ok[:, None], dv, 0.0)
 
     # d/dk <q, R(delta) k> = R(delta)^T (...) = R(-delta) (...): the rotated keys' gradient in the store's frame.
     if MOVED:
@@ -276,9 +301,10 @@ def backward_configs(forward_config: LaunchConfig, rows: int, head_dim: int, dty
     gets stages + 1 stages, the fewest with which Triton 3.7 pipelines it (K/V one tile ahead). At bf16 the
     prefill tiles are 128-row query blocks on 8 warps (203-255 registers: one program per multiprocessor):
     since dkdv rotates its key tile once instead of every query block, its 128-row block compiles without
-    spilling (D 128: 787-831 instructions per block on sm_90, about 0.8x the issue cycles of its dots; the
-    earlier 32-row block issued 1.55x), and so does dq's (615 instructions per 128 x 64 tile, 0.8x; 64 rows:
-    717, 1.87x). dkdv's 128-row block at D 128 gets 2 stages (3 would need 242 KiB).
+    spilling (D 128: 586 instructions per block on sm_90, about 0.57x the issue cycles of its four dots; 787-831
+    with per-element masks, 0.8x; the earlier 32-row block issued 1.55x), and so does dq's (537 instructions
+    per 128 x 64 tile, 0.7x; 615 with per-element masks; 64 rows: 717, 1.87x). dkdv's 128-row block at D 128
+    gets 2 stages (3 would need 242 KiB).
     """
     n = forward_config.block_n
     if interpret:

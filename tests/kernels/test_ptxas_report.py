@@ -163,6 +163,19 @@ def test_flat_loop_instruction_budget(default_stats):
         assert s["loop_instructions"] is not None and s["loop_instructions"] <= budget, s
 
 
+# Instructions per iteration of the backward kernels' main loops (bf16 D 128, sm_90): dq's segment loop per 64-key
+# tile and dkdv's per 128-row query block took 615 and 828 with a mask on every score, 537 and 586 with masks only
+# where a valid row does not attend a key (padding rows get P = 0 from their log-sum-exp of +inf).
+BACKWARD_LOOP_BUDGET = {"dq prefill": 560, "dkdv prefill": 620}
+
+
+def test_backward_loop_instruction_budget(default_stats):
+    """The backward loops keep their masks off the common path."""
+    for label, budget in BACKWARD_LOOP_BUDGET.items():
+        s = next(s for s in default_stats if s["label"] == label and s["dtype"] == "bf16" and s["head_dim"] == 128)
+        assert s["loop_instructions"] is not None and s["loop_instructions"] <= budget, s
+
+
 # Instructions of the largest block the main loop skips (bf16 D 128, sm_90): dq's new-delta cosines and sines took
 # 431 evaluated once per column and take 64 on the D / 2 frequencies (``half_angles``); the forward's re-rotation
 # took 542 before the rotation's sign moved into its sine table, 482 after, and 368 with unmasked loads and one
