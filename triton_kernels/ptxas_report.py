@@ -15,11 +15,13 @@ Usage (TRITON_INTERPRET must be unset: interpreted kernels cannot be compiled)::
     python -m triton_kernels.ptxas_report                 # the default tiles, sm_90
     python -m triton_kernels.ptxas_report --sweep dq --head-dim 128 --dtype bf16
     python -m triton_kernels.ptxas_report --flat-stages 3 5     # the flat loops at other stage counts
+    python -m triton_kernels.ptxas_report --dtype bf16 --head-dim 128 --opcodes 12   # where the loops' issue goes
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import itertools
 import json
@@ -33,7 +35,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["KernelStats", "compile_stats", "default_stats"]
+__all__ = ["KernelStats", "compile_stats", "default_stats", "loop_instructions", "switch_instructions", "opcodes"]
 
 KERNELS = ("fwd", "dq", "dkdv")
 FLAT_KERNELS = ("fwd", "dq")  # those with a loop over the tile table (``LaunchConfig.flat_stages``)
@@ -47,7 +49,8 @@ class KernelStats:
     tiles; dq: K/V; dkdv: the query blocks); 1 = not pipelined, b = tiles loaded b - 1 iterations ahead; and
     ``loop_instructions``: what one iteration of that loop issues on its common path (``loop_instructions``;
     None without nvdisasm); ``switch_instructions``: what the largest block that loop jumps over issues when it
-    runs (the forward's re-rotation at a new segment, ``switch_instructions``)."""
+    runs (the forward's re-rotation at a new segment, ``switch_instructions``); ``loop_opcodes`` /
+    ``switch_opcodes``: how many of each opcode those are (``opcodes``), when asked for."""
 
     kernel: str
     dtype: str
@@ -67,6 +70,8 @@ class KernelStats:
     loop_instructions: int | None
     switch_instructions: int | None
     arch: int
+    loop_opcodes: dict[str, int] | None = None
+    switch_opcodes: dict[str, int] | None = None
 
 
 def _kernel(name: str):
@@ -100,12 +105,13 @@ I64_POINTERS = ("DEST", "TILES")
 def compile_stats(kernel: str, dtype: str, head_dim: int, *, block_m: int, block_n: int, num_warps: int,
                   num_stages: int, tma: bool = False, flat_stages: int | None = None, group: int = 4,
                   arch: int = 90, deterministic: bool = False, moved: bool = True,
-                  half_angles: bool | None = None) -> KernelStats:
+                  half_angles: bool | None = None, with_opcodes: bool = False) -> KernelStats:
     """Compile one kernel for ``sm_<arch>`` and read its resource use from ``ptxas -v`` and its pipelining from
     the Triton GPU IR (``tma`` and ``flat_stages``: the forward's ``LaunchConfig`` options; ``deterministic``:
     dkdv's partials instead of atomics; ``moved=False``: the launch has no moved segment, no re-rotation;
     ``half_angles``: how it evaluates the rotation's cosines and sines, None: as launches do,
-    ``segment_attention.half_angles``)."""
+    ``segment_attention.half_angles``; ``with_opcodes``: also count the opcodes of its main loop and of the
+    largest block that loop skips, ``opcodes``)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
@@ -155,13 +161,16 @@ def compile_stats(kernel: str, dtype: str, head_dim: int, *, block_m: int, block
                               options={"num_warps": num_warps, "num_stages": num_stages})
     registers, spills = _ptxas_verbose(compiled.asm["ptx"], arch)
     tile = block_m if kernel == "dkdv" else block_n
-    loop_ins, switch_ins = _sass_instruction_counts(compiled.asm["cubin"])
+    sass = _disassemble(compiled.asm["cubin"])
+    loop_ins, switch_ins = (None, None) if sass is None else (loop_instructions(sass), switch_instructions(sass))
+    counts = {} if sass is None or not with_opcodes else dict(loop_opcodes=dict(opcodes(sass, "loop")),
+                                                               switch_opcodes=dict(opcodes(sass, "skipped")))
     return KernelStats(kernel=kernel, dtype=dtype, head_dim=head_dim, block_m=block_m, block_n=block_n,
                        num_warps=num_warps, num_stages=num_stages, tma=tma, flat_stages=flat_stages,
                        deterministic=deterministic, moved=moved,
                        registers=registers, spill_bytes=spills, shared_bytes=compiled.metadata.shared,
                        loop_buffers=loop_buffers(compiled.asm["ttgir"], tile, head_dim),
-                       loop_instructions=loop_ins, switch_instructions=switch_ins, arch=arch)
+                       loop_instructions=loop_ins, switch_instructions=switch_ins, arch=arch, **counts)
 
 
 def loop_buffers(ttgir: str, tile: int, head_dim: int) -> int:
@@ -219,12 +228,29 @@ def _skips(ins: list[str], labels: dict[str, int], lo: int, hi: int) -> list[tup
     return out
 
 
-def _common_path(ins: list[str], labels: dict[str, int], lo: int, hi: int) -> int:
-    """Instructions from ``lo`` to ``hi`` (inclusive) with every forward branch inside taken."""
+def _common_path(ins: list[str], labels: dict[str, int], lo: int, hi: int) -> list[int]:
+    """The indices from ``lo`` to ``hi`` (inclusive) that run with every forward branch inside taken."""
     skipped = set()
     for first, end in _skips(ins, labels, lo, hi):
         skipped.update(range(first, end))
-    return hi - lo + 1 - len(skipped)
+    return [i for i in range(lo, hi + 1) if i not in skipped]
+
+
+def _issued(sass: str, part: str) -> list[str]:
+    """The instructions of the main loop's common path (``part="loop"``) or of its largest skipped block's
+    (``"skipped"``), in order."""
+    if part not in ("loop", "skipped"):
+        raise ValueError(f"part must be 'loop' or 'skipped', got {part!r}")
+    ins, labels = _parse_sass(sass)
+    lo, hi = _main_loop(ins, labels)
+    if part == "loop":
+        return [ins[i] for i in _common_path(ins, labels, lo, hi)]
+    blocks = _skips(ins, labels, lo, hi)
+    if not blocks:
+        return []
+    first, end = max(blocks, key=lambda b: b[1] - b[0])
+    # up to its landing instruction (an inner branch may land there too), which is not the block's
+    return [ins[i] for i in _common_path(ins, labels, first, end)][:-1]
 
 
 def loop_instructions(sass: str) -> int:
@@ -235,8 +261,7 @@ def loop_instructions(sass: str) -> int:
     common path takes every forward branch that lands inside it: the blocks the compiler jumps over run only
     sometimes (a new segment's re-rotation, a partial tile's mask, a sine's slow argument reduction); a branch
     out of the loop is its exit, not taken while it runs."""
-    ins, labels = _parse_sass(sass)
-    return _common_path(ins, labels, *_main_loop(ins, labels))
+    return len(_issued(sass, "loop"))
 
 
 def switch_instructions(sass: str) -> int:
@@ -244,27 +269,29 @@ def switch_instructions(sass: str) -> int:
     inner forward branches taken): in the forward, the query's re-rotation where a new segment's delta begins;
     in dq, the new delta's cosines and sines; in dkdv, an own-key tile's causal mask. 0 where the loop jumps
     over nothing."""
-    ins, labels = _parse_sass(sass)
-    blocks = _skips(ins, labels, *_main_loop(ins, labels))
-    if not blocks:
-        return 0
-    first, end = max(blocks, key=lambda b: b[1] - b[0])
-    # counted up to its landing instruction (an inner branch may land there too), which is not the block's
-    return _common_path(ins, labels, first, end) - 1
+    return len(_issued(sass, "skipped"))
 
 
-def _sass_instruction_counts(cubin: bytes) -> tuple[int | None, int | None]:
-    """``loop_instructions`` and ``switch_instructions`` of a cubin (None, None without nvdisasm)."""
+def opcodes(sass: str, part: str = "loop") -> collections.Counter:
+    """How many instructions of each opcode (with its modifiers: ``LDG.E.128``, ``F2FP.BF16.F32.PACK_AB``; past
+    any predicate) the main loop's common path issues (``part="loop"``: ``loop_instructions`` in all) or its
+    largest skipped block does (``"skipped"``: ``switch_instructions``). Where a loop's issue slots go: e.g. a
+    bf16 -> fp32 conversion is one ``IMAD.U32`` or ``LOP3.LUT`` per element, a K / V address two ``LEA``s."""
+    return collections.Counter(t.split()[1] if t.startswith("@") else t.split()[0] for t in _issued(sass, part))
+
+
+def _disassemble(cubin: bytes) -> str | None:
+    """``nvdisasm`` output of a cubin (None without nvdisasm)."""
     import triton
 
     nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
     if not nvdisasm.is_file():
-        return None, None
+        return None
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(cubin)
         run = subprocess.run([str(nvdisasm), "-c", str(path)], capture_output=True, text=True, check=True)
-    return loop_instructions(run.stdout), switch_instructions(run.stdout)
+    return run.stdout
 
 
 def _ptxas_verbose(ptx: str, arch: int) -> tuple[int, int]:
@@ -299,7 +326,7 @@ def default_configs(dtype: str, head_dim: int) -> dict[str, "object"]:
 
 
 def default_stats(dtypes: Sequence[str] = ("bf16",), head_dims: Sequence[int] = (64, 128), arch: int = 90,
-                  flat_stages: Sequence[int | None] = (None,)):
+                  flat_stages: Sequence[int | None] = (None,), with_opcodes: bool = False):
     """``KernelStats`` of every default tile configuration (prefill and decode, forward and backward); those of
     the kernels with a flat tile loop (forward, dq) once per ``flat_stages`` (None: the default)."""
     stats = []
@@ -310,7 +337,8 @@ def default_stats(dtypes: Sequence[str] = ("bf16",), head_dims: Sequence[int] = 
                 stats.append((label, compile_stats(label.split()[0], dtype, head_dim, block_m=cfg.block_m,
                                                    block_n=cfg.block_n, num_warps=cfg.num_warps,
                                                    num_stages=cfg.num_stages, tma=cfg.tma,
-                                                   flat_stages=cfg.flat_stages, arch=arch)))
+                                                   flat_stages=cfg.flat_stages, arch=arch,
+                                                   with_opcodes=with_opcodes)))
     return stats
 
 
@@ -374,6 +402,14 @@ def write_report(rows, out: Path, *, command: str) -> Path:
                        provenance=prov, notes=notes)
 
 
+def top_opcodes(counts: dict[str, int], n: int) -> str:
+    """'66 FMUL, 36 FADD, ..., 40 other': the ``n`` most issued opcodes of ``counts`` (``opcodes``), the rest summed."""
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    parts = [f"{c} {op}" for op, c in ranked[:n]]
+    rest = sum(c for _, c in ranked[n:])
+    return ", ".join(parts + ([f"{rest} other"] if rest else [])) or "nothing"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m triton_kernels.ptxas_report", description=__doc__.split("\n")[0])
     parser.add_argument("--dtype", nargs="+", default=["bf16"], choices=sorted(DTYPES))
@@ -384,6 +420,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--flat-stages", nargs="+", type=int, default=None,
                         help="compile the forward and dq kernels with each of these LaunchConfig.flat_stages "
                              "(default: their own)")
+    parser.add_argument("--opcodes", type=int, default=0, metavar="N",
+                        help="also print the N most issued opcodes of each kernel's main loop and of the largest "
+                             "block it skips (with --json: every opcode's count)")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     parser.add_argument("--out", type=Path, default=None,
                         help="also write <out>/registers.{md,json} (the table, with provenance)")
@@ -393,6 +432,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     flat_stages = args.flat_stages or [None]
     if args.flat_stages and min(args.flat_stages) < 1:
         parser.error(f"--flat-stages must be >= 1, got {args.flat_stages}")
+    if args.opcodes < 0:
+        parser.error(f"--opcodes must be >= 0, got {args.opcodes}")
+    counted = args.opcodes > 0
     if args.sweep:
         from .segment_attention_backward import dq_flat_stages
 
@@ -400,12 +442,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return dq_flat_stages(s, h, DTYPES[d]) if args.sweep == "dq" else None
 
         rows = [(args.sweep, compile_stats(args.sweep, d, h, block_m=m, block_n=n, num_warps=w, num_stages=s,
-                                           flat_stages=f or own(s, h, d), arch=args.arch))
+                                           flat_stages=f or own(s, h, d), arch=args.arch,
+                                           with_opcodes=counted))
                 for d, h in itertools.product(args.dtype, args.head_dim)
                 for m, n, w, s in itertools.product((16, 32, 64, 128), (32, 64, 128), (4, 8), (1, 2, 3))
                 for f in (flat_stages if args.sweep in FLAT_KERNELS else [None])]
     else:
-        rows = default_stats(args.dtype, args.head_dim, args.arch, flat_stages)
+        rows = default_stats(args.dtype, args.head_dim, args.arch, flat_stages, with_opcodes=counted)
     if args.out is not None:
         print(write_report(rows, args.out, command=" ".join(["python -m triton_kernels.ptxas_report",
                                                              *(argv if argv is not None else sys.argv[1:])])))
@@ -418,6 +461,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"buffer(s) and {st.loop_instructions} instructions per tile in the first loop, "
                   f"{st.switch_instructions} in its largest skipped block (sm_{st.arch})",
                   flush=True)
+            for name, counts in (("loop", st.loop_opcodes), ("largest skipped block", st.switch_opcodes)):
+                if counted and counts is not None:
+                    print(f"    {name}: {top_opcodes(counts, args.opcodes)}", flush=True)
     return 0
 
 

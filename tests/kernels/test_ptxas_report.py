@@ -36,8 +36,8 @@ def default_stats(report_dir):
     if not PTXAS.is_file():
         pytest.skip(f"no ptxas in the Triton wheel ({PTXAS})")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile for a GPU, not interpret
-    run = subprocess.run([sys.executable, "-m", "triton_kernels.ptxas_report", "--json", "--dtype", "bf16", "fp32",
-                          "--head-dim", "64", "128", "--out", str(report_dir)], cwd=ROOT, env=env,
+    run = subprocess.run([sys.executable, "-m", "triton_kernels.ptxas_report", "--json", "--opcodes", "8", "--dtype",
+                          "bf16", "fp32", "--head-dim", "64", "128", "--out", str(report_dir)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     return [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
@@ -223,3 +223,28 @@ def test_loop_instructions_counts_the_main_loops_common_path():
     assert loop_instructions(sass.replace("HGMMA.64x64x16.F32.BF16 R24, R120, gdesc[UR8], R24", "IADD3 R1, R1, 1")) == 6
     with pytest.raises(ValueError, match="no loop"):
         loop_instructions("        /*0000*/                   EXIT ;")
+    from triton_kernels.ptxas_report import opcodes, top_opcodes
+
+    assert opcodes(sass) == {"LDS": 1, "BRA": 2, "HGMMA.64x64x16.F32.BF16": 1}  # predicates dropped
+    assert opcodes(sass, "skipped") == {"MUFU.COS": 1, "MUFU.SIN": 1}
+    assert top_opcodes(opcodes(sass), 1) == "2 BRA, 2 other"
+    assert top_opcodes({}, 3) == "nothing"
+    with pytest.raises(ValueError, match="part must be"):
+        opcodes(sass, "switch")
+
+
+def test_opcode_counts_add_up_to_the_instruction_counts(default_stats):
+    for s in default_stats:
+        assert sum(s["loop_opcodes"].values()) == s["loop_instructions"], s["label"]
+        assert sum(s["switch_opcodes"].values()) == s["switch_instructions"], s["label"]
+    fwd = next(s for s in default_stats
+               if s["label"] == "fwd prefill" and s["dtype"] == "bf16" and s["head_dim"] == 128)
+    assert sum(n for op, n in fwd["loop_opcodes"].items() if op.startswith("HGMMA")) > 0  # the dots are in the loop
+    assert fwd["switch_opcodes"].get("LDG.E.128", 0) > 0  # the re-rotation's query loads are in its skipped block
+
+
+def test_opcodes_option_is_checked():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "triton_kernels.ptxas_report", "--opcodes", "-1"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "--opcodes must be >= 0, got -1" in run.stderr
