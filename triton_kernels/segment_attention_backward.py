@@ -31,7 +31,8 @@ in dq's segment loop (a branch taken on partial tiles only), the causal band of 
 zeros past its tile's count and masks nothing there in its loop: those lanes gather gradient (possibly inf, where
 P = exp2(0 - L) overflows) into their own rows of dK / dV only, which it zeroes once after the loop. The
 softmax scale goes into the exponent's fused multiply-add, exp2(s * scale - L). At bf16 D 128 on sm_90 this
-took dkdv's loop from 828 to 586 instructions per 128-row block and dq's from 615 to 537 per 64-key tile.
+took dkdv's loop from 828 to 586 instructions per 128-row block (512 with each row's head computed once,
+``_query_block``) and dq's from 615 to 537 per 64-key tile.
 
 Contract: between the forward and the backward the caller leaves the store rows the calls read unchanged (the
 store tensors themselves may be written elsewhere, as the engine writes later tokens' rows); the store is
@@ -104,13 +105,20 @@ def _query_block(DO, LSE, DI, start_m, off_b, off_hkv, n_new, H, S, stride_qb, s
     # (row r: token r // GROUP, query head off_hkv * GROUP + r % GROUP). Returns each row's token and validity,
     # its offsets into Q / DO / DQ (BLOCK_M, 1), and its dO (BLOCK_M, D), log2-sum-exp2 and rowsum(dO * O)
     # (BLOCK_M,; +inf and 0 on invalid rows). LSE and DI are (B, H, S) contiguous.
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    tok = offs_m // GROUP
-    head = off_hkv * GROUP + offs_m % GROUP
-    row_ok = tok < n_new
+    r = tl.arange(0, BLOCK_M)
+    if BLOCK_M % GROUP == 0:
+        # start_m is a multiple of BLOCK_M, so of GROUP: each row's head and its token's offset from the block's
+        # first token do not depend on start_m, and a loop over blocks computes them once (dkdv's loop: 586 -> 512
+        # instructions per 128-row block at bf16 D 128, sm_90, for one spilled register)
+        head = off_hkv * GROUP + r % GROUP
+        tok = start_m // GROUP + r // GROUP
+    else:
+        head = off_hkv * GROUP + (start_m + r) % GROUP
+        tok = (start_m + r) // GROUP
     rows = off_b.to(tl.int64) * stride_qb + head[:, None].to(tl.int64) * stride_qh + tok[:, None] * stride_qs
-    do = tl.load(DO + rows + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
     stat = (off_b * H + head).to(tl.int64) * S + tok
+    row_ok = tok < n_new
+    do = tl.load(DO + rows + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
     lse = tl.load(LSE + stat, mask=row_ok, other=float("inf"))
     di = tl.load(DI + stat, mask=row_ok, other=0.0)
     return tok, row_ok, rows, do, lse, di
@@ -300,11 +308,11 @@ def backward_configs(forward_config: LaunchConfig, rows: int, head_dim: int, dty
     half-swapped, for the rotation) and its V tile at addresses from the tile table: at fp16 / bf16, D <= 128 it
     gets stages + 1 stages, the fewest with which Triton 3.7 pipelines it (K/V one tile ahead). At bf16 the
     prefill tiles are 128-row query blocks on 8 warps (203-255 registers: one program per multiprocessor):
-    since dkdv rotates its key tile once instead of every query block, its 128-row block compiles without
-    spilling (D 128: 586 instructions per block on sm_90, about 0.57x the issue cycles of its four dots; 787-831
-    with per-element masks, 0.8x; the earlier 32-row block issued 1.55x), and so does dq's (537 instructions
-    per 128 x 64 tile, 0.7x; 615 with per-element masks; 64 rows: 717, 1.87x). dkdv's 128-row block at D 128
-    gets 2 stages (3 would need 242 KiB).
+    since dkdv rotates its key tile once instead of every query block, its 128-row block compiles with at most
+    one register spilled (D 128: 512 instructions per block on sm_90, about 0.5x the issue cycles of its four
+    dots; 787-831 with per-element masks, 0.8x; the earlier 32-row block issued 1.55x), and so does dq's (537
+    instructions per 128 x 64 tile, 0.7x; 615 with per-element masks; 64 rows: 717, 1.87x). dkdv's 128-row block
+    at D 128 gets 2 stages (3 would need 242 KiB).
     """
     n = forward_config.block_n
     if interpret:
