@@ -25,14 +25,15 @@ where K' are the keys as the call sees them. A segment moved by delta is seen as
   run, for fp32 partials as large as the keys the calls read (B x tiles x block_n x Hkv x D x 8 bytes) and one
   sort.
 
-Masks: a row that is not a query (padding) has L = +inf and dO = 0, so its P and dS are exactly 0 with no mask;
-the scores are masked (-inf) only where a valid row does not attend a key: a partial tile's lanes past its count
+Masks: a row that is not a query (padding) has L = +inf, so its P is exactly 0 with no mask, and so is its
+dS = P (dP - 0), its dO and Q being loaded from the call's last new token (finite; unmasked loads); the
+scores are masked (-inf) only where a valid row does not attend a key: a partial tile's lanes past its count
 in dq's segment loop (a branch taken on partial tiles only), the causal band of the call's own keys. dkdv loads
 zeros past its tile's count and masks nothing there in its loop: those lanes gather gradient (possibly inf, where
 P = exp2(0 - L) overflows) into their own rows of dK / dV only, which it zeroes once after the loop. The
 softmax scale goes into the exponent's fused multiply-add, exp2(s * scale - L). At bf16 D 128 on sm_90 this
-took dkdv's loop from 828 to 586 instructions per 128-row block (512 with each row's head computed once,
-``_query_block``) and dq's from 615 to 537 per 64-key tile.
+took dkdv's loop from 828 to 586 instructions per 128-row block (473 with each row's head computed once
+and its query and dO loaded unmasked, ``_query_block``) and dq's from 615 to 537 per 64-key tile.
 
 Contract: between the forward and the backward the caller leaves the store rows the calls read unchanged (the
 store tensors themselves may be written elsewhere, as the engine writes later tokens' rows); the store is
@@ -80,9 +81,9 @@ def _grad_scores(s, qk_scale, v, do, lse, di, DTYPE: tl.constexpr,
                  DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, FIX_BF16: tl.constexpr):
     # s: unscaled scores (``_scores``), -inf where a row does not attend a key; do (BLOCK_M, D); v (BLOCK_N, D);
     # lse, di (BLOCK_M,). Returns P and dS (BLOCK_M, BLOCK_N) at DTYPE, ready for the next dots. A row that is
-    # not a query (padding) has lse = +inf and dO = 0, so its P and dS are 0 with no mask: the callers mask only
-    # what a row does not attend (a partial tile's lanes, the causal band), and the scale goes into the
-    # exponent's fused multiply-add.
+    # not a query (padding) has lse = +inf and di = 0, so its P and dS are 0 with no mask wherever its scores and
+    # dO are finite: the callers mask only what a row does not attend (a partial tile's lanes, the causal band),
+    # and the scale goes into the exponent's fused multiply-add.
     p = tl.math.exp2(s * qk_scale - lse[:, None])
     dp = _mma(do, tl.trans(v), tl.zeros([s.shape[0], v.shape[0]], dtype=tl.float32), DOT_FP32, INPUT_PRECISION)
     ds = p * (dp - di[:, None])
@@ -103,13 +104,15 @@ def _query_block(DO, LSE, DI, start_m, off_b, off_hkv, n_new, H, S, stride_qb, s
                  offs_d, GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
     # Packed query rows start_m .. start_m + BLOCK_M - 1 of call off_b and KV head off_hkv, as in the forward
     # (row r: token r // GROUP, query head off_hkv * GROUP + r % GROUP). Returns each row's token and validity,
-    # its offsets into Q / DO / DQ (BLOCK_M, 1), and its dO (BLOCK_M, D), log2-sum-exp2 and rowsum(dO * O)
-    # (BLOCK_M,; +inf and 0 on invalid rows). LSE and DI are (B, H, S) contiguous.
+    # its offsets into Q / DO / DQ (BLOCK_M, 1), the offsets to load from (the same, invalid rows pointed at the
+    # call's last new token, or at token 0 of a call with none: in bounds, and finite but for a call with no
+    # query rows, whose rows no loop reads), its dO (BLOCK_M, D) loaded from those, and its log2-sum-exp2 and
+    # rowsum(dO * O) (BLOCK_M,; +inf and 0 on invalid rows). LSE and DI are (B, H, S) contiguous.
     r = tl.arange(0, BLOCK_M)
     if BLOCK_M % GROUP == 0:
         # start_m is a multiple of BLOCK_M, so of GROUP: each row's head and its token's offset from the block's
         # first token do not depend on start_m, and a loop over blocks computes them once (dkdv's loop: 586 -> 512
-        # instructions per 128-row block at bf16 D 128, sm_90, for one spilled register)
+        # instructions per 128-row block at bf16 D 128, sm_90; 473 with the unmasked loads below)
         head = off_hkv * GROUP + r % GROUP
         tok = start_m // GROUP + r // GROUP
     else:
@@ -118,10 +121,12 @@ def _query_block(DO, LSE, DI, start_m, off_b, off_hkv, n_new, H, S, stride_qb, s
     rows = off_b.to(tl.int64) * stride_qb + head[:, None].to(tl.int64) * stride_qh + tok[:, None] * stride_qs
     stat = (off_b * H + head).to(tl.int64) * S + tok
     row_ok = tok < n_new
-    do = tl.load(DO + rows + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
+    tok_ld = tl.minimum(tok, tl.maximum(n_new - 1, 0))
+    rows_ld = off_b.to(tl.int64) * stride_qb + head[:, None].to(tl.int64) * stride_qh + tok_ld[:, None] * stride_qs
+    do = tl.load(DO + rows_ld + offs_d[None, :] * stride_qd)
     lse = tl.load(LSE + stat, mask=row_ok, other=float("inf"))
     di = tl.load(DI + stat, mask=row_ok, other=0.0)
-    return tok, row_ok, rows, do, lse, di
+    return tok, row_ok, rows, rows_ld, do, lse, di
 
 
 @triton.jit
@@ -147,7 +152,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DI, DQ,  #
     n_new = tl.minimum(tl.load(NEW_LEN + off_b), S)
     alive = (start_m * BLOCK_M) // GROUP < n_new
     tok_hi = tl.minimum((start_m * BLOCK_M + BLOCK_M - 1) // GROUP, n_new - 1)
-    tok, row_ok, rows, do, lse, di = _query_block(DO, LSE, DI, start_m * BLOCK_M, off_b, off_hkv, n_new, H, S,
+    tok, row_ok, rows, _, do, lse, di = _query_block(DO, LSE, DI, start_m * BLOCK_M, off_b, off_hkv, n_new, H, S,
                                                   stride_qb, stride_qh, stride_qs, stride_qd, offs_d, GROUP, BLOCK_M)
     q = tl.load(Q + rows + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
     inv_freq, offs_swap = _rope_tables(INV_FREQ, offs_d, HEAD_DIM, HALF_ANGLES)
@@ -259,9 +264,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DI, DK, DV, DEST,  #
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
 
     for start_m in range(m_lo, m_hi, BLOCK_M):
-        tok, row_ok, rows, do, lse, di = _query_block(DO, LSE, DI, start_m, off_b, off_hkv, n_new, H, S, stride_qb,
+        tok, row_ok, _, rows, do, lse, di = _query_block(DO, LSE, DI, start_m, off_b, off_hkv, n_new, H, S, stride_qb,
                                                       stride_qh, stride_qs, stride_qd, offs_d, GROUP, BLOCK_M)
-        q = tl.load(Q + rows + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
+        q = tl.load(Q + rows + offs_d[None, :] * stride_qd)  # (BLOCK_M, D)
         s = _scores(q, k, DOT_FP32, INPUT_PRECISION)
         if not is_seg:  # an own tile: causal
             s = tl.where((j0 + offs_n)[None, :] <= (own_past + tok)[:, None], s, float("-inf"))
@@ -308,11 +313,11 @@ def backward_configs(forward_config: LaunchConfig, rows: int, head_dim: int, dty
     half-swapped, for the rotation) and its V tile at addresses from the tile table: at fp16 / bf16, D <= 128 it
     gets stages + 1 stages, the fewest with which Triton 3.7 pipelines it (K/V one tile ahead). At bf16 the
     prefill tiles are 128-row query blocks on 8 warps (203-255 registers: one program per multiprocessor):
-    since dkdv rotates its key tile once instead of every query block, its 128-row block compiles with at most
-    one register spilled (D 128: 512 instructions per block on sm_90, about 0.5x the issue cycles of its four
-    dots; 787-831 with per-element masks, 0.8x; the earlier 32-row block issued 1.55x), and so does dq's (537
-    instructions per 128 x 64 tile, 0.7x; 615 with per-element masks; 64 rows: 717, 1.87x). dkdv's 128-row block
-    at D 128 gets 2 stages (3 would need 242 KiB).
+    since dkdv rotates its key tile once instead of every query block, its 128-row block compiles without
+    spilling (D 128: 473 instructions per block on sm_90, about 0.46x the issue cycles of its four dots; 787-831
+    with per-element masks, 0.8x; the earlier 32-row block issued 1.55x), and so does dq's (537 instructions per
+    128 x 64 tile, 0.7x; 615 with per-element masks; 64 rows: 717, 1.87x). dkdv's 128-row block at D 128 gets 2
+    stages (3 would need 242 KiB).
     """
     n = forward_config.block_n
     if interpret:
