@@ -146,6 +146,14 @@ def _widen(x):
 
 
 @triton.jit
+def _token_to_load(tok, n_new):
+    # The token a query row reads: its own, or for a padding row (tok >= n_new) the call's last new token (token 0
+    # of a call with none, whose rows no loop reads). Every query-row load is then in bounds and finite without a
+    # mask (no zero-filled registers); what padding rows compute is discarded.
+    return tl.minimum(tok, tl.maximum(n_new - 1, 0))
+
+
+@triton.jit
 def _rope_tables(INV_FREQ, offs_d, HEAD_DIM: tl.constexpr, HALF_ANGLES: tl.constexpr):
     # HF Llama's "rotate_half" convention: the frequencies (fp32; HALF_ANGLES: the D / 2 of them, else one per
     # column d of D (offs_d), inv_freq[d % (D / 2)]) and per column d the column the other half pairs with
@@ -360,9 +368,7 @@ def _attn_fwd(Q, K, V, OUT, LSE, PART_ACC, PART_M, PART_L, K_DESC, V_DESC,  #
     tok_hi = tl.minimum((start_m * BLOCK_M + BLOCK_M - 1) // GROUP, n_new - 1)
     alive = tok_lo < n_new  # a block of padding rows only writes zeros
 
-    # Padding rows read the call's last new token (row 0 if it has none, never read then): every query load is
-    # in bounds and finite without a mask, and their outputs are discarded.
-    tok_q = tl.minimum(tok, tl.maximum(n_new - 1, 0))
+    tok_q = _token_to_load(tok, n_new)
     q_rows = Q + off_b.to(tl.int64) * stride_qb + head[:, None].to(tl.int64) * stride_qh + tok_q[:, None] * stride_qs
     inv_freq, offs_swap = _rope_tables(INV_FREQ, offs_d, HEAD_DIM, HALF_ANGLES)
     q_ptrs = q_rows + offs_d[None, :] * stride_qd

@@ -53,8 +53,8 @@ import triton
 from torch.autograd.function import once_differentiable
 import triton.language as tl
 
-from .segment_attention import (LOG2E, Launch, LaunchConfig, _rope_tables, _rotate, _rotation, _tile, _to, forward,
-                                half_angles, interpreter_active, tile_table)
+from .segment_attention import (LOG2E, Launch, LaunchConfig, _rope_tables, _rotate, _rotation, _tile, _to,
+                                _token_to_load, forward, half_angles, interpreter_active, tile_table)
 
 __all__ = ["SegmentAttentionFunction", "backward", "backward_configs"]
 
@@ -121,7 +121,7 @@ def _query_block(DO, LSE, DI, start_m, off_b, off_hkv, n_new, H, S, stride_qb, s
     rows = off_b.to(tl.int64) * stride_qb + head[:, None].to(tl.int64) * stride_qh + tok[:, None] * stride_qs
     stat = (off_b * H + head).to(tl.int64) * S + tok
     row_ok = tok < n_new
-    tok_ld = tl.minimum(tok, tl.maximum(n_new - 1, 0))
+    tok_ld = _token_to_load(tok, n_new)
     rows_ld = off_b.to(tl.int64) * stride_qb + head[:, None].to(tl.int64) * stride_qh + tok_ld[:, None] * stride_qs
     do = tl.load(DO + rows_ld + offs_d[None, :] * stride_qd)
     lse = tl.load(LSE + stat, mask=row_ok, other=float("inf"))

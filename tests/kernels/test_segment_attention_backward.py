@@ -17,6 +17,7 @@ from tests.kernels.cases import (ABS_FLOOR, AWKWARD, CUDA, DEVICE, EXAMPLES, Cas
                                  read_rows)
 from triton_kernels import LaunchConfig, interpreter_active, is_available, launch_config, segment_attention
 from triton_kernels.reference import segment_attention_ref
+from triton_kernels.segment_attention import LOG2E
 from triton_kernels.segment_attention_backward import backward_configs
 
 # Rounding floor of the gradients, relative to their largest entry (at least 1). The backward recomputes P from
@@ -171,7 +172,8 @@ def test_far_negative_scores_keep_partial_tiles_finite(dtype):
     gen = torch.Generator().manual_seed(5)
     k = (torch.rand(k.shape, generator=gen) + 1).to(k)  # every component positive ...
     q = (-40 * (torch.rand(q.shape, generator=gen) + 1)).to(q)  # ... and every query's negative
-    bound = q.abs().max().item() * k.abs().max().item() * case.D / case.D ** 0.5 * 1.4426950408889634
+    # |q . k| <= D max|q| max|k|, scaled by the default 1 / sqrt(D) and log2(e)
+    bound = case.D * q.abs().max().item() * k.abs().max().item() * case.D ** -0.5 * LOG2E
     out, *grads = check_gradients(case, args=(q, k, v, *rest), score_bound=bound)
     assert all(t.isfinite().all() for t in (out, *grads))
 
