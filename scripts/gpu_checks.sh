@@ -6,7 +6,9 @@
 #   1. the kernel's tests (forward and backward) and the engine's triton-backend tests on CUDA (bigger shapes
 #      than the CPU runs);
 #   2. the kernel benchmarks, forward and forward + backward, and one fine-tuning step with each backend
-#      (pytest-benchmark JSON, with the device name in every record);
+#      (pytest-benchmark JSON, with the device name in every record); first, where CHOREO_BASE_KERNELS names a
+#      directory holding another commit's triton_kernels package, that commit's kernel against this one's
+#      (`git archive REV triton_kernels | tar -x -C DIR; echo REV >DIR/COMMIT`);
 #   3. `choreo bench` on CUDA: the performance table with the triton and torch backends.
 # A stage past its limit is interrupted (SIGINT), so pytest still writes the results of what ran; stage 2 runs
 # the comparisons first and the tile sweep last, so a short limit cuts the sweep.
@@ -47,7 +49,8 @@ for stage in $stages; do
          tests/kernels/test_segment_attention_backward.py tests/test_triton_backend.py -q \
          -p no:cacheprovider "${xdist[@]}" --junitxml="$out/tests.xml" 2>&1 | tee "$out/tests.log" | tail -25 ;;
     2) bench=tests/kernels/bench_segment_attention.py
-       timeout -s INT -k 30 ${CHOREO_BENCH_TIMEOUT:-420} $py -m pytest $bench::test_segment_attention_speed \
+       timeout -s INT -k 30 ${CHOREO_BENCH_TIMEOUT:-420} $py -m pytest $bench::test_segment_attention_vs_base \
+         $bench::test_segment_attention_speed \
          $bench::test_segment_attention_training_speed $bench::test_segment_attention_backward_tiles \
          tests/kernels/bench_finetune_step.py $bench::test_segment_attention_tiles -q -p no:cacheprovider -m gpu \
          ${CHOREO_BENCH_FILTER:+-k "$CHOREO_BENCH_FILTER"} \

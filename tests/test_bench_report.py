@@ -29,12 +29,18 @@ def _bench():
     step = lambda attention, s: _record(f"test_finetune_step_speed[{attention}]", "finetune step",  # noqa: E731
                                         attention=attention, seconds_per_step=s, traces=8, model="m",
                                         peak_mem_mib=100.0, first_loss=7.5)
+    vs = lambda mode, which, s: _record(f"test_segment_attention_vs_base[w-{mode}-{which}]",  # noqa: E731
+                                        f"w vs base {mode}", mode=mode, which=which, base_commit="134a743",
+                                        seconds_per_call=s, tflops=1 / s)
     return {"datetime": "2026-11-26T05:11:17", "machine_info": {"python_version": "3.12.3"},
-            "benchmarks": [speed("triton", 2e-3, 100.0), speed("sdpa_causal", 1e-3, 200.0),
+            "benchmarks": [vs("forward", "base", 3e-3), vs("forward", "head", 2e-3),
+                           speed("triton", 2e-3, 100.0), speed("sdpa_causal", 1e-3, 200.0),
                            speed("flex", 4e-3, 50.0), tile(3e-3, 128, 1), tile(1.5e-3, 64, 2),
                            train("triton", 4e-3), train("sdpa_dense", 1e-2), train("sdpa_causal", 3e-3),
                            bwd("default", 4e-3), bwd("dkdv m128 w8 s1", 5e-3),
-                           step("torch", 2.0), step("triton", 1.6)]}
+                           step("torch", 2.0), step("triton", 1.6),
+                           vs("training", "base", 5e-3), vs("training", "head", 4e-3),
+                           vs("training", "base", 1e-3) | {"group": "cut vs base training"}]}
 
 
 def test_summary_picks_the_fastest_sweep_config():
@@ -64,6 +70,16 @@ def test_report_writes_table_plot_raw_json_and_provenance(tmp_path):
     assert "forward + backward" in training and "NVIDIA H200" in training
     assert "backward note" in training and "hello" not in training and "backward note" not in text
     assert "torch backend 2.000 s, kernel 1.600 s (1.25x)" in training
+    versus = (tmp_path / "out" / "segment_attention_vs_base.md").read_text()
+    assert "commit abc vs 134a743" in versus and "`pytest ...`" in versus
+
+
+def test_base_rows_pair_the_two_commits_and_skip_a_half_timed_workload():
+    summary = bench_report.summarize(_bench())
+    assert bench_report.base_rows(summary) == [
+        ["w", "forward", "3,000 us (333)", "2,000 us (500)", "1.50x"],
+        ["w", "forward + backward", "5,000 us (200)", "4,000 us (250)", "1.25x"]]  # "cut": base only, no row
+    assert "vs_base" not in bench_report.summarize({"benchmarks": _bench()["benchmarks"][2:-3]})["w"]
 
 
 def test_cli_names_a_missing_file(tmp_path, capsys):

@@ -62,6 +62,10 @@ def summarize(bench: dict) -> dict:
             w = out.setdefault(b["group"].removesuffix(" backward tiles"), {"impls": {}, "sweep": []})
             w.setdefault("backward_sweep", []).append({"config": e["backward_tiles"], "seconds": e["seconds_per_call"],
                                                        "tflops": e["tflops"]})
+        elif b["name"].startswith("test_segment_attention_vs_base"):
+            w = out.setdefault(b["group"].rsplit(" vs base ", 1)[0], {"impls": {}, "sweep": []})
+            w.setdefault("vs_base", {}).setdefault(e["mode"], {})[e["which"]] = {
+                "seconds": e["seconds_per_call"], "tflops": e["tflops"], "base_commit": e["base_commit"]}
         elif b["name"].startswith("test_segment_attention_tiles"):
             w = out.setdefault(b["group"].removesuffix(" tiles"), {"impls": {}, "sweep": []})
             w["sweep"].append({"config": _config_label(e), "seconds": e["seconds_per_call"], "tflops": e["tflops"]})
@@ -116,6 +120,22 @@ def training_rows(summary: dict) -> list[list[str]]:
     return rows
 
 
+def base_rows(summary: dict) -> list[list[str]]:
+    """This commit's kernel against another commit's, per workload and pass (``test_segment_attention_vs_base``)."""
+    rows = []
+    for name, w in summary.items():
+        for mode, pair in w.get("vs_base", {}).items():
+            if {"base", "head"} <= set(pair):
+                base, head = pair["base"], pair["head"]
+                rows.append([name, "forward" if mode == "forward" else "forward + backward",
+                             f"{_us(base['seconds'])} ({base['tflops']:.0f})",
+                             f"{_us(head['seconds'])} ({head['tflops']:.0f})",
+                             f"{base['seconds'] / head['seconds']:.2f}x"])
+    return rows
+
+
+BASE_COLUMNS = ["workload", "pass", "base commit: time (TFLOP/s)", "this commit", "speed-up"]
+
 TRAINING_COLUMNS = ["workload", "kernel fwd + bwd: time (TFLOP/s)", "dense-mask SDPA + gather, autograd",
                     "causal SDPA fwd + bwd", "kernel speed / causal SDPA", "kernel speed-up vs dense-mask SDPA",
                     "extra memory, kernel / dense-mask", "kernel, best of backward-tile sweep"]
@@ -154,9 +174,11 @@ def plot(path: Path, summary: dict, device: str) -> Path:
 
 def write_report(bench_json: Path, out: Path, *, commit: str | None, command: str | None,
                  name: str = "segment_attention", extra_notes: Sequence[str] = (),
-                 training_notes: Sequence[str] = ()) -> Path:
+                 training_notes: Sequence[str] = (), base_notes: Sequence[str] = ()) -> Path:
     """``out/<name>.{md,json,png}`` (the forward table, with ``extra_notes``), ``out/<name>_training.{md,json}``
-    (forward + backward, with ``training_notes``) and a copy of the raw pytest-benchmark JSON."""
+    (forward + backward, with ``training_notes``), ``out/<name>_vs_base.{md,json}`` (this commit's kernel against
+    another commit's, with ``base_notes``; where the JSON has those records) and a copy of the raw
+    pytest-benchmark JSON."""
     from choreo.report import write_table
 
     bench = json.loads(Path(bench_json).read_text())
@@ -208,6 +230,19 @@ def write_report(bench_json: Path, out: Path, *, commit: str | None, command: st
                            "cache needs. 'dense-mask SDPA + gather' is the engine's torch backend under autograd "
                            "(the gather's backward scatters into the store); 'extra memory' is the peak CUDA memory "
                            "above the inputs during one step."] + list(training_notes))
+    compared = base_rows(summary)
+    if compared:
+        base_commit = next(p["base"]["base_commit"] for w in summary.values() for p in w.get("vs_base", {}).values()
+                           if "base" in p)
+        write_table(out, f"{name}_vs_base", title=f"Segment attention: commit {commit} vs {base_commit} ({device})",
+                    columns=BASE_COLUMNS, rows=compared,
+                    data={k: w["vs_base"] for k, w in summary.items() if "vs_base" in w}, provenance=provenance,
+                    notes=[f"Both commits' kernels at their own default tiles and split counts, timed back to back "
+                           f"on the same GPU in one run (test_segment_attention_vs_base: {base_commit}'s "
+                           f"triton_kernels package imported beside this commit's); the workloads and the timing "
+                           f"are the forward table's. Forward + backward: gradients to q and to the whole store, "
+                           f"TFLOP/s charging 3.5x the forward's flops. Before timing, the two commits' outputs "
+                           f"(and gradients) were checked to agree."] + list(base_notes))
     return out / f"{name}.md"
 
 
@@ -220,11 +255,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--note", action="append", default=[], help="a line added to the forward table's notes")
     parser.add_argument("--training-note", action="append", default=[],
                         help="a line added to the forward + backward table's notes")
+    parser.add_argument("--base-note", action="append", default=[],
+                        help="a line added to the notes of the table against another commit's kernel")
     args = parser.parse_args(argv)
     if not args.bench_json.is_file():
         parser.error(f"no such file: {args.bench_json}")
     print(write_report(args.bench_json, args.out, commit=args.commit, command=args.command,
-                       extra_notes=args.note, training_notes=args.training_note).read_text())
+                       extra_notes=args.note, training_notes=args.training_note,
+                       base_notes=args.base_note).read_text())
     return 0
 
 

@@ -17,7 +17,10 @@ once per step and shares them across layers. TFLOP/s in ``extra_info`` counts on
 A timed round is several calls then one synchronisation (``REPS``); ``seconds_per_call`` is the median round
 over its calls. ``test_segment_attention_tiles`` times the kernel at each candidate tile configuration;
 ``test_segment_attention_training_speed`` times forward + backward (the kernel's backward against autograd
-through the gather + dense-mask SDPA path and through causal SDPA).
+through the gather + dense-mask SDPA path and through causal SDPA). ``test_segment_attention_vs_base`` times
+the kernel of this checkout against another commit's, forward and forward + backward, workload by workload on
+the same GPU, when ``CHOREO_BASE_KERNELS`` names a directory holding that commit's ``triton_kernels`` package
+(``git archive REV triton_kernels | tar -x -C DIR``; a file ``DIR/COMMIT`` names the commit in the records).
 
 Run: ``pytest tests/kernels/bench_segment_attention.py -m gpu --benchmark-group-by=group``; add
 ``--benchmark-save=NAME`` / ``--benchmark-compare --benchmark-compare-fail=mean:10%`` for regression gates.
@@ -27,7 +30,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
+import os
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,6 +63,8 @@ def _warm_gpu():
                 a @ a
             torch.cuda.synchronize()
     yield
+
+
 DTYPE = torch.bfloat16
 
 
@@ -386,3 +395,66 @@ def test_segment_attention_backward_tiles(benchmark, monkeypatch, w, label, dq, 
     pairs = int(dense_layout(*args[3:9], w.S).mask.sum())
     benchmark.extra_info.update(backward_tiles=label, **_machine_info(), seconds_per_call=seconds,
                                 tflops=3.5 * 4 * D * H * pairs / seconds / 1e12)
+
+
+BASE_ENV = "CHOREO_BASE_KERNELS"
+
+
+@functools.cache
+def _base_kernels():
+    """Another commit's ``triton_kernels`` from ``$CHOREO_BASE_KERNELS/triton_kernels``, imported as the package
+    ``triton_kernels_base`` (its modules import each other relatively), with that commit's name from
+    ``$CHOREO_BASE_KERNELS/COMMIT`` (or the directory's path)."""
+    root = Path(os.environ[BASE_ENV])
+    init = root / "triton_kernels" / "__init__.py"
+    if not init.is_file():
+        raise FileNotFoundError(f"{BASE_ENV}={root}: no triton_kernels/__init__.py there")
+    spec = importlib.util.spec_from_file_location("triton_kernels_base", init,
+                                                  submodule_search_locations=[str(init.parent)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    commit = root / "COMMIT"
+    return module, commit.read_text().strip() if commit.is_file() else str(root)
+
+
+def _kernel_call(kernels, w: Workload, args):
+    """The kernel of the package ``kernels`` at its own defaults, its tile table built outside timing."""
+    cfg = kernels.launch_config(w.S * H // HKV, D, DTYPE, kernels.interpreter_active())
+    tiles = kernels.tile_table(*args[3:6], cfg.block_n)
+    return lambda: kernels.segment_attention(*args, config=cfg, tiles=tiles)
+
+
+@pytest.mark.parametrize("which", ["base", "head"])  # innermost: the two commits of a workload run back to back
+@pytest.mark.parametrize("w, mode", [(w, "forward") for w in WORKLOADS] + [(w, "training") for w in TRAIN_WORKLOADS],
+                         ids=[f"{w.name}-forward" for w in WORKLOADS] + [f"{w.name}-training" for w in TRAIN_WORKLOADS])
+def test_segment_attention_vs_base(benchmark, w, mode, which):
+    """This checkout's kernel against another commit's (``CHOREO_BASE_KERNELS``), each at its own defaults:
+    forward, or forward + backward with gradients to q and the whole store. Both must give the same outputs."""
+    import triton_kernels
+    from triton_kernels.reference import dense_layout
+
+    if not os.environ.get(BASE_ENV):
+        pytest.skip(f"set {BASE_ENV} to a directory holding another commit's triton_kernels package")
+    base, base_commit = _base_kernels()
+    args = build_inputs(w, "cuda")
+    if mode == "forward":
+        fn = _kernel_call(base if which == "base" else triton_kernels, w, args)
+        other = _kernel_call(triton_kernels if which == "base" else base, w, args)
+        torch.testing.assert_close(fn(), other(), atol=2e-2, rtol=2e-2)
+    else:
+        q, k, v = (t.detach().requires_grad_() for t in args[:3])
+        g = torch.randn_like(q)
+        calls = {name: _kernel_call(pkg, w, (q, k, v, *args[3:]))
+                 for name, pkg in (("base", base), ("head", triton_kernels))}
+        fn = lambda: torch.autograd.grad(calls[which](), (q, k, v), g)  # noqa: E731
+        for mine, theirs in zip(*(torch.autograd.grad(calls[n](), (q, k, v), g) for n in ("head", "base"))):
+            err = (mine.float() - theirs.float()).abs().max().item()  # as test_segment_attention_training_speed
+            assert err <= 5e-2 * theirs.float().abs().max().item() + 1e-2, err
+    torch.cuda.synchronize()
+    benchmark.group = f"{w.name} vs base {mode}"
+    seconds = _time(benchmark, fn, w)
+    pairs = int(dense_layout(*args[3:9], w.S).mask.sum())
+    flops = (3.5 if mode == "training" else 1.0) * 4 * D * H * pairs
+    benchmark.extra_info.update(which=which, mode=mode, base_commit=base_commit, **_machine_info(),
+                                seconds_per_call=seconds, tflops=flops / seconds / 1e12)
