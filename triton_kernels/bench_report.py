@@ -250,6 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m triton_kernels.bench_report", description=__doc__.split("\n")[0])
     parser.add_argument("bench_json", type=Path, help="pytest-benchmark JSON of bench_segment_attention.py")
     parser.add_argument("--out", type=Path, default=Path("results/kernels"))
+    parser.add_argument("--name", default="segment_attention",
+                        help="file stem of the tables: NAME.md, NAME_training.md, NAME_vs_base.md")
     parser.add_argument("--commit", default=None, help="commit the benchmark ran")
     parser.add_argument("--command", default=None, help="command that produced the JSON")
     parser.add_argument("--note", action="append", default=[], help="a line added to the forward table's notes")
@@ -260,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.bench_json.is_file():
         parser.error(f"no such file: {args.bench_json}")
-    print(write_report(args.bench_json, args.out, commit=args.commit, command=args.command,
+    print(write_report(args.bench_json, args.out, commit=args.commit, command=args.command, name=args.name,
                        extra_notes=args.note, training_notes=args.training_note,
                        base_notes=args.base_note).read_text())
     return 0

@@ -53,8 +53,8 @@ import triton
 from torch.autograd.function import once_differentiable
 import triton.language as tl
 
-from .segment_attention import (LOG2E, Launch, LaunchConfig, _rope_tables, _rotate, _rotation, _tile, _to,
-                                _token_to_load, forward, half_angles, interpreter_active, tile_table)
+from .segment_attention import (LOG2E, Launch, LaunchConfig, _rope_tables, _rotate, _rotate_rows, _rotation, _tile,
+                                _to, _token_to_load, forward, half_angles, interpreter_active, tile_table)
 
 __all__ = ["SegmentAttentionFunction", "backward", "backward_configs"]
 
@@ -175,9 +175,9 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DI, DQ,  #
             if delta != cur:
                 cos_a, sin_a = _rotation(inv_freq, -delta, HEAD_DIM, HALF_ANGLES)
                 cur = delta
-            k = tl.load(k_rows + offs_d[None, :] * stride_kd).to(tl.float32)  # (BLOCK_N, D)
-            k_swap = tl.load(k_rows + offs_swap[None, :] * stride_kd, mask=delta != 0, other=0.0).to(tl.float32)
-            k = _to(_rotate(k, k_swap, cos_a, sin_a), DTYPE, FIX_BF16)  # R(+delta) k
+            k = tl.load(k_rows + offs_d[None, :] * stride_kd)  # (BLOCK_N, D)
+            k_swap = tl.load(k_rows + offs_swap[None, :] * stride_kd, mask=delta != 0, other=0.0)
+            k = _rotate_rows(k, k_swap, cos_a, sin_a, FIX_BF16)  # R(+delta) k, as dkdv rotates it
         else:  # no tile of the launch is moved
             k = tl.load(k_rows + offs_d[None, :] * stride_kd)
         v = tl.load(V_HEAD + row * stride_vn + (key[:, None] * stride_vn + offs_d[None, :] * stride_vd))
@@ -257,7 +257,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DI, DK, DV, DEST,  #
     if MOVED:
         cos_a, sin_a = _rotation(inv_freq, -delta, HEAD_DIM, HALF_ANGLES)  # R(+delta)
         k_swap = tl.load(k_rows + offs_swap[None, :] * stride_kd, mask=col_ok[:, None] & (delta != 0), other=0.0)
-        k = _to(_rotate(k.to(tl.float32), k_swap.to(tl.float32), cos_a, sin_a), DTYPE, FIX_BF16)
+        k = _rotate_rows(k, k_swap, cos_a, sin_a, FIX_BF16)  # the same bits as dq's rotated keys
     v = tl.load(V_HEAD + (row + offs_n)[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                 mask=col_ok[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)  # gradient of the rotated keys
