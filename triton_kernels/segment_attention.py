@@ -31,20 +31,22 @@ Not supported:
     Table values are checked on CPU only (on CUDA a check would synchronise): out-of-range rows are the caller's bug.
     The flat loop's tile table holds position deltas up to +-4194303 (``tile_table`` refuses larger ones).
 
-Measured (H100 80GB HBM3, bf16, H=32, Hkv=8, D=128, Triton 3.6; ``tests/kernels/bench_segment_attention.py``;
-``results/kernels/segment_attention.md``; commit 134a743): prefill over 32 moved 128-token messages per call at
-76-81% of causal SDPA's speed at equal attended tokens, over one 4k-token message at 98%; decode over 1k-4k keys
-per call at 0.86-1.9x causal SDPA (90-130 us a call), over 16k keys at 0.69x (split 4 ways, now the default
-there: 0.76x). FlexAttention's kernel alone, on keys gathered and re-rotated before timing, is faster than both
-on prefill (the kernel reaches 66-85% of its speed) and slower on decode; as a backend it needs that gather,
-which the kernel beats 1.8-4.8x on prefill and 25-42x on decode. Forward + backward runs
-at 73-86% of causal SDPA's and 1.2-1.8x faster than autograd through the gather + dense-mask path, in a
-fraction of its memory (224-412 MiB against 629-3,225 MiB). The tests (forward, backward, engine) passed on the
-H100 once three faults of the tests and the host wrapper were fixed (``results/kernels/gpu_tests.md``). The
-prefill gap is consistent with the per-segment re-rotation below.
+Measured (H200, bf16, H=32, Hkv=8, D=128, Triton 3.6; ``tests/kernels/bench_segment_attention.py``;
+``results/kernels/segment_attention*.md``): at commit 1b0bef4, prefill over 32 moved 128-token messages per call
+at 90-92% of causal SDPA's speed at equal attended tokens (82% over 128 messages of 16k keys), over one 4k-token
+message at 103%, and over the same messages unmoved at 128%; forward + backward at 86-91% (95% on one message).
+The full comparison at 1001322 (the previous kernel code): decode over 1k-4k keys at 0.9-1.9x causal SDPA, over
+16k keys 0.5-0.9x (the same launch took 90-126 and 131-230 us between tests of one run); FlexAttention's kernel alone, on
+keys gathered and re-rotated before timing, faster on prefill (0.70-0.79x the kernel's time on moved messages,
+0.91x on one) and slower on decode; as a backend it needs that gather, which the kernel beats 1.8-4.5x on prefill
+and 23-37x on decode. Forward + backward 1.2-1.9x faster than autograd through the gather + dense-mask path, in
+a fraction of its memory (224-412 MiB against 630-3,225 MiB). Against the commit timed on an H100 before
+(134a743), on the same H200 back to back: prefill forward 1.02-1.08x, forward + backward 1.09-1.13x. Every test
+of the forward, the backward and the engine's triton backend passed on the H200 at 1b0bef4
+(``results/kernels/gpu_tests.md``).
 
 Where the time goes, as the compiled code shows it (sm_90, Triton 3.7, bf16 D 128; ``ptxas_report`` and the
-Triton GPU IR; counted, not timed one by one: the H100 numbers above are their sum):
+Triton GPU IR; counted, not timed one by one: the timings above are their sum):
 - With three int32 table loads per tile, the flat loop kept one K/V tile in flight at prefill and none at
   decode at ``num_stages``, where the own-token loops kept two: its stages are shared with the tile-table loads
   that address K/V. One int64 entry per tile (``pack_tiles``) gives it the own loops' buffers (three at prefill,
@@ -70,22 +72,24 @@ Triton GPU IR; counted, not timed one by one: the H100 numbers above are their s
   instead of masking (in bounds, finite), and a score mask only on a partial tile, bring that to 534 and 372
   (``_attn_fwd_flat``); one int64 table entry per tile, read with one load instead of three, to 500 and 344.
   The softmax scale applied in the exponent's fused multiply-add instead of to the score tile first
-  (``_online_softmax``), and unmasked query loads at the re-rotation: 453 and 336 (not yet timed).
+  (``_online_softmax``), and unmasked query loads at the re-rotation: 453 and 336 (with the backward's changes
+  of the same commits, prefill 1.02-1.08x faster than at 134a743 on the H200); 449 and 339 since the
+  re-rotation rotates in bf16.
   A launch with no moved segment (``TileTable.moved`` False: the engine's calls without ``offsets``) keeps its
-  query in shared memory and skips the re-rotation: 400 and 301 (dq: 327 per 128 x 64 tile instead of 537).
-- The re-rotation where a new segment's delta begins (``ptxas_report``'s largest skipped block) issues 368
+  query in shared memory and skips the re-rotation: 400 and 301 (dq: 327 per 128 x 64 tile instead of 401).
+- The re-rotation where a new segment's delta begins (``ptxas_report``'s largest skipped block) issues 164
   instructions per thread at prefill, bf16 D 128: two 16-byte loads per 8 query elements (the query and its
-  half-swapped copy), 128 bf16 -> fp32 conversions (one instruction each, ``_widen``), the rotation (a multiply
-  and a fused multiply-add per element, the sign of rotate_half folded into the sine), packing, and the store
-  for the score dot. At the timed commit (134a743, compiled by Triton 3.6 as on the H100) it issued 553 every
-  two 64-key tiles of 494 with 128-token messages (its masked loads zero-filled their registers first, the
-  plain bf16 cast took 1.5 instructions per element, and the rotation's sign was a separate multiply): the
-  measured prefill gap (98% of causal SDPA on one long message, 76-81% on 128-token messages) is consistent
-  with that size. Now 368 every two tiles of 447 with Triton 3.6 (453 with 3.7), 18% fewer per message; not
-  yet timed. Evaluated once per column, the
-  cosines and sines cost a thread one evaluation for each column it holds: at D 64 the block is 580
-  instructions and dq's new-delta block 429 (D 128); evaluated on the D / 2 frequencies (``half_angles``: dq at
-  16-bit dtypes, the forward at D <= 64), 215 and 64, and dq's loop 537 per tile instead of 555.
+  half-swapped copy), the rotation as one bf16x2 multiply and one bf16x2 fused multiply-add per pair of elements
+  (``_rotate_bf16``), and the store for the score dot. In fp32 arithmetic (widen each element, a multiply and a
+  fused multiply-add per element, pack back) it issued 368 (Triton 3.6 and 3.7), and 553 at commit 134a743 (its
+  masked loads zero-filled their registers first, the plain bf16 cast took 1.5 instructions per element, and the
+  rotation's sign was a separate multiply). Timed on the H200, 368 -> 164 made prefill 1-4% faster (the
+  unmoved messages, which skip it, 1.00x): the moved loop itself (449 instructions per tile, against 400 unmoved,
+  with the rotated query's round trip through shared memory) is what still separates moved from unmoved (965
+  against 684 us on prefill-B8-S512-T4k). Evaluated once per column, the cosines and sines cost a thread one
+  evaluation for each column it holds: at D 64 the block is 580 instructions and dq's new-delta block 429
+  (D 128); evaluated on the D / 2 frequencies (``half_angles``: dq at 16-bit dtypes, the forward at D <= 64),
+  215 and 64.
 
 Worked example (call 0 sees store rows 0..9 moved 5 positions later, then its own 3 tokens, 2 of them new)::
 
@@ -208,7 +212,7 @@ def _rotate_bf16(x, x_swap, cos_a, sin_a, FIX_BF16: tl.constexpr):
     # ``_rotate`` on bf16 rows in bf16 arithmetic: x * cos rounded to bf16, then one fused multiply-add
     # x_swap * sin + that, rounded once, with cos and sin rounded to bf16 first. Two bf16 instructions per pair
     # of elements (sm_90: HMUL2.BF16 and HFMA2.BF16), where the fp32 rotation takes a widening per element, a
-    # multiply and a fused multiply-add per element and a pack per pair: bf16 D 128 prefill, 368 -> 165
+    # multiply and a fused multiply-add per element and a pack per pair: bf16 D 128 prefill, 368 -> 164
     # instructions per re-rotation. Accuracy: two bf16 roundings and bf16 angles, where the fp32 rotation rounds
     # once; Hugging Face's Llama applies RoPE in the model's dtype with three (q * cos + rotate_half(q) * sin).
     # FIX_BF16 (the interpreter, whose bf16 arithmetic multiplies the bit patterns): the same in fp32, exact
@@ -680,7 +684,8 @@ def half_angles(kernel: str, dtype: torch.dtype, head_dim: int) -> bool:
     frequencies and lays them out for both halves of D (True), or once per column (False). Both give the same
     values; the choice is the one that compiles to fewer instructions (sm_90, Triton 3.7, ``ptxas_report``):
     at 16-bit dtypes dq's new-delta block issues 64 instructions instead of 429 (D 128) and its loop 537 per
-    tile instead of 555, the forward's re-rotation at D 64 215 instead of 580; elsewhere it gains nothing or
+    tile instead of 555 (with the keys rotated in fp32), the forward's re-rotation at D 64 215 instead of 580
+    (in fp32; 111 in bf16 arithmetic); elsewhere it gains nothing or
     costs registers (fp32 dq spills over 300 bytes; the forward at bf16 D 128 decode spills 8)."""
     if dtype == torch.float32 or kernel == "dkdv":
         return False

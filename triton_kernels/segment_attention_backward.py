@@ -33,7 +33,8 @@ zeros past its tile's count and masks nothing there in its loop: those lanes gat
 P = exp2(0 - L) overflows) into their own rows of dK / dV only, which it zeroes once after the loop. The
 softmax scale goes into the exponent's fused multiply-add, exp2(s * scale - L). At bf16 D 128 on sm_90 this
 took dkdv's loop from 828 to 586 instructions per 128-row block (473 with each row's head computed once
-and its query and dO loaded unmasked, ``_query_block``) and dq's from 615 to 537 per 64-key tile.
+and its query and dO loaded unmasked, ``_query_block``) and dq's from 615 to 537 per 64-key tile (401 with its
+key tile rotated in bf16 arithmetic, ``_rotate_rows``: dq and dkdv rotate a bf16 key tile to the same bits).
 
 Contract: between the forward and the backward the caller leaves the store rows the calls read unchanged (the
 store tensors themselves may be written elsewhere, as the engine writes later tokens' rows); the store is
@@ -315,8 +316,8 @@ def backward_configs(forward_config: LaunchConfig, rows: int, head_dim: int, dty
     prefill tiles are 128-row query blocks on 8 warps (203-255 registers: one program per multiprocessor):
     since dkdv rotates its key tile once instead of every query block, its 128-row block compiles without
     spilling (D 128: 473 instructions per block on sm_90, about 0.46x the issue cycles of its four dots; 787-831
-    with per-element masks, 0.8x; the earlier 32-row block issued 1.55x), and so does dq's (537 instructions per
-    128 x 64 tile, 0.7x; 615 with per-element masks; 64 rows: 717, 1.87x). dkdv's 128-row block at D 128 gets 2
+    with per-element masks, 0.8x; the earlier 32-row block issued 1.55x), and so does dq's (401 instructions per
+    128 x 64 tile, 0.5x; 537 with its keys rotated in fp32, 615 with per-element masks; 64 rows: 717, 1.87x). dkdv's 128-row block at D 128 gets 2
     stages (3 would need 242 KiB).
     """
     n = forward_config.block_n
