@@ -70,6 +70,7 @@ def test_report_writes_table_plot_raw_json_and_provenance(tmp_path):
     assert "forward + backward" in training and "NVIDIA H200" in training
     assert "backward note" in training and "hello" not in training and "backward note" not in text
     assert "torch backend 2.000 s, kernel 1.600 s (1.25x)" in training
+    assert data["provenance"]["timing"].endswith("every call on one input set")
     versus = (tmp_path / "out" / "segment_attention_vs_base.md").read_text()
     assert "commit abc vs 134a743" in versus and "`pytest ...`" in versus
 
@@ -86,3 +87,10 @@ def test_cli_names_a_missing_file(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench_report.main([str(tmp_path / "nope.json")])
     assert "nope.json" in capsys.readouterr().err
+
+
+def test_timing_provenance_names_the_input_sets():
+    bench = _bench()
+    for b, n in zip(bench["benchmarks"], (2, 16)):
+        b["extra_info"]["input_sets"] = n
+    assert "cycle through 2-16 independent input sets" in bench_report._input_sets_note(bench)

@@ -309,16 +309,18 @@ def backward_configs(forward_config: LaunchConfig, rows: int, head_dim: int, dty
 
     The key tile is the forward's ``block_n``, so the forward's tile table serves both passes. Query blocks,
     warps and stages are the largest that compile for sm_90 without spilling registers and fit an H100's 227 KiB
-    of shared memory (``ptxas_report``; checked by a test), not yet timed on a GPU. A query block is at most
+    of shared memory (``ptxas_report``; checked by a test); timed against the earlier tiles on an H100 and an H200
+    (``results/kernels/segment_attention_training.md``: 1.4-1.7x faster than dq on 64 rows and dkdv on 32, and
+    the fastest of the sweep on three of four prefill workloads). A query block is at most
     ``rows`` rounded up to a power of two (>= 16). dq's segment loop loads each K tile twice (as stored and
     half-swapped, for the rotation) and its V tile at addresses from the tile table: at fp16 / bf16, D <= 128 it
-    gets stages + 1 stages, the fewest with which Triton 3.7 pipelines it (K/V one tile ahead). At bf16 the
-    prefill tiles are 128-row query blocks on 8 warps (203-255 registers: one program per multiprocessor):
-    since dkdv rotates its key tile once instead of every query block, its 128-row block compiles without
-    spilling (D 128: 473 instructions per block on sm_90, about 0.46x the issue cycles of its four dots; 787-831
-    with per-element masks, 0.8x; the earlier 32-row block issued 1.55x), and so does dq's (401 instructions per
-    128 x 64 tile, 0.5x; 537 with its keys rotated in fp32, 615 with per-element masks; 64 rows: 717, 1.87x). dkdv's 128-row block at D 128 gets 2
-    stages (3 would need 242 KiB).
+    gets stages + 1 stages, the fewest with which Triton 3.7 pipelines it (K/V one tile ahead). At bf16 the prefill
+    tiles are 128-row query blocks on 8 warps (203-255 registers: one program per multiprocessor): since dkdv
+    rotates its key tile once instead of every query block, its 128-row block compiles without spilling (D 128: 473
+    instructions per block on sm_90, about 0.46x the issue cycles of its four dots; 787-831 with per-element masks,
+    0.8x; the earlier 32-row block issued 1.55x), and so does dq's (401 instructions per 128 x 64 tile, 0.5x; 537
+    with its keys rotated in fp32, 615 with per-element masks; 64 rows: 717, 1.87x). dkdv's 128-row block at D 128
+    gets 2 stages (3 would need 242 KiB).
     """
     n = forward_config.block_n
     if interpret:

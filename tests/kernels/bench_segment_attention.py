@@ -14,13 +14,14 @@ linearised by per-message position deltas, then causally to its own tokens):
 Host-side tables (dense layout, block mask) are built once outside the timed region: the engine builds them
 once per step and shares them across layers. TFLOP/s in ``extra_info`` counts only attended (query, key) pairs
 (4 * D flops per pair and head), so it is comparable across implementations whatever work they waste on masks.
-A timed round is several calls then one synchronisation (``REPS``); ``seconds_per_call`` is the median round
-over its calls. ``test_segment_attention_tiles`` times the kernel at each candidate tile configuration;
-``test_segment_attention_training_speed`` times forward + backward (the kernel's backward against autograd
-through the gather + dense-mask SDPA path and through causal SDPA). ``test_segment_attention_vs_base`` times
-the kernel of this checkout against another commit's, forward and forward + backward, workload by workload on
-the same GPU, when ``CHOREO_BASE_KERNELS`` names a directory holding that commit's ``triton_kernels`` package
-(``git archive REV triton_kernels | tar -x -C DIR``; a file ``DIR/COMMIT`` names the commit in the records).
+A timed round is several calls then one synchronisation (``REPS``), the calls cycling through independent input sets
+so that they read the store from device memory, not from the L2 cache (``input_sets``); ``seconds_per_call`` is the
+median round over its calls. ``test_segment_attention_tiles`` times the kernel at each candidate tile configuration;
+``test_segment_attention_training_speed`` times forward + backward (the kernel's backward against autograd through
+the gather + dense-mask SDPA path and through causal SDPA). ``test_segment_attention_vs_base`` times the kernel of
+this checkout against another commit's, forward and forward + backward, workload by workload on the same GPU, when
+``CHOREO_BASE_KERNELS`` names a directory holding that commit's ``triton_kernels`` package (``git archive REV
+triton_kernels | tar -x -C DIR``; a file ``DIR/COMMIT`` names the commit in the records).
 
 Run: ``pytest tests/kernels/bench_segment_attention.py -m gpu --benchmark-group-by=group``; add
 ``--benchmark-save=NAME`` / ``--benchmark-compare --benchmark-compare-fail=mean:10%`` for regression gates.
@@ -31,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import itertools
 import os
 import sys
 import time
@@ -200,19 +202,46 @@ IMPLS = ["triton", "sdpa_dense", "flex", "flex_kernel", "sdpa_causal"]
 REPS = {1: 20}  # decode; prefill: 5
 
 
-def _time(benchmark, fn, w: Workload, rounds: int = 10) -> float:
-    """Median seconds per call of ``fn`` over ``rounds`` rounds of REPS calls each."""
+def input_sets(w: Workload, device="cuda") -> list[tuple]:
+    """Independent inputs of ``w`` (``build_inputs`` with seeds 0, 1, ...), enough that a timed round cycling
+    through them reads its keys and values from device memory, not from the L2 cache: together their stores hold
+    at least 4x the GPU's L2 (at least 2 sets, at most 16). Calls repeated over one store time the cache where
+    the store fits in it (decode over 1k keys: an 8 MB pool) and a mix of cache and memory where it nearly fits
+    (decode over 16k keys reads 64 MB a launch, against an H200's 60 MB of L2): with one set, the same decode
+    launch took 131 us a call in one test and 230 us in another of the same run."""
+    first = build_inputs(w, device, seed=0)
+    per_set = sum(t.numel() * t.element_size() for t in first[:3])
+    l2 = torch.cuda.get_device_properties(first[0].device).L2_cache_size if first[0].is_cuda else 0
+    n = min(16, max(2, -(-4 * l2 // per_set)))
+    return [first] + [build_inputs(w, device, seed=seed) for seed in range(1, n)]
+
+
+def _time(benchmark, fns, w: Workload, rounds: int = 10) -> float:
+    """Median seconds per call over ``rounds`` rounds of REPS calls each, the calls taking the zero-argument
+    functions ``fns`` in turn (one per input set, ``input_sets``; each called once before timing)."""
     reps = REPS.get(w.S, 5)
+    turn = itertools.cycle(fns)
 
     def run():
         for _ in range(reps):
-            fn()
+            next(turn)()
         torch.cuda.synchronize()
 
+    for fn in fns:
+        fn()
     torch.cuda.synchronize()
     benchmark.pedantic(run, rounds=rounds, warmup_rounds=2, iterations=1)
-    benchmark.extra_info["calls_per_round"] = reps
+    benchmark.extra_info.update(calls_per_round=reps, input_sets=len(fns))
     return benchmark.stats.stats.median / reps
+
+
+def _training_step(make, args):
+    """A zero-argument forward + backward of the implementation ``make(args)`` builds, with gradients to q and to
+    the whole store (``args`` with q, k and v made leaves that require grad)."""
+    q, k, v = (t.detach().requires_grad_() for t in args[:3])
+    fn = make((q, k, v, *args[3:]))
+    g = torch.randn_like(q)
+    return lambda: torch.autograd.grad(fn(), (q, k, v), g)
 
 
 def _machine_info() -> dict:
@@ -229,15 +258,20 @@ def test_segment_attention_speed(benchmark, w, impl):
 
     if not w.moved and impl not in ("triton", "sdpa_causal"):
         pytest.skip("the unmoved workload isolates the kernel's re-rotation: kernel and causal SDPA only")
-    args = build_inputs(w, "cuda")
+    sets = input_sets(w)
+    args = sets[0]
     layout = dense_layout(*args[3:9], w.S)
-    if impl == "flex_kernel":  # FlexAttention's kernel alone: keys gathered and re-rotated before timing
-        k, v = _gather_rotated(args, layout)
-        gathered = make_impl("flex", w, args)
-        flex, block_mask = gathered.flex, gathered.block_mask
-        fn = lambda: flex(args[0], k, v, block_mask=block_mask, enable_gqa=True)  # noqa: E731
-    else:
-        fn = make_impl(impl, w, args)
+
+    def make(args):
+        if impl == "flex_kernel":  # FlexAttention's kernel alone: keys gathered and re-rotated before timing
+            k, v = _gather_rotated(args, dense_layout(*args[3:9], w.S))
+            gathered = make_impl("flex", w, args)
+            flex, block_mask = gathered.flex, gathered.block_mask
+            return lambda: flex(args[0], k, v, block_mask=block_mask, enable_gqa=True)
+        return make_impl(impl, w, args)
+
+    fns = [make(a) for a in sets]
+    fn = fns[0]
     out = fn()  # also compiles before timing
     if impl != "sdpa_causal":  # the same attention: check before timing
         torch.testing.assert_close(out, segment_attention_sdpa(*args, layout=layout), atol=2e-2, rtol=2e-2)
@@ -246,7 +280,7 @@ def test_segment_attention_speed(benchmark, w, impl):
     torch.cuda.reset_peak_memory_stats()
     base_mem = torch.cuda.memory_allocated()
     benchmark.group = w.name
-    seconds = _time(benchmark, fn, w)
+    seconds = _time(benchmark, fns, w)
     pairs = int(layout.mask.sum())  # attended (query, key) pairs per head
     benchmark.extra_info.update(
         impl=impl, **_machine_info(),
@@ -302,12 +336,16 @@ def test_segment_attention_tiles(benchmark, w, cfg, splits):
 
     if cfg.tma and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("tensor-descriptor (TMA) loads need compute capability >= 9")
-    args = build_inputs(w, "cuda")
-    tiles = tile_table(*args[3:6], cfg.block_n)  # built once, as the engine does per step
-    fn = lambda: segment_attention(*args, config=cfg, tiles=tiles, num_splits=splits)  # noqa: E731
-    fn()
+    sets = input_sets(w)
+    args = sets[0]
+
+    def make(args):
+        tiles = tile_table(*args[3:6], cfg.block_n)  # built once, as the engine does per step
+        return lambda: segment_attention(*args, config=cfg, tiles=tiles, num_splits=splits)
+
     benchmark.group = f"{w.name} tiles"
-    seconds = _time(benchmark, fn, w)
+    seconds = _time(benchmark, [make(a) for a in sets], w)
+    tiles = tile_table(*args[3:6], cfg.block_n)
     pairs = int(dense_layout(*args[3:9], w.S).mask.sum())
     default = launch_config(w.S * H // HKV, D, DTYPE)
     default_k = default_splits(triton.cdiv(w.S * H // HKV, default.block_m) * w.B * HKV,
@@ -328,7 +366,8 @@ def test_segment_attention_training_speed(benchmark, w, impl):
     both). TFLOP/s charge 3.5x the forward's flops (the backward's 5 matmuls per tile against the forward's 2)."""
     from triton_kernels.reference import dense_layout
 
-    args = build_inputs(w, "cuda")
+    sets = input_sets(w)
+    args = sets[0]
     q, k, v = (t.detach().requires_grad_() for t in args[:3])
     fn = make_impl(impl, w, (q, k, v, *args[3:]))
     g = torch.randn_like(q)
@@ -347,7 +386,7 @@ def test_segment_attention_training_speed(benchmark, w, impl):
     torch.cuda.reset_peak_memory_stats()
     base_mem = torch.cuda.memory_allocated()
     benchmark.group = f"{w.name} training"
-    seconds = _time(benchmark, step, w)
+    seconds = _time(benchmark, [step] + [_training_step(lambda a: make_impl(impl, w, a), a) for a in sets[1:]], w)
     pairs = int(dense_layout(*args[3:9], w.S).mask.sum())
     benchmark.extra_info.update(
         impl=impl, **_machine_info(), attended_pairs=pairs, seconds_per_call=seconds,
@@ -384,14 +423,10 @@ def test_segment_attention_backward_tiles(benchmark, monkeypatch, w, label, dq, 
     default = bwd.backward_configs
     monkeypatch.setattr(bwd, "backward_configs", lambda *a, **k: tuple(
         mine or theirs for mine, theirs in zip((dq, dkdv), default(*a, **k))))
-    args = build_inputs(w, "cuda")
-    q, k, v = (t.detach().requires_grad_() for t in args[:3])
-    fn = make_impl("triton", w, (q, k, v, *args[3:]))
-    g = torch.randn_like(q)
-    step = lambda: torch.autograd.grad(fn(), (q, k, v), g)  # noqa: E731
-    step()
+    sets = input_sets(w)
+    args = sets[0]
     benchmark.group = f"{w.name} backward tiles"
-    seconds = _time(benchmark, step, w)
+    seconds = _time(benchmark, [_training_step(lambda a: make_impl("triton", w, a), a) for a in sets], w)
     pairs = int(dense_layout(*args[3:9], w.S).mask.sum())
     benchmark.extra_info.update(backward_tiles=label, **_machine_info(), seconds_per_call=seconds,
                                 tflops=3.5 * 4 * D * H * pairs / seconds / 1e12)
@@ -437,23 +472,24 @@ def test_segment_attention_vs_base(benchmark, w, mode, which):
     if not os.environ.get(BASE_ENV):
         pytest.skip(f"set {BASE_ENV} to a directory holding another commit's triton_kernels package")
     base, base_commit = _base_kernels()
-    args = build_inputs(w, "cuda")
+    sets = input_sets(w)
+    args = sets[0]
+    mine, other = (base, triton_kernels) if which == "base" else (triton_kernels, base)
     if mode == "forward":
-        fn = _kernel_call(base if which == "base" else triton_kernels, w, args)
-        other = _kernel_call(triton_kernels if which == "base" else base, w, args)
-        torch.testing.assert_close(fn(), other(), atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(_kernel_call(mine, w, args)(), _kernel_call(other, w, args)(), atol=2e-2,
+                                   rtol=2e-2)
+        fns = [_kernel_call(mine, w, a) for a in sets]
     else:
         q, k, v = (t.detach().requires_grad_() for t in args[:3])
         g = torch.randn_like(q)
-        calls = {name: _kernel_call(pkg, w, (q, k, v, *args[3:]))
-                 for name, pkg in (("base", base), ("head", triton_kernels))}
-        fn = lambda: torch.autograd.grad(calls[which](), (q, k, v), g)  # noqa: E731
-        for mine, theirs in zip(*(torch.autograd.grad(calls[n](), (q, k, v), g) for n in ("head", "base"))):
-            err = (mine.float() - theirs.float()).abs().max().item()  # as test_segment_attention_training_speed
+        for ours, theirs in zip(*(torch.autograd.grad(_kernel_call(pkg, w, (q, k, v, *args[3:]))(), (q, k, v), g)
+                                  for pkg in (mine, other))):
+            err = (ours.float() - theirs.float()).abs().max().item()  # as test_segment_attention_training_speed
             assert err <= 5e-2 * theirs.float().abs().max().item() + 1e-2, err
+        fns = [_training_step(lambda a: _kernel_call(mine, w, a), a) for a in sets]
     torch.cuda.synchronize()
     benchmark.group = f"{w.name} vs base {mode}"
-    seconds = _time(benchmark, fn, w)
+    seconds = _time(benchmark, fns, w)
     pairs = int(dense_layout(*args[3:9], w.S).mask.sum())
     flops = (3.5 if mode == "training" else 1.0) * 4 * D * H * pairs
     benchmark.extra_info.update(which=which, mode=mode, base_commit=base_commit, **_machine_info(),
