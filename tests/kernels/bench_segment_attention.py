@@ -206,8 +206,8 @@ def input_sets(w: Workload, device="cuda") -> list[tuple]:
     """Independent inputs of ``w`` (``build_inputs`` with seeds 0, 1, ...), enough that a timed round cycling
     through them reads its keys and values from device memory, not from the L2 cache: together their stores hold
     at least 4x the GPU's L2 (at least 2 sets, at most 16). Calls repeated over one store time the cache where
-    the store fits in it (decode over 1k keys: an 8 MB pool) and a mix of cache and memory where it nearly fits
-    (decode over 16k keys reads 64 MB a launch, against an H200's 60 MB of L2). With one set, the same decode
+    the store fits in it (decode over 1k keys: an 8 MB pool) and a mix of cache and memory where it is not much
+    larger (decode over 16k keys: a 134 MB pool, against an H200's 60 MB of L2). With one set, the same decode
     launch took 131 us a call in one test and 230 us in another of the same run; how much of the cache each
     test's store kept is the likely cause, not established."""
     first = build_inputs(w, device, seed=0)
