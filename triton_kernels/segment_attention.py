@@ -32,17 +32,18 @@ Not supported:
     The flat loop's tile table holds position deltas up to +-4194303 (``tile_table`` refuses larger ones).
 
 Measured (H200, bf16, H=32, Hkv=8, D=128, Triton 3.6; ``tests/kernels/bench_segment_attention.py``;
-``results/kernels/segment_attention*.md``): at commit 1b0bef4, prefill over 32 moved 128-token messages per call at
-90-92% of causal SDPA's speed at equal attended tokens (82% over 128 messages of 16k keys), over one 4k-token
-message at 103%, and over the same messages unmoved at 128%; forward + backward at 86-91% (95% on one message). The
-full comparison at 1001322 (the previous kernel code): decode over 1k-4k keys at 0.9-1.9x causal SDPA, over 16k keys
-0.5-0.9x (the same launch took 90-126 and 131-230 us between tests of one run); FlexAttention's kernel alone, on
-keys gathered and re-rotated before timing, faster on prefill (0.70-0.79x the kernel's time on moved messages, 0.91x
-on one) and slower on decode; as a backend it needs that gather, which the kernel beats 1.8-4.5x on prefill and
-23-37x on decode. Forward + backward 1.2-1.9x faster than autograd through the gather + dense-mask path, in a
-fraction of its memory (224-412 MiB against 630-3,225 MiB). Against the commit timed on an H100 before (134a743), on
-the same H200 back to back: prefill forward 1.02-1.08x, forward + backward 1.09-1.13x. Every test of the forward,
-the backward and the engine's triton backend passed on the H200 at 1b0bef4 (``results/kernels/gpu_tests.md``).
+``results/kernels/segment_attention*.md``): at commit 1b0bef4, prefill of 256-512 new tokens per call over 8-32
+moved 128-token messages (1k-4k keys) at 89-92% of causal SDPA's speed at equal attended tokens, of 128 new tokens
+over 128 messages (16k keys) at 82-85%, over one 4k-token message at 103%, and over the same messages unmoved at
+128%; forward + backward at 86-91% (95% on one message). The full comparison at 1001322 (the previous kernel code):
+decode over 1k-4k keys at 0.9-1.9x causal SDPA, over 16k keys 0.5-0.9x (the same launch took 90-126 and 131-230 us
+between tests of one run); FlexAttention's kernel alone, on keys gathered and re-rotated before timing, faster on
+prefill (0.70-0.79x the kernel's time on moved messages, 0.91x on one) and slower on decode; as a backend it needs
+that gather, which the kernel beats 1.8-4.5x on prefill and 23-37x on decode. Forward + backward 1.2-1.9x faster
+than autograd through the gather + dense-mask path, in a fraction of its memory (224-412 MiB against 630-3,225 MiB).
+Against the commit timed on an H100 before (134a743), on the same H200 back to back: prefill forward 1.02-1.08x,
+forward + backward 1.09-1.13x. Every test of the forward, the backward and the engine's triton backend passed on the
+H200 at 1b0bef4 (``results/kernels/gpu_tests.md``).
 
 Where the time goes, as the compiled code shows it (sm_90, Triton 3.7, bf16 D 128; ``ptxas_report`` and the
 Triton GPU IR; counted, not timed one by one: the timings above are their sum):
