@@ -685,8 +685,8 @@ def half_angles(kernel: str, dtype: torch.dtype, head_dim: int) -> bool:
     values; the choice is the one that compiles to fewer instructions (sm_90, Triton 3.7, ``ptxas_report``):
     at 16-bit dtypes dq's new-delta block issues 64 instructions instead of 429 (D 128) and its loop 537 per
     tile instead of 555 (with the keys rotated in fp32), the forward's re-rotation at D 64 215 instead of 580
-    (in fp32; 111 in bf16 arithmetic); elsewhere it gains nothing or
-    costs registers (fp32 dq spills over 300 bytes; the forward at bf16 D 128 decode spills 8)."""
+    (in fp32; 111 in bf16 arithmetic); elsewhere it gains nothing or costs registers (fp32 dq spills over 300
+    bytes; the forward at bf16 D 128 decode spills 8)."""
     if dtype == torch.float32 or kernel == "dkdv":
         return False
     return kernel == "dq" or head_dim <= 64
