@@ -210,7 +210,9 @@ def write_report(bench_json: Path, out: Path, *, commit: str | None, command: st
         "Each cell: median time per call (TFLOP/s over attended (query, key) pairs: 4 * D flops per pair and "
         "query head). Workloads: H=32 query heads, Hkv=8, D=128, bf16; B calls attend to randomly chosen 128-token "
         "messages of a cache twice as large as what they read, moved back to back by position deltas, then "
-        "causally to their own tokens; the one-segment workload reads one 4k-token message instead.",
+        "causally to their own tokens; the one-segment workload reads one 4k-token message instead. The "
+        "one-delta workload moves the same messages by one common delta (one re-rotation per call instead of one "
+        "per message) and the unmoved one reads them where they were encoded (none): kernel and causal SDPA only.",
         "'defaults then': the kernel's default tiles and split count at the benchmarked commit; 'best of sweep': "
         "the fastest of the tile / loop / split-K configurations timed in the same run "
         "(test_segment_attention_tiles).",

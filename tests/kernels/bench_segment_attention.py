@@ -72,8 +72,10 @@ DTYPE = torch.bfloat16
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Workload:
-    """B calls with S new tokens each; each attends to `attended` cached tokens in messages of `msg_len`, laid
-    out back to back after moving them (`moved`), or read where they were encoded (no re-rotation)."""
+    """B calls with S new tokens each; each attends to `attended` cached tokens in messages of `msg_len`, picked
+    at random from a pool. `deltas`: "per-message" lays them out back to back (each message its own position
+    delta, so one re-rotation per message), "shared" moves them all by one common delta (one re-rotation per
+    call), "none" reads them where they were encoded (no re-rotation). The attention is the same either way."""
 
     name: str
     B: int
@@ -81,7 +83,11 @@ class Workload:
     attended: int
     own_past: int = 0
     msg_len: int = 128
-    moved: bool = True
+    deltas: str = "per-message"
+
+    def __post_init__(self):
+        if self.deltas not in ("per-message", "shared", "none"):
+            raise ValueError(f"Workload.deltas must be 'per-message', 'shared' or 'none', got {self.deltas!r}")
 
     @property
     def pool_messages(self) -> int:  # twice as many cached messages as any call reads
@@ -97,12 +103,14 @@ WORKLOADS = [
     Workload(name="prefill-B8-S128-T16k", B=8, S=128, attended=16384),
     # one 4k-token message per call: the same attention as prefill-B8-S512-T4k without per-segment overhead
     Workload(name="prefill-B8-S512-T4k-one-segment", B=8, S=512, attended=4096, msg_len=4096),
-    # the same 128-token messages read where they were encoded: no re-rotation (``TileTable.moved`` False), so
-    # beside the two rows above it splits the prefill gap into the re-rotation's share and the rest of the
-    # segments' cost (kernel and causal SDPA only; not in the sweeps)
-    Workload(name="prefill-B8-S512-T4k-unmoved", B=8, S=512, attended=4096, moved=False),
+    # the same 128-token messages moved by one common delta (the moved loop, its query re-rotated once), and
+    # read where they were encoded (``TileTable.moved`` False: no re-rotation, the query stays in shared memory).
+    # Beside prefill-B8-S512-T4k they split the cost of moving messages into the per-message re-rotations and
+    # the moved loop's own overhead (kernel and causal SDPA only; not in the sweeps)
+    Workload(name="prefill-B8-S512-T4k-one-delta", B=8, S=512, attended=4096, deltas="shared"),
+    Workload(name="prefill-B8-S512-T4k-unmoved", B=8, S=512, attended=4096, deltas="none"),
 ]
-SWEPT = [w for w in WORKLOADS if w.moved]  # the tile and training sweeps' workloads
+SWEPT = [w for w in WORKLOADS if w.deltas == "per-message"]  # the tile and training sweeps' workloads
 
 
 def build_inputs(w: Workload, device, seed=0):
@@ -116,9 +124,10 @@ def build_inputs(w: Workload, device, seed=0):
     for b in range(w.B):
         seg_start[b] = torch.randperm(w.pool_messages, generator=gen)[:n_pick].int() * w.msg_len
     seg_len = torch.full((w.B, n_pick), w.msg_len, dtype=torch.int32)
-    seg_delta = torch.arange(n_pick, dtype=torch.int32) * w.msg_len - seg_start  # laid out back to back
-    if not w.moved:
-        seg_delta.zero_()
+    if w.deltas == "per-message":  # laid out back to back
+        seg_delta = torch.arange(n_pick, dtype=torch.int32) * w.msg_len - seg_start
+    else:  # all moved past the pool, or not at all
+        seg_delta = torch.full_like(seg_start, pool if w.deltas == "shared" else 0)
     own_start = pool + torch.arange(w.B, dtype=torch.int32) * own_rows
     own_past = torch.full((w.B,), w.own_past, dtype=torch.int32)
     new_len = torch.full((w.B,), w.S, dtype=torch.int32)
@@ -277,8 +286,8 @@ def _machine_info() -> dict:
 def test_segment_attention_speed(benchmark, w, impl):
     from triton_kernels.reference import dense_layout, segment_attention_sdpa
 
-    if not w.moved and impl not in ("triton", "sdpa_causal"):
-        pytest.skip("the unmoved workload isolates the kernel's re-rotation: kernel and causal SDPA only")
+    if w.deltas != "per-message" and impl not in ("triton", "sdpa_causal"):
+        pytest.skip(f"deltas={w.deltas!r} isolates the kernel's re-rotation: kernel and causal SDPA only")
     sets = input_sets(w)
     args = sets[0]
     layout = dense_layout(*args[3:9], w.S)
