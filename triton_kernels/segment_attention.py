@@ -10,9 +10,10 @@ Each call ``b`` of a batch attends to
    sees own key ``j`` iff ``j <= own_past[b] + i``.
 
 There is no gather, no dense mask and no repeated K/V: the kernel walks the table, one online softmax over
-all segments and then the own part. By default the segments are first cut into key tiles (``tile_table``) and
-walked in one loop, so K/V prefetching continues across segment boundaries; calls with many keys and too few
-programs to fill the GPU are split along their tiles (split-K), with the partials merged in fp32.
+all segments and then the own part. By default the segments are first cut into key tiles (``tile_table``;
+segments that continue each other in the store with one delta are cut as one run) and walked in one loop, so
+K/V prefetching continues across segment boundaries; calls with many keys and too few programs to fill the GPU
+are split along their tiles (split-K), with the partials merged in fp32.
 
 Supported:
     dtypes fp32 / fp16 / bf16 (q, k_cache, v_cache alike; fp32 dots run in IEEE fp32, not tf32), head dim
@@ -641,8 +642,13 @@ def tile_table(seg_start, seg_len, seg_delta, block_n: int, device=None) -> Tile
     (default: the tables' device). Tables on a GPU are copied to the host first (a synchronisation): callers
     that know their segments on the host (the engine) build the table there, once per step.
 
+    Consecutive segments of a call that continue each other (the next starts at the store row after the
+    previous one's last, with the same delta; empty entries between them do not count) are cut as one run: the
+    same keys in the same order, in fewer partial tiles. Messages encoded one after another and read together
+    unmoved, or moved by one offset, are such runs (the engine lists one segment per parent message).
+
     Example: segments (0, 100, 5) and (300, 10, 0) with block_n 64 give tiles (0, 64, 5), (64, 36, 5), (300, 10, 0)
-    (``TileTable.fields()``).
+    (``TileTable.fields()``); segments (0, 40, 0) and (40, 40, 0) give (0, 64, 0), (64, 16, 0).
     """
     device = torch.device(device) if device is not None else seg_start.device
     start, length, delta = (t.detach().to("cpu", torch.int64) for t in (seg_start, seg_len, seg_delta))
@@ -654,22 +660,31 @@ def tile_table(seg_start, seg_len, seg_delta, block_n: int, device=None) -> Tile
         bad = int(used[used.abs() > MAX_TILE_DELTA][0])
         raise ValueError(f"seg_delta {bad} is out of range: tile tables hold position deltas up to "
                          f"+-{MAX_TILE_DELTA} (use flat=False for larger moves)")
-    B, G = start.shape
-    per_seg = (length.clamp(min=0) + block_n - 1) // block_n  # (B, G) tiles per segment
-    n_tiles = per_seg.sum(1)  # (B,)
+    B = start.shape[0]
+    # -- runs: the segments with keys, in call and table order, each merged into the one before it that it
+    #    continues (same call, next store row, same delta) --
+    call, g = (length > 0).nonzero(as_tuple=True)  # (n_seg,) each, row-major: a call's segments in table order
+    s_start, s_len, s_delta = start[call, g], length[call, g], delta[call, g]
+    cont = torch.zeros_like(call, dtype=torch.bool)
+    cont[1:] = (call[1:] == call[:-1]) & (s_start[1:] == s_start[:-1] + s_len[:-1]) & (s_delta[1:] == s_delta[:-1])
+    run = torch.cumsum(~cont, 0) - 1  # (n_seg,) -> run
+    first = ~cont
+    r_call, r_start, r_delta = call[first], s_start[first], s_delta[first]  # (n_run,)
+    r_len = torch.zeros(len(r_call), dtype=torch.int64).index_add_(0, run, s_len)
+    per_run = (r_len + block_n - 1) // block_n  # (n_run,) tiles per run
+    n_tiles = torch.zeros(B, dtype=torch.int64).index_add_(0, r_call, per_run)  # (B,)
     T = int(n_tiles.max()) if B else 0
     table = torch.zeros(B, max(T, 1), dtype=torch.int64)
     if T:
-        flat_counts = per_seg.flatten()
-        seg_id = torch.repeat_interleave(torch.arange(B * G), flat_counts)  # (total tiles,) -> segment
-        seg_first = torch.cumsum(flat_counts, 0) - flat_counts
-        j = torch.arange(len(seg_id)) - seg_first[seg_id]  # tile index within its segment
-        b = seg_id // G
+        run_id = torch.repeat_interleave(torch.arange(len(r_call)), per_run)  # (total tiles,) -> run
+        run_first = torch.cumsum(per_run, 0) - per_run
+        j = torch.arange(len(run_id)) - run_first[run_id]  # tile index within its run
+        b = r_call[run_id]
         call_first = torch.cumsum(n_tiles, 0) - n_tiles
-        pos = torch.arange(len(seg_id)) - call_first[b]  # tile index within its call
+        pos = torch.arange(len(run_id)) - call_first[b]  # tile index within its call
         offset = j * block_n
-        table[b, pos] = pack_tiles(start.flatten()[seg_id] + offset,
-                                   (length.flatten()[seg_id] - offset).clamp(max=block_n), delta.flatten()[seg_id])
+        table[b, pos] = pack_tiles(r_start[run_id] + offset, (r_len[run_id] - offset).clamp(max=block_n),
+                                   r_delta[run_id])
     return TileTable(block_n=block_n, tiles=table.to(device), n_tiles=n_tiles.to(torch.int32).to(device), max_tiles=T,
                      moved=bool(used.ne(0).any()))
 

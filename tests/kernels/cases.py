@@ -85,6 +85,9 @@ def cases(draw, dtype: torch.dtype, D: int):
         segs = [(s, min(n, pool - s), d) for s, n, d in draw(st.lists(seg, max_size=SIZES["max_g"]))]
         if segs and draw(st.booleans()):
             segs.append(segs[0])  # the same store rows attended twice
+        if segs and segs[-1][0] + segs[-1][1] < pool and draw(st.booleans()):
+            s, n, d = segs[-1]  # the rows right after the last segment, with its delta: one run in the tile table
+            segs.append((s + n, draw(st.integers(1, pool - s - n)), d))
         segments.append(segs)
     new_len = [draw(st.one_of(st.just(S), st.integers(0, S))) for _ in range(B)]
     own_past = [draw(st.integers(0, SIZES["max_past"])) for _ in range(B)]
@@ -121,6 +124,11 @@ AWKWARD = {
                  dtype=torch.bfloat16),
     "fp16-D128": Case(segments=[[(0, 40, 9)]], own_start=[50], own_past=[4], new_len=[5], S=5, D=128,
                       dtype=torch.float16),
+    # segments continuing each other (next store row, same delta; an empty entry between two of them): the tile
+    # table cuts them as one run, so tiles straddle segment boundaries; the last has another delta
+    "continued-segments": Case(segments=[[(0, 20, 3), (20, 30, 3), (50, 0, 9), (50, 14, 3), (64, 10, -2)],
+                                         [(5, 9, 0), (14, 9, 0)]], own_start=[80, 90], own_past=[3, 0],
+                               new_len=[4, 2], S=4),
     "large-deltas": Case(segments=[[(0, 20, 4000), (20, 20, -4000)]], own_start=[40], own_past=[2], new_len=[3],
                          S=3),
     # the fp32 case behind ABS_FLOOR's scaling by the output's size (a draw of the property test)

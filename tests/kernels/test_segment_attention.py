@@ -78,7 +78,7 @@ def test_padding_rows_ignore_garbage_queries():
 
 
 GARBAGE_CASES = ["overlap-repeat-gap", "multi-tile-segments", "decode-S1", "padding-segments-and-rows", "gqa-3-decode",
-                 "gqa-4-to-1"]
+                 "gqa-4-to-1", "continued-segments"]
 
 
 def with_garbage_in_unread_rows(case: Case, args: tuple, finite: bool = False) -> tuple:
@@ -138,7 +138,7 @@ if CUDA:  # the tiles the default picks on a GPU for prefill and decode, and the
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"m{c.block_m}-n{c.block_n}-w{c.num_warps}-s{c.num_stages}"
                          + ("-nested" if not c.flat else "-tma" if c.tma else "")
                          + (f"-flat{c.flat_stages}" if c.flat_stages else ""))
-@pytest.mark.parametrize("name", ["seqlen-97", "multi-tile-segments", "gqa-3-decode"])
+@pytest.mark.parametrize("name", ["seqlen-97", "multi-tile-segments", "gqa-3-decode", "continued-segments"])
 def test_tile_configs_agree(name, cfg):
     """Any tile configuration gives the default's result up to rounding (the tiles change only the order of
     the online softmax's sums)."""
@@ -148,7 +148,7 @@ def test_tile_configs_agree(name, cfg):
 
 
 SPLIT_CASES = ["decode-S1", "empty-segment-list-G0", "padding-segments-and-rows", "all-calls-padding",
-               "overlap-repeat-gap", "gqa-3-decode", "multi-tile-segments", "bf16"]
+               "overlap-repeat-gap", "gqa-3-decode", "multi-tile-segments", "bf16", "continued-segments"]
 
 
 @pytest.mark.parametrize("loop", ["flat", "nested"] + (["tma"] if HOPPER else []))
@@ -179,6 +179,31 @@ def test_tile_table_docstring_example():
     assert (table.tiles[1] == 0).all()
     empty = tile_table(t([[]]).reshape(1, 0), t([[]]).reshape(1, 0), t([[]]).reshape(1, 0), 16)
     assert empty.max_tiles == 0 and empty.tiles.shape == (1, 1)
+    run = tile_table(t([[0, 40]]), t([[40, 40]]), t([[0, 0]]), 64)  # one segment continuing the other: one run
+    assert run.fields()[:, 0].T.tolist() == [[0, 64, 0], [64, 16, 0]]
+
+
+def _keys(rows_deltas) -> list[tuple[int, int]]:
+    return [(r, d) for start, n, d in rows_deltas for r in range(start, start + n)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(case=cases(torch.float32, 16), block_n=st.sampled_from([16, 32, 64]))
+def test_tile_table_walks_each_calls_keys_in_order(case, block_n):
+    """A call's tiles hold exactly its segments' keys, in table order, each with its segment's delta (segments
+    that continue each other cut as one run, so no more tiles than cutting each segment alone), at most
+    ``block_n`` keys a tile, and each tile within one segment's run of store rows."""
+    table = tile_table(*case.tensors("cpu")[3:6], block_n)
+    fields = table.fields()
+    assert table.max_tiles == int(table.n_tiles.max())
+    for b, segs in enumerate(case.segments):
+        n = int(table.n_tiles[b])
+        tiles = fields[:, b, :n].T.tolist()
+        assert _keys(tiles) == _keys(segs)
+        assert all(1 <= cnt <= block_n for _, cnt, _ in tiles)
+        assert n <= sum(-(-length // block_n) for _, length, _ in segs)
+        assert (table.tiles[b, n:] == 0).all()
+    assert table.moved == any(d != 0 for segs in case.segments for _, length, d in segs if length > 0)
 
 
 UNMOVED = Case(segments=[[(0, 65, 0), (70, 33, 0), (0, 9, 0)], [(10, 20, 0), (40, 0, 5)]], own_start=[110, 140],

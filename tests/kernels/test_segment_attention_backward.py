@@ -108,7 +108,8 @@ def test_gradients_awkward_cases(case):
 
 
 @pytest.mark.parametrize("name",
-                         ["decode-S1", "overlap-repeat-gap", "padding-segments-and-rows", "multi-tile-segments"])
+                         ["decode-S1", "overlap-repeat-gap", "padding-segments-and-rows", "multi-tile-segments",
+                          "continued-segments"])
 def test_gradients_after_split_k_and_nested_forward(name):
     """The backward reads the row statistics of a split-K forward (merged on the host) and of the nested-loop
     forward (no tile table: the backward cuts one) as it reads the flat forward's."""
@@ -119,7 +120,8 @@ def test_gradients_after_split_k_and_nested_forward(name):
 
 
 @pytest.mark.parametrize("name", ["decode-S1", "overlap-repeat-gap", "padding-segments-and-rows", "all-calls-padding",
-                                  "empty-segment-list-G0", "gqa-3-decode", "seqlen-97", "multi-tile-segments", "bf16"])
+                                  "empty-segment-list-G0", "gqa-3-decode", "seqlen-97", "multi-tile-segments", "bf16",
+                                  "continued-segments"])
 def test_deterministic_gradients(name, monkeypatch):
     """Under torch.use_deterministic_algorithms(True) dk / dv come from per-tile partials added in a fixed order
     (store rows read by two calls, twice by one call, or by a call and its own tokens; padding; G = 0): the
