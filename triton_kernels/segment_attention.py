@@ -109,6 +109,7 @@ import dataclasses
 import functools
 import math
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -651,42 +652,39 @@ def tile_table(seg_start, seg_len, seg_delta, block_n: int, device=None) -> Tile
     (``TileTable.fields()``); segments (0, 40, 0) and (40, 40, 0) give (0, 64, 0), (64, 16, 0).
     """
     device = torch.device(device) if device is not None else seg_start.device
-    start, length, delta = (t.detach().to("cpu", torch.int64) for t in (seg_start, seg_len, seg_delta))
     if not 1 <= block_n < 1 << COUNT_BITS:
         raise ValueError(f"block_n must be in 1..{(1 << COUNT_BITS) - 1} (a tile's key count has {COUNT_BITS} bits), "
                          f"got {block_n}")
-    used = delta[length > 0]  # the deltas of the segments with keys
-    if used.numel() and int(used.abs().max()) > MAX_TILE_DELTA:
-        bad = int(used[used.abs() > MAX_TILE_DELTA][0])
-        raise ValueError(f"seg_delta {bad} is out of range: tile tables hold position deltas up to "
-                         f"+-{MAX_TILE_DELTA} (use flat=False for larger moves)")
+    # On the host, in numpy: a step's tables are small, and each torch op would cost more than its work.
+    start, length, delta = (t.detach().to("cpu", torch.int64).numpy() for t in (seg_start, seg_len, seg_delta))
     B = start.shape[0]
     # -- runs: the segments with keys, in call and table order, each merged into the one before it that it
     #    continues (same call, next store row, same delta) --
-    call, g = (length > 0).nonzero(as_tuple=True)  # (n_seg,) each, row-major: a call's segments in table order
+    call, g = np.nonzero(length > 0)  # (n_seg,) each, row-major: a call's segments in table order
     s_start, s_len, s_delta = start[call, g], length[call, g], delta[call, g]
-    cont = torch.zeros_like(call, dtype=torch.bool)
-    cont[1:] = (call[1:] == call[:-1]) & (s_start[1:] == s_start[:-1] + s_len[:-1]) & (s_delta[1:] == s_delta[:-1])
-    run = torch.cumsum(~cont, 0) - 1  # (n_seg,) -> run
-    first = ~cont
+    if len(s_delta) and int(np.abs(s_delta).max()) > MAX_TILE_DELTA:
+        bad = int(s_delta[np.abs(s_delta) > MAX_TILE_DELTA][0])
+        raise ValueError(f"seg_delta {bad} is out of range: tile tables hold position deltas up to "
+                         f"+-{MAX_TILE_DELTA} (use flat=False for larger moves)")
+    first = np.ones(len(call), dtype=bool)  # (n_seg,) whether a segment begins a run
+    first[1:] = (call[1:] != call[:-1]) | (s_start[1:] != s_start[:-1] + s_len[:-1]) | (s_delta[1:] != s_delta[:-1])
     r_call, r_start, r_delta = call[first], s_start[first], s_delta[first]  # (n_run,)
-    r_len = torch.zeros(len(r_call), dtype=torch.int64).index_add_(0, run, s_len)
+    r_len = np.add.reduceat(s_len, np.flatnonzero(first)) if len(call) else s_len
     per_run = (r_len + block_n - 1) // block_n  # (n_run,) tiles per run
-    n_tiles = torch.zeros(B, dtype=torch.int64).index_add_(0, r_call, per_run)  # (B,)
+    n_tiles = np.bincount(r_call, weights=per_run, minlength=B).astype(np.int64)  # (B,)
     T = int(n_tiles.max()) if B else 0
-    table = torch.zeros(B, max(T, 1), dtype=torch.int64)
+    table = np.zeros((B, max(T, 1)), dtype=np.int64)
     if T:
-        run_id = torch.repeat_interleave(torch.arange(len(r_call)), per_run)  # (total tiles,) -> run
-        run_first = torch.cumsum(per_run, 0) - per_run
-        j = torch.arange(len(run_id)) - run_first[run_id]  # tile index within its run
+        run_id = np.repeat(np.arange(len(r_call)), per_run)  # (total tiles,) -> run
+        j = np.arange(len(run_id)) - (np.cumsum(per_run) - per_run)[run_id]  # tile index within its run
         b = r_call[run_id]
-        call_first = torch.cumsum(n_tiles, 0) - n_tiles
-        pos = torch.arange(len(run_id)) - call_first[b]  # tile index within its call
+        pos = np.arange(len(run_id)) - (np.cumsum(n_tiles) - n_tiles)[b]  # tile index within its call
         offset = j * block_n
-        table[b, pos] = pack_tiles(r_start[run_id] + offset, (r_len[run_id] - offset).clamp(max=block_n),
-                                   r_delta[run_id])
-    return TileTable(block_n=block_n, tiles=table.to(device), n_tiles=n_tiles.to(torch.int32).to(device), max_tiles=T,
-                     moved=bool(used.ne(0).any()))
+        fields = (r_start[run_id] + offset, np.minimum(r_len[run_id] - offset, block_n), r_delta[run_id])
+        table[b, pos] = pack_tiles(*map(torch.from_numpy, fields)).numpy()
+    return TileTable(block_n=block_n, tiles=torch.from_numpy(table).to(device),
+                     n_tiles=torch.from_numpy(n_tiles.astype(np.int32)).to(device), max_tiles=T,
+                     moved=bool(np.any(s_delta != 0)))
 
 
 @functools.cache
