@@ -657,6 +657,9 @@ def tile_table(seg_start, seg_len, seg_delta, block_n: int, device=None) -> Tile
                          f"got {block_n}")
     # On the host, in numpy: a step's tables are small, and each torch op would cost more than its work.
     start, length, delta = (t.detach().to("cpu", torch.int64).numpy() for t in (seg_start, seg_len, seg_delta))
+    if start.ndim != 2 or length.shape != start.shape or delta.shape != start.shape:
+        raise ValueError(f"seg_start, seg_len and seg_delta must be (B, G) tables of one shape, got "
+                         f"{start.shape}, {length.shape} and {delta.shape}")
     B = start.shape[0]
     # -- runs: the segments with keys, in call and table order, each merged into the one before it that it
     #    continues (same call, next store row, same delta) --

@@ -238,6 +238,10 @@ def test_tile_entries_round_trip_and_refuse_deltas_out_of_range():
     assert tile_table(t([[0, 9]]), t([[5, 0]]), t([[0, 2**30]]), 64).max_tiles == 1  # an empty segment's delta
     with pytest.raises(ValueError, match="block_n"):
         tile_table(t([[0]]), t([[5]]), t([[0]]), 512)
+    with pytest.raises(ValueError, match=r"\(B, G\) tables of one shape, got \(2,\)"):
+        tile_table(t([0, 9]), t([5, 4]), t([0, 0]), 64)
+    with pytest.raises(ValueError, match="one shape"):
+        tile_table(t([[0, 9]]), t([[5]]), t([[0, 0]]), 64)
 
 
 def test_prebuilt_tiles_and_their_errors():
