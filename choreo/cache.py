@@ -1,6 +1,6 @@
-"""The global message store: a message table over one key/value buffer per model.
+"""The global message store: a message table over key/value buffers shared by all messages.
 
-Keys and values of every cached token live in two tensors of shape (L, Hkv, N, D). A message owns a
+Keys and values of every cached token live in one (Hkv, N, D) tensor each per layer. A message owns a
 contiguous run of rows; rows are handed out first-fit from a free list and returned when the message
 is freed. Keys are stored after RoPE at the message's own positions; moving a message re-rotates keys
 at read time, so nothing is ever rewritten.
@@ -76,9 +76,13 @@ class KVStore:
             raise ValueError(f"capacity must be at least 1 token, got {capacity}")
         self.spec, self.capacity = spec, capacity
         n = min(initial, capacity)
-        shape = (spec.n_layers, spec.n_kv_heads, n, spec.head_dim)
-        self.k = torch.zeros(shape, dtype=spec.dtype, device=spec.device)  # (L, Hkv, N, D)
-        self.v = torch.zeros(shape, dtype=spec.dtype, device=spec.device)
+        shape = (spec.n_kv_heads, n, spec.head_dim)
+        # One tensor per layer, not one (L, Hkv, N, D) for all: under autograd, the backward of a layer's in-place
+        # write clones and fills the whole tensor written into, so with one tensor every layer's write cost a copy
+        # of all layers' rows (a CPU LoRA step over 8 traces, ``tests/kernels/bench_finetune_step.py``: 17.3 s with
+        # one tensor, 7.2 s with one per layer).
+        self.k = [torch.zeros(shape, dtype=spec.dtype, device=spec.device) for _ in range(spec.n_layers)]
+        self.v = [torch.zeros(shape, dtype=spec.dtype, device=spec.device) for _ in range(spec.n_layers)]
         self._free: list[tuple[int, int]] = [(0, n)]  # sorted, merged (start, length) runs
         self.used = 0
         self.peak = 0
@@ -88,7 +92,7 @@ class KVStore:
 
     @property
     def allocated(self) -> int:
-        return self.k.shape[2]
+        return self.k[0].shape[1]
 
     def alloc(self, n: int) -> int:
         """Reserve n contiguous rows; grows the buffers (up to capacity) when no free run fits."""
@@ -114,8 +118,8 @@ class KVStore:
             )
         new = min(self.capacity, max(need, 2 * old))
         # torch.cat rather than an in-place resize: keeps the autograd graph when replaying with gradients.
-        self.k = torch.cat([self.k, self.k.new_zeros(self.k.shape[:2] + (new - old, self.k.shape[3]))], dim=2)
-        self.v = torch.cat([self.v, self.v.new_zeros(self.v.shape[:2] + (new - old, self.v.shape[3]))], dim=2)
+        self.k, self.v = ([torch.cat([t, t.new_zeros(t.shape[0], new - old, t.shape[2])], dim=1) for t in layers]
+                          for layers in (self.k, self.v))
         self.writes = torch.cat([self.writes, torch.zeros(new - old, dtype=torch.int64)])
         self.free(old, new - old, _count=False)
 
@@ -158,7 +162,11 @@ class KVStore:
 
     def detach_(self) -> None:
         """Drop any autograd history held by the buffers (after a training step)."""
-        self.k, self.v = self.k.detach(), self.v.detach()
+        self.k, self.v = [t.detach() for t in self.k], [t.detach() for t in self.v]
+
+    def read(self, row: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of rows row .. row + n - 1 in every layer: two (L, Hkv, n, D) tensors (copies)."""
+        return tuple(torch.stack([t[:, row:row + n] for t in layers]) for layers in (self.k, self.v))
 
     def report(self) -> dict:
         """Token counts and bytes: what is in use, allocated, the peak and the capacity."""

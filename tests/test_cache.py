@@ -30,9 +30,12 @@ def test_free_merges_and_reuses_rows(tiny_gqa):
 def test_growth_preserves_contents_and_capacity_is_hard(tiny_gqa):
     store = KVStore(tiny_gqa.spec, capacity=64, initial=8)
     row = store.alloc(8)
-    store.k[:, :, row:row + 8] = 1.0
+    for layer in store.k:
+        layer[:, row:row + 8] = 1.0
     big = store.alloc(40)
-    assert store.allocated >= 48 and (store.k[:, :, :8] == 1.0).all()
+    assert store.allocated >= 48 and (store.read(0, 8)[0] == 1.0).all()
+    assert all(layer.shape == (tiny_gqa.spec.n_kv_heads, store.allocated, tiny_gqa.spec.head_dim)
+               for layer in store.k + store.v)
     with pytest.raises(CapacityError, match="64"):
         store.alloc(30)
     store.free(big, 40)

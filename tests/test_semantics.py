@@ -99,15 +99,15 @@ def test_siblings_do_not_see_each_other(tiny_gqa):
     q2_b = both.prefill("What is two plus two?", role="user", parents=[sys_b])
     for store, m in ((alone.engine.store, q2), (both.engine.store, q2_b)):
         assert m.start == sys.length
-    k_alone = alone.engine.store.k[:, :, q2.row:q2.row + q2.length]
-    k_both = both.engine.store.k[:, :, q2_b.row:q2_b.row + q2_b.length]
+    k_alone = alone.engine.store.read(q2.row, q2.length)[0]
+    k_both = both.engine.store.read(q2_b.row, q2_b.length)[0]
     torch.testing.assert_close(k_alone, k_both)
     # ... while a serial encoding of the same message differs (it would see the first question).
     serial = choreo.Choreographer(tiny_gqa)
     s = serial.prefill("Answer both.", role="system")
     q1 = serial.prefill("What is the capital of France?", role="user", parents=[s])
     q2_s = serial.prefill("What is two plus two?", role="user", parents=[s, q1])
-    k_serial = serial.engine.store.k[:, :, q2_s.row:q2_s.row + q2_s.length]
+    k_serial = serial.engine.store.read(q2_s.row, q2_s.length)[0]
     assert not torch.allclose(k_serial[1:], k_alone[1:])
 
 
@@ -136,8 +136,8 @@ def test_raw_segments_in_series_equal_the_whole_turn(tiny_gqa):
     head = ch.prefill("<|im_start|>user\nQuestion 1: Rain?\n", role="raw")
     tail = ch.prefill("Question 2: Snow?<|im_end|>\n", role="raw", parents=[head])
     assert head.ids + tail.ids == whole.ids and tail.start == head.length
-    k = ch.engine.store.k
-    torch.testing.assert_close(torch.cat([k[:, :, head.row:head.row + head.length], k[:, :, tail.row:tail.row + tail.length]], 2),
-                               k[:, :, whole.row:whole.row + whole.length], atol=1e-9, rtol=1e-9)
+    store = ch.engine.store
+    torch.testing.assert_close(torch.cat([store.read(head.row, head.length)[0], store.read(tail.row, tail.length)[0]], 2),
+                               store.read(whole.row, whole.length)[0], atol=1e-9, rtol=1e-9)
     with pytest.raises(ValueError, match="raw"):
         ch.decode(role="raw", parents=[head])
