@@ -114,6 +114,7 @@ def profile_step(attention: str, out_dir: Path | None = None, rows: int = 30) ->
     device's busy time (the sum of its kernels' self time), kernel launches, copies and synchronisations issued
     by the host, and the operators with the most self host time and the most self device time. Written to
     ``out_dir/finetune_step_profile_<attention>.txt`` when ``out_dir`` is given. Returns the counts."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     _needs_cuda(attention)
@@ -129,9 +130,11 @@ def profile_step(attention: str, out_dir: Path | None = None, rows: int = 30) ->
     def count(names):
         return sum(e.count for e in events if e.key in names)
 
+    # the device's own events (kernels, copies, memsets), as the profiler's table totals them
+    device = [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
     stats = dict(attention=attention, wall_s=wall, launches=count(LAUNCHES), syncs=count(SYNCS),
                  copies=count(("cudaMemcpyAsync", "cudaMemcpy")),
-                 device_busy_s=sum(e.self_device_time_total for e in events) / 1e6 if CUDA else 0.0)
+                 device_busy_s=sum(e.self_device_time_total for e in device) / 1e6)
     if out_dir is not None:
         model, traces = _setup()
         head = [f"One LoRA optimizer step ({len(traces)} traces, {model.spec.name}) with attention={attention!r} on "
