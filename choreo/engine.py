@@ -142,16 +142,21 @@ class Engine:
         # layer wait for the GPU (its output size must be read back).
         index = torch.tensor([rows, src])  # (2, n_valid) on the host
         rows_t, src_t = index.to(dev)
+        if len(src) == B * S:  # no padding: every new token is written, in order
+            src_t = None
         store, backend, inv_freq = self.store, self.backend, self.model.inv_freq
         store.mark_written(index[0])
         grad = self.grad and torch.is_grad_enabled()
         # The fused kernel's backward reads the store itself, not a copy: guard the rows it read.
         guard = store.read_guard(plan.read_rows()) if grad and self.attention == "triton" else None
 
+        def new_rows(x):  # (B, Hkv, S, D) -> (Hkv, n_valid, D)
+            x = x.transpose(0, 1).reshape(x.shape[1], B * S, x.shape[3])
+            return x if src_t is None else x[:, src_t]
+
         def attend(layer, q, k, v):  # q (B, H, S, D); k, v (B, Hkv, S, D)
-            Hkv, D = k.shape[1], k.shape[3]
-            store.k[layer][:, rows_t] = k.transpose(0, 1).reshape(Hkv, B * S, D)[:, src_t]  # (Hkv, n_valid, D)
-            store.v[layer][:, rows_t] = v.transpose(0, 1).reshape(Hkv, B * S, D)[:, src_t]
+            store.k[layer][:, rows_t] = new_rows(k)
+            store.v[layer][:, rows_t] = new_rows(v)
             out = backend(plan, q, store.k[layer], store.v[layer], inv_freq, self.scale)
             if guard is not None and out.requires_grad:
                 out.register_hook(guard)

@@ -114,3 +114,25 @@ def test_kernel_tables_come_in_one_copy_and_match_their_parts():
     assert table[0].untyped_storage().data_ptr() == tiles.tiles.untyped_storage().data_ptr()  # one buffer
     assert plan.kernel_tables("cpu", 64)[-1] is tiles  # cached per step
     assert plan.max_own_len == 7
+
+
+def test_triton_backend_prepares_one_launch_per_step():
+    """Every layer of a step shares the plan's tables: the launch is checked and prepared for the first only, and
+    the other layers' outputs are those of a fully checked call."""
+    from choreo.attention import AttentionPlan, triton_attention
+
+    plan = AttentionPlan(segments=(((0, 20, 5),), ()), own_start=(40, 60), own_past=(3, 0), new_len=(2, 1))
+    gen = torch.Generator().manual_seed(0)
+    D, inv_freq = 16, (1.0 / 10000 ** (torch.arange(0, 16, 2) / 16)).to(DEVICE)
+    layers = [tuple(torch.randn(shape, generator=gen).to(DEVICE) for shape in ((2, 4, 2, D), (2, 80, D), (2, 80, D)))
+              for _ in range(3)]
+    outs = [triton_attention(plan, q, k, v, inv_freq, 0.25) for q, k, v in layers]
+    launches = [key for key in plan._index if key[0] == "launch"]
+    assert len(launches) == 1
+    cfg = plan._index[launches[0]][1].config
+    *table, tiles = plan.kernel_tables(DEVICE, cfg.block_n)
+    for (q, k, v), out in zip(layers, outs):
+        assert torch.equal(out, triton_kernels.segment_attention(q, k, v, *table, inv_freq, scale=0.25, config=cfg,
+                                                                 tiles=tiles))
+    triton_attention(plan, *(t.half() for t in layers[0]), inv_freq, 0.25)
+    assert len([key for key in plan._index if key[0] == "launch"]) == 2  # another dtype: its own launch

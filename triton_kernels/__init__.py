@@ -6,8 +6,8 @@ reference.
 the kernel on CPU tensors (tests only).
 """
 
-from .segment_attention import (LaunchConfig, TileTable, default_splits, interpreter_active, is_available,
-                                launch_config, segment_attention, tile_table)
+from .segment_attention import (Launch, LaunchConfig, TileTable, default_splits, interpreter_active, is_available,
+                                launch_config, prepare_launch, run_launch, segment_attention, tile_table)
 
-__all__ = ["segment_attention", "is_available", "interpreter_active", "LaunchConfig", "launch_config", "TileTable",
-           "tile_table", "default_splits"]
+__all__ = ["segment_attention", "prepare_launch", "run_launch", "Launch", "is_available", "interpreter_active",
+           "LaunchConfig", "launch_config", "TileTable", "tile_table", "default_splits"]

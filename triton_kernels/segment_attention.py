@@ -26,6 +26,9 @@ Differentiable: when q, k_cache or v_cache requires grad, the forward also keeps
     the backward kernels of ``segment_attention_backward`` give dq and dk / dv into the whole store (through the
     re-rotation of moved segments), so LoRA fine-tuning through the cache runs on the kernel. dk / dv are
     added with atomics, or, under ``torch.use_deterministic_algorithms(True)``, reduced in a fixed order.
+Host cost: ``segment_attention`` checks its arguments at every call. ``prepare_launch`` checks them once and
+    ``run_launch`` runs that launch on any q, k_cache and v_cache of the same shapes (the engine: every layer of a
+    forward pass shares one table), checking only those three.
 Not supported:
     double backward, sliding windows, ALiBi / softcapping, RoPE conventions other than HF Llama "rotate_half".
     Row offsets inside one segment or own run are int32 (N * D < 2**31 elements per KV head).
@@ -814,6 +817,20 @@ def segment_attention(q, k_cache, v_cache, seg_start, seg_len, seg_delta, own_st
     is held by reference until the backward: rows the calls read must stay unchanged until then; see
     ``segment_attention_backward``).
     """
+    return run_launch(q, k_cache, v_cache, prepare_launch(
+        q, k_cache, v_cache, seg_start, seg_len, seg_delta, own_start, own_past, new_len, inv_freq, scale=scale,
+        config=config, tiles=tiles, num_splits=num_splits, max_own_len=max_own_len))
+
+
+def prepare_launch(q, k_cache, v_cache, seg_start, seg_len, seg_delta, own_start, own_past, new_len, inv_freq,
+                   *, scale=None, config: LaunchConfig | None = None, tiles: TileTable | None = None,
+                   num_splits: int | None = None, max_own_len: int | None = None) -> Launch:
+    """Every check and choice of ``segment_attention`` (arguments as there), without running the kernel: a
+    ``Launch`` that ``run_launch`` runs on these q, k_cache and v_cache or on any of the same shapes, dtype and
+    device. A caller that attends many times with one table prepares once: the engine, for every layer of a
+    forward pass. (On the CPU, with the kernel launches made no-ops, a pass of 30 layers took 2.9-3.6 ms of host time
+    through ``segment_attention`` and 0.70 ms prepared once: ``tests/kernels/bench_launch_host_cost.py``.)
+    """
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("inv_freq", inv_freq)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -893,10 +910,32 @@ def segment_attention(q, k_cache, v_cache, seg_start, seg_len, seg_delta, own_st
     if num_splits is None:
         programs = triton.cdiv(S * group, cfg.block_m) * B * Hkv
         num_splits = 1 if tiles is None else default_splits(programs, tiles.max_tiles * cfg.block_n, q.device)
-    launch = Launch(seg_start=seg_start, seg_len=seg_len, seg_delta=seg_delta, own_start=own_start,
-                    own_past=own_past, new_len=new_len, inv_freq=inv_freq.to(torch.float32).contiguous(),
-                    scale=1.0 / math.sqrt(D) if scale is None else float(scale), config=cfg,
-                    tiles=tiles if cfg.flat else None, num_splits=num_splits, G=G, max_own_len=max_own_len)
+    return Launch(seg_start=seg_start, seg_len=seg_len, seg_delta=seg_delta, own_start=own_start,
+                  own_past=own_past, new_len=new_len, inv_freq=inv_freq.to(torch.float32).contiguous(),
+                  scale=1.0 / math.sqrt(D) if scale is None else float(scale), config=cfg,
+                  tiles=tiles if cfg.flat else None, num_splits=num_splits, G=G, max_own_len=max_own_len,
+                  q_shape=(B, H, S, D), kv_shape=(Hkv, N, D), dtype=q.dtype, device=q.device)
+
+
+def run_launch(q, k_cache, v_cache, launch: Launch) -> torch.Tensor:
+    """Run a launch from ``prepare_launch`` on q (B, H, S, D) and k_cache, v_cache (Hkv, N, D) of the shapes,
+    dtype and device it was prepared for (checked here; the tables were checked when it was prepared). Returns
+    ``segment_attention``'s output, differentiable in the same way.
+
+    Example (one table, every layer)::
+
+        launch = prepare_launch(q, k_store[0], v_store[0], *tables, inv_freq)
+        outs = [run_launch(q_l, k_l, v_l, launch) for q_l, k_l, v_l in zip(qs, k_store, v_store)]
+    """
+    if not isinstance(launch, Launch):
+        raise TypeError(f"launch must be a Launch from prepare_launch, got {type(launch).__name__}")
+    for name, t, shape in (("q", q, launch.q_shape), ("k_cache", k_cache, launch.kv_shape),
+                           ("v_cache", v_cache, launch.kv_shape)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.shape != shape or t.dtype != launch.dtype or t.device != launch.device:
+            raise ValueError(f"{name} is {tuple(t.shape)} {t.dtype} on {t.device}, but the launch was prepared for "
+                             f"{shape} {launch.dtype} on {launch.device}")
     if torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad):
         from .segment_attention_backward import SegmentAttentionFunction
 
@@ -920,9 +959,10 @@ def _descriptor(t: torch.Tensor, name: str, block_n: int):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Launch:
-    """A checked call of ``segment_attention``: int32 tables on q's device (a G = 0 table padded to one empty
-    column), fp32 inv_freq, the softmax scale, tiles, the tile table (flat loop; None for the nested one) and
-    the split-K ways; the largest own_past + new_len if known on the host. Shared by the forward and backward
+    """A checked call of ``segment_attention`` (``prepare_launch``): int32 tables on q's device (a G = 0 table
+    padded to one empty column), fp32 inv_freq, the softmax scale, tiles, the tile table (flat loop; None for the
+    nested one) and the split-K ways; the largest own_past + new_len if known on the host; the shapes, dtype and
+    device it was checked for (``run_launch`` holds later tensors to them). Shared by the forward and backward
     passes."""
 
     seg_start: torch.Tensor
@@ -938,6 +978,11 @@ class Launch:
     num_splits: int
     G: int
     max_own_len: int | None = None
+    # what it was checked against: q (B, H, S, D), k_cache / v_cache (Hkv, N, D), their dtype and device
+    q_shape: tuple[int, int, int, int] = ()
+    kv_shape: tuple[int, int, int] = ()
+    dtype: torch.dtype | None = None
+    device: torch.device | None = None
 
 
 def forward(q, k_cache, v_cache, launch: Launch, *, store_lse: bool = False):

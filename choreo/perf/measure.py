@@ -213,4 +213,4 @@ def pass_costs(model: Model, *, sizes=(1, 8, 32, 128, 512), batches=(1, 8, 32), 
         step[b] = (time.perf_counter() - t0) / (ch.engine.forward_passes - passes0)
         ch.free(*msgs)
     return {"prefill_s": prefill, "fixed_s": fixed, "per_token_s": per_token, "decode_step_s": step,
-            "repeats": repeats, "threads": torch.get_num_threads()}
+            "repeats": repeats, "threads": torch.get_num_threads(), "attention": ch.attention}

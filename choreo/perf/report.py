@@ -166,7 +166,8 @@ def write_pass_costs(out: Path, model: Model, costs: dict, *, command: str | Non
              "cannot be faster than it, whatever the token bound says. A decode step of B calls encodes B tokens.",
              f"1-min load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, "
              f"{costs.get('threads', torch.get_num_threads())} torch threads."]
-    return write_table(out, "pass_cost", title="Cost of one forward pass (choreographed engine, torch attention)",
+    title = f"Cost of one forward pass (choreographed engine, {costs['attention']} attention)"
+    return write_table(out, "pass_cost", title=title,
                        columns=["pass", "measured (min of repeats)", "affine fit"], rows=rows, data=costs,
                        provenance=provenance(model, seeds=None, sample_sizes={"repeats": costs.get("repeats")},
                                              command=command), notes=notes)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from tests.kernels.cases import (AWKWARD, CUDA, DEVICE, EXAMPLES, Case, cases, error_bound,  # sets TRITON_INTERPRET
                                  read_rows)
 from triton_kernels import (LaunchConfig, TileTable, default_splits, interpreter_active, is_available,
-                            launch_config, segment_attention, tile_table)
+                            launch_config, prepare_launch, run_launch, segment_attention, tile_table)
 from triton_kernels.reference import dense_layout, segment_attention_ref, segment_attention_sdpa
 
 pytestmark = pytest.mark.skipif(
@@ -394,6 +394,23 @@ if not CUDA:  # data checks run only where they need no device sync
 def test_wrapper_rejects_bad_arguments(make, exc, word):
     with pytest.raises(exc, match=word):
         segment_attention(**make())
+
+
+def test_prepared_launch_runs_other_layers_and_checks_their_tensors():
+    args = _args()
+    launch = prepare_launch(**args)
+    q, k, v = args["q"], args["k_cache"], args["v_cache"]
+    assert torch.equal(run_launch(q, k, v, launch), segment_attention(**args))
+    q2, k2, v2 = (torch.randn_like(t) for t in (q, k, v))  # another layer: same shapes, other values
+    assert torch.equal(run_launch(q2, k2, v2, launch), segment_attention(**_args(q=q2, k_cache=k2, v_cache=v2)))
+    with pytest.raises(ValueError, match=r"q is \(2, 4, 2, 64\).*prepared for \(2, 4, 1, 64\)"):
+        run_launch(torch.cat([q, q], 2), k, v, launch)
+    with pytest.raises(ValueError, match="k_cache is .* torch.float64"):
+        run_launch(q, k.double(), v, launch)
+    with pytest.raises(ValueError, match="v_cache is .* on meta"):
+        run_launch(q, k, v.to("meta"), launch)
+    with pytest.raises(TypeError, match="launch must be a Launch"):
+        run_launch(q, k, v, dict(launch=launch))
 
 
 def test_unsupported_device_is_refused():
