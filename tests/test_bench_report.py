@@ -36,6 +36,7 @@ def _bench():
             "benchmarks": [vs("forward", "base", 3e-3), vs("forward", "head", 2e-3),
                            speed("triton", 2e-3, 100.0), speed("sdpa_causal", 1e-3, 200.0),
                            speed("flex", 4e-3, 50.0), tile(3e-3, 128, 1), tile(1.5e-3, 64, 2),
+                           speed("triton_prerotate", 1.25e-3, 160.0),
                            train("triton", 4e-3), train("sdpa_dense", 1e-2), train("sdpa_causal", 3e-3),
                            bwd("default", 4e-3), bwd("dkdv m128 w8 s1", 5e-3),
                            step("torch", 2.0), step("triton", 1.6),
@@ -48,8 +49,9 @@ def test_summary_picks_the_fastest_sweep_config():
     assert summary["w"]["best"]["seconds"] == 1.5e-3
     assert summary["w"]["best"]["config"] == "m64 n64 w4 s3 flat, 2 split(s)"
     row = bench_report.table_rows(summary)[0]
-    assert row[5] == "67%"  # causal SDPA 1.0 ms / fastest kernel 1.5 ms
-    assert row[-1] == "2.7x"  # Flex + gather 4.0 ms / 1.5 ms
+    assert row[4] == "1,250 us (160)"  # the moved keys copied first
+    assert row[6] == "80%"  # causal SDPA 1.0 ms / fastest kernel (prerotate) 1.25 ms
+    assert row[-1] == "3.2x"  # Flex + gather 4.0 ms / 1.25 ms
     training = bench_report.training_rows(summary)
     assert training == [["w", "4,000 us (250)", "10,000 us (100)", "3,000 us (333)", "75%", "2.5x", "40 / 100 MiB",
                          "4,000 us (250): default"]]

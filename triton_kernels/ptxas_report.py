@@ -93,22 +93,24 @@ def values(head_dim: int) -> dict[str, int]:
     return ({f"stride_q{k}": v for k, v in q.items()} | {f"stride_o{k}": v for k, v in q.items()}
             | {f"stride_k{k}": v for k, v in kv.items()} | {f"stride_v{k}": v for k, v in kv.items()}
             | {"stride_segb": G, "stride_segg": 1, "stride_tb": T, "stride_tt": 1,
+               "stride_pb": Hkv * T * 64 * D, "stride_ph": T * 64 * D, "stride_pn": D,
                "H": H, "Hkv": Hkv, "S": S, "G": G, "N": N})
 
 
 FLOAT_ARGS = ("qk_scale", "sm_scale")
 FP32_POINTERS = ("LSE", "DI", "DK", "DV", "INV_FREQ", "PART_ACC", "PART_M", "PART_L")
-DATA_POINTERS = ("Q", "K", "V", "DO", "DQ", "OUT", "K_DESC", "V_DESC")
+DATA_POINTERS = ("Q", "K", "V", "DO", "DQ", "OUT", "K_DESC", "V_DESC", "KP")
 I64_POINTERS = ("DEST", "TILES")
 
 
 def compile_stats(kernel: str, dtype: str, head_dim: int, *, block_m: int, block_n: int, num_warps: int,
                   num_stages: int, tma: bool = False, flat_stages: int | None = None, group: int = 4,
-                  arch: int = 90, deterministic: bool = False, moved: bool = True,
+                  arch: int = 90, deterministic: bool = False, moved: bool = True, prerotate: bool = False,
                   half_angles: bool | None = None, with_opcodes: bool = False) -> KernelStats:
     """Compile one kernel for ``sm_<arch>`` and read its resource use from ``ptxas -v`` and its pipelining from
     the Triton GPU IR (``tma`` and ``flat_stages``: the forward's ``LaunchConfig`` options; ``deterministic``:
     dkdv's partials instead of atomics; ``moved=False``: the launch has no moved segment, no re-rotation;
+    ``prerotate``: the forward's ``LaunchConfig.prerotate`` main loop, over keys copied moved;
     ``half_angles``: how it evaluates the rotation's cosines and sines, None: as launches do,
     ``segment_attention.half_angles``; ``with_opcodes``: also count the opcodes of its main loop and of the
     largest block that loop skips, ``opcodes``)."""
@@ -127,14 +129,14 @@ def compile_stats(kernel: str, dtype: str, head_dim: int, *, block_m: int, block
 
         constexprs["FLAT_STAGES"] = LaunchConfig(block_m=block_m, block_n=block_n, num_warps=num_warps,
                                                  num_stages=num_stages, flat_stages=flat_stages).flat_loop_stages
-    constexprs["MOVED"] = moved
+    constexprs["MOVED"] = moved and not prerotate
     if half_angles is None:
         from .segment_attention import half_angles as rule
 
         half_angles = rule(kernel, DTYPES[dtype], head_dim)
     constexprs["HALF_ANGLES"] = half_angles
     if kernel == "fwd":
-        constexprs |= {"FLAT": True, "SPLIT": False, "STORE_LSE": True, "TMA": tma}
+        constexprs |= {"FLAT": True, "SPLIT": False, "STORE_LSE": True, "TMA": tma, "PREROTATED": prerotate}
     if kernel == "dkdv":
         constexprs["DETERMINISTIC"] = deterministic
     ints = values(head_dim)

@@ -94,6 +94,10 @@ Triton GPU IR; counted, not timed one by one: the timings above are their sum):
   evaluation for each column it holds: at D 64 the block is 580 instructions and dq's new-delta block 429
   (D 128); evaluated on the D / 2 frequencies (``half_angles``: dq at 16-bit dtypes, the forward at D <= 64),
   215 and 64.
+- With the moved keys copied first (``LaunchConfig.prerotate``, off by default) the main loop is the unmoved
+  one over the copy: 405 instructions per tile and no re-rotation (D 64: 329, against 360 moved and 322
+  unmoved), for one extra pass that reads and writes every attended moved key once per launch (prefill-B8-S512-T4k:
+  64 MB each way at bf16). Not yet timed: ``triton_prerotate`` in the benchmarks.
 
 Worked example (call 0 sees store rows 0..9 moved 5 positions later, then its own 3 tokens, 2 of them new)::
 
@@ -259,6 +263,31 @@ def _rotate(x, x_swap, cos_a, sin_a):
 
 
 @triton.jit
+def _prerotate_keys(K, KP, TILES, N_TILES, INV_FREQ,  #
+                    stride_kh, stride_kn, stride_kd, stride_pb, stride_ph, stride_pn, stride_tb, stride_tt, Hkv,  #
+                    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, FIX_BF16: tl.constexpr):
+    # ``LaunchConfig.prerotate``: tile t of call b's tile table with its keys moved, one program per (tile, call x
+    # KV head): KP[b, hkv, t * BLOCK_N + j] = R(delta) K[hkv, row + j] for j < count, rotated in fp32 and rounded
+    # once; lanes past a partial tile's count repeat its last key (finite; the main loop masks their scores).
+    t = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = off_bh // Hkv
+    off_hkv = off_bh % Hkv
+    if t < tl.load(N_TILES + off_b):
+        row, cnt, delta = _tile(TILES + off_b.to(tl.int64) * stride_tb + t * stride_tt, True)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        inv_freq, offs_swap = _rope_tables(INV_FREQ, offs_d, HEAD_DIM, False)
+        rows = K + off_hkv.to(tl.int64) * stride_kh + (row + tl.minimum(offs_n, cnt - 1))[:, None] * stride_kn
+        k = tl.load(rows + offs_d[None, :] * stride_kd)  # (BLOCK_N, D)
+        k_swap = tl.load(rows + offs_swap[None, :] * stride_kd)
+        cos_a, sin_a = _rotation(inv_freq, -delta, HEAD_DIM, False)  # R(+delta): _rotation gives R(-its delta)
+        moved = _to(_rotate(_widen(k), _widen(k_swap), cos_a, sin_a), KP.dtype.element_ty, FIX_BF16)
+        P = KP + off_b.to(tl.int64) * stride_pb + off_hkv.to(tl.int64) * stride_ph
+        tl.store(P + (t * BLOCK_N + offs_n)[:, None] * stride_pn + offs_d[None, :], moved)
+
+
+@triton.jit
 def _online_softmax(acc, l_i, m_i, qk, qk_scale, v, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                     FIX_BF16: tl.constexpr):
     # One FlashAttention-2 step: unscaled scores qk (BLOCK_M, BLOCK_N) (masked keys -inf), qk_scale > 0 (the
@@ -284,11 +313,11 @@ def _online_softmax(acc, l_i, m_i, qk, qk_scale, v, DOT_FP32: tl.constexpr, INPU
 
 @triton.jit
 def _attn_fwd_flat(acc, l_i, m_i, Q, q_ptrs, q_swap_ptrs, inv_freq,  #
-                   T_ROW, stride_tt, t_lo, t_hi, K_HEAD, V_HEAD, qk_scale,  #
-                   offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, K_DESC, V_DESC, off_hkv,  #
+                   T_ROW, stride_tt, t_lo, t_hi, K_HEAD, V_HEAD, KP_HEAD, qk_scale,  #
+                   offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, K_DESC, V_DESC, off_hkv,  #
                    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, FIX_BF16: tl.constexpr,  #
                    TMA: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, STAGES: tl.constexpr,
-                   MOVED: tl.constexpr, HALF_ANGLES: tl.constexpr):
+                   MOVED: tl.constexpr, HALF_ANGLES: tl.constexpr, PREROTATED: tl.constexpr):
     # Tiles t_lo .. t_hi - 1 of a call's row T_ROW of the tile table, all segments in one loop: tile t holds cnt
     # keys from store row ``row`` on, moved by ``delta`` (one int64 entry, ``_tile``). The K/V addresses come from
     # a table indexed by the loop counter, so the software pipeliner prefetches across segment boundaries (as
@@ -304,6 +333,8 @@ def _attn_fwd_flat(acc, l_i, m_i, Q, q_ptrs, q_swap_ptrs, inv_freq,  #
     # tile that took 674 instructions per tile on sm_90 to 534 (``ptxas_report``).
     # MOVED False (no tile of the launch has a delta): the query as loaded, loop-invariant, so it stays in shared
     # memory for every score dot (as in the own-token loops) instead of going through registers each tile.
+    # PREROTATED (``LaunchConfig.prerotate``; MOVED is then False): tile t's keys, already moved, are rows
+    # t * BLOCK_N .. of this call's copy KP_HEAD (``_prerotate_keys``); its values are read from the store.
     if MOVED:
         _, _, cur = _tile(T_ROW + t_lo * stride_tt, t_lo < t_hi)
         q = _load_q_rotated(q_ptrs, q_swap_ptrs, inv_freq, cur, HEAD_DIM, HALF_ANGLES, FIX_BF16)
@@ -318,7 +349,9 @@ def _attn_fwd_flat(acc, l_i, m_i, Q, q_ptrs, q_swap_ptrs, inv_freq,  #
                 cur = delta
         col_ok = offs_n < cnt
         key = tl.minimum(offs_n, cnt - 1)  # (BLOCK_N,) the key each lane loads: cnt >= 1 in every table tile
-        if TMA:
+        if PREROTATED:
+            kT = tl.load(KP_HEAD + (t * BLOCK_N + offs_n)[None, :] * stride_pn + offs_d[:, None])
+        elif TMA:
             kT = tl.trans(K_DESC.load([off_hkv, row.to(tl.int32), 0]).reshape(BLOCK_N, HEAD_DIM))
         else:
             kT = tl.load(K_HEAD + row * stride_kn + (key[None, :] * stride_kn + offs_d[:, None] * stride_kd))
@@ -371,17 +404,18 @@ def _attn_fwd_inner(acc, l_i, m_i, q,  #
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, OUT, LSE, PART_ACC, PART_M, PART_L, K_DESC, V_DESC,  #
+def _attn_fwd(Q, K, V, OUT, LSE, PART_ACC, PART_M, PART_L, K_DESC, V_DESC, KP,  #
               SEG_START, SEG_LEN, SEG_DELTA, TILES, N_TILES, OWN_START, OWN_PAST, NEW_LEN, INV_FREQ, qk_scale,  #
               stride_qb, stride_qh, stride_qs, stride_qd,  #
               stride_kh, stride_kn, stride_kd,  #
               stride_vh, stride_vn, stride_vd,  #
               stride_ob, stride_oh, stride_os, stride_od,  #
               stride_segb, stride_segg, stride_tb, stride_tt,  #
+              stride_pb, stride_ph, stride_pn,  #
               H, Hkv, S, G,  #
               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
               FLAT: tl.constexpr, FLAT_STAGES: tl.constexpr, MOVED: tl.constexpr, SPLIT: tl.constexpr,  #
-              STORE_LSE: tl.constexpr, HALF_ANGLES: tl.constexpr,  #
+              STORE_LSE: tl.constexpr, HALF_ANGLES: tl.constexpr, PREROTATED: tl.constexpr,  #
               TMA: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, FIX_BF16: tl.constexpr):
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
@@ -427,11 +461,12 @@ def _attn_fwd(Q, K, V, OUT, LSE, PART_ACC, PART_M, PART_L, K_DESC, V_DESC,  #
         t_lo = tl.minimum(split * chunk, n_tiles)
         t_hi = tl.minimum(t_lo + chunk, n_tiles)
         T_ROW = TILES + off_b.to(tl.int64) * stride_tb
+        KP_HEAD = KP + off_b.to(tl.int64) * stride_pb + off_hkv.to(tl.int64) * stride_ph  # read if PREROTATED
         acc, l_i, m_i = _attn_fwd_flat(acc, l_i, m_i, Q, q_ptrs, q_swap_ptrs, inv_freq,
-                                       T_ROW, stride_tt, t_lo, t_hi, K_HEAD, V_HEAD, qk_scale, offs_n, offs_d,
-                                       stride_kn, stride_kd, stride_vn, stride_vd, K_DESC, V_DESC, off_hkv,
-                                       DOT_FP32, INPUT_PRECISION, FIX_BF16, TMA, BLOCK_N, HEAD_DIM, FLAT_STAGES,
-                                       MOVED, HALF_ANGLES)
+                                       T_ROW, stride_tt, t_lo, t_hi, K_HEAD, V_HEAD, KP_HEAD, qk_scale, offs_n,
+                                       offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, K_DESC, V_DESC,
+                                       off_hkv, DOT_FP32, INPUT_PRECISION, FIX_BF16, TMA, BLOCK_N, HEAD_DIM,
+                                       FLAT_STAGES, MOVED, HALF_ANGLES, PREROTATED)
     else:
         n_seg = tl.where(alive, G, 0)
         chunk = tl.cdiv(n_seg, num_splits)
@@ -571,6 +606,13 @@ class LaunchConfig:
     flat loop the own loops' buffers (3 at the default prefill tile, 2 at decode) at the same shared memory; more
     stages add buffers and shared memory (``python -m triton_kernels.ptxas_report --flat-stages ...`` prints the
     buffers, registers, shared memory and instructions each setting compiles to). dq's loop: ``backward_configs``.
+    prerotate: (flat loop, no TMA) when some segment is moved, first copy every tile's keys, moved by its delta,
+    into a buffer of the launch's own (``_prerotate_keys``: B x Hkv x max_tiles x block_n x D elements, read once
+    and written once), then run the main loop as for unmoved segments on those keys (the query loop-invariant in
+    shared memory, no re-rotation) with the values read from the store. Trades the in-register re-rotation
+    (its query round trip through shared memory at every tile and its re-rotation at every delta change) for
+    that copy, which the query blocks of a prefill share; at decode the copy is about as much traffic as the
+    attention itself. Off by default: not yet timed on a GPU.
     """
 
     block_m: int
@@ -580,6 +622,7 @@ class LaunchConfig:
     flat: bool = True
     tma: bool = False
     flat_stages: int | None = None
+    prerotate: bool = False
 
     @property
     def flat_loop_stages(self) -> int:
@@ -600,6 +643,9 @@ class LaunchConfig:
         if not isinstance(self.tma, bool) or (self.tma and not self.flat):
             raise ValueError(f"LaunchConfig.tma must be a bool, and needs flat=True, got tma={self.tma!r}, "
                              f"flat={self.flat!r}")
+        if not isinstance(self.prerotate, bool) or (self.prerotate and (not self.flat or self.tma)):
+            raise ValueError(f"LaunchConfig.prerotate must be a bool, and needs flat=True and tma=False, got "
+                             f"prerotate={self.prerotate!r}, flat={self.flat!r}, tma={self.tma!r}")
         if self.flat_stages is not None and (isinstance(self.flat_stages, bool) or not isinstance(self.flat_stages, int)
                                              or self.flat_stages < 1 or not self.flat):
             raise ValueError(f"LaunchConfig.flat_stages must be None or an integer >= 1, and needs flat=True, got "
@@ -1012,17 +1058,30 @@ def forward(q, k_cache, v_cache, launch: Launch, *, store_lse: bool = False):
         k_desc, v_desc = (_descriptor(t, name, cfg.block_n) for t, name in ((k_cache, "k_cache"), (v_cache, "v_cache")))
     else:  # never read
         k_desc, v_desc = k_cache, v_cache
+    moved = launch.tiles is None or launch.tiles.moved
+    prerotated = cfg.prerotate and moved
+    if prerotated:  # the moved keys, tile by tile, for this launch only: (B, Hkv, T * block_n, D)
+        T = launch.tiles.max_tiles
+        kp = torch.empty((B, Hkv, max(T, 1) * cfg.block_n, D), dtype=k_cache.dtype, device=q.device)
+        if T:
+            _prerotate_keys[(T, B * Hkv)](
+                k_cache, kp, table, n_tiles, launch.inv_freq, *k_cache.stride(), *kp.stride()[:3], *table.stride(),
+                Hkv, BLOCK_N=cfg.block_n, HEAD_DIM=D, FIX_BF16=interpret and q.dtype == torch.bfloat16,
+                num_warps=4)
+    else:  # never read
+        kp = k_cache.new_empty((1, 1, 1, D))
     grid = (triton.cdiv(S * (H // Hkv), cfg.block_m), B * Hkv, num_splits)
     _attn_fwd[grid](
-        q, k_cache, v_cache, out, lse if store_lse else out, part_acc, part_m, part_l, k_desc, v_desc,  #
+        q, k_cache, v_cache, out, lse if store_lse else out, part_acc, part_m, part_l, k_desc, v_desc, kp,  #
         launch.seg_start, launch.seg_len, launch.seg_delta, table, n_tiles, launch.own_start, launch.own_past,
         launch.new_len, launch.inv_freq, launch.scale * LOG2E,  #
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),  #
-        launch.seg_start.stride(0), launch.seg_start.stride(1), *table.stride(),  #
+        launch.seg_start.stride(0), launch.seg_start.stride(1), *table.stride(), *kp.stride()[:3],  #
         H, Hkv, S, launch.G,  #
         GROUP=H // Hkv, HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, FLAT=cfg.flat,  #
-        FLAT_STAGES=cfg.flat_loop_stages, MOVED=launch.tiles is None or launch.tiles.moved, SPLIT=split,  #
+        FLAT_STAGES=cfg.flat_loop_stages, MOVED=moved and not prerotated, SPLIT=split,  #
         STORE_LSE=store_lse and not split, TMA=cfg.tma, HALF_ANGLES=half_angles("fwd", q.dtype, D),  #
+        PREROTATED=prerotated,  #
         DOT_FP32=dot_fp32, INPUT_PRECISION="ieee" if dot_fp32 else "tf32",  #
         FIX_BF16=interpret and q.dtype == torch.bfloat16,  #
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)

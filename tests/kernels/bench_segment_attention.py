@@ -4,6 +4,8 @@ Implementations, all at bf16 on the same workload (each call attends to randomly
 linearised by per-message position deltas, then causally to its own tokens):
 
 - ``triton``: ``segment_attention`` walks the segment table; no gather, no mask tensor.
+- ``triton_prerotate``: the same with ``LaunchConfig.prerotate``: the moved keys first copied, tile by tile, moved
+  (its time includes that copy; its extra memory is the copy); prefill workloads only.
 - ``sdpa_dense``: gather + re-rotate each call's keys, SDPA with a dense boolean mask (the engine's torch backend).
 - ``flex``: the same gather + re-rotation, compiled FlexAttention with a block mask from the key table.
 - ``flex_kernel``: FlexAttention's kernel alone, on keys gathered and re-rotated before timing (a lower bound
@@ -170,6 +172,10 @@ def make_impl(name: str, w: Workload, args):
     q = args[0]
     if name == "triton":
         return _kernel_call(triton_kernels, w, args)
+    if name == "triton_prerotate":  # the moved keys copied first (``LaunchConfig.prerotate``)
+        cfg = dataclasses.replace(triton_kernels.launch_config(w.S * H // HKV, D, DTYPE), prerotate=True)
+        tiles = triton_kernels.tile_table(*args[3:6], cfg.block_n)
+        return lambda: triton_kernels.segment_attention(*args, config=cfg, tiles=tiles)
     layout = dense_layout(*args[3:9], w.S)
     if name == "sdpa_dense":
         mask = layout.mask[:, None]  # (B, 1, S, T)
@@ -209,7 +215,7 @@ def make_impl(name: str, w: Workload, args):
     raise ValueError(f"unknown implementation {name!r}")
 
 
-IMPLS = ["triton", "sdpa_dense", "flex", "flex_kernel", "sdpa_causal"]
+IMPLS = ["triton", "triton_prerotate", "sdpa_dense", "flex", "flex_kernel", "sdpa_causal"]
 
 # Calls per timed round: a round is REPS launches then one synchronisation, so that the host's launch and
 # sync latency (tens of microseconds) does not swamp short kernels. Same for every implementation of a workload.
@@ -286,8 +292,10 @@ def _machine_info() -> dict:
 def test_segment_attention_speed(benchmark, w, impl):
     from triton_kernels.reference import dense_layout, segment_attention_sdpa
 
-    if w.deltas != "per-message" and impl not in ("triton", "sdpa_causal"):
+    if w.deltas != "per-message" and impl not in ("triton", "triton_prerotate", "sdpa_causal"):
         pytest.skip(f"deltas={w.deltas!r} isolates the kernel's re-rotation: kernel and causal SDPA only")
+    if impl == "triton_prerotate" and w.S == 1:
+        pytest.skip("copying the moved keys first pays off only where query blocks share them: prefill")
     sets = input_sets(w)
     args = sets[0]
     layout = dense_layout(*args[3:9], w.S)
@@ -330,7 +338,8 @@ def _tile_configs():
     against 0.98x for the default m64 n64, for 144 KiB of shared memory: one program per multiprocessor instead
     of two), and
     a deeper flat-loop ring (``flat_stages=num_stages + 1``: one more K/V tile in flight, for more shared
-    memory) beside the default at the default tiles."""
+    memory) beside the default at the default tiles, and the moved keys copied first (``prerotate``) at three
+    prefill tiles."""
     from triton_kernels import LaunchConfig
 
     decode = [(LaunchConfig(block_m=16, block_n=64, num_warps=4, num_stages=3, flat=f), n)
@@ -349,6 +358,8 @@ def _tile_configs():
                                           (128, 128, 8, 2, True, True))]
     prefill += [(LaunchConfig(block_m=64, block_n=64, num_warps=4, num_stages=3, flat_stages=4), 1),
                 (LaunchConfig(block_m=64, block_n=64, num_warps=4, num_stages=3, flat_stages=4, tma=True), 1)]
+    prefill += [(LaunchConfig(block_m=m, block_n=n, num_warps=wp, num_stages=st, prerotate=True), 1)
+                for m, n, wp, st in ((64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2))]
     return [(w, c, n) for w in SWEPT for c, n in (decode if w.S == 1 else prefill)]
 
 
@@ -356,7 +367,8 @@ TILES = _tile_configs()
 
 
 @pytest.mark.parametrize("w, cfg, splits", TILES, ids=[
-    f"{w.name}-m{c.block_m}n{c.block_n}w{c.num_warps}s{c.num_stages}{'-tma' if c.tma else '' if c.flat else '-nested'}"
+    f"{w.name}-m{c.block_m}n{c.block_n}w{c.num_warps}s{c.num_stages}"
+    f"{'-tma' if c.tma else '-prerotate' if c.prerotate else '' if c.flat else '-nested'}"
     f"{f'-flat{c.flat_stages}' if c.flat_stages else ''}-k{n}"
     for w, c, n in TILES])
 def test_segment_attention_tiles(benchmark, w, cfg, splits):

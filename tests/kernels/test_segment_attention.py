@@ -93,17 +93,17 @@ def with_garbage_in_unread_rows(case: Case, args: tuple, finite: bool = False) -
     return (q, k, v, *rest)
 
 
-@pytest.mark.parametrize("loop", ["flat", "nested"] + (["tma"] if HOPPER else []))
+@pytest.mark.parametrize("loop", ["flat", "nested", "prerotate"] + (["tma"] if HOPPER else []))
 @pytest.mark.parametrize("name", GARBAGE_CASES)
 def test_unread_store_rows_ignore_garbage(name, loop):
     """Store rows no call reads may hold anything (freed or never written): the output is bit for bit the one
     with other values there, whether a partial tile's lanes past its count are masked (nested loop) or re-read
     its last key (flat loop); with split-K too. Tensor-descriptor loads read the rows after a partial tile's
     keys and weigh them by zero, so they need finite rows (``LaunchConfig.tma``): huge finite values change
-    nothing."""
+    nothing. The keys copied moved (``LaunchConfig.prerotate``) are the rows the calls read."""
     case = AWKWARD[name]
     cfg = dataclasses.replace(launch_config(case.S * case.H // case.Hkv, case.D, case.dtype, interpreter_active()),
-                              flat=loop != "nested", tma=loop == "tma")
+                              flat=loop != "nested", tma=loop == "tma", prerotate=loop == "prerotate")
     args = case.tensors()
     dirty = with_garbage_in_unread_rows(case, args, finite=loop == "tma")
     for splits in (1, 3):
@@ -125,18 +125,20 @@ def test_strided_inputs():
 CONFIGS = [LaunchConfig(block_m=16, block_n=32, num_warps=2, num_stages=1),
            LaunchConfig(block_m=32, block_n=16, num_warps=4, num_stages=2),
            LaunchConfig(block_m=16, block_n=16, num_warps=1, num_stages=1, flat=False),
-           LaunchConfig(block_m=16, block_n=16, num_warps=1, num_stages=2, flat_stages=2)]
+           LaunchConfig(block_m=16, block_n=16, num_warps=1, num_stages=2, flat_stages=2),
+           LaunchConfig(block_m=16, block_n=32, num_warps=2, num_stages=1, prerotate=True)]
 if HOPPER:
     CONFIGS += [LaunchConfig(block_m=16, block_n=16, num_warps=1, num_stages=1, tma=True)]
 if CUDA:  # the tiles the default picks on a GPU for prefill and decode, and their neighbours
     CONFIGS += [LaunchConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
                 LaunchConfig(block_m=64, block_n=64, num_warps=4, num_stages=3),
                 LaunchConfig(block_m=128, block_n=128, num_warps=8, num_stages=2),
-                LaunchConfig(block_m=64, block_n=64, num_warps=4, num_stages=3, flat_stages=4)]
+                LaunchConfig(block_m=64, block_n=64, num_warps=4, num_stages=3, flat_stages=4),
+                LaunchConfig(block_m=64, block_n=64, num_warps=4, num_stages=3, prerotate=True)]
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"m{c.block_m}-n{c.block_n}-w{c.num_warps}-s{c.num_stages}"
-                         + ("-nested" if not c.flat else "-tma" if c.tma else "")
+                         + ("-nested" if not c.flat else "-tma" if c.tma else "-prerotate" if c.prerotate else "")
                          + (f"-flat{c.flat_stages}" if c.flat_stages else ""))
 @pytest.mark.parametrize("name", ["seqlen-97", "multi-tile-segments", "gqa-3-decode", "continued-segments"])
 def test_tile_configs_agree(name, cfg):
@@ -151,15 +153,16 @@ SPLIT_CASES = ["decode-S1", "empty-segment-list-G0", "padding-segments-and-rows"
                "overlap-repeat-gap", "gqa-3-decode", "multi-tile-segments", "bf16", "continued-segments"]
 
 
-@pytest.mark.parametrize("loop", ["flat", "nested"] + (["tma"] if HOPPER else []))
+@pytest.mark.parametrize("loop", ["flat", "nested", "prerotate"] + (["tma"] if HOPPER else []))
 @pytest.mark.parametrize("splits", [2, 3, 7])
 @pytest.mark.parametrize("name", SPLIT_CASES)
 def test_split_k_matches_reference(name, splits, loop):
     """Split-K (more splits than some calls have tiles or segments, so some splits are empty), both loop
-    structures and the tensor-descriptor loads against the fp64 reference, on the awkward cases."""
+    structures, the tensor-descriptor loads and the keys copied moved against the fp64 reference, on the
+    awkward cases."""
     case = AWKWARD[name]
     cfg = dataclasses.replace(launch_config(case.S * case.H // case.Hkv, case.D, case.dtype, interpreter_active()),
-                              flat=loop != "nested", tma=loop == "tma")
+                              flat=loop != "nested", tma=loop == "tma", prerotate=loop == "prerotate")
     args = case.tensors()
     out = segment_attention(*args, config=cfg, num_splits=splits)
     q, k, v, *rest = args
@@ -309,6 +312,9 @@ def test_tma_needs_an_aligned_store():
     (dict(block_m=16, block_n=16, flat_stages=0), "flat_stages"),
     (dict(block_m=16, block_n=16, flat_stages=True), "flat_stages"),
     (dict(block_m=16, block_n=16, flat=False, flat_stages=3), "flat_stages"),
+    (dict(block_m=16, block_n=16, flat=False, prerotate=True), "prerotate"),
+    (dict(block_m=16, block_n=16, tma=True, prerotate=True), "prerotate"),
+    (dict(block_m=16, block_n=16, prerotate=1), "prerotate"),
 ])
 def test_launch_config_rejects_bad_values(kwargs, word):
     with pytest.raises(ValueError, match=word):

@@ -111,12 +111,14 @@ def test_gradients_awkward_cases(case):
                          ["decode-S1", "overlap-repeat-gap", "padding-segments-and-rows", "multi-tile-segments",
                           "continued-segments"])
 def test_gradients_after_split_k_and_nested_forward(name):
-    """The backward reads the row statistics of a split-K forward (merged on the host) and of the nested-loop
-    forward (no tile table: the backward cuts one) as it reads the flat forward's."""
+    """The backward reads the row statistics of a split-K forward (merged on the host), of the nested-loop
+    forward (no tile table: the backward cuts one) and of a forward over keys copied moved
+    (``LaunchConfig.prerotate``) as it reads the flat forward's."""
     case = AWKWARD[name]
     cfg = launch_config(case.S * case.H // case.Hkv, case.D, case.dtype, interpreter_active())
     check_gradients(case, num_splits=3)
     check_gradients(case, config=dataclasses.replace(cfg, flat=False))
+    check_gradients(case, config=dataclasses.replace(cfg, prerotate=True))
 
 
 @pytest.mark.parametrize("name", ["decode-S1", "overlap-repeat-gap", "padding-segments-and-rows", "all-calls-padding",
