@@ -50,7 +50,8 @@ class KernelStats:
     ``loop_instructions``: what one iteration of that loop issues on its common path (``loop_instructions``;
     None without nvdisasm); ``switch_instructions``: what the largest block that loop jumps over issues when it
     runs (the forward's re-rotation at a new segment, ``switch_instructions``); ``loop_opcodes`` /
-    ``switch_opcodes``: how many of each opcode those are (``opcodes``), when asked for."""
+    ``switch_opcodes``: how many of each opcode those are (``opcodes``), when asked for. The loop figures are
+    None for a kernel without a loop (``prerotate``, the pass that copies moved keys)."""
 
     kernel: str
     dtype: str
@@ -66,7 +67,7 @@ class KernelStats:
     registers: int
     spill_bytes: int
     shared_bytes: int
-    loop_buffers: int
+    loop_buffers: int | None
     loop_instructions: int | None
     switch_instructions: int | None
     arch: int
@@ -81,7 +82,8 @@ def _kernel(name: str):
     if fwd.interpreter_active():
         raise RuntimeError("the kernels were imported for the Triton interpreter: unset TRITON_INTERPRET to compile "
                            "them for a GPU")
-    return {"fwd": fwd._attn_fwd, "dq": bwd._attn_bwd_dq, "dkdv": bwd._attn_bwd_dkdv}[name]
+    return {"fwd": fwd._attn_fwd, "dq": bwd._attn_bwd_dq, "dkdv": bwd._attn_bwd_dkdv,
+            "prerotate": fwd._prerotate_keys}[name]
 
 
 def values(head_dim: int) -> dict[str, int]:
@@ -139,6 +141,7 @@ def compile_stats(kernel: str, dtype: str, head_dim: int, *, block_m: int, block
         constexprs |= {"FLAT": True, "SPLIT": False, "STORE_LSE": True, "TMA": tma, "PREROTATED": prerotate}
     if kernel == "dkdv":
         constexprs["DETERMINISTIC"] = deterministic
+    constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}  # the prerotate pass takes few
     ints = values(head_dim)
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -163,7 +166,7 @@ def compile_stats(kernel: str, dtype: str, head_dim: int, *, block_m: int, block
                               options={"num_warps": num_warps, "num_stages": num_stages})
     registers, spills = _ptxas_verbose(compiled.asm["ptx"], arch)
     tile = block_m if kernel == "dkdv" else block_n
-    sass = _disassemble(compiled.asm["cubin"])
+    sass = None if kernel == "prerotate" else _disassemble(compiled.asm["cubin"])  # no loop to count
     loop_ins, switch_ins = (None, None) if sass is None else (loop_instructions(sass), switch_instructions(sass))
     counts = {} if sass is None or not with_opcodes else dict(loop_opcodes=dict(opcodes(sass, "loop")),
                                                                switch_opcodes=dict(opcodes(sass, "skipped")))
@@ -171,7 +174,8 @@ def compile_stats(kernel: str, dtype: str, head_dim: int, *, block_m: int, block
                        num_warps=num_warps, num_stages=num_stages, tma=tma, flat_stages=flat_stages,
                        deterministic=deterministic, moved=moved,
                        registers=registers, spill_bytes=spills, shared_bytes=compiled.metadata.shared,
-                       loop_buffers=loop_buffers(compiled.asm["ttgir"], tile, head_dim),
+                       loop_buffers=None if kernel == "prerotate" else loop_buffers(compiled.asm["ttgir"], tile,
+                                                                                    head_dim),
                        loop_instructions=loop_ins, switch_instructions=switch_ins, arch=arch, **counts)
 
 
