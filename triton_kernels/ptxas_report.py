@@ -166,7 +166,8 @@ def compile_stats(kernel: str, dtype: str, head_dim: int, *, block_m: int, block
                               options={"num_warps": num_warps, "num_stages": num_stages})
     registers, spills = _ptxas_verbose(compiled.asm["ptx"], arch)
     tile = block_m if kernel == "dkdv" else block_n
-    sass = None if kernel == "prerotate" else _disassemble(compiled.asm["cubin"])  # no loop to count
+    loop = kernel != "prerotate"  # the pass that copies moved keys has no loop to count
+    sass = _disassemble(compiled.asm["cubin"]) if loop else None
     loop_ins, switch_ins = (None, None) if sass is None else (loop_instructions(sass), switch_instructions(sass))
     counts = {} if sass is None or not with_opcodes else dict(loop_opcodes=dict(opcodes(sass, "loop")),
                                                                switch_opcodes=dict(opcodes(sass, "skipped")))
@@ -174,8 +175,7 @@ def compile_stats(kernel: str, dtype: str, head_dim: int, *, block_m: int, block
                        num_warps=num_warps, num_stages=num_stages, tma=tma, flat_stages=flat_stages,
                        deterministic=deterministic, moved=moved,
                        registers=registers, spill_bytes=spills, shared_bytes=compiled.metadata.shared,
-                       loop_buffers=None if kernel == "prerotate" else loop_buffers(compiled.asm["ttgir"], tile,
-                                                                                    head_dim),
+                       loop_buffers=loop_buffers(compiled.asm["ttgir"], tile, head_dim) if loop else None,
                        loop_instructions=loop_ins, switch_instructions=switch_ins, arch=arch, **counts)
 
 

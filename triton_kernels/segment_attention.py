@@ -267,8 +267,9 @@ def _prerotate_keys(K, KP, TILES, N_TILES, INV_FREQ,  #
                     stride_kh, stride_kn, stride_kd, stride_pb, stride_ph, stride_pn, stride_tb, stride_tt, Hkv,  #
                     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, FIX_BF16: tl.constexpr):
     # ``LaunchConfig.prerotate``: tile t of call b's tile table with its keys moved, one program per (tile, call x
-    # KV head): KP[b, hkv, t * BLOCK_N + j] = R(delta) K[hkv, row + j] for j < count, rotated in fp32 and rounded
-    # once; lanes past a partial tile's count repeat its last key (finite; the main loop masks their scores).
+    # KV head): KP[b, hkv, t * BLOCK_N + j] = R(delta) K[hkv, row + j] for j < count, rotated as the backward
+    # kernels rotate key tiles (``_rotate_rows``: the same bits); lanes past a partial tile's count repeat its last
+    # key (finite; the main loop masks their scores).
     t = tl.program_id(0)
     off_bh = tl.program_id(1)
     off_b = off_bh // Hkv
@@ -282,7 +283,7 @@ def _prerotate_keys(K, KP, TILES, N_TILES, INV_FREQ,  #
         k = tl.load(rows + offs_d[None, :] * stride_kd)  # (BLOCK_N, D)
         k_swap = tl.load(rows + offs_swap[None, :] * stride_kd)
         cos_a, sin_a = _rotation(inv_freq, -delta, HEAD_DIM, False)  # R(+delta): _rotation gives R(-its delta)
-        moved = _to(_rotate(_widen(k), _widen(k_swap), cos_a, sin_a), KP.dtype.element_ty, FIX_BF16)
+        moved = _rotate_rows(k, k_swap, cos_a, sin_a, FIX_BF16)
         P = KP + off_b.to(tl.int64) * stride_pb + off_hkv.to(tl.int64) * stride_ph
         tl.store(P + (t * BLOCK_N + offs_n)[:, None] * stride_pn + offs_d[None, :], moved)
 
@@ -1069,14 +1070,15 @@ def forward(q, k_cache, v_cache, launch: Launch, *, store_lse: bool = False):
                 Hkv, BLOCK_N=cfg.block_n, HEAD_DIM=D, FIX_BF16=interpret and q.dtype == torch.bfloat16,
                 num_warps=4)
     else:  # never read
-        kp = k_cache.new_empty((1, 1, 1, D))
+        kp = k_cache
     grid = (triton.cdiv(S * (H // Hkv), cfg.block_m), B * Hkv, num_splits)
     _attn_fwd[grid](
         q, k_cache, v_cache, out, lse if store_lse else out, part_acc, part_m, part_l, k_desc, v_desc, kp,  #
         launch.seg_start, launch.seg_len, launch.seg_delta, table, n_tiles, launch.own_start, launch.own_past,
         launch.new_len, launch.inv_freq, launch.scale * LOG2E,  #
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),  #
-        launch.seg_start.stride(0), launch.seg_start.stride(1), *table.stride(), *kp.stride()[:3],  #
+        launch.seg_start.stride(0), launch.seg_start.stride(1), *table.stride(),  #
+        *(kp.stride()[:3] if prerotated else (0, 0, 0)),  #
         H, Hkv, S, launch.G,  #
         GROUP=H // Hkv, HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, FLAT=cfg.flat,  #
         FLAT_STAGES=cfg.flat_loop_stages, MOVED=moved and not prerotated, SPLIT=split,  #
