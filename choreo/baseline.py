@@ -38,6 +38,7 @@ class Baseline(Choreographer):
     """
 
     adapter = False  # ordinary prompting of the base model: a LoRA adapter on the model never applies
+    encodes_prefills = False  # a prefill is text only: nothing is encoded until a decode needs it
 
     def __init__(self, model: Model, *, attention: str | None = None, capacity: int = 65536, prefix_reuse: bool = False):
         super().__init__(model, attention=attention, capacity=capacity)
@@ -46,12 +47,6 @@ class Baseline(Choreographer):
         self._refs: dict[int, int] = {}  # internal message id -> number of chains using it
         self._internal: dict[int, Message] = {}
         self.reused_tokens = 0
-
-    def start_prefill(self, text, *, role, parents=(), offsets=None, new_offset=None) -> Job:
-        job = super().start_prefill(text, role=role, parents=parents, offsets=offsets, new_offset=new_offset)
-        self.engine.store.free(job.msg.row, job.reserved)  # text only: nothing is encoded until a decode needs it
-        job.msg.row, job.reserved, job.done, job.pending = -1, 0, True, []
-        return job
 
     def start_decode(self, calls: list[Call]) -> list[Job]:
         calls = [c if isinstance(c, Call) else Call(**c) for c in calls]
@@ -94,6 +89,7 @@ class Baseline(Choreographer):
             _, prefix_ids, parts = job.origin
             chain = _Chain(ids=prefix_ids + inner.ids, parts=parts + [(inner, inner.length)])
             self._refs[inner.id] = self._refs.get(inner.id, 0) + 1
+            job.reserved = 0  # the chain owns the inner message's rows now
             if self.prefix_reuse:
                 self._chains[msg.id] = chain
             else:
@@ -101,20 +97,27 @@ class Baseline(Choreographer):
             out.append(msg)
         return out
 
-    def free(self, *messages) -> None:
-        for msg in [self._lookup(m, "free") for m in messages]:
-            chain = self._chains.pop(msg.id, None)
-            if chain is not None:
-                self._release(chain)
-            msg.freed = True
-            del self._messages[msg.id]
+    def release(self, msg: Message) -> None:
+        """A text message holds no rows; one whose encoding is kept for reuse releases its chain."""
+        chain = self._chains.pop(msg.id, None)
+        if chain is not None:
+            self._release(chain)
+
+    def abort(self, jobs) -> None:
+        """Undo started jobs: a decode's internal message and rows, and its hold on reused chains."""
+        jobs = list(jobs)
+        for job in jobs:
+            if job.call is not None and self._internal.get(job.msg.id) is job.msg:
+                del self._internal[job.msg.id]
+                self._release(_Chain(ids=[], parts=job.origin[2]))
+        super().abort(jobs)
 
     # ------------------------------------------------------------------ prompts and reuse
     def serial_prompt(self, call: Call) -> tuple[list[int], int, tuple[int, ...]]:
         """The serial prompt of a call: its parents' turns in position order, then its header.
 
         Returns (prompt token ids, the start the output message gets, parent ids). Placement is validated
-        as for a decode (unknown or freed parents, bad offsets raise ``ValueError``).
+        as for a decode (unknown or freed parents raise ``KeyError``, bad offsets ``ValueError``).
         """
         parents, starts, start = self._resolve(call.parents, call.offsets, call.new_offset)
         order = sorted(range(len(parents)), key=lambda i: (starts[i], i))

@@ -72,8 +72,8 @@ class KVStore:
     """
 
     def __init__(self, spec: ModelSpec, *, capacity: int, initial: int = 1024):
-        if capacity < 1:
-            raise ValueError(f"capacity must be at least 1 token, got {capacity}")
+        if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
+            raise ValueError(f"capacity must be an integer of at least 1 token, got {capacity!r}")
         self.spec, self.capacity = spec, capacity
         n = min(initial, capacity)
         shape = (spec.n_kv_heads, n, spec.head_dim)
@@ -127,11 +127,11 @@ class KVStore:
         """Return rows row .. row+n-1 to the free list (merging neighbours)."""
         if n <= 0:
             return
-        if _count:
-            self.used -= n
         i = bisect.bisect_left(self._free, (row, 0))
         if i > 0 and sum(self._free[i - 1]) > row or i < len(self._free) and row + n > self._free[i][0]:
             raise RuntimeError(f"double free of rows {row}..{row + n - 1}")
+        if _count:
+            self.used -= n
         self._free.insert(i, (row, n))
         if i + 1 < len(self._free) and row + n == self._free[i + 1][0]:
             self._free[i:i + 2] = [(row, n + self._free[i + 1][1])]

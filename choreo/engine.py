@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
+import numbers
+import operator
 import time
 from typing import Iterable, Sequence
 
@@ -51,16 +54,49 @@ class Call:
 
     def __post_init__(self):
         parse_role(self.role)
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        if self.teacher_tokens is not None and len(self.teacher_tokens) < 1:
-            raise ValueError("teacher_tokens must hold at least one token (or be None)")
+        if not _is_real(self.temperature) or not 0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if not _is_int(self.seed) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise ValueError(f"seed must be an integer in [-2**63, 2**64 - 1] (torch.Generator's), got {self.seed!r}")
+        if self.stop is None or isinstance(self.stop, str):
+            object.__setattr__(self, "stop", () if self.stop is None else (self.stop,))
+        if isinstance(self.stop, (bytes, dict)) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop must be a non-empty string or a sequence of them, got {self.stop!r}")
+        object.__setattr__(self, "stop", tuple(self.stop))
+        if self.teacher_tokens is not None:
+            if isinstance(self.teacher_tokens, (str, bytes)) or len(self.teacher_tokens) < 1:
+                raise ValueError(f"teacher_tokens must be a non-empty sequence of token ids (or None), "
+                                 f"got {self.teacher_tokens!r}")
+            tokens = tuple(_token_id(t) for t in self.teacher_tokens)
+            bad = [t for t, i in zip(self.teacher_tokens, tokens) if i is None or i < 0]
+            if bad:
+                raise ValueError(f"teacher_tokens must be non-negative integer token ids, got {bad[0]!r}")
+            object.__setattr__(self, "teacher_tokens", tokens)
+
+
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed accepts
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _token_id(x) -> int | None:
+    """x as a Python int if it is an integer (a numpy or 0-d integer torch scalar included, bool not), else None."""
+    if isinstance(x, bool):
+        return None
+    try:
+        return operator.index(x)
+    except TypeError:
+        return None
 
 
 @dataclasses.dataclass(eq=False)
@@ -93,11 +129,20 @@ class Engine:
     """Batched forward steps over jobs that share one KV store."""
 
     def __init__(self, model: Model, *, attention: str | None = None, capacity: int = 65536, adapter: bool = True):
+        if not isinstance(model, Model):
+            raise TypeError(f"model must be a choreo Model (choreo.load_model()), got {type(model).__name__}")
         self.model = model
         self.adapter = adapter  # False: a LoRA adapter on the model is switched off for this engine's passes
         self.grad = False  # True: record autograd history (teacher-forced replays for fine-tuning)
         self.attention = attention or default_backend(model.spec.device)
         self.backend = get_backend(self.attention)
+        if self.attention == "triton":
+            from triton_kernels import is_available
+
+            if not is_available(model.spec.device):
+                raise ValueError(f"attention='triton' cannot run on the model's device {model.spec.device}: it needs "
+                                 f"CUDA, or on CPU TRITON_INTERPRET=1 set before triton_kernels is imported (tests "
+                                 f"only); use attention='torch'")
         self.store = KVStore(model.spec, capacity=capacity)
         self.format = ChatFormat(model.tokenizer)
         self.scale = model.spec.head_dim ** -0.5
@@ -243,6 +288,7 @@ class Choreographer:
     """
 
     adapter = True  # whether a LoRA adapter on the model applies to this executor's passes
+    encodes_prefills = True  # False: a prefill only records its text (the re-encoding baseline)
 
     def __init__(self, model: Model, *, attention: str | None = None, capacity: int = 65536):
         self.model = model
@@ -264,27 +310,57 @@ class Choreographer:
         in parallel, while the serial layout of the same segments reproduces the ordinary prompt exactly.
         """
         job = self.start_prefill(text, role=role, parents=parents, offsets=offsets, new_offset=new_offset)
-        self.engine.run([job])
-        return self.finish([job])[0]
+        return self._run([job])[0]
 
     def decode(self, calls: Sequence[Call] | None = None, /, **fields) -> Message | list[Message]:
-        """Generate one message (keyword fields of ``Call``), or several in parallel from a list of calls."""
+        """Generate one message (keyword fields of ``Call``), or several in parallel from a list of calls (an
+        empty list gives an empty list). If any call fails, none of them leaves a message or a row behind."""
         if calls is not None:
             if fields:
                 raise TypeError(f"decode(calls) takes no keyword fields, got {sorted(fields)}")
-            jobs = self.start_decode(list(calls))
+            if isinstance(calls, (Call, dict, str)):
+                raise TypeError(f"decode(calls) takes a list of calls, got {type(calls).__name__}: use decode([call]) "
+                                f"or decode(**fields)")
+            return self._run(self.start_decode(list(calls)))
+        return self._run(self.start_decode([Call(**fields)]))[0]
+
+    def _run(self, jobs: list[Job]) -> list[Message]:
+        """Run jobs to the end; if anything raises, roll all of them back (no message listed, no row kept)."""
+        try:
             self.engine.run(jobs)
             return self.finish(jobs)
-        jobs = self.start_decode([Call(**fields)])
-        self.engine.run(jobs)
-        return self.finish(jobs)[0]
+        except BaseException:
+            self.abort(jobs)
+            raise
+
+    def abort(self, jobs: Iterable[Job]) -> None:
+        """Undo started jobs whose messages were never handed out: unlist their messages, free their rows."""
+        for job in jobs:
+            if self._messages.get(job.msg.id) is job.msg:
+                del self._messages[job.msg.id]
+            if job.reserved:
+                self.engine.store.free(job.msg.row, job.reserved)
+            job.msg.freed, job.reserved, job.done, job.pending = True, 0, True, []
 
     def free(self, *messages: ParentRef) -> None:
         """Release the cache rows of messages; their text and tokens stay readable."""
-        for msg in [self._lookup(m, "free") for m in messages]:
-            self.engine.store.free(msg.row, msg.length)
+        for msg in self.unlist(*messages):
+            self.release(msg)
+
+    def release(self, msg: Message) -> None:
+        """Return the rows of a message already unlisted (``unlist``) to the store."""
+        self.engine.store.free(msg.row, msg.length)
+
+    def unlist(self, *messages: ParentRef) -> list[Message]:
+        """Validate all of ``messages`` first, then remove them from the registry and mark them freed; returns
+        them (their rows are the caller's to release: ``free`` does at once, the runner after pending passes)."""
+        msgs = [self._lookup(m, "free") for m in messages]
+        if len({m.id for m in msgs}) != len(msgs):
+            raise ValueError(f"free lists a message twice: {[m.id for m in msgs]}")
+        for msg in msgs:
             msg.freed = True
             del self._messages[msg.id]
+        return msgs
 
     def message(self, id: int) -> Message:
         return self._lookup(id, "message")
@@ -309,11 +385,14 @@ class Choreographer:
             ids = self.format.encode(text, role)
             content = (len(self.format.header(role)), len(ids) - len(self.format.footer(role)))
         segments, start, parent_ids = self._place(parents, offsets, new_offset)
-        row = self.engine.store.alloc(len(ids))
+        encode = self.encodes_prefills
+        row = self.engine.store.alloc(len(ids)) if encode else -1
         msg = Message(
             id=next(self._ids), role=role, parents=parent_ids, start=start, ids=ids, content=content, text=text, row=row,
         )
         self._messages[msg.id] = msg
+        if not encode:  # text only: nothing to run
+            return Job(msg=msg, segments=segments, pending=[], reserved=0, done=True)
         return Job(msg=msg, segments=segments, pending=list(ids), reserved=len(ids))
 
     def start_decode(self, calls: list[Call]) -> list[Job]:
@@ -338,21 +417,25 @@ class Choreographer:
         """Reserve rows for a decode whose own tokens begin with ``header`` (the message is not yet listed)."""
         footer = self.format.footer(call.role)
         if call.teacher_tokens is not None:
-            teacher = [int(t) for t in call.teacher_tokens]
+            teacher = list(call.teacher_tokens)
+            vocab = self.model.spec.vocab_size
+            if max(teacher) >= vocab:
+                raise ValueError(f"teacher_tokens holds token id {max(teacher)}, outside the model's vocabulary "
+                                 f"of {vocab}")
             ids = header + teacher + footer
             content, reserved = (len(header), len(header) + len(teacher)), len(ids)
         else:
             ids, content = list(header), (len(header), len(header))
             reserved = len(header) + call.max_tokens + len(footer)
-        row = self.engine.store.alloc(reserved)
+        generator, stop_ids = make_generator(call.seed), self.format.stop_ids(call.role)
+        row = self.engine.store.alloc(reserved)  # last: nothing above allocates, so nothing leaks if it raises
         msg = Message(
             id=-1, role=call.role, parents=parents, start=start, ids=ids, content=content,
             text=self.format.decode(ids[content[0]:content[1]]), prefix=call.prefix, row=row,
         )
         return Job(
             msg=msg, segments=segments, pending=list(ids), reserved=reserved, call=call,
-            generator=make_generator(call.seed), stop_ids=self.format.stop_ids(call.role),
-            footer=footer, n_header=len(header),
+            generator=generator, stop_ids=stop_ids, footer=footer, n_header=len(header),
         )
 
     def finish(self, jobs: list[Job]) -> list[Message]:
@@ -362,7 +445,7 @@ class Choreographer:
     # ------------------------------------------------------------------ placement
     def _lookup(self, ref: ParentRef, what: str) -> Message:
         key = ref.id if isinstance(ref, Message) else ref
-        msg = self._messages.get(key) if isinstance(key, int) else None
+        msg = self._messages.get(key) if isinstance(key, int) and not isinstance(key, bool) else None
         if msg is None or (isinstance(ref, Message) and msg is not ref):
             raise KeyError(f"{what}: unknown or freed message {ref!r}")
         return msg
@@ -412,6 +495,9 @@ def linearize(parents: Sequence[Message], start: int = 0) -> list[int]:
     Example: ``ch.decode(role="assistant", parents=ps, offsets=linearize(ps))`` attends to parallel
     siblings as if they had been written one after another (their encodings are unchanged).
     """
+    check_position(start, "start")
+    if not all(isinstance(p, Message) for p in parents):
+        raise TypeError(f"linearize takes Message objects (it needs their lengths), got {list(parents)!r}")
     offsets, pos = [], start
     for p in parents:
         offsets.append(pos)

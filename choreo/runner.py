@@ -44,11 +44,13 @@ class _Request:
 class Session:
     """The executor's verbs for one workflow instance; every message it creates is freed at the end."""
 
-    def __init__(self, executor: Choreographer, *, trace: bool = False, deferred: list[Job] | None = None):
+    def __init__(self, executor: Choreographer, *, trace: bool = False, deferred: list[Job] | None = None,
+                 held: list[Message] | None = None):
         self.executor = executor
         self.created: list[Message] = []
         self.trace = TraceRecorder() if trace else None
         self._deferred = deferred  # the runner's prefills waiting for the next engine step
+        self._held = held  # freed messages whose rows the runner releases after its next step
 
     async def prefill(self, text: str, *, role: str, parents=(), offsets=None, new_offset=None) -> Message:
         """Returns at once: the message is encoded in the runner's next step, in the same forward pass as the
@@ -76,7 +78,14 @@ class Session:
         return msgs[0] if single else msgs
 
     def free(self, *messages: Message) -> None:
-        self.executor.free(*messages)
+        """Free messages as ``Choreographer.free`` does. A prefill waiting for the next step (the message itself,
+        or one that reads it) is still encoded from these rows, so they go back to the store after that step."""
+        msgs = self.executor.unlist(*messages)
+        if self._held is not None and any(not j.done for j in self._deferred or ()):
+            self._held.extend(msgs)
+        else:
+            for msg in msgs:
+                self.executor.release(msg)
 
     def _close(self) -> None:
         mine = {id(m) for m in self.created}
@@ -90,7 +99,8 @@ class Session:
 
 @dataclasses.dataclass
 class RunStats:
-    """Counters of one ``Runner.run``: wall time, forward passes and tokens processed."""
+    """Counters of a ``Runner``, added up over its ``run`` calls: wall time, forward passes and tokens processed;
+    the largest cache use and batch seen."""
 
     instances: int = 0
     wall_s: float = 0.0
@@ -129,13 +139,20 @@ class Runner:
                    disable=not self.progress, leave=False)
         ready: list[tuple[int, Session, Coroutine, Any]] = []
         deferred: list[Job] = []
+        held: list[Message] = []
         waiting: dict[int, tuple[Session, Coroutine, _Request]] = {}
         admitted = 0
+
+        def release_held():
+            for msg in held:
+                self.executor.release(msg)
+            held.clear()
 
         def admit():
             nonlocal admitted
             while admitted < len(todo) and len(ready) + len(waiting) < self.max_concurrent:
-                session = Session(self.executor, trace=self.trace, deferred=deferred if self.fuse_prefills else None)
+                session = Session(self.executor, trace=self.trace, deferred=deferred if self.fuse_prefills else None,
+                                  held=held if self.fuse_prefills else None)
                 ready.append((admitted, session, todo[admitted](session), None))
                 admitted += 1
 
@@ -160,6 +177,8 @@ class Runner:
                         session._close()
                         raise
                     if not isinstance(request, _Request):
+                        coro.close()
+                        session._close()
                         raise TypeError(f"workflow {i} awaited {request!r}; only Session verbs can be awaited")
                     waiting[i] = (session, coro, request)
                 jobs = [j for j in deferred if not j.done]
@@ -167,6 +186,7 @@ class Runner:
                 self.stats.max_batch = max(self.stats.max_batch, len(jobs))
                 engine.step(jobs)
                 deferred.clear()
+                release_held()
                 self.stats.peak_cache_tokens = max(self.stats.peak_cache_tokens, engine.store.used)
                 for i in [i for i, (_, _, r) in waiting.items() if all(j.done for j in r.jobs)]:
                     session, coro, request = waiting.pop(i)
@@ -175,9 +195,16 @@ class Runner:
                     ready.append((i, session, coro, messages[0] if request.single else messages))
         finally:
             bar.close()
-            for session, coro, _ in waiting.values():
+            # After an error: every instance still running is closed with what it created, and calls in flight
+            # (listed, never handed to their workflow) are undone.
+            for _, session, coro, _ in ready:
                 coro.close()
                 session._close()
+            for session, coro, request in waiting.values():
+                coro.close()
+                self.executor.abort(request.jobs)
+                session._close()
+            release_held()
         self.stats.instances += len(todo)
         self.stats.wall_s += time.perf_counter() - t0
         self.stats.forward_passes += engine.forward_passes - passes0

@@ -39,6 +39,25 @@ BAD = {
     "one bad call in a parallel batch": (
         lambda ex, s, g: ex.decode([choreo.Call(parents=[s], max_tokens=5), choreo.Call(parents=[s], max_tokens=900)]),
         CapacityError, "capacity"),
+    "seed None": (lambda ex, s, g: ex.decode(role="assistant", parents=[s], seed=None), ValueError, "seed"),
+    "seed too large": (lambda ex, s, g: ex.decode(role="assistant", parents=[s], seed=2 ** 70), ValueError, "seed"),
+    "one bad seed in a parallel batch": (
+        lambda ex, s, g: ex.decode([choreo.Call(parents=[s], max_tokens=5), choreo.Call(parents=[s], seed="abc")]),
+        ValueError, "'abc'"),
+    "teacher token outside the vocabulary": (
+        lambda ex, s, g: ex.decode(role="assistant", parents=[s], teacher_tokens=[5, 10 ** 7]), ValueError, "10000000"),
+    "negative teacher token": (
+        lambda ex, s, g: ex.decode(role="assistant", parents=[s], teacher_tokens=[-1]), ValueError, "-1"),
+    "stop not a string": (lambda ex, s, g: ex.decode(role="assistant", parents=[s], stop=[3]), ValueError, "stop"),
+    "infinite temperature": (
+        lambda ex, s, g: ex.decode(role="assistant", parents=[s], temperature=float("inf")), ValueError, "inf"),
+    "temperature a string": (
+        lambda ex, s, g: ex.decode(role="assistant", parents=[s], temperature="0.5"), ValueError, "temperature"),
+    "max_tokens a bool": (lambda ex, s, g: ex.decode(role="assistant", parents=[s], max_tokens=True), ValueError,
+                          "max_tokens"),
+    "a bool as a parent id": (lambda ex, s, g: ex.decode(role="assistant", parents=[True]), KeyError, "True"),
+    "a call instead of a list": (lambda ex, s, g: ex.decode(choreo.Call(parents=[s])), TypeError, "list of calls"),
+    "free lists a message twice": (lambda ex, s, g: ex.free(s, s), ValueError, "twice"),
 }
 
 
@@ -80,3 +99,63 @@ def test_load_model_errors(tmp_path):
         choreo.load_model(str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="config.json"):
         choreo.load_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("kind,options", [(choreo.Choreographer, {}), (choreo.Baseline, {}),
+                                          (choreo.Baseline, {"prefix_reuse": True})],
+                         ids=["choreographed", "baseline", "baseline-prefix-reuse"])
+def test_an_error_inside_the_forward_pass_rolls_the_calls_back(tiny_gqa, kind, options):
+    """A call that fails midway (here: its attention raises on the second pass) leaves no message and no row."""
+    ex = kind(tiny_gqa, capacity=256, **options)
+    sys = ex.prefill("Be brief.", role="system")
+    ex.decode(role="assistant", parents=[sys], max_tokens=3)  # with prefix reuse: a chain later calls reuse
+    backend, passes = ex.engine.backend, []
+
+    def failing(plan, *args):
+        passes.append(plan)
+        if len({id(p) for p in passes}) > 1:
+            raise RuntimeError("attention failed")
+        return backend(plan, *args)
+
+    before = snapshot(ex)
+    ex.engine.backend = failing
+    with pytest.raises(RuntimeError, match="attention failed"):
+        ex.decode([choreo.Call(parents=[sys], max_tokens=4), choreo.Call(parents=[sys], max_tokens=4, seed=1)])
+    assert snapshot(ex) == before
+    if kind is choreo.Choreographer:  # a prefill (the baseline's only records text)
+        passes.extend([None, None])
+        with pytest.raises(RuntimeError, match="attention failed"):
+            ex.prefill("Hello there.", role="user", parents=[sys])
+        assert snapshot(ex) == before
+    ex.engine.backend = backend
+    assert ex.decode(role="assistant", parents=[sys], max_tokens=2).tokens
+    ex.free(*ex.messages)
+    assert ex.memory()["tokens_used"] == 0 and ex.memory()["messages"] == 0
+
+
+def test_triton_attention_where_it_cannot_run_is_refused_up_front(tiny_gqa, monkeypatch):
+    import triton_kernels
+
+    monkeypatch.setattr(triton_kernels, "is_available", lambda device=None: False)
+    with pytest.raises(ValueError, match="attention='triton' cannot run on the model's device cpu"):
+        choreo.Choreographer(tiny_gqa, attention="triton")
+
+
+@pytest.mark.parametrize("bad", [None, 1.5, "100", True])
+def test_capacity_must_be_an_integer(tiny_gqa, bad):
+    with pytest.raises(ValueError, match=f"capacity must be an integer.*{bad!r}"):
+        choreo.Choreographer(tiny_gqa, capacity=bad)
+
+
+def test_executor_needs_a_choreo_model():
+    with pytest.raises(TypeError, match="choreo Model.*NoneType"):
+        choreo.Choreographer(None)
+
+
+def test_linearize_errors(tiny_gqa):
+    ch = choreo.Choreographer(tiny_gqa)
+    m = ch.prefill("hello", role="user")
+    with pytest.raises(ValueError, match="start.*-5"):
+        choreo.linearize([m], start=-5)
+    with pytest.raises(TypeError, match="Message objects"):
+        choreo.linearize([m.id])

@@ -90,3 +90,41 @@ def test_deferred_prefills_fuse_into_the_reading_pass_and_change_nothing(tiny_gq
 
     torch.testing.assert_close(fused, eager, atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(separate, eager, atol=1e-9, rtol=1e-9)
+
+
+def test_freeing_a_prefill_before_its_pass_keeps_its_rows_until_then(tiny_gqa):
+    """A workflow may free a prompt the runner has not encoded yet (it is encoded in the pass of the first call
+    that reads it): the call that reads it still sees it, and its rows are not handed to a later message first."""
+    async def wf(ex, free_early):
+        s = await ex.prefill("You are a very long-winded and thorough assistant. " * 3, role="system")
+        u = await ex.prefill("Name a colour.", role="user", parents=[s])
+        if free_early:
+            ex.free(s)
+        a = await ex.decode(role="assistant", parents=[u], max_tokens=6, teacher_tokens=[5, 6, 7], keep_logits=True)
+        return a.logits
+
+    ch = choreo.Choreographer(tiny_gqa)
+    kept, freed = (choreo.Runner(ch, progress=False).run([lambda ex, f=f: wf(ex, f)])[0] for f in (False, True))
+    import torch
+
+    torch.testing.assert_close(freed, kept, atol=0, rtol=0)
+    assert ch.memory()["tokens_used"] == 0 and ch.memory()["messages"] == 0
+
+
+@pytest.mark.parametrize("kind", [choreo.Choreographer, choreo.Baseline])
+def test_a_failing_workflow_leaves_no_message_of_any_instance(tiny_gqa, kind):
+    """When one instance raises, the others are closed with everything they created, calls in flight included."""
+    async def ok(ex):
+        sys = await ex.prefill("Be brief.", role="system")
+        return (await ex.decode(role="assistant", parents=[sys], max_tokens=8)).tokens
+
+    async def bad(ex):
+        sys = await ex.prefill("Be brief.", role="system")
+        await ex.decode(role="assistant", parents=[sys], max_tokens=1)
+        raise RuntimeError("workflow failed")
+
+    ex = kind(tiny_gqa)
+    with pytest.raises(RuntimeError, match="workflow failed"):
+        choreo.Runner(ex, progress=False).run([ok, bad, ok])
+    assert ex.memory()["tokens_used"] == 0 and ex.memory()["messages"] == 0
+    assert choreo.Runner(ex, progress=False).run([ok]) and ex.memory()["tokens_used"] == 0
