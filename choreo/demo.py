@@ -15,13 +15,19 @@ TOPIC = "Should our town build a new library or a new park?"
 
 
 def conversation(executor, *, rounds: int = 1, max_tokens: int = 40) -> list[tuple[str, object]]:
-    """Each agent sees its own system prompt, the topic and every earlier public message.
+    """Each turn attends to its agent's own system prompt, the topic and every earlier public message.
+
+    The system prompts are private: each is encoded alone from position 0, and the topic attends to none
+    of them (it starts after the longest, so every agent reads its prompt, then the topic). Under the
+    ``Choreographer`` a public message's cached keys and values were computed over its author's system
+    prompt and what that turn attended to, and later agents read them as encoded; the ``Baseline``
+    re-encodes each parent's text in every call, so an agent reads only the text of other agents' turns.
 
     Turns use the plain assistant role: SmolLM2's template has no name field, and a named role header
     (``assistant:alice``) makes the 135M model end its turn at once.
     """
     systems = {name: executor.prefill(text, role="system") for name, text in AGENTS.items()}
-    topic = executor.prefill(TOPIC, role="user", parents=list(systems.values()))
+    topic = executor.prefill(TOPIC, role="user", new_offset=max(s.end for s in systems.values()))
     public, transcript = [topic], []
     for r in range(rounds):
         for i, name in enumerate(AGENTS):

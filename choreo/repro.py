@@ -5,10 +5,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from .data.concepts import FILE_NAME as CONCEPTS_FILE
 from .profiles import PROFILES
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITES_DIR = ROOT / "suites"
+RESULTS_DIR = ROOT / "results"  # the checkout's results/, wherever the command runs from
 
 
 def available_suites() -> list[str]:
@@ -22,8 +24,11 @@ def register(sub) -> None:
     p.add_argument("--profile", default="small", choices=PROFILES, help="suite size (default: small)")
     p.add_argument("--model", default=None, help="local checkpoint directory (default: embedded SmolLM2-135M)")
     p.add_argument("--only", action="append", default=None, metavar="SUITE", help="run only this suite (repeatable)")
-    p.add_argument("--results-dir", default=str(ROOT / "results"), help="where tables go (default: results/)")
-    p.add_argument("--data-dir", default=None, help="folder with math_test.jsonl / commongen_hard.jsonl")
+    p.add_argument("--results-dir", default=str(RESULTS_DIR),
+                   help=f"tables go to RESULTS_DIR/<suite>/ (default: the checkout's {RESULTS_DIR})")
+    p.add_argument("--data-dir", default=None,
+                   help=f"folder holding {CONCEPTS_FILE} (CommonGen-Hard concept sets for the blockage BSM suite; "
+                        "default: $CHOREO_DATA, else ../shared/data beside the checkout, else built-in concepts)")
     p.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     p.set_defaults(func=run)
 
@@ -40,13 +45,18 @@ def run(args) -> int:
     chosen = args.only or suites
     if args.model is not None and not Path(args.model).is_dir():
         raise FileNotFoundError(f"model path {args.model!r} is not a directory")
+    if args.data_dir is not None:  # the suites fall back to built-in data without the file: say so here
+        if not Path(args.data_dir).is_dir():
+            raise FileNotFoundError(f"data folder {args.data_dir!r} is not a directory")
+        if not (Path(args.data_dir) / CONCEPTS_FILE).is_file():
+            raise FileNotFoundError(f"data folder {args.data_dir!r} has no {CONCEPTS_FILE}")
     results = Path(args.results_dir)
     argv = [str(SUITES_DIR / name) for name in chosen]
     argv += ["--profile", args.profile, "--results-dir", str(results), "-p", "no:cacheprovider", "-q", "-rA"]
     argv += ["--rootdir", str(ROOT), "-c", str(ROOT / "pyproject.toml")]
     if args.model:
         argv += ["--model", args.model]
-    if args.data_dir:
+    if args.data_dir is not None:
         argv += ["--data-dir", args.data_dir]
     code = pytest.main(argv + list(args.pytest_args))
     for name in chosen:

@@ -26,6 +26,7 @@ def test_readme_python_examples_run(model, monkeypatch):
     assert namespace["both"].start == q1.end and q1.start == q2.start  # siblings overlap
     assert namespace["line"].start == sys_.length + q1.length + q2.length  # linearized: back to back
     assert len(namespace["answers"]) == 2 and all(isinstance(a, str) for a in namespace["answers"])
+    assert namespace["a"].text.strip() and namespace["b"].text.strip()  # the parallel calls answer
 
 
 def test_readme_names_exactly_the_two_newcomer_commands():

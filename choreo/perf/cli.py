@@ -8,7 +8,10 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+import torch
+
 from ..model import Model
+from ..repro import RESULTS_DIR
 from .arms import available_arms, fast_arm
 from .config import BENCH_PROFILES, memory_arms
 from .measure import measure_shape, pass_costs
@@ -76,8 +79,9 @@ def register(sub) -> None:
     p = sub.add_parser("bench", help="time to first token, end-to-end time and peak memory per workflow shape")
     p.add_argument("--profile", default="small", choices=sorted(BENCH_PROFILES), help="sizes (default: small)")
     p.add_argument("--model", default=None, help="local checkpoint directory (default: embedded SmolLM2-135M)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
-    p.add_argument("--results-dir", default="results", help="where performance/ goes (default: results/)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--results-dir", default=None,
+                   help=f"tables and plots go to RESULTS_DIR/performance/ (default: the checkout's {RESULTS_DIR})")
     p.add_argument("--random-weights", action="store_true",
                    help="the model's architecture and tokenizer with seeded random weights (timings only; for "
                         "machines without the weights: teacher-forced work does not depend on them)")
@@ -89,30 +93,51 @@ def register(sub) -> None:
 
 def _command(args) -> str:
     """The command line that reproduces ``args`` (for provenance)."""
-    parts = ["choreo", "bench", "--profile", args.profile, "--results-dir", args.results_dir]
-    parts += [x for k in ("model", "device") if getattr(args, k) for x in (f"--{k}", getattr(args, k))]
+    parts = ["choreo", "bench", "--profile", args.profile]
+    parts += [x for k in ("results_dir", "model", "device") if getattr(args, k)
+              for x in (f"--{k.replace('_', '-')}", getattr(args, k))]
     parts += [f"--{k.replace('_', '-')}" for k in ("random_weights", "passes_only", "memory_only")
               if getattr(args, k, False)]
     return " ".join(shlex.quote(str(p)) for p in parts)
+
+
+def check_device(text: str | None) -> torch.device:
+    """The device ``--device`` names, if this torch can run the benchmarks on it (default: CPU)."""
+    try:
+        device = torch.device(text or "cpu")
+    except RuntimeError:
+        raise ValueError(f"--device {text!r} is not a device name; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {text!r}: the benchmarks run on cpu or cuda only")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "was built without CUDA" if torch.version.cuda is None else "finds no CUDA device"
+            raise ValueError(f"--device {text!r}: this torch ({torch.__version__}) {why}")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {text!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return device
 
 
 def _bench_command(args) -> int:
     from ..model import load_model, random_model
 
     if args.random_weights and args.memory_only:
-        raise SystemExit("--random-weights cannot re-measure memory: the memory subprocesses load real weights")
-    model = random_model(args.model, device=args.device) if args.random_weights else load_model(args.model,
-                                                                                                 device=args.device)
-    out, command = Path(args.results_dir) / "performance", _command(args)
+        raise ValueError("--random-weights cannot re-measure memory: the memory subprocesses load real weights")
+    device = check_device(args.device)  # before the model loads
+    load = random_model if args.random_weights else load_model
+    model = load(args.model, device=device)
+    results = Path(args.results_dir) if args.results_dir else RESULTS_DIR
+    out, command = results / "performance", _command(args)
     if args.memory_only:
         remeasure_memory(out, model, model_path=args.model, command=command)
         print((out / "speedups.md").read_text())
     elif args.passes_only:
         print(write_pass_costs(out, model, pass_costs(model), command=command).read_text())
     else:
-        bench(model, profile=args.profile, results_dir=Path(args.results_dir), model_path=args.model, command=command,
+        bench(model, profile=args.profile, results_dir=results, model_path=args.model, command=command,
               rss=not args.random_weights)
         print((out / "speedups.md").read_text())
+    print(f"results written to {out}", file=sys.stderr)
     return 0
 
 
@@ -123,4 +148,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m choreo.perf")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    return args.func(args)
+    from ..cli import run_command
+
+    return run_command(args)
