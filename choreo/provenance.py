@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import os
 import platform
 import shlex
 import subprocess
@@ -45,8 +46,6 @@ def git_commit(root: Path | None = None) -> str | None:
     """HEAD of the source tree (``root``, default this package's checkout), with "+dirty" if tracked files outside
     ``results/`` differ from it (the result came from uncommitted code), or $CHOREO_GIT_COMMIT where the tree is
     a copy without its .git."""
-    import os
-
     if os.environ.get("CHOREO_GIT_COMMIT"):
         return os.environ["CHOREO_GIT_COMMIT"]
     try:
@@ -77,5 +76,7 @@ def provenance(model=None, *, seeds=None, sample_sizes=None, command: str | None
         "git_commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command or " ".join(shlex.quote(a) for a in sys.argv),
+        # CHOREO_* variables change what runs (sizes, arms, paths): a command alone may not reproduce the result
+        "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith("CHOREO_")},
         **extra,
     }

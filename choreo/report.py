@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import os
+import shlex
+import sys
 from pathlib import Path
 from typing import Sequence
 
 from .results import write_json, write_text
+
+
+def command_line(env: Sequence[str] = (), argv: Sequence[str] | None = None) -> str:
+    """The command that produced a table, prefixed with those of the ``env`` variables that are set, because the
+    same command without them runs something else (pass it as ``provenance(..., command=...)``).
+
+    Example: with CHOREO_LEAKAGE_FINETUNE=1 set, ``command_line(["CHOREO_LEAKAGE_FINETUNE"], ["choreo", "repro"])``
+    is "CHOREO_LEAKAGE_FINETUNE=1 choreo repro".
+    """
+    argv = sys.argv if argv is None else argv
+    prefix = [f"{name}={shlex.quote(os.environ[name])}" for name in env if os.environ.get(name)]
+    return " ".join(prefix + [shlex.quote(a) for a in argv])
 
 
 def markdown_table(columns: Sequence[str], rows: Sequence[Sequence]) -> str:
@@ -22,15 +37,29 @@ def write_table(folder: str | Path, name: str, *, title: str, columns: Sequence[
     folder = Path(folder)
     write_json(folder / f"{name}.json", {"title": title, "columns": list(columns), "rows": [list(r) for r in rows],
                                          "data": data, "provenance": provenance})
-    prov = provenance
-    model = prov.get("model") or {}
-    footer = (f"model {model.get('name')} (sha256 {str(model.get('sha256'))[:12]}), device {prov.get('device')}, "
-              f"seeds {prov.get('seeds')}, sizes {prov.get('sample_sizes')}, {prov.get('date')}, "
-              f"`{prov.get('command')}`")
     text = [f"### {title}", "", markdown_table(columns, rows), ""]
     text += [f"- {n}" for n in notes] + ([""] if notes else [])
-    text += [f"_Provenance: {footer}; versions {prov.get('versions')}._", ""]
+    text += [f"_Provenance: {provenance_line(provenance)}._", ""]
     return write_text(folder / f"{name}.md", "\n".join(text))
+
+
+def provenance_line(prov: dict) -> str:
+    """The markdown footer of a table: model and hash, device, seeds, sizes, commit, date, command, environment,
+    the code that computed logged records (``logs``: ``choreo.results.logs_written``), versions."""
+    model = prov.get("model")
+    parts = ["no model" if not model else f"model {model.get('name')} (sha256 {str(model.get('sha256'))[:12]})",
+             f"device {prov.get('device')}", f"seeds {prov.get('seeds')}", f"sizes {prov.get('sample_sizes')}",
+             f"commit {prov.get('git_commit')}", str(prov.get("date")), f"`{prov.get('command')}`"]
+    if prov.get("environment"):
+        parts.append(f"environment {prov['environment']}")
+    logs = prov.get("logs")
+    for log in [logs] if isinstance(logs, dict) else logs or []:
+        computed = f"records computed at {', '.join(log['git_commits'])}" if log.get("git_commits") else ""
+        if log.get("unstamped"):
+            computed += ("; " if computed else "") + f"{log['unstamped']} of {log['records']} from before records " \
+                        f"carried their commit (file last committed at {log.get('file_last_committed')})"
+        parts.append(f"log {log['log']}: {computed or 'no records'}")
+    return ", ".join(parts) + f"; versions {prov.get('versions')}"
 
 
 def plot_rates(path: str | Path, *, title: str, groups: dict[str, dict[str, tuple[float, float, float]]],

@@ -3,13 +3,17 @@
 - ``write_json`` / ``write_text``: write to a temporary file in the same folder, then atomically rename.
 - ``JsonlLog``: append-only records (one finished workflow instance per line), flushed and fsynced per
   record, so an interrupted run resumes from what is on disk. A torn last line (the process died while
-  writing) is ignored; a malformed line anywhere else is an error naming the file and line.
+  writing) is ignored; a malformed line anywhere else is an error naming the file and line. Each record is
+  stamped with the commit and date that computed it (``written``): a table rendered later from resumed
+  records names the code that computed them (``JsonlLog.written_summary``), not only the code that rendered.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -52,10 +56,19 @@ class JsonlLog:
         log.append({"game": 7, "coop": True})
     """
 
+    STAMP = "written"  # the field each appended record gets: {"git_commit", "date"} of the process that wrote it
+
     def __init__(self, path: str | os.PathLike, *, key: str):
         self.path, self.key = Path(path), key
+        self._commit: str | None = None
 
     def records(self) -> Iterator[dict]:
+        for number, record in self._parsed():
+            if not isinstance(record, dict) or self.key not in record:
+                raise ValueError(f"{self.path}:{number}: record without the key field {self.key!r}")
+            yield record
+
+    def _parsed(self) -> Iterator[tuple[int, Any]]:
         if not self.path.exists():
             return
         lines = self.path.read_text().split("\n")
@@ -68,9 +81,7 @@ class JsonlLog:
                 if number == len(lines):  # a torn final write; the record is redone on resume
                     continue
                 raise ValueError(f"{self.path}:{number}: malformed JSON line ({error.msg})") from None
-            if not isinstance(record, dict) or self.key not in record:
-                raise ValueError(f"{self.path}:{number}: record without the key field {self.key!r}")
-            yield record
+            yield number, record
 
     def keys(self) -> set:
         return {_freeze(r[self.key]) for r in self.records()}
@@ -78,12 +89,31 @@ class JsonlLog:
     def append(self, record: dict) -> None:
         if self.key not in record:
             raise ValueError(f"record lacks the key field {self.key!r}: {sorted(record)}")
+        if self.STAMP not in record:
+            if self._commit is None:  # once per log: a subprocess per record would slow long runs
+                from .provenance import git_commit
+
+                self._commit = git_commit() or "unknown"
+            now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            record = {**record, self.STAMP: {"git_commit": self._commit, "date": now}}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._repair()
         with open(self.path, "a") as f:
             f.write(json.dumps(record, default=str) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+    def written_summary(self) -> dict:
+        """Which code computed the records: the commits and date range of the stamped ones, the count of records
+        from before stamping, and the commit that last changed the log file where it is tracked by git."""
+        records = [r for _, r in self._parsed() if isinstance(r, dict)]
+        stamps = [r[self.STAMP] for r in records if isinstance(r.get(self.STAMP), dict)]
+        total = len(records)
+        dates = sorted(s.get("date") for s in stamps if s.get("date"))
+        return {"log": self.path.name, "records": total, "unstamped": total - len(stamps),
+                "git_commits": sorted({s.get("git_commit") for s in stamps if s.get("git_commit")}),
+                "first": dates[0] if dates else None, "last": dates[-1] if dates else None,
+                "file_last_committed": _last_commit_of(self.path)}
 
     def _repair(self) -> None:
         """Drop a torn final line so the next append starts on a fresh line."""
@@ -106,6 +136,21 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
             yield number, json.loads(line)
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}:{number}: malformed JSON line ({error.msg})") from None
+
+
+def logs_written(paths) -> list[dict]:
+    """``JsonlLog.written_summary`` of each existing log in ``paths``: which code computed a table's records."""
+    return [JsonlLog(p, key="").written_summary() for p in sorted(set(map(Path, paths))) if Path(p).exists()]
+
+
+def _last_commit_of(path: Path) -> str | None:
+    """The commit (short hash and date) that last changed ``path`` in its git checkout, if tracked."""
+    try:
+        out = subprocess.run(["git", "-C", str(path.parent), "log", "-1", "--format=%h %cI", "--", path.name],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
 
 
 def _freeze(value):

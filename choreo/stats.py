@@ -150,11 +150,26 @@ class Rate:
         """With the Wilson/exact interval: ``"78.2% [74.4%, 81.6%]"``."""
         return f"{_pct(self.rate, digits)} [{_pct(self.low, digits)}, {_pct(self.high, digits)}]"
 
+    def format_both(self, *, digits: int = 1) -> str:
+        """The paper's "±" and the Wilson/exact interval in percent, compactly: ``"65.6% ± 16.5% [48.3, 79.6]"``.
+
+        The "±" may reach past 0% or 100% (``rate(1, 2)``: "50.0% ± 69.3% [9.5, 90.5]") or collapse to
+        "± 0.0%" at 0/n and n/n; the bracketed interval always lies inside [0, 100].
+        """
+        return (f"{_pct(self.rate, digits)} ± {_pct(self.half_width, digits)} "
+                f"[{100.0 * self.low:.{digits}f}, {100.0 * self.high:.{digits}f}]")
+
+    def to_json(self) -> dict:
+        """Counts, the point rate, the interval (``method``) and the paper's half-width, for a results JSON."""
+        return {"successes": self.successes, "n": self.n, "rate": self.rate, "low": self.low, "high": self.high,
+                "method": self.method, "half_width": self.half_width}
+
 
 def rate(successes: int, n: int, *, alpha: float = 0.05, method: str = "wilson") -> Rate:
     """Rate of ``successes`` out of ``n`` with a Wilson (default) or exact Clopper-Pearson interval.
 
-    Example: ``rate(391, 500).format()`` is "78.2% ± 3.6%"; ``.format_interval()`` is "78.2% [74.4%, 81.6%]".
+    Example: ``rate(391, 500).format()`` is "78.2% ± 3.6%"; ``.format_interval()`` is "78.2% [74.4%, 81.6%]";
+    ``.format_both()`` is "78.2% ± 3.6% [74.4, 81.6]".
     """
     n = _check_int("n", n, minimum=1)
     successes = _check_int("successes", successes, minimum=0)

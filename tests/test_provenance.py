@@ -1,4 +1,5 @@
-"""The commit recorded with every result says whether uncommitted code produced it."""
+"""The commit recorded with every result says whether uncommitted code produced it, and which code computed the
+logged records a table was rendered from."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import subprocess
 
 import pytest
 
-from choreo.provenance import git_commit
+from choreo.provenance import git_commit, provenance
+from choreo.report import provenance_line
+from choreo.results import JsonlLog, logs_written
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 
@@ -43,3 +46,36 @@ def test_git_commit_outside_a_repository(tmp_path, monkeypatch):
     monkeypatch.delenv("CHOREO_GIT_COMMIT", raising=False)
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
     assert git_commit(tmp_path) is None
+
+
+def test_logged_records_carry_the_commit_that_computed_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHOREO_GIT_COMMIT", "abc123")
+    _git(tmp_path, "init", "-q")
+    path = tmp_path / "games.jsonl"
+    path.write_text('{"key": 0, "coop": true}\n')  # a record from before records were stamped
+    _git(tmp_path, "add", ".")
+    _git(tmp_path, "commit", "-q", "-m", "games")
+    committed = _git(tmp_path, "log", "-1", "--format=%h")
+    log = JsonlLog(path, key="key")
+    log.append({"key": 1, "coop": False})
+    monkeypatch.setenv("CHOREO_GIT_COMMIT", "def456")
+    JsonlLog(path, key="key").append({"key": 2, "coop": True})
+    records = list(log.records())
+    assert [r.get("written", {}).get("git_commit") for r in records] == [None, "abc123", "def456"]
+    summary = log.written_summary()
+    assert summary["records"] == 3 and summary["unstamped"] == 1
+    assert summary["git_commits"] == ["abc123", "def456"] and summary["first"] <= summary["last"]
+    assert summary["file_last_committed"].startswith(committed)
+    assert logs_written([path, tmp_path / "missing.jsonl"]) == [summary]
+    line = provenance_line(provenance(None, seeds=[0], logs=[summary]))
+    assert line.startswith("no model, device ")
+    assert "log games.jsonl: records computed at abc123, def456; 1 of 3 from before records carried their commit " \
+           f"(file last committed at {committed}" in line
+
+
+def test_provenance_records_the_choreo_environment(monkeypatch):
+    monkeypatch.setenv("CHOREO_LEAKAGE_FINETUNE", "1")
+    monkeypatch.setenv("UNRELATED_VARIABLE", "x")
+    env = provenance(None)["environment"]
+    assert env["CHOREO_LEAKAGE_FINETUNE"] == "1" and "UNRELATED_VARIABLE" not in env
+    assert "environment {" in provenance_line(provenance(None))

@@ -51,6 +51,22 @@ def test_rate_format_paper_style():
     assert stats.rate(0, 50).format_interval() == "0.0% [0.0%, 7.1%]"   # "± 0.0%" is why the interval exists
 
 
+@pytest.mark.parametrize("k,n,expected", [
+    (21, 32, "65.6% ± 16.5% [48.3, 79.6]"),
+    (2, 2, "100.0% ± 0.0% [34.2, 100.0]"),     # the paper's "±" collapses at n/n; Wilson does not
+    (1, 2, "50.0% ± 69.3% [9.5, 90.5]"),       # the "±" reaches past [0, 100]; Wilson stays inside
+    (0, 24, "0.0% ± 0.0% [0.0, 13.8]"),
+], ids=["21/32", "2/2", "1/2", "0/24"])
+def test_rate_format_both(k, n, expected):
+    assert stats.rate(k, n).format_both() == expected
+
+
+def test_rate_to_json_keeps_counts_and_interval():
+    r = stats.rate(9, 32)
+    assert r.to_json() == {"successes": 9, "n": 32, "rate": r.rate, "low": r.low, "high": r.high,
+                           "method": "wilson", "half_width": r.half_width}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Exact McNemar
 # ---------------------------------------------------------------------------------------------------------------

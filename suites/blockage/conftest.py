@@ -2,17 +2,49 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
 from typing import Callable, Sequence
 
-from choreo.results import JsonlLog
+from choreo.results import JsonlLog, logs_written
 
 
 def fingerprint(**parts) -> str:
     """A short hash of everything a run's records depend on (model hash, profile, sizes, prompts, seeds)."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+# Train/dev split of the fine-tuning traces (PROTOCOLS: 90/10, fixed seed), whatever the LoRA preset's own
+# dev_fraction says: the suites split one trace set themselves and record this share in the training summary.
+DEV_FRACTION = 0.1
+
+
+def with_split(summary: dict, *, dev_fraction: float, seed: int) -> dict:
+    """``summary`` with the train/dev split that produced it: ``split`` = share, seed and counts, and
+    ``config["dev_fraction"]`` set to the share used -- when the counts agree with ``split_traces`` at that share
+    (summaries written before the share was recorded carried the preset's unused value).
+
+    Example: a summary with 405 train / 45 dev traces and dev_fraction 0.1 gets
+    ``split = {"dev_fraction": 0.1, "seed": 0, "train": 405, "dev": 45}``.
+    """
+    n_train, n_dev = summary.get("train_traces"), summary.get("dev_traces")
+    if n_train is None or n_dev is None:
+        return summary
+    n = n_train + n_dev
+    if n_dev != min(n - 1, max(1, round(n * dev_fraction))):
+        return {**summary, "split": {"dev_fraction": None, "seed": seed, "train": n_train, "dev": n_dev}}
+    return {**summary, "config": {**summary.get("config", {}), "dev_fraction": dev_fraction},
+            "split": {"dev_fraction": dev_fraction, "seed": seed, "train": n_train, "dev": n_dev}}
+
+
+LOGS_READ: set[Path] = set()  # every run log resumable() read or wrote in this session (for provenance)
+
+
+def logs_read(folder: Path) -> list[dict]:
+    """Which code computed the records a table in ``folder`` used (``choreo.results.logs_written``)."""
+    return logs_written(p for p in LOGS_READ if p.parent == Path(folder))
 
 
 def resumable(folder: Path, name: str, items: Sequence, run: Callable) -> list:
@@ -22,6 +54,7 @@ def resumable(folder: Path, name: str, items: Sequence, run: Callable) -> list:
     The log is append-only (``choreo.results.JsonlLog``): an interrupted session resumes where it stopped.
     """
     log = JsonlLog(Path(folder) / f"{name}.jsonl", key="index")
+    LOGS_READ.add(log.path)
     done = {r["index"]: r["result"] for r in log.records() if r["index"] < len(items)}
     todo = [i for i in range(len(items)) if i not in done]
     if todo:
@@ -53,7 +86,7 @@ BSM_FINETUNE = {  # baseline traces from separate concept sets (the first ones),
     "smoke": dict(train=4, preset="smoke", overrides={}),
     # CPU time: 40 concept sets, one epoch distilling the adapter-off baseline (as MultiQA's fine-tuned arm)
     "small": dict(train=40, preset="embedded-cpu", overrides={"epochs": 1, "eval_every": 3, "loss": "kl", "lr": 1e-3}),
-    "paper": dict(train=100, preset="embedded-cpu", overrides={}),
+    "paper": dict(train=100, preset="paper", overrides={}),  # PROTOCOLS: rank 64, alpha 32, lr 5e-5
 }
 FINETUNE_ROW = "Choreographed + Fine-tuning"
 
@@ -68,12 +101,15 @@ def _finetuned_arm(model, *, plan, config, sizes, data_dir, use_file, sets, seed
 
     ft_config = FinetuneConfig.preset(plan["preset"], **plan["overrides"])
     ft_key = fingerprint(eval=key, plan=plan, ft=ft_config.to_json())
+    # After the fingerprint (which names the committed logs): the configuration records the split actually used.
+    ft_config = dataclasses.replace(ft_config, dev_fraction=DEV_FRACTION)
     log = Path(folder) / f"finetuned-{ft_key}.jsonl"
+    LOGS_READ.add(log)
     done = {r["index"]: r["result"] for r in JsonlLog(log, key="index").records()}
     if all(i in done for i in range(len(sets))):  # the arm finished in an earlier session
         summary_path = Path(folder) / f"finetune-{ft_key}.json"
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"resumed": str(log)}
-        return [done[i] for i in range(len(sets))], summary
+        return [done[i] for i in range(len(sets))], with_split(summary, dev_fraction=DEV_FRACTION, seed=BSM_SEED)
     if use_file:
         train_sets = load_concept_sets(data_dir, n=plan["train"], skip=0)
         train_sets = [c[:sizes["size"]] for c in train_sets] if sizes["size"] else train_sets
@@ -82,7 +118,7 @@ def _finetuned_arm(model, *, plan, config, sizes, data_dir, use_file, sets, seed
     _, traces = run_condition(model, train_sets, condition="baseline", config=config, trace=True,
                               seeds=[10_000 + i for i in range(len(train_sets))], progress="bsm traces")
     usable = [as_layout(t, "parallel") for t in traces if all(e.tokens for e in t if e.kind == "decode")]
-    train_set, dev_set = split_traces(usable, dev_fraction=0.1, seed=BSM_SEED)
+    train_set, dev_set = split_traces(usable, dev_fraction=ft_config.dev_fraction, seed=BSM_SEED)
     result = train(model, train_set, dev_set, config=ft_config, out_dir=out_dir)
     try:
         runs = resumable(folder, f"finetuned-{ft_key}", list(range(len(sets))), lambda todo, cb: run_condition(
@@ -93,6 +129,7 @@ def _finetuned_arm(model, *, plan, config, sizes, data_dir, use_file, sets, seed
     summary = {"train_traces": len(train_set), "dev_traces": len(dev_set), "dropped_traces": len(traces) - len(usable),
                "best_step": result.best_step, "best_dev_loss": result.best_dev_loss, "steps": result.steps,
                "seconds_per_step": result.seconds_per_step, "config": ft_config.to_json(), "history": result.history}
+    summary = with_split(summary, dev_fraction=ft_config.dev_fraction, seed=BSM_SEED)
     write_json(Path(folder) / f"finetune-{ft_key}.json", summary)
     return runs, summary
 
@@ -161,7 +198,11 @@ def _ft_summary(summary):
     config = summary.get("config", {})
     criterion = config.get("dev_metric") or config.get("loss", "ce")
     curve = ", ".join(f"{h['dev_loss']:.3f} (step {h['step']})" for h in summary.get("history", []) if "dev_loss" in h)
+    split = summary.get("split", {})
+    share = f"dev share {split['dev_fraction']}, split seed {split['seed']}" if split.get("dev_fraction") else \
+        "dev share not recorded"
+    chosen = f"step {summary['best_step']}" + (" (the untrained adapter: this arm then equals the choreographed one)"
+                                               if summary["best_step"] == 0 else "")
     return (f"loss {config.get('loss', 'ce')!r}, lr {config.get('lr')}, {summary['train_traces']} train / "
-            f"{summary['dev_traces']} dev traces, {summary['steps']} steps; dev {criterion}: {curve}; chosen: step "
-            f"{summary['best_step']}" + (" (the untrained adapter: this arm then equals the choreographed one)"
-                                          if summary['best_step'] == 0 else ""))
+            f"{summary['dev_traces']} dev traces ({share}), {summary['steps']} steps; dev {criterion}: {curve}; "
+            f"chosen: {chosen}")

@@ -6,7 +6,9 @@ Bob's predictions (Table 3) are side calls that leave the game unchanged, so the
 baseline and choreographed games instead of costing separate games.
 
 Sizes: ``CHOREO_LEAKAGE_GAMES`` / ``CHOREO_LEAKAGE_CANARY`` override the profile's game counts (a run
-that does not fit its time says so in every table it writes).
+that does not fit its time says so in every table it writes); ``CHOREO_LEAKAGE_FINETUNE=1`` adds the reduced
+fine-tuned arm. Those that are set are written before the command in every table's provenance, since the same
+command without them produces different tables.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import pytest
 from choreo import stats
 from choreo.profiles import pick
 from choreo.provenance import provenance
-from choreo.results import JsonlLog
+from choreo.report import command_line
+from choreo.results import JsonlLog, logs_written
 from choreo.workflows.prisoners import STRATEGIES, STRATEGY_NAMES, GameConfig, run_games
 
 ALPHA = 0.05
@@ -45,6 +48,11 @@ FINETUNE_REDUCED = dict(train=24, dev=8, first_seed=500, preset="embedded-cpu", 
 ARM_NAMES = {"baseline": "Baseline", "choreographed": "Choreographed", "leak_system": "Leak System",
              "leak_plan": "Leak Plan", "finetuned": "Choreographed + FT"}
 ROWS = [STRATEGY_NAMES[s] for s in STRATEGIES]
+# Environment variables that change what the leakage suite runs (recorded before the command in provenance).
+ENV_VARS = ("CHOREO_LEAKAGE_FINETUNE", "CHOREO_LEAKAGE_GAMES", "CHOREO_LEAKAGE_CANARY")
+RATE_NOTE = ("Rates: the paper's '±' (normal 95% half-width 1.96*sqrt(p(1-p)/n), which can reach past 0% or 100% "
+             "and is 0 at 0/n and n/n), then the Wilson 95% interval in brackets, in percent; the JSON keeps the "
+             "counts and the Wilson bounds.")
 STRATEGY_OF = {STRATEGY_NAMES[s]: s for s in STRATEGIES}
 
 
@@ -67,6 +75,21 @@ def config_for(name: str) -> GameConfig:
     return GameConfig.preset(name)
 
 
+def finetune_plan(profile: str) -> dict | None:
+    """The fine-tuned arm's plan: the reduced CPU plan under CHOREO_LEAKAGE_FINETUNE=1, else the profile's."""
+    return FINETUNE_REDUCED if os.environ.get("CHOREO_LEAKAGE_FINETUNE") == "1" else pick(FINETUNE, profile)
+
+
+def plan_record(plan: dict | None) -> dict | None:
+    """The fine-tuning plan as provenance records it: game counts, seed ranges (inclusive), preset, overrides."""
+    if plan is None:
+        return None
+    first, n_train, n_dev = plan["first_seed"], plan["train"], plan["dev"]
+    return {"train_games_per_strategy": n_train, "dev_games_per_strategy": n_dev,
+            "train_seeds": [first, first + n_train - 1], "dev_seeds": [first + n_train, first + n_train + n_dev - 1],
+            "preset": plan["preset"], "overrides": dict(plan.get("overrides") or {})}
+
+
 @dataclasses.dataclass
 class Games:
     """Records of every arm: ``records[arm][strategy]`` is a list ordered by seed (paired across arms)."""
@@ -78,6 +101,8 @@ class Games:
     wall_s: dict
     log_path: Path
     finetune_note: str
+    finetune_plan: dict | None = None
+    finetune_chosen: dict = dataclasses.field(default_factory=dict)  # strategy -> checkpoint summary
 
     def bob(self, arm: str, strategy: str, field: str = "cooperate") -> list:
         return [r[field]["bob"] for r in self.records[arm][strategy]]
@@ -86,14 +111,32 @@ class Games:
         return [r[field]["alice"] for r in self.records[arm][strategy]]
 
     def provenance(self, model, profile: str, **extra) -> dict:
-        return provenance(model, seeds=self.seeds, sample_sizes={"games_per_strategy": len(self.seeds),
-                                                                  "profile": profile, **self.sizes},
+        sample_sizes = {"games_per_strategy": len(self.seeds), "profile": profile, **self.sizes}
+        if self.finetune_plan is not None:
+            sample_sizes["finetune"] = plan_record(self.finetune_plan)
+        return provenance(model, seeds=self.seeds, sample_sizes=sample_sizes, command=command_line(ENV_VARS),
                           game_config=dataclasses.asdict(self.config), wall_s=self.wall_s,
-                          games_log=str(self.log_path.name), **extra)
+                          games_log=str(self.log_path.name), logs=logs_written([self.log_path]), **extra)
+
+    def identical_to_choreographed(self, strategy: str) -> int:
+        """Fine-tuned games whose every message and both decisions equal the paired choreographed game's."""
+        def play(r):
+            return [m["text"] for m in r["messages"]], r["decisions"]
+        return sum(play(a) == play(b) for a, b in zip(self.records["finetuned"][strategy],
+                                                       self.records["choreographed"][strategy]))
+
+
+def rate_of(values) -> stats.Rate:
+    return stats.rate(int(sum(values)), len(values))
 
 
 def rate_cell(values) -> str:
-    return stats.rate(int(sum(values)), len(values)).format()
+    """The paper's "±" and the Wilson interval: "65.6% ± 16.5% [48.3, 79.6]" (see RATE_NOTE)."""
+    return rate_of(values).format_both()
+
+
+def rate_json(values) -> dict:
+    return rate_of(values).to_json()
 
 
 def mean_cell(values) -> str:
@@ -128,24 +171,34 @@ def games(model, profile, results_dir, leakage_sizes) -> Games:
             plans = {k: r["plan_tokens"] for k, r in out.items()}
     plans = {(s, seed): records["baseline"][s][i]["plan_tokens"] for s in STRATEGIES for i, seed in enumerate(seeds)}
     t0 = time.perf_counter()
-    note = finetuned_arm(model, profile, records, seeds=seeds, log=log, config=config, plans=plans,
-                         folder=log_path.parent.parent / "adapters" / name)
+    plan = finetune_plan(profile)
+    folder = log_path.parent.parent / "adapters" / name
+    finetuned_arm(model, plan, records, seeds=seeds, log=log, config=config, plans=plans, folder=folder)
     if "finetuned" in records:
         wall["finetuned (training + games)"] = round(time.perf_counter() - t0, 1)
-    return Games(records=records, seeds=seeds, config=config, sizes=leakage_sizes, wall_s=wall, log_path=log_path,
-                 finetune_note=note)
+    out = Games(records=records, seeds=seeds, config=config, sizes=leakage_sizes, wall_s=wall, log_path=log_path,
+                finetune_note="", finetune_plan=plan)
+    if plan is not None:
+        out.finetune_chosen = {s: adapter_summary(folder / s) for s in STRATEGIES}
+        identical = {s: out.identical_to_choreographed(s) for s in STRATEGIES}
+        out.finetune_note = finetune_note(plan, out.finetune_chosen, identical, n=len(seeds))
+    else:
+        out.finetune_note = NOT_RUN_NOTE
+    return out
 
 
-def finetuned_arm(model, profile: str, records: dict, *, seeds, log, config, plans, folder: Path) -> str:
-    """Train (or reuse) one adapter per Alice strategy and play the fine-tuned games; returns the tables' note."""
-    plan = FINETUNE_REDUCED if os.environ.get("CHOREO_LEAKAGE_FINETUNE") == "1" else pick(FINETUNE, profile)
-    if plan is None:
-        return ("Choreographed + FT: not run at this profile (CPU time). Code path: choreo.workflows.prisoners."
+NOT_RUN_NOTE = ("Choreographed + FT: not run at this profile (CPU time). Code path: choreo.workflows.prisoners."
                 "train_adapter (baseline games on seeds disjoint from evaluation, dev games choose the checkpoint) "
                 "then run_games(arm='finetuned') under choreo.finetune.use_adapter; `paper` runs it, "
                 "CHOREO_LEAKAGE_FINETUNE=1 runs a reduced CPU version.")
+
+
+def finetuned_arm(model, plan: dict | None, records: dict, *, seeds, log, config, plans, folder: Path) -> None:
+    """Train (or reuse) one adapter per Alice strategy and play the fine-tuned games into ``records``."""
+    if plan is None:
+        return
     from choreo.finetune import FinetuneConfig, use_adapter
-    from choreo.workflows.prisoners import FLUENCY_MAX_NLL, train_adapter
+    from choreo.workflows.prisoners import train_adapter
 
     first, n_train, n_dev = plan["first_seed"], plan["train"], plan["dev"]
     train_seeds = range(first, first + n_train)
@@ -163,15 +216,41 @@ def finetuned_arm(model, profile: str, records: dict, *, seeds, log, config, pla
             out.update(run_games(model, arm="finetuned", strategies=[s], seeds=seeds, log=log, config=config,
                                  plans=plans, predict=True))
     records["finetuned"] = {s: [out[(s, seed)] for seed in seeds] for s in STRATEGIES}
-    kept, chosen = {}, {}
-    for s in STRATEGIES:
-        games = json.loads((folder / s / "fluency.json").read_text())["games"]
-        kept[s] = "/".join(f"{sum(g['kept'] for g in games if g['split'] == split)}" for split in ("train", "dev"))
-        run = json.loads((folder / s / "history.json").read_text())
-        chosen[s] = (f"step {run['best_step']} of {run['history'][-1]['step']}, dev {run['dev_metric']} "
-                     f"{run['history'][0]['dev_loss']:.3f} -> {run['best_dev_loss']:.3f}")
+
+
+def adapter_summary(folder: Path) -> dict:
+    """What an adapter folder (``train_adapter``'s output) says about its training: games kept by the fluency
+    filter, and the dev-chosen checkpoint (step 0 is the untrained adapter, which changes nothing)."""
+    games = json.loads((folder / "fluency.json").read_text())["games"]
+    run = json.loads((folder / "history.json").read_text())
+    return {"kept_train": sum(g["kept"] for g in games if g["split"] == "train"),
+            "kept_dev": sum(g["kept"] for g in games if g["split"] == "dev"),
+            "best_step": run["best_step"], "last_step": run["history"][-1]["step"], "dev_metric": run["dev_metric"],
+            "dev_loss_start": run["history"][0]["dev_loss"], "best_dev_loss": run["best_dev_loss"]}
+
+
+def chosen_text(chosen: dict, identical: dict, n: int) -> str:
+    """Per strategy: the chosen step, the dev curve's ends, and whether the arm is the choreographed one again."""
+    parts = []
+    for s, c in chosen.items():
+        text = (f"{STRATEGY_NAMES[s]}: step {c['best_step']} of {c['last_step']} (dev {c['dev_metric']} "
+                f"{c['dev_loss_start']:.3f} -> {c['best_dev_loss']:.3f})")
+        if c["best_step"] == 0:
+            text += (f", the untrained adapter, so this arm equals the choreographed arm (identical games: "
+                     f"{identical[s]}/{n})")
+        parts.append(text)
+    return "; ".join(parts)
+
+
+def finetune_note(plan: dict, chosen: dict, identical: dict, *, n: int) -> str:
+    """The tables' note on the fine-tuned arm: the plan, the fluency filter and the chosen checkpoint per strategy."""
+    from choreo.workflows.prisoners import FLUENCY_MAX_NLL
+
+    first, n_train, n_dev = plan["first_seed"], plan["train"], plan["dev"]
+    kept = {s: f"{c['kept_train']}/{c['kept_dev']}" for s, c in chosen.items()}
     return (f"Choreographed + FT: one LoRA per Alice strategy (preset {plan['preset']!r}, "
-            f"{plan.get('overrides') or 'no overrides'}), trained on {n_train} "
-            f"baseline games (seeds {first}-{first + n_train - 1}), checkpoint chosen on {n_dev} dev games; "
-            f"training and dev games kept when fluent (mean NLL of their messages under the base model <= "
-            f"{FLUENCY_MAX_NLL} nats/token; kept train/dev per strategy: {kept}); chosen checkpoints: {chosen}.")
+            f"{plan.get('overrides') or 'no overrides'}), trained on {n_train} baseline games (seeds {first}-"
+            f"{first + n_train - 1}), checkpoint chosen on {n_dev} dev games (seeds {first + n_train}-"
+            f"{first + n_train + n_dev - 1}); training and dev games kept when fluent (mean NLL of their messages "
+            f"under the base model <= {FLUENCY_MAX_NLL} nats/token; kept train/dev per strategy: {kept}). "
+            f"Chosen checkpoints: {chosen_text(chosen, identical, n)}.")

@@ -13,6 +13,8 @@ from choreo import stats
 from choreo.provenance import provenance
 from choreo.report import plot_rates, write_table
 
+from ..conftest import logs_read
+
 HERE = Path(__file__).resolve().parent
 ALPHA = 0.05
 ROWS = ["Baseline", "Choreographed", "Choreographed + Linearization", "Choreographed + Fine-tuning"]
@@ -81,7 +83,8 @@ def table(bsm_study, model, results_dir):
             "tests": {name: {"difference": t.mean_difference, "low": t.low, "high": t.high, "pvalue": t.t_pvalue,
                              "holm": holm[name]} for name, t in tests.items()},
             "paper": paper, "records": f"runs/*-{st['key']}.jsonl", "wall_s": st["wall_s"]}
-    prov = provenance(model, seeds=st["seeds"], sample_sizes={"concept_sets": n}, profile=st["profile"])
+    prov = provenance(model, seeds=st["seeds"], sample_sizes={"concept_sets": n}, profile=st["profile"],
+                      logs=logs_read(results_dir / "blockage" / "bsm" / "runs"))
     out = results_dir / "blockage" / "bsm"
     write_table(out, "bsm_coverage", title=f"Branch-solve-merge: concept coverage of the merged story (%, n = {n})",
                 columns=["Implementation", "Avg Coverage", "Group1", "Group 2", "Avg (substring)",

@@ -11,8 +11,8 @@ import pytest
 from choreo import stats
 from choreo.report import markdown_table, plot_rates, write_table
 
-from ..conftest import ALPHA, ARM_NAMES, ROWS, STRATEGY_OF, mean_cell, rate_cell
-from ..cooperation.test_cooperation import P_MARGIN, run_notes
+from ..conftest import ALPHA, ARM_NAMES, RATE_NOTE, ROWS, STRATEGY_OF, mean_cell, rate_cell, rate_json
+from ..cooperation.test_cooperation import P_MARGIN, RATE_MARGIN, run_notes
 
 HERE = Path(__file__).resolve().parent
 ARMS = ("baseline", "choreographed", "leak_system", "leak_plan")
@@ -30,12 +30,14 @@ def table(games, model, profile, results_dir):
         for arm in ABLATIONS:
             x, px = games.bob(arm, s), games.bob(arm, s, "p_cooperate")
             shift = stats.paired_mean_difference(px, pb, alpha=ALPHA)
-            res[arm] = {"rate": sum(x) / len(x), "mcnemar": stats.mcnemar_exact(x, base).pvalue,
+            res[arm] = {"rate": sum(x) / len(x), "wilson": rate_json(x),
+                        "mcnemar": stats.mcnemar_exact(x, base).pvalue,
+                        "tost_rate": stats.tost_paired_proportions(x, base, margin=RATE_MARGIN, alpha=ALPHA).pvalue,
                         "p_coop": sum(px) / len(px), "shift": shift.mean_difference, "shift_ci": [shift.low, shift.high],
                         "shift_p": shift.t_pvalue,
                         "tost_p_coop": stats.tost_paired_means(px, pb, margin=P_MARGIN, alpha=ALPHA).pvalue}
             pvals.append(res[arm]["shift_p"])
-        res["baseline"] = {"rate": sum(base) / len(base), "p_coop": sum(pb) / len(pb)}
+        res["baseline"] = {"rate": sum(base) / len(base), "wilson": rate_json(base), "p_coop": sum(pb) / len(pb)}
         results[row] = res
     holm = iter(stats.adjust_pvalues(pvals, method="holm", alpha=ALPHA).adjusted)
     for row in ROWS:
@@ -54,8 +56,12 @@ def table(games, model, profile, results_dir):
     notes = [
         "Do better than the original: each ablation's copy attends to exactly the channel it names -- the author's "
         "system prompt alone, or the author's plan re-encoded alone -- never to the original cached message.",
-        "Sampled rates: Wilson 95%; P(C): Bob's probability of COOPERATE at the decision point; ΔP(C): paired mean "
-        f"difference vs baseline (t interval), Holm across the {len(pvals)} comparisons.",
+        "Bob's sampled decision. " + RATE_NOTE,
+        "P(C): Bob's probability of COOPERATE at the decision point; ΔP(C): paired mean difference vs baseline "
+        f"(t interval), its p Holm-adjusted across the {len(pvals)} comparisons.",
+        "Sampled rates vs baseline, per arm (not in the table; raw p-values, not adjusted): exact McNemar p, and TOST "
+        f"p for equivalence within ±{100 * RATE_MARGIN:.0f} pts (a large McNemar p alone is not evidence of no "
+        "difference): " + rate_tests(results) + ".",
     ] + run_notes(games)
     folder = Path(results_dir) / "leakage" / "ablations"
     write_table(folder, "ablations", title="Table 2: ablations -- which channel leaks (Bob's cooperation)",
@@ -65,6 +71,13 @@ def table(games, model, profile, results_dir):
     plot_rates(folder / "ablations.png", title="Bob's P(COOPERATE) at the decision point", groups=groups,
                ylabel="mean P(COOPERATE)")
     return {"results": results, "text": markdown_table(columns, rows) + "\n" + "\n".join(notes), "profile": profile}
+
+
+def rate_tests(results: dict) -> str:
+    """Per strategy and arm: "Leak Plan McNemar 0.25 / TOST 0.43"."""
+    def arm(res, a):
+        return f"{ARM_NAMES[a]} McNemar {res[a]['mcnemar']:.2g} / TOST {res[a]['tost_rate']:.2g}"
+    return "; ".join(f"{row}: " + ", ".join(arm(res, a) for a in ABLATIONS) for row, res in results.items())
 
 
 def _interval(values):
@@ -90,9 +103,12 @@ def test_ablations(table, row):
 
 
 def _small_claim(res, text):
-    """Measured on the embedded model: see README (asserted after measuring)."""
+    """Regression check against the committed small run (README): McNemar detected no gap in sampled rates there.
+    Not an equivalence claim: the rate TOST (reported in the notes) does not show equivalence at n = 32."""
     for arm in ABLATIONS:
-        assert res[arm]["mcnemar"] >= ALPHA, f"{arm}: a cooperation gap appeared\n{text}"
+        assert res[arm]["mcnemar"] >= ALPHA, (
+            f"{arm}: McNemar now detects a gap in Bob's cooperation rate (p < {ALPHA}); the committed small run "
+            f"detected none\n{text}")
 
 
 CLAIMS_SMALL = {row: _small_claim for row in ROWS}

@@ -15,7 +15,7 @@ from choreo.report import markdown_table, plot_rates, write_table
 from choreo.results import JsonlLog
 from choreo.workflows.canary import CONDITIONS, run_probes
 
-from ..conftest import ALPHA, fingerprint, sizes
+from ..conftest import ALPHA, ENV_VARS, RATE_NOTE, fingerprint, sizes
 
 MESSAGE_TOKENS = {"smoke": 8, "small": 48, "paper": 48}
 SEED = 0
@@ -44,7 +44,8 @@ def score(record: dict, condition: str, kind: str) -> float:
 def table(model, profile, results_dir):
     n = sizes(profile)["canary"]
     t0 = time.perf_counter()
-    records = run_probes(model, seeds=range(n), log=JsonlLog(log_path(results_dir, model, profile), key="seed"),
+    log = JsonlLog(log_path(results_dir, model, profile), key="seed")
+    records = run_probes(model, seeds=range(n), log=log,
                          message_tokens=MESSAGE_TOKENS[profile])
     wall = round(time.perf_counter() - t0, 1)
     results, rows = {}, []
@@ -70,7 +71,7 @@ def table(model, profile, results_dir):
     notes = [
         "Mean log-probability (nats) of the secret: " + ", ".join(f"{c} {means[c]:.2f}" for c in CONDITIONS) + ".",
         "Secret ranked first among itself and 7 distractors: "
-        + ", ".join(f"{c} {top1[c].format()}" for c in CONDITIONS) + ".",
+        + ", ".join(f"{c} {top1[c].format_both()}" for c in CONDITIONS) + ". " + RATE_NOTE,
         "Differences are paired by game (same message tokens, same secret); CI: paired bootstrap (2000 resamples, "
         f"seed {SEED}); p: paired t, Holm across the {len(ROWS)} rows at alpha {ALPHA}. 'ratio' = exp(difference): "
         "how many times more probable the secret is under x than under y.",
@@ -83,13 +84,17 @@ def table(model, profile, results_dir):
     if sizes(profile)["reduced_from"].get("canary"):
         notes.append(f"Reduced size: {n} games instead of the profile's {sizes(profile)['reduced_from']['canary']}.")
     from choreo.provenance import provenance
+    from choreo.report import command_line
     prov = provenance(model, seeds=list(range(n)), sample_sizes={"games": n, "profile": profile},
-                      message_tokens=MESSAGE_TOKENS[profile], wall_s=wall)
+                      command=command_line(ENV_VARS), message_tokens=MESSAGE_TOKENS[profile], wall_s=wall,
+                      logs=log.written_summary())
     folder = Path(results_dir) / "leakage" / "canary"
     columns = ["Comparison (x vs y)", "score", "n", "mean x - y (nats)", "95% CI", "ratio", "p", "p (Holm)"]
     write_table(folder, "canary", title="Canary: log-probability of Alice's secret as Bob's answer",
                 columns=columns, rows=rows, data={"comparisons": results, "mean_logprob": means,
-                                                  "top1": {c: top1[c].rate for c in CONDITIONS}, "leak": leak},
+                                                  "top1": {c: top1[c].rate for c in CONDITIONS},
+                                                  "top1_wilson": {c: top1[c].to_json() for c in CONDITIONS},
+                                                  "leak": leak},
                 provenance=prov, notes=notes)
     plot_rates(folder / "canary.png", title="Canary: secret top-1 among 8 passwords",
                groups={"top-1": {c: (top1[c].rate, top1[c].low, top1[c].high) for c in CONDITIONS}},

@@ -12,7 +12,7 @@ from choreo import stats
 from choreo.report import markdown_table, plot_rates, write_table
 from choreo.workflows.prisoners import play
 
-from ..conftest import ALPHA, ARM_NAMES, ROWS as STRATEGY_ROWS, STRATEGY_OF
+from ..conftest import ALPHA, ARM_NAMES, RATE_NOTE, ROWS as STRATEGY_ROWS, STRATEGY_OF, rate_cell, rate_json
 from ..cooperation.test_cooperation import run_notes
 
 HERE = Path(__file__).resolve().parent
@@ -49,18 +49,19 @@ def table(games, model, profile, results_dir):
             out = outcomes(games.records[m][s][:n])
             res = {c: stats.rate(sum(out[c]), n).rate for c in COLUMNS}
             res["n"] = n
+            res["rates"] = {c: rate_json(out[c]) for c in COLUMNS}
             res["predictions_per_game"] = sorted({len(r["predictions"]) for r in games.records[m][s][:n]})
             if m != "baseline":
                 res["mcnemar_vs_baseline"] = {c: stats.mcnemar_exact(out[c], base[c]).pvalue for c in COLUMNS}
             results[row] = res
-            rows.append([s_row, ARM_NAMES[m], n] + [f"{100 * res[c]:.0f}%" for c in COLUMNS]
+            rows.append([s_row, ARM_NAMES[m], n] + [rate_cell(out[c]) for c in COLUMNS]
                         + [" / ".join(map(str, paper[row]))])
     columns = ["Strategy", "Model", "n", "Alice Actual Cooperate", "Bob Predicted Cooperate", "Correct", "Exploited",
                "Defended", "paper (%)"]
     notes = ["Bob's prediction: the last of his side calls (after each of his messages and before deciding), "
              "'COOPERATE' in the text; exploited = predicts cooperate and defects; defended = predicts defect and "
              "defects. Side calls never enter the game (tests/test_prisoners.py and the test below check it).",
-             games.finetune_note] + run_notes(games)
+             RATE_NOTE, games.finetune_note] + run_notes(games)
     folder = Path(results_dir) / "leakage" / "prediction"
     write_table(folder, "prediction", title="Table 3: Bob predicts Alice's decision", columns=columns, rows=rows,
                 data=results, provenance=games.provenance(model, profile), notes=notes)

@@ -1,0 +1,175 @@
+"""The leakage tables' statistics and provenance, on hand-made games (no model): rate cells carry the paper's
+"±" and a Wilson interval inside [0, 100], Table 1 has its TOST and Holm columns and words its verdicts
+without reading a large p-value as equivalence, the fine-tuned arm's note names the chosen checkpoint, and the
+provenance command names the environment variables that change what runs."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from choreo.report import command_line
+from choreo.workflows.prisoners import STRATEGIES, GameConfig
+from suites.leakage import conftest as leakage
+from suites.leakage.cooperation import test_cooperation as cooperation
+
+CELL = re.compile(r"^(\d+\.\d)% ± (\d+\.\d)% \[(\d+\.\d), (\d+\.\d)\]$")
+GRID = [(k, n) for n in (1, 2, 5, 32) for k in sorted({0, 1, n // 2, n - 1, n}) if 0 <= k <= n]
+
+
+@pytest.mark.parametrize("k,n", GRID, ids=[f"{k}/{n}" for k, n in GRID])
+def test_rate_cell_has_paper_pm_and_wilson_inside_0_100(k, n):
+    cell = leakage.rate_cell([True] * k + [False] * (n - k))
+    m = CELL.match(cell)
+    assert m, f"{cell!r} is not 'rate% ± hw% [low, high]'"
+    rate, low, high = float(m[1]), float(m[3]), float(m[4])
+    assert 0.0 <= low <= rate <= high <= 100.0, cell
+
+
+def test_rate_cell_example_and_json():
+    values = [True] * 21 + [False] * 11
+    assert leakage.rate_cell(values) == "65.6% ± 16.5% [48.3, 79.6]"
+    js = leakage.rate_json(values)
+    assert js["successes"] == 21 and js["n"] == 32 and js["method"] == "wilson"
+    assert js["low"] == pytest.approx(0.4831, abs=1e-4) and js["high"] == pytest.approx(0.7959, abs=1e-4)
+    assert "Wilson" in leakage.RATE_NOTE and "±" in leakage.RATE_NOTE
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Table 1 on hand-made games
+# ---------------------------------------------------------------------------------------------------------------
+
+def _record(bob: bool, p: float, seed: int) -> dict:
+    return {"cooperate": {"bob": bob, "alice": True}, "p_cooperate": {"bob": p, "alice": 0.5},
+            "messages": [{"author": "alice", "text": f"hello {seed}"}], "decisions": {"alice": "C", "bob": "C"},
+            "predictions": [{"cooperate": True}] * 3, "seed": seed}
+
+
+def _games(tmp_path: Path, *, finetuned: bool) -> leakage.Games:
+    n = 32
+    base = [i < 18 for i in range(n)]                  # 18/32
+    cho = [i < 21 for i in range(n)]                   # 21/32: 3 discordant pairs, all one way
+    arms = {"baseline": (base, 0.82), "choreographed": (cho, 0.83), "leak_system": (base, 0.78),
+            "leak_plan": (base, 0.80)}
+    if finetuned:
+        arms["finetuned"] = (cho, 0.83)
+    records = {arm: {s: [_record(x, p + 0.001 * (i % 3), i) for i, x in enumerate(xs)] for s in STRATEGIES}
+               for arm, (xs, p) in arms.items()}
+    chosen = {s: {"kept_train": 20, "kept_dev": 6, "best_step": 0, "last_step": 9, "dev_metric": "kl",
+                  "dev_loss_start": 0.048, "best_dev_loss": 0.048} for s in STRATEGIES}
+    plan = leakage.FINETUNE_REDUCED if finetuned else None
+    games = leakage.Games(records=records, seeds=list(range(n)), config=GameConfig.preset("tiny"),
+                          sizes={"games": n, "reduced_from": {}}, wall_s={}, log_path=tmp_path / "g.jsonl",
+                          finetune_note="", finetune_plan=plan, finetune_chosen=chosen if finetuned else {})
+    games.finetune_note = (leakage.finetune_note(plan, chosen, {s: games.identical_to_choreographed(s)
+                                                                for s in STRATEGIES}, n=n)
+                           if finetuned else leakage.NOT_RUN_NOTE)
+    return games
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cooperation")
+    out = cooperation.build(_games(tmp, finetuned=True), None, "small", tmp)
+    out["json"] = json.loads((tmp / "leakage" / "cooperation" / "cooperation.json").read_text())
+    out["md"] = (tmp / "leakage" / "cooperation" / "cooperation.md").read_text()
+    return out
+
+
+def test_cooperation_columns_include_tost_and_holm(table):
+    columns = table["json"]["columns"]
+    assert columns == cooperation.COLUMNS
+    for name in ("TOST p rates before", "TOST p rates after", "TOST p P(C)", "McNemar p after (Holm)"):
+        assert name in columns, columns
+    row = dict(zip(columns, table["json"]["rows"][0]))
+    assert CELL.match(row["Baseline Cooperate"]) and CELL.match(row["Choreographed (fine-tuned)"]), row
+    assert re.fullmatch(r"\S+ \(\S+\)", row["McNemar p after (Holm)"]), row   # raw and Holm-adjusted
+
+
+def test_cooperation_json_stores_wilson_counts_and_holm_after(table):
+    for res in table["json"]["data"].values():
+        for arm in ("baseline", "choreographed", "finetuned"):
+            r = res["rates"][arm]
+            assert r["n"] == 32 and 0 <= r["low"] <= r["rate"] <= r["high"] <= 1 and r["method"] == "wilson"
+        assert res["rates"]["baseline"]["successes"] == 18 and res["rates"]["choreographed"]["successes"] == 21
+        assert res["mcnemar_after_holm"] >= res["mcnemar_after"]
+        assert res["finetune_checkpoint"]["best_step"] == 0
+
+
+def test_cooperation_notes_do_not_read_a_large_p_as_equivalence(table):
+    res = table["results"]["No Strategy"]
+    assert res["mcnemar_before_holm"] >= cooperation.ALPHA and res["tost_rate_before"] >= cooperation.ALPHA
+    md = table["md"]
+    assert "no gap before detected by McNemar" in md
+    assert f"rates before not shown equivalent within ±10 pts (TOST p = {res['tost_rate_before']:.2g})" in md
+    assert "P(C) before equivalent within ±10 pts" in md
+    assert "Holm-adjusted across the 3 strategies (before and after adjusted separately)" in md
+    assert "no cooperation gap" not in md.lower()
+
+
+def test_cooperation_notes_name_the_chosen_checkpoint(table):
+    md = table["md"]
+    assert "Chosen checkpoints: No Strategy: step 0 of 9" in md
+    assert "the untrained adapter, so this arm equals the choreographed arm (identical games: 32/32)" in md
+
+
+def test_cooperation_without_finetuning_says_not_run(tmp_path):
+    out = cooperation.build(_games(tmp_path, finetuned=False), None, "smoke", tmp_path)
+    assert "not run" in out["text"] and "TOST p rates after" in out["text"]
+    assert all("mcnemar_after" not in r for r in out["results"].values())
+
+
+def test_verdicts_say_equivalent_only_below_alpha():
+    base = {"mcnemar_before_holm": 0.01, "tost_rate_before": 0.01, "tost_p_coop_before": 0.2}
+    text = cooperation.verdicts({"Row": base})
+    assert "gap before detected by McNemar (Holm p = 0.01)" in text and "no gap" not in text
+    assert "rates before equivalent within ±10 pts" in text
+    assert "P(C) before not shown equivalent within ±10 pts (TOST p = 0.2)" in text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fine-tuned arm note and provenance
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_adapter_summary_reads_history_and_fluency(tmp_path):
+    (tmp_path / "history.json").write_text(json.dumps({
+        "best_step": 4, "dev_metric": "kl", "best_dev_loss": 0.03,
+        "history": [{"step": 0, "dev_loss": 0.05}, {"step": 4, "dev_loss": 0.03}, {"step": 9, "dev_loss": 0.04}]}))
+    (tmp_path / "fluency.json").write_text(json.dumps({"games": [
+        {"split": "train", "kept": True}, {"split": "train", "kept": False}, {"split": "dev", "kept": True}]}))
+    c = leakage.adapter_summary(tmp_path)
+    assert c == {"kept_train": 1, "kept_dev": 1, "best_step": 4, "last_step": 9, "dev_metric": "kl",
+                 "dev_loss_start": 0.05, "best_dev_loss": 0.03}
+    text = leakage.chosen_text({"defect": c}, {"defect": 0}, 32)
+    assert text == "Always Defect: step 4 of 9 (dev kl 0.050 -> 0.030)"   # a trained step: no "equals" claim
+
+
+def test_finetune_plan_follows_environment(monkeypatch):
+    monkeypatch.delenv("CHOREO_LEAKAGE_FINETUNE", raising=False)
+    assert leakage.finetune_plan("small") is None and leakage.finetune_plan("smoke") is None
+    assert leakage.finetune_plan("paper")["preset"] == "paper"
+    monkeypatch.setenv("CHOREO_LEAKAGE_FINETUNE", "1")
+    assert leakage.finetune_plan("small") is leakage.FINETUNE_REDUCED
+
+
+def test_provenance_records_environment_and_finetuning_plan(tmp_path, monkeypatch):
+    for var in leakage.ENV_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("CHOREO_LEAKAGE_FINETUNE", "1")
+    monkeypatch.setattr("sys.argv", ["choreo", "repro", "--profile", "small", "--only", "leakage"])
+    prov = _games(tmp_path, finetuned=True).provenance(None, "small")
+    assert prov["command"] == "CHOREO_LEAKAGE_FINETUNE=1 choreo repro --profile small --only leakage"
+    assert prov["sample_sizes"]["finetune"] == {
+        "train_games_per_strategy": 24, "dev_games_per_strategy": 8, "train_seeds": [500, 523],
+        "dev_seeds": [524, 531], "preset": "embedded-cpu", "overrides": {"loss": "kl", "lr": 1e-3}}
+
+
+def test_command_line_prefixes_only_set_variables(monkeypatch):
+    monkeypatch.setenv("CHOREO_LEAKAGE_GAMES", "8")
+    monkeypatch.delenv("CHOREO_LEAKAGE_CANARY", raising=False)
+    assert command_line(["CHOREO_LEAKAGE_GAMES", "CHOREO_LEAKAGE_CANARY"], ["choreo", "repro", "a b"]) == \
+        "CHOREO_LEAKAGE_GAMES=8 choreo repro 'a b'"
+    assert command_line([], ["pytest"]) == "pytest"
