@@ -61,6 +61,14 @@ def git_commit(root: Path | None = None) -> str | None:
         return None
 
 
+def command_argv() -> list[str]:
+    """This process's command line, the installed ``choreo`` script named as typed (not by its venv path)."""
+    argv = list(sys.argv)
+    if argv and Path(argv[0]).name == "choreo":
+        argv[0] = "choreo"
+    return argv
+
+
 def provenance(model=None, *, seeds=None, sample_sizes=None, command: str | None = None, **extra) -> dict:
     """A JSON-ready record of how a result was produced.
 
@@ -75,7 +83,7 @@ def provenance(model=None, *, seeds=None, sample_sizes=None, command: str | None
         "versions": library_versions(),
         "git_commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": command or " ".join(shlex.quote(a) for a in sys.argv),
+        "command": command or " ".join(shlex.quote(a) for a in command_argv()),
         # CHOREO_* variables change what runs (sizes, arms, paths): a command alone may not reproduce the result
         "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith("CHOREO_")},
         **extra,

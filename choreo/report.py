@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -18,7 +17,9 @@ def command_line(env: Sequence[str] = (), argv: Sequence[str] | None = None) -> 
     Example: with CHOREO_LEAKAGE_FINETUNE=1 set, ``command_line(["CHOREO_LEAKAGE_FINETUNE"], ["choreo", "repro"])``
     is "CHOREO_LEAKAGE_FINETUNE=1 choreo repro".
     """
-    argv = sys.argv if argv is None else argv
+    from .provenance import command_argv
+
+    argv = command_argv() if argv is None else argv
     prefix = [f"{name}={shlex.quote(os.environ[name])}" for name in env if os.environ.get(name)]
     return " ".join(prefix + [shlex.quote(a) for a in argv])
 
