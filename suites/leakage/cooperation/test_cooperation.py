@@ -137,7 +137,8 @@ def build(games, model, profile, results_dir) -> dict:
 
 def run_notes(games) -> list[str]:
     out = [f"Wall time per arm for the games played in this session (s; 0.0: every game was resumed from the games "
-           f"log, played earlier by the same code; shared 2-core CPU, inflated by contention): {games.wall_s}.",
+           f"log, played earlier: the provenance names the code that computed the logged games; shared 2-core CPU, "
+           f"inflated by contention): {games.wall_s}.",
            f"Game caps: plan {games.config.plan_tokens}, message {games.config.message_tokens}, decision "
            f"{games.config.decision_tokens} tokens; T = {games.config.temperature}, top-p {games.config.top_p}."]
     if games.sizes["reduced_from"].get("games"):
