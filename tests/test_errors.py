@@ -159,3 +159,13 @@ def test_linearize_errors(tiny_gqa):
         choreo.linearize([m], start=-5)
     with pytest.raises(TypeError, match="Message objects"):
         choreo.linearize([m.id])
+
+
+def test_baseline_prefills_hold_no_rows(tiny_gqa):
+    """The baseline records a prefill's text only: a prompt longer than the cache is fine until a call reads it."""
+    bl = choreo.Baseline(tiny_gqa, capacity=16)
+    long = bl.prefill("word " * 40, role="user")
+    assert bl.memory()["tokens_used"] == 0 and bl.memory()["tokens_peak"] == 0
+    with pytest.raises(CapacityError, match="capacity"):
+        bl.decode(role="assistant", parents=[long], max_tokens=2)
+    assert bl.memory()["tokens_used"] == 0 and [m.id for m in bl.messages] == [long.id]

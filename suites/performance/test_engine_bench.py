@@ -33,7 +33,13 @@ CONVERSATIONS = 64
 
 
 @pytest.fixture(scope="module")
-def engine_rows(model, profile, results_dir):
+def engine_raw():
+    """The measurements behind each row (per-round pairs, figures), so every printed ratio can be recomputed."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def engine_rows(model, profile, results_dir, engine_raw):
     """Rows gathered by the benchmarks below; written to results/performance/engine.md at the end."""
     rows: dict[str, list] = {}
     yield rows
@@ -43,7 +49,7 @@ def engine_rows(model, profile, results_dir):
 
         write_table(results_dir / "performance", "engine", title="Engine benchmarks (embedded model)",
                     columns=["benchmark", "measured", "goal", "met", "details"], rows=list(rows.values()),
-                    data={"rows": rows, "profile": profile},
+                    data={"rows": rows, "raw": engine_raw, "profile": profile},
                     provenance=provenance(model, seeds=None, sample_sizes={"rounds": pick(ROUNDS, profile)},
                                           command=f"pytest suites/performance/test_engine_bench.py --profile {profile}",
                                           load_average=os.getloadavg()),
@@ -58,7 +64,7 @@ def _parent_text(tokenizer, n: int) -> str:
     return tokenizer.decode(ids)
 
 
-def test_ttft_cached_parent(benchmark, model, profile, engine_rows):
+def test_ttft_cached_parent(benchmark, model, profile, engine_rows, engine_raw):
     """(a) One call over a ~1,000-token cached parent: choreographed vs re-encoding, side by side."""
     ch, bl = choreo.Choreographer(model), choreo.Baseline(model)
     text = _parent_text(model.tokenizer, PARENT_TOKENS)
@@ -89,6 +95,8 @@ def test_ttft_cached_parent(benchmark, model, profile, engine_rows):
         "bound": (parent_ch.length + header) / header, "goal": 20.0, "floor": 10.0, "load_average": os.getloadavg(),
     })
     benchmark.extra_info["goal_met"] = ratio >= 20
+    engine_raw["ttft"] = {"rounds_baseline_choreographed_s": pairs, "speedup": "median of per-round ratios",
+                          "parent_tokens": parent_ch.length, "header_tokens": header}
     engine_rows["ttft"] = ["(a) TTFT, cached parent vs re-encoding", f"{ratio:.1f}x", ">= 20x", ratio >= 20,
                            f"{parent_ch.length} parent + {header} header tokens; median TTFT "
                            f"{statistics.median(c for _, c in pairs):.3f} s vs {statistics.median(b for b, _ in pairs):.2f} s"]
@@ -108,7 +116,7 @@ def _decode_workflow(synth: perf.Synth):
     return one
 
 
-def test_decode_throughput(benchmark, model, profile, engine_rows):
+def test_decode_throughput(benchmark, model, profile, engine_rows, engine_raw):
     """(b) Generated tokens/s of the Runner with 32 concurrent calls vs 1 (same calls, side by side)."""
     steps = pick(DECODE_STEPS, profile)
     synth = perf.Synth(model.tokenizer, perf.Lengths(prompt_words=16, content_tokens=steps))
@@ -130,13 +138,15 @@ def test_decode_throughput(benchmark, model, profile, engine_rows):
     benchmark.extra_info.update({"steps": steps, "tokens_per_s": rate, "speedup": ratio, "goal": 5.0,
                                  "load_average": os.getloadavg()})
     benchmark.extra_info["goal_met"] = ratio >= 5
+    engine_raw["throughput"] = {"rounds_tokens_per_s_1_and_concurrent": pairs, "concurrent": CONCURRENT,
+                                "speedup": "median of per-round ratios", "steps": steps}
     engine_rows["throughput"] = [f"(b) decode tokens/s, {CONCURRENT} concurrent vs 1", f"{ratio:.1f}x", ">= 5x", ratio >= 5,
                                  f"{steps} steps; median {statistics.median(o for o, _ in pairs):.1f} vs "
                                  f"{statistics.median(m for _, m in pairs):.1f} tokens/s"]
     assert ratio >= 5, f"{CONCURRENT} concurrent calls decode {ratio:.1f}x the tokens/s of 1 (goal 5x); rounds {pairs}"
 
 
-def test_runner_memory(benchmark, model, profile, engine_rows):
+def test_runner_memory(benchmark, model, profile, engine_rows, engine_raw):
     """(c) Peak RSS and KV bytes with 64 concurrent instances of a two-turn conversation."""
     lengths = perf.Lengths(prompt_words=24, content_tokens=pick(CONVERSATION_TOKENS, profile))
     synth = perf.Synth(model.tokenizer, lengths)
@@ -165,6 +175,7 @@ def test_runner_memory(benchmark, model, profile, engine_rows):
                              f"RSS +{mib(figures['rss_delta'])}, KV peak {mib(figures['kv_peak_bytes'])}", "report", "-",
                              f"KV allocated {mib(figures['kv_allocated_bytes'])} ({figures['kv_peak_tokens']} peak tokens; "
                              f"one instance alone {mib(figures['solo_kv_peak_bytes'])}); RSS peak {mib(figures['rss_peak'])}"]
+    engine_raw["memory"] = dict(figures)
     benchmark.group = "engine memory"
     benchmark.extra_info.update({"instances": CONVERSATIONS, **figures, "load_average": os.getloadavg()})
     assert figures["max_batch"] >= CONVERSATIONS, f"only {figures['max_batch']} calls ever shared a pass"
