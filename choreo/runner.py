@@ -55,6 +55,8 @@ class Session:
     async def prefill(self, text: str, *, role: str, parents=(), offsets=None, new_offset=None) -> Message:
         """Returns at once: the message is encoded in the runner's next step, in the same forward pass as the
         first call that reads it (or earlier), so a workflow's prompts cost no passes of their own."""
+        if self.trace is not None:
+            self.trace.check_parents(parents)  # before any work: a trace names parents by event
         job = self.executor.start_prefill(text, role=role, parents=parents, offsets=offsets, new_offset=new_offset)
         if self._deferred is None:
             msg = await _Request([job], single=True)
@@ -72,6 +74,9 @@ class Session:
             raise TypeError(f"decode(calls) takes no keyword fields, got {sorted(fields)}")
         single = calls is None
         calls = [Call(**fields)] if single else [c if isinstance(c, Call) else Call(**c) for c in calls]
+        if self.trace is not None:
+            for call in calls:
+                self.trace.check_parents(call.parents)
         msgs = await _Request(self.executor.start_decode(calls), single=False)
         if self.trace is not None:
             self.trace.decode(msgs, calls)

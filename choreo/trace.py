@@ -56,6 +56,10 @@ class TraceRecorder:
         self._index: dict[int, int] = {}  # id(Message) -> event index
         self._groups = 0
 
+    def check_parents(self, parents: Sequence) -> None:
+        """Raise unless every parent is a Message this recorder has seen (what a trace event can name)."""
+        self._parents(parents)
+
     def _parents(self, parents: Sequence) -> tuple[int, ...]:
         out = []
         for p in parents:

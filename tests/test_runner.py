@@ -128,3 +128,16 @@ def test_a_failing_workflow_leaves_no_message_of_any_instance(tiny_gqa, kind):
         choreo.Runner(ex, progress=False).run([ok, bad, ok])
     assert ex.memory()["tokens_used"] == 0 and ex.memory()["messages"] == 0
     assert choreo.Runner(ex, progress=False).run([ok]) and ex.memory()["tokens_used"] == 0
+
+
+def test_a_traced_call_naming_a_parent_by_id_is_refused_before_it_runs(tiny_gqa):
+    ch = choreo.Choreographer(tiny_gqa)
+
+    async def by_id(ex):
+        sys = await ex.prefill("Be brief.", role="system")
+        await ex.decode(role="assistant", parents=[sys.id], max_tokens=4)
+
+    with pytest.raises(ValueError, match="Message objects"):
+        choreo.Runner(ch, progress=False, trace=True).run([by_id])
+    assert ch.engine.forward_passes == 0  # refused before the call ran (the prompt, never read, never encoded)
+    assert ch.memory()["tokens_used"] == 0 and ch.memory()["messages"] == 0
