@@ -135,7 +135,7 @@ def table(model, profile, results_dir):
     tost = stats.tost_paired_proportions(ft_both, base_both, margin=EQUIVALENCE_MARGIN, alpha=ALPHA)
     rates = {row: {k: stats.rate(sum(_rates(runs[row], k)), n) for k in ("Q1", "Q2", "Both")} for row in ROWS}
     paper = json.loads((HERE / "paper.json").read_text())["rows"]
-    rows = [[row] + [rates[row][k].format() for k in ("Q1", "Q2", "Both")]
+    rows = [[row] + [rates[row][k].format_both() for k in ("Q1", "Q2", "Both")]
             + [" / ".join(f"{paper[row][k]:.1f}" for k in ("Q1", "Q2", "Both"))] for row in ROWS]
     ft_note = (f"choreographed+finetuned: LoRA (preset {pick(FINETUNE, profile)['preset']!r}, rank "
                f"{ft_summary['config']['lora_rank']}, loss {ft_summary['config'].get('loss', 'ce')!r}, lr {ft_summary['config']['lr']}, "
@@ -150,7 +150,8 @@ def table(model, profile, results_dir):
                f"{ft_summary['best_dev_loss']:.3f}); traces, training and the evaluation with the adapter took "
                f"{ft_summary['train_seconds']:.0f} s.")
     notes = [f"n = {n} question pairs per condition (profile {profile}), greedy; the same pairs in every condition; "
-             f"'±' is the normal 95% half-width as in the paper (Wilson intervals in the JSON).",
+             "'±' is the normal 95% half-width as in the paper, then the Wilson 95% interval in brackets (also in "
+             "the JSON).",
              f"Serial segments under the choreographed executor reproduce the baseline response in {identical}/{n} pairs.",
              *[f"{name}: difference {t.difference:+.3f}, exact McNemar p = {t.pvalue:.2g}, Holm-adjusted p = {holm[name]:.2g}"
                for name, t in tests.items()],
