@@ -5,14 +5,17 @@ trace through the **choreographed** executor with teacher forcing and gradients 
 call's baseline output is forced under the choreographed parents and positions, and later calls attend to
 the cached keys/values of earlier forced outputs, so gradients reach how earlier messages were encoded.
 
-    loss(trace) = sum over selected calls of a token mean over (content tokens + end-of-turn token) of
+    loss(trace) = sum over selected calls of a token mean over (content tokens [+ end-of-turn token]) of
         "ce":    -log q(baseline token)                   (cross-entropy on the baseline's output)
         "kl":    KL(p || q)                               (distillation from the adapter-off baseline)
         "ce+kl": both
 
 where q is the choreographed next-token distribution with the adapter on and p the re-encoding baseline's
-with the adapter off (``Teacher``: computed once per trace, no gradient). ``select_on_dev`` trains several
-configs and keeps the one with the lowest dev KL, one criterion for every candidate.
+with the adapter off (``Teacher``: computed once per trace, no gradient). The end-of-turn token counts only
+where the baseline sampled it (``sampled_end_of_turn``): a call cut at its token cap or by a stop string, or
+teacher-forced when recorded, got its end-of-turn from the engine, and scoring it would teach the model to stop
+there. ``select_on_dev`` trains several configs and keeps the one with the lowest dev KL, one criterion for
+every candidate.
 
 Training is LoRA (peft) with AdamW, warm-up then cosine decay, clipping, gradient accumulation over workflow
 instances (one per micro-batch), dev evaluation, checkpoint selection on dev, and resumable checkpoints.
@@ -50,8 +53,8 @@ from .lora import DEFAULT_TARGETS, add_adapter, adapter_disabled, load_adapter, 
 from .trace import TraceEvent
 
 __all__ = ["FinetuneConfig", "ReplayLoss", "Selection", "Teacher", "TrainResult", "adapter_disabled", "evaluate",
-           "load_adapter", "replay_loss", "select_calls", "select_on_dev", "split_traces", "train", "unload_adapter",
-           "use_adapter", "register"]
+           "check_replayable", "load_adapter", "replay_loss", "sampled_end_of_turn", "select_calls", "select_on_dev",
+           "split_traces", "train", "unload_adapter", "use_adapter", "register"]
 
 Trace = Sequence[TraceEvent]
 LOSSES = ("ce", "kl", "ce+kl")
@@ -108,8 +111,9 @@ class FinetuneConfig:
             raise ValueError(f"warmup must be a fraction in [0, 1), got {self.warmup!r}")
         if not 0 < self.dev_fraction < 1:
             raise ValueError(f"dev_fraction must be in (0, 1), got {self.dev_fraction!r}")
-        if not self.lr > 0 or not self.max_grad_norm > 0:
-            raise ValueError(f"lr and max_grad_norm must be > 0, got {self.lr!r} and {self.max_grad_norm!r}")
+        if not 0 < self.lr < math.inf or not 0 < self.max_grad_norm < math.inf:
+            raise ValueError(f"lr and max_grad_norm must be finite and > 0, got {self.lr!r} and "
+                             f"{self.max_grad_norm!r}")
         if self.attention not in BACKENDS:
             raise ValueError(f"attention must be one of {', '.join(map(repr, BACKENDS))}, got {self.attention!r}")
         check_loss_calls(self.loss_calls)
@@ -185,7 +189,8 @@ class ReplayLoss:
     """The loss of one trace: ``loss`` (a scalar tensor), each selected call's token-mean loss, and the replayed
     messages.
 
-    ``logits[i]`` (n_i + 1, V), when kept: the rows predicting event i's content tokens and its end-of-turn token.
+    ``logits[i]`` (n_i + 1, V), when kept: the rows predicting event i's content tokens and its end-of-turn token
+    ((n_i, V) where the baseline did not sample that token: ``sampled_end_of_turn``).
     """
 
     loss: torch.Tensor
@@ -239,8 +244,11 @@ def replay_loss(executor: Choreographer, events: Trace, *, calls: str = "all", t
                         continue
                     # The job's own tokens (the baseline's job holds its whole re-encoded prompt).
                     a, b = job.msg.content
-                    rows = job.logits[a - 1:b]  # (n + 1, V): row j predicts ids[a + j]; the last, end-of-turn
-                    target = torch.tensor(job.msg.ids[a:b + 1], device=rows.device)
+                    # Targets ids[a:end]: the content tokens, then end-of-turn only if the baseline sampled it;
+                    # rows (n + 1, V) or (n, V): row j predicts ids[a + j].
+                    end = b + sampled_end_of_turn(events[i], executor.format)
+                    rows = job.logits[a - 1:end - 1]
+                    target = torch.tensor(job.msg.ids[a:end], device=rows.device)
                     call_loss = call_losses(rows, target, loss=loss, teacher=None if teacher is None else teacher[i])
                     total = total + call_loss
                     per_call[i] = float(call_loss.detach())
@@ -253,6 +261,16 @@ def replay_loss(executor: Choreographer, events: Trace, *, calls: str = "all", t
         if live:
             executor.free(*live)
     return ReplayLoss(loss=total, per_call=per_call, messages=messages, logits=kept)
+
+
+def sampled_end_of_turn(event: TraceEvent, fmt) -> bool:
+    """Whether the recorded call ended by sampling its end-of-turn token, so that the loss scores it: not when it
+    was teacher-forced, filled its ``max_tokens``, or was cut by one of its stop strings (in each case the engine
+    appended the footer itself). ``fmt``: the executor's ``ChatFormat`` (to read the stop strings)."""
+    if event.forced or len(event.tokens) >= event.max_tokens:
+        return False
+    tail = fmt.decode(list(event.tokens[-16:]))  # what the engine checks after each sampled token
+    return not any(s in tail for s in event.stop)
 
 
 def call_losses(rows: torch.Tensor, target: torch.Tensor, *, loss: str, teacher: torch.Tensor | None = None
@@ -275,6 +293,27 @@ def call_losses(rows: torch.Tensor, target: torch.Tensor, *, loss: str, teacher:
     return out
 
 
+def check_replayable(events: Trace, *, vocab_size: int, where: str = "trace") -> None:
+    """Raise ``ValueError`` naming the event unless every event can be replayed: a known kind, parents that are
+    earlier events, and decoded tokens that are non-empty and inside the vocabulary (``train`` checks every
+    trace before it adds an adapter or writes anything)."""
+    for i, e in enumerate(events):
+        if e.kind not in ("prefill", "decode"):
+            raise ValueError(f"{where}, event {i}: kind must be 'prefill' or 'decode', got {e.kind!r}")
+        bad = [p for p in e.parents if not isinstance(p, int) or isinstance(p, bool) or not 0 <= p < i]
+        if bad:
+            raise ValueError(f"{where}, event {i}: parents must be indices of earlier events (0..{i - 1}), "
+                             f"got {bad[0]!r}")
+        if e.kind == "decode":
+            if not e.tokens:
+                raise ValueError(f"{where}, event {i} decoded no tokens: an empty output cannot be teacher-forced "
+                                 f"(drop the trace)")
+            outside = [t for t in e.tokens if not isinstance(t, int) or not 0 <= t < vocab_size]
+            if outside:
+                raise ValueError(f"{where}, event {i}: token id {outside[0]!r} outside the vocabulary of "
+                                 f"{vocab_size}")
+
+
 def _forced_call(events: Trace, i: int, messages) -> Call:
     e = events[i]
     if not e.tokens:
@@ -285,11 +324,12 @@ def _forced_call(events: Trace, i: int, messages) -> Call:
 
 class Teacher:
     """The distillation target: the re-encoding baseline's next-token log-probs over each trace's forced rows
-    (the rows the CE uses: content tokens + end-of-turn, for the calls ``calls`` selects), adapter off.
+    (the rows the CE uses: content tokens, and end-of-turn where it was sampled, for the calls ``calls`` selects),
+    adapter off.
 
     Computed once per trace (keyed by the trace's events) and kept for the whole run: they do not change while
-    the adapter trains. Storage: float32 log-probs, (n + 1, V) per selected call, on the model's device. That is
-    exact enough for KL(teacher || student) to be 0 when the two encodings coincide, and small here
+    the adapter trains. Storage: float32 log-probs, (n + 1, V) (or (n, V)) per selected call, on the model's
+    device. That is exact enough for KL(teacher || student) to be 0 when the two encodings coincide, and small here
     (SmolLM2: V = 49152, a 24-token blockage answer is 25 rows = 4.9 MB, 200 MB for 40 traces); a long-output,
     large-vocabulary run would keep only the top-k instead (not implemented).
 
@@ -409,7 +449,7 @@ def peak_rss_mb() -> float:
 
 def train(model, train_traces: Sequence, dev_traces: Sequence, *, config: FinetuneConfig, out_dir,
           resume: bool = False, stop_after: int | None = None, progress: bool = True,
-          teacher: Teacher | None = None) -> TrainResult:
+          teacher: Teacher | None = None, dev_may_overlap: bool = False) -> TrainResult:
     """Fine-tune a LoRA adapter on baseline traces replayed through the choreographed executor.
 
     Writes ``out_dir/best`` (adapter with the lowest dev ``config.dev_criterion``, dev evaluated every
@@ -417,21 +457,28 @@ def train(model, train_traces: Sequence, dev_traces: Sequence, *, config: Finetu
     ``out_dir/history.json``. ``resume=True`` continues from ``out_dir/last``; ``stop_after`` ends the run after
     that many optimizer steps (the schedule is unchanged), so a later ``resume`` finishes it. A KL loss or dev
     criterion uses ``teacher`` (pass one to share its cache between runs; a new one when None), filled for every
-    train and dev trace before the first step. On return the model carries the best adapter (eval mode).
+    train and dev trace before the first step. On return the model carries the best adapter (eval mode); if the
+    run fails, the model is left without an adapter. Every trace is checked first (``check_replayable``), and a
+    trace in both sets is refused unless ``dev_may_overlap`` (a sanity check that fits the dev traces themselves).
 
     Example::
 
         result = train(model, train_set, dev_set, config=FinetuneConfig.preset("embedded-cpu"), out_dir="runs/b")
         with adapter_disabled(model): ...   # the base model again
     """
-    from tqdm.auto import tqdm
-
     train_traces = [as_events(t) for t in train_traces]
     dev_traces = [as_events(t) for t in dev_traces]
     if not train_traces or not dev_traces:
         raise ValueError(f"need training and dev traces, got {len(train_traces)} and {len(dev_traces)}")
+    for name, traces in (("training", train_traces), ("dev", dev_traces)):
+        for k, events in enumerate(traces):
+            check_replayable(events, vocab_size=model.spec.vocab_size, where=f"{name} trace {k}")
+    shared = {tuple(t) for t in train_traces} & {tuple(t) for t in dev_traces}
+    if shared and not dev_may_overlap:
+        raise ValueError(f"{len(shared)} trace(s) are both training and dev traces: checkpoints would be chosen on "
+                         f"training data (keep the two sets disjoint)")
     out = Path(out_dir)
-    last, best_dir = out / "last", out / "best"
+    last = out / "last"
     if resume and not (last / "trainer_state.pt").exists():
         raise FileNotFoundError(f"cannot resume: {str(last / 'trainer_state.pt')!r} does not exist")
     n_micro, total = _plan(len(train_traces), config)
@@ -445,6 +492,20 @@ def train(model, train_traces: Sequence, dev_traces: Sequence, *, config: Finetu
 
     add_adapter(model, rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
                 targets=config.lora_targets, seed=config.seed)
+    try:
+        return _train_adapted(model, train_traces, dev_traces, config=config, out=out, resume=resume,
+                              stop_after=stop_after, progress=progress, teacher=teacher, n_micro=n_micro, total=total)
+    except BaseException:
+        unload_adapter(model)  # a failed run leaves the model as it found it
+        raise
+
+
+def _train_adapted(model, train_traces, dev_traces, *, config, out: Path, resume, stop_after, progress, teacher,
+                   n_micro: int, total: int) -> TrainResult:
+    """``train`` once the adapter is on the model (the caller removes it if this raises)."""
+    from tqdm.auto import tqdm
+
+    last, best_dir = out / "last", out / "best"
     params = trainable_parameters(model)
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s, total, config.warmup))
@@ -452,13 +513,13 @@ def train(model, train_traces: Sequence, dev_traces: Sequence, *, config: Finetu
     state = {"step": 0, "history": [], "best_step": 0, "best_dev_loss": math.inf}
     if resume:
         saved = torch.load(last / "trainer_state.pt", weights_only=False)
+        if saved["config"] != config.to_json():
+            raise ValueError(f"cannot resume {str(out)!r} with a different config: saved {saved['config']}")
         load_adapter(model, last)
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
         _set_rng_state(saved["rng"])
         state = saved["state"]
-        if saved["config"] != config.to_json():
-            raise ValueError(f"cannot resume {str(out)!r} with a different config: saved {saved['config']}")
     else:
         torch.manual_seed(config.seed)
         dev = evaluate(model, dev_traces, config=config, executor=executor, teacher=teacher)
@@ -473,13 +534,13 @@ def train(model, train_traces: Sequence, dev_traces: Sequence, *, config: Finetu
             step = state["step"]
             t0 = time.perf_counter()
             batch = range(step * config.grad_accum, min((step + 1) * config.grad_accum, n_micro))
+            lr = opt.param_groups[0]["lr"]  # the rate this step uses
             loss = _optimizer_step(model, executor, [train_traces[_instance(m, len(train_traces), config.seed)]
                                                      for m in batch], params, opt, config, teacher)
             sched.step()
             state["step"] = step + 1
             times.append(time.perf_counter() - t0)
-            record = {"step": state["step"], "train_loss": loss, "lr": opt.param_groups[0]["lr"],
-                      "seconds": times[-1]}
+            record = {"step": state["step"], "train_loss": loss, "lr": lr, "seconds": times[-1]}
             if state["step"] % config.eval_every == 0 or state["step"] == total:
                 record["dev_loss"] = evaluate(model, dev_traces, config=config, executor=executor, teacher=teacher)
                 if record["dev_loss"] < state["best_dev_loss"]:
@@ -492,7 +553,8 @@ def train(model, train_traces: Sequence, dev_traces: Sequence, *, config: Finetu
                 _save_last(model, last, opt, sched, state, config)
     finally:
         bar.close()
-    _write_history(out / "history.json", state, config)
+    _write_history(out / "history.json", state, config, model=model,
+                   sizes={"train_traces": len(train_traces), "dev_traces": len(dev_traces)})
     load_adapter(model, best_dir)
     model.hf_model.eval()
     return TrainResult(best_adapter=best_dir, best_step=state["best_step"], best_dev_loss=state["best_dev_loss"],
@@ -529,11 +591,13 @@ def _save_last(model, last: Path, opt, sched, state, config) -> None:
     tmp.replace(last / "trainer_state.pt")
 
 
-def _write_history(path: Path, state: dict, config: FinetuneConfig) -> None:
+def _write_history(path: Path, state: dict, config: FinetuneConfig, *, model, sizes: dict) -> None:
+    from .provenance import provenance
     from .results import write_json
 
     write_json(path, {"config": config.to_json(), "dev_metric": config.dev_criterion, "best_step": state["best_step"],
-                      "best_dev_loss": state["best_dev_loss"], "history": state["history"]})
+                      "best_dev_loss": state["best_dev_loss"], "history": state["history"],
+                      "provenance": provenance(model, seeds=[config.seed], sample_sizes=sizes)})
 
 
 # ---------------------------------------------------------------------------------------------- selection on dev
@@ -610,6 +674,8 @@ def register(sub) -> None:
     t.add_argument("--dev-traces", nargs="*", default=None, help="dev trace files (default: split off --traces)")
     t.add_argument("--out", required=True, help="run folder (best/, last/, history.json)")
     t.add_argument("--config", default="embedded-cpu", choices=sorted(FinetuneConfig.PRESETS))
+    t.add_argument("--loss", default=None, choices=list(LOSSES),
+                   help="training loss (default: the preset's, 'ce'); 'kl' distils the adapter-off baseline")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last")
     t.add_argument("--attention", default="torch", choices=sorted(BACKENDS),
                    help="attention backend of the replays ('triton': the fused kernel's forward and backward, CUDA)")
@@ -635,11 +701,17 @@ def _cli_collect(args) -> int:
     from .model import load_model
     from .recovery import collect_traces
 
-    traces, meta = collect_traces(load_model(args.model), n=args.n, split=args.split, seed=args.seed)
+    from .provenance import provenance
+    from .results import write_json
     from .trace import save_traces
 
+    model = load_model(args.model)
+    traces, meta = collect_traces(model, n=args.n, split=args.split, seed=args.seed)
     save_traces(args.out, traces, meta=meta)
-    print(f"wrote {len(traces)} {args.task} traces to {args.out}")
+    sidecar = f"{args.out}.provenance.json"
+    write_json(sidecar, provenance(model, seeds=[args.seed], sample_sizes={"instances": args.n, "traces": len(traces)},
+                                   task=args.task, split=args.split))
+    print(f"wrote {len(traces)} {args.task} traces to {args.out} (provenance: {sidecar})")
     return 0
 
 
@@ -650,7 +722,8 @@ def _cli_train(args) -> int:
     if args.deterministic:  # before any CUDA work: cuBLAS reads its workspace setting when it starts
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-    config = FinetuneConfig.preset(args.config, attention=args.attention)
+    config = FinetuneConfig.preset(args.config, attention=args.attention,
+                                   **({} if args.loss is None else {"loss": args.loss}))
     traces = [events for path in args.traces for _, events in load_traces(path)]
     if args.dev_traces:
         train_set, dev_set = traces, [events for path in args.dev_traces for _, events in load_traces(path)]

@@ -12,6 +12,7 @@ peft is imported only when a model actually carries an adapter.
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -85,7 +86,14 @@ def load_adapter(model, path: str | Path, *, trainable: bool = False):
     path = Path(path)
     if not (path / "adapter_config.json").exists():
         raise FileNotFoundError(f"adapter path {str(path)!r} has no adapter_config.json (not a saved adapter)")
-    if is_adapted(model):
+    if is_adapted(model):  # same shape of adapter, new weights: anything else would mix two adapters silently
+        saved = json.loads((path / "adapter_config.json").read_text())
+        current = model.hf_model.peft_config["default"]
+        mine = {"r": current.r, "lora_alpha": current.lora_alpha, "target_modules": sorted(current.target_modules)}
+        theirs = {k: sorted(saved.get(k) or []) if k == "target_modules" else saved.get(k) for k in mine}
+        if mine != theirs:
+            raise ValueError(f"adapter {str(path)!r} has {theirs} but the model carries an adapter with {mine}: "
+                             f"unload_adapter(model) first")
         set_peft_model_state_dict(model.hf_model, load_peft_weights(str(path), device=str(model.spec.device)))
     else:
         model.hf_model = PeftModel.from_pretrained(model.hf_model, path, is_trainable=trainable)

@@ -193,6 +193,7 @@ def recovery_experiment(model, *, configs, out_dir, n_train: int = 40, n_eval: i
     configs = list(configs)
     if not configs:
         raise ValueError("recovery_experiment needs at least one candidate config")
+    make_pairs("eval", n_eval, seed=seed)  # checks n_eval now, not after every candidate has trained
     t0 = time.perf_counter()
     launch = launch_record()  # the run takes minutes: the code and scheduling it started with
     train_traces, _ = collect_traces(model, n=n_train, split="train", seed=seed)

@@ -34,6 +34,7 @@ class TraceEvent:
     seed: int = 0
     stop: tuple[str, ...] = ()
     tokens: tuple[int, ...] = ()  # decoded content tokens
+    forced: bool = False  # teacher-forced when recorded: its tokens and end-of-turn were given, not sampled
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -80,6 +81,7 @@ class TraceRecorder:
                 offsets=None if call.offsets is None else tuple(call.offsets), new_offset=call.new_offset,
                 text=msg.text, prefix=call.prefix, max_tokens=call.max_tokens, temperature=call.temperature,
                 top_p=call.top_p, seed=call.seed, stop=tuple(call.stop), tokens=tuple(msg.tokens),
+                forced=call.teacher_tokens is not None,
             ))
 
     def _next_group(self) -> int:

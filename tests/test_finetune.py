@@ -16,7 +16,7 @@ import torch
 
 import choreo
 from choreo.finetune import FinetuneConfig, Teacher, evaluate, register, replay_loss, schedule, select_calls, \
-    select_on_dev, split_traces, train
+    sampled_end_of_turn, select_on_dev, split_traces, train
 from choreo.lora import add_adapter, adapter_disabled, is_adapted, load_adapter, lora_layers, save_adapter, \
     trainable_parameters, unload_adapter, use_adapter
 
@@ -90,7 +90,7 @@ def adapted(tiny):
 
 def isolated_loss(model, events, i: int) -> float:
     """Call i alone: a fresh reference-backend executor replays only its ancestors, then forces its output plus
-    the end-of-turn token; the loss is the mean negative log-probability of those tokens."""
+    the end-of-turn token where the baseline sampled it; the loss is the mean negative log-probability of those."""
     need, stack = set(), [i]
     while stack:
         j = stack.pop()
@@ -109,9 +109,9 @@ def isolated_loss(model, events, i: int) -> float:
             msgs[j] = ch.decode(role=e.role, parents=parents, offsets=e.offsets, new_offset=e.new_offset,
                                 prefix=e.prefix, teacher_tokens=list(e.tokens))
     e = events[i]
-    eot = ch.format.footer(e.role)[0]
+    eot = [ch.format.footer(e.role)[0]] if sampled_end_of_turn(e, ch.format) else []
     msg = ch.decode(role=e.role, parents=[msgs[p] for p in e.parents], offsets=e.offsets, new_offset=e.new_offset,
-                    prefix=e.prefix, teacher_tokens=list(e.tokens) + [eot])
+                    prefix=e.prefix, teacher_tokens=list(e.tokens) + eot)
     return -sum(msg.logprobs) / len(msg.logprobs)
 
 
@@ -149,11 +149,45 @@ def test_replay_positions_equal_decoding_positions(tiny):
         events = runner.traces[0]
         out = replay_loss(choreo.Choreographer(tiny), events, keep_logits=True)
     assert [m.start for m in out.messages] == starts[0]
+    fmt = choreo.Choreographer(tiny).format
     for i in select_calls(events, "all"):
-        predicted = out.logits[i].argmax(-1).tolist()  # (n + 1,)
-        assert predicted[:-1] == list(events[i].tokens), i
-        stopped = len(events[i].tokens) < events[i].max_tokens
-        assert (predicted[-1] == choreo.Choreographer(tiny).format.footer(events[i].role)[0]) or not stopped
+        predicted = out.logits[i].argmax(-1).tolist()  # (n + 1,), or (n,) where the turn was cut
+        n = len(events[i].tokens)
+        assert predicted[:n] == list(events[i].tokens), i
+        if sampled_end_of_turn(events[i], fmt):
+            assert predicted[n:] == [fmt.footer(events[i].role)[0]], i
+        else:
+            assert len(predicted) == n, i
+
+
+def test_the_loss_scores_end_of_turn_only_where_the_baseline_sampled_it(tiny):
+    """A call cut at its token cap, cut by a stop string, or teacher-forced when recorded got its end-of-turn
+    token from the engine: the loss leaves that row out (else it would teach the model to stop there)."""
+    from choreo.trace import TraceEvent
+
+    fmt = choreo.Choreographer(tiny).format
+    tokens = tuple(fmt.tokenizer.encode(" one two three", add_special_tokens=False))
+    sys = TraceEvent(kind="prefill", group=0, role="system", parents=(), text="Be brief.")
+
+    def call(**kw):
+        return TraceEvent(**{**dict(kind="decode", group=1, role="assistant", parents=(0,), tokens=tokens,
+                                    max_tokens=len(tokens) + 5), **kw})
+
+    cases = {"ended by itself": (call(), True), "capped": (call(max_tokens=len(tokens)), False),
+             "stop string": (call(stop=(" three",)), False), "forced": (call(forced=True), False)}
+    with torch.no_grad():
+        for name, (event, scored) in cases.items():
+            assert sampled_end_of_turn(event, fmt) is scored, name
+            out = replay_loss(choreo.Choreographer(tiny), [sys, event], keep_logits=True)
+            rows = out.logits[1]
+            assert rows.shape[0] == len(tokens) + scored, name
+            target = list(tokens) + [fmt.footer("assistant")[0]] * scored
+            expected = torch.nn.functional.cross_entropy(rows.float(), torch.tensor(target))
+            assert out.per_call[1] == pytest.approx(float(expected), rel=1e-6), name
+    event = call(forced=True)
+    assert TraceEvent.from_json(event.to_json()) == event
+    legacy = {k: v for k, v in call().to_json().items() if k != "forced"}  # trace files written before the field
+    assert TraceEvent.from_json(legacy).forced is False
 
 
 def test_gradients_reach_every_lora_layer_and_flow_through_the_cache(adapted, traces):
@@ -256,7 +290,8 @@ def test_dev_loss_drops_when_training_on_the_dev_traces(tiny, traces, tmp_path):
     """Training does what it says: fitting a set of traces lowers their replay loss."""
     config = FinetuneConfig.preset("smoke", lr=1e-2, epochs=6, eval_every=3, lora_dropout=0.0)
     before = evaluate(tiny, traces[:2], config=config)
-    result = train(tiny, traces[:2], traces[:2], config=config, out_dir=tmp_path, progress=False)
+    result = train(tiny, traces[:2], traces[:2], config=config, out_dir=tmp_path, progress=False,
+                   dev_may_overlap=True)
     after = evaluate(tiny, traces[:2], config=config)
     unload_adapter(tiny)
     assert result.best_dev_loss == pytest.approx(after) and after < before - 0.2  # deterministic: 30.71 -> 30.21
@@ -267,12 +302,14 @@ def test_training_runs_under_deterministic_algorithms(tiny, traces, tmp_path):
     training loop refuses it (PyTorch raises for one without a deterministic implementation), and on CPU the run
     matches the ordinary one."""
     config = FinetuneConfig.preset("smoke", epochs=2)
-    plain = train(tiny, traces[:2], traces[:2], config=config, out_dir=tmp_path / "plain", progress=False)
+    plain = train(tiny, traces[:2], traces[:2], config=config, out_dir=tmp_path / "plain", progress=False,
+                  dev_may_overlap=True)
     unload_adapter(tiny)
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        det = train(tiny, traces[:2], traces[:2], config=config, out_dir=tmp_path / "det", progress=False)
+        det = train(tiny, traces[:2], traces[:2], config=config, out_dir=tmp_path / "det", progress=False,
+                    dev_may_overlap=True)
     finally:
         torch.use_deterministic_algorithms(before)
         unload_adapter(tiny)
@@ -313,10 +350,12 @@ def test_kl_loss_is_zero_when_the_encodings_coincide(tiny, serial_traces, traces
     assert abs(blocked.per_call[x]) < 1e-10 and abs(blocked.per_call[y]) < 1e-10, blocked.per_call
     assert blocked.per_call[last] > 1e-4, blocked.per_call
     assert float(both.loss) == pytest.approx(float(ce.loss) + float(blocked.loss), rel=1e-6)  # fp32 losses
-    # The teacher rows are the CE rows (content + end-of-turn) and are computed once per trace.
+    # The teacher rows are the CE rows (content, and end-of-turn where sampled) and are computed once per trace.
     decodes = select_calls(traces[0], "all")
     assert sorted(teacher(traces[0])) == decodes and len(teacher) == 2
-    assert all(teacher(traces[0])[i].shape[0] == len(traces[0][i].tokens) + 1 for i in decodes)
+    fmt = ch.format
+    assert all(teacher(traces[0])[i].shape[0] == len(traces[0][i].tokens) + sampled_end_of_turn(traces[0][i], fmt)
+               for i in decodes)
     assert teacher(list(traces[0])) is teacher(traces[0])
 
 
@@ -480,3 +519,95 @@ def test_recovery_chooses_on_dev_before_touching_held_out_pairs(tiny, tmp_path, 
     assert all(line.count(" | ") == 6 for line in md.splitlines() if line.startswith("| KL"))  # 7 cells
     with pytest.raises(ValueError, match="at least one loss"):
         recovery.candidate_configs(FinetuneConfig(), losses=())
+
+
+def _bad_traces(events):
+    """Variants of one trace that cannot be replayed, with what the error must name."""
+    d = max(i for i, e in enumerate(events) if e.kind == "decode")
+    swap = lambda i, **kw: [dataclasses.replace(e, **kw) if j == i else e for j, e in enumerate(events)]  # noqa: E731
+    return {"parent out of range": (swap(d, parents=(99,)), "earlier events.*99"),
+            "negative parent": (swap(d, parents=(-2,)), "earlier events.*-2"),
+            "unknown kind": (swap(0, kind="bogus"), "kind.*'bogus'"),
+            "empty decode": (swap(d, tokens=()), f"event {d} decoded no tokens"),
+            "token outside the vocabulary": (swap(d, tokens=(10 ** 7,)), "10000000 outside the vocabulary")}
+
+
+@pytest.mark.parametrize("case", ["parent out of range", "negative parent", "unknown kind", "empty decode",
+                                  "token outside the vocabulary", "a trace in both sets"])
+def test_train_refuses_bad_traces_before_adding_an_adapter(tiny, traces, tmp_path, case):
+    config = FinetuneConfig.preset("smoke")
+    train_set, dev_set, match = list(traces[:3]), list(traces[3:5]), "both training and dev"
+    if case != "a trace in both sets":
+        bad, match = _bad_traces(traces[0])[case]
+        train_set[0] = bad
+    else:
+        dev_set.append(train_set[1])
+    with pytest.raises(ValueError, match=match):
+        train(tiny, train_set, dev_set, config=config, out_dir=tmp_path, progress=False)
+    assert not is_adapted(tiny) and not any(tmp_path.iterdir())
+
+
+def test_a_failing_run_leaves_the_model_without_an_adapter(tiny, traces, tmp_path, monkeypatch):
+    import choreo.finetune as ft
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("step failed")
+
+    monkeypatch.setattr(ft, "_optimizer_step", broken)
+    with pytest.raises(RuntimeError, match="step failed"):
+        train(tiny, traces[:3], traces[3:5], config=FinetuneConfig.preset("smoke"), out_dir=tmp_path, progress=False)
+    assert not is_adapted(tiny)
+
+
+def test_history_records_the_rate_each_step_used_and_its_provenance(tiny, traces, tmp_path):
+    import json
+
+    config = FinetuneConfig.preset("smoke", epochs=3, eval_every=100)
+    result = train(tiny, traces[:4], traces[4:6], config=config, out_dir=tmp_path, progress=False)
+    unload_adapter(tiny)
+    history = json.loads((tmp_path / "history.json").read_text())
+    steps = [r for r in history["history"] if "lr" in r]
+    assert len(steps) == result.steps > 2
+    for r in steps:  # record k is optimizer step k - 1 (0-based), which ran at lr x schedule(k - 1)
+        assert r["lr"] == pytest.approx(config.lr * schedule(r["step"] - 1, result.steps, config.warmup)), r
+    prov = history["provenance"]
+    assert prov["sample_sizes"] == {"train_traces": 4, "dev_traces": 2} and prov["seeds"] == [config.seed]
+    assert prov["model"]["sha256"] == tiny.spec.sha256
+
+
+def test_config_refuses_an_infinite_learning_rate():
+    with pytest.raises(ValueError, match="finite.*inf"):
+        FinetuneConfig.preset("smoke", lr=float("inf"))
+
+
+def test_loading_an_adapter_of_another_shape_over_one_is_refused(tokenizer, tmp_path):
+    model = build_tiny(tokenizer)
+    add_adapter(model, rank=4, alpha=8, dropout=0.0, seed=1)
+    save_adapter(model, tmp_path / "alpha8")
+    unload_adapter(model)
+    add_adapter(model, rank=4, alpha=16, dropout=0.0, seed=1)
+    with pytest.raises(ValueError, match="unload_adapter"):
+        load_adapter(model, tmp_path / "alpha8")
+    save_adapter(model, tmp_path / "alpha16")
+    load_adapter(model, tmp_path / "alpha16")  # the same shape: new weights over the old ones
+    unload_adapter(model)
+
+
+def test_fluency_filter_drops_a_game_with_an_empty_message(tiny, traces):
+    from choreo.workflows.prisoners import game_nll
+
+    d = max(i for i, e in enumerate(traces[0]) if e.kind == "decode")
+    empty = [dataclasses.replace(e, tokens=()) if i == d else e for i, e in enumerate(traces[0])]
+    nll = game_nll(tiny, [traces[0], empty])
+    assert nll[0] == nll[0] and nll[1] != nll[1]  # a number, then NaN (kept by no filter)
+
+
+def test_recovery_checks_the_held_out_size_before_training(tiny, monkeypatch, tmp_path):
+    import choreo.finetune as ft
+    from choreo.recovery import recovery_experiment
+
+    monkeypatch.setattr(ft, "select_on_dev", lambda *a, **k: pytest.fail("trained before checking n_eval"))
+    for n_eval in (0, 10 ** 6):
+        with pytest.raises(ValueError, match=f"n must be in 1..*got {n_eval}"):
+            recovery_experiment(tiny, configs=[FinetuneConfig.preset("smoke")], out_dir=tmp_path, n_train=4,
+                                n_eval=n_eval)

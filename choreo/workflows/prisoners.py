@@ -351,7 +351,8 @@ FLUENCY_MAX_NLL = 3.5
 def game_nll(model, traces) -> list[float]:
     """Per traced game: the token-mean negative log-likelihood (nats) of all its generated content tokens under
     the adapter-free re-encoding baseline, teacher-forced. End-of-turn tokens are not scored: a message cut at
-    its token cap has none, and scoring the forced one would call every capped message disfluent.
+    its token cap has none, and scoring the forced one would call every capped message disfluent. A game with a
+    message that decoded no tokens gets NaN: it cannot be teacher-forced, so no filter keeps it.
 
     Example: ``[nll <= FLUENCY_MAX_NLL for nll in game_nll(model, traces)]``.
     """
@@ -362,6 +363,9 @@ def game_nll(model, traces) -> list[float]:
 
     executor, out = Baseline(model), []
     for trace in traces:
+        if any(e.kind == "decode" and not e.tokens for e in trace):
+            out.append(float("nan"))
+            continue
         with torch.no_grad():
             replay = replay_loss(executor, trace, calls="all")
         # Teacher-forced messages carry the log-probs of their content tokens (end of turn excluded).
@@ -404,7 +408,7 @@ def train_adapter(model, *, strategy: str, train_seeds, dev_seeds, config: GameC
     runner.run([lambda ex, s=s: play(ex, strategy=strategy, seed=s, config=config, coop_ids=coop_ids) for s in seeds])
     traces = [runner.traces[i] for i in range(len(seeds))]
     nll = game_nll(model, traces)
-    keep = [max_nll is None or x <= max_nll for x in nll]
+    keep = [x == x and (max_nll is None or x <= max_nll) for x in nll]  # NaN (x != x): an empty message
     train_set = [t for t, k in zip(traces[:len(train_seeds)], keep) if k]
     dev_set = [t for t, k in zip(traces[len(train_seeds):], keep[len(train_seeds):]) if k]
     write_json(Path(out_dir) / "fluency.json", {
