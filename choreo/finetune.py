@@ -5,17 +5,18 @@ trace through the **choreographed** executor with teacher forcing and gradients 
 call's baseline output is forced under the choreographed parents and positions, and later calls attend to
 the cached keys/values of earlier forced outputs, so gradients reach how earlier messages were encoded.
 
-    loss(trace) = sum over selected calls of a token mean over (content tokens [+ end-of-turn token]) of
+    loss(trace) = sum over selected calls of a token mean over (content tokens + end-of-turn token) of
         "ce":    -log q(baseline token)                   (cross-entropy on the baseline's output)
         "kl":    KL(p || q)                               (distillation from the adapter-off baseline)
         "ce+kl": both
 
 where q is the choreographed next-token distribution with the adapter on and p the re-encoding baseline's
-with the adapter off (``Teacher``: computed once per trace, no gradient). The end-of-turn token counts only
-where the baseline sampled it (``sampled_end_of_turn``): a call cut at its token cap or by a stop string, or
-teacher-forced when recorded, got its end-of-turn from the engine, and scoring it would teach the model to stop
-there. ``select_on_dev`` trains several configs and keeps the one with the lowest dev KL, one criterion for
-every candidate.
+with the adapter off (``Teacher``: computed once per trace, no gradient). The cross-entropy scores the
+end-of-turn token only where the baseline sampled it (``sampled_end_of_turn``): a call cut at its token cap or
+by a stop string, or teacher-forced when recorded, got its end-of-turn from the engine, and forcing it would
+teach the model to stop there. The KL keeps that row: the baseline's distribution after the content is a
+target whatever ended the turn. ``select_on_dev`` trains several configs and keeps the one with the lowest dev
+KL, one criterion for every candidate.
 
 Training is LoRA (peft) with AdamW, warm-up then cosine decay, clipping, gradient accumulation over workflow
 instances (one per micro-batch), dev evaluation, checkpoint selection on dev, and resumable checkpoints.
@@ -189,8 +190,7 @@ class ReplayLoss:
     """The loss of one trace: ``loss`` (a scalar tensor), each selected call's token-mean loss, and the replayed
     messages.
 
-    ``logits[i]`` (n_i + 1, V), when kept: the rows predicting event i's content tokens and its end-of-turn token
-    ((n_i, V) where the baseline did not sample that token: ``sampled_end_of_turn``).
+    ``logits[i]`` (n_i + 1, V), when kept: the rows predicting event i's content tokens and its end-of-turn token.
     """
 
     loss: torch.Tensor
@@ -244,12 +244,10 @@ def replay_loss(executor: Choreographer, events: Trace, *, calls: str = "all", t
                         continue
                     # The job's own tokens (the baseline's job holds its whole re-encoded prompt).
                     a, b = job.msg.content
-                    # Targets ids[a:end]: the content tokens, then end-of-turn only if the baseline sampled it;
-                    # rows (n + 1, V) or (n, V): row j predicts ids[a + j].
-                    end = b + sampled_end_of_turn(events[i], executor.format)
-                    rows = job.logits[a - 1:end - 1]
-                    target = torch.tensor(job.msg.ids[a:end], device=rows.device)
-                    call_loss = call_losses(rows, target, loss=loss, teacher=None if teacher is None else teacher[i])
+                    rows = job.logits[a - 1:b]  # (n + 1, V): row j predicts ids[a + j]; the last, end-of-turn
+                    target = torch.tensor(job.msg.ids[a:b + 1], device=rows.device)
+                    call_loss = call_losses(rows, target, loss=loss, teacher=None if teacher is None else teacher[i],
+                                            ce_end=sampled_end_of_turn(events[i], executor.format))
                     total = total + call_loss
                     per_call[i] = float(call_loss.detach())
                     if keep_logits:
@@ -273,17 +271,19 @@ def sampled_end_of_turn(event: TraceEvent, fmt) -> bool:
     return not any(s in tail for s in event.stop)
 
 
-def call_losses(rows: torch.Tensor, target: torch.Tensor, *, loss: str, teacher: torch.Tensor | None = None
-                ) -> torch.Tensor:
+def call_losses(rows: torch.Tensor, target: torch.Tensor, *, loss: str, teacher: torch.Tensor | None = None,
+                ce_end: bool = True) -> torch.Tensor:
     """Token-mean loss of one call. rows (S, V) student logits; target (S,) the baseline's tokens; teacher (S, V)
     the baseline's log-probs. 'kl' is KL(teacher || student) = sum_v p_v (log p_v - log q_v), averaged over rows.
+    ``ce_end`` False: the cross-entropy leaves out the last row (an end-of-turn the baseline did not sample).
 
     Example: ``call_losses(logits, target, loss="kl", teacher=logits.log_softmax(-1))`` is 0.
     """
     logq = rows.float().log_softmax(-1)  # (S, V)
     out = torch.zeros((), device=rows.device)
     if loss in ("ce", "ce+kl"):
-        out = out + F.nll_loss(logq, target)
+        n = len(target) if ce_end or len(target) < 2 else len(target) - 1
+        out = out + F.nll_loss(logq[:n], target[:n])
     if loss in ("kl", "ce+kl"):
         if teacher is None or teacher.shape != rows.shape:
             raise ValueError(f"teacher log-probs must match the student rows {tuple(rows.shape)}, "
@@ -324,12 +324,11 @@ def _forced_call(events: Trace, i: int, messages) -> Call:
 
 class Teacher:
     """The distillation target: the re-encoding baseline's next-token log-probs over each trace's forced rows
-    (the rows the CE uses: content tokens, and end-of-turn where it was sampled, for the calls ``calls`` selects),
-    adapter off.
+    (content tokens + end-of-turn, for the calls ``calls`` selects), adapter off.
 
     Computed once per trace (keyed by the trace's events) and kept for the whole run: they do not change while
-    the adapter trains. Storage: float32 log-probs, (n + 1, V) (or (n, V)) per selected call, on the model's
-    device. That is exact enough for KL(teacher || student) to be 0 when the two encodings coincide, and small here
+    the adapter trains. Storage: float32 log-probs, (n + 1, V) per selected call, on the model's device. That is
+    exact enough for KL(teacher || student) to be 0 when the two encodings coincide, and small here
     (SmolLM2: V = 49152, a 24-token blockage answer is 25 rows = 4.9 MB, 200 MB for 40 traces); a long-output,
     large-vocabulary run would keep only the top-k instead (not implemented).
 

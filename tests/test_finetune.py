@@ -109,7 +109,7 @@ def isolated_loss(model, events, i: int) -> float:
             msgs[j] = ch.decode(role=e.role, parents=parents, offsets=e.offsets, new_offset=e.new_offset,
                                 prefix=e.prefix, teacher_tokens=list(e.tokens))
     e = events[i]
-    eot = [ch.format.footer(e.role)[0]] if sampled_end_of_turn(e, ch.format) else []
+    eot = [ch.format.footer(e.role)[0]] if sampled_end_of_turn(e, ch.format) else []  # the CE's rows
     msg = ch.decode(role=e.role, parents=[msgs[p] for p in e.parents], offsets=e.offsets, new_offset=e.new_offset,
                     prefix=e.prefix, teacher_tokens=list(e.tokens) + eot)
     return -sum(msg.logprobs) / len(msg.logprobs)
@@ -151,18 +151,15 @@ def test_replay_positions_equal_decoding_positions(tiny):
     assert [m.start for m in out.messages] == starts[0]
     fmt = choreo.Choreographer(tiny).format
     for i in select_calls(events, "all"):
-        predicted = out.logits[i].argmax(-1).tolist()  # (n + 1,), or (n,) where the turn was cut
-        n = len(events[i].tokens)
-        assert predicted[:n] == list(events[i].tokens), i
-        if sampled_end_of_turn(events[i], fmt):
-            assert predicted[n:] == [fmt.footer(events[i].role)[0]], i
-        else:
-            assert len(predicted) == n, i
+        predicted = out.logits[i].argmax(-1).tolist()  # (n + 1,)
+        assert predicted[:-1] == list(events[i].tokens), i
+        assert predicted[-1] == fmt.footer(events[i].role)[0] or not sampled_end_of_turn(events[i], fmt), i
 
 
 def test_the_loss_scores_end_of_turn_only_where_the_baseline_sampled_it(tiny):
     """A call cut at its token cap, cut by a stop string, or teacher-forced when recorded got its end-of-turn
-    token from the engine: the loss leaves that row out (else it would teach the model to stop there)."""
+    token from the engine: the cross-entropy leaves that row out (else it would teach the model to stop there);
+    the KL keeps it (the baseline's distribution there is a target whatever ended the turn)."""
     from choreo.trace import TraceEvent
 
     fmt = choreo.Choreographer(tiny).format
@@ -180,10 +177,14 @@ def test_the_loss_scores_end_of_turn_only_where_the_baseline_sampled_it(tiny):
             assert sampled_end_of_turn(event, fmt) is scored, name
             out = replay_loss(choreo.Choreographer(tiny), [sys, event], keep_logits=True)
             rows = out.logits[1]
-            assert rows.shape[0] == len(tokens) + scored, name
-            target = list(tokens) + [fmt.footer("assistant")[0]] * scored
-            expected = torch.nn.functional.cross_entropy(rows.float(), torch.tensor(target))
+            assert rows.shape[0] == len(tokens) + 1, name  # content tokens, then the end-of-turn row
+            target = list(tokens) + [fmt.footer("assistant")[0]]
+            n = len(tokens) + scored
+            expected = torch.nn.functional.cross_entropy(rows[:n].float(), torch.tensor(target[:n]))
             assert out.per_call[1] == pytest.approx(float(expected), rel=1e-6), name
+            teacher = {1: rows.float().log_softmax(-1) + 0.0}
+            kl = replay_loss(choreo.Choreographer(tiny), [sys, event], loss="kl", teacher=teacher)
+            assert abs(kl.per_call[1]) < 1e-6, name  # every row, the end-of-turn one included
     event = call(forced=True)
     assert TraceEvent.from_json(event.to_json()) == event
     legacy = {k: v for k, v in call().to_json().items() if k != "forced"}  # trace files written before the field
@@ -350,12 +351,10 @@ def test_kl_loss_is_zero_when_the_encodings_coincide(tiny, serial_traces, traces
     assert abs(blocked.per_call[x]) < 1e-10 and abs(blocked.per_call[y]) < 1e-10, blocked.per_call
     assert blocked.per_call[last] > 1e-4, blocked.per_call
     assert float(both.loss) == pytest.approx(float(ce.loss) + float(blocked.loss), rel=1e-6)  # fp32 losses
-    # The teacher rows are the CE rows (content, and end-of-turn where sampled) and are computed once per trace.
+    # The teacher rows are the content rows and the end-of-turn row, computed once per trace.
     decodes = select_calls(traces[0], "all")
     assert sorted(teacher(traces[0])) == decodes and len(teacher) == 2
-    fmt = ch.format
-    assert all(teacher(traces[0])[i].shape[0] == len(traces[0][i].tokens) + sampled_end_of_turn(traces[0][i], fmt)
-               for i in decodes)
+    assert all(teacher(traces[0])[i].shape[0] == len(traces[0][i].tokens) + 1 for i in decodes)
     assert teacher(list(traces[0])) is teacher(traces[0])
 
 
