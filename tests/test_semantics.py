@@ -141,3 +141,43 @@ def test_raw_segments_in_series_equal_the_whole_turn(tiny_gqa):
                                store.read(whole.row, whole.length)[0], atol=1e-9, rtol=1e-9)
     with pytest.raises(ValueError, match="raw"):
         ch.decode(role="raw", parents=[head])
+
+
+def test_visibility_is_not_transitive(tiny_gqa):
+    """C lists only B; B was encoded over A. Overwriting A's cached rows after B is encoded leaves C unchanged:
+    C reads B's keys and values, never A's."""
+    def c_logits(spoil: bool):
+        ch = choreo.Choreographer(tiny_gqa)
+        a = ch.prefill("Alpha says the secret word is lantern.", role="system")
+        b = ch.prefill("Beta repeats what it heard.", role="user", parents=[a])
+        if spoil:
+            store = ch.engine.store
+            for layer in range(len(store.k)):
+                store.k[layer][:, a.row:a.row + a.length] = 1e3
+                store.v[layer][:, a.row:a.row + a.length] = -1e3
+        return ch.decode(role="assistant", parents=[b], teacher_tokens=[5, 6, 7], keep_logits=True).logits
+
+    assert torch.equal(c_logits(spoil=False), c_logits(spoil=True))
+
+
+def test_parallel_decode_siblings_share_their_start(tiny_gqa):
+    ch = choreo.Choreographer(tiny_gqa)
+    sys = ch.prefill("Be brief.", role="system")
+    q = ch.prefill("Name a colour.", role="user", parents=[sys])
+    x, y = ch.decode([choreo.Call(parents=[sys, q], max_tokens=3, temperature=1.0, seed=s) for s in (0, 1)])
+    assert x.start == y.start == q.end
+
+
+def test_a_turn_ends_at_its_end_of_turn_token_without_keeping_it(tiny_gqa, monkeypatch):
+    """The sampled stop token is not content; the footer is written once and the unused reservation is returned."""
+    ch = choreo.Choreographer(tiny_gqa)
+    sys = ch.prefill("Be brief.", role="system")
+    free = ch.decode(role="assistant", parents=[sys], max_tokens=6)  # what greedy decoding produces here
+    stop = free.tokens[2]
+    monkeypatch.setattr(ch.format, "stop_ids", lambda role: frozenset({stop}))
+    used = ch.memory()["tokens_used"]
+    cut = ch.decode(role="assistant", parents=[sys], max_tokens=6)
+    assert cut.tokens == free.tokens[:2] and stop not in cut.tokens
+    footer = ch.format.footer("assistant")
+    assert cut.ids[-len(footer):] == footer and cut.ids.count(footer[0]) == 1
+    assert ch.memory()["tokens_used"] == used + cut.length  # the 6-token reservation shrank to the message
