@@ -96,9 +96,25 @@ def load_adapter(model, path: str | Path, *, trainable: bool = False):
                              f"unload_adapter(model) first")
         set_peft_model_state_dict(model.hf_model, load_peft_weights(str(path), device=str(model.spec.device)))
     else:
-        model.hf_model = PeftModel.from_pretrained(model.hf_model, path, is_trainable=trainable)
+        try:
+            model.hf_model = PeftModel.from_pretrained(model.hf_model, path, is_trainable=trainable)
+        except BaseException:  # e.g. an adapter of another architecture: peft injected its layers, then failed
+            _strip_lora(model.hf_model)
+            raise
     model.hf_model.to(model.spec.device)
     return model.hf_model
+
+
+def _strip_lora(hf_model) -> None:
+    """Put back every module a failed adapter load wrapped in a LoRA layer, and drop its ``peft_config``."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(hf_model.named_modules()):
+        if isinstance(module, BaseTunerLayer) and name:
+            parent, _, child = name.rpartition(".")
+            setattr(hf_model.get_submodule(parent) if parent else hf_model, child, module.get_base_layer())
+    if "peft_config" in vars(hf_model):
+        del hf_model.peft_config
 
 
 def unload_adapter(model) -> None:

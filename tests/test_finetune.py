@@ -610,3 +610,22 @@ def test_recovery_checks_the_held_out_size_before_training(tiny, monkeypatch, tm
         with pytest.raises(ValueError, match=f"n must be in 1..*got {n_eval}"):
             recovery_experiment(tiny, configs=[FinetuneConfig.preset("smoke")], out_dir=tmp_path, n_train=4,
                                 n_eval=n_eval)
+
+
+def test_a_failed_adapter_load_leaves_the_model_untouched(tokenizer, tmp_path):
+    """An adapter of another architecture fails to load; the model keeps its modules, state and outputs."""
+    other = build_tiny(tokenizer, "llama-mha")  # 4 KV heads: k_proj / v_proj of another shape
+    add_adapter(other, rank=4, alpha=8, dropout=0.0, seed=1)
+    save_adapter(other, tmp_path / "mha")
+    model = build_tiny(tokenizer, "llama-gqa")
+    before = {k: v.clone() for k, v in model.hf_model.state_dict().items()}
+    types = [type(m).__name__ for m in model.hf_model.modules()]
+    with pytest.raises(Exception):
+        with use_adapter(model, tmp_path / "mha"):
+            pass
+    after = model.hf_model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    assert [type(m).__name__ for m in model.hf_model.modules()] == types and not is_adapted(model)
+    assert not hasattr(model.hf_model, "peft_config")
+    add_adapter(model, rank=4, alpha=8, dropout=0.0, seed=1)  # a later adapter loads cleanly
+    unload_adapter(model)
