@@ -51,7 +51,7 @@ class Baseline(Choreographer):
     def start_decode(self, calls: list[Call]) -> list[Job]:
         calls = [c if isinstance(c, Call) else Call(**c) for c in calls]
         prompts = [self.serial_prompt(c) for c in calls]
-        jobs = []
+        jobs, peak = [], self.engine.store.peak
         try:
             for call, (prompt, start, parent_ids) in zip(calls, prompts):
                 parts, reuse = self._reuse(prompt)
@@ -62,6 +62,7 @@ class Baseline(Choreographer):
         except Exception:
             for job in jobs:
                 self.engine.store.free(job.msg.row, job.reserved)
+            self.engine.store.peak = peak  # rows reserved and returned before any use
             raise
         for job in jobs:
             job.msg.id = next(self._ids)

@@ -399,7 +399,7 @@ class Choreographer:
         """Validate every call, then reserve rows for all of them (all or nothing)."""
         calls = [c if isinstance(c, Call) else Call(**c) for c in calls]
         placed = [self._place(c.parents, c.offsets, c.new_offset) for c in calls]
-        jobs = []
+        jobs, peak = [], self.engine.store.peak
         try:
             for call, (segments, start, parent_ids) in zip(calls, placed):
                 header = self.format.header(call.role, call.prefix)
@@ -407,6 +407,7 @@ class Choreographer:
         except Exception:
             for job in jobs:
                 self.engine.store.free(job.msg.row, job.reserved)
+            self.engine.store.peak = peak  # rows reserved and returned before any use
             raise
         for job in jobs:
             job.msg.id = next(self._ids)

@@ -13,6 +13,17 @@ def snapshot(ex):
     return memory, list(ex.engine.store._free), [m.id for m in ex.messages]
 
 
+def test_a_refused_parallel_batch_leaves_the_peak_as_it_was(tiny_gqa):
+    """Rows reserved for a batch that is refused before it runs (one call cannot fit) were never used."""
+    for cls in (choreo.Choreographer, choreo.Baseline):
+        ex = cls(tiny_gqa, capacity=256)
+        sys = ex.prefill("Be brief.", role="system")
+        peak = ex.memory()["tokens_peak"]
+        with pytest.raises(CapacityError):
+            ex.decode([choreo.Call(parents=[sys], max_tokens=100), choreo.Call(parents=[sys], max_tokens=200)])
+        assert ex.memory()["tokens_peak"] == peak, cls.__name__
+
+
 @pytest.fixture(params=["choreographed", "baseline"])
 def setup(request, tiny_gqa):
     cls = choreo.Choreographer if request.param == "choreographed" else choreo.Baseline
