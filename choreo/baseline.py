@@ -84,7 +84,7 @@ class Baseline(Choreographer):
                 id=next(self._ids), role=call.role, parents=inner.parents, start=job.origin[0],
                 ids=header + gen + inner.ids[inner.content[1]:], content=(len(header), len(header) + len(gen)),
                 text=inner.text, prefix=call.prefix, ttft=inner.ttft, latency=inner.latency,
-                logprobs=inner.logprobs, logits=inner.logits,
+                logprobs=inner.logprobs, logits=inner.logits, floor=self.floor,
             )
             self._messages[msg.id] = msg
             _, prefix_ids, parts = job.origin
@@ -115,14 +115,16 @@ class Baseline(Choreographer):
 
     # ------------------------------------------------------------------ prompts and reuse
     def serial_prompt(self, call: Call) -> tuple[list[int], int, tuple[int, ...]]:
-        """The serial prompt of a call: its parents' turns in position order, then its header.
+        """The serial prompt of a call: the template's conversation prefix (a BOS token, if it has one), its
+        parents' turns in position order, then its header.
 
         Returns (prompt token ids, the start the output message gets, parent ids). Placement is validated
         as for a decode (unknown or freed parents raise ``KeyError``, bad offsets ``ValueError``).
         """
         parents, starts, start = self._resolve(call.parents, call.offsets, call.new_offset)
         order = sorted(range(len(parents)), key=lambda i: (starts[i], i))
-        prompt = [t for i in order for t in parents[i].ids] + self.format.header(call.role, call.prefix)
+        prompt = (list(self.format.prefix_ids) + [t for i in order for t in parents[i].ids]
+                  + self.format.header(call.role, call.prefix))
         return prompt, start, tuple(p.id for p in parents)
 
     def add_generated(self, call: Call, tokens, *, ttft: float | None = None,
@@ -137,7 +139,7 @@ class Baseline(Choreographer):
         header, gen = self.format.header(call.role, call.prefix), [int(t) for t in tokens]
         msg = Message(id=next(self._ids), role=call.role, parents=parents, start=start,
                       ids=header + gen + self.format.footer(call.role), content=(len(header), len(header) + len(gen)),
-                      text=self.format.decode(gen), prefix=call.prefix, ttft=ttft, latency=latency)
+                      text=self.format.decode(gen), prefix=call.prefix, ttft=ttft, latency=latency, floor=self.floor)
         self._messages[msg.id] = msg
         return msg
 

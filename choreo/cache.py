@@ -42,6 +42,7 @@ class Message:
     logprobs: list[float] | None = None  # per content token, when teacher-forced with scoring
     logits: torch.Tensor | None = None  # (len(tokens), V) when requested
     freed: bool = False
+    floor: int = 0  # the first position after the conversation prefix its executor shares (a BOS token), or 0
 
     @property
     def tokens(self) -> list[int]:

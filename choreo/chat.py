@@ -3,7 +3,9 @@
 Every message is encoded on its own, so the template is split into a per-role header and footer
 around the content. Splitting with a sentinel keeps the result token-for-token equal to the template's
 rendering of the whole conversation (tested), and never adds the default system prompt that some
-templates (SmolLM2's) insert when a conversation lacks one.
+templates (SmolLM2's) insert when a conversation lacks one. A token the template writes once at the start of
+a conversation (Llama 3's ``<|begin_of_text|>``: ``prefix_ids``) belongs to no message: executors hold it
+once, shared by every call (PROTOCOLS.md, "Engine facts").
 """
 
 from __future__ import annotations
@@ -44,6 +46,21 @@ class ChatFormat:
     def _render(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
 
+    @functools.cached_property
+    def _prefix_text(self) -> str:
+        """The BOS text the template writes once before the first turn, or "" (ChatML: every turn starts with
+        the tokenizer's bos_token, so it is part of each turn, not a conversation prefix)."""
+        bos = self.tokenizer.bos_token
+        if not bos:
+            return ""
+        two = self._render([{"role": "system", "content": "x"}, {"role": "user", "content": "y"}])
+        return bos if two.startswith(bos) and two.count(bos) == 1 else ""
+
+    @functools.cached_property
+    def prefix_ids(self) -> list[int]:
+        """Token ids the template writes once at the start of a conversation (a BOS token); [] for none."""
+        return self._ids(self._prefix_text) if self._prefix_text else []
+
     @functools.cache
     def _split(self, role: str) -> tuple[str, str]:
         base, name = parse_role(role)
@@ -56,7 +73,7 @@ class ChatFormat:
 
     def _split_turn(self, turn: dict) -> tuple[str, str]:
         if turn["role"] == "system":
-            text = self._render([turn])
+            text = self._render([turn]).removeprefix(self._prefix_text)
         else:
             contexts = [[{"role": "system", "content": "x"}]]
             if turn["role"].startswith("assistant"):

@@ -296,6 +296,10 @@ class Choreographer:
         self.format = self.engine.format
         self._messages: dict[int, Message] = {}
         self._ids = itertools.count()
+        # A conversation prefix (BOS) is encoded once at positions 0.. and every call attends to it; messages
+        # start after it. Empty for templates without one (ChatML): then nothing here changes anything.
+        self.floor = len(self.format.prefix_ids)
+        self._prefix: Message | None = None
 
     @property
     def attention(self) -> str:
@@ -389,6 +393,7 @@ class Choreographer:
         row = self.engine.store.alloc(len(ids)) if encode else -1
         msg = Message(
             id=next(self._ids), role=role, parents=parent_ids, start=start, ids=ids, content=content, text=text, row=row,
+            floor=self.floor,
         )
         self._messages[msg.id] = msg
         if not encode:  # text only: nothing to run
@@ -432,7 +437,7 @@ class Choreographer:
         row = self.engine.store.alloc(reserved)  # last: nothing above allocates, so nothing leaks if it raises
         msg = Message(
             id=-1, role=call.role, parents=parents, start=start, ids=ids, content=content,
-            text=self.format.decode(ids[content[0]:content[1]]), prefix=call.prefix, row=row,
+            text=self.format.decode(ids[content[0]:content[1]]), prefix=call.prefix, row=row, floor=self.floor,
         )
         return Job(
             msg=msg, segments=segments, pending=list(ids), reserved=reserved, call=call,
@@ -458,14 +463,33 @@ class Choreographer:
             raise ValueError(f"parents list a message twice: {[p.id for p in parents]}")
         starts = resolve_offsets(parents, offsets)
         check_position(new_offset, "new_offset")
-        start = default_start(parents, starts) if new_offset is None else new_offset
+        start = max(self.floor, default_start(parents, starts)) if new_offset is None else new_offset
         return parents, starts, start
 
     def _place(self, parents, offsets, new_offset):
         """Resolve parents to store segments and the new message's start position (validates everything)."""
         parents, starts, start = self._resolve(parents, offsets, new_offset)
         segments = tuple((p.row, p.length, s - p.start) for p, s in zip(parents, starts))
+        prefix = self._shared_prefix()
+        if prefix is not None:
+            segments = ((prefix.row, prefix.length, 0),) + segments
         return segments, start, tuple(p.id for p in parents)
+
+    def _shared_prefix(self) -> Message | None:
+        """The conversation prefix every call attends to, encoded (one pass) on first use; None without one."""
+        if not self.floor or not self.encodes_prefills:
+            return None
+        if self._prefix is None:
+            ids = list(self.format.prefix_ids)
+            row = self.engine.store.alloc(len(ids))
+            msg = Message(id=-1, role=RAW, parents=(), start=0, ids=ids, content=(0, 0), text="", row=row)
+            try:
+                self.engine.run([Job(msg=msg, segments=(), pending=list(ids), reserved=len(ids))])
+            except BaseException:
+                self.engine.store.free(row, len(ids))
+                raise
+            self._prefix = msg
+        return self._prefix
 
 
 def check_position(value, name: str) -> None:
@@ -490,15 +514,18 @@ def default_start(parents: Sequence[Message], starts: Sequence[int]) -> int:
     return max((s + p.length for p, s in zip(parents, starts)), default=0)
 
 
-def linearize(parents: Sequence[Message], start: int = 0) -> list[int]:
-    """Offsets that lay ``parents`` back-to-back in the given order from ``start``.
+def linearize(parents: Sequence[Message], start: int | None = None) -> list[int]:
+    """Offsets that lay ``parents`` back-to-back in the given order from ``start`` (default: the first position
+    after the shared conversation prefix, ``Message.floor``: 0 for templates without a BOS token).
 
     Example: ``ch.decode(role="assistant", parents=ps, offsets=linearize(ps))`` attends to parallel
     siblings as if they had been written one after another (their encodings are unchanged).
     """
-    check_position(start, "start")
     if not all(isinstance(p, Message) for p in parents):
         raise TypeError(f"linearize takes Message objects (it needs their lengths), got {list(parents)!r}")
+    if start is None:
+        start = parents[0].floor if parents else 0
+    check_position(start, "start")
     offsets, pos = [], start
     for p in parents:
         offsets.append(pos)
