@@ -39,7 +39,7 @@ def with_split(summary: dict, *, dev_fraction: float, seed: int) -> dict:
             "split": {"dev_fraction": dev_fraction, "seed": seed, "train": n_train, "dev": n_dev}}
 
 
-LOGS_READ: set[Path] = set()  # every run log resumable() read or wrote in this session (for provenance)
+LOGS_READ: set[Path] = set()  # every run log resumable() read or wrote in this pytest run (for provenance)
 
 
 def logs_read(folder: Path) -> list[dict]:
