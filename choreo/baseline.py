@@ -51,19 +51,16 @@ class Baseline(Choreographer):
     def start_decode(self, calls: list[Call]) -> list[Job]:
         calls = [c if isinstance(c, Call) else Call(**c) for c in calls]
         prompts = [self.serial_prompt(c) for c in calls]
-        jobs, peak = [], self.engine.store.peak
-        try:
+
+        def reserve():
             for call, (prompt, start, parent_ids) in zip(calls, prompts):
                 parts, reuse = self._reuse(prompt)
                 segments = tuple((m.row, n, 0) for m, n in parts)
                 job = self.make_job(call, prompt[reuse:], segments=segments, start=reuse, parents=parent_ids)
                 job.origin = (start, prompt[:reuse], parts)
-                jobs.append(job)
-        except Exception:
-            for job in jobs:
-                self.engine.store.free(job.msg.row, job.reserved)
-            self.engine.store.peak = peak  # rows reserved and returned before any use
-            raise
+                yield job
+
+        jobs = self._all_or_nothing(reserve())
         for job in jobs:
             job.msg.id = next(self._ids)
             self._internal[job.msg.id] = job.msg

@@ -14,6 +14,7 @@ import functools
 
 ROLES = ("system", "user", "assistant")
 _SENTINEL = "\u2063CHOREO\u2063"
+STOP_WINDOW = 16  # generated tokens whose text is searched for stop strings
 
 
 def parse_role(role: str) -> tuple[str, str | None]:
@@ -116,6 +117,11 @@ class ChatFormat:
         if self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return frozenset(ids)
+
+    def hits_stop(self, tokens, stop) -> bool:
+        """Whether one of the ``stop`` strings occurs in the text of the last ``STOP_WINDOW`` generated tokens:
+        the engine's check after each sampled token (and how a trace tells that a call ended on one)."""
+        return bool(stop) and any(s in self.decode(list(tokens[-STOP_WINDOW:])) for s in stop)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

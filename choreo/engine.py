@@ -237,16 +237,10 @@ class Engine:
             job.pending, job.closing = list(job.footer), True
             return
         job.generated.append(token)
-        if len(job.generated) >= call.max_tokens or self._hit_stop(job):
+        if len(job.generated) >= call.max_tokens or self.format.hits_stop(job.generated, call.stop):
             job.pending, job.closing = [token] + job.footer, True
         else:
             job.pending = [token]
-
-    def _hit_stop(self, job: Job) -> bool:
-        if not job.call.stop:
-            return False
-        tail = self.format.decode(job.generated[-16:])
-        return any(s in tail for s in job.call.stop)
 
     def _finish(self, job: Job, now: float) -> None:
         msg, call = job.msg, job.call
@@ -404,20 +398,27 @@ class Choreographer:
         """Validate every call, then reserve rows for all of them (all or nothing)."""
         calls = [c if isinstance(c, Call) else Call(**c) for c in calls]
         placed = [self._place(c.parents, c.offsets, c.new_offset) for c in calls]
-        jobs, peak = [], self.engine.store.peak
-        try:
-            for call, (segments, start, parent_ids) in zip(calls, placed):
-                header = self.format.header(call.role, call.prefix)
-                jobs.append(self.make_job(call, header, segments=segments, start=start, parents=parent_ids))
-        except Exception:
-            for job in jobs:
-                self.engine.store.free(job.msg.row, job.reserved)
-            self.engine.store.peak = peak  # rows reserved and returned before any use
-            raise
+        jobs = self._all_or_nothing(
+            self.make_job(call, self.format.header(call.role, call.prefix), segments=segments, start=start,
+                          parents=parent_ids)
+            for call, (segments, start, parent_ids) in zip(calls, placed))
         for job in jobs:
             job.msg.id = next(self._ids)
             self._messages[job.msg.id] = job.msg
         return jobs
+
+    def _all_or_nothing(self, jobs: Iterable[Job]) -> list[Job]:
+        """The jobs ``jobs`` reserves one by one; if one fails, the others are undone (``abort``) and the store's
+        peak is put back: their rows were reserved and returned before any use."""
+        made, peak = [], self.engine.store.peak
+        try:
+            for job in jobs:
+                made.append(job)
+        except Exception:
+            self.abort(made)
+            self.engine.store.peak = peak
+            raise
+        return made
 
     def make_job(self, call: Call, header: list[int], *, segments, start: int, parents: tuple[int, ...]) -> Job:
         """Reserve rows for a decode whose own tokens begin with ``header`` (the message is not yet listed)."""

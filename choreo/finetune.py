@@ -267,8 +267,7 @@ def sampled_end_of_turn(event: TraceEvent, fmt) -> bool:
     appended the footer itself). ``fmt``: the executor's ``ChatFormat`` (to read the stop strings)."""
     if event.forced or len(event.tokens) >= event.max_tokens:
         return False
-    tail = fmt.decode(list(event.tokens[-16:]))  # what the engine checks after each sampled token
-    return not any(s in tail for s in event.stop)
+    return not fmt.hits_stop(event.tokens, event.stop)
 
 
 def call_losses(rows: torch.Tensor, target: torch.Tensor, *, loss: str, teacher: torch.Tensor | None = None,
