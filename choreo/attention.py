@@ -7,7 +7,8 @@ forward step; a backend turns it into attention:
 - ``reference``: a dense boolean mask over every store row, fp64 math. Slow and obviously correct; the oracle.
 - ``torch``: gathers the attended rows of each call, re-rotates moved keys, one SDPA call. The CPU default.
 - ``triton``: the fused kernel of ``triton_kernels`` (segment table in the kernel, keys re-rotated in
-  registers, no gather). The default on CUDA.
+  registers, no gather). The default on CUDA for models whose heads it runs (head dim a power of two in
+  16..256; fp32, fp16 or bf16); ``torch`` there otherwise.
 
 Shapes: q (B, H, S, D); store k/v (Hkv, N, D); output (B, H, S, D).
 """
@@ -203,5 +204,18 @@ def get_backend(name: str) -> Backend:
     return BACKENDS[name]
 
 
-def default_backend(device: torch.device) -> str:
-    return "triton" if torch.device(device).type == "cuda" else "torch"
+def default_backend(device: torch.device, *, head_dim: int | None = None, dtype: torch.dtype | None = None) -> str:
+    """"triton" on CUDA, unless the kernel cannot run the model's heads (``head_dim`` and ``dtype``, when given:
+    ``triton_unsupported``); "torch" elsewhere."""
+    if torch.device(device).type != "cuda":
+        return "torch"
+    if head_dim is not None and dtype is not None and triton_unsupported(head_dim, dtype):
+        return "torch"
+    return "triton"
+
+
+def triton_unsupported(head_dim: int, dtype: torch.dtype) -> str | None:
+    """Why the kernel cannot run heads of ``head_dim`` at ``dtype`` (None: it can)."""
+    from triton_kernels import unsupported
+
+    return unsupported(head_dim, dtype)

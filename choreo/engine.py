@@ -18,7 +18,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .attention import AttentionPlan, default_backend, get_backend
+from .attention import AttentionPlan, default_backend, get_backend, triton_unsupported
 from .cache import KVStore, Message
 from .chat import ChatFormat, parse_role
 from .lora import adapter_scope
@@ -134,15 +134,20 @@ class Engine:
         self.model = model
         self.adapter = adapter  # False: a LoRA adapter on the model is switched off for this engine's passes
         self.grad = False  # True: record autograd history (teacher-forced replays for fine-tuning)
-        self.attention = attention or default_backend(model.spec.device)
+        spec = model.spec
+        self.attention = attention or default_backend(spec.device, head_dim=spec.head_dim, dtype=spec.dtype)
         self.backend = get_backend(self.attention)
         if self.attention == "triton":
             from triton_kernels import is_available
 
-            if not is_available(model.spec.device):
-                raise ValueError(f"attention='triton' cannot run on the model's device {model.spec.device}: it needs "
+            if not is_available(spec.device):
+                raise ValueError(f"attention='triton' cannot run on the model's device {spec.device}: it needs "
                                  f"CUDA, or on CPU TRITON_INTERPRET=1 set before triton_kernels is imported (tests "
                                  f"only); use attention='torch'")
+            reason = triton_unsupported(spec.head_dim, spec.dtype)
+            if reason:
+                raise ValueError(f"attention='triton' cannot run this model (head dim {spec.head_dim}, "
+                                 f"{spec.dtype}): {reason}; use attention='torch'")
         self.store = KVStore(model.spec, capacity=capacity)
         self.format = ChatFormat(model.tokenizer)
         self.scale = model.spec.head_dim ** -0.5

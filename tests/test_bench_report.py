@@ -96,3 +96,31 @@ def test_timing_provenance_names_the_input_sets():
     for b, n in zip(bench["benchmarks"], (2, 16)):
         b["extra_info"]["input_sets"] = n
     assert "cycle through 2-16 independent input sets" in bench_report._input_sets_note(bench)
+
+
+def test_rerendering_from_the_committed_raw_copy_keeps_it(tmp_path):
+    out = tmp_path / "out"
+    src = tmp_path / "bench.json"
+    src.write_text(json.dumps(_bench()))
+    bench_report.write_report(src, out, commit="abc", command="c")
+    raw = out / "segment_attention_raw.json"
+    before = raw.read_text()
+    bench_report.write_report(raw, out, commit="abc", command="c")  # the raw file is its own source
+    assert raw.read_text() == before
+
+
+@pytest.mark.parametrize("content, word", [
+    ("{not json", "cannot read it as JSON"), ("{}", "no 'benchmarks' records"),
+    ('{"benchmarks": []}', "no 'benchmarks' records"), ('{"benchmarks": [{"name": "x"}]}', "extra_info"),
+    ('{"benchmarks": [{"name": "x", "extra_info": {}}]}', "no 'device'"),
+    (json.dumps({"benchmarks": [{"name": "test_segment_attention_speed[w]", "group": "w",
+                                 "extra_info": {"device": "d", "impl": "triton"}}]}), "lacks the field"),
+])
+def test_cli_names_what_is_wrong_with_a_malformed_file(tmp_path, capsys, content, word):
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    with pytest.raises(SystemExit):
+        bench_report.main([str(bad), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert "bad.json" in err and word in err
+    assert not (tmp_path / "out" / "segment_attention_raw.json").exists()

@@ -43,6 +43,27 @@ def test_triton_backend_matches_torch_backend(tiny32):
     torch.testing.assert_close(forced_k.logits, forced_t.logits, atol=1e-4, rtol=1e-4)
 
 
+def test_a_model_the_kernel_cannot_run_is_refused_at_construction(tokenizer):
+    """fp64 weights (the kernel runs fp32 / fp16 / bf16): refused when the engine is built, naming the reason and
+    the backend that runs it, not at the first forward pass."""
+    if not triton_kernels.is_available(DEVICE):
+        pytest.skip("Triton interpreter not active (TRITON_INTERPRET must be set before triton is imported)")
+    with pytest.raises(ValueError, match=r"float64.*use attention='torch'"):
+        choreo.Choreographer(build_tiny(tokenizer, dtype=torch.float64, device=DEVICE), attention="triton")
+
+
+@pytest.mark.parametrize("head_dim, dtype, expected", [
+    (64, torch.bfloat16, "triton"), (128, torch.float32, "triton"),
+    (100, torch.bfloat16, "torch"),  # open_llama_3b's heads
+    (64, torch.float64, "torch"), (None, None, "triton"),
+])
+def test_default_backend_on_cuda_falls_back_where_the_kernel_cannot_run(head_dim, dtype, expected):
+    from choreo.attention import default_backend
+
+    assert default_backend(torch.device("cuda"), head_dim=head_dim, dtype=dtype) == expected
+    assert default_backend(torch.device("cpu"), head_dim=head_dim, dtype=dtype) == "torch"
+
+
 @pytest.mark.gpu
 def test_triton_backend_bf16_error_within_torch_backends(tokenizer):
     """At bf16 on a GPU, the kernel's logits are as close to the fp32 result as the torch backend's are

@@ -7,7 +7,8 @@ the kernel on CPU tensors (tests only).
 """
 
 from .segment_attention import (Launch, LaunchConfig, TileTable, default_splits, interpreter_active, is_available,
-                                launch_config, prepare_launch, run_launch, segment_attention, tile_table)
+                                launch_config, prepare_launch, run_launch, segment_attention, tile_table,
+                                unsupported)
 
 __all__ = ["segment_attention", "prepare_launch", "run_launch", "Launch", "is_available", "interpreter_active",
-           "LaunchConfig", "launch_config", "TileTable", "tile_table", "default_splits"]
+           "LaunchConfig", "launch_config", "TileTable", "tile_table", "default_splits", "unsupported"]

@@ -433,8 +433,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help="also write <out>/registers.{md,json} (the table, with provenance)")
     args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET"):
-        parser.error("TRITON_INTERPRET is set: interpreted kernels cannot be compiled for a GPU")
+    from triton import knobs
+
+    if knobs.runtime.interpret:  # Triton's own reading of TRITON_INTERPRET ("0" is off)
+        parser.error(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')} turns the interpreter on: interpreted "
+                     f"kernels cannot be compiled for a GPU")
+    bad = [d for d in args.head_dim if d < 16 or d > 256 or d & (d - 1)]
+    if bad:
+        parser.error(f"--head-dim must be powers of two in 16..256 (the kernels' domain), got {bad}")
     flat_stages = args.flat_stages or [None]
     if args.flat_stages and min(args.flat_stages) < 1:
         parser.error(f"--flat-stages must be >= 1, got {args.flat_stages}")

@@ -32,8 +32,11 @@ Host cost: ``segment_attention`` checks its arguments at every call. ``prepare_l
 Not supported:
     double backward, sliding windows, ALiBi / softcapping, RoPE conventions other than HF Llama "rotate_half".
     Row offsets inside one segment or own run are int32 (N * D < 2**31 elements per KV head).
-    Table values are checked on CPU only (on CUDA a check would synchronise): out-of-range rows are the caller's bug.
-    The flat loop's tile table holds position deltas up to +-4194303 (``tile_table`` refuses larger ones).
+    Table values are checked on CPU only (on CUDA a check would synchronise): out-of-range rows, int64 values
+    outside int32 and a ``tiles`` argument that is not ``tile_table`` of the segment table are the caller's bug
+    there; on CPU each is refused.
+    Tile tables hold position deltas up to +-4194303 (``tile_table`` refuses larger ones): the flat loop and the
+    backward walk one; the nested loop (``LaunchConfig(flat=False)``) runs larger moves, forward only.
 
 Measured (H200, bf16, H=32, Hkv=8, D=128, Triton 3.6; ``tests/kernels/bench_segment_attention.py``;
 ``results/kernels/segment_attention*.md``): at commit 1b0bef4, prefill of 256-512 new tokens per call over 8-32
@@ -574,6 +577,16 @@ def interpreter_active() -> bool:
     return isinstance(_attn_fwd, InterpretedFunction)
 
 
+def unsupported(head_dim: int, dtype: torch.dtype) -> str | None:
+    """Why the kernel cannot attend over heads of ``head_dim`` at ``dtype`` (None: it can): the domain that
+    ``segment_attention`` checks, for callers that choose a backend before any tensor exists (the engine)."""
+    if dtype not in _DTYPES:
+        return f"the kernel runs float32, float16 or bfloat16, not {dtype}"
+    if not isinstance(head_dim, int) or head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
+        return f"the kernel's head dim must be a power of two in 16..256, not {head_dim}"
+    return None
+
+
 def is_available(device: torch.device | str | None = None) -> bool:
     """Whether ``segment_attention`` can run on tensors of ``device`` (default: CUDA if present, else CPU)."""
     if device is None:
@@ -590,7 +603,8 @@ class LaunchConfig:
     pass ``config=`` to override it (tuning sweeps, the benchmarks).
 
     block_m: packed query rows per program (S * H / Hkv rows in all), block_n: keys per tile; both powers of
-    two >= 16 (``tl.dot``'s smallest side). num_warps: a power of two; num_stages >= 1 (software pipelining).
+    two >= 16 (``tl.dot``'s smallest side), block_n <= 256 (a tile's key count is a 9-bit field of its entry).
+    num_warps: a power of two; num_stages >= 1 (software pipelining).
     flat: walk all segments' key tiles in one loop from a tile table (``tile_table``), so K/V prefetching runs
     across segment boundaries; False walks the segment table with one loop per segment.
     tma: (flat loop, CUDA capability >= 9) load K/V tiles through host-made tensor descriptors (Hopper's copy
@@ -633,8 +647,11 @@ class LaunchConfig:
     def __post_init__(self):
         for name in ("block_m", "block_n"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 16 or v & (v - 1):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 16 or v & (v - 1):
                 raise ValueError(f"LaunchConfig.{name} must be a power of two >= 16, got {v!r}")
+        if self.block_n > 256:
+            raise ValueError(f"LaunchConfig.block_n must be <= 256 (a tile's key count is a 9-bit field), got "
+                             f"{self.block_n}")
         if not isinstance(self.num_warps, int) or self.num_warps < 1 or self.num_warps & (self.num_warps - 1):
             raise ValueError(f"LaunchConfig.num_warps must be a power of two >= 1, got {self.num_warps!r}")
         if not isinstance(self.num_stages, int) or self.num_stages < 1:
@@ -718,7 +735,8 @@ def tile_table(seg_start, seg_len, seg_delta, block_n: int, device=None) -> Tile
     if len(s_delta) and int(np.abs(s_delta).max()) > MAX_TILE_DELTA:
         bad = int(s_delta[np.abs(s_delta) > MAX_TILE_DELTA][0])
         raise ValueError(f"seg_delta {bad} is out of range: tile tables hold position deltas up to "
-                         f"+-{MAX_TILE_DELTA} (use flat=False for larger moves)")
+                         f"+-{MAX_TILE_DELTA}, for the flat loop and the backward; the nested loop "
+                         f"(LaunchConfig(flat=False)) runs larger moves, forward only")
     first = np.ones(len(call), dtype=bool)  # (n_seg,) whether a segment begins a run
     first[1:] = (call[1:] != call[:-1]) | (s_start[1:] != s_start[:-1] + s_len[:-1]) | (s_delta[1:] != s_delta[:-1])
     r_call, r_start, r_delta = call[first], s_start[first], s_delta[first]  # (n_run,)
@@ -815,11 +833,19 @@ def _check_index(name: str, t, shape: tuple[int, ...], device: torch.device) -> 
         raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but q is on {device}: all tensors must share q's device")
+    if t.dtype == torch.int64 and t.device.type == "cpu" and t.numel():
+        lo, hi = int(t.min()), int(t.max())  # on CPU, where reading values needs no device synchronisation
+        if lo < -(1 << 31) or hi >= 1 << 31:
+            raise ValueError(f"{name} holds {lo if lo < -(1 << 31) else hi}, outside int32: the kernel's tables are "
+                             f"int32")
     return t.to(torch.int32).contiguous()
 
 
 def _check_table_values(seg_start, seg_len, own_start, own_past, new_len, S: int, N: int) -> None:
-    """Data-dependent checks; only run on CPU, where they need no device synchronisation."""
+    """Data-dependent checks; only run on CPU, where they need no device synchronisation. Sums in int64, so that
+    rows near 2**31 cannot wrap back into the store."""
+    seg_start, seg_len, own_start, own_past, new_len = (
+        t.to(torch.int64) for t in (seg_start, seg_len, own_start, own_past, new_len))
     if (seg_len < 0).any() or (own_past < 0).any() or (new_len < 0).any():
         raise ValueError("seg_len, own_past and new_len must be >= 0")
     if (new_len > S).any():
@@ -829,6 +855,23 @@ def _check_table_values(seg_start, seg_len, own_start, own_past, new_len, S: int
         raise ValueError(f"every non-empty segment must lie in store rows 0 .. N - 1 = {N - 1}")
     if (own_start < 0).any() or (own_start + own_past + new_len > N).any():
         raise ValueError(f"own rows own_start .. own_start + own_past + new_len - 1 must lie in 0 .. {N - 1}")
+
+
+def _check_tiles(tiles: TileTable, seg_start, seg_len, seg_delta) -> None:
+    """On CPU: a caller's tile table must be the one ``tile_table`` cuts from this segment table (the kernels
+    trust its rows, counts, ``max_tiles`` and ``moved``)."""
+    expected = tile_table(seg_start, seg_len, seg_delta, tiles.block_n)
+    T = expected.max_tiles
+    if not T <= tiles.max_tiles <= tiles.tiles.shape[1]:
+        raise ValueError(f"tiles.max_tiles = {tiles.max_tiles} must lie between the {T} tiles of the longest call "
+                         f"and tiles.tiles' width {tiles.tiles.shape[1]}")
+    if expected.moved and not tiles.moved:
+        raise ValueError("tiles.moved is False, but the segment table moves keys (a non-zero seg_delta): the "
+                         "kernels would skip their re-rotation")
+    if (not torch.equal(tiles.n_tiles.to(torch.int64), expected.n_tiles.to(torch.int64))
+            or not torch.equal(tiles.tiles[:, :T], expected.tiles[:, :T]) or tiles.tiles[:, T:].any()):
+        raise ValueError(f"tiles are not this segment table cut into tiles of {tiles.block_n} keys: build them "
+                         f"with tile_table(seg_start, seg_len, seg_delta, {tiles.block_n})")
 
 
 def _positive_finite(x) -> bool:
@@ -848,8 +891,10 @@ def segment_attention(q, k_cache, v_cache, seg_start, seg_len, seg_delta, own_st
 
     q: (B, H, S, D) new tokens, RoPE'd at their positions; row i of call b is valid iff i < new_len[b].
     k_cache, v_cache: (Hkv, N, D) one layer's store, keys RoPE'd at their original positions; H % Hkv == 0.
-    seg_start, seg_len, seg_delta: (B, G) int32 segment table (seg_len 0 = padding; delta = position shift).
-    own_start, own_past, new_len: (B,) int32; own rows own_start .. own_start + own_past + new_len - 1.
+    seg_start, seg_len, seg_delta: (B, G) int32 segment table (seg_len 0 = padding; delta = position shift);
+        int64 is accepted and converted, its values within int32.
+    own_start, own_past, new_len: (B,) int32 (or int64, as above); own rows own_start .. own_start + own_past +
+        new_len - 1.
     inv_freq: (D / 2,) RoPE inverse frequencies (HF Llama rotate_half convention), used in fp32.
     scale: softmax scale, a positive finite number; default 1 / sqrt(D).
     config: tile sizes (``LaunchConfig``); default ``launch_config(S * H // Hkv, D, q.dtype)``.
@@ -934,6 +979,8 @@ def prepare_launch(q, k_cache, v_cache, seg_start, seg_len, seg_delta, own_start
                              f"{tuple(tiles.tiles.shape)} {tiles.tiles.dtype} and {tuple(tiles.n_tiles.shape)}")
         if tiles.tiles.device != q.device or tiles.n_tiles.device != q.device:
             raise ValueError(f"tiles are on {tiles.tiles.device} but q is on {q.device}")
+        if q.device.type == "cpu":
+            _check_tiles(tiles, seg_start, seg_len, seg_delta)
     if not is_available(q.device):
         raise RuntimeError(f"segment_attention cannot run on {q.device}: it needs CUDA, or CPU tensors with "
                            "TRITON_INTERPRET=1 set before triton_kernels is imported")

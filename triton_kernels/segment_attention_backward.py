@@ -43,8 +43,9 @@ store counts row writes, and a gradient hook raises if rows a pass read were rew
 backward (``KVStore.read_guard``; e.g. two replays summed into one loss, the second reusing freed rows).
 
 Supported as the forward is, except split-K (the backward does not split) and the nested loop (``flat=False``
-launches get a tile table built here). Tiles: ``backward_configs``; chosen to compile without register spills
-for sm_90 (``ptxas_report``), not yet timed on a GPU.
+launches get a tile table built here, so their position deltas must fit one: +-4194303, ``tile_table``).
+Tiles: ``backward_configs``; chosen to compile without register spills for sm_90 (``ptxas_report``), not yet
+timed on a GPU.
 """
 
 from __future__ import annotations

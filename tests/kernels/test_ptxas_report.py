@@ -285,3 +285,23 @@ def test_opcodes_option_is_checked():
     run = subprocess.run([sys.executable, "-m", "triton_kernels.ptxas_report", "--opcodes", "-1"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "--opcodes must be >= 0, got -1" in run.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--head-dim", "48"], "--head-dim must be powers of two in 16..256"),
+    (["--head-dim", "0", "64"], "got [0]"),
+])
+def test_head_dim_option_is_checked(args, message):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "triton_kernels.ptxas_report", *args], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and message in run.stderr, run.stderr[-2000:]
+
+
+def test_triton_interpret_0_is_off():
+    """TRITON_INTERPRET=0 does not turn Triton's interpreter on, so the compiler runs (checked here on an option
+    error that comes after that check)."""
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    run = subprocess.run([sys.executable, "-m", "triton_kernels.ptxas_report", "--opcodes", "-1"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "--opcodes must be >= 0" in run.stderr and "TRITON_INTERPRET" not in run.stderr

@@ -315,6 +315,7 @@ def test_tma_needs_an_aligned_store():
     (dict(block_m=16, block_n=16, flat=False, prerotate=True), "prerotate"),
     (dict(block_m=16, block_n=16, tma=True, prerotate=True), "prerotate"),
     (dict(block_m=16, block_n=16, prerotate=1), "prerotate"),
+    (dict(block_m=16, block_n=512), "block_n"), (dict(block_m=True, block_n=16), "block_m"),
 ])
 def test_launch_config_rejects_bad_values(kwargs, word):
     with pytest.raises(ValueError, match=word):
@@ -394,12 +395,37 @@ BAD_ARGS = {
 if not CUDA:  # data checks run only where they need no device sync
     BAD_ARGS["new-len-above-S"] = (lambda: _bad("new_len", lambda t: t + 1), ValueError, "new_len")
     BAD_ARGS["segment-out-of-store"] = (lambda: _bad("seg_start", lambda t: t + 1000), ValueError, "segment")
+    # rows near 2**31: an int32 sum would wrap back into the store
+    BAD_ARGS["segment-end-wraps-int32"] = (lambda: _bad("seg_start", lambda t: t.masked_fill(
+        _args()["seg_len"] > 0, 2**31 - 5)), ValueError, "segment")
+    BAD_ARGS["own-end-wraps-int32"] = (lambda: _bad("own_start", lambda t: t + (2**31 - 5)), ValueError, "own rows")
+    # int64 values are converted to int32: out-of-range ones are refused, not wrapped
+    for _name in ("seg_start", "seg_len", "seg_delta", "own_start", "own_past", "new_len"):
+        BAD_ARGS[f"{_name}-int64-beyond-int32"] = (
+            lambda n=_name: _bad(n, lambda t: t.long() + 2**32), ValueError, f"{_name}.*outside int32")
 
 
 @pytest.mark.parametrize("make, exc, word", BAD_ARGS.values(), ids=BAD_ARGS.keys())
 def test_wrapper_rejects_bad_arguments(make, exc, word):
     with pytest.raises(exc, match=word):
         segment_attention(**make())
+
+
+@pytest.mark.skipif(CUDA, reason="tile tables are checked against the segment table on CPU only")
+def test_a_callers_tile_table_must_be_the_segment_tables():
+    """Tiles cut from another table, ``moved`` cleared on moved segments, or fewer tiles than the calls have
+    would make the kernels read the wrong keys, skip the re-rotation or walk past their buffer: refused."""
+    args = _args()
+    table = [args[n] for n in ("seg_start", "seg_len", "seg_delta")]
+    assert table[2].ne(0).any() and table[1].gt(0).any()
+    good = tile_table(*table, 16)
+    segment_attention(**args, tiles=good, config=LaunchConfig(block_m=16, block_n=16, num_warps=1, num_stages=1))
+    other = tile_table(table[0] + 1, *table[1:], 16)
+    still = TileTable(block_n=16, tiles=good.tiles, n_tiles=good.n_tiles, max_tiles=good.max_tiles, moved=False)
+    short = TileTable(block_n=16, tiles=good.tiles[:, :-1], n_tiles=good.n_tiles, max_tiles=good.max_tiles - 1)
+    for tiles, word in ((other, "not this segment table"), (still, "moved is False"), (short, "max_tiles")):
+        with pytest.raises(ValueError, match=word):
+            segment_attention(**args, tiles=tiles)
 
 
 def test_prepared_launch_runs_other_layers_and_checks_their_tensors():
