@@ -35,7 +35,8 @@ class Call:
 
     ``offsets[i]`` moves parent i to start at that position (None keeps it); ``new_offset`` sets the new
     message's start (default: 1 + the largest position it attends to, 0 with no parents).
-    ``teacher_tokens`` replaces sampling with the given content tokens (one forward pass);
+    ``teacher_tokens`` replaces sampling with the given content tokens (one forward pass); an empty list forces
+    an empty turn (header and end-of-turn: what a sampled end-of-turn as first token leaves in the cache);
     ``keep_logits`` keeps the (len(tokens), V) logits of a teacher-forced call on the message.
     """
 
@@ -68,8 +69,8 @@ class Call:
             raise ValueError(f"stop must be a non-empty string or a sequence of them, got {self.stop!r}")
         object.__setattr__(self, "stop", tuple(self.stop))
         if self.teacher_tokens is not None:
-            if isinstance(self.teacher_tokens, (str, bytes)) or len(self.teacher_tokens) < 1:
-                raise ValueError(f"teacher_tokens must be a non-empty sequence of token ids (or None), "
+            if isinstance(self.teacher_tokens, (str, bytes, dict)) or not hasattr(self.teacher_tokens, "__len__"):
+                raise ValueError(f"teacher_tokens must be a sequence of token ids (or None), "
                                  f"got {self.teacher_tokens!r}")
             tokens = tuple(_token_id(t) for t in self.teacher_tokens)
             bad = [t for t, i in zip(self.teacher_tokens, tokens) if i is None or i < 0]
@@ -299,6 +300,8 @@ class Choreographer:
         # start after it. Empty for templates without one (ChatML): then nothing here changes anything.
         self.floor = len(self.format.prefix_ids)
         self._prefix: Message | None = None
+        self._prefix_encoded = False  # its rows are reserved by the first call; encoded once that call is accepted
+        self._peak_before_prefix = 0
 
     @property
     def attention(self) -> str:
@@ -387,9 +390,19 @@ class Choreographer:
             parse_role(role)
             ids = self.format.encode(text, role)
             content = (len(self.format.header(role)), len(ids) - len(self.format.footer(role)))
-        segments, start, parent_ids = self._place(parents, offsets, new_offset)
         encode = self.encodes_prefills
-        row = self.engine.store.alloc(len(ids)) if encode else -1
+        try:
+            segments, start, parent_ids = self._place(parents, offsets, new_offset)
+            row = self.engine.store.alloc(len(ids)) if encode else -1
+        except BaseException:
+            self._drop_unencoded_prefix()
+            raise
+        try:
+            self._encode_prefix()
+        except BaseException:
+            if encode:
+                self.engine.store.free(row, len(ids))
+            raise
         msg = Message(
             id=next(self._ids), role=role, parents=parent_ids, start=start, ids=ids, content=content, text=text, row=row,
             floor=self.floor,
@@ -402,11 +415,20 @@ class Choreographer:
     def start_decode(self, calls: list[Call]) -> list[Job]:
         """Validate every call, then reserve rows for all of them (all or nothing)."""
         calls = [c if isinstance(c, Call) else Call(**c) for c in calls]
-        placed = [self._place(c.parents, c.offsets, c.new_offset) for c in calls]
-        jobs = self._all_or_nothing(
-            self.make_job(call, self.format.header(call.role, call.prefix), segments=segments, start=start,
-                          parents=parent_ids)
-            for call, (segments, start, parent_ids) in zip(calls, placed))
+        try:
+            placed = [self._place(c.parents, c.offsets, c.new_offset) for c in calls]
+            jobs = self._all_or_nothing(
+                self.make_job(call, self.format.header(call.role, call.prefix), segments=segments, start=start,
+                              parents=parent_ids)
+                for call, (segments, start, parent_ids) in zip(calls, placed))
+        except BaseException:
+            self._drop_unencoded_prefix()
+            raise
+        try:
+            self._encode_prefix()
+        except BaseException:
+            self.abort(jobs)
+            raise
         for job in jobs:
             job.msg.id = next(self._ids)
             self._messages[job.msg.id] = job.msg
@@ -431,7 +453,7 @@ class Choreographer:
         if call.teacher_tokens is not None:
             teacher = list(call.teacher_tokens)
             vocab = self.model.spec.vocab_size
-            if max(teacher) >= vocab:
+            if teacher and max(teacher) >= vocab:
                 raise ValueError(f"teacher_tokens holds token id {max(teacher)}, outside the model's vocabulary "
                                  f"of {vocab}")
             ids = header + teacher + footer
@@ -482,20 +504,37 @@ class Choreographer:
         return segments, start, tuple(p.id for p in parents)
 
     def _shared_prefix(self) -> Message | None:
-        """The conversation prefix every call attends to, encoded (one pass) on first use; None without one."""
+        """The conversation prefix every call attends to (None without one). The first call to place reserves its
+        rows; ``_encode_prefix`` encodes it (one pass) once that call is accepted, and a call refused before that
+        gives the rows back (``_drop_unencoded_prefix``): a refused call leaves no trace, not even the prefix."""
         if not self.floor or not self.encodes_prefills:
             return None
         if self._prefix is None:
             ids = list(self.format.prefix_ids)
+            self._peak_before_prefix = self.engine.store.peak
             row = self.engine.store.alloc(len(ids))
-            msg = Message(id=-1, role=RAW, parents=(), start=0, ids=ids, content=(0, 0), text="", row=row)
-            try:
-                self.engine.run([Job(msg=msg, segments=(), pending=list(ids), reserved=len(ids))])
-            except BaseException:
-                self.engine.store.free(row, len(ids))
-                raise
-            self._prefix = msg
+            self._prefix = Message(id=-1, role=RAW, parents=(), start=0, ids=ids, content=(0, 0), text="", row=row)
+            self._prefix_encoded = False
         return self._prefix
+
+    def _encode_prefix(self) -> None:
+        """Encode the prefix reserved by the call being started (nothing if there is none, or it is encoded)."""
+        msg = self._prefix
+        if msg is None or self._prefix_encoded:
+            return
+        try:
+            self.engine.run([Job(msg=msg, segments=(), pending=list(msg.ids), reserved=msg.length)])
+        except BaseException:
+            self._drop_unencoded_prefix()
+            raise
+        self._prefix_encoded = True
+
+    def _drop_unencoded_prefix(self) -> None:
+        """Give back the rows of a prefix reserved by a call that was then refused (and the store's peak)."""
+        if self._prefix is not None and not self._prefix_encoded:
+            self.engine.store.free(self._prefix.row, self._prefix.length)
+            self.engine.store.peak = self._peak_before_prefix
+            self._prefix = None
 
 
 def check_position(value, name: str) -> None:

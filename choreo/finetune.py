@@ -305,8 +305,8 @@ def check_replayable(events: Trace, *, vocab_size: int, where: str = "trace") ->
                              f"got {bad[0]!r}")
         if e.kind == "decode":
             if not e.tokens:
-                raise ValueError(f"{where}, event {i} decoded no tokens: an empty output cannot be teacher-forced "
-                                 f"(drop the trace)")
+                raise ValueError(f"{where}, event {i} decoded no tokens: fine-tuning traces need a non-empty output "
+                                 f"at every decode (drop the trace)")
             outside = [t for t in e.tokens if not isinstance(t, int) or not 0 <= t < vocab_size]
             if outside:
                 raise ValueError(f"{where}, event {i}: token id {outside[0]!r} outside the vocabulary of "
@@ -316,7 +316,8 @@ def check_replayable(events: Trace, *, vocab_size: int, where: str = "trace") ->
 def _forced_call(events: Trace, i: int, messages) -> Call:
     e = events[i]
     if not e.tokens:
-        raise ValueError(f"event {i} decoded no tokens: an empty output cannot be teacher-forced (drop the trace)")
+        raise ValueError(f"event {i} decoded no tokens: fine-tuning traces need a non-empty output at every decode "
+                         f"(drop the trace)")
     return Call(role=e.role, parents=[messages[p] for p in e.parents], offsets=e.offsets, new_offset=e.new_offset,
                 prefix=e.prefix, teacher_tokens=list(e.tokens))
 

@@ -22,7 +22,13 @@ def sample(logits: torch.Tensor, *, temperature: float, top_p: float, generator:
     """Draw one token id from logits (V,). ``temperature == 0`` is greedy (argmax)."""
     if temperature == 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.detach().float().cpu() / temperature, dim=-1)
+    x = logits.detach().float().cpu()
+    scaled = x / temperature
+    if torch.isfinite(scaled.max()):  # (masked -inf logits stay -inf)
+        probs = torch.softmax(scaled, dim=-1)
+    else:  # a temperature so small that x / t overflows in fp32: its limit t -> 0, the max-logit tokens alike
+        probs = (x == x.max()).float()
+        probs /= probs.sum()
     if top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p.

@@ -124,7 +124,7 @@ def replay_calls(events: Sequence[TraceEvent], messages: Sequence[Message], *, t
         calls.append(Call(
             role=e.role, parents=[messages[i] for i in e.parents], offsets=e.offsets, new_offset=e.new_offset,
             prefix=e.prefix, max_tokens=max(e.max_tokens, 1), temperature=e.temperature, top_p=e.top_p, seed=e.seed,
-            stop=e.stop, teacher_tokens=list(e.tokens) if teacher and e.tokens else None,
+            stop=e.stop, teacher_tokens=list(e.tokens) if teacher else None,  # [] forces an empty turn
         ))
     return calls
 

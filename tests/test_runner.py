@@ -141,3 +141,25 @@ def test_a_traced_call_naming_a_parent_by_id_is_refused_before_it_runs(tiny_gqa)
         choreo.Runner(ch, progress=False, trace=True).run([by_id])
     assert ch.engine.forward_passes == 0  # refused before the call ran (the prompt, never read, never encoded)
     assert ch.memory()["tokens_used"] == 0 and ch.memory()["messages"] == 0
+
+
+def test_an_empty_recorded_output_replays_as_an_empty_turn(tiny_gqa):
+    """A decode whose first sampled token ended the turn has no tokens; teacher-forced replay forces that empty
+    turn (header and end-of-turn, as the sampled one left in the cache) instead of sampling afresh, so every later
+    event sees the recorded conversation."""
+    from choreo.trace import TraceEvent
+
+    ch = choreo.Choreographer(tiny_gqa)
+    sys = ch.prefill("Be brief.", role="system")
+    empty = ch.decode(role="assistant", parents=[sys], teacher_tokens=[])
+    assert empty.tokens == [] and empty.text == "" and empty.ids == ch.format.header("assistant") + ch.format.footer(
+        "assistant")
+    after = ch.prefill("Again?", role="user", parents=[sys, empty])
+    events = [TraceEvent(kind="prefill", group=0, role="system", parents=(), text="Be brief."),
+              TraceEvent(kind="decode", group=1, role="assistant", parents=(0,), tokens=(), max_tokens=8,
+                         temperature=1.0, seed=3),
+              TraceEvent(kind="prefill", group=2, role="user", parents=(0, 1), text="Again?")]
+    for executor in (choreo.Choreographer(tiny_gqa), choreo.Baseline(tiny_gqa)):
+        msgs = replay(executor, events)
+        assert msgs[1].tokens == [] and msgs[1].length == empty.length
+        assert msgs[2].start == after.start

@@ -39,3 +39,12 @@ def test_a_seed_replays_its_stream_and_seeds_differ():
     other = make_generator(8)
     assert [sample(logits, temperature=1.0, top_p=1.0, generator=other) for _ in range(20)] != \
         _draws(logits, 20, temperature=1.0, top_p=1.0)
+
+
+@pytest.mark.parametrize("temperature", [1e-30, 1e-40, 1e-300, 5e-324])
+def test_a_tiny_temperature_draws_among_the_max_logit_tokens(temperature):
+    """Logits / t overflow to inf below ~1e-38 in fp32: the draw is then the limit t -> 0, among the tokens of the
+    largest logit (ties shared), not a NaN distribution."""
+    logits = torch.tensor([0.1, 2.0, 1.9, -1.0, 2.0, float("-inf")])
+    drawn = set(_draws(logits, 200, temperature=temperature, top_p=1.0))
+    assert drawn == {1, 4} if temperature < 1e-38 else drawn <= {1, 4}
