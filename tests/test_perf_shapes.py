@@ -178,3 +178,40 @@ def test_bench_command_line_reproduces_the_options():
     assert _command(args) == "choreo bench --profile smoke --results-dir 'out dir' --memory-only"
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "--profile", "huge"])
+
+
+def test_memory_window_holds_the_executor_and_its_store(tiny_gqa, monkeypatch):
+    """The executor (whose KV store is allocated when it is made) is created after the peak RSS is reset and the
+    RSS before the run is read: its store is part of the run's growth, as the table says."""
+    from choreo.perf import memory
+
+    events = []
+    monkeypatch.setattr(memory, "reset_peak_rss", lambda: events.append("reset") or True)
+    make = memory.make_executor
+    monkeypatch.setattr(memory, "make_executor", lambda *a: events.append("executor") or make(*a))
+    shape = perf.make_shape("multiqa", k=2)
+    result = memory.measure_memory_here(tiny_gqa, shape, "choreographed[torch]", LENGTHS)
+    assert events == ["reset", "executor"]
+    assert result["kv_peak_bytes"] > 0 and result["rss_peak"] > 0 and result["rss_delta"] >= 0
+
+
+def test_pass_costs_time_one_token_decode_steps(tiny_gqa, monkeypatch):
+    """A decode step is timed as the difference between two teacher-forced decodes, STEPS passes apart, so the
+    header and closing passes (several tokens per call) are not charged to it."""
+    from choreo.perf import measure
+
+    passes = []
+    decode = choreo.Choreographer.decode
+
+    def counting(self, calls, *a, **k):
+        before = self.engine.forward_passes
+        out = decode(self, calls, *a, **k)
+        passes.append((len(calls[0].teacher_tokens), self.engine.forward_passes - before))
+        return out
+
+    monkeypatch.setattr(choreo.Choreographer, "decode", counting)
+    costs = measure.pass_costs(tiny_gqa, sizes=(1, 8), batches=(1, 3), repeats=1)
+    assert set(costs["decode_step_s"]) == {1, 3} and all(t > 0 for t in costs["decode_step_s"].values())
+    by_len = dict(passes)
+    assert by_len[1 + measure.STEPS] - by_len[1] == measure.STEPS
+    assert "teacher-forced" in costs["decode_step_method"]

@@ -24,10 +24,10 @@ from typing import Sequence
 
 import torch
 
-from ..engine import Call, Choreographer
+from ..engine import Call
 from ..model import Model
 from ..runner import Runner
-from .arms import HFSession, fast_arm, make_executor
+from .arms import HFSession, StepwiseChoreographer, fast_arm, make_executor
 from .shapes import Lengths, Shape, Synth
 
 
@@ -180,13 +180,17 @@ def fit_affine(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
     return my - slope * mx, slope
 
 
+STEPS = 8  # one-token decode steps per timed decode of ``pass_costs``
+
+
 def pass_costs(model: Model, *, sizes=(1, 8, 32, 128, 512), batches=(1, 8, 32), repeats: int = 3) -> dict:
-    """Where a forward pass's time goes: seconds per prefill of S tokens and per decode step of B calls.
+    """Where a forward pass's time goes: seconds per prefill of S tokens and per decode step of B calls (one
+    token each: the difference between two teacher-forced decodes, so the header and closing passes cancel).
 
     Fits ``t(S) = fixed + per_token * S`` by least squares over the prefill sizes (minimum of ``repeats``
     each): ``fixed`` is what every pass pays (streaming the weights, Python and kernel launches).
     """
-    ch = Choreographer(model)
+    ch = StepwiseChoreographer(model)  # teacher-forced decodes take one pass per token, as sampling does
     words = Synth(model.tokenizer, Lengths(prompt_words=2 * max(sizes))).prompt("pass")
     ids = model.tokenizer.encode(words, add_special_tokens=False)
     prefill = {}
@@ -202,15 +206,27 @@ def pass_costs(model: Model, *, sizes=(1, 8, 32, 128, 512), batches=(1, 8, 32), 
         prefill[msg.length] = min(times[1:])
     fixed, per_token = fit_affine(list(prefill), list(prefill.values()))
     prompt = ch.prefill(model.tokenizer.decode(ids[:32]), role="user")
-    step = {}
-    for b in batches:
-        calls = [Call(parents=[prompt], teacher_tokens=None, max_tokens=8, seed=i) for i in range(b)]
+    teacher = ids[:1 + STEPS]
+
+    def decode_s(b: int, n: int) -> tuple[float, int]:
+        """(fastest seconds, passes) of a parallel decode of b calls teacher-forced to n tokens."""
+        calls = [Call(parents=[prompt], teacher_tokens=teacher[:n], seed=i) for i in range(b)]
         ch.free(*ch.decode(calls))  # warm-up: a GPU compiles kernels for a new batch size on first use
-        _sync(model)
-        passes0, t0 = ch.engine.forward_passes, time.perf_counter()
-        msgs = ch.decode(calls)
-        _sync(model)
-        step[b] = (time.perf_counter() - t0) / (ch.engine.forward_passes - passes0)
-        ch.free(*msgs)
+        times = []
+        for _ in range(repeats):
+            _sync(model)
+            passes0, t0 = ch.engine.forward_passes, time.perf_counter()
+            msgs = ch.decode(calls)
+            _sync(model)
+            times.append(time.perf_counter() - t0)
+            ch.free(*msgs)
+        return min(times), ch.engine.forward_passes - passes0
+
+    step = {}
+    for b in batches:  # the header and closing passes (about 3B and 2B tokens) cancel in the difference
+        (short, p_short), (long, p_long) = decode_s(b, 1), decode_s(b, 1 + STEPS)
+        step[b] = (long - short) / (p_long - p_short)
     return {"prefill_s": prefill, "fixed_s": fixed, "per_token_s": per_token, "decode_step_s": step,
+            "decode_step_method": f"(time of a parallel decode of B calls teacher-forced to {1 + STEPS} tokens - "
+                                  f"time to 1 token) / the {STEPS} passes more it takes; fastest of {repeats} each",
             "repeats": repeats, "threads": torch.get_num_threads(), "attention": ch.attention}

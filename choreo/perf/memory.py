@@ -47,16 +47,17 @@ def measure_memory_here(model: Model, shape: Shape, arm: str, lengths: Lengths) 
 
     One 2-token forward pass runs first: the first pass of a process allocates a fixed ~0.4 GiB (library
     initialisation, the same in every arm) that is not the workflow's. The workflow itself is not warmed
-    up: its KV buffers, activations and allocator growth are its footprint.
+    up, and its executor is created inside the measured window: the executor's KV store (allocated with room
+    for 1,024 tokens, then grown), activations and allocator growth are its footprint.
     """
     import psutil
 
     synth = Synth(model.tokenizer, lengths)
-    executor = None if arm == "hf" else make_executor(model, arm)
     with torch.inference_mode():
         model.hf_model(input_ids=torch.tensor([[1, 2]], device=model.spec.device), logits_to_keep=1)
     before = psutil.Process().memory_info().rss
     reset = reset_peak_rss()
+    executor = None if arm == "hf" else make_executor(model, arm)
     result = run_once(model, shape, arm, synth, executor)
     peak = peak_rss()
     return {"arm": arm, "shape": shape.label, "rss_before": before, "rss_peak": peak, "peak_reset": reset,

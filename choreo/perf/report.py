@@ -163,7 +163,9 @@ def write_pass_costs(out: Path, model: Model, costs: dict, *, command: str | Non
     notes = [f"Least-squares fit over the prefills: t(S) = {1000 * costs['fixed_s']:.1f} ms + "
              f"{1000 * costs['per_token_s']:.2f} ms x S. The fixed part is paid by every forward pass (on CPU, "
              "mostly streaming the weights from memory), so a choreographed call that encodes a few header tokens "
-             "cannot be faster than it, whatever the token bound says. A decode step of B calls encodes B tokens.",
+             "cannot be faster than it, whatever the token bound says. A decode step of B calls encodes B tokens: "
+             + costs.get("decode_step_method", "the mean pass of a decode of up to 8 tokens, its header and closing "
+                                               "passes included (measured before the difference method)") + ".",
              f"1-min load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, "
              f"{costs.get('threads', torch.get_num_threads())} torch threads."]
     title = f"Cost of one forward pass (choreographed engine, {costs['attention']} attention)"

@@ -71,7 +71,13 @@ def test_speedups(benchmark, model, profile, shape, collected, cost):
         runs[fast].append(perf.run_once(model, shape, fast, synth, executors[fast]))
 
     benchmark.group = f"performance {shape.name}"
-    benchmark.pedantic(target, setup=setup, rounds=cfg.rounds, warmup_rounds=cfg.warmup, iterations=1)
+    if benchmark.disabled:  # --benchmark-disable, xdist: pedantic would run one cold round; the ratios need all
+        for _ in range(cfg.warmup + cfg.rounds):
+            setup()
+            target()
+    else:
+        benchmark.pedantic(target, setup=setup, rounds=cfg.rounds, warmup_rounds=cfg.warmup, iterations=1)
+    assert all(len(r) == cfg.warmup + cfg.rounds for r in runs.values()), {a: len(r) for a, r in runs.items()}
     runs = {a: r[-cfg.rounds:] for a, r in runs.items()}  # drop warm-up rounds
     perf.check_identical(runs)
     figure = collected["figures"][shape.label] = perf.summarize(runs, fast, cost=cost)
@@ -96,8 +102,7 @@ def test_speedups(benchmark, model, profile, shape, collected, cost):
         "load_average": os.getloadavg(),
     })
     # What the embedded model on this CPU does show (measured first; see README): prompt processing is
-    # faster to the first token than re-encoding, and the baseline never needs less KV cache at its peak
-    # than it re-encodes in one call.
+    # faster to the first token than re-encoding.
     base = speed["baseline"]
     assert base["ttft_bound"] > 1 and base["ttft"] > 1, (
         f"{shape.label}: choreographed time to first token is not faster than re-encoding\n{_table(collected['figures'])}")
