@@ -7,9 +7,9 @@ import json
 import pytest
 
 import choreo
-from choreo.data.concepts import BUILTIN_CONCEPTS, coverage, found, load_concept_sets
-from choreo.workflows.bsm import (BSMConfig, as_layout, bsm, parse_branch, parse_verdict, run_condition,
-                                  run_judge)
+from choreo.data.concepts import BUILTIN_CONCEPTS, coverage, found, inflections, load_concept_sets
+from choreo.workflows.bsm import (BSMConfig, as_layout, bsm, judge_diagnostics, judge_outcome, parse_branch,
+                                  parse_verdict, run_condition, run_judge)
 
 CONCEPTS = ["dog", "ball", "park", "dance", "river", "art"]
 TINY_CONFIG = BSMConfig(branch_tokens=8, solve_tokens=6, merge_tokens=6)
@@ -33,6 +33,37 @@ def test_coverage_substring_versus_word():
     assert coverage(["dog", "art", "river", "ball"], story, method="substring") == 0.75
     with pytest.raises(ValueError, match="unknown matching method 'stem'"):
         found("dog", story, method="stem")
+
+
+# (concept, word in a story): the concept plus one regular suffix, regularly spelled.
+INFLECTED = [("run", "running"), ("run", "runner"), ("swim", "swimming"), ("shop", "shopping"), ("shop", "shopped"),
+             ("stop", "stopped"), ("city", "cities"), ("party", "parties"), ("party", "partied"), ("carry", "carrier"),
+             ("happy", "happiest"), ("carry", "carrying"), ("dry", "dryer"), ("tie", "tying"), ("tie", "tied"),
+             ("dance", "dancing"), ("dance", "danced"), ("dance", "dancer"), ("free", "freeing"), ("box", "boxes"),
+             ("tomato", "tomatoes"), ("jump", "jumped"), ("play", "played"), ("visit", "visited"),
+             ("travel", "travelled"), ("travel", "traveled"), ("quit", "quitting"), ("snow", "snowing"),
+             ("dog", "dog's"), ("Dog", "DOGS")]
+# (concept, word) that must not match: another word, an irregular form, or a misspelled inflection.
+NOT_INFLECTED = [("cat", "catalog"), ("sit", "site"), ("sit", "sites"), ("art", "start"), ("car", "cares"),
+                 ("car", "card"), ("car", "caring"), ("hat", "hated"), ("win", "wind"), ("wine", "wind"),
+                 ("tie", "tier"), ("be", "bed"), ("be", "best"), ("run", "ran"), ("swim", "swam"), ("leaf", "leaves"),
+                 ("child", "children"), ("city", "citizen"), ("dog", "hotdog")]
+
+
+@pytest.mark.parametrize("concept,word", INFLECTED, ids=[f"{c}-{w}" for c, w in INFLECTED])
+def test_word_matching_takes_regular_inflections(concept, word):
+    assert found(concept, f"Then {word}, at last.")
+    assert word.lower() in inflections(concept) or word.lower() == f"{concept.lower()}'s"
+
+
+@pytest.mark.parametrize("concept,word", NOT_INFLECTED, ids=[f"{c}-{w}" for c, w in NOT_INFLECTED])
+def test_word_matching_rejects_other_words(concept, word):
+    assert not found(concept, f"Then {word}, at last.")
+
+
+def test_inflections_example():
+    assert inflections("run") == ("run", "runs", "running", "runned", "runner", "runners", "runnest")
+    assert inflections("city")[:2] == ("city", "cities")
 
 
 def test_builtin_concept_sets_are_deterministic():
@@ -110,10 +141,31 @@ def test_unparsed_branch_scores_zero(tiny_gqa):
 
 
 def test_judge_needs_both_orders(tiny_gqa):
-    assert run_judge(tiny_gqa, [("", "")], progress=False) == ["tie"]
-    assert run_judge(tiny_gqa, [("A story.", "")], progress=False) == ["A"]
-    (outcome,) = run_judge(tiny_gqa, [("The dog ran.", "The cat sat.")], progress=False)
-    assert outcome in ("A", "B", "tie")
+    assert run_judge(tiny_gqa, [("", "")], progress=False) == [{"outcome": "tie", "orders": []}]
+    assert run_judge(tiny_gqa, [("A story.", "")], progress=False) == [{"outcome": "A", "orders": []}]
+    (record,) = run_judge(tiny_gqa, [("The dog ran.", "The cat sat.")], progress=False)
+    assert record["outcome"] in ("A", "B", "tie") and len(record["orders"]) == 2
+    for order in record["orders"]:  # each order's raw answer is kept with its parse
+        assert isinstance(order["text"], str) and order["verdict"] == parse_verdict(order["text"])
+    ab, ba = (o["verdict"] for o in record["orders"])
+    assert record["outcome"] == choreo.stats.combine_orders(ab, {"A": "B", "B": "A"}.get(ba))
+
+
+def _order(text):
+    return {"text": text, "verdict": parse_verdict(text)}
+
+
+def test_judge_diagnostics_tell_position_bias_from_unparsable_answers():
+    biased = {"outcome": "tie", "orders": [_order(" A"), _order(" A.")]}
+    unparsable = {"outcome": "tie", "orders": [_order(" Both"), _order(" A")]}
+    win = {"outcome": "B", "orders": [_order(" B"), _order(" A")]}
+    empty = {"outcome": "A", "orders": []}
+    d = judge_diagnostics([biased, biased, unparsable, win, empty])
+    assert d == {"n": 5, "not_logged": 0, "asked": 4, "verdicts": 8, "unparsable": 1, "position_a": 2,
+                 "position_b": 0, "consistent": 1}
+    old = judge_diagnostics(["tie", "tie", biased])  # records that kept only the outcome
+    assert (old["not_logged"], old["asked"], old["position_a"]) == (2, 1, 1)
+    assert [judge_outcome(r) for r in ("tie", "A", win)] == ["tie", "A", "B"]
 
 
 def test_halves_branch_mode(tiny_gqa):

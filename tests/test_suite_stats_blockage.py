@@ -1,6 +1,7 @@
 """The blockage tables' fine-tuning plans and statistics, without a model: the `paper` profiles use the protocol's
 LoRA preset, the `small` plans still name their committed logs, training summaries record the split actually
-used, the judge table's intervals are Wilson, and MultiQA's claim names agree with the sign of their differences."""
+used, the judge table's intervals are Wilson, MultiQA's claim names agree with the sign of their differences, and a
+"no difference" claim on branch-solve-merge cannot pass on identical arms or on a judge whose answers do not parse."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 from choreo import stats
 from choreo.finetune import FinetuneConfig, split_traces
 from suites.blockage import conftest as blockage
+from suites.blockage.bsm_coverage import test_bsm_coverage as bsm_coverage
 from suites.blockage.bsm_judge import test_bsm_judge as judge
 from suites.blockage.multiqa import test_multiqa as multiqa
 
@@ -86,3 +88,74 @@ def test_multiqa_claim_names_agree_with_the_sign():
     assert tests["choreographed both < baseline both"].difference < 0
     assert tests["linearized both < baseline both"].difference < 0
     assert tests["finetuned both > choreographed both"].difference > 0
+
+
+def _bsm_record(story: str, covered: float) -> dict:
+    return {"parsed": True, "merged": story, "coverage": {"word": covered, "substring": covered},
+            "group_coverage": {"word": [covered, covered], "substring": [covered, covered]}}
+
+
+def _bsm_runs(baseline: list[dict], other: list[dict]) -> dict:
+    return {"Baseline": baseline, "Choreographed": other, "Choreographed + Linearization": other}
+
+
+def test_bsm_coverage_no_difference_is_not_vacuous():
+    n = 24
+    base = [_bsm_record(f"story {i}", (i % 3) / 12) for i in range(n)]
+    name = "Choreographed - Baseline coverage"
+    same = bsm_coverage.vacuity(_bsm_runs(base, [dict(r) for r in base]), name)   # identical arms: 24 ties
+    assert same is not None and "same merged story in all 24 instances" in same
+    flat = [_bsm_record(f"other {i}", r["coverage"]["word"]) for i, r in enumerate(base)]  # differ, equal coverage
+    assert "equal in every instance" in bsm_coverage.vacuity(_bsm_runs(base, flat), name)
+    varied = [_bsm_record(f"other {i}", ((i + 1) % 3) / 12) for i in range(n)]
+    assert bsm_coverage.vacuity(_bsm_runs(base, varied), name) is None
+    assert bsm_coverage.differing(base, varied) == n and bsm_coverage.differing(base, base) == 0
+
+
+def _answer(text: str) -> dict:
+    from choreo.workflows.bsm import parse_verdict
+
+    return {"text": text, "verdict": parse_verdict(text)}
+
+
+def test_bsm_judge_no_difference_is_not_vacuous():
+    biased = {"outcome": "tie", "orders": [_answer(" A"), _answer(" A.")]}
+    unparsable = {"outcome": "tie", "orders": [_answer(" Both"), _answer(" neither")]}
+    assert judge.vacuity([biased] * 24, differ=24) is None     # position bias: the table reports it, not vacuous
+    assert "identical in all 24 pairs" in judge.vacuity([biased] * 24, differ=0)
+    assert "keep only the outcome" in judge.vacuity(["tie"] * 24, differ=24)   # records from before the answers
+    assert "none of the judge's 48 answers" in judge.vacuity([unparsable] * 24, differ=24)
+    assert "no comparison was put" in judge.vacuity([{"outcome": "A", "orders": []}] * 24, differ=24)
+    assert judge.vacuity([unparsable] * 23 + [biased], differ=24) is None
+
+
+def test_bsm_judge_table_cells():
+    from choreo.workflows.bsm import judge_diagnostics
+
+    biased = {"outcome": "tie", "orders": [_answer(" A"), _answer(" A.")]}
+    unparsable = {"outcome": "tie", "orders": [_answer(" Both"), _answer(" B")]}
+    assert judge.answers_text(judge_diagnostics([biased] * 3 + [unparsable])) == ("1 of 8", "3 / 0 of 4")
+    assert judge.answers_text(judge_diagnostics(["tie"] * 24)) == ("not logged (24 of 24)",) * 2
+    assert judge._answer_counts([biased, biased, unparsable], top=2) == "' A' x2, ' A.' x2, 2 other answers"
+
+
+def test_resumable_redoes_rejected_records_and_keeps_the_last(tmp_path):
+    from choreo.results import JsonlLog
+
+    log = JsonlLog(tmp_path / "judge.jsonl", key="index")
+    for i, outcome in enumerate(["tie", "A", "tie"]):
+        log.append({"index": i, "result": outcome})           # the old format: the outcome only
+    calls = []
+
+    def run(todo, on_result):
+        calls.append(list(todo))
+        for j, item in enumerate(todo):
+            on_result(j, {"outcome": "tie", "orders": [], "item": item})
+
+    items = ["x", "y", "z"]
+    out = blockage.resumable(tmp_path, "judge", items, run, redo=lambda r: not isinstance(r, dict))
+    assert calls == [["x", "y", "z"]] and [r["item"] for r in out] == items
+    again = blockage.resumable(tmp_path, "judge", items, run, redo=lambda r: not isinstance(r, dict))
+    assert calls == [["x", "y", "z"]] and again == out               # the new records are the ones read
+    assert len(log.path.read_text().splitlines()) == 6                # appended: the old records stay in the log
+    assert blockage.resumable(tmp_path / "fresh", "judge", items, run) == out and len(calls) == 2

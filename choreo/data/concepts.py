@@ -3,7 +3,8 @@
 ``load_concept_sets(data_dir)`` reads ``<data_dir>/commongen_hard.jsonl`` (one ``{"concepts": [...]}`` per
 line) when a folder is given; without one it draws sets from ``BUILTIN_CONCEPTS``, everyday nouns and
 verbs in CommonGen's style. Coverage is measured both the original way (plain substring of the
-lower-cased story, so "art" matches "start") and by whole words allowing regular inflections.
+lower-cased story, so "art" matches "start") and by whole words allowing regular inflections
+(``inflections``: "run" matches "running", "city" matches "cities", "cat" does not match "catalog").
 """
 
 from __future__ import annotations
@@ -58,19 +59,61 @@ def load_concept_sets(data_dir: str | Path | None = None, *, n: int, skip: int =
     return sets[skip:skip + n]
 
 
+_SUFFIXES = ("ing", "ed", "er", "ers", "est")  # the suffixes that begin with a vowel (they change the spelling)
+
+
+def inflections(concept: str) -> tuple[str, ...]:
+    """Every word that ``found(concept, story)`` accepts: the concept, or the concept plus one regular suffix.
+
+    The suffixes are -s/-es, -ed, -ing, -er/-ers (agent or comparative) and -est, spelled by the regular rules:
+
+    - -es only after s, x, z, ch, sh or o (box -> boxes; "car" does not match "cares", "sit" not "sites");
+    - a final e takes -s, -d, -r, -rs, -st and drops before -ing (dance -> danced, dancer, dancing; free ->
+      freeing keeps it); a final ie takes -s, -d and -ying (tie -> tied, tying; not "tier");
+    - a final consonant + y becomes i (city -> cities, party -> partied, happy -> happiest); -ying keeps the y,
+      and -yer/-yers are accepted too (dryer, flyer);
+    - a final consonant-vowel-consonant (not w, x or y) doubles before a vowel suffix (run -> running, runner;
+      swim -> swimming; shop -> shopped). A one-syllable word must double ("car" does not match "caring", "hat"
+      not "hated"); a longer one may or may not, as its stress decides (visited, admitted, traveled/travelled);
+    - a word of one or two letters takes only -s and -ing (every other suffix makes another word: bed, best).
+
+    A possessive ("dog's") matches through the word boundary. Irregular forms are out of scope (ran, swam,
+    children, leaves, teeth), and so is the concept plus anything that is not one of these suffixes ("cat" does
+    not match "catalog", "sit" not "site", "art" not "start"). The rule is spelling, not meaning: a derived word
+    spelled as an inflection still matches ("corn" matches "corner", "show" "shower", "let" "letter").
+
+    Example: ``inflections("run")`` is ``("run", "runs", "running", "runned", "runner", "runners", "runnest")``.
+    """
+    w = concept.lower()
+    if len(w) <= 2:  # be, go: any other suffix makes another word (bed, best, beer)
+        return (w, w + "s", w + "ing")
+    if w.endswith("ie"):  # tie -> ties, tied, tying (not "tier")
+        return (w, w + "s", w + "d", w[:-2] + "ying")
+    if w.endswith("e"):
+        keep = re.search(r"[eoy]e$", w) is not None  # seeing, canoeing, eyeing keep the e
+        return (w, w + "s", w + "d", w + "r", w + "rs", w + "st", (w if keep else w[:-1]) + "ing")
+    if re.search(r"[^aeiou]y$", w):
+        return (w, w[:-1] + "ies", w + "ing", *(w[:-1] + "i" + s for s in _SUFFIXES[1:]), w + "er", w + "ers")
+    forms = [w, w + "s"] + ([w + "es"] if re.search(r"(?:s|x|z|ch|sh|o)$", w) else [])
+    plain = w.replace("qu", "q")  # the u of qu is not a vowel: quit -> quitting
+    cvc = re.search(r"(?:^|[^aeiou])[aeiou]([^aeiouwxy])$", plain)
+    if cvc:
+        forms += [w + cvc.group(1) + s for s in _SUFFIXES]
+    if not cvc or len(re.findall(r"[aeiouy]+", plain)) > 1:
+        forms += [w + s for s in _SUFFIXES]
+    return tuple(forms)
+
+
 def _word_pattern(concept: str) -> re.Pattern:
-    word = re.escape(concept.lower())
-    forms = rf"{word}(?:s|es|d|ed|ing|er|ers)?"
-    if concept.lower().endswith("e") and len(concept) > 2:  # dance -> dancing (but wine never matches "win")
-        forms += rf"|{re.escape(concept[:-1].lower())}(?:ing|ed|er|ers)"
-    return re.compile(rf"\b(?:{forms})\b")
+    return re.compile(rf"\b(?:{'|'.join(re.escape(f) for f in inflections(concept))})\b")
 
 
 def found(concept: str, story: str, *, method: str = "word") -> bool:
-    """Whether ``concept`` occurs in ``story``: "substring" (the original) or "word" (whole word + inflections).
+    """Whether ``concept`` occurs in ``story``: "substring" (the original) or "word" (a whole word among
+    ``inflections(concept)``).
 
     Example: ``found("art", "a start")`` is False; ``found("art", "a start", method="substring")`` is True;
-    ``found("jump", "she jumped")`` is True.
+    ``found("jump", "she jumped")`` and ``found("run", "they were running")`` are True.
     """
     text = story.lower()
     if method == "substring":

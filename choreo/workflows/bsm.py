@@ -199,24 +199,59 @@ def parse_verdict(text: str) -> str | None:
     return m.group(1) if m else None
 
 
-async def judge(ex, story_a: str, story_b: str, *, max_tokens: int = 8) -> str:
-    """Compare two stories in both orders (greedy); "A" or "B" only if preferred in both orders, else "tie".
+async def judge_orders(ex, story_a: str, story_b: str, *, max_tokens: int = 8) -> dict:
+    """Compare two stories in both orders (greedy); the outcome with each order's raw answer and its parse.
 
-    An empty story (a failed instance) loses to a non-empty one; two empty stories tie.
+    Returns ``{"outcome": "A" | "B" | "tie", "orders": [{"text", "verdict"}, {"text", "verdict"}]}``: order 0
+    shows ``story_a`` as Story A, order 1 shows ``story_b`` as Story A; ``verdict`` is the *position* the answer
+    names ("A", "B" or None when it does not parse). The outcome is "A" or "B" only if that story is preferred in
+    both orders, else "tie" -- so a judge that names position A twice (position bias) and one whose answers do
+    not parse both give ties, and only ``orders`` tells them apart. An empty story (a failed instance) loses to
+    a non-empty one and two empty stories tie, without asking (``orders`` is then empty).
     """
     from ..engine import Call
     from ..stats import combine_orders
 
     if not story_a.strip() or not story_b.strip():
-        return "tie" if not story_a.strip() and not story_b.strip() else ("B" if not story_a.strip() else "A")
+        outcome = "tie" if not story_a.strip() and not story_b.strip() else ("B" if not story_a.strip() else "A")
+        return {"outcome": outcome, "orders": []}
     sys = await ex.prefill(JUDGE_SYSTEM, role="system")
     asks = [await ex.prefill(judge_prompt(x, y), role="user", parents=[sys]) for x, y in ((story_a, story_b),
                                                                                           (story_b, story_a))]
-    ab, ba = await ex.decode([Call(role="assistant", parents=[sys, a], prefix="Answer:", max_tokens=max_tokens)
-                              for a in asks])
-    pref_ab = parse_verdict(ab.text)
-    pref_ba = {"A": "B", "B": "A"}.get(parse_verdict(ba.text))  # map the position back to the story
-    return combine_orders(pref_ab, pref_ba)
+    answers = await ex.decode([Call(role="assistant", parents=[sys, a], prefix="Answer:", max_tokens=max_tokens)
+                               for a in asks])
+    orders = [{"text": x.text, "verdict": parse_verdict(x.text)} for x in answers]
+    pref_ab = orders[0]["verdict"]
+    pref_ba = {"A": "B", "B": "A"}.get(orders[1]["verdict"])  # map the position back to the story
+    return {"outcome": combine_orders(pref_ab, pref_ba), "orders": orders}
+
+
+async def judge(ex, story_a: str, story_b: str, *, max_tokens: int = 8) -> str:
+    """The outcome of ``judge_orders``: "A" or "B" only if preferred in both orders, else "tie"."""
+    return (await judge_orders(ex, story_a, story_b, max_tokens=max_tokens))["outcome"]
+
+
+def judge_outcome(record: str | dict) -> str:
+    """The outcome of a logged judgement: a ``judge_orders`` record, or a bare outcome (records that kept only it)."""
+    return record if isinstance(record, str) else record["outcome"]
+
+
+def judge_diagnostics(records: Sequence[str | dict]) -> dict:
+    """What the judge's raw answers show, beside the outcomes: counts over ``records`` (``judge_orders`` records;
+    bare outcomes from logs that kept only the outcome count as ``not_logged``).
+
+    ``asked``: comparisons put to the judge (both stories non-empty); ``verdicts``: their answers (two each);
+    ``unparsable``: answers naming neither A nor B; ``position_a`` / ``position_b``: comparisons where both orders
+    named that position (position bias: a tie whatever the stories); ``consistent``: both orders parsed and named
+    different positions, i.e. the same story twice (a win). Example: two records whose orders both answered " A"
+    give ``asked=2, verdicts=4, unparsable=0, position_a=2, consistent=0``.
+    """
+    logged = [r for r in records if isinstance(r, dict)]
+    asked = [[o["verdict"] for o in r["orders"]] for r in logged if r["orders"]]
+    return {"n": len(records), "not_logged": len(records) - len(logged), "asked": len(asked),
+            "verdicts": 2 * len(asked), "unparsable": sum(v is None for vs in asked for v in vs),
+            "position_a": sum(vs == ["A", "A"] for vs in asked), "position_b": sum(vs == ["B", "B"] for vs in asked),
+            "consistent": sum(None not in vs and vs[0] != vs[1] for vs in asked)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -267,10 +302,11 @@ def as_layout(events, layout: str) -> list:
 
 
 def run_judge(model, pairs: Sequence[tuple[str, str]], *, batch: int = 64, progress: bool | str = True,
-              on_result=None) -> list[str]:
-    """Head-to-head outcomes ("A", "B" or "tie") for (story A, story B) pairs, judged in both orders (greedy)."""
+              on_result=None) -> list[dict]:
+    """``judge_orders`` records (the outcome "A", "B" or "tie" and each order's raw answer) for (story A, story B)
+    pairs, judged in both orders (greedy)."""
     from ..engine import Choreographer
     from ..runner import Runner
 
     runner = Runner(Choreographer(model), max_concurrent=batch, progress=progress)
-    return runner.run([lambda ex, a=a, b=b: judge(ex, a, b) for a, b in pairs], on_result=on_result)
+    return runner.run([lambda ex, a=a, b=b: judge_orders(ex, a, b) for a, b in pairs], on_result=on_result)

@@ -47,16 +47,19 @@ def logs_read(folder: Path) -> list[dict]:
     return logs_written(p for p in LOGS_READ if p.parent == Path(folder))
 
 
-def resumable(folder: Path, name: str, items: Sequence, run: Callable) -> list:
+def resumable(folder: Path, name: str, items: Sequence, run: Callable,
+              redo: Callable[[object], bool] | None = None) -> list:
     """Results for ``items``, reusing those already logged in ``folder/<name>.jsonl`` and logging new ones.
 
-    ``run(todo_items, on_result)`` computes the missing items (``on_result(j, result)`` for todo item j).
-    The log is append-only (``choreo.results.JsonlLog``): an interrupted session resumes where it stopped.
+    ``run(todo_items, on_result)`` computes the missing items (``on_result(j, result)`` for todo item j), and
+    those whose logged result ``redo(result)`` rejects (e.g. a record format that lacks a field now reported).
+    The log is append-only (``choreo.results.JsonlLog``): an interrupted session resumes where it stopped, and
+    the last record of an index is the one used.
     """
     log = JsonlLog(Path(folder) / f"{name}.jsonl", key="index")
     LOGS_READ.add(log.path)
     done = {r["index"]: r["result"] for r in log.records() if r["index"] < len(items)}
-    todo = [i for i in range(len(items)) if i not in done]
+    todo = [i for i in range(len(items)) if i not in done or (redo is not None and redo(done[i]))]
     if todo:
         def on_result(j, result):
             log.append({"index": todo[j], "result": result})
@@ -170,8 +173,9 @@ def bsm_study(model, profile, data_dir, results_dir, tmp_path_factory):
     judged = {}
     for row in [r for r in runs if r != "Baseline"]:  # the judge is the base model (no adapter)
         pairs = [(a["merged"], b["merged"]) for a, b in zip(runs["Baseline"], runs[row])]
+        # Records that kept only the outcome are judged again (greedy, cheap) for the raw answers of both orders.
         judged[row] = resumable(folder, f"judge-{BSM_ARMS.get(row, 'finetuned')}-{key}", pairs, lambda todo, cb: run_judge(
-            model, todo, progress="bsm judge", on_result=cb))
+            model, todo, progress="bsm judge", on_result=cb), redo=lambda r: not isinstance(r, dict))
     return {"profile": profile, "sizes": sizes, "sets": sets, "source": source, "config": config, "seeds": seeds,
             "runs": runs, "judged": judged, "wall_s": time.perf_counter() - t0, "key": key, "finetune": finetune,
             "finetune_note": (f"{FINETUNE_ROW}: not run at profile {profile} (CPU time; it runs at smoke for the "

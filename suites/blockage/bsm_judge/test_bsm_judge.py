@@ -10,6 +10,7 @@ import pytest
 from choreo import stats
 from choreo.provenance import provenance
 from choreo.report import write_table
+from choreo.workflows.bsm import judge_diagnostics, judge_outcome
 
 from ..conftest import logs_read
 
@@ -34,22 +35,56 @@ def rate_text(r: stats.Rate) -> str:
     return f"{100 * r.rate:.1f}% [{100 * r.low:.1f}, {100 * r.high:.1f}]"
 
 
+def answers_text(d: dict) -> tuple[str, str]:
+    """The table's two verdict cells from ``judge_diagnostics``: unparsable answers of all answers, and the
+    comparisons where both orders named position A / position B ("not logged" for records that kept only the
+    outcome)."""
+    if d["not_logged"]:
+        return (f"not logged ({d['not_logged']} of {d['n']})",) * 2
+    return f"{d['unparsable']} of {d['verdicts']}", f"{d['position_a']} / {d['position_b']} of {d['asked']}"
+
+
+def vacuity(records: list, differ: int) -> str | None:
+    """Why "no detectable difference" would say nothing about the stories, or None: the compared stories are the
+    same in every pair (``differ`` = pairs whose stories differ), the judge's answers were not logged (a tie from
+    two unparsable answers cannot be told from one of position bias), no comparison was put to the judge (every
+    pair had an empty story), or none of its answers parsed (every outcome is a tie by default).
+
+    Example: ``vacuity(["tie"] * 24, differ=24)`` says the answers were not logged.
+    """
+    d = judge_diagnostics(records)
+    if differ == 0:
+        return f"the two conditions' merged stories are identical in all {d['n']} pairs"
+    if d["not_logged"]:
+        return (f"{d['not_logged']} of {d['n']} records keep only the outcome, not the judge's answers (a tie from "
+                "unparsable answers cannot be told from one of position bias); rerun the judge to log them")
+    if d["asked"] == 0:
+        return "no comparison was put to the judge (an empty story in every pair)"
+    if d["unparsable"] == d["verdicts"]:
+        return f"none of the judge's {d['verdicts']} answers names A or B"
+    return None
+
+
 @pytest.fixture(scope="module")
 def table(bsm_study, model, results_dir):
     st = bsm_study
     n = len(st["sets"])
     paper = json.loads((HERE / "paper.json").read_text())["rows"]
-    results, rows = {}, []
+    results, diagnostics, differ, vacuous, rows = {}, {}, {}, {}, []
     for row, arm in ARMS.items():
         p = paper[row]
         ref = f"{p['A Wins']} / {p['Ties']} / {p['B Wins']}"
         if arm not in st["judged"]:
-            rows.append([row, "not run", "", "", "", "", "", "", ref])
+            rows.append([row, "not run", "", "", "", "", "", "", "", "", ref])
             continue
-        h = stats.head_to_head_from_outcomes(st["judged"][arm], seed=0)
-        results[row] = h
+        records = st["judged"][arm]
+        h = stats.head_to_head_from_outcomes([judge_outcome(r) for r in records], seed=0)
+        results[row], diagnostics[row] = h, judge_diagnostics(records)
+        differ[row] = sum(a["merged"] != b["merged"] for a, b in zip(st["runs"]["Baseline"], st["runs"][arm]))
+        vacuous[row] = vacuity(records, differ[row])
         wilson = outcome_rates(h)
-        rows.append([row, h.a_wins, h.ties, h.b_wins, h.n] + [rate_text(wilson[k]) for k in OUTCOMES] + [ref])
+        rows.append([row, h.a_wins, h.ties, h.b_wins, h.n] + [rate_text(wilson[k]) for k in OUTCOMES]
+                    + list(answers_text(diagnostics[row])) + [ref])
     notes = [f"n = {n} concept sets ({st['source']}), profile {st['profile']}; A = the baseline's merged story, "
              "B = the other condition's, same instance and seeds.",
              "Judge: the model under test (default the embedded SmolLM2-135M-Instruct; the paper used GPT-4o), greedy, "
@@ -59,13 +94,22 @@ def table(bsm_study, model, results_dir):
              "bootstrap of the multinomial collapses to a point when an outcome never or always occurs); p: exact "
              "sign test of A wins against B wins, ties dropped (1 when every comparison is a tie).",
              *[f"{row}: sign test p = {h.pvalue:.2g}" for row, h in results.items()],
+             "Unparsable: the judge's answers (two per comparison, one per order) naming neither A nor B; a tie "
+             "counts them and position bias alike. A / B both orders: comparisons where the judge named the same "
+             "position in both orders, i.e. preferred whichever story it was shown first (A) or second (B), so the "
+             "stories' content did not decide. Comparisons with an empty story are not put to the judge.",
+             *[f"{row}: merged stories differ in {differ[row]} of {h.n} pairs; the judge's answers: "
+               f"{_answer_counts(st['judged'][ARMS[row]])}"
+               + (f"; a tie count here says nothing: {vacuous[row]}" if vacuous[row] else "")
+               for row, h in results.items()],
              st["finetune_note"]]
     data = {"n": n, "profile": st["profile"],
             "results": {row: {"a_wins": h.a_wins, "ties": h.ties, "b_wins": h.b_wins, "pvalue": h.pvalue,
                               # [rate, Wilson low, Wilson high] per outcome
                               **{k: [r.rate, r.low, r.high] for k, r in outcome_rates(h).items()},
                               # A win rate - B win rate: percentile bootstrap of the multinomial (seed 0)
-                              "net_bootstrap": [h.net.estimate, h.net.low, h.net.high]}
+                              "net_bootstrap": [h.net.estimate, h.net.low, h.net.high],
+                              "stories_differ": differ[row], "verdicts": diagnostics[row]}
                         for row, h in results.items()},
             "paper": paper}
     prov = provenance(model, seeds=st["seeds"], sample_sizes={"concept_sets": n}, profile=st["profile"],
@@ -73,8 +117,20 @@ def table(bsm_study, model, results_dir):
     out = results_dir / "blockage" / "bsm"
     write_table(out, "bsm_judge", title=f"Branch-solve-merge: head-to-head coherence judgements (n = {n})",
                 columns=["Comparison", "A Wins", "Ties", "B Wins", "Total", "A Win % [95% CI]", "Tie % [95% CI]",
-                         "B Win % [95% CI]", "Paper A / Ties / B"], rows=rows, data=data, provenance=prov, notes=notes)
-    return {"results": results, "profile": st["profile"], "n": n, "text": (out / "bsm_judge.md").read_text()}
+                         "B Win % [95% CI]", "Unparsable", "A / B both orders", "Paper A / Ties / B"],
+                rows=rows, data=data, provenance=prov, notes=notes)
+    return {"results": results, "vacuous": vacuous, "profile": st["profile"], "n": n,
+            "text": (out / "bsm_judge.md").read_text()}
+
+
+def _answer_counts(records: list, *, top: int = 4) -> str:
+    """The judge's most frequent raw answers with their counts, e.g. "' A' x30, ' A.' x18"."""
+    texts = [o["text"] for r in records if isinstance(r, dict) for o in r["orders"]]
+    if not texts:
+        return "not logged"
+    counts = sorted(((t, texts.count(t)) for t in set(texts)), key=lambda x: (-x[1], x[0]))
+    rest = f", {len(counts) - top} other answers" if len(counts) > top else ""
+    return ", ".join(f"{t!r} x{k}" for t, k in counts[:top]) + rest
 
 
 @pytest.mark.model
@@ -91,13 +147,15 @@ def test_bsm_judge(table, row):
     if outcome == "baseline wins":
         assert h.a_wins > h.b_wins and h.pvalue < ALPHA, text
     elif outcome == "no detectable difference":
+        why = table["vacuous"][row]
+        assert why is None, f"{row}: 'no detectable difference' would hold whatever the stories: {why}\n{text}"
         assert h.pvalue >= ALPHA, text
 
 
 # What the embedded model showed at `small` (n = 24, measured first; see README): the 135M judge never prefers
-# the same story in both orders (pure position bias), so every comparison is a tie and the paper's baseline
-# preference (31 / 16 / 3 and 28 / 16 / 6) does NOT reproduce with this judge. A stronger local judge
-# (--model) is the way to test it.
+# the same story in both orders (pure position bias: position A in both orders in 70 of 72 comparisons, B in 2;
+# no unparsable answer), so every comparison is a tie and the paper's baseline preference (31 / 16 / 3 and
+# 28 / 16 / 6) does NOT reproduce with this judge. A stronger local judge (--model) is the way to test it.
 CLAIMS = {
     "Baseline vs. Choreographed": "no detectable difference",
     "Baseline vs. Choreographed + Linearization": "no detectable difference",
