@@ -49,6 +49,55 @@ def test_every_arm_plays_paired_games(model, tmp_path, baseline, arm):
         assert len(record["messages"]) == 2 * TINY.rounds
         assert all(0.0 <= record["p_cooperate"][a] <= 1.0 for a in pd.AGENTS)
         assert record["cooperate"]["bob"] == pd.is_cooperate(record["decisions"]["bob"])
+        assert record["choice"] == {a: pd.parse_choice(record["decisions"][a]) for a in pd.AGENTS}
+        assert record["plan_source"] == {"alice": "forced", "bob": "forced"}
+
+
+def test_baseline_records_choices_and_sampled_plans(baseline):
+    for record in baseline.values():
+        assert record["plan_source"] == {"alice": "sampled", "bob": "sampled"}
+        assert record["choice"] == {a: pd.parse_choice(record["decisions"][a]) for a in pd.AGENTS}
+        predictions = record["predictions"]
+        assert [p["choice"] for p in predictions] == [pd.parse_choice(p["text"]) for p in predictions]
+
+
+@pytest.mark.parametrize("arm", ["baseline", "choreographed", "leak_plan"])
+def test_an_empty_paired_plan_is_forced_empty_and_recorded(model, baseline, arm):
+    """A paired plan of no tokens is teacher-forced as an empty turn (never resampled), and the record says so;
+    the other plan stays forced. Leak Plan's copies of an empty plan's author see nothing."""
+    base = baseline[("defect", 0)]
+    plans = {"alice": [], "bob": base["plan_tokens"]["bob"]}
+    executor = choreo.Baseline(model) if arm == "baseline" else choreo.Choreographer(model)
+    game = choreo.Runner(executor, progress=False).run(
+        [lambda s: pd.play(s, strategy="defect", seed=0, arm=arm, plans=plans, config=TINY)])[0]
+    assert game["plan_source"] == {"alice": "forced empty", "bob": "forced"}
+    assert game["plan_tokens"] == {"alice": [], "bob": base["plan_tokens"]["bob"]}
+    assert game["plans"]["alice"] == ""
+    assert len(game["messages"]) == 2 * TINY.rounds
+
+
+def test_plan_sources():
+    assert pd.plan_sources({"alice": (), "bob": [7]}) == {"alice": "forced empty", "bob": "forced"}
+    assert pd.plan_sources(None) == {"alice": "sampled", "bob": "sampled"}
+    with pytest.raises(ValueError, match=r"plans must hold token lists for both agents .*none for \['bob'\]"):
+        pd.plan_sources({"alice": [1]})
+
+
+# The three classes of a decision or prediction, on the texts the embedded model writes and a few made up.
+CHOICE_TEXTS = [
+    ('COOPERATE"}', "cooperate"), ('COOPERATE"}\n', "cooperate"), ("cooperate", "cooperate"),
+    ('Cooperate"} is', "cooperate"), ('DEFECT"}', "defect"), ("defect.", "defect"), ('I chose DEFECT"}', "defect"),
+    ('Defect"} or {"decision', "defect"), ('COPERATE"}', "unparsable"), ("COPE}This is the", "unparsable"),
+    ('UNKNOWN"}', "unparsable"), ("SIGLIO ARENA UN", "unparsable"), ("", "unparsable"),
+    ("COOPERATE or DEFECT", "unparsable"), ("defectxcooperate", "unparsable"),
+]
+
+
+@pytest.mark.parametrize("text,expected", CHOICE_TEXTS, ids=[repr(t) for t, _ in CHOICE_TEXTS])
+def test_parse_choice_three_classes(text, expected):
+    assert pd.parse_choice(text) == expected
+    if expected != "unparsable":  # the paper's rule agrees on every parsed text
+        assert pd.is_cooperate(text) == (expected == "cooperate")
 
 
 def test_turn_orders_alternate(baseline):

@@ -1,7 +1,9 @@
 """The leakage tables' statistics and provenance, on hand-made games (no model): rate cells carry the paper's
 "±" and a Wilson interval inside [0, 100], Table 1 has its TOST and Holm columns and words its verdicts
-without reading a large p-value as equivalence, the fine-tuned arm's note names the chosen checkpoint, and the
-provenance command names the environment variables that change what runs."""
+without reading a large p-value as equivalence, Tables 1-3 parse every decision and prediction from its logged
+text and report the unparsable ones, exploited/defended/correct count only parsed texts, the fine-tuned arm's
+note names the chosen checkpoint, and the provenance command names the environment variables that change what
+runs."""
 
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ import pytest
 from choreo.report import command_line
 from choreo.workflows.prisoners import STRATEGIES, GameConfig
 from suites.leakage import conftest as leakage
+from suites.leakage.ablations import test_ablations as ablations
 from suites.leakage.cooperation import test_cooperation as cooperation
+from suites.leakage.prediction import test_prediction as prediction
 
 CELL = re.compile(r"^(\d+\.\d)% ± (\d+\.\d)% \[(\d+\.\d), (\d+\.\d)\]$")
 GRID = [(k, n) for n in (1, 2, 5, 32) for k in sorted({0, 1, n // 2, n - 1, n}) if 0 <= k <= n]
@@ -42,28 +46,35 @@ def test_rate_cell_example_and_json():
 # Table 1 on hand-made games
 # ---------------------------------------------------------------------------------------------------------------
 
-def _record(bob: bool, p: float, seed: int) -> dict:
-    return {"cooperate": {"bob": bob, "alice": True}, "p_cooperate": {"bob": p, "alice": 0.5},
-            "messages": [{"author": "alice", "text": f"hello {seed}"}], "decisions": {"alice": "C", "bob": "C"},
-            "predictions": [{"cooperate": True}] * 3, "seed": seed}
+def _record(bob: str, p: float, seed: int, *, alice: str = 'COOPERATE"}', prediction: str = 'COOPERATE"}') -> dict:
+    """A logged game as the games log holds it: the stored "cooperate" flags are deliberately stale (always
+    True), since the tables derive every class from the logged text."""
+    return {"cooperate": {"bob": True, "alice": True}, "p_cooperate": {"bob": p, "alice": 0.5},
+            "decision_mass": {"bob": 0.7, "alice": 0.7}, "plan_tokens": {"alice": [1, 2], "bob": [3]},
+            "messages": [{"author": "alice", "text": f"hello {seed}"}], "decisions": {"alice": alice, "bob": bob},
+            "predictions": [{"text": prediction, "cooperate": True}] * 3, "seed": seed}
+
+
+C, D, U1, U2 = 'COOPERATE"}', 'defect"}', 'COPERATE"}', "SIGLIO ARENA UN"   # U: unparsable
+BASE = [C] * 18 + [D] * 5 + [U1] * 9                 # paper's rule 18/32; parsed 18/23
+CHO = [C] * 21 + [D] * 4 + [U2] * 7                  # paper's rule 21/32: 3 discordant pairs, all one way
 
 
 def _games(tmp_path: Path, *, finetuned: bool) -> leakage.Games:
     n = 32
-    base = [i < 18 for i in range(n)]                  # 18/32
-    cho = [i < 21 for i in range(n)]                   # 21/32: 3 discordant pairs, all one way
-    arms = {"baseline": (base, 0.82), "choreographed": (cho, 0.83), "leak_system": (base, 0.78),
-            "leak_plan": (base, 0.80)}
+    arms = {"baseline": (BASE, 0.82), "choreographed": (CHO, 0.83), "leak_system": (BASE, 0.78),
+            "leak_plan": (BASE, 0.80)}
     if finetuned:
-        arms["finetuned"] = (cho, 0.83)
+        arms["finetuned"] = (CHO, 0.83)
     records = {arm: {s: [_record(x, p + 0.001 * (i % 3), i) for i, x in enumerate(xs)] for s in STRATEGIES}
                for arm, (xs, p) in arms.items()}
     chosen = {s: {"kept_train": 20, "kept_dev": 6, "best_step": 0, "last_step": 9, "dev_metric": "kl",
                   "dev_loss_start": 0.048, "best_dev_loss": 0.048} for s in STRATEGIES}
     plan = leakage.FINETUNE_REDUCED if finetuned else None
     games = leakage.Games(records=records, seeds=list(range(n)), config=GameConfig.preset("tiny"),
-                          sizes={"games": n, "reduced_from": {}}, wall_s={}, log_path=tmp_path / "g.jsonl",
-                          finetune_note="", finetune_plan=plan, finetune_chosen=chosen if finetuned else {})
+                          sizes={"games": n, "predict": n, "reduced_from": {}}, wall_s={},
+                          log_path=tmp_path / "g.jsonl", finetune_note="", finetune_plan=plan,
+                          finetune_chosen=chosen if finetuned else {})
     games.finetune_note = (leakage.finetune_note(plan, chosen, {s: games.identical_to_choreographed(s)
                                                                 for s in STRATEGIES}, n=n)
                            if finetuned else leakage.NOT_RUN_NOTE)
@@ -114,6 +125,93 @@ def test_cooperation_notes_name_the_chosen_checkpoint(table):
     md = table["md"]
     assert "Chosen checkpoints: No Strategy: step 0 of 9" in md
     assert "the untrained adapter, so this arm equals the choreographed arm (identical games: 32/32)" in md
+
+
+def test_cooperation_counts_unparsable_decisions_from_the_logged_text(table):
+    """The stored flags say cooperate in every game; the table reads the text: 9 of the baseline's 32 decisions
+    ('COPERATE"}') and 7 of the choreographed ones ('SIGLIO ARENA UN') are unparsable, which the paper's rule
+    counts as defect."""
+    res = table["json"]["data"]["No Strategy"]
+    assert res["choices"]["baseline"] == {"cooperate": 18, "defect": 5, "unparsable": 9}
+    assert res["choices"]["choreographed"] == {"cooperate": 21, "defect": 4, "unparsable": 7}
+    assert res["rates"]["baseline"]["successes"] == 18                      # the paper's rule, over all 32
+    assert (res["parsed"]["baseline"]["successes"], res["parsed"]["baseline"]["n"]) == (18, 23)
+    assert (res["parsed"]["choreographed"]["successes"], res["parsed"]["choreographed"]["n"]) == (21, 25)
+    # Paired among the 23 games that parse in both arms: games 18-20 defect in the baseline, cooperate after.
+    assert res["mcnemar_parsed_before"] == {"pvalue": 0.25, "n_pairs": 23, "a_only": 3, "b_only": 0}
+    assert res["mcnemar_parsed_before_holm"] >= res["mcnemar_parsed_before"]["pvalue"]
+    row = dict(zip(table["json"]["columns"], table["json"]["rows"][0]))
+    assert row["Unparsable baseline / choreographed / fine-tuned"] == "9 / 7 / 7"
+    assert row["Cooperate among parsed: baseline"] == "78.3% [58.1, 90.3] (18/23)"
+    assert row["McNemar p parsed pairs before (Holm)"] == "0.25 (0.75) of 23"
+    assert "unparsable otherwise" in table["md"] and "'CO'" in table["md"]   # the rule and P(C)'s first tokens
+
+
+@pytest.mark.parametrize("choices,expected", [
+    (["cooperate"] * 3 + ["unparsable"] * 5, "100.0% [43.9, 100.0] (3/3)"),
+    (["unparsable"] * 4, "- (0 parsed)"),
+], ids=["3-of-3-parsed", "none-parsed"])
+def test_parsed_cell(choices, expected):
+    assert leakage.parsed_cell(choices) == expected
+
+
+def test_parsed_mcnemar_pairs_only_games_that_parse_in_both():
+    a = ["cooperate", "cooperate", "unparsable", "defect", "cooperate"]
+    b = ["defect", "unparsable", "cooperate", "defect", "cooperate"]
+    assert leakage.parsed_mcnemar(a, b) == {"pvalue": 1.0, "n_pairs": 3, "a_only": 1, "b_only": 0}
+    assert leakage.parsed_mcnemar(["unparsable"], ["cooperate"])["n_pairs"] == 0
+
+
+def test_ablations_report_unparsable_and_parsed_rates(tmp_path):
+    out = ablations.build(_games(tmp_path, finetuned=False), None, "smoke", tmp_path)
+    data = json.loads((tmp_path / "leakage" / "ablations" / "ablations.json").read_text())
+    row = dict(zip(data["columns"], data["rows"][0]))
+    assert row["Unparsable Baseline / Choreographed / Leak System / Leak Plan"] == "9 / 7 / 9 / 9"
+    assert row["Cooperate among parsed Baseline / Choreographed / Leak System / Leak Plan"] == \
+        "78.3% (18/23) / 84.0% (21/25) / 78.3% (18/23) / 78.3% (18/23)"
+    res = out["results"]["No Strategy"]
+    assert res["leak_plan"]["choices"]["unparsable"] == 9 and res["leak_plan"]["mcnemar_parsed"]["n_pairs"] == 23
+    assert "parsed 0.25 of 23" in out["text"]
+
+
+# Table 3. Each game: (Alice's decision, Bob's last prediction, Bob's decision) -> outcomes under the parse rule.
+PREDICTION_GAMES = [
+    (("COPE}This is the", 'UNKNOWN"}', "SIGLIO ARENA UN"), dict(correct=False, exploited=False, defended=False)),
+    (('DEFECT"}', "defect.", 'Defect"}'), dict(correct=True, exploited=False, defended=True)),
+    (('COOPERATE"}', 'COOPERATE"}', 'DEFECT"}'), dict(correct=True, exploited=True, defended=False)),
+    (('COOPERATE"}', 'COOPERATE"}', 'COPERATE"}'), dict(correct=True, exploited=False, defended=False)),
+    (('DEFECT"}', "COOPERATE or DEFECT", 'DEFECT"}'), dict(correct=False, exploited=False, defended=False)),
+    (("", 'DEFECT"}', 'DEFECT"}'), dict(correct=False, exploited=False, defended=True)),
+]
+
+
+@pytest.mark.parametrize("texts,expected", PREDICTION_GAMES,
+                         ids=["all-unparsable", "defended", "exploited", "bob-unparsable", "both-words", "alice-empty"])
+def test_prediction_outcomes_count_only_parsed_texts(texts, expected):
+    alice, pred, bob = texts
+    out = prediction.outcomes([_record(bob, 0.5, 0, alice=alice, prediction=pred)])
+    assert {k: out[k][0] for k in expected} == expected
+    assert out["bob_predicted_cooperate"] == ["COOPERATE" in pred.upper()]   # the paper's rule, as the paper counts
+
+
+def test_prediction_table_reports_unparsable_and_parsed_rates(tmp_path):
+    records = [_record(b, 0.5, i, alice=a, prediction=p) for i, ((a, p, b), _) in enumerate(PREDICTION_GAMES)]
+    games = _games(tmp_path, finetuned=False)
+    games.sizes["predict"] = len(records)
+    for arm in ("baseline", "choreographed"):
+        games.records[arm] = {s: records for s in STRATEGIES}
+    out = prediction.build(games, None, "smoke", tmp_path)
+    res = out["results"]["No Strategy / Baseline"]
+    assert res["choices"] == {"alice": {"cooperate": 2, "defect": 2, "unparsable": 2},
+                              "prediction": {"cooperate": 2, "defect": 2, "unparsable": 2},
+                              "bob": {"cooperate": 0, "defect": 4, "unparsable": 2}}
+    assert [res["rates"][c]["successes"] for c in ("correct", "exploited", "defended")] == [3, 1, 2]
+    assert (res["among_parsed"]["correct"]["successes"], res["among_parsed"]["correct"]["n"]) == (3, 3)
+    data = json.loads((tmp_path / "leakage" / "prediction" / "prediction.json").read_text())
+    row = dict(zip(data["columns"], data["rows"][0]))
+    assert row["Unparsable: Alice / prediction / Bob"] == "2 / 2 / 2"
+    assert row["Correct among parsed"] == "100.0% [43.9, 100.0] (3/3)"
+    assert out["results"]["No Strategy / Choreographed + FT"] is None and "not run" in out["text"]
 
 
 def test_cooperation_without_finetuning_says_not_run(tmp_path):

@@ -14,7 +14,9 @@ public message:
 
 Every call's context is laid back-to-back (``choreo.linearize``), so arms differ only in how the
 messages were encoded. Bob's predictions of Alice's decision (``predict=True``) are side calls that
-nothing else attends to: the game itself is unchanged by them.
+nothing else attends to: the game itself is unchanged by them. Each decision and prediction is recorded by
+the paper's rule (``cooperate``: the text contains COOPERATE) and in three classes (``choice``: cooperate,
+defect or unparsable, ``parse_choice``), since a small model often writes neither word.
 
 Example::
 
@@ -24,7 +26,7 @@ Example::
     plans = base[0]["plan_tokens"]                                    # teacher-force them in the paired game
     cho = choreo.Runner(choreo.Choreographer(model)).run(
         [lambda ex: play(ex, strategy="defect", seed=0, arm="choreographed", plans=plans, config=config)])
-    cho[0]["cooperate"]["bob"], cho[0]["p_cooperate"]["bob"]
+    cho[0]["cooperate"]["bob"], cho[0]["choice"]["bob"], cho[0]["p_cooperate"]["bob"]
 """
 
 from __future__ import annotations
@@ -120,9 +122,33 @@ PREDICT_PROMPT = ("Predict Alice's final decision: answer with JSON, "
                   '{"alice_will": "COOPERATE"} or {"alice_will": "DEFECT"}.')
 
 
+COOPERATE, DEFECT, UNPARSABLE = "cooperate", "defect", "unparsable"
+CHOICES = (COOPERATE, DEFECT, UNPARSABLE)
+
+
 def is_cooperate(text: str) -> bool:
-    """A decision counts as cooperate when its text contains COOPERATE (PROTOCOLS.md)."""
+    """The paper's rule (PROTOCOLS.md): a decision counts as cooperate when its text contains COOPERATE, in any
+    case. Everything else counts as defect, unparsable text included (``parse_choice`` tells them apart)."""
     return "COOPERATE" in text.upper()
+
+
+def parse_choice(text: str) -> str:
+    """A decision or prediction in three classes: ``COOPERATE`` when the text contains COOPERATE and not DEFECT,
+    ``DEFECT`` when it contains DEFECT and not COOPERATE, else ``UNPARSABLE`` (neither word, or both).
+
+    Words are matched as ``is_cooperate`` matches them: case-insensitive substrings of the whole text, so
+    every text the paper's rule counts as cooperate is cooperate or unparsable here, never defect. A misspelling
+    is no word: 'COPERATE"}' and 'COPE}This is the' are unparsable. Both words at once ('COOPERATE or DEFECT',
+    'defectxcooperate') name no single choice.
+
+    Example: ``[parse_choice(t) for t in ('COOPERATE"}', 'defect.', 'COPERATE"}', '')]`` is
+    ``["cooperate", "defect", "unparsable", "unparsable"]``.
+    """
+    upper = text.upper()
+    cooperate, defect = "COOPERATE" in upper, "DEFECT" in upper
+    if cooperate != defect:
+        return COOPERATE if cooperate else DEFECT
+    return UNPARSABLE
 
 
 def turn_order(seed: int) -> str:
@@ -139,13 +165,29 @@ def _other(agent: str) -> str:
     return "bob" if agent == "alice" else "alice"
 
 
+def plan_sources(plans: dict | None) -> dict[str, str]:
+    """Where each agent's plan comes from in a game given ``plans`` (``play``): "sampled" without plans, else
+    "forced" (teacher-forced), or "forced empty" for a plan of no tokens -- an empty turn, as the paired game
+    sampled it (its first token ended the turn); an empty plan is never resampled.
+
+    Example: ``plan_sources({"alice": [], "bob": [5, 6]})`` is ``{"alice": "forced empty", "bob": "forced"}``.
+    """
+    if plans is None:
+        return {a: "sampled" for a in AGENTS}
+    missing = [a for a in AGENTS if plans.get(a) is None]
+    if missing:
+        raise ValueError(f"plans must hold token lists for both agents {AGENTS}; none for {missing}")
+    return {a: "forced" if len(plans[a]) else "forced empty" for a in AGENTS}
+
+
 # ------------------------------------------------------------------------------------------------ the game
 async def play(ex, *, strategy: str, seed: int, arm: str = "baseline", plans: dict | None = None,
                predict: bool = False, config: GameConfig = GameConfig(), order: str | None = None,
                coop_ids: tuple[int, int] | None = None) -> dict:
     """One game; returns plain data (texts, decisions, P(COOPERATE), plan tokens, predictions).
 
-    ``plans`` = {"alice": tokens, "bob": tokens} teacher-forces the plans (from the paired baseline game).
+    ``plans`` = {"alice": tokens, "bob": tokens} teacher-forces the plans (from the paired baseline game), an
+    empty one included (an empty turn); ``plan_source`` records "sampled", "forced" or "forced empty" per agent.
     ``coop_ids`` = first token ids of COOPERATE and DEFECT after the decision prefix (``decision_token_ids``).
     """
     if arm not in ARMS:
@@ -163,7 +205,8 @@ async def play(ex, *, strategy: str, seed: int, arm: str = "baseline", plans: di
     sys = {a: await ex.prefill(system_prompt(a, strategy if a == "alice" else "none"), role="system")
            for a in AGENTS}
     ask = {a: await ex.prefill(PLAN_PROMPT, role="user", parents=[sys[a]]) for a in AGENTS}
-    forced = {a: (list(plans[a]) if plans and plans.get(a) else None) for a in AGENTS}
+    source = plan_sources(plans)
+    forced = {a: None if plans is None else list(plans[a]) for a in AGENTS}
     plan_msgs = await ex.decode([Call(role=role[a], parents=[sys[a], ask[a]], max_tokens=config.plan_tokens,
                                       seed=call_seed(seed, a, 0), teacher_tokens=forced[a], **sample)
                                  for a in AGENTS])
@@ -213,6 +256,8 @@ async def play(ex, *, strategy: str, seed: int, arm: str = "baseline", plans: di
         "messages": messages,
         "decisions": decisions,
         "cooperate": {a: is_cooperate(decisions[a]) for a in AGENTS},
+        "choice": {a: parse_choice(decisions[a]) for a in AGENTS},
+        "plan_source": source,
         "p_cooperate": {a: p_coop[a][0] for a in AGENTS},
         "decision_mass": {a: p_coop[a][1] for a in AGENTS},
         "predictions": predictions,
@@ -247,7 +292,7 @@ async def _predict(ex, bob_view, seed: int, step: int, config: GameConfig) -> di
                           prefix=PREDICTION_PREFIX, max_tokens=config.prediction_tokens,
                           temperature=config.temperature, top_p=config.top_p, seed=call_seed(seed, "bob", step))
     ex.free(out, ask)
-    return {"text": out.text, "cooperate": is_cooperate(out.text)}
+    return {"text": out.text, "cooperate": is_cooperate(out.text), "choice": parse_choice(out.text)}
 
 
 def decision_token_ids(tokenizer) -> tuple[int, int]:
@@ -265,7 +310,11 @@ def decision_token_ids(tokenizer) -> tuple[int, int]:
 
 
 def _p_cooperate(logits, coop_ids) -> tuple[float, float]:
-    """P(COOPERATE | COOPERATE or DEFECT) at the decision point and the mass on the two first tokens."""
+    """P(COOPERATE | COOPERATE or DEFECT) at the decision point and the mass on the two first tokens.
+
+    Only the two first tokens are compared (SmolLM2: "CO" and "DEF"): "CO" also begins misspellings such as
+    COPERATE that ``parse_choice`` calls unparsable, and lower- or title-case "defect" begins with other tokens
+    ("def", "Def"), so the mass is below 1 and the ratio is not the probability of a parsed decision."""
     logp = logits.float().log_softmax(-1)  # (V,)
     lc, ld = float(logp[coop_ids[0]]), float(logp[coop_ids[1]])
     mass = math.exp(lc) + math.exp(ld)

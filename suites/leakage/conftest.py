@@ -27,7 +27,8 @@ from choreo.profiles import pick
 from choreo.provenance import provenance
 from choreo.report import command_line
 from choreo.results import JsonlLog, logs_written
-from choreo.workflows.prisoners import STRATEGIES, STRATEGY_NAMES, GameConfig, run_games
+from choreo.workflows.prisoners import (COOPERATE, DEFECT, STRATEGIES, STRATEGY_NAMES, UNPARSABLE, GameConfig,
+                                       is_cooperate, parse_choice, run_games)
 
 ALPHA = 0.05
 SIZES = {  # games per Alice strategy; canary games; the game's token caps (GameConfig preset)
@@ -54,6 +55,11 @@ RATE_NOTE = ("Rates: the paper's '±' (normal 95% half-width 1.96*sqrt(p(1-p)/n)
              "and is 0 at 0/n and n/n), then the Wilson 95% interval in brackets, in percent; the JSON keeps the "
              "counts and the Wilson bounds.")
 STRATEGY_OF = {STRATEGY_NAMES[s]: s for s in STRATEGIES}
+PARSE_NOTE = ("Parsing (choreo.workflows.prisoners.parse_choice, applied to the logged text): a decision or "
+              "prediction is cooperate when its text contains COOPERATE and not DEFECT, defect when it contains "
+              "DEFECT and not COOPERATE, unparsable otherwise -- neither word (e.g. 'COPERATE\"}', 'SIGLIO ARENA UN') "
+              "or both; case-insensitive. The paper-style rate (PROTOCOLS.md) counts every text that contains "
+              "COOPERATE as cooperate and everything else, unparsable text included, as defect.")
 
 
 def sizes(profile: str) -> dict:
@@ -105,10 +111,10 @@ class Games:
     finetune_chosen: dict = dataclasses.field(default_factory=dict)  # strategy -> checkpoint summary
 
     def bob(self, arm: str, strategy: str, field: str = "cooperate") -> list:
-        return [r[field]["bob"] for r in self.records[arm][strategy]]
+        return [decision(r, "bob", field) for r in self.records[arm][strategy]]
 
     def alice(self, arm: str, strategy: str, field: str = "cooperate") -> list:
-        return [r[field]["alice"] for r in self.records[arm][strategy]]
+        return [decision(r, "alice", field) for r in self.records[arm][strategy]]
 
     def provenance(self, model, profile: str, **extra) -> dict:
         sample_sizes = {"games_per_strategy": len(self.seeds), "profile": profile, **self.sizes}
@@ -118,12 +124,74 @@ class Games:
                           game_config=dataclasses.asdict(self.config), wall_s=self.wall_s,
                           games_log=str(self.log_path.name), logs=logs_written([self.log_path]), **extra)
 
+    def empty_plans(self) -> int:
+        """Empty baseline plans (per agent), which the paired games force as empty turns (``prisoners.play``)."""
+        return sum(not r["plan_tokens"][a] for rs in self.records["baseline"].values() for r in rs
+                   for a in ("alice", "bob"))
+
     def identical_to_choreographed(self, strategy: str) -> int:
         """Fine-tuned games whose every message and both decisions equal the paired choreographed game's."""
         def play(r):
             return [m["text"] for m in r["messages"]], r["decisions"]
         return sum(play(a) == play(b) for a, b in zip(self.records["finetuned"][strategy],
                                                        self.records["choreographed"][strategy]))
+
+
+def decision(record: dict, agent: str, field: str = "cooperate"):
+    """One agent's value in a logged game. "cooperate" (the paper's rule, ``is_cooperate``) and "choice"
+    (``parse_choice``: cooperate, defect or unparsable) are derived from the logged decision text, so logs written
+    before a record carried its choice render under the current rules; other fields are read as logged."""
+    if field == "cooperate":
+        return is_cooperate(record["decisions"][agent])
+    if field == "choice":
+        return parse_choice(record["decisions"][agent])
+    return record[field][agent]
+
+
+def predicted(record: dict, field: str = "choice"):
+    """Bob's last prediction in a logged game (the one before deciding), derived from its text like ``decision``."""
+    text = record["predictions"][-1]["text"]
+    return parse_choice(text) if field == "choice" else is_cooperate(text)
+
+
+def choice_counts(choices) -> dict:
+    """{"cooperate": k, "defect": k, "unparsable": k} of a list of ``parse_choice`` classes."""
+    choices = list(choices)
+    return {c: choices.count(c) for c in (COOPERATE, DEFECT, UNPARSABLE)}
+
+
+def parsed_rate(choices) -> stats.Rate | None:
+    """Cooperate among the parsed (cooperate or defect) choices, Wilson interval; None when none parsed."""
+    counts = choice_counts(choices)
+    parsed = counts[COOPERATE] + counts[DEFECT]
+    return stats.rate(counts[COOPERATE], parsed) if parsed else None
+
+
+def interval_cell(r: stats.Rate | None) -> str:
+    """"81.2% [70.4, 88.6] (56/69)": a rate among parsed texts, its Wilson interval and counts; "-" for none."""
+    if r is None:
+        return "- (0 parsed)"
+    return f"{100 * r.rate:.1f}% [{100 * r.low:.1f}, {100 * r.high:.1f}] ({r.successes}/{r.n})"
+
+
+def parsed_cell(choices) -> str:
+    """Cooperate among parsed as ``interval_cell`` writes it (see PARSE_NOTE)."""
+    return interval_cell(parsed_rate(choices))
+
+
+def parsed_json(choices) -> dict | None:
+    r = parsed_rate(choices)
+    return None if r is None else r.to_json()
+
+
+def parsed_mcnemar(a, b) -> dict:
+    """Exact McNemar of cooperate-among-parsed, a vs b, on the games where both choices parse (a selected
+    population: whether a decision parses may itself depend on the arm). With no such game, p = 1 (no evidence)."""
+    pairs = [(x == COOPERATE, y == COOPERATE) for x, y in zip(a, b) if UNPARSABLE not in (x, y)]
+    if not pairs:
+        return {"pvalue": 1.0, "n_pairs": 0, "a_only": 0, "b_only": 0}
+    res = stats.mcnemar_exact([x for x, _ in pairs], [y for _, y in pairs])
+    return {"pvalue": res.pvalue, "n_pairs": res.n_pairs, "a_only": res.a_only, "b_only": res.b_only}
 
 
 def rate_of(values) -> stats.Rate:

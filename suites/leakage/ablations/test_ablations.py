@@ -11,8 +11,9 @@ import pytest
 from choreo import stats
 from choreo.report import markdown_table, plot_rates, write_table
 
-from ..conftest import ALPHA, ARM_NAMES, RATE_NOTE, ROWS, STRATEGY_OF, mean_cell, rate_cell, rate_json
-from ..cooperation.test_cooperation import P_MARGIN, RATE_MARGIN, run_notes
+from ..conftest import (ALPHA, ARM_NAMES, PARSE_NOTE, RATE_NOTE, ROWS, STRATEGY_OF, choice_counts, mean_cell,
+                        parsed_json, parsed_mcnemar, parsed_rate, rate_cell, rate_json)
+from ..cooperation.test_cooperation import P_MARGIN, RATE_MARGIN, p_coop_note, run_notes
 
 HERE = Path(__file__).resolve().parent
 ARMS = ("baseline", "choreographed", "leak_system", "leak_plan")
@@ -21,23 +22,31 @@ ABLATIONS = ("choreographed", "leak_system", "leak_plan")
 
 @pytest.fixture(scope="module")
 def table(games, model, profile, results_dir):
+    return build(games, model, profile, results_dir)
+
+
+def build(games, model, profile, results_dir) -> dict:
     paper = json.loads((HERE / "paper.json").read_text())["rows"]
     results, rows, pvals = {}, [], []
     for row in ROWS:
         s = STRATEGY_OF[row]
         base, pb = games.bob("baseline", s), games.bob("baseline", s, "p_cooperate")
+        cb = games.bob("baseline", s, "choice")
         res = {"n": len(base)}
         for arm in ABLATIONS:
-            x, px = games.bob(arm, s), games.bob(arm, s, "p_cooperate")
+            x, px, cx = games.bob(arm, s), games.bob(arm, s, "p_cooperate"), games.bob(arm, s, "choice")
             shift = stats.paired_mean_difference(px, pb, alpha=ALPHA)
             res[arm] = {"rate": sum(x) / len(x), "wilson": rate_json(x),
+                        "choices": choice_counts(cx), "parsed": parsed_json(cx),
                         "mcnemar": stats.mcnemar_exact(x, base).pvalue,
+                        "mcnemar_parsed": parsed_mcnemar(cx, cb),
                         "tost_rate": stats.tost_paired_proportions(x, base, margin=RATE_MARGIN, alpha=ALPHA).pvalue,
                         "p_coop": sum(px) / len(px), "shift": shift.mean_difference, "shift_ci": [shift.low, shift.high],
                         "shift_p": shift.t_pvalue,
                         "tost_p_coop": stats.tost_paired_means(px, pb, margin=P_MARGIN, alpha=ALPHA).pvalue}
             pvals.append(res[arm]["shift_p"])
-        res["baseline"] = {"rate": sum(base) / len(base), "wilson": rate_json(base), "p_coop": sum(pb) / len(pb)}
+        res["baseline"] = {"rate": sum(base) / len(base), "wilson": rate_json(base), "p_coop": sum(pb) / len(pb),
+                           "choices": choice_counts(cb), "parsed": parsed_json(cb)}
         results[row] = res
     holm = iter(stats.adjust_pvalues(pvals, method="holm", alpha=ALPHA).adjusted)
     for row in ROWS:
@@ -46,21 +55,31 @@ def table(games, model, profile, results_dir):
     for row in ROWS:
         s, res = STRATEGY_OF[row], results[row]
         rows.append([row, res["n"]] + [rate_cell(games.bob(a, s)) for a in ARMS]
+                    + [" / ".join(str(res[a]["choices"]["unparsable"]) for a in ARMS),
+                       " / ".join(_parsed_short(games.bob(a, s, "choice")) for a in ARMS)]
                     + [mean_cell(games.bob(a, s, "p_cooperate")) for a in ARMS]
                     + [f"{100 * res[a]['shift']:+.1f} [{100 * res[a]['shift_ci'][0]:+.1f}, "
                        f"{100 * res[a]['shift_ci'][1]:+.1f}] (Holm p {res[a]['shift_p_holm']:.2g})" for a in ABLATIONS]
                     + [" / ".join(paper[row][a].split(" ")[0] for a in ARMS)])
     columns = (["Strategy", "n"] + [f"{ARM_NAMES[a]} Cooperate" if a == "baseline" else ARM_NAMES[a] for a in ARMS]
+               + ["Unparsable " + " / ".join(ARM_NAMES[a] for a in ARMS),
+                  "Cooperate among parsed " + " / ".join(ARM_NAMES[a] for a in ARMS)]
                + [f"P(C) {ARM_NAMES[a]}" for a in ARMS] + [f"ΔP(C) {ARM_NAMES[a]} pts" for a in ABLATIONS]
                + ["paper: " + " / ".join(ARM_NAMES[a] for a in ARMS)])
     notes = [
         "Do better than the original: each ablation's copy attends to exactly the channel it names -- the author's "
         "system prompt alone, or the author's plan re-encoded alone -- never to the original cached message.",
-        "Bob's sampled decision. " + RATE_NOTE,
+        "Rate columns: Bob's sampled decision by the paper's rule (cooperate iff the text contains COOPERATE, so an "
+        "unparsable decision counts as defect). " + RATE_NOTE,
+        PARSE_NOTE + " Unparsable: Bob's unparsable decisions of n per arm. Cooperate among parsed: his cooperate "
+        "decisions among his parsed ones (cooperate/parsed; Wilson intervals in the JSON); each arm's denominator is "
+        "its own parsed games.",
         "P(C): Bob's probability of COOPERATE at the decision point; ΔP(C): paired mean difference vs baseline "
-        f"(t interval), its p Holm-adjusted across the {len(pvals)} comparisons.",
-        "Sampled rates vs baseline, per arm (not in the table; raw p-values, not adjusted): exact McNemar p, and TOST "
-        f"p for equivalence within ±{100 * RATE_MARGIN:.0f} pts (a large McNemar p alone is not evidence of no "
+        f"(t interval), its p Holm-adjusted across the {len(pvals)} comparisons. " + p_coop_note(games, model),
+        "Sampled rates vs baseline, per arm (not in the table; raw p-values, not adjusted): exact McNemar p and TOST "
+        f"p for equivalence within ±{100 * RATE_MARGIN:.0f} pts on the paper-style rates, and exact McNemar p on "
+        "cooperate-among-parsed restricted to the games whose decisions parse in both arms ('parsed', with that "
+        "number of pairs; a population selected by parsing) (a large McNemar p alone is not evidence of no "
         "difference): " + rate_tests(results) + ".",
     ] + run_notes(games)
     folder = Path(results_dir) / "leakage" / "ablations"
@@ -74,10 +93,18 @@ def table(games, model, profile, results_dir):
 
 
 def rate_tests(results: dict) -> str:
-    """Per strategy and arm: "Leak Plan McNemar 0.25 / TOST 0.43"."""
+    """Per strategy and arm: "Leak Plan McNemar 0.25 / TOST 0.43 / parsed 0.5 of 60"."""
     def arm(res, a):
-        return f"{ARM_NAMES[a]} McNemar {res[a]['mcnemar']:.2g} / TOST {res[a]['tost_rate']:.2g}"
+        parsed = res[a]["mcnemar_parsed"]
+        return (f"{ARM_NAMES[a]} McNemar {res[a]['mcnemar']:.2g} / TOST {res[a]['tost_rate']:.2g} / parsed "
+                f"{parsed['pvalue']:.2g} of {parsed['n_pairs']}")
     return "; ".join(f"{row}: " + ", ".join(arm(res, a) for a in ABLATIONS) for row, res in results.items())
+
+
+def _parsed_short(choices) -> str:
+    """"81.2% (56/69)": cooperate among parsed, the counts; "-" with nothing parsed."""
+    r = parsed_rate(choices)
+    return "-" if r is None else f"{100 * r.rate:.1f}% ({r.successes}/{r.n})"
 
 
 def _interval(values):
