@@ -71,7 +71,8 @@ def remeasure_memory(out: Path, model: Model, *, model_path: str | None = None, 
                          scaling={k: [tuple(p) for p in v] for k, v in data["scaling"].items()},
                          cost=data.get("cost"), command=command,
                          timings_command=timed.get("timings_command", timed.get("command")),
-                         timings_date=timed.get("timings_date", timed.get("date")))
+                         timings_date=timed.get("timings_date", timed.get("date")),
+                         timings_load_average=timed.get("timings_load_average", timed.get("load_average")))
 
 
 def register(sub) -> None:

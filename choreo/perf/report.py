@@ -103,7 +103,8 @@ def _memory_note(device: torch.device, *, measured: bool) -> str:
     if not measured:
         return "Peak memory: not measured in this run."
     return ("Peak memory: peak RSS of one subprocess per configuration (model loaded, one 2-token priming pass, "
-            "VmHWM reset, one run); + is the growth above the RSS before the run.")
+            "VmHWM reset, then the executor made, its KV store with room for 1,024 tokens included, and one run); + "
+            "is the growth above the RSS before the executor was made.")
 
 
 def write_results(out: Path, *, model: Model, profile: str, figures: dict, memory: dict, scaling: dict,
@@ -134,8 +135,11 @@ def write_results(out: Path, *, model: Model, profile: str, figures: dict, memor
         "'prefills fused' encodes them in the first pass of the call that reads them (the Runner's default).",
         _memory_note(model.spec.device, measured=bool(memory)) + " Peak KV: the store's peak rows in use x bytes "
         "per token.",
-        f"1-min load average {load[0]:.1f} on {os.cpu_count()} cores at the end of the run, "
-        f"{torch.get_num_threads()} torch threads.",
+        (f"1-min load average {extra['timings_load_average'][0]:.1f} on {os.cpu_count()} cores at the end of the "
+         f"timed run ({load[0]:.1f} at the end of the memory re-measurement), "
+         if extra.get("timings_load_average") else
+         f"1-min load average {load[0]:.1f} on {os.cpu_count()} cores at the end of the run, ")
+        + f"{torch.get_num_threads()} torch threads.",
     ]
     if cost is not None:
         notes.append(f"Pass cost used for the bounds: t(S) = {1000 * cost['fixed_s']:.1f} ms + "
