@@ -391,18 +391,15 @@ class Choreographer:
             ids = self.format.encode(text, role)
             content = (len(self.format.header(role)), len(ids) - len(self.format.footer(role)))
         encode = self.encodes_prefills
-        try:
-            segments, start, parent_ids = self._place(parents, offsets, new_offset)
-            row = self.engine.store.alloc(len(ids)) if encode else -1
-        except BaseException:
-            self._drop_unencoded_prefix()
-            raise
-        try:
-            self._encode_prefix()
-        except BaseException:
+
+        def reserve():
+            return *self._place(parents, offsets, new_offset), self.engine.store.alloc(len(ids)) if encode else -1
+
+        def undo(reserved):
             if encode:
-                self.engine.store.free(row, len(ids))
-            raise
+                self.engine.store.free(reserved[-1], len(ids))
+
+        segments, start, parent_ids, row = self._reserved_with_prefix(reserve, undo)
         msg = Message(
             id=next(self._ids), role=role, parents=parent_ids, start=start, ids=ids, content=content, text=text, row=row,
             floor=self.floor,
@@ -415,20 +412,15 @@ class Choreographer:
     def start_decode(self, calls: list[Call]) -> list[Job]:
         """Validate every call, then reserve rows for all of them (all or nothing)."""
         calls = [c if isinstance(c, Call) else Call(**c) for c in calls]
-        try:
+
+        def reserve():
             placed = [self._place(c.parents, c.offsets, c.new_offset) for c in calls]
-            jobs = self._all_or_nothing(
+            return self._all_or_nothing(
                 self.make_job(call, self.format.header(call.role, call.prefix), segments=segments, start=start,
                               parents=parent_ids)
                 for call, (segments, start, parent_ids) in zip(calls, placed))
-        except BaseException:
-            self._drop_unencoded_prefix()
-            raise
-        try:
-            self._encode_prefix()
-        except BaseException:
-            self.abort(jobs)
-            raise
+
+        jobs = self._reserved_with_prefix(reserve, self.abort)
         for job in jobs:
             job.msg.id = next(self._ids)
             self._messages[job.msg.id] = job.msg
@@ -516,6 +508,22 @@ class Choreographer:
             self._prefix = Message(id=-1, role=RAW, parents=(), start=0, ids=ids, content=(0, 0), text="", row=row)
             self._prefix_encoded = False
         return self._prefix
+
+    def _reserved_with_prefix(self, reserve, undo):
+        """``reserve()`` (a call's placement and rows), then the encoding of the prefix it may have reserved: if
+        ``reserve`` raises, the prefix's rows go back; if the encoding raises, ``undo`` takes back what ``reserve``
+        returned. Either way the executor is left as it was."""
+        try:
+            reserved = reserve()
+        except BaseException:
+            self._drop_unencoded_prefix()
+            raise
+        try:
+            self._encode_prefix()
+        except BaseException:
+            undo(reserved)
+            raise
+        return reserved
 
     def _encode_prefix(self) -> None:
         """Encode the prefix reserved by the call being started (nothing if there is none, or it is encoded)."""
