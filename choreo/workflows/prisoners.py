@@ -458,7 +458,7 @@ def train_adapter(model, *, strategy: str, train_seeds, dev_seeds, config: GameC
     runner.run([lambda ex, s=s: play(ex, strategy=strategy, seed=s, config=config, coop_ids=coop_ids) for s in seeds])
     traces = [runner.traces[i] for i in range(len(seeds))]
     nll = game_nll(model, traces)
-    keep = [x == x and (max_nll is None or x <= max_nll) for x in nll]  # NaN (x != x): an empty message
+    keep = [not math.isnan(x) and (max_nll is None or x <= max_nll) for x in nll]  # NaN: an empty message
     train_set = [t for t, k in zip(traces[:len(train_seeds)], keep) if k]
     dev_set = [t for t, k in zip(traces[len(train_seeds):], keep[len(train_seeds):]) if k]
     write_json(Path(out_dir) / "fluency.json", {

@@ -27,7 +27,7 @@ from choreo.profiles import pick
 from choreo.provenance import provenance
 from choreo.report import command_line
 from choreo.results import JsonlLog, logs_written
-from choreo.workflows.prisoners import (COOPERATE, DEFECT, STRATEGIES, STRATEGY_NAMES, UNPARSABLE, GameConfig,
+from choreo.workflows.prisoners import (CHOICES, COOPERATE, DEFECT, STRATEGIES, STRATEGY_NAMES, UNPARSABLE, GameConfig,
                                        is_cooperate, parse_choice, run_games)
 
 ALPHA = 0.05
@@ -157,7 +157,7 @@ def predicted(record: dict, field: str = "choice"):
 def choice_counts(choices) -> dict:
     """{"cooperate": k, "defect": k, "unparsable": k} of a list of ``parse_choice`` classes."""
     choices = list(choices)
-    return {c: choices.count(c) for c in (COOPERATE, DEFECT, UNPARSABLE)}
+    return {c: choices.count(c) for c in CHOICES}
 
 
 def parsed_rate(choices) -> stats.Rate | None:
