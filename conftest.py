@@ -32,8 +32,9 @@ def pytest_addoption(parser):
     group.addoption("--results-dir", default=None,
                     help="write result tables here (default: a temporary folder; `choreo repro` uses results/)")
     group.addoption("--data-dir", default=default_data_dir(),
-                    help="folder with commongen_hard.jsonl, the blockage BSM suite's concept sets "
-                         "(default: $CHOREO_DATA or ../shared/data)")
+                    help="folder with commongen_hard.jsonl (the blockage BSM suite's concept sets) and/or "
+                         "math_test.jsonl (the applications suite's MATH problems); default: $CHOREO_DATA or "
+                         "../shared/data")
     group.addoption("--run-slow", action="store_true", help="also run tests marked slow")
 
 

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from .data.concepts import FILE_NAME as CONCEPTS_FILE
+from .data.math import FILE_NAME as MATH_FILE
 from .profiles import PROFILES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,8 +28,9 @@ def register(sub) -> None:
     p.add_argument("--results-dir", default=str(RESULTS_DIR),
                    help=f"tables go to RESULTS_DIR/<suite>/ (default: the checkout's {RESULTS_DIR})")
     p.add_argument("--data-dir", default=None,
-                   help=f"folder holding {CONCEPTS_FILE} (CommonGen-Hard concept sets for the blockage BSM suite; "
-                        "default: $CHOREO_DATA, else ../shared/data beside the checkout, else built-in concepts)")
+                   help=f"folder holding {CONCEPTS_FILE} (CommonGen-Hard concept sets for the blockage BSM suite) "
+                        f"and/or {MATH_FILE} (MATH problems for the applications suite); default: $CHOREO_DATA, else "
+                        "../shared/data beside the checkout, else built-in concepts and problems")
     p.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     p.set_defaults(func=run)
 
@@ -48,8 +50,8 @@ def run(args) -> int:
     if args.data_dir is not None:  # the suites fall back to built-in data without the file: say so here
         if not Path(args.data_dir).is_dir():
             raise FileNotFoundError(f"data folder {args.data_dir!r} is not a directory")
-        if not (Path(args.data_dir) / CONCEPTS_FILE).is_file():
-            raise FileNotFoundError(f"data folder {args.data_dir!r} has no {CONCEPTS_FILE}")
+        if not any((Path(args.data_dir) / f).is_file() for f in (CONCEPTS_FILE, MATH_FILE)):
+            raise FileNotFoundError(f"data folder {args.data_dir!r} has no {CONCEPTS_FILE} or {MATH_FILE}")
     results = Path(args.results_dir)
     argv = [str(SUITES_DIR / name) for name in chosen]
     argv += ["--profile", args.profile, "--results-dir", str(results), "-p", "no:cacheprovider", "-q", "-rA"]

@@ -11,12 +11,13 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
@@ -141,6 +142,32 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
 def logs_written(paths) -> list[dict]:
     """``JsonlLog.written_summary`` of each existing log in ``paths``: which code computed a table's records."""
     return [JsonlLog(p, key="").written_summary() for p in sorted(set(map(Path, paths))) if Path(p).exists()]
+
+
+def fingerprint(**parts) -> str:
+    """A short hash of everything a run's records depend on (model hash, profile, sizes, prompts, seeds)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def resumable(path: str | os.PathLike, items: Sequence, run: Callable,
+              redo: Callable[[Any], bool] | None = None) -> list:
+    """Results for ``items``, reusing those already logged in the ``JsonlLog`` at ``path`` and logging new ones.
+
+    ``run(todo_items, on_result)`` computes the missing items (``on_result(j, result)`` for todo item j), and
+    those whose logged result ``redo(result)`` rejects (e.g. a record format that lacks a field now reported).
+    The log is append-only: an interrupted session resumes where it stopped, and the last record of an index
+    is the one used.
+    """
+    log = JsonlLog(path, key="index")
+    done = {r["index"]: r["result"] for r in log.records() if r["index"] < len(items)}
+    todo = [i for i in range(len(items)) if i not in done or (redo is not None and redo(done[i]))]
+    if todo:
+        def on_result(j, result):
+            log.append({"index": todo[j], "result": result})
+            done[todo[j]] = result
+
+        run([items[i] for i in todo], on_result)
+    return [done[i] for i in range(len(items))]
 
 
 def _last_commit_of(path: Path) -> str | None:

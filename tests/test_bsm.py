@@ -127,7 +127,9 @@ def test_layouts_and_paired_seeds(tiny_gqa):
     lin, lin_merge, _ = _merge_parents(choreo.Choreographer(tiny_gqa), "linearized")
     par, par_merge, _ = _merge_parents(choreo.Choreographer(tiny_gqa), "parallel")
     assert base["stories"] == lin["stories"] == par["stories"]  # same prompts and seeds before the merge
-    assert base["merged"] == lin["merged"]  # back-to-back positions = the serial prompt
+    # Linearized merges see the baseline's positions, but not its encoding: the baseline re-encodes story 1
+    # attending to story 0's branch, the cached story 1 never saw it. So the merged texts may differ.
+    assert base_merge.offsets == lin_merge.offsets
     assert par_merge.offsets is None and lin_merge.offsets is not None
     assert [e.offsets for e in as_layout(base_trace, "parallel")] == [None] * len(base_trace)
     assert 0 <= base["coverage"]["word"] <= 1 and 0 <= base["coverage"]["substring"] <= 1

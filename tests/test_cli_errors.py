@@ -87,7 +87,7 @@ def test_bench_and_repro_default_to_the_same_results_folder(capsys):
 
 
 @pytest.mark.parametrize("data_dir, message", [("no/such/folder", "is not a directory"),
-                                               (".", "has no commongen_hard.jsonl")], ids=["missing", "no-file"])
+                                               (".", "has no commongen_hard.jsonl or math_test.jsonl")], ids=["missing", "no-file"])
 def test_repro_rejects_a_data_dir_it_would_ignore(capsys, tmp_path, monkeypatch, data_dir, message):
     monkeypatch.chdir(tmp_path)
     assert main(["repro", "--data-dir", data_dir]) == 2
@@ -95,11 +95,23 @@ def test_repro_rejects_a_data_dir_it_would_ignore(capsys, tmp_path, monkeypatch,
     assert repr(data_dir) in err and message in err
 
 
-def test_repro_data_dir_help_names_the_file_the_suites_read(capsys):
-    from choreo.data.concepts import FILE_NAME
+def test_repro_data_dir_help_names_the_files_the_suites_read(capsys):
+    from choreo.data.concepts import FILE_NAME as CONCEPTS
+    from choreo.data.math import FILE_NAME as MATH
 
     text = _help(capsys, "repro")
-    assert FILE_NAME in text and "math_test" not in text
+    assert CONCEPTS in text and MATH in text
+
+
+@pytest.mark.parametrize("name", ["commongen_hard.jsonl", "math_test.jsonl"])
+def test_repro_accepts_a_data_dir_with_either_file(tmp_path, monkeypatch, name):
+    import pytest as pytest_module
+
+    seen = []
+    monkeypatch.setattr(pytest_module, "main", lambda argv: seen.append(argv) or 0)
+    (tmp_path / name).write_text("")
+    assert main(["repro", "--profile", "smoke", "--data-dir", str(tmp_path), "--results-dir", str(tmp_path)]) == 0
+    assert seen and seen[0][seen[0].index("--data-dir") + 1] == str(tmp_path)
 
 
 @pytest.mark.parametrize("argv", [["--rounds", "0"], ["--rounds", "-1"], ["--max-tokens", "0"], ["--rounds", "two"]],

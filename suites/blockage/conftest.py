@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 from typing import Callable, Sequence
 
-from choreo.results import JsonlLog, logs_written
-
-
-def fingerprint(**parts) -> str:
-    """A short hash of everything a run's records depend on (model hash, profile, sizes, prompts, seeds)."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+from choreo.results import JsonlLog, fingerprint, logs_written, resumable as results_resumable
 
 
 # Train/dev split of the fine-tuning traces (PROTOCOLS: 90/10, fixed seed), whatever the LoRA preset's own
@@ -49,24 +43,10 @@ def logs_read(folder: Path) -> list[dict]:
 
 def resumable(folder: Path, name: str, items: Sequence, run: Callable,
               redo: Callable[[object], bool] | None = None) -> list:
-    """Results for ``items``, reusing those already logged in ``folder/<name>.jsonl`` and logging new ones.
-
-    ``run(todo_items, on_result)`` computes the missing items (``on_result(j, result)`` for todo item j), and
-    those whose logged result ``redo(result)`` rejects (e.g. a record format that lacks a field now reported).
-    The log is append-only (``choreo.results.JsonlLog``): an interrupted session resumes where it stopped, and
-    the last record of an index is the one used.
-    """
-    log = JsonlLog(Path(folder) / f"{name}.jsonl", key="index")
-    LOGS_READ.add(log.path)
-    done = {r["index"]: r["result"] for r in log.records() if r["index"] < len(items)}
-    todo = [i for i in range(len(items)) if i not in done or (redo is not None and redo(done[i]))]
-    if todo:
-        def on_result(j, result):
-            log.append({"index": todo[j], "result": result})
-            done[todo[j]] = result
-
-        run([items[i] for i in todo], on_result)
-    return [done[i] for i in range(len(items))]
+    """``choreo.results.resumable`` on ``folder/<name>.jsonl``, the log noted for the tables' provenance."""
+    path = Path(folder) / f"{name}.jsonl"
+    LOGS_READ.add(path)
+    return results_resumable(path, items, run, redo)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ command without them produces different tables.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -26,7 +25,7 @@ from choreo import stats
 from choreo.profiles import pick
 from choreo.provenance import provenance
 from choreo.report import command_line
-from choreo.results import JsonlLog, logs_written
+from choreo.results import JsonlLog, fingerprint, logs_written
 from choreo.workflows.prisoners import (CHOICES, COOPERATE, DEFECT, STRATEGIES, STRATEGY_NAMES, UNPARSABLE, GameConfig,
                                        is_cooperate, parse_choice, run_games)
 
@@ -209,10 +208,6 @@ def rate_json(values) -> dict:
 
 def mean_cell(values) -> str:
     return f"{100 * sum(values) / len(values):.1f}%"
-
-
-def fingerprint(**parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,164 @@
+"""MATH problems: the benchmark's JSONL by path, or a built-in set; answer extraction and grading.
+
+``load_problems(data_dir)`` reads ``<data_dir>/math_test.jsonl`` (one ``{"id", "problem", "level", "type",
+"solution"}`` per line, the gold answer being the solution's last ``\\boxed{}``); without a folder it makes
+``BUILTIN_SIZE`` seeded problems in MATH's format (integer arithmetic, linear equations, fractions: *not* MATH,
+for machines without the file). ``split_problems`` picks disjoint evaluation and training sets with a fixed seed
+from the id-sorted list, so the choice does not depend on the file's order.
+
+Grading (PROTOCOLS: programmatic, not by asking a model): ``extract_answer`` takes the last ``\\boxed{...}`` of a
+response, else what follows its last "ANSWER:"; ``grade`` checks that answer against the gold one with
+``math_verify`` (symbolic and numeric equivalence: ``\\frac{9}{7}`` = ``9/7``, ``0.5`` = ``\\frac12``). A response
+with neither is wrong and counted as unparsed. Example::
+
+    problems = load_problems(None)
+    evaluation, train = split_problems(problems, n_eval=8, n_train=16, seed=0)
+    grade(evaluation[0].answer, "... so the answer is \\\\boxed{42}.")   # {"correct": ..., "extracted": "42"}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import re
+from fractions import Fraction
+from pathlib import Path
+from typing import Sequence
+
+from ..results import read_jsonl
+
+FILE_NAME = "math_test.jsonl"
+BUILTIN_SIZE = 1000
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Problem:
+    """One problem; ``answer`` is the gold final answer (the solution's last ``\\boxed{}``)."""
+
+    id: str
+    problem: str
+    answer: str
+    level: str = ""
+    type: str = ""
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def last_boxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) in ``text``, braces balanced; None if there
+    is none or it is not closed. Example: ``last_boxed("\\\\boxed{\\\\frac{1}{2}}.")`` is ``"\\\\frac{1}{2}"``."""
+    starts = [m.end() for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]
+    if not starts:
+        return None
+    depth, i = 1, starts[-1]
+    while i < len(text):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[starts[-1]:i].strip()
+        i += 1
+    return None
+
+
+_ANSWER = re.compile(r"ANSWER\s*:\s*(.+)", re.IGNORECASE)
+
+
+def extract_answer(text: str) -> str | None:
+    """A response's final answer: its last ``\\boxed{}``, else the rest of the line after its last "ANSWER:"
+    (dollar signs and a trailing period removed); None when it has neither (or the answer is empty)."""
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return boxed or None
+    found = _ANSWER.findall(text)
+    if not found:
+        return None
+    answer = found[-1].strip().strip("$").strip().rstrip(".").strip().strip("$").strip()
+    return answer or None
+
+
+def _normal(answer: str) -> str:
+    """Spacing, ``\\left``/``\\right`` and the ``dfrac``/``tfrac`` spellings removed."""
+    return re.sub(r"\s+|\\[,;!]|\\left|\\right", "", answer).replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+
+
+def equivalent(gold: str, answer: str) -> bool:
+    """Whether ``answer`` means ``gold`` (both bare answers, LaTeX allowed): identical after removing spacing,
+    or equal for ``math_verify`` (symbolic and numeric comparison)."""
+    if _normal(gold) == _normal(answer):
+        return True
+    from math_verify import parse, verify
+
+    try:
+        return bool(verify(parse(f"${gold}$"), parse(f"${answer}$")))
+    except Exception:  # math_verify gives up (timeouts, unparsable LaTeX) by raising: not shown equal
+        return False
+
+
+def grade(gold: str, response: str) -> dict:
+    """``{"correct": bool, "extracted": answer or None}`` for a response to a problem whose answer is ``gold``."""
+    extracted = extract_answer(response)
+    return {"correct": extracted is not None and equivalent(gold, extracted), "extracted": extracted}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading and splitting
+# ---------------------------------------------------------------------------------------------------------------
+
+def _builtin(i: int) -> Problem:
+    """Built-in problem ``i`` (deterministic in i): arithmetic, a linear equation or a sum of fractions."""
+    rng = random.Random(f"math:{i}")
+    kind = ("arithmetic", "equation", "fractions")[i % 3]
+    if kind == "arithmetic":
+        a, b = rng.randint(11, 99), rng.randint(11, 99)
+        op, value = rng.choice([("+", a + b), ("-", a - b), ("\\times", a * b)])
+        text, answer = f"Compute ${a} {op} {b}$.", str(value)
+    elif kind == "equation":
+        a, x, b = rng.randint(2, 9), rng.randint(-12, 12), rng.randint(-30, 30)
+        text, answer = f"Solve for $x$: ${a}x {'+' if b >= 0 else '-'} {abs(b)} = {a * x + b}$.", str(x)
+    else:
+        p, q, r, s = rng.randint(1, 5), rng.randint(2, 9), rng.randint(1, 5), rng.randint(2, 9)
+        value = Fraction(p, q) + Fraction(r, s)
+        text = f"What is $\\frac{{{p}}}{{{q}}} + \\frac{{{r}}}{{{s}}}$? Express your answer as a common fraction."
+        num, den = value.numerator, value.denominator
+        answer = str(num) if den == 1 else f"\\frac{{{num}}}{{{den}}}"
+    return Problem(id=f"builtin/{i}", problem=text, answer=answer, level="builtin", type=kind)
+
+
+def load_problems(data_dir: str | Path | None = None) -> list[Problem]:
+    """Every problem of ``<data_dir>/math_test.jsonl`` (rows without a boxed answer are refused), or the
+    ``BUILTIN_SIZE`` built-in problems without a folder."""
+    if data_dir is None:
+        return [_builtin(i) for i in range(BUILTIN_SIZE)]
+    path = Path(data_dir) / FILE_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"MATH file {str(path)!r} does not exist (expected {FILE_NAME} in the data folder)")
+    problems, seen = [], set()
+    for number, record in read_jsonl(path):
+        fields = ("id", "problem", "solution")
+        if not isinstance(record, dict) or not all(isinstance(record.get(k), str) and record[k] for k in fields):
+            raise ValueError(f"{path}:{number}: expected non-empty string fields {fields}, got {str(record)[:80]!r}")
+        answer = last_boxed(record["solution"])
+        if not answer:
+            raise ValueError(f"{path}:{number}: the solution of {record['id']!r} has no \\boxed{{}} answer")
+        if record["id"] in seen:
+            raise ValueError(f"{path}:{number}: duplicate problem id {record['id']!r}")
+        seen.add(record["id"])
+        problems.append(Problem(id=record["id"], problem=record["problem"], answer=answer,
+                                level=str(record.get("level", "")), type=str(record.get("type", ""))))
+    return problems
+
+
+def split_problems(problems: Sequence[Problem], *, n_eval: int, n_train: int = 0,
+                   seed: int = 0) -> tuple[list[Problem], list[Problem]]:
+    """(evaluation, training) problems: disjoint, drawn with ``seed`` from the problems sorted by id.
+
+    The evaluation set is the first ``n_eval`` of the seeded shuffle and training the next ``n_train``, so a
+    larger ``n_train`` never changes the evaluation set, and the same seed gives the same sets on any file order.
+    """
+    if n_eval < 1 or n_train < 0:
+        raise ValueError(f"need n_eval >= 1 and n_train >= 0, got n_eval={n_eval}, n_train={n_train}")
+    if n_eval + n_train > len(problems):
+        raise ValueError(f"{n_eval} evaluation + {n_train} training problems requested; only {len(problems)} exist")
+    order = sorted(problems, key=lambda p: p.id)
+    random.Random(seed).shuffle(order)
+    return order[:n_eval], order[n_eval:n_eval + n_train]

@@ -1,0 +1,354 @@
+"""Multi-agent debate on MATH (PROTOCOLS.md "Multi-agent debate on MATH"): iterative and parallel.
+
+Every speaker has its own system prompt and its own copy of the problem turn (the same text, encoded after
+that system prompt), so a speaker's own prompt is the ordinary chat prefix in every condition; what the
+conditions change is how speakers see each other's messages.
+
+``iterative_debate``: an affirmative and a negative debater and a moderator, up to ``rounds`` rounds. In round
+r the affirmative speaks (round 1: proposes a solution; later: defends or revises it against the negative's
+last argument), then the negative (argues against it with its own solution), then the moderator replies with
+JSON ``{"reasoning", "preference": "affirmative" | "negative" | "none", "answer"}`` behind a forced prefix.
+The debate stops after the first round whose moderator names a winner with a non-empty answer (``names_winner``).
+
+- the debate is the debaters' messages, in order; each debater's call attends to its system prompt, its
+  problem turn, the whole debate so far and a private instruction turn (the opening proposal has none);
+- the moderator attends to its system prompt, its problem turn, the whole debate so far and its instruction;
+  its verdicts are side calls that no debater attends to (a debater argues the problem, not the verdict).
+
+``parallel_debate`` (Du et al.): ``agents`` agents answer independently (one parallel decode), then in each of
+``rounds`` update rounds a summariser attends to its system prompt, its problem turn, every answer of the
+previous round and an instruction, and summarises them; each agent (in parallel) then attends to the shared
+system prompt and problem turn, its own earlier answers, the summary and a private instruction, and updates
+its answer. The agents share one system prompt and problem turn (the same encoding each would have alone).
+
+The workflows are written once; the condition is the executor plus ``layout``:
+
+- baseline: ``choreo.Baseline`` with ``layout="linearized"`` -- every call re-encodes its parents back to back
+  in list order, one serial prompt (``choreo.linearize``);
+- choreographed: ``choreo.Choreographer`` with ``layout="parallel"`` -- every call attends to the cached
+  messages where they were encoded (parallel siblings, e.g. the agents' answers, overlap in position);
+- ``choreo.Choreographer`` with ``layout="linearized"`` gives the baseline's positions over cached encodings.
+
+Sampling uses T = 0.7 and a seed per call derived from the instance seed (``call_seed``), identical in every
+condition: the conditions differ only in executor and layout, and the first calls (whose parents are all in
+the speaker's own serial prefix) are the same in both.
+
+Example::
+
+    from choreo import Choreographer, Runner, load_model
+    problem = "What is $1 + 2 \\\\cdot 3$?"
+    out = Runner(Choreographer(load_model())).run(
+        [lambda ex: iterative_debate(ex, problem, layout="parallel", seed=0)])[0]
+    out["final"], out["final_source"], out["rounds"]     # e.g. "\\\\boxed{7}", "moderator", 1
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Sequence
+
+from ..engine import Call, linearize
+
+LAYOUTS = ("parallel", "linearized")
+PREFERENCES = ("affirmative", "negative", "none")
+MAX_ROUNDS, MAX_AGENTS = 16, 16
+SEED_STRIDE = 1000  # seeds per instance: more than the calls of the largest allowed debate (17 * 17 = 289)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DebateConfig:
+    """Sizes, token caps and sampling of both debates (identical in every condition).
+
+    ``rounds``: debate rounds (iterative) or update rounds after the independent answers (parallel);
+    ``agents``: agents of the parallel debate. ``preset("tiny")`` is for tests and smoke runs (mechanics only).
+    """
+
+    rounds: int = 3
+    agents: int = 3
+    temperature: float = 0.7
+    top_p: float = 1.0
+    answer_tokens: int = 256  # a debater's or an agent's message
+    moderator_tokens: int = 160
+    summary_tokens: int = 160
+
+    def __post_init__(self):
+        for name, hi in (("rounds", MAX_ROUNDS), ("agents", MAX_AGENTS)):
+            value, lo = getattr(self, name), 2 if name == "agents" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+                raise ValueError(f"DebateConfig.{name} must be an integer in {lo}..{hi}, got {value!r}")
+        for name in ("answer_tokens", "moderator_tokens", "summary_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"DebateConfig.{name} must be an integer >= 1, got {value!r}")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
+                or not 0 <= self.temperature < math.inf:
+            raise ValueError(f"DebateConfig.temperature must be a finite number >= 0, got {self.temperature!r}")
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ValueError(f"DebateConfig.top_p must be a number in (0, 1], got {self.top_p!r}")
+
+    @classmethod
+    def preset(cls, name: str) -> "DebateConfig":
+        presets = {"protocol": cls(),
+                   "tiny": cls(rounds=2, agents=2, answer_tokens=4, moderator_tokens=6, summary_tokens=4)}
+        if name not in presets:
+            raise ValueError(f"unknown DebateConfig preset {name!r}; choose one of {sorted(presets)}")
+        return presets[name]
+
+
+def call_seed(seed: int, step: int) -> int:
+    """The sampling seed of call ``step`` of the instance with seed ``seed`` (never shared across instances)."""
+    return SEED_STRIDE * seed + step
+
+
+def _offsets(parents: Sequence, layout: str) -> list[int] | None:
+    """A call's offsets: its parents back to back in list order ("linearized") or where they are ("parallel")."""
+    return linearize(parents) if layout == "linearized" else None
+
+
+def _check(layout: str, problem: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown debate layout {layout!r}; choose one of {LAYOUTS}")
+    if not isinstance(problem, str) or not problem.strip():
+        raise ValueError(f"a debate needs a non-empty problem string, got {problem!r}")
+
+
+async def _speak(ex, view: list, instruction: str | None, *, layout: str, **call):
+    """Decode one message attending to ``view`` and, if given, a private instruction turn prefilled after it."""
+    parents = list(view)
+    if instruction is not None:
+        parents.append(await ex.prefill(instruction, role="user", parents=view, offsets=_offsets(view, layout)))
+    return await ex.decode(parents=parents, offsets=_offsets(parents, layout), **call)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompts
+# ---------------------------------------------------------------------------------------------------------------
+
+PROBLEM_PROMPT = "Problem: {problem}"
+AFFIRMATIVE_SYSTEM = ("You are the affirmative side of a debate about a math problem. Solve the problem step by step "
+                      "and put your final answer in \\boxed{}. When the negative side argues against you, defend "
+                      "your solution if it is right and correct it if it is wrong.")
+NEGATIVE_SYSTEM = ("You are the negative side of a debate about a math problem. Check the affirmative side's "
+                   "solution step by step, point out its mistakes, and give your own solution with your final "
+                   "answer in \\boxed{}.")
+MODERATOR_SYSTEM = ("You are the moderator of a debate between an affirmative and a negative side about a math "
+                    "problem. After each round you judge which side's final answer is correct, and reply with JSON "
+                    "only.")
+AFFIRMATIVE_PROMPT = ("Above is the debate so far. As the affirmative side, answer the negative side's last argument: "
+                      "defend your solution or correct it, and end with your final answer in \\boxed{}.")
+NEGATIVE_PROMPT = ("Above is the debate so far. As the negative side, answer the affirmative side's last argument: "
+                   "point out its mistakes and give your own solution, ending with your final answer in \\boxed{}.")
+MODERATOR_PROMPT = ("Round {round} of at most {rounds} is over. Judge the debate so far. Reply with JSON only: "
+                    '{{"reasoning": "<one or two sentences>", "preference": "affirmative" or "negative" or "none", '
+                    '"answer": "<the final answer of the side you prefer>"}}. Prefer a side only if you are sure its '
+                    'final answer is correct; otherwise use "none".')
+MODERATOR_PREFIX = '{"reasoning": "'
+
+AGENT_SYSTEM = ("You are a careful mathematician. Solve the problem step by step and put your final answer in "
+                "\\boxed{}.")
+SUMMARISER_SYSTEM = "You summarise the solutions of several agents to a math problem, briefly and faithfully."
+SUMMARY_PROMPT = ("Above are the solutions of {agents} agents to the problem. Summarise each agent's reasoning and "
+                  "final answer in one or two sentences.")
+UPDATE_PROMPT = ("Above is a summary of the other agents' solutions. Using their reasoning as additional advice, "
+                 "examine your solution and theirs step by step and give an updated solution, ending with your "
+                 "final answer in \\boxed{}.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The moderator's verdict
+# ---------------------------------------------------------------------------------------------------------------
+
+_KEY = r'["\']{}["\']\s*:\s*'
+_PREFERENCE = re.compile(_KEY.format("preference") + r'(?:"\s*([^"]*)"?|([A-Za-z]+))', re.IGNORECASE)
+_ANSWER = re.compile(_KEY.format("answer") + r'(?:"((?:[^"\\]|\\.)*)"?|([^,}\n]+))', re.IGNORECASE | re.DOTALL)
+_BOXED = re.compile(r"^\\boxed\s*\{(.*)\}$", re.DOTALL)
+
+
+def parse_moderator(text: str) -> dict:
+    """``{"preference", "answer"}`` from a moderator's JSON reply, leniently (the forced prefix included or not).
+
+    Each field is found by its quoted key, so prose around the JSON and a reply cut off by the token cap are
+    fine: a missing field is None, and an unterminated answer string runs to the end of the text.
+    ``preference`` is one of ``PREFERENCES`` ("aff..." / "neg..." count; "null", "neither", "tie" are "none"),
+    or None when absent or unrecognised. ``answer`` is the stripped string (``\\\\`` and ``\\"`` unescaped, other
+    backslashes kept, since LaTeX such as ``\\frac`` is rarely escaped; a wrapping ``\\boxed{}`` or ``$...$``
+    removed), a bare value such as 42 as text, or None when absent, empty or null. Example::
+
+        parse_moderator('{"reasoning": "x", "preference": "Negative", "answer": "\\\\\\\\frac{1}{2}"}')
+        # {"preference": "negative", "answer": "\\\\frac{1}{2}"}
+        parse_moderator('{"reasoning": "both agree", "preference": "none", "answ')
+        # {"preference": "none", "answer": None}
+    """
+    pref = _PREFERENCE.search(text)
+    word = ((pref.group(1) if pref.group(1) is not None else pref.group(2)) or "").strip().lower() if pref else ""
+    if word.startswith("aff"):
+        preference = "affirmative"
+    elif word.startswith("neg"):
+        preference = "negative"
+    elif word in ("none", "null", "neither", "tie", "no preference"):
+        preference = "none"
+    else:
+        preference = None
+    m = _ANSWER.search(text)
+    answer = None
+    if m is not None:
+        quoted = m.group(1) is not None
+        answer = (m.group(1) if quoted else m.group(2)).strip()
+        if quoted:
+            answer = answer.replace("\\\\", "\x00").replace('\\"', '"').replace("\x00", "\\").strip()
+        elif answer.lower() == "null":
+            answer = ""
+        answer = _unwrap(answer) or None
+    return {"preference": preference, "answer": answer}
+
+
+def _unwrap(answer: str) -> str:
+    """``answer`` without a wrapping ``$...$`` or ``\\boxed{...}``."""
+    answer = answer.strip()
+    if len(answer) > 1 and answer[0] == answer[-1] == "$":
+        answer = answer.strip("$").strip()
+    m = _BOXED.match(answer)
+    return m.group(1).strip() if m else answer
+
+
+def names_winner(verdict: dict) -> bool:
+    """The stopping rule: the moderator prefers a side ("affirmative" or "negative") and gives a non-empty answer."""
+    return verdict.get("preference") in ("affirmative", "negative") and bool((verdict.get("answer") or "").strip())
+
+
+def final_answer(verdicts: Sequence[dict], affirmative: str) -> tuple[str, str]:
+    """(text to grade, source) at the end of an iterative debate.
+
+    The moderator's answer wrapped as ``\\boxed{answer}`` (source "moderator") when the last verdict names a
+    winner (the debate stopped on it), else the last affirmative message as written (source "affirmative"): after
+    the last round without a winner, the side that proposed and defended a solution keeps it. Example:
+    ``final_answer([{"preference": "negative", "answer": "7"}], "... \\\\boxed{9}")`` is ``("\\\\boxed{7}",
+    "moderator")``.
+    """
+    if verdicts and names_winner(verdicts[-1]):
+        return f"\\boxed{{{verdicts[-1]['answer'].strip()}}}", "moderator"
+    return affirmative, "affirmative"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The workflows
+# ---------------------------------------------------------------------------------------------------------------
+
+SPEAKERS = ("affirmative", "negative", "moderator")
+
+
+async def iterative_debate(ex, problem: str, *, layout: str, seed: int, config: DebateConfig = DebateConfig()) -> dict:
+    """One iterative debate (affirmative, negative, moderator) on ``problem``; stops when the moderator names a winner.
+
+    Call ``3 * r + k`` of round r (0-based; k: affirmative, negative, moderator) samples with ``call_seed(seed,
+    3 * r + k)``. Returns ``{"final": text to grade (``final_answer``), "final_source": "moderator" |
+    "affirmative", "rounds": rounds run, "moderator": [{"text" (forced prefix included), "preference", "answer"}
+    per round], "transcript": [{"speaker", "text"} for every message in order, the moderator's included]}``.
+    """
+    _check(layout, problem)
+    sample = dict(temperature=config.temperature, top_p=config.top_p)
+    own = {}  # speaker -> [system prompt, problem turn]: its own serial prefix
+    for speaker, system in zip(SPEAKERS, (AFFIRMATIVE_SYSTEM, NEGATIVE_SYSTEM, MODERATOR_SYSTEM)):
+        sys = await ex.prefill(system, role="system")
+        own[speaker] = [sys, await ex.prefill(PROBLEM_PROMPT.format(problem=problem), role="user", parents=[sys],
+                                              offsets=_offsets([sys], layout))]
+    debate, verdicts, transcript, last_affirmative = [], [], [], ""
+    for r in range(config.rounds):
+        for k, (speaker, prompt) in enumerate((("affirmative", AFFIRMATIVE_PROMPT), ("negative", NEGATIVE_PROMPT))):
+            msg = await _speak(ex, own[speaker] + debate, prompt if debate else None, layout=layout,
+                               role=f"assistant:{speaker}", max_tokens=config.answer_tokens,
+                               seed=call_seed(seed, 3 * r + k), **sample)
+            debate.append(msg)
+            transcript.append({"speaker": speaker, "text": msg.text})
+        last_affirmative = debate[-2].text
+        msg = await _speak(ex, own["moderator"] + debate, MODERATOR_PROMPT.format(round=r + 1, rounds=config.rounds),
+                           layout=layout, role="assistant:moderator", prefix=MODERATOR_PREFIX, stop=('"}',),
+                           max_tokens=config.moderator_tokens, seed=call_seed(seed, 3 * r + 2), **sample)
+        text = MODERATOR_PREFIX + msg.text
+        verdicts.append({"text": text, **parse_moderator(text)})
+        transcript.append({"speaker": "moderator", "text": text})
+        if names_winner(verdicts[-1]):
+            break
+    final, source = final_answer(verdicts, last_affirmative)
+    return {"final": final, "final_source": source, "rounds": len(verdicts), "moderator": verdicts,
+            "transcript": transcript}
+
+
+async def parallel_debate(ex, problem: str, *, layout: str, seed: int, config: DebateConfig = DebateConfig()) -> dict:
+    """One parallel (Du et al.) debate on ``problem``: independent answers, then ``rounds`` summarise-and-update rounds.
+
+    Round r (0: the independent answers) uses seeds ``call_seed(seed, r * (agents + 1) + a)`` for agent a and
+    ``call_seed(seed, r * (agents + 1) + agents)`` for the summary of round r >= 1. Returns ``{"answers": [each agent's
+    final text], "history": [[its text in rounds 0..rounds] per agent], "summaries": [one text per update round]}``.
+    """
+    _check(layout, problem)
+    A, stride = config.agents, config.agents + 1
+    sample = dict(temperature=config.temperature, top_p=config.top_p)
+    roles = [f"assistant:agent{a}" for a in range(A)]
+    sys = await ex.prefill(AGENT_SYSTEM, role="system")
+    own = [sys, await ex.prefill(PROBLEM_PROMPT.format(problem=problem), role="user", parents=[sys],
+                                 offsets=_offsets([sys], layout))]
+    last = await ex.decode([Call(role=roles[a], parents=own, offsets=_offsets(own, layout),
+                                 max_tokens=config.answer_tokens, seed=call_seed(seed, a), **sample) for a in range(A)])
+    history = [[m] for m in last]
+    summaries = []
+    sum_sys = await ex.prefill(SUMMARISER_SYSTEM, role="system")
+    summariser = [sum_sys, await ex.prefill(PROBLEM_PROMPT.format(problem=problem), role="user", parents=[sum_sys],
+                                            offsets=_offsets([sum_sys], layout))]
+    for r in range(1, config.rounds + 1):
+        summary = await _speak(ex, summariser + list(last), SUMMARY_PROMPT.format(agents=A), layout=layout,
+                               role="assistant:summariser", max_tokens=config.summary_tokens,
+                               seed=call_seed(seed, r * stride + A), **sample)
+        summaries.append(summary)
+        calls = []
+        for a in range(A):
+            view = own + history[a] + [summary]
+            update = await ex.prefill(UPDATE_PROMPT, role="user", parents=view, offsets=_offsets(view, layout))
+            parents = view + [update]
+            calls.append(Call(role=roles[a], parents=parents, offsets=_offsets(parents, layout),
+                              max_tokens=config.answer_tokens, seed=call_seed(seed, r * stride + a), **sample))
+        last = await ex.decode(calls)
+        for a, msg in enumerate(last):
+            history[a].append(msg)
+    return {"answers": [h[-1].text for h in history], "history": [[m.text for m in h] for h in history],
+            "summaries": [s.text for s in summaries]}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running conditions
+# ---------------------------------------------------------------------------------------------------------------
+
+WORKFLOWS = {"iterative": iterative_debate, "parallel": parallel_debate}
+CONDITIONS = {  # name -> (executor, layout); a fine-tuned condition is "choreographed" with an adapter loaded
+    "baseline": ("baseline", "linearized"),
+    "choreographed": ("choreographed", "parallel"),
+}
+
+
+def run_condition(model, problems: Sequence[str], *, workflow: str, condition: str,
+                  config: DebateConfig = DebateConfig(), seeds: Sequence[int] | None = None, seed: int = 0,
+                  batch: int = 64, progress: bool | str = True, trace: bool = False, on_result=None):
+    """Run one debate ``workflow`` ("iterative" or "parallel") on every problem under one of ``CONDITIONS``
+    (instance i uses seed ``seed + i``, or ``seeds[i]``).
+
+    Returns the results, or (results, traces) with ``trace=True``.
+    Example: ``run_condition(model, [p.problem for p in problems], workflow="parallel", condition="baseline")``.
+    """
+    from ..runner import Runner
+    from .multiqa import make_executor
+
+    if workflow not in WORKFLOWS:
+        raise ValueError(f"unknown debate workflow {workflow!r}; choose one of {sorted(WORKFLOWS)}")
+    if condition not in CONDITIONS:
+        raise ValueError(f"unknown debate condition {condition!r}; choose one of {sorted(CONDITIONS)}")
+    seeds = [seed + i for i in range(len(problems))] if seeds is None else list(seeds)
+    if len(seeds) != len(problems):
+        raise ValueError(f"seeds has {len(seeds)} entries for {len(problems)} problems")
+    kind, layout = CONDITIONS[condition]
+    run = WORKFLOWS[workflow]
+    runner = Runner(make_executor(model, kind), max_concurrent=batch, progress=progress, trace=trace)
+    results = runner.run([lambda ex, p=p, s=s: run(ex, p, layout=layout, seed=s, config=config)
+                          for p, s in zip(problems, seeds)], on_result=on_result)
+    return (results, [runner.traces[i] for i in range(len(results))]) if trace else results

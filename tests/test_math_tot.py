@@ -1,0 +1,154 @@
+"""MATH problems, answer extraction and grading; Tree of Thoughts and the direct call on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import choreo
+from choreo.data.math import (BUILTIN_SIZE, FILE_NAME, equivalent, extract_answer, grade, last_boxed, load_problems,
+                              split_problems)
+from choreo.workflows.tot import (DirectConfig, ToTConfig, majority, parse_vote, run_condition, tree_of_thoughts)
+
+
+@pytest.mark.parametrize("text, boxed", [
+    ("so \\boxed{42}.", "42"),
+    ("\\boxed{\\frac{1}{2}} then \\boxed{\\dfrac{9}{7}}", "\\dfrac{9}{7}"),  # the last one
+    ("\\boxed {(3, -1)}", "(3, -1)"),
+    ("\\fbox{7}", "7"),
+    ("\\boxed{\\frac{1}{2}", None),  # never closed
+    ("no box here", None),
+])
+def test_last_boxed(text, boxed):
+    assert last_boxed(text) == boxed
+
+
+@pytest.mark.parametrize("text, answer", [
+    ("... so the answer is \\boxed{9/7}", "9/7"),
+    ("work\nANSWER: $12$.", "12"),
+    ("answer: 3\nmore text\nANSWER: 5", "5"),  # the last ANSWER line
+    ("ANSWER: \\boxed{4} and ANSWER: 6", "4"),  # a box wins over an ANSWER line
+    ("ANSWER:   ", None),
+    ("\\boxed{}", None),
+    ("the answer is 10", None),  # a bare number is not an answer
+])
+def test_extract_answer(text, answer):
+    assert extract_answer(text) == answer
+
+
+@pytest.mark.parametrize("gold, answer, same", [
+    ("\\frac{9}{7}", "9/7", True),
+    ("\\dfrac{1}{2}", "0.5", True),
+    ("(3,-1)", "(3, -1)", True),
+    ("x^2+1", "1+x^2", True),
+    ("2", "3", False),
+    ("\\frac{1}{3}", "0.33", False),
+    ("10", "\\text{ten", False),  # unparsable LaTeX is not shown equal, and does not raise
+])
+def test_equivalent(gold, answer, same):
+    assert equivalent(gold, answer) is same
+
+
+def test_grade_needs_an_extracted_answer():
+    assert grade("10", "the answer is 10") == {"correct": False, "extracted": None}
+    assert grade("10", "ANSWER: 10") == {"correct": True, "extracted": "10"}
+
+
+def test_builtin_problems_are_deterministic_and_graded_by_their_answers():
+    a, b = load_problems(None), load_problems(None)
+    assert len(a) == BUILTIN_SIZE and a == b and len({p.id for p in a}) == BUILTIN_SIZE
+    for p in a[:30]:
+        assert grade(p.answer, f"ANSWER: {p.answer}")["correct"], p
+    assert {p.type for p in a} == {"arithmetic", "equation", "fractions"}
+
+
+def test_split_is_disjoint_seeded_and_independent_of_order():
+    problems = load_problems(None)
+    evaluation, train = split_problems(problems, n_eval=20, n_train=30, seed=3)
+    assert not {p.id for p in evaluation} & {p.id for p in train} and len(evaluation) == 20 and len(train) == 30
+    again, _ = split_problems(list(reversed(problems)), n_eval=20, seed=3)
+    assert again == evaluation  # file order does not matter; nor does n_train
+    assert split_problems(problems, n_eval=20, seed=4)[0] != evaluation
+    with pytest.raises(ValueError, match="only 1000 exist"):
+        split_problems(problems, n_eval=900, n_train=200)
+    with pytest.raises(ValueError, match="n_eval >= 1"):
+        split_problems(problems, n_eval=0)
+
+
+def test_math_file_loading_and_errors(tmp_path):
+    rows = [{"id": "algebra/2", "problem": "1+1?", "level": "Level 1", "type": "Algebra",
+             "solution": "It is $\\boxed{2}$."},
+            {"id": "algebra/1", "problem": "Half?", "solution": "$\\boxed{\\frac{1}{2}}$"}]
+    (tmp_path / FILE_NAME).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    problems = load_problems(tmp_path)
+    assert [(p.id, p.answer, p.level) for p in problems] == [("algebra/2", "2", "Level 1"),
+                                                             ("algebra/1", "\\frac{1}{2}", "")]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_problems(tmp_path / "missing")
+    for bad, message in [({"id": "a/1", "problem": "p", "solution": "no box"}, "has no \\\\boxed"),
+                         ({"id": "a/1", "problem": "", "solution": "\\boxed{1}"}, "non-empty string fields"),
+                         (rows[0], "duplicate problem id")]:
+        (tmp_path / FILE_NAME).write_text(json.dumps(rows[0]) + "\n" + json.dumps(bad) + "\n")
+        with pytest.raises(ValueError, match=message):
+            load_problems(tmp_path)
+
+
+def test_votes_and_majority():
+    assert parse_vote(" Solution #3, because", 8) == 3
+    assert parse_vote(" #2", 8) == 2 and parse_vote(" 1. The first", 8) == 1
+    assert parse_vote(" 10 x 1", 8) is None and parse_vote(" 5.5x", 8) is None and parse_vote(" none", 8) is None
+    assert parse_vote(" 0", 8) is None
+    assert majority([2, 3, 3, 2]) == 2  # a tie goes to the index seen first
+    assert majority([None, 4, 1, 1]) == 1 and majority([None, None]) is None
+
+
+def test_config_validation_names_the_bad_value():
+    with pytest.raises(ValueError, match="ToTConfig.voters must be an integer >= 1, got 0"):
+        ToTConfig(voters=0)
+    with pytest.raises(ValueError, match="ToTConfig.temperature must be >= 0"):
+        ToTConfig(temperature=-1.0)
+    with pytest.raises(ValueError, match="DirectConfig.answer_tokens"):
+        DirectConfig(answer_tokens=True)
+
+
+TINY = ToTConfig(proposals=3, voters=2, propose_tokens=5, vote_tokens=3, answer_tokens=4)
+PROBLEM = "Compute $2 + 3$."
+
+
+def _traced(executor, layout):
+    runner = choreo.Runner(executor, progress=False, trace=True)
+    (out,) = runner.run([lambda ex: tree_of_thoughts(ex, PROBLEM, layout=layout, seed=5, config=TINY)])
+    return out, [e for e in runner.traces[0] if e.kind == "decode"]
+
+
+def test_layouts_structure_and_paired_seeds(tiny_gqa):
+    base, base_calls = _traced(choreo.Baseline(tiny_gqa), "linearized")
+    lin, _ = _traced(choreo.Choreographer(tiny_gqa), "linearized")
+    par, par_calls = _traced(choreo.Choreographer(tiny_gqa), "parallel")
+    # The arms part at the votes, not before: the same prompts and seeds give the same proposals. (Linearized
+    # votes need not equal the baseline's: the baseline re-encodes the proposals attending to each other.)
+    assert base["proposals"] == lin["proposals"] == par["proposals"]
+    assert [p.split(":")[0] for p in par["proposals"]] == ["Solution #1", "Solution #2", "Solution #3"]
+    assert len(par_calls) == 3 + 2 + 1 and len(par["votes"]) == 2 and 1 <= par["winner"] <= 3
+    assert [c.seed for c in par_calls] == [c.seed for c in base_calls] == list(range(6 * 5, 6 * 5 + 6))
+    voters, final = par_calls[3:5], par_calls[5]
+    assert all(c.offsets is None for c in par_calls)
+    assert all(c.offsets is not None for c in base_calls[3:])
+    moved = list(base_calls[3].offsets)
+    assert moved[-1] is None and moved[:-1] == sorted(set(moved[:-1])) and moved[0] == 0  # back to back, in order
+    assert all(len(c.parents) == 2 + 3 + 1 for c in voters)  # system, vote request, every proposal, instruction
+    assert len(final.parents) == 4 and final.parents[2] == par["winner"] + 1  # the winner's event (after sys, ask)
+
+
+def test_run_condition_direct_and_errors(tiny_gqa):
+    out = run_condition(tiny_gqa, [PROBLEM, PROBLEM], condition="direct", config=DirectConfig(answer_tokens=3),
+                        progress=False)
+    assert out[0] == out[1] and set(out[0]) == {"final"}  # greedy: the same problem gives the same text
+    with pytest.raises(ValueError, match="unknown Tree-of-Thoughts condition 'linearized'"):
+        run_condition(tiny_gqa, [PROBLEM], condition="linearized", progress=False)
+    with pytest.raises(ValueError, match="seeds has 1 entries for 2 problems"):
+        run_condition(tiny_gqa, [PROBLEM, PROBLEM], condition="baseline", config=TINY, seeds=[0], progress=False)
+    with pytest.raises(ValueError, match="unknown Tree-of-Thoughts layout"):
+        choreo.Runner(choreo.Choreographer(tiny_gqa), progress=False).run(
+            [lambda ex: tree_of_thoughts(ex, PROBLEM, layout="serial", seed=0, config=TINY)])
