@@ -114,6 +114,13 @@ def load_traces(path: str | Path) -> list[tuple[dict, list[TraceEvent]]]:
     return out
 
 
+def without_offsets(events: Sequence[TraceEvent]) -> list[TraceEvent]:
+    """The trace with every event's offsets dropped: a baseline trace whose calls re-encoded their parents back
+    to back (``offsets=linearize(parents)``), re-laid so that a replay attends to the cached messages where they
+    were encoded -- how a choreographed workflow lays them out."""
+    return [dataclasses.replace(e, offsets=None) if e.offsets is not None else e for e in events]
+
+
 def replay_calls(events: Sequence[TraceEvent], messages: Sequence[Message], *, teacher: bool = True,
                  group: int) -> list[Call]:
     """The calls of one parallel group, with parents mapped to replayed messages (teacher-forced by default)."""

@@ -1,1 +1,2 @@
-"""Question sets, concept sets and their loaders (external data sets are read by path, never copied here)."""
+"""Question sets, concept sets, MATH problems, their loaders and answer grading (external data sets are read by
+path, never copied here)."""

@@ -296,9 +296,9 @@ def as_layout(events, layout: str) -> list:
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown BSM layout {layout!r}; choose one of {LAYOUTS}")
-    if layout == "linearized":
-        return list(events)
-    return [dataclasses.replace(e, offsets=None) if e.offsets is not None else e for e in events]
+    from ..trace import without_offsets
+
+    return list(events) if layout == "linearized" else without_offsets(events)
 
 
 def run_judge(model, pairs: Sequence[tuple[str, str]], *, batch: int = 64, progress: bool | str = True,

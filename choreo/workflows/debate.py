@@ -329,9 +329,12 @@ CONDITIONS = {  # name -> (executor, layout); a fine-tuned condition is "choreog
 
 def run_condition(model, problems: Sequence[str], *, workflow: str, condition: str,
                   config: DebateConfig = DebateConfig(), seeds: Sequence[int] | None = None, seed: int = 0,
-                  batch: int = 64, progress: bool | str = True, trace: bool = False, on_result=None):
+                  batch: int = 8, capacity: int = 65536, progress: bool | str = True, trace: bool = False,
+                  on_result=None):
     """Run one debate ``workflow`` ("iterative" or "parallel") on every problem under one of ``CONDITIONS``
-    (instance i uses seed ``seed + i``, or ``seeds[i]``).
+    (instance i uses seed ``seed + i``, or ``seeds[i]``). ``batch`` instances run at once in a KV store of
+    ``capacity`` tokens: a re-encoding baseline keeps every call's serial prompt until its instance ends, which
+    grows with rounds x agents x answer length (thousands of tokens per instance), so mind the product.
 
     Returns the results, or (results, traces) with ``trace=True``.
     Example: ``run_condition(model, [p.problem for p in problems], workflow="parallel", condition="baseline")``.
@@ -348,7 +351,8 @@ def run_condition(model, problems: Sequence[str], *, workflow: str, condition: s
         raise ValueError(f"seeds has {len(seeds)} entries for {len(problems)} problems")
     kind, layout = CONDITIONS[condition]
     run = WORKFLOWS[workflow]
-    runner = Runner(make_executor(model, kind), max_concurrent=batch, progress=progress, trace=trace)
+    runner = Runner(make_executor(model, kind, capacity=capacity), max_concurrent=batch, progress=progress,
+                    trace=trace)
     results = runner.run([lambda ex, p=p, s=s: run(ex, p, layout=layout, seed=s, config=config)
                           for p, s in zip(problems, seeds)], on_result=on_result)
     return (results, [runner.traces[i] for i in range(len(results))]) if trace else results

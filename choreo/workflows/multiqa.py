@@ -111,13 +111,14 @@ CONDITIONS = {  # name -> (executor, layout); a fine-tuned condition is "choreog
 }
 
 
-def make_executor(model, kind: str):
-    """``choreo.Baseline`` for "baseline", else ``choreo.Choreographer``."""
+def make_executor(model, kind: str, *, capacity: int = 65536):
+    """``choreo.Baseline`` for "baseline", else ``choreo.Choreographer``; ``capacity``: the KV store's token cap
+    (the baseline keeps every re-encoded prompt of a live instance, so many concurrent instances need more)."""
     from ..baseline import Baseline
 
     if kind not in ("baseline", "choreographed"):
         raise ValueError(f"unknown executor {kind!r}; choose 'baseline' or 'choreographed'")
-    return Baseline(model) if kind == "baseline" else Choreographer(model)
+    return Baseline(model, capacity=capacity) if kind == "baseline" else Choreographer(model, capacity=capacity)
 
 
 def collect_traces(model, pairs, *, config: MultiQAConfig = MultiQAConfig(), batch: int = 64,

@@ -189,10 +189,13 @@ CONDITIONS = {  # name -> (executor, layout); a fine-tuned condition is "choreog
 
 
 def run_condition(model, problems: Sequence[str], *, condition: str, config: ToTConfig = ToTConfig(),
-                  seeds: Sequence[int] | None = None, seed: int = 0, batch: int = 32, progress: bool | str = True,
-                  trace: bool = False, on_result=None):
+                  seeds: Sequence[int] | None = None, seed: int = 0, batch: int = 16, capacity: int = 65536,
+                  progress: bool | str = True, trace: bool = False, on_result=None):
     """Run Tree of Thoughts on every problem under one of ``CONDITIONS`` (instance i uses seed ``seed + i``, or
     ``seeds[i]``); ``condition="direct"`` runs the single direct call (a ``DirectConfig``) under the baseline.
+    ``batch`` instances run at once in a KV store of ``capacity`` tokens. A re-encoding baseline instance holds
+    every voter's serial prompt (all proposals) until it ends: with 64-token proposals about 4,000 tokens, so
+    32 such instances overflow the default 65,536.
 
     Returns the results, or (results, traces) with ``trace=True``.
     Example: ``run_condition(model, [p.problem for p in problems], condition="choreographed")``.
@@ -208,11 +211,13 @@ def run_condition(model, problems: Sequence[str], *, condition: str, config: ToT
         raise ValueError(f"seeds has {len(seeds)} entries for {len(problems)} problems")
     if condition == "direct":
         config = config if isinstance(config, DirectConfig) else DirectConfig()
-        runner = Runner(make_executor(model, "baseline"), max_concurrent=batch, progress=progress, trace=trace)
+        runner = Runner(make_executor(model, "baseline", capacity=capacity), max_concurrent=batch, progress=progress,
+                        trace=trace)
         workflows = [lambda ex, p=p, s=s: direct(ex, p, seed=s, config=config) for p, s in zip(problems, seeds)]
     else:
         kind, layout = CONDITIONS[condition]
-        runner = Runner(make_executor(model, kind), max_concurrent=batch, progress=progress, trace=trace)
+        runner = Runner(make_executor(model, kind, capacity=capacity), max_concurrent=batch, progress=progress,
+                        trace=trace)
         workflows = [lambda ex, p=p, s=s: tree_of_thoughts(ex, p, layout=layout, seed=s, config=config)
                      for p, s in zip(problems, seeds)]
     results = runner.run(workflows, on_result=on_result)

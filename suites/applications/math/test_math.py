@@ -35,17 +35,35 @@ SIZES = {  # problems; Tree-of-Thoughts and debate settings; token caps
     "smoke": dict(n=2, tot=dict(proposals=2, voters=2, propose_tokens=8, vote_tokens=4, answer_tokens=12),
                   debate=dict(rounds=1, agents=2, answer_tokens=10, moderator_tokens=10, summary_tokens=8),
                   direct=dict(answer_tokens=12)),
-    # CPU: B = 8 proposals and V = 4 voters as in the paper, debates of up to 3 rounds, shorter answers
-    "small": dict(n=40, tot=dict(propose_tokens=64, answer_tokens=192),
-                  debate=dict(answer_tokens=128, moderator_tokens=96, summary_tokens=96),
-                  direct=dict(answer_tokens=192)),
+    # CPU (about 40 minutes on 2 cores): B = 8 proposals and V = 4 voters as in the paper, debates of up to 3
+    # rounds with 3 agents, shorter texts than the defaults
+    "small": dict(n=24, tot=dict(propose_tokens=48, answer_tokens=160),
+                  debate=dict(answer_tokens=96, moderator_tokens=64, summary_tokens=64),
+                  direct=dict(answer_tokens=160)),
     "paper": dict(n=500, tot={}, debate={}, direct={}),  # PROTOCOLS: 500 problems, the workflows' defaults
 }
 WORKFLOWS = {"ToT": "tot", "MAD": "iterative", "MADpar": "parallel"}
-# The paper's rows in its order; those this suite does not run are listed as such.
+# Instances run at once, and the KV store's token cap: the re-encoding baseline holds every re-encoded prompt of a
+# live instance (thousands of tokens), so the store gets twice the default cap (fp32 SmolLM2: ~46 KB per token).
+BATCH = {"direct": 32, "tot": 16, "iterative": 12, "parallel": 12}
+CAPACITY = 2 ** 17
+# The paper's rows in its order. The direct call fine-tuned on the workflows' final answers is not run here.
 ROWS = ["Direct", "+ ToT fine-tuning", "+ MAD fine-tuning", "ToT Baseline", "ToT Before", "ToT After",
         "MAD Baseline", "MAD Before", "MAD After", "MADpar Baseline", "MADpar Before", "MADpar After"]
-NOT_RUN = {"+ ToT fine-tuning", "+ MAD fine-tuning", "ToT After", "MAD After", "MADpar After"}
+NOT_RUN = {"+ ToT fine-tuning", "+ MAD fine-tuning"}
+# After = the choreographed workflow with a LoRA adapter trained on baseline traces of separate training problems
+# (PROTOCOLS: 90/10 train/dev, checkpoint chosen on dev; here on the dev loss, the choice the other suites make).
+# ``workflows``: which After rows a profile runs (the others are listed as not run at that profile).
+FINETUNE = {
+    "smoke": dict(train=4, preset="smoke", overrides={}, workflows=tuple(WORKFLOWS)),
+    # CPU time: none (the baseline traces alone would cost as much as the table's Baseline rows).
+    "small": dict(train=0, preset="embedded-cpu", overrides={}, workflows=()),
+    # PROTOCOLS: 500 training problems, rank 64, alpha 32, lr 5e-5 (2e-5 for the debates), 4 epochs
+    "paper": dict(train=500, preset="paper", overrides={}, workflows=tuple(WORKFLOWS),
+                  lr={"MAD": 2e-5, "MADpar": 2e-5}),
+}
+DEV_FRACTION = 0.1
+TRAIN_SEED = 100_000  # instance seeds of the training problems' baseline traces: problem j uses TRAIN_SEED + j
 # The paper's claim "Before < Baseline" is tested only where the baseline solves enough problems for a drop to be
 # detectable; below this rate (the embedded 135M model solves almost none) the test reports the floor instead.
 MIN_BASELINE_RATE = 0.10
@@ -62,14 +80,89 @@ def _run(model, problems, seeds, *, workflow, condition, configs, progress):
     if workflow == "direct":
         return lambda todo, cb: tot.run_condition(model, [texts[i] for i in todo], condition="direct",
                                                   config=direct_config, seeds=[seeds[i] for i in todo],
-                                                  progress=progress, on_result=cb)
+                                                  batch=BATCH[workflow], capacity=CAPACITY, progress=progress,
+                                                  on_result=cb)
     if workflow == "tot":
         return lambda todo, cb: tot.run_condition(model, [texts[i] for i in todo], condition=condition,
                                                   config=tot_config, seeds=[seeds[i] for i in todo],
-                                                  progress=progress, on_result=cb)
+                                                  batch=BATCH[workflow], capacity=CAPACITY, progress=progress,
+                                                  on_result=cb)
     return lambda todo, cb: debate.run_condition(model, [texts[i] for i in todo], workflow=workflow,
                                                  condition=condition, config=debate_config,
-                                                 seeds=[seeds[i] for i in todo], progress=progress, on_result=cb)
+                                                 seeds=[seeds[i] for i in todo], batch=BATCH[workflow],
+                                                 capacity=CAPACITY, progress=progress, on_result=cb)
+
+
+def _finetuned(model, name, *, plan, problems, train_problems, seeds, configs, key, folder, progress):
+    """The After row of workflow ``name``: LoRA on baseline traces of ``train_problems`` (their offsets dropped, so
+    the replay reads the cached messages where the choreographed workflow has them), the dev-best checkpoint, then
+    the choreographed workflow on ``problems`` with the adapter, which is removed afterwards. Records and the
+    training summary are logged, so a finished row is read back instead of trained again.
+
+    Returns (records, training summary, log path); (None, summary, None) when fewer than two baseline traces are
+    usable (every call's output non-empty), so there is nothing to train on.
+    """
+    import dataclasses
+    import tempfile
+
+    from choreo.finetune import FinetuneConfig, split_traces, train, unload_adapter
+    from choreo.results import JsonlLog, write_json
+    from choreo.trace import without_offsets
+
+    workflow = WORKFLOWS[name]
+    overrides = {**plan["overrides"], **({"lr": plan["lr"][name]} if name in plan.get("lr", {}) else {})}
+    ft_config = dataclasses.replace(FinetuneConfig.preset(plan["preset"], **overrides), dev_fraction=DEV_FRACTION)
+    stem = f"{workflow}-finetuned-{fingerprint(eval=key, train=[p.id for p in train_problems], ft=ft_config.to_json())}"
+    path, summary_path = folder / f"{stem}.jsonl", folder / f"{stem}.train.json"
+    done = {r["index"]: r["result"] for r in JsonlLog(path, key="index").records()}
+    if all(i in done for i in range(len(problems))) and summary_path.exists():
+        return [done[i] for i in range(len(problems))], json.loads(summary_path.read_text()), path
+    t0 = time.perf_counter()
+    texts, train_seeds = [p.problem for p in train_problems], [TRAIN_SEED + j for j in range(len(train_problems))]
+    common = dict(seeds=train_seeds, batch=BATCH[workflow], capacity=CAPACITY, progress=f"{progress} traces",
+                  trace=True)
+    if workflow == "tot":
+        _, traces = tot.run_condition(model, texts, condition="baseline", config=configs[0], **common)
+    else:
+        _, traces = debate.run_condition(model, texts, workflow=workflow, condition="baseline", config=configs[1],
+                                         **common)
+    # Fine-tuning replays need a non-empty output at every call (choreo.finetune.check_replayable).
+    usable = [without_offsets(t) for t in traces if all(e.tokens for e in t if e.kind == "decode")]
+    if len(usable) < 2:
+        return None, {"train_problems": len(train_problems), "usable_traces": len(usable),
+                      "dropped_traces": len(traces) - len(usable)}, None
+    train_set, dev_set = split_traces(usable, dev_fraction=DEV_FRACTION, seed=SEED)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = train(model, train_set, dev_set, config=ft_config, out_dir=tmp, progress=True)
+        try:
+            records = resumable(path, list(range(len(problems))), _run(
+                model, problems, seeds, workflow=workflow, condition="choreographed", configs=configs,
+                progress=progress))
+        finally:
+            unload_adapter(model)
+    summary = {"train_problems": len(train_problems), "train_traces": len(train_set), "dev_traces": len(dev_set),
+               "dropped_traces": len(traces) - len(usable), "best_step": result.best_step,
+               "best_dev_loss": result.best_dev_loss, "steps": result.steps,
+               "seconds_per_step": result.seconds_per_step, "history": result.history, "config": ft_config.to_json(),
+               "seconds": time.perf_counter() - t0}
+    write_json(summary_path, summary)
+    return records, summary, path
+
+
+def finetune_note(name: str, summary: dict) -> str:
+    if "config" not in summary:
+        return (f"{name} After: not trained: {summary['usable_traces']} of the {summary['train_problems']} training "
+                "problems' baseline traces have a non-empty output at every call (fine-tuning replays need one), "
+                "fewer than the two a train/dev split needs.")
+    config = summary["config"]
+    curve = ", ".join(f"{h['dev_loss']:.3f} (step {h['step']})" for h in summary["history"] if "dev_loss" in h)
+    return (f"{name} After: LoRA (rank {config['lora_rank']}, loss {config['loss']!r}, lr {config['lr']}) on baseline "
+            f"traces of {summary['train_problems']} training problems disjoint from the evaluation ones "
+            f"({summary['train_traces']} train / {summary['dev_traces']} dev, split seed {SEED}; "
+            f"{summary['dropped_traces']} traces with an empty output dropped), {summary['steps']} optimizer steps; "
+            f"dev {config.get('dev_metric') or config['loss']}: {curve}; chosen: step {summary['best_step']}"
+            + (" (the untrained adapter: this row then equals Before)" if summary["best_step"] == 0 else "")
+            + f"; traces, training and evaluation took {summary['seconds']:.0f} s.")
 
 
 def prompts() -> dict:
@@ -105,13 +198,17 @@ def table(model, profile, data_dir, results_dir):
     sizes = pick(SIZES, profile)
     n = sizes["n"]
     use_file = data_dir is not None and (Path(data_dir) / FILE_NAME).is_file()
-    problems, _ = split_problems(load_problems(data_dir if use_file else None), n_eval=n, seed=SEED)
+    plan = pick(FINETUNE, profile)
+    pool = load_problems(data_dir if use_file else None)
+    problems, train_problems = split_problems(pool, n_eval=n, n_train=plan["train"], seed=SEED)
     source = (f"{Path(data_dir) / FILE_NAME}: {n} problems drawn with seed {SEED} from the id-sorted file"
               if use_file else f"built-in problems (choreo.data.math, not MATH): {n} drawn with seed {SEED}")
     configs = _configs(sizes)
     seeds = list(range(n))
-    key = fingerprint(model=model.spec.sha256, problems=[p.to_json() for p in problems],
-                      configs=[repr(c) for c in configs], seeds=seeds, prompts=prompts())
+    # Problem i is the i-th of the seeded draw whatever n is, so the key names the pool and the draw, not n: a
+    # larger run resumes from a smaller one's records.
+    key = fingerprint(model=model.spec.sha256, pool=fingerprint(problems=[p.to_json() for p in pool]), seed=SEED,
+                      configs=[repr(c) for c in configs], prompts=prompts())
     folder = results_dir / "applications" / "math" / "runs"
     logs, t0, runs = [], time.perf_counter(), {}
     arms = [("Direct", "direct", "baseline")] + [
@@ -122,13 +219,22 @@ def table(model, profile, data_dir, results_dir):
         logs.append(path)
         runs[row] = resumable(path, list(range(n)), _run(model, problems, seeds, workflow=workflow, condition=condition,
                                                          configs=configs, progress=f"math {row}"))
+    finetuned = {}
+    for name in plan["workflows"]:
+        records, finetuned[name], path = _finetuned(
+            model, name, plan=plan, problems=problems, train_problems=train_problems, seeds=seeds, configs=configs,
+            key=key, folder=folder, progress=f"math {name} After")
+        if records is not None:
+            runs[f"{name} After"] = records
+            logs.append(path)
     wall = time.perf_counter() - t0
     graded = {row: [final_answer(r, p.answer) for r, p in zip(rs, problems)] for row, rs in runs.items()}
     correct = {row: [g["correct"] for g in gs] for row, gs in graded.items()}
     rates = {row: stats.rate(sum(c), n) for row, c in correct.items()}
     unparsed = {row: sum(g["extracted"] is None for g in gs) for row, gs in graded.items()}
-    agree = {name: [same_answer(a["extracted"], b["extracted"])
-                    for a, b in zip(graded[f"{name} Before"], graded[f"{name} Baseline"])] for name in WORKFLOWS}
+    compared = [row for row in runs if row.endswith(("Before", "After"))]
+    agree = {row: [same_answer(a["extracted"], b["extracted"])
+                   for a, b in zip(graded[row], graded[f"{row.split()[0]} Baseline"])] for row in compared}
     tests = {name: stats.mcnemar_exact(correct[f"{name} Before"], correct[f"{name} Baseline"]) for name in WORKFLOWS}
     holm = dict(zip(tests, map(float, stats.adjust_pvalues([t.pvalue for t in tests.values()], method="holm",
                                                             alpha=ALPHA).adjusted)))
@@ -141,17 +247,21 @@ def table(model, profile, data_dir, results_dir):
         "winner_same": sum(a["winner"] == b["winner"] for a, b in zip(base_tot, ch_tot)),
         "no_parsed_vote": {arm: sum(not r["vote_parsed"] for r in runs[arm]) for arm in ("ToT Baseline", "ToT Before")},
     }
+    mad_stats = {arm: {"rounds": dict(sorted(Counter(r["rounds"] for r in runs[f"MAD {arm}"]).items())),
+                       "final_from_moderator": sum(r["final_source"] == "moderator" for r in runs[f"MAD {arm}"])}
+                 for arm in ("Baseline", "Before")}
     paper = json.loads((HERE / "paper.json").read_text())["rows"]
     rows = []
     for row in ROWS:
         p = paper[row]
         paper_cell = "-" if p["rate"] is None else f"{p['count']} ({p['rate']:.1f}% ± {p['half_width']:.1f}%)"
-        if row in NOT_RUN:
-            rows.append([row, "not run", "-", "-", "-", paper_cell])
+        if row not in runs:
+            name = row.split()[0]
+            status = ("not run" if row in NOT_RUN else "not trained" if name in finetuned else f"not run at {profile}")
+            rows.append([row, status, "-", "-", "-", paper_cell])
             continue
-        name = row.split()[0]
-        compared = [x for x in agree[name] if x is not None]
-        same = f"{sum(compared)}/{len(compared)}" if row.endswith("Before") else "-"
+        answered = [x for x in agree.get(row, []) if x is not None]
+        same = f"{sum(answered)}/{len(answered)}" if row in agree else "-"
         rows.append([row, f"{rates[row].successes}/{n}", rates[row].format_both(), f"{unparsed[row]}/{n}", same,
                      paper_cell])
     notes = [
@@ -171,9 +281,15 @@ def table(model, profile, data_dir, results_dir):
         f"proposal in {tot_stats['winner_same']}/{n}; problems with no parsed vote (proposal 1 used): "
         f"{tot_stats['no_parsed_vote']['ToT Baseline']} baseline, {tot_stats['no_parsed_vote']['ToT Before']} "
         "choreographed.",
-        "Not run by this suite: the fine-tuned rows (After: LoRA on baseline traces replayed through the "
-        "choreographed workflow; '+ ToT / MAD fine-tuning': the direct call fine-tuned on the workflows' final "
-        "answers).",
+        "MAD: debates by the round they stopped at (the moderator named a side with an answer, or the last round): "
+        + "; ".join(f"{arm.lower()} " + ", ".join(f"{k}: {v}" for k, v in m["rounds"].items())
+                    + f" (final answer from the moderator in {m['final_from_moderator']}/{n})"
+                    for arm, m in mad_stats.items()) + ".",
+        *[finetune_note(name, summary) for name, summary in finetuned.items()],
+        *([f"After rows not run at profile {profile} (CPU time; every After row runs at smoke, for the mechanics, "
+           "and at paper): " + ", ".join(f"{name} After" for name in WORKFLOWS if name not in finetuned) + "."]
+          if len(finetuned) < len(WORKFLOWS) else []),
+        "Not run by this suite: '+ ToT / MAD fine-tuning', the direct call fine-tuned on the workflows' final answers.",
         f"Wall time in this session {wall:.0f} s (records already logged in runs/ are reused, not recomputed; "
         "shared CPU: not a benchmark).",
     ]
@@ -181,15 +297,19 @@ def table(model, profile, data_dir, results_dir):
             "configs": {"tot": vars(configs[0]), "debate": vars(configs[1]), "direct": vars(configs[2])},
             "rates": {row: {"successes": r.successes, "n": r.n, "rate": r.rate, "low": r.low, "high": r.high,
                             "half_width": r.half_width} for row, r in rates.items()},
-            "unparsed": unparsed,
+            "unparsed": unparsed, "finetune": finetuned,
             "same_answer_as_baseline": {k: {"same": sum(x is True for x in v), "different": sum(x is False for x in v),
                                             "neither_answered": sum(x is None for x in v)} for k, v in agree.items()},
             "tests": {name: {"a_only": t.a_only, "b_only": t.b_only, "difference": t.difference, "pvalue": t.pvalue,
                              "holm": holm[name]} for name, t in tests.items()},
-            "tot": tot_stats, "not_run": sorted(NOT_RUN), "paper": paper, "wall_s": wall,
+            "tot": tot_stats, "mad": mad_stats, "not_run": [row for row in ROWS if row not in runs], "paper": paper,
+            "wall_s": wall,
             "records": f"runs/*-{key}.jsonl"}
-    prov = provenance(model, seeds={"problems": SEED, "instances": "problem i uses seed i"},
-                      sample_sizes={"problems": n}, profile=profile,
+    prov = provenance(model, seeds={"problems": SEED, "instances": "problem i uses seed i",
+                                    "training_instances": f"training problem j uses seed {TRAIN_SEED} + j",
+                                    "train_dev_split": SEED},
+                      sample_sizes={"problems": n, "training_problems": len(train_problems) if finetuned else 0},
+                      profile=profile,
                       logs=logs_written(p for p in logs if p.exists()))
     out = results_dir / "applications" / "math"
     write_table(out, "math", title=f"MATH: problems solved by workflow and implementation (n = {n})",
@@ -197,8 +317,8 @@ def table(model, profile, data_dir, results_dir):
                 rows=rows, data=data, provenance=prov, notes=notes)
     plot_rates(out / "math.png", title=f"MATH (n = {n})", ylabel="solved",
                groups={name: {arm: (rates[f"{name} {arm}"].rate, rates[f"{name} {arm}"].low,
-                                    rates[f"{name} {arm}"].high) for arm in ("Baseline", "Before")}
-                       for name in WORKFLOWS})
+                                    rates[f"{name} {arm}"].high) for arm in ("Baseline", "Before", "After")
+                              if f"{name} {arm}" in rates} for name in WORKFLOWS})
     records = [{"problem": p.id, "gold": p.answer, **{row: {**runs[row][i], "graded": graded[row][i]} for row in runs}}
                for i, p in enumerate(problems)]
     write_text(out / "records.jsonl", "".join(json.dumps(r) + "\n" for r in records))
