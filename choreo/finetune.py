@@ -274,15 +274,17 @@ def call_losses(rows: torch.Tensor, target: torch.Tensor, *, loss: str, teacher:
                 ce_end: bool = True) -> torch.Tensor:
     """Token-mean loss of one call. rows (S, V) student logits; target (S,) the baseline's tokens; teacher (S, V)
     the baseline's log-probs. 'kl' is KL(teacher || student) = sum_v p_v (log p_v - log q_v), averaged over rows.
-    ``ce_end`` False: the cross-entropy leaves out the last row (an end-of-turn the baseline did not sample).
+    ``ce_end`` False: the cross-entropy leaves out the last row (an end-of-turn the baseline did not sample), so a
+    call with no content tokens and an end-of-turn it did not sample has no cross-entropy term (0).
 
     Example: ``call_losses(logits, target, loss="kl", teacher=logits.log_softmax(-1))`` is 0.
     """
     logq = rows.float().log_softmax(-1)  # (S, V)
     out = torch.zeros((), device=rows.device)
     if loss in ("ce", "ce+kl"):
-        n = len(target) if ce_end or len(target) < 2 else len(target) - 1
-        out = out + F.nll_loss(logq[:n], target[:n])
+        n = len(target) if ce_end else len(target) - 1
+        if n > 0:
+            out = out + F.nll_loss(logq[:n], target[:n])
     if loss in ("kl", "ce+kl"):
         if teacher is None or teacher.shape != rows.shape:
             raise ValueError(f"teacher log-probs must match the student rows {tuple(rows.shape)}, "
@@ -294,7 +296,7 @@ def call_losses(rows: torch.Tensor, target: torch.Tensor, *, loss: str, teacher:
 
 def check_replayable(events: Trace, *, vocab_size: int, where: str = "trace") -> None:
     """Raise ``ValueError`` naming the event unless every event can be replayed: a known kind, parents that are
-    earlier events, and decoded tokens that are non-empty and inside the vocabulary (``train`` checks every
+    earlier events, and decoded tokens inside the vocabulary (``train`` checks every
     trace before it adds an adapter or writes anything)."""
     for i, e in enumerate(events):
         if e.kind not in ("prefill", "decode"):
@@ -303,10 +305,7 @@ def check_replayable(events: Trace, *, vocab_size: int, where: str = "trace") ->
         if bad:
             raise ValueError(f"{where}, event {i}: parents must be indices of earlier events (0..{i - 1}), "
                              f"got {bad[0]!r}")
-        if e.kind == "decode":
-            if not e.tokens:
-                raise ValueError(f"{where}, event {i} decoded no tokens: fine-tuning traces need a non-empty output "
-                                 f"at every decode (drop the trace)")
+        if e.kind == "decode":  # an empty output replays as a forced empty turn (its end-of-turn alone)
             outside = [t for t in e.tokens if not isinstance(t, int) or not 0 <= t < vocab_size]
             if outside:
                 raise ValueError(f"{where}, event {i}: token id {outside[0]!r} outside the vocabulary of "
@@ -315,9 +314,6 @@ def check_replayable(events: Trace, *, vocab_size: int, where: str = "trace") ->
 
 def _forced_call(events: Trace, i: int, messages) -> Call:
     e = events[i]
-    if not e.tokens:
-        raise ValueError(f"event {i} decoded no tokens: fine-tuning traces need a non-empty output at every decode "
-                         f"(drop the trace)")
     return Call(role=e.role, parents=[messages[p] for p in e.parents], offsets=e.offsets, new_offset=e.new_offset,
                 prefix=e.prefix, teacher_tokens=list(e.tokens))
 

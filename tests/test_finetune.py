@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import choreo
-from choreo.finetune import FinetuneConfig, Teacher, evaluate, register, replay_loss, schedule, select_calls, \
-    sampled_end_of_turn, select_on_dev, split_traces, train
+from choreo.finetune import FinetuneConfig, Teacher, check_replayable, evaluate, register, replay_loss, schedule, \
+    select_calls, sampled_end_of_turn, select_on_dev, split_traces, train
 from choreo.lora import add_adapter, adapter_disabled, is_adapted, load_adapter, lora_layers, save_adapter, \
     trainable_parameters, unload_adapter, use_adapter
 
@@ -527,11 +527,10 @@ def _bad_traces(events):
     return {"parent out of range": (swap(d, parents=(99,)), "earlier events.*99"),
             "negative parent": (swap(d, parents=(-2,)), "earlier events.*-2"),
             "unknown kind": (swap(0, kind="bogus"), "kind.*'bogus'"),
-            "empty decode": (swap(d, tokens=()), f"event {d} decoded no tokens"),
             "token outside the vocabulary": (swap(d, tokens=(10 ** 7,)), "10000000 outside the vocabulary")}
 
 
-@pytest.mark.parametrize("case", ["parent out of range", "negative parent", "unknown kind", "empty decode",
+@pytest.mark.parametrize("case", ["parent out of range", "negative parent", "unknown kind",
                                   "token outside the vocabulary", "a trace in both sets"])
 def test_train_refuses_bad_traces_before_adding_an_adapter(tiny, traces, tmp_path, case):
     config = FinetuneConfig.preset("smoke")
@@ -544,6 +543,30 @@ def test_train_refuses_bad_traces_before_adding_an_adapter(tiny, traces, tmp_pat
     with pytest.raises(ValueError, match=match):
         train(tiny, train_set, dev_set, config=config, out_dir=tmp_path, progress=False)
     assert not is_adapted(tiny) and not any(tmp_path.iterdir())
+
+
+def test_an_empty_output_replays_as_an_empty_turn_scored_on_its_end_of_turn(tiny, traces):
+    """A call that ended its turn at once replays as a forced empty turn: its sampled end-of-turn is its whole
+    cross-entropy term (finite), and its KL term compares one row; an empty output whose
+    end-of-turn was not sampled (teacher-forced when recorded) has nothing to score."""
+    events = list(traces[0])
+    d = max(i for i, e in enumerate(events) if e.kind == "decode")
+    empty = [dataclasses.replace(e, tokens=(), forced=False) if j == d else e for j, e in enumerate(events)]
+    check_replayable(empty, vocab_size=len(tiny.tokenizer))
+    ch = choreo.Choreographer(tiny)
+    ch.engine.grad = True
+    out = replay_loss(ch, empty, calls="last")
+    eot = ch.format.footer("assistant")[0]
+    assert math.isfinite(out.per_call[d])
+    with torch.no_grad():  # the same term by hand: -log p(end-of-turn) at the empty turn's first position
+        message = replay_loss(ch, empty, calls="last", keep_logits=True)
+        row = message.logits[d]
+    assert row.shape[0] == 1
+    assert out.per_call[d] == pytest.approx(float(-row.float().log_softmax(-1)[0, eot]), rel=1e-6)
+    kl = replay_loss(ch, empty, calls="last", loss="kl", teacher=Teacher(tiny)(empty))
+    assert math.isfinite(kl.per_call[d]) and kl.per_call[d] >= 0
+    forced = [dataclasses.replace(e, forced=True) if j == d else e for j, e in enumerate(empty)]
+    assert replay_loss(ch, forced, calls="last").per_call[d] == 0.0
 
 
 def test_a_failing_run_leaves_the_model_without_an_adapter(tiny, traces, tmp_path, monkeypatch):

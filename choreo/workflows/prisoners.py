@@ -401,8 +401,8 @@ def game_nll(model, traces) -> list[float]:
     """Per traced game: the token-mean negative log-likelihood (nats) of all its generated content tokens under
     the adapter-free re-encoding baseline, teacher-forced. End-of-turn tokens are not scored: a message cut at
     its token cap has none, and scoring the forced one would call every capped message disfluent. A game with a
-    message that decoded no tokens gets NaN: fine-tuning replays need a non-empty output at every decode
-    (``choreo.finetune.check_replayable``), so no filter keeps it.
+    message that decoded no tokens gets NaN, so no filter keeps it: an empty move, plan or decision is no game to
+    learn from (fine-tuning itself would replay it as a forced empty turn).
 
     Example: ``[nll <= FLUENCY_MAX_NLL for nll in game_nll(model, traces)]``.
     """

@@ -99,8 +99,7 @@ def _finetuned(model, name, *, plan, problems, train_problems, seeds, configs, k
     the choreographed workflow on ``problems`` with the adapter, which is removed afterwards. Records and the
     training summary are logged, so a finished row is read back instead of trained again.
 
-    Returns (records, training summary, log path); (None, summary, None) when fewer than two baseline traces are
-    usable (every call's output non-empty), so there is nothing to train on.
+    Returns (records, training summary, log path).
     """
     import dataclasses
     import tempfile
@@ -126,12 +125,8 @@ def _finetuned(model, name, *, plan, problems, train_problems, seeds, configs, k
     else:
         _, traces = debate.run_condition(model, texts, workflow=workflow, condition="baseline", config=configs[1],
                                          **common)
-    # Fine-tuning replays need a non-empty output at every call (choreo.finetune.check_replayable).
-    usable = [without_offsets(t) for t in traces if all(e.tokens for e in t if e.kind == "decode")]
-    if len(usable) < 2:
-        return None, {"train_problems": len(train_problems), "usable_traces": len(usable),
-                      "dropped_traces": len(traces) - len(usable)}, None
-    train_set, dev_set = split_traces(usable, dev_fraction=DEV_FRACTION, seed=SEED)
+    # Every trace is kept: an empty output (a debater that ended its turn at once) replays as a forced empty turn.
+    train_set, dev_set = split_traces([without_offsets(t) for t in traces], dev_fraction=DEV_FRACTION, seed=SEED)
     with tempfile.TemporaryDirectory() as tmp:
         result = train(model, train_set, dev_set, config=ft_config, out_dir=tmp, progress=True)
         try:
@@ -141,7 +136,8 @@ def _finetuned(model, name, *, plan, problems, train_problems, seeds, configs, k
         finally:
             unload_adapter(model)
     summary = {"train_problems": len(train_problems), "train_traces": len(train_set), "dev_traces": len(dev_set),
-               "dropped_traces": len(traces) - len(usable), "best_step": result.best_step,
+               "empty_outputs": sum(not e.tokens for t in traces for e in t if e.kind == "decode"),
+               "outputs": sum(e.kind == "decode" for t in traces for e in t), "best_step": result.best_step,
                "best_dev_loss": result.best_dev_loss, "steps": result.steps,
                "seconds_per_step": result.seconds_per_step, "history": result.history, "config": ft_config.to_json(),
                "seconds": time.perf_counter() - t0}
@@ -150,16 +146,13 @@ def _finetuned(model, name, *, plan, problems, train_problems, seeds, configs, k
 
 
 def finetune_note(name: str, summary: dict) -> str:
-    if "config" not in summary:
-        return (f"{name} After: not trained: {summary['usable_traces']} of the {summary['train_problems']} training "
-                "problems' baseline traces have a non-empty output at every call (fine-tuning replays need one), "
-                "fewer than the two a train/dev split needs.")
     config = summary["config"]
     curve = ", ".join(f"{h['dev_loss']:.3f} (step {h['step']})" for h in summary["history"] if "dev_loss" in h)
     return (f"{name} After: LoRA (rank {config['lora_rank']}, loss {config['loss']!r}, lr {config['lr']}) on baseline "
             f"traces of {summary['train_problems']} training problems disjoint from the evaluation ones "
             f"({summary['train_traces']} train / {summary['dev_traces']} dev, split seed {SEED}; "
-            f"{summary['dropped_traces']} traces with an empty output dropped), {summary['steps']} optimizer steps; "
+            f"{summary['empty_outputs']} of their {summary['outputs']} outputs empty, replayed as empty turns), "
+            f"{summary['steps']} optimizer steps; "
             f"dev {config.get('dev_metric') or config['loss']}: {curve}; chosen: step {summary['best_step']}"
             + (" (the untrained adapter: this row then equals Before)" if summary["best_step"] == 0 else "")
             + f"; traces, training and evaluation took {summary['seconds']:.0f} s.")
@@ -221,12 +214,10 @@ def table(model, profile, data_dir, results_dir):
                                                          configs=configs, progress=f"math {row}"))
     finetuned = {}
     for name in plan["workflows"]:
-        records, finetuned[name], path = _finetuned(
+        runs[f"{name} After"], finetuned[name], path = _finetuned(
             model, name, plan=plan, problems=problems, train_problems=train_problems, seeds=seeds, configs=configs,
             key=key, folder=folder, progress=f"math {name} After")
-        if records is not None:
-            runs[f"{name} After"] = records
-            logs.append(path)
+        logs.append(path)
     wall = time.perf_counter() - t0
     graded = {row: [final_answer(r, p.answer) for r, p in zip(rs, problems)] for row, rs in runs.items()}
     correct = {row: [g["correct"] for g in gs] for row, gs in graded.items()}
@@ -256,9 +247,7 @@ def table(model, profile, data_dir, results_dir):
         p = paper[row]
         paper_cell = "-" if p["rate"] is None else f"{p['count']} ({p['rate']:.1f}% ± {p['half_width']:.1f}%)"
         if row not in runs:
-            name = row.split()[0]
-            status = ("not run" if row in NOT_RUN else "not trained" if name in finetuned else f"not run at {profile}")
-            rows.append([row, status, "-", "-", "-", paper_cell])
+            rows.append([row, "not run" if row in NOT_RUN else f"not run at {profile}", "-", "-", "-", paper_cell])
             continue
         answered = [x for x in agree.get(row, []) if x is not None]
         same = f"{sum(answered)}/{len(answered)}" if row in agree else "-"
