@@ -7,8 +7,9 @@ Baseline are compared pairwise (exact McNemar, Holm across the workflows). Besid
 what does not depend on the model being good at MATH: how often the choreographed run ends with the same final
 answer as the baseline, and for Tree of Thoughts whether the votes and the winner match.
 
-The fine-tuned rows of the paper (After; the direct call fine-tuned on the workflows' final answers) are not run
-by this suite: the table lists them as not run.
+After (the choreographed workflow with a LoRA adapter trained on baseline traces of disjoint training problems)
+runs at the profiles ``FINETUNE`` names; the direct call fine-tuned on the workflows' final answers is not run by
+this suite, and the table lists every row it did not run as such.
 """
 
 from __future__ import annotations
