@@ -87,7 +87,8 @@ def test_bench_and_repro_default_to_the_same_results_folder(capsys):
 
 
 @pytest.mark.parametrize("data_dir, message", [("no/such/folder", "is not a directory"),
-                                               (".", "has no commongen_hard.jsonl or math_test.jsonl")], ids=["missing", "no-file"])
+                                               (".", "has no commongen_hard.jsonl or math_test.jsonl")],
+                         ids=["missing", "no-file"])
 def test_repro_rejects_a_data_dir_it_would_ignore(capsys, tmp_path, monkeypatch, data_dir, message):
     monkeypatch.chdir(tmp_path)
     assert main(["repro", "--data-dir", data_dir]) == 2
