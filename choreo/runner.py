@@ -24,7 +24,7 @@ from typing import Any, Callable, Coroutine, Iterable, Sequence
 
 from tqdm.auto import tqdm
 
-from .cache import Message
+from .cache import CapacityError, Message
 from .engine import Call, Choreographer, Job
 from .trace import TraceRecorder
 
@@ -198,6 +198,11 @@ class Runner:
                     messages = self.executor.finish(request.jobs)
                     session.created.extend(messages)
                     ready.append((i, session, coro, messages[0] if request.single else messages))
+        except CapacityError as error:  # the fix is usually here, not in the workflow: say so
+            live = len(ready) + len(waiting)
+            raise CapacityError(f"{error} -- with {live} workflow instances live (max_concurrent="
+                                f"{self.max_concurrent}): run fewer at once (Runner(max_concurrent=...)) or give the "
+                                f"executor a larger capacity (capacity=...)") from error
         finally:
             bar.close()
             # After an error: every instance still running is closed with what it created, and calls in flight

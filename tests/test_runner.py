@@ -163,3 +163,15 @@ def test_an_empty_recorded_output_replays_as_an_empty_turn(tiny_gqa):
         msgs = replay(executor, events)
         assert msgs[1].tokens == [] and msgs[1].length == empty.length
         assert msgs[2].start == after.start
+
+
+@pytest.mark.parametrize("kind", [choreo.Choreographer, choreo.Baseline])
+def test_a_full_store_names_the_runners_concurrency_and_leaves_nothing_behind(tiny_gqa, kind):
+    """Many instances at once can fill a store that one instance fits in: the error says how many were live and
+    what to change, every instance is closed, and fewer at a time then succeed on the same executor."""
+    ex = kind(tiny_gqa, capacity=160)
+    with pytest.raises(choreo.cache.CapacityError, match=r"with \d+ workflow instances live \(max_concurrent=12\)"):
+        choreo.Runner(ex, max_concurrent=12, progress=False).run([lambda s, i=i: chat(s, i) for i in range(12)])
+    assert ex.memory()["tokens_used"] == 0 and ex.memory()["messages"] == 0
+    one_at_a_time = choreo.Runner(ex, max_concurrent=1, progress=False)
+    assert len(one_at_a_time.run([lambda s, i=i: chat(s, i) for i in range(3)])) == 3
