@@ -32,6 +32,9 @@ def test_last_boxed(text, boxed):
     ("ANSWER:   ", None),
     ("\\boxed{}", None),
     ("the answer is 10", None),  # a bare number is not an answer
+    ("So the final answer is 11.", "11"),  # Minerva's answer sentence
+    ("The final answer is $\\frac{1}{2}$. I hope it is correct.", "\\frac{1}{2}"),
+    ("ANSWER: 3\nThe final answer is 4", "3"),  # an ANSWER line wins over the sentence
 ])
 def test_extract_answer(text, answer):
     assert extract_answer(text) == answer

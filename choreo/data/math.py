@@ -7,9 +7,9 @@ for machines without the file). ``split_problems`` picks disjoint evaluation and
 from the id-sorted list, so the choice does not depend on the file's order.
 
 Grading (PROTOCOLS: programmatic, not by asking a model): ``extract_answer`` takes the last ``\\boxed{...}`` of a
-response, else what follows its last "ANSWER:"; ``grade`` checks that answer against the gold one with
-``math_verify`` (symbolic and numeric equivalence: ``\\frac{9}{7}`` = ``9/7``, ``0.5`` = ``\\frac12``). A response
-with neither is wrong and counted as unparsed. Example::
+response, else what follows its last "ANSWER:", else its last "final answer is ..."; ``grade`` checks that answer
+against the gold one with ``math_verify`` (symbolic and numeric equivalence: ``\\frac{9}{7}`` = ``9/7``, ``0.5`` =
+``\\frac12``). A response with none of them is wrong and counted as unparsed. Example::
 
     problems = load_problems(None)
     evaluation, train = split_problems(problems, n_eval=8, n_train=16, seed=0)
@@ -61,18 +61,23 @@ def last_boxed(text: str) -> str | None:
 
 
 _ANSWER = re.compile(r"ANSWER\s*:\s*(.+)", re.IGNORECASE)
+# Minerva's answer sentence (the form lm-evaluation-harness's MATH tasks read): "The final answer is $x$."
+_FINAL = re.compile(r"final answer (?:is|was)\s*:?\s*(.+)", re.IGNORECASE)
+_HOPE = re.compile(r"\.?\s*I hope it is correct.*$", re.IGNORECASE)
 
 
 def extract_answer(text: str) -> str | None:
-    """A response's final answer: its last ``\\boxed{}``, else the rest of the line after its last "ANSWER:"
-    (dollar signs and a trailing period removed); None when it has neither (or the answer is empty)."""
+    """A response's final answer: its last ``\\boxed{}``, else the rest of the line after its last "ANSWER:",
+    else after its last "final answer is" (Minerva's "The final answer is $x$. I hope it is correct."), dollar
+    signs and a trailing period removed; None when it has none of them (or the answer is empty)."""
     boxed = last_boxed(text)
     if boxed is not None:
         return boxed or None
-    found = _ANSWER.findall(text)
+    found = _ANSWER.findall(text) or _FINAL.findall(text)
     if not found:
         return None
-    answer = found[-1].strip().strip("$").strip().rstrip(".").strip().strip("$").strip()
+    answer = _HOPE.sub("", found[-1].strip())
+    answer = answer.strip().strip("$").strip().rstrip(".").strip().strip("$").strip()
     return answer or None
 
 

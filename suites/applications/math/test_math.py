@@ -2,8 +2,8 @@
 
 Each workflow runs twice on the same problems with the same seeds: re-encoding (Baseline) and choreographed
 (Before, i.e. before fine-tuning). Answers are graded programmatically (``choreo.data.math.grade``: the last
-``\\boxed{}`` or "ANSWER:", equivalence by ``math_verify``) and kept aligned by problem id, so Before and
-Baseline are compared pairwise (exact McNemar, Holm across the workflows). Beside accuracy the table reports
+``\\boxed{}``, "ANSWER:" or "final answer is", equivalence by ``math_verify``) and kept aligned by problem id, so
+Before and Baseline are compared pairwise (exact McNemar, Holm across the workflows). Beside accuracy the table reports
 what does not depend on the model being good at MATH: how often the choreographed run ends with the same final
 answer as the baseline, and for Tree of Thoughts whether the votes and the winner match.
 
@@ -257,8 +257,9 @@ def table(model, profile, data_dir, results_dir):
     notes = [
         f"n = {n} problems per row (profile {profile}), the same problems and seeds in every row; {source}.",
         "Rates: the paper's '±' (normal 95% half-width), then the Wilson 95% interval in brackets. Graded by "
-        "choreo.data.math.grade: the last \\boxed{} of the final text, else its last 'ANSWER:' line, checked against "
-        "the gold \\boxed{} answer with math_verify; 'no answer' counts final texts with neither (graded wrong). "
+        "choreo.data.math.grade: the last \\boxed{} of the final text, else its last 'ANSWER:' line, else its last "
+        "'final answer is ...', checked against the gold \\boxed{} answer with math_verify; 'no answer' counts final "
+        "texts with none of them (graded wrong). "
         "MADpar: correct when a majority of its agents is correct; its answer is the agents' most common one.",
         "'same answer as baseline': problems where the choreographed run's final answer is equivalent to the "
         "baseline's on the same problem, out of those where at least one of the two gave an answer.",
