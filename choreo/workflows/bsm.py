@@ -38,6 +38,7 @@ from typing import Sequence
 
 from ..data.concepts import coverage
 from ..engine import linearize
+from ..trace import without_offsets
 
 LAYOUTS = ("parallel", "linearized")
 BRANCH_MODES = ("model", "halves")
@@ -296,8 +297,6 @@ def as_layout(events, layout: str) -> list:
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown BSM layout {layout!r}; choose one of {LAYOUTS}")
-    from ..trace import without_offsets
-
     return list(events) if layout == "linearized" else without_offsets(events)
 
 

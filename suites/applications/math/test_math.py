@@ -75,23 +75,23 @@ def _configs(sizes):
             tot.DirectConfig(**sizes["direct"]))
 
 
-def _run(model, problems, seeds, *, workflow, condition, configs, progress):
-    texts = [p.problem for p in problems]
+def run_workflow(model, texts, *, workflow, condition, configs, seeds, **options):
+    """``workflow`` ("direct", "tot", "iterative" or "parallel") on ``texts`` under ``condition``, with the suite's
+    batch and store size; ``options`` go to the workflow module's ``run_condition`` (progress, on_result, trace)."""
     tot_config, debate_config, direct_config = configs
+    common = dict(seeds=seeds, batch=BATCH[workflow], capacity=CAPACITY, **options)
     if workflow == "direct":
-        return lambda todo, cb: tot.run_condition(model, [texts[i] for i in todo], condition="direct",
-                                                  config=direct_config, seeds=[seeds[i] for i in todo],
-                                                  batch=BATCH[workflow], capacity=CAPACITY, progress=progress,
-                                                  on_result=cb)
+        return tot.run_condition(model, texts, condition="direct", config=direct_config, **common)
     if workflow == "tot":
-        return lambda todo, cb: tot.run_condition(model, [texts[i] for i in todo], condition=condition,
-                                                  config=tot_config, seeds=[seeds[i] for i in todo],
-                                                  batch=BATCH[workflow], capacity=CAPACITY, progress=progress,
-                                                  on_result=cb)
-    return lambda todo, cb: debate.run_condition(model, [texts[i] for i in todo], workflow=workflow,
-                                                 condition=condition, config=debate_config,
-                                                 seeds=[seeds[i] for i in todo], batch=BATCH[workflow],
-                                                 capacity=CAPACITY, progress=progress, on_result=cb)
+        return tot.run_condition(model, texts, condition=condition, config=tot_config, **common)
+    return debate.run_condition(model, texts, workflow=workflow, condition=condition, config=debate_config, **common)
+
+
+def _run(model, problems, seeds, *, workflow, condition, configs, progress):
+    """``run(todo, on_result)`` for ``resumable``: the problems at indices ``todo``."""
+    return lambda todo, cb: run_workflow(model, [problems[i].problem for i in todo], workflow=workflow,
+                                         condition=condition, configs=configs, seeds=[seeds[i] for i in todo],
+                                         progress=progress, on_result=cb)
 
 
 def _finetuned(model, name, *, plan, problems, train_problems, seeds, configs, key, folder, progress):
@@ -118,14 +118,9 @@ def _finetuned(model, name, *, plan, problems, train_problems, seeds, configs, k
     if all(i in done for i in range(len(problems))) and summary_path.exists():
         return [done[i] for i in range(len(problems))], json.loads(summary_path.read_text()), path
     t0 = time.perf_counter()
-    texts, train_seeds = [p.problem for p in train_problems], [TRAIN_SEED + j for j in range(len(train_problems))]
-    common = dict(seeds=train_seeds, batch=BATCH[workflow], capacity=CAPACITY, progress=f"{progress} traces",
-                  trace=True)
-    if workflow == "tot":
-        _, traces = tot.run_condition(model, texts, condition="baseline", config=configs[0], **common)
-    else:
-        _, traces = debate.run_condition(model, texts, workflow=workflow, condition="baseline", config=configs[1],
-                                         **common)
+    _, traces = run_workflow(model, [p.problem for p in train_problems], workflow=workflow, condition="baseline",
+                             configs=configs, seeds=[TRAIN_SEED + j for j in range(len(train_problems))],
+                             progress=f"{progress} traces", trace=True)
     # Every trace is kept: an empty output (a debater that ended its turn at once) replays as a forced empty turn.
     train_set, dev_set = split_traces([without_offsets(t) for t in traces], dev_fraction=DEV_FRACTION, seed=SEED)
     with tempfile.TemporaryDirectory() as tmp:
