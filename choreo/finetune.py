@@ -31,15 +31,17 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import random
 import resource
+import tempfile
 import time
 from pathlib import Path
-from typing import ClassVar, Sequence
+from typing import ClassVar, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -55,7 +57,7 @@ from .trace import TraceEvent
 
 __all__ = ["FinetuneConfig", "ReplayLoss", "Selection", "Teacher", "TrainResult", "adapter_disabled", "evaluate",
            "check_replayable", "load_adapter", "replay_loss", "sampled_end_of_turn", "select_calls", "select_on_dev",
-           "split_traces", "train", "unload_adapter", "use_adapter", "register"]
+           "split_traces", "train", "trained_adapter", "unload_adapter", "use_adapter", "register"]
 
 Trace = Sequence[TraceEvent]
 LOSSES = ("ce", "kl", "ce+kl")
@@ -396,6 +398,11 @@ class TrainResult:
     seconds_per_step: float
     peak_rss_mb: float
 
+    def summary(self) -> dict:
+        """The JSON-ready record of the run (everything but the adapter folder, which may be temporary)."""
+        return {"best_step": self.best_step, "best_dev_loss": self.best_dev_loss, "steps": self.steps,
+                "seconds_per_step": self.seconds_per_step, "peak_rss_mb": self.peak_rss_mb, "history": self.history}
+
 
 def schedule(step: int, total: int, warmup: float) -> float:
     """Learning-rate multiplier: linear warm-up over ``warmup * total`` steps, then cosine decay to 0."""
@@ -493,6 +500,27 @@ def train(model, train_traces: Sequence, dev_traces: Sequence, *, config: Finetu
     except BaseException:
         unload_adapter(model)  # a failed run leaves the model as it found it
         raise
+
+
+@contextlib.contextmanager
+def trained_adapter(model, train_traces: Sequence, dev_traces: Sequence, *, config: FinetuneConfig, out_dir=None,
+                    progress: bool = True, teacher: Teacher | None = None) -> Iterator[TrainResult]:
+    """Context manager: ``train``, run the block with the dev-best adapter on the model, then remove the adapter
+    (also when the block raises). ``out_dir`` None trains in a temporary folder, deleted on exit.
+
+    Example::
+
+        with trained_adapter(model, train_set, dev_set, config=FinetuneConfig.preset("embedded-cpu")) as result:
+            records = run_condition(model, problems, condition="choreographed")
+        summary = result.summary()
+    """
+    with contextlib.ExitStack() as stack:
+        out = out_dir if out_dir is not None else stack.enter_context(tempfile.TemporaryDirectory())
+        result = train(model, train_traces, dev_traces, config=config, out_dir=out, progress=progress, teacher=teacher)
+        try:
+            yield result
+        finally:
+            unload_adapter(model)
 
 
 def _train_adapted(model, train_traces, dev_traces, *, config, out: Path, resume, stop_after, progress, teacher,

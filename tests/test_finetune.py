@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
+import tempfile
 
 import pytest
 import torch
 
 import choreo
 from choreo.finetune import FinetuneConfig, Teacher, check_replayable, evaluate, register, replay_loss, schedule, \
-    select_calls, sampled_end_of_turn, select_on_dev, split_traces, train
+    select_calls, sampled_end_of_turn, select_on_dev, split_traces, train, trained_adapter
 from choreo.lora import add_adapter, adapter_disabled, is_adapted, load_adapter, lora_layers, save_adapter, \
     trainable_parameters, unload_adapter, use_adapter
 
@@ -285,6 +287,28 @@ def test_train_selects_on_dev_and_resume_matches_uninterrupted(tiny, traces, tmp
         train(tiny, train_set, dev_set, config=FinetuneConfig.preset("smoke", lr=1e-2), out_dir=tmp_path / "split",
               resume=True, progress=False)
     unload_adapter(tiny)
+
+
+def test_trained_adapter_is_on_inside_the_block_and_gone_after(tiny, traces, tmp_path, monkeypatch):
+    """The block runs with the dev-best adapter; the model leaves without it, also when the block raises; the
+    default folder is temporary, an ``out_dir`` is kept."""
+    config = FinetuneConfig.preset("smoke", lora_dropout=0.0)
+    with trained_adapter(tiny, traces[:4], traces[6:], config=config, out_dir=tmp_path / "kept",
+                         progress=False) as result:
+        assert is_adapted(tiny) and result.best_adapter == tmp_path / "kept" / "best"
+        inside = evaluate(tiny, traces[6:], config=config)
+    assert not is_adapted(tiny) and (result.best_adapter / "adapter_config.json").exists()
+    assert inside == pytest.approx(result.best_dev_loss)
+    summary = result.summary()
+    assert summary["steps"] == result.steps == 2 and summary["history"] == result.history
+    json.dumps(summary)  # JSON-ready
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "scratch"))
+    (tmp_path / "scratch").mkdir()
+    with pytest.raises(RuntimeError, match="inside"):
+        with trained_adapter(tiny, traces[:4], traces[6:], config=config, progress=False) as result:
+            assert result.best_adapter.parent.parent == tmp_path / "scratch"
+            raise RuntimeError("inside the block")
+    assert not is_adapted(tiny) and not any((tmp_path / "scratch").iterdir())
 
 
 def test_dev_loss_drops_when_training_on_the_dev_traces(tiny, traces, tmp_path):

@@ -129,8 +129,9 @@ def test_embedded_model_blockage_mechanics(model):
 
 def test_baseline_traces_replay_as_parallel_and_fine_tune(tiny_gqa, tmp_path):
     """Traces keep raw segments; re-laid as parallel they replay through the choreographed executor; LoRA runs."""
-    from choreo.finetune import FinetuneConfig, replay_loss, unload_adapter
-    from choreo.workflows.multiqa import SEGMENT_ROLE, collect_traces, finetune
+    from choreo.finetune import FinetuneConfig, replay_loss, trained_adapter
+    from choreo.lora import is_adapted
+    from choreo.workflows.multiqa import SEGMENT_ROLE, collect_traces
 
     pairs = make_pairs(load_questions(), 4, seed=5)
     config = MultiQAConfig(max_tokens=6)
@@ -143,10 +144,9 @@ def test_baseline_traces_replay_as_parallel_and_fine_tune(tiny_gqa, tmp_path):
     out = replay_loss(choreo.Choreographer(tiny_gqa), events)
     starts = [out.messages[k].start for k in segs[1:]]
     assert starts[0] == starts[1] and 0 < float(out.loss) < 100  # parallel question segments
-    try:
-        summary = finetune(tiny_gqa, traces[:3], traces[3:], config=FinetuneConfig.preset("smoke"),
-                           out_dir=tmp_path, progress=False)
-        assert summary["steps"] == 2 and summary["history"][0]["step"] == 0
+    with trained_adapter(tiny_gqa, traces[:3], traces[3:], config=FinetuneConfig.preset("smoke"),
+                         out_dir=tmp_path, progress=False) as result:
+        assert is_adapted(tiny_gqa)
         assert run_condition(tiny_gqa, pairs[:1], condition="choreographed", config=config, progress=False)
-    finally:
-        unload_adapter(tiny_gqa)
+    assert not is_adapted(tiny_gqa)
+    assert result.summary()["steps"] == 2 and result.summary()["history"][0]["step"] == 0

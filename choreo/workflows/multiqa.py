@@ -144,16 +144,6 @@ def collect_traces(model, pairs, *, config: MultiQAConfig = MultiQAConfig(), bat
     return out
 
 
-def finetune(model, train_traces, dev_traces, *, config, out_dir, progress: bool = True) -> dict:
-    """LoRA on MultiQA traces (``choreo.finetune.train``); the dev-best adapter stays loaded. Returns a summary."""
-    from ..finetune import train
-
-    result = train(model, train_traces, dev_traces, config=config, out_dir=out_dir, progress=progress)
-    return {"best_step": result.best_step, "best_dev_loss": result.best_dev_loss, "steps": result.steps,
-            "history": result.history, "train_traces": len(train_traces), "dev_traces": len(dev_traces),
-            "seconds_per_step": result.seconds_per_step, "peak_rss_mb": result.peak_rss_mb}
-
-
 def run_condition(model, pairs: Sequence[Sequence[Question]], *, condition: str, config: MultiQAConfig = MultiQAConfig(),
                   batch: int = 64, progress: bool | str = True, on_result=None) -> list[dict]:
     """Run every pair under one of ``CONDITIONS`` through ``choreo.Runner`` (concurrent, batched).

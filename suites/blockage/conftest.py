@@ -78,7 +78,7 @@ def _finetuned_arm(model, *, plan, config, sizes, data_dir, use_file, sets, seed
     """Train on baseline traces of separate concept sets (dev-selected checkpoint), run the choreographed arm
     with the adapter, then remove the adapter. Returns (results, training summary)."""
     from choreo.data.concepts import load_concept_sets
-    from choreo.finetune import FinetuneConfig, split_traces, train, unload_adapter
+    from choreo.finetune import FinetuneConfig, split_traces, trained_adapter
     from choreo.results import write_json
     from choreo.workflows.bsm import as_layout, run_condition
 
@@ -102,16 +102,12 @@ def _finetuned_arm(model, *, plan, config, sizes, data_dir, use_file, sets, seed
                               seeds=[10_000 + i for i in range(len(train_sets))], progress="bsm traces")
     usable = [as_layout(t, "parallel") for t in traces if all(e.tokens for e in t if e.kind == "decode")]
     train_set, dev_set = split_traces(usable, dev_fraction=ft_config.dev_fraction, seed=BSM_SEED)
-    result = train(model, train_set, dev_set, config=ft_config, out_dir=out_dir)
-    try:
+    with trained_adapter(model, train_set, dev_set, config=ft_config, out_dir=out_dir) as result:
         runs = resumable(folder, f"finetuned-{ft_key}", list(range(len(sets))), lambda todo, cb: run_condition(
             model, [sets[i] for i in todo], condition="choreographed", config=config, seeds=[seeds[i] for i in todo],
             progress="bsm finetuned", on_result=cb))
-    finally:
-        unload_adapter(model)
     summary = {"train_traces": len(train_set), "dev_traces": len(dev_set), "dropped_traces": len(traces) - len(usable),
-               "best_step": result.best_step, "best_dev_loss": result.best_dev_loss, "steps": result.steps,
-               "seconds_per_step": result.seconds_per_step, "config": ft_config.to_json(), "history": result.history}
+               **result.summary(), "config": ft_config.to_json()}
     summary = with_split(summary, dev_fraction=ft_config.dev_fraction, seed=BSM_SEED)
     write_json(Path(folder) / f"finetune-{ft_key}.json", summary)
     return runs, summary

@@ -103,9 +103,8 @@ def _finetuned(model, name, *, plan, problems, train_problems, seeds, configs, k
     Returns (records, training summary, log path).
     """
     import dataclasses
-    import tempfile
 
-    from choreo.finetune import FinetuneConfig, split_traces, train, unload_adapter
+    from choreo.finetune import FinetuneConfig, split_traces, trained_adapter
     from choreo.results import JsonlLog, write_json
     from choreo.trace import without_offsets
 
@@ -123,20 +122,13 @@ def _finetuned(model, name, *, plan, problems, train_problems, seeds, configs, k
                              progress=f"{progress} traces", trace=True)
     # Every trace is kept: an empty output (a debater that ended its turn at once) replays as a forced empty turn.
     train_set, dev_set = split_traces([without_offsets(t) for t in traces], dev_fraction=DEV_FRACTION, seed=SEED)
-    with tempfile.TemporaryDirectory() as tmp:
-        result = train(model, train_set, dev_set, config=ft_config, out_dir=tmp, progress=True)
-        try:
-            records = resumable(path, list(range(len(problems))), _run(
-                model, problems, seeds, workflow=workflow, condition="choreographed", configs=configs,
-                progress=progress))
-        finally:
-            unload_adapter(model)
+    with trained_adapter(model, train_set, dev_set, config=ft_config) as result:
+        records = resumable(path, list(range(len(problems))), _run(
+            model, problems, seeds, workflow=workflow, condition="choreographed", configs=configs, progress=progress))
     summary = {"train_problems": len(train_problems), "train_traces": len(train_set), "dev_traces": len(dev_set),
                "empty_outputs": sum(not e.tokens for t in traces for e in t if e.kind == "decode"),
-               "outputs": sum(e.kind == "decode" for t in traces for e in t), "best_step": result.best_step,
-               "best_dev_loss": result.best_dev_loss, "steps": result.steps,
-               "seconds_per_step": result.seconds_per_step, "history": result.history, "config": ft_config.to_json(),
-               "seconds": time.perf_counter() - t0}
+               "outputs": sum(e.kind == "decode" for t in traces for e in t), **result.summary(),
+               "config": ft_config.to_json(), "seconds": time.perf_counter() - t0}
     write_json(summary_path, summary)
     return records, summary, path
 

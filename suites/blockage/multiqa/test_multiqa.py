@@ -15,7 +15,7 @@ from choreo.profiles import pick
 from choreo.provenance import provenance
 from choreo.report import plot_rates, write_table
 from choreo.results import write_text
-from choreo.workflows.multiqa import MultiQAConfig, collect_traces, finetune, run_condition
+from choreo.workflows.multiqa import MultiQAConfig, collect_traces, run_condition
 
 from ..conftest import DEV_FRACTION, LOGS_READ, fingerprint, logs_read, resumable, with_split
 
@@ -42,9 +42,7 @@ TRAIN_SEED = 1
 def _finetuned(model, profile, questions, pairs, config, key, folder):
     """Train on baseline traces of separate pairs (dev-selected checkpoint), run the choreographed condition
     with the adapter, remove it. Resumes from the logged results when the arm finished earlier."""
-    import tempfile
-
-    from choreo.finetune import FinetuneConfig, split_traces, unload_adapter
+    from choreo.finetune import FinetuneConfig, split_traces, trained_adapter
     from choreo.results import JsonlLog, write_json
 
     plan = pick(FINETUNE, profile)
@@ -65,14 +63,12 @@ def _finetuned(model, profile, questions, pairs, config, key, folder):
     traces = [t for t in traces if all(e.tokens for e in t if e.kind == "decode")]
     train_set, dev_set = split_traces(traces, dev_fraction=ft_config.dev_fraction, seed=SEED)
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        summary = finetune(model, train_set, dev_set, config=ft_config, out_dir=tmp)
-        try:
-            results = resumable(folder, name, pairs, lambda todo, cb: run_condition(
-                model, todo, condition="choreographed", config=config, progress="multiqa finetuned", on_result=cb))
-        finally:
-            unload_adapter(model)
-    summary.update(train_pairs=len(train_pairs), train_seconds=time.perf_counter() - t0, config=ft_config.to_json(),
+    with trained_adapter(model, train_set, dev_set, config=ft_config) as trained:
+        results = resumable(folder, name, pairs, lambda todo, cb: run_condition(
+            model, todo, condition="choreographed", config=config, progress="multiqa finetuned", on_result=cb))
+    summary = trained.summary()
+    summary.update(train_traces=len(train_set), dev_traces=len(dev_set), train_pairs=len(train_pairs),
+                   train_seconds=time.perf_counter() - t0, config=ft_config.to_json(),
                    shared_questions=len({q.id for p in train_pairs for q in p} & {q.id for p in pairs for q in p}))
     summary = with_split(summary, dev_fraction=ft_config.dev_fraction, seed=SEED)
     write_json(summary_path, summary)
