@@ -63,27 +63,32 @@ def provenance_line(prov: dict) -> str:
     return ", ".join(parts) + f"; versions {prov.get('versions')}"
 
 
+def bar_layout(groups: dict[str, dict]) -> tuple[list[str], float, dict[tuple[str, str], float]]:
+    """Where ``plot_rates`` puts its bars: (every arm in legend order, bar width, x of each (group, arm)). Group i
+    is centred on x = i with its own arms side by side, so groups may hold different arms."""
+    arms = list(dict.fromkeys(a for g in groups.values() for a in g))
+    present = {g: [a for a in arms if a in groups[g]] for g in groups}
+    width = 0.8 / max([len(v) for v in present.values()] + [1])
+    return arms, width, {(g, a): i + (k - (len(present[g]) - 1) / 2) * width
+                         for i, g in enumerate(groups) for k, a in enumerate(present[g])}
+
+
 def plot_rates(path: str | Path, *, title: str, groups: dict[str, dict[str, tuple[float, float, float]]],
                ylabel: str = "rate") -> Path:
-    """Grouped bar chart of rates with intervals: groups[group][arm] = (rate, low, high)."""
+    """Grouped bar chart of rates with intervals: groups[group][arm] = (rate, low, high). Groups may hold
+    different arms (``bar_layout``); an arm keeps one colour and one legend entry."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    arms = list(dict.fromkeys(a for g in groups.values() for a in g))
-    width = 0.8 / max(len(arms), 1)
-    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(groups) * max(1, len(arms)) / 2), 3.6))
-    for k, arm in enumerate(arms):
-        xs, ys, lo, hi = [], [], [], []
-        for i, g in enumerate(groups):
-            if arm in groups[g]:
-                r, l, h = groups[g][arm]
-                xs.append(i + (k - (len(arms) - 1) / 2) * width)
-                ys.append(r)
-                lo.append(r - l)
-                hi.append(h - r)
-        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=arm)
+    arms, width, x = bar_layout(groups)
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(groups) * 0.4 / width), 3.6))
+    for arm in arms:
+        cells = [(x[g, arm], *groups[g][arm]) for g in groups if arm in groups[g]]
+        xs, ys = [c[0] for c in cells], [c[1] for c in cells]
+        err = [[r - low for _, r, low, _ in cells], [high - r for _, r, _, high in cells]]
+        ax.bar(xs, ys, width, yerr=err, capsize=3, label=arm)
     ax.set_xticks(range(len(groups)), list(groups))
     ax.set_ylabel(ylabel)
     ax.set_title(title)

@@ -9,7 +9,8 @@ import pytest
 import choreo
 from choreo.data.math import (BUILTIN_SIZE, FILE_NAME, equivalent, extract_answer, grade, last_boxed, load_problems,
                               split_problems)
-from choreo.workflows.tot import (DirectConfig, ToTConfig, majority, parse_vote, run_condition, tree_of_thoughts)
+from choreo.workflows.tot import (DirectConfig, ToTConfig, direct_trace, majority, parse_vote, run_condition,
+                                  tree_of_thoughts)
 
 
 @pytest.mark.parametrize("text, boxed", [
@@ -155,3 +156,32 @@ def test_run_condition_direct_and_errors(tiny_gqa):
     with pytest.raises(ValueError, match="unknown Tree-of-Thoughts layout"):
         choreo.Runner(choreo.Choreographer(tiny_gqa), progress=False).run(
             [lambda ex: tree_of_thoughts(ex, PROBLEM, layout="serial", seed=0, config=TINY)])
+
+
+def test_direct_trace_carries_the_workflows_answer_over(tiny_gqa):
+    """The direct call's own answer gives its own trace back; a Tree-of-Thoughts answer keeps the finisher's tokens
+    and cap; an answer no call wrote (a moderator's, boxed) is a turn that ended by itself; each replays."""
+    from choreo.finetune import replay_loss, sampled_end_of_turn
+
+    config = DirectConfig(answer_tokens=4)
+    out, traces = run_condition(tiny_gqa, [PROBLEM], condition="direct", config=config, progress=False, trace=True)
+    own = traces[0]
+    assert direct_trace(PROBLEM, out[0]["final"], events=own, tokenizer=tiny_gqa.tokenizer, config=config) == own
+
+    tot_out, tot_traces = run_condition(tiny_gqa, [PROBLEM], condition="choreographed", config=TINY, progress=False,
+                                        trace=True)
+    finisher = tot_traces[0][-1]
+    assert finisher.kind == "decode" and finisher.text == tot_out[0]["final"]
+    from_tot = direct_trace(PROBLEM, tot_out[0]["final"], events=tot_traces[0], tokenizer=tiny_gqa.tokenizer)
+    assert [e.kind for e in from_tot] == ["prefill", "prefill", "decode"] and from_tot[:2] == own[:2]
+    answer = from_tot[-1]
+    assert (answer.tokens, answer.max_tokens, answer.parents, answer.role) == \
+        (finisher.tokens, finisher.max_tokens, (0, 1), "assistant")
+
+    boxed = direct_trace(PROBLEM, "\\boxed{7}", events=tot_traces[0], tokenizer=tiny_gqa.tokenizer)[-1]
+    assert list(boxed.tokens) == tiny_gqa.tokenizer.encode("\\boxed{7}", add_special_tokens=False)
+    assert boxed.text == "\\boxed{7}" and not boxed.forced
+    assert sampled_end_of_turn(boxed, choreo.Choreographer(tiny_gqa).format)  # its end-of-turn is trained
+    for trace in (from_tot, direct_trace(PROBLEM, "\\boxed{7}", events=[], tokenizer=tiny_gqa.tokenizer)):
+        loss = replay_loss(choreo.Choreographer(tiny_gqa), trace).loss
+        assert 0 < float(loss) < 100

@@ -37,6 +37,7 @@ from collections import Counter
 from typing import Sequence
 
 from ..engine import Call, linearize
+from ..trace import TraceEvent
 
 LAYOUTS = ("parallel", "linearized")
 
@@ -176,6 +177,30 @@ async def direct(ex, problem: str, *, seed: int, config: DirectConfig = DirectCo
     answer = await ex.decode(role="assistant", parents=[sys, ask], max_tokens=config.answer_tokens,
                              temperature=config.temperature, seed=seed)
     return {"final": answer.text}
+
+
+def direct_trace(problem: str, final: str, *, events: Sequence[TraceEvent], tokenizer,
+                 config: DirectConfig = DirectConfig()) -> list[TraceEvent]:
+    """The trace of a direct call on ``problem`` that answers ``final``, another workflow's final answer: data for
+    the paper's control, the direct call fine-tuned on the workflows' final answers only (``choreo.finetune``
+    replays it, forcing ``final``).
+
+    When a decode event of that workflow's trace ``events`` wrote ``final`` (without a forced prefix), its tokens,
+    cap and stop strings carry over, so a turn cut at its cap or by a stop string stays cut (its end-of-turn is
+    not trained). Otherwise (a debate moderator's answer, put in ``\\boxed{}``) ``final`` is tokenized with
+    ``tokenizer`` as a turn that ended by itself. The direct call's own trace and its answer event give that
+    trace back.
+
+    Example: ``direct_trace(p.problem, record["final"], events=trace, tokenizer=model.tokenizer)``.
+    """
+    source = next((e for e in reversed(events) if e.kind == "decode" and not e.prefix and e.text == final), None)
+    if source is None:
+        ids = tuple(tokenizer.encode(final, add_special_tokens=False))
+        source = TraceEvent(kind="decode", group=0, role="assistant", parents=(), text=final, tokens=ids,
+                            max_tokens=len(ids) + 1, temperature=config.temperature)
+    return [TraceEvent(kind="prefill", group=0, role="system", parents=(), text=config.system),
+            TraceEvent(kind="prefill", group=1, role="user", parents=(0,), text=direct_prompt(problem)),
+            dataclasses.replace(source, group=2, role="assistant", parents=(0, 1), offsets=None, new_offset=None)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
