@@ -37,8 +37,9 @@ SIZES = {  # problems; Tree-of-Thoughts and debate settings; token caps
     "smoke": dict(n=2, tot=dict(proposals=2, voters=2, propose_tokens=8, vote_tokens=4, answer_tokens=12),
                   debate=dict(rounds=1, agents=2, answer_tokens=10, moderator_tokens=10, summary_tokens=8),
                   direct=dict(answer_tokens=12)),
-    # CPU (about 40 minutes on 2 cores): B = 8 proposals and V = 4 voters as in the paper, debates of up to 3
-    # rounds with 3 agents, shorter texts than the defaults
+    # CPU (27 minutes on 2 cores for the rows without fine-tuning, 103 more for the fine-tuned ones): B = 8
+    # proposals and V = 4 voters as in the paper, debates of up to 3 rounds with 3 agents, shorter texts than the
+    # defaults
     "small": dict(n=24, tot=dict(propose_tokens=48, answer_tokens=160),
                   debate=dict(answer_tokens=96, moderator_tokens=64, summary_tokens=64),
                   direct=dict(answer_tokens=160)),
@@ -61,8 +62,9 @@ CONTROLS = {"ToT": "+ ToT fine-tuning", "MAD": "+ MAD fine-tuning"}
 # model's distribution), with the row's other settings.
 FINETUNE = {
     "smoke": dict(train=4, preset="smoke", overrides={}, workflows=tuple(WORKFLOWS)),
-    # CPU time: none (the baseline traces alone would cost as much as the table's Baseline rows).
-    "small": dict(train=0, preset="embedded-cpu", overrides={}, workflows=()),
+    # CPU time: 40 training problems, one epoch distilling the adapter-off baseline (as the blockage suites' arms)
+    "small": dict(train=40, preset="embedded-cpu", overrides={"epochs": 1, "eval_every": 2, "loss": "kl", "lr": 1e-3},
+                  workflows=tuple(WORKFLOWS)),
     # PROTOCOLS: 500 training problems, rank 64, alpha 32, lr 5e-5 (2e-5 for the debates), 4 epochs
     "paper": dict(train=500, preset="paper", overrides={}, workflows=tuple(WORKFLOWS),
                   lr={"MAD": 2e-5, "MADpar": 2e-5}),
@@ -107,6 +109,11 @@ def _ft_config(plan, name, **changes):
     return dataclasses.replace(FinetuneConfig.preset(plan["preset"], **overrides), dev_fraction=DEV_FRACTION)
 
 
+def _train_path(name, *, train_problems, key, folder) -> Path:
+    return folder / f"{WORKFLOWS[name]}-baseline-train-{fingerprint(eval=key, train=[p.id for p in train_problems])}" \
+        ".traces.jsonl"
+
+
 def _train_runs(model, name, *, train_problems, configs, key, folder, progress):
     """Baseline records and traces of workflow ``name`` on ``train_problems`` (problem j: seed TRAIN_SEED + j),
     saved beside the logs (``load_traces`` reads the file; each line also carries its index and the commit that
@@ -117,9 +124,7 @@ def _train_runs(model, name, *, train_problems, configs, key, folder, progress):
     from choreo.results import JsonlLog
     from choreo.trace import load_traces
 
-    workflow = WORKFLOWS[name]
-    train_key = fingerprint(eval=key, train=[p.id for p in train_problems])
-    path = folder / f"{workflow}-baseline-train-{train_key}.traces.jsonl"
+    workflow, path = WORKFLOWS[name], _train_path(name, train_problems=train_problems, key=key, folder=folder)
     if path.exists():
         saved = load_traces(path)
         if len(saved) == len(train_problems):
@@ -285,9 +290,8 @@ def table(model, profile, data_dir, results_dir):
 
     def train(name):  # the baseline records and traces of the training problems, collected when first needed
         if name not in train_runs:
-            *train_runs[name], path = _train_runs(model, name, train_problems=train_problems, configs=configs, key=key,
-                                                  folder=folder, progress=f"math {name}")
-            logs.append(path)
+            *train_runs[name], _ = _train_runs(model, name, train_problems=train_problems, configs=configs, key=key,
+                                               folder=folder, progress=f"math {name}")
         return train_runs[name]
 
     for name in plan["workflows"]:
@@ -298,6 +302,7 @@ def table(model, profile, data_dir, results_dir):
                     train=lambda name=name: train(name), seeds=seeds, configs=configs, key=key, folder=folder,
                     progress=f"math {row}")
                 logs.append(path)
+        logs.append(_train_path(name, train_problems=train_problems, key=key, folder=folder))  # training data
     wall = time.perf_counter() - t0
     graded = {row: [final_answer(r, p.answer) for r, p in zip(rs, problems)] for row, rs in runs.items()}
     correct = {row: [g["correct"] for g in gs] for row, gs in graded.items()}
