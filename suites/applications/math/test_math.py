@@ -50,7 +50,7 @@ WORKFLOWS = {"ToT": "tot", "MAD": "iterative", "MADpar": "parallel"}
 # live instance (thousands of tokens), so the store gets twice the default cap (fp32 SmolLM2: ~46 KB per token).
 BATCH = {"direct": 32, "tot": 16, "iterative": 12, "parallel": 12}
 CAPACITY = 2 ** 17
-# The paper's rows in its order. The direct call fine-tuned on the workflows' final answers is not run here.
+# The paper's rows in its order; the table lists those a profile does not run.
 ROWS = ["Direct", "+ ToT fine-tuning", "+ MAD fine-tuning", "ToT Baseline", "ToT Before", "ToT After",
         "MAD Baseline", "MAD Before", "MAD After", "MADpar Baseline", "MADpar Before", "MADpar After"]
 # The control: the direct call fine-tuned on a workflow's final answers only (on the same training problems).
@@ -119,7 +119,7 @@ def _train_runs(model, name, *, train_problems, configs, key, folder, progress):
     saved beside the logs (``load_traces`` reads the file; each line also carries its index and the commit that
     wrote it); the After row and the direct control both read them, and a complete saved file is read back.
 
-    Returns (records, traces, path).
+    Returns (records, traces).
     """
     from choreo.results import JsonlLog
     from choreo.trace import load_traces
@@ -128,7 +128,7 @@ def _train_runs(model, name, *, train_problems, configs, key, folder, progress):
     if path.exists():
         saved = load_traces(path)
         if len(saved) == len(train_problems):
-            return [meta for meta, _ in saved], [events for _, events in saved], path
+            return [meta for meta, _ in saved], [events for _, events in saved]
         path.unlink()  # an interrupted write: the instances run again
     records, traces = run_workflow(model, [p.problem for p in train_problems], workflow=workflow,
                                    condition="baseline", configs=configs,
@@ -137,7 +137,7 @@ def _train_runs(model, name, *, train_problems, configs, key, folder, progress):
     log = JsonlLog(path, key="index")
     for j, (record, events) in enumerate(zip(records, traces)):
         log.append({"index": j, "meta": record, "events": [e.to_json() for e in events]})
-    return records, traces, path
+    return records, traces
 
 
 def _adapted_run(model, *, stem, problems, data, ft_config, run, folder):
@@ -246,8 +246,6 @@ def final_answer(record: dict, gold: str) -> dict:
 
 def holm_adjusted(tests: dict) -> dict:
     """Holm-adjusted p-values of ``tests`` (name -> McNemar result), by name."""
-    if not tests:
-        return {}
     adjusted = stats.adjust_pvalues([t.pvalue for t in tests.values()], method="holm", alpha=ALPHA).adjusted
     return dict(zip(tests, map(float, adjusted)))
 
@@ -290,8 +288,8 @@ def table(model, profile, data_dir, results_dir):
 
     def train(name):  # the baseline records and traces of the training problems, collected when first needed
         if name not in train_runs:
-            *train_runs[name], _ = _train_runs(model, name, train_problems=train_problems, configs=configs, key=key,
-                                               folder=folder, progress=f"math {name}")
+            train_runs[name] = _train_runs(model, name, train_problems=train_problems, configs=configs, key=key,
+                                           folder=folder, progress=f"math {name}")
         return train_runs[name]
 
     for name in plan["workflows"]:
