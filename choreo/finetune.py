@@ -20,6 +20,8 @@ KL, one criterion for every candidate.
 
 Training is LoRA (peft) with AdamW, warm-up then cosine decay, clipping, gradient accumulation over workflow
 instances (one per micro-batch), dev evaluation, checkpoint selection on dev, and resumable checkpoints.
+Checkpoints are chosen by the dev loss, or by a task score the caller computes with the adapter on (``dev_score``:
+e.g. the accuracy of the workflow on dev problems, as the paper's MATH runs choose them).
 
 Example::
 
@@ -41,7 +43,7 @@ import resource
 import tempfile
 import time
 from pathlib import Path
-from typing import ClassVar, Iterator, Sequence
+from typing import Callable, ClassVar, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -388,7 +390,9 @@ def evaluate(model, traces: Sequence, *, config: FinetuneConfig, executor: Chore
 # ---------------------------------------------------------------------------------------------- training
 @dataclasses.dataclass
 class TrainResult:
-    """``best_adapter``: the adapter folder chosen on dev; ``history``: one record per optimizer step."""
+    """``best_adapter``: the adapter folder chosen on dev, from step ``best_step``; ``best_dev_loss`` and
+    ``best_dev_score``: that checkpoint's dev loss and dev score (None without a ``dev_score``); ``history``: one
+    record per optimizer step (after the step-0 evaluation)."""
 
     best_adapter: Path
     best_step: int
@@ -397,11 +401,13 @@ class TrainResult:
     steps: int
     seconds_per_step: float
     peak_rss_mb: float
+    best_dev_score: float | None = None
 
     def summary(self) -> dict:
         """The JSON-ready record of the run (everything but the adapter folder, which may be temporary)."""
-        return {"best_step": self.best_step, "best_dev_loss": self.best_dev_loss, "steps": self.steps,
-                "seconds_per_step": self.seconds_per_step, "peak_rss_mb": self.peak_rss_mb, "history": self.history}
+        return {"best_step": self.best_step, "best_dev_loss": self.best_dev_loss,
+                "best_dev_score": self.best_dev_score, "steps": self.steps, "seconds_per_step": self.seconds_per_step,
+                "peak_rss_mb": self.peak_rss_mb, "history": self.history}
 
 
 def schedule(step: int, total: int, warmup: float) -> float:
@@ -451,7 +457,8 @@ def peak_rss_mb() -> float:
 
 def train(model, train_traces: Sequence, dev_traces: Sequence, *, config: FinetuneConfig, out_dir,
           resume: bool = False, stop_after: int | None = None, progress: bool = True,
-          teacher: Teacher | None = None, dev_may_overlap: bool = False) -> TrainResult:
+          teacher: Teacher | None = None, dev_may_overlap: bool = False,
+          dev_score: Callable[[object], float] | None = None) -> TrainResult:
     """Fine-tune a LoRA adapter on baseline traces replayed through the choreographed executor.
 
     Writes ``out_dir/best`` (adapter with the lowest dev ``config.dev_criterion``, dev evaluated every
@@ -462,6 +469,12 @@ def train(model, train_traces: Sequence, dev_traces: Sequence, *, config: Finetu
     train and dev trace before the first step. On return the model carries the best adapter (eval mode); if the
     run fails, the model is left without an adapter. Every trace is checked first (``check_replayable``), and a
     trace in both sets is refused unless ``dev_may_overlap`` (a sanity check that fits the dev traces themselves).
+
+    ``dev_score(model) -> float`` (higher is better), when given, is called at every dev evaluation with the current
+    adapter on the model (eval mode, no gradients) -- say, the accuracy of the workflow on the dev problems -- and
+    then chooses the checkpoint: the highest score, ties going to the lower dev loss, then the earlier step. It may
+    sample freely: the random state of training is restored after it, so the training steps are those of a run
+    without it. A run is resumed with a score only if it started with one.
 
     Example::
 
@@ -496,7 +509,8 @@ def train(model, train_traces: Sequence, dev_traces: Sequence, *, config: Finetu
                 targets=config.lora_targets, seed=config.seed)
     try:
         return _train_adapted(model, train_traces, dev_traces, config=config, out=out, resume=resume,
-                              stop_after=stop_after, progress=progress, teacher=teacher, n_micro=n_micro, total=total)
+                              stop_after=stop_after, progress=progress, teacher=teacher, n_micro=n_micro, total=total,
+                              dev_score=dev_score)
     except BaseException:
         unload_adapter(model)  # a failed run leaves the model as it found it
         raise
@@ -504,9 +518,11 @@ def train(model, train_traces: Sequence, dev_traces: Sequence, *, config: Finetu
 
 @contextlib.contextmanager
 def trained_adapter(model, train_traces: Sequence, dev_traces: Sequence, *, config: FinetuneConfig, out_dir=None,
-                    progress: bool = True, teacher: Teacher | None = None) -> Iterator[TrainResult]:
+                    progress: bool = True, teacher: Teacher | None = None,
+                    dev_score: Callable[[object], float] | None = None) -> Iterator[TrainResult]:
     """Context manager: ``train``, run the block with the dev-best adapter on the model, then remove the adapter
-    (also when the block raises). ``out_dir`` None trains in a temporary folder, deleted on exit.
+    (also when the block raises). ``out_dir`` None trains in a temporary folder, deleted on exit; ``dev_score`` as
+    in ``train``.
 
     Example::
 
@@ -516,7 +532,8 @@ def trained_adapter(model, train_traces: Sequence, dev_traces: Sequence, *, conf
     """
     with contextlib.ExitStack() as stack:
         out = out_dir if out_dir is not None else stack.enter_context(tempfile.TemporaryDirectory())
-        result = train(model, train_traces, dev_traces, config=config, out_dir=out, progress=progress, teacher=teacher)
+        result = train(model, train_traces, dev_traces, config=config, out_dir=out, progress=progress, teacher=teacher,
+                       dev_score=dev_score)
         try:
             yield result
         finally:
@@ -524,7 +541,7 @@ def trained_adapter(model, train_traces: Sequence, dev_traces: Sequence, *, conf
 
 
 def _train_adapted(model, train_traces, dev_traces, *, config, out: Path, resume, stop_after, progress, teacher,
-                   n_micro: int, total: int) -> TrainResult:
+                   n_micro: int, total: int, dev_score) -> TrainResult:
     """``train`` once the adapter is on the model (the caller removes it if this raises)."""
     from tqdm.auto import tqdm
 
@@ -533,22 +550,39 @@ def _train_adapted(model, train_traces, dev_traces, *, config, out: Path, resume
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s, total, config.warmup))
     executor = Choreographer(model, attention=config.attention)
-    state = {"step": 0, "history": [], "best_step": 0, "best_dev_loss": math.inf}
+    selected_by = "dev_score" if dev_score is not None else "dev_loss"
+    state = {"step": 0, "history": [], "best_step": 0, "best_dev_loss": math.inf, "best_dev_score": None,
+             "selected_by": selected_by}
+
+    def dev_eval(record: dict) -> None:
+        """Evaluate on dev into ``record``; keep the checkpoint in ``best_dir`` if it is the best so far."""
+        record["dev_loss"] = evaluate(model, dev_traces, config=config, executor=executor, teacher=teacher)
+        if dev_score is not None:
+            record["dev_score"] = _scored(model, dev_score)
+        first = not state["history"]
+        if first or _better(record, state):
+            state["best_dev_loss"], state["best_step"] = record["dev_loss"], record["step"]
+            state["best_dev_score"] = record.get("dev_score")
+            save_adapter(model, best_dir)
+
     if resume:
         saved = torch.load(last / "trainer_state.pt", weights_only=False)
         if saved["config"] != config.to_json():
             raise ValueError(f"cannot resume {str(out)!r} with a different config: saved {saved['config']}")
+        was = saved["state"].get("selected_by", "dev_loss")
+        if was != selected_by:
+            raise ValueError(f"cannot resume {str(out)!r}: it chose checkpoints by {was}, this call by {selected_by} "
+                             f"({'pass' if was == 'dev_score' else 'drop'} dev_score)")
         load_adapter(model, last)
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
         _set_rng_state(saved["rng"])
-        state = saved["state"]
+        state = {"best_dev_score": None, "selected_by": selected_by, **saved["state"]}
     else:
         torch.manual_seed(config.seed)
-        dev = evaluate(model, dev_traces, config=config, executor=executor, teacher=teacher)
-        state["best_dev_loss"] = dev
-        state["history"].append({"step": 0, "dev_loss": dev})
-        save_adapter(model, best_dir)
+        record = {"step": 0}
+        dev_eval(record)
+        state["history"].append(record)
 
     bar = tqdm(total=total, initial=state["step"], desc="finetune", disable=not progress)
     times = []
@@ -565,10 +599,7 @@ def _train_adapted(model, train_traces, dev_traces, *, config, out: Path, resume
             times.append(time.perf_counter() - t0)
             record = {"step": state["step"], "train_loss": loss, "lr": lr, "seconds": times[-1]}
             if state["step"] % config.eval_every == 0 or state["step"] == total:
-                record["dev_loss"] = evaluate(model, dev_traces, config=config, executor=executor, teacher=teacher)
-                if record["dev_loss"] < state["best_dev_loss"]:
-                    state["best_dev_loss"], state["best_step"] = record["dev_loss"], state["step"]
-                    save_adapter(model, best_dir)
+                dev_eval(record)
             state["history"].append(record)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", dev=f"{state['best_dev_loss']:.3f}")
@@ -581,8 +612,31 @@ def _train_adapted(model, train_traces, dev_traces, *, config, out: Path, resume
     load_adapter(model, best_dir)
     model.hf_model.eval()
     return TrainResult(best_adapter=best_dir, best_step=state["best_step"], best_dev_loss=state["best_dev_loss"],
-                       history=state["history"], steps=state["step"],
+                       best_dev_score=state["best_dev_score"], history=state["history"], steps=state["step"],
                        seconds_per_step=float(np.mean(times)) if times else float("nan"), peak_rss_mb=peak_rss_mb())
+
+
+def _scored(model, dev_score) -> float:
+    """``dev_score(model)`` in eval mode without gradients, with the random state of training put back after."""
+    saved, was_training = _rng_state(), model.hf_model.training
+    model.hf_model.eval()
+    try:
+        with torch.no_grad():
+            score = float(dev_score(model))
+    finally:
+        _set_rng_state(saved)
+        model.hf_model.train(was_training)
+    if math.isnan(score):
+        raise ValueError("dev_score returned nan: checkpoints cannot be ranked by it")
+    return score
+
+
+def _better(record: dict, state: dict) -> bool:
+    """Whether a dev evaluation beats the kept checkpoint: by dev score when there is one (ties: the lower dev
+    loss), else by dev loss; an exact tie keeps the earlier step."""
+    if "dev_score" in record and record["dev_score"] != state["best_dev_score"]:
+        return record["dev_score"] > state["best_dev_score"]
+    return record["dev_loss"] < state["best_dev_loss"]
 
 
 def _optimizer_step(model, executor, traces, params, opt, config, teacher) -> float:
@@ -618,8 +672,10 @@ def _write_history(path: Path, state: dict, config: FinetuneConfig, *, model, si
     from .provenance import provenance
     from .results import write_json
 
-    write_json(path, {"config": config.to_json(), "dev_metric": config.dev_criterion, "best_step": state["best_step"],
-                      "best_dev_loss": state["best_dev_loss"], "history": state["history"],
+    write_json(path, {"config": config.to_json(), "dev_metric": config.dev_criterion,
+                      "selected_by": state["selected_by"], "best_step": state["best_step"],
+                      "best_dev_loss": state["best_dev_loss"], "best_dev_score": state["best_dev_score"],
+                      "history": state["history"],
                       "provenance": provenance(model, seeds=[config.seed], sample_sizes=sizes)})
 
 

@@ -289,6 +289,66 @@ def test_train_selects_on_dev_and_resume_matches_uninterrupted(tiny, traces, tmp
     unload_adapter(tiny)
 
 
+def test_a_dev_score_chooses_the_checkpoint_without_changing_training(tiny, traces, tmp_path):
+    """``dev_score`` ranks the dev evaluations (highest first, ties to the lower dev loss); it runs with the adapter
+    on, in eval mode, without gradients; its sampling leaves the training steps as they are without it."""
+    import random
+
+    config = FinetuneConfig.preset("smoke", lora_dropout=0.1, epochs=2, eval_every=2, seed=3)
+    train_set, dev_set = traces[:4], traces[6:]
+    plain = train(tiny, train_set, dev_set, config=config, out_dir=tmp_path / "plain", progress=False)
+    unload_adapter(tiny)
+    scripted, seen = iter([0.0, 0.5, 0.25]), []
+
+    def score(model):
+        seen.append((is_adapted(model), model.hf_model.training, torch.is_grad_enabled()))
+        torch.rand(7), random.random()  # a workflow that samples
+        return next(scripted)
+
+    scored = train(tiny, train_set, dev_set, config=config, out_dir=tmp_path / "scored", progress=False,
+                   dev_score=score)
+    unload_adapter(tiny)
+    assert seen == [(True, False, False)] * 3
+    evals = [r for r in scored.history if "dev_loss" in r]
+    assert [(r["step"], r["dev_score"]) for r in evals] == [(0, 0.0), (2, 0.5), (4, 0.25)]
+    assert scored.best_step == 2 and scored.best_dev_score == 0.5 and scored.best_dev_loss == evals[1]["dev_loss"]
+    for a, b in zip(plain.history, scored.history):  # the same steps, losses and dev losses
+        assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items()
+                                                                  if k not in ("seconds", "dev_score")}
+    saved = json.loads((tmp_path / "scored" / "history.json").read_text())
+    assert saved["selected_by"] == "dev_score" and saved["best_dev_score"] == 0.5 and saved["best_step"] == 2
+    assert scored.summary()["best_dev_score"] == 0.5 and plain.summary()["best_dev_score"] is None
+
+    tied = train(tiny, train_set, dev_set, config=config, out_dir=tmp_path / "tied", progress=False,
+                 dev_score=lambda model: 0.0)
+    unload_adapter(tiny)
+    assert (tied.best_step, tied.best_dev_loss) == (plain.best_step, plain.best_dev_loss)
+
+    def weights(model):  # a score that depends on the adapter only: equal for equal checkpoints
+        return float(sum(p.abs().sum() for n, p in model.hf_model.named_parameters() if "lora_B" in n))
+
+    part = train(tiny, train_set, dev_set, config=config, out_dir=tmp_path / "split", stop_after=2, progress=False,
+                 dev_score=weights)
+    unload_adapter(tiny)
+    assert part.steps == 2
+    with pytest.raises(ValueError, match="by dev_score, this call by dev_loss"):
+        train(tiny, train_set, dev_set, config=config, out_dir=tmp_path / "split", resume=True, progress=False)
+    assert not is_adapted(tiny)
+    rest = train(tiny, train_set, dev_set, config=config, out_dir=tmp_path / "split", resume=True, progress=False,
+                 dev_score=weights)
+    unload_adapter(tiny)
+    full = train(tiny, train_set, dev_set, config=config, out_dir=tmp_path / "full", progress=False,
+                 dev_score=weights)
+    unload_adapter(tiny)
+    assert (rest.best_step, rest.best_dev_score) == (full.best_step, full.best_dev_score) and full.best_step > 0
+    for a, b in zip(full.history, rest.history):
+        assert a.keys() == b.keys() and all(a[k] == b[k] for k in a if k != "seconds"), (a, b)
+    with pytest.raises(ValueError, match="nan"):
+        train(tiny, train_set, dev_set, config=config, out_dir=tmp_path / "nan", progress=False,
+              dev_score=lambda model: float("nan"))
+    assert not is_adapted(tiny)
+
+
 def test_trained_adapter_is_on_inside_the_block_and_gone_after(tiny, traces, tmp_path, monkeypatch):
     """The block runs with the dev-best adapter; the model leaves without it, also when the block raises; the
     default folder is temporary, an ``out_dir`` is kept."""

@@ -10,7 +10,9 @@ answer as the baseline, and for Tree of Thoughts whether the votes and the winne
 After (the choreographed workflow with a LoRA adapter trained on baseline traces of disjoint training problems)
 and the paper's control ("+ ToT / MAD fine-tuning": the direct call trained on those baseline runs' final answers
 only) run at the profiles ``FINETUNE`` names, from one set of baseline traces per workflow saved beside the logs;
-After is compared with Before pairwise like Before with Baseline. The table lists every row it did not run.
+the checkpoint is chosen on dev problems split off the training problems, by accuracy as in the paper (or by the
+dev loss where the profile says so). After is compared with Before pairwise like Before with Baseline. The table
+lists every row it did not run.
 """
 
 from __future__ import annotations
@@ -56,19 +58,23 @@ ROWS = ["Direct", "+ ToT fine-tuning", "+ MAD fine-tuning", "ToT Baseline", "ToT
 # The control: the direct call fine-tuned on a workflow's final answers only (on the same training problems).
 CONTROLS = {"ToT": "+ ToT fine-tuning", "MAD": "+ MAD fine-tuning"}
 # After = the choreographed workflow with a LoRA adapter trained on baseline traces of separate training problems
-# (PROTOCOLS: 90/10 train/dev, checkpoint chosen on dev; here on the dev loss, the choice the other suites make).
+# (PROTOCOLS: 90/10 train/dev, checkpoint chosen by dev accuracy).
 # ``workflows``: which After rows and controls a profile runs (the others are listed as not run at that profile).
-# A control trains with cross-entropy on the final answers (its target is the workflow's text, not the base
-# model's distribution), with the row's other settings.
+# ``select``: "accuracy" chooses the checkpoint by the share of the dev problems the adapted row solves (ties: the
+# lower dev loss), "loss" by the dev loss alone. A control trains with cross-entropy on the final answers (its
+# target is the workflow's text, not the base model's distribution), with the row's other settings.
 FINETUNE = {
-    "smoke": dict(train=4, preset="smoke", overrides={}, workflows=tuple(WORKFLOWS)),
-    # CPU time: 40 training problems, one epoch distilling the adapter-off baseline (as the blockage suites' arms)
+    "smoke": dict(train=4, preset="smoke", overrides={}, workflows=tuple(WORKFLOWS), select="accuracy"),
+    # CPU time: 40 training problems, one epoch distilling the adapter-off baseline (as the blockage suites' arms).
+    # The dev loss chooses: the embedded model solved 0/24 in every row, so a dev accuracy over 4 problems could not
+    # tell checkpoints apart, and each evaluation would rerun the workflow.
     "small": dict(train=40, preset="embedded-cpu", overrides={"epochs": 1, "eval_every": 2, "loss": "kl", "lr": 1e-3},
-                  workflows=tuple(WORKFLOWS)),
-    # PROTOCOLS: 500 training problems, rank 64, alpha 32, lr 5e-5 (2e-5 for the debates), 4 epochs
+                  workflows=tuple(WORKFLOWS), select="loss"),
+    # PROTOCOLS: 500 training problems, rank 64, alpha 32, lr 5e-5 (2e-5 for the debates), 4 epochs, dev accuracy
     "paper": dict(train=500, preset="paper", overrides={}, workflows=tuple(WORKFLOWS),
-                  lr={"MAD": 2e-5, "MADpar": 2e-5}),
+                  lr={"MAD": 2e-5, "MADpar": 2e-5}, select="accuracy"),
 }
+SELECTION = {"accuracy": "dev accuracy", "loss": "dev loss"}
 DEV_FRACTION = 0.1
 TRAIN_SEED = 100_000  # instance seeds of the training problems' baseline traces: problem j uses TRAIN_SEED + j
 # The paper's claim "Before < Baseline" is tested only where the baseline solves enough problems for a drop to be
@@ -140,10 +146,36 @@ def _train_runs(model, name, *, train_problems, configs, key, folder, progress):
     return records, traces
 
 
-def _adapted_run(model, *, stem, problems, data, ft_config, run, folder):
+def _dev_problems(train_problems) -> list:
+    """(j, problem) for the training problems on the dev side of the split: ``split_traces`` over the training
+    problems' traces (one per problem, in order) puts the same indices there."""
+    from choreo.finetune import split_traces
+
+    return split_traces(list(enumerate(train_problems)), dev_fraction=DEV_FRACTION, seed=SEED)[1]
+
+
+def _stem(prefix, *, plan, key, train_problems, ft_config) -> str:
+    """A fine-tuned row's file stem; the selection enters the key only when it is by accuracy (the files of rows
+    chosen by the dev loss keep their names)."""
+    select = {"select": SELECTION["accuracy"]} if plan["select"] == "accuracy" else {}
+    return f"{prefix}-{fingerprint(eval=key, train=[p.id for p in train_problems], ft=ft_config.to_json(), **select)}"
+
+
+def dev_accuracy(model, dev, *, workflow, condition, configs):
+    """``dev_score`` for ``train``: the share of the dev problems ``dev`` ((j, problem) pairs; problem j runs with
+    seed TRAIN_SEED + j, as for its baseline trace) that ``workflow`` solves under ``condition``."""
+    def score(adapted) -> float:
+        records = run_workflow(adapted, [p.problem for _, p in dev], workflow=workflow, condition=condition,
+                               configs=configs, seeds=[TRAIN_SEED + j for j, _ in dev], progress=False)
+        return sum(final_answer(r, p.answer)["correct"] for r, (_, p) in zip(records, dev)) / len(dev)
+    return score
+
+
+def _adapted_run(model, *, stem, problems, data, ft_config, run, folder, dev_score=None):
     """Records of ``run`` (for ``resumable``) on ``problems`` with a LoRA adapter trained on ``data()`` = (train
     traces, dev traces, facts for the summary), logged to ``folder/stem.jsonl`` with the training summary in
-    ``stem.train.json``. A finished run is read back without calling ``data``.
+    ``stem.train.json``; the checkpoint is chosen by ``dev_score`` when given, else by the dev loss. A finished run
+    is read back without calling ``data``.
 
     Returns (records, training summary, log path).
     """
@@ -156,9 +188,10 @@ def _adapted_run(model, *, stem, problems, data, ft_config, run, folder):
         return [done[i] for i in range(len(problems))], json.loads(summary_path.read_text()), path
     train_set, dev_set, facts = data()
     t0 = time.perf_counter()
-    with trained_adapter(model, train_set, dev_set, config=ft_config) as result:
+    with trained_adapter(model, train_set, dev_set, config=ft_config, dev_score=dev_score) as result:
         records = resumable(path, list(range(len(problems))), run)
     summary = {**facts, "train_traces": len(train_set), "dev_traces": len(dev_set), **result.summary(),
+               "selected_by": SELECTION["loss" if dev_score is None else "accuracy"],
                "config": ft_config.to_json(), "seconds": time.perf_counter() - t0}
     write_json(summary_path, summary)
     return records, summary, path
@@ -182,10 +215,12 @@ def _finetuned(model, name, *, plan, problems, train_problems, train, seeds, con
         return (*split_traces([without_offsets(t) for t in traces], dev_fraction=DEV_FRACTION, seed=SEED), facts)
 
     workflow, ft_config = WORKFLOWS[name], _ft_config(plan, name)
-    stem = f"{workflow}-finetuned-{fingerprint(eval=key, train=[p.id for p in train_problems], ft=ft_config.to_json())}"
+    stem = _stem(f"{workflow}-finetuned", plan=plan, key=key, train_problems=train_problems, ft_config=ft_config)
+    score = None if plan["select"] != "accuracy" else dev_accuracy(
+        model, _dev_problems(train_problems), workflow=workflow, condition="choreographed", configs=configs)
     return _adapted_run(model, stem=stem, problems=problems, data=data, ft_config=ft_config, folder=folder,
-                        run=_run(model, problems, seeds, workflow=workflow, condition="choreographed",
-                                 configs=configs, progress=progress))
+                        dev_score=score, run=_run(model, problems, seeds, workflow=workflow, condition="choreographed",
+                                                  configs=configs, progress=progress))
 
 
 def _control(model, name, *, plan, problems, train_problems, train, seeds, configs, key, folder, progress):
@@ -200,16 +235,22 @@ def _control(model, name, *, plan, problems, train_problems, train, seeds, confi
         return (*split_traces(traces, dev_fraction=DEV_FRACTION, seed=SEED), {"train_problems": len(train_problems)})
 
     ft_config = _ft_config(plan, name, loss="ce", dev_metric=None)
-    stem = (f"direct-finetuned-{WORKFLOWS[name]}-"
-            f"{fingerprint(eval=key, train=[p.id for p in train_problems], ft=ft_config.to_json())}")
+    stem = _stem(f"direct-finetuned-{WORKFLOWS[name]}", plan=plan, key=key, train_problems=train_problems,
+                 ft_config=ft_config)
+    score = None if plan["select"] != "accuracy" else dev_accuracy(
+        model, _dev_problems(train_problems), workflow="direct", condition="baseline", configs=configs)
     return _adapted_run(model, stem=stem, problems=problems, data=data, ft_config=ft_config, folder=folder,
-                        run=_run(model, problems, seeds, workflow="direct", condition="baseline", configs=configs,
-                                 progress=progress))
+                        dev_score=score, run=_run(model, problems, seeds, workflow="direct", condition="baseline",
+                                              configs=configs, progress=progress))
 
 
 def finetune_note(row: str, summary: dict) -> str:
     config = summary["config"]
-    curve = ", ".join(f"{h['dev_loss']:.3f} (step {h['step']})" for h in summary["history"] if "dev_loss" in h)
+    evals = [h for h in summary["history"] if "dev_loss" in h]
+    curve = ", ".join(f"{h['dev_loss']:.3f} (step {h['step']})" for h in evals)
+    if any("dev_score" in h for h in evals):  # dev accuracy as solved / dev problems
+        curve += "; dev accuracy: " + ", ".join(f"{round(h['dev_score'] * summary['dev_traces'])}/"
+                                                f"{summary['dev_traces']} (step {h['step']})" for h in evals)
     if row in CONTROLS.values():
         data = (f"the baseline {row.split()[1]} final answers to {summary['train_problems']} training problems, "
                 f"as direct-call turns")
@@ -219,7 +260,10 @@ def finetune_note(row: str, summary: dict) -> str:
     return (f"{row}: LoRA (rank {config['lora_rank']}, loss {config['loss']!r}, lr {config['lr']}) on {data}, "
             f"disjoint from the evaluation problems ({summary['train_traces']} train / {summary['dev_traces']} dev, "
             f"split seed {SEED}), {summary['steps']} optimizer steps; "
-            f"dev {config.get('dev_metric') or config['loss']}: {curve}; chosen: step {summary['best_step']}"
+            f"dev {config.get('dev_metric') or config['loss']}: {curve}; chosen by "
+            f"{summary.get('selected_by', SELECTION['loss'])}"
+            + (" (ties: the lower dev loss)" if summary.get("selected_by") == SELECTION["accuracy"] else "")
+            + f": step {summary['best_step']}"
             + (" (the untrained adapter)" if summary["best_step"] == 0 else "")
             + f"; training and evaluation took {summary['seconds']:.0f} s.")
 
@@ -410,7 +454,7 @@ def table(model, profile, data_dir, results_dir):
     write_text(out / "records.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     return {"n": n, "profile": profile, "runs": runs, "graded": graded, "rates": rates, "tests": tests, "holm": holm,
             "recovery": recovery, "recovery_holm": recovery_holm, "tot": tot_stats, "problems": problems,
-            "text": (out / "math.md").read_text()}
+            "finetune": finetuned, "select": plan["select"], "text": (out / "math.md").read_text()}
 
 
 @pytest.mark.model
@@ -429,6 +473,22 @@ def test_tot_arms_share_their_proposals(table):
     """The two Tree-of-Thoughts arms encode the same prompts with the same seeds before the votes, so they propose
     the same approaches (float reassociation between batch shapes may flip a rare sampled token)."""
     assert table["tot"]["proposals_identical"] >= table["n"] / 2, table["text"]
+
+
+@pytest.mark.model
+def test_checkpoints_are_chosen_as_the_profile_says(table):
+    """Every fine-tuned row kept the checkpoint its profile's selection names: the highest dev accuracy (ties: the
+    lower dev loss, then the earlier step), or the lowest dev loss."""
+    if not table["finetune"]:
+        pytest.skip(f"no fine-tuned row at profile {table['profile']}")
+    for row, summary in table["finetune"].items():
+        evals = [h for h in summary["history"] if "dev_loss" in h]
+        if table["select"] == "accuracy":
+            assert all("dev_score" in h for h in evals), (row, evals)
+            best = max(evals, key=lambda h: (h["dev_score"], -h["dev_loss"]))
+        else:
+            best = min(evals, key=lambda h: h["dev_loss"])
+        assert summary["best_step"] == best["step"], (row, summary["best_step"], evals)
 
 
 @pytest.mark.model
