@@ -147,12 +147,14 @@ def test_cooperation_counts_unparsable_decisions_from_the_logged_text(table):
     assert "unparsable otherwise" in table["md"] and "'CO'" in table["md"]   # the rule and P(C)'s first tokens
 
 
-@pytest.mark.parametrize("choices,expected", [
-    (["cooperate"] * 3 + ["unparsable"] * 5, "100.0% [43.9, 100.0] (3/3)"),
-    (["unparsable"] * 4, "- (0 parsed)"),
-], ids=["3-of-3-parsed", "none-parsed"])
-def test_parsed_cell(choices, expected):
+@pytest.mark.parametrize("choices,expected,short", [
+    (["cooperate"] * 3 + ["unparsable"] * 5, "100.0% [43.9, 100.0] (3/3)", "100.0% (3/3)"),
+    (["unparsable"] * 4, "- (0 parsed)", "-"),
+    (["defect", "cooperate", "defect", "unparsable"], "33.3% [6.1, 79.2] (1/3)", "33.3% (1/3)"),
+], ids=["3-of-3-parsed", "none-parsed", "1-of-3-parsed"])
+def test_parsed_cell(choices, expected, short):
     assert leakage.parsed_cell(choices) == expected
+    assert leakage.parsed_cell(choices, interval=False) == short
 
 
 def test_parsed_mcnemar_pairs_only_games_that_parse_in_both():

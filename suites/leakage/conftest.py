@@ -166,16 +166,18 @@ def parsed_rate(choices) -> stats.Rate | None:
     return stats.rate(counts[COOPERATE], parsed) if parsed else None
 
 
-def interval_cell(r: stats.Rate | None) -> str:
-    """"81.2% [70.4, 88.6] (56/69)": a rate among parsed texts, its Wilson interval and counts; "-" for none."""
+def interval_cell(r: stats.Rate | None, *, interval: bool = True) -> str:
+    """"81.2% [70.4, 88.6] (56/69)": a rate among parsed texts, its Wilson interval and counts; "- (0 parsed)" for
+    none. ``interval=False``: "81.2% (56/69)" and "-" (cells that list several arms)."""
     if r is None:
-        return "- (0 parsed)"
-    return f"{100 * r.rate:.1f}% [{100 * r.low:.1f}, {100 * r.high:.1f}] ({r.successes}/{r.n})"
+        return "- (0 parsed)" if interval else "-"
+    bounds = f" [{100 * r.low:.1f}, {100 * r.high:.1f}]" if interval else ""
+    return f"{100 * r.rate:.1f}%{bounds} ({r.successes}/{r.n})"
 
 
-def parsed_cell(choices) -> str:
+def parsed_cell(choices, *, interval: bool = True) -> str:
     """Cooperate among parsed as ``interval_cell`` writes it (see PARSE_NOTE)."""
-    return interval_cell(parsed_rate(choices))
+    return interval_cell(parsed_rate(choices), interval=interval)
 
 
 def parsed_json(choices) -> dict | None:

@@ -12,7 +12,7 @@ from choreo import stats
 from choreo.report import markdown_table, plot_rates, write_table
 
 from ..conftest import (ALPHA, ARM_NAMES, PARSE_NOTE, RATE_NOTE, ROWS, STRATEGY_OF, choice_counts, mean_cell,
-                        parsed_json, parsed_mcnemar, parsed_rate, rate_cell, rate_json)
+                        parsed_cell, parsed_json, parsed_mcnemar, rate_cell, rate_json)
 from ..cooperation.test_cooperation import P_MARGIN, RATE_MARGIN, p_coop_note, run_notes
 
 HERE = Path(__file__).resolve().parent
@@ -56,7 +56,7 @@ def build(games, model, profile, results_dir) -> dict:
         s, res = STRATEGY_OF[row], results[row]
         rows.append([row, res["n"]] + [rate_cell(games.bob(a, s)) for a in ARMS]
                     + [" / ".join(str(res[a]["choices"]["unparsable"]) for a in ARMS),
-                       " / ".join(_parsed_short(games.bob(a, s, "choice")) for a in ARMS)]
+                       " / ".join(parsed_cell(games.bob(a, s, "choice"), interval=False) for a in ARMS)]
                     + [mean_cell(games.bob(a, s, "p_cooperate")) for a in ARMS]
                     + [f"{100 * res[a]['shift']:+.1f} [{100 * res[a]['shift_ci'][0]:+.1f}, "
                        f"{100 * res[a]['shift_ci'][1]:+.1f}] (Holm p {res[a]['shift_p_holm']:.2g})" for a in ABLATIONS]
@@ -99,12 +99,6 @@ def rate_tests(results: dict) -> str:
         return (f"{ARM_NAMES[a]} McNemar {res[a]['mcnemar']:.2g} / TOST {res[a]['tost_rate']:.2g} / parsed "
                 f"{parsed['pvalue']:.2g} of {parsed['n_pairs']}")
     return "; ".join(f"{row}: " + ", ".join(arm(res, a) for a in ABLATIONS) for row, res in results.items())
-
-
-def _parsed_short(choices) -> str:
-    """"81.2% (56/69)": cooperate among parsed, the counts; "-" with nothing parsed."""
-    r = parsed_rate(choices)
-    return "-" if r is None else f"{100 * r.rate:.1f}% ({r.successes}/{r.n})"
 
 
 def _interval(values):
