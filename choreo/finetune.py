@@ -42,6 +42,7 @@ import random
 import resource
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Callable, ClassVar, Iterator, Sequence
 
@@ -53,7 +54,7 @@ from .attention import BACKENDS
 from .baseline import Baseline
 from .cache import Message
 from .engine import Call, Choreographer
-from .lora import DEFAULT_TARGETS, add_adapter, adapter_disabled, load_adapter, save_adapter, \
+from .lora import DEFAULT_TARGETS, add_adapter, adapter_disabled, is_adapted, load_adapter, save_adapter, \
     trainable_parameters, unload_adapter, use_adapter
 from .trace import TraceEvent
 
@@ -125,6 +126,11 @@ class FinetuneConfig:
         check_loss(self.loss, "loss")
         if self.dev_metric is not None:
             check_loss(self.dev_metric, "dev_metric")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+        if isinstance(self.lora_targets, str) or not self.lora_targets:
+            raise ValueError(f"lora_targets must be a non-empty sequence of module names (e.g. ('q_proj', "
+                             f"'v_proj')), got {self.lora_targets!r}")
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
 
     @classmethod
@@ -223,6 +229,9 @@ def replay_loss(executor: Choreographer, events: Trace, *, calls: str = "all", t
     check_loss(loss)
     events = as_events(events)
     chosen = set(select_calls(events, calls))
+    if not chosen:
+        raise ValueError(f"calls {calls!r} selects none of the trace's {sum(e.kind == 'decode' for e in events)} "
+                         f"decodes: its loss would be zero")
     if "kl" in loss and (teacher is None or not chosen <= set(teacher)):
         raise ValueError(f"loss {loss!r} needs teacher log-probs for calls {sorted(chosen)}, "
                          f"got {None if teacher is None else sorted(teacher)}")
@@ -298,22 +307,37 @@ def call_losses(rows: torch.Tensor, target: torch.Tensor, *, loss: str, teacher:
     return out
 
 
-def check_replayable(events: Trace, *, vocab_size: int, where: str = "trace") -> None:
+def check_replayable(events: Trace, *, vocab_size: int, where: str = "trace", calls: str | None = None) -> None:
     """Raise ``ValueError`` naming the event unless every event can be replayed: a known kind, parents that are
-    earlier events, and decoded tokens inside the vocabulary (``train`` checks every
-    trace before it adds an adapter or writes anything)."""
+    earlier events in earlier groups (a group is one step of the replay: one prefill, or decodes run together),
+    and decoded tokens inside the vocabulary; with ``calls`` (a ``loss_calls`` spec), also unless it selects at
+    least one decode (a trace without one would add a loss of zero). ``train`` checks every trace before it adds
+    an adapter or writes anything."""
+    sizes = Counter(e.group for e in events)
     for i, e in enumerate(events):
         if e.kind not in ("prefill", "decode"):
             raise ValueError(f"{where}, event {i}: kind must be 'prefill' or 'decode', got {e.kind!r}")
+        if not isinstance(e.group, int) or isinstance(e.group, bool):
+            raise ValueError(f"{where}, event {i}: group must be an integer, got {e.group!r}")
         bad = [p for p in e.parents if not isinstance(p, int) or isinstance(p, bool) or not 0 <= p < i]
         if bad:
             raise ValueError(f"{where}, event {i}: parents must be indices of earlier events (0..{i - 1}), "
                              f"got {bad[0]!r}")
+        late = [p for p in e.parents if events[p].group >= e.group]
+        if late:
+            raise ValueError(f"{where}, event {i} (group {e.group}): parent {late[0]} is in group "
+                             f"{events[late[0]].group}, not an earlier one, so it does not exist when event {i} runs")
+        if e.kind == "prefill" and sizes[e.group] > 1:
+            raise ValueError(f"{where}, event {i}: a prefill has a group of its own, but group {e.group} holds "
+                             f"{sizes[e.group]} events")
         if e.kind == "decode":  # an empty output replays as a forced empty turn (its end-of-turn alone)
             outside = [t for t in e.tokens if not isinstance(t, int) or not 0 <= t < vocab_size]
             if outside:
                 raise ValueError(f"{where}, event {i}: token id {outside[0]!r} outside the vocabulary of "
                                  f"{vocab_size}")
+    if calls is not None and not select_calls(events, calls):
+        roles = sorted({e.role for e in events if e.kind == "decode"})
+        raise ValueError(f"{where}: loss_calls {calls!r} selects none of its decodes (their roles: {roles})")
 
 
 def _forced_call(events: Trace, i: int, messages) -> Call:
@@ -487,7 +511,8 @@ def train(model, train_traces: Sequence, dev_traces: Sequence, *, config: Finetu
         raise ValueError(f"need training and dev traces, got {len(train_traces)} and {len(dev_traces)}")
     for name, traces in (("training", train_traces), ("dev", dev_traces)):
         for k, events in enumerate(traces):
-            check_replayable(events, vocab_size=model.spec.vocab_size, where=f"{name} trace {k}")
+            check_replayable(events, vocab_size=model.spec.vocab_size, where=f"{name} trace {k}",
+                             calls=config.loss_calls)
     shared = {tuple(t) for t in train_traces} & {tuple(t) for t in dev_traces}
     if shared and not dev_may_overlap:
         raise ValueError(f"{len(shared)} trace(s) are both training and dev traces: checkpoints would be chosen on "
@@ -501,7 +526,8 @@ def train(model, train_traces: Sequence, dev_traces: Sequence, *, config: Finetu
     if (kl_train or kl_dev) and teacher is None:
         teacher = Teacher(model, calls=config.loss_calls, attention=config.attention)
     if teacher is not None and teacher.calls != config.loss_calls:
-        raise ValueError(f"teacher selects calls {teacher.calls!r} but the config's loss_calls is {config.loss_calls!r}")
+        raise ValueError(f"teacher selects calls {teacher.calls!r} but the config's loss_calls is "
+                         f"{config.loss_calls!r}")
     for events in (train_traces if kl_train else []) + (dev_traces if kl_dev else []):
         teacher(events)  # before the adapter exists: the targets never see it
 
@@ -551,8 +577,10 @@ def _train_adapted(model, train_traces, dev_traces, *, config, out: Path, resume
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s, total, config.warmup))
     executor = Choreographer(model, attention=config.attention)
     selected_by = "dev_score" if dev_score is not None else "dev_loss"
+    data = _data_key(train_traces, dev_traces)
     state = {"step": 0, "history": [], "best_step": 0, "best_dev_loss": math.inf, "best_dev_score": None,
              "selected_by": selected_by}
+    best = {"weights": None}  # the kept checkpoint's LoRA weights, saved with the state
 
     def dev_eval(record: dict) -> None:
         """Evaluate on dev into ``record``; keep the checkpoint in ``best_dir`` if it is the best so far."""
@@ -563,6 +591,7 @@ def _train_adapted(model, train_traces, dev_traces, *, config, out: Path, resume
         if first or _better(record, state):
             state["best_dev_loss"], state["best_step"] = record["dev_loss"], record["step"]
             state["best_dev_score"] = record.get("dev_score")
+            best["weights"] = _lora_weights(model)
             save_adapter(model, best_dir)
 
     if resume:
@@ -573,7 +602,18 @@ def _train_adapted(model, train_traces, dev_traces, *, config, out: Path, resume
         if was != selected_by:
             raise ValueError(f"cannot resume {str(out)!r}: it chose checkpoints by {was}, this call by {selected_by} "
                              f"({'pass' if was == 'dev_score' else 'drop'} dev_score)")
-        load_adapter(model, last)
+        if saved.get("data", data) != data:
+            raise ValueError(f"cannot resume {str(out)!r} with other training or dev traces than it started with "
+                             f"(saved {saved['data']['sizes']}, given {data['sizes']}; a changed trace counts too)")
+        where = str(last / "trainer_state.pt")
+        if "weights" in saved:  # saved in the state's file: the adapters of its step
+            # best/ as of that step (a later write of it may have been cut off with the run)
+            _set_lora_weights(model, saved["best_weights"], where=where)
+            save_adapter(model, best_dir)
+            best["weights"] = saved["best_weights"]
+            _set_lora_weights(model, saved["weights"], where=where)
+        else:
+            load_adapter(model, last)
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
         _set_rng_state(saved["rng"])
@@ -604,7 +644,7 @@ def _train_adapted(model, train_traces, dev_traces, *, config, out: Path, resume
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", dev=f"{state['best_dev_loss']:.3f}")
             if "dev_loss" in record or state["step"] == stop_after:
-                _save_last(model, last, opt, sched, state, config)
+                _save_last(model, last, opt, sched, state, config, data, best["weights"])
     finally:
         bar.close()
     _write_history(out / "history.json", state, config, model=model,
@@ -660,12 +700,41 @@ def _optimizer_step(model, executor, traces, params, opt, config, teacher) -> fl
     return float(np.mean(losses))
 
 
-def _save_last(model, last: Path, opt, sched, state, config) -> None:
+def _save_last(model, last: Path, opt, sched, state, config, data: dict, best_weights: dict) -> None:
+    """``last/``: the adapter (peft format, to load by hand) and ``trainer_state.pt``, written whole or not at all,
+    which holds everything ``resume`` reads, the current and the kept checkpoint's LoRA weights included: a run
+    killed while writing either adapter folder resumes from the state's step with that step's weights."""
     save_adapter(model, last)
     tmp = last / "trainer_state.pt.tmp"
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(),
-                "state": state, "config": config.to_json()}, tmp)
+                "state": state, "config": config.to_json(), "data": data, "weights": _lora_weights(model),
+                "best_weights": best_weights}, tmp)
     tmp.replace(last / "trainer_state.pt")
+
+
+def _lora_weights(model) -> dict[str, torch.Tensor]:
+    """A CPU copy of the adapter's weights, by parameter name."""
+    return {n: p.detach().cpu().clone() for n, p in model.hf_model.named_parameters() if "lora_" in n}
+
+
+def _set_lora_weights(model, weights: dict, *, where: str) -> None:
+    """Copy saved LoRA weights (parameter name -> tensor) into the model's adapter of the same layout."""
+    params = {n: p for n, p in model.hf_model.named_parameters() if "lora_" in n}
+    if params.keys() != weights.keys():
+        raise ValueError(f"{where}: its LoRA weights do not match the model's adapter ({len(weights)} saved, "
+                         f"{len(params)} in the model)")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(weights[name])
+
+
+def _data_key(train_traces, dev_traces) -> dict:
+    """What a resumed run must be given again: the sizes and a digest of every training and dev event."""
+    import hashlib
+
+    events = [[[e.to_json() for e in t] for t in side] for side in (train_traces, dev_traces)]
+    digest = hashlib.sha256(json.dumps(events, sort_keys=True).encode()).hexdigest()
+    return {"sizes": {"train_traces": len(train_traces), "dev_traces": len(dev_traces)}, "sha256": digest}
 
 
 def _write_history(path: Path, state: dict, config: FinetuneConfig, *, model, sizes: dict) -> None:
@@ -712,6 +781,8 @@ def select_on_dev(model, train_traces: Sequence, dev_traces: Sequence, *, config
     configs = [dataclasses.replace(c, dev_metric=metric) for c in configs]
     if not configs:
         raise ValueError("select_on_dev needs at least one candidate config")
+    if is_adapted(model):  # each candidate adds its adapter and removes it: a caller's adapter would go with them
+        raise ValueError("the model already carries an adapter; unload_adapter(model) first")
     shared = {(c.loss_calls, c.attention) for c in configs}
     if len(shared) > 1:
         raise ValueError(f"candidates must share loss_calls and attention (one dev metric), got {sorted(shared)}")

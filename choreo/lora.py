@@ -94,7 +94,9 @@ def load_adapter(model, path: str | Path, *, trainable: bool = False):
         if mine != theirs:
             raise ValueError(f"adapter {str(path)!r} has {theirs} but the model carries an adapter with {mine}: "
                              f"unload_adapter(model) first")
-        set_peft_model_state_dict(model.hf_model, load_peft_weights(str(path), device=str(model.spec.device)))
+        weights = load_peft_weights(str(path), device=str(model.spec.device))
+        _check_same_weights(model, weights, path)
+        set_peft_model_state_dict(model.hf_model, weights)
     else:
         try:
             model.hf_model = PeftModel.from_pretrained(model.hf_model, path, is_trainable=trainable)
@@ -103,6 +105,22 @@ def load_adapter(model, path: str | Path, *, trainable: bool = False):
             raise
     model.hf_model.to(model.spec.device)
     return model.hf_model
+
+
+def _check_same_weights(model, weights: dict, path: Path) -> None:
+    """Refuse saved weights that are not exactly the current adapter's tensors (names and shapes) before any is
+    loaded: peft loads what matches and keeps the rest, which would mix two adapters."""
+    from peft import get_peft_model_state_dict
+
+    mine = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model.hf_model).items()}
+    theirs = {k: tuple(v.shape) for k, v in weights.items()}
+    if mine != theirs:
+        missing, extra = sorted(mine.keys() - theirs.keys()), sorted(theirs.keys() - mine.keys())
+        shaped = sorted(k for k in mine.keys() & theirs.keys() if mine[k] != theirs[k])
+        first = (missing or extra or shaped)[0]
+        raise ValueError(f"adapter {str(path)!r} does not fit the model's adapter: {len(missing)} of its weights "
+                         f"missing, {len(extra)} unknown, {len(shaped)} of another shape (first: {first!r}); "
+                         f"unload_adapter(model) first")
 
 
 def _strip_lora(hf_model) -> None:

@@ -149,7 +149,7 @@ def divergence(model, traces: Sequence[Sequence[TraceEvent]]) -> dict:
     for b, c, t in zip(base, chor, traces):
         logp, logq = b.log_softmax(-1), c.log_softmax(-1)  # (n, V)
         kl.append(float((logp.exp() * (logp - logq)).sum(-1).mean()))
-        target = torch.tensor(t[-1].tokens)[:, None]  # (n, 1) the baseline's answer tokens
+        target = torch.tensor(t[-1].tokens, device=logq.device)[:, None]  # (n, 1) the baseline's answer tokens
         nll.append(float(-logq.gather(1, target).mean()))
         top1.append(float((logq.argmax(-1) == target[:, 0]).float().mean()))
 
@@ -190,9 +190,13 @@ def recovery_experiment(model, *, configs, out_dir, n_train: int = 40, n_eval: i
     from .provenance import provenance
     from .results import write_json, write_text
 
+    from .lora import is_adapted
+
     configs = list(configs)
     if not configs:
         raise ValueError("recovery_experiment needs at least one candidate config")
+    if is_adapted(model):  # it trains its own adapters and removes them when it ends
+        raise ValueError("the model already carries an adapter; unload_adapter(model) first")
     make_pairs("eval", n_eval, seed=seed)  # checks n_eval now, not after every candidate has trained
     t0 = time.perf_counter()
     launch = launch_record()  # the run takes minutes: the code and scheduling it started with

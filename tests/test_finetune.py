@@ -349,6 +349,94 @@ def test_a_dev_score_chooses_the_checkpoint_without_changing_training(tiny, trac
     assert not is_adapted(tiny)
 
 
+def test_a_run_killed_while_saving_resumes_as_if_uninterrupted(tiny, traces, tmp_path, monkeypatch):
+    """``last/`` holds the adapter beside ``trainer_state.pt``; a kill between the two writes (or in the middle of
+    ``best/``) must not mix steps: resume reads the weights saved in the state file and rewrites ``best/``."""
+    import choreo.finetune as ft
+
+    config = FinetuneConfig.preset("smoke", epochs=3, eval_every=2, seed=5)
+    train_set, dev_set = traces[:4], traces[6:]
+    full = train(tiny, train_set, dev_set, config=config, out_dir=tmp_path / "full", progress=False)
+    lora = lambda: {n: p.detach().clone() for n, p in tiny.hf_model.named_parameters() if "lora_" in n}  # noqa: E731
+    best_full = lora()
+    load_adapter(tiny, full.best_adapter.parent / "last")
+    last_full = lora()
+    unload_adapter(tiny)
+    assert full.steps == 6
+
+    saves, real_save = [], torch.save
+
+    def killed(obj, path, *a, **kw):  # the step-4 state write dies: last/ already holds the step-4 adapter
+        saves.append(path)
+        if len(saves) == 2:
+            raise KeyboardInterrupt("killed")
+        return real_save(obj, path, *a, **kw)
+
+    monkeypatch.setattr(ft.torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny, train_set, dev_set, config=config, out_dir=tmp_path / "cut", progress=False)
+    monkeypatch.setattr(ft.torch, "save", real_save)
+    assert not is_adapted(tiny)
+    assert torch.load(tmp_path / "cut" / "last" / "trainer_state.pt", weights_only=False)["state"]["step"] == 2
+    # and a write of best/ that was cut off after the last state save: other weights there
+    add_adapter(tiny, rank=config.lora_rank, alpha=config.lora_alpha, dropout=0.0, seed=9)
+    with torch.no_grad():
+        for n, p in tiny.hf_model.named_parameters():
+            if "lora_B" in n:
+                p.fill_(0.25)
+    save_adapter(tiny, tmp_path / "cut" / "best")
+    unload_adapter(tiny)
+
+    rest = train(tiny, train_set, dev_set, config=config, out_dir=tmp_path / "cut", resume=True, progress=False)
+    assert (rest.steps, rest.best_step) == (full.steps, full.best_step)
+    for a, b in zip(full.history, rest.history):
+        assert all(a[k] == b[k] for k in a if k != "seconds"), (a, b)
+    for n, p in lora().items():
+        torch.testing.assert_close(p, best_full[n], rtol=0, atol=0)
+    unload_adapter(tiny)
+    load_adapter(tiny, tmp_path / "cut" / "last")
+    for n, p in lora().items():
+        torch.testing.assert_close(p, last_full[n], rtol=0, atol=0)
+    unload_adapter(tiny)
+
+
+def test_resume_refuses_other_traces(tiny, traces, tmp_path):
+    config = FinetuneConfig.preset("smoke", epochs=2)
+    train(tiny, traces[:4], traces[6:], config=config, out_dir=tmp_path, stop_after=1, progress=False)
+    unload_adapter(tiny)
+    for train_set, dev_set in ((traces[1:5], traces[6:]), (traces[:4], traces[4:6]), (traces[:4], traces[5:7])):
+        with pytest.raises(ValueError, match="other training or dev traces"):
+            train(tiny, train_set, dev_set, config=config, out_dir=tmp_path, resume=True, progress=False)
+        assert not is_adapted(tiny)
+    rest = train(tiny, traces[:4], traces[6:], config=config, out_dir=tmp_path, resume=True, progress=False)
+    unload_adapter(tiny)
+    assert rest.steps == 4
+
+
+def test_selection_refuses_a_model_that_already_carries_an_adapter(tiny, traces, tmp_path):
+    """``select_on_dev`` and ``recovery_experiment`` add and remove their own adapters: they refuse to start
+    rather than remove the caller's."""
+    from choreo.recovery import recovery_experiment
+
+    add_adapter(tiny, rank=4, alpha=8, dropout=0.0)
+    try:
+        with pytest.raises(ValueError, match="already carries an adapter"):
+            select_on_dev(tiny, traces[:4], traces[6:], configs=[FinetuneConfig.preset("smoke")], out_dir=tmp_path,
+                          progress=False)
+        assert is_adapted(tiny)
+        with pytest.raises(ValueError, match="already carries an adapter"):
+            recovery_experiment(tiny, configs=[FinetuneConfig.preset("smoke")], out_dir=tmp_path, n_train=4,
+                                n_eval=2, progress=False)
+        assert is_adapted(tiny) and not any(tmp_path.iterdir())
+    finally:
+        unload_adapter(tiny)
+
+
+def test_replay_loss_refuses_a_spec_that_selects_no_call(tiny, traces):
+    with pytest.raises(ValueError, match="'role:judge' selects none of the trace's 3 decodes"):
+        replay_loss(choreo.Choreographer(tiny), traces[0], calls="role:judge")
+
+
 def test_trained_adapter_is_on_inside_the_block_and_gone_after(tiny, traces, tmp_path, monkeypatch):
     """The block runs with the dev-best adapter; the model leaves without it, also when the block raises; the
     default folder is temporary, an ``out_dir`` is kept."""
@@ -522,6 +610,10 @@ def test_config_defaults_presets_and_validation():
         FinetuneConfig(loss="KL")
     with pytest.raises(ValueError, match="dev_metric must be one of .* got 'nll'"):
         FinetuneConfig(dev_metric="nll")
+    with pytest.raises(ValueError, match="seed must be an integer >= 0, got -1"):
+        FinetuneConfig(seed=-1)
+    with pytest.raises(ValueError, match="lora_targets .* got 'q_proj'"):
+        FinetuneConfig(lora_targets="q_proj")
     assert paper.loss == "ce" and paper.dev_criterion == "ce"
     assert FinetuneConfig(loss="ce+kl").dev_criterion == "ce+kl" and FinetuneConfig(dev_metric="kl").dev_criterion == "kl"
     total = 20  # warm-up over 2 steps, then cosine to 0
@@ -607,19 +699,28 @@ def test_recovery_chooses_on_dev_before_touching_held_out_pairs(tiny, tmp_path, 
 def _bad_traces(events):
     """Variants of one trace that cannot be replayed, with what the error must name."""
     d = max(i for i, e in enumerate(events) if e.kind == "decode")
+    x, y = [i for i, e in enumerate(events) if e.kind == "decode"][:2]  # two calls decoded together
+    p1, p2 = [i for i, e in enumerate(events) if e.kind == "prefill"][1:3]
+    assert events[x].group == events[y].group and events[p1].group != events[p2].group
     swap = lambda i, **kw: [dataclasses.replace(e, **kw) if j == i else e for j, e in enumerate(events)]  # noqa: E731
     return {"parent out of range": (swap(d, parents=(99,)), "earlier events.*99"),
             "negative parent": (swap(d, parents=(-2,)), "earlier events.*-2"),
             "unknown kind": (swap(0, kind="bogus"), "kind.*'bogus'"),
-            "token outside the vocabulary": (swap(d, tokens=(10 ** 7,)), "10000000 outside the vocabulary")}
+            "token outside the vocabulary": (swap(d, tokens=(10 ** 7,)), "10000000 outside the vocabulary"),
+            "parent decoded in the same group": (swap(y, parents=events[y].parents + (x,)),
+                                                 f"event {y} .*parent {x} is in group {events[x].group}"),
+            "two prefills in one group": (swap(p2, group=events[p1].group), "group .* holds 2 events")}
 
 
 @pytest.mark.parametrize("case", ["parent out of range", "negative parent", "unknown kind",
-                                  "token outside the vocabulary", "a trace in both sets"])
+                                  "token outside the vocabulary", "parent decoded in the same group",
+                                  "two prefills in one group", "a trace in both sets", "loss_calls selects no call"])
 def test_train_refuses_bad_traces_before_adding_an_adapter(tiny, traces, tmp_path, case):
     config = FinetuneConfig.preset("smoke")
     train_set, dev_set, match = list(traces[:3]), list(traces[3:5]), "both training and dev"
-    if case != "a trace in both sets":
+    if case == "loss_calls selects no call":
+        config, match = FinetuneConfig.preset("smoke", loss_calls="role:judge"), "'role:judge' selects none"
+    elif case != "a trace in both sets":
         bad, match = _bad_traces(traces[0])[case]
         train_set[0] = bad
     else:
@@ -696,6 +797,20 @@ def test_loading_an_adapter_of_another_shape_over_one_is_refused(tokenizer, tmp_
         load_adapter(model, tmp_path / "alpha8")
     save_adapter(model, tmp_path / "alpha16")
     load_adapter(model, tmp_path / "alpha16")  # the same shape: new weights over the old ones
+    # The same config, but the weights of another model (one layer fewer): refused before any weight is loaded.
+    from safetensors.torch import load_file, save_file
+
+    fewer = tmp_path / "fewer"
+    fewer.mkdir()
+    (fewer / "adapter_config.json").write_text((tmp_path / "alpha16" / "adapter_config.json").read_text())
+    weights = load_file(tmp_path / "alpha16" / "adapter_model.safetensors")
+    save_file({k: v + 1 for k, v in weights.items() if "layers.1." not in k}, fewer / "adapter_model.safetensors")
+    before = {n: p.detach().clone() for n, p in model.hf_model.named_parameters() if "lora_" in n}
+    with pytest.raises(ValueError, match="fewer.*8 of its weights missing.*layers.1"):
+        load_adapter(model, fewer)
+    for n, p in model.hf_model.named_parameters():
+        if "lora_" in n:
+            assert torch.equal(p, before[n]), n
     unload_adapter(model)
 
 
