@@ -43,7 +43,7 @@ class ModelSpec:
     vocab_size: int
     dtype: torch.dtype
     device: torch.device
-    sha256: str | None = None  # of the weights file the model came from, for provenance
+    sha256: str | None = None  # of the files the model came from (checkpoint_sha256), for provenance
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -206,6 +206,7 @@ def load_model(
             raise FileNotFoundError(f"model path {str(source)!r} is not a directory with a Hugging Face checkpoint")
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"model path {str(source)!r} has no config.json")
+        sha = checkpoint_sha256(path)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     tok = tokenizer or AutoTokenizer.from_pretrained(path)
     return Model(hf.to(device), tok, name=name, sha256=sha)
@@ -236,6 +237,47 @@ def random_model(source: str | os.PathLike | None = None, *, seed: int = 0, devi
 
 def _cache_root() -> Path:
     return Path(os.environ.get("CHOREO_CACHE", Path.home() / ".cache" / "choreo"))
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def checkpoint_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a checkpoint directory: its ``config.json`` and weight files (``WEIGHT_SUFFIXES``), each as its
+    name, a NUL and its bytes, in name order. Cached in ``$CHOREO_CACHE/checkpoint-sha256.json`` under the
+    directory's path with every file's size and modification time: an unchanged checkpoint is not read again.
+
+    Example: ``checkpoint_sha256("/models/Llama-3.1-8B-Instruct")`` -> "3f9a..." (64 hex digits).
+    """
+    path = Path(path).resolve()
+    files = sorted(f for f in path.iterdir() if f.is_file() and (f.name == "config.json"
+                                                                 or f.suffix in WEIGHT_SUFFIXES))
+    if not any(f.suffix in WEIGHT_SUFFIXES for f in files):
+        raise FileNotFoundError(f"model path {str(path)!r} has no weight files ({', '.join(WEIGHT_SUFFIXES)})")
+    stamp = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    index = _cache_root() / "checkpoint-sha256.json"
+    try:
+        known = json.loads(index.read_text())
+    except (OSError, ValueError):
+        known = {}
+    entry = known.get(str(path))
+    if isinstance(entry, dict) and entry.get("files") == stamp:
+        return entry["sha256"]
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode() + b"\0")
+        with open(f, "rb") as handle:
+            while chunk := handle.read(1 << 24):
+                digest.update(chunk)
+    known[str(path)] = {"files": stamp, "sha256": digest.hexdigest()}
+    try:  # a cache: a failed write costs a later load one more read, nothing else
+        index.parent.mkdir(parents=True, exist_ok=True)
+        tmp = index.with_name(f"{index.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(known, indent=1))
+        tmp.replace(index)
+    except OSError:
+        pass
+    return known[str(path)]["sha256"]
 
 
 def embedded_gguf() -> Path:

@@ -44,21 +44,19 @@ def device_name(device: str | torch.device = "cpu") -> str:
 
 def git_commit(root: Path | None = None) -> str | None:
     """HEAD of the source tree (``root``, default this package's checkout), with "+dirty" if tracked files outside
-    ``results/`` differ from it (the result came from uncommitted code), or $CHOREO_GIT_COMMIT where the tree is
-    a copy without its .git."""
-    if os.environ.get("CHOREO_GIT_COMMIT"):
-        return os.environ["CHOREO_GIT_COMMIT"]
+    ``results/`` differ from it (the result came from uncommitted code); where git finds no repository there (a
+    copy of the tree without its .git), $CHOREO_GIT_COMMIT, else None."""
     try:
         root = root or Path(__file__).resolve().parent.parent
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
         head = out.stdout.strip()
         if not head:
-            return None
+            return os.environ.get("CHOREO_GIT_COMMIT") or None
         status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", ".",
                                  ":(exclude)results"], capture_output=True, text=True, timeout=10)
         return head + "+dirty" if status.returncode == 0 and status.stdout.strip() else head
     except (OSError, subprocess.SubprocessError):
-        return None
+        return os.environ.get("CHOREO_GIT_COMMIT") or None
 
 
 def command_argv() -> list[str]:

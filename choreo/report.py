@@ -97,13 +97,14 @@ def plot_rates(path: str | Path, *, title: str, groups: dict[str, dict[str, tupl
 
 
 def save_figure(fig, path: str | Path, *, dpi: int = 110) -> Path:
-    """Lay out, write atomically (a half-written PNG never replaces a good one) and close a matplotlib figure."""
+    """Lay out, write atomically (a half-written file never replaces a good one) and close a matplotlib figure;
+    the format follows ``path``'s suffix (.png, .pdf, .svg)."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")  # matplotlib picks the format from the suffix
     fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
     tmp.replace(path)

@@ -117,14 +117,21 @@ class JsonlLog:
                 "file_last_committed": _last_commit_of(self.path)}
 
     def _repair(self) -> None:
-        """Drop a torn final line so the next append starts on a fresh line."""
+        """Make the next append start on a fresh line: a final line cut off before its newline is kept (ended with
+        one) when it is a whole JSON value, as ``records`` reads it, and dropped when it is torn."""
         if not self.path.exists() or self.path.stat().st_size == 0:
             return
         data = self.path.read_bytes()
         if not data.endswith(b"\n"):
             cut = data.rfind(b"\n") + 1
-            with open(self.path, "r+b") as f:
-                f.truncate(cut)
+            try:
+                json.loads(data[cut:])
+            except ValueError:  # torn (JSONDecodeError, or bytes that are not UTF-8): redone on resume
+                with open(self.path, "r+b") as f:
+                    f.truncate(cut)
+            else:
+                with open(self.path, "ab") as f:
+                    f.write(b"\n")
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:

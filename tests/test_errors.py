@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import choreo
 from choreo.cache import CapacityError
@@ -110,6 +111,43 @@ def test_load_model_errors(tmp_path):
         choreo.load_model(str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="config.json"):
         choreo.load_model(str(tmp_path))
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="no weight files"):
+        choreo.load_model(str(tmp_path))
+
+
+def test_a_checkpoint_directory_is_identified_by_the_hash_of_its_files(tokenizer, tmp_path, monkeypatch):
+    """Provenance names a local checkpoint by the sha256 of its config and weights, computed once per version of
+    the files (cached by size and modification time)."""
+    import hashlib
+
+    from choreo.model import checkpoint_sha256
+    from tests.conftest import build_tiny
+
+    monkeypatch.setenv("CHOREO_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "ckpt"
+    build_tiny(tokenizer, dtype=torch.float32).hf_model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    model = choreo.load_model(str(folder))
+    expected = hashlib.sha256()
+    for f in sorted(folder.glob("*")):
+        if f.name == "config.json" or f.suffix == ".safetensors":
+            expected.update(f.name.encode() + b"\0" + f.read_bytes())
+    assert model.spec.sha256 == expected.hexdigest()
+    assert (tmp_path / "cache" / "checkpoint-sha256.json").exists()
+    import builtins
+
+    real_open = builtins.open
+
+    def no_weights(file, *args, **kwargs):  # the cached digest: no weight file is read again
+        assert not str(file).endswith(".safetensors"), file
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", no_weights)
+    assert checkpoint_sha256(folder) == model.spec.sha256
+    monkeypatch.setattr(builtins, "open", real_open)
+    (folder / "config.json").write_text((folder / "config.json").read_text() + "\n")  # another version
+    assert checkpoint_sha256(folder) != model.spec.sha256
 
 
 @pytest.mark.parametrize("kind,options", [(choreo.Choreographer, {}), (choreo.Baseline, {}),

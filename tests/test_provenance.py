@@ -37,9 +37,19 @@ def test_git_commit_marks_uncommitted_code_but_not_results(tmp_path, monkeypatch
     assert git_commit(tmp_path) == head + "+dirty"
 
 
-def test_git_commit_from_the_environment(monkeypatch, tmp_path):
+def test_git_commit_from_the_environment_only_outside_a_repository(monkeypatch, tmp_path):
+    """$CHOREO_GIT_COMMIT names the code of a copy without its .git; in a checkout git's answer wins."""
     monkeypatch.setenv("CHOREO_GIT_COMMIT", "abc123")
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
     assert git_commit(tmp_path) == "abc123"
+    _git(tmp_path, "init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    _git(tmp_path, "add", ".")
+    _git(tmp_path, "commit", "-q", "-m", "first")
+    head = _git(tmp_path, "rev-parse", "HEAD")
+    assert git_commit(tmp_path) == head
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_commit(tmp_path) == head + "+dirty"
 
 
 def test_git_commit_outside_a_repository(tmp_path, monkeypatch):
@@ -49,7 +59,9 @@ def test_git_commit_outside_a_repository(tmp_path, monkeypatch):
 
 
 def test_logged_records_carry_the_commit_that_computed_them(tmp_path, monkeypatch):
-    monkeypatch.setenv("CHOREO_GIT_COMMIT", "abc123")
+    import choreo.provenance
+
+    monkeypatch.setattr(choreo.provenance, "git_commit", lambda root=None: "abc123")
     _git(tmp_path, "init", "-q")
     path = tmp_path / "games.jsonl"
     path.write_text('{"key": 0, "coop": true}\n')  # a record from before records were stamped
@@ -58,7 +70,7 @@ def test_logged_records_carry_the_commit_that_computed_them(tmp_path, monkeypatc
     committed = _git(tmp_path, "log", "-1", "--format=%h")
     log = JsonlLog(path, key="key")
     log.append({"key": 1, "coop": False})
-    monkeypatch.setenv("CHOREO_GIT_COMMIT", "def456")
+    monkeypatch.setattr(choreo.provenance, "git_commit", lambda root=None: "def456")
     JsonlLog(path, key="key").append({"key": 2, "coop": True})
     records = list(log.records())
     assert [r.get("written", {}).get("git_commit") for r in records] == [None, "abc123", "def456"]
@@ -79,3 +91,28 @@ def test_provenance_records_the_choreo_environment(monkeypatch):
     env = provenance(None)["environment"]
     assert env["CHOREO_LEAKAGE_FINETUNE"] == "1" and "UNRELATED_VARIABLE" not in env
     assert "environment {" in provenance_line(provenance(None))
+
+
+@pytest.mark.parametrize("tail,kept", [
+    ('{"index": 2, "result": "c"}', [0, 1, 2]),  # whole, only its newline lost: read as done, so it must stay
+    ('{"index": 2, "result": "c', [0, 1]),       # torn: redone on resume
+    ("", [0, 1]),
+], ids=["whole-without-newline", "torn", "clean"])
+def test_resuming_keeps_every_record_it_counted_as_done(tmp_path, tail, kept):
+    from choreo.results import resumable
+
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"index": 0, "result": "a"}\n{"index": 1, "result": "b"}\n' + tail)
+    assert sorted(JsonlLog(path, key="index").keys()) == kept
+    ran = []
+
+    def run(todo, on_result):
+        for j, item in enumerate(todo):
+            ran.append(item)
+            on_result(j, f"new {item}")
+
+    out = resumable(path, [0, 1, 2, 3], run)
+    assert ran == [i for i in range(4) if i not in kept]
+    assert out == ["a", "b", "c" if 2 in kept else "new 2", "new 3"]
+    records = list(JsonlLog(path, key="index").records())
+    assert [r["index"] for r in records] == [0, 1, 2, 3] and path.read_text().endswith("\n")

@@ -25,7 +25,9 @@ def test_bar_layout_centres_each_group_on_its_own_arms():
     assert bar_layout({}) == ([], 0.8, {})
 
 
-def test_plot_rates_writes_the_figure(tmp_path):
-    path = plot_rates(tmp_path / "rates.png", title="t", groups={
+@pytest.mark.parametrize("suffix,magic", [(".png", b"\x89PNG"), (".pdf", b"%PDF"), (".svg", b"<?xml")])
+def test_plot_rates_writes_the_figure_in_the_format_its_name_says(tmp_path, suffix, magic):
+    path = plot_rates(tmp_path / f"rates{suffix}", title="t", groups={
         "Direct": {"direct": (0.2, 0.1, 0.3)}, "ToT": {"Baseline": (0.4, 0.3, 0.5), "Before": (0.3, 0.2, 0.4)}})
-    assert path.exists() and path.stat().st_size > 1000
+    assert path.exists() and path.stat().st_size > 1000 and path.read_bytes().startswith(magic)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
