@@ -6,7 +6,10 @@ encoded carries over, so there is no leakage and no blockage.
 
 With ``prefix_reuse=True`` a call may attend to the cached encoding of an earlier prompt that starts
 with exactly the same tokens at the same positions (what vLLM's or SGLang's prefix caching does). The
-math is the same; results differ from full re-encoding only by floating-point reassociation.
+math is the same, but not the computation: a reused prefix was encoded in a pass of another length, so logits
+differ from full re-encoding by floating-point reassociation (up to ~5e-5 in fp32 on the embedded model), which
+DESIGN.md's bit-for-bit rule for prefix reuse does not allow. It is off by default; the leakage suites' baseline
+arm uses it and says what it measured of the difference (suites/leakage/cooperation/README.md).
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ class Baseline(Choreographer):
         self._chains: dict[int, _Chain] = {}  # output message id -> the chain that encoded it
         self._refs: dict[int, int] = {}  # internal message id -> number of chains using it
         self._internal: dict[int, Message] = {}
-        self.reused_tokens = 0
+        self.reused_tokens = 0  # prompt tokens that finished calls read from cached chains instead of encoding
 
     def start_decode(self, calls: list[Call]) -> list[Job]:
         calls = [c if isinstance(c, Call) else Call(**c) for c in calls]
@@ -85,6 +88,7 @@ class Baseline(Choreographer):
             )
             self._messages[msg.id] = msg
             _, prefix_ids, parts = job.origin
+            self.reused_tokens += len(prefix_ids)  # counted once the call has run: a refused call reused nothing
             chain = _Chain(ids=prefix_ids + inner.ids, parts=parts + [(inner, inner.length)])
             self._refs[inner.id] = self._refs.get(inner.id, 0) + 1
             job.reserved = 0  # the chain owns the inner message's rows now
@@ -151,7 +155,6 @@ class Baseline(Choreographer):
                 best, best_len = chain, n
         if best is None:
             return [], 0
-        self.reused_tokens += best_len
         parts, n = [], best_len
         for m, used in best.parts:  # the leading parts covering exactly best_len tokens
             if n <= 0:

@@ -25,7 +25,9 @@ class Message:
     """One encoded chat turn. ``ids`` = header + forced prefix + content + footer.
 
     ``tokens`` are the content token ids (generated ones for a decode), ``text`` their text (without
-    the forced prefix). Positions run from ``start`` to ``end - 1``.
+    the forced prefix). A prefill's turn is tokenized as one string, so a token that merges the header's last
+    characters with the text's first (``ChatFormat.encode_turn``) counts as content. Positions run from
+    ``start`` to ``end - 1``.
     """
 
     id: int
@@ -42,6 +44,7 @@ class Message:
     logprobs: list[float] | None = None  # per content token, when teacher-forced with scoring
     logits: torch.Tensor | None = None  # (len(tokens), V) when requested
     freed: bool = False
+    decoding: bool = False  # a decode still running: no parent yet and not freeable (its rows are being written)
     floor: int = 0  # the first position after the conversation prefix its executor shares (a BOS token), or 0
 
     @property

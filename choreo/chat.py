@@ -14,7 +14,9 @@ import functools
 
 ROLES = ("system", "user", "assistant")
 _SENTINEL = "\u2063CHOREO\u2063"
-STOP_WINDOW = 16  # generated tokens whose text is searched for stop strings
+# Extra tokens, beyond one per byte of the longest stop string, in the window searched for stop strings: room for
+# a token that decodes to no text (a special token) or a leading space a tokenizer drops at the window's start.
+STOP_SLACK = 4
 
 
 def parse_role(role: str) -> tuple[str, str | None]:
@@ -27,6 +29,11 @@ def parse_role(role: str) -> tuple[str, str | None]:
     if _ and not name:
         raise ValueError(f"role {role!r} has an empty name after ':'")
     return base, name or None
+
+
+def stop_window(stop) -> int:
+    """How many trailing generated tokens ``hits_stop`` decodes for the stop strings ``stop`` (non-empty)."""
+    return max(len(s.encode("utf-8")) for s in stop) + STOP_SLACK
 
 
 class ChatFormat:
@@ -111,6 +118,38 @@ class ChatFormat:
         header, footer = self._split(role)
         return self._ids(header + text + footer)
 
+    def encode_turn(self, text: str, role: str) -> tuple[list[int], tuple[int, int]]:
+        r"""``encode(text, role)`` and the [a, b) index range of the text's tokens within it.
+
+        Tokenized as one string, the turn usually splits into the header's own tokens, the text's and the footer's.
+        A text can merge with the template's characters instead (the header's "\n" and a text's leading "\n" or
+        " " become one token): then a token straddling the boundary counts as content, as it holds part of the text.
+
+        Example (SmolLM2): ``encode_turn("\nHi", "user")`` -> (ids, (3, 5)), ``ids[3:5]`` the tokens "\n", "Hi";
+        ``encode_turn("\n\nHi", "user")`` -> (ids, (2, 5)): ``ids[2]`` is "\n\n", the header's "\n" and one of
+        the text's.
+        """
+        header, footer = self._split(role)
+        ids = self._ids(header + text + footer)
+        h, f = self._ids(header), self._ids(footer)
+        if len(h) + len(f) <= len(ids) and ids[:len(h)] == h and ids[len(ids) - len(f):] == f:
+            return ids, (len(h), len(ids) - len(f))
+        lo, hi = len(header), len(header) + len(text)  # the text's characters
+        inside = [i for i, (a, b) in enumerate(self._token_spans(header + text + footer, ids)) if a < hi and b > lo]
+        return ids, (inside[0], inside[-1] + 1)
+
+    def _token_spans(self, text: str, ids: list[int]) -> list[tuple[int, int]]:
+        """The (start, end) character range of each token of ``ids``, the tokenization of ``text``: the fast
+        tokenizer's offset mapping, or else (a slow tokenizer has none) the lengths of the decoded prefixes."""
+        try:
+            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        except NotImplementedError:
+            enc = None
+        if enc is not None and list(enc["input_ids"]) == ids:
+            return [tuple(span) for span in enc["offset_mapping"]]
+        ends = [len(self.tokenizer.decode(ids[:i + 1], clean_up_tokenization_spaces=False)) for i in range(len(ids))]
+        return list(zip([0] + ends[:-1], ends))
+
     def stop_ids(self, role: str) -> frozenset[int]:
         """Tokens that end generation: the footer's first token and the tokenizer's EOS."""
         ids = set(self.footer(role)[:1])
@@ -119,9 +158,16 @@ class ChatFormat:
         return frozenset(ids)
 
     def hits_stop(self, tokens, stop) -> bool:
-        """Whether one of the ``stop`` strings occurs in the text of the last ``STOP_WINDOW`` generated tokens:
-        the engine's check after each sampled token (and how a trace tells that a call ended on one)."""
-        return bool(stop) and any(s in self.decode(list(tokens[-STOP_WINDOW:])) for s in stop)
+        """Whether one of the ``stop`` strings occurs in the text of the last generated tokens: the engine's check
+        after each sampled token (and how a trace tells that a call ended on one).
+
+        Checked after every token, a stop string first occurs ending in the newest token, so only a window at the
+        end is decoded: a token holds at least one byte, so ``stop_window(stop)`` tokens cover the longest string
+        and the cost per token stays bounded however long the generation."""
+        if not stop:
+            return False
+        text = self.decode(list(tokens[-stop_window(stop):]))
+        return any(s in text for s in stop)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -72,7 +72,7 @@ class Call:
             if isinstance(self.teacher_tokens, (str, bytes, dict)) or not hasattr(self.teacher_tokens, "__len__"):
                 raise ValueError(f"teacher_tokens must be a sequence of token ids (or None), "
                                  f"got {self.teacher_tokens!r}")
-            tokens = tuple(_token_id(t) for t in self.teacher_tokens)
+            tokens = tuple(_as_int(t) for t in self.teacher_tokens)
             bad = [t for t, i in zip(self.teacher_tokens, tokens) if i is None or i < 0]
             if bad:
                 raise ValueError(f"teacher_tokens must be non-negative integer token ids, got {bad[0]!r}")
@@ -90,7 +90,7 @@ def _is_real(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
-def _token_id(x) -> int | None:
+def _as_int(x) -> int | None:
     """x as a Python int if it is an integer (a numpy or 0-d integer torch scalar included, bool not), else None."""
     if isinstance(x, bool):
         return None
@@ -263,7 +263,7 @@ class Engine:
                 msg.logits = content_logits.detach()
         self.store.free(msg.row + msg.length, job.reserved - msg.length)
         job.reserved = msg.length
-        job.done, job.pending = True, []
+        job.done, job.pending, msg.decoding = True, [], False
         msg.latency = now - job.t0
         if msg.ttft is None:
             msg.ttft = msg.latency
@@ -322,12 +322,7 @@ class Choreographer:
         """Generate one message (keyword fields of ``Call``), or several in parallel from a list of calls (an
         empty list gives an empty list). If any call fails, none of them leaves a message or a row behind."""
         if calls is not None:
-            if fields:
-                raise TypeError(f"decode(calls) takes no keyword fields, got {sorted(fields)}")
-            if isinstance(calls, (Call, dict, str)):
-                raise TypeError(f"decode(calls) takes a list of calls, got {type(calls).__name__}: use decode([call]) "
-                                f"or decode(**fields)")
-            return self._run(self.start_decode(list(calls)))
+            return self._run(self.start_decode(call_list(calls, fields)))
         return self._run(self.start_decode([Call(**fields)]))[0]
 
     def _run(self, jobs: list[Job]) -> list[Message]:
@@ -347,6 +342,7 @@ class Choreographer:
             if job.reserved:
                 self.engine.store.free(job.msg.row, job.reserved)
             job.msg.freed, job.reserved, job.done, job.pending = True, 0, True, []
+            job.msg.decoding = False
 
     def free(self, *messages: ParentRef) -> None:
         """Release the cache rows of messages; their text and tokens stay readable."""
@@ -388,8 +384,7 @@ class Choreographer:
             content = (0, len(ids))
         else:
             parse_role(role)
-            ids = self.format.encode(text, role)
-            content = (len(self.format.header(role)), len(ids) - len(self.format.footer(role)))
+            ids, content = self.format.encode_turn(text, role)
         encode = self.encodes_prefills
 
         def reserve():
@@ -458,6 +453,7 @@ class Choreographer:
         msg = Message(
             id=-1, role=call.role, parents=parents, start=start, ids=ids, content=content,
             text=self.format.decode(ids[content[0]:content[1]]), prefix=call.prefix, row=row, floor=self.floor,
+            decoding=True,
         )
         return Job(
             msg=msg, segments=segments, pending=list(ids), reserved=reserved, call=call,
@@ -470,10 +466,14 @@ class Choreographer:
 
     # ------------------------------------------------------------------ placement
     def _lookup(self, ref: ParentRef, what: str) -> Message:
+        """The listed message ``ref`` names. A decode still running (listed once started, so that its id is taken)
+        can be read with ``message`` but is no parent yet, and cannot be freed: its rows are still being written."""
         key = ref.id if isinstance(ref, Message) else ref
         msg = self._messages.get(key) if isinstance(key, int) and not isinstance(key, bool) else None
         if msg is None or (isinstance(ref, Message) and msg is not ref):
             raise KeyError(f"{what}: unknown or freed message {ref!r}")
+        if msg.decoding and what != "message":
+            raise ValueError(f"{what}: message {msg.id} is still being decoded; use it once its decode has returned")
         return msg
 
     def _resolve(self, parents, offsets, new_offset) -> tuple[list[Message], list[int], int]:
@@ -482,7 +482,7 @@ class Choreographer:
         if len({p.id for p in parents}) != len(parents):
             raise ValueError(f"parents list a message twice: {[p.id for p in parents]}")
         starts = resolve_offsets(parents, offsets)
-        check_position(new_offset, "new_offset")
+        new_offset = check_position(new_offset, "new_offset")
         start = max(self.floor, default_start(parents, starts)) if new_offset is None else new_offset
         return parents, starts, start
 
@@ -545,9 +545,26 @@ class Choreographer:
             self._prefix = None
 
 
-def check_position(value, name: str) -> None:
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+def call_list(calls, fields: dict) -> list[Call]:
+    """The calls of ``decode(calls)`` as a list of ``Call`` (dicts are keyword fields); refuses a single call, or
+    keyword fields beside the list, with a TypeError that says how to call ``decode`` instead."""
+    if fields:
+        raise TypeError(f"decode(calls) takes no keyword fields, got {sorted(fields)}")
+    if isinstance(calls, (Call, dict, str)):
+        raise TypeError(f"decode(calls) takes a list of calls, got {type(calls).__name__}: use decode([call]) "
+                        f"or decode(**fields)")
+    return [c if isinstance(c, Call) else Call(**c) for c in calls]
+
+
+def check_position(value, name: str) -> int | None:
+    """``value`` as a Python int if it is a non-negative integer (numpy and 0-d torch integers included, bool not),
+    None if it is None; anything else raises ValueError naming ``name`` and the value."""
+    if value is None:
+        return None
+    position = _as_int(value)
+    if position is None or position < 0:
         raise ValueError(f"{name} must be a non-negative integer position or None, got {value!r}")
+    return position
 
 
 def resolve_offsets(parents: Sequence[Message], offsets) -> list[int]:
@@ -557,8 +574,7 @@ def resolve_offsets(parents: Sequence[Message], offsets) -> list[int]:
     offsets = list(offsets)
     if len(offsets) != len(parents):
         raise ValueError(f"offsets has {len(offsets)} entries but there are {len(parents)} parents")
-    for i, o in enumerate(offsets):
-        check_position(o, f"offsets[{i}]")
+    offsets = [check_position(o, f"offsets[{i}]") for i, o in enumerate(offsets)]
     return [p.start if o is None else o for p, o in zip(parents, offsets)]
 
 
@@ -578,7 +594,7 @@ def linearize(parents: Sequence[Message], start: int | None = None) -> list[int]
         raise TypeError(f"linearize takes Message objects (it needs their lengths), got {list(parents)!r}")
     if start is None:
         start = parents[0].floor if parents else 0
-    check_position(start, "start")
+    start = check_position(start, "start")
     offsets, pos = [], start
     for p in parents:
         offsets.append(pos)

@@ -25,7 +25,7 @@ from typing import Any, Callable, Coroutine, Iterable, Sequence
 from tqdm.auto import tqdm
 
 from .cache import CapacityError, Message
-from .engine import Call, Choreographer, Job
+from .engine import Call, Choreographer, Job, call_list
 from .trace import TraceRecorder
 
 Workflow = Callable[["Session"], Coroutine[Any, Any, Any]]
@@ -70,10 +70,9 @@ class Session:
         return msg
 
     async def decode(self, calls: Sequence[Call] | None = None, /, **fields) -> Message | list[Message]:
-        if calls is not None and fields:
-            raise TypeError(f"decode(calls) takes no keyword fields, got {sorted(fields)}")
+        """``Choreographer.decode`` as an awaitable: one call from keyword fields, or a list of calls."""
         single = calls is None
-        calls = [Call(**fields)] if single else [c if isinstance(c, Call) else Call(**c) for c in calls]
+        calls = [Call(**fields)] if single else call_list(calls, fields)
         if self.trace is not None:
             for call in calls:
                 self.trace.check_parents(call.parents)

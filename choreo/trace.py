@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .cache import Message
-from .engine import Call
+from .engine import Call, check_position
 from .results import read_jsonl
 
 
@@ -71,14 +71,15 @@ class TraceRecorder:
 
     def prefill(self, msg: Message, *, text, role, parents, offsets, new_offset) -> None:
         self._add(msg, TraceEvent(kind="prefill", group=self._next_group(), role=role, parents=self._parents(parents),
-                                  offsets=None if offsets is None else tuple(offsets), new_offset=new_offset, text=text))
+                                  offsets=_positions(offsets), new_offset=check_position(new_offset, "new_offset"),
+                                  text=text))
 
     def decode(self, msgs: Sequence[Message], calls: Sequence[Call]) -> None:
         group = self._next_group()
         for msg, call in zip(msgs, calls):
             self._add(msg, TraceEvent(
                 kind="decode", group=group, role=call.role, parents=self._parents(call.parents),
-                offsets=None if call.offsets is None else tuple(call.offsets), new_offset=call.new_offset,
+                offsets=_positions(call.offsets), new_offset=check_position(call.new_offset, "new_offset"),
                 text=msg.text, prefix=call.prefix, max_tokens=call.max_tokens, temperature=call.temperature,
                 top_p=call.top_p, seed=call.seed, stop=tuple(call.stop), tokens=tuple(msg.tokens),
                 forced=call.teacher_tokens is not None,
@@ -91,6 +92,11 @@ class TraceRecorder:
     def _add(self, msg: Message, event: TraceEvent) -> None:
         self._index[id(msg)] = len(self.events)
         self.events.append(event)
+
+
+def _positions(offsets) -> tuple[int | None, ...] | None:
+    """Offsets of an accepted call as Python ints (a call may give numpy integers, which JSON cannot write)."""
+    return None if offsets is None else tuple(check_position(o, f"offsets[{i}]") for i, o in enumerate(offsets))
 
 
 def save_traces(path: str | Path, traces: Sequence[Sequence[TraceEvent]], *, meta: Sequence[dict] | None = None) -> None:

@@ -27,7 +27,6 @@ from typing import NamedTuple
 
 import torch
 
-from choreo.chat import STOP_WINDOW
 from choreo.sampling import make_generator, sample
 
 
@@ -155,7 +154,7 @@ class Oracle:
     def decode(self, call: dict, parents: list[Turn]) -> Turn:
         """``call``: the keyword fields of ``choreo.Call`` (offsets as positions, parents given apart). Calls of a
         parallel batch never see each other, so each is computed alone. A turn ends at an end-of-turn token (not
-        content), at ``max_tokens``, or once a stop string is in the text of its last STOP_WINDOW tokens."""
+        content), at ``max_tokens``, or once a stop string is in its generated text (all of it: no window)."""
         placed, start = self.place(parents, call.get("offsets"), call.get("new_offset"))
         header = self.encode(f"<|im_start|>{call.get('role', 'assistant')}\n" + call.get("prefix", ""))
         footer = self.encode("<|im_end|>\n")
@@ -177,7 +176,7 @@ class Oracle:
             gen.append(token)
             if len(gen) >= call.get("max_tokens", 256):
                 break
-            if any(s in self.tok.decode(gen[-STOP_WINDOW:], skip_special_tokens=True) for s in stop):
+            if any(s in self.tok.decode(gen, skip_special_tokens=True) for s in stop):
                 break
         return Turn(header + gen + footer, start, placed, (n, n + len(gen)))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -69,6 +70,14 @@ BAD = {
                           "max_tokens"),
     "a bool as a parent id": (lambda ex, s, g: ex.decode(role="assistant", parents=[True]), KeyError, "True"),
     "a call instead of a list": (lambda ex, s, g: ex.decode(choreo.Call(parents=[s])), TypeError, "list of calls"),
+    "a bool as an offset": (lambda ex, s, g: ex.decode(role="assistant", parents=[s], offsets=[True]), ValueError,
+                            r"offsets\[0\].*True"),
+    "a float as an offset": (lambda ex, s, g: ex.decode(role="assistant", parents=[s], offsets=[3.0]), ValueError,
+                             r"offsets\[0\].*3\.0"),
+    "a negative numpy offset": (lambda ex, s, g: ex.decode(role="assistant", parents=[s], offsets=[np.int64(-3)]),
+                                ValueError, "-3"),
+    "a numpy float as new_offset": (lambda ex, s, g: ex.prefill("x", role="user", new_offset=np.float64(2)),
+                                    ValueError, r"new_offset.*2\.0"),
     "free lists a message twice": (lambda ex, s, g: ex.free(s, s), ValueError, "twice"),
 }
 
@@ -218,3 +227,93 @@ def test_baseline_prefills_hold_no_rows(tiny_gqa):
     with pytest.raises(CapacityError, match="capacity"):
         bl.decode(role="assistant", parents=[long], max_tokens=2)
     assert bl.memory()["tokens_used"] == 0 and [m.id for m in bl.messages] == [long.id]
+
+
+IN_FLIGHT = {
+    "as a prefill's parent": lambda ex, s, m: ex.prefill("Child.", role="user", parents=[s, m]),
+    "as a decode's parent, by id": lambda ex, s, m: ex.decode(role="assistant", parents=[m.id], max_tokens=2),
+    "as a parent in a parallel batch": lambda ex, s, m: ex.decode([choreo.Call(parents=[s], max_tokens=2),
+                                                                   choreo.Call(parents=[m], max_tokens=2)]),
+    "freed": lambda ex, s, m: ex.free(m),
+    "freed by id after a finished message": lambda ex, s, m: ex.free(s, m.id),
+}
+
+
+@pytest.mark.parametrize("teacher", [None, [], [5, 6, 7]], ids=["sampled", "empty-forced", "teacher-forced"])
+@pytest.mark.parametrize("case", list(IN_FLIGHT), ids=list(IN_FLIGHT))
+def test_a_message_still_being_decoded_is_no_parent_and_cannot_be_freed(tiny_gqa, case, teacher):
+    """A started decode is listed (its id is taken) before it runs: a child would read only its header at positions
+    its later tokens take, and freeing it would return rows still being written. Both are refused, changing
+    nothing; once the decode has returned, the message is an ordinary one."""
+    ch = choreo.Choreographer(tiny_gqa, capacity=256)
+    sys = ch.prefill("Be brief.", role="system")
+    jobs = ch.start_decode([choreo.Call(parents=[sys], max_tokens=4, teacher_tokens=teacher)])
+    msg = jobs[0].msg
+    assert ch.message(msg.id) is msg and msg.decoding  # readable, not usable
+    before = snapshot(ch)
+    with pytest.raises(ValueError, match=f"message {msg.id} is still being decoded"):
+        IN_FLIGHT[case](ch, sys, msg)
+    assert snapshot(ch) == before and not sys.freed
+    ch.engine.run(jobs)
+    (done,) = ch.finish(jobs)
+    assert done is msg and not done.decoding
+    child = ch.decode(role="assistant", parents=[sys, done], max_tokens=2)
+    assert child.start == done.end
+    ch.free(child, done, sys)
+    assert ch.memory()["tokens_used"] == 0 and ch.memory()["messages"] == 0
+
+
+@pytest.mark.parametrize("kind,options", [(choreo.Choreographer, {}), (choreo.Baseline, {"prefix_reuse": True})],
+                         ids=["choreographed", "baseline-prefix-reuse"])
+def test_an_aborted_decode_is_no_longer_in_flight(tiny_gqa, kind, options):
+    ex = kind(tiny_gqa, **options)
+    sys = ex.prefill("Be brief.", role="system")
+    jobs = ex.start_decode([choreo.Call(parents=[sys], max_tokens=3), choreo.Call(parents=[sys], max_tokens=5)])
+    ex.engine.step(jobs)
+    ex.abort(jobs)
+    assert not any(j.msg.decoding for j in jobs)
+    ex.free(sys)
+    assert ex.memory()["tokens_used"] == 0 and ex.memory()["messages"] == 0
+
+
+def failing_backend(ex, after: int):
+    """The executor's attention backend, made to raise on every pass after the first ``after`` passes."""
+    backend, passes = ex.engine.backend, []
+
+    def failing(plan, *args):
+        passes.append(plan)
+        if len({id(p) for p in passes}) > after:
+            raise RuntimeError("attention failed")
+        return backend(plan, *args)
+
+    return failing
+
+
+REFUSALS = {
+    "a call that cannot fit": lambda ex, calls: ex.decode(calls + [choreo.Call(max_tokens=500)]),
+    "a call that fails in its first pass": lambda ex, calls: ex.decode(calls),
+    "a call that fails midway": lambda ex, calls: ex.decode(calls),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS), ids=list(REFUSALS))
+def test_a_call_that_does_not_finish_reuses_no_tokens(tiny_gqa, case):
+    """``Baseline.reused_tokens`` counts the cached prompt tokens of calls that ran to the end, nothing else."""
+    bl = choreo.Baseline(tiny_gqa, capacity=300, prefix_reuse=True)
+    sys = bl.prefill("Be brief.", role="system")
+    q = bl.prefill("Name a colour.", role="user", parents=[sys])
+    a = bl.decode(role="assistant", parents=[sys, q], max_tokens=3)
+    q2 = bl.prefill("Another one.", role="user", parents=[sys, q, a])
+    calls = [choreo.Call(parents=[sys, q, a, q2], max_tokens=3), choreo.Call(parents=[sys, q], max_tokens=2, seed=1)]
+    reused = bl.reused_tokens
+    if case != "a call that cannot fit":
+        bl.engine.backend = failing_backend(bl, after=0 if "first" in case else 1)
+    with pytest.raises((CapacityError, RuntimeError)):
+        REFUSALS[case](bl, calls)
+    assert bl.reused_tokens == reused
+    bl.engine.backend = choreo.attention.get_backend(bl.attention)
+    chain = [t for m in (sys, q, a) for t in m.ids]  # the prompt and output of the first call, cached
+    cached = [bl._reuse(bl.serial_prompt(call)[0])[1] for call in calls]
+    assert cached[0] == len(chain) and 0 < cached[1] < len(chain)
+    bl.decode(calls)
+    assert bl.reused_tokens == reused + sum(cached)

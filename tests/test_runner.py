@@ -175,3 +175,95 @@ def test_a_full_store_names_the_runners_concurrency_and_leaves_nothing_behind(ti
     assert ex.memory()["tokens_used"] == 0 and ex.memory()["messages"] == 0
     one_at_a_time = choreo.Runner(ex, max_concurrent=1, progress=False)
     assert len(one_at_a_time.run([lambda s, i=i: chat(s, i) for i in range(3)])) == 3
+
+
+@pytest.mark.parametrize("kind", [choreo.Choreographer, choreo.Baseline])
+def test_another_instances_call_in_flight_is_no_parent_until_it_returns(tiny_gqa, kind):
+    """An instance that finds another's running decode among the executor's messages (the choreographer lists a
+    call once it starts; the baseline lists its text message when it returns) can neither read nor free it; every
+    message the run hands out has finished decoding, and nothing is left behind."""
+    seen = []
+
+    async def slow(ex):
+        sys = await ex.prefill("Be brief.", role="system")
+        return await ex.decode(role="assistant", parents=[sys], max_tokens=8)
+
+    async def peeker(ex):
+        first = await ex.decode(role="assistant", max_tokens=1)  # the other instance's call has started
+        running = [m for m in ex.executor.messages if m.decoding]
+        for m in running:
+            with pytest.raises(ValueError, match=f"message {m.id} is still being decoded"):
+                await ex.prefill("Child.", role="user", parents=[m.id])
+            with pytest.raises(ValueError, match=f"message {m.id} is still being decoded"):
+                ex.free(m)
+        seen.extend((m, m.length) for m in running)  # the length it had then: its header and a few tokens
+        return first
+
+    ex = kind(tiny_gqa)
+    out = choreo.Runner(ex, progress=False).run([slow, peeker])
+    assert not any(m.decoding for m in out)
+    if kind is choreo.Choreographer:
+        (msg, length), = seen
+        assert msg is out[0] and msg.length > length
+    else:
+        assert seen == []
+    assert ex.memory()["tokens_used"] == 0 and ex.memory()["messages"] == 0
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused-prefills", "prefill-steps"])
+def test_a_call_in_flight_when_a_workflow_fails_is_undone(tiny_gqa, fuse):
+    ch = choreo.Choreographer(tiny_gqa)
+
+    async def slow(ex):
+        sys = await ex.prefill("Be brief.", role="system")
+        return await ex.decode(role="assistant", parents=[sys], max_tokens=8)
+
+    async def bad(ex):
+        await ex.decode(role="assistant", max_tokens=1)
+        raise RuntimeError("workflow failed")
+
+    with pytest.raises(RuntimeError, match="workflow failed"):
+        choreo.Runner(ch, progress=False, fuse_prefills=fuse).run([slow, bad])
+    assert ch.memory()["tokens_used"] == 0 and ch.memory()["messages"] == 0
+
+
+SINGLE_CALLS = {
+    "a call": (lambda ex: ex.decode(choreo.Call(max_tokens=2)), "list of calls, got Call"),
+    "a dict": (lambda ex: ex.decode({"max_tokens": 2}), "list of calls, got dict"),
+    "a string": (lambda ex: ex.decode("hello"), "list of calls, got str"),
+    "a list and fields": (lambda ex: ex.decode([choreo.Call(max_tokens=2)], seed=3), "no keyword fields.*seed"),
+}
+
+
+@pytest.mark.parametrize("case", list(SINGLE_CALLS), ids=list(SINGLE_CALLS))
+def test_session_decode_refuses_what_choreographer_decode_refuses(tiny_gqa, case):
+    action, message = SINGLE_CALLS[case]
+    ch = choreo.Choreographer(tiny_gqa)
+    with pytest.raises(TypeError, match=message):
+        action(ch)
+
+    async def workflow(ex):
+        await ex.prefill("Be brief.", role="system")
+        return await action(ex)
+
+    with pytest.raises(TypeError, match=message):
+        choreo.Runner(ch, progress=False).run([workflow])
+    assert ch.memory()["tokens_used"] == 0 and ch.memory()["messages"] == 0
+
+
+def test_numpy_positions_are_traced_as_ints(tiny_gqa, tmp_path):
+    """A call may place messages with numpy integers; its trace records Python ints (JSON writes no numpy)."""
+    import numpy as np
+
+    async def placed(ex):
+        sys = await ex.prefill("Be brief.", role="system", new_offset=np.int64(1))
+        q = await ex.prefill("Hi.", role="user", parents=[sys], offsets=[np.int64(2)])
+        return await ex.decode(role="assistant", parents=[sys, q], offsets=[np.int32(0), None],
+                               new_offset=np.uint8(40), max_tokens=2)
+
+    runner = choreo.Runner(choreo.Choreographer(tiny_gqa), progress=False, trace=True)
+    (msg,) = runner.run([placed])
+    save_traces(tmp_path / "t.jsonl", [runner.traces[0]])
+    (_, events), = load_traces(tmp_path / "t.jsonl")
+    assert [(e.offsets, e.new_offset) for e in events] == [(None, 1), ((2,), None), ((0, None), 40)]
+    assert events == runner.traces[0] and msg.start == 40

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -181,3 +182,54 @@ def test_a_turn_ends_at_its_end_of_turn_token_without_keeping_it(tiny_gqa, monke
     footer = ch.format.footer("assistant")
     assert cut.ids[-len(footer):] == footer and cut.ids.count(footer[0]) == 1
     assert ch.memory()["tokens_used"] == used + cut.length  # the 6-token reservation shrank to the message
+
+
+@pytest.mark.parametrize("kind", ["choreographed", "baseline"])
+@pytest.mark.parametrize("k", [1, 16, 17, 40])
+def test_generation_stops_once_the_stop_string_is_complete(tiny_gqa, kind, k):
+    """However long the stop string (the text of the first k tokens greedy decoding gives), the call ends on the
+    token that completes it, keeps that token, and closes the turn."""
+    ex = choreo.Choreographer(tiny_gqa) if kind == "choreographed" else choreo.Baseline(tiny_gqa)
+    sys = ex.prefill("You are terse.", role="system")
+    q = ex.prefill("Hi there", role="user", parents=[sys])
+    free = ex.decode(role="assistant", parents=[sys, q], max_tokens=60)
+    assert len(free.tokens) == 60  # the tiny model never ends its turn by itself here
+    stop = ex.format.decode(free.tokens[:k])
+    cut = ex.decode(role="assistant", parents=[sys, q], max_tokens=60, stop=["never in the text", stop])
+    assert cut.tokens == free.tokens[:k] and cut.text == stop
+    assert cut.ids[-len(ex.format.footer("assistant")):] == ex.format.footer("assistant")
+
+
+PREFILL_TEXTS = ["Hello", "\nHello", "\n\nHello", "\n", " ", "Hello\n\n"]
+
+
+@pytest.mark.parametrize("text", PREFILL_TEXTS, ids=[repr(t) for t in PREFILL_TEXTS])
+def test_a_prefills_tokens_hold_its_text_however_it_tokenizes(tiny_gqa, text):
+    """The turn is encoded as the template renders it (a leading newline may merge with the header's); its
+    ``tokens`` are the ones that hold the text, in both executors, and both still decode alike after it."""
+    out = {}
+    for kind in ("choreographed", "baseline"):
+        ex = choreo.Choreographer(tiny_gqa) if kind == "choreographed" else choreo.Baseline(tiny_gqa)
+        sys = ex.prefill("You are terse.", role="system")
+        msg = ex.prefill(text, role="user", parents=[sys])
+        assert msg.ids == ex.format.encode(text, "user") and msg.text == text
+        assert text in tiny_gqa.tokenizer.decode(msg.tokens) and msg.tokens
+        out[kind] = msg.ids, msg.content, ex.decode(role="assistant", parents=[sys, msg], max_tokens=6).tokens
+    assert out["choreographed"] == out["baseline"]
+
+
+INTEGERS = {"int": int, "numpy int64": np.int64, "numpy uint8": np.uint8, "numpy int32": np.int32,
+            "0-d torch tensor": torch.tensor}
+
+
+@pytest.mark.parametrize("kind", list(INTEGERS), ids=list(INTEGERS))
+def test_positions_may_be_any_integer_type(tiny_gqa, kind):
+    """Offsets, new_offset and linearize's start accept numpy and 0-d torch integers, stored as Python ints."""
+    as_int = INTEGERS[kind]
+    ch = choreo.Choreographer(tiny_gqa)
+    sys = ch.prefill("Be brief.", role="system", new_offset=as_int(0))
+    q = ch.prefill("Name a colour.", role="user", parents=[sys], offsets=[as_int(5)], new_offset=as_int(30))
+    a = ch.decode(role="assistant", parents=[sys, q], offsets=choreo.linearize([sys, q], start=as_int(2)),
+                  max_tokens=2)
+    assert (sys.start, q.start, a.start) == (0, 30, 2 + sys.length + q.length)
+    assert all(type(m.start) is int for m in (sys, q, a))
