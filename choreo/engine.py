@@ -478,6 +478,7 @@ class Choreographer:
 
     def _resolve(self, parents, offsets, new_offset) -> tuple[list[Message], list[int], int]:
         """Validate a call's placement: its parent messages, their effective starts and its own start."""
+        _check_sequence(parents, "parents", "messages or message ids", example="parents=[m]")
         parents = [self._lookup(p, "parents") for p in parents]
         if len({p.id for p in parents}) != len(parents):
             raise ValueError(f"parents list a message twice: {[p.id for p in parents]}")
@@ -567,10 +568,18 @@ def check_position(value, name: str) -> int | None:
     return position
 
 
+def _check_sequence(value, name: str, what: str, *, example: str) -> None:
+    """Refuse a single item where a list is expected (a TypeError that shows the list form)."""
+    if isinstance(value, (Message, str, bytes, dict)) or not hasattr(value, "__iter__"):
+        raise TypeError(f"{name} must be a list of {what}, got {type(value).__name__} {value!r:.60}: write "
+                        f"{example}")
+
+
 def resolve_offsets(parents: Sequence[Message], offsets) -> list[int]:
     """Effective start position of each parent: its offset, or its own start when the offset is None."""
     if offsets is None:
         return [p.start for p in parents]
+    _check_sequence(offsets, "offsets", "positions (or None), one per parent", example="offsets=[0]")
     offsets = list(offsets)
     if len(offsets) != len(parents):
         raise ValueError(f"offsets has {len(offsets)} entries but there are {len(parents)} parents")
