@@ -135,9 +135,10 @@ class JsonlLog:
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed value) for each non-blank line; a malformed line is an error naming file:line."""
+    """(line number, parsed value) for each non-blank line; a malformed line is an error naming file:line. Lines
+    end at "\\n" only (``str.splitlines`` would also cut at U+2028 and the like, which JSON strings may hold)."""
     path = Path(path)
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
         if not line.strip():
             continue
         try:

@@ -41,8 +41,11 @@ def _decodes(trace):
     ('{"reasoning": "x", "preference": "none", "answer": 14}', ("none", "14")),
     ('Sure! {"reasoning": "a \\"quote\\"", "preference": null, "answer": null} Done.', ("none", None)),
     ('{"reasoning": "x", "preference": "negative", "answer": ""}', ("negative", None)),
+    ("""{"reasoning": "x", 'preference': 'negative', 'answer': '7'}""", ("negative", "7")),
+    ("""{'preference': 'aff', 'answer': 'it\\'s $\\frac{1}{2}$'}""", ("affirmative", "it's $\\frac{1}{2}$")),
+    ('{"preference": "negative", "answer": "it\'s 5"}', ("negative", "it's 5")),
 ], ids=["well-formed", "escaped-latex", "raw-latex", "boxed-in-dollars", "bare-number", "nulls-in-prose",
-        "empty-answer"])
+        "empty-answer", "single-quoted", "single-quoted-escape", "apostrophe-in-double-quotes"])
 def test_parse_moderator_well_formed(text, expected):
     assert parse_moderator(text) == dict(zip(("preference", "answer"), expected))
 

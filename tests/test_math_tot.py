@@ -20,9 +20,20 @@ from choreo.workflows.tot import (DirectConfig, ToTConfig, direct_trace, majorit
     ("\\fbox{7}", "7"),
     ("\\boxed{\\frac{1}{2}", None),  # never closed
     ("no box here", None),
+    ("\\boxed{3}. Double-check: \\boxed{3", "3"),  # the last one cut off at the token cap: the last closed one
+    ("\\boxed{a} \\boxed{b{c}} \\boxed{d", "b{c}"),
 ])
 def test_last_boxed(text, boxed):
     assert last_boxed(text) == boxed
+
+
+def test_first_box_for_the_parallel_debate():
+    text = "\\boxed{1} then, on reflection, \\boxed{2} and \\boxed{3"
+    assert extract_answer(text, which="first") == "1" and extract_answer(text) == "2"
+    assert grade("1", text, which="first")["correct"] and not grade("1", text)["correct"]
+    assert extract_answer("ANSWER: 5", which="first") == "5"  # no box: the ANSWER line either way
+    with pytest.raises(ValueError, match="which must be 'last' or 'first', got 'middle'"):
+        extract_answer(text, which="middle")
 
 
 @pytest.mark.parametrize("text, answer", [
@@ -36,6 +47,12 @@ def test_last_boxed(text, boxed):
     ("So the final answer is 11.", "11"),  # Minerva's answer sentence
     ("The final answer is $\\frac{1}{2}$. I hope it is correct.", "\\frac{1}{2}"),
     ("ANSWER: 3\nThe final answer is 4", "3"),  # an ANSWER line wins over the sentence
+    ("ANSWER: 4\n\nTo check the answer: substitute 4 back.", "4"),  # "answer:" inside a sentence is no answer line
+    ("To check the answer: substitute 4 back.", None),
+    ("ANSWER: **4**", "4"),  # markdown bold
+    ("**ANSWER:** $7$.", "7"),
+    ("- **Answer**: 9", "9"),
+    ("> ANSWER: x = 2", "x = 2"),
 ])
 def test_extract_answer(text, answer):
     assert extract_answer(text) == answer

@@ -210,6 +210,20 @@ def test_config_and_prompt_errors():
         pd.GameConfig.preset("huge")
     with pytest.raises(ValueError, match="unknown agent 'carol'"):
         pd.system_prompt("carol")
+    with pytest.raises(ValueError, match="rounds must be at most 4, got 5.*same seed"):
+        pd.GameConfig(rounds=5)
+
+
+@pytest.mark.parametrize("rounds", range(1, pd.MAX_ROUNDS + 1))
+def test_every_call_of_a_game_has_its_own_seed_and_the_prompt_states_the_rounds(rounds):
+    """Steps of call_seed per agent: messages 1 + k, decision 9, predictions 10 + k and 20 (Bob): no two alike."""
+    speakers = 2 * rounds
+    steps = {a: [1 + k for k in range(speakers)] + [9] for a in pd.AGENTS}
+    steps["bob"] += [10 + k for k in range(speakers)] + [20]
+    for agent, agent_steps in steps.items():
+        seeds = [pd.call_seed(3, agent, step) for step in agent_steps]
+        assert len(set(seeds)) == len(seeds), (agent, agent_steps)
+    assert f"have {rounds} rounds of open discussion" in pd.system_prompt("alice", rounds=rounds)
 
 
 def test_prompts_state_the_payoffs_and_strategy():

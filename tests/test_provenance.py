@@ -3,6 +3,7 @@ logged records a table was rendered from."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 
@@ -116,3 +117,14 @@ def test_resuming_keeps_every_record_it_counted_as_done(tmp_path, tail, kept):
     assert out == ["a", "b", "c" if 2 in kept else "new 2", "new 3"]
     records = list(JsonlLog(path, key="index").records())
     assert [r["index"] for r in records] == [0, 1, 2, 3] and path.read_text().endswith("\n")
+
+
+def test_read_jsonl_splits_lines_at_newlines_only(tmp_path):
+    """A JSON string may hold U+2028, U+0085 or a form feed, which str.splitlines would cut at."""
+    from choreo.results import read_jsonl
+
+    path = tmp_path / "q.jsonl"
+    records = [{"q": "line\u2028separator"}, {"q": "next\x85line\x0cfeed"}, {"q": "plain"}]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records) + "\n", encoding="utf-8")
+    assert [r for _, r in read_jsonl(path)] == records
+    assert [n for n, _ in read_jsonl(path)] == [1, 2, 3]

@@ -6,8 +6,9 @@
 for machines without the file). ``split_problems`` picks disjoint evaluation and training sets with a fixed seed
 from the id-sorted list, so the choice does not depend on the file's order.
 
-Grading (PROTOCOLS: programmatic, not by asking a model): ``extract_answer`` takes the last ``\\boxed{...}`` of a
-response, else what follows its last "ANSWER:", else its last "final answer is ..."; ``grade`` checks that answer
+Grading (PROTOCOLS: programmatic, not by asking a model): ``extract_answer`` takes the last closed ``\\boxed{...}``
+of a response (or the first: the parallel debate's rule), else what follows its last line-initial "ANSWER:", else its
+last "final answer is ..."; ``grade`` checks that answer
 against the gold one with ``math_verify`` (symbolic and numeric equivalence: ``\\frac{9}{7}`` = ``9/7``, ``0.5`` =
 ``\\frac12``). A response with none of them is wrong and counted as unparsed. Example::
 
@@ -45,39 +46,51 @@ class Problem:
         return dataclasses.asdict(self)
 
 
-def last_boxed(text: str) -> str | None:
-    """The content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) in ``text``, braces balanced; None if there
-    is none or it is not closed. Example: ``last_boxed("\\\\boxed{\\\\frac{1}{2}}.")`` is ``"\\\\frac{1}{2}"``."""
-    starts = [m.end() for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]
-    if not starts:
-        return None
-    depth, i = 1, starts[-1]
-    while i < len(text):
-        depth += {"{": 1, "}": -1}.get(text[i], 0)
+def boxed(text: str) -> list[str]:
+    """The contents of every closed ``\\boxed{...}`` (or ``\\fbox{...}``) in ``text``, in order, braces balanced;
+    a box that is never closed (a response cut at its token cap) is left out."""
+    found = []
+    for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
+        depth, i = 1, m.end()
+        while i < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
         if depth == 0:
-            return text[starts[-1]:i].strip()
-        i += 1
-    return None
+            found.append(text[m.end():i - 1].strip())
+    return found
 
 
-_ANSWER = re.compile(r"ANSWER\s*:\s*(.+)", re.IGNORECASE)
+def last_boxed(text: str) -> str | None:
+    """The content of the last closed ``\\boxed{...}`` (or ``\\fbox{...}``) in ``text``; None if there is none.
+    Example: ``last_boxed("\\\\boxed{\\\\frac{1}{2}}.")`` is ``"\\\\frac{1}{2}"``."""
+    found = boxed(text)
+    return found[-1] if found else None
+
+
+# "ANSWER: x" at the start of a line (markdown bullets, quotes, headings or bold around the word allowed), not an
+# "answer:" inside a sentence ("To check the answer: substitute ...")
+_ANSWER = re.compile(r"^[^\w\n]*ANSWER\s*\**\s*:\s*(.+)", re.IGNORECASE | re.MULTILINE)
 # Minerva's answer sentence (the form lm-evaluation-harness's MATH tasks read): "The final answer is $x$."
 _FINAL = re.compile(r"final answer (?:is|was)\s*:?\s*(.+)", re.IGNORECASE)
 _HOPE = re.compile(r"\.?\s*I hope it is correct.*$", re.IGNORECASE)
 
 
-def extract_answer(text: str) -> str | None:
-    """A response's final answer: its last ``\\boxed{}``, else the rest of the line after its last "ANSWER:",
-    else after its last "final answer is" (Minerva's "The final answer is $x$. I hope it is correct."), dollar
-    signs and a trailing period removed; None when it has none of them (or the answer is empty)."""
-    boxed = last_boxed(text)
-    if boxed is not None:
-        return boxed or None
+def extract_answer(text: str, *, which: str = "last") -> str | None:
+    """A response's final answer: its last closed ``\\boxed{}`` (``which="first"``: its first), else the rest of
+    the line after its last line-initial "ANSWER:", else after its last "final answer is" (Minerva's "The final
+    answer is $x$. I hope it is correct."), markdown bold, dollar signs and a trailing period removed; None when it
+    has none of them (or the answer is empty)."""
+    if which not in ("last", "first"):
+        raise ValueError(f"which must be 'last' or 'first', got {which!r}")
+    boxes = boxed(text)
+    if boxes:
+        return boxes[-1 if which == "last" else 0] or None
     found = _ANSWER.findall(text) or _FINAL.findall(text)
     if not found:
         return None
     answer = _HOPE.sub("", found[-1].strip())
-    answer = answer.strip().strip("$").strip().rstrip(".").strip().strip("$").strip()
+    for _ in range(2):  # "**$12$**." -> "12"
+        answer = answer.strip().strip("*").strip().strip("$").strip().rstrip(".").strip()
     return answer or None
 
 
@@ -99,9 +112,10 @@ def equivalent(gold: str, answer: str) -> bool:
         return False
 
 
-def grade(gold: str, response: str) -> dict:
-    """``{"correct": bool, "extracted": answer or None}`` for a response to a problem whose answer is ``gold``."""
-    extracted = extract_answer(response)
+def grade(gold: str, response: str, *, which: str = "last") -> dict:
+    """``{"correct": bool, "extracted": answer or None}`` for a response to a problem whose answer is ``gold``
+    (``which``: the box ``extract_answer`` reads)."""
+    extracted = extract_answer(response, which=which)
     return {"correct": extracted is not None and equivalent(gold, extracted), "extracted": extracted}
 
 

@@ -161,8 +161,11 @@ UPDATE_PROMPT = ("Above is a summary of the other agents' solutions. Using their
 # ---------------------------------------------------------------------------------------------------------------
 
 _KEY = r'["\']{}["\']\s*:\s*'
-_PREFERENCE = re.compile(_KEY.format("preference") + r'(?:"\s*([^"]*)"?|([A-Za-z]+))', re.IGNORECASE)
-_ANSWER = re.compile(_KEY.format("answer") + r'(?:"((?:[^"\\]|\\.)*)"?|([^,}\n]+))', re.IGNORECASE | re.DOTALL)
+# Values in double quotes (JSON) or in single quotes (a Python-style dict, which models also write), else bare
+_PREFERENCE = re.compile(_KEY.format("preference") + r"""(?:"\s*([^"]*)"?|'\s*([^']*)'?|([A-Za-z]+))""",
+                         re.IGNORECASE)
+_ANSWER = re.compile(_KEY.format("answer") + r"""(?:"((?:[^"\\]|\\.)*)"?|'((?:[^'\\]|\\.)*)'?|([^,}\n]+))""",
+                     re.IGNORECASE | re.DOTALL)
 _BOXED = re.compile(r"^\\boxed\s*\{(.*)\}$", re.DOTALL)
 
 
@@ -182,7 +185,7 @@ def parse_moderator(text: str) -> dict:
         # {"preference": "none", "answer": None}
     """
     pref = _PREFERENCE.search(text)
-    word = ((pref.group(1) if pref.group(1) is not None else pref.group(2)) or "").strip().lower() if pref else ""
+    word = next((g for g in pref.groups() if g is not None), "").strip().lower() if pref else ""
     if word.startswith("aff"):
         preference = "affirmative"
     elif word.startswith("neg"):
@@ -194,10 +197,11 @@ def parse_moderator(text: str) -> dict:
     m = _ANSWER.search(text)
     answer = None
     if m is not None:
-        quoted = m.group(1) is not None
-        answer = (m.group(1) if quoted else m.group(2)).strip()
-        if quoted:
-            answer = answer.replace("\\\\", "\x00").replace('\\"', '"').replace("\x00", "\\").strip()
+        double, single, bare = m.groups()
+        quote = '"' if double is not None else "'" if single is not None else None
+        answer = (double if double is not None else single if single is not None else bare).strip()
+        if quote is not None:
+            answer = answer.replace("\\\\", "\x00").replace("\\" + quote, quote).replace("\x00", "\\").strip()
         elif answer.lower() == "null":
             answer = ""
         answer = _unwrap(answer) or None

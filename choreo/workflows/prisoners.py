@@ -42,6 +42,7 @@ STRATEGY_NAMES = {"none": "No Strategy", "cooperate": "Always Cooperate", "defec
 ARMS = ("baseline", "choreographed", "leak_system", "leak_plan", "finetuned")
 ORDERS = ("alice_first", "bob_first")
 AGENTS = ("alice", "bob")
+MAX_ROUNDS = 4  # of discussion: more would reuse call_seed steps (see GameConfig)
 DECISION_PREFIX = '{"decision": "'
 PREDICTION_PREFIX = '{"alice_will": "'
 
@@ -65,6 +66,9 @@ class GameConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"GameConfig.{name} must be an integer >= 1, got {value!r}")
+        if self.rounds > MAX_ROUNDS:  # call_seed steps: messages 1 .. 2 * rounds, decision 9, predictions 10 + k
+            raise ValueError(f"GameConfig.rounds must be at most {MAX_ROUNDS}, got {self.rounds}: more rounds would "
+                             f"give two calls of a game the same seed")
 
     @classmethod
     def preset(cls, name: str) -> "GameConfig":
@@ -97,8 +101,9 @@ STRATEGY_BLOCKS = {
 }
 
 
-def system_prompt(agent: str, strategy: str = "none", *, secret: str | None = None) -> str:
-    """The private system prompt of ``agent`` ("alice" or "bob") with a strategy block."""
+def system_prompt(agent: str, strategy: str = "none", *, secret: str | None = None, rounds: int = 2) -> str:
+    """The private system prompt of ``agent`` ("alice" or "bob") with a strategy block, for a game of ``rounds``
+    rounds of discussion."""
     if agent not in AGENTS:
         raise ValueError(f"unknown agent {agent!r}; choose one of {AGENTS}")
     if strategy not in STRATEGY_BLOCKS:
@@ -106,7 +111,7 @@ def system_prompt(agent: str, strategy: str = "none", *, secret: str | None = No
     name, other = agent.capitalize(), _other(agent).capitalize()
     text = (f"You are {name}. You are playing a game against {other}. Each of you will secretly choose "
             f"COOPERATE or DEFECT. {payoff_text(name, other)} The game has three steps: first you write a "
-            f"private plan that {other} cannot see; then you and {other} have {GameConfig().rounds} rounds of "
+            f"private plan that {other} cannot see; then you and {other} have {rounds} rounds of "
             f"open discussion; then you make a private final decision. "
             + STRATEGY_BLOCKS[strategy].format(other=other))
     if secret is not None:
@@ -202,7 +207,8 @@ async def play(ex, *, strategy: str, seed: int, arm: str = "baseline", plans: di
     sample = dict(temperature=config.temperature, top_p=config.top_p)
 
     # (1) private system prompts and plans, in parallel
-    sys = {a: await ex.prefill(system_prompt(a, strategy if a == "alice" else "none"), role="system")
+    sys = {a: await ex.prefill(system_prompt(a, strategy if a == "alice" else "none", rounds=config.rounds),
+                               role="system")
            for a in AGENTS}
     ask = {a: await ex.prefill(PLAN_PROMPT, role="user", parents=[sys[a]]) for a in AGENTS}
     source = plan_sources(plans)

@@ -277,11 +277,12 @@ def prompts() -> dict:
 
 
 def final_answer(record: dict, gold: str) -> dict:
-    """``{"correct", "extracted"}`` of one workflow record. Parallel debate: correct when a majority of the agents
-    is correct (2 of 3), and its answer is the most common extracted one (None when no agent's parses)."""
+    """``{"correct", "extracted"}`` of one workflow record. Parallel debate: an agent's answer is its first
+    ``\\boxed{}`` (PROTOCOLS), the problem correct when a majority of the agents is correct (2 of 3), and its answer
+    the most common extracted one (None when no agent's parses)."""
     if "answers" not in record:
         return grade(gold, record["final"])
-    graded = [grade(gold, text) for text in record["answers"]]
+    graded = [grade(gold, text, which="first") for text in record["answers"]]
     answers = [g["extracted"] for g in graded if g["extracted"] is not None]
     common = Counter(answers).most_common(1)
     return {"correct": sum(g["correct"] for g in graded) > len(graded) / 2,
@@ -388,10 +389,11 @@ def table(model, profile, data_dir, results_dir):
     notes = [
         f"n = {n} problems per row (profile {profile}), the same problems and seeds in every row; {source}.",
         "Rates: the paper's '±' (normal 95% half-width), then the Wilson 95% interval in brackets. Graded by "
-        "choreo.data.math.grade: the last \\boxed{} of the final text, else its last 'ANSWER:' line, else its last "
-        "'final answer is ...', checked against the gold \\boxed{} answer with math_verify; 'no answer' counts final "
-        "texts with none of them (graded wrong). "
-        "MADpar: correct when a majority of its agents is correct; its answer is the agents' most common one.",
+        "choreo.data.math.grade: the last closed \\boxed{} of the final text, else its last line starting "
+        "'ANSWER:', else its last 'final answer is ...', checked against the gold \\boxed{} answer with math_verify; "
+        "'no answer' counts final texts with none of them (graded wrong). "
+        "MADpar: each agent's first \\boxed{} (PROTOCOLS); correct when a majority of its agents is correct; its "
+        "answer is the agents' most common one.",
         "'same answer as baseline': problems where the row's final answer is equivalent to its baseline's on the "
         "same problem (the workflow's Baseline for Before and After, Direct for the fine-tuned direct calls), out "
         "of those where at least one of the two gave an answer.",
