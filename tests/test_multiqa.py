@@ -7,12 +7,14 @@ import json
 import pytest
 
 import choreo
-from choreo.data.trivia import (Question, grade, load_questions, make_pairs, matches, normalize, overlapping,
-                                split_numbered)
+from choreo.data.trivia import (Question, free_text_aliases, grade, load_questions, make_pairs, matches,
+                                matches_item, normalize, overlapping, split_numbered)
 from choreo.workflows.multiqa import MultiQAConfig, multiqa, run_condition, turn_segments
 
 FRANCE = Question(id="f", question="What is the capital of France?", aliases=("Paris",))
 HAMLET = Question(id="h", question="Who wrote Hamlet?", aliases=("William Shakespeare", "Shakespeare"))
+JAPAN = Question(id="j", question="What is the capital of Japan?", aliases=("Tokyo",))
+CONTINENTS = Question(id="c", question="How many continents are there?", aliases=("7", "seven"))
 
 
 def test_normalisation_is_triviaqa_style():
@@ -32,12 +34,134 @@ def test_numbered_answers_are_split_and_graded_per_item():
     assert grade("The capital of France is Paris.", [FRANCE, HAMLET]) == [True, False]  # free text
 
 
+@pytest.mark.parametrize("response, expected", [
+    ("Question 1: What is the capital of France?\nAnswer 1: Paris\n"
+     "Question 2: What is the capital of Japan?\nAnswer 2: Tokyo", [True, True]),
+    ("Q1: What is the capital of France?\nA1: Paris\nQ2: What is the capital of Japan?\nA2: Tokyo", [True, True]),
+    ("1. What is the capital of France?\nAnswer 1: Paris\n2. Tokyo", [True, True]),  # answer beats plain "1."
+    ("Answer 1: Lyon\nQuestion 1: What is the capital of France? Paris\n2. Tokyo", [False, True]),  # answer first
+    ("Question 1: What is the capital of France?\nAnswer 1:\nQuestion 2: Capital of Japan?", [False, False]),
+    ("Question 1: Paris\nQuestion 2: Tokyo", [True, True]),  # "Question i" used as the answer's label
+], ids=["echoed-questions", "q-a-short-labels", "plain-then-answer", "answer-first", "empty-answer",
+        "question-labels-only"])
+def test_answer_items_win_over_echoed_questions(response, expected):
+    assert grade(response, [FRANCE, JAPAN]) == expected
+
+
+@pytest.mark.parametrize("text, items", [
+    ("1. Tokyo 2. Paris", {1: "Tokyo", 2: "Paris"}),
+    ("Sure! 1. Paris 2) Tokyo", {1: "Paris", 2: "Tokyo"}),
+    ("**1.** Paris **2.** Tokyo", {1: "Paris", 2: "Tokyo"}),
+    ("Question 1: Paris Answer 2: Tokyo", {1: "Paris", 2: "Tokyo"}),
+    ("1. 3.14 2. Tokyo", {1: "3.14", 2: "Tokyo"}),  # a decimal is no marker
+    ("1. Founded in 1999. 2. Tokyo", {1: "Founded in 1999.", 2: "Tokyo"}),  # nor a year ending a sentence
+    ("1. Paris 3. Tokyo", {1: "Paris 3. Tokyo"}),  # only the next expected number splits
+    ("1. Paris 2: Tokyo", {1: "Paris 2: Tokyo"}),  # a bare colon inline is no marker
+    ("1. Paris 2.Tokyo", {1: "Paris 2.Tokyo"}),  # no space after the marker
+    ("The answer is 1.\nThen 2. more", {}),  # a sentence's last word is no marker; "2." is not expected first
+    ("1. Paris\n  2. Tokyo", {1: "Paris", 2: "Tokyo"}),  # indented line-start marker, found once
+], ids=["inline", "preamble", "bold", "keywords", "decimal", "year", "skipped-number", "colon", "no-space",
+        "sentence-end", "indented"])
+def test_inline_numbered_items_are_split(text, items):
+    assert split_numbered(text) == items
+
+
+def test_swapped_inline_answers_grade_wrong():
+    assert grade("1. Tokyo 2. Paris", [FRANCE, JAPAN]) == [False, False]
+    assert grade("1. Paris 2. Tokyo", [FRANCE, JAPAN]) == [True, True]
+    assert split_numbered("Question 1: Capital of France?\nAnswer 1: Paris 2. Shakespeare") == \
+        {1: "Paris", 2: "Shakespeare"}  # the docstring's example
+
+
+@pytest.mark.parametrize("response, expected", [
+    ("1. 7\n2. Paris", [True, True]),
+    ("1. There are 7.\n2. Paris", [True, True]),
+    ("1. (7)\n2. Paris", [True, True]),
+    ("1. seven\n2. Paris", [True, True]),
+    ("1. 7.5\n2. Paris", [False, True]),  # part of a number is not the token "7"
+    ("1. 17\n2. Paris", [False, True]),
+    ("1. 6\n2. Paris, population 7 million", [False, True]),  # a short alias counts only in its own item
+    ("There are 7 continents; the capital is Paris.", [False, True]),  # free text: short aliases do not count
+    ("There are seven continents; the capital is Paris.", [True, True]),
+], ids=["bare", "sentence", "parenthesised", "long-alias", "decimal", "longer-number", "other-item", "free-text",
+        "free-text-long"])
+def test_short_aliases_match_whole_tokens_of_their_item(response, expected):
+    assert grade(response, [CONTINENTS, FRANCE]) == expected
+
+
+def test_short_aliases_are_kept(tmp_path):
+    data = {"Data": [{"QuestionId": "tq1", "Question": "How many continents are there?",
+                      "Answer": {"Value": "7", "Aliases": ["7", "seven"]}},
+                     {"QuestionId": "tq2", "Question": "Which letter is a vowel: B or E?",
+                      "Answer": {"Value": "E", "Aliases": ["E"]}}]}
+    (tmp_path / "tq.json").write_text(json.dumps(data))
+    seven, vowel = load_questions(tmp_path / "tq.json")
+    assert seven.aliases == ("7", "seven") and vowel.aliases == ("E",)  # a question with only a short alias loads
+    assert free_text_aliases(seven.aliases) == ("seven",)
+    assert matches_item("7 (seven)", ["7"]) and not matches_item("7.5", ["7"])
+    assert grade("1. 7\n2. E", [seven, vowel]) == [True, True]
+    assert Question(id="l", question="Q?", aliases=["x", "The"]).aliases == ("x", "The")  # list -> tuple, all kept
+
+
+@pytest.mark.parametrize("aliases, error, message", [
+    (("The", "!"), ValueError, r"question 'bad' has no alias left after normalisation: \('The', '!'\)"),
+    ((), ValueError, "no alias left after normalisation: \\(\\)"),
+    ("Paris", TypeError, "aliases must be a sequence of strings, got the string 'Paris'"),
+], ids=["only-articles-and-punctuation", "none", "string"])
+def test_unusable_aliases_are_refused(aliases, error, message):
+    with pytest.raises(error, match=message):
+        Question(id="bad", question="Q?", aliases=aliases)
+
+
 def test_builtin_questions_and_pairs():
     qs = load_questions()
     assert len(qs) >= 100 and len({q.id for q in qs}) == len(qs)
     pairs = make_pairs(qs, 50, seed=1)
     assert len(pairs) == 50 and pairs == make_pairs(qs, 50, seed=1)
     assert all(a.id != b.id and not overlapping(a, b) for a, b in pairs)
+
+
+def test_pairs_with_no_valid_partner_raise_instead_of_looping():
+    paris = [Question(id=f"p{i}", question=f"Capital of France ({i})?", aliases=("Paris",)) for i in range(2)]
+    with pytest.raises(ValueError, match=r"asked for 1 pairs, found 0: question 'p[01]' .* no partner among the 2"):
+        make_pairs(paris, 1, seed=0)
+    both = Question(id="both", question="Capitals of France and Japan?", aliases=("Paris Tokyo",))
+    with pytest.raises(ValueError, match=r"asked for 30 pairs, found \d+: question 'both' .*overlapping answers"):
+        make_pairs([FRANCE, JAPAN, both], 30, seed=0)  # "both" overlaps every other question
+    twins = [Question(id="x", question="Capital of France?", aliases=("Paris",)),
+             Question(id="x", question="Capital of Japan?", aliases=("Tokyo",))]
+    with pytest.raises(ValueError, match="same id"):
+        make_pairs(twins, 1, seed=0)
+
+
+def test_rare_partner_is_found_not_skipped():
+    """100 questions answered "Paris" and one "Tokyo": every Paris question's only partner is Tokyo, which 100
+    random draws miss about 37% of the time; still every question is Q1 exactly once in the first 101 pairs."""
+    paris = [Question(id=f"p{i}", question=f"Capital of France ({i})?", aliases=("Paris",)) for i in range(100)]
+    pairs = make_pairs([*paris, JAPAN], 101, seed=0)
+    assert sorted(a.id for a, _ in pairs) == sorted(q.id for q in [*paris, JAPAN])
+    assert all("j" in (a.id, b.id) and a.id != b.id for a, b in pairs)
+
+
+@pytest.mark.parametrize("n", [0, -1, True, 2.5], ids=["zero", "negative", "bool", "float"])
+def test_pair_count_is_validated(n):
+    with pytest.raises(ValueError, match=f"number of pairs must be an integer >= 1, got {n!r}"):
+        make_pairs([FRANCE, JAPAN], n, seed=0)
+
+
+@pytest.mark.parametrize("limit", [-1, 0, True, False, 1.5, "2"], ids=["minus-one", "zero", "true", "false",
+                                                                      "float", "string"])
+def test_question_limit_is_validated(limit):
+    with pytest.raises(ValueError, match=f"limit must be None or an integer >= 1, got {limit!r}"):
+        load_questions(limit=limit)
+
+
+def test_question_limit_keeps_the_first(tmp_path):
+    rows = [{"question": f"Q{i}?", "aliases": [f"answer{i}"]} for i in range(3)]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [q.question for q in load_questions(tmp_path / "q.jsonl", limit=1)] == ["Q0?"]
+    assert len(load_questions(tmp_path / "q.jsonl", limit=3)) == 3
+    assert len(load_questions(tmp_path / "q.jsonl", limit=99)) == 3  # a limit above the count keeps all
 
 
 def test_triviaqa_formats_load(tmp_path):

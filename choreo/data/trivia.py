@@ -2,8 +2,11 @@
 
 Grading follows the TriviaQA evaluation script: lower-case, strip punctuation and the articles a/an/the,
 collapse whitespace; a prediction is correct when a normalised alias occurs in it as whole words.
-Answers to several questions are first split by their numbers ("1.", "2)", "Question 2:", "Answer 2:");
-a question whose number is missing is graded against the whole response (free text).
+Answers to several questions are first split by their numbers ("1.", "2)", "Question 2:", "Answer 2:") at line
+starts, or inline ("1. Tokyo 2. Paris") for the next expected number; an "Answer i" item wins over an echoed
+"Question i" one. Aliases shorter than 2 characters after normalisation (e.g. "7") match only as a whole token of
+their question's item; a question whose number is missing is graded against the whole response (free text) with
+the longer aliases only.
 
 The built-in set (``trivia_questions.json``) is the subset of ``trivia_candidates.json`` that the
 embedded SmolLM2-135M-Instruct answers correctly when asked alone (greedy), made by::
@@ -28,15 +31,25 @@ CANDIDATES = HERE / "trivia_candidates.json"
 BUILTIN = HERE / "trivia_questions.json"
 
 _PUNCT = set(string.punctuation) | set("\u2018\u2019\u201c\u201d\u2013\u2014\u00b4")
+_PUNCT_CHARS = "".join(sorted(_PUNCT))
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 # "1.", "1)", "1:", "**1.**", "Question 1:", "Answer 1 -", "Q1." at the start of a line (or of the text)
-_ITEM = re.compile(r"(?:^|\n)[ \t>*#-]*(?:\*\*)?(?:question|answer|q|a)?[ \t]*(\d+)[ \t]*(?:\*\*)?[ \t]*[.):\-]",
+_ITEM = re.compile(r"(?:^|\n)[ \t>*#-]*(?:\*\*)?(question|answer|q|a)?[ \t]*(\d+)[ \t]*(?:\*\*)?[ \t]*[.):\-](?:\*\*)?",
                    re.IGNORECASE)
+# Inline, after a space and before more text on the same line: "2.", "2)", "**2.**", "Question 2:", "Answer 2." (a
+# colon only after a keyword). Accepted only for the next expected number, so "3.14" or "in 1999." is no marker,
+# nor is a sentence's last word ("the answer is 1.\n").
+_INLINE = re.compile(r"(?<=[ \t])(?:\*\*)?(?:(question|answer)[ \t]*)?(\d+)(?:\*\*)?([.):])(?:\*\*)?(?=[ \t]+\S)",
+                     re.IGNORECASE)
+_ANSWER_WORDS = ("answer", "a")
+# Aliases shorter than this after normalisation ("7", "x") count only within their question's numbered item.
+SHORT_ALIAS = 2
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Question:
-    """One trivia question with its accepted answers."""
+    """One trivia question with its accepted answers (``aliases``: all kept, at least one non-empty after
+    normalisation; short ones such as "7" are graded as in ``grade``)."""
 
     id: str
     question: str
@@ -45,10 +58,12 @@ class Question:
     def __post_init__(self):
         if not self.question.strip():
             raise ValueError(f"question {self.id!r} has empty text")
-        usable = tuple(a for a in self.aliases if len(normalize(a)) >= 2)
-        if not usable:
-            raise ValueError(f"question {self.id!r} has no alias of 2+ characters after normalisation: {self.aliases!r}")
-        object.__setattr__(self, "aliases", usable)
+        if isinstance(self.aliases, str):
+            raise TypeError(f"question {self.id!r}: aliases must be a sequence of strings, got the string "
+                            f"{self.aliases!r}")
+        object.__setattr__(self, "aliases", tuple(self.aliases))
+        if not any(normalize(a) for a in self.aliases):
+            raise ValueError(f"question {self.id!r} has no alias left after normalisation: {self.aliases!r}")
 
     def to_json(self) -> dict:
         return {"id": self.id, "question": self.question, "aliases": list(self.aliases)}
@@ -75,32 +90,79 @@ def matches(prediction: str, aliases: Sequence[str]) -> bool:
     return any(f" {a} " in pred for a in (normalize(x) for x in aliases) if a)
 
 
-def split_numbered(text: str) -> dict[int, str]:
-    """The items of a numbered answer list, by number (the first occurrence of each number wins).
+def _markers(text: str) -> list[tuple[int, int, int, bool]]:
+    """(start, end, number, is_answer) of the item markers in ``text``, in order: every line-start marker, and an
+    inline one only when its number is one more than the previous accepted marker's (1 when none came before)."""
+    found = [(m.start(), m.end(), int(m.group(2)), (m.group(1) or "").lower() in _ANSWER_WORDS, True)
+             for m in _ITEM.finditer(text)]
+    found += [(m.start(), m.end(), int(m.group(2)), (m.group(1) or "").lower() == "answer", False)
+              for m in _INLINE.finditer(text) if m.group(1) or m.group(3) != ":"]
+    marks: list[tuple[int, int, int, bool]] = []
+    for start, end, number, is_answer, line_start in sorted(found):
+        if marks and start < marks[-1][1]:
+            continue  # inside the previous marker (an indented line-start marker is found twice)
+        if line_start or number == (marks[-1][2] if marks else 0) + 1:
+            marks.append((start, end, number, is_answer))
+    return marks
 
-    Example: ``split_numbered("1. Paris\\n2. Shakespeare")`` is ``{1: "Paris", 2: "Shakespeare"}``.
+
+def split_numbered(text: str) -> dict[int, str]:
+    """The items of a numbered answer list, by number.
+
+    Markers are found at line starts, and inline for the next expected number. When a number occurs twice, an
+    "Answer i" item wins over a "Question i" or plain "i." one (an echoed question); otherwise the first wins.
+    Example: ``split_numbered("Question 1: Capital of France?\\nAnswer 1: Paris 2. Shakespeare")`` is
+    ``{1: "Paris", 2: "Shakespeare"}``.
     """
-    marks = list(_ITEM.finditer(text))
+    marks = _markers(text)
     items: dict[int, str] = {}
-    for k, m in enumerate(marks):
-        end = marks[k + 1].start() if k + 1 < len(marks) else len(text)
-        items.setdefault(int(m.group(1)), text[m.end():end].strip())
+    answered: set[int] = set()
+    for k, (_, end, number, is_answer) in enumerate(marks):
+        if number in answered or (number in items and not is_answer):
+            continue
+        items[number] = text[end:marks[k + 1][0] if k + 1 < len(marks) else len(text)].strip()
+        if is_answer:
+            answered.add(number)
     return items
+
+
+def _tokens(text: str) -> set[str]:
+    """The normalised whitespace-separated tokens of ``text``, each stripped of surrounding punctuation first:
+    "(7)." gives "7" but "7.5" gives "7 5", so a short alias never matches part of a number."""
+    return {normalize(token.strip(_PUNCT_CHARS)) for token in text.split()}
+
+
+def matches_item(item: str, aliases: Sequence[str]) -> bool:
+    """Whether a numbered item answers a question: an alias of ``SHORT_ALIAS``+ characters occurs in it as whole
+    words (``matches``), or a shorter one is a whole token of it.
+
+    Example: ``matches_item("7 (seven)", ["7"])`` is True; ``matches_item("7.5", ["7"])`` is False.
+    """
+    short = {a for a in map(normalize, aliases) if 0 < len(a) < SHORT_ALIAS}
+    return matches(item, free_text_aliases(aliases)) or bool(short & _tokens(item))
+
+
+def free_text_aliases(aliases: Sequence[str]) -> tuple[str, ...]:
+    """The aliases that may match anywhere in a free-text response: those of ``SHORT_ALIAS``+ characters after
+    normalisation. Example: ``free_text_aliases(["7", "seven"])`` is ``("seven",)``."""
+    return tuple(a for a in aliases if len(normalize(a)) >= SHORT_ALIAS)
 
 
 def grade(response: str, questions: Sequence[Question]) -> list[bool]:
     """Per-question correctness of one response to a numbered list of questions.
 
-    Question i (1-based) is graded on item i of the response's numbered list when there is one, else on
-    the whole response. Example: ``grade("1. Paris\\n2. Hamlet", [q_france, q_hamlet_author])`` is [True, False].
+    Question i (1-based) is graded on item i of the response's numbered list (``split_numbered``) when there is
+    one, with all its aliases (``matches_item``); else on the whole response with ``free_text_aliases`` only.
+    Example: ``grade("1. Paris\\n2. Hamlet", [q_france, q_hamlet_author])`` is [True, False].
     """
     items = split_numbered(response)
-    return [matches(items.get(i, response), q.aliases) for i, q in enumerate(questions, start=1)]
+    return [matches_item(items[i], q.aliases) if i in items else matches(response, free_text_aliases(q.aliases))
+            for i, q in enumerate(questions, start=1)]
 
 
 def overlapping(a: Question, b: Question) -> bool:
     """Whether an answer to one question could be graded correct for the other (shared alias words)."""
-    na, nb = [normalize(x) for x in a.aliases], [normalize(x) for x in b.aliases]
+    na, nb = [x for x in map(normalize, a.aliases) if x], [x for x in map(normalize, b.aliases) if x]
     return any(f" {x} " in f" {y} " or f" {y} " in f" {x} " for x in na for y in nb) or \
         matches(a.question, b.aliases) or matches(b.question, a.aliases)
 
@@ -145,8 +207,11 @@ def load_questions(path: str | Path | None = None, *, limit: int | None = None) 
     a JSON list, or JSON lines (one record per line, e.g. Hugging Face ``trivia_qa`` rows with
     ``question`` and ``answer.aliases``). Errors name the file and the record's line or index.
 
+    ``limit``: keep only the first ``limit`` questions (None or an integer >= 1).
     Example: ``load_questions()[0].question`` is a short question the embedded model answers alone.
     """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be None or an integer >= 1, got {limit!r}")
     path = BUILTIN if path is None else Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"trivia question file {str(path)!r} does not exist")
@@ -173,14 +238,16 @@ def load_questions(path: str | Path | None = None, *, limit: int | None = None) 
 def make_pairs(questions: Sequence[Question], n: int, *, seed: int) -> list[tuple[Question, Question]]:
     """``n`` ordered pairs of distinct questions whose answers cannot be confused, drawn with ``seed``.
 
-    Every question appears as Q1 and as Q2 about equally often. Example: ``make_pairs(load_questions(), 30, seed=0)``.
+    Every question appears as Q1 and as Q2 about equally often. Raises ValueError, naming how many pairs were
+    asked for and found, when a question drawn as Q1 has no partner (every other question has its id or
+    ``overlapping`` answers). Example: ``make_pairs(load_questions(), 30, seed=0)``.
     """
     import random
 
     if len(questions) < 2:
         raise ValueError(f"need at least 2 questions to make pairs, got {len(questions)}")
-    if n < 1:
-        raise ValueError(f"number of pairs must be >= 1, got {n}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"number of pairs must be an integer >= 1, got {n!r}")
     rng = random.Random(seed)
     pairs: list[tuple[Question, Question]] = []
     firsts: list[Question] = []
@@ -189,12 +256,27 @@ def make_pairs(questions: Sequence[Question], n: int, *, seed: int) -> list[tupl
             firsts = list(questions)
             rng.shuffle(firsts)
         a = firsts.pop()
-        for _ in range(100):
-            b = questions[rng.randrange(len(questions))]
-            if b.id != a.id and not overlapping(a, b):
-                pairs.append((a, b))
-                break
+        b = _partner(a, questions, rng)
+        if b is None:
+            raise ValueError(f"asked for {n} pairs, found {len(pairs)}: question {a.id!r} (answers {a.aliases!r}) "
+                             f"has no partner among the {len(questions)} questions (each other one has the same id "
+                             "or overlapping answers: a shared alias word, or an alias in the other's question)")
+        pairs.append((a, b))
     return pairs
+
+
+def _partner(a: Question, questions: Sequence[Question], rng, *, tries: int = 100) -> Question | None:
+    """A random question that can follow ``a`` in a pair: ``tries`` random draws, then a draw among all valid
+    partners (so a rare partner is still found); None when there is none."""
+    def valid(b: Question) -> bool:
+        return b.id != a.id and not overlapping(a, b)
+
+    for _ in range(tries):
+        b = questions[rng.randrange(len(questions))]
+        if valid(b):
+            return b
+    candidates = [b for b in questions if valid(b)]
+    return rng.choice(candidates) if candidates else None
 
 
 # ---------------------------------------------------------------------------------------------------------------
