@@ -186,7 +186,7 @@ def triton_attention(plan, q, k_store, v_store, inv_freq, scale):
         cfg = launch_config(S * (H // k_store.shape[0]), D, q.dtype, interpreter_active())
         *table, tiles = plan.kernel_tables(q.device, cfg.block_n)  # one host-to-device copy per step
         launch = prepare_launch(q, k_store, v_store, *table, inv_freq, scale=scale, config=cfg, tiles=tiles,
-                                max_own_len=plan.max_own_len)
+                                max_own_len=plan.max_own_len, copy_tables=False)  # the plan's own tables
         plan._index[key] = (inv_freq, launch)
     return run_launch(q, k_store, v_store, launch)
 

@@ -47,12 +47,16 @@ def test_first_box_for_the_parallel_debate():
     ("So the final answer is 11.", "11"),  # Minerva's answer sentence
     ("The final answer is $\\frac{1}{2}$. I hope it is correct.", "\\frac{1}{2}"),
     ("ANSWER: 3\nThe final answer is 4", "3"),  # an ANSWER line wins over the sentence
-    ("ANSWER: 4\n\nTo check the answer: substitute 4 back.", "4"),  # "answer:" inside a sentence is no answer line
+    ("ANSWER: 4\n\nTo check the answer: substitute 4 back.", "4"),  # a lower-case "answer:" mid-sentence is not one
     ("To check the answer: substitute 4 back.", None),
     ("ANSWER: **4**", "4"),  # markdown bold
     ("**ANSWER:** $7$.", "7"),
     ("- **Answer**: 9", "9"),
     ("> ANSWER: x = 2", "x = 2"),
+    ('Hence, the answer is "ANSWER: 10".', "10"),  # upper-case ANSWER: anywhere
+    ("Now, you have your final answer: 3", "3"),
+    ('End with a line of the form "ANSWER: <final answer>".', None),  # the instruction's placeholder echoed
+    ('Write "ANSWER: <final answer>".\n\nThe final answer is 26.', "26"),
 ])
 def test_extract_answer(text, answer):
     assert extract_answer(text) == answer

@@ -28,7 +28,9 @@ Differentiable: when q, k_cache or v_cache requires grad, the forward also keeps
     added with atomics, or, under ``torch.use_deterministic_algorithms(True)``, reduced in a fixed order.
 Host cost: ``segment_attention`` checks its arguments at every call. ``prepare_launch`` checks them once and
     ``run_launch`` runs that launch on any q, k_cache and v_cache of the same shapes (the engine: every layer of a
-    forward pass shares one table), checking only those three.
+    forward pass shares one table), checking only those three. The launch holds its own copies of the tables, so
+    a caller's later in-place edit of one cannot get past the checks (``copy_tables=False`` skips the copies for a
+    caller whose tables are private: the engine's, built per step).
 Not supported:
     double backward, sliding windows, ALiBi / softcapping, RoPE conventions other than HF Llama "rotate_half".
     Row offsets inside one segment or own run are int32 (N * D < 2**31 elements per KV head).
@@ -824,7 +826,7 @@ def launch_config(rows: int, head_dim: int, dtype: torch.dtype, interpret: bool 
     return LaunchConfig(block_m=64, block_n=32, num_warps=8, num_stages=2)
 
 
-def _check_index(name: str, t, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+def _check_index(name: str, t, shape: tuple[int, ...], device: torch.device, copy: bool) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in (torch.int32, torch.int64):
@@ -838,7 +840,13 @@ def _check_index(name: str, t, shape: tuple[int, ...], device: torch.device) -> 
         if lo < -(1 << 31) or hi >= 1 << 31:
             raise ValueError(f"{name} holds {lo if lo < -(1 << 31) else hi}, outside int32: the kernel's tables are "
                              f"int32")
-    return t.to(torch.int32).contiguous()
+    return _own_copy(t.to(torch.int32).contiguous(), t) if copy else t.to(torch.int32).contiguous()
+
+
+def _own_copy(out: torch.Tensor, given: torch.Tensor) -> torch.Tensor:
+    """``out``, a conversion of the caller's ``given``, as a tensor the caller does not hold (copied if the
+    conversion returned ``given`` itself)."""
+    return out.clone() if out.data_ptr() == given.data_ptr() and given.numel() else out
 
 
 def _check_table_values(seg_start, seg_len, own_start, own_past, new_len, S: int, N: int) -> None:
@@ -853,7 +861,8 @@ def _check_table_values(seg_start, seg_len, own_start, own_past, new_len, S: int
     used = seg_len > 0
     if ((seg_start < 0) & used).any() or ((seg_start + seg_len > N) & used).any():
         raise ValueError(f"every non-empty segment must lie in store rows 0 .. N - 1 = {N - 1}")
-    if (own_start < 0).any() or (own_start + own_past + new_len > N).any():
+    own = own_past + new_len > 0  # a call without own rows reads none: its own_start is not used
+    if ((own_start < 0) & own).any() or ((own_start + own_past + new_len > N) & own).any():
         raise ValueError(f"own rows own_start .. own_start + own_past + new_len - 1 must lie in 0 .. {N - 1}")
 
 
@@ -916,14 +925,17 @@ def segment_attention(q, k_cache, v_cache, seg_start, seg_len, seg_delta, own_st
 
 def prepare_launch(q, k_cache, v_cache, seg_start, seg_len, seg_delta, own_start, own_past, new_len, inv_freq,
                    *, scale=None, config: LaunchConfig | None = None, tiles: TileTable | None = None,
-                   num_splits: int | None = None, max_own_len: int | None = None) -> Launch:
+                   num_splits: int | None = None, max_own_len: int | None = None, copy_tables: bool = True) -> Launch:
     """Every check and choice of ``segment_attention`` (arguments as there), without running the kernel: a
     ``Launch`` that ``run_launch`` runs on these q, k_cache and v_cache or on any of the same shapes, dtype and
     device. A caller that attends many times with one table prepares once: the engine, for every layer of a
-    forward pass. (On the CPU, with the kernel launches made no-ops, a pass of 30 layers took 2.9-3.6 ms of host time
-    through ``segment_attention`` and 0.70 ms prepared once: ``tests/kernels/bench_launch_host_cost.py``.)
+    forward pass. The launch copies the segment, own-row and tile tables it was checked with (``run_launch``
+    trusts them); ``copy_tables=False`` keeps the caller's, for a caller that never edits them afterwards. (On
+    the CPU, with the kernel launches made no-ops, a pass of 30 layers took 2.9-3.6 ms of host time through
+    ``segment_attention`` and 0.70 ms prepared once: ``tests/kernels/bench_launch_host_cost.py``.)
     """
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("inv_freq", inv_freq)):
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("inv_freq", inv_freq),
+                    ("seg_start", seg_start)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if q.dim() != 4:
@@ -954,9 +966,9 @@ def prepare_launch(q, k_cache, v_cache, seg_start, seg_len, seg_delta, own_start
     if seg_start.dim() != 2:
         raise ValueError(f"seg_start must be 2-D (B, G), got shape {tuple(seg_start.shape)}")
     G = seg_start.shape[1]
-    seg_start, seg_len, seg_delta = (_check_index(n, t, (B, G), q.device) for n, t in
+    seg_start, seg_len, seg_delta = (_check_index(n, t, (B, G), q.device, copy_tables) for n, t in
                                      (("seg_start", seg_start), ("seg_len", seg_len), ("seg_delta", seg_delta)))
-    own_start, own_past, new_len = (_check_index(n, t, (B,), q.device) for n, t in
+    own_start, own_past, new_len = (_check_index(n, t, (B,), q.device, copy_tables) for n, t in
                                     (("own_start", own_start), ("own_past", own_past), ("new_len", new_len)))
     if inv_freq.shape != (D // 2,):
         raise ValueError(f"inv_freq must have shape (D/2,) = ({D // 2},), got {tuple(inv_freq.shape)}")
@@ -974,11 +986,17 @@ def prepare_launch(q, k_cache, v_cache, seg_start, seg_len, seg_delta, own_start
         if not isinstance(tiles, TileTable):
             raise TypeError(f"tiles must be a TileTable or None, got {type(tiles).__name__}")
         if (tiles.tiles.dim() != 2 or tiles.tiles.shape[0] != B or tiles.tiles.dtype != torch.int64
-                or tuple(tiles.n_tiles.shape) != (B,)):
-            raise ValueError(f"tiles must hold a (B = {B}, T) int64 table and (B,) counts, got "
-                             f"{tuple(tiles.tiles.shape)} {tiles.tiles.dtype} and {tuple(tiles.n_tiles.shape)}")
+                or tuple(tiles.n_tiles.shape) != (B,) or tiles.n_tiles.dtype not in (torch.int32, torch.int64)):
+            raise ValueError(f"tiles must hold a (B = {B}, T) int64 table and (B,) int32 counts, got "
+                             f"{tuple(tiles.tiles.shape)} {tiles.tiles.dtype} and {tuple(tiles.n_tiles.shape)} "
+                             f"{tiles.n_tiles.dtype}")
         if tiles.tiles.device != q.device or tiles.n_tiles.device != q.device:
-            raise ValueError(f"tiles are on {tiles.tiles.device} but q is on {q.device}")
+            raise ValueError(f"tiles.tiles is on {tiles.tiles.device} and tiles.n_tiles on {tiles.n_tiles.device}, "
+                             f"but q is on {q.device}: all tensors must share q's device")
+        # the kernels read the counts with stride 1, as int32 (copies of both unless copy_tables is False)
+        own = _own_copy if copy_tables else (lambda out, given: out)
+        tiles = dataclasses.replace(tiles, tiles=own(tiles.tiles.contiguous(), tiles.tiles),
+                                    n_tiles=own(tiles.n_tiles.to(torch.int32).contiguous(), tiles.n_tiles))
         if q.device.type == "cpu":
             _check_tiles(tiles, seg_start, seg_len, seg_delta)
     if not is_available(q.device):

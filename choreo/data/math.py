@@ -7,10 +7,10 @@ for machines without the file). ``split_problems`` picks disjoint evaluation and
 from the id-sorted list, so the choice does not depend on the file's order.
 
 Grading (PROTOCOLS: programmatic, not by asking a model): ``extract_answer`` takes the last closed ``\\boxed{...}``
-of a response (or the first: the parallel debate's rule), else what follows its last line-initial "ANSWER:", else its
-last "final answer is ..."; ``grade`` checks that answer
-against the gold one with ``math_verify`` (symbolic and numeric equivalence: ``\\frac{9}{7}`` = ``9/7``, ``0.5`` =
-``\\frac12``). A response with none of them is wrong and counted as unparsed. Example::
+of a response (or the first: the parallel debate's rule), else what follows its last "ANSWER:" (upper-case, or at a
+line's start), else its last "final answer is ..."; ``grade`` checks that answer against the gold one with
+``math_verify`` (symbolic and numeric equivalence: ``\\frac{9}{7}`` = ``9/7``, ``0.5`` = ``\\frac12``). A response
+with none of them is wrong and counted as unparsed. Example::
 
     problems = load_problems(None)
     evaluation, train = split_problems(problems, n_eval=8, n_train=16, seed=0)
@@ -67,30 +67,35 @@ def last_boxed(text: str) -> str | None:
     return found[-1] if found else None
 
 
-# "ANSWER: x" at the start of a line (markdown bullets, quotes, headings or bold around the word allowed), not an
-# "answer:" inside a sentence ("To check the answer: substitute ...")
-_ANSWER = re.compile(r"^[^\w\n]*ANSWER\s*\**\s*:\s*(.+)", re.IGNORECASE | re.MULTILINE)
-# Minerva's answer sentence (the form lm-evaluation-harness's MATH tasks read): "The final answer is $x$."
-_FINAL = re.compile(r"final answer (?:is|was)\s*:?\s*(.+)", re.IGNORECASE)
+# The protocol's "ANSWER: x": upper-case anywhere, any case at the start of a line (markdown bullets, quotes,
+# headings or bold around the word allowed); not a lower-case "answer:" inside a sentence ("To check the answer: ...")
+_ANSWER = re.compile(r"(?:^[^\w\n]*(?i:answer)|\bANSWER)\s*\**\s*:\s*(.+)", re.MULTILINE)
+# Minerva's answer sentence (the form lm-evaluation-harness's MATH tasks read): "The final answer is $x$.", and
+# "final answer: x"
+_FINAL = re.compile(r"final answer\s*(?:is|was|:)\s*:?\s*(.+)", re.IGNORECASE)
+# The instruction's placeholder echoed back ('a line of the form "ANSWER: <final answer>"'): not an answer
+_PLACEHOLDER = re.compile(r"\s*<[^<>\n]*>")
 _HOPE = re.compile(r"\.?\s*I hope it is correct.*$", re.IGNORECASE)
 
 
 def extract_answer(text: str, *, which: str = "last") -> str | None:
     """A response's final answer: its last closed ``\\boxed{}`` (``which="first"``: its first), else the rest of
-    the line after its last line-initial "ANSWER:", else after its last "final answer is" (Minerva's "The final
-    answer is $x$. I hope it is correct."), markdown bold, dollar signs and a trailing period removed; None when it
-    has none of them (or the answer is empty)."""
+    the line after its last "ANSWER:" (upper-case, or any case at a line's start), else after its last "final
+    answer is" or "final answer:" (Minerva's "The final answer is $x$. I hope it is correct."); an echoed
+    placeholder ("<final answer>") skipped; markdown bold, quotes, dollar signs and a trailing period removed. None
+    when it has none of them (or the answer is empty)."""
     if which not in ("last", "first"):
         raise ValueError(f"which must be 'last' or 'first', got {which!r}")
     boxes = boxed(text)
     if boxes:
         return boxes[-1 if which == "last" else 0] or None
-    found = _ANSWER.findall(text) or _FINAL.findall(text)
+    found = ([a for a in _ANSWER.findall(text) if not _PLACEHOLDER.match(a)]
+             or [a for a in _FINAL.findall(text) if not _PLACEHOLDER.match(a)])
     if not found:
         return None
     answer = _HOPE.sub("", found[-1].strip())
-    for _ in range(2):  # "**$12$**." -> "12"
-        answer = answer.strip().strip("*").strip().strip("$").strip().rstrip(".").strip()
+    for _ in range(2):  # '**$12$**.' -> '12', '"10".' -> '10'
+        answer = answer.strip().strip("*").strip().strip('"').strip().strip("$").strip().rstrip(".").strip()
     return answer or None
 
 

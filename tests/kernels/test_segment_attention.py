@@ -260,6 +260,19 @@ def test_prebuilt_tiles_and_their_errors():
         segment_attention(*args, tiles=(tiles.tiles, tiles.n_tiles))
     with pytest.raises(ValueError, match="num_splits"):
         segment_attention(*args, num_splits=0)
+    # counts the kernels cannot read as they are: strided (read with stride 1), or of a float dtype
+    strided = torch.stack([tiles.n_tiles, torch.zeros_like(tiles.n_tiles)], 1)[:, 0]
+    assert strided.stride() == (2,)
+    as_strided = TileTable(block_n=tiles.block_n, tiles=tiles.tiles, n_tiles=strided, max_tiles=tiles.max_tiles)
+    torch.testing.assert_close(segment_attention(*args, tiles=as_strided), segment_attention(*args), atol=0, rtol=0)
+    floats = TileTable(block_n=tiles.block_n, tiles=tiles.tiles, n_tiles=tiles.n_tiles.float(),
+                       max_tiles=tiles.max_tiles)
+    with pytest.raises(ValueError, match="int32 counts.*float32"):
+        segment_attention(*args, tiles=floats)
+    elsewhere = TileTable(block_n=tiles.block_n, tiles=tiles.tiles, n_tiles=tiles.n_tiles.to("meta"),
+                          max_tiles=tiles.max_tiles)
+    with pytest.raises(ValueError, match="tiles.n_tiles on meta"):
+        segment_attention(*args, tiles=elsewhere)
 
 
 def test_default_splits_only_on_an_idle_gpu(monkeypatch):
@@ -388,6 +401,7 @@ BAD_ARGS = {
     "new-len-device": (lambda: _bad("new_len", lambda t: t.to("meta")), ValueError, "new_len"),
     "inv-freq-shape": (lambda: _bad("inv_freq", lambda t: t[:-1]), ValueError, "inv_freq"),
     "k-device": (lambda: _bad("k_cache", lambda t: t.to("meta")), ValueError, "k_cache"),
+    "seg-start-a-list": (lambda: _bad("seg_start", lambda t: t.tolist()), TypeError, "seg_start must be a torch"),
     "head-dim-not-pow2": (lambda: _args(q=torch.randn(2, 4, 1, 48, device=DEVICE),
                                         k_cache=torch.randn(2, 90, 48, device=DEVICE),
                                         v_cache=torch.randn(2, 90, 48, device=DEVICE)), ValueError, "power of two"),
@@ -443,6 +457,42 @@ def test_prepared_launch_runs_other_layers_and_checks_their_tensors():
         run_launch(q, k, v.to("meta"), launch)
     with pytest.raises(TypeError, match="launch must be a Launch"):
         run_launch(q, k, v, dict(launch=launch))
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_a_prepared_launch_keeps_the_tables_it_was_checked_with(dtype):
+    """Editing a table in place after ``prepare_launch`` changes nothing (the launch holds copies), so an edit
+    cannot get past the checks; ``copy_tables=False`` shares them, for callers whose tables are private."""
+    args = {n: (t.to(dtype) if n in ("seg_start", "seg_len", "seg_delta", "own_start", "own_past", "new_len") else t)
+            for n, t in _args().items()}
+    expected = segment_attention(**args)
+    launch = prepare_launch(**args)
+    args["seg_len"].fill_(0)
+    args["new_len"].fill_(0)
+    torch.testing.assert_close(run_launch(args["q"], args["k_cache"], args["v_cache"], launch), expected,
+                               atol=0, rtol=0)
+    shared = prepare_launch(**_args(), copy_tables=False)
+    assert shared.seg_len.data_ptr() != launch.seg_len.data_ptr()
+    plain = _args()
+    assert prepare_launch(**plain, copy_tables=False).seg_len.data_ptr() == plain["seg_len"].data_ptr()
+
+
+@pytest.mark.skipif(CUDA, reason="table values are checked on CPU only")
+@pytest.mark.parametrize("own_start", [-1, 10 ** 6])
+def test_a_call_without_own_rows_may_have_any_own_start(own_start):
+    """own_start is read only for own rows: a call with own_past = new_len = 0 (a padding row of the batch) is not
+    refused for where its unused own_start points, as an empty segment is not for its start."""
+    args = _args()
+    own_past, new_len, start = (args[n].clone() for n in ("own_past", "new_len", "own_start"))
+    own_past[-1] = new_len[-1] = 0
+    assert own_past[0] + new_len[0] > 0
+    out = segment_attention(**_args(own_past=own_past, new_len=new_len, own_start=start))
+    start[-1] = own_start
+    moved = segment_attention(**_args(own_past=own_past, new_len=new_len, own_start=start))
+    torch.testing.assert_close(moved, out, atol=0, rtol=0)
+    start[0] = own_start  # a call that has own rows is still checked
+    with pytest.raises(ValueError, match="own rows"):
+        segment_attention(**_args(own_past=own_past, new_len=new_len, own_start=start))
 
 
 def test_unsupported_device_is_refused():

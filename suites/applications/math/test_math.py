@@ -389,8 +389,9 @@ def table(model, profile, data_dir, results_dir):
     notes = [
         f"n = {n} problems per row (profile {profile}), the same problems and seeds in every row; {source}.",
         "Rates: the paper's '±' (normal 95% half-width), then the Wilson 95% interval in brackets. Graded by "
-        "choreo.data.math.grade: the last closed \\boxed{} of the final text, else its last line starting "
-        "'ANSWER:', else its last 'final answer is ...', checked against the gold \\boxed{} answer with math_verify; "
+        "choreo.data.math.grade: the last closed \\boxed{} of the final text, else its last 'ANSWER:' (upper-case, "
+        "or any case at a line's start; an echoed '<final answer>' placeholder skipped), else its last 'final "
+        "answer is ...' or 'final answer: ...', checked against the gold \\boxed{} answer with math_verify; "
         "'no answer' counts final texts with none of them (graded wrong). "
         "MADpar: each agent's first \\boxed{} (PROTOCOLS); correct when a majority of its agents is correct; its "
         "answer is the agents' most common one.",
