@@ -8,8 +8,8 @@ With ``prefix_reuse=True`` a call may attend to the cached encoding of an earlie
 with exactly the same tokens at the same positions (what vLLM's or SGLang's prefix caching does). The
 math is the same, but not the computation: a reused prefix was encoded in a pass of another length, so logits
 differ from full re-encoding by floating-point reassociation (up to ~5e-5 in fp32 on the embedded model), which
-DESIGN.md's bit-for-bit rule for prefix reuse does not allow. It is off by default; the leakage suites' baseline
-arm uses it and says what it measured of the difference (suites/leakage/cooperation/README.md).
+the bit-for-bit rule of docs/semantics.md for prefix reuse does not allow. It is off by default; the leakage
+suites' baseline arm uses it and says what it measured of the difference (suites/leakage/cooperation/README.md).
 """
 
 from __future__ import annotations

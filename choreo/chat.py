@@ -5,7 +5,7 @@ around the content. Splitting with a sentinel keeps the result token-for-token e
 rendering of the whole conversation (tested), and never adds the default system prompt that some
 templates (SmolLM2's) insert when a conversation lacks one. A token the template writes once at the start of
 a conversation (Llama 3's ``<|begin_of_text|>``: ``prefix_ids``) belongs to no message: executors hold it
-once, shared by every call (PROTOCOLS.md, "Engine facts").
+once, shared by every call (docs/protocols.md, "Engine facts").
 """
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ LOSSES = ("ce", "kl", "ce+kl")
 # ---------------------------------------------------------------------------------------------- configuration
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class FinetuneConfig:
-    """Everything a fine-tuning run depends on. Defaults are the paper's settings (PROTOCOLS.md).
+    """Everything a fine-tuning run depends on. Defaults are the paper's settings (docs/protocols.md).
 
     Example: ``FinetuneConfig.preset("embedded-cpu", epochs=2)``.
     """

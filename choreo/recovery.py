@@ -7,7 +7,7 @@ turns ("Question 1: ...", "Question 2: ..."), and one assistant call answers the
 - choreographed: the two questions are encoded in parallel (each sees only the system prompt, same positions),
   and the answer attends to the three cached messages -- the questions never saw each other (blockage).
 
-Both arms encode the same tokens (one user turn per question in both; PROTOCOLS.md notes that on the 135M model
+Both arms encode the same tokens (one user turn per question in both; docs/protocols.md notes that on the 135M model
 this format makes even the serial prompt favour the later question, which is what the baseline traces record).
 The learning rate and the loss are chosen on dev traces split off the training pairs (``select_on_dev``, by dev
 KL to the adapter-off baseline); the held-out pairs are collected and measured once, after that choice, adapter

@@ -1,6 +1,6 @@
 """Statistics for the paper tables: rates, paired tests, bootstrap, equivalence, corrections.
 
-What the original used, and what this module adds (PROTOCOLS.md, "Statistics used by the original"):
+What the original used, and what this module adds (docs/protocols.md, "Statistics used by the original"):
 
 - ``rate`` -- a success rate with the paper's "±" (normal 95% half-width ``1.96*sqrt(p(1-p)/n)``) *and* a
   Wilson or exact (Clopper-Pearson) interval, which stays inside [0, 1] near 0% and 100%.

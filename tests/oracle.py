@@ -1,4 +1,4 @@
-"""Independent oracles for the choreographed and the re-encoding executors (DESIGN.md "Semantics").
+"""Independent oracles for the choreographed and the re-encoding executors (docs/semantics.md).
 
 Nothing here touches choreo's engine, message store or attention backends. An oracle keeps its own record of
 every message (``Turn``: token ids, start position, and the (parent, shift) pairs it attended to when it was
@@ -92,8 +92,8 @@ class Oracle:
 
     # -- placement
     def place(self, parents: list[Turn], offsets, new_offset) -> tuple[list[tuple[Turn, int]], int]:
-        """(parent, shift) pairs and the new message's start (DESIGN.md "Positions"): ``offsets[i]`` moves parent
-        i to start there; the message starts at ``new_offset``, else at 1 + the largest position it attends to
+        """(parent, shift) pairs and the new message's start (docs/semantics.md "Positions"): ``offsets[i]`` moves
+        parent i to start there; the message starts at ``new_offset``, else at 1 + the largest position it attends to
         (0 without parents, or the first position after the BOS prefix)."""
         starts = [p.start if offsets is None or offsets[i] is None else offsets[i] for i, p in enumerate(parents)]
         if new_offset is None:
@@ -104,7 +104,7 @@ class Oracle:
     def blocks(self, placed: list[tuple[Turn, int]], own: list[int], start: int) -> list[Block]:
         """The instances the call's tokens depend on (each once, parents before children), then its own block.
 
-        DESIGN.md "prefill": tokens attend to all tokens of the listed parents, not transitively to the parents'
+        docs/semantics.md "prefill": tokens attend to all tokens of the listed parents, not transitively to the parents'
         parents, and causally to themselves; "Positions": a parent moved by d keeps its encoding, rotated by d,
         which is the encoding of the message and of everything it saw, all moved by d.
         """
@@ -182,8 +182,8 @@ class Oracle:
 
 
 class BaselineOracle(Oracle):
-    """DESIGN.md "Baseline executor": every call re-encodes from scratch a serial prompt of its parents' turns in
-    position order (ties: listed order), then its header. Placement still gives the message's start."""
+    """docs/semantics.md "Baseline executor": every call re-encodes from scratch a serial prompt of its parents'
+    turns in position order (ties: listed order), then its header. Placement still gives the message's start."""
 
     def blocks(self, placed: list[tuple[Turn, int]], own: list[int], start: int) -> list[Block]:
         order = sorted(range(len(placed)), key=lambda i: (placed[i][0].start + placed[i][1], i))

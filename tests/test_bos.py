@@ -1,5 +1,5 @@
 """A chat template that writes a BOS token once per conversation (Llama 3 style): every executor holds it once,
-shared by every call at position 0, and messages start after it (PROTOCOLS.md, "Engine facts")."""
+shared by every call at position 0, and messages start after it (docs/protocols.md, "Engine facts")."""
 
 from __future__ import annotations
 

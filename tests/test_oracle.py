@@ -1,5 +1,5 @@
 """Random choreography programs on every executor against the independent oracles of ``tests/oracle.py``, with
-the cache's bookkeeping checked after every step (DESIGN.md "Semantics").
+the cache's bookkeeping checked after every step (docs/semantics.md).
 
 A program is a list of ops over message *indices*: ``Prefill``, ``Decode`` (one parallel batch), ``Free`` and
 ``Refused`` (a batch every executor must refuse). Each prefill and each call of a batch takes the next index, so

@@ -1,4 +1,4 @@
-"""Sampling: temperature, then nucleus (top-p), then one draw from the call's own generator (PROTOCOLS.md)."""
+"""Sampling: temperature, then nucleus (top-p), then one draw from the call's own generator (docs/protocols.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Positions, parallel calls, re-positioning, leakage and blockage (DESIGN.md "Semantics")."""
+"""Positions, parallel calls, re-positioning, leakage and blockage (docs/semantics.md)."""
 
 from __future__ import annotations
 

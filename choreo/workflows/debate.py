@@ -1,4 +1,4 @@
-"""Multi-agent debate on MATH (PROTOCOLS.md "Multi-agent debate on MATH"): iterative and parallel.
+"""Multi-agent debate on MATH (docs/protocols.md "Multi-agent debate on MATH"): iterative and parallel.
 
 Every speaker has its own system prompt and its own copy of the problem turn (the same text, encoded after
 that system prompt), so a speaker's own prompt is the ordinary chat prefix in every condition; what the

@@ -1,4 +1,4 @@
-"""The prisoner's dilemma of the leakage experiments (PROTOCOLS.md "Prisoner's dilemma (leakage)").
+"""The prisoner's dilemma of the leakage experiments (docs/protocols.md "Prisoner's dilemma (leakage)").
 
 Two agents, Alice and Bob, each with a private system prompt, write a private plan in parallel, exchange
 public messages for two rounds ("To Bob: " / "To Alice: ") and then decide in parallel behind a forced
@@ -49,7 +49,7 @@ PREDICTION_PREFIX = '{"alice_will": "'
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GameConfig:
-    """Lengths and sampling of one game. ``preset("protocol")`` is PROTOCOLS.md's setting with token caps
+    """Lengths and sampling of one game. ``preset("protocol")`` is docs/protocols.md's setting with token caps
     that keep a GPU run affordable, ``preset("cpu")`` shorter caps for the CPU ``small`` profile and
     ``preset("tiny")`` mechanics only (tests, ``smoke``)."""
 
@@ -132,7 +132,7 @@ CHOICES = (COOPERATE, DEFECT, UNPARSABLE)
 
 
 def is_cooperate(text: str) -> bool:
-    """The paper's rule (PROTOCOLS.md): a decision counts as cooperate when its text contains COOPERATE, in any
+    """The paper's rule (docs/protocols.md): a decision counts as cooperate when its text contains COOPERATE, in any
     case. Everything else counts as defect, unparsable text included (``parse_choice`` tells them apart)."""
     return "COOPERATE" in text.upper()
 
@@ -395,7 +395,7 @@ def run_games(model, *, arm: str, strategies=STRATEGIES, seeds, log, config: Gam
 
 
 # ------------------------------------------------------------------------------------------------ fine-tuned arm
-# Training games are kept when their sampled messages are fluent (PROTOCOLS.md): the token-mean negative
+# Training games are kept when their sampled messages are fluent (docs/protocols.md): the token-mean negative
 # log-likelihood of every generated token of the game, under the base model re-encoding it, is at most this
 # many nats. Set from 16 baseline games of the embedded model (GameConfig defaults, T = 1.0, strategies "none"
 # and "defect", seeds 500-507): game NLLs ran from 2.3 to 3.7 nats per token; 3.5 keeps 13 of the 16 and drops

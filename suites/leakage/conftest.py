@@ -57,7 +57,7 @@ STRATEGY_OF = {STRATEGY_NAMES[s]: s for s in STRATEGIES}
 PARSE_NOTE = ("Parsing (choreo.workflows.prisoners.parse_choice, applied to the logged text): a decision or "
               "prediction is cooperate when its text contains COOPERATE and not DEFECT, defect when it contains "
               "DEFECT and not COOPERATE, unparsable otherwise -- neither word (e.g. 'COPERATE\"}', 'SIGLIO ARENA UN') "
-              "or both; case-insensitive. The paper-style rate (PROTOCOLS.md) counts every text that contains "
+              "or both; case-insensitive. The paper-style rate (docs/protocols.md) counts every text that contains "
               "COOPERATE as cooperate and everything else, unparsable text included, as defect.")
 
 
