@@ -18,10 +18,18 @@ ROOT = Path(__file__).resolve().parent
 
 
 def default_data_dir() -> str | None:
+    """$CHOREO_DATA (checked in ``pytest_configure``), else ../shared/data beside the checkout if it is there."""
     if os.environ.get("CHOREO_DATA"):
         return os.environ["CHOREO_DATA"]
     shared = ROOT.parent / "shared" / "data"
     return str(shared) if shared.is_dir() else None
+
+
+def _data_dir_source(config) -> str | None:
+    """Where an explicit data folder came from: the command line, $CHOREO_DATA, or neither (the optional default)."""
+    if any(arg == "--data-dir" or arg.startswith("--data-dir=") for arg in map(str, config.invocation_params.args)):
+        return "--data-dir"
+    return "$CHOREO_DATA" if os.environ.get("CHOREO_DATA") else None
 
 
 def pytest_addoption(parser):
@@ -34,8 +42,20 @@ def pytest_addoption(parser):
     group.addoption("--data-dir", default=default_data_dir(),
                     help="folder with commongen_hard.jsonl (the blockage BSM suite's concept sets) and/or "
                          "math_test.jsonl (the applications suite's MATH problems); default: $CHOREO_DATA or "
-                         "../shared/data")
+                         "../shared/data; a --data-dir or $CHOREO_DATA without either file is an error")
     group.addoption("--run-slow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_configure(config):
+    """A data folder named on purpose that the suites would ignore (they fall back to built-in data) is an error."""
+    from choreo.repro import check_data_dir
+
+    source, value = _data_dir_source(config), config.getoption("--data-dir")
+    if source and value:
+        try:
+            check_data_dir(value, source=source)
+        except FileNotFoundError as error:
+            raise pytest.UsageError(str(error)) from None
 
 
 def pytest_collection_modifyitems(config, items):

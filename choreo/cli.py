@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
+from pathlib import Path
 
 from . import __version__
 
-# Bad values from the command line (checked paths, names, devices): one line on stderr, exit status 2.
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
+# Bad values from the command line (checked paths, names, devices) and paths the system refuses (a folder where a
+# file should be, no permission): one line on stderr, exit status 2.
+USER_ERRORS = (ValueError, OSError, KeyError)
 
 
 def positive_int(text: str) -> int:
@@ -20,6 +24,51 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
     return value
+
+
+def output_dir(path: str | os.PathLike, *, option: str) -> Path:
+    """The folder ``option`` names, created (with its parents) and checked writable before any work starts, so a
+    bad output path fails at once rather than after the run. Example: ``output_dir("results", option="--out")``."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{option} {str(folder)!r} is a file, not a folder")
+    _check_writable(folder, option=option, named=folder)
+    return folder
+
+
+def output_file(path: str | os.PathLike, *, option: str) -> Path:
+    """The file ``option`` names: not a folder, in a folder created (with its parents) and checked writable."""
+    file = Path(path)
+    if file.is_dir():
+        raise ValueError(f"{option} {str(file)!r} is a folder, not a file")
+    _check_writable(file.parent, option=option, named=file)
+    return file
+
+
+def input_file(path: str | os.PathLike, *, option: str) -> Path:
+    """The existing file ``option`` names: a missing path or a folder is an error naming it."""
+    file = Path(path)
+    if not file.is_file():
+        why = "is a folder, not a file" if file.is_dir() else "does not exist"
+        raise FileNotFoundError(f"{option} {str(file)!r} {why}")
+    return file
+
+
+def _check_writable(folder: Path, *, option: str, named: Path) -> None:
+    """Create ``folder`` and a temporary file in it, as ``choreo.results.write_text`` will at the end of the run."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        raise ValueError(f"{option} {str(named)!r}: cannot write there ({error.strerror or error})") from None
+
+
+def describe(error: BaseException) -> str:
+    """One line for an error; an OSError from the system names its path(s) and reason: ``'/tmp': Is a directory``."""
+    if isinstance(error, OSError) and error.strerror and error.filename is not None:
+        paths = " -> ".join(repr(str(p)) for p in (error.filename, error.filename2) if p is not None)
+        return f"{paths}: {error.strerror}"
+    return str(error)
 
 
 def _demo(args) -> int:
@@ -53,11 +102,12 @@ def _registered():
 
 
 def run_command(args) -> int:
-    """Run a parsed subcommand; a bad value it reports becomes one line on stderr and exit status 2."""
+    """Run a parsed subcommand; a bad value it reports, or a path the system refuses (``OSError``: a folder where a
+    file should be, a file where a folder should be, no permission), becomes one line on stderr and exit status 2."""
     try:
         return args.func(args)
     except USER_ERRORS as error:
-        print(f"choreo {args.command}: error: {error}", file=sys.stderr)
+        print(f"choreo {args.command}: error: {describe(error)}", file=sys.stderr)
         return 2
 
 

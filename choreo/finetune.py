@@ -848,6 +848,7 @@ def register(sub) -> None:
 
 
 def _cli_collect(args) -> int:
+    from .cli import output_file
     from .model import load_model
     from .recovery import collect_traces
 
@@ -855,10 +856,12 @@ def _cli_collect(args) -> int:
     from .results import write_json
     from .trace import save_traces
 
+    sidecar = f"{args.out}.provenance.json"
+    for path in (args.out, sidecar):  # before the model loads and the traces are collected
+        output_file(path, option="--out")
     model = load_model(args.model)
     traces, meta = collect_traces(model, n=args.n, split=args.split, seed=args.seed)
     save_traces(args.out, traces, meta=meta)
-    sidecar = f"{args.out}.provenance.json"
     write_json(sidecar, provenance(model, seeds=[args.seed], sample_sizes={"instances": args.n, "traces": len(traces)},
                                    task=args.task, split=args.split))
     print(f"wrote {len(traces)} {args.task} traces to {args.out} (provenance: {sidecar})")
@@ -866,6 +869,7 @@ def _cli_collect(args) -> int:
 
 
 def _cli_train(args) -> int:
+    from .cli import input_file, output_dir
     from .model import load_model
     from .trace import load_traces
 
@@ -874,6 +878,10 @@ def _cli_train(args) -> int:
         torch.use_deterministic_algorithms(True)
     config = FinetuneConfig.preset(args.config, attention=args.attention,
                                    **({} if args.loss is None else {"loss": args.loss}))
+    for option, paths in (("--traces", args.traces), ("--dev-traces", args.dev_traces or ())):
+        for path in paths:
+            input_file(path, option=option)
+    output_dir(args.out, option="--out")  # before the model loads: train writes OUT/best, OUT/last as it goes
     traces = [events for path in args.traces for _, events in load_traces(path)]
     if args.dev_traces:
         train_set, dev_set = traces, [events for path in args.dev_traces for _, events in load_traces(path)]
@@ -887,11 +895,16 @@ def _cli_train(args) -> int:
 
 
 def _cli_recovery(args) -> int:
+    from .cli import output_dir
     from .model import load_model
     from .recovery import candidate_configs, recovery_experiment
 
     overrides = {} if args.epochs is None else {"epochs": args.epochs}
     configs = candidate_configs(FinetuneConfig.preset(args.config, **overrides), losses=args.losses, lrs=args.lrs)
+    # before the model loads: recovery.json and .md are written when the experiment ends, --runs as it trains
+    output_dir(args.out, option="--out")
+    if args.runs is not None:
+        output_dir(args.runs, option="--runs")
     report = recovery_experiment(load_model(args.model), configs=configs, out_dir=args.out, n_train=args.n_train,
                                  n_eval=args.n_eval, adapter_dir=args.runs)
     print(json.dumps(report["summary"], indent=1))

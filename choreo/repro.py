@@ -1,10 +1,12 @@
-"""``choreo repro``: run the reproduction suites and print the tables they write to ``results/``."""
+"""``choreo repro``: run the reproduction suites and print the tables this run writes to ``results/``."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
+from .cli import output_dir
 from .data.concepts import FILE_NAME as CONCEPTS_FILE
 from .data.math import FILE_NAME as MATH_FILE
 from .profiles import PROFILES
@@ -29,41 +31,78 @@ def register(sub) -> None:
                    help=f"tables go to RESULTS_DIR/<suite>/ (default: the checkout's {RESULTS_DIR})")
     p.add_argument("--data-dir", default=None,
                    help=f"folder holding {CONCEPTS_FILE} (CommonGen-Hard concept sets for the blockage BSM suite) "
-                        f"and/or {MATH_FILE} (MATH problems for the applications suite); default: $CHOREO_DATA, else "
-                        "../shared/data beside the checkout, else built-in concepts and problems")
+                        f"and/or {MATH_FILE} (MATH problems for the applications suite); default: $CHOREO_DATA "
+                        "(checked like --data-dir), else ../shared/data beside the checkout, else built-in concepts "
+                        "and problems")
     p.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    """Run the chosen suites under pytest, print the tables this run wrote; the exit status is pytest's."""
     import pytest
 
-    suites = available_suites()
-    for name in args.only or ():
-        if name not in suites:
-            raise ValueError(f"unknown suite {name!r}; available: {', '.join(suites) or '(none)'}")
-    if not suites:
-        raise FileNotFoundError(f"no reproduction suites found under {SUITES_DIR} (run from a checkout of choreo)")
-    chosen = args.only or suites
+    chosen = _chosen_suites(args.only)
     if args.model is not None and not Path(args.model).is_dir():
         raise FileNotFoundError(f"model path {args.model!r} is not a directory")
-    if args.data_dir is not None:  # the suites fall back to built-in data without the file: say so here
-        if not Path(args.data_dir).is_dir():
-            raise FileNotFoundError(f"data folder {args.data_dir!r} is not a directory")
-        if not any((Path(args.data_dir) / f).is_file() for f in (CONCEPTS_FILE, MATH_FILE)):
-            raise FileNotFoundError(f"data folder {args.data_dir!r} has no {CONCEPTS_FILE} or {MATH_FILE}")
-    results = Path(args.results_dir)
+    if args.data_dir is not None:
+        check_data_dir(args.data_dir, source="--data-dir")
+    elif os.environ.get("CHOREO_DATA"):  # the suites read it (conftest.py): a mistyped one must not fall back quietly
+        check_data_dir(os.environ["CHOREO_DATA"], source="$CHOREO_DATA")
+    results = output_dir(args.results_dir, option="--results-dir")
     argv = [str(SUITES_DIR / name) for name in chosen]
-    argv += ["--profile", args.profile, "--results-dir", str(results), "-p", "no:cacheprovider", "-q", "-rA"]
-    argv += ["--rootdir", str(ROOT), "-c", str(ROOT / "pyproject.toml")]
+    # -ra: a line per test that did not pass (-rA would print every passing test's output a second time);
+    # tee-sys: progress bars and logs show as they happen, and a failing test's report still holds its output.
+    argv += ["--profile", args.profile, "--results-dir", str(results), "-p", "no:cacheprovider", "-q", "-ra",
+             "--capture=tee-sys", "--rootdir", str(ROOT), "-c", str(ROOT / "pyproject.toml")]
     if args.model:
         argv += ["--model", args.model]
     if args.data_dir is not None:
         argv += ["--data-dir", args.data_dir]
+    before = table_stamps(results, chosen)
     code = pytest.main(argv + list(args.pytest_args))
-    for name in chosen:
-        for table in sorted((results / name).rglob("*.md")):
-            print(f"\n## {table.relative_to(results)}\n")
-            print(table.read_text())
-    print(f"results written to {results}", file=sys.stderr)
+    print_new_tables(results, chosen, before)
     return int(code)
+
+
+def _chosen_suites(only: list[str] | None) -> list[str]:
+    suites = available_suites()
+    for name in only or ():
+        if name not in suites:
+            raise ValueError(f"unknown suite {name!r}; available: {', '.join(suites) or '(none)'}")
+    if not suites:
+        raise FileNotFoundError(f"no reproduction suites found under {SUITES_DIR} (run from a checkout of choreo)")
+    return only or suites
+
+
+def check_data_dir(path: str, *, source: str) -> Path:
+    """The data folder ``source`` (``--data-dir`` or ``$CHOREO_DATA``) names, if the suites would read it: a folder
+    holding CONCEPTS_FILE and/or MATH_FILE. Without either the suites quietly use built-in data, so that is an error
+    here. Example: ``check_data_dir("../shared/data", source="--data-dir")``."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{source} {path!r} is not a directory")
+    if not any((folder / name).is_file() for name in (CONCEPTS_FILE, MATH_FILE)):
+        raise FileNotFoundError(f"{source} {path!r} has no {CONCEPTS_FILE} or {MATH_FILE}")
+    return folder
+
+
+def table_stamps(results: Path, suites: list[str]) -> dict[Path, tuple[int, int]]:
+    """(inode, mtime) of every markdown table under ``results/<suite>/``: a table written later differs in one
+    (``write_text`` replaces the file), so a table left from an earlier run can be told from a fresh one."""
+    stamps = {}
+    for name in suites:
+        for table in (results / name).rglob("*.md"):
+            info = table.stat()
+            stamps[table] = (info.st_ino, info.st_mtime_ns)
+    return stamps
+
+
+def print_new_tables(results: Path, suites: list[str], before: dict[Path, tuple[int, int]]) -> list[Path]:
+    """Print the tables written since ``before`` (``table_stamps``), or say that none were."""
+    new = sorted(table for table, stamp in table_stamps(results, suites).items() if before.get(table) != stamp)
+    for table in new:
+        print(f"\n## {table.relative_to(results)}\n")
+        print(table.read_text())
+    print(f"results written to {results}" if new else f"no results written to {results}", file=sys.stderr)
+    return new

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -62,7 +64,7 @@ def test_bench_writes_to_the_checkouts_results_by_default(monkeypatch, tmp_path,
         return tmp_path / "pass_cost.md"
 
     monkeypatch.setattr(choreo.model, "load_model", lambda *args, **kwargs: "model")
-    monkeypatch.setattr(perf_cli, "pass_costs", lambda model: {})
+    monkeypatch.setattr(perf_cli, "pass_costs", lambda model, *, sizes: {})
     monkeypatch.setattr(perf_cli, "write_pass_costs", write_pass_costs)
     monkeypatch.chdir(tmp_path)
     assert main(["bench", "--passes-only"]) == 0
@@ -138,3 +140,216 @@ def test_python_dash_m_choreo_perf_reports_errors_in_one_line():
     out = subprocess.run([sys.executable, "-m", "choreo.perf", "bench", "--device", "nonsense"], capture_output=True,
                          text=True)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "'nonsense'" in out.stderr
+
+
+# ---------------------------------------------------------------------------------------- paths the system refuses
+@pytest.mark.parametrize("error", [NotADirectoryError(20, "Not a directory", "/a/file/x"),
+                                   IsADirectoryError(21, "Is a directory", "/a/folder"),
+                                   FileExistsError(17, "File exists", "/a/file"),
+                                   PermissionError(13, "Permission denied", "/root/x")],
+                         ids=lambda e: type(e).__name__)
+def test_an_os_error_is_one_line_naming_the_path_and_the_reason(capsys, error):
+    import argparse
+
+    from choreo.cli import run_command
+
+    def fail(args):
+        raise error
+
+    assert run_command(argparse.Namespace(command="bench", func=fail)) == 2
+    assert _error_line(capsys) == f"choreo bench: error: {error.filename!r}: {error.strerror}"
+
+
+def _a_file(tmp_path, name="a_file"):
+    path = tmp_path / name
+    path.write_text("")
+    return str(path)
+
+
+@pytest.mark.parametrize("verb", ["bench", "bench-memory", "bench-passes", "repro"])
+def test_a_results_dir_that_is_a_file_fails_before_any_work(no_model, capsys, tmp_path, monkeypatch, verb):
+    import pytest as pytest_module
+
+    monkeypatch.setattr(pytest_module, "main", lambda argv: pytest.fail("the suites ran"))
+    command, *flags = verb.split("-")
+    argv = [command, "--results-dir", _a_file(tmp_path)] + [f"--{flag}-only" for flag in flags]
+    assert main(argv) == 2
+    err = _error_line(capsys)
+    assert "--results-dir" in err and str(tmp_path / "a_file") in err
+
+
+def test_a_results_dir_under_a_file_names_it_and_the_reason(no_model, capsys, tmp_path):
+    below = tmp_path / "a_file" / "below"
+    _a_file(tmp_path)
+    assert main(["bench", "--results-dir", str(below)]) == 2
+    assert f"--results-dir {str(below / 'performance')!r}: cannot write there (Not a directory)" in _error_line(capsys)
+
+
+@pytest.mark.parametrize("argv, bad", [
+    (["collect", "--n", "1", "--out", "{dir}"], "--out '{dir}' is a folder, not a file"),
+    (["collect", "--n", "1", "--out", "{file}/traces.jsonl"], "--out '{file}/traces.jsonl': cannot write there"),
+    (["train", "--traces", "{dir}", "--out", "run"], "--traces '{dir}' is a folder, not a file"),
+    (["train", "--traces", "{file}", "--dev-traces", "{dir}", "--out", "run"], "--dev-traces '{dir}' is a folder"),
+    (["train", "--traces", "{file}", "--out", "{file}"], "--out '{file}' is a file, not a folder"),
+    (["recovery", "--out", "{file}"], "--out '{file}' is a file, not a folder"),
+    (["recovery", "--out", "{dir}/ok", "--runs", "{file}"], "--runs '{file}' is a file, not a folder"),
+], ids=["collect-out-folder", "collect-out-under-file", "train-traces-folder", "train-dev-traces-folder",
+        "train-out-file", "recovery-out-file", "recovery-runs-file"])
+def test_finetune_paths_are_checked_before_the_model_loads(no_model, capsys, tmp_path, argv, bad):
+    paths = {"dir": str(tmp_path), "file": _a_file(tmp_path)}
+    assert main(["finetune"] + [a.format(**paths) for a in argv]) == 2
+    assert bad.format(**paths) in _error_line(capsys)
+
+
+# ------------------------------------------------------------------------------ bench: every option takes effect
+def test_bench_memory_only_and_passes_only_exclude_each_other(no_model, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--memory-only", "--passes-only"])
+    assert exit_.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+def test_bench_memory_only_refuses_a_profile_it_would_ignore(no_model, capsys):
+    assert main(["bench", "--memory-only", "--profile", "paper"]) == 2
+    assert "--profile 'paper' has no effect with --memory-only" in _error_line(capsys)
+
+
+def test_bench_passes_only_refuses_a_profile_without_pass_sizes(no_model, capsys):
+    assert main(["bench", "--passes-only", "--profile", "smoke"]) == 2
+    assert "--profile 'smoke' measures no pass cost" in _error_line(capsys)
+
+
+def test_bench_passes_only_measures_the_profiles_pass_sizes(monkeypatch, tmp_path):
+    import choreo.model
+    import choreo.perf.cli as perf_cli
+    from choreo.perf.config import BENCH_PROFILES
+
+    seen = {}
+    monkeypatch.setattr(choreo.model, "load_model", lambda *args, **kwargs: "model")
+    monkeypatch.setattr(perf_cli, "pass_costs", lambda model, *, sizes: seen.update(sizes=sizes) or {})
+    monkeypatch.setattr(perf_cli, "write_pass_costs",
+                        lambda out, model, cost, *, command: seen.update(command=command) or Path(_a_file(tmp_path)))
+    assert main(["bench", "--passes-only", "--profile", "paper", "--results-dir", str(tmp_path)]) == 0
+    assert seen["sizes"] == BENCH_PROFILES["paper"].pass_sizes
+    assert seen["command"].startswith("choreo bench --profile paper ")
+
+
+def _stored_bench(tmp_path, profile: str) -> Path:
+    out = tmp_path / "performance"
+    out.mkdir()
+    (out / "speedups.json").write_text(json.dumps({"data": {"profile": profile}}))
+    (out / "speedups.md").write_text("table")
+    return out
+
+
+def test_bench_memory_only_records_the_options_it_used(monkeypatch, tmp_path, capsys):
+    import choreo.model
+    import choreo.perf.cli as perf_cli
+
+    seen = {}
+    _stored_bench(tmp_path, "small")
+    monkeypatch.setattr(choreo.model, "load_model", lambda *args, **kwargs: "model")
+    monkeypatch.setattr(perf_cli, "remeasure_memory", lambda out, model, **kwargs: seen.update(kwargs))
+    assert main(["bench", "--memory-only", "--results-dir", str(tmp_path)]) == 0
+    assert seen["command"] == f"choreo bench --results-dir {tmp_path} --memory-only"  # no --profile: not used
+
+
+@pytest.mark.parametrize("stored, message", [(None, "--results-dir {results!r} holds no performance/speedups.json"),
+                                             ("smoke", "{table!r} holds profile 'smoke', which measures no memory")])
+def test_bench_memory_only_needs_a_stored_table_that_measures_memory(no_model, capsys, tmp_path, stored, message):
+    if stored:
+        _stored_bench(tmp_path, stored)
+    assert main(["bench", "--memory-only", "--results-dir", str(tmp_path)]) == 2
+    table = str(tmp_path / "performance" / "speedups.json")
+    assert message.format(results=str(tmp_path), table=table) in _error_line(capsys)
+
+
+def test_bench_memory_only_refuses_a_cuda_device(no_model, capsys, monkeypatch):
+    """Peak RSS is measured in CPU subprocesses: the CUDA arm (triton) would fail in them."""
+    import torch
+
+    import choreo.perf.cli as perf_cli
+
+    monkeypatch.setattr(perf_cli, "check_device", lambda text: torch.device(text))
+    assert main(["bench", "--memory-only", "--device", "cuda"]) == 2
+    err = _error_line(capsys)
+    assert "--device 'cuda'" in err and "CPU" in err
+
+
+# ------------------------------------------------------------------------------------ repro: what it runs, prints
+def _fake_pytest(monkeypatch, *, code: int, writes=()):
+    """pytest.main replaced: records its argv, writes the given tables (under --results-dir), returns ``code``."""
+    import pytest as pytest_module
+
+    seen = []
+
+    def fake_main(argv):
+        seen.append(argv)
+        results = Path(argv[argv.index("--results-dir") + 1])
+        for name in writes:
+            (results / name).parent.mkdir(parents=True, exist_ok=True)
+            (results / name).write_text(f"fresh {name}")
+        return code
+
+    monkeypatch.setattr(pytest_module, "main", fake_main)
+    return seen
+
+
+def test_repro_prints_only_the_tables_this_run_wrote(monkeypatch, tmp_path, capsys):
+    monkeypatch.delenv("CHOREO_DATA", raising=False)
+    (tmp_path / "performance").mkdir()
+    (tmp_path / "performance" / "old.md").write_text("stale table")
+    _fake_pytest(monkeypatch, code=0, writes=["performance/new.md"])
+    assert main(["repro", "--profile", "smoke", "--only", "performance", "--results-dir", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert "fresh performance/new.md" in out and "stale table" not in out
+    assert f"results written to {tmp_path}" in err
+
+
+def test_repro_with_nothing_run_says_no_results_and_keeps_pytests_status(monkeypatch, tmp_path, capsys):
+    monkeypatch.delenv("CHOREO_DATA", raising=False)
+    (tmp_path / "performance").mkdir()
+    (tmp_path / "performance" / "old.md").write_text("stale table")
+    seen = _fake_pytest(monkeypatch, code=5)  # pytest: no tests collected
+    assert main(["repro", "--profile", "smoke", "--only", "performance", "--results-dir", str(tmp_path),
+                 "--", "-k", "nosuch"]) == 5
+    out, err = capsys.readouterr()
+    assert "stale table" not in out and f"no results written to {tmp_path}" in err
+    assert seen[0][-2:] == ["-k", "nosuch"]
+
+
+def test_repro_shows_progress_live_and_reports_once(monkeypatch, tmp_path):
+    monkeypatch.delenv("CHOREO_DATA", raising=False)
+    seen = _fake_pytest(monkeypatch, code=0)
+    assert main(["repro", "--profile", "smoke", "--only", "performance", "--results-dir", str(tmp_path)]) == 0
+    assert "--capture=tee-sys" in seen[0] and "-ra" in seen[0] and "-rA" not in seen[0]
+
+
+# ------------------------------------------------------------------------------------------------- $CHOREO_DATA
+@pytest.mark.parametrize("value, message", [("no/such/folder", "is not a directory"),
+                                            (".", "has no commongen_hard.jsonl or math_test.jsonl")],
+                         ids=["missing", "no-file"])
+def test_repro_checks_choreo_data_as_it_checks_data_dir(capsys, tmp_path, monkeypatch, value, message):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CHOREO_DATA", value)
+    seen = _fake_pytest(monkeypatch, code=0)
+    assert main(["repro", "--profile", "smoke", "--results-dir", str(tmp_path)]) == 2
+    err = _error_line(capsys)
+    assert f"$CHOREO_DATA {value!r} {message}" in err and not seen
+
+
+def test_repro_accepts_a_choreo_data_with_a_data_file(monkeypatch, tmp_path):
+    (tmp_path / "math_test.jsonl").write_text("")
+    monkeypatch.setenv("CHOREO_DATA", str(tmp_path))
+    seen = _fake_pytest(monkeypatch, code=0)
+    assert main(["repro", "--profile", "smoke", "--only", "performance", "--results-dir", str(tmp_path)]) == 0
+    assert seen
+
+
+def test_pytest_refuses_a_mistyped_choreo_data(tmp_path):
+    """The suites' own option default ($CHOREO_DATA) gets the same check, as a pytest usage error."""
+    import os
+
+    env = {**os.environ, "CHOREO_DATA": str(tmp_path / "typo")}
+    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", __file__],
+                         capture_output=True, text=True, env=env, cwd=RESULTS_DIR.parent)
+    assert out.returncode == 4 and f"$CHOREO_DATA {str(tmp_path / 'typo')!r} is not a directory" in out.stderr

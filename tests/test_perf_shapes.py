@@ -174,8 +174,12 @@ def test_bench_command_line_reproduces_the_options():
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["bench", "--profile", "smoke", "--results-dir", "out dir", "--memory-only"])
-    assert _command(args) == "choreo bench --profile smoke --results-dir 'out dir' --memory-only"
+    args = parser.parse_args(["bench", "--profile", "smoke", "--results-dir", "out dir", "--random-weights"])
+    assert _command(args) == "choreo bench --profile smoke --results-dir 'out dir' --random-weights"
+    assert _command(parser.parse_args(["bench", "--passes-only"])) == "choreo bench --profile small --passes-only"
+    # --memory-only takes the profile recorded with the timings: the command that reproduces it names none
+    args = parser.parse_args(["bench", "--results-dir", "out dir", "--memory-only"])
+    assert _command(args) == "choreo bench --results-dir 'out dir' --memory-only"
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "--profile", "huge"])
 

@@ -75,10 +75,15 @@ def remeasure_memory(out: Path, model: Model, *, model_path: str | None = None, 
                          timings_load_average=timed.get("timings_load_average", timed.get("load_average")))
 
 
+DEFAULT_PROFILE = "small"
+
+
 def register(sub) -> None:
     """Add ``bench`` to an argparse subparsers object."""
     p = sub.add_parser("bench", help="time to first token, end-to-end time and peak memory per workflow shape")
-    p.add_argument("--profile", default="small", choices=sorted(BENCH_PROFILES), help="sizes (default: small)")
+    p.add_argument("--profile", default=None, choices=sorted(BENCH_PROFILES),
+                   help=f"sizes (default: {DEFAULT_PROFILE}; with --passes-only, its pass sizes; not with "
+                        "--memory-only, which re-measures the profile recorded in speedups.json)")
     p.add_argument("--model", default=None, help="local checkpoint directory (default: embedded SmolLM2-135M)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--results-dir", default=None,
@@ -86,15 +91,24 @@ def register(sub) -> None:
     p.add_argument("--random-weights", action="store_true",
                    help="the model's architecture and tokenizer with seeded random weights (timings only; for "
                         "machines without the weights: teacher-forced work does not depend on them)")
-    p.add_argument("--passes-only", action="store_true", help="only measure the cost of one forward pass")
-    p.add_argument("--memory-only", action="store_true",
-                   help="re-measure peak memory for the shapes of an existing speedups.json and rewrite the table")
+    only = p.add_mutually_exclusive_group()
+    only.add_argument("--passes-only", action="store_true",
+                      help="only measure the cost of one forward pass (at the pass sizes of --profile small or paper)")
+    only.add_argument("--memory-only", action="store_true",
+                      help="re-measure peak RSS (CPU only) for the shapes of an existing speedups.json and rewrite the "
+                           "table; the profile is the one recorded there")
     p.set_defaults(func=_bench_command)
 
 
+def _profile(args) -> str | None:
+    """The profile a bench command uses: none with ``--memory-only`` (it reads the one in speedups.json)."""
+    return None if args.memory_only else args.profile or DEFAULT_PROFILE
+
+
 def _command(args) -> str:
-    """The command line that reproduces ``args`` (for provenance)."""
-    parts = ["choreo", "bench", "--profile", args.profile]
+    """The command line that reproduces ``args`` (for provenance): the options as used, the profile resolved."""
+    profile = _profile(args)
+    parts = ["choreo", "bench"] + (["--profile", profile] if profile else [])
     parts += [x for k in ("results_dir", "model", "device") if getattr(args, k)
               for x in (f"--{k.replace('_', '-')}", getattr(args, k))]
     parts += [f"--{k.replace('_', '-')}" for k in ("random_weights", "passes_only", "memory_only")
@@ -120,26 +134,56 @@ def check_device(text: str | None) -> torch.device:
 
 
 def _bench_command(args) -> int:
+    from ..cli import output_dir
     from ..model import load_model, random_model
 
-    if args.random_weights and args.memory_only:
-        raise ValueError("--random-weights cannot re-measure memory: the memory subprocesses load real weights")
-    device = check_device(args.device)  # before the model loads
+    device = _check_options(args)  # every check before the model loads
+    results = Path(args.results_dir) if args.results_dir else RESULTS_DIR
+    if args.memory_only:
+        _check_stored_profile(results)
+    out, command = output_dir(results / "performance", option="--results-dir"), _command(args)
     load = random_model if args.random_weights else load_model
     model = load(args.model, device=device)
-    results = Path(args.results_dir) if args.results_dir else RESULTS_DIR
-    out, command = results / "performance", _command(args)
     if args.memory_only:
         remeasure_memory(out, model, model_path=args.model, command=command)
         print((out / "speedups.md").read_text())
     elif args.passes_only:
-        print(write_pass_costs(out, model, pass_costs(model), command=command).read_text())
+        sizes = BENCH_PROFILES[_profile(args)].pass_sizes
+        print(write_pass_costs(out, model, pass_costs(model, sizes=sizes), command=command).read_text())
     else:
-        bench(model, profile=args.profile, results_dir=results, model_path=args.model, command=command,
+        bench(model, profile=_profile(args), results_dir=results, model_path=args.model, command=command,
               rss=not args.random_weights)
         print((out / "speedups.md").read_text())
     print(f"results written to {out}", file=sys.stderr)
     return 0
+
+
+def _check_options(args) -> torch.device:
+    """The device to run on, after checking that every option given takes effect (none is silently ignored)."""
+    if args.random_weights and args.memory_only:
+        raise ValueError("--random-weights cannot re-measure memory: the memory subprocesses load real weights")
+    if args.memory_only and args.profile is not None:
+        raise ValueError(f"--profile {args.profile!r} has no effect with --memory-only: it re-measures the shapes "
+                         "of the profile recorded in speedups.json")
+    if args.passes_only and not BENCH_PROFILES[_profile(args)].pass_sizes:
+        usable = sorted(name for name, cfg in BENCH_PROFILES.items() if cfg.pass_sizes)
+        raise ValueError(f"--profile {_profile(args)!r} measures no pass cost; --passes-only takes one of {usable}")
+    device = check_device(args.device)
+    if args.memory_only and device.type != "cpu":
+        raise ValueError(f"--device {args.device!r}: --memory-only measures peak RSS in CPU subprocesses; on CUDA, "
+                         "a full `choreo bench` run records allocated memory with the timings")
+    return device
+
+
+def _check_stored_profile(results: Path) -> None:
+    """``--memory-only`` re-measures an existing ``results/performance/speedups.json`` whose profile measures memory."""
+    stored = results / "performance" / "speedups.json"
+    if not stored.is_file():
+        raise FileNotFoundError(f"--results-dir {str(results)!r} holds no performance/speedups.json for --memory-only "
+                                "to re-measure; run `choreo bench` there first")
+    profile = json.loads(stored.read_text())["data"]["profile"]
+    if not BENCH_PROFILES[profile].memory_arms:
+        raise ValueError(f"--memory-only: {str(stored)!r} holds profile {profile!r}, which measures no memory")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
