@@ -76,7 +76,8 @@ FINETUNE_ROW = "Choreographed + Fine-tuning"
 
 def _finetuned_arm(model, *, plan, config, sizes, data_dir, use_file, sets, seeds, key, folder, out_dir):
     """Train on baseline traces of separate concept sets (dev-selected checkpoint), run the choreographed arm
-    with the adapter, then remove the adapter. Returns (results, training summary)."""
+    with the adapter, then remove the adapter. Returns (results, training summary, the arm's key: its logs' name,
+    which names the plan and the fine-tuning config as well as the evaluation)."""
     from choreo.data.concepts import load_concept_sets
     from choreo.finetune import FinetuneConfig, split_traces, trained_adapter
     from choreo.results import write_json
@@ -92,7 +93,8 @@ def _finetuned_arm(model, *, plan, config, sizes, data_dir, use_file, sets, seed
     if all(i in done for i in range(len(sets))):  # the arm finished in an earlier session
         summary_path = Path(folder) / f"finetune-{ft_key}.json"
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"resumed": str(log)}
-        return [done[i] for i in range(len(sets))], with_split(summary, dev_fraction=DEV_FRACTION, seed=BSM_SEED)
+        return [done[i] for i in range(len(sets))], with_split(summary, dev_fraction=DEV_FRACTION, seed=BSM_SEED), \
+            ft_key
     if use_file:
         train_sets = load_concept_sets(data_dir, n=plan["train"], skip=0)
         train_sets = [c[:sizes["size"]] for c in train_sets] if sizes["size"] else train_sets
@@ -110,7 +112,7 @@ def _finetuned_arm(model, *, plan, config, sizes, data_dir, use_file, sets, seed
                **result.summary(), "config": ft_config.to_json()}
     summary = with_split(summary, dev_fraction=ft_config.dev_fraction, seed=BSM_SEED)
     write_json(Path(folder) / f"finetune-{ft_key}.json", summary)
-    return runs, summary
+    return runs, summary, ft_key
 
 
 @pytest.fixture(scope="session")
@@ -140,9 +142,9 @@ def bsm_study(model, profile, data_dir, results_dir, tmp_path_factory):
         runs[row] = resumable(folder, f"{cond}-{key}", list(range(len(sets))), lambda todo, cb, cond=cond: run_condition(
             model, [sets[i] for i in todo], condition=cond, config=config, seeds=[seeds[i] for i in todo],
             progress=f"bsm {cond}", on_result=cb))
-    plan, finetune = pick(BSM_FINETUNE, profile), None
+    plan, finetune, ft_key = pick(BSM_FINETUNE, profile), None, None
     if plan is not None:
-        runs[FINETUNE_ROW], finetune = _finetuned_arm(
+        runs[FINETUNE_ROW], finetune, ft_key = _finetuned_arm(
             model, plan=plan, config=config, sizes=sizes, data_dir=data_dir, use_file=use_file, sets=sets,
             seeds=seeds, key=key, folder=folder, out_dir=tmp_path_factory.mktemp("bsm-finetune"))
     runs = {row: [_rescore(r, sets[i]) for i, r in enumerate(rs)] for row, rs in runs.items()}
@@ -150,7 +152,9 @@ def bsm_study(model, profile, data_dir, results_dir, tmp_path_factory):
     for row in [r for r in runs if r != "Baseline"]:  # the judge is the base model (no adapter)
         pairs = [(a["merged"], b["merged"]) for a, b in zip(runs["Baseline"], runs[row])]
         # Records that kept only the outcome are judged again (greedy, cheap) for the raw answers of both orders.
-        judged[row] = resumable(folder, f"judge-{BSM_ARMS.get(row, 'finetuned')}-{key}", pairs, lambda todo, cb: run_judge(
+        # A fine-tuned row's verdicts are keyed like its stories (plan and config too): other stories, other log.
+        name = f"judge-{BSM_ARMS[row]}-{key}" if row in BSM_ARMS else f"judge-finetuned-{ft_key}"
+        judged[row] = resumable(folder, name, pairs, lambda todo, cb: run_judge(
             model, todo, progress="bsm judge", on_result=cb), redo=lambda r: not isinstance(r, dict))
     return {"profile": profile, "sizes": sizes, "sets": sets, "source": source, "config": config, "seeds": seeds,
             "runs": runs, "judged": judged, "wall_s": time.perf_counter() - t0, "key": key, "finetune": finetune,

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from choreo import stats
+from choreo.profiles import pick
 from choreo.provenance import provenance
 from choreo.report import plot_rates, write_table
 
@@ -18,6 +19,10 @@ from ..conftest import logs_read
 HERE = Path(__file__).resolve().parent
 ALPHA = 0.05
 ROWS = ["Baseline", "Choreographed", "Choreographed + Linearization", "Choreographed + Fine-tuning"]
+# Equivalence margin for "fine-tuning recovers the baseline's coverage" (TOST, paired): 5 points of coverage, well
+# inside the 18-point gap the paper reports for choreographed vs baseline.
+COVERAGE_MARGIN = 0.05
+RECOVERY = "Fine-tuning - Baseline coverage"
 
 
 def _mean_pm(xs):
@@ -79,6 +84,10 @@ def table(bsm_study, model, results_dir):
              for name, ((x, part_x), (y, part_y)) in TESTS.items()}
     holm = dict(zip(tests, stats.adjust_pvalues([t.t_pvalue for t in tests.values()], method="holm",
                                                 alpha=ALPHA).adjusted.tolist()))
+    tuned = "Choreographed + Fine-tuning"
+    equivalence = {} if tuned not in runs else {RECOVERY: stats.tost_paired_means(
+        series(runs, tuned, "word", "all"), series(runs, "Baseline", "word", "all"), margin=COVERAGE_MARGIN,
+        alpha=ALPHA)}
     paper = json.loads((HERE / "paper.json").read_text())["rows"]
     rows = []
     for row in ROWS:
@@ -101,6 +110,9 @@ def table(bsm_study, model, results_dir):
                  f"{row} {differing(runs[row], runs['Baseline'])}/{n}" for row in measured if row != "Baseline") + ".",
              *[f"{name}: difference {t.mean_difference:+.3f} [{t.low:+.3f}, {t.high:+.3f}], paired t p = {t.t_pvalue:.2g}, "
                f"Holm p = {holm[name]:.2g}" for name, t in tests.items()],
+             *[f"{name}: equivalence within ±{100 * COVERAGE_MARGIN:.0f} points (paired TOST, outside the Holm "
+               f"family): difference {t.difference:+.3f}, {100 * (1 - 2 * ALPHA):.0f}% interval [{t.low:+.3f}, "
+               f"{t.high:+.3f}], p = {t.pvalue:.2g}" for name, t in equivalence.items()],
              st["finetune_note"],
              f"Wall time in this session {st['wall_s']:.0f} s for all conditions and judging (records already logged "
              f"in runs/ are reused, not recomputed; shared, contended CPU: not a benchmark)."]
@@ -111,6 +123,8 @@ def table(bsm_study, model, results_dir):
             "differs_from_baseline": {row: differing(runs[row], runs["Baseline"]) for row in measured},
             "tests": {name: {"difference": t.mean_difference, "low": t.low, "high": t.high, "pvalue": t.t_pvalue,
                              "holm": holm[name]} for name, t in tests.items()},
+            "equivalence": {name: {"difference": t.difference, "low": t.low, "high": t.high, "pvalue": t.pvalue,
+                                   "margin": COVERAGE_MARGIN} for name, t in equivalence.items()},
             "paper": paper, "records": f"runs/*-{st['key']}.jsonl", "wall_s": st["wall_s"]}
     prov = provenance(model, seeds=st["seeds"], sample_sizes={"concept_sets": n}, profile=st["profile"],
                       logs=logs_read(results_dir / "blockage" / "bsm" / "runs"))
@@ -126,7 +140,7 @@ def table(bsm_study, model, results_dir):
     plot_rates(out / "bsm_coverage.png", title=f"Branch-solve-merge coverage (n = {n})", ylabel="coverage",
                groups={g: {row: bar(series(runs, row, "word", part)) for row in measured}
                        for g, part in (("all", "all"), ("group 1", 0), ("group 2", 1))})
-    return {"runs": runs, "tests": tests, "holm": holm, "profile": st["profile"], "n": n,
+    return {"runs": runs, "tests": tests, "holm": holm, "equivalence": equivalence, "profile": st["profile"], "n": n,
             "text": (out / "bsm_coverage.md").read_text()}
 
 
@@ -142,8 +156,12 @@ def test_bsm_coverage(table, row):
     assert all((r["merged"] != "") == r["parsed"] or not r["parsed"] for r in rs), text
     if table["profile"] == "smoke":
         return
-    claims = CLAIMS.get(row, ())
+    claims = pick(CLAIMS, table["profile"]).get(row, ())
     for name, direction in claims:
+        if direction == "equivalent":
+            e = table["equivalence"][name]
+            assert e.pvalue < ALPHA, f"{name}: not shown equivalent within ±{COVERAGE_MARGIN}\n{text}"
+            continue
         t = table["tests"][name]
         if direction == "less":
             assert t.mean_difference < 0 and table["holm"][name] < ALPHA, f"{name}\n{text}"
@@ -155,12 +173,22 @@ def test_bsm_coverage(table, row):
             assert table["holm"][name] >= ALPHA, f"{name}\n{text}"
 
 
-# What the embedded model showed at `small` (n = 24, measured first; see README), row -> [(test, outcome)].
-# The paper: choreographed coverage 18 points below baseline, and linearization favouring group 1 (80.5 vs
-# 53.0). SmolLM2-135M keeps only ~5% of the concepts in any merge, so no coverage gap is detectable, and its
+# Profile -> row -> [(test, outcome)]. `paper`: the paper's claims (Llama-3.1-8B, n = 50): choreographed coverage
+# 18 points below baseline (62.95 vs 81.00), linearization too (65.09) with group 1 favoured (80.52 vs 52.97), and
+# fine-tuning back at the baseline's (81.55). `small`: what the embedded model showed (n = 24, measured first; see
+# README): SmolLM2-135M keeps only ~5% of the concepts in any merge, so no coverage gap is detectable, and its
 # position bias runs the other way: the later story's concepts survive the merge (recency), as in the baseline.
 CLAIMS = {
-    "Choreographed": [("Choreographed - Baseline coverage", "not detected")],
-    "Choreographed + Linearization": [("Linearization - Baseline coverage", "not detected"),
-                                      ("Linearization Group 2 - Group 1", "greater")],
+    "smoke": {},  # mechanics only
+    "small": {
+        "Choreographed": [("Choreographed - Baseline coverage", "not detected")],
+        "Choreographed + Linearization": [("Linearization - Baseline coverage", "not detected"),
+                                          ("Linearization Group 2 - Group 1", "greater")],
+    },
+    "paper": {
+        "Choreographed": [("Choreographed - Baseline coverage", "less")],
+        "Choreographed + Linearization": [("Linearization - Baseline coverage", "less"),
+                                          ("Linearization Group 2 - Group 1", "less")],
+        "Choreographed + Fine-tuning": [(RECOVERY, "equivalent")],
+    },
 }

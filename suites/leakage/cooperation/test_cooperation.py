@@ -216,7 +216,8 @@ def test_cooperation(table, row):
         assert sum(counts.values()) == res["n"], f"{row} {arm}: {counts}\n{text}"
         assert res["rates"][arm]["successes"] >= counts["cooperate"], f"{row} {arm}: paper's rule counts fewer\n{text}"
     if table["profile"] == "paper":
-        # The paper: choreographed differs from baseline before fine-tuning; equivalent after (TOST).
+        # The paper: choreographed Bob cooperates less than baseline before fine-tuning; equivalent after (TOST).
+        assert res["choreographed"] < res["baseline"], f"{row}: choreographed does not cooperate less\n{text}"
         assert res["mcnemar_before_holm"] < ALPHA, f"{row}: no difference before fine-tuning\n{text}"
         if table["ft"]:
             assert res["tost_rate_after"] < ALPHA, f"{row}: not equivalent within ±{RATE_MARGIN} after FT\n{text}"
