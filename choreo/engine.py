@@ -236,7 +236,11 @@ class Engine:
             job.logits = logits
             self._finish(job, now)
             return
-        token = sample(logits[-1], temperature=call.temperature, top_p=call.top_p, generator=job.generator)
+        try:
+            token = sample(logits[-1], temperature=call.temperature, top_p=call.top_p, generator=job.generator)
+        except ValueError as error:  # NaN logits: say which call met them
+            raise ValueError(f"decode call (role {call.role!r}, seed {call.seed}) at generated token "
+                             f"{len(job.generated)}: {error}") from error
         if job.msg.ttft is None:
             job.msg.ttft = now - job.t0
         if token in job.stop_ids:

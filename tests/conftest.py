@@ -28,28 +28,38 @@ TINY = {
 
 def build_tiny(tokenizer, kind: str = "llama-gqa", *, seed: int = 0, dtype=torch.float64, device="cpu"):
     """A 2-layer random model over the embedded tokenizer, in fp64 so greedy argmax has no float ties."""
-    import transformers
-
     import choreo
 
     opts = dict(TINY[kind])
-    model_type = opts.pop("model_type")
+    hf = tiny_hf(tokenizer, opts.pop("model_type"), seed=seed, **opts)
+    return choreo.load_model(hf, tokenizer=tokenizer, dtype=dtype, device=device)
+
+
+def tiny_hf(tokenizer, model_type: str = "llama", *, seed: int = 0, **config):
+    """The Hugging Face model (fp32) ``build_tiny`` loads; ``config`` adds to or overrides its config fields.
+
+    Example: ``tiny_hf(tok, "mistral", sliding_window=None)``.
+    """
+    import transformers
+
     config_cls, model_cls = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
     }[model_type]
-    config = config_cls(
+    fields = dict(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, head_dim=16,
         max_position_embeddings=4096, tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id, **opts,
+        bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
-    hf = model_cls(config)
+    hf = model_cls(config_cls(**{**fields, **config}))
     with torch.no_grad():  # larger weights than the default init make attention patterns matter
         for name, p in hf.named_parameters():
             if "proj" in name:
                 p.mul_(4.0)
-    return choreo.load_model(hf, tokenizer=tokenizer, dtype=dtype, device=device)
+    return hf
 
 
 @pytest.fixture(scope="session", params=sorted(TINY))

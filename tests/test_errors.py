@@ -323,3 +323,72 @@ def test_a_call_that_does_not_finish_reuses_no_tokens(tiny_gqa, case):
     assert cached[0] == len(chain) and 0 < cached[1] < len(chain)
     bl.decode(calls)
     assert bl.reused_tokens == reused + sum(cached)
+
+
+_LONGROPE = dict(rope_type="longrope", short_factor=[1.0] * 8, long_factor=[3.0] * 8,
+                 original_max_position_embeddings=32, rope_theta=10000.0)
+REFUSED_CONFIGS = {  # HF config fields -> what the error names
+    "rope dynamic": (dict(rope_parameters=dict(rope_type="dynamic", factor=2.0, rope_theta=10000.0)),
+                     r"rope_type 'dynamic' .*supported: default, linear, yarn, llama3"),
+    "rope longrope": (dict(max_position_embeddings=128, rope_parameters=_LONGROPE),
+                      r"rope_type 'longrope' .*supported: default, linear, yarn, llama3"),
+    "mistral with its default window": (dict(model_type="mistral"), r"sliding_window=4096.*sliding_window=None"),
+    "mistral window 16": (dict(model_type="mistral", sliding_window=16), "sliding_window=16"),
+    "qwen2 window on its last layer": (
+        dict(model_type="qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=1),
+        r"sliding_window=16 \(use_sliding_window=True, on layers \[1\]\)"),
+    "qwen3 window on every layer": (
+        dict(model_type="qwen3", use_sliding_window=True, sliding_window=16, max_window_layers=0),
+        r"sliding_window=16 .*layers \[0, 1\]"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED_CONFIGS), ids=list(REFUSED_CONFIGS))
+def test_configs_whose_attention_choreo_cannot_reproduce_are_refused(tokenizer, case):
+    """Sequence-length-dependent RoPE frequencies and sliding windows gave other logits than HF's past the
+    original context or the window: such models do not load."""
+    from tests.conftest import tiny_hf
+
+    options, message = REFUSED_CONFIGS[case]
+    options = dict(options)
+    hf = tiny_hf(tokenizer, options.pop("model_type", "llama"), **options)
+    with pytest.raises(ValueError, match=message):
+        choreo.load_model(hf, tokenizer=tokenizer)
+
+
+def test_a_refused_config_is_refused_from_a_checkpoint_directory_too(tokenizer, tmp_path, monkeypatch):
+    from tests.conftest import tiny_hf
+
+    monkeypatch.setenv("CHOREO_CACHE", str(tmp_path / "cache"))
+    tiny_hf(tokenizer, max_position_embeddings=128, rope_parameters=_LONGROPE).save_pretrained(tmp_path / "ckpt")
+    tokenizer.save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="rope_type 'longrope'"):
+        choreo.load_model(str(tmp_path / "ckpt"))
+
+
+def _poison_logits(monkeypatch, model, *, clean_passes: int):
+    """Make ``model.forward`` put a NaN in token 7's logit on every pass after the first ``clean_passes``."""
+    forward, passes = model.forward, []
+
+    def poisoned(*args, **kwargs):
+        passes.append(None)
+        logits = forward(*args, **kwargs)
+        return logits if len(passes) <= clean_passes else logits.index_fill(-1, torch.tensor([7]), float("nan"))
+
+    monkeypatch.setattr(model, "forward", poisoned)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
+@pytest.mark.parametrize("clean_passes", [0, 2], ids=["first-token", "third-token"])
+@pytest.mark.parametrize("kind", [choreo.Choreographer, choreo.Baseline], ids=["choreographed", "baseline"])
+def test_nan_logits_name_the_call_and_roll_it_back(tiny_gqa, monkeypatch, kind, clean_passes, temperature):
+    ex = kind(tiny_gqa, capacity=256)
+    sys = ex.prefill("Be brief.", role="system")
+    before = snapshot(ex)
+    _poison_logits(monkeypatch, tiny_gqa, clean_passes=clean_passes)
+    expected = rf"role 'assistant', seed 5\) at generated token {clean_passes}: .*temperature {temperature}.*1 NaN"
+    with pytest.raises(ValueError, match=expected):
+        ex.decode(role="assistant", parents=[sys], max_tokens=8, seed=5, temperature=temperature)
+    assert snapshot(ex) == before
+    monkeypatch.undo()
+    assert ex.decode(role="assistant", parents=[sys], max_tokens=2).tokens

@@ -267,3 +267,52 @@ def test_numpy_positions_are_traced_as_ints(tiny_gqa, tmp_path):
     (_, events), = load_traces(tmp_path / "t.jsonl")
     assert [(e.offsets, e.new_offset) for e in events] == [(None, 1), ((2,), None), ((0, None), 40)]
     assert events == runner.traces[0] and msg.start == 40
+
+
+def _sync_workflow(ex):  # an async def's body without the async: returns None
+    ex.executor.memory()
+
+
+def _generator_workflow(ex):
+    yield ex
+
+
+NOT_COROUTINES = {
+    "an int": (lambda ex: 5, "returned 5"),
+    "None (async forgotten)": (_sync_workflow, "returned None"),
+    "the async def itself, uncalled": (lambda ex: chat, "returned <function chat"),
+    "a generator": (_generator_workflow, "returned <generator object"),
+}
+
+
+async def short(ex, seed, max_tokens=2):
+    q = await ex.prefill(f"Say {seed}.", role="user")
+    return (await ex.decode(role="assistant", parents=[q], max_tokens=max_tokens, seed=seed)).tokens
+
+
+# (what workflow 2 returns, max_concurrent, fuse_prefills): started with the others (8), while another has a call
+# in flight (2), after the others finished (1).
+RUNS = [(case, 2, True) for case in NOT_COROUTINES] + [("an int", 8, True), ("an int", 2, False), ("an int", 1, True)]
+
+
+@pytest.mark.parametrize("case,max_concurrent,fuse", RUNS, ids=[
+    f"{case}-max_concurrent={n}-{'fused' if fuse else 'prefill-steps'}" for case, n, fuse in RUNS])
+def test_a_workflow_returning_no_coroutine_is_named_and_the_others_are_closed(tiny_gqa, case, max_concurrent,
+                                                                              fuse):
+    """Workflow 2 returns no coroutine: a TypeError names it and what it returned, and every instance started is
+    closed with what it created (its call in flight undone), none left un-awaited."""
+    import gc
+    import warnings
+
+    bad, returned = NOT_COROUTINES[case]
+    ch = choreo.Choreographer(tiny_gqa)
+    workflows = [lambda ex: short(ex, 0), lambda ex: short(ex, 1, max_tokens=8), bad, lambda ex: short(ex, 3)]
+    runner = choreo.Runner(ch, progress=False, max_concurrent=max_concurrent, fuse_prefills=fuse)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(TypeError, match=rf"workflow 2 {returned}.*not a coroutine: .*async def taking a Session"):
+            runner.run(workflows)
+        gc.collect()
+    assert not [w for w in caught if "never awaited" in str(w.message)]
+    assert ch.memory()["tokens_used"] == 0 and ch.memory()["messages"] == 0
+    assert runner.run([lambda ex: short(ex, 0)])[0] and ch.memory()["tokens_used"] == 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -48,3 +50,46 @@ def test_a_tiny_temperature_draws_among_the_max_logit_tokens(temperature):
     logits = torch.tensor([0.1, 2.0, 1.9, -1.0, 2.0, float("-inf")])
     drawn = set(_draws(logits, 200, temperature=temperature, top_p=1.0))
     assert drawn == {1, 4} if temperature < 1e-38 else drawn <= {1, 4}
+
+
+MASKED = torch.tensor([0.0, 1.0, float("-inf"), 0.5, float("-inf")])
+
+
+@pytest.mark.parametrize("temperature", [1e30, 3.5e38, 1e39, 1e300, 1.7e308])
+@pytest.mark.parametrize("logits", [MASKED, MASKED[[0, 1, 3]]], ids=["masked", "unmasked"])
+def test_a_huge_temperature_draws_uniformly_among_the_unmasked_tokens(temperature, logits):
+    """Above fp32's max (~3.4e38) t became inf and -inf / inf NaN, which fell back to the argmax: the limit
+    t -> inf is the uniform distribution over the tokens not masked with -inf. 600 seeded draws: each unmasked
+    token is drawn 200 +- 3 sigma (35) times (alpha ~3e-3 per token)."""
+    drawn = _draws(logits, 600, temperature=temperature, top_p=1.0)
+    counts = torch.bincount(torch.tensor(drawn), minlength=len(logits))
+    unmasked = torch.isfinite(logits)
+    assert (counts[~unmasked] == 0).all(), counts.tolist()
+    assert ((counts[unmasked] - 200).abs() <= 35).all(), counts.tolist()
+
+
+def test_one_unmasked_token_is_the_draw_at_any_temperature():
+    logits = torch.tensor([float("-inf"), 3.0, float("-inf")])
+    for temperature in (0.0, 1e-300, 1.0, 1e39, 1.7e308):
+        assert set(_draws(logits, 20, temperature=temperature, top_p=0.5)) == {1}, temperature
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1e-40, 1.0, 1e39], ids=["greedy", "tiny", "one", "huge"])
+@pytest.mark.parametrize("logits,message", [
+    ([0.0, float("nan"), 1.0], "1 NaN among 3"),
+    ([float("nan")] * 4, "4 NaN among 4"),
+    ([float("nan"), float("inf"), float("-inf")], "1 NaN among 3"),  # +inf would win the argmax
+    ([float("-inf")] * 3, "all 3 logits are -inf"),
+], ids=["one-nan", "all-nan", "nan-beside-inf", "all-masked"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logits_with_no_distribution_are_refused(logits, message, temperature, dtype):
+    """NaN logits were drawn as the argmax at t = 0 and raised torch's generic multinomial error at t > 0."""
+    with pytest.raises(ValueError, match=rf"temperature {re.escape(str(temperature))}: .*{message}"):
+        sample(torch.tensor(logits, dtype=dtype), temperature=temperature, top_p=1.0, generator=make_generator(0))
+
+
+def test_greedy_takes_the_first_of_tied_maxima_and_a_plus_inf_logit():
+    assert _draws(torch.tensor([1.0, 3.0, 3.0, -float("inf")]), 3, temperature=0.0, top_p=1.0) == [1] * 3
+    assert _draws(torch.tensor([0.0, float("inf"), 1.0, float("inf")]), 3, temperature=0.0, top_p=1.0) == [1] * 3
+    assert set(_draws(torch.tensor([0.0, float("inf"), 1.0, float("inf")]), 50, temperature=1.0,
+                      top_p=1.0)) == {1, 3}
