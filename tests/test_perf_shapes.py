@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 import choreo
@@ -32,9 +34,12 @@ def test_every_arm_same_tokens(tiny_gqa, synth, shape):
     first = {arm: r[0] for arm, r in runs.items()}
     generated = first["baseline"]["generated"]
     assert all(len(tokens) == LENGTHS.content_tokens for tokens in generated), generated
-    # The re-encoding arms and Hugging Face encode the same serial prompts, token for token.
+    # The re-encoding arms and Hugging Face encode the same serial prompts, token for token; baseline+prefix
+    # encodes them past the prefix it reuses (test_prefix_reuse_is_not_charged_before_the_first_token).
     assert first["hf"]["tokens_processed"] == first["baseline"]["tokens_processed"]
-    assert first["hf"]["prompt_tokens"] == first["baseline"]["prompt_tokens"] == first["baseline+prefix"]["prompt_tokens"]
+    prompt_tokens = {arm: r["prompt_tokens"] for arm, r in first.items()}
+    assert prompt_tokens["hf"] == prompt_tokens["baseline"] >= prompt_tokens["baseline+prefix"]
+    assert [r["serial_calls"] for r in first.values()] == [arm == "hf" for arm in first]
     assert first["baseline+prefix"]["tokens_processed"] <= first["baseline"]["tokens_processed"]
     assert first["choreographed[torch]"]["tokens_processed"] <= first["baseline"]["tokens_processed"]
     assert len({r["calls"] for r in first.values()}) == 1 and len({r["stages"] for r in first.values()}) == 1
@@ -66,6 +71,35 @@ def test_prefix_reuse_skips_tokens(tiny_gqa, synth):
     full = perf.run_once(tiny_gqa, shape, "baseline", synth)
     reuse = perf.run_once(tiny_gqa, shape, "baseline+prefix", synth)
     assert reuse["tokens_processed"] < full["tokens_processed"]
+
+
+@pytest.mark.parametrize("shape", [perf.make_shape("iterative_debate", rounds=2),
+                                   perf.make_shape("prisoners_dilemma", rounds=1)], ids=lambda s: s.label)
+def test_prefix_reuse_is_not_charged_before_the_first_token(tiny_gqa, synth, shape):
+    """baseline+prefix encodes prompt[reuse:] (reuse = len(job.origin[1])), and only that counts towards its
+    TTFT bound: the tokens it saves are exactly the ones it reused."""
+    ex = perf.make_executor(tiny_gqa, "baseline+prefix")
+    full = perf.run_once(tiny_gqa, shape, "baseline", synth)
+    reused0 = ex.reused_tokens
+    reuse = perf.run_once(tiny_gqa, shape, "baseline+prefix", synth, ex)
+    reused = ex.reused_tokens - reused0  # the sum over calls of len(job.origin[1])
+    assert reused > 0
+    assert reuse["prompt_tokens"] == full["prompt_tokens"] - reused
+    assert full["tokens_processed"] - reuse["tokens_processed"] == reused
+    again = perf.run_once(tiny_gqa, shape, "baseline+prefix", synth, ex)  # a reused executor: same counts
+    assert again["stage_tokens"] == reuse["stage_tokens"]
+
+
+def test_serial_hf_calls_get_no_ttft_bounds():
+    """hf's TTFT includes the decodes of the calls ahead of it in its stage: no bound counts those."""
+    hf = {"wall_s": 4.0, "ttft_sum_s": 3.0, "tokens_processed": 100, "prompt_tokens": 80, "forward_passes": 10,
+          "stage_tokens": [[40, 40]], "serial_calls": True}
+    fast = {"wall_s": 2.0, "ttft_sum_s": 1.0, "tokens_processed": 25, "prompt_tokens": 10, "forward_passes": 10,
+            "stage_tokens": [[10]], "serial_calls": False}
+    s = perf.speedups({"hf": [hf], "c": [fast]}, "hf", "c", cost={"fixed_s": 1.0, "per_token_s": 0.1})
+    assert s["ttft"] == 3.0 and "ttft_bound" not in s and "ttft_model" not in s
+    assert s["e2e_bound"] == 4.0 and "e2e_model" in s
+    assert "passes" not in perf.report._x(s, "ttft") and "tokens" in perf.report._x(s, "e2e")
 
 
 def test_speedups_and_bounds():
@@ -190,13 +224,69 @@ def test_memory_window_holds_the_executor_and_its_store(tiny_gqa, monkeypatch):
     from choreo.perf import memory
 
     events = []
+    monkeypatch.setattr(memory, "trim_heap", lambda: events.append("trim") or True)
     monkeypatch.setattr(memory, "reset_peak_rss", lambda: events.append("reset") or True)
     make = memory.make_executor
     monkeypatch.setattr(memory, "make_executor", lambda *a: events.append("executor") or make(*a))
     shape = perf.make_shape("multiqa", k=2)
     result = memory.measure_memory_here(tiny_gqa, shape, "choreographed[torch]", LENGTHS)
-    assert events == ["reset", "executor"]
+    # Trimmed first: freed pages still resident would otherwise serve the executor without growing the RSS.
+    assert events == ["trim", "reset", "executor"] and result["heap_trimmed"]
     assert result["kv_peak_bytes"] > 0 and result["rss_peak"] > 0 and result["rss_delta"] >= 0
+
+
+def test_trim_heap_returns_freed_pages_where_glibc_allows():
+    import platform
+
+    trimmed = perf.trim_heap()
+    assert isinstance(trimmed, bool)
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert trimmed
+
+
+def _tiny_profile(**kwargs) -> perf.BenchConfig:
+    return perf.BenchConfig(lengths=LENGTHS, shapes=(perf.make_shape("multiqa", k=2),), rounds=1, warmup=2,
+                            scaling={"k": [perf.make_shape("multiqa", k=k) for k in (2, 3)]}, scaling_rounds=1,
+                            pass_sizes=(), **kwargs)
+
+
+def test_scaling_points_warm_up_as_the_table_and_say_so(tiny_gqa, tmp_path, monkeypatch):
+    from choreo.perf import cli
+
+    monkeypatch.setitem(perf.BENCH_PROFILES, "tiny", _tiny_profile(memory_arms=()))
+    warmups = []
+    measure = cli.measure_shape
+    monkeypatch.setattr(cli, "measure_shape", lambda *a, **k: warmups.append(k["warmup"]) or measure(*a, **k))
+    cli.bench(tiny_gqa, profile="tiny", results_dir=tmp_path, log=lambda _: None, progress=False, rss=False)
+    assert warmups == [2, 2, 2]  # the table's shape, then both scaling points
+    stored = json.loads((tmp_path / "performance" / "speedups.json").read_text())
+    sizes = stored["provenance"]["sample_sizes"]
+    assert (sizes["warmup"], sizes["scaling_rounds"], sizes["scaling_warmup"]) == (2, 1, 2)
+    text = (tmp_path / "performance" / "speedups.md").read_text()
+    assert "Scaling plots: the choreographed arm vs baseline only, 1 timed round(s) after 2 warm-up round(s)" in text
+    assert "hf arm has no TTFT bounds" in text
+
+
+def test_memory_only_keeps_the_timings_commit(tiny_gqa, tmp_path, monkeypatch):
+    """--memory-only rewrites the table with new memory; the timings keep their command, date, load and commit."""
+    from choreo.perf import cli
+
+    monkeypatch.setitem(perf.BENCH_PROFILES, "tiny", _tiny_profile())
+    cli.bench(tiny_gqa, profile="tiny", results_dir=tmp_path, log=lambda _: None, progress=False, rss=False,
+              command="choreo bench --profile tiny")
+    path = tmp_path / "performance" / "speedups.json"
+    stored = json.loads(path.read_text())
+    stored["provenance"]["git_commit"] = "0123abc"
+    del stored["provenance"]["sample_sizes"]["scaling_warmup"]  # as written before scaling points warmed up
+    path.write_text(json.dumps(stored))
+    fake = {"rss_peak": 2**30, "rss_delta": 2**20, "kv_peak_bytes": 1, "cuda_peak_bytes": None}
+    monkeypatch.setattr(cli, "measure_memory", lambda shape, arm, lengths, model_path=None: dict(fake, arm=arm))
+    for _ in range(2):  # the second re-measurement carries timings_git_commit from the first
+        cli.remeasure_memory(tmp_path / "performance", tiny_gqa, command="choreo bench --memory-only")
+        prov = json.loads(path.read_text())["provenance"]
+        assert prov["timings_git_commit"] == "0123abc" and prov["timings_command"] == "choreo bench --profile tiny"
+        assert prov["sample_sizes"]["scaling_warmup"] == 0
+    assert "Timings measured at commit 0123abc" in (tmp_path / "performance" / "speedups.md").read_text()
 
 
 def test_pass_costs_time_one_token_decode_steps(tiny_gqa, monkeypatch):

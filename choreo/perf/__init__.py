@@ -20,7 +20,7 @@ from .cli import bench, register, remeasure_memory
 from .config import BENCH_PROFILES, BenchConfig, memory_arms
 from .measure import (check_identical, compare, fit_affine, measure_shape, model_seconds, pass_costs, run_once,
                       speedups, summarize)
-from .memory import measure_memory, measure_memory_here, peak_rss, reset_peak_rss
+from .memory import measure_memory, measure_memory_here, peak_rss, reset_peak_rss, trim_heap
 from .report import plot_scaling, table_rows, write_pass_costs, write_results
 from .shapes import PAPER, PAPER_SHAPES, SCALING, WORKFLOWS, Lengths, Recorder, Shape, Synth, make_shape
 
@@ -29,4 +29,5 @@ __all__ = ["BENCH_PROFILES", "BenchConfig", "HFSession", "HF_PROTOCOL", "Lengths
            "WORKFLOWS", "available_arms", "bench", "check_identical", "compare", "fast_arm", "fit_affine",
            "make_executor", "make_shape", "measure_memory", "measure_memory_here", "measure_shape", "memory_arms",
            "model_seconds", "pass_costs", "peak_rss", "plot_scaling", "register", "remeasure_memory",
-           "reset_peak_rss", "run_once", "speedups", "summarize", "table_rows", "write_pass_costs", "write_results"]
+           "reset_peak_rss", "run_once", "speedups", "summarize", "table_rows", "trim_heap", "write_pass_costs",
+           "write_results"]

@@ -3,7 +3,8 @@
 - ``choreographed[<backend>]``: ``Choreographer`` with an attention backend ("torch"; "triton" on CUDA).
 - ``baseline``: ``Baseline`` (each call re-encodes its serial prompt from position 0).
 - ``baseline+prefix``: ``Baseline(prefix_reuse=True)`` (exact prefix caching, as vLLM/SGLang do).
-- ``hf``: ``model.hf_model`` with its own KV cache on the *same serial prompt ids* the baseline builds.
+- ``hf``: ``model.hf_model`` with its own KV cache on the *same serial prompt ids* the baseline builds, a
+  stage's calls one after another (so a call's time to first token includes the decodes of the calls ahead).
 
 Content is teacher-forced *one decode step at a time* (``TEACHER``): a call's prompt is encoded, then each
 forced content token is fed as if it had been sampled, so time to first token is real prompt processing. Every
@@ -51,6 +52,7 @@ class _Stepwise:
     def __init__(self, model, **kwargs):
         super().__init__(model, **kwargs)
         self.engine.__class__ = _StepwiseEngine  # adds behaviour only, no state
+        self.first_pass_tokens: dict[int, int] = {}  # message id -> tokens its call encoded before its first token
 
     def make_job(self, call: Call, header, **kwargs) -> Job:
         if call.teacher_tokens is None:
@@ -59,6 +61,15 @@ class _Stepwise:
         job = super().make_job(dataclasses.replace(call, teacher_tokens=None, max_tokens=len(forced)), header, **kwargs)
         job.forced = forced
         return job
+
+    def finish(self, jobs: list[Job]) -> list[Message]:
+        out = super().finish(jobs)
+        for job, msg in zip(jobs, out):
+            if job.call is not None:
+                # What the call's first pass encodes: the choreographed header; the baseline's serial prompt past
+                # the prefix reused from a cached chain (prompt[reuse:], reuse = len(job.origin[1])).
+                self.first_pass_tokens[msg.id] = job.n_header
+        return out
 
 
 class StepwiseChoreographer(_Stepwise, Choreographer):
@@ -75,6 +86,7 @@ class HFSession:
     def __init__(self, model: Model):
         self.model, self.book = model, Baseline(model)  # the book keeps messages and builds the prompts
         self.tokens_processed, self.forward_passes, self.peak_kv_tokens, self.created = 0, 0, 0, []
+        self.first_pass_tokens: dict[int, int] = {}  # message id -> its serial prompt's length
 
     async def prefill(self, text, *, role, parents=(), offsets=None, new_offset=None) -> Message:
         msg = self.book.prefill(text, role=role, parents=parents, offsets=offsets, new_offset=new_offset)
@@ -108,7 +120,9 @@ class HFSession:
         self.tokens_processed += n
         self.forward_passes += len(forced) + 1
         self.peak_kv_tokens = max(self.peak_kv_tokens, n)
-        return self.book.add_generated(call, forced, ttft=ttft, latency=time.perf_counter() - t0)
+        msg = self.book.add_generated(call, forced, ttft=ttft, latency=time.perf_counter() - t0)
+        self.first_pass_tokens[msg.id] = len(prompt)
+        return msg
 
     def close(self) -> None:
         self.book.free(*[m for m in self.created if not m.freed])

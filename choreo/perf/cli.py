@@ -45,7 +45,7 @@ def bench(model: Model, *, profile: str, results_dir: Path, model_path: str | No
         scaling[axis] = []
         for shape in tqdm(shapes, desc=f"scaling {axis}", disable=not progress):
             f = measure_shape(model, shape, [fast, "baseline"], lengths=cfg.lengths, rounds=cfg.scaling_rounds,
-                              warmup=0, cost=cost)
+                              warmup=cfg.warmup, cost=cost)
             scaling[axis].append((dict(shape.size)[axis], f["speedups"]["baseline"]))
     if model.spec.device.type == "cpu" and rss:
         for shape in tqdm(cfg.shapes if cfg.memory_arms else (), desc="memory", disable=not progress):
@@ -57,10 +57,12 @@ def bench(model: Model, *, profile: str, results_dir: Path, model_path: str | No
 
 
 def remeasure_memory(out: Path, model: Model, *, model_path: str | None = None, command: str | None = None) -> Path:
-    """Peak memory again for every shape in ``out/speedups.json``; timings are kept as measured (their command
-    and date stay in the provenance as ``timings_command``/``timings_date``)."""
+    """Peak memory again for every shape in ``out/speedups.json``; timings are kept as measured (their command,
+    date, load and commit stay in the provenance as ``timings_command``/``_date``/``_load_average``/``_git_commit``)."""
     stored = json.loads((Path(out) / "speedups.json").read_text())
     data, timed = stored["data"], stored["provenance"]
+    # Scaling points measured before they were warmed up recorded no scaling_warmup: they ran with none.
+    scaling_warmup = (timed.get("sample_sizes") or {}).get("scaling_warmup", 0)
     cfg = BENCH_PROFILES[data["profile"]]
     memory = {}
     for shape in cfg.shapes:
@@ -69,8 +71,9 @@ def remeasure_memory(out: Path, model: Model, *, model_path: str | None = None, 
                                    for a in memory_arms(cfg, model.spec.device)}
     return write_results(Path(out), model=model, profile=data["profile"], figures=data["figures"], memory=memory,
                          scaling={k: [tuple(p) for p in v] for k, v in data["scaling"].items()},
-                         cost=data.get("cost"), command=command,
+                         cost=data.get("cost"), command=command, scaling_warmup=scaling_warmup,
                          timings_command=timed.get("timings_command", timed.get("command")),
+                         timings_git_commit=timed.get("timings_git_commit", timed.get("git_commit")),
                          timings_date=timed.get("timings_date", timed.get("date")),
                          timings_load_average=timed.get("timings_load_average", timed.get("load_average")))
 

@@ -1,13 +1,16 @@
 """Peak memory of one workflow run, measured in isolation (one subprocess per configuration).
 
-Process RSS on CPU: the peak resident set (``VmHWM``, reset before the run) above the RSS before it.
-KV-cache bytes and, on CUDA, ``torch.cuda.max_memory_allocated`` come from ``run_once``.
+Process RSS on CPU: the peak resident set (``VmHWM``, reset before the run) above the RSS before it. Freed heap
+pages are handed back to the system first (glibc ``malloc_trim(0)``, ``trim_heap``): otherwise allocations served
+from pages that are freed but still resident do not grow the RSS, and the growth undercounts the run (a 45 MiB KV
+store showed as +23 MiB). KV-cache bytes and, on CUDA, ``torch.cuda.max_memory_allocated`` come from ``run_once``.
 
 Example: ``measure_memory(make_shape("multiqa", k=2), "baseline", Lengths())["rss_delta"]``.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import os
@@ -21,6 +24,20 @@ from ..model import Model
 from .arms import make_executor
 from .measure import run_once
 from .shapes import Lengths, Shape, Synth, make_shape
+
+
+def trim_heap() -> bool:
+    """Return the C heap's free pages to the system (glibc ``malloc_trim(0)``), so that RSS measured from here
+    grows with every page a run touches; False where the C library is not glibc (nothing is trimmed)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim  # musl has no libc.so.6 and no malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+    return True
 
 
 def reset_peak_rss() -> bool:
@@ -46,22 +63,24 @@ def measure_memory_here(model: Model, shape: Shape, arm: str, lengths: Lengths) 
     """Peak RSS of one run in this process, above the RSS before it.
 
     One 2-token forward pass runs first: the first pass of a process allocates a fixed ~0.4 GiB (library
-    initialisation, the same in every arm) that is not the workflow's. The workflow itself is not warmed
-    up, and its executor is created inside the measured window: the executor's KV store (allocated with room
-    for 1,024 tokens, then grown), activations and allocator growth are its footprint.
+    initialisation, the same in every arm) that is not the workflow's. Then the heap is trimmed (``trim_heap``)
+    before the RSS is read and its peak reset. The workflow itself is not warmed up, and its executor is created
+    inside the measured window: the executor's KV store (allocated with room for 1,024 tokens, then grown),
+    activations and allocator growth are its footprint.
     """
     import psutil
 
     synth = Synth(model.tokenizer, lengths)
     with torch.inference_mode():
         model.hf_model(input_ids=torch.tensor([[1, 2]], device=model.spec.device), logits_to_keep=1)
+    trimmed = trim_heap()
     before = psutil.Process().memory_info().rss
     reset = reset_peak_rss()
     executor = None if arm == "hf" else make_executor(model, arm)
     result = run_once(model, shape, arm, synth, executor)
     peak = peak_rss()
     return {"arm": arm, "shape": shape.label, "rss_before": before, "rss_peak": peak, "peak_reset": reset,
-            "rss_delta": max(peak - before, 0), "kv_peak_bytes": result["kv_peak_bytes"],
+            "heap_trimmed": trimmed, "rss_delta": max(peak - before, 0), "kv_peak_bytes": result["kv_peak_bytes"],
             "cuda_peak_bytes": result["cuda_peak_bytes"]}
 
 

@@ -103,23 +103,29 @@ def _memory_note(device: torch.device, *, measured: bool) -> str:
     if not measured:
         return "Peak memory: not measured in this run."
     return ("Peak memory: peak RSS of one subprocess per configuration (model loaded, one 2-token priming pass, "
-            "VmHWM reset, then the executor made, its KV store with room for 1,024 tokens included, and one run); + "
-            "is the growth above the RSS before the executor was made.")
+            "free heap pages returned to the system by glibc malloc_trim(0), VmHWM reset, then the executor made, its "
+            "KV store with room for 1,024 tokens included, and one run); + is the growth above the RSS before the "
+            "executor was made: every page the executor and the run touched, its KV store included.")
 
 
 def write_results(out: Path, *, model: Model, profile: str, figures: dict, memory: dict, scaling: dict,
-                  cost: dict | None = None, command: str | None = None, **extra) -> Path:
+                  cost: dict | None = None, command: str | None = None, scaling_warmup: int | None = None,
+                  **extra) -> Path:
     """``speedups.md``/``.json`` (one row per shape) and ``scaling_<axis>.png`` under ``out``.
 
-    ``extra`` goes into the provenance (e.g. where re-measured memory joins earlier timings).
+    ``scaling_warmup``: warm-up rounds of the scaling points (default: the profile's ``warmup``, as ``bench``
+    runs them). ``extra`` goes into the provenance (e.g. where re-measured memory joins earlier timings).
     """
     from ..provenance import provenance
     from ..report import write_table
 
     cfg = BENCH_PROFILES[profile]
     load = os.getloadavg()
-    prov = provenance(model, seeds=None, sample_sizes={"rounds": cfg.rounds, "warmup": cfg.warmup,
-                                                      **dataclasses.asdict(cfg.lengths)},
+    scaling_warmup = cfg.warmup if scaling_warmup is None else scaling_warmup
+    sizes = {"rounds": cfg.rounds, "warmup": cfg.warmup, **dataclasses.asdict(cfg.lengths)}
+    if scaling:
+        sizes.update(scaling_rounds=cfg.scaling_rounds, scaling_warmup=scaling_warmup)
+    prov = provenance(model, seeds=None, sample_sizes=sizes,
                       command=command, protocol=TEACHER, hf_protocol=HF_PROTOCOL, load_average=load,
                       threads=torch.get_num_threads(), **extra)
     notes = [
@@ -127,9 +133,13 @@ def write_results(out: Path, *, model: Model, profile: str, figures: dict, memor
         f"{cfg.lengths.content_tokens} content tokens per call. hf arm: {HF_PROTOCOL}.",
         "Speed-ups are medians over rounds of ratios measured side by side in the same round (arms interleaved).",
         "Bounds: tokens = tokens the baseline encodes / tokens the choreographed arm encodes (end-to-end: all "
-        "forward-pass tokens; TTFT: tokens encoded before each stage's first tokens); passes = the same ratio of "
+        "forward-pass tokens; TTFT: tokens encoded before each stage's first tokens, as each executor counted them, "
+        "so baseline+prefix is charged only the prompt past the prefix it reuses); passes = the same ratio of "
         "times predicted by the affine cost of one forward pass (pass_cost.md), which charges every pass its fixed "
         "part. The percentage is measured / bound.",
+        "hf runs a stage's calls one after another and its TTFT counts from the stage's submission, so it includes "
+        "the decodes of the calls ahead; no token or pass-cost bound counts them, so the hf arm has no TTFT bounds "
+        "(its end-to-end bounds stand).",
         "TTFT = summed over sequential stages of the slowest call's time to first token. Choreographed prompt "
         "messages are encoded when created, in passes of their own, counted in end-to-end time but not in TTFT; "
         "'prefills fused' encodes them in the first pass of the call that reads them (the Runner's default).",
@@ -141,6 +151,12 @@ def write_results(out: Path, *, model: Model, profile: str, figures: dict, memor
          f"1-min load average {load[0]:.1f} on {os.cpu_count()} cores at the end of the run, ")
         + f"{torch.get_num_threads()} torch threads.",
     ]
+    if extra.get("timings_git_commit"):
+        notes.append(f"Timings measured at commit {extra['timings_git_commit']}; memory re-measured at the commit "
+                     "in the provenance below.")
+    if scaling:
+        notes.append(f"Scaling plots: the choreographed arm vs baseline only, {cfg.scaling_rounds} timed round(s) "
+                     f"after {scaling_warmup} warm-up round(s) per point, arms interleaved within each round.")
     if cost is not None:
         notes.append(f"Pass cost used for the bounds: t(S) = {1000 * cost['fixed_s']:.1f} ms + "
                      f"{1000 * cost['per_token_s']:.2f} ms x S, measured in the same run.")

@@ -83,7 +83,7 @@ class Recorder:
                  for t, p, r in zip(tags, parents, roles)]
         msgs = await self.ex.decode(calls)
         self.stages.append([{
-            "ttft": m.ttft, "latency": m.latency, "tokens": list(m.tokens), "header": m.content[0],
+            "id": m.id, "ttft": m.ttft, "latency": m.latency, "tokens": list(m.tokens), "header": m.content[0],
             "parent_tokens": sum(p.length for p in ps), "prefilled": self._prefilled,
         } for m, ps in zip(msgs, parents)])
         self._prefilled = 0

@@ -16,6 +16,8 @@ import torch
 from choreo import perf
 from choreo.report import markdown_table
 
+from .conftest import timed_rounds
+
 pytestmark = [pytest.mark.bench, pytest.mark.model]
 
 # Ratios may fall to this fraction of the stored ones before the gate fails. Medians of 3 rounds at the
@@ -54,7 +56,12 @@ def _table(figures: dict) -> str:
     return markdown_table(["shape", "e2e measured / bound", "TTFT measured / bound"], rows)
 
 
-def test_speedups(benchmark, model, profile, shape, collected, cost):
+def peak_memory(shape, cfg: perf.BenchConfig, device, model_path: str | None) -> dict:
+    """Peak RSS per memory arm, in subprocesses that load the suite's model (``model_path``), not the embedded one."""
+    return {a: perf.measure_memory(shape, a, cfg.lengths, model_path=model_path) for a in perf.memory_arms(cfg, device)}
+
+
+def test_speedups(benchmark, model, model_path, profile, shape, collected, cost):
     cfg = perf.BENCH_PROFILES[profile]
     arms = perf.available_arms(model.spec.device)
     fast = perf.fast_arm(model.spec.device)
@@ -71,20 +78,14 @@ def test_speedups(benchmark, model, profile, shape, collected, cost):
         runs[fast].append(perf.run_once(model, shape, fast, synth, executors[fast]))
 
     benchmark.group = f"performance {shape.name}"
-    if benchmark.disabled:  # --benchmark-disable, xdist: pedantic would run one cold round; the ratios need all
-        for _ in range(cfg.warmup + cfg.rounds):
-            setup()
-            target()
-    else:
-        benchmark.pedantic(target, setup=setup, rounds=cfg.rounds, warmup_rounds=cfg.warmup, iterations=1)
+    timed_rounds(benchmark, target, setup=setup, rounds=cfg.rounds, warmup=cfg.warmup)
     assert all(len(r) == cfg.warmup + cfg.rounds for r in runs.values()), {a: len(r) for a, r in runs.items()}
     runs = {a: r[-cfg.rounds:] for a, r in runs.items()}  # drop warm-up rounds
     perf.check_identical(runs)
     figure = collected["figures"][shape.label] = perf.summarize(runs, fast, cost=cost)
     speed = figure["speedups"]
     if model.spec.device.type == "cpu" and cfg.memory_arms:
-        collected["memory"][shape.label] = {a: perf.measure_memory(shape, a, cfg.lengths)
-                                            for a in perf.memory_arms(cfg, model.spec.device)}
+        collected["memory"][shape.label] = peak_memory(shape, cfg, model.spec.device, model_path)
     first = {a: r[0] for a, r in runs.items()}
     benchmark.extra_info.update({
         "shape": shape.label, "protocol": perf.TEACHER, "hf_protocol": perf.HF_PROTOCOL,
