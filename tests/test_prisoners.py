@@ -181,6 +181,33 @@ def test_interrupted_run_resumes_without_redoing_or_losing_games(model, tmp_path
     assert set(out) == {("defect", s) for s in seeds}
 
 
+def test_games_of_different_variants_share_a_log_without_mixing(model, tmp_path, baseline, monkeypatch):
+    """The fine-tuned arm labels its games with the plan that trained its adapter: another plan's games in the
+    same log are neither reused nor returned, and unlabelled (older) games count as ``unlabelled_variant``."""
+    path, plans, seeds = tmp_path / "games.jsonl", _plans(baseline), [0, 1]
+    play = lambda variant, **kw: pd.run_games(  # noqa: E731
+        model, arm="finetuned", strategies=["defect"], seeds=seeds, log=JsonlLog(path, key="key"), config=TINY,
+        plans=plans, progress=False, variant=variant, **kw)
+    unlabelled = pd.run_games(model, arm="finetuned", strategies=["defect"], seeds=seeds,
+                              log=JsonlLog(path, key="key"), config=TINY, plans=plans, progress=False)
+    assert all("variant" not in r for r in unlabelled.values())
+    played = []
+    real = pd.play
+
+    async def counting(ex, **kw):
+        played.append(kw["seed"])
+        return await real(ex, **kw)
+
+    monkeypatch.setattr(pd, "play", counting)
+    assert play("plan-a", unlabelled_variant="plan-a") == unlabelled and played == []  # the older games count
+    b = play("plan-b", unlabelled_variant="plan-a")
+    assert sorted(played) == seeds and all(r["variant"] == "plan-b" for r in b.values())  # another plan: played
+    assert play("plan-b", unlabelled_variant="plan-a") == b and len(played) == len(seeds)  # and then reused
+    assert play("plan-a", unlabelled_variant="plan-a") == unlabelled  # each plan still reads its own games
+    keys = [tuple(r["key"]) for r in JsonlLog(path, key="key").records()]
+    assert len(keys) == 2 * len(seeds) and set(keys) == {("finetuned", "defect", s) for s in seeds}
+
+
 def test_malformed_log_is_an_error_naming_file_and_line(model, tmp_path):
     path = tmp_path / "games.jsonl"
     path.write_text('{"key": ["baseline", "defect", 0]}\nnot json\n{"key": ["baseline", "defect", 1]}\n')

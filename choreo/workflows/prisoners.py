@@ -335,13 +335,18 @@ def game_key(arm: str, strategy: str, seed: int) -> tuple[str, str, int]:
 
 def run_games(model, *, arm: str, strategies=STRATEGIES, seeds, log, config: GameConfig = GameConfig(),
               plans: dict | None = None, predict: bool = False, max_concurrent: int = 32,
-              progress: bool | str = True) -> dict[tuple[str, int], dict]:
+              progress: bool | str = True, variant: str | None = None,
+              unlabelled_variant: str | None = None) -> dict[tuple[str, int], dict]:
     """Play every (strategy, seed) game of ``arm`` not yet in ``log`` and append each as it finishes.
 
     ``log`` is a ``choreo.results.JsonlLog`` keyed by "key" (``game_key``); an interrupted run resumes
     without redoing or losing finished games. ``plans[(strategy, seed)]`` holds the paired baseline
     game's plan tokens (required for every arm but the baseline). Returns {(strategy, seed): record}
     for all requested games, read back from the log.
+
+    ``variant`` labels games that depend on more than the arm (the fine-tuned arm: which adapter played them);
+    a logged game counts only for its own variant, so games of several variants share one log. A game logged
+    without a label counts as ``unlabelled_variant`` (None: unlabelled games are the arms' without variants).
 
     Example::
 
@@ -366,7 +371,10 @@ def run_games(model, *, arm: str, strategies=STRATEGIES, seeds, log, config: Gam
         if missing:
             raise ValueError(f"arm {arm!r} teacher-forces the paired baseline plans; none given for {missing[:3]}"
                              f"{' ...' if len(missing) > 3 else ''}")
-    done = log.keys()
+    def logged() -> dict[tuple, dict]:  # this variant's games by key, the last of a key winning
+        return {tuple(r["key"]): r for r in log.records() if r.get("variant", unlabelled_variant) == variant}
+
+    done = logged()
     todo = [w for w in wanted if game_key(arm, *w) not in done]
     if todo:
         if arm == "baseline":  # exact-prefix reuse (prefix caching): same math as re-encoding, far less CPU
@@ -374,7 +382,8 @@ def run_games(model, *, arm: str, strategies=STRATEGIES, seeds, log, config: Gam
         else:
             executor = Choreographer(model, capacity=max_concurrent * 2048)
         coop_ids = decision_token_ids(model.tokenizer)
-        tag = {"config": config.fingerprint(), "model": model.spec.name, "model_sha256": model.spec.sha256}
+        tag = {"config": config.fingerprint(), "model": model.spec.name, "model_sha256": model.spec.sha256,
+               **({} if variant is None else {"variant": variant})}
 
         def workflow(strategy, seed):
             return lambda ex: play(ex, strategy=strategy, seed=seed, arm=arm, config=config, predict=predict,
@@ -386,12 +395,8 @@ def run_games(model, *, arm: str, strategies=STRATEGIES, seeds, log, config: Gam
         desc = f"{arm} games" if progress is True else progress
         Runner(executor, max_concurrent=max_concurrent, progress=desc).run(
             [workflow(*w) for w in todo], on_result=save)
-    records, wanted_set = {}, set(wanted)
-    for r in log.records():
-        key = tuple(r["key"])
-        if key[0] == arm and (key[1], key[2]) in wanted_set:
-            records[(key[1], key[2])] = r
-    return {w: records[w] for w in wanted}
+    records = logged()
+    return {w: records[game_key(arm, *w)] for w in wanted}
 
 
 # ------------------------------------------------------------------------------------------------ fine-tuned arm

@@ -244,7 +244,7 @@ def games(model, profile, results_dir, leakage_sizes) -> Games:
     out = Games(records=records, seeds=seeds, config=config, sizes=leakage_sizes, wall_s=wall, log_path=log_path,
                 finetune_note="", finetune_plan=plan)
     if plan is not None:
-        out.finetune_chosen = {s: adapter_summary(folder / s) for s in STRATEGIES}
+        out.finetune_chosen = {s: adapter_summary(folder / plan_variant(plan) / s) for s in STRATEGIES}
         identical = {s: out.identical_to_choreographed(s) for s in STRATEGIES}
         out.finetune_note = finetune_note(plan, out.finetune_chosen, identical, n=len(seeds))
     else:
@@ -270,17 +270,27 @@ def finetuned_arm(model, plan: dict | None, records: dict, *, seeds, log, config
     dev_seeds = range(first + n_train, first + n_train + n_dev)
     if set(train_seeds) & set(seeds) or set(dev_seeds) & set(seeds):
         raise ValueError(f"fine-tuning seeds from {first} overlap the evaluation seeds 0..{max(seeds)}")
-    out = {}
+    out, variant = {}, plan_variant(plan)
     for s in STRATEGIES:
-        best = folder / s / "best"
+        best = folder / variant / s / "best"
         if not best.is_dir():
             train_adapter(model, strategy=s, train_seeds=train_seeds, dev_seeds=dev_seeds, config=config,
                           finetune_config=FinetuneConfig.preset(plan["preset"], **plan.get("overrides", {})),
-                          out_dir=folder / s)
+                          out_dir=folder / variant / s)
         with use_adapter(model, best):
             out.update(run_games(model, arm="finetuned", strategies=[s], seeds=seeds, log=log, config=config,
-                                 plans=plans, predict=True))
+                                 plans=plans, predict=True, variant=variant,
+                                 unlabelled_variant=plan_variant(FINETUNE_REDUCED)))
     records["finetuned"] = {s: [out[(s, seed)] for seed in seeds] for s in STRATEGIES}
+
+
+def plan_variant(plan: dict) -> str:
+    """The fine-tuned arm's label for ``plan``: its games and adapters are kept apart from another plan's. The
+    fine-tuned games logged before games carried it were all the reduced plan's (CHOREO_LEAKAGE_FINETUNE=1)."""
+    from choreo.finetune import FinetuneConfig
+
+    config = FinetuneConfig.preset(plan["preset"], **plan.get("overrides", {}))
+    return "plan-" + fingerprint(plan=plan_record(plan), finetune=config.to_json())
 
 
 def adapter_summary(folder: Path) -> dict:
