@@ -555,9 +555,8 @@ def call_list(calls, fields: dict) -> list[Call]:
     keyword fields beside the list, with a TypeError that says how to call ``decode`` instead."""
     if fields:
         raise TypeError(f"decode(calls) takes no keyword fields, got {sorted(fields)}")
-    if isinstance(calls, (Call, dict, str)):
-        raise TypeError(f"decode(calls) takes a list of calls, got {type(calls).__name__}: use decode([call]) "
-                        f"or decode(**fields)")
+    _check_sequence(calls, "decode(calls)", "calls", example="decode([call]) or decode(**fields)",
+                    singles=(Call, dict, str, bytes))
     return [c if isinstance(c, Call) else Call(**c) for c in calls]
 
 
@@ -572,9 +571,10 @@ def check_position(value, name: str) -> int | None:
     return position
 
 
-def _check_sequence(value, name: str, what: str, *, example: str) -> None:
-    """Refuse a single item where a list is expected (a TypeError that shows the list form)."""
-    if isinstance(value, (Message, str, bytes, dict)) or not hasattr(value, "__iter__"):
+def _check_sequence(value, name: str, what: str, *, example: str, singles=(Message, str, bytes, dict)) -> None:
+    """Refuse a single item (not iterable, or one of ``singles``) where a list is expected: a TypeError that shows
+    the list form."""
+    if isinstance(value, singles) or not hasattr(value, "__iter__"):
         raise TypeError(f"{name} must be a list of {what}, got {type(value).__name__} {value!r:.60}: write "
                         f"{example}")
 

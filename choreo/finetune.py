@@ -54,7 +54,7 @@ from .attention import BACKENDS
 from .baseline import Baseline
 from .cache import Message
 from .engine import Call, Choreographer
-from .lora import DEFAULT_TARGETS, add_adapter, adapter_disabled, is_adapted, load_adapter, save_adapter, \
+from .lora import DEFAULT_TARGETS, add_adapter, adapter_disabled, check_no_adapter, load_adapter, save_adapter, \
     trainable_parameters, unload_adapter, use_adapter
 from .trace import TraceEvent
 
@@ -781,8 +781,7 @@ def select_on_dev(model, train_traces: Sequence, dev_traces: Sequence, *, config
     configs = [dataclasses.replace(c, dev_metric=metric) for c in configs]
     if not configs:
         raise ValueError("select_on_dev needs at least one candidate config")
-    if is_adapted(model):  # each candidate adds its adapter and removes it: a caller's adapter would go with them
-        raise ValueError("the model already carries an adapter; unload_adapter(model) first")
+    check_no_adapter(model)  # each candidate adds its adapter and removes it: a caller's would go with them
     shared = {(c.loss_calls, c.attention) for c in configs}
     if len(shared) > 1:
         raise ValueError(f"candidates must share loss_calls and attention (one dev metric), got {sorted(shared)}")

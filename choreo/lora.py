@@ -40,6 +40,12 @@ def lora_layers(model) -> list:
     return [m for m in model.hf_model.modules() if isinstance(m, BaseTunerLayer)]
 
 
+def check_no_adapter(model) -> None:
+    """Refuse (ValueError) a model that already carries an adapter: what adds its own would mix or remove it."""
+    if is_adapted(model):
+        raise ValueError("the model already carries an adapter; unload_adapter(model) first")
+
+
 def add_adapter(model, *, rank: int, alpha: float, dropout: float, targets: Sequence[str] = DEFAULT_TARGETS,
                 seed: int = 0):
     """Wrap ``model.hf_model`` with a fresh, trainable LoRA adapter (B = 0: the model is unchanged at first).
@@ -48,8 +54,7 @@ def add_adapter(model, *, rank: int, alpha: float, dropout: float, targets: Sequ
     """
     from peft import LoraConfig, get_peft_model
 
-    if is_adapted(model):
-        raise ValueError("the model already carries an adapter; unload_adapter(model) first")
+    check_no_adapter(model)
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
                         bias="none", task_type="CAUSAL_LM")
     with torch.random.fork_rng(devices=[]):

@@ -190,13 +190,12 @@ def recovery_experiment(model, *, configs, out_dir, n_train: int = 40, n_eval: i
     from .provenance import provenance
     from .results import write_json, write_text
 
-    from .lora import is_adapted
+    from .lora import check_no_adapter
 
     configs = list(configs)
     if not configs:
         raise ValueError("recovery_experiment needs at least one candidate config")
-    if is_adapted(model):  # it trains its own adapters and removes them when it ends
-        raise ValueError("the model already carries an adapter; unload_adapter(model) first")
+    check_no_adapter(model)  # it trains its own adapters and removes them when it ends
     make_pairs("eval", n_eval, seed=seed)  # checks n_eval now, not after every candidate has trained
     t0 = time.perf_counter()
     launch = launch_record()  # the run takes minutes: the code and scheduling it started with
