@@ -840,13 +840,13 @@ def _check_index(name: str, t, shape: tuple[int, ...], device: torch.device, cop
         if lo < -(1 << 31) or hi >= 1 << 31:
             raise ValueError(f"{name} holds {lo if lo < -(1 << 31) else hi}, outside int32: the kernel's tables are "
                              f"int32")
-    return _own_copy(t.to(torch.int32).contiguous(), t) if copy else t.to(torch.int32).contiguous()
+    return _own_copy(t.to(torch.int32).contiguous(), t, copy=copy)
 
 
-def _own_copy(out: torch.Tensor, given: torch.Tensor) -> torch.Tensor:
-    """``out``, a conversion of the caller's ``given``, as a tensor the caller does not hold (copied if the
-    conversion returned ``given`` itself)."""
-    return out.clone() if out.data_ptr() == given.data_ptr() and given.numel() else out
+def _own_copy(out: torch.Tensor, given: torch.Tensor, *, copy: bool) -> torch.Tensor:
+    """``out``, a conversion of the caller's ``given``; with ``copy``, as a tensor the caller does not hold (copied
+    if the conversion returned ``given`` itself)."""
+    return out.clone() if copy and out.data_ptr() == given.data_ptr() and given.numel() else out
 
 
 def _check_table_values(seg_start, seg_len, own_start, own_past, new_len, S: int, N: int) -> None:
@@ -994,9 +994,9 @@ def prepare_launch(q, k_cache, v_cache, seg_start, seg_len, seg_delta, own_start
             raise ValueError(f"tiles.tiles is on {tiles.tiles.device} and tiles.n_tiles on {tiles.n_tiles.device}, "
                              f"but q is on {q.device}: all tensors must share q's device")
         # the kernels read the counts with stride 1, as int32 (copies of both unless copy_tables is False)
-        own = _own_copy if copy_tables else (lambda out, given: out)
-        tiles = dataclasses.replace(tiles, tiles=own(tiles.tiles.contiguous(), tiles.tiles),
-                                    n_tiles=own(tiles.n_tiles.to(torch.int32).contiguous(), tiles.n_tiles))
+        tiles = dataclasses.replace(
+            tiles, tiles=_own_copy(tiles.tiles.contiguous(), tiles.tiles, copy=copy_tables),
+            n_tiles=_own_copy(tiles.n_tiles.to(torch.int32).contiguous(), tiles.n_tiles, copy=copy_tables))
         if q.device.type == "cpu":
             _check_tiles(tiles, seg_start, seg_len, seg_delta)
     if not is_available(q.device):
