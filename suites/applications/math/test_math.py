@@ -161,6 +161,14 @@ def _stem(prefix, *, plan, key, train_problems, ft_config) -> str:
     return f"{prefix}-{fingerprint(eval=key, train=[p.id for p in train_problems], ft=ft_config.to_json(), **select)}"
 
 
+def _dev_score(model, plan, train_problems, *, workflow, condition, configs):
+    """The checkpoint choice ``plan`` names: ``dev_accuracy`` of the adapted row on the dev problems, or None (the
+    dev loss)."""
+    if plan["select"] != "accuracy":
+        return None
+    return dev_accuracy(model, _dev_problems(train_problems), workflow=workflow, condition=condition, configs=configs)
+
+
 def dev_accuracy(model, dev, *, workflow, condition, configs):
     """``dev_score`` for ``train``: the share of the dev problems ``dev`` ((j, problem) pairs; problem j runs with
     seed TRAIN_SEED + j, as for its baseline trace) that ``workflow`` solves under ``condition``."""
@@ -216,8 +224,7 @@ def _finetuned(model, name, *, plan, problems, train_problems, train, seeds, con
 
     workflow, ft_config = WORKFLOWS[name], _ft_config(plan, name)
     stem = _stem(f"{workflow}-finetuned", plan=plan, key=key, train_problems=train_problems, ft_config=ft_config)
-    score = None if plan["select"] != "accuracy" else dev_accuracy(
-        model, _dev_problems(train_problems), workflow=workflow, condition="choreographed", configs=configs)
+    score = _dev_score(model, plan, train_problems, workflow=workflow, condition="choreographed", configs=configs)
     return _adapted_run(model, stem=stem, problems=problems, data=data, ft_config=ft_config, folder=folder,
                         dev_score=score, run=_run(model, problems, seeds, workflow=workflow, condition="choreographed",
                                                   configs=configs, progress=progress))
@@ -237,8 +244,7 @@ def _control(model, name, *, plan, problems, train_problems, train, seeds, confi
     ft_config = _ft_config(plan, name, loss="ce", dev_metric=None)
     stem = _stem(f"direct-finetuned-{WORKFLOWS[name]}", plan=plan, key=key, train_problems=train_problems,
                  ft_config=ft_config)
-    score = None if plan["select"] != "accuracy" else dev_accuracy(
-        model, _dev_problems(train_problems), workflow="direct", condition="baseline", configs=configs)
+    score = _dev_score(model, plan, train_problems, workflow="direct", condition="baseline", configs=configs)
     return _adapted_run(model, stem=stem, problems=problems, data=data, ft_config=ft_config, folder=folder,
                         dev_score=score, run=_run(model, problems, seeds, workflow="direct", condition="baseline",
                                               configs=configs, progress=progress))
