@@ -82,10 +82,9 @@ class Recorder:
         calls = [Call(role=r, parents=tuple(p), teacher_tokens=self.synth.tokens(t), max_tokens=1)
                  for t, p, r in zip(tags, parents, roles)]
         msgs = await self.ex.decode(calls)
-        self.stages.append([{
-            "id": m.id, "ttft": m.ttft, "latency": m.latency, "tokens": list(m.tokens), "header": m.content[0],
-            "parent_tokens": sum(p.length for p in ps), "prefilled": self._prefilled,
-        } for m, ps in zip(msgs, parents)])
+        # what a call encoded before its first token is the executor's count (``first_pass_tokens``), by id
+        self.stages.append([{"id": m.id, "ttft": m.ttft, "latency": m.latency, "tokens": list(m.tokens),
+                             "prefilled": self._prefilled} for m in msgs])
         self._prefilled = 0
         return msgs
 
