@@ -5,7 +5,8 @@ causally, to its own tokens (already written to the store). ``AttentionPlan`` na
 forward step; a backend turns it into attention:
 
 - ``reference``: a dense boolean mask over every store row, fp64 math. Slow and obviously correct; the oracle.
-- ``torch``: gathers the attended rows of each call, re-rotates moved keys, one SDPA call. The CPU default.
+- ``torch``: gathers the attended rows of each call, re-rotates moved keys, one SDPA call (outside autograd, a
+  single call over one unmoved run of the store reads it in place). The CPU default.
 - ``triton``: the fused kernel of ``triton_kernels`` (segment table in the kernel, keys re-rotated in
   registers, no gather). The default on CUDA for models whose heads it runs (head dim a power of two in
   16..256; fp32, fp16 or bf16); ``torch`` there otherwise.
@@ -68,6 +69,22 @@ class AttentionPlan:
     def any_delta(self) -> bool:
         return any(d for segs in self.segments for _, _, d in segs)
 
+    @functools.cached_property
+    def single_run(self) -> tuple[int, int] | None:
+        """(first, stop) store rows when one call reads one unmoved run of the store: its segments back to back,
+        none moved, then its own rows (a call over its parents, prefilled in order). None otherwise."""
+        if self.batch != 1:
+            return None
+        at = self.segments[0][0][0] if self.segments[0] else self.own_start[0]
+        first = at
+        for row, n, d in self.segments[0]:
+            if row != at or d:
+                return None
+            at += n
+        if at != self.own_start[0]:
+            return None
+        return first, at + self.own_past[0] + self.new_len[0]
+
     def rows(self, b: int) -> tuple[list[int], list[int]]:
         """Store rows attended by call b (segments, then own rows up to its last new token) and their deltas."""
         rows, deltas = [], []
@@ -85,6 +102,15 @@ class AttentionPlan:
         if device not in self._index:  # built once per step, shared by all layers
             self._index[device] = self._build_index(device)
         return self._index[device]
+
+    def additive_mask(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """``gather_index``'s mask as SDPA's additive float mask (0 where attended, -inf elsewhere), (B, 1, S, T) of
+        ``dtype``: SDPA converts a boolean mask to this in every layer; here it is made once per step."""
+        key = ("additive", torch.device(device), dtype)
+        if key not in self._index:
+            mask = self.gather_index(device)[2]
+            self._index[key] = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, -torch.inf)
+        return self._index[key]
 
     def kernel_tables(self, device: torch.device, block_n: int):
         """``segment_attention``'s int32 tables on ``device``: seg_start, seg_len, seg_delta (B, G) (G = the most
@@ -142,9 +168,18 @@ Backend = Callable[[AttentionPlan, torch.Tensor, torch.Tensor, torch.Tensor, tor
 
 def torch_attention(plan, q, k_store, v_store, inv_freq, scale):
     """Gather each call's attended rows, re-rotate moved keys, one SDPA call with a padding mask."""
-    idx, delta, mask = plan.gather_index(q.device)  # (B, T), (B, T), (B, 1, S, T)
-    k = k_store[:, idx].transpose(0, 1)  # (B, Hkv, T, D)
-    v = v_store[:, idx].transpose(0, 1)
+    idx, delta, _ = plan.gather_index(q.device)  # (B, T), (B, T)
+    mask = plan.additive_mask(q.device, q.dtype)  # (B, 1, S, T)
+    tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_store, v_store))
+    # The same rows as the gather, read in place (no copy per layer); not under autograd, which would keep the view
+    # of a store that later passes write into.
+    if plan.single_run is not None and not tracked:
+        first, stop = plan.single_run
+        return F.scaled_dot_product_attention(q, k_store[None, :, first:stop], v_store[None, :, first:stop],
+                                              attn_mask=mask, scale=scale, enable_gqa=True)
+    B, T = idx.shape
+    k = k_store.index_select(1, idx.flatten()).view(-1, B, T, k_store.shape[-1]).transpose(0, 1)  # (B, Hkv, T, D)
+    v = v_store.index_select(1, idx.flatten()).view(-1, B, T, v_store.shape[-1]).transpose(0, 1)
     if plan.any_delta:
         k = rerotate(k, delta[:, None, :], inv_freq)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
