@@ -54,8 +54,8 @@ from .attention import BACKENDS
 from .baseline import Baseline
 from .cache import Message
 from .engine import Call, Choreographer
-from .lora import DEFAULT_TARGETS, add_adapter, adapter_disabled, check_no_adapter, load_adapter, save_adapter, \
-    trainable_parameters, unload_adapter, use_adapter
+from .lora import DEFAULT_TARGETS, adapter_weights, add_adapter, adapter_disabled, check_no_adapter, load_adapter, \
+    save_adapter, set_adapter_weights, trainable_parameters, unload_adapter, use_adapter
 from .trace import TraceEvent
 
 __all__ = ["FinetuneConfig", "ReplayLoss", "Selection", "Teacher", "TrainResult", "adapter_disabled", "evaluate",
@@ -591,7 +591,7 @@ def _train_adapted(model, train_traces, dev_traces, *, config, out: Path, resume
         if first or _better(record, state):
             state["best_dev_loss"], state["best_step"] = record["dev_loss"], record["step"]
             state["best_dev_score"] = record.get("dev_score")
-            best["weights"] = _lora_weights(model)
+            best["weights"] = adapter_weights(model)
             save_adapter(model, best_dir)
 
     if resume:
@@ -608,10 +608,10 @@ def _train_adapted(model, train_traces, dev_traces, *, config, out: Path, resume
         where = str(last / "trainer_state.pt")
         if "weights" in saved:  # saved in the state's file: the adapters of its step
             # best/ as of that step (a later write of it may have been cut off with the run)
-            _set_lora_weights(model, saved["best_weights"], where=where)
+            set_adapter_weights(model, saved["best_weights"], where=where)
             save_adapter(model, best_dir)
             best["weights"] = saved["best_weights"]
-            _set_lora_weights(model, saved["weights"], where=where)
+            set_adapter_weights(model, saved["weights"], where=where)
         else:
             load_adapter(model, last)
         opt.load_state_dict(saved["optimizer"])
@@ -707,25 +707,9 @@ def _save_last(model, last: Path, opt, sched, state, config, data: dict, best_we
     save_adapter(model, last)
     tmp = last / "trainer_state.pt.tmp"
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(),
-                "state": state, "config": config.to_json(), "data": data, "weights": _lora_weights(model),
+                "state": state, "config": config.to_json(), "data": data, "weights": adapter_weights(model),
                 "best_weights": best_weights}, tmp)
     tmp.replace(last / "trainer_state.pt")
-
-
-def _lora_weights(model) -> dict[str, torch.Tensor]:
-    """A CPU copy of the adapter's weights, by parameter name."""
-    return {n: p.detach().cpu().clone() for n, p in model.hf_model.named_parameters() if "lora_" in n}
-
-
-def _set_lora_weights(model, weights: dict, *, where: str) -> None:
-    """Copy saved LoRA weights (parameter name -> tensor) into the model's adapter of the same layout."""
-    params = {n: p for n, p in model.hf_model.named_parameters() if "lora_" in n}
-    if params.keys() != weights.keys():
-        raise ValueError(f"{where}: its LoRA weights do not match the model's adapter ({len(weights)} saved, "
-                         f"{len(params)} in the model)")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(weights[name])
 
 
 def _data_key(train_traces, dev_traces) -> dict:

@@ -128,6 +128,28 @@ def _check_same_weights(model, weights: dict, path: Path) -> None:
                          f"unload_adapter(model) first")
 
 
+def adapter_weights(model) -> dict[str, torch.Tensor]:
+    """A CPU copy of the adapter's weights, by parameter name (what ``set_adapter_weights`` puts back)."""
+    return {n: p.detach().cpu().clone() for n, p in model.hf_model.named_parameters() if "lora_" in n}
+
+
+def set_adapter_weights(model, weights: dict[str, torch.Tensor], *, where: str) -> None:
+    """Copy ``adapter_weights`` (parameter name -> tensor) into the model's adapter of the same layout; ``where``
+    names their source in the error when the names or shapes differ (nothing is copied then)."""
+    params = {n: p for n, p in model.hf_model.named_parameters() if "lora_" in n}
+    if params.keys() != weights.keys():
+        raise ValueError(f"{where}: its LoRA weights do not match the model's adapter ({len(weights)} saved, "
+                         f"{len(params)} in the model)")
+    shaped = [n for n, p in params.items() if tuple(p.shape) != tuple(weights[n].shape)]
+    if shaped:
+        raise ValueError(f"{where}: {len(shaped)} of its LoRA weights have another shape than the model's adapter "
+                         f"(first: {shaped[0]!r}, {tuple(weights[shaped[0]].shape)} saved, "
+                         f"{tuple(params[shaped[0]].shape)} in the model)")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(weights[name])
+
+
 def _strip_lora(hf_model) -> None:
     """Put back every module a failed adapter load wrapped in a LoRA layer, and drop its ``peft_config``."""
     from peft.tuners.tuners_utils import BaseTunerLayer

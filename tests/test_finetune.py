@@ -814,6 +814,26 @@ def test_loading_an_adapter_of_another_shape_over_one_is_refused(tokenizer, tmp_
     unload_adapter(model)
 
 
+def test_adapter_weights_round_trip_and_a_misfit_is_refused_before_any_copy(tokenizer):
+    from choreo.lora import adapter_weights, set_adapter_weights
+
+    model = build_tiny(tokenizer)
+    add_adapter(model, rank=4, alpha=8, dropout=0.0, seed=1)
+    saved = adapter_weights(model)
+    assert saved and all(t.device.type == "cpu" for t in saved.values())
+    shifted = {n: t + 1 for n, t in saved.items()}
+    set_adapter_weights(model, shifted, where="test")
+    assert all(torch.equal(p, shifted[n]) for n, p in model.hf_model.named_parameters() if "lora_" in n)
+    first, last = sorted(saved)[0], sorted(saved)[-1]
+    for bad, match in [({n: t for n, t in saved.items() if n != last}, "test: .*do not match.*saved"),
+                       ({**saved, first: saved[first][:, :1]}, f"test: 1 of its LoRA weights have another shape.*"
+                                                                 f"{first}")]:
+        with pytest.raises(ValueError, match=match):
+            set_adapter_weights(model, bad, where="test")
+        assert all(torch.equal(p, shifted[n]) for n, p in model.hf_model.named_parameters() if "lora_" in n)
+    unload_adapter(model)
+
+
 def test_fluency_filter_drops_a_game_with_an_empty_message(tiny, traces):
     from choreo.workflows.prisoners import game_nll
 
