@@ -93,7 +93,8 @@ def table(tmp_path_factory):
 def test_cooperation_columns_include_tost_and_holm(table):
     columns = table["json"]["columns"]
     assert columns == cooperation.COLUMNS
-    for name in ("TOST p rates before", "TOST p rates after", "TOST p P(C)", "McNemar p after (Holm)"):
+    for name in ("TOST p rates before", "TOST p rates after", "TOST p P(C)", "McNemar p after (Holm)",
+                 "McNemar p fine-tuned vs choreographed (Holm)"):
         assert name in columns, columns
     row = dict(zip(columns, table["json"]["rows"][0]))
     assert CELL.match(row["Baseline Cooperate"]) and CELL.match(row["Choreographed (fine-tuned)"]), row
@@ -107,6 +108,8 @@ def test_cooperation_json_stores_wilson_counts_and_holm_after(table):
             assert r["n"] == 32 and 0 <= r["low"] <= r["rate"] <= r["high"] <= 1 and r["method"] == "wilson"
         assert res["rates"]["baseline"]["successes"] == 18 and res["rates"]["choreographed"]["successes"] == 21
         assert res["mcnemar_after_holm"] >= res["mcnemar_after"]
+        # Fine-tuned vs choreographed: here the same decisions (the untrained adapter), so no discordant pair.
+        assert res["mcnemar_recovery"] == res["mcnemar_recovery_holm"] == 1.0
         assert res["finetune_checkpoint"]["best_step"] == 0
 
 
@@ -115,9 +118,10 @@ def test_cooperation_notes_do_not_read_a_large_p_as_equivalence(table):
     assert res["mcnemar_before_holm"] >= cooperation.ALPHA and res["tost_rate_before"] >= cooperation.ALPHA
     md = table["md"]
     assert "no gap before detected by McNemar" in md
+    assert "no gap between fine-tuned and choreographed detected by McNemar (Holm p = 1)" in md
     assert f"rates before not shown equivalent within ±10 pts (TOST p = {res['tost_rate_before']:.2g})" in md
     assert "P(C) before equivalent within ±10 pts" in md
-    assert "Holm-adjusted across the 3 strategies (before and after adjusted separately)" in md
+    assert "Holm-adjusted across the 3 strategies (each comparison adjusted separately)" in md
     assert "no cooperation gap" not in md.lower()
 
 

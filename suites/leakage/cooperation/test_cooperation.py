@@ -15,12 +15,16 @@ from ..conftest import (ALPHA, PARSE_NOTE, RATE_NOTE, ROWS, STRATEGY_OF, choice_
                         parsed_json, parsed_mcnemar, rate_cell, rate_json)
 
 HERE = Path(__file__).resolve().parent
-RATE_MARGIN = 0.10  # TOST margin for "equivalent" cooperation rates (the paper's gaps are 9.5-26 points)
+# TOST margin for "equivalent" cooperation rates. The paper's gaps before fine-tuning are 9.5-26 points, so an
+# after-gap within it does not by itself show that fine-tuning closed the smallest one: the paper-profile claim pairs
+# it with McNemar of fine-tuned against choreographed (the fine-tuned arm cooperates more, Holm p < ALPHA).
+RATE_MARGIN = 0.10
 P_MARGIN = 0.10     # TOST margin for "equivalent" P(COOPERATE) at the decision point (probability units)
 
 
 COLUMNS = ["Strategy", "n", "Baseline Cooperate", "Choreographed", "Choreographed (fine-tuned)",
-           "McNemar p before (Holm)", "McNemar p after (Holm)", "TOST p rates before", "TOST p rates after",
+           "McNemar p before (Holm)", "McNemar p after (Holm)", "McNemar p fine-tuned vs choreographed (Holm)",
+           "TOST p rates before", "TOST p rates after",
            "Unparsable baseline / choreographed / fine-tuned", "Cooperate among parsed: baseline",
            "Cooperate among parsed: choreographed", "Cooperate among parsed: fine-tuned",
            "McNemar p parsed pairs before (Holm)", "P(C) baseline", "P(C) choreographed", "ΔP(C) pts [95% CI]",
@@ -54,6 +58,7 @@ def row_results(games, s: str, ft: bool) -> dict:
         res["finetuned"] = sum(tuned) / len(tuned)
         res["rates"]["finetuned"] = rate_json(tuned)
         res["mcnemar_after"] = stats.mcnemar_exact(tuned, base).pvalue
+        res["mcnemar_recovery"] = stats.mcnemar_exact(tuned, cho).pvalue
         res["tost_rate_after"] = tost_after.pvalue
         res["tost_rate_after_ci"] = [tost_after.low, tost_after.high]
         res["mcnemar_parsed_after"] = parsed_mcnemar(choice["finetuned"], choice["baseline"])
@@ -80,6 +85,7 @@ def table_row(row: str, res: dict, cells: dict, paper_row: dict, ft: bool) -> li
     return [row, res["n"], cells["baseline"], cells["choreographed"], cells["finetuned"] if ft else "not run",
             f"{res['mcnemar_before']:.2g} ({res['mcnemar_before_holm']:.2g})",
             f"{res['mcnemar_after']:.2g} ({res['mcnemar_after_holm']:.2g})" if ft else "-",
+            f"{res['mcnemar_recovery']:.2g} ({res['mcnemar_recovery_holm']:.2g})" if ft else "-",
             f"{res['tost_rate_before']:.2g}", f"{res['tost_rate_after']:.2g}" if ft else "-",
             unparsed, cells["parsed_baseline"], cells["parsed_choreographed"],
             cells["parsed_finetuned"] if ft else "not run",
@@ -106,6 +112,7 @@ def verdicts(results: dict) -> str:
             parts.append(gap(res["mcnemar_parsed_before_holm"], "among parsed pairs before"))
         if "mcnemar_after" in res:
             parts += [gap(res["mcnemar_after_holm"], "after fine-tuning"),
+                      gap(res["mcnemar_recovery_holm"], "between fine-tuned and choreographed"),
                       equivalence("rates after", res["tost_rate_after"])]
             if "mcnemar_parsed_after_holm" in res:
                 parts.append(gap(res["mcnemar_parsed_after_holm"], "among parsed pairs after fine-tuning"))
@@ -122,6 +129,7 @@ def build(games, model, profile, results_dir) -> dict:
     add_holm(results, "mcnemar_parsed_before")
     if ft:
         add_holm(results, "mcnemar_after")
+        add_holm(results, "mcnemar_recovery")
         add_holm(results, "mcnemar_parsed_after")
     rows = []
     arms = ["baseline", "choreographed"] + ["finetuned"] * ft
@@ -140,8 +148,9 @@ def build(games, model, profile, results_dir) -> dict:
         "decisions among his parsed ones, Wilson 95% interval, (cooperate/parsed); each arm's denominator is its own "
         "parsed games, so these rates are not paired.",
         f"McNemar p: exact McNemar on games paired by seed and turn order, choreographed (before) or fine-tuned "
-        f"(after) vs baseline; raw, and in parentheses Holm-adjusted across the {len(ROWS)} strategies (before and "
-        f"after adjusted separately). McNemar p parsed pairs: the same test on cooperate-among-parsed, restricted to "
+        f"(after) vs baseline, and fine-tuned vs choreographed (did fine-tuning move the choreographed arm?); raw, and "
+        f"in parentheses Holm-adjusted across the {len(ROWS)} strategies (each comparison adjusted separately). "
+        f"McNemar p parsed pairs: the same test on cooperate-among-parsed, restricted to "
         f"the games whose decisions parse in both arms (a smaller population, selected by parsing, which may itself "
         f"depend on the arm), 'of' that many pairs, Holm across the {len(ROWS)} strategies. TOST p: equivalence "
         f"within ±{100 * RATE_MARGIN:.0f} rate points (paired proportions, Bonett-Price; paper-style rates) and "
@@ -216,10 +225,13 @@ def test_cooperation(table, row):
         assert sum(counts.values()) == res["n"], f"{row} {arm}: {counts}\n{text}"
         assert res["rates"][arm]["successes"] >= counts["cooperate"], f"{row} {arm}: paper's rule counts fewer\n{text}"
     if table["profile"] == "paper":
-        # The paper: choreographed Bob cooperates less than baseline before fine-tuning; equivalent after (TOST).
+        # The paper: choreographed Bob cooperates less than baseline before fine-tuning; fine-tuning closes the gap:
+        # the fine-tuned arm cooperates more than the choreographed one, and within ±RATE_MARGIN of baseline (TOST).
         assert res["choreographed"] < res["baseline"], f"{row}: choreographed does not cooperate less\n{text}"
         assert res["mcnemar_before_holm"] < ALPHA, f"{row}: no difference before fine-tuning\n{text}"
         if table["ft"]:
+            assert res["finetuned"] > res["choreographed"], f"{row}: fine-tuning did not raise cooperation\n{text}"
+            assert res["mcnemar_recovery_holm"] < ALPHA, f"{row}: fine-tuned vs choreographed not detected\n{text}"
             assert res["tost_rate_after"] < ALPHA, f"{row}: not equivalent within ±{RATE_MARGIN} after FT\n{text}"
     elif table["profile"] == "small":
         # Regression checks against the committed small run (README). McNemar detected no gap there; that is
