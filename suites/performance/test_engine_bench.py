@@ -108,7 +108,8 @@ def test_ttft_cached_parent(benchmark, model, profile, engine_rows, engine_raw):
     benchmark.extra_info["goal_met"] = ratio >= 20
     engine_raw["ttft"] = {"rounds_baseline_choreographed_s": pairs, "speedup": "median of per-round ratios",
                           "parent_tokens": parent_ch.length, "header_tokens": header}
-    engine_rows["ttft"] = ["(a) TTFT, cached parent vs re-encoding", f"{ratio:.1f}x", ">= 20x", ratio >= 20,
+    # Two decimals: 19.96 must not print as the goal it missed.
+    engine_rows["ttft"] = ["(a) TTFT, cached parent vs re-encoding", f"{ratio:.2f}x", ">= 20x", ratio >= 20,
                            f"{parent_ch.length} parent + {header} header tokens; median TTFT "
                            f"{statistics.median(c for _, c in pairs):.3f} s vs {statistics.median(b for b, _ in pairs):.2f} s"]
     # Asserted: what the 2-core CPU shows under contention (15-19x measured, see engine.md); the 20x goal is
