@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 
 from .cache import Message
-from .engine import Call, Choreographer, Job
+from .engine import Call, Choreographer, Job, token_ids
 from .model import Model
 
 
@@ -133,11 +133,13 @@ class Baseline(Choreographer):
         """Register a message generated elsewhere for ``call`` (e.g. by another implementation from
         ``serial_prompt(call)``) as this executor's text message, so later calls can list it as a parent.
 
-        ``tokens``: the generated content ids (without header or end-of-turn footer).
+        ``tokens``: the generated content ids (without header or end-of-turn footer), checked as ``teacher_tokens``
+        are (integers inside the model's vocabulary).
         """
         call = call if isinstance(call, Call) else Call(**call)
         _, start, parents = self.serial_prompt(call)
-        header, gen = self.format.header(call.role, call.prefix), [int(t) for t in tokens]
+        header = self.format.header(call.role, call.prefix)
+        gen = list(token_ids(tokens, "add_generated tokens", vocab=self.model.spec.vocab_size))
         msg = Message(id=next(self._ids), role=call.role, parents=parents, start=start,
                       ids=header + gen + self.format.footer(call.role), content=(len(header), len(header) + len(gen)),
                       text=self.format.decode(gen), prefix=call.prefix, ttft=ttft, latency=latency, floor=self.floor)

@@ -127,6 +127,17 @@ class KVStore:
         self.writes = torch.cat([self.writes, torch.zeros(new - old, dtype=torch.int64)])
         self.free(old, new - old, _count=False)
 
+    def shrink_to(self, n: int) -> None:
+        """Give back the buffers' rows from ``n`` on when all of them are free (a refused batch that grew the store
+        on its way leaves it as it found it); otherwise leave the store as it is."""
+        old = self.allocated
+        if n >= old or not self._free or self._free[-1][0] > n or sum(self._free[-1]) != old:
+            return
+        self.k, self.v = ([t[:, :n].clone() for t in layers] for layers in (self.k, self.v))
+        self.writes = self.writes[:n].clone()
+        start = self._free[-1][0]
+        self._free[-1:] = [(start, n - start)] if n > start else []
+
     def free(self, row: int, n: int, *, _count: bool = True) -> None:
         """Return rows row .. row+n-1 to the free list (merging neighbours)."""
         if n <= 0:

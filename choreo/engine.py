@@ -55,6 +55,13 @@ class Call:
 
     def __post_init__(self):
         parse_role(self.role)
+        # Iterables become tuples once: a generator read by a trace check would otherwise reach the executor empty.
+        object.__setattr__(self, "parents", as_tuple(self.parents))
+        if self.offsets is not None:
+            object.__setattr__(self, "offsets", as_tuple(self.offsets))
+        object.__setattr__(self, "new_offset", check_position(self.new_offset, "new_offset"))
+        if not isinstance(self.prefix, str):
+            raise ValueError(f"prefix must be a string (text the turn starts with), got {self.prefix!r}")
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if not _is_real(self.temperature) or not 0 <= self.temperature < math.inf:
@@ -63,23 +70,48 @@ class Call:
             raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
         if not _is_int(self.seed) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             raise ValueError(f"seed must be an integer in [-2**63, 2**64 - 1] (torch.Generator's), got {self.seed!r}")
+        # Python numbers from here on (numpy scalars included): they reach the store's counters and the traces' JSON.
+        for name, kind in (("max_tokens", operator.index), ("seed", operator.index), ("temperature", float),
+                           ("top_p", float)):
+            object.__setattr__(self, name, kind(getattr(self, name)))
+        if not isinstance(self.keep_logits, bool):
+            raise ValueError(f"keep_logits must be True or False, got {self.keep_logits!r}")
+        if self.keep_logits and self.teacher_tokens is None:
+            raise ValueError("keep_logits=True keeps the logits of a teacher-forced call; this call samples "
+                             "(teacher_tokens=None): use teacher_tokens, or read the sampled message's logprobs")
         if self.stop is None or isinstance(self.stop, str):
             object.__setattr__(self, "stop", () if self.stop is None else (self.stop,))
         if isinstance(self.stop, (bytes, dict)) or not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop must be a non-empty string or a sequence of them, got {self.stop!r}")
         object.__setattr__(self, "stop", tuple(self.stop))
         if self.teacher_tokens is not None:
-            if isinstance(self.teacher_tokens, (str, bytes, dict)) or not hasattr(self.teacher_tokens, "__len__"):
-                raise ValueError(f"teacher_tokens must be a sequence of token ids (or None), "
-                                 f"got {self.teacher_tokens!r}")
-            tokens = tuple(_as_int(t) for t in self.teacher_tokens)
-            bad = [t for t, i in zip(self.teacher_tokens, tokens) if i is None or i < 0]
-            if bad:
-                raise ValueError(f"teacher_tokens must be non-negative integer token ids, got {bad[0]!r}")
-            object.__setattr__(self, "teacher_tokens", tokens)
+            object.__setattr__(self, "teacher_tokens", token_ids(self.teacher_tokens, "teacher_tokens"))
 
 
 SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed accepts
+POSITION_LIMIT = 1 << 62  # positions and position sums stay inside int64 tensors
+
+
+def token_ids(tokens, name: str, *, vocab: int | None = None) -> tuple[int, ...]:
+    """``tokens`` as a tuple of Python ints (numpy and 0-d torch integers included, bool not), each a token id
+    (below ``vocab`` when given); anything else raises ValueError naming ``name`` and the first bad entry."""
+    if isinstance(tokens, (str, bytes, dict)) or not hasattr(tokens, "__len__"):
+        raise ValueError(f"{name} must be a sequence of token ids, got {tokens!r}")
+    ids = tuple(_as_int(t) for t in tokens)
+    bad = [t for t, i in zip(tokens, ids) if i is None or i < 0]
+    if bad:
+        raise ValueError(f"{name} must be non-negative integer token ids, got {bad[0]!r}")
+    if vocab is not None and ids and max(ids) >= vocab:
+        raise ValueError(f"{name} holds token id {max(ids)}, outside the model's vocabulary of {vocab}")
+    return ids
+
+
+def as_tuple(value, singles=(Message, str, bytes, dict)):
+    """An iterable (a list, a generator) as a tuple, read once; a single item or a non-iterable comes back as it is,
+    for the checks that say what was expected (``_check_sequence``)."""
+    if isinstance(value, singles) or not hasattr(value, "__iter__"):
+        return value
+    return tuple(value)
 
 
 def _is_int(x) -> bool:
@@ -306,6 +338,8 @@ class Choreographer:
         self._prefix: Message | None = None
         self._prefix_encoded = False  # its rows are reserved by the first call; encoded once that call is accepted
         self._peak_before_prefix = 0
+        self._live: list[Job] = []  # started jobs, pruned of finished ones when messages are released
+        self._held: list[Message] = []  # freed messages whose rows a live job still reads
 
     @property
     def attention(self) -> str:
@@ -337,6 +371,8 @@ class Choreographer:
         except BaseException:
             self.abort(jobs)
             raise
+        finally:
+            self.release_unread()
 
     def abort(self, jobs: Iterable[Job]) -> None:
         """Undo started jobs whose messages were never handed out: unlist their messages, free their rows."""
@@ -347,11 +383,28 @@ class Choreographer:
                 self.engine.store.free(job.msg.row, job.reserved)
             job.msg.freed, job.reserved, job.done, job.pending = True, 0, True, []
             job.msg.decoding = False
+        self.release_unread()
 
     def free(self, *messages: ParentRef) -> None:
-        """Release the cache rows of messages; their text and tokens stay readable."""
-        for msg in self.unlist(*messages):
-            self.release(msg)
+        """Release the cache rows of messages; their text and tokens stay readable.
+
+        A message that a started call still reads (a parent of a decode or prefill in flight, or a prefill not yet
+        encoded) is unlisted at once, and its rows go back to the store when the last such call is done."""
+        self._held.extend(self.unlist(*messages))
+        self.release_unread()
+
+    def release_unread(self) -> None:
+        """Return to the store the rows of freed messages that no live job reads any more."""
+        self._live = [j for j in self._live if not j.done]
+        if not self._held:
+            return
+        read = {j.msg.id for j in self._live} | {p for j in self._live for p in j.msg.parents}
+        held, self._held = self._held, []
+        for msg in held:
+            if msg.id in read:
+                self._held.append(msg)
+            else:
+                self.release(msg)
 
     def release(self, msg: Message) -> None:
         """Return the rows of a message already unlisted (``unlist``) to the store."""
@@ -406,7 +459,9 @@ class Choreographer:
         self._messages[msg.id] = msg
         if not encode:  # text only: nothing to run
             return Job(msg=msg, segments=segments, pending=[], reserved=0, done=True)
-        return Job(msg=msg, segments=segments, pending=list(ids), reserved=len(ids))
+        job = Job(msg=msg, segments=segments, pending=list(ids), reserved=len(ids))
+        self._live.append(job)
+        return job
 
     def start_decode(self, calls: list[Call]) -> list[Job]:
         """Validate every call, then reserve rows for all of them (all or nothing)."""
@@ -423,18 +478,21 @@ class Choreographer:
         for job in jobs:
             job.msg.id = next(self._ids)
             self._messages[job.msg.id] = job.msg
+        self._live.extend(jobs)
         return jobs
 
     def _all_or_nothing(self, jobs: Iterable[Job]) -> list[Job]:
         """The jobs ``jobs`` reserves one by one; if one fails, the others are undone (``abort``) and the store's
-        peak is put back: their rows were reserved and returned before any use."""
-        made, peak = [], self.engine.store.peak
+        peak and allocation are put back: their rows were reserved and returned before any use."""
+        store = self.engine.store
+        made, peak, allocated = [], store.peak, store.allocated
         try:
             for job in jobs:
                 made.append(job)
         except Exception:
             self.abort(made)
-            self.engine.store.peak = peak
+            store.peak = peak
+            store.shrink_to(allocated)  # the buffers too, if the refused calls grew them
             raise
         return made
 
@@ -442,11 +500,7 @@ class Choreographer:
         """Reserve rows for a decode whose own tokens begin with ``header`` (the message is not yet listed)."""
         footer = self.format.footer(call.role)
         if call.teacher_tokens is not None:
-            teacher = list(call.teacher_tokens)
-            vocab = self.model.spec.vocab_size
-            if teacher and max(teacher) >= vocab:
-                raise ValueError(f"teacher_tokens holds token id {max(teacher)}, outside the model's vocabulary "
-                                 f"of {vocab}")
+            teacher = list(token_ids(call.teacher_tokens, "teacher_tokens", vocab=self.model.spec.vocab_size))
             ids = header + teacher + footer
             content, reserved = (len(header), len(header) + len(teacher)), len(ids)
         else:
@@ -566,8 +620,8 @@ def check_position(value, name: str) -> int | None:
     if value is None:
         return None
     position = _as_int(value)
-    if position is None or position < 0:
-        raise ValueError(f"{name} must be a non-negative integer position or None, got {value!r}")
+    if position is None or not 0 <= position < POSITION_LIMIT:
+        raise ValueError(f"{name} must be a non-negative integer position below 2**62, or None, got {value!r}")
     return position
 
 

@@ -250,7 +250,11 @@ def replay_loss(executor: Choreographer, events: Trace, *, calls: str = "all", t
                     offsets=first.offsets, new_offset=first.new_offset)
             else:
                 jobs = executor.start_decode([_forced_call(events, i, messages) for i in idx])
-                executor.engine.run(jobs)
+                try:
+                    executor.engine.run(jobs)
+                except BaseException:  # e.g. out of memory: the group's messages and rows go back
+                    executor.abort(jobs)
+                    raise
                 for i, job, msg in zip(idx, jobs, executor.finish(jobs)):
                     messages[i] = msg
                     if i not in chosen:

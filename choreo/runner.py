@@ -26,7 +26,7 @@ from typing import Any, Callable, Coroutine, Iterable, Sequence
 from tqdm.auto import tqdm
 
 from .cache import CapacityError, Message
-from .engine import Call, Choreographer, Job, call_list
+from .engine import Call, Choreographer, Job, as_tuple, call_list
 from .trace import TraceRecorder
 
 Workflow = Callable[["Session"], Coroutine[Any, Any, Any]]
@@ -45,17 +45,18 @@ class _Request:
 class Session:
     """The executor's verbs for one workflow instance; every message it creates is freed at the end."""
 
-    def __init__(self, executor: Choreographer, *, trace: bool = False, deferred: list[Job] | None = None,
-                 held: list[Message] | None = None):
+    def __init__(self, executor: Choreographer, *, trace: bool = False, deferred: list[Job] | None = None):
         self.executor = executor
         self.created: list[Message] = []
         self.trace = TraceRecorder() if trace else None
         self._deferred = deferred  # the runner's prefills waiting for the next engine step
-        self._held = held  # freed messages whose rows the runner releases after its next step
+        self._awaited: list[Job] = []  # the decode jobs this instance waits on (undone if it is closed first)
 
     async def prefill(self, text: str, *, role: str, parents=(), offsets=None, new_offset=None) -> Message:
         """Returns at once: the message is encoded in the runner's next step, in the same forward pass as the
         first call that reads it (or earlier), so a workflow's prompts cost no passes of their own."""
+        parents = as_tuple(parents)  # read once: the trace checks it, then the executor
+        offsets = offsets if offsets is None else as_tuple(offsets)
         if self.trace is not None:
             self.trace.check_parents(parents)  # before any work: a trace names parents by event
         job = self.executor.start_prefill(text, role=role, parents=parents, offsets=offsets, new_offset=new_offset)
@@ -77,22 +78,22 @@ class Session:
         if self.trace is not None:
             for call in calls:
                 self.trace.check_parents(call.parents)
-        msgs = await _Request(self.executor.start_decode(calls), single=False)
+        self._awaited = self.executor.start_decode(calls)
+        msgs = await _Request(self._awaited, single=False)
+        self._awaited = []
         if self.trace is not None:
             self.trace.decode(msgs, calls)
         return msgs[0] if single else msgs
 
     def free(self, *messages: Message) -> None:
-        """Free messages as ``Choreographer.free`` does. A prefill waiting for the next step (the message itself,
-        or one that reads it) is still encoded from these rows, so they go back to the store after that step."""
-        msgs = self.executor.unlist(*messages)
-        if self._held is not None and any(not j.done for j in self._deferred or ()):
-            self._held.extend(msgs)
-        else:
-            for msg in msgs:
-                self.executor.release(msg)
+        """Free messages as ``Choreographer.free`` does: a message that a call in flight reads (another instance's
+        decode, or a prefill waiting for the next step) keeps its rows until that call is done."""
+        self.executor.free(*messages)
 
     def _close(self) -> None:
+        """Free what this instance created; undo a decode it was waiting on (closed before it was handed over)."""
+        self.executor.abort([j for j in self._awaited if not j.done])
+        self._awaited = []
         mine = {id(m) for m in self.created}
         for job in self._deferred or ():
             if id(job.msg) in mine:  # never read, never encoded: drop it with its rows
@@ -115,6 +116,23 @@ class RunStats:
     max_batch: int = 0
 
 
+def _each(steps: list[Callable[[], None]]) -> None:
+    """Run every step; what they raise is noted on the exception being handled (the first one raised if none)."""
+    import sys
+
+    errors = []
+    for step in steps:
+        try:
+            step()
+        except Exception as error:  # e.g. a workflow whose finally raises, or awaits, when it is closed
+            errors.append(error)
+    handled = sys.exc_info()[1]
+    if handled is None and errors:
+        raise errors[0]
+    for error in errors:
+        handled.add_note(f"while closing the other workflow instances: {type(error).__name__}: {error}")
+
+
 def _start(workflow: Workflow, index: int, session: Session) -> Coroutine:
     """``workflow(session)``, checked to be a coroutine (TypeError naming the index and what came back)."""
     coro = workflow(session)
@@ -135,8 +153,8 @@ class Runner:
 
     def __init__(self, executor: Choreographer, *, max_concurrent: int = 64, progress: bool | str = True,
                  trace: bool = False, fuse_prefills: bool = True):
-        if max_concurrent < 1:
-            raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
+        if not isinstance(max_concurrent, int) or isinstance(max_concurrent, bool) or max_concurrent < 1:
+            raise ValueError(f"max_concurrent must be an integer >= 1, got {max_concurrent!r}")
         self.executor, self.max_concurrent, self.progress = executor, max_concurrent, progress
         self.trace = trace
         # True: a prefill is encoded in the pass of the first call that reads it (fewer passes). False: each
@@ -155,20 +173,13 @@ class Runner:
                    disable=not self.progress, leave=False)
         ready: list[tuple[int, Session, Coroutine, Any]] = []
         deferred: list[Job] = []
-        held: list[Message] = []
         waiting: dict[int, tuple[Session, Coroutine, _Request]] = {}
         admitted = 0
-
-        def release_held():
-            for msg in held:
-                self.executor.release(msg)
-            held.clear()
 
         def admit():
             nonlocal admitted
             while admitted < len(todo) and len(ready) + len(waiting) < self.max_concurrent:
-                session = Session(self.executor, trace=self.trace, deferred=deferred if self.fuse_prefills else None,
-                                  held=held if self.fuse_prefills else None)
+                session = Session(self.executor, trace=self.trace, deferred=deferred if self.fuse_prefills else None)
                 coro = _start(todo[admitted], admitted, session)
                 ready.append((admitted, session, coro, None))
                 admitted += 1
@@ -203,7 +214,7 @@ class Runner:
                 self.stats.max_batch = max(self.stats.max_batch, len(jobs))
                 engine.step(jobs)
                 deferred.clear()
-                release_held()
+                self.executor.release_unread()
                 self.stats.peak_cache_tokens = max(self.stats.peak_cache_tokens, engine.store.used)
                 for i in [i for i, (_, _, r) in waiting.items() if all(j.done for j in r.jobs)]:
                     session, coro, request = waiting.pop(i)
@@ -218,15 +229,13 @@ class Runner:
         finally:
             bar.close()
             # After an error: every instance still running is closed with what it created, and calls in flight
-            # (listed, never handed to their workflow) are undone.
-            for _, session, coro, _ in ready:
-                coro.close()
-                session._close()
-            for session, coro, request in waiting.values():
-                coro.close()
-                self.executor.abort(request.jobs)
-                session._close()
-            release_held()
+            # (listed, never handed to their workflow) are undone. Each step of that is tried whatever the others
+            # raise (a workflow's own cleanup may fail too); their errors become notes on the one in flight.
+            steps = [step for _, session, coro, _ in ready for step in (coro.close, session._close)]
+            steps += [step for session, coro, request in waiting.values()
+                      for step in (coro.close, lambda jobs=request.jobs: self.executor.abort(jobs), session._close)]
+            _each(steps)
+            self.executor.release_unread()
         self.stats.instances += len(todo)
         self.stats.wall_s += time.perf_counter() - t0
         self.stats.forward_passes += engine.forward_passes - passes0

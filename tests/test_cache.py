@@ -94,3 +94,20 @@ def test_read_guard_catches_rows_rewritten_before_the_backward(tiny_gqa):
     store.mark_written(torch.tensor([row + 2]))  # freed, reused, rewritten
     with pytest.raises(RuntimeError, match=f"row {row + 2}"):
         guard(grad)
+
+
+def test_shrink_to_gives_back_only_a_free_tail(tiny_gqa):
+    store = KVStore(tiny_gqa.spec, capacity=64, initial=8)
+    a = store.alloc(6)
+    b = store.alloc(10)  # grows the buffers to 16 rows
+    assert store.allocated == 16
+    store.shrink_to(8)  # rows 6..15 are b's: nothing changes
+    assert store.allocated == 16 and store._free == []
+    store.free(b, 10)
+    store.shrink_to(8)
+    assert store.allocated == 8 == store.k[0].shape[1] == store.writes.shape[0] and store._free == [(6, 2)]
+    store.free(a, 6)
+    store.shrink_to(4)  # below what was ever allocated at first is fine too: all free
+    assert store.allocated == 4 and store._free == [(0, 4)] and store.used == 0
+    store.shrink_to(10)  # not a growth
+    assert store.allocated == 4

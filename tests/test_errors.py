@@ -85,6 +85,16 @@ BAD = {
     "a numpy float as new_offset": (lambda ex, s, g: ex.prefill("x", role="user", new_offset=np.float64(2)),
                                     ValueError, r"new_offset.*2\.0"),
     "free lists a message twice": (lambda ex, s, g: ex.free(s, s), ValueError, "twice"),
+    "a position past int64": (lambda ex, s, g: ex.prefill("x", role="user", new_offset=2 ** 63), ValueError,
+                              r"new_offset.*below 2\*\*62.*9223372036854775808"),
+    "an offset past int64": (lambda ex, s, g: ex.decode(role="assistant", parents=[s], offsets=[2 ** 62]),
+                             ValueError, r"offsets\[0\].*below 2\*\*62"),
+    "a prefix that is no string": (lambda ex, s, g: ex.decode(role="assistant", parents=[s], prefix=5), ValueError,
+                                   "prefix must be a string.*5"),
+    "keep_logits on a sampled call": (lambda ex, s, g: ex.decode(role="assistant", parents=[s], keep_logits=True),
+                                      ValueError, "keep_logits=True keeps the logits of a teacher-forced call"),
+    "keep_logits not a bool": (lambda ex, s, g: ex.decode(role="assistant", parents=[s], teacher_tokens=[5],
+                                                          keep_logits="no"), ValueError, "keep_logits.*'no'"),
 }
 
 
@@ -392,3 +402,63 @@ def test_nan_logits_name_the_call_and_roll_it_back(tiny_gqa, monkeypatch, kind, 
     assert snapshot(ex) == before
     monkeypatch.undo()
     assert ex.decode(role="assistant", parents=[sys], max_tokens=2).tokens
+
+
+def test_a_refused_batch_leaves_the_store_allocation_as_it_was(tiny_gqa):
+    """The first call of a refused batch grew the buffers (no free run fit it): they shrink back."""
+    for cls in (choreo.Choreographer, choreo.Baseline):
+        for bad in (choreo.Call(max_tokens=5000), choreo.Call(teacher_tokens=[10 ** 7])):
+            ex = cls(tiny_gqa, capacity=4096)
+            sys = ex.prefill("Be brief.", role="system")
+            before = ex.memory(), list(ex.engine.store._free)
+            with pytest.raises((CapacityError, ValueError)):
+                ex.decode([choreo.Call(parents=[sys], max_tokens=2000), bad])
+            assert (ex.memory(), list(ex.engine.store._free)) == before, cls.__name__
+            assert ex.engine.store.k[0].shape[1] == before[0]["tokens_allocated"] == ex.engine.store.writes.shape[0]
+            fresh = cls(tiny_gqa, capacity=4096)
+            want = fresh.decode(parents=[fresh.prefill("Be brief.", role="system")], teacher_tokens=[5, 6],
+                                keep_logits=True).logits
+            assert torch.equal(ex.decode(parents=[sys], teacher_tokens=[5, 6], keep_logits=True).logits, want)
+
+
+def test_numpy_fields_of_a_call_become_python_numbers(tiny_gqa):
+    call = choreo.Call(max_tokens=np.int64(3), seed=np.int64(4), temperature=np.float32(0.5), top_p=np.float32(0.5),
+                       new_offset=np.int64(40))
+    assert [type(getattr(call, f)) for f in ("max_tokens", "seed", "temperature", "top_p", "new_offset")] == \
+        [int, int, float, float, int]
+    ex = choreo.Choreographer(tiny_gqa)
+    ex.free(ex.decode(max_tokens=np.int64(3)))
+    assert type(ex.memory()["tokens_used"]) is int
+
+
+def test_iterables_in_a_call_are_read_once(tiny_gqa):
+    ex = choreo.Choreographer(tiny_gqa)
+    sys = ex.prefill("Be brief.", role="system")
+    call = choreo.Call(parents=(m for m in [sys]), offsets=(o for o in [5]), max_tokens=2)
+    assert call.parents == (sys,) and call.offsets == (5,)
+    a, b = ex.decode([call, call])  # the same call twice: both read the parent
+    assert a.parents == b.parents == (sys.id,) and a.start == b.start == 5 + sys.length
+
+
+@pytest.mark.parametrize("tokens, match", [([10 ** 7], "10000000, outside"), ([-5], "-5"), ([2.7], "2.7"),
+                                           ([True], "True"), (["5"], "'5'")])
+def test_baseline_add_generated_checks_its_tokens(tiny_gqa, tokens, match):
+    bl = choreo.Baseline(tiny_gqa)
+    sys = bl.prefill("Be brief.", role="system")
+    with pytest.raises(ValueError, match=f"add_generated tokens.*{match}"):
+        bl.add_generated(choreo.Call(parents=[sys]), tokens)
+    assert [m.id for m in bl.messages] == [sys.id]
+
+
+def test_freeing_a_parent_of_a_started_call_keeps_its_rows_until_the_call_is_done(tiny_gqa):
+    ch = choreo.Choreographer(tiny_gqa)
+    sys = ch.prefill("Be brief. " * 5, role="system")
+    want = choreo.Choreographer(tiny_gqa)
+    want = want.decode(parents=[want.prefill("Be brief. " * 5, role="system")], max_tokens=6).tokens
+    jobs = ch.start_decode([choreo.Call(parents=[sys], max_tokens=6)])
+    ch.free(sys)  # unlisted at once: no new call can read it ...
+    with pytest.raises(KeyError, match="freed"):
+        ch.decode(parents=[sys])
+    ch.prefill("Overwrite " * 20, role="user")  # ... and its rows are not reused while the started call reads them
+    assert ch._run(jobs)[0].tokens == want
+    assert ch.memory()["tokens_used"] == ch.messages[-1].length + jobs[0].msg.length  # sys's rows went back

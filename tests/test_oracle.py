@@ -218,7 +218,7 @@ def apply(ex, op, first: int, made: dict, live: dict) -> str:
         *good, bad = [to_call(c, made) for c in op.calls]
         bad = dataclasses.replace(bad, **{
             "freed-parent": {}, "bad-teacher-token": dict(teacher_tokens=[3, ex.model.spec.vocab_size]),
-            "over-capacity": dict(teacher_tokens=None, max_tokens=ex.engine.store.capacity)}[op.why])
+            "over-capacity": dict(teacher_tokens=None, keep_logits=False, max_tokens=ex.engine.store.capacity)}[op.why])
         with pytest.raises((REFUSALS[op.why], CapacityError)):  # under pressure a good call may be refused first
             ex.decode([*good, bad])
         return "refused"

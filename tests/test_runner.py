@@ -316,3 +316,75 @@ def test_a_workflow_returning_no_coroutine_is_named_and_the_others_are_closed(ti
     assert not [w for w in caught if "never awaited" in str(w.message)]
     assert ch.memory()["tokens_used"] == 0 and ch.memory()["messages"] == 0
     assert runner.run([lambda ex: short(ex, 0)])[0] and ch.memory()["tokens_used"] == 0
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_a_message_freed_by_one_instance_while_another_reads_it_keeps_its_rows(tiny_gqa, fuse):
+    def run(free_shared):
+        ch = choreo.Choreographer(tiny_gqa)
+        shared = ch.prefill("You are a very long-winded and thorough assistant. " * 3, role="system")
+
+        async def reader(ex):
+            return (await ex.decode(parents=[shared], max_tokens=8)).tokens
+
+        async def freer(ex):
+            await ex.decode(max_tokens=1)  # the reader's decode is in flight from here on
+            if free_shared:
+                ex.free(shared)
+            await ex.prefill("Overwrite these rows with something else entirely, please. " * 3, role="user")
+            await ex.decode(max_tokens=3)
+
+        tokens = choreo.Runner(ch, progress=False, fuse_prefills=fuse).run([reader, freer])[0]
+        return tokens, ch.memory()["tokens_used"]
+
+    kept, freed = run(False), run(True)
+    assert freed[0] == kept[0] and freed[1] == 0  # the same tokens, and every row back in the end
+
+
+def test_an_instance_whose_cleanup_fails_does_not_strand_the_others(tiny_gqa):
+    async def slow(ex):
+        s = await ex.prefill("Be brief.", role="system")
+        return (await ex.decode(parents=[s], max_tokens=8)).tokens
+
+    async def raises_in_finally(ex):
+        s = await ex.prefill("Be brief.", role="system")
+        try:
+            return (await ex.decode(parents=[s], max_tokens=8)).tokens
+        finally:
+            raise KeyError("cleanup bug")
+
+    async def decodes_in_finally(ex):
+        s = await ex.prefill("Be brief.", role="system")
+        try:
+            return (await ex.decode(parents=[s], max_tokens=8)).tokens
+        finally:
+            await ex.decode(parents=[s], max_tokens=2)
+
+    async def bad(ex):
+        await ex.decode(max_tokens=1)
+        raise RuntimeError("workflow failed")
+
+    for broken in (raises_in_finally, decodes_in_finally):
+        for order in ([slow, broken, bad], [broken, slow, bad]):
+            ch = choreo.Choreographer(tiny_gqa)
+            with pytest.raises(RuntimeError, match="workflow failed") as info:
+                choreo.Runner(ch, progress=False).run(order)
+            assert "while closing the other workflow instances" in " ".join(getattr(info.value, "__notes__", []))
+            assert ch.messages == [] and ch.memory()["tokens_used"] == 0, (broken.__name__, ch.messages)
+            assert choreo.Runner(ch, progress=False).run([slow])[0]  # and the executor still works
+
+
+def test_generator_parents_and_offsets_are_read_once_under_tracing(tiny_gqa):
+    async def wf(ex):
+        s = await ex.prefill("Be brief.", role="system")
+        q = await ex.prefill("Name a colour.", role="user", parents=(m for m in [s]))
+        a = await ex.decode(parents=(m for m in [s, q]), offsets=(o for o in [None, 30]), max_tokens=3)
+        return q.parents, a.parents, a.start
+
+    for trace in (True, False):
+        runner = choreo.Runner(choreo.Choreographer(tiny_gqa), progress=False, trace=trace)
+        (q_parents, a_parents, start), = runner.run([wf])
+        assert q_parents == (0,) and a_parents == (0, 1) and start > 30, trace
+        if trace:
+            assert [e.parents for e in runner.traces[0]] == [(), (0,), (0, 1)]
+            assert runner.traces[0][2].offsets == (None, 30)
