@@ -796,11 +796,13 @@ def select_on_dev(model, train_traces: Sequence, dev_traces: Sequence, *, config
 # ---------------------------------------------------------------------------------------------- command line
 def register(sub) -> None:
     """``choreo finetune collect|train|recovery``."""
+    from .cli import positive_int
+
     p = sub.add_parser("finetune", help="collect baseline traces and fine-tune a LoRA adapter on them")
     verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
     c = verbs.add_parser("collect", help="run a built-in task under the baseline and save its traces (JSONL)")
     c.add_argument("--task", default="blockage", choices=["blockage"])
-    c.add_argument("--n", type=int, default=64, help="workflow instances")
+    c.add_argument("--n", type=positive_int, default=64, help="workflow instances")
     c.add_argument("--split", default="train", choices=["train", "eval"], help="which question pool")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", required=True, help="trace file to write")
@@ -822,8 +824,8 @@ def register(sub) -> None:
     t.add_argument("--model", default=None)
     t.set_defaults(func=_cli_train)
     r = verbs.add_parser("recovery", help="blockage recovery: KL and agreement before/after fine-tuning")
-    r.add_argument("--n-train", type=int, default=40, help="training pairs (dev is split off these)")
-    r.add_argument("--n-eval", type=int, default=24, help="held-out pairs")
+    r.add_argument("--n-train", type=positive_int, default=40, help="training pairs (dev is split off these)")
+    r.add_argument("--n-eval", type=positive_int, default=24, help="held-out pairs")
     r.add_argument("--out", required=True, help="folder for recovery.json and recovery.md")
     r.add_argument("--config", default="embedded-cpu", choices=sorted(FinetuneConfig.PRESETS))
     r.add_argument("--losses", nargs="+", default=["kl"], choices=list(LOSSES), help="candidate losses")
@@ -837,7 +839,7 @@ def register(sub) -> None:
 def _cli_collect(args) -> int:
     from .cli import output_file
     from .model import load_model
-    from .recovery import collect_traces
+    from .recovery import collect_traces, make_pairs
 
     from .provenance import provenance
     from .results import write_json
@@ -846,6 +848,10 @@ def _cli_collect(args) -> int:
     sidecar = f"{args.out}.provenance.json"
     for path in (args.out, sidecar):  # before the model loads and the traces are collected
         output_file(path, option="--out")
+    try:
+        make_pairs(args.split, args.n, seed=args.seed)  # the pool holds that many pairs
+    except ValueError as error:
+        raise ValueError(f"--n: {error}") from None
     model = load_model(args.model)
     traces, meta = collect_traces(model, n=args.n, split=args.split, seed=args.seed)
     save_traces(args.out, traces, meta=meta)

@@ -201,6 +201,18 @@ def test_finetune_paths_are_checked_before_the_model_loads(no_model, capsys, tmp
     assert bad.format(**paths) in _error_line(capsys)
 
 
+@pytest.mark.parametrize("argv", [["collect", "--n", "0"], ["recovery", "--n-train", "-1"], ["recovery", "--n-eval", "0"]])
+def test_finetune_counts_must_be_positive(no_model, capsys, tmp_path, argv):
+    with pytest.raises(SystemExit) as exit_:
+        main(["finetune"] + argv + ["--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2 and f"argument {argv[1]}: expected an integer >= 1" in capsys.readouterr().err
+
+
+def test_finetune_collect_checks_the_pool_size_before_the_model_loads(no_model, capsys, tmp_path):
+    assert main(["finetune", "collect", "--n", "100000", "--out", str(tmp_path / "t.jsonl")]) == 2
+    assert "--n: n must be in 1..992 for the 'train' pool, got 100000" in _error_line(capsys)
+
+
 # ------------------------------------------------------------------------------ bench: every option takes effect
 def test_bench_memory_only_and_passes_only_exclude_each_other(no_model, capsys):
     with pytest.raises(SystemExit) as exit_:
