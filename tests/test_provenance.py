@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -128,3 +129,13 @@ def test_read_jsonl_splits_lines_at_newlines_only(tmp_path):
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records) + "\n", encoding="utf-8")
     assert [r for _, r in read_jsonl(path)] == records
     assert [n for n, _ in read_jsonl(path)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("argv0, want", [("/venv/bin/choreo", ["choreo"]),
+                                         ("/src/choreo/__main__.py", ["python", "-m", "choreo"]),
+                                         ("/usr/bin/pytest", ["/usr/bin/pytest"])])
+def test_the_command_names_the_entry_point_as_typed(monkeypatch, argv0, want):
+    from choreo.provenance import command_argv
+
+    monkeypatch.setattr(sys, "argv", [argv0, "repro", "--profile", "small"])
+    assert command_argv() == want + ["repro", "--profile", "small"]

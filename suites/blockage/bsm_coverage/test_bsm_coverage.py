@@ -102,6 +102,10 @@ def table(bsm_study, model, results_dir):
     notes = [f"n = {n} concept sets ({st['source']}), profile {st['profile']}; sampling T = {st['config'].temperature}, "
              f"seeds {st['seeds'][0]}..{st['seeds'][-1]} paired across conditions; token caps (branch, solve, merge) = "
              f"{st['sizes']['tokens']}.",
+             "Branch step: " + ("the model writes only the topic, and the two groups are the concept set's first and "
+                                "second halves (BSMConfig(branch='halves'), the reduced CPU profiles)"
+                                if st["config"].branch == "halves" else
+                                "the model writes the topic and both concept groups in a fixed format, parsed") + ".",
              "Coverage in %, mean ± 1.96 SE over concept sets; Avg/Group columns use whole-word matching with "
              "regular inflections (the concept or the concept plus one regular suffix, regularly spelled: running, "
              "cities, danced; no irregular forms: choreo.data.concepts.inflections), the 'substring' column the "
