@@ -412,7 +412,7 @@ class Choreographer:
 
     def unlist(self, *messages: ParentRef) -> list[Message]:
         """Validate all of ``messages`` first, then remove them from the registry and mark them freed; returns
-        them (their rows are the caller's to release: ``free`` does at once, the runner after pending passes)."""
+        them (their rows are the caller's to release: ``free`` does, once no started call reads them)."""
         msgs = [self._lookup(m, "free") for m in messages]
         if len({m.id for m in msgs}) != len(msgs):
             raise ValueError(f"free lists a message twice: {[m.id for m in msgs]}")
