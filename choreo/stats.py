@@ -80,7 +80,10 @@ def _as_binary(name: str, x) -> np.ndarray:
 
 
 def _as_real(name: str, x) -> np.ndarray:
-    arr = np.asarray(x, dtype=float)
+    raw = np.asarray(x)
+    if raw.dtype.kind not in "biuf":  # strings or objects: refused, not parsed
+        raise ValueError(f"{name} must hold numbers, got values such as {raw.ravel()[:3].tolist()!r}")
+    arr = raw.astype(float)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D (one value per pair), got shape {arr.shape}")
     if not np.all(np.isfinite(arr)):
@@ -89,9 +92,10 @@ def _as_real(name: str, x) -> np.ndarray:
     return arr
 
 
-def _check_paired(a: np.ndarray, b: np.ndarray, *, minimum: int = 1) -> int:
+def _check_paired(a: np.ndarray, b: np.ndarray, *, minimum: int = 1, names: tuple[str, str] = ("a", "b")) -> int:
     if len(a) != len(b):
-        raise ValueError(f"a and b must be paired (same length), got len(a)={len(a)} and len(b)={len(b)}")
+        x, y = names
+        raise ValueError(f"{x} and {y} must be paired (same length), got len({x})={len(a)} and len({y})={len(b)}")
     if len(a) < minimum:
         raise ValueError(f"need at least {minimum} pair(s), got {len(a)}")
     return len(a)
@@ -119,7 +123,7 @@ def normal_half_width(p: float, n: int, *, alpha: float = 0.05) -> float:
     Example: ``normal_half_width(0.783, 500)`` is 0.0361, printed as "± 3.6%".
     """
     _check_int("n", n, minimum=1)
-    if not 0.0 <= p <= 1.0:
+    if isinstance(p, bool) or not isinstance(p, Real) or not 0.0 <= p <= 1.0:
         raise ValueError(f"p must be a proportion in [0, 1], got {p!r}")
     z = sps.norm.ppf(1.0 - _check_alpha(alpha) / 2.0)
     return float(z * math.sqrt(p * (1.0 - p) / n))
@@ -347,7 +351,7 @@ def paired_mean_difference(x, y, *, alpha: float = 0.05) -> PairedDifference:
     0.05, 95% t interval [-0.015, 0.115], t p = 0.092, Wilcoxon p = 0.25.
     """
     x, y = _as_real("x", x), _as_real("y", y)
-    n = _check_paired(x, y, minimum=2)
+    n = _check_paired(x, y, minimum=2, names=("x", "y"))
     alpha = _check_alpha(alpha)
     d = x - y
     mean = float(np.mean(d))
@@ -428,7 +432,7 @@ def tost_paired_means(x, y, *, margin: float, alpha: float = 0.05) -> Equivalenc
     ±5 points.
     """
     x, y = _as_real("x", x), _as_real("y", y)
-    n = _check_paired(x, y, minimum=2)
+    n = _check_paired(x, y, minimum=2, names=("x", "y"))
     margin = _check_margin(margin)
     alpha = _check_alpha(alpha)
     d = x - y

@@ -5,6 +5,7 @@ Every random draw is seeded; nothing is rerun until green.
 """
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -393,3 +394,24 @@ ERRORS = {
 def test_errors_name_the_bad_value(call, exc, message):
     with pytest.raises(exc, match=message):
         call()
+
+
+def test_errors_name_the_parameters_of_the_function_called():
+    with pytest.raises(ValueError, match=r"x and y must be paired .* len\(x\)=3 and len\(y\)=2"):
+        stats.paired_mean_difference([1, 2, 3], [1, 2])
+    with pytest.raises(ValueError, match=r"x and y must be paired"):
+        stats.tost_paired_means([1, 2, 3], [1, 2], margin=0.1)
+    with pytest.raises(ValueError, match=r"a and b must be paired"):
+        stats.mcnemar_exact([1, 0, 1], [1, 0])
+
+
+@pytest.mark.parametrize("values", [["1", "2.5"], [1, None], ["a", "b"]])
+def test_numbers_given_as_text_are_refused_not_parsed(values):
+    with pytest.raises(ValueError, match="x must hold numbers"):
+        stats.paired_mean_difference(values, [1, 2])
+
+
+@pytest.mark.parametrize("p", ["0.5", True, None, 1.5, -0.1])
+def test_normal_half_width_names_a_bad_proportion(p):
+    with pytest.raises(ValueError, match=f"p must be a proportion in \\[0, 1\\], got {re.escape(repr(p))}"):
+        stats.normal_half_width(p, 3)

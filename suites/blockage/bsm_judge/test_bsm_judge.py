@@ -17,11 +17,22 @@ from ..conftest import logs_read
 
 HERE = Path(__file__).resolve().parent
 ALPHA = 0.05
+# TOST margin on the net preference (A wins - B wins) / n for "even". The paper's gaps before fine-tuning are 44 and
+# 56 points ((28 - 6) / 50, (31 - 3) / 50), so an after-gap within ±20 is less than half the smaller one. Its own
+# "even" row (15 / 21 / 14, n = 50) is equivalent at ±20 (TOST p 0.046) but not at ±10 (p 0.23).
+NET_MARGIN = 0.20
 ARMS = {"Baseline vs. Choreographed": "Choreographed",
         "Baseline vs. Choreographed + Linearization": "Choreographed + Linearization",
         "Baseline vs. Choreographed + Fine-tuning": "Choreographed + Fine-tuning"}
 ROWS = list(ARMS)
 OUTCOMES = ("a_win", "tie", "b_win")
+
+
+def net_equivalence(outcomes: list[str]) -> stats.EquivalenceResult:
+    """TOST on the net preference (A wins - B wins) / n within ±NET_MARGIN: A-wins and B-wins are the discordant
+    pairs of two paired indicators (ties are neither), Bonett-Price."""
+    return stats.tost_paired_proportions([o == "A" for o in outcomes], [o == "B" for o in outcomes],
+                                         margin=NET_MARGIN, alpha=ALPHA)
 
 
 def outcome_rates(h: stats.HeadToHead) -> dict[str, stats.Rate]:
@@ -71,7 +82,7 @@ def table(bsm_study, model, results_dir):
     st = bsm_study
     n = len(st["sets"])
     paper = json.loads((HERE / "paper.json").read_text())["rows"]
-    results, diagnostics, differ, vacuous, rows = {}, {}, {}, {}, []
+    results, diagnostics, differ, vacuous, even, rows = {}, {}, {}, {}, {}, []
     for row, arm in ARMS.items():
         p = paper[row]
         ref = f"{p['A Wins']} / {p['Ties']} / {p['B Wins']}"
@@ -79,8 +90,9 @@ def table(bsm_study, model, results_dir):
             rows.append([row, "not run", "", "", "", "", "", "", "", "", ref])
             continue
         records = st["judged"][arm]
-        h = stats.head_to_head_from_outcomes([judge_outcome(r) for r in records], seed=0)
-        results[row], diagnostics[row] = h, judge_diagnostics(records)
+        outcomes = [judge_outcome(r) for r in records]
+        h = stats.head_to_head_from_outcomes(outcomes, seed=0)
+        results[row], diagnostics[row], even[row] = h, judge_diagnostics(records), net_equivalence(outcomes)
         differ[row] = sum(a["merged"] != b["merged"] for a, b in zip(st["runs"]["Baseline"], st["runs"][arm]))
         vacuous[row] = vacuity(records, differ[row])
         wilson = outcome_rates(h)
@@ -94,7 +106,10 @@ def table(bsm_study, model, results_dir):
              "Win / tie / loss shares with Wilson 95% intervals, each outcome against the other two (a percentile "
              "bootstrap of the multinomial collapses to a point when an outcome never or always occurs); p: exact "
              "sign test of A wins against B wins, ties dropped (1 when every comparison is a tie).",
-             *[f"{row}: sign test p = {h.pvalue:.2g}" for row, h in results.items()],
+             *[f"{row}: sign test p = {h.pvalue:.2g}; net preference {100 * even[row].difference:+.1f} pts, 90% "
+               f"interval [{100 * even[row].low:+.1f}, {100 * even[row].high:+.1f}], "
+               + ("equivalent" if even[row].equivalent else "not shown equivalent")
+               + f" within ±{100 * NET_MARGIN:.0f} pts (TOST p = {even[row].pvalue:.2g})" for row, h in results.items()],
              "Unparsable: the judge's answers (two per comparison, one per order) naming neither A nor B; a tie "
              "counts them and position bias alike. A / B both orders: comparisons where the judge named the same "
              "position in both orders, i.e. preferred whichever story it was shown first (A) or second (B), so the "
@@ -110,7 +125,11 @@ def table(bsm_study, model, results_dir):
                               **{k: [r.rate, r.low, r.high] for k, r in outcome_rates(h).items()},
                               # A win rate - B win rate: percentile bootstrap of the multinomial (seed 0)
                               "net_bootstrap": [h.net.estimate, h.net.low, h.net.high],
-                              "stories_differ": differ[row], "verdicts": diagnostics[row]}
+                              "stories_differ": differ[row], "verdicts": diagnostics[row],
+                              # TOST on the net preference within ±NET_MARGIN (Bonett-Price, 90% interval)
+                              "net_tost": {"difference": even[row].difference, "low": even[row].low,
+                                           "high": even[row].high, "pvalue": even[row].pvalue,
+                                           "margin": NET_MARGIN}}
                         for row, h in results.items()},
             "paper": paper}
     prov = provenance(model, seeds=st["seeds"], sample_sizes={"concept_sets": n}, profile=st["profile"],
@@ -120,7 +139,7 @@ def table(bsm_study, model, results_dir):
                 columns=["Comparison", "A Wins", "Ties", "B Wins", "Total", "A Win % [95% CI]", "Tie % [95% CI]",
                          "B Win % [95% CI]", "Unparsable", "A / B both orders", "Paper A / Ties / B"],
                 rows=rows, data=data, provenance=prov, notes=notes)
-    return {"results": results, "vacuous": vacuous, "profile": st["profile"], "n": n,
+    return {"results": results, "vacuous": vacuous, "even": even, "profile": st["profile"], "n": n,
             "text": (out / "bsm_judge.md").read_text()}
 
 
@@ -147,14 +166,18 @@ def test_bsm_judge(table, row):
     outcome = pick(CLAIMS, table["profile"]).get(row)
     if outcome == "baseline wins":
         assert h.a_wins > h.b_wins and h.pvalue < ALPHA, text
-    elif outcome == "no detectable difference":
+    elif outcome in ("no detectable difference", "even"):
         why = table["vacuous"][row]
-        assert why is None, f"{row}: 'no detectable difference' would hold whatever the stories: {why}\n{text}"
-        assert h.pvalue >= ALPHA, text
+        assert why is None, f"{row}: {outcome!r} would hold whatever the stories: {why}\n{text}"
+        if outcome == "even":  # an equivalence claim: TOST, never a large sign-test p
+            assert table["even"][row].pvalue < ALPHA, f"{row}: not equivalent within ±{NET_MARGIN}\n{text}"
+        else:  # what the committed small run measured (a regression check, not an equivalence claim)
+            assert h.pvalue >= ALPHA, text
 
 
 # Profile -> row -> outcome. `paper`: the paper's (GPT-4o judge, n = 50): the baseline's story preferred over the
-# choreographed one (31 / 16 / 3) and over the linearized one (28 / 16 / 6), none after fine-tuning (15 / 21 / 14).
+# choreographed one (31 / 16 / 3) and over the linearized one (28 / 16 / 6), even after fine-tuning (15 / 21 / 14:
+# TOST within ±NET_MARGIN of no net preference).
 # `small`: what the embedded model showed (n = 24, measured first; see README): the 135M judge never prefers the
 # same story in both orders (pure position bias: position A in both orders in 70 of 72 comparisons, B in 2; no
 # unparsable answer), so every comparison is a tie and the paper's baseline preference does NOT reproduce with this
@@ -168,6 +191,6 @@ CLAIMS = {
     "paper": {
         "Baseline vs. Choreographed": "baseline wins",
         "Baseline vs. Choreographed + Linearization": "baseline wins",
-        "Baseline vs. Choreographed + Fine-tuning": "no detectable difference",
+        "Baseline vs. Choreographed + Fine-tuning": "even",
     },
 }

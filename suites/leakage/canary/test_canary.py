@@ -57,13 +57,16 @@ def table(model, profile, results_dir):
         results[row] = {"mean_difference": t.mean_difference, "t_ci": [t.low, t.high], "t_pvalue": t.t_pvalue,
                         "wilcoxon_pvalue": t.wilcoxon_pvalue, "bootstrap_ci": [boot.low, boot.high], "n": n,
                         "kind": kind}
-    holm = stats.adjust_pvalues([results[r]["t_pvalue"] for r in ROWS], method="holm", alpha=ALPHA).adjusted
-    for row, p in zip(ROWS, holm):
+    # One Holm family for the rows whose claim reads a p-value ("cached vs baseline" is judged by its interval).
+    family = [r for r in ROWS if CLAIMS[r] is not _no_large_decrease]
+    holm = dict(zip(family, stats.adjust_pvalues([results[r]["t_pvalue"] for r in family], method="holm",
+                                                 alpha=ALPHA).adjusted))
+    for row in ROWS:
         res = results[row]
-        res["holm_pvalue"] = float(p)
+        res["holm_pvalue"] = float(holm[row]) if row in holm else None
         rows.append([row, ROWS[row][2], n, f"{res['mean_difference']:+.3f}",
                      f"[{res['bootstrap_ci'][0]:+.3f}, {res['bootstrap_ci'][1]:+.3f}]",
-                     f"x{math.exp(res['mean_difference']):.3g}", f"{res['t_pvalue']:.2g}", f"{res['holm_pvalue']:.2g}"])
+                     f"x{math.exp(res['mean_difference']):.3g}", f"{res['t_pvalue']:.2g}", "-" if res["holm_pvalue"] is None else f"{res['holm_pvalue']:.2g}"])
     means = {c: float(np.mean([r["logprob"][c] for r in records])) for c in CONDITIONS}
     top1 = {c: stats.rate(sum(r["rank"][c] == 1 for r in records), n) for c in CONDITIONS}
     base = results["cached vs cached without secret"]
@@ -73,7 +76,8 @@ def table(model, profile, results_dir):
         "Secret ranked first among itself and 7 distractors: "
         + ", ".join(f"{c} {top1[c].format_both()}" for c in CONDITIONS) + ". " + RATE_NOTE,
         "Differences are paired by game (same message tokens, same secret); CI: paired bootstrap (2000 resamples, "
-        f"seed {SEED}); p: paired t, Holm across the {len(ROWS)} rows at alpha {ALPHA}. 'ratio' = exp(difference): "
+        f"seed {SEED}); p: paired t, Holm at alpha {ALPHA} across the {len(family)} rows whose claim reads it (not "
+        "'cached vs baseline', judged by its interval: '-'). 'ratio' = exp(difference): "
         "how many times more probable the secret is under x than under y.",
         "Leakage detected (the secret gains on the distractors when Bob attends to the cached message rather than "
         f"the re-encoded one, and is more probable than behind the same tokens cached without it): "
