@@ -50,7 +50,7 @@ class Session:
         self.created: list[Message] = []
         self.trace = TraceRecorder() if trace else None
         self._deferred = deferred  # the runner's prefills waiting for the next engine step
-        self._awaited: list[Job] = []  # the decode jobs this instance waits on (undone if it is closed first)
+        self._awaited: list[Job] = []  # the jobs this instance waits on (undone if it is closed first)
 
     async def prefill(self, text: str, *, role: str, parents=(), offsets=None, new_offset=None) -> Message:
         """Returns at once: the message is encoded in the runner's next step, in the same forward pass as the
@@ -61,7 +61,9 @@ class Session:
             self.trace.check_parents(parents)  # before any work: a trace names parents by event
         job = self.executor.start_prefill(text, role=role, parents=parents, offsets=offsets, new_offset=new_offset)
         if self._deferred is None:
+            self._awaited = [job]
             msg = await _Request([job], single=True)
+            self._awaited = []
         else:
             if not job.done:
                 self._deferred.append(job)
@@ -91,7 +93,7 @@ class Session:
         self.executor.free(*messages)
 
     def _close(self) -> None:
-        """Free what this instance created; undo a decode it was waiting on (closed before it was handed over)."""
+        """Free what this instance created; undo the call it was waiting on (closed before it was handed over)."""
         self.executor.abort([j for j in self._awaited if not j.done])
         self._awaited = []
         mine = {id(m) for m in self.created}

@@ -121,12 +121,22 @@ def _answer(text: str) -> dict:
 def test_bsm_judge_no_difference_is_not_vacuous():
     biased = {"outcome": "tie", "orders": [_answer(" A"), _answer(" A.")]}
     unparsable = {"outcome": "tie", "orders": [_answer(" Both"), _answer(" neither")]}
-    assert judge.vacuity([biased] * 24, differ=24) is None     # position bias: the table reports it, not vacuous
+    decided = {"outcome": "A", "orders": [_answer(" A"), _answer(" B")]}  # the same story in both orders
+    # Position bias alone decides nothing by content: every outcome is a tie whatever the stories say.
+    assert "decided none of the 24 comparisons by the stories' content (the same position in both orders: A 24, B 0" \
+        in judge.vacuity([biased] * 24, differ=24)
+    assert judge.vacuity([biased] * 23 + [decided], differ=24) is None
     assert "identical in all 24 pairs" in judge.vacuity([biased] * 24, differ=0)
     assert "keep only the outcome" in judge.vacuity(["tie"] * 24, differ=24)   # records from before the answers
     assert "none of the judge's 48 answers" in judge.vacuity([unparsable] * 24, differ=24)
     assert "no comparison was put" in judge.vacuity([{"outcome": "A", "orders": []}] * 24, differ=24)
-    assert judge.vacuity([unparsable] * 23 + [biased], differ=24) is None
+    assert "decided none of the 24" in judge.vacuity([unparsable] * 23 + [biased], differ=24)
+    assert judge.vacuity([unparsable] * 22 + [biased, decided], differ=24) is None
+
+
+def test_bsm_judge_even_is_tost_on_the_net_preference():
+    paper = ["A"] * 15 + ["tie"] * 21 + ["B"] * 14  # the paper's "even" row, n = 50
+    assert judge.net_equivalence(paper).pvalue < 0.05 < judge.net_equivalence(["A"] * 10 + ["tie"] * 35 + ["B"] * 5).pvalue
 
 
 def test_bsm_judge_table_cells():

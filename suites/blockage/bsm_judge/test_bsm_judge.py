@@ -57,10 +57,12 @@ def answers_text(d: dict) -> tuple[str, str]:
 
 
 def vacuity(records: list, differ: int) -> str | None:
-    """Why "no detectable difference" would say nothing about the stories, or None: the compared stories are the
-    same in every pair (``differ`` = pairs whose stories differ), the judge's answers were not logged (a tie from
-    two unparsable answers cannot be told from one of position bias), no comparison was put to the judge (every
-    pair had an empty story), or none of its answers parsed (every outcome is a tie by default).
+    """Why "no detectable difference" or "even" would say nothing about the stories, or None: the compared stories
+    are the same in every pair (``differ`` = pairs whose stories differ), the judge's answers were not logged (a tie
+    from two unparsable answers cannot be told from one of position bias), no comparison was put to the judge (every
+    pair had an empty story), none of its answers parsed (every outcome is a tie by default), or it decided none of
+    the comparisons by the stories' content (it named the same position in both orders, or failed to parse, in
+    every one: every outcome is a tie whatever the stories say).
 
     Example: ``vacuity(["tie"] * 24, differ=24)`` says the answers were not logged.
     """
@@ -74,6 +76,9 @@ def vacuity(records: list, differ: int) -> str | None:
         return "no comparison was put to the judge (an empty story in every pair)"
     if d["unparsable"] == d["verdicts"]:
         return f"none of the judge's {d['verdicts']} answers names A or B"
+    if d["consistent"] == 0:
+        return (f"the judge decided none of the {d['asked']} comparisons by the stories' content (the same position "
+                f"in both orders: A {d['position_a']}, B {d['position_b']}; an unparsable answer in the rest)")
     return None
 
 
@@ -109,7 +114,9 @@ def table(bsm_study, model, results_dir):
              *[f"{row}: sign test p = {h.pvalue:.2g}; net preference {100 * even[row].difference:+.1f} pts, 90% "
                f"interval [{100 * even[row].low:+.1f}, {100 * even[row].high:+.1f}], "
                + ("equivalent" if even[row].equivalent else "not shown equivalent")
-               + f" within ±{100 * NET_MARGIN:.0f} pts (TOST p = {even[row].pvalue:.2g})" for row, h in results.items()],
+               + f" within ±{100 * NET_MARGIN:.0f} pts (TOST p = {even[row].pvalue:.2g})"
+               + ("; uninformative: no comparison was decided by the stories' content"
+                  if diagnostics[row]["consistent"] == 0 else "") for row, h in results.items()],
              "Unparsable: the judge's answers (two per comparison, one per order) naming neither A nor B; a tie "
              "counts them and position bias alike. A / B both orders: comparisons where the judge named the same "
              "position in both orders, i.e. preferred whichever story it was shown first (A) or second (B), so the "
@@ -139,7 +146,8 @@ def table(bsm_study, model, results_dir):
                 columns=["Comparison", "A Wins", "Ties", "B Wins", "Total", "A Win % [95% CI]", "Tie % [95% CI]",
                          "B Win % [95% CI]", "Unparsable", "A / B both orders", "Paper A / Ties / B"],
                 rows=rows, data=data, provenance=prov, notes=notes)
-    return {"results": results, "vacuous": vacuous, "even": even, "profile": st["profile"], "n": n,
+    return {"results": results, "vacuous": vacuous, "even": even, "diagnostics": diagnostics,
+            "profile": st["profile"], "n": n,
             "text": (out / "bsm_judge.md").read_text()}
 
 
@@ -166,6 +174,9 @@ def test_bsm_judge(table, row):
     outcome = pick(CLAIMS, table["profile"]).get(row)
     if outcome == "baseline wins":
         assert h.a_wins > h.b_wins and h.pvalue < ALPHA, text
+    elif outcome == "judge decides nothing by content":  # what the committed small run measured; no claim
+        d = table["diagnostics"][row]  # about the stories: the judge named the same position in both orders
+        assert d["asked"] > 0 and d["consistent"] == 0 and h.a_wins == h.b_wins == 0, f"{row}: {d}\n{text}"
     elif outcome in ("no detectable difference", "even"):
         why = table["vacuous"][row]
         assert why is None, f"{row}: {outcome!r} would hold whatever the stories: {why}\n{text}"
@@ -180,13 +191,14 @@ def test_bsm_judge(table, row):
 # TOST within ±NET_MARGIN of no net preference).
 # `small`: what the embedded model showed (n = 24, measured first; see README): the 135M judge never prefers the
 # same story in both orders (pure position bias: position A in both orders in 70 of 72 comparisons, B in 2; no
-# unparsable answer), so every comparison is a tie and the paper's baseline preference does NOT reproduce with this
-# judge. A stronger local judge (--model) is the way to test it.
+# unparsable answer), so every comparison is a tie, which says nothing about the stories: the paper's baseline
+# preference is not tested by this judge. A stronger local judge (--model) is the way to test it.
 CLAIMS = {
     "smoke": {},  # mechanics only
     "small": {
-        "Baseline vs. Choreographed": "no detectable difference",
-        "Baseline vs. Choreographed + Linearization": "no detectable difference",
+        "Baseline vs. Choreographed": "judge decides nothing by content",
+        "Baseline vs. Choreographed + Linearization": "judge decides nothing by content",
+        "Baseline vs. Choreographed + Fine-tuning": "judge decides nothing by content",
     },
     "paper": {
         "Baseline vs. Choreographed": "baseline wins",
