@@ -112,11 +112,11 @@ def table(bsm_study, model, results_dir):
              "bootstrap of the multinomial collapses to a point when an outcome never or always occurs); p: exact "
              "sign test of A wins against B wins, ties dropped (1 when every comparison is a tie).",
              *[f"{row}: sign test p = {h.pvalue:.2g}; net preference {100 * even[row].difference:+.1f} pts, 90% "
-               f"interval [{100 * even[row].low:+.1f}, {100 * even[row].high:+.1f}], "
-               + ("equivalent" if even[row].equivalent else "not shown equivalent")
-               + f" within ±{100 * NET_MARGIN:.0f} pts (TOST p = {even[row].pvalue:.2g})"
-               + ("; uninformative: no comparison was decided by the stories' content"
-                  if diagnostics[row]["consistent"] == 0 else "") for row, h in results.items()],
+               f"interval [{100 * even[row].low:+.1f}, {100 * even[row].high:+.1f}], TOST p = {even[row].pvalue:.2g} "
+               f"within ±{100 * NET_MARGIN:.0f} pts: "
+               + ("not read as equivalence: the judge decided no comparison by the stories' content"
+                  if diagnostics[row]["consistent"] == 0 else
+                  "equivalent" if even[row].equivalent else "not shown equivalent") for row, h in results.items()],
              "Unparsable: the judge's answers (two per comparison, one per order) naming neither A nor B; a tie "
              "counts them and position bias alike. A / B both orders: comparisons where the judge named the same "
              "position in both orders, i.e. preferred whichever story it was shown first (A) or second (B), so the "
