@@ -9,11 +9,11 @@ turns ("Question 1: ...", "Question 2: ..."), and one assistant call answers the
 
 Both arms encode the same tokens (one user turn per question in both; docs/protocols.md, MultiQA, notes that on the
 135M model this format makes even the serial prompt favour the later question, which is what the baseline traces
-record). The learning rate, and the loss when several are given, are chosen on dev traces split off the training pairs (``select_on_dev``, by dev
-KL to the adapter-off baseline); the held-out pairs are collected and measured once, after that choice, adapter
-off (before) and on (after): mean KL(baseline || choreographed) of next-token distributions over the baseline
-answer tokens (teacher-forced), NLL and top-1 of those tokens, and exact agreement of greedy choreographed answers
-with the baseline's.
+record). The learning rate, and the loss when several are given, are chosen on dev traces split off the training
+pairs (``select_on_dev``, by dev KL to the adapter-off baseline); the held-out pairs are collected and measured
+once, after that choice, adapter off (before) and on (after): mean KL(baseline || choreographed) of next-token
+distributions over the baseline answer tokens (teacher-forced), NLL and top-1 of those tokens, and exact agreement
+of greedy choreographed answers with the baseline's.
 
 Example::
 

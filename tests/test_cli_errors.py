@@ -201,7 +201,8 @@ def test_finetune_paths_are_checked_before_the_model_loads(no_model, capsys, tmp
     assert bad.format(**paths) in _error_line(capsys)
 
 
-@pytest.mark.parametrize("argv", [["collect", "--n", "0"], ["recovery", "--n-train", "-1"], ["recovery", "--n-eval", "0"]])
+@pytest.mark.parametrize("argv", [["collect", "--n", "0"], ["recovery", "--n-train", "-1"],
+                                  ["recovery", "--n-eval", "0"]])
 def test_finetune_counts_must_be_positive(no_model, capsys, tmp_path, argv):
     with pytest.raises(SystemExit) as exit_:
         main(["finetune"] + argv + ["--out", str(tmp_path / "out")])

@@ -66,7 +66,8 @@ def table(model, profile, results_dir):
         res["holm_pvalue"] = float(holm[row]) if row in holm else None
         rows.append([row, ROWS[row][2], n, f"{res['mean_difference']:+.3f}",
                      f"[{res['bootstrap_ci'][0]:+.3f}, {res['bootstrap_ci'][1]:+.3f}]",
-                     f"x{math.exp(res['mean_difference']):.3g}", f"{res['t_pvalue']:.2g}", "-" if res["holm_pvalue"] is None else f"{res['holm_pvalue']:.2g}"])
+                     f"x{math.exp(res['mean_difference']):.3g}", f"{res['t_pvalue']:.2g}",
+                     "-" if res["holm_pvalue"] is None else f"{res['holm_pvalue']:.2g}"])
     means = {c: float(np.mean([r["logprob"][c] for r in records])) for c in CONDITIONS}
     top1 = {c: stats.rate(sum(r["rank"][c] == 1 for r in records), n) for c in CONDITIONS}
     base = results["cached vs cached without secret"]
