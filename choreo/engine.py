@@ -106,12 +106,18 @@ def token_ids(tokens, name: str, *, vocab: int | None = None) -> tuple[int, ...]
     return ids
 
 
-def as_tuple(value, singles=(Message, str, bytes, dict)):
+SINGLES = (Message, str, bytes, dict)  # iterable, yet one item where a list is expected
+
+
+def _is_single(value, singles=SINGLES) -> bool:
+    """Whether ``value`` is one item rather than a list of them: not iterable, or one of ``singles``."""
+    return isinstance(value, singles) or not hasattr(value, "__iter__")
+
+
+def as_tuple(value, singles=SINGLES):
     """An iterable (a list, a generator) as a tuple, read once; a single item or a non-iterable comes back as it is,
     for the checks that say what was expected (``_check_sequence``)."""
-    if isinstance(value, singles) or not hasattr(value, "__iter__"):
-        return value
-    return tuple(value)
+    return value if _is_single(value, singles) else tuple(value)
 
 
 def _is_int(x) -> bool:
@@ -625,10 +631,9 @@ def check_position(value, name: str) -> int | None:
     return position
 
 
-def _check_sequence(value, name: str, what: str, *, example: str, singles=(Message, str, bytes, dict)) -> None:
-    """Refuse a single item (not iterable, or one of ``singles``) where a list is expected: a TypeError that shows
-    the list form."""
-    if isinstance(value, singles) or not hasattr(value, "__iter__"):
+def _check_sequence(value, name: str, what: str, *, example: str, singles=SINGLES) -> None:
+    """Refuse a single item (``_is_single``) where a list is expected: a TypeError that shows the list form."""
+    if _is_single(value, singles):
         raise TypeError(f"{name} must be a list of {what}, got {type(value).__name__} {value!r:.60}: write "
                         f"{example}")
 

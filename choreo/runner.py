@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import sys
 import time
 from typing import Any, Callable, Coroutine, Iterable, Sequence
 
@@ -120,8 +121,6 @@ class RunStats:
 
 def _each(steps: list[Callable[[], None]]) -> None:
     """Run every step; what they raise is noted on the exception being handled (the first one raised if none)."""
-    import sys
-
     errors = []
     for step in steps:
         try:
