@@ -311,12 +311,15 @@ def call_losses(rows: torch.Tensor, target: torch.Tensor, *, loss: str, teacher:
     return out
 
 
-def check_replayable(events: Trace, *, vocab_size: int, where: str = "trace", calls: str | None = None) -> None:
+def check_replayable(events: Trace, *, vocab_size: int, where: str = "trace", calls: str | None = None,
+                     loss: str | None = None) -> None:
     """Raise ``ValueError`` naming the event unless every event can be replayed: a known kind, parents that are
     earlier events in earlier groups (a group is one step of the replay: one prefill, or decodes run together),
     and decoded tokens inside the vocabulary; with ``calls`` (a ``loss_calls`` spec), also unless it selects at
-    least one decode (a trace without one would add a loss of zero). ``train`` checks every trace before it adds
-    an adapter or writes anything."""
+    least one decode (a trace without one would add a loss of zero); with ``calls`` and ``loss='ce'``, also
+    unless one selected decode has a row the cross-entropy scores (a content token, or an end-of-turn that was
+    not teacher-forced: ``sampled_end_of_turn``). ``train`` checks every trace before it adds an adapter or
+    writes anything."""
     sizes = Counter(e.group for e in events)
     for i, e in enumerate(events):
         if e.kind not in ("prefill", "decode"):
@@ -339,9 +342,18 @@ def check_replayable(events: Trace, *, vocab_size: int, where: str = "trace", ca
             if outside:
                 raise ValueError(f"{where}, event {i}: token id {outside[0]!r} outside the vocabulary of "
                                  f"{vocab_size}")
-    if calls is not None and not select_calls(events, calls):
+    if calls is None:
+        return
+    chosen = select_calls(events, calls)
+    if not chosen:
         roles = sorted({e.role for e in events if e.kind == "decode"})
         raise ValueError(f"{where}: loss_calls {calls!r} selects none of its decodes (their roles: {roles})")
+    if loss is not None:
+        check_loss(loss)
+    # An empty output never hits a stop string, so only forcing or max_tokens 0 leaves its end-of-turn unscored.
+    if loss == "ce" and all(not events[i].tokens and (events[i].forced or events[i].max_tokens <= 0) for i in chosen):
+        raise ValueError(f"{where}: the decodes loss_calls {calls!r} selects ({chosen}) are empty forced turns, "
+                         f"with no row the cross-entropy scores: the trace would add a loss of zero")
 
 
 def _forced_call(events: Trace, i: int, messages) -> Call:
@@ -516,7 +528,7 @@ def train(model, train_traces: Sequence, dev_traces: Sequence, *, config: Finetu
     for name, traces in (("training", train_traces), ("dev", dev_traces)):
         for k, events in enumerate(traces):
             check_replayable(events, vocab_size=model.spec.vocab_size, where=f"{name} trace {k}",
-                             calls=config.loss_calls)
+                             calls=config.loss_calls, loss=config.loss if name == "training" else config.dev_criterion)
     shared = {tuple(t) for t in train_traces} & {tuple(t) for t in dev_traces}
     if shared and not dev_may_overlap:
         raise ValueError(f"{len(shared)} trace(s) are both training and dev traces: checkpoints would be chosen on "
@@ -693,7 +705,8 @@ def _optimizer_step(model, executor, traces, params, opt, config, teacher) -> fl
         for events in traces:
             out = replay_loss(executor, events, calls=config.loss_calls, through_cache=config.through_cache,
                               loss=config.loss, teacher=teacher(events) if "kl" in config.loss else None)
-            (out.loss / len(traces)).backward()
+            if out.loss.requires_grad:  # a loss of exactly 0 (nothing scored) has no graph to run back through
+                (out.loss / len(traces)).backward()
             losses.append(float(out.loss.detach()))
             executor.engine.store.detach_()
     finally:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -91,30 +92,51 @@ def load_adapter(model, path: str | Path, *, trainable: bool = False):
     path = Path(path)
     if not (path / "adapter_config.json").exists():
         raise FileNotFoundError(f"adapter path {str(path)!r} has no adapter_config.json (not a saved adapter)")
+    weights = load_peft_weights(str(path), device=str(model.spec.device))
     if is_adapted(model):  # same shape of adapter, new weights: anything else would mix two adapters silently
         saved = json.loads((path / "adapter_config.json").read_text())
-        current = model.hf_model.peft_config["default"]
-        mine = {"r": current.r, "lora_alpha": current.lora_alpha, "target_modules": sorted(current.target_modules)}
-        theirs = {k: sorted(saved.get(k) or []) if k == "target_modules" else saved.get(k) for k in mine}
+        mine, theirs = _layout(model.hf_model.peft_config["default"].to_dict()), _layout(saved)
         if mine != theirs:
-            raise ValueError(f"adapter {str(path)!r} has {theirs} but the model carries an adapter with {mine}: "
+            diff = {k: (theirs[k], mine[k]) for k in mine if mine[k] != theirs[k]}
+            raise ValueError(f"adapter {str(path)!r} differs from the adapter the model carries in "
+                             f"{', '.join(f'{k} ({a!r} against {b!r})' for k, (a, b) in diff.items())}: "
                              f"unload_adapter(model) first")
-        weights = load_peft_weights(str(path), device=str(model.spec.device))
         _check_same_weights(model, weights, path)
         set_peft_model_state_dict(model.hf_model, weights)
     else:
+        base = model.hf_model
         try:
-            model.hf_model = PeftModel.from_pretrained(model.hf_model, path, is_trainable=trainable)
+            with warnings.catch_warnings():  # its warning of missing keys: the check below refuses them
+                warnings.filterwarnings("ignore", message="Found missing adapter keys")
+                model.hf_model = PeftModel.from_pretrained(base, path, is_trainable=trainable)
+            # peft loads the tensors that match and leaves the rest at their initial values (B = 0: unadapted)
+            _check_same_weights(model, weights, path, hint="is it an adapter of this model?")
         except BaseException:  # e.g. an adapter of another architecture: peft injected its layers, then failed
-            _strip_lora(model.hf_model)
+            _strip_lora(base)
+            model.hf_model = base
             raise
     model.hf_model.to(model.spec.device)
     return model.hf_model
 
 
-def _check_same_weights(model, weights: dict, path: Path) -> None:
-    """Refuse saved weights that are not exactly the current adapter's tensors (names and shapes) before any is
-    loaded: peft loads what matches and keeps the rest, which would mix two adapters."""
+# What must agree for saved weights to load over a model's adapter as the same adapter (the rest of the config,
+# e.g. the base model's name or peft's version, does not change what the weights compute).
+_LAYOUT = {"r": None, "lora_alpha": None, "target_modules": [], "use_rslora": False, "use_dora": False,
+           "rank_pattern": {}, "alpha_pattern": {}, "fan_in_fan_out": False, "bias": "none", "modules_to_save": []}
+
+
+def _layout(config: dict) -> dict:
+    out = {}
+    for key, default in _LAYOUT.items():
+        value = config.get(key)
+        value = default if value is None else value
+        out[key] = sorted(value) if isinstance(value, (list, tuple, set)) else value
+    return out
+
+
+def _check_same_weights(model, weights: dict, path: Path, *, hint: str = "unload_adapter(model) first") -> None:
+    """Refuse saved weights that are not exactly the model's adapter's tensors (names and shapes): peft loads what
+    matches and keeps the rest, which would mix two adapters (or leave layers unadapted)."""
     from peft import get_peft_model_state_dict
 
     mine = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model.hf_model).items()}
@@ -125,7 +147,7 @@ def _check_same_weights(model, weights: dict, path: Path) -> None:
         first = (missing or extra or shaped)[0]
         raise ValueError(f"adapter {str(path)!r} does not fit the model's adapter: {len(missing)} of its weights "
                          f"missing, {len(extra)} unknown, {len(shaped)} of another shape (first: {first!r}); "
-                         f"unload_adapter(model) first")
+                         f"{hint}")
 
 
 def adapter_weights(model) -> dict[str, torch.Tensor]:

@@ -64,15 +64,31 @@ EVAL_QUESTIONS = (
 )
 
 
-def make_pairs(split: str, n: int, *, seed: int = 0) -> list[tuple[str, str]]:
-    """n seeded question pairs (two different questions) from the 'train' or 'eval' pool, no pair repeated
-    while unused pairs remain.
+def question_pools(*, dev_fraction: float, seed: int = 0) -> dict[str, tuple[str, ...]]:
+    """The 'train', 'dev' and 'eval' question pools: 'dev' is a seeded share ``dev_fraction`` of TRAIN_QUESTIONS
+    (at least 2) and 'train' the rest, so that no dev pair holds a question a training pair holds: choosing on dev
+    then rewards what the held-out pairs measure (answering new questions), not memorised answers.
+
+    Example: ``question_pools(dev_fraction=0.2)["dev"]`` -> 6 of the 32 training questions.
+    """
+    if not 0 < dev_fraction < 1:
+        raise ValueError(f"dev_fraction must be in (0, 1), got {dev_fraction!r}")
+    n_dev = min(len(TRAIN_QUESTIONS) - 2, max(2, round(len(TRAIN_QUESTIONS) * dev_fraction)))
+    dev = set(np.random.default_rng([seed, 3]).permutation(len(TRAIN_QUESTIONS))[:n_dev].tolist())
+    return {"train": tuple(q for i, q in enumerate(TRAIN_QUESTIONS) if i not in dev),
+            "dev": tuple(q for i, q in enumerate(TRAIN_QUESTIONS) if i in dev), "eval": EVAL_QUESTIONS}
+
+
+def make_pairs(split: str, n: int, *, seed: int = 0, pools: dict[str, tuple[str, ...]] | None = None
+               ) -> list[tuple[str, str]]:
+    """n seeded question pairs (two different questions) from the 'train' or 'eval' pool (or the pools of
+    ``question_pools``, 'dev' too), no pair repeated while unused pairs remain.
 
     Example: ``make_pairs("eval", 3, seed=0)`` -> three (question 1, question 2) tuples from EVAL_QUESTIONS.
     """
-    pools = {"train": TRAIN_QUESTIONS, "eval": EVAL_QUESTIONS}
+    pools = pools or {"train": TRAIN_QUESTIONS, "eval": EVAL_QUESTIONS}
     if split not in pools:
-        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+        raise ValueError(f"split must be one of {', '.join(map(repr, pools))}, got {split!r}")
     pool = pools[split]
     if n < 1 or n > len(pool) * (len(pool) - 1):
         raise ValueError(f"n must be in 1..{len(pool) * (len(pool) - 1)} for the {split!r} pool, got {n}")
@@ -90,10 +106,10 @@ async def two_questions(ex, q1: str, q2: str, *, max_tokens: int = MAX_TOKENS) -
     return answer.tokens
 
 
-def collect_traces(model, *, n: int, split: str = "train", seed: int = 0, pairs=None,
+def collect_traces(model, *, n: int, split: str = "train", seed: int = 0, pairs=None, pools=None,
                    max_tokens: int = MAX_TOKENS) -> tuple[list[list[TraceEvent]], list[dict]]:
     """Baseline traces of the blockage task (greedy), and per-trace metadata; empty answers are dropped."""
-    pairs = pairs if pairs is not None else make_pairs(split, n, seed=seed)
+    pairs = pairs if pairs is not None else make_pairs(split, n, seed=seed, pools=pools)
     runner = Runner(Baseline(model), progress=False, trace=True)
     with torch.no_grad():
         runner.run([lambda ex, p=p: two_questions(ex, *p, max_tokens=max_tokens) for p in pairs])
@@ -178,14 +194,16 @@ def recovery_experiment(model, *, configs, out_dir, n_train: int = 40, n_eval: i
                         adapter_dir=None, progress: bool = True, command: str | None = None) -> dict:
     """Collect training traces, choose a fine-tuning config on dev, then compare held-out metrics before and after.
 
-    ``configs``: the candidates (``candidate_configs``); the train/dev split uses the first one's ``dev_fraction``
-    and ``seed``. The held-out pairs are collected only after the choice and measured once per arm. The model is
-    returned to its adapter-free state. Writes ``out_dir/recovery.json`` and ``out_dir/recovery.md``; the training
-    runs (adapters, histories) go to ``adapter_dir``, or to a temporary folder deleted afterwards.
+    ``configs``: the candidates (``candidate_configs``). ``n_train`` pairs are split into training and dev pairs by
+    the first config's ``dev_fraction``; the dev pairs are drawn from questions no training pair holds
+    (``question_pools``, seeded by that config's ``seed``). The held-out pairs are collected only after the
+    choice and measured once per arm. The model is returned to its adapter-free state. Writes
+    ``out_dir/recovery.json`` and ``out_dir/recovery.md``; the training runs (adapters, histories) go to
+    ``adapter_dir``, or to a temporary folder deleted afterwards.
     """
     import tempfile
 
-    from .finetune import select_on_dev, split_traces
+    from .finetune import select_on_dev
     from .lora import adapter_disabled, unload_adapter
     from .provenance import provenance
     from .results import write_json, write_text
@@ -196,11 +214,17 @@ def recovery_experiment(model, *, configs, out_dir, n_train: int = 40, n_eval: i
     if not configs:
         raise ValueError("recovery_experiment needs at least one candidate config")
     check_no_adapter(model)  # it trains its own adapters and removes them when it ends
-    make_pairs("eval", n_eval, seed=seed)  # checks n_eval now, not after every candidate has trained
+    pools = question_pools(dev_fraction=configs[0].dev_fraction, seed=configs[0].seed)
+    if n_train < 2:
+        raise ValueError(f"n_train must be >= 2 (training and dev pairs), got {n_train}")
+    n_dev = min(n_train - 1, max(1, round(n_train * configs[0].dev_fraction)))
+    make_pairs("dev", n_dev, seed=seed, pools=pools)  # checks the sizes now, not after every candidate has trained
+    make_pairs("train", n_train - n_dev, seed=seed, pools=pools)
+    make_pairs("eval", n_eval, seed=seed)
     t0 = time.perf_counter()
     launch = launch_record()  # the run takes minutes: the code and scheduling it started with
-    train_traces, _ = collect_traces(model, n=n_train, split="train", seed=seed)
-    train_set, dev_set = split_traces(train_traces, dev_fraction=configs[0].dev_fraction, seed=configs[0].seed)
+    train_set, _ = collect_traces(model, n=n_train - n_dev, split="train", seed=seed, pools=pools)
+    dev_set, _ = collect_traces(model, n=n_dev, split="dev", seed=seed, pools=pools)
     with tempfile.TemporaryDirectory() as scratch:
         try:
             chosen = select_on_dev(model, train_set, dev_set, configs=configs, out_dir=Path(adapter_dir or scratch),
@@ -285,7 +309,8 @@ def recovery_markdown(report: dict) -> str:
         "# Blockage recovery after fine-tuning (embedded model)",
         "",
         f"Held-out question pairs: {s['n_eval']} (pool disjoint from training). Training pairs: {s['n_train']}, "
-        f"dev: {s['n_dev']}. Chosen on dev ({s['selection_metric']}): loss {s['chosen_loss']!r}, lr {s['chosen_lr']:g}, "
+        f"dev: {s['n_dev']} (from questions no training pair holds). Chosen on dev ({s['selection_metric']}): "
+        f"loss {s['chosen_loss']!r}, lr {s['chosen_lr']:g}, "
         f"best step {s['best_step']} of {s['steps']}. The held-out pairs were collected and measured once, after "
         f"that choice. Mean KL to the baseline: {s['kl_before']:.4f} -> {s['kl_after']:.4f} nats/token "
         f"({s['kl_gain'] / s['kl_before']:.0%} of the gap closed).",

@@ -637,13 +637,24 @@ def test_command_line_parses():
 
 
 def test_blockage_task_helpers(tiny):
-    from choreo.recovery import EVAL_QUESTIONS, TRAIN_QUESTIONS, collect_traces, divergence, make_pairs
+    from choreo.recovery import EVAL_QUESTIONS, TRAIN_QUESTIONS, collect_traces, divergence, make_pairs, \
+        question_pools
 
     assert not set(TRAIN_QUESTIONS) & set(EVAL_QUESTIONS)
     pairs = make_pairs("eval", 3, seed=0)
     assert pairs == make_pairs("eval", 3, seed=0) and all(a != b and a in EVAL_QUESTIONS for a, b in pairs)
-    with pytest.raises(ValueError, match="split must be"):
+    with pytest.raises(ValueError, match="split must be one of 'train', 'eval', got 'test'"):
         make_pairs("test", 3)
+    pools = question_pools(dev_fraction=0.2, seed=0)
+    assert pools == question_pools(dev_fraction=0.2, seed=0) != question_pools(dev_fraction=0.2, seed=1)
+    assert len(pools["dev"]) == 6 and set(pools["train"]) | set(pools["dev"]) == set(TRAIN_QUESTIONS)
+    assert not set(pools["train"]) & set(pools["dev"]) and pools["eval"] == EVAL_QUESTIONS
+    dev = make_pairs("dev", 30, seed=0, pools=pools)  # every ordered pair of the 6 dev questions
+    assert len(set(dev)) == 30 and all(a in pools["dev"] and b in pools["dev"] for a, b in dev)
+    with pytest.raises(ValueError, match="n must be in 1..30 for the 'dev' pool, got 31"):
+        make_pairs("dev", 31, seed=0, pools=pools)
+    with pytest.raises(ValueError, match="dev_fraction must be in \\(0, 1\\), got 1.0"):
+        question_pools(dev_fraction=1.0)
     traces, meta = collect_traces(tiny, n=3, pairs=pairs, max_tokens=4)
     assert [m["q1"] for m in meta] == [p[0] for p in pairs[:len(meta)]]
     events = traces[0]
@@ -663,9 +674,13 @@ def test_recovery_chooses_on_dev_before_touching_held_out_pairs(tiny, tmp_path, 
     calls = []
     collect, divergence, select = recovery.collect_traces, recovery.divergence, choreo.finetune.select_on_dev
 
+    pairs = {}
+
     def spy_collect(model, *, split, **kw):
         calls.append(f"collect:{split}")
-        return collect(model, split=split, max_tokens=4, **kw)
+        traces, meta = collect(model, split=split, max_tokens=4, **kw)
+        pairs[split] = {q for m in meta for q in (m["q1"], m["q2"])}
+        return traces, meta
 
     def spy_divergence(model, traces):
         calls.append("measure:" + ("after" if any(not l.disable_adapters for l in lora_layers(model)) else "before"))
@@ -682,8 +697,9 @@ def test_recovery_chooses_on_dev_before_touching_held_out_pairs(tiny, tmp_path, 
     assert [(c.loss, c.lr) for c in configs] == [("ce", 1e-3), ("kl", 1e-3)]
     report = recovery.recovery_experiment(tiny, configs=configs, out_dir=tmp_path, n_train=6, n_eval=4,
                                           progress=False, command="test")
-    assert calls == ["collect:train", "select", "collect:eval", "measure:after", "measure:before"]
+    assert calls == ["collect:train", "collect:dev", "select", "collect:eval", "measure:after", "measure:before"]
     assert not is_adapted(tiny)
+    assert pairs["dev"] and not pairs["dev"] & pairs["train"]  # dev pairs ask new questions, as held-out ones do
     s = report["summary"]
     assert s["n_train"] + s["n_dev"] <= 6 and len(report["candidates"]) == 2 and s["chosen"] in (0, 1)
     for name in ("kl", "nll", "top1", "agree"):
@@ -754,6 +770,25 @@ def test_an_empty_output_replays_as_an_empty_turn_scored_on_its_end_of_turn(tiny
     assert replay_loss(ch, forced, calls="last").per_call[d] == 0.0
 
 
+def test_a_trace_with_nothing_for_the_cross_entropy_to_score_is_refused_before_training(tiny, traces, tmp_path):
+    """A selected call that is an empty forced turn has no cross-entropy row: as the only selected call of a trace
+    it would add a loss of zero (and no graph for backward), so ``train`` refuses it before writing anything; the
+    KL still compares its end-of-turn row, so a KL run takes it."""
+    events = list(traces[0])
+    d = max(i for i, e in enumerate(events) if e.kind == "decode")
+    forced = [dataclasses.replace(e, tokens=(), forced=True) if j == d else e for j, e in enumerate(events)]
+    vocab = len(tiny.tokenizer)
+    with pytest.raises(ValueError, match=f"bad: the decodes loss_calls 'last' selects \\(\\[{d}\\]\\) are empty "
+                                         f"forced turns"):
+        check_replayable(forced, vocab_size=vocab, where="bad", calls="last", loss="ce")
+    check_replayable(forced, vocab_size=vocab, calls="last", loss="kl")
+    check_replayable(forced, vocab_size=vocab, calls="all", loss="ce")  # the other decodes have tokens
+    with pytest.raises(ValueError, match="training trace 0: the decodes"):
+        train(tiny, [forced, traces[1]], traces[2:4], config=FinetuneConfig.preset("smoke", loss_calls="last"),
+              out_dir=tmp_path / "run", progress=False)
+    assert not is_adapted(tiny) and not (tmp_path / "run").exists()
+
+
 def test_a_failing_run_leaves_the_model_without_an_adapter(tiny, traces, tmp_path, monkeypatch):
     import choreo.finetune as ft
 
@@ -811,7 +846,22 @@ def test_loading_an_adapter_of_another_shape_over_one_is_refused(tokenizer, tmp_
     for n, p in model.hf_model.named_parameters():
         if "lora_" in n:
             assert torch.equal(p, before[n]), n
+    # The same weights under another scaling (rsLoRA: alpha / sqrt(r) instead of alpha / r) compute another model.
+    rs = tmp_path / "rslora"
+    rs.mkdir()
+    config = json.loads((tmp_path / "alpha16" / "adapter_config.json").read_text())
+    (rs / "adapter_config.json").write_text(json.dumps({**config, "use_rslora": True}))
+    (rs / "adapter_model.safetensors").write_bytes((tmp_path / "alpha16" / "adapter_model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="rslora.*use_rslora \\(True against False\\)"):
+        load_adapter(model, rs)
     unload_adapter(model)
+    # On a model without an adapter, peft would load what matches and leave layer 1 unadapted (B = 0, silently).
+    plain = {n: p.detach().clone() for n, p in model.hf_model.named_parameters()}
+    with pytest.raises(ValueError, match="fewer.*8 of its weights missing.*adapter of this model"):
+        load_adapter(model, fewer)
+    assert not is_adapted(model)
+    after = dict(model.hf_model.named_parameters())
+    assert after.keys() == plain.keys() and all(torch.equal(after[n], plain[n]) for n in plain)
 
 
 def test_adapter_weights_round_trip_and_a_misfit_is_refused_before_any_copy(tokenizer):
