@@ -50,8 +50,12 @@ def test_summary_picks_the_fastest_sweep_config():
     assert summary["w"]["best"]["config"] == "m64 n64 w4 s3 flat, 2 split(s)"
     row = bench_report.table_rows(summary)[0]
     assert row[4] == "1,250 us (160)"  # the moved keys copied first
-    assert row[6] == "80%"  # causal SDPA 1.0 ms / fastest kernel (prerotate) 1.25 ms
-    assert row[-1] == "3.2x"  # Flex + gather 4.0 ms / 1.25 ms
+    # causal SDPA 1.0 ms / the defaults' 2.0 ms, then / the fastest kernel (prerotate) 1.25 ms
+    assert row[6] == "50% (80%)"
+    assert row[-1] == "2.0x (3.2x)"  # Flex + gather 4.0 ms / 2.0 ms, then / 1.25 ms
+    alone = bench_report.summarize({"benchmarks": [b for b in _bench()["benchmarks"] if "_tiles" not in b["name"]
+                                                   and "prerotate" not in b["name"]]})
+    assert bench_report.table_rows(alone)[0][6] == "50%"  # the defaults are the only configuration timed
     training = bench_report.training_rows(summary)
     assert training == [["w", "4,000 us (250)", "10,000 us (100)", "3,000 us (333)", "75%", "2.5x", "40 / 100 MiB",
                          "4,000 us (250): default"]]
@@ -75,6 +79,12 @@ def test_report_writes_table_plot_raw_json_and_provenance(tmp_path):
     assert data["provenance"]["timing"].endswith("every call on one input set")
     versus = (tmp_path / "out" / "segment_attention_vs_base.md").read_text()
     assert "commit abc vs 134a743" in versus and "`pytest ...`" in versus
+    assert "commit_info" not in text  # the JSON names no commit of its own
+    src.write_text(json.dumps(_bench() | {"commit_info": {"id": "456a5bfb62d9", "dirty": True}}))
+    text = bench_report.write_report(src, tmp_path / "out", commit="abc", command="pytest ...").read_text()
+    assert "commit_info names 456a5bf (dirty)" in text and "commit abc" in text
+    src.write_text(json.dumps(_bench() | {"commit_info": {"id": "abc0123", "dirty": False}}))
+    assert "commit_info" not in bench_report.write_report(src, tmp_path / "out", commit="abc", command="x").read_text()
 
 
 def test_base_rows_pair_the_two_commits_and_skip_a_half_timed_workload():

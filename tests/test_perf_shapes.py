@@ -309,3 +309,17 @@ def test_pass_costs_time_one_token_decode_steps(tiny_gqa, monkeypatch):
     by_len = dict(passes)
     assert by_len[1 + measure.STEPS] - by_len[1] == measure.STEPS
     assert "teacher-forced" in costs["decode_step_method"]
+
+
+def test_pass_cost_notes_name_the_device_and_a_prefill_that_pulls_the_fit(tiny_gqa, tmp_path):
+    """The fixed cost's cause is named for the device it ran on, and a prefill off the fit by more than 25% is
+    named (one slow pass pulls a least-squares line; the reader should see which)."""
+    from choreo.perf.report import write_pass_costs
+
+    costs = {"fixed_s": 0.0312, "per_token_s": -1e-5, "prefill_s": {13: 0.0436, 37: 0.0257, 517: 0.0268},
+             "decode_step_s": {1: 0.03}, "attention": "torch", "repeats": 3}
+    text = write_pass_costs(tmp_path, tiny_gqa, costs, command="test").read_text()
+    assert "on CPU, mostly streaming the weights" in text
+    assert "S=13: 43.6 ms measured, 31.1 ms fitted) and pulls it" in text
+    costs["prefill_s"][13] = 0.032
+    assert "pulls it" not in write_pass_costs(tmp_path, tiny_gqa, costs, command="test").read_text()

@@ -78,3 +78,12 @@ def test_decode_throughput_times_no_prefill(tiny_gqa):
     assert rate > 0 and stats.tokens_processed == 3 * alone.length
     assert stats.forward_passes == len(teacher) + 1  # header pass, len - 1 steps, closing pass: all 3 batched
     assert ex.memory()["tokens_used"] == prompt.length  # the calls' messages are freed; the prompt stays
+
+
+@pytest.mark.parametrize("ratio, goal, expected", [
+    (21.0, 20.0, "at the goal (+5.0%)"), (19.7, 20.0, "at the goal (-1.5%)"), (22.0, 20.0, "at the goal (+10.0%)"),
+    (22.1, 20.0, "met"), (17.9, 20.0, "not met"), (10.8, 5.0, "met"), (4.4, 5.0, "not met")])
+def test_a_ratio_within_the_run_to_run_spread_of_its_goal_reads_at_the_goal(ratio, goal, expected):
+    """One run's ratio near its goal neither meets nor misses it: runs of the same code differ by about that much."""
+    assert engine_bench.verdict(ratio, goal) == expected
+    assert engine_bench.measured(21.014, [20.68, 21.014, 21.22], 2) == "21.01x (rounds 20.68-21.22x)"

@@ -5,6 +5,7 @@ used, the judge table's intervals are Wilson, MultiQA's claim names agree with t
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from choreo import stats
@@ -110,6 +111,27 @@ def test_bsm_coverage_no_difference_is_not_vacuous():
     varied = [_bsm_record(f"other {i}", ((i + 1) % 3) / 12) for i in range(n)]
     assert bsm_coverage.vacuity(_bsm_runs(base, varied), name) is None
     assert bsm_coverage.differing(base, varied) == n and bsm_coverage.differing(base, base) == 0
+
+
+def test_bsm_recovery_is_not_read_where_the_choreographed_arm_has_no_gap_to_recover():
+    """Fine-tuning 'equivalent to the baseline' means recovery only when the choreographed arm is not equivalent
+    to it already; the baseline's own Group 2 - Group 1 and linearization's addition to it are reported."""
+    n = 24
+    rng = np.random.default_rng(0)
+    base = [_bsm_record(f"story {i}", 0.8 + 0.02 * rng.standard_normal()) for i in range(n)]
+    near = [_bsm_record(f"near {i}", r["coverage"]["word"] + 0.01 * rng.standard_normal()) for i, r in enumerate(base)]
+    far = [_bsm_record(f"far {i}", r["coverage"]["word"] - 0.18 + 0.01 * rng.standard_normal())
+           for i, r in enumerate(base)]
+    caveat = bsm_coverage.recovery_caveat(_bsm_runs(base, near), 0.05)
+    assert caveat is not None and "no gap to recover" in caveat and "baseline coverage 79.8%" in caveat
+    assert bsm_coverage.recovery_caveat(_bsm_runs(base, far), 0.05) is None  # an 18-point gap: recovery testable
+    for i, r in enumerate(base):  # the baseline favours group 2 by 10 points, the linearized arm by 15
+        r["group_coverage"]["word"] = [0.75 + 0.01 * (i % 3), 0.85 + 0.01 * (i % 3)]
+        far[i]["group_coverage"]["word"] = [0.5 + 0.01 * (i % 4), 0.65 + 0.01 * (i % 4)]
+    ref = bsm_coverage.references(_bsm_runs(base, far))
+    assert ref["Baseline Group 2 - Group 1"].mean_difference == pytest.approx(0.10)
+    assert ref["Linearization - Baseline in Group 2 - Group 1"].mean_difference == pytest.approx(0.05)
+    assert list(bsm_coverage.references({"Baseline": base})) == ["Baseline Group 2 - Group 1"]
 
 
 def _answer(text: str) -> dict:

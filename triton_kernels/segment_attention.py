@@ -48,8 +48,9 @@ over 128 messages (16k keys) at 82-85%, over one 4k-token message at 103%, and o
 decode over 1k-4k keys at 0.9-1.9x causal SDPA, over 16k keys 0.5-0.9x (the same launch took 90-126 and 131-230 us
 between tests of one run); FlexAttention's kernel alone, on keys gathered and re-rotated before timing, faster on
 prefill (0.70-0.79x the kernel's time on moved messages, 0.91x on one) and slower on decode; as a backend it needs
-that gather, which the kernel beats 1.8-4.5x on prefill and 23-37x on decode. Forward + backward 1.2-1.9x faster
-than autograd through the gather + dense-mask path, in a fraction of its memory (224-412 MiB against 630-3,225 MiB).
+that gather, which the kernel at its defaults beats 1.8-4.5x on prefill and 17-29x on decode (37x at the tile
+sweep's fastest configuration). Forward + backward 1.2-1.9x faster than autograd through the gather + dense-mask
+path, in a fraction of its memory (224-412 MiB against 630-3,225 MiB).
 Against the commit timed on an H100 before (134a743), on the same H200 back to back: prefill forward 1.02-1.08x,
 forward + backward 1.09-1.13x. Every test of the forward, the backward and the engine's triton backend passed on the
 H200 at 1b0bef4 (``results/kernels/gpu_tests.md``).

@@ -180,10 +180,16 @@ def write_pass_costs(out: Path, model: Model, costs: dict, *, command: str | Non
     rows = [[f"prefill, S={s}", f"{1000 * t:.1f} ms", f"{1000 * fit(s):.1f} ms"] for s, t in costs["prefill_s"].items()]
     rows += [[f"decode step, B={b} calls", f"{1000 * t:.1f} ms", f"{1000 * fit(b):.1f} ms"]
              for b, t in costs["decode_step_s"].items()]
+    where = ("on CPU, mostly streaming the weights from memory" if model.spec.device.type == "cpu" else
+             f"on {model.spec.device.type}: reading the weights, launching kernels, the host's Python")
+    worst = max(costs["prefill_s"].items(), key=lambda st: abs(st[1] / fit(st[0]) - 1), default=None)
+    pulled = ("" if worst is None or abs(worst[1] / fit(worst[0]) - 1) <= 0.25 else
+              f" One prefill is off the fit by more than 25% (S={worst[0]}: {1000 * worst[1]:.1f} ms measured, "
+              f"{1000 * fit(worst[0]):.1f} ms fitted) and pulls it: read the measured rows.")
     notes = [f"Least-squares fit over the prefills: t(S) = {1000 * costs['fixed_s']:.1f} ms + "
-             f"{1000 * costs['per_token_s']:.2f} ms x S. The fixed part is paid by every forward pass (on CPU, "
-             "mostly streaming the weights from memory), so a choreographed call that encodes a few header tokens "
-             "cannot be faster than it, whatever the token bound says. A decode step of B calls encodes B tokens: "
+             f"{1000 * costs['per_token_s']:.2f} ms x S. The fixed part is paid by every forward pass ({where}), so "
+             "a choreographed call that encodes a few header tokens cannot be faster than it, whatever the token "
+             f"bound says.{pulled} A decode step of B calls encodes B tokens: "
              + costs.get("decode_step_method", "the mean pass of a decode of up to 8 tokens, its header and closing "
                                                "passes included (measured before the difference method)") + ".",
              f"1-min load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, "

@@ -93,8 +93,10 @@ def _finetuned_arm(model, *, plan, config, sizes, data_dir, use_file, sets, seed
     if all(i in done for i in range(len(sets))):  # the arm finished in an earlier session
         summary_path = Path(folder) / f"finetune-{ft_key}.json"
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"resumed": str(log)}
-        return [done[i] for i in range(len(sets))], with_split(summary, dev_fraction=DEV_FRACTION, seed=BSM_SEED), \
-            ft_key
+        fixed = with_split(summary, dev_fraction=DEV_FRACTION, seed=BSM_SEED)
+        if summary_path.exists() and fixed != summary:  # written before it recorded the split: the counts confirm it
+            write_json(summary_path, fixed)
+        return [done[i] for i in range(len(sets))], fixed, ft_key
     if use_file:
         train_sets = load_concept_sets(data_dir, n=plan["train"], skip=0)
         train_sets = [c[:sizes["size"]] for c in train_sets] if sizes["size"] else train_sets

@@ -55,7 +55,10 @@ def _finetuned(model, profile, questions, pairs, config, key, folder):
     summary_path = folder / f"{name}.train.json"
     if all(i in done for i in range(len(pairs))) and summary_path.exists():
         summary = json.loads(summary_path.read_text())
-        return [done[i] for i in range(len(pairs))], with_split(summary, dev_fraction=DEV_FRACTION, seed=SEED)
+        fixed = with_split(summary, dev_fraction=DEV_FRACTION, seed=SEED)
+        if fixed != summary:  # a summary written before it recorded the split: the counts confirm the share used
+            write_json(summary_path, fixed)
+        return [done[i] for i in range(len(pairs))], fixed
     evaluated = {frozenset((a.id, b.id)) for a, b in pairs}
     train_pairs = [p for p in make_pairs(questions, 3 * plan["train"], seed=TRAIN_SEED)
                    if frozenset((p[0].id, p[1].id)) not in evaluated][:plan["train"]]
