@@ -162,11 +162,16 @@ class ChatFormat:
         after each sampled token (and how a trace tells that a call ended on one).
 
         Checked after every token, a stop string first occurs ending in the newest token, so only a window at the
-        end is decoded: a token holds at least one byte, so ``stop_window(stop)`` tokens cover the longest string
-        and the cost per token stays bounded however long the generation."""
+        end is decoded: ``stop_window(stop)`` tokens, widened while their text is shorter than the longest string
+        plus the newest token's text (special tokens decode to no text), so the cost per token stays bounded
+        however long the generation."""
         if not stop:
             return False
-        text = self.decode(list(tokens[-stop_window(stop):]))
+        n, need = stop_window(stop), max(len(s) for s in stop) + len(self.decode(list(tokens[-1:])))
+        text = self.decode(list(tokens[-n:]))
+        while len(text) < need and n < len(tokens):  # tokens with no text (special ones) widen the window
+            n *= 2
+            text = self.decode(list(tokens[-n:]))
         return any(s in text for s in stop)
 
     def decode(self, ids: list[int]) -> str:

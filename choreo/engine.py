@@ -81,6 +81,7 @@ class Call:
                              "(teacher_tokens=None): use teacher_tokens, or read the sampled message's logprobs")
         if self.stop is None or isinstance(self.stop, str):
             object.__setattr__(self, "stop", () if self.stop is None else (self.stop,))
+        object.__setattr__(self, "stop", as_tuple(self.stop))  # a generator is read once, here
         if isinstance(self.stop, (bytes, dict)) or not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop must be a non-empty string or a sequence of them, got {self.stop!r}")
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -283,6 +284,8 @@ class Engine:
             job.msg.ttft = now - job.t0
         if token in job.stop_ids:
             job.pending, job.closing = list(job.footer), True
+            if not job.pending:  # a template with no end-of-turn text: nothing left to encode
+                self._finish(job, now)
             return
         job.generated.append(token)
         if len(job.generated) >= call.max_tokens or self.format.hits_stop(job.generated, call.stop):
@@ -313,6 +316,10 @@ class Engine:
     def run(self, jobs: list[Job]) -> None:
         """Step until every job is done."""
         while any(not j.done for j in jobs):
+            if not any(j.pending for j in jobs if not j.done):  # a job with nothing to feed would never finish
+                stuck = next(j for j in jobs if not j.done)
+                raise RuntimeError(f"message {stuck.msg.id} (role {stuck.msg.role!r}) is not done but has no "
+                                   f"token to feed")
             self.step(jobs)
 
 
@@ -419,6 +426,10 @@ class Choreographer:
     def unlist(self, *messages: ParentRef) -> list[Message]:
         """Validate all of ``messages`` first, then remove them from the registry and mark them freed; returns
         them (their rows are the caller's to release: ``free`` does, once no started call reads them)."""
+        listed = next((m for m in messages if not _is_single(m)), None)
+        if listed is not None:
+            raise TypeError(f"free takes messages (or ids) as separate arguments, got a {type(listed).__name__} "
+                            f"{listed!r:.60}: write free(*messages) or free(a, b)")
         msgs = [self._lookup(m, "free") for m in messages]
         if len({m.id for m in msgs}) != len(msgs):
             raise ValueError(f"free lists a message twice: {[m.id for m in msgs]}")
@@ -504,6 +515,10 @@ class Choreographer:
 
     def make_job(self, call: Call, header: list[int], *, segments, start: int, parents: tuple[int, ...]) -> Job:
         """Reserve rows for a decode whose own tokens begin with ``header`` (the message is not yet listed)."""
+        if not header:  # the first token is predicted from the last token a call feeds: it must feed one
+            raise ValueError(f"decode call (role {call.role!r}) has no token to encode before its first one: the "
+                             f"chat template opens a {call.role!r} turn with no tokens, and the call has no prefix"
+                             f"{'' if call.parents else ' and no parents'}; give it a prefix (e.g. prefix=' ')")
         footer = self.format.footer(call.role)
         if call.teacher_tokens is not None:
             teacher = list(token_ids(call.teacher_tokens, "teacher_tokens", vocab=self.model.spec.vocab_size))
@@ -532,8 +547,8 @@ class Choreographer:
     def _lookup(self, ref: ParentRef, what: str) -> Message:
         """The listed message ``ref`` names. A decode still running (listed once started, so that its id is taken)
         can be read with ``message`` but is no parent yet, and cannot be freed: its rows are still being written."""
-        key = ref.id if isinstance(ref, Message) else ref
-        msg = self._messages.get(key) if isinstance(key, int) and not isinstance(key, bool) else None
+        key = ref.id if isinstance(ref, Message) else _as_int(ref)  # a numpy integer id too
+        msg = self._messages.get(key) if key is not None else None
         if msg is None or (isinstance(ref, Message) and msg is not ref):
             raise KeyError(f"{what}: unknown or freed message {ref!r}")
         if msg.decoding and what != "message":
@@ -555,6 +570,15 @@ class Choreographer:
         """Resolve parents to store segments and the new message's start position (validates everything)."""
         parents, starts, start = self._resolve(parents, offsets, new_offset)
         segments = tuple((p.row, p.length, s - p.start) for p, s in zip(parents, starts))
+        if self.engine.attention == "triton":
+            from triton_kernels.segment_attention import MAX_TILE_DELTA
+
+            far = [(p, s) for p, s in zip(parents, starts) if abs(s - p.start) > MAX_TILE_DELTA]
+            if far:
+                (p, s), = far[:1]
+                raise ValueError(f"offsets move message {p.id} from position {p.start} to {s}, by more than the "
+                                 f"triton backend's +-{MAX_TILE_DELTA} positions; use attention='torch' for such "
+                                 f"moves")
         prefix = self._shared_prefix()
         if prefix is not None:
             segments = ((prefix.row, prefix.length, 0),) + segments

@@ -635,6 +635,7 @@ def _train_adapted(model, train_traces, dev_traces, *, config, out: Path, resume
         _set_rng_state(saved["rng"])
         state = {"best_dev_score": None, "selected_by": selected_by, **saved["state"]}
     else:
+        (out / "history.json").unlink(missing_ok=True)  # an earlier run's, which best/ no longer matches from here
         torch.manual_seed(config.seed)
         record = {"step": 0}
         dev_eval(record)
@@ -888,6 +889,10 @@ def _cli_train(args) -> int:
         for path in paths:
             input_file(path, option=option)
     output_dir(args.out, option="--out")  # before the model loads: train writes OUT/best, OUT/last as it goes
+    earlier = [n for n in ("best", "last", "history.json") if (Path(args.out) / n).exists()]
+    if earlier and not args.resume:  # a fresh run would overwrite best/ at its first evaluation
+        raise ValueError(f"--out {args.out!r} holds a training run ({', '.join(earlier)}): pass --resume to continue "
+                         f"it, or choose another folder (a new run would replace its adapter)")
     traces = [events for path in args.traces for _, events in load_traces(path)]
     if args.dev_traces:
         train_set, dev_set = traces, [events for path in args.dev_traces for _, events in load_traces(path)]
@@ -903,10 +908,11 @@ def _cli_train(args) -> int:
 def _cli_recovery(args) -> int:
     from .cli import output_dir
     from .model import load_model
-    from .recovery import candidate_configs, recovery_experiment
+    from .recovery import candidate_configs, check_recovery_sizes, recovery_experiment
 
     overrides = {} if args.epochs is None else {"epochs": args.epochs}
     configs = candidate_configs(FinetuneConfig.preset(args.config, **overrides), losses=args.losses, lrs=args.lrs)
+    check_recovery_sizes(args.n_train, args.n_eval, configs, names=("--n-train", "--n-eval"))  # before loading
     # before the model loads: recovery.json and .md are written when the experiment ends, --runs as it trains
     output_dir(args.out, option="--out")
     if args.runs is not None:

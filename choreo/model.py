@@ -228,7 +228,9 @@ def load_model(
     rotary frequencies stay fp32 whichever way the model comes in, as ``from_pretrained`` keeps them.
 
     Refused with ValueError: other architectures than Llama, Mistral, Qwen2 and Qwen3, RoPE types whose
-    frequencies depend on the sequence length (``dynamic``, ``longrope``), and an active sliding window.
+    frequencies depend on the sequence length (``dynamic``, ``longrope``), and an active sliding window. A folder
+    without config.json or weight files is a FileNotFoundError, one whose files cannot be loaded (a truncated
+    safetensors file, say) a ValueError naming the folder and the file (``check_checkpoint``).
     """
     device = torch.device(device or "cpu")
     dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
@@ -237,21 +239,79 @@ def load_model(
             raise ValueError("load_model(hf_model) needs tokenizer=...: an in-memory model has no tokenizer")
         name = getattr(source.config, "name_or_path", "") or source.config.model_type
         return Model(_to_keeping_rope_fp32(source, device, dtype), tokenizer, name=name)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if source is None:
-        path, name, sha = embedded_checkpoint(), EMBEDDED_NAME, None
+        path, name = embedded_checkpoint(), EMBEDDED_NAME
         sha = json.loads((path / "choreo.json").read_text())["gguf_sha256"]
     else:
-        path, name, sha = Path(source), str(source), None
-        if not path.is_dir():
-            raise FileNotFoundError(f"model path {str(source)!r} is not a directory with a Hugging Face checkpoint")
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"model path {str(source)!r} has no config.json")
+        path, name = check_checkpoint(source), str(source)
         sha = checkpoint_sha256(path)
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
-    tok = tokenizer or AutoTokenizer.from_pretrained(path)
+    hf, tok = _from_pretrained(path, dtype=dtype, tokenizer=tokenizer)
     return Model(hf.to(device), tok, name=name, sha256=sha)
+
+
+LOADABLE_WEIGHTS = (".safetensors", ".bin")  # the weight files ``from_pretrained`` reads from a local folder
+
+
+def check_checkpoint(path: str | os.PathLike, *, source: str = "model path") -> Path:
+    """The local checkpoint folder ``path`` as ``load_model`` reads it: a directory holding ``config.json`` and
+    weight files (``LOADABLE_WEIGHTS``; a GGUF file is not read from a folder), whose safetensors files are whole
+    (their header read, with the length it promises). Else FileNotFoundError or ValueError naming ``source``
+    (``--model`` on the command line), the folder and the file.
+
+    Example: ``check_checkpoint("/empty/folder", source="--model")`` raises "--model '/empty/folder' has no
+    config.json".
+    """
+    where, path = f"{source} {str(path)!r}", Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{where} is not a directory with a Hugging Face checkpoint")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{where} has no config.json")
+    weights = sorted(f for f in path.iterdir() if f.is_file() and f.suffix in LOADABLE_WEIGHTS)
+    if not weights:
+        raise FileNotFoundError(f"{where} has no weight files (*{', *'.join(LOADABLE_WEIGHTS)})")
+    for file in weights:
+        if file.suffix == ".safetensors":
+            _check_safetensors(file, where=where)
+    return path
+
+
+def _check_safetensors(file: Path, *, where: str) -> None:
+    """Open ``file``'s header as ``from_pretrained`` will (which checks that the file is as long as it says)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt"):
+            pass
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{where}: {file.name} is not a readable safetensors file ({_one_line(error)})") from None
+
+
+def _from_pretrained(path: Path, *, dtype: torch.dtype, tokenizer=None):
+    """(HF model, tokenizer) from the checkpoint folder ``path``; a failure is a ValueError naming the folder and
+    which of its files could not be loaded (config.json and the weights, or the tokenizer files)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    weights = [f.name for f in sorted(path.iterdir()) if f.suffix in LOADABLE_WEIGHTS] or ["no weight files"]
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    except Exception as error:  # whatever it was, this checkpoint cannot be read
+        raise ValueError(f"model path {str(path)!r}: cannot load config.json and {', '.join(weights)} "
+                         f"({type(error).__name__}: {_one_line(error)})") from error
+    if tokenizer is not None:
+        return hf, tokenizer
+    try:
+        return hf, AutoTokenizer.from_pretrained(path)
+    except Exception as error:
+        files = [f.name for f in sorted(path.iterdir()) if f.name.startswith(("tokenizer", "vocab", "merges",
+                                                                              "special_tokens"))]
+        raise ValueError(f"model path {str(path)!r}: cannot load the tokenizer from "
+                         f"{', '.join(files) or 'no tokenizer files'} ({type(error).__name__}: {_one_line(error)})") \
+            from error
+
+
+def _one_line(error: BaseException) -> str:
+    """An error's message on one line (those of ``transformers`` span several)."""
+    return " ".join(str(error).split())
 
 
 def _to_keeping_rope_fp32(hf: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:

@@ -123,7 +123,8 @@ def collect_traces(model, *, n: int, split: str = "train", seed: int = 0, pairs=
 
 
 async def replay_async(ex, events: Sequence[TraceEvent], *, teacher: bool, keep_logits: bool = False):
-    """Replay a trace inside a runner session; returns the last decode's message (teacher-forced or free)."""
+    """Replay a trace inside a runner session; returns the last decode's message (teacher-forced, or free: then
+    only the calls that sampled when recorded sample again)."""
     messages = [None] * len(events)
     for group in sorted({e.group for e in events}):
         idx = [i for i, e in enumerate(events) if e.group == group]
@@ -136,7 +137,8 @@ async def replay_async(ex, events: Sequence[TraceEvent], *, teacher: bool, keep_
                       offsets=events[i].offsets, new_offset=events[i].new_offset, prefix=events[i].prefix,
                       max_tokens=max(events[i].max_tokens, 1), temperature=events[i].temperature,
                       top_p=events[i].top_p, seed=events[i].seed, stop=events[i].stop,
-                      teacher_tokens=list(events[i].tokens) if teacher else None, keep_logits=keep_logits)
+                      teacher_tokens=list(events[i].tokens) if teacher or events[i].forced else None,
+                      keep_logits=keep_logits)
                  for i in idx]
         for i, msg in zip(idx, await ex.decode(calls)):
             messages[i] = msg
@@ -214,13 +216,7 @@ def recovery_experiment(model, *, configs, out_dir, n_train: int = 40, n_eval: i
     if not configs:
         raise ValueError("recovery_experiment needs at least one candidate config")
     check_no_adapter(model)  # it trains its own adapters and removes them when it ends
-    pools = question_pools(dev_fraction=configs[0].dev_fraction, seed=configs[0].seed)
-    if n_train < 2:
-        raise ValueError(f"n_train must be >= 2 (training and dev pairs), got {n_train}")
-    n_dev = min(n_train - 1, max(1, round(n_train * configs[0].dev_fraction)))
-    make_pairs("dev", n_dev, seed=seed, pools=pools)  # checks the sizes now, not after every candidate has trained
-    make_pairs("train", n_train - n_dev, seed=seed, pools=pools)
-    make_pairs("eval", n_eval, seed=seed)
+    pools, n_dev = check_recovery_sizes(n_train, n_eval, configs, seed=seed)  # now, not after training
     t0 = time.perf_counter()
     launch = launch_record()  # the run takes minutes: the code and scheduling it started with
     train_set, _ = collect_traces(model, n=n_train - n_dev, split="train", seed=seed, pools=pools)
@@ -257,6 +253,24 @@ def recovery_experiment(model, *, configs, out_dir, n_train: int = 40, n_eval: i
     write_json(Path(out_dir) / "recovery.json", report)
     write_text(Path(out_dir) / "recovery.md", recovery_markdown(report))
     return report
+
+
+def check_recovery_sizes(n_train: int, n_eval: int, configs, *, seed: int = 0,
+                         names: tuple[str, str] = ("n_train", "n_eval")) -> tuple[dict, int]:
+    """Raise ValueError naming the option (``names``: how the caller calls n_train and n_eval) unless ``n_train``
+    pairs split into training and dev pairs and ``n_eval`` held-out pairs can be drawn; returns the question pools
+    and the number of dev pairs."""
+    pools = question_pools(dev_fraction=configs[0].dev_fraction, seed=configs[0].seed)
+    if not isinstance(n_train, int) or n_train < 2:
+        raise ValueError(f"{names[0]} must be an integer >= 2 (training and dev pairs), got {n_train!r}")
+    n_dev = min(n_train - 1, max(1, round(n_train * configs[0].dev_fraction)))
+    for (name, given), split, n in (((names[0], n_train), "train", n_train - n_dev),
+                                    ((names[0], n_train), "dev", n_dev), ((names[1], n_eval), "eval", n_eval)):
+        try:
+            make_pairs(split, n, seed=seed, pools=pools)
+        except ValueError as error:
+            raise ValueError(f"{name} {given}: {error}") from None
+    return pools, n_dev
 
 
 def launch_record() -> dict:

@@ -14,6 +14,10 @@ from .profiles import PROFILES
 ROOT = Path(__file__).resolve().parent.parent
 SUITES_DIR = ROOT / "suites"
 RESULTS_DIR = ROOT / "results"  # the checkout's results/, wherever the command runs from
+# Environment variables that change what a suite runs (suites/leakage/conftest.py reads them with ``env_flag`` and
+# ``env_count``), checked here before pytest starts: a bad one is one line, not an error in every test that reads it.
+ENV_FLAGS = ("CHOREO_LEAKAGE_FINETUNE",)
+ENV_COUNTS = {"CHOREO_LEAKAGE_GAMES": 2, "CHOREO_LEAKAGE_CANARY": 2}  # the smallest count each accepts (games)
 
 
 def available_suites() -> list[str]:
@@ -43,8 +47,11 @@ def run(args) -> int:
     import pytest
 
     chosen = _chosen_suites(args.only)
-    if args.model is not None and not Path(args.model).is_dir():
-        raise FileNotFoundError(f"model path {args.model!r} is not a directory")
+    if args.model is not None:
+        from .model import check_checkpoint  # imports torch: only for a --model to check
+
+        check_checkpoint(args.model, source="--model")
+    check_env()
     if args.data_dir is not None:
         check_data_dir(args.data_dir, source="--data-dir")
     elif os.environ.get("CHOREO_DATA"):  # the suites read it (conftest.py): a mistyped one must not fall back quietly
@@ -85,6 +92,40 @@ def check_data_dir(path: str, *, source: str) -> Path:
     if not any((folder / name).is_file() for name in (CONCEPTS_FILE, MATH_FILE)):
         raise FileNotFoundError(f"{source} {path!r} has no {CONCEPTS_FILE} or {MATH_FILE}")
     return folder
+
+
+def env_flag(name: str) -> bool:
+    """The switch ``$name``: "1" is on; "0", empty or unset is off. Anything else ("true", "yes") is a ValueError
+    naming the variable and its value, rather than a switch that silently stays off.
+
+    Example: with CHOREO_LEAKAGE_FINETUNE=1, ``env_flag("CHOREO_LEAKAGE_FINETUNE")`` -> True.
+    """
+    value = os.environ.get(name, "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"${name} must be 1 (on) or 0 (off), got {value!r}")
+    return value == "1"
+
+
+def env_count(name: str, *, minimum: int) -> int | None:
+    """The count ``$name`` (None when empty or unset): ASCII digits of a number >= ``minimum``; anything else
+    ("abc", "-3", "²", "1e3") is a ValueError naming the variable and its value.
+
+    Example: with CHOREO_LEAKAGE_GAMES=8, ``env_count("CHOREO_LEAKAGE_GAMES", minimum=2)`` -> 8.
+    """
+    value = os.environ.get(name, "")
+    if not value:
+        return None
+    if not (value.isascii() and value.isdigit()) or int(value) < minimum:
+        raise ValueError(f"${name} must be an integer >= {minimum} (ASCII digits), got {value!r}")
+    return int(value)
+
+
+def check_env() -> None:
+    """Every variable of ``ENV_FLAGS`` and ``ENV_COUNTS`` that is set, checked as the suites read it."""
+    for name in ENV_FLAGS:
+        env_flag(name)
+    for name, minimum in ENV_COUNTS.items():
+        env_count(name, minimum=minimum)
 
 
 def table_stamps(results: Path, suites: list[str]) -> dict[Path, tuple[int, int]]:

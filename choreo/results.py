@@ -1,9 +1,11 @@
 """Writing results without ever losing or corrupting what is already there.
 
-- ``write_json`` / ``write_text``: write to a temporary file in the same folder, then atomically rename.
+- ``write_json`` / ``write_text`` / ``write_bytes``: write to a temporary file in the same folder, then atomically
+  rename. ``write_json`` writes NaN and infinities as null (JSON has no such numbers).
 - ``JsonlLog``: append-only records (one finished workflow instance per line), flushed and fsynced per
   record, so an interrupted run resumes from what is on disk. A torn last line (the process died while
-  writing) is ignored; a malformed line anywhere else is an error naming the file and line. Each record is
+  writing) is ignored; a line anywhere else that is not UTF-8 or not JSON is an error naming the file and
+  line (``read_jsonl`` and ``logged_results`` name them too). Each record is
   stamped with the commit and date that computed it (``written``): a table rendered later from resumed
   records names the code that computed them (``JsonlLog.written_summary``), not only the code that rendered.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import math
 import os
 import subprocess
 import tempfile
@@ -21,13 +24,20 @@ from typing import Any, Callable, Iterator, Sequence
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
+    """``text`` (UTF-8) as the whole of ``path``, written atomically (``write_bytes``)."""
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """``data`` as the whole of ``path``: written to a temporary file in the same folder, fsynced, then renamed over
+    ``path``, so a reader (or a run interrupted meanwhile) sees the old file or the new one, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; results are ordinary files
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -44,7 +54,25 @@ def _umask() -> int:
 
 
 def write_json(path: str | os.PathLike, payload: Any) -> Path:
-    return write_text(path, json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
+    """``payload`` as indented JSON, written atomically; NaN and infinities (a mean over no step, say) become null,
+    since JSON has no such numbers (Python writes them as NaN / Infinity, which other readers refuse)."""
+    return write_text(path, json.dumps(finite(payload), indent=2, sort_keys=False, default=str,
+                                       allow_nan=False) + "\n")
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every float that is NaN or infinite, inside dicts, lists and tuples too, replaced by None.
+
+    Example: ``finite({"seconds": float("nan"), "steps": [1.5, float("inf")]})`` -> ``{"seconds": None, "steps":
+    [1.5, None]}``.
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
 
 
 class JsonlLog:
@@ -64,45 +92,50 @@ class JsonlLog:
         self._commit: str | None = None
 
     def records(self) -> Iterator[dict]:
+        for _, record in self.numbered_records():
+            yield record
+
+    def numbered_records(self) -> Iterator[tuple[int, dict]]:
+        """(line number, record) of every record, each checked to be a JSON object with the key field."""
         for number, record in self._parsed():
             if not isinstance(record, dict) or self.key not in record:
                 raise ValueError(f"{self.path}:{number}: record without the key field {self.key!r}")
-            yield record
+            yield number, record
 
     def _parsed(self) -> Iterator[tuple[int, Any]]:
         if not self.path.exists():
             return
-        lines = self.path.read_text().split("\n")
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                if number == len(lines):  # a torn final write; the record is redone on resume
-                    continue
-                raise ValueError(f"{self.path}:{number}: malformed JSON line ({error.msg})") from None
-            yield number, record
+        yield from _json_lines(self.path, torn_ok=True)  # a torn final write is redone on resume
 
     def keys(self) -> set:
         return {_freeze(r[self.key]) for r in self.records()}
 
     def append(self, record: dict) -> None:
-        if self.key not in record:
-            raise ValueError(f"record lacks the key field {self.key!r}: {sorted(record)}")
-        if self.STAMP not in record:
-            if self._commit is None:  # once per log: a subprocess per record would slow long runs
-                from .provenance import git_commit
-
-                self._commit = git_commit() or "unknown"
-            now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-            record = {**record, self.STAMP: {"git_commit": self._commit, "date": now}}
+        record = self._stamped(record)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._repair()
         with open(self.path, "a") as f:
             f.write(json.dumps(record, default=str) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+    def write(self, records: Sequence[dict]) -> None:
+        """Replace the log with ``records``, stamped as ``append`` stamps them, in one atomic write (``write_text``):
+        for records that are only of use together (a training set), so that no one ever reads part of them."""
+        write_text(self.path, "".join(json.dumps(self._stamped(r), default=str) + "\n" for r in records))
+
+    def _stamped(self, record: dict) -> dict:
+        """``record`` checked to have the key field, with the commit and date of this process (``STAMP``)."""
+        if self.key not in record:
+            raise ValueError(f"record lacks the key field {self.key!r}: {sorted(record)}")
+        if self.STAMP in record:
+            return record
+        if self._commit is None:  # once per log: a subprocess per record would slow long runs
+            from .provenance import git_commit
+
+            self._commit = git_commit() or "unknown"
+        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        return {**record, self.STAMP: {"git_commit": self._commit, "date": now}}
 
     def written_summary(self) -> dict:
         """Which code computed the records: the commits and date range of the stamped ones, the count of records
@@ -135,16 +168,34 @@ class JsonlLog:
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed value) for each non-blank line; a malformed line is an error naming file:line. Lines
-    end at "\\n" only (``str.splitlines`` would also cut at U+2028 and the like, which JSON strings may hold)."""
-    path = Path(path)
-    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
+    """(line number, parsed value) for each non-blank line; a line that is not UTF-8 or not JSON is a ValueError
+    naming file:line. Lines end at "\\n" only (``str.splitlines`` would also cut at U+2028 and the like, which JSON
+    strings may hold)."""
+    yield from _json_lines(Path(path), torn_ok=False)
+
+
+def _json_lines(path: Path, *, torn_ok: bool) -> Iterator[tuple[int, Any]]:
+    """``read_jsonl``, each line decoded on its own so that an error names its line (``path:3: not UTF-8 ...``).
+    ``torn_ok``: a final line without its newline that is not UTF-8 or not JSON (a write cut off) is skipped."""
+    lines = path.read_bytes().split(b"\n")  # b"\n" never occurs inside a multi-byte UTF-8 character
+    for number, raw in enumerate(lines, start=1):
+        torn = torn_ok and number == len(lines)  # the piece after the last newline: empty unless a write was cut
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            if torn:
+                continue
+            raise ValueError(f"{path}:{number}: not UTF-8 (byte {raw[error.start]:#04x} at byte {error.start + 1} "
+                             f"of the line: {error.reason})") from None
         if not line.strip():
             continue
         try:
-            yield number, json.loads(line)
+            value = json.loads(line)
         except json.JSONDecodeError as error:
+            if torn:
+                continue
             raise ValueError(f"{path}:{number}: malformed JSON line ({error.msg})") from None
+        yield number, value
 
 
 def logs_written(paths) -> list[dict]:
@@ -167,7 +218,7 @@ def resumable(path: str | os.PathLike, items: Sequence, run: Callable,
     is the one used.
     """
     log = JsonlLog(path, key="index")
-    done = {r["index"]: r["result"] for r in log.records() if r["index"] < len(items)}
+    done = {i: result for i, result in logged_results(path).items() if i < len(items)}
     todo = [i for i in range(len(items)) if i not in done or (redo is not None and redo(done[i]))]
     if todo:
         def on_result(j, result):
@@ -176,6 +227,23 @@ def resumable(path: str | os.PathLike, items: Sequence, run: Callable,
 
         run([items[i] for i in todo], on_result)
     return [done[i] for i in range(len(items))]
+
+
+def logged_results(path: str | os.PathLike) -> dict[int, Any]:
+    """{index: result} of the ``resumable`` log at ``path`` (the last record of an index wins; {} without a file).
+    A record whose index is not an integer >= 0, or that has no result, is a ValueError naming ``path:line``.
+
+    Example: a log holding ``{"index": 0, "result": "a"}`` -> ``{0: "a"}``.
+    """
+    done = {}
+    for number, record in JsonlLog(path, key="index").numbered_records():
+        index = record["index"]
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise ValueError(f"{path}:{number}: index {index!r} is not an integer >= 0")
+        if "result" not in record:
+            raise ValueError(f"{path}:{number}: the record of index {index} has no 'result'")
+        done[index] = record["result"]
+    return done
 
 
 def _last_commit_of(path: Path) -> str | None:

@@ -129,7 +129,8 @@ def without_offsets(events: Sequence[TraceEvent]) -> list[TraceEvent]:
 
 def replay_calls(events: Sequence[TraceEvent], messages: Sequence[Message], *, teacher: bool = True,
                  group: int) -> list[Call]:
-    """The calls of one parallel group, with parents mapped to replayed messages (teacher-forced by default)."""
+    """The calls of one parallel group, with parents mapped to replayed messages (teacher-forced by default;
+    ``teacher=False`` samples again every call that sampled when recorded)."""
     calls = []
     for e in events:
         if e.group != group or e.kind != "decode":
@@ -137,7 +138,8 @@ def replay_calls(events: Sequence[TraceEvent], messages: Sequence[Message], *, t
         calls.append(Call(
             role=e.role, parents=[messages[i] for i in e.parents], offsets=e.offsets, new_offset=e.new_offset,
             prefix=e.prefix, max_tokens=max(e.max_tokens, 1), temperature=e.temperature, top_p=e.top_p, seed=e.seed,
-            stop=e.stop, teacher_tokens=list(e.tokens) if teacher else None,  # [] forces an empty turn
+            # [] forces an empty turn; a turn forced when recorded (a scripted one) stays forced
+            stop=e.stop, teacher_tokens=list(e.tokens) if teacher or e.forced else None,
         ))
     return calls
 

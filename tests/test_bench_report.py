@@ -134,3 +134,50 @@ def test_cli_names_what_is_wrong_with_a_malformed_file(tmp_path, capsys, content
     err = capsys.readouterr().err
     assert "bad.json" in err and word in err
     assert not (tmp_path / "out" / "segment_attention_raw.json").exists()
+
+
+def test_the_raw_copy_is_replaced_atomically(tmp_path, monkeypatch):
+    """A reader of the old copy reads it whole, and a copy cut off before its rename leaves the old one as it was
+    (a copy in place could leave the committed raw JSON truncated)."""
+    import os
+    from pathlib import Path
+
+    out, src, newer = tmp_path / "out", tmp_path / "bench.json", tmp_path / "newer.json"
+    src.write_text(json.dumps(_bench()))
+    newer.write_text(json.dumps(_bench() | {"datetime": "2026-12-01T00:00:00"}))
+    bench_report.write_report(src, out, commit="abc", command="c")
+    raw = out / "segment_attention_raw.json"
+    with open(raw) as reader:
+        bench_report.write_report(newer, out, commit="abc", command="c")
+        assert reader.read() == src.read_text()  # the old file, untouched: the new one was renamed over it
+    assert raw.read_bytes() == newer.read_bytes()
+    replace = os.replace
+
+    def cut_at_the_raw_copy(tmp, dst):
+        if Path(dst).name == raw.name:
+            raise KeyboardInterrupt
+        replace(tmp, dst)
+
+    monkeypatch.setattr(os, "replace", cut_at_the_raw_copy)
+    with pytest.raises(KeyboardInterrupt):
+        bench_report.write_report(src, out, commit="abc", command="c")
+    assert raw.read_bytes() == newer.read_bytes()
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_render_without_training_or_base_records_removes_their_old_tables(tmp_path):
+    """Companion tables of the same name from an earlier render would sit beside the new raw copy unmarked."""
+    out, full, forward = tmp_path / "out", tmp_path / "full.json", tmp_path / "forward.json"
+    full.write_text(json.dumps(_bench()))
+    forward.write_text(json.dumps(_bench() | {"benchmarks": [
+        b for b in _bench()["benchmarks"] if b["name"].startswith(("test_segment_attention_speed",
+                                                                   "test_segment_attention_tiles"))]}))
+    bench_report.write_report(full, out, commit="abc", command="c")
+    companions = [out / f"segment_attention{s}{e}" for s in ("_training", "_vs_base") for e in (".md", ".json")]
+    assert all(p.exists() for p in companions)
+    (out / "other_training.md").write_text("another report's table")
+    bench_report.write_report(forward, out, commit="def", command="c")
+    assert not [p.name for p in companions if p.exists()]
+    assert (out / "segment_attention.md").exists() and (out / "other_training.md").exists()
+    bench_report.write_report(full, out, commit="abc", command="c")
+    assert all(p.exists() for p in companions)

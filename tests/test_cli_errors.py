@@ -366,3 +366,75 @@ def test_pytest_refuses_a_mistyped_choreo_data(tmp_path):
     out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", __file__],
                          capture_output=True, text=True, env=env, cwd=RESULTS_DIR.parent)
     assert out.returncode == 4 and f"$CHOREO_DATA {str(tmp_path / 'typo')!r} is not a directory" in out.stderr
+
+
+# ------------------------------------------------------------------------------------------ --model: a checkpoint
+def _checkpoint(folder: Path, *, config: bool = True, weights: str | None = "whole") -> Path:
+    """A folder with config.json and/or model.safetensors (whole, or cut in half as an interrupted copy leaves it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if config:
+        (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    if weights is not None:
+        import torch
+        from safetensors.torch import save_file
+
+        file = folder / "model.safetensors"
+        save_file({"w": torch.zeros(64, 64)}, str(file))
+        if weights == "truncated":
+            data = file.read_bytes()
+            file.write_bytes(data[: len(data) // 2])
+    return folder
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda f: _checkpoint(f, config=False, weights=None), "has no config.json"),
+    (lambda f: _checkpoint(f, weights=None), "has no weight files (*.safetensors, *.bin)"),
+    (lambda f: _checkpoint(f, weights="truncated"), "model.safetensors is not a readable safetensors file"),
+], ids=["empty", "no-weights", "truncated"])
+def test_repro_checks_the_model_folder_before_pytest_starts(no_model, capsys, tmp_path, monkeypatch, make, message):
+    """An empty --model folder used to give an error in every test of the suite (1,329 lines)."""
+    folder = make(tmp_path / "model")
+    seen = _fake_pytest(monkeypatch, code=0)
+    assert main(["repro", "--only", "leakage", "--model", str(folder), "--results-dir", str(tmp_path / "r")]) == 2
+    err = _error_line(capsys)
+    assert f"--model {str(folder)!r}" in err and message in err and not seen
+
+
+def test_demo_names_a_truncated_weights_file_in_one_line(capsys, tmp_path):
+    folder = _checkpoint(tmp_path / "model", weights="truncated")
+    assert main(["demo", "--model", str(folder)]) == 2
+    err = _error_line(capsys)
+    assert f"model path {str(folder)!r}" in err and "model.safetensors" in err
+
+
+def test_load_model_names_the_folder_and_files_it_could_not_load(tmp_path, monkeypatch):
+    from choreo.model import load_model
+
+    monkeypatch.setenv("CHOREO_CACHE", str(tmp_path / "cache"))
+    folder = _checkpoint(tmp_path / "model")
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"model path '.*model': cannot load config.json and model.safetensors "
+                                         r"\(OSError: .*\)$"):
+        load_model(folder)
+
+
+# ------------------------------------------------------------------------------- the leakage suite's variables
+@pytest.mark.parametrize("var, value, message", [
+    ("CHOREO_LEAKAGE_FINETUNE", "true", "$CHOREO_LEAKAGE_FINETUNE must be 1 (on) or 0 (off), got 'true'"),
+    ("CHOREO_LEAKAGE_GAMES", "abc", "$CHOREO_LEAKAGE_GAMES must be an integer >= 2 (ASCII digits), got 'abc'"),
+    ("CHOREO_LEAKAGE_CANARY", "\u00b2", "$CHOREO_LEAKAGE_CANARY must be an integer >= 2 (ASCII digits), got '\u00b2'"),
+], ids=["finetune-true", "games-letters", "canary-superscript"])
+def test_repro_checks_the_leakage_variables_before_pytest_starts(no_model, capsys, tmp_path, monkeypatch, var, value,
+                                                                message):
+    monkeypatch.setenv(var, value)
+    seen = _fake_pytest(monkeypatch, code=0)
+    assert main(["repro", "--only", "leakage", "--results-dir", str(tmp_path)]) == 2
+    assert message in _error_line(capsys) and not seen
+
+
+def test_repro_accepts_the_leakage_variables_as_documented(tmp_path, monkeypatch):
+    monkeypatch.delenv("CHOREO_DATA", raising=False)
+    for var, value in (("CHOREO_LEAKAGE_FINETUNE", "0"), ("CHOREO_LEAKAGE_GAMES", "8"), ("CHOREO_LEAKAGE_CANARY", "")):
+        monkeypatch.setenv(var, value)
+    seen = _fake_pytest(monkeypatch, code=0)
+    assert main(["repro", "--only", "leakage", "--results-dir", str(tmp_path)]) == 0 and seen

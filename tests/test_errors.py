@@ -462,3 +462,97 @@ def test_freeing_a_parent_of_a_started_call_keeps_its_rows_until_the_call_is_don
     ch.prefill("Overwrite " * 20, role="user")  # ... and its rows are not reused while the started call reads them
     assert ch._run(jobs)[0].tokens == want
     assert ch.memory()["tokens_used"] == ch.messages[-1].length + jobs[0].msg.length  # sys's rows went back
+
+
+def _with_template(tokenizer, template: str):
+    import copy
+
+    from tests.conftest import build_tiny
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = template
+    return build_tiny(tok, "llama-gqa")
+
+
+def test_a_turn_with_no_header_needs_a_prefix_instead_of_hanging(tokenizer):
+    """A template that opens the assistant's turn with no tokens (content, then end-of-turn): a choreographed call
+    has no token of its own to predict its first one from, so it is refused naming the fix, and nothing is kept;
+    with a prefix it runs, and the baseline (which re-encodes its parents) runs without one."""
+    model = _with_template(tokenizer, "{% for m in messages %}{{ m['content'] }}{{ eos_token }}{% endfor %}")
+    ch = choreo.Choreographer(model)
+    assert ch.format.header("assistant") == []
+    q = ch.prefill("Two plus two?", role="user")
+    before = snapshot(ch)
+    for call in (dict(max_tokens=3), dict(teacher_tokens=[5, 6])):
+        with pytest.raises(ValueError, match="role 'assistant'.* no tokens, and the call has no prefix; give it a "
+                                             "prefix"):
+            ch.decode(role="assistant", parents=[q], **call)
+        assert snapshot(ch) == before
+    assert len(ch.decode(role="assistant", parents=[q], prefix="Sure", max_tokens=2).tokens) <= 2
+    bl = choreo.Baseline(model)
+    assert len(bl.decode(role="assistant", parents=[bl.prefill("Two plus two?", role="user")], max_tokens=2).ids)
+    with pytest.raises(ValueError, match="no prefix and no parents"):
+        bl.decode(role="assistant", max_tokens=2)
+
+
+def test_a_turn_with_no_footer_ends_at_its_end_of_turn_token(tokenizer, monkeypatch):
+    """A template with no end-of-turn text: a call that samples the end-of-turn token is done, adding nothing."""
+    import choreo.engine as engine
+
+    model = _with_template(tokenizer, "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                                      "{% endfor %}")
+    ch = choreo.Choreographer(model)
+    assert ch.format.footer("assistant") == [] and tokenizer.eos_token_id in ch.format.stop_ids("assistant")
+    s = ch.prefill("You are terse.", role="system")
+    draws = iter([5, tokenizer.eos_token_id])
+    monkeypatch.setattr(engine, "sample", lambda logits, **kw: next(draws))
+    msg = ch.decode(role="assistant", parents=[s], max_tokens=5)
+    assert msg.tokens == [5] and msg.ids[-1] == 5 and ch.memory()["tokens_used"] == s.length + msg.length
+
+
+def test_a_job_with_nothing_to_feed_is_an_error_not_a_hang(tiny_gqa):
+    ch = choreo.Choreographer(tiny_gqa)
+    job, = ch.start_decode([choreo.Call(max_tokens=2)])
+    job.pending = []  # a state no call should reach: the engine must not spin on it
+    with pytest.raises(RuntimeError, match=f"message {job.msg.id} .* has no token to feed"):
+        ch.engine.run([job])
+    ch.abort([job])
+
+
+def test_a_stop_string_split_by_tokens_with_no_text_still_stops(tiny_gqa, tokenizer, monkeypatch):
+    """Special tokens decode to no text: five of them between 'a' and 'b' must not hide the stop string 'ab'."""
+    import choreo.engine as engine
+
+    ch = choreo.Choreographer(tiny_gqa)
+    a, b = (tokenizer.encode(t, add_special_tokens=False) for t in ("a", "b"))
+    special = tokenizer.convert_tokens_to_ids("<repo_name>")
+    assert ch.format.decode([special]) == "" and special not in ch.format.stop_ids("assistant")
+    tokens = a + [special] * 5 + b
+    assert ch.format.hits_stop(tokens, ["ab"]) and not ch.format.hits_stop(tokens[:-1], ["ab"])
+    draws = iter(tokens + tokenizer.encode(" and more", add_special_tokens=False) * 5)
+    monkeypatch.setattr(engine, "sample", lambda logits, **kw: next(draws))
+    msg = ch.decode(role="assistant", max_tokens=20, stop=["ab"])
+    assert msg.tokens == tokens and msg.text == "ab"
+
+
+def test_call_fields_given_as_iterators_or_numpy_ids_are_read_once(tiny_gqa):
+    """A generator of stop strings is kept (not used up by the check); a numpy integer names a message id."""
+    assert choreo.Call(stop=(s for s in ["the", "\n"])).stop == ("the", "\n")
+    assert choreo.Call(stop=iter(["x"])).stop == ("x",)
+    ch = choreo.Choreographer(tiny_gqa)
+    s = ch.prefill("Be brief.", role="system")
+    assert ch.message(np.int64(s.id)) is s
+    assert ch.decode(parents=[np.int32(s.id)], max_tokens=1).parents == (s.id,)
+    ch.free(np.int64(s.id))
+    assert s.freed
+
+
+def test_free_given_a_list_says_to_spread_it(tiny_gqa):
+    ch = choreo.Choreographer(tiny_gqa)
+    a, b = ch.prefill("One.", role="user"), ch.prefill("Two.", role="user")
+    before = snapshot(ch)
+    with pytest.raises(TypeError, match=r"separate arguments, got a list .*write free\(\*messages\)"):
+        ch.free([a, b])
+    assert snapshot(ch) == before and not a.freed
+    ch.free(*[a, b])
+    assert a.freed and b.freed

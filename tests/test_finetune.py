@@ -921,3 +921,41 @@ def test_a_failed_adapter_load_leaves_the_model_untouched(tokenizer, tmp_path):
     assert not hasattr(model.hf_model, "peft_config")
     add_adapter(model, rank=4, alpha=8, dropout=0.0, seed=1)  # a later adapter loads cleanly
     unload_adapter(model)
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    import choreo.model
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(choreo.model, "load_model", refuse)
+
+
+@pytest.mark.parametrize("argv, bad", [
+    (["--n-train", "1"], "--n-train must be an integer >= 2 (training and dev pairs), got 1"),
+    (["--n-train", "100000"], "--n-train 100000: n must be in 1..650 for the 'train' pool, got 80000"),
+    (["--n-train", "400"], "--n-train 400: n must be in 1..30 for the 'dev' pool, got 80"),
+    (["--n-eval", "100000"], "--n-eval 100000: n must be in 1..240 for the 'eval' pool, got 100000"),
+])
+def test_recovery_sizes_are_checked_before_the_model_loads(no_model_load, capsys, tmp_path, argv, bad):
+    from choreo.cli import main
+
+    assert main(["finetune", "recovery", *argv, "--out", str(tmp_path / "out")]) == 2
+    assert bad in capsys.readouterr().err
+
+
+def test_train_into_a_folder_holding_a_run_needs_resume(no_model_load, capsys, tmp_path):
+    """A fresh run would replace the folder's best adapter at its first evaluation: refused before loading."""
+    from choreo.cli import main
+    from choreo.trace import save_traces
+
+    traces = tmp_path / "t.jsonl"
+    event = choreo.trace.TraceEvent(kind="decode", group=0, role="assistant", parents=(), tokens=(5,))
+    save_traces(traces, [[event]])
+    (tmp_path / "run" / "best").mkdir(parents=True)
+    (tmp_path / "run" / "history.json").write_text("{}")
+    assert main(["finetune", "train", "--traces", str(traces), "--out", str(tmp_path / "run")]) == 2
+    assert "holds a training run (best, history.json): pass --resume" in capsys.readouterr().err
+    assert (tmp_path / "run" / "history.json").read_text() == "{}"

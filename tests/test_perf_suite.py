@@ -1,9 +1,15 @@
 """The performance suite's helpers (suites/performance): rounds under a disabled benchmark, the device in
-machine_info, the model the memory subprocesses load, what the decode-throughput benchmark times."""
+machine_info, the model the memory subprocesses load, what the decode-throughput benchmark times, when its
+tables are written (and under which names), and how ``choreo bench --memory-only`` reads a stored table."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,3 +93,215 @@ def test_a_ratio_within_the_run_to_run_spread_of_its_goal_reads_at_the_goal(rati
     """One run's ratio near its goal neither meets nor misses it: runs of the same code differ by about that much."""
     assert engine_bench.verdict(ratio, goal) == expected
     assert engine_bench.measured(21.014, [20.68, 21.014, 21.22], 2) == "21.01x (rounds 20.68-21.22x)"
+
+
+# ------------------------------------------------------------------- the suite's tables: when, and under which name
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE_SHAPES = [s.label for s in perf.BENCH_PROFILES["smoke"].shapes]
+
+
+def _request(*, shouldstop=False, shouldfail=False, exitstatus=pytest.ExitCode.OK):
+    """What a module fixture's teardown reads of ``request``: the session's state when pytest tears it down."""
+    return types.SimpleNamespace(session=types.SimpleNamespace(shouldstop=shouldstop, shouldfail=shouldfail,
+                                                               exitstatus=exitstatus))
+
+
+# How a run ends, and the rows it measured by then: Ctrl-C (pytest sets exitstatus INTERRUPTED before it tears the
+# session's fixtures down), -x after a failure (fixtures torn down with shouldfail set), a -k subset.
+ENDINGS = {
+    "ctrl-c after one row": (dict(exitstatus=pytest.ExitCode.INTERRUPTED), 1),
+    "ctrl-c after every row": (dict(exitstatus=pytest.ExitCode.INTERRUPTED), None),
+    "-x after a failure": (dict(shouldfail="stopping after 1 failures"), 1),
+    "-k subset": ({}, 1),
+}
+
+
+def _finish_suite_table(request, rows: list[str], results_dir, *, model="model", profile="smoke", figure=None):
+    """Run the ``collected`` fixture as pytest would: the benchmarks fill in ``rows``, then its teardown runs."""
+    fixture = performance_table.collected.__wrapped__(request, model, profile, results_dir, None)
+    box = next(fixture)
+    for label in rows:
+        box["figures"][label] = figure(label) if figure else {}
+    assert next(fixture, "done") == "done"
+
+
+def _finish_engine_table(request, rows, results_dir):
+    """Run the ``engine_rows`` fixture as pytest would: the benchmarks fill in ``rows``, then its teardown runs."""
+    fixture = engine_bench.engine_rows.__wrapped__(request, "model", "smoke", results_dir, {})
+    table = next(fixture)
+    for key in rows:
+        table[key] = [key, "1x", "goal", "met", ""]
+    assert next(fixture, "done") == "done"
+
+
+SESSION = """
+import pytest
+from pathlib import Path
+from choreo import perf
+from suites.performance.test_performance import collected  # noqa: F401  (the suite's fixture, under test)
+
+# Each write of the table appends its file stem to this file.
+perf.write_results = lambda out, *, name="speedups", **kwargs: Path("written").open("a").write(name + "\\n")
+
+
+@pytest.fixture(scope="module")
+def profile():
+    return "smoke"
+
+
+@pytest.fixture(scope="module")
+def model(): ...
+
+
+@pytest.fixture(scope="module")
+def results_dir():
+    return Path("results")
+
+
+@pytest.fixture(scope="module")
+def cost(): ...
+
+
+@pytest.mark.parametrize("label", [s.label for s in perf.BENCH_PROFILES["smoke"].shapes])
+def test_shape(collected, label, request):
+    if label == request.config.getoption("--stop-at", None):
+        raise KeyboardInterrupt  # what Ctrl-C raises in the middle of a benchmark
+    collected["figures"][label] = {}
+"""
+
+
+@pytest.mark.parametrize("args, code, written", [
+    ([], 0, "speedups_suite\n"),
+    (["-k", "test_shape and multiqa"], 0, None),
+    (["-p", "stop_at", "--stop-at", SMOKE_SHAPES[1]], 2, None),
+], ids=["whole run", "-k subset", "ctrl-c after one row"])
+def test_a_real_session_writes_the_table_only_when_whole(tmp_path, args, code, written):
+    """A pytest session with the suite's ``collected`` fixture (the model and the benchmarks faked) that runs every
+    shape, a -k subset, or raises KeyboardInterrupt in the second shape's test, as Ctrl-C does: pytest then still
+    tears the module's fixtures down, and the old teardown wrote a one-row table over the stored one."""
+    (tmp_path / "test_session.py").write_text(SESSION)
+    (tmp_path / "stop_at.py").write_text("def pytest_addoption(parser):\n    parser.addoption('--stop-at')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)])}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_session.py", *args],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == code, run.stdout + run.stderr
+    mark = tmp_path / "written"
+    assert (mark.read_text() if mark.exists() else None) == written, run.stdout
+
+
+@pytest.mark.parametrize("ending", list(ENDINGS))
+def test_an_interrupted_or_partial_run_keeps_the_speedups_table(monkeypatch, tmp_path, ending):
+    """Ctrl-C after the first shape replaced the full table with a one-row one: pytest tears module fixtures down
+    on KeyboardInterrupt too. Only a run that measured every shape of its profile, to its end, writes."""
+    state, measured = ENDINGS[ending]
+    written = []
+    monkeypatch.setattr(perf, "write_results", lambda out, **kwargs: written.append(kwargs))
+    with pytest.warns(performance.TableKept, match="speedups_suite.md/.json not written"):
+        _finish_suite_table(_request(**state), SMOKE_SHAPES[:measured], tmp_path)
+    assert written == []
+
+
+@pytest.mark.parametrize("ending", list(ENDINGS))
+def test_an_interrupted_or_partial_run_keeps_the_engine_table(monkeypatch, tmp_path, ending):
+    """engine.md: the same rule as the speedups table, over its three benchmarks."""
+    import choreo.provenance
+    import choreo.report
+
+    state, measured = ENDINGS[ending]
+    written = []
+    monkeypatch.setattr(choreo.provenance, "provenance", lambda *args, **kwargs: {})
+    monkeypatch.setattr(choreo.report, "write_table", lambda folder, name, **kwargs: written.append(name))
+    with pytest.warns(performance.TableKept, match="engine.md/.json not written"):
+        _finish_engine_table(_request(**state), list(engine_bench.ROWS)[:measured], tmp_path)
+    assert written == []
+    _finish_engine_table(_request(), engine_bench.ROWS, tmp_path)  # a whole run still writes it
+    assert written == ["engine"]
+
+
+def test_a_run_that_measured_nothing_warns_of_nothing(monkeypatch, tmp_path, recwarn):
+    monkeypatch.setattr(perf, "write_results", lambda out, **kwargs: pytest.fail("wrote a table of no rows"))
+    _finish_suite_table(_request(exitstatus=pytest.ExitCode.INTERRUPTED), [], tmp_path)
+    assert not [w for w in recwarn if issubclass(w.category, performance.TableKept)]
+
+
+def test_the_suites_table_does_not_replace_choreo_benchs(tiny_gqa, monkeypatch, tmp_path):
+    """``choreo bench`` writes speedups.md/.json (six shapes, scaling plots, memory; --memory-only re-measures it);
+    the suite, which measures neither scaling nor, at smoke, memory, writes speedups_suite.md/.json beside it."""
+    shape = perf.make_shape("multiqa", k=2)
+    lengths = perf.Lengths(prompt_words=4, content_tokens=3)
+    monkeypatch.setitem(perf.BENCH_PROFILES, "tiny", perf.BenchConfig(lengths=lengths, shapes=(shape,), rounds=1,
+                                                                       warmup=0, memory_arms=(), pass_sizes=()))
+    out = tmp_path / "performance"
+    out.mkdir()
+    bench_table = {name: out / name for name in ("speedups.md", "speedups.json", "scaling_B.png")}
+    for path in bench_table.values():
+        path.write_text(f"choreo bench's {path.name}")
+    measure = lambda label: perf.measure_shape(tiny_gqa, shape, ["choreographed[torch]", "baseline"], lengths=lengths,
+                                               rounds=1, warmup=0)
+    _finish_suite_table(_request(), [shape.label], tmp_path, model=tiny_gqa, profile="tiny", figure=measure)
+    assert {p.name: p.read_text() for p in bench_table.values()} == {p.name: f"choreo bench's {p.name}"
+                                                                     for p in bench_table.values()}
+    stored = json.loads((out / "speedups_suite.json").read_text())
+    assert list(stored["data"]["figures"]) == [shape.label] and stored["data"]["scaling"] == {}
+    assert stored["provenance"]["command"].startswith("pytest suites/performance --profile tiny")
+    assert shape.label in (out / "speedups_suite.md").read_text()
+
+
+# ------------------------------------------------------------- choreo bench --memory-only: a malformed stored table
+PROFILES = str(sorted(perf.BENCH_PROFILES))
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Loading a model fails the test: the stored table is checked first."""
+    import choreo.model
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before speedups.json was checked")
+
+    monkeypatch.setattr(choreo.model, "load_model", refuse)
+
+
+@pytest.mark.parametrize("text, what", [
+    ('{"data": {"profile": "sm', "is not JSON (Unterminated string"),
+    (b"\xff\xfe{}", "is not JSON ("),
+    ("[]", "holds a list; expected the object `choreo bench` writes"),
+    ('{"rows": []}', "has nothing under \"data\" (keys ['rows'])"),
+    ('{"data": [1]}', "has a list under \"data\""),
+    ('{"data": {"profile": "huge"}}', "records profile 'huge', not one of"),
+    ('{"data": {"profile": ["small"]}}', "records profile ['small'], not one of"),
+], ids=["truncated", "not-utf8", "a-list", "no-data", "data-a-list", "unknown-profile", "profile-a-list"])
+def test_memory_only_names_a_malformed_stored_table(no_model, capsys, tmp_path, text, what):
+    """One line naming the file, what is wrong with it and the profiles allowed; not 'error: 'data'' (a KeyError's
+    message) or a TypeError's traceback."""
+    from choreo.cli import main
+
+    path = tmp_path / "performance" / "speedups.json"
+    path.parent.mkdir()
+    path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text)
+    assert main(["bench", "--memory-only", "--results-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"choreo bench: error: --memory-only: {str(path)!r} ") and what in err and PROFILES in err
+
+
+@pytest.mark.parametrize("data, provenance, what", [
+    ({"profile": "small"}, {}, "has nothing as data.figures, not an object"),
+    ({"profile": "small", "figures": [], "scaling": {}}, {}, "has a list as data.figures, not an object"),
+    ({"profile": "small", "figures": {"tree_of_thoughts B=8 V=4": {}}}, {}, "has nothing as data.scaling"),
+    ({"profile": "small", "figures": {"tree_of_thoughts B=8 V=4": {}}, "scaling": {}}, None,
+     "has nothing as provenance"),
+    ({"profile": "small", "figures": {"multiqa k=99": {}}, "scaling": {}}, {},
+     "holds no shape of profile 'small' to re-measure (data.figures has ['multiqa k=99']"),
+], ids=["no-figures", "figures-a-list", "no-scaling", "no-provenance", "no-shape-of-the-profile"])
+def test_remeasure_memory_names_what_the_stored_table_lacks(monkeypatch, tmp_path, data, provenance, what):
+    """What only remeasure_memory reads (after the model loads) is checked before any memory is measured."""
+    from choreo.perf import cli
+
+    assert "tree_of_thoughts B=8 V=4" in [s.label for s in perf.BENCH_PROFILES["small"].shapes]
+    monkeypatch.setattr(cli, "measure_memory", lambda *args, **kwargs: pytest.fail("measured a malformed table"))
+    path = tmp_path / "speedups.json"
+    path.write_text(json.dumps({"data": data} | ({} if provenance is None else {"provenance": provenance})))
+    with pytest.raises(ValueError) as error:
+        cli.remeasure_memory(tmp_path, model=None)
+    assert str(error.value).startswith(f"--memory-only: {str(path)!r} ") and what in str(error.value)

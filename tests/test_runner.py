@@ -398,3 +398,21 @@ def test_generator_parents_and_offsets_are_read_once_under_tracing(tiny_gqa):
         if trace:
             assert [e.parents for e in runner.traces[0]] == [(), (0,), (0, 1)]
             assert runner.traces[0][2].offsets == (None, 30)
+
+
+def test_a_free_replay_keeps_the_turns_that_were_forced_when_recorded(tiny_gqa):
+    """``replay(teacher=False)`` samples again what was sampled; a scripted (teacher-forced) turn stays as it was,
+    so every later call starts where it did."""
+    from choreo.trace import replay
+
+    async def scripted(ex):
+        sys = await ex.prefill("Be brief.", role="system")
+        said = await ex.decode(role="user", parents=[sys], teacher_tokens=[5013, 30])
+        return await ex.decode(role="assistant", parents=[sys, said], max_tokens=4)
+
+    runner = choreo.Runner(choreo.Choreographer(tiny_gqa), progress=False, trace=True)
+    last, = runner.run([scripted])
+    events = runner.traces[0]
+    assert events[1].forced and events[1].max_tokens == 256  # the Call default, never used by a forced turn
+    msgs = replay(choreo.Choreographer(tiny_gqa), events, teacher=False)
+    assert msgs[1].tokens == [5013, 30] and msgs[2].start == last.start and msgs[2].tokens == last.tokens

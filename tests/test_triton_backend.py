@@ -157,3 +157,22 @@ def test_triton_backend_prepares_one_launch_per_step():
                                                                  tiles=tiles))
     triton_attention(plan, *(t.half() for t in layers[0]), inv_freq, 0.25)
     assert len([key for key in plan._index if isinstance(key, tuple) and key[0] == "launch"]) == 2  # another dtype
+
+
+def test_a_move_beyond_the_kernels_tile_deltas_is_refused_before_any_row_is_reserved(tiny32):
+    """Tile tables hold position deltas up to +-MAX_TILE_DELTA; a larger move (the torch backend runs it) is
+    refused when the call is placed, naming the message, the move and the backend that runs it."""
+    if not triton_kernels.is_available(DEVICE):
+        pytest.skip("Triton interpreter not active (TRITON_INTERPRET must be set before triton is imported)")
+    from triton_kernels.segment_attention import MAX_TILE_DELTA
+
+    ch = choreo.Choreographer(tiny32, attention="triton")
+    sys = ch.prefill("Be brief.", role="system")
+    far = ch.prefill("Far away.", role="user", new_offset=MAX_TILE_DELTA + 10)
+    before = ch.memory()
+    for parent, offset in ((sys, MAX_TILE_DELTA + 1), (sys, 1 << 31), (far, 0)):
+        with pytest.raises(ValueError, match=f"move message {parent.id} .* by more than the triton backend's "
+                                             f"\\+-{MAX_TILE_DELTA} positions; use attention='torch'"):
+            ch.decode(parents=[parent], offsets=[offset], max_tokens=1)
+        assert ch.memory() == before
+    assert len(ch.decode(parents=[sys], offsets=[MAX_TILE_DELTA], max_tokens=1).tokens) == 1

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -219,8 +218,10 @@ def write_report(bench_json: Path, out: Path, *, commit: str | None, command: st
     """``out/<name>.{md,json,png}`` (the forward table, with ``extra_notes``), ``out/<name>_training.{md,json}``
     (forward + backward, with ``training_notes``), ``out/<name>_vs_base.{md,json}`` (this commit's kernel against
     another commit's, with ``base_notes``; where the JSON has those records) and a copy of the raw
-    pytest-benchmark JSON."""
+    pytest-benchmark JSON (``<name>_raw.json``, replaced atomically). A companion table that this JSON has no
+    records for is removed where an earlier render left one: it would describe another benchmark run."""
     from choreo.report import write_table
+    from choreo.results import write_bytes
 
     bench = load_bench(bench_json)
     summary = summarize(bench)
@@ -262,6 +263,7 @@ def write_report(bench_json: Path, out: Path, *, commit: str | None, command: st
     write_table(out, name, title=f"Segment attention kernel vs PyTorch attention ({device})", columns=COLUMNS,
                 rows=table_rows(summary), data=summary, provenance=provenance, notes=notes + list(extra_notes))
     plot(out / f"{name}.png", summary, device)
+    written = {name}
     training = training_rows(summary)
     step = summary.get("finetune step", {}).get("finetune", {})
     if {"torch", "triton"} <= set(step):
@@ -272,6 +274,7 @@ def write_report(bench_json: Path, out: Path, *, commit: str | None, command: st
             f"({t['seconds'] / k['seconds']:.2f}x); peak memory {t['peak_mem_mib']:,.0f} / {k['peak_mem_mib']:,.0f} "
             f"MiB; first-step loss {t['first_loss']:.4f} / {k['first_loss']:.4f}."]
     if training:
+        written.add(f"{name}_training")
         write_table(out, f"{name}_training", title=f"Segment attention forward + backward vs PyTorch ({device})",
                     columns=TRAINING_COLUMNS, rows=training,
                     data={k: w["training"] for k, w in summary.items() if "training" in w}, provenance=provenance,
@@ -285,6 +288,7 @@ def write_report(bench_json: Path, out: Path, *, commit: str | None, command: st
     if compared:
         base_commit = next(p["base"]["base_commit"] for w in summary.values() for p in w.get("vs_base", {}).values()
                            if "base" in p)
+        written.add(f"{name}_vs_base")
         write_table(out, f"{name}_vs_base", title=f"Segment attention: commit {commit} vs {base_commit} ({device})",
                     columns=BASE_COLUMNS, rows=compared,
                     data={k: w["vs_base"] for k, w in summary.items() if "vs_base" in w}, provenance=provenance,
@@ -294,10 +298,23 @@ def write_report(bench_json: Path, out: Path, *, commit: str | None, command: st
                            f"are the forward table's. Forward + backward: gradients to q and to the whole store, "
                            f"TFLOP/s charging 3.5x the forward's flops. Before timing, the two commits' outputs "
                            f"(and gradients) were checked to agree."] + list(base_notes))
+    _remove_stale(out, name, written)
     raw = out / f"{name}_raw.json"
     if not raw.exists() or not raw.samefile(bench_json):  # re-rendering from the committed copy keeps it
-        shutil.copyfile(bench_json, raw)
+        write_bytes(raw, Path(bench_json).read_bytes())  # atomic: an interrupted copy leaves the old one whole
     return out / f"{name}.md"
+
+
+COMPANIONS = ("_training", "_vs_base")  # the tables ``write_report`` writes beside ``<name>`` when it has records
+
+
+def _remove_stale(out: Path, name: str, written: set[str]) -> None:
+    """Remove ``out/<name><companion>.{md,json}`` that this render did not write: left by a render of another JSON,
+    they would sit beside the new tables and raw copy as if they came from the same run."""
+    for suffix in COMPANIONS:
+        if f"{name}{suffix}" not in written:
+            for ext in (".md", ".json"):
+                (out / f"{name}{suffix}{ext}").unlink(missing_ok=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

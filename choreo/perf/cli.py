@@ -39,7 +39,8 @@ def bench(model: Model, *, profile: str, results_dir: Path, model_path: str | No
     for shape in tqdm(cfg.shapes, desc="shapes", disable=not progress):
         figures[shape.label] = measure_shape(model, shape, arms, lengths=cfg.lengths, rounds=cfg.rounds,
                                              warmup=cfg.warmup, cost=cost)
-        log(f"{shape.label}: e2e {json.dumps({a: round(s['e2e'], 2) for a, s in figures[shape.label]['speedups'].items()})}")
+        e2e = {a: round(s["e2e"], 2) for a, s in figures[shape.label]["speedups"].items()}
+        log(f"{shape.label}: e2e {json.dumps(e2e)}")
     fast = fast_arm(model.spec.device)
     for axis, shapes in cfg.scaling.items():
         scaling[axis] = []
@@ -56,21 +57,68 @@ def bench(model: Model, *, profile: str, results_dir: Path, model_path: str | No
     return {"figures": figures, "memory": memory, "scaling": scaling, "cost": cost}
 
 
+def read_bench_table(path: Path) -> dict:
+    """``speedups.json`` as ``choreo bench`` wrote it: a JSON object whose ``data`` records one of
+    ``BENCH_PROFILES``. Anything else is a ValueError naming the file, what is wrong and the profiles allowed.
+
+    Example: ``read_bench_table(Path("results/performance/speedups.json"))["data"]["profile"]`` -> 'small'.
+    """
+    where, profiles = f"--memory-only: {str(path)!r}", sorted(BENCH_PROFILES)
+    expected = f'expected the object `choreo bench` writes, {{"data": {{"profile": P, ...}}, ...}}, P one of {profiles}'
+    try:
+        stored = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{where} is not JSON ({error}); {expected}") from None
+    if not isinstance(stored, dict):
+        raise ValueError(f"{where} holds {_kind(stored)}; {expected}")
+    if not isinstance(stored.get("data"), dict):
+        raise ValueError(f"{where} has {_kind(stored.get('data'))} under \"data\" (keys {sorted(stored)}); {expected}")
+    profile = stored["data"].get("profile")
+    if not isinstance(profile, str) or profile not in BENCH_PROFILES:
+        raise ValueError(f"{where} records profile {profile!r}, not one of {profiles}")
+    return stored
+
+
+def _kind(value) -> str:
+    """A JSON value's type, for an error: ``_kind([])`` -> 'a list', ``_kind(None)`` -> 'nothing'."""
+    return "nothing" if value is None else f"a {type(value).__name__}"
+
+
+def _timed_parts(stored: dict, path: Path) -> tuple[dict, dict, dict]:
+    """The figures, scaling points and provenance of a ``read_bench_table`` table, each checked to be an object
+    (the figures holding at least one shape of the recorded profile), for ``remeasure_memory``."""
+    data = stored["data"]
+    parts = {"data.figures": data.get("figures"), "data.scaling": data.get("scaling"),
+             "provenance": stored.get("provenance")}
+    for key, value in parts.items():
+        if not isinstance(value, dict):
+            raise ValueError(f"--memory-only: {str(path)!r} has {_kind(value)} as {key}, not an object; "
+                             "run `choreo bench` to write the table again")
+    labels = [shape.label for shape in BENCH_PROFILES[data["profile"]].shapes]
+    if not any(label in data["figures"] for label in labels):
+        raise ValueError(f"--memory-only: {str(path)!r} holds no shape of profile {data['profile']!r} to re-measure "
+                         f"(data.figures has {sorted(data['figures'])}; the profile's shapes are {labels})")
+    return tuple(parts.values())
+
+
 def remeasure_memory(out: Path, model: Model, *, model_path: str | None = None, command: str | None = None) -> Path:
     """Peak memory again for every shape in ``out/speedups.json``; timings are kept as measured (their command,
-    date, load and commit stay in the provenance as ``timings_command``/``_date``/``_load_average``/``_git_commit``)."""
-    stored = json.loads((Path(out) / "speedups.json").read_text())
-    data, timed = stored["data"], stored["provenance"]
+    date, load and commit stay in the provenance as ``timings_command``/``_date``/``_load_average``/``_git_commit``).
+    A malformed ``speedups.json`` is a ValueError naming it (``read_bench_table``)."""
+    path = Path(out) / "speedups.json"
+    stored = read_bench_table(path)
+    data = stored["data"]
+    figures, scaling, timed = _timed_parts(stored, path)
     # Scaling points measured before they were warmed up recorded no scaling_warmup: they ran with none.
     scaling_warmup = (timed.get("sample_sizes") or {}).get("scaling_warmup", 0)
     cfg = BENCH_PROFILES[data["profile"]]
     memory = {}
     for shape in cfg.shapes:
-        if shape.label in data["figures"]:
+        if shape.label in figures:
             memory[shape.label] = {a: measure_memory(shape, a, cfg.lengths, model_path=model_path)
                                    for a in memory_arms(cfg, model.spec.device)}
-    return write_results(Path(out), model=model, profile=data["profile"], figures=data["figures"], memory=memory,
-                         scaling={k: [tuple(p) for p in v] for k, v in data["scaling"].items()},
+    return write_results(Path(out), model=model, profile=data["profile"], figures=figures, memory=memory,
+                         scaling={k: [tuple(p) for p in v] for k, v in scaling.items()},
                          cost=data.get("cost"), command=command, scaling_warmup=scaling_warmup,
                          timings_command=timed.get("timings_command", timed.get("command")),
                          timings_git_commit=timed.get("timings_git_commit", timed.get("git_commit")),
@@ -184,7 +232,7 @@ def _check_stored_profile(results: Path) -> None:
     if not stored.is_file():
         raise FileNotFoundError(f"--results-dir {str(results)!r} holds no performance/speedups.json for --memory-only "
                                 "to re-measure; run `choreo bench` there first")
-    profile = json.loads(stored.read_text())["data"]["profile"]
+    profile = read_bench_table(stored)["data"]["profile"]
     if not BENCH_PROFILES[profile].memory_arms:
         raise ValueError(f"--memory-only: {str(stored)!r} holds profile {profile!r}, which measures no memory")
 

@@ -55,7 +55,8 @@ def table_rows(figures: dict, memory: dict) -> list[list[str]]:
         rows.append([
             label, _x(base, "e2e"), _x(base, "ttft"),
             _x(f["fused"], "e2e") if f.get("fused") else "-",
-            " / ".join(f"{f['speedups'][a]['e2e']:.2f}x" for a in ("baseline+prefix", "hf") if a in f["speedups"]) or "-",
+            " / ".join(f"{f['speedups'][a]['e2e']:.2f}x" for a in ("baseline+prefix", "hf")
+                       if a in f["speedups"]) or "-",
             "-" if paper is None else f"~{PAPER_E2E_TYPICAL:.2f}x (all workflows) / {paper['ttft']:.1f}x",
             " vs ".join(_rss(mem.get(a)) for a in (f["fast"], "baseline")) if mem
             else " vs ".join(_cuda(f["runs"].get(a, [])) for a in (f["fast"], "baseline")),
@@ -110,11 +111,16 @@ def _memory_note(device: torch.device, *, measured: bool) -> str:
 
 def write_results(out: Path, *, model: Model, profile: str, figures: dict, memory: dict, scaling: dict,
                   cost: dict | None = None, command: str | None = None, scaling_warmup: int | None = None,
-                  **extra) -> Path:
-    """``speedups.md``/``.json`` (one row per shape) and ``scaling_<axis>.png`` under ``out``.
+                  name: str = "speedups", **extra) -> Path:
+    """``<name>.md``/``.json`` (one row per shape) and ``scaling_<axis>.png`` under ``out``; returns the ``.md``.
 
+    ``name``: the tables' file stem, ``speedups`` for ``choreo bench`` (the table ``--memory-only`` re-measures),
+    ``speedups_suite`` for the performance suite, which has no scaling plots to go with it.
     ``scaling_warmup``: warm-up rounds of the scaling points (default: the profile's ``warmup``, as ``bench``
     runs them). ``extra`` goes into the provenance (e.g. where re-measured memory joins earlier timings).
+
+    Example: ``write_results(Path("results/performance"), model=model, profile="smoke", figures=figures,
+    memory={}, scaling={}, name="speedups_suite")`` -> ``results/performance/speedups_suite.md``.
     """
     from ..provenance import provenance
     from ..report import write_table
@@ -160,7 +166,7 @@ def write_results(out: Path, *, model: Model, profile: str, figures: dict, memor
     if cost is not None:
         notes.append(f"Pass cost used for the bounds: t(S) = {1000 * cost['fixed_s']:.1f} ms + "
                      f"{1000 * cost['per_token_s']:.2f} ms x S, measured in the same run.")
-    write_table(out, "speedups", title="Performance: choreographed vs re-encoding vs Hugging Face (teacher-forced)",
+    write_table(out, name, title="Performance: choreographed vs re-encoding vs Hugging Face (teacher-forced)",
                 columns=COLUMNS, rows=table_rows(figures, memory),
                 data={"figures": figures, "memory": memory, "scaling": scaling, "profile": profile, "cost": cost},
                 provenance=prov, notes=notes)
@@ -168,7 +174,7 @@ def write_results(out: Path, *, model: Model, profile: str, figures: dict, memor
               "A": "parallel debate, 3 rounds: agents A"}
     for axis, points in scaling.items():
         plot_scaling(out / f"scaling_{axis}.png", title=titles.get(axis, axis), axis=axis, points=points)
-    return out / "speedups.md"
+    return out / f"{name}.md"
 
 
 def write_pass_costs(out: Path, model: Model, costs: dict, *, command: str | None = None) -> Path:

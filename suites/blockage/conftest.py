@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Callable, Sequence
 
-from choreo.results import JsonlLog, fingerprint, logs_written, resumable as results_resumable
+from choreo.results import fingerprint, logged_results, logs_written, resumable as results_resumable
 
 
 # Train/dev split of the fine-tuning traces (PROTOCOLS: 90/10, fixed seed), whatever the LoRA preset's own
@@ -89,7 +89,7 @@ def _finetuned_arm(model, *, plan, config, sizes, data_dir, use_file, sets, seed
     ft_config = dataclasses.replace(ft_config, dev_fraction=DEV_FRACTION)
     log = Path(folder) / f"finetuned-{ft_key}.jsonl"
     LOGS_READ.add(log)
-    done = {r["index"]: r["result"] for r in JsonlLog(log, key="index").records()}
+    done = logged_results(log)
     if all(i in done for i in range(len(sets))):  # the arm finished in an earlier session
         summary_path = Path(folder) / f"finetune-{ft_key}.json"
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"resumed": str(log)}

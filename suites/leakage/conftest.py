@@ -8,15 +8,18 @@ baseline and choreographed games instead of costing separate games.
 Sizes: ``CHOREO_LEAKAGE_GAMES`` / ``CHOREO_LEAKAGE_CANARY`` override the profile's game counts (a run
 that does not fit its time says so in every table it writes); ``CHOREO_LEAKAGE_FINETUNE=1`` adds the reduced
 fine-tuned arm. Those that are set are written before the command in every table's provenance, since the same
-command without them produces different tables.
+command without them produces different tables. A value the suite would not read as meant ("true", "abc", "²")
+is a usage error before any test runs (``pytest_configure``; ``choreo repro`` checks them before pytest starts).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
+import math
+import shutil
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -25,6 +28,7 @@ from choreo import stats
 from choreo.profiles import pick
 from choreo.provenance import provenance
 from choreo.report import command_line
+from choreo.repro import ENV_COUNTS, check_env, env_count, env_flag
 from choreo.results import JsonlLog, fingerprint, logs_written
 from choreo.workflows.prisoners import (CHOICES, COOPERATE, DEFECT, STRATEGIES, STRATEGY_NAMES, UNPARSABLE, GameConfig,
                                        is_cooperate, parse_choice, run_games)
@@ -48,7 +52,8 @@ FINETUNE_REDUCED = dict(train=24, dev=8, first_seed=500, preset="embedded-cpu", 
 ARM_NAMES = {"baseline": "Baseline", "choreographed": "Choreographed", "leak_system": "Leak System",
              "leak_plan": "Leak Plan", "finetuned": "Choreographed + FT"}
 ROWS = [STRATEGY_NAMES[s] for s in STRATEGIES]
-# Environment variables that change what the leakage suite runs (recorded before the command in provenance).
+# Environment variables that change what the leakage suite runs (recorded before the command in provenance; read
+# with choreo.repro.env_flag / env_count, which check them).
 ENV_VARS = ("CHOREO_LEAKAGE_FINETUNE", "CHOREO_LEAKAGE_GAMES", "CHOREO_LEAKAGE_CANARY")
 RATE_NOTE = ("Rates: the paper's '±' (normal 95% half-width 1.96*sqrt(p(1-p)/n), which can reach past 0% or 100% "
              "and is 0 at 0/n and n/n), then the Wilson 95% interval in brackets, in percent; the JSON keeps the "
@@ -61,17 +66,30 @@ PARSE_NOTE = ("Parsing (choreo.workflows.prisoners.parse_choice, applied to the 
               "COOPERATE as cooperate and everything else, unparsable text included, as defect.")
 
 
+def pytest_configure(config):
+    """``ENV_VARS``, checked before any test runs (``choreo.repro.check_env``, as ``choreo repro`` checks them): a
+    bad one would otherwise surface only after the model loads, as an error of every test."""
+    try:
+        check_env()
+    except ValueError as error:
+        raise pytest.UsageError(str(error)) from None
+
+
+def finetune_flag() -> bool:
+    """CHOREO_LEAKAGE_FINETUNE: "1" runs the reduced fine-tuned arm, "0" or unset does not; anything else (say
+    "true", which would otherwise run nothing while the provenance recorded it) is a ValueError."""
+    return env_flag("CHOREO_LEAKAGE_FINETUNE")
+
+
 def sizes(profile: str) -> dict:
     """The profile's sizes, with the environment overrides applied and flagged."""
     out = dict(pick(SIZES, profile))
     out["reduced_from"] = {}
     for key, var in (("games", "CHOREO_LEAKAGE_GAMES"), ("canary", "CHOREO_LEAKAGE_CANARY")):
-        if os.environ.get(var):
-            value = os.environ[var]
-            if not value.isdigit() or int(value) < 2:
-                raise ValueError(f"{var} must be an integer >= 2 (games), got {value!r}")
+        value = env_count(var, minimum=ENV_COUNTS[var])
+        if value is not None:
             out["reduced_from"][key] = out[key]
-            out[key] = int(value)
+            out[key] = value
     out["predict"] = min(out["predict"], out["games"])
     return out
 
@@ -82,7 +100,7 @@ def config_for(name: str) -> GameConfig:
 
 def finetune_plan(profile: str) -> dict | None:
     """The fine-tuned arm's plan: the reduced CPU plan under CHOREO_LEAKAGE_FINETUNE=1, else the profile's."""
-    return FINETUNE_REDUCED if os.environ.get("CHOREO_LEAKAGE_FINETUNE") == "1" else pick(FINETUNE, profile)
+    return FINETUNE_REDUCED if finetune_flag() else pick(FINETUNE, profile)
 
 
 def plan_record(plan: dict | None) -> dict | None:
@@ -259,7 +277,8 @@ NOT_RUN_NOTE = ("Choreographed + FT: not run at this profile (CPU time). Code pa
 
 
 def finetuned_arm(model, plan: dict | None, records: dict, *, seeds, log, config, plans, folder: Path) -> None:
-    """Train (or reuse) one adapter per Alice strategy and play the fine-tuned games into ``records``."""
+    """Train one adapter per Alice strategy (or reuse one whose training finished: ``adapter_trained``) and play
+    the fine-tuned games into ``records``."""
     if plan is None:
         return
     from choreo.finetune import FinetuneConfig, use_adapter
@@ -272,16 +291,31 @@ def finetuned_arm(model, plan: dict | None, records: dict, *, seeds, log, config
         raise ValueError(f"fine-tuning seeds from {first} overlap the evaluation seeds 0..{max(seeds)}")
     out, variant = {}, plan_variant(plan)
     for s in STRATEGIES:
-        best = folder / variant / s / "best"
-        if not best.is_dir():
+        out_dir = folder / variant / s
+        if not adapter_trained(out_dir):
+            _clear_unfinished(out_dir)
             train_adapter(model, strategy=s, train_seeds=train_seeds, dev_seeds=dev_seeds, config=config,
                           finetune_config=FinetuneConfig.preset(plan["preset"], **plan.get("overrides", {})),
-                          out_dir=folder / variant / s)
-        with use_adapter(model, best):
+                          out_dir=out_dir)
+        with use_adapter(model, out_dir / "best"):
             out.update(run_games(model, arm="finetuned", strategies=[s], seeds=seeds, log=log, config=config,
                                  plans=plans, predict=True, variant=variant,
                                  unlabelled_variant=plan_variant(FINETUNE_REDUCED)))
     records["finetuned"] = {s: [out[(s, seed)] for seed in seeds] for s in STRATEGIES}
+
+
+def adapter_trained(out_dir: Path) -> bool:
+    """Whether ``train_adapter`` finished in ``out_dir``: ``history.json`` is written last. ``best/`` is not the
+    sign: training writes it at step 0 (the untrained adapter), so an interrupted run leaves one behind."""
+    return (out_dir / "history.json").is_file() and (out_dir / "best").is_dir()
+
+
+def _clear_unfinished(out_dir: Path) -> None:
+    """Remove what an interrupted ``train_adapter`` left in ``out_dir`` (said in a warning), so it trains anew."""
+    if out_dir.exists():
+        warnings.warn(f"{out_dir}: fine-tuning did not finish there (no history.json); removed, trained again",
+                      stacklevel=2)
+        shutil.rmtree(out_dir)
 
 
 def plan_variant(plan: dict) -> str:
@@ -309,12 +343,18 @@ def chosen_text(chosen: dict, identical: dict, n: int) -> str:
     parts = []
     for s, c in chosen.items():
         text = (f"{STRATEGY_NAMES[s]}: step {c['best_step']} of {c['last_step']} (dev {c['dev_metric']} "
-                f"{c['dev_loss_start']:.3f} -> {c['best_dev_loss']:.3f})")
+                f"{loss_text(c['dev_loss_start'])} -> {loss_text(c['best_dev_loss'])})")
         if c["best_step"] == 0:
             text += (f", the untrained adapter, so this arm equals the choreographed arm (identical games: "
                      f"{identical[s]}/{n})")
         parts.append(text)
     return "; ".join(parts)
+
+
+def loss_text(loss: float | None) -> str:
+    """A dev loss with three decimals; "n/a" for one that was not a finite number (``history.json`` holds null
+    there: ``write_json`` writes NaN and infinities as null)."""
+    return "n/a" if loss is None or not math.isfinite(loss) else f"{loss:.3f}"
 
 
 def finetune_note(plan: dict, chosen: dict, identical: dict, *, n: int) -> str:

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import pytest
 
 HERE = Path(__file__).resolve().parent
 BASELINE_RATIOS = HERE / "baseline_ratios.json"
 MODEL_DEVICES = pytest.StashKey[set]()  # the devices the suite's model ran on, for machine_info
+
+
+class TableKept(UserWarning):
+    """A module's table was not written (interrupted run, or not every row measured): the one on disk stays."""
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
@@ -71,3 +76,33 @@ def timed_rounds(benchmark, target: Callable, *, setup: Callable | None = None, 
                 setup()
             target()
     return benchmark.pedantic(target, setup=setup, rounds=rounds, warmup_rounds=warmup, iterations=1)
+
+
+def stopped_early(session) -> str | None:
+    """Why the session stopped before its selected tests had all run (Ctrl-C, ``-x``/``--maxfail``), or None.
+
+    pytest still tears module fixtures down then: at Ctrl-C it sets ``exitstatus`` to INTERRUPTED before the
+    session's fixtures are torn down; on ``-x`` it tears them down right after the failing test, ``shouldfail`` set.
+    """
+    if session.shouldstop or session.shouldfail:
+        return str(session.shouldstop or session.shouldfail)
+    if getattr(session, "exitstatus", pytest.ExitCode.OK) == pytest.ExitCode.INTERRUPTED:
+        return "interrupted"
+    return None
+
+
+def table_complete(request, measured: Iterable[str], expected: Iterable[str], *, table: str) -> bool:
+    """Whether a module fixture may write ``table`` at its teardown: the session ran to its end and every
+    ``expected`` row was ``measured``. Otherwise the table already on disk is kept (a Ctrl-C or a ``-k`` subset
+    must not replace a full table with a partial one) and a ``TableKept`` warning says why.
+
+    Example: ``table_complete(request, figures, [s.label for s in cfg.shapes], table="speedups_suite")``.
+    """
+    measured = list(measured)
+    missing = [row for row in expected if row not in measured]
+    why = stopped_early(request.session)
+    if why is None and missing:
+        why = f"rows not measured in this session: {missing}"
+    if why and measured:
+        warnings.warn(f"{table}.md/.json not written, any earlier one is kept: {why}", TableKept, stacklevel=2)
+    return not why

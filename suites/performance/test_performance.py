@@ -3,7 +3,9 @@
 Row names (parametrize ids) are the shapes of ``choreo.perf`` at the profile's sizes. Each row is one
 pytest-benchmark benchmark of the choreographed arm; the other arms run in the benchmark's ``setup`` right
 before each timed round, so every ratio is measured side by side. The table is written when the module
-finishes (``results/performance/speedups.md``); the regression gate compares ratios with the stored ones.
+finishes (``results/performance/speedups_suite.md``; ``choreo bench`` writes ``speedups.md``, with scaling
+plots and memory), only if every shape of the profile was measured and the run was not interrupted; the
+regression gate compares ratios with the stored ones.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from choreo import perf
 from choreo.report import markdown_table
 
-from .conftest import timed_rounds
+from .conftest import table_complete, timed_rounds
 
 pytestmark = [pytest.mark.bench, pytest.mark.model]
 
@@ -39,15 +41,21 @@ def cost(model, profile):
     return perf.pass_costs(model, sizes=sizes) if sizes else None
 
 
+# The suite's table has no scaling plots (and memory only where its profile measures it): a file of its own, so
+# that it never replaces the table of `choreo bench` (speedups.md), which --memory-only re-measures.
+TABLE = "speedups_suite"
+
+
 @pytest.fixture(scope="module")
-def collected(model, profile, results_dir, cost):
-    """Figures per row, gathered by the benchmarks; the table is written once they have all run."""
+def collected(request, model, profile, results_dir, cost):
+    """Figures per row, gathered by the benchmarks; the table is written once they have all run (not after a
+    Ctrl-C or for a ``-k`` subset: ``table_complete``)."""
     figures, memory = {}, {}
     yield {"figures": figures, "memory": memory}
-    if figures:
+    if table_complete(request, figures, [s.label for s in perf.BENCH_PROFILES[profile].shapes], table=TABLE):
         perf.write_results(results_dir / "performance", model=model, profile=profile, figures=figures,
-                           memory=memory, scaling={}, cost=cost,
-                           command=f"pytest suites/performance --profile {profile}")
+                           memory=memory, scaling={}, cost=cost, name=TABLE,
+                           command=f"pytest suites/performance --profile {profile} --results-dir {results_dir}")
 
 
 def _table(figures: dict) -> str:
@@ -106,7 +114,8 @@ def test_speedups(benchmark, model, model_path, profile, shape, collected, cost)
     # faster to the first token than re-encoding.
     base = speed["baseline"]
     assert base["ttft_bound"] > 1 and base["ttft"] > 1, (
-        f"{shape.label}: choreographed time to first token is not faster than re-encoding\n{_table(collected['figures'])}")
+        f"{shape.label}: choreographed time to first token is not faster than re-encoding\n"
+        f"{_table(collected['figures'])}")
 
 
 def test_regression_gate(profile, shape, collected, stored_ratios):

@@ -18,6 +18,7 @@ lists every row it did not run.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections import Counter
 from pathlib import Path
@@ -122,28 +123,47 @@ def _train_path(name, *, train_problems, key, folder) -> Path:
 
 def _train_runs(model, name, *, train_problems, configs, key, folder, progress):
     """Baseline records and traces of workflow ``name`` on ``train_problems`` (problem j: seed TRAIN_SEED + j),
-    saved beside the logs (``load_traces`` reads the file; each line also carries its index and the commit that
-    wrote it); the After row and the direct control both read them, and a complete saved file is read back.
+    saved beside the logs in one atomic write (``load_traces`` reads the file; each line also carries its index and
+    the commit that wrote it); the After row and the direct control both read them, and a complete saved file is
+    read back (``_saved_traces``: any other file is written again).
 
     Returns (records, traces).
     """
     from choreo.results import JsonlLog
-    from choreo.trace import load_traces
 
     workflow, path = WORKFLOWS[name], _train_path(name, train_problems=train_problems, key=key, folder=folder)
-    if path.exists():
-        saved = load_traces(path)
-        if len(saved) == len(train_problems):
-            return [meta for meta, _ in saved], [events for _, events in saved]
-        path.unlink()  # an interrupted write: the instances run again
+    saved = _saved_traces(path, n=len(train_problems))
+    if saved is not None:
+        return [meta for meta, _ in saved], [events for _, events in saved]
     records, traces = run_workflow(model, [p.problem for p in train_problems], workflow=workflow,
                                    condition="baseline", configs=configs,
                                    seeds=[TRAIN_SEED + j for j in range(len(train_problems))],
                                    progress=f"{progress} traces", trace=True)
-    log = JsonlLog(path, key="index")
-    for j, (record, events) in enumerate(zip(records, traces)):
-        log.append({"index": j, "meta": record, "events": [e.to_json() for e in events]})
+    JsonlLog(path, key="index").write([{"index": j, "meta": record, "events": [e.to_json() for e in events]}
+                                       for j, (record, events) in enumerate(zip(records, traces))])
     return records, traces
+
+
+def _saved_traces(path: Path, *, n: int) -> list | None:
+    """The ``n`` (meta, events) pairs saved at ``path``, or None when there is no such file or it does not hold
+    them all: a file that cannot be read (a torn line, not UTF-8, a malformed trace: a write cut off before the
+    file was written in one piece) or that holds another count is reported (a warning) and its instances run
+    again."""
+    import warnings
+
+    from choreo.trace import load_traces
+
+    if not path.exists():
+        return None
+    try:
+        saved = load_traces(path)
+    except ValueError as error:
+        warnings.warn(f"unreadable training traces, run again: {error}", stacklevel=2)
+        return None
+    if len(saved) != n:
+        warnings.warn(f"{path}: {len(saved)} training traces where {n} are expected, run again", stacklevel=2)
+        return None
+    return saved
 
 
 def _dev_problems(train_problems) -> list:
@@ -188,10 +208,10 @@ def _adapted_run(model, *, stem, problems, data, ft_config, run, folder, dev_sco
     Returns (records, training summary, log path).
     """
     from choreo.finetune import trained_adapter
-    from choreo.results import JsonlLog, write_json
+    from choreo.results import logged_results, write_json
 
     path, summary_path = folder / f"{stem}.jsonl", folder / f"{stem}.train.json"
-    done = {r["index"]: r["result"] for r in JsonlLog(path, key="index").records()}
+    done = logged_results(path)
     if all(i in done for i in range(len(problems))) and summary_path.exists():
         return [done[i] for i in range(len(problems))], json.loads(summary_path.read_text()), path
     train_set, dev_set, facts = data()
@@ -250,10 +270,16 @@ def _control(model, name, *, plan, problems, train_problems, train, seeds, confi
                                               configs=configs, progress=progress))
 
 
+def loss_text(loss: float | None) -> str:
+    """A dev loss with three decimals; "n/a" for one that was not a finite number (a summary read back from its
+    JSON holds null there: ``write_json`` writes NaN and infinities as null)."""
+    return "n/a" if loss is None or not math.isfinite(loss) else f"{loss:.3f}"
+
+
 def finetune_note(row: str, summary: dict) -> str:
     config = summary["config"]
     evals = [h for h in summary["history"] if "dev_loss" in h]
-    curve = ", ".join(f"{h['dev_loss']:.3f} (step {h['step']})" for h in evals)
+    curve = ", ".join(f"{loss_text(h['dev_loss'])} (step {h['step']})" for h in evals)
     if any("dev_score" in h for h in evals):  # dev accuracy as solved / dev problems
         curve += "; dev accuracy: " + ", ".join(f"{round(h['dev_score'] * summary['dev_traces'])}/"
                                                 f"{summary['dev_traces']} (step {h['step']})" for h in evals)

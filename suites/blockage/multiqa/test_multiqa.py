@@ -43,7 +43,7 @@ def _finetuned(model, profile, questions, pairs, config, key, folder):
     """Train on baseline traces of separate pairs (dev-selected checkpoint), run the choreographed condition
     with the adapter, remove it. Resumes from the logged results when the arm finished earlier."""
     from choreo.finetune import FinetuneConfig, split_traces, trained_adapter
-    from choreo.results import JsonlLog, write_json
+    from choreo.results import logged_results, write_json
 
     plan = pick(FINETUNE, profile)
     ft_config = FinetuneConfig.preset(plan["preset"], **plan["overrides"])
@@ -51,7 +51,7 @@ def _finetuned(model, profile, questions, pairs, config, key, folder):
     # After the fingerprint (which names the committed logs): the configuration records the split actually used.
     ft_config = dataclasses.replace(ft_config, dev_fraction=DEV_FRACTION)
     LOGS_READ.add(folder / f"{name}.jsonl")
-    done = {r["index"]: r["result"] for r in JsonlLog(folder / f"{name}.jsonl", key="index").records()}
+    done = logged_results(folder / f"{name}.jsonl")
     summary_path = folder / f"{name}.train.json"
     if all(i in done for i in range(len(pairs))) and summary_path.exists():
         summary = json.loads(summary_path.read_text())
