@@ -51,6 +51,13 @@ class ChatFormat:
             raise ValueError("the tokenizer has no chat_template; choreo renders messages through it")
         self.tokenizer = tokenizer
 
+    @functools.cached_property
+    def _no_text(self) -> frozenset[int]:
+        """Ids that ``decode`` drops (``skip_special_tokens``): the tokenizer's special tokens, its added tokens
+        marked special included (``all_special_ids`` lists only the named ones: BOS, EOS, ...)."""
+        added = getattr(self.tokenizer, "added_tokens_decoder", {}) or {}
+        return frozenset(self.tokenizer.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
+
     def _render(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
 
@@ -162,16 +169,18 @@ class ChatFormat:
         after each sampled token (and how a trace tells that a call ended on one).
 
         Checked after every token, a stop string first occurs ending in the newest token, so only a window at the
-        end is decoded: ``stop_window(stop)`` tokens, widened while their text is shorter than the longest string
-        plus the newest token's text (special tokens decode to no text), so the cost per token stays bounded
-        however long the generation."""
+        end is decoded: the last ``stop_window(stop)`` tokens that have text (special tokens, which decode to none,
+        are passed over: they would hide a string split around them), so the cost per token stays bounded however
+        long the generation (unless it is mostly special tokens)."""
         if not stop:
             return False
-        n, need = stop_window(stop), max(len(s) for s in stop) + len(self.decode(list(tokens[-1:])))
-        text = self.decode(list(tokens[-n:]))
-        while len(text) < need and n < len(tokens):  # tokens with no text (special ones) widen the window
-            n *= 2
-            text = self.decode(list(tokens[-n:]))
+        n, window = stop_window(stop), []
+        for t in reversed(tokens):  # the last n tokens that have text: special ones decode to none
+            if t not in self._no_text:
+                window.append(t)
+                if len(window) == n:
+                    break
+        text = self.decode(window[::-1])
         return any(s in text for s in stop)
 
     def decode(self, ids: list[int]) -> str:

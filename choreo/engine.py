@@ -131,8 +131,8 @@ def _is_real(x) -> bool:
 
 def _as_int(x) -> int | None:
     """x as a Python int if it is an integer (a numpy or 0-d integer torch scalar included, bool not), else None."""
-    if isinstance(x, bool):
-        return None
+    if isinstance(x, bool) or getattr(x, "ndim", 0) != 0 or "bool" in str(getattr(x, "dtype", "")):
+        return None  # a bool, an array of one element, a 0-d bool tensor
     try:
         return operator.index(x)
     except TypeError:
@@ -201,7 +201,12 @@ class Engine:
         A prompt may attend to a message that is prefilled in the same pass: each layer writes every job's
         keys and values before any job attends, so a child reads its parent's rows of that very layer.
         """
+        jobs = list(jobs)
         live = [j for j in jobs if not j.done and j.pending]
+        if not live and any(not j.done for j in jobs):  # a job with nothing to feed would never finish: no spin
+            stuck = next(j for j in jobs if not j.done)
+            raise RuntimeError(f"message {stuck.msg.id} (role {stuck.msg.role!r}) is not done but has no token to "
+                               f"feed")
         first = [j for j in live if j.fed == 0]
         single = [j for j in live if j.fed > 0 and len(j.pending) == 1]
         closing = [j for j in live if j.fed > 0 and len(j.pending) > 1]
@@ -316,10 +321,6 @@ class Engine:
     def run(self, jobs: list[Job]) -> None:
         """Step until every job is done."""
         while any(not j.done for j in jobs):
-            if not any(j.pending for j in jobs if not j.done):  # a job with nothing to feed would never finish
-                stuck = next(j for j in jobs if not j.done)
-                raise RuntimeError(f"message {stuck.msg.id} (role {stuck.msg.role!r}) is not done but has no "
-                                   f"token to feed")
             self.step(jobs)
 
 
@@ -426,7 +427,7 @@ class Choreographer:
     def unlist(self, *messages: ParentRef) -> list[Message]:
         """Validate all of ``messages`` first, then remove them from the registry and mark them freed; returns
         them (their rows are the caller's to release: ``free`` does, once no started call reads them)."""
-        listed = next((m for m in messages if not _is_single(m)), None)
+        listed = next((m for m in messages if not _is_single(m) and _as_int(m) is None), None)  # 0-d ids pass
         if listed is not None:
             raise TypeError(f"free takes messages (or ids) as separate arguments, got a {type(listed).__name__} "
                             f"{listed!r:.60}: write free(*messages) or free(a, b)")
@@ -570,7 +571,7 @@ class Choreographer:
         """Resolve parents to store segments and the new message's start position (validates everything)."""
         parents, starts, start = self._resolve(parents, offsets, new_offset)
         segments = tuple((p.row, p.length, s - p.start) for p, s in zip(parents, starts))
-        if self.engine.attention == "triton":
+        if self.engine.attention == "triton" and self.encodes_prefills:  # the baseline never reads moved rows
             from triton_kernels.segment_attention import MAX_TILE_DELTA
 
             far = [(p, s) for p, s in zip(parents, starts) if abs(s - p.start) > MAX_TILE_DELTA]

@@ -262,7 +262,7 @@ def replay_loss(executor: Choreographer, events: Trace, *, calls: str = "all", t
                     # The job's own tokens (the baseline's job holds its whole re-encoded prompt).
                     a, b = job.msg.content
                     rows = job.logits[a - 1:b]  # (n + 1, V): row j predicts ids[a + j]; the last, end-of-turn
-                    target = torch.tensor(job.msg.ids[a:b + 1], device=rows.device)
+                    target = torch.tensor(_with_end(job.msg.ids[a:b + 1], b - a, executor), device=rows.device)
                     call_loss = call_losses(rows, target, loss=loss, teacher=None if teacher is None else teacher[i],
                                             ce_end=sampled_end_of_turn(events[i], executor.format))
                     total = total + call_loss
@@ -276,6 +276,18 @@ def replay_loss(executor: Choreographer, events: Trace, *, calls: str = "all", t
         if live:
             executor.free(*live)
     return ReplayLoss(loss=total, per_call=per_call, messages=messages, logits=kept)
+
+
+def _with_end(ids: list[int], n: int, executor) -> list[int]:
+    """A call's n content tokens and its end-of-turn token: the footer's first, or, for a chat template that
+    writes no end-of-turn text (its footer is empty), the tokenizer's EOS, which ended the turn when sampled."""
+    if len(ids) > n:
+        return ids
+    eos = executor.model.tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the chat template writes no end-of-turn text and the tokenizer has no eos_token_id: "
+                         "there is no end-of-turn token to score")
+    return ids + [eos]
 
 
 def sampled_end_of_turn(event: TraceEvent, fmt) -> bool:

@@ -64,17 +64,21 @@ EVAL_QUESTIONS = (
 )
 
 
-def question_pools(*, dev_fraction: float, seed: int = 0) -> dict[str, tuple[str, ...]]:
+def question_pools(*, dev_fraction: float, seed: int = 0, dev_pairs: int = 0) -> dict[str, tuple[str, ...]]:
     """The 'train', 'dev' and 'eval' question pools: 'dev' is a seeded share ``dev_fraction`` of TRAIN_QUESTIONS
-    (at least 2) and 'train' the rest, so that no dev pair holds a question a training pair holds: choosing on dev
-    then rewards what the held-out pairs measure (answering new questions), not memorised answers.
+    (at least 2, and enough for ``dev_pairs`` different pairs) and 'train' the rest, so that no dev pair holds a
+    question a training pair holds: choosing on dev then rewards what the held-out pairs measure (answering new
+    questions), not memorised answers.
 
     Example: ``question_pools(dev_fraction=0.2)["dev"]`` -> 6 of the 32 training questions.
     """
     if not 0 < dev_fraction < 1:
         raise ValueError(f"dev_fraction must be in (0, 1), got {dev_fraction!r}")
-    n_dev = min(len(TRAIN_QUESTIONS) - 2, max(2, round(len(TRAIN_QUESTIONS) * dev_fraction)))
-    dev = set(np.random.default_rng([seed, 3]).permutation(len(TRAIN_QUESTIONS))[:n_dev].tolist())
+    n_questions = max(2, round(len(TRAIN_QUESTIONS) * dev_fraction))
+    while n_questions * (n_questions - 1) < dev_pairs:
+        n_questions += 1
+    n_questions = min(len(TRAIN_QUESTIONS) - 2, n_questions)
+    dev = set(np.random.default_rng([seed, 3]).permutation(len(TRAIN_QUESTIONS))[:n_questions].tolist())
     return {"train": tuple(q for i, q in enumerate(TRAIN_QUESTIONS) if i not in dev),
             "dev": tuple(q for i, q in enumerate(TRAIN_QUESTIONS) if i in dev), "eval": EVAL_QUESTIONS}
 
@@ -260,10 +264,10 @@ def check_recovery_sizes(n_train: int, n_eval: int, configs, *, seed: int = 0,
     """Raise ValueError naming the option (``names``: how the caller calls n_train and n_eval) unless ``n_train``
     pairs split into training and dev pairs and ``n_eval`` held-out pairs can be drawn; returns the question pools
     and the number of dev pairs."""
-    pools = question_pools(dev_fraction=configs[0].dev_fraction, seed=configs[0].seed)
     if not isinstance(n_train, int) or n_train < 2:
         raise ValueError(f"{names[0]} must be an integer >= 2 (training and dev pairs), got {n_train!r}")
     n_dev = min(n_train - 1, max(1, round(n_train * configs[0].dev_fraction)))
+    pools = question_pools(dev_fraction=configs[0].dev_fraction, seed=configs[0].seed, dev_pairs=n_dev)
     for (name, given), split, n in (((names[0], n_train), "train", n_train - n_dev),
                                     ((names[0], n_train), "dev", n_dev), ((names[1], n_eval), "eval", n_eval)):
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shlex
 from pathlib import Path
@@ -22,6 +23,15 @@ def command_line(env: Sequence[str] = (), argv: Sequence[str] | None = None) -> 
     argv = command_argv() if argv is None else argv
     prefix = [f"{name}={shlex.quote(os.environ[name])}" for name in env if os.environ.get(name)]
     return " ".join(prefix + [shlex.quote(a) for a in argv])
+
+
+def loss_text(loss: float | None) -> str:
+    """A loss with three decimals; "n/a" for one that is not a finite number (a saved summary holds null there:
+    ``write_json`` writes NaN and infinities as null).
+
+    Example: ``loss_text(0.12345)`` -> '0.123'; ``loss_text(None)`` -> 'n/a'.
+    """
+    return "n/a" if loss is None or not math.isfinite(loss) else f"{loss:.3f}"
 
 
 def markdown_table(columns: Sequence[str], rows: Sequence[Sequence]) -> str:

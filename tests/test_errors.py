@@ -543,7 +543,10 @@ def test_call_fields_given_as_iterators_or_numpy_ids_are_read_once(tiny_gqa):
     s = ch.prefill("Be brief.", role="system")
     assert ch.message(np.int64(s.id)) is s
     assert ch.decode(parents=[np.int32(s.id)], max_tokens=1).parents == (s.id,)
-    ch.free(np.int64(s.id))
+    for bad in (torch.tensor(True), np.bool_(True), torch.tensor([s.id]), np.array([s.id]), float(s.id)):
+        with pytest.raises(KeyError, match="unknown or freed message"):  # a bool or a 1-element array: no id
+            ch.decode(parents=[bad], max_tokens=1)
+    ch.free(torch.tensor(s.id))  # a 0-d id is one id, not a list to spread
     assert s.freed
 
 

@@ -648,6 +648,8 @@ def test_blockage_task_helpers(tiny):
     pools = question_pools(dev_fraction=0.2, seed=0)
     assert pools == question_pools(dev_fraction=0.2, seed=0) != question_pools(dev_fraction=0.2, seed=1)
     assert len(pools["dev"]) == 6 and set(pools["train"]) | set(pools["dev"]) == set(TRAIN_QUESTIONS)
+    wide = question_pools(dev_fraction=0.2, seed=0, dev_pairs=80)  # 6 questions make 30 pairs: 10 make 90
+    assert len(wide["dev"]) == 10 and set(pools["dev"]) < set(wide["dev"])
     assert not set(pools["train"]) & set(pools["dev"]) and pools["eval"] == EVAL_QUESTIONS
     dev = make_pairs("dev", 30, seed=0, pools=pools)  # every ordered pair of the 6 dev questions
     assert len(set(dev)) == 30 and all(a in pools["dev"] and b in pools["dev"] for a, b in dev)
@@ -935,8 +937,7 @@ def no_model_load(monkeypatch):
 
 @pytest.mark.parametrize("argv, bad", [
     (["--n-train", "1"], "--n-train must be an integer >= 2 (training and dev pairs), got 1"),
-    (["--n-train", "100000"], "--n-train 100000: n must be in 1..650 for the 'train' pool, got 80000"),
-    (["--n-train", "400"], "--n-train 400: n must be in 1..30 for the 'dev' pool, got 80"),
+    (["--n-train", "900"], "--n-train 900: n must be in 1..306 for the 'train' pool, got 720"),
     (["--n-eval", "100000"], "--n-eval 100000: n must be in 1..240 for the 'eval' pool, got 100000"),
 ])
 def test_recovery_sizes_are_checked_before_the_model_loads(no_model_load, capsys, tmp_path, argv, bad):
@@ -959,3 +960,31 @@ def test_train_into_a_folder_holding_a_run_needs_resume(no_model_load, capsys, t
     assert main(["finetune", "train", "--traces", str(traces), "--out", str(tmp_path / "run")]) == 2
     assert "holds a training run (best, history.json): pass --resume" in capsys.readouterr().err
     assert (tmp_path / "run" / "history.json").read_text() == "{}"
+
+
+def test_a_template_with_no_end_of_turn_text_scores_content_and_eos(tokenizer, monkeypatch):
+    """With an empty footer the end-of-turn token is the tokenizer's EOS: the loss gets one target per row (the
+    content tokens, then EOS), not one fewer (which scored the last content token's row against nothing)."""
+    import copy
+
+    import choreo.finetune as ft
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}{% endfor %}"
+    model = build_tiny(tok)
+
+    async def workflow(ex):
+        s = await ex.prefill("You are terse.", role="system")
+        return await ex.decode(role="assistant", parents=[s], max_tokens=4)
+
+    runner = choreo.Runner(choreo.Baseline(model), progress=False, trace=True)
+    runner.run([workflow])
+    events = runner.traces[0]
+    seen = []
+    real = ft.call_losses
+    monkeypatch.setattr(ft, "call_losses", lambda rows, target, **kw: seen.append((rows, target)) or real(
+        rows, target, **kw))
+    out = replay_loss(choreo.Choreographer(model), events, calls="last")
+    (rows, target), = seen
+    assert rows.shape[0] == len(target) == len(events[-1].tokens) + 1
+    assert target.tolist() == [*events[-1].tokens, tok.eos_token_id] and math.isfinite(float(out.loss))

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Callable, Sequence
 
+from choreo.report import loss_text
 from choreo.results import fingerprint, logged_results, logs_written, resumable as results_resumable
 
 
@@ -183,7 +184,8 @@ def _ft_summary(summary):
         return f"resumed from {summary}"
     config = summary.get("config", {})
     criterion = config.get("dev_metric") or config.get("loss", "ce")
-    curve = ", ".join(f"{h['dev_loss']:.3f} (step {h['step']})" for h in summary.get("history", []) if "dev_loss" in h)
+    curve = ", ".join(f"{loss_text(h['dev_loss'])} (step {h['step']})" for h in summary.get("history", [])
+                      if "dev_loss" in h)
     split = summary.get("split", {})
     share = f"dev share {split['dev_fraction']}, split seed {split['seed']}" if split.get("dev_fraction") else \
         "dev share not recorded"

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shutil
 import time
 import warnings
@@ -27,7 +26,7 @@ import pytest
 from choreo import stats
 from choreo.profiles import pick
 from choreo.provenance import provenance
-from choreo.report import command_line
+from choreo.report import command_line, loss_text
 from choreo.repro import ENV_COUNTS, check_env, env_count, env_flag
 from choreo.results import JsonlLog, fingerprint, logs_written
 from choreo.workflows.prisoners import (CHOICES, COOPERATE, DEFECT, STRATEGIES, STRATEGY_NAMES, UNPARSABLE, GameConfig,
@@ -349,12 +348,6 @@ def chosen_text(chosen: dict, identical: dict, n: int) -> str:
                      f"{identical[s]}/{n})")
         parts.append(text)
     return "; ".join(parts)
-
-
-def loss_text(loss: float | None) -> str:
-    """A dev loss with three decimals; "n/a" for one that was not a finite number (``history.json`` holds null
-    there: ``write_json`` writes NaN and infinities as null)."""
-    return "n/a" if loss is None or not math.isfinite(loss) else f"{loss:.3f}"
 
 
 def finetune_note(plan: dict, chosen: dict, identical: dict, *, n: int) -> str:

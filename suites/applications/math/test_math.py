@@ -18,7 +18,6 @@ lists every row it did not run.
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections import Counter
 from pathlib import Path
@@ -29,7 +28,7 @@ from choreo import stats
 from choreo.data.math import FILE_NAME, equivalent, grade, load_problems, split_problems
 from choreo.profiles import pick
 from choreo.provenance import provenance
-from choreo.report import plot_rates, write_table
+from choreo.report import loss_text, plot_rates, write_table
 from choreo.results import fingerprint, logs_written, resumable, write_text
 from choreo.workflows import debate, tot
 
@@ -268,12 +267,6 @@ def _control(model, name, *, plan, problems, train_problems, train, seeds, confi
     return _adapted_run(model, stem=stem, problems=problems, data=data, ft_config=ft_config, folder=folder,
                         dev_score=score, run=_run(model, problems, seeds, workflow="direct", condition="baseline",
                                               configs=configs, progress=progress))
-
-
-def loss_text(loss: float | None) -> str:
-    """A dev loss with three decimals; "n/a" for one that was not a finite number (a summary read back from its
-    JSON holds null there: ``write_json`` writes NaN and infinities as null)."""
-    return "n/a" if loss is None or not math.isfinite(loss) else f"{loss:.3f}"
 
 
 def finetune_note(row: str, summary: dict) -> str:

@@ -13,7 +13,7 @@ from choreo import stats
 from choreo.data.trivia import load_questions, make_pairs
 from choreo.profiles import pick
 from choreo.provenance import provenance
-from choreo.report import plot_rates, write_table
+from choreo.report import loss_text, plot_rates, write_table
 from choreo.results import write_text
 from choreo.workflows.multiqa import MultiQAConfig, collect_traces, run_condition
 
@@ -145,8 +145,8 @@ def table(model, profile, results_dir):
                f"{ft_summary['dev_traces']} dev traces ({split_text(ft_summary)}), checkpoint chosen on dev "
                f"(best step {ft_summary['best_step']} of "
                f"{ft_summary['steps']}, dev {ft_summary['config'].get('dev_metric') or ft_summary['config'].get('loss', 'ce')} "
-               f"{ft_summary['history'][0]['dev_loss']:.3f} -> "
-               f"{ft_summary['best_dev_loss']:.3f}); traces, training and the evaluation with the adapter took "
+               f"{loss_text(ft_summary['history'][0]['dev_loss'])} -> "
+               f"{loss_text(ft_summary['best_dev_loss'])}); traces, training and the evaluation with the adapter took "
                f"{ft_summary['train_seconds']:.0f} s.")
     notes = [f"n = {n} question pairs per condition (profile {profile}), greedy; the same pairs in every condition; "
              "'±' is the normal 95% half-width as in the paper, then the Wilson 95% interval in brackets (also in "
