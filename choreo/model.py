@@ -352,7 +352,14 @@ def random_model(source: str | os.PathLike | None = None, *, seed: int = 0, devi
 
 
 def _cache_root() -> Path:
-    return Path(os.environ.get("CHOREO_CACHE", Path.home() / ".cache" / "choreo"))
+    """$CHOREO_CACHE, or ~/.cache/choreo: the folder of the converted embedded model and of checkpoint hashes. One
+    that exists as something else than a folder is refused here, naming the variable, not later at an inner path."""
+    set_by = os.environ.get("CHOREO_CACHE")
+    root = Path(set_by or Path.home() / ".cache" / "choreo")
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"{'$CHOREO_CACHE' if set_by else 'the cache folder'} {str(root)!r} is not a folder "
+                                 f"(choreo keeps the converted embedded model there)")
+    return root
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")

@@ -47,6 +47,7 @@ def run(args) -> int:
     import pytest
 
     chosen = _chosen_suites(args.only)
+    _check_passed_through(args.pytest_args)
     if args.model is not None:
         from .model import check_checkpoint  # imports torch: only for a --model to check
 
@@ -70,6 +71,20 @@ def run(args) -> int:
     code = pytest.main(argv + list(args.pytest_args))
     print_new_tables(results, chosen, before)
     return int(code)
+
+
+# Options of repro's own that would bypass its checks (and its list of the tables written) if given to pytest.
+OWN_OPTIONS = ("--profile", "--results-dir", "--model", "--data-dir")
+
+
+def _check_passed_through(pytest_args) -> None:
+    """Refuse one of ``OWN_OPTIONS`` after ``--``: repro passes its own, checked, and would report on another folder
+    than the one pytest wrote to. Example: ``choreo repro -- --results-dir /x`` -> 'give --results-dir before --'."""
+    for arg in pytest_args:
+        option = arg.split("=", 1)[0]
+        if option in OWN_OPTIONS:
+            raise ValueError(f"{option} is an option of choreo repro: give it before --, not to pytest after it "
+                             f"(got {arg!r})")
 
 
 def _chosen_suites(only: list[str] | None) -> list[str]:

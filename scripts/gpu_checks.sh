@@ -31,7 +31,11 @@ cd "$(dirname "$0")/.."
 out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR [MODEL_DIR]}
 model=${2:-}
 stages=${CHOREO_GPU_STAGES:-0 1 2 3 4}
-mkdir -p "$out"
+mkdir -p "$out" || exit 2
+[ -d "$out" ] && [ -w "$out" ] || { echo "gpu_checks.sh: OUT_DIR $out is not a writable folder" >&2; exit 2; }
+for stage in $stages; do
+  case $stage in 0|1|2|3|4) ;; *) echo "gpu_checks.sh: unknown stage '$stage' in CHOREO_GPU_STAGES (0-4)" >&2; exit 2 ;; esac
+done
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 
@@ -66,11 +70,10 @@ for stage in $stages; do
     3) args=(--profile small --device cuda --results-dir "$out/results")
        [ -n "$model" ] && args+=(--model "$model")
        [ "${CHOREO_RANDOM_WEIGHTS:-0}" = 1 ] && args+=(--random-weights)
-       timeout 300 $py -m choreo.perf bench "${args[@]}" 2>&1 | tee "$out/bench.log" | tail -30 ;;
+       timeout -s INT -k 30 300 $py -m choreo.perf bench "${args[@]}" 2>&1 | tee "$out/bench.log" | tail -30 ;;
     4) CHOREO_PROFILE_DIR=$out timeout -s INT -k 30 300 $py -m pytest \
          tests/kernels/bench_finetune_step.py::test_finetune_step_profile -q -s -p no:cacheprovider -m gpu 2>&1 \
          | tee "$out/profile.log" | tail -8 ;;
-    *) echo "unknown stage $stage" ;;
   esac
   echo "== stage $stage: exit ${PIPESTATUS[0]}, $((SECONDS - start)) s" | tee -a "$out/stages.txt"
 done

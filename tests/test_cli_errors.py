@@ -438,3 +438,11 @@ def test_repro_accepts_the_leakage_variables_as_documented(tmp_path, monkeypatch
         monkeypatch.setenv(var, value)
     seen = _fake_pytest(monkeypatch, code=0)
     assert main(["repro", "--only", "leakage", "--results-dir", str(tmp_path)]) == 0 and seen
+
+
+@pytest.mark.parametrize("passed", [["--results-dir", "/x"], ["--profile=paper"], ["-k", "bsm", "--model", "/m"]])
+def test_repro_refuses_its_own_options_after_the_double_dash(no_model, capsys, passed):
+    """They would reach pytest unchecked, and repro would list the tables of another folder than pytest wrote."""
+    assert main(["repro", "--only", "blockage", "--", *passed]) == 2
+    option = next(a for a in passed if a.startswith("--")).split("=")[0]
+    assert f"{option} is an option of choreo repro: give it before --" in _error_line(capsys)

@@ -559,3 +559,14 @@ def test_free_given_a_list_says_to_spread_it(tiny_gqa):
     assert snapshot(ch) == before and not a.freed
     ch.free(*[a, b])
     assert a.freed and b.freed
+
+
+def test_a_cache_folder_that_is_a_file_is_named(monkeypatch, tmp_path):
+    from choreo.model import _cache_root
+
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("CHOREO_CACHE", str(tmp_path / "afile"))
+    with pytest.raises(NotADirectoryError, match=r"\$CHOREO_CACHE '.*afile' is not a folder"):
+        _cache_root()
+    monkeypatch.setenv("CHOREO_CACHE", str(tmp_path / "new"))
+    assert _cache_root() == tmp_path / "new"
