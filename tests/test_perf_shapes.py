@@ -323,3 +323,19 @@ def test_pass_cost_notes_name_the_device_and_a_prefill_that_pulls_the_fit(tiny_g
     assert "S=13: 43.6 ms measured, 31.1 ms fitted) and pulls it" in text
     costs["prefill_s"][13] = 0.032
     assert "pulls it" not in write_pass_costs(tmp_path, tiny_gqa, costs, command="test").read_text()
+
+
+def test_an_interrupted_bench_leaves_the_pass_cost_table_as_it_was(tiny_gqa, tmp_path, monkeypatch):
+    """The pass cost is written with the table that uses it, at the end: Ctrl-C during the shapes changes neither
+    (a new pass_cost.md beside an old speedups.md would contradict that table's 'measured in the same run')."""
+    from choreo.perf import cli as perf_cli
+
+    monkeypatch.setattr(perf_cli, "pass_costs", lambda model, sizes: {"fixed_s": 0.03, "per_token_s": 1e-3})
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(perf_cli, "measure_shape", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        perf_cli.bench(tiny_gqa, profile="small", results_dir=tmp_path, progress=False, rss=False, log=lambda s: None)
+    assert not (tmp_path / "performance").exists()

@@ -32,8 +32,7 @@ def bench(model: Model, *, profile: str, results_dir: Path, model_path: str | No
     arms = available_arms(model.spec.device)
     out = Path(results_dir) / "performance"
     cost = pass_costs(model, sizes=cfg.pass_sizes) if cfg.pass_sizes else None
-    if cost is not None:
-        write_pass_costs(out, model, cost, command=command)
+    if cost is not None:  # written with the table that uses it, at the end: an interrupted run changes neither
         log(f"pass cost: {1000 * cost['fixed_s']:.1f} ms + {1000 * cost['per_token_s']:.2f} ms x S")
     figures, memory, scaling = {}, {}, {}
     for shape in tqdm(cfg.shapes, desc="shapes", disable=not progress):
@@ -52,6 +51,8 @@ def bench(model: Model, *, profile: str, results_dir: Path, model_path: str | No
         for shape in tqdm(cfg.shapes if cfg.memory_arms else (), desc="memory", disable=not progress):
             memory[shape.label] = {a: measure_memory(shape, a, cfg.lengths, model_path=model_path)
                                    for a in memory_arms(cfg, model.spec.device)}
+    if cost is not None:
+        write_pass_costs(out, model, cost, command=command)
     write_results(out, model=model, profile=profile, figures=figures, memory=memory, scaling=scaling, cost=cost,
                   command=command)
     return {"figures": figures, "memory": memory, "scaling": scaling, "cost": cost}
