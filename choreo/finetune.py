@@ -671,7 +671,7 @@ def _train_adapted(model, train_traces, dev_traces, *, config, out: Path, resume
                 dev_eval(record)
             state["history"].append(record)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", dev=f"{state['best_dev_loss']:.3f}")
+            bar.set_postfix(loss=f"{loss:.3f}", best_dev=f"{state['best_dev_loss']:.3f}")
             if "dev_loss" in record or state["step"] == stop_after:
                 _save_last(model, last, opt, sched, state, config, data, best["weights"])
     finally:

@@ -58,10 +58,19 @@ def add_adapter(model, *, rank: int, alpha: float, dropout: float, targets: Sequ
     check_no_adapter(model)
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
                         bias="none", task_type="CAUSAL_LM")
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _peft_quietly():
         torch.manual_seed(seed)
         model.hf_model = get_peft_model(model.hf_model, config)
     return model.hf_model
+
+
+@contextlib.contextmanager
+def _peft_quietly() -> Iterator[None]:
+    """peft 0.21 asks transformers 5 for ``is_gradient_checkpointing`` at every adapter it wraps, and transformers
+    warns that the name is deprecated: a warning about peft's call, not the user's, so it is dropped here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+        yield
 
 
 def trainable_parameters(model) -> list[torch.nn.Parameter]:
@@ -106,7 +115,7 @@ def load_adapter(model, path: str | Path, *, trainable: bool = False):
     else:
         base = model.hf_model
         try:
-            with warnings.catch_warnings():  # its warning of missing keys: the check below refuses them
+            with _peft_quietly(), warnings.catch_warnings():  # missing keys: the check below refuses them
                 warnings.filterwarnings("ignore", message="Found missing adapter keys")
                 model.hf_model = PeftModel.from_pretrained(base, path, is_trainable=trainable)
             # peft loads the tensors that match and leaves the rest at their initial values (B = 0: unadapted)

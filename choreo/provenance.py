@@ -60,13 +60,15 @@ def git_commit(root: Path | None = None) -> str | None:
 
 
 def command_argv() -> list[str]:
-    """This process's command line, the installed ``choreo`` script named as typed (not by its venv path), and
-    ``python -m choreo`` as typed (not as the path of the package's ``__main__.py``)."""
+    """This process's command line, the installed ``choreo`` and ``pytest`` scripts named as typed (not by their
+    venv paths), and ``python -m choreo`` / ``python -m pytest`` as typed (not as the path of the package's
+    ``__main__.py``)."""
     argv = list(sys.argv)
-    if argv and Path(argv[0]).name == "choreo":
-        argv[0] = "choreo"
-    elif argv and Path(argv[0]).parts[-2:] == ("choreo", "__main__.py"):
-        argv[0:1] = ["python", "-m", "choreo"]
+    for name in ("choreo", "pytest"):
+        if argv and Path(argv[0]).name == name:
+            argv[0] = name
+        elif argv and Path(argv[0]).parts[-2:] == (name, "__main__.py"):
+            argv[0:1] = ["python", "-m", name]
     return argv
 
 

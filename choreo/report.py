@@ -44,14 +44,30 @@ def markdown_table(columns: Sequence[str], rows: Sequence[Sequence]) -> str:
 
 def write_table(folder: str | Path, name: str, *, title: str, columns: Sequence[str], rows: Sequence[Sequence],
                 data: dict, provenance: dict, notes: Sequence[str] = ()) -> Path:
-    """Write ``<folder>/<name>.json`` (data + provenance) and ``<name>.md`` (title, table, notes, provenance)."""
+    """Write ``<folder>/<name>.json`` (data + provenance) and ``<name>.md`` (title, table, notes, provenance). A
+    table of the smoke profile says so in its title (``SMOKE_TITLE``): its few instances check the mechanics, and
+    a reader must not take its numbers for a finding."""
     folder = Path(folder)
+    if profile_of(data, provenance) == "smoke" and SMOKE_TITLE not in title:
+        title += SMOKE_TITLE
     write_json(folder / f"{name}.json", {"title": title, "columns": list(columns), "rows": [list(r) for r in rows],
                                          "data": data, "provenance": provenance})
     text = [f"### {title}", "", markdown_table(columns, rows), ""]
     text += [f"- {n}" for n in notes] + ([""] if notes else [])
     text += [f"_Provenance: {provenance_line(provenance)}._", ""]
     return write_text(folder / f"{name}.md", "\n".join(text))
+
+
+SMOKE_TITLE = " [smoke profile: mechanics only, not a result]"
+
+
+def profile_of(data, provenance: dict) -> str | None:
+    """The suite profile a table was made at, where its data or provenance records one (top level, or in the
+    provenance's sizes), else None."""
+    for record in (provenance, provenance.get("sample_sizes"), data):
+        if isinstance(record, dict) and isinstance(record.get("profile"), str):
+            return record["profile"]
+    return None
 
 
 def provenance_line(prov: dict) -> str:

@@ -14,6 +14,14 @@ from .profiles import PROFILES
 ROOT = Path(__file__).resolve().parent.parent
 SUITES_DIR = ROOT / "suites"
 RESULTS_DIR = ROOT / "results"  # the checkout's results/, wherever the command runs from
+# Smoke runs check the mechanics on a few instances: by default their tables go here (git-ignored), so that a
+# quick look never replaces the committed tables of a larger profile.
+SMOKE_RESULTS_DIR = ROOT / "results-smoke"
+
+
+def default_results_dir(profile: str | None) -> Path:
+    """Where tables go without ``--results-dir``: ``SMOKE_RESULTS_DIR`` at profile smoke, else ``RESULTS_DIR``."""
+    return SMOKE_RESULTS_DIR if profile == "smoke" else RESULTS_DIR
 # Environment variables that change what a suite runs (suites/leakage/conftest.py reads them with ``env_flag`` and
 # ``env_count``), checked here before pytest starts: a bad one is one line, not an error in every test that reads it.
 ENV_FLAGS = ("CHOREO_LEAKAGE_FINETUNE",)
@@ -31,8 +39,9 @@ def register(sub) -> None:
     p.add_argument("--profile", default="small", choices=PROFILES, help="suite size (default: small)")
     p.add_argument("--model", default=None, help="local checkpoint directory (default: embedded SmolLM2-135M)")
     p.add_argument("--only", action="append", default=None, metavar="SUITE", help="run only this suite (repeatable)")
-    p.add_argument("--results-dir", default=str(RESULTS_DIR),
-                   help=f"tables go to RESULTS_DIR/<suite>/ (default: the checkout's {RESULTS_DIR})")
+    p.add_argument("--results-dir", default=None,
+                   help=f"tables go to RESULTS_DIR/<suite>/ (default: the checkout's {RESULTS_DIR}; at --profile "
+                        f"smoke {SMOKE_RESULTS_DIR}, so that a quick look never replaces the committed tables)")
     p.add_argument("--data-dir", default=None,
                    help=f"folder holding {CONCEPTS_FILE} (CommonGen-Hard concept sets for the blockage BSM suite) "
                         f"and/or {MATH_FILE} (MATH problems for the applications suite); default: $CHOREO_DATA "
@@ -57,7 +66,7 @@ def run(args) -> int:
         check_data_dir(args.data_dir, source="--data-dir")
     elif os.environ.get("CHOREO_DATA"):  # the suites read it (conftest.py): a mistyped one must not fall back quietly
         check_data_dir(os.environ["CHOREO_DATA"], source="$CHOREO_DATA")
-    results = output_dir(args.results_dir, option="--results-dir")
+    results = output_dir(args.results_dir or default_results_dir(args.profile), option="--results-dir")
     argv = [str(SUITES_DIR / name) for name in chosen]
     # -ra: a line per test that did not pass (-rA would print every passing test's output a second time);
     # tee-sys: progress bars and logs show as they happen, and a failing test's report still holds its output.

@@ -81,11 +81,17 @@ def _help(capsys, command: str) -> str:
 
 
 def test_bench_and_repro_default_to_the_same_results_folder(capsys):
+    """The checkout's results/, except at the smoke profile: a quick look must not replace the committed tables."""
     assert (RESULTS_DIR.parent / "pyproject.toml").is_file()  # the checkout's results/
-    from choreo.cli import build_parser
+    from choreo.repro import SMOKE_RESULTS_DIR, default_results_dir
 
-    assert build_parser().parse_args(["repro"]).results_dir == str(RESULTS_DIR)
-    assert str(RESULTS_DIR) in _help(capsys, "bench") and str(RESULTS_DIR) in _help(capsys, "repro")
+    assert default_results_dir("small") == default_results_dir("paper") == default_results_dir(None) == RESULTS_DIR
+    assert default_results_dir("smoke") == SMOKE_RESULTS_DIR != RESULTS_DIR
+    for command in ("bench", "repro"):
+        text = _help(capsys, command)
+        assert str(RESULTS_DIR) in text and f"smoke {SMOKE_RESULTS_DIR}" in text
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(SMOKE_RESULTS_DIR / "x.md")], cwd=RESULTS_DIR.parent)
+    assert ignored.returncode == 0  # git-ignored
 
 
 @pytest.mark.parametrize("data_dir, message", [("no/such/folder", "is not a directory"),

@@ -243,7 +243,7 @@ def test_the_suites_table_does_not_replace_choreo_benchs(tiny_gqa, monkeypatch, 
                                                                      for p in bench_table.values()}
     stored = json.loads((out / "speedups_suite.json").read_text())
     assert list(stored["data"]["figures"]) == [shape.label] and stored["data"]["scaling"] == {}
-    assert stored["provenance"]["command"].startswith("pytest suites/performance --profile tiny")
+    assert stored["provenance"]["command"].startswith(("pytest", "python -m pytest"))  # the command as run
     assert shape.label in (out / "speedups_suite.md").read_text()
 
 

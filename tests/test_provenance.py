@@ -133,7 +133,9 @@ def test_read_jsonl_splits_lines_at_newlines_only(tmp_path):
 
 @pytest.mark.parametrize("argv0, want", [("/venv/bin/choreo", ["choreo"]),
                                          ("/src/choreo/__main__.py", ["python", "-m", "choreo"]),
-                                         ("/usr/bin/pytest", ["/usr/bin/pytest"])])
+                                         ("/venv/bin/pytest", ["pytest"]),
+                                         ("/venv/lib/site-packages/pytest/__main__.py", ["python", "-m", "pytest"]),
+                                         ("/usr/bin/other", ["/usr/bin/other"])])
 def test_the_command_names_the_entry_point_as_typed(monkeypatch, argv0, want):
     from choreo.provenance import command_argv
 

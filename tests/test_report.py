@@ -31,3 +31,18 @@ def test_plot_rates_writes_the_figure_in_the_format_its_name_says(tmp_path, suff
         "Direct": {"direct": (0.2, 0.1, 0.3)}, "ToT": {"Baseline": (0.4, 0.3, 0.5), "Before": (0.3, 0.2, 0.4)}})
     assert path.exists() and path.stat().st_size > 1000 and path.read_bytes().startswith(magic)
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
+
+
+@pytest.mark.parametrize("data, prov, smoke", [
+    ({"profile": "smoke"}, {}, True), ({}, {"profile": "smoke"}, True),
+    ({}, {"sample_sizes": {"profile": "smoke"}}, True), ({"profile": "small"}, {}, False),
+    ({}, {"sample_sizes": None}, False)])
+def test_a_smoke_table_says_so_in_its_title(tmp_path, data, prov, smoke):
+    """Smoke runs check the mechanics on a few instances: their tables must not read as findings."""
+    import json
+
+    from choreo.report import SMOKE_TITLE, write_table
+
+    md = write_table(tmp_path, "t", title="Table 1", columns=["a"], rows=[[1]], data=data, provenance=prov)
+    assert (SMOKE_TITLE in md.read_text().splitlines()[0]) is smoke
+    assert json.loads((tmp_path / "t.json").read_text())["title"] == "Table 1" + (SMOKE_TITLE if smoke else "")

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..model import Model
-from ..repro import RESULTS_DIR
+from ..repro import RESULTS_DIR, SMOKE_RESULTS_DIR, default_results_dir
 from .arms import available_arms, fast_arm
 from .config import BENCH_PROFILES, memory_arms
 from .measure import measure_shape, pass_costs
@@ -139,7 +139,8 @@ def register(sub) -> None:
     p.add_argument("--model", default=None, help="local checkpoint directory (default: embedded SmolLM2-135M)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--results-dir", default=None,
-                   help=f"tables and plots go to RESULTS_DIR/performance/ (default: the checkout's {RESULTS_DIR})")
+                   help=f"tables and plots go to RESULTS_DIR/performance/ (default: the checkout's {RESULTS_DIR}; at "
+                        f"--profile smoke {SMOKE_RESULTS_DIR})")
     p.add_argument("--random-weights", action="store_true",
                    help="the model's architecture and tokenizer with seeded random weights (timings only; for "
                         "machines without the weights: teacher-forced work does not depend on them)")
@@ -190,7 +191,7 @@ def _bench_command(args) -> int:
     from ..model import load_model, random_model
 
     device = _check_options(args)  # every check before the model loads
-    results = Path(args.results_dir) if args.results_dir else RESULTS_DIR
+    results = Path(args.results_dir) if args.results_dir else default_results_dir(_profile(args))
     if args.memory_only:
         _check_stored_profile(results)
     out, command = output_dir(results / "performance", option="--results-dir"), _command(args)

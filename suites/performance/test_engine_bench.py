@@ -75,15 +75,14 @@ def engine_rows(request, model, profile, results_dir, engine_raw):
     yield rows
     if table_complete(request, rows, ROWS, table="engine"):
         from choreo.provenance import provenance
-        from choreo.report import write_table
+        from choreo.report import command_line, write_table
 
         write_table(results_dir / "performance", "engine", title="Engine benchmarks (embedded model)",
                     columns=["benchmark", "measured", "goal", "met", "details"], rows=list(rows.values()),
                     data={"rows": rows, "raw": engine_raw, "profile": profile},
                     provenance=provenance(model, seeds=None, sample_sizes={"rounds": pick(ROUNDS, profile),
                                                                            "warmup": pick(WARMUP, profile)},
-                                          command=f"pytest suites/performance/test_engine_bench.py --profile {profile} "
-                                                  f"--results-dir {results_dir}",
+                                          command=command_line(),  # as run: pytest, or choreo repro
                                           load_average=os.getloadavg()),
                     notes=[f"Shared 2-core machine: 1-min load average {os.getloadavg()[0]:.1f} at the end; ratios are "
                            "measured side by side (setup/target of one pytest-benchmark round).",

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from choreo import perf
-from choreo.report import markdown_table
+from choreo.report import command_line, markdown_table
 
 from .conftest import table_complete, timed_rounds
 
@@ -55,7 +55,7 @@ def collected(request, model, profile, results_dir, cost):
     if table_complete(request, figures, [s.label for s in perf.BENCH_PROFILES[profile].shapes], table=TABLE):
         perf.write_results(results_dir / "performance", model=model, profile=profile, figures=figures,
                            memory=memory, scaling={}, cost=cost, name=TABLE,
-                           command=f"pytest suites/performance --profile {profile} --results-dir {results_dir}")
+                           command=command_line())  # as run: pytest, or choreo repro
 
 
 def _table(figures: dict) -> str:
