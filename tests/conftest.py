@@ -19,6 +19,18 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(os.environ.get("CHOREO_TOKENIZER") or embedded_checkpoint())
 
 
+@pytest.fixture
+def no_model(monkeypatch):
+    """Loading a model fails the test: the checks of a command (its arguments, its stored files) must come first."""
+    import choreo.model
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(choreo.model, "load_model", refuse)
+    monkeypatch.setattr(choreo.model, "random_model", refuse)
+
+
 TINY = {
     "llama-gqa": dict(model_type="llama", num_attention_heads=4, num_key_value_heads=2),
     "llama-mha": dict(model_type="llama", num_attention_heads=4, num_key_value_heads=4),

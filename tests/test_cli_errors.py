@@ -13,18 +13,6 @@ from choreo.cli import main
 from choreo.repro import RESULTS_DIR
 
 
-@pytest.fixture
-def no_model(monkeypatch):
-    """Loading a model fails the test: every check here must come first."""
-    import choreo.model
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the arguments were checked")
-
-    monkeypatch.setattr(choreo.model, "load_model", refuse)
-    monkeypatch.setattr(choreo.model, "random_model", refuse)
-
-
 def _error_line(capsys) -> str:
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err

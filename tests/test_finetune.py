@@ -925,29 +925,19 @@ def test_a_failed_adapter_load_leaves_the_model_untouched(tokenizer, tmp_path):
     unload_adapter(model)
 
 
-@pytest.fixture
-def no_model_load(monkeypatch):
-    import choreo.model
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the arguments were checked")
-
-    monkeypatch.setattr(choreo.model, "load_model", refuse)
-
-
 @pytest.mark.parametrize("argv, bad", [
     (["--n-train", "1"], "--n-train must be an integer >= 2 (training and dev pairs), got 1"),
     (["--n-train", "900"], "--n-train 900: n must be in 1..306 for the 'train' pool, got 720"),
     (["--n-eval", "100000"], "--n-eval 100000: n must be in 1..240 for the 'eval' pool, got 100000"),
 ])
-def test_recovery_sizes_are_checked_before_the_model_loads(no_model_load, capsys, tmp_path, argv, bad):
+def test_recovery_sizes_are_checked_before_the_model_loads(no_model, capsys, tmp_path, argv, bad):
     from choreo.cli import main
 
     assert main(["finetune", "recovery", *argv, "--out", str(tmp_path / "out")]) == 2
     assert bad in capsys.readouterr().err
 
 
-def test_train_into_a_folder_holding_a_run_needs_resume(no_model_load, capsys, tmp_path):
+def test_train_into_a_folder_holding_a_run_needs_resume(no_model, capsys, tmp_path):
     """A fresh run would replace the folder's best adapter at its first evaluation: refused before loading."""
     from choreo.cli import main
     from choreo.trace import save_traces

@@ -251,17 +251,6 @@ def test_the_suites_table_does_not_replace_choreo_benchs(tiny_gqa, monkeypatch, 
 PROFILES = str(sorted(perf.BENCH_PROFILES))
 
 
-@pytest.fixture
-def no_model(monkeypatch):
-    """Loading a model fails the test: the stored table is checked first."""
-    import choreo.model
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before speedups.json was checked")
-
-    monkeypatch.setattr(choreo.model, "load_model", refuse)
-
-
 @pytest.mark.parametrize("text, what", [
     ('{"data": {"profile": "sm', "is not JSON (Unterminated string"),
     (b"\xff\xfe{}", "is not JSON ("),
