@@ -24,6 +24,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Sequence
@@ -32,9 +33,9 @@ import numpy as np
 import torch
 
 from .baseline import Baseline
-from .engine import Call, Choreographer
+from .engine import Choreographer
 from .runner import Runner
-from .trace import TraceEvent
+from .trace import TraceEvent, replay_calls
 
 SYSTEM = ("Answer both questions. Reply with a numbered list: "
           "1. the answer to question 1, 2. the answer to question 2.")
@@ -137,13 +138,8 @@ async def replay_async(ex, events: Sequence[TraceEvent], *, teacher: bool, keep_
             messages[idx[0]] = await ex.prefill(e.text, role=e.role, parents=[messages[p] for p in e.parents],
                                                 offsets=e.offsets, new_offset=e.new_offset)
             continue
-        calls = [Call(role=events[i].role, parents=[messages[p] for p in events[i].parents],
-                      offsets=events[i].offsets, new_offset=events[i].new_offset, prefix=events[i].prefix,
-                      max_tokens=max(events[i].max_tokens, 1), temperature=events[i].temperature,
-                      top_p=events[i].top_p, seed=events[i].seed, stop=events[i].stop,
-                      teacher_tokens=list(events[i].tokens) if teacher or events[i].forced else None,
-                      keep_logits=keep_logits)
-                 for i in idx]
+        calls = [dataclasses.replace(c, keep_logits=keep_logits)
+                 for c in replay_calls(events, messages, teacher=teacher, group=group)]
         for i, msg in zip(idx, await ex.decode(calls)):
             messages[i] = msg
     last = max(i for i, e in enumerate(events) if e.kind == "decode")
