@@ -79,12 +79,10 @@ class Call:
         if self.keep_logits and self.teacher_tokens is None:
             raise ValueError("keep_logits=True keeps the logits of a teacher-forced call; this call samples "
                              "(teacher_tokens=None): use teacher_tokens, or read the sampled message's logprobs")
-        if self.stop is None or isinstance(self.stop, str):
-            object.__setattr__(self, "stop", () if self.stop is None else (self.stop,))
-        object.__setattr__(self, "stop", as_tuple(self.stop))  # a generator is read once, here
-        if isinstance(self.stop, (bytes, dict)) or not all(isinstance(s, str) and s for s in self.stop):
+        stop = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else as_tuple(self.stop)
+        if not isinstance(stop, tuple) or not all(isinstance(s, str) and s for s in stop):  # a generator: read once
             raise ValueError(f"stop must be a non-empty string or a sequence of them, got {self.stop!r}")
-        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop", stop)
         if self.teacher_tokens is not None:
             object.__setattr__(self, "teacher_tokens", token_ids(self.teacher_tokens, "teacher_tokens"))
 
