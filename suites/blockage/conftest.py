@@ -34,6 +34,26 @@ def with_split(summary: dict, *, dev_fraction: float, seed: int) -> dict:
             "split": {"dev_fraction": dev_fraction, "seed": seed, "train": n_train, "dev": n_dev}}
 
 
+def resumed_summary(path: Path, *, seed: int) -> dict:
+    """The training summary at ``path`` with its split (``with_split`` at ``DEV_FRACTION``), written back when a
+    summary from before the split was recorded gains it."""
+    from choreo.results import write_json
+
+    summary = json.loads(path.read_text())
+    fixed = with_split(summary, dev_fraction=DEV_FRACTION, seed=seed)
+    if fixed != summary:
+        write_json(path, fixed)
+    return fixed
+
+
+def split_text(summary: dict) -> str:
+    """The train/dev split a training summary records, for a table's notes."""
+    split = summary.get("split") or {}
+    if not split.get("dev_fraction"):
+        return "dev share not recorded"
+    return f"dev share {split['dev_fraction']}, split seed {split['seed']}"
+
+
 LOGS_READ: set[Path] = set()  # every run log resumable() read or wrote in this pytest run (for provenance)
 
 
@@ -93,11 +113,8 @@ def _finetuned_arm(model, *, plan, config, sizes, data_dir, use_file, sets, seed
     done = logged_results(log)
     if all(i in done for i in range(len(sets))):  # the arm finished in an earlier session
         summary_path = Path(folder) / f"finetune-{ft_key}.json"
-        summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"resumed": str(log)}
-        fixed = with_split(summary, dev_fraction=DEV_FRACTION, seed=BSM_SEED)
-        if summary_path.exists() and fixed != summary:  # written before it recorded the split: the counts confirm it
-            write_json(summary_path, fixed)
-        return [done[i] for i in range(len(sets))], fixed, ft_key
+        summary = resumed_summary(summary_path, seed=BSM_SEED) if summary_path.exists() else {"resumed": str(log)}
+        return [done[i] for i in range(len(sets))], summary, ft_key
     if use_file:
         train_sets = load_concept_sets(data_dir, n=plan["train"], skip=0)
         train_sets = [c[:sizes["size"]] for c in train_sets] if sizes["size"] else train_sets
@@ -186,11 +203,9 @@ def _ft_summary(summary):
     criterion = config.get("dev_metric") or config.get("loss", "ce")
     curve = ", ".join(f"{loss_text(h['dev_loss'])} (step {h['step']})" for h in summary.get("history", [])
                       if "dev_loss" in h)
-    split = summary.get("split", {})
-    share = f"dev share {split['dev_fraction']}, split seed {split['seed']}" if split.get("dev_fraction") else \
-        "dev share not recorded"
     chosen = f"step {summary['best_step']}" + (" (the untrained adapter: this arm then equals the choreographed one)"
                                                if summary["best_step"] == 0 else "")
     return (f"loss {config.get('loss', 'ce')!r}, lr {config.get('lr')}, {summary['train_traces']} train / "
-            f"{summary['dev_traces']} dev traces ({share}), {summary['steps']} steps; dev {criterion}: {curve}; "
+            f"{summary['dev_traces']} dev traces ({split_text(summary)}), {summary['steps']} steps; "
+            f"dev {criterion}: {curve}; "
             f"chosen: {chosen}")

@@ -17,7 +17,8 @@ from choreo.report import loss_text, plot_rates, write_table
 from choreo.results import write_text
 from choreo.workflows.multiqa import MultiQAConfig, collect_traces, run_condition
 
-from ..conftest import DEV_FRACTION, LOGS_READ, fingerprint, logs_read, resumable, with_split
+from ..conftest import (DEV_FRACTION, LOGS_READ, fingerprint, logs_read, resumable, resumed_summary, split_text,
+                        with_split)
 
 HERE = Path(__file__).resolve().parent
 SIZES = {"smoke": 4, "small": 100, "paper": 500}  # question pairs
@@ -54,11 +55,7 @@ def _finetuned(model, profile, questions, pairs, config, key, folder):
     done = logged_results(folder / f"{name}.jsonl")
     summary_path = folder / f"{name}.train.json"
     if all(i in done for i in range(len(pairs))) and summary_path.exists():
-        summary = json.loads(summary_path.read_text())
-        fixed = with_split(summary, dev_fraction=DEV_FRACTION, seed=SEED)
-        if fixed != summary:  # a summary written before it recorded the split: the counts confirm the share used
-            write_json(summary_path, fixed)
-        return [done[i] for i in range(len(pairs))], fixed
+        return [done[i] for i in range(len(pairs))], resumed_summary(summary_path, seed=SEED)
     evaluated = {frozenset((a.id, b.id)) for a, b in pairs}
     train_pairs = [p for p in make_pairs(questions, 3 * plan["train"], seed=TRAIN_SEED)
                    if frozenset((p[0].id, p[1].id)) not in evaluated][:plan["train"]]
@@ -76,13 +73,6 @@ def _finetuned(model, profile, questions, pairs, config, key, folder):
     summary = with_split(summary, dev_fraction=ft_config.dev_fraction, seed=SEED)
     write_json(summary_path, summary)
     return results, summary
-
-
-def split_text(summary: dict) -> str:
-    split = summary.get("split") or {}
-    if not split.get("dev_fraction"):
-        return "dev share not recorded"
-    return f"dev share {split['dev_fraction']}, split seed {split['seed']}"
 
 
 def _rates(results, key):
