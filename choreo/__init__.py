@@ -8,4 +8,5 @@ from .runner import Runner, Session
 from .model import Model, load_model
 
 __version__ = "0.1.0"
-__all__ = ["Baseline", "Call", "CapacityError", "Choreographer", "Message", "Model", "Runner", "Session", "linearize", "load_model", "__version__"]
+__all__ = ["Baseline", "Call", "CapacityError", "Choreographer", "Message", "Model", "Runner", "Session", "linearize",
+           "load_model", "__version__"]

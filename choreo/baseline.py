@@ -43,7 +43,8 @@ class Baseline(Choreographer):
     adapter = False  # ordinary prompting of the base model: a LoRA adapter on the model never applies
     encodes_prefills = False  # a prefill is text only: nothing is encoded until a decode needs it
 
-    def __init__(self, model: Model, *, attention: str | None = None, capacity: int = 65536, prefix_reuse: bool = False):
+    def __init__(self, model: Model, *, attention: str | None = None, capacity: int = 65536,
+                 prefix_reuse: bool = False):
         super().__init__(model, attention=attention, capacity=capacity)
         self.prefix_reuse = prefix_reuse
         self._chains: dict[int, _Chain] = {}  # output message id -> the chain that encoded it

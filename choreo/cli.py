@@ -80,7 +80,8 @@ def _demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="choreo", description="Prompt Choreography: LLM workflows over one global KV cache.")
+    parser = argparse.ArgumentParser(prog="choreo",
+                                     description="Prompt Choreography: LLM workflows over one global KV cache.")
     parser.add_argument("--version", action="version", version=f"choreo {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = sub.add_parser("demo", help="a three-agent conversation under both executors, with timings")

@@ -358,7 +358,8 @@ class Choreographer:
         return self.engine.attention
 
     # ------------------------------------------------------------------ public verbs
-    def prefill(self, text: str, *, role: str, parents: Sequence[ParentRef] = (), offsets=None, new_offset=None) -> Message:
+    def prefill(self, text: str, *, role: str, parents: Sequence[ParentRef] = (), offsets=None,
+                new_offset=None) -> Message:
         """Encode one message in one forward pass; it attends to ``parents`` and causally to itself.
 
         ``role="raw"`` encodes the text's tokens with no chat header or footer: several raw segments can
@@ -469,8 +470,8 @@ class Choreographer:
 
         segments, start, parent_ids, row = self._reserved_with_prefix(reserve, undo)
         msg = Message(
-            id=next(self._ids), role=role, parents=parent_ids, start=start, ids=ids, content=content, text=text, row=row,
-            floor=self.floor,
+            id=next(self._ids), role=role, parents=parent_ids, start=start, ids=ids, content=content, text=text,
+            row=row, floor=self.floor,
         )
         self._messages[msg.id] = msg
         if not encode:  # text only: nothing to run

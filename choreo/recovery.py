@@ -363,7 +363,8 @@ def recovery_markdown(report: dict) -> str:
               f"- git commit at start: {prov.get('git_commit_at_start')}; at the end: {prov['git_commit']}; "
               f"finished {prov['date']}",
               f"- OMP_NUM_THREADS={prov.get('omp_num_threads')}, niceness {prov.get('niceness')}",
-              f"- time per optimizer step (chosen run): {s['seconds_per_step']:.1f} s; peak RSS {s['peak_rss_mb']:.0f} MiB; "
+              f"- time per optimizer step (chosen run): {s['seconds_per_step']:.1f} s; "
+              f"peak RSS {s['peak_rss_mb']:.0f} MiB; "
               f"wall {s['wall_s'] / 60:.1f} min",
               f"- command: `{prov['command']}`", ""]
     return "\n".join(lines)

@@ -39,7 +39,8 @@ def setup(request, tiny_gqa):
 BAD = {
     "unknown parent id": (lambda ex, s, g: ex.decode(role="assistant", parents=[12345]), KeyError, "12345"),
     "freed parent": (lambda ex, s, g: ex.decode(role="assistant", parents=[g]), KeyError, "freed"),
-    "offsets length": (lambda ex, s, g: ex.decode(role="assistant", parents=[s], offsets=[0, 1]), ValueError, "2 entries"),
+    "offsets length": (lambda ex, s, g: ex.decode(role="assistant", parents=[s], offsets=[0, 1]),
+                       ValueError, "2 entries"),
     "negative offset": (lambda ex, s, g: ex.decode(role="assistant", parents=[s], offsets=[-4]), ValueError, "-4"),
     "negative new_offset": (lambda ex, s, g: ex.prefill("x", role="user", new_offset=-1), ValueError, "-1"),
     "empty text": (lambda ex, s, g: ex.prefill("", role="user", parents=[s]), ValueError, "non-empty"),

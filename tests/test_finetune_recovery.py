@@ -27,8 +27,8 @@ def test_finetuning_recovers_baseline_distributions(model, results_dir):
     # Measured (results/finetune/recovery.md, dev pairs on questions no training pair holds): dev picked KL at
     # lr 1e-3; held-out KL 0.194 -> 0.064 nats/token (gain 0.130 [0.091, 0.169], paired t p = 1e-7), NLL 0.677 ->
     # 0.517 (p = 8e-4), top-1 0.869 -> 0.902 (p = 0.014), greedy agreement 3/32 -> 8/32 (McNemar p = 0.125).
-    # Paired over held-out pairs, two-sided, Holm-adjusted across the four metrics. The earlier CE-only run moved KL by an amount 24 pairs could not
-    # resolve; the distillation loss is what closes the distribution gap.
+    # Paired over held-out pairs, two-sided, Holm-adjusted across the four metrics. The earlier CE-only run moved KL
+    # by an amount 24 pairs could not resolve; the distillation loss is what closes the distribution gap.
     for name in ("kl", "nll"):
         assert s[f"{name}_gain"] > 0 and s[f"{name}_holm_pvalue"] < ALPHA, (name, table)
     assert s["kl_after"] < 0.5 * s["kl_before"], table  # the gap to the baseline more than halves

@@ -17,7 +17,8 @@ def programs(draw):
     steps = []
     for i in range(n_prefill):
         parents = draw(st.lists(st.integers(0, i - 1), unique=True, max_size=3)) if i else []
-        offsets = [draw(st.one_of(st.none(), st.integers(0, 60))) for _ in parents] if parents and draw(st.booleans()) else None
+        offsets = ([draw(st.one_of(st.none(), st.integers(0, 60))) for _ in parents]
+                   if parents and draw(st.booleans()) else None)
         new_offset = draw(st.one_of(st.none(), st.integers(0, 80)))
         text = " ".join(draw(st.lists(st.sampled_from(WORDS), min_size=1, max_size=6)))
         role = draw(st.sampled_from(["system", "user", "assistant:ann"]))
@@ -25,7 +26,8 @@ def programs(draw):
     calls = []
     for _ in range(draw(st.integers(1, 3))):
         parents = draw(st.lists(st.integers(0, n_prefill - 1), unique=True, max_size=4))
-        offsets = [draw(st.one_of(st.none(), st.integers(0, 60))) for _ in parents] if parents and draw(st.booleans()) else None
+        offsets = ([draw(st.one_of(st.none(), st.integers(0, 60))) for _ in parents]
+                   if parents and draw(st.booleans()) else None)
         teacher = draw(st.lists(st.integers(3, 400), min_size=1, max_size=5))
         calls.append((parents, offsets, teacher))
     return steps, calls
@@ -36,8 +38,10 @@ def run(model, attention, program):
     ch = choreo.Choreographer(model, attention=attention)
     msgs = []
     for text, role, parents, offsets, new_offset in steps:
-        msgs.append(ch.prefill(text, role=role, parents=[msgs[p] for p in parents], offsets=offsets, new_offset=new_offset))
-    out = ch.decode([choreo.Call(parents=[msgs[p] for p in parents], offsets=offsets, teacher_tokens=teacher, keep_logits=True)
+        msgs.append(ch.prefill(text, role=role, parents=[msgs[p] for p in parents], offsets=offsets,
+                               new_offset=new_offset))
+    out = ch.decode([choreo.Call(parents=[msgs[p] for p in parents], offsets=offsets, teacher_tokens=teacher,
+                                 keep_logits=True)
                      for parents, offsets, teacher in calls])
     greedy = ch.decode([choreo.Call(parents=[msgs[p] for p in parents], offsets=offsets, max_tokens=4)
                         for parents, offsets, _ in calls])

@@ -46,7 +46,9 @@ def test_cli_version_and_help():
 
 
 def test_cli_reports_bad_values_by_name():
-    out = subprocess.run([sys.executable, "-m", "choreo.cli", "repro", "--only", "nosuchsuite"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "choreo.cli", "repro", "--only", "nosuchsuite"],
+                         capture_output=True, text=True)
     assert out.returncode != 0 and "nosuchsuite" in out.stderr
-    out = subprocess.run([sys.executable, "-m", "choreo.cli", "demo", "--model", "/no/such/model"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "choreo.cli", "demo", "--model", "/no/such/model"],
+                         capture_output=True, text=True)
     assert out.returncode == 2 and "/no/such/model" in out.stderr

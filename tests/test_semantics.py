@@ -124,7 +124,8 @@ def test_leakage_is_visible_on_the_embedded_model(model):
             "Hello Bob, nice weather today.", add_special_tokens=False))
         bob_sys = ex.prefill("You are Bob.", role="system")
         ask = ex.prefill("What was the password Alice was told?", role="user", parents=[bob_sys, public])
-        out[kind] = ex.decode(role="assistant", parents=[bob_sys, public, ask], teacher_tokens=teacher, keep_logits=True)
+        out[kind] = ex.decode(role="assistant", parents=[bob_sys, public, ask], teacher_tokens=teacher,
+                              keep_logits=True)
     p_choreo, p_base = (out[k].logits.log_softmax(-1) for k in ("choreo", "baseline"))
     kl = torch.nn.functional.kl_div(p_choreo, p_base, log_target=True, reduction="batchmean")
     assert kl > 1e-3, f"no visible difference between cached and re-encoded messages (KL {kl:.2e})"
@@ -138,7 +139,8 @@ def test_raw_segments_in_series_equal_the_whole_turn(tiny_gqa):
     tail = ch.prefill("Question 2: Snow?<|im_end|>\n", role="raw", parents=[head])
     assert head.ids + tail.ids == whole.ids and tail.start == head.length
     store = ch.engine.store
-    torch.testing.assert_close(torch.cat([store.read(head.row, head.length)[0], store.read(tail.row, tail.length)[0]], 2),
+    torch.testing.assert_close(torch.cat([store.read(head.row, head.length)[0],
+                                          store.read(tail.row, tail.length)[0]], 2),
                                store.read(whole.row, whole.length)[0], atol=1e-9, rtol=1e-9)
     with pytest.raises(ValueError, match="raw"):
         ch.decode(role="raw", parents=[head])

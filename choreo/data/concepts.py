@@ -51,8 +51,10 @@ def load_concept_sets(data_dir: str | Path | None = None, *, n: int, skip: int =
     sets = []
     for number, record in read_jsonl(path):
         concepts = record.get("concepts") if isinstance(record, dict) else None
-        if not isinstance(concepts, list) or not concepts or not all(isinstance(c, str) and c.strip() for c in concepts):
-            raise ValueError(f"{path}:{number}: expected {{\"concepts\": [non-empty strings]}}, got {str(record)[:80]!r}")
+        if not isinstance(concepts, list) or not concepts \
+                or not all(isinstance(c, str) and c.strip() for c in concepts):
+            raise ValueError(f"{path}:{number}: expected {{\"concepts\": [non-empty strings]}}, "
+                             f"got {str(record)[:80]!r}")
         sets.append([c.strip().lower() for c in concepts])
     if len(sets) < skip + n:
         raise ValueError(f"{path} has {len(sets)} concept sets; {skip + n} needed (skip {skip} + n {n})")

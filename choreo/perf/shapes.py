@@ -77,7 +77,8 @@ class Recorder:
         self._prefilled += msg.length
         return msg
 
-    async def decode(self, tags: Sequence[str], parents: Sequence[Sequence[Message]], role="assistant") -> list[Message]:
+    async def decode(self, tags: Sequence[str], parents: Sequence[Sequence[Message]],
+                     role="assistant") -> list[Message]:
         roles = [role] * len(tags) if isinstance(role, str) else list(role)
         calls = [Call(role=r, parents=tuple(p), teacher_tokens=self.synth.tokens(t), max_tokens=1)
                  for t, p, r in zip(tags, parents, roles)]

@@ -55,7 +55,8 @@ class MultiQAConfig:
 SEGMENT_ROLE = RAW  # raw segments: parts of the one user turn, each its own message
 
 
-def turn_segments(executor: Choreographer, questions: Sequence[Question], config: MultiQAConfig) -> list[tuple[list[int], str]]:
+def turn_segments(executor: Choreographer, questions: Sequence[Question],
+                  config: MultiQAConfig) -> list[tuple[list[int], str]]:
     """(ids, raw text) of the user turn's segments: header + instruction, then one per question (the last one
     with the turn's footer). ``ids`` is the tokenization of the raw text."""
     fmt = executor.format
@@ -144,7 +145,8 @@ def collect_traces(model, pairs, *, config: MultiQAConfig = MultiQAConfig(), bat
     return out
 
 
-def run_condition(model, pairs: Sequence[Sequence[Question]], *, condition: str, config: MultiQAConfig = MultiQAConfig(),
+def run_condition(model, pairs: Sequence[Sequence[Question]], *, condition: str,
+                  config: MultiQAConfig = MultiQAConfig(),
                   batch: int = 64, progress: bool | str = True, on_result=None) -> list[dict]:
     """Run every pair under one of ``CONDITIONS`` through ``choreo.Runner`` (concurrent, batched).
 
@@ -156,4 +158,5 @@ def run_condition(model, pairs: Sequence[Sequence[Question]], *, condition: str,
         raise ValueError(f"unknown MultiQA condition {condition!r}; choose one of {sorted(CONDITIONS)}")
     kind, layout = CONDITIONS[condition]
     runner = Runner(make_executor(model, kind), max_concurrent=batch, progress=progress)
-    return runner.run([lambda ex, p=p: multiqa(ex, p, layout=layout, config=config) for p in pairs], on_result=on_result)
+    return runner.run([lambda ex, p=p: multiqa(ex, p, layout=layout, config=config) for p in pairs],
+                      on_result=on_result)

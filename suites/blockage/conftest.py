@@ -159,9 +159,9 @@ def bsm_study(model, profile, data_dir, results_dir, tmp_path_factory):
     t0 = time.perf_counter()
     runs = {}
     for row, cond in BSM_ARMS.items():
-        runs[row] = resumable(folder, f"{cond}-{key}", list(range(len(sets))), lambda todo, cb, cond=cond: run_condition(
-            model, [sets[i] for i in todo], condition=cond, config=config, seeds=[seeds[i] for i in todo],
-            progress=f"bsm {cond}", on_result=cb))
+        runs[row] = resumable(folder, f"{cond}-{key}", list(range(len(sets))), lambda todo, cb, cond=cond: (
+            run_condition(model, [sets[i] for i in todo], condition=cond, config=config,
+                          seeds=[seeds[i] for i in todo], progress=f"bsm {cond}", on_result=cb)))
     plan, finetune, ft_key = pick(BSM_FINETUNE, profile), None, None
     if plan is not None:
         runs[FINETUNE_ROW], finetune, ft_key = _finetuned_arm(

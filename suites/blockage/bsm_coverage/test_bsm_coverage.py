@@ -129,7 +129,8 @@ def table(bsm_study, model, results_dir):
         parsed = sum(r["parsed"] for r in runs[row])
         rows.append([row, *(_cell(series(runs, row, "word", part)) for part in ("all", 0, 1)),
                      _cell(series(runs, row, "substring", "all")) + f" ({parsed}/{n} parsed)", ref])
-    notes = [f"n = {n} concept sets ({st['source']}), profile {st['profile']}; sampling T = {st['config'].temperature}, "
+    notes = [f"n = {n} concept sets ({st['source']}), profile {st['profile']}; "
+             f"sampling T = {st['config'].temperature}, "
              f"seeds {st['seeds'][0]}..{st['seeds'][-1]} paired across conditions; token caps (branch, solve, merge) = "
              f"{st['sizes']['tokens']}.",
              "Branch step: " + ("the model writes only the topic, and the two groups are the concept set's first and "
@@ -142,7 +143,8 @@ def table(bsm_study, model, results_dir):
              "original plain substring match. A branch answer that does not parse scores 0 (parse counts in brackets).",
              "Merged stories that differ from the baseline's (same instance and seeds): " + ", ".join(
                  f"{row} {differing(runs[row], runs['Baseline'])}/{n}" for row in measured if row != "Baseline") + ".",
-             *[f"{name}: difference {t.mean_difference:+.3f} [{t.low:+.3f}, {t.high:+.3f}], paired t p = {t.t_pvalue:.2g}, "
+             *[f"{name}: difference {t.mean_difference:+.3f} [{t.low:+.3f}, {t.high:+.3f}], "
+               f"paired t p = {t.t_pvalue:.2g}, "
                f"Holm p = {holm[name]:.2g}" for name, t in tests.items()],
              *[f"{name} (reference, outside the Holm family): difference {t.mean_difference:+.3f} "
                f"[{t.low:+.3f}, {t.high:+.3f}], paired t p = {t.t_pvalue:.2g}" for name, t in reference.items()],

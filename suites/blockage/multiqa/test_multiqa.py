@@ -127,22 +127,28 @@ def table(model, profile, results_dir):
     rows = [[row] + [rates[row][k].format_both() for k in ("Q1", "Q2", "Both")]
             + [" / ".join(f"{paper[row][k]:.1f}" for k in ("Q1", "Q2", "Both"))] for row in ROWS]
     ft_note = (f"choreographed+finetuned: LoRA (preset {pick(FINETUNE, profile)['preset']!r}, rank "
-               f"{ft_summary['config']['lora_rank']}, loss {ft_summary['config'].get('loss', 'ce')!r}, lr {ft_summary['config']['lr']}, "
+               f"{ft_summary['config']['lora_rank']}, loss {ft_summary['config'].get('loss', 'ce')!r}, "
+               f"lr {ft_summary['config']['lr']}, "
                f"{ft_summary['steps']} optimizer steps "
-               f"of {ft_summary['config']['grad_accum']} instances) on baseline traces of {ft_summary['train_pairs']} separate "
+               f"of {ft_summary['config']['grad_accum']} instances) on baseline traces of "
+               f"{ft_summary['train_pairs']} separate "
                f"question pairs (no evaluation pair among them; {ft_summary['shared_questions']} individual questions "
-               f"also occur in evaluation pairs), replayed as the parallel layout; {ft_summary['train_traces']} train / "
+               f"also occur in evaluation pairs), replayed as the parallel layout; "
+               f"{ft_summary['train_traces']} train / "
                f"{ft_summary['dev_traces']} dev traces ({split_text(ft_summary)}), checkpoint chosen on dev "
                f"(best step {ft_summary['best_step']} of "
-               f"{ft_summary['steps']}, dev {ft_summary['config'].get('dev_metric') or ft_summary['config'].get('loss', 'ce')} "
+               f"{ft_summary['steps']}, dev "
+               f"{ft_summary['config'].get('dev_metric') or ft_summary['config'].get('loss', 'ce')} "
                f"{loss_text(ft_summary['history'][0]['dev_loss'])} -> "
                f"{loss_text(ft_summary['best_dev_loss'])}); traces, training and the evaluation with the adapter took "
                f"{ft_summary['train_seconds']:.0f} s.")
     notes = [f"n = {n} question pairs per condition (profile {profile}), greedy; the same pairs in every condition; "
              "'±' is the normal 95% half-width as in the paper, then the Wilson 95% interval in brackets (also in "
              "the JSON).",
-             f"Serial segments under the choreographed executor reproduce the baseline response in {identical}/{n} pairs.",
-             *[f"{name}: difference {t.difference:+.3f}, exact McNemar p = {t.pvalue:.2g}, Holm-adjusted p = {holm[name]:.2g}"
+             f"Serial segments under the choreographed executor reproduce the baseline response in "
+             f"{identical}/{n} pairs.",
+             *[f"{name}: difference {t.difference:+.3f}, exact McNemar p = {t.pvalue:.2g}, "
+               f"Holm-adjusted p = {holm[name]:.2g}"
                for name, t in tests.items()],
              f"finetuned both vs baseline both: difference {vs_base.difference:+.3f}, exact McNemar p = "
              f"{vs_base.pvalue:.2g}; TOST within ±{100 * EQUIVALENCE_MARGIN:.0f} points: "

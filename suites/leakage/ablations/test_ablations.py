@@ -41,7 +41,8 @@ def build(games, model, profile, results_dir) -> dict:
                         "mcnemar": stats.mcnemar_exact(x, base).pvalue,
                         "mcnemar_parsed": parsed_mcnemar(cx, cb),
                         "tost_rate": stats.tost_paired_proportions(x, base, margin=RATE_MARGIN, alpha=ALPHA).pvalue,
-                        "p_coop": sum(px) / len(px), "shift": shift.mean_difference, "shift_ci": [shift.low, shift.high],
+                        "p_coop": sum(px) / len(px), "shift": shift.mean_difference,
+                        "shift_ci": [shift.low, shift.high],
                         "shift_p": shift.t_pvalue,
                         "tost_p_coop": stats.tost_paired_means(px, pb, margin=P_MARGIN, alpha=ALPHA).pvalue}
             pvals.append(res[arm]["shift_p"])
