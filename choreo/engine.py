@@ -379,6 +379,7 @@ class Choreographer:
     def _run(self, jobs: list[Job]) -> list[Message]:
         """Run jobs to the end; if anything raises, roll all of them back (no message listed, no row kept)."""
         try:
+            self._check_encoded_parents(jobs)
             self.engine.run(jobs)
             return self.finish(jobs)
         except BaseException:
@@ -386,6 +387,19 @@ class Choreographer:
             raise
         finally:
             self.release_unread()
+
+    def _check_encoded_parents(self, jobs: list[Job]) -> None:
+        """Refuse a call run on its own whose parent is a started job that this run does not include: a prefill
+        that a ``Runner`` defers to its next step (``Session.prefill``), whose rows are not yet written."""
+        mine = {id(j) for j in jobs}
+        waiting = {j.msg.id for j in self._live if not j.done and id(j) not in mine}
+        for job in jobs:
+            unencoded = [p for p in job.msg.parents if p in waiting]
+            if unencoded:
+                raise ValueError(f"message {unencoded[0]} is not encoded yet: a prefill waiting for the runner's "
+                                 f"next step (Runner(fuse_prefills=True) defers a Session's prefills to the pass of "
+                                 f"the first call that reads them); inside a workflow, call the Session's verbs "
+                                 f"(await ex.decode(...)), not the executor's")
 
     def abort(self, jobs: Iterable[Job]) -> None:
         """Undo started jobs whose messages were never handed out: unlist their messages, free their rows."""

@@ -108,8 +108,8 @@ class Session:
 
 @dataclasses.dataclass
 class RunStats:
-    """Counters of a ``Runner``, added up over its ``run`` calls: wall time, forward passes and tokens processed;
-    the largest cache use and batch seen."""
+    """Counters of a ``Runner``, added up over its ``run`` calls (a run that raised included): instances that
+    finished, wall time, forward passes and tokens processed; the largest cache use and batch seen."""
 
     instances: int = 0
     wall_s: float = 0.0
@@ -149,7 +149,9 @@ class Runner:
     ``run(workflows)`` takes callables ``f(session) -> coroutine`` (an ``async def`` called with the session)
     and returns their results in order; one that returns anything else is refused with TypeError, and the
     instances already started are closed with what they created. ``on_result(index, result)`` is called as each
-    instance finishes (to append results to a file).
+    instance finishes (to append results to a file). An exception in one instance ends the run: it propagates
+    (with a note naming the instance), every instance still running is closed with what it created, and only
+    ``on_result`` has seen the results of those that finished. ``traces`` holds the last run's traces.
     """
 
     def __init__(self, executor: Choreographer, *, max_concurrent: int = 64, progress: bool | str = True,
@@ -161,12 +163,14 @@ class Runner:
         # True: a prefill is encoded in the pass of the first call that reads it (fewer passes). False: each
         # prefill is a step of its own before the workflow continues (prompts encoded ahead of any call).
         self.fuse_prefills = fuse_prefills
-        self.traces: dict[int, list] = {}  # instance index -> trace events, when trace=True
+        self.traces: dict[int, list] = {}  # the last run's: instance index -> trace events, when trace=True
         self.stats = RunStats()
 
     def run(self, workflows: Iterable[Workflow], *, on_result: Callable[[int, Any], None] | None = None) -> list:
         todo = list(workflows)
         results: list = [None] * len(todo)
+        self.traces = {}
+        finished = 0
         engine = self.executor.engine
         passes0, tokens0 = engine.forward_passes, engine.tokens_processed
         t0 = time.perf_counter()
@@ -195,6 +199,7 @@ class Runner:
                     except StopIteration as stop:
                         session._close()
                         results[i] = stop.value
+                        finished += 1
                         if session.trace is not None:
                             self.traces[i] = session.trace.events
                         bar.update(1)
@@ -202,13 +207,18 @@ class Runner:
                             on_result(i, stop.value)
                         admit()
                         continue
-                    except BaseException:
+                    except BaseException as error:
                         session._close()
+                        error.add_note(f"raised by workflow instance {i} (of {len(todo)} in this run)"
+                                       + ("; the Runner drives workflows without asyncio: await only Session verbs"
+                                          if isinstance(error, RuntimeError) and "event loop" in str(error) else ""))
                         raise
                     if not isinstance(request, _Request):
                         coro.close()
                         session._close()
-                        raise TypeError(f"workflow {i} awaited {request!r}; only Session verbs can be awaited")
+                        raise TypeError(f"workflow {i} awaited {request!r}; only Session verbs can be awaited (the "
+                                        f"Runner drives workflows without asyncio; for calls in parallel, give "
+                                        f"ex.decode a list: await ex.decode([Call(...), Call(...)]))")
                     waiting[i] = (session, coro, request)
                 jobs = [j for j in deferred if not j.done]
                 jobs += [j for _, _, r in waiting.values() for j in r.jobs if not j.done]
@@ -237,8 +247,8 @@ class Runner:
                       for step in (coro.close, lambda jobs=request.jobs: self.executor.abort(jobs), session._close)]
             _each(steps)
             self.executor.release_unread()
-        self.stats.instances += len(todo)
-        self.stats.wall_s += time.perf_counter() - t0
-        self.stats.forward_passes += engine.forward_passes - passes0
-        self.stats.tokens_processed += engine.tokens_processed - tokens0
+            self.stats.instances += finished
+            self.stats.wall_s += time.perf_counter() - t0
+            self.stats.forward_passes += engine.forward_passes - passes0
+            self.stats.tokens_processed += engine.tokens_processed - tokens0
         return results

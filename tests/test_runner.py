@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import choreo
 from choreo.trace import load_traces, replay, save_traces
@@ -416,3 +417,67 @@ def test_a_free_replay_keeps_the_turns_that_were_forced_when_recorded(tiny_gqa):
     assert events[1].forced and events[1].max_tokens == 256  # the Call default, never used by a forced turn
     msgs = replay(choreo.Choreographer(tiny_gqa), events, teacher=False)
     assert msgs[1].tokens == [5013, 30] and msgs[2].start == last.start and msgs[2].tokens == last.tokens
+
+
+def test_an_executor_call_inside_a_workflow_never_reads_a_prompt_not_yet_encoded(tiny_gqa):
+    """With fused prefills a Session's prefill is encoded in the runner's next step: a call made on the executor
+    directly inside the workflow would read its rows before they are written. It is refused, naming the message;
+    without fusing, or through the Session, the call reads the encoded prompt."""
+    async def direct(ex):
+        p = await ex.prefill("You are a poet who writes about rain.", role="system")
+        out = ex.executor.decode(role="assistant", parents=[p], teacher_tokens=[5, 6, 7], keep_logits=True)
+        ex.free(out)
+        return out.logits
+
+    ch = choreo.Choreographer(tiny_gqa)
+    with pytest.raises(ValueError, match=r"message \d+ is not encoded yet: a prefill waiting for the runner's next "
+                                         r"step .* call the Session's verbs"):
+        choreo.Runner(ch, progress=False).run([direct])
+    assert ch.memory()["tokens_used"] == 0 and ch.memory()["messages"] == 0
+    unfused = choreo.Runner(ch, progress=False, fuse_prefills=False).run([direct])[0]
+    p = ch.prefill("You are a poet who writes about rain.", role="system")
+    eager = ch.decode(role="assistant", parents=[p], teacher_tokens=[5, 6, 7], keep_logits=True).logits
+    assert torch.equal(unfused, eager)
+
+
+def test_an_instances_error_names_it_and_the_counters_keep_the_work_done(tiny_gqa):
+    async def fails_late(ex, i):
+        out = await chat(ex, i)
+        if i == 3:
+            raise ValueError("parse failed")
+        return out
+
+    runner = choreo.Runner(choreo.Choreographer(tiny_gqa), max_concurrent=2, progress=False)
+    finished = []
+    with pytest.raises(ValueError, match="parse failed") as caught:
+        runner.run([lambda s, i=i: fails_late(s, i) for i in range(5)], on_result=lambda i, r: finished.append(i))
+    assert "raised by workflow instance 3 (of 5 in this run)" in caught.value.__notes__
+    assert 0 < len(finished) < 5 and 3 not in finished
+    assert runner.stats.instances == len(finished) and runner.stats.forward_passes > 0 and runner.stats.wall_s > 0
+
+
+def test_traces_are_the_last_runs(tiny_gqa):
+    runner = choreo.Runner(choreo.Baseline(tiny_gqa), progress=False, trace=True)
+    runner.run([lambda s, i=i: chat(s, i) for i in range(3)])
+    runner.run([lambda s: chat(s, 7)])
+    assert sorted(runner.traces) == [0]
+
+
+def test_awaiting_asyncio_inside_a_workflow_says_what_to_await(tiny_gqa):
+    import asyncio
+
+    async def gathered(ex):
+        sys = await ex.prefill("Be brief.", role="system")
+        return await asyncio.gather(ex.decode(role="assistant", parents=[sys], max_tokens=2),
+                                    ex.decode(role="assistant", parents=[sys], max_tokens=2))
+
+    async def sleeps(ex):
+        await asyncio.sleep(0.01)
+
+    ch = choreo.Choreographer(tiny_gqa)
+    with pytest.raises(TypeError, match=r"only Session verbs can be awaited .* give ex.decode a list"):
+        choreo.Runner(ch, progress=False).run([gathered])
+    with pytest.raises(RuntimeError) as caught:
+        choreo.Runner(ch, progress=False).run([sleeps])
+    assert any("without asyncio" in note for note in caught.value.__notes__)
+    assert ch.memory()["tokens_used"] == 0
