@@ -855,13 +855,19 @@ def _check_table_values(seg_start, seg_len, own_start, own_past, new_len, S: int
     rows near 2**31 cannot wrap back into the store."""
     seg_start, seg_len, own_start, own_past, new_len = (
         t.to(torch.int64) for t in (seg_start, seg_len, own_start, own_past, new_len))
-    if (seg_len < 0).any() or (own_past < 0).any() or (new_len < 0).any():
-        raise ValueError("seg_len, own_past and new_len must be >= 0")
+    for name, t in (("seg_len", seg_len), ("own_past", own_past), ("new_len", new_len)):
+        if (t < 0).any():
+            where = tuple(int(i) for i in (t < 0).nonzero()[0])  # (b, g) for seg_len, (b,) for the others
+            at = f"call {where[0]}, segment {where[1]}" if len(where) > 1 else f"call {where[0]}"
+            raise ValueError(f"{name} must be >= 0, got {int(t[where])} at {at}")
     if (new_len > S).any():
         raise ValueError(f"new_len must be <= S = {S} (q's token dim), got max {int(new_len.max())}")
     used = seg_len > 0
-    if ((seg_start < 0) & used).any() or ((seg_start + seg_len > N) & used).any():
-        raise ValueError(f"every non-empty segment must lie in store rows 0 .. N - 1 = {N - 1}")
+    outside = ((seg_start < 0) | (seg_start + seg_len > N)) & used
+    if outside.any():
+        b, g = (int(i) for i in outside.nonzero()[0])
+        raise ValueError(f"every non-empty segment must lie in store rows 0 .. N - 1 = {N - 1}: call {b}, segment {g} "
+                         f"reads rows {int(seg_start[b, g])} .. {int(seg_start[b, g] + seg_len[b, g]) - 1}")
     own = own_past + new_len > 0  # a call without own rows reads none: its own_start is not used
     if ((own_start < 0) & own).any() or ((own_start + own_past + new_len > N) & own).any():
         raise ValueError(f"own rows own_start .. own_start + own_past + new_len - 1 must lie in 0 .. {N - 1}")
@@ -979,9 +985,10 @@ def prepare_launch(q, k_cache, v_cache, seg_start, seg_len, seg_delta, own_start
         raise ValueError(f"inv_freq is on {inv_freq.device} but q is on {q.device}: all tensors must share q's device")
     if config is not None and not isinstance(config, LaunchConfig):
         raise TypeError(f"config must be a LaunchConfig or None, got {type(config).__name__}")
-    if max_own_len is not None and (not isinstance(max_own_len, int) or max_own_len < 0):
+    if max_own_len is not None and (not isinstance(max_own_len, int) or isinstance(max_own_len, bool)
+                                    or max_own_len < 0):
         raise ValueError(f"max_own_len must be an integer >= 0 or None, got {max_own_len!r}")
-    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
+    if num_splits is not None and (not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 1):
         raise ValueError(f"num_splits must be an integer >= 1 or None, got {num_splits!r}")
     if tiles is not None:
         if not isinstance(tiles, TileTable):
@@ -1051,6 +1058,14 @@ def run_launch(q, k_cache, v_cache, launch: Launch) -> torch.Tensor:
                              f"{shape} {launch.dtype} on {launch.device}")
     if torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad):
         from .segment_attention_backward import SegmentAttentionFunction
+
+        if launch.tiles is None:  # the nested loop: its backward walks a tile table, whose deltas are bounded
+            moves = launch.seg_delta[launch.seg_len > 0]  # (on CUDA a synchronisation, as the backward's table)
+            if moves.numel() and int(moves.abs().max()) > MAX_TILE_DELTA:
+                raise ValueError(f"a segment moved by {int(moves.abs().max())} positions has no backward: the "
+                                 f"backward's tile table holds moves of at most +-{MAX_TILE_DELTA}; the nested loop "
+                                 f"(LaunchConfig(flat=False)) runs larger moves forward only (under torch.no_grad(), "
+                                 f"or with inputs that do not require grad)")
 
         return SegmentAttentionFunction.apply(q, k_cache, v_cache, launch)
     return forward(q, k_cache, v_cache, launch)[0]

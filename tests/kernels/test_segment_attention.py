@@ -408,7 +408,12 @@ BAD_ARGS = {
 }
 if not CUDA:  # data checks run only where they need no device sync
     BAD_ARGS["new-len-above-S"] = (lambda: _bad("new_len", lambda t: t + 1), ValueError, "new_len")
-    BAD_ARGS["segment-out-of-store"] = (lambda: _bad("seg_start", lambda t: t + 1000), ValueError, "segment")
+    BAD_ARGS["segment-out-of-store"] = (lambda: _bad("seg_start", lambda t: t + 1000), ValueError,
+                                        r"store rows 0 \.\. N - 1 = \d+: call 0, segment 0 reads rows 10\d\d")
+    BAD_ARGS["negative-seg-len"] = (lambda: _bad("seg_len", lambda t: t.masked_fill(t > 0, -1)), ValueError,
+                                    r"seg_len must be >= 0, got -1 at call 0, segment 0")
+    BAD_ARGS["negative-new-len"] = (lambda: _bad("new_len", lambda t: t - 5), ValueError,
+                                    r"new_len must be >= 0, got -\d at call 0")
     # rows near 2**31: an int32 sum would wrap back into the store
     BAD_ARGS["segment-end-wraps-int32"] = (lambda: _bad("seg_start", lambda t: t.masked_fill(
         _args()["seg_len"] > 0, 2**31 - 5)), ValueError, "segment")
@@ -423,6 +428,30 @@ if not CUDA:  # data checks run only where they need no device sync
 def test_wrapper_rejects_bad_arguments(make, exc, word):
     with pytest.raises(exc, match=word):
         segment_attention(**make())
+
+
+@pytest.mark.parametrize("name", ["num_splits", "max_own_len"])
+def test_a_bool_is_no_count(name):
+    with pytest.raises(ValueError, match=f"{name} must be an integer"):
+        segment_attention(**_args(), **{name: True})
+
+
+def test_the_nested_loops_larger_moves_are_refused_before_a_forward_that_needs_a_backward():
+    """The nested loop runs moves beyond the tile tables' range forward only: with inputs that require grad, the
+    call is refused at once instead of failing in the backward."""
+    from triton_kernels.segment_attention import MAX_TILE_DELTA
+
+    args = _args()
+    args["seg_delta"] = args["seg_delta"].masked_fill(args["seg_len"] > 0, MAX_TILE_DELTA + 1)
+    B, H, S, D = args["q"].shape
+    nested = dataclasses.replace(launch_config(S * H // args["k_cache"].shape[0], D, args["q"].dtype,
+                                               interpreter_active()), flat=False)
+    segment_attention(**args, config=nested)  # forward only: runs
+    args["q"] = args["q"].clone().requires_grad_()
+    with pytest.raises(ValueError, match=r"moved by 4194304 positions has no backward"):
+        segment_attention(**args, config=nested)
+    with torch.no_grad():
+        segment_attention(**args, config=nested)
 
 
 @pytest.mark.skipif(CUDA, reason="tile tables are checked against the segment table on CPU only")
