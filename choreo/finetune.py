@@ -11,12 +11,13 @@ the cached keys/values of earlier forced outputs, so gradients reach how earlier
         "ce+kl": both
 
 where q is the choreographed next-token distribution with the adapter on and p the re-encoding baseline's
-with the adapter off (``Teacher``: computed once per trace, no gradient). The cross-entropy scores the
-end-of-turn token only where the baseline sampled it (``sampled_end_of_turn``): a call cut at its token cap or
-by a stop string, or teacher-forced when recorded, got its end-of-turn from the engine, and forcing it would
-teach the model to stop there. The KL keeps that row: the baseline's distribution after the content is a
-target whatever ended the turn. ``select_on_dev`` trains several configs and keeps the one with the lowest dev
-KL, one criterion for every candidate.
+with the adapter off (``Teacher``: computed once per trace, no gradient). The cross-entropy scores what the
+baseline sampled: not the content of a call that was teacher-forced when recorded (text the workflow gave it,
+such as a one-token probe of a decision's first token: not the baseline's output), and the end-of-turn token
+only where the baseline sampled it (``sampled_end_of_turn``): a call cut at its token cap or by a stop string,
+or teacher-forced, got its end-of-turn from the engine, and forcing it would teach the model to stop there. The
+KL keeps those rows: the baseline's distribution there is a target whatever wrote the text. ``select_on_dev``
+trains several configs and keeps the one with the lowest dev KL, one criterion for every candidate.
 
 Training is LoRA (peft) with AdamW, warm-up then cosine decay, clipping, gradient accumulation over workflow
 instances (one per micro-batch), dev evaluation, checkpoint selection on dev, and resumable checkpoints.
@@ -56,7 +57,7 @@ from .cache import Message
 from .engine import Call, Choreographer
 from .lora import DEFAULT_TARGETS, adapter_weights, add_adapter, adapter_disabled, check_no_adapter, load_adapter, \
     save_adapter, set_adapter_weights, trainable_parameters, unload_adapter, use_adapter
-from .trace import TraceEvent
+from .trace import TraceEvent, as_recorded
 
 __all__ = ["FinetuneConfig", "ReplayLoss", "Selection", "Teacher", "TrainResult", "adapter_disabled", "evaluate",
            "check_replayable", "load_adapter", "replay_loss", "sampled_end_of_turn", "select_calls", "select_on_dev",
@@ -264,6 +265,7 @@ def replay_loss(executor: Choreographer, events: Trace, *, calls: str = "all", t
                     rows = job.logits[a - 1:b]  # (n + 1, V): row j predicts ids[a + j]; the last, end-of-turn
                     target = torch.tensor(_with_end(job.msg.ids[a:b + 1], b - a, executor), device=rows.device)
                     call_loss = call_losses(rows, target, loss=loss, teacher=None if teacher is None else teacher[i],
+                                            ce_content=not events[i].forced,
                                             ce_end=sampled_end_of_turn(events[i], executor.format))
                     total = total + call_loss
                     per_call[i] = float(call_loss.detach())
@@ -300,20 +302,23 @@ def sampled_end_of_turn(event: TraceEvent, fmt) -> bool:
 
 
 def call_losses(rows: torch.Tensor, target: torch.Tensor, *, loss: str, teacher: torch.Tensor | None = None,
-                ce_end: bool = True) -> torch.Tensor:
+                ce_content: bool = True, ce_end: bool = True) -> torch.Tensor:
     """Token-mean loss of one call. rows (S, V) student logits; target (S,) the baseline's tokens; teacher (S, V)
     the baseline's log-probs. 'kl' is KL(teacher || student) = sum_v p_v (log p_v - log q_v), averaged over rows.
     ``ce_end`` False: the cross-entropy leaves out the last row (an end-of-turn the baseline did not sample), so a
     call with no content tokens and an end-of-turn it did not sample has no cross-entropy term (0).
+    ``ce_content`` False: it leaves out the content rows too (a teacher-forced call: its tokens were given, not
+    sampled), so such a call adds KL only.
 
     Example: ``call_losses(logits, target, loss="kl", teacher=logits.log_softmax(-1))`` is 0.
     """
     logq = rows.float().log_softmax(-1)  # (S, V)
     out = torch.zeros((), device=rows.device)
     if loss in ("ce", "ce+kl"):
-        n = len(target) if ce_end else len(target) - 1
+        n = (len(target) - 1 if ce_content else 0) + (1 if ce_end else 0)  # scored rows: content, end-of-turn
         if n > 0:
-            out = out + F.nll_loss(logq[:n], target[:n])
+            scored = slice(0 if ce_content else len(target) - 1, len(target) if ce_end else len(target) - 1)
+            out = out + F.nll_loss(logq[scored], target[scored])
     if loss in ("kl", "ce+kl"):
         if teacher is None or teacher.shape != rows.shape:
             raise ValueError(f"teacher log-probs must match the student rows {tuple(rows.shape)}, "
@@ -329,9 +334,9 @@ def check_replayable(events: Trace, *, vocab_size: int, where: str = "trace", ca
     earlier events in earlier groups (a group is one step of the replay: one prefill, or decodes run together),
     and decoded tokens inside the vocabulary; with ``calls`` (a ``loss_calls`` spec), also unless it selects at
     least one decode (a trace without one would add a loss of zero); with ``calls`` and ``loss='ce'``, also
-    unless one selected decode has a row the cross-entropy scores (a content token, or an end-of-turn that was
-    not teacher-forced: ``sampled_end_of_turn``). ``train`` checks every trace before it adds an adapter or
-    writes anything."""
+    unless one selected decode has a row the cross-entropy scores (one that was not teacher-forced when recorded,
+    with a content token or a sampled end-of-turn: ``sampled_end_of_turn``). ``train`` checks every trace before
+    it adds an adapter or writes anything."""
     sizes = Counter(e.group for e in events)
     for i, e in enumerate(events):
         if e.kind not in ("prefill", "decode"):
@@ -362,10 +367,12 @@ def check_replayable(events: Trace, *, vocab_size: int, where: str = "trace", ca
         raise ValueError(f"{where}: loss_calls {calls!r} selects none of its decodes (their roles: {roles})")
     if loss is not None:
         check_loss(loss)
-    # An empty output never hits a stop string, so only forcing or max_tokens 0 leaves its end-of-turn unscored.
-    if loss == "ce" and all(not events[i].tokens and (events[i].forced or events[i].max_tokens <= 0) for i in chosen):
-        raise ValueError(f"{where}: the decodes loss_calls {calls!r} selects ({chosen}) are empty forced turns, "
-                         f"with no row the cross-entropy scores: the trace would add a loss of zero")
+    # A forced call's rows are not scored; an empty output never hits a stop string, so max_tokens 0 is the other
+    # way a call leaves nothing to score.
+    if loss == "ce" and all(events[i].forced or (not events[i].tokens and events[i].max_tokens <= 0) for i in chosen):
+        raise ValueError(f"{where}: the decodes loss_calls {calls!r} selects ({chosen}) were teacher-forced when "
+                         f"recorded or are empty turns of max_tokens 0, with no row the cross-entropy scores (a "
+                         f"forced turn is not the baseline's output): the trace would add a loss of zero")
 
 
 def _forced_call(events: Trace, i: int, messages) -> Call:
@@ -376,7 +383,9 @@ def _forced_call(events: Trace, i: int, messages) -> Call:
 
 class Teacher:
     """The distillation target: the re-encoding baseline's next-token log-probs over each trace's forced rows
-    (content tokens + end-of-turn, for the calls ``calls`` selects), adapter off.
+    (content tokens + end-of-turn, for the calls ``calls`` selects), adapter off, over the calls as recorded
+    (``as_recorded``: a trace re-laid by ``without_offsets`` is replayed with its recorded offsets, so each call
+    re-encodes the prompt the baseline read).
 
     Computed once per trace (keyed by the trace's events) and kept for the whole run: they do not change while
     the adapter trains. Storage: float32 log-probs, (n + 1, V) per selected call, on the model's device. That is
@@ -411,7 +420,8 @@ class Teacher:
         self.model.hf_model.eval()
         try:
             with torch.no_grad(), adapter_disabled(self.model):  # the executor disables it too; explicit here
-                out = replay_loss(self.executor, events, calls=self.calls, keep_logits=True)
+                # the calls the baseline made: a re-laid trace's recorded offsets order its parents as they were
+                out = replay_loss(self.executor, as_recorded(events), calls=self.calls, keep_logits=True)
         finally:
             self.model.hf_model.train(was_training)
         return {i: rows.float().log_softmax(-1) for i, rows in out.logits.items()}

@@ -35,6 +35,8 @@ class TraceEvent:
     stop: tuple[str, ...] = ()
     tokens: tuple[int, ...] = ()  # decoded content tokens
     forced: bool = False  # teacher-forced when recorded: its tokens and end-of-turn were given, not sampled
+    # the offsets it was recorded with, where a re-lay (``without_offsets``) replaced them: ``as_recorded``
+    recorded_offsets: tuple[int | None, ...] | None = None
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -44,8 +46,9 @@ class TraceEvent:
         record = dict(record)
         for key in ("parents", "stop", "tokens"):
             record[key] = tuple(record.get(key) or ())
-        if record.get("offsets") is not None:
-            record["offsets"] = tuple(record["offsets"])
+        for key in ("offsets", "recorded_offsets"):
+            if record.get(key) is not None:
+                record[key] = tuple(record[key])
         return cls(**record)
 
 
@@ -99,11 +102,13 @@ def _positions(offsets) -> tuple[int | None, ...] | None:
     return None if offsets is None else tuple(check_position(o, f"offsets[{i}]") for i, o in enumerate(offsets))
 
 
-def save_traces(path: str | Path, traces: Sequence[Sequence[TraceEvent]], *, meta: Sequence[dict] | None = None) -> None:
+def save_traces(path: str | Path, traces: Sequence[Sequence[TraceEvent]], *,
+                meta: Sequence[dict] | None = None) -> None:
     """One JSON line per workflow instance: {"meta": ..., "events": [...]}."""
     from .results import write_text
 
-    lines = [json.dumps({"meta": (meta[i] if meta else {}), "events": [e.to_json() for e in t]}) for i, t in enumerate(traces)]
+    lines = [json.dumps({"meta": (meta[i] if meta else {}), "events": [e.to_json() for e in t]})
+             for i, t in enumerate(traces)]
     write_text(path, "\n".join(lines) + "\n")
 
 
@@ -123,8 +128,18 @@ def load_traces(path: str | Path) -> list[tuple[dict, list[TraceEvent]]]:
 def without_offsets(events: Sequence[TraceEvent]) -> list[TraceEvent]:
     """The trace with every event's offsets dropped: a baseline trace whose calls re-encoded their parents back
     to back (``offsets=linearize(parents)``), re-laid so that a replay attends to the cached messages where they
-    were encoded -- how a choreographed workflow lays them out."""
-    return [dataclasses.replace(e, offsets=None) if e.offsets is not None else e for e in events]
+    were encoded -- how a choreographed workflow lays them out. Each event keeps the offsets it had as
+    ``recorded_offsets``, so that ``as_recorded`` gives back the calls the baseline made (the distillation
+    teacher replays those: without the offsets, a re-encoding executor would put the parents in another order
+    wherever one call's parents interleave, as a merge of two answered prompts does)."""
+    return [dataclasses.replace(e, offsets=None, recorded_offsets=e.offsets) if e.offsets is not None else e
+            for e in events]
+
+
+def as_recorded(events: Sequence[TraceEvent]) -> list[TraceEvent]:
+    """The trace as it was recorded: every re-laid event (``without_offsets``) with its recorded offsets back."""
+    return [dataclasses.replace(e, offsets=e.recorded_offsets, recorded_offsets=None)
+            if e.recorded_offsets is not None else e for e in events]
 
 
 def replay_calls(events: Sequence[TraceEvent], messages: Sequence[Message], *, teacher: bool = True,
@@ -151,7 +166,8 @@ def replay(executor, events: Sequence[TraceEvent], *, teacher: bool = True) -> l
         idx = [i for i, e in enumerate(events) if e.group == group]
         first = events[idx[0]]
         if first.kind == "prefill":
-            messages[idx[0]] = executor.prefill(first.text, role=first.role, parents=[messages[i] for i in first.parents],
+            messages[idx[0]] = executor.prefill(first.text, role=first.role,
+                                                parents=[messages[i] for i in first.parents],
                                                 offsets=first.offsets, new_offset=first.new_offset)
         else:
             out = executor.decode(replay_calls(events, messages, teacher=teacher, group=group))

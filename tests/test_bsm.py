@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
+import torch
 
 import choreo
 from choreo.data.concepts import BUILTIN_CONCEPTS, coverage, found, inflections, load_concept_sets
@@ -133,6 +135,27 @@ def test_layouts_and_paired_seeds(tiny_gqa):
     assert par_merge.offsets is None and lin_merge.offsets is not None
     assert [e.offsets for e in as_layout(base_trace, "parallel")] == [None] * len(base_trace)
     assert 0 <= base["coverage"]["word"] <= 1 and 0 <= base["coverage"]["substring"] <= 1
+
+
+def test_the_distillation_teacher_reads_the_merge_prompt_the_baseline_read(tiny_gqa):
+    """A baseline trace re-laid for the parallel layout drops the merge's offsets; without them a re-encoding
+    replay would order the merge's parents by position (both solve prompts, then both stories), a prompt the
+    baseline never read. The teacher replays the trace as recorded (``as_recorded``): the recorded offsets."""
+    from choreo.finetune import Teacher
+    from choreo.trace import TraceEvent, as_recorded
+
+    _, _, base_trace = _merge_parents(choreo.Baseline(tiny_gqa), "linearized")
+    relaid = as_layout(base_trace, "parallel")
+    assert as_recorded(relaid) == list(base_trace)
+    assert [TraceEvent.from_json(e.to_json()) for e in relaid] == relaid  # saved traces keep the recorded offsets
+    merge = max(i for i, e in enumerate(base_trace) if e.kind == "decode")
+    with torch.no_grad():
+        teacher = Teacher(tiny_gqa, calls="last")(relaid)[merge]
+        recorded = Teacher(tiny_gqa, calls="last")(base_trace)[merge]
+        forgotten = Teacher(tiny_gqa, calls="last")([dataclasses.replace(e, recorded_offsets=None)
+                                                     for e in relaid])[merge]
+    torch.testing.assert_close(teacher, recorded, atol=0, rtol=0)
+    assert (teacher - forgotten).abs().max() > 1e-3  # another prompt: the order of the merge's parents matters
 
 
 def test_unparsed_branch_scores_zero(tiny_gqa):

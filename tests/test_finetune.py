@@ -158,10 +158,12 @@ def test_replay_positions_equal_decoding_positions(tiny):
         assert predicted[-1] == fmt.footer(events[i].role)[0] or not sampled_end_of_turn(events[i], fmt), i
 
 
-def test_the_loss_scores_end_of_turn_only_where_the_baseline_sampled_it(tiny):
+def test_the_cross_entropy_scores_only_what_the_baseline_sampled(tiny):
     """A call cut at its token cap, cut by a stop string, or teacher-forced when recorded got its end-of-turn
-    token from the engine: the cross-entropy leaves that row out (else it would teach the model to stop there);
-    the KL keeps it (the baseline's distribution there is a target whatever ended the turn)."""
+    token from the engine: the cross-entropy leaves that row out (else it would teach the model to stop there).
+    A call teacher-forced when recorded (a scripted turn, a one-token probe) did not sample its content either:
+    the cross-entropy scores none of its rows. The KL keeps every row (the baseline's distribution there is a
+    target whatever wrote the text)."""
     from choreo.trace import TraceEvent
 
     fmt = choreo.Choreographer(tiny).format
@@ -181,12 +183,17 @@ def test_the_loss_scores_end_of_turn_only_where_the_baseline_sampled_it(tiny):
             rows = out.logits[1]
             assert rows.shape[0] == len(tokens) + 1, name  # content tokens, then the end-of-turn row
             target = list(tokens) + [fmt.footer("assistant")[0]]
-            n = len(tokens) + scored
-            expected = torch.nn.functional.cross_entropy(rows[:n].float(), torch.tensor(target[:n]))
-            assert out.per_call[1] == pytest.approx(float(expected), rel=1e-6), name
-            teacher = {1: rows.float().log_softmax(-1) + 0.0}
-            kl = replay_loss(choreo.Choreographer(tiny), [sys, event], loss="kl", teacher=teacher)
-            assert abs(kl.per_call[1]) < 1e-6, name  # every row, the end-of-turn one included
+            if event.forced:
+                assert out.per_call[1] == 0.0, name
+            else:
+                n = len(tokens) + scored
+                expected = torch.nn.functional.cross_entropy(rows[:n].float(), torch.tensor(target[:n]))
+                assert out.per_call[1] == pytest.approx(float(expected), rel=1e-6), name
+            uniform = torch.full_like(rows, -math.log(rows.shape[-1]), dtype=torch.float32)
+            kl = replay_loss(choreo.Choreographer(tiny), [sys, event], loss="kl", teacher={1: uniform})
+            logq = rows.float().log_softmax(-1)  # every row, the end-of-turn one included
+            expected_kl = (uniform.exp() * (uniform - logq)).sum(-1).mean()
+            assert kl.per_call[1] == pytest.approx(float(expected_kl), rel=1e-5), name
     event = call(forced=True)
     assert TraceEvent.from_json(event.to_json()) == event
     legacy = {k: v for k, v in call().to_json().items() if k != "forced"}  # trace files written before the field
@@ -615,7 +622,8 @@ def test_config_defaults_presets_and_validation():
     with pytest.raises(ValueError, match="lora_targets .* got 'q_proj'"):
         FinetuneConfig(lora_targets="q_proj")
     assert paper.loss == "ce" and paper.dev_criterion == "ce"
-    assert FinetuneConfig(loss="ce+kl").dev_criterion == "ce+kl" and FinetuneConfig(dev_metric="kl").dev_criterion == "kl"
+    assert (FinetuneConfig(loss="ce+kl").dev_criterion == "ce+kl"
+            and FinetuneConfig(dev_metric="kl").dev_criterion == "kl")
     total = 20  # warm-up over 2 steps, then cosine to 0
     lrs = [schedule(s, total, 0.1) for s in range(total)]
     assert lrs[0] < lrs[1] < lrs[2] == 1.0 and all(a >= b for a, b in zip(lrs[2:], lrs[3:])) and lrs[-1] < 0.01
@@ -772,16 +780,20 @@ def test_an_empty_output_replays_as_an_empty_turn_scored_on_its_end_of_turn(tiny
     assert replay_loss(ch, forced, calls="last").per_call[d] == 0.0
 
 
-def test_a_trace_with_nothing_for_the_cross_entropy_to_score_is_refused_before_training(tiny, traces, tmp_path):
-    """A selected call that is an empty forced turn has no cross-entropy row: as the only selected call of a trace
-    it would add a loss of zero (and no graph for backward), so ``train`` refuses it before writing anything; the
-    KL still compares its end-of-turn row, so a KL run takes it."""
+@pytest.mark.parametrize("tokens", [(), None], ids=["empty", "with tokens"])
+def test_a_trace_with_nothing_for_the_cross_entropy_to_score_is_refused_before_training(tiny, traces, tmp_path,
+                                                                                       tokens):
+    """A selected call that was teacher-forced when recorded (empty, or with the tokens it was given) has no
+    cross-entropy row: as the only selected call of a trace it would add a loss of zero (and no graph for
+    backward), so ``train`` refuses it before writing anything; the KL still compares its rows, so a KL run
+    takes it."""
     events = list(traces[0])
     d = max(i for i, e in enumerate(events) if e.kind == "decode")
-    forced = [dataclasses.replace(e, tokens=(), forced=True) if j == d else e for j, e in enumerate(events)]
+    forced = [dataclasses.replace(e, tokens=e.tokens if tokens is None else tokens, forced=True) if j == d else e
+              for j, e in enumerate(events)]
     vocab = len(tiny.tokenizer)
-    with pytest.raises(ValueError, match=f"bad: the decodes loss_calls 'last' selects \\(\\[{d}\\]\\) are empty "
-                                         f"forced turns"):
+    with pytest.raises(ValueError, match=f"bad: the decodes loss_calls 'last' selects \\(\\[{d}\\]\\) were "
+                                         f"teacher-forced when recorded"):
         check_replayable(forced, vocab_size=vocab, where="bad", calls="last", loss="ce")
     check_replayable(forced, vocab_size=vocab, calls="last", loss="kl")
     check_replayable(forced, vocab_size=vocab, calls="all", loss="ce")  # the other decodes have tokens

@@ -7,9 +7,11 @@ model is the reproduction suite's business (suites/leakage/).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
+import torch
 
 import choreo
 from choreo.results import JsonlLog
@@ -117,7 +119,8 @@ def test_ablation_copies_attend_to_exactly_their_channel(model, baseline, arm, c
     events = _trace(model, arm, plans=baseline[("defect", 0)]["plan_tokens"])
     public = [i for i, e in enumerate(events) if e.kind == "decode" and e.prefix.startswith("To ")
               and e.max_tokens == TINY.message_tokens]
-    copies = [e for e in events if e.kind == "decode" and e.prefix.startswith("To ") and e.max_tokens != TINY.message_tokens]
+    copies = [e for e in events if e.kind == "decode" and e.prefix.startswith("To ")
+              and e.max_tokens != TINY.message_tokens]
     assert len(public) == 4 and len(copies) == 4
     for copy in copies:
         assert len(copy.parents) == 1, "a copy sees one channel and never the original cached message"
@@ -300,6 +303,26 @@ def test_finetuned_arm_trains_an_adapter_and_plays(model, tmp_path, baseline):
         pd.train_adapter(model, strategy="defect", train_seeds=[100], dev_seeds=[102], config=TINY, max_nll=1e-6,
                          finetune_config=FinetuneConfig.preset("smoke"), out_dir=tmp_path / "y", progress=False)
     assert not (tmp_path / "y" / "best").exists()
+
+
+def test_the_decision_probe_is_neither_trained_nor_scored_for_fluency(model):
+    """A baseline game's trace holds each agent's one-token P(COOPERATE) probe as a call forced when recorded: the
+    cross-entropy of fine-tuning leaves it out (its token is the probe's, not the baseline's output, and would
+    teach both agents to say COOPERATE), and so does the fluency filter."""
+    from choreo.finetune import replay_loss
+
+    events = _trace(model, "baseline")
+    probes = [i for i, e in enumerate(events) if e.kind == "decode" and e.forced]
+    assert len(probes) == 2 and all(len(events[i].tokens) == 1 and events[i].prefix == pd.DECISION_PREFIX
+                                    for i in probes)
+    with torch.no_grad():
+        out = replay_loss(choreo.Choreographer(model), events)
+    assert all(out.per_call[i] == 0.0 for i in probes)
+    assert all(out.per_call[i] > 0 for i in out.per_call if i not in probes)
+    kept = [i for i, e in enumerate(events) if not e.forced]
+    renumber = {old: new for new, old in enumerate(kept)}
+    without = [dataclasses.replace(events[i], parents=tuple(renumber[p] for p in events[i].parents)) for i in kept]
+    assert pd.game_nll(model, [events]) == pytest.approx(pd.game_nll(model, [without]), rel=1e-6)
 
 
 def test_game_nll_is_the_teacher_forced_baseline_nll(tiny_gqa):

@@ -410,8 +410,10 @@ FLUENCY_MAX_NLL = 3.5
 
 def game_nll(model, traces) -> list[float]:
     """Per traced game: the token-mean negative log-likelihood (nats) of all its generated content tokens under
-    the adapter-free re-encoding baseline, teacher-forced. End-of-turn tokens are not scored: a message cut at
-    its token cap has none, and scoring the forced one would call every capped message disfluent. A game with a
+    the adapter-free re-encoding baseline, teacher-forced. Calls that were teacher-forced when recorded (the
+    decision's one-token P(COOPERATE) probe) generated nothing and are not scored. End-of-turn tokens are not
+    scored: a message cut at its token cap has none, and scoring the forced one would call every capped message
+    disfluent. A game with a
     message that decoded no tokens gets NaN, so no filter keeps it: an empty move, plan or decision is no game to
     learn from (fine-tuning itself would replay it as a forced empty turn).
 
@@ -430,7 +432,7 @@ def game_nll(model, traces) -> list[float]:
         with torch.no_grad():
             replay = replay_loss(executor, trace, calls="all")
         # Teacher-forced messages carry the log-probs of their content tokens (end of turn excluded).
-        scored = [m.logprobs for m, e in zip(replay.messages, trace) if e.kind == "decode"]
+        scored = [m.logprobs for m, e in zip(replay.messages, trace) if e.kind == "decode" and not e.forced]
         n = sum(map(len, scored))
         out.append(-sum(map(sum, scored)) / n if n else float("nan"))
     return out
@@ -473,7 +475,8 @@ def train_adapter(model, *, strategy: str, train_seeds, dev_seeds, config: GameC
     train_set = [t for t, k in zip(traces[:len(train_seeds)], keep) if k]
     dev_set = [t for t, k in zip(traces[len(train_seeds):], keep[len(train_seeds):]) if k]
     write_json(Path(out_dir) / "fluency.json", {
-        "max_nll": max_nll, "games": [{"seed": s, "nll": x, "kept": k, "split": "train" if i < len(train_seeds) else "dev"}
+        "max_nll": max_nll, "games": [{"seed": s, "nll": x, "kept": k,
+                                       "split": "train" if i < len(train_seeds) else "dev"}
                                       for i, (s, x, k) in enumerate(zip(seeds, nll, keep))]})
     if not train_set or not dev_set:
         raise ValueError(f"the fluency filter (max_nll={max_nll}) kept {len(train_set)} training and {len(dev_set)} "
