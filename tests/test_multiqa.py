@@ -8,7 +8,7 @@ import pytest
 
 import choreo
 from choreo.data.trivia import (Question, free_text_aliases, grade, load_questions, make_pairs, matches,
-                                matches_item, normalize, overlapping, split_numbered)
+                                matches_item, normalize, overlapping, split_numbered, split_questions)
 from choreo.workflows.multiqa import MultiQAConfig, multiqa, run_condition, turn_segments
 
 FRANCE = Question(id="f", question="What is the capital of France?", aliases=("Paris",))
@@ -119,6 +119,24 @@ def test_builtin_questions_and_pairs():
     pairs = make_pairs(qs, 50, seed=1)
     assert len(pairs) == 50 and pairs == make_pairs(qs, 50, seed=1)
     assert all(a.id != b.id and not overlapping(a, b) for a, b in pairs)
+
+
+def test_question_split_keeps_training_questions_out_of_every_evaluation_pair():
+    qs = load_questions()
+    evaluation, training = split_questions(qs, train_share=0.4, seed=0)
+    assert (len(evaluation), len(training)) == (len(qs) - round(0.4 * len(qs)), round(0.4 * len(qs)))
+    assert {q.id for q in evaluation}.isdisjoint(q.id for q in training)
+    assert sorted(q.id for q in evaluation + training) == sorted(q.id for q in qs)
+    assert (evaluation, training) == split_questions(qs, train_share=0.4, seed=0)  # seeded
+    assert split_questions(qs, train_share=0.4, seed=1) != (evaluation, training)
+    assert [qs.index(q) for q in training] == sorted(qs.index(q) for q in training)  # order kept
+    held_out = {q.id for pair in make_pairs(training, 100, seed=1) for q in pair}
+    assert held_out.isdisjoint(q.id for pair in make_pairs(evaluation, 100, seed=0) for q in pair)
+    for share in (0, 1, 1.5, "0.4", True):
+        with pytest.raises(ValueError, match="train_share must be a number in"):
+            split_questions(qs, train_share=share, seed=0)
+    with pytest.raises(ValueError, match="at least 2 questions on each side"):
+        split_questions(qs[:3], train_share=0.5, seed=0)
 
 
 def test_pairs_with_no_valid_partner_raise_instead_of_looping():

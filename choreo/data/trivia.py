@@ -235,6 +235,27 @@ def load_questions(path: str | Path | None = None, *, limit: int | None = None) 
     return out[:limit] if limit is not None else out
 
 
+def split_questions(questions: Sequence[Question], *, train_share: float, seed: int
+                    ) -> tuple[list[Question], list[Question]]:
+    """(evaluation, training) questions: a seeded share ``train_share`` of the questions (at least 2) set aside
+    for fine-tuning pairs, so that no evaluation pair asks a question a training pair asks (fine-tuning then
+    cannot pass by learning the answers). Each side keeps the questions' order.
+
+    Example: ``split_questions(load_questions(), train_share=0.4, seed=0)`` -> 146 and 98 of the 244 built-in
+    questions.
+    """
+    import random
+
+    if isinstance(train_share, bool) or not isinstance(train_share, (int, float)) or not 0 < train_share < 1:
+        raise ValueError(f"train_share must be a number in (0, 1), got {train_share!r}")
+    n_train = max(2, round(len(questions) * train_share))
+    if len(questions) - n_train < 2:
+        raise ValueError(f"need at least 2 questions on each side of the split, got {len(questions)} questions "
+                         f"for a train_share of {train_share}")
+    train = set(random.Random(seed).sample(range(len(questions)), n_train))
+    return ([q for i, q in enumerate(questions) if i not in train], [q for i, q in enumerate(questions) if i in train])
+
+
 def make_pairs(questions: Sequence[Question], n: int, *, seed: int) -> list[tuple[Question, Question]]:
     """``n`` ordered pairs of distinct questions whose answers cannot be confused, drawn with ``seed``.
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from choreo import stats
-from choreo.data.trivia import load_questions, make_pairs
+from choreo.data.trivia import load_questions, make_pairs, split_questions
 from choreo.profiles import pick
 from choreo.provenance import provenance
 from choreo.report import loss_text, plot_rates, write_table
@@ -38,11 +39,15 @@ FINETUNE = {  # training pairs (baseline traces, DEV_FRACTION of them dev), LoRA
     "paper": dict(train=450, preset="paper", overrides={}),  # PROTOCOLS: rank 64, alpha 32, lr 5e-5
 }
 TRAIN_SEED = 1
+# Share of the questions set aside for fine-tuning pairs (split_questions, seed SEED): no evaluation pair asks one
+# of them, so the fine-tuned arm cannot pass by learning the baseline's answers to the evaluation questions.
+TRAIN_SHARE = 0.4
 
 
-def _finetuned(model, profile, questions, pairs, config, key, folder):
-    """Train on baseline traces of separate pairs (dev-selected checkpoint), run the choreographed condition
-    with the adapter, remove it. Resumes from the logged results when the arm finished earlier."""
+def _finetuned(model, profile, train_questions, pairs, config, key, folder):
+    """Train on baseline traces of pairs of the questions set aside for training (dev-selected checkpoint), run
+    the choreographed condition on the evaluation pairs with the adapter, remove it. Resumes from the logged
+    results when the arm finished earlier."""
     from choreo.finetune import FinetuneConfig, split_traces, trained_adapter
     from choreo.results import logged_results, write_json
 
@@ -56,9 +61,7 @@ def _finetuned(model, profile, questions, pairs, config, key, folder):
     summary_path = folder / f"{name}.train.json"
     if all(i in done for i in range(len(pairs))) and summary_path.exists():
         return [done[i] for i in range(len(pairs))], resumed_summary(summary_path, seed=SEED)
-    evaluated = {frozenset((a.id, b.id)) for a, b in pairs}
-    train_pairs = [p for p in make_pairs(questions, 3 * plan["train"], seed=TRAIN_SEED)
-                   if frozenset((p[0].id, p[1].id)) not in evaluated][:plan["train"]]
+    train_pairs = make_pairs(train_questions, plan["train"], seed=TRAIN_SEED)
     traces = collect_traces(model, train_pairs, config=config, progress="multiqa traces")
     traces = [t for t in traces if all(e.tokens for e in t if e.kind == "decode")]
     train_set, dev_set = split_traces(traces, dev_fraction=ft_config.dev_fraction, seed=SEED)
@@ -68,7 +71,8 @@ def _finetuned(model, profile, questions, pairs, config, key, folder):
             model, todo, condition="choreographed", config=config, progress="multiqa finetuned", on_result=cb))
     summary = trained.summary()
     summary.update(train_traces=len(train_set), dev_traces=len(dev_set), train_pairs=len(train_pairs),
-                   train_seconds=time.perf_counter() - t0, config=ft_config.to_json(),
+                   train_questions=len(train_questions), train_seconds=time.perf_counter() - t0,
+                   config=ft_config.to_json(),
                    shared_questions=len({q.id for p in train_pairs for q in p} & {q.id for p in pairs for q in p}))
     summary = with_split(summary, dev_fraction=ft_config.dev_fraction, seed=SEED)
     write_json(summary_path, summary)
@@ -103,7 +107,8 @@ def table(model, profile, results_dir):
     n = pick(SIZES, profile)
     config = MultiQAConfig()
     questions = load_questions()
-    pairs = make_pairs(questions, n, seed=SEED)
+    eval_questions, train_questions = split_questions(questions, train_share=TRAIN_SHARE, seed=SEED)
+    pairs = make_pairs(eval_questions, n, seed=SEED)
     key = fingerprint(model=model.spec.sha256, pairs=[[q.to_json() for q in p] for p in pairs], config=vars(config))
     folder = results_dir / "blockage" / "multiqa" / "runs"
     t0 = time.perf_counter()
@@ -111,7 +116,7 @@ def table(model, profile, results_dir):
     for name, cond in [*CONDITION.items(), ("serial check", "serial")]:
         runs[name] = resumable(folder, f"{cond}-{key}", pairs, lambda todo, cb, cond=cond: run_condition(
             model, todo, condition=cond, config=config, progress=f"multiqa {cond}", on_result=cb))
-    ft, ft_summary = _finetuned(model, profile, questions, pairs, config, key, folder)
+    ft, ft_summary = _finetuned(model, profile, train_questions, pairs, config, key, folder)
     runs["choreographed+finetuned"] = ft
     wall = time.perf_counter() - t0
     base, serial = runs["baseline"], runs["serial check"]
@@ -131,9 +136,9 @@ def table(model, profile, results_dir):
                f"lr {ft_summary['config']['lr']}, "
                f"{ft_summary['steps']} optimizer steps "
                f"of {ft_summary['config']['grad_accum']} instances) on baseline traces of "
-               f"{ft_summary['train_pairs']} separate "
-               f"question pairs (no evaluation pair among them; {ft_summary['shared_questions']} individual questions "
-               f"also occur in evaluation pairs), replayed as the parallel layout; "
+               f"{ft_summary['train_pairs']} question pairs drawn from the {ft_summary['train_questions']} questions "
+               f"set aside for fine-tuning ({TRAIN_SHARE:.0%} of the {len(questions)}, seed {SEED}; "
+               f"{ft_summary['shared_questions']} of them in an evaluation pair), replayed as the parallel layout; "
                f"{ft_summary['train_traces']} train / "
                f"{ft_summary['dev_traces']} dev traces ({split_text(ft_summary)}), checkpoint chosen on dev "
                f"(best step {ft_summary['best_step']} of "
@@ -142,8 +147,13 @@ def table(model, profile, results_dir):
                f"{loss_text(ft_summary['history'][0]['dev_loss'])} -> "
                f"{loss_text(ft_summary['best_dev_loss'])}); traces, training and the evaluation with the adapter took "
                f"{ft_summary['train_seconds']:.0f} s.")
-    notes = [f"n = {n} question pairs per condition (profile {profile}), greedy; the same pairs in every condition; "
-             "'±' is the normal 95% half-width as in the paper, then the Wilson 95% interval in brackets (also in "
+    reuse = max(Counter(q.id for p in pairs for q in p).values())
+    notes = [f"n = {n} question pairs per condition (profile {profile}), greedy; the same pairs in every condition, "
+             f"drawn from the {len(eval_questions)} evaluation questions "
+             + ("(no two pairs share a question); " if reuse == 1 else
+                f"(a question is in up to {reuse} pairs: pairs that share a question are not independent, which "
+                "the McNemar tests below assume); ")
+             + "'±' is the normal 95% half-width as in the paper, then the Wilson 95% interval in brackets (also in "
              "the JSON).",
              f"Serial segments under the choreographed executor reproduce the baseline response in "
              f"{identical}/{n} pairs.",
@@ -167,8 +177,11 @@ def table(model, profile, results_dir):
                                       "tost": {"margin": tost.margin, "low": tost.low, "high": tost.high,
                                                "pvalue": tost.pvalue, "equivalent": tost.equivalent}},
             "paper": paper, "wall_s": wall, "finetune": ft_summary, "records": f"runs/*-{key}.jsonl"}
-    prov = provenance(model, seeds={"evaluation_pairs": SEED, "training_pairs": TRAIN_SEED, "train_dev_split": SEED},
-                      sample_sizes={"pairs": n, "training_pairs": ft_summary.get("train_pairs"),
+    prov = provenance(model, seeds={"question_split": SEED, "evaluation_pairs": SEED, "training_pairs": TRAIN_SEED,
+                                    "train_dev_split": SEED},
+                      sample_sizes={"pairs": n, "evaluation_questions": len(eval_questions),
+                                    "training_questions": len(train_questions),
+                                    "training_pairs": ft_summary.get("train_pairs"),
                                     "train_traces": ft_summary.get("train_traces"),
                                     "dev_traces": ft_summary.get("dev_traces")}, profile=profile,
                       logs=logs_read(folder))
