@@ -103,6 +103,11 @@ def table(bsm_study, model, results_dir):
         wilson = outcome_rates(h)
         rows.append([row, h.a_wins, h.ties, h.b_wins, h.n] + [rate_text(wilson[k]) for k in OUTCOMES]
                     + list(answers_text(diagnostics[row])) + [ref])
+    # The rows whose claim reads the sign test ("baseline wins") are one Holm family; no other row's claim reads it.
+    family = [row for row in results if pick(CLAIMS, st["profile"]).get(row) == "baseline wins"]
+    adjusted = stats.adjust_pvalues([results[row].pvalue for row in family], method="holm", alpha=ALPHA).adjusted \
+        if family else []
+    holm = dict(zip(family, map(float, adjusted)))
     notes = [f"n = {n} concept sets ({st['source']}), profile {st['profile']}; A = the baseline's merged story, "
              "B = the other condition's, same instance and seeds.",
              "Judge: the model under test (default the embedded SmolLM2-135M-Instruct; the paper used GPT-4o), greedy, "
@@ -111,7 +116,12 @@ def table(bsm_study, model, results_dir):
              "Win / tie / loss shares with Wilson 95% intervals, each outcome against the other two (a percentile "
              "bootstrap of the multinomial collapses to a point when an outcome never or always occurs); p: exact "
              "sign test of A wins against B wins, ties dropped (1 when every comparison is a tie).",
-             *[f"{row}: sign test p = {h.pvalue:.2g}; net preference {100 * even[row].difference:+.1f} pts, 90% "
+             "Sign-test p values are Holm-adjusted over the rows whose claim reads one ('baseline wins': "
+             + (", ".join(family) if family else "none at this profile") + "); the others are not corrected: no "
+             "claim reads them.",
+             *[f"{row}: sign test p = {h.pvalue:.2g}"
+               + (f" (Holm {holm[row]:.2g})" if row in holm else "")
+               + f"; net preference {100 * even[row].difference:+.1f} pts, 90% "
                f"interval [{100 * even[row].low:+.1f}, {100 * even[row].high:+.1f}], TOST p = {even[row].pvalue:.2g} "
                f"within ±{100 * NET_MARGIN:.0f} pts: "
                + ("not read as equivalence: the judge decided no comparison by the stories' content"
@@ -128,6 +138,7 @@ def table(bsm_study, model, results_dir):
              st["finetune_note"]]
     data = {"n": n, "profile": st["profile"],
             "results": {row: {"a_wins": h.a_wins, "ties": h.ties, "b_wins": h.b_wins, "pvalue": h.pvalue,
+                              "holm_pvalue": holm.get(row),  # None: not in the family (no claim reads it)
                               # [rate, Wilson low, Wilson high] per outcome
                               **{k: [r.rate, r.low, r.high] for k, r in outcome_rates(h).items()},
                               # A win rate - B win rate: percentile bootstrap of the multinomial (seed 0)
@@ -146,7 +157,7 @@ def table(bsm_study, model, results_dir):
                 columns=["Comparison", "A Wins", "Ties", "B Wins", "Total", "A Win % [95% CI]", "Tie % [95% CI]",
                          "B Win % [95% CI]", "Unparsable", "A / B both orders", "Paper A / Ties / B"],
                 rows=rows, data=data, provenance=prov, notes=notes)
-    return {"results": results, "vacuous": vacuous, "even": even, "diagnostics": diagnostics,
+    return {"results": results, "holm": holm, "vacuous": vacuous, "even": even, "diagnostics": diagnostics,
             "profile": st["profile"], "n": n,
             "text": (out / "bsm_judge.md").read_text()}
 
@@ -173,7 +184,7 @@ def test_bsm_judge(table, row):
         return
     outcome = pick(CLAIMS, table["profile"]).get(row)
     if outcome == "baseline wins":
-        assert h.a_wins > h.b_wins and h.pvalue < ALPHA, text
+        assert h.a_wins > h.b_wins and table["holm"][row] < ALPHA, text
     elif outcome == "judge decides nothing by content":  # what the committed small run measured; no claim
         d = table["diagnostics"][row]  # about the stories: the judge named the same position in both orders
         assert d["asked"] > 0 and d["consistent"] == 0 and h.a_wins == h.b_wins == 0, f"{row}: {d}\n{text}"
