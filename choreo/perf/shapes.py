@@ -136,27 +136,41 @@ async def tree_of_thoughts(rec: Recorder, *, B: int = 8, V: int = 4):
 
 
 async def iterative_debate(rec: Recorder, *, rounds: int = 3):
-    """Affirmative then negative, each seeing the whole debate so far, then a judge."""
+    """Affirmative then negative, each seeing the whole debate so far, and a moderator after every round (a side
+    call: the debaters never see it), as ``choreo.workflows.debate.iterative_debate`` runs them. All ``rounds``
+    run: with synthetic text no moderator names a winner, where the paper's debate may stop early."""
     q = await rec.prefill("id/question", role="user")
     aff_sys = await rec.prefill("id/aff", role="system")
     neg_sys = await rec.prefill("id/neg", role="system")
-    prev: list[Message] = []
+    mod_sys = await rec.prefill("id/moderator", role="system")
+    debate: list[Message] = []
     for r in range(rounds):
-        prev.append(await rec.decode1(f"id/aff{r}", [aff_sys, q, *prev], role="assistant:aff"))
-        prev.append(await rec.decode1(f"id/neg{r}", [neg_sys, q, *prev], role="assistant:neg"))
-    judge = await rec.prefill("id/judge", role="system")
-    await rec.decode1("id/verdict", [judge, q, *prev])
+        debate.append(await rec.decode1(f"id/aff{r}", [aff_sys, q, *debate], role="assistant:aff"))
+        debate.append(await rec.decode1(f"id/neg{r}", [neg_sys, q, *debate], role="assistant:neg"))
+        ask = await rec.prefill(f"id/moderate{r}", role="user", parents=[mod_sys, q, *debate])
+        await rec.decode1(f"id/verdict{r}", [mod_sys, q, *debate, ask], role="assistant:moderator")
     return rec.stages
 
 
 async def parallel_debate(rec: Recorder, *, A: int = 3, rounds: int = 3):
-    """A agents answer in parallel each round, seeing every answer of the previous round."""
+    """A agents answer independently, then ``rounds`` update rounds (Du et al.; as
+    ``choreo.workflows.debate.parallel_debate`` runs them): a summariser reads every answer of the last round, and
+    each agent updates its answer seeing its own history, the summary and an update prompt."""
     q = await rec.prefill("pdb/question", role="user")
     agents = [await rec.prefill(f"pdb/agent{a}", role="system") for a in range(A)]
-    last: list[Message] = []
-    for r in range(rounds):
-        last = await rec.decode([f"pdb/{r}/{a}" for a in range(A)], [[agents[a], q, *last] for a in range(A)],
-                                role=[f"assistant:agent{a}" for a in range(A)])
+    roles = [f"assistant:agent{a}" for a in range(A)]
+    last = await rec.decode([f"pdb/0/{a}" for a in range(A)], [[agents[a], q] for a in range(A)], role=roles)
+    history = [[m] for m in last]
+    summariser = await rec.prefill("pdb/summariser", role="system")
+    for r in range(1, rounds + 1):
+        ask = await rec.prefill(f"pdb/{r}/summarise", role="user", parents=[summariser, q, *last])
+        summary = await rec.decode1(f"pdb/{r}/summary", [summariser, q, *last, ask], role="assistant:summariser")
+        views = [[agents[a], q, *history[a], summary] for a in range(A)]
+        updates = [await rec.prefill(f"pdb/{r}/update{a}", role="user", parents=views[a]) for a in range(A)]
+        last = await rec.decode([f"pdb/{r}/{a}" for a in range(A)], [views[a] + [updates[a]] for a in range(A)],
+                                role=roles)
+        for a, msg in enumerate(last):
+            history[a].append(msg)
     return rec.stages
 
 
