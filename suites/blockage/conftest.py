@@ -105,7 +105,9 @@ def _finetuned_arm(model, *, plan, config, sizes, data_dir, use_file, sets, seed
     from choreo.workflows.bsm import as_layout, run_condition
 
     ft_config = FinetuneConfig.preset(plan["preset"], **plan["overrides"])
-    ft_key = fingerprint(eval=key, plan=plan, ft=ft_config.to_json())
+    # teacher: the KL teacher replays the traces as recorded (logs from before, whose teacher read the merge's
+    # parents reordered, have another name and are not reused)
+    ft_key = fingerprint(eval=key, plan=plan, ft=ft_config.to_json(), teacher="as recorded")
     # After the fingerprint (which names the committed logs): the configuration records the split actually used.
     ft_config = dataclasses.replace(ft_config, dev_fraction=DEV_FRACTION)
     log = Path(folder) / f"finetuned-{ft_key}.jsonl"
