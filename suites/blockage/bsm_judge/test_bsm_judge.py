@@ -203,13 +203,15 @@ def test_bsm_judge(table, row):
 # `small`: what the embedded model showed (n = 24, measured first; see README): the 135M judge never prefers the
 # same story in both orders (pure position bias: position A in both orders in 70 of 72 comparisons, B in 2; no
 # unparsable answer), so every comparison is a tie, which says nothing about the stories: the paper's baseline
-# preference is not tested by this judge. A stronger local judge (--model) is the way to test it.
+# preference is not tested by this judge. A stronger local judge (--model) is the way to test it. The fine-tuned
+# row, rerun with the teacher that reads the baseline's merge prompt: the judge decided 1 of 24 comparisons by
+# content (position A in both orders in the other 23), so its sign test can be read, and shows no difference.
 CLAIMS = {
     "smoke": {},  # mechanics only
     "small": {
         "Baseline vs. Choreographed": "judge decides nothing by content",
         "Baseline vs. Choreographed + Linearization": "judge decides nothing by content",
-        "Baseline vs. Choreographed + Fine-tuning": "judge decides nothing by content",
+        "Baseline vs. Choreographed + Fine-tuning": "no detectable difference",
     },
     "paper": {
         "Baseline vs. Choreographed": "baseline wins",

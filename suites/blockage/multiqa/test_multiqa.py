@@ -61,7 +61,9 @@ def _finetuned(model, profile, train_questions, pairs, config, key, folder):
     summary_path = folder / f"{name}.train.json"
     if all(i in done for i in range(len(pairs))) and summary_path.exists():
         return [done[i] for i in range(len(pairs))], resumed_summary(summary_path, seed=SEED)
-    train_pairs = make_pairs(train_questions, plan["train"], seed=TRAIN_SEED)
+    # distinct pairs: a pair drawn twice would give one trace (greedy) on both sides of the train/dev split
+    distinct = {(a.id, b.id): (a, b) for a, b in make_pairs(train_questions, 3 * plan["train"], seed=TRAIN_SEED)}
+    train_pairs = list(distinct.values())[:plan["train"]]
     traces = collect_traces(model, train_pairs, config=config, progress="multiqa traces")
     traces = [t for t in traces if all(e.tokens for e in t if e.kind == "decode")]
     train_set, dev_set = split_traces(traces, dev_fraction=ft_config.dev_fraction, seed=SEED)
