@@ -150,7 +150,8 @@ def table(bsm_study, model, results_dir):
                f"[{t.low:+.3f}, {t.high:+.3f}], paired t p = {t.t_pvalue:.2g}" for name, t in reference.items()],
              *[f"{name}: equivalence within ±{100 * COVERAGE_MARGIN:.0f} points (paired TOST, outside the Holm "
                f"family): difference {t.difference:+.3f}, {100 * (1 - 2 * ALPHA):.0f}% interval [{t.low:+.3f}, "
-               f"{t.high:+.3f}], p = {t.pvalue:.2g}" + (f"; {caveat}" if caveat else "")
+               f"{t.high:+.3f}], p = {t.pvalue:.2g}: {'equivalent' if t.equivalent else 'equivalence not shown'}"
+               + (f"; {caveat}" if caveat else "")
                for name, t in equivalence.items()],
              st["finetune_note"],
              f"Wall time in this session {st['wall_s']:.0f} s for all conditions and judging (records already logged "

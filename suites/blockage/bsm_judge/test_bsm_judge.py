@@ -124,9 +124,7 @@ def table(bsm_study, model, results_dir):
                + f"; net preference {100 * even[row].difference:+.1f} pts, 90% "
                f"interval [{100 * even[row].low:+.1f}, {100 * even[row].high:+.1f}], TOST p = {even[row].pvalue:.2g} "
                f"within ±{100 * NET_MARGIN:.0f} pts: "
-               + ("not read as equivalence: the judge decided no comparison by the stories' content"
-                  if diagnostics[row]["consistent"] == 0 else
-                  "equivalent" if even[row].equivalent else "not shown equivalent") for row, h in results.items()],
+               + _equivalence_text(even[row], diagnostics[row]) for row, h in results.items()],
              "Unparsable: the judge's answers (two per comparison, one per order) naming neither A nor B; a tie "
              "counts them and position bias alike. A / B both orders: comparisons where the judge named the same "
              "position in both orders, i.e. preferred whichever story it was shown first (A) or second (B), so the "
@@ -160,6 +158,20 @@ def table(bsm_study, model, results_dir):
     return {"results": results, "holm": holm, "vacuous": vacuous, "even": even, "diagnostics": diagnostics,
             "profile": st["profile"], "n": n,
             "text": (out / "bsm_judge.md").read_text()}
+
+
+def _equivalence_text(tost, d: dict) -> str:
+    """How to read a net-preference TOST, given the judge's diagnostics ``d`` (``judge_diagnostics``): a tie of
+    position bias counts as no preference, so equivalence says little where few comparisons were decided by the
+    stories' content."""
+    if d["consistent"] == 0:
+        return "not read as equivalence: the judge decided no comparison by the stories' content"
+    if not tost.equivalent:
+        return "not shown equivalent"
+    if d["consistent"] < d["asked"]:
+        return (f"equivalent, read with care: the judge decided only {d['consistent']} of {d['asked']} comparisons "
+                f"by the stories' content (the others are ties of position bias or unparsable answers)")
+    return "equivalent"
 
 
 def _answer_counts(records: list, *, top: int = 4) -> str:
