@@ -315,10 +315,10 @@ def call_losses(rows: torch.Tensor, target: torch.Tensor, *, loss: str, teacher:
     logq = rows.float().log_softmax(-1)  # (S, V)
     out = torch.zeros((), device=rows.device)
     if loss in ("ce", "ce+kl"):
-        n = (len(target) - 1 if ce_content else 0) + (1 if ce_end else 0)  # scored rows: content, end-of-turn
-        if n > 0:
-            scored = slice(0 if ce_content else len(target) - 1, len(target) if ce_end else len(target) - 1)
-            out = out + F.nll_loss(logq[scored], target[scored])
+        end = len(target) - 1  # the end-of-turn row; the content rows come before it
+        lo, hi = (0 if ce_content else end), (end + 1 if ce_end else end)
+        if hi > lo:
+            out = out + F.nll_loss(logq[lo:hi], target[lo:hi])
     if loss in ("kl", "ce+kl"):
         if teacher is None or teacher.shape != rows.shape:
             raise ValueError(f"teacher log-probs must match the student rows {tuple(rows.shape)}, "

@@ -204,6 +204,10 @@ def make_impl(name: str, w: Workload, args):
 
         flex_gathered.flex, flex_gathered.block_mask = flex, block_mask
         return flex_gathered
+    if name == "flex_kernel":  # FlexAttention's kernel alone: keys gathered and re-rotated here, before timing
+        gathered = make_impl("flex", w, args)
+        k, v = _gather_rotated(args, layout)
+        return lambda: gathered.flex(q, k, v, block_mask=gathered.block_mask, enable_gqa=True)
     if name == "sdpa_causal":
         from torch.nn.attention.bias import causal_lower_right
 
@@ -216,6 +220,15 @@ def make_impl(name: str, w: Workload, args):
 
 
 IMPLS = ["triton", "triton_prerotate", "sdpa_dense", "flex", "flex_kernel", "sdpa_causal"]
+
+
+def skip_reason(w: Workload, impl: str) -> str | None:
+    """Why ``test_segment_attention_speed`` does not time ``impl`` on ``w``, or None."""
+    if w.deltas != "per-message" and impl not in ("triton", "triton_prerotate", "sdpa_causal"):
+        return f"deltas={w.deltas!r} isolates the kernel's re-rotation: kernel and causal SDPA only"
+    if impl == "triton_prerotate" and w.S == 1:
+        return "copying the moved keys first pays off only where query blocks share them: prefill"
+    return None
 
 # Calls per timed round: a round is REPS launches then one synchronisation, so that the host's launch and
 # sync latency (tens of microseconds) does not swamp short kernels. Same for every implementation of a workload.
@@ -292,23 +305,12 @@ def _machine_info() -> dict:
 def test_segment_attention_speed(benchmark, w, impl):
     from triton_kernels.reference import dense_layout, segment_attention_sdpa
 
-    if w.deltas != "per-message" and impl not in ("triton", "triton_prerotate", "sdpa_causal"):
-        pytest.skip(f"deltas={w.deltas!r} isolates the kernel's re-rotation: kernel and causal SDPA only")
-    if impl == "triton_prerotate" and w.S == 1:
-        pytest.skip("copying the moved keys first pays off only where query blocks share them: prefill")
+    if skip_reason(w, impl):
+        pytest.skip(skip_reason(w, impl))
     sets = input_sets(w)
     args = sets[0]
     layout = dense_layout(*args[3:9], w.S)
-
-    def make(args):
-        if impl == "flex_kernel":  # FlexAttention's kernel alone: keys gathered and re-rotated before timing
-            k, v = _gather_rotated(args, dense_layout(*args[3:9], w.S))
-            gathered = make_impl("flex", w, args)
-            flex, block_mask = gathered.flex, gathered.block_mask
-            return lambda: flex(args[0], k, v, block_mask=block_mask, enable_gqa=True)
-        return make_impl(impl, w, args)
-
-    fns = [make(a) for a in sets]
+    fns = [make_impl(impl, w, a) for a in sets]
     fn = fns[0]
     out = fn()  # also compiles before timing
     if impl != "sdpa_causal":  # the same attention: check before timing
@@ -364,13 +366,12 @@ def _tile_configs():
 
 
 TILES = _tile_configs()
+TILE_IDS = [f"{w.name}-m{c.block_m}n{c.block_n}w{c.num_warps}s{c.num_stages}"
+            f"{'-tma' if c.tma else '-prerotate' if c.prerotate else '' if c.flat else '-nested'}"
+            f"{f'-flat{c.flat_stages}' if c.flat_stages else ''}-k{n}" for w, c, n in TILES]
 
 
-@pytest.mark.parametrize("w, cfg, splits", TILES, ids=[
-    f"{w.name}-m{c.block_m}n{c.block_n}w{c.num_warps}s{c.num_stages}"
-    f"{'-tma' if c.tma else '-prerotate' if c.prerotate else '' if c.flat else '-nested'}"
-    f"{f'-flat{c.flat_stages}' if c.flat_stages else ''}-k{n}"
-    for w, c, n in TILES])
+@pytest.mark.parametrize("w, cfg, splits", TILES, ids=TILE_IDS)
 def test_segment_attention_tiles(benchmark, w, cfg, splits):
     """The kernel at each candidate tile configuration and split count (what the defaults are chosen from)."""
     from triton_kernels import default_splits, launch_config, segment_attention, tile_table

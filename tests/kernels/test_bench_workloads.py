@@ -80,17 +80,7 @@ def test_workload_builds_what_it_names(small, w):
     assert not torch.equal(small.build_inputs(t, DEVICE, seed=1)[0], q)
 
 
-def _impl_cases():
-    for w in bench.WORKLOADS:
-        for impl in bench.IMPLS:
-            if w.deltas != "per-message" and impl not in ("triton", "triton_prerotate", "sdpa_causal"):
-                continue  # as test_segment_attention_speed skips them
-            if impl == "triton_prerotate" and w.S == 1:
-                continue
-            yield w, impl
-
-
-IMPL_CASES = list(_impl_cases())
+IMPL_CASES = [(w, impl) for w in bench.WORKLOADS for impl in bench.IMPLS if not bench.skip_reason(w, impl)]
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # FlexAttention's "eager mode is slow" warning
@@ -99,12 +89,7 @@ def test_each_timed_implementation_computes_the_attention(small, w, impl):
     t = tiny(w)
     args = small.build_inputs(t, DEVICE)
     layout = dense_layout(*args[3:9], t.S)
-    if impl == "flex_kernel":  # as the speed benchmark builds it: the keys gathered before timing
-        gathered = small.make_impl("flex", t, args)
-        k, v = small._gather_rotated(args, layout)
-        out = gathered.flex(args[0], k, v, block_mask=gathered.block_mask, enable_gqa=True)
-    else:
-        out = small.make_impl(impl, t, args)()
+    out = small.make_impl(impl, t, args)()
     assert out.shape == args[0].shape
     if impl != "sdpa_causal":
         torch.testing.assert_close(out, reference(args), atol=1e-4, rtol=1e-4)
@@ -120,12 +105,7 @@ def test_each_timed_implementation_computes_the_attention(small, w, impl):
     torch.testing.assert_close(out.double(), scores.softmax(-1) @ v, atol=1e-4, rtol=1e-4)
 
 
-TILE_IDS = [f"{w.name}-m{c.block_m}n{c.block_n}w{c.num_warps}s{c.num_stages}"
-            f"{'-tma' if c.tma else '-prerotate' if c.prerotate else '' if c.flat else '-nested'}"
-            f"{f'-flat{c.flat_stages}' if c.flat_stages else ''}-k{n}" for w, c, n in bench.TILES]
-
-
-@pytest.mark.parametrize("w, cfg, splits", bench.TILES, ids=TILE_IDS)
+@pytest.mark.parametrize("w, cfg, splits", bench.TILES, ids=bench.TILE_IDS)
 def test_each_swept_tile_configuration_computes_the_attention(small, w, cfg, splits):
     from triton_kernels import segment_attention, tile_table
 
