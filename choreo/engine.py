@@ -69,7 +69,9 @@ class Call:
         if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
         if not _is_int(self.seed) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
-            raise ValueError(f"seed must be an integer in [-2**63, 2**64 - 1] (torch.Generator's), got {self.seed!r}")
+            raise ValueError(f"seed must be an integer in [0, 2**32 - 1], got {self.seed!r}: torch's CPU generator "
+                             f"keeps a seed's low 32 bits only, so seeds differing by a multiple of 2**32 (or a "
+                             f"negative one and its 32-bit complement) would draw the same tokens")
         # Python numbers from here on (numpy scalars included): they reach the store's counters and the traces' JSON.
         for name, kind in (("max_tokens", operator.index), ("seed", operator.index), ("temperature", float),
                            ("top_p", float)):
@@ -87,7 +89,7 @@ class Call:
             object.__setattr__(self, "teacher_tokens", token_ids(self.teacher_tokens, "teacher_tokens"))
 
 
-SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed accepts
+SEED_RANGE = (0, (1 << 32) - 1)  # the seeds torch's CPU generator tells apart (it keeps the low 32 bits)
 POSITION_LIMIT = 1 << 62  # positions and position sums stay inside int64 tensors
 
 
@@ -541,6 +543,14 @@ class Choreographer:
         else:
             ids, content = list(header), (len(header), len(header))
             reserved = len(header) + call.max_tokens + len(footer)
+        capacity = self.engine.store.capacity
+        if reserved > capacity >= len(header) + len(footer) + 1:  # no freeing makes room: name the call's own value
+            what = (f"its {len(teacher)} teacher_tokens" if call.teacher_tokens is not None
+                    else f"max_tokens={call.max_tokens}")
+            raise ValueError(f"decode call (role {call.role!r}) reserves {reserved} cache rows ({what}, with its "
+                             f"{len(header)}-token header and {len(footer)}-token footer), more than the store's "
+                             f"capacity of {capacity} tokens: lower it, or give the executor a "
+                             f"larger capacity (capacity=...)")
         generator, stop_ids = make_generator(call.seed), self.format.stop_ids(call.role)
         row = self.engine.store.alloc(reserved)  # last: nothing above allocates, so nothing leaks if it raises
         msg = Message(

@@ -607,7 +607,7 @@ def trained_adapter(model, train_traces: Sequence, dev_traces: Sequence, *, conf
 def _train_adapted(model, train_traces, dev_traces, *, config, out: Path, resume, stop_after, progress, teacher,
                    n_micro: int, total: int, dev_score) -> TrainResult:
     """``train`` once the adapter is on the model (the caller removes it if this raises)."""
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     last, best_dir = out / "last", out / "best"
     params = trainable_parameters(model)
@@ -663,7 +663,7 @@ def _train_adapted(model, train_traces, dev_traces, *, config, out: Path, resume
         dev_eval(record)
         state["history"].append(record)
 
-    bar = tqdm(total=total, initial=state["step"], desc="finetune", disable=not progress)
+    bar = progress_bar(total=total, initial=state["step"], desc="finetune", disable=not progress)
     times = []
     try:
         while state["step"] < total and (stop_after is None or state["step"] < stop_after):

@@ -24,10 +24,9 @@ import sys
 import time
 from typing import Any, Callable, Coroutine, Iterable, Sequence
 
-from tqdm.auto import tqdm
-
 from .cache import CapacityError, Message
 from .engine import Call, Choreographer, Job, as_tuple, call_list
+from .progress import progress_bar
 from .trace import TraceRecorder
 
 Workflow = Callable[["Session"], Coroutine[Any, Any, Any]]
@@ -174,12 +173,13 @@ class Runner:
         engine = self.executor.engine
         passes0, tokens0 = engine.forward_passes, engine.tokens_processed
         t0 = time.perf_counter()
-        bar = tqdm(total=len(todo), desc=self.progress if isinstance(self.progress, str) else "workflows",
-                   disable=not self.progress, leave=False)
+        bar = progress_bar(total=len(todo), desc=self.progress if isinstance(self.progress, str) else "workflows",
+                           disable=not self.progress, leave=False)
         ready: list[tuple[int, Session, Coroutine, Any]] = []
         deferred: list[Job] = []
         waiting: dict[int, tuple[Session, Coroutine, _Request]] = {}
         admitted = 0
+        current = None  # the instance being advanced, while its coroutine runs (popped from ready, not yet waiting)
 
         def admit():
             nonlocal admitted
@@ -193,10 +193,11 @@ class Runner:
             admit()
             while ready or waiting:
                 while ready:
-                    i, session, coro, value = ready.pop()
+                    i, session, coro, value = current = ready.pop()
                     try:
                         request = coro.send(value)
                     except StopIteration as stop:
+                        current = None
                         session._close()
                         results[i] = stop.value
                         finished += 1
@@ -220,6 +221,7 @@ class Runner:
                                         f"Runner drives workflows without asyncio; for calls in parallel, give "
                                         f"ex.decode a list: await ex.decode([Call(...), Call(...)]))")
                     waiting[i] = (session, coro, request)
+                    current = None
                 jobs = [j for j in deferred if not j.done]
                 jobs += [j for _, _, r in waiting.values() for j in r.jobs if not j.done]
                 self.stats.max_batch = max(self.stats.max_batch, len(jobs))
@@ -233,7 +235,7 @@ class Runner:
                     session.created.extend(messages)
                     ready.append((i, session, coro, messages[0] if request.single else messages))
         except CapacityError as error:  # the fix is usually here, not in the workflow: say so
-            live = len(ready) + len(waiting)
+            live = len(ready) + len(waiting) + (current is not None)  # the instance whose call raised counts too
             raise CapacityError(f"{error} -- with {live} workflow instances live (max_concurrent="
                                 f"{self.max_concurrent}): run fewer at once (Runner(max_concurrent=...)) or give the "
                                 f"executor a larger capacity (capacity=...)") from error

@@ -37,6 +37,7 @@ def sample(logits: torch.Tensor, *, temperature: float, top_p: float, generator:
         sorted_p, order = probs.sort(descending=True)
         # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p.
         keep = (sorted_p.cumsum(0) - sorted_p) < top_p
+        keep[0] = True  # the most likely token always: a top_p below fp32's smallest number compares as 0 above
         probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
     return int(torch.multinomial(probs, 1, generator=generator))
 

@@ -48,13 +48,22 @@ BAD = {
     "max_tokens 0": (lambda ex, s, g: ex.decode(role="assistant", parents=[s], max_tokens=0), ValueError, "max_tokens"),
     "top_p 0": (lambda ex, s, g: ex.decode(role="assistant", parents=[s], top_p=0.0), ValueError, "top_p"),
     "duplicate parent": (lambda ex, s, g: ex.decode(role="assistant", parents=[s, s]), ValueError, "twice"),
-    "capacity exceeded": (lambda ex, s, g: ex.decode(role="assistant", parents=[s], max_tokens=1000),
-                          CapacityError, "capacity"),
+    "max_tokens above the capacity": (lambda ex, s, g: ex.decode(role="assistant", parents=[s], max_tokens=1000),
+                                      ValueError, r"max_tokens=1000.*capacity of 256 tokens"),
+    "teacher tokens above the capacity": (
+        lambda ex, s, g: ex.decode(role="assistant", parents=[s], teacher_tokens=[5] * 300), ValueError,
+        "its 300 teacher_tokens"),
     "one bad call in a parallel batch": (
         lambda ex, s, g: ex.decode([choreo.Call(parents=[s], max_tokens=5), choreo.Call(parents=[s], max_tokens=900)]),
+        ValueError, "max_tokens=900"),
+    "capacity exceeded by a batch": (
+        lambda ex, s, g: ex.decode([choreo.Call(parents=[s], max_tokens=120) for _ in range(2)]),
         CapacityError, "capacity"),
     "seed None": (lambda ex, s, g: ex.decode(role="assistant", parents=[s], seed=None), ValueError, "seed"),
     "seed too large": (lambda ex, s, g: ex.decode(role="assistant", parents=[s], seed=2 ** 70), ValueError, "seed"),
+    "seed of 33 bits": (lambda ex, s, g: ex.decode(role="assistant", parents=[s], seed=2 ** 32), ValueError,
+                        r"\[0, 2\*\*32 - 1\], got 4294967296: .*low 32 bits"),
+    "negative seed": (lambda ex, s, g: ex.decode(role="assistant", parents=[s], seed=-1), ValueError, "got -1"),
     "one bad seed in a parallel batch": (
         lambda ex, s, g: ex.decode([choreo.Call(parents=[s], max_tokens=5), choreo.Call(parents=[s], seed="abc")]),
         ValueError, "'abc'"),
@@ -325,7 +334,7 @@ def test_a_call_that_does_not_finish_reuses_no_tokens(tiny_gqa, case):
     reused = bl.reused_tokens
     if case != "a call that cannot fit":
         bl.engine.backend = failing_backend(bl, after=0 if "first" in case else 1)
-    with pytest.raises((CapacityError, RuntimeError)):
+    with pytest.raises((CapacityError, RuntimeError, ValueError)):
         REFUSALS[case](bl, calls)
     assert bl.reused_tokens == reused
     bl.engine.backend = choreo.attention.get_backend(bl.attention)

@@ -96,14 +96,15 @@ class Free(NamedTuple):
 class Refused(NamedTuple):
     """A parallel batch whose last call is bad, so the whole batch must be refused and leave no trace, the rows
     reserved for the calls before it included: "freed-parent" (it also reads message ``freed``: KeyError),
-    "bad-teacher-token" (the id vocab_size: ValueError) or "over-capacity" (max_tokens = capacity: CapacityError)."""
+    "bad-teacher-token" (the id vocab_size: ValueError) or "over-capacity" (max_tokens = capacity: ValueError naming it;
+    CapacityError where the baseline's re-encoded prompt alone outgrows the store)."""
 
     why: str
     calls: tuple[CallSpec, ...]
     freed: int | None = None
 
 
-REFUSALS = {"freed-parent": KeyError, "bad-teacher-token": ValueError, "over-capacity": CapacityError}
+REFUSALS = {"freed-parent": KeyError, "bad-teacher-token": ValueError, "over-capacity": ValueError}
 
 
 @st.composite
@@ -133,7 +134,7 @@ def call_specs(draw, live):
         fields["max_tokens"] = draw(st.integers(1, 6))
         if draw(st.booleans()):  # 1e-30: logits / t overflow, the draw is among the max-logit tokens
             fields.update(temperature=draw(st.sampled_from([1e-30, 0.7, 1.0, 1.5])),
-                          top_p=draw(st.sampled_from([1.0, 0.9, 0.5])), seed=draw(st.integers(0, 2 ** 40)))
+                          top_p=draw(st.sampled_from([1.0, 0.9, 0.5])), seed=draw(st.integers(0, 2 ** 32 - 1)))
         if draw(st.booleans()):  # "x ": tokens rarely end in a space, so these stops span two tokens
             stops = ["e", "the", "\n", "e ", "s ", "t ", "d "]
             fields.update(stop=draw(st.lists(st.sampled_from(stops), min_size=1, max_size=2)),
@@ -272,6 +273,10 @@ def run_program(ex, ops) -> Run:
         try:
             outcome = apply(ex, op, first, made, live)
         except CapacityError:  # a program may outgrow a small store
+            outcome = "CapacityError"
+        except ValueError as error:  # ... or a call may reserve more rows than it holds (max_tokens or teacher)
+            if "more than the store's capacity" not in str(error):
+                raise
             outcome = "CapacityError"
         if outcome != "ok":
             assert state(ex) == before, f"{op} ({outcome}) changed the executor's state"

@@ -179,6 +179,19 @@ def test_a_full_store_names_the_runners_concurrency_and_leaves_nothing_behind(ti
 
 
 @pytest.mark.parametrize("kind", [choreo.Choreographer, choreo.Baseline])
+def test_a_full_store_counts_the_instance_whose_call_did_not_fit(tiny_gqa, kind):
+    """One instance at a time, its parallel calls together too many for the store: one instance was live."""
+    async def wide(ex):
+        sys = await ex.prefill("Be brief.", role="system")
+        return await ex.decode([choreo.Call(role="assistant", parents=[sys], max_tokens=40, seed=s) for s in (0, 1)])
+
+    ex = kind(tiny_gqa, capacity=64)
+    with pytest.raises(choreo.cache.CapacityError, match=r"with 1 workflow instances live \(max_concurrent=1\)"):
+        choreo.Runner(ex, max_concurrent=1, progress=False).run([wide])
+    assert ex.memory()["tokens_used"] == 0
+
+
+@pytest.mark.parametrize("kind", [choreo.Choreographer, choreo.Baseline])
 def test_another_instances_call_in_flight_is_no_parent_until_it_returns(tiny_gqa, kind):
     """An instance that finds another's running decode among the executor's messages (the choreographer lists a
     call once it starts; the baseline lists its text message when it returns) can neither read nor free it; every

@@ -43,6 +43,26 @@ def test_a_seed_replays_its_stream_and_seeds_differ():
         _draws(logits, 20, temperature=1.0, top_p=1.0)
 
 
+@pytest.mark.parametrize("top_p", [1e-45, 1e-46, 1e-300, 5e-324])
+def test_a_nucleus_below_fp32s_smallest_number_keeps_the_most_likely_token(top_p):
+    """The mass before the top token (0) is compared with top_p in fp32, where a top_p below ~7e-46 is 0: the
+    top token is kept all the same (Hugging Face's min_tokens_to_keep = 1), not an empty distribution."""
+    logits = torch.tensor([0.1, 2.0, 1.9, -1.0])
+    assert _draws(logits, 20, temperature=1.0, top_p=top_p) == [1] * 20
+
+
+def test_the_top_token_kept_changes_no_draw_of_an_ordinary_nucleus():
+    logits = torch.randn(40, generator=torch.Generator().manual_seed(3)) * 2
+    gen = make_generator(11)
+    draws = [sample(logits, temperature=0.8, top_p=0.9, generator=gen) for _ in range(200)]
+    probs = (logits / 0.8).softmax(-1)
+    sorted_p, order = probs.sort(descending=True)
+    keep = (sorted_p.cumsum(0) - sorted_p) < 0.9  # the rule before the top token was forced in: it holds it here
+    nucleus = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+    gen = make_generator(11)
+    assert draws == [int(torch.multinomial(nucleus, 1, generator=gen)) for _ in range(200)]
+
+
 @pytest.mark.parametrize("temperature", [1e-30, 1e-40, 1e-300, 5e-324])
 def test_a_tiny_temperature_draws_among_the_max_logit_tokens(temperature):
     """Logits / t overflow to inf below ~1e-38 in fp32: the draw is then the limit t -> 0, among the tokens of the
