@@ -103,7 +103,9 @@ Triton GPU IR; counted, not timed one by one: the timings above are their sum):
 - With the moved keys copied first (``LaunchConfig.prerotate``, off by default) the main loop is the unmoved
   one over the copy: 405 instructions per tile and no re-rotation (D 64: 329, against 360 moved and 322
   unmoved), for one extra pass that reads and writes every attended moved key once per launch (prefill-B8-S512-T4k:
-  64 MB each way at bf16). Not yet timed: ``triton_prerotate`` in the benchmarks.
+  64 MB each way at bf16). Not yet timed: ``triton_prerotate`` in the benchmarks. A forward that a backward
+  follows always runs this way when a segment is moved (``scoring_launch``), so that the backward's
+  probabilities come from the scores the forward normalised.
 
 Worked example (call 0 sees store rows 0..9 moved 5 positions later, then its own 3 tokens, 2 of them new)::
 
@@ -630,7 +632,10 @@ class LaunchConfig:
     shared memory, no re-rotation) with the values read from the store. Trades the in-register re-rotation
     (its query round trip through shared memory at every tile and its re-rotation at every delta change) for
     that copy, which the query blocks of a prefill share; at decode the copy is about as much traffic as the
-    attention itself. Off by default: not yet timed on a GPU.
+    attention itself. Off by default: not yet timed on a GPU. A forward that a backward will follow uses it
+    whatever the config says, when some segment is moved (``segment_attention_backward.scoring_launch``: the
+    backward scores moved keys rotated, and its recomputed probabilities must use the forward's row statistics
+    of those same scores).
     """
 
     block_m: int

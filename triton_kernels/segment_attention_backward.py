@@ -25,6 +25,12 @@ where K' are the keys as the call sees them. A segment moved by delta is seen as
   run, for fp32 partials as large as the keys the calls read (B x tiles x block_n x Hkv x D x 8 bytes) and one
   sort.
 
+The backward recomputes P from scores of keys rotated by +delta; the forward's own loop counter-rotates the query
+instead, which at 16-bit dtypes rounds differently (by |s| times a few ulps), and P = exp2(s - L) is only a
+distribution when L was summed over the same scores. So the forward of a launch that a backward follows runs
+over keys moved first (``scoring_launch``: ``LaunchConfig.prerotate``, the bits the backward rotates to) whenever
+a segment is moved; a launch with none runs as configured.
+
 Masks: a row that is not a query (padding) has L = +inf, so its P is exactly 0 with no mask, and so is its
 dS = P (dP - 0), its dO and Q being loaded from the call's last new token (finite; unmasked loads); the
 scores are masked (-inf) only where a valid row does not attend a key: a partial tile's lanes past its count
@@ -50,6 +56,8 @@ timed on a GPU.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 from torch.autograd.function import once_differentiable
@@ -58,7 +66,7 @@ import triton.language as tl
 from .segment_attention import (LOG2E, Launch, LaunchConfig, _rope_tables, _rotate, _rotate_rows, _rotation, _tile,
                                 _to, _token_to_load, forward, half_angles, interpreter_active, tile_table)
 
-__all__ = ["SegmentAttentionFunction", "backward", "backward_configs"]
+__all__ = ["SegmentAttentionFunction", "backward", "backward_configs", "scoring_launch"]
 
 
 @triton.jit
@@ -298,6 +306,27 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DI, DK, DV, DEST,  #
 
 
 # ----------------------------------------------------------------------------------------------- host side
+def scoring_launch(launch: Launch) -> Launch:
+    """The launch a forward runs when a backward will follow: ``launch`` itself when no segment is moved, else
+    the same tiles over keys moved first (``LaunchConfig.prerotate``; a nested-loop launch gets its tile table
+    here, a TMA one the default loads), so that the forward scores every moved key as the backward does.
+
+    The backward recomputes P = exp2(s - L) with the forward's row statistics L, from scores of key tiles it
+    rotates in registers (``_rotate_rows``, the bits ``_prerotate_keys`` writes). The forward's own re-rotation
+    counter-rotates the query instead, rounded to the dtype: the same scores in exact arithmetic, but at 16-bit
+    dtypes they differ by |s| times a few ulps, and where scaled scores are large P's rows no longer summed to 1.
+    At scale 1.7 (D 128, a segment moved 9 positions, fp16 or bf16) dV came out 3.0-3.3x PyTorch's error at the
+    dtype; with the keys moved first, 0.2-0.3x (tests/kernels/test_segment_attention_backward.py,
+    ``test_gradients_at_large_scale``)."""
+    cfg, tiles = launch.config, launch.tiles
+    if tiles is None:  # the nested loop: cut its table (the backward would cut the same one; on CUDA a sync)
+        tiles = tile_table(launch.seg_start, launch.seg_len, launch.seg_delta, cfg.block_n, device=launch.device)
+    if not tiles.moved:
+        return launch
+    config = dataclasses.replace(cfg, flat=True, tma=False, prerotate=True)
+    return dataclasses.replace(launch, config=config, tiles=tiles)
+
+
 def dq_flat_stages(num_stages: int, head_dim: int, dtype: torch.dtype) -> int | None:
     """The stages of dq's loop over the tile table (``LaunchConfig.flat_stages``) for a dq tile of ``num_stages``:
     num_stages + 1 at fp16 / bf16 with D <= 128 (see ``backward_configs``), else the LaunchConfig default."""
@@ -419,6 +448,7 @@ class SegmentAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k_cache, v_cache, launch: Launch):
+        launch = scoring_launch(launch)
         out, lse = forward(q, k_cache, v_cache, launch, store_lse=True)
         ctx.save_for_backward(q, out, lse)
         ctx.store = (k_cache.detach(), v_cache.detach())  # by reference: later writes to other rows are allowed

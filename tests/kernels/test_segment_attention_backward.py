@@ -71,10 +71,12 @@ def check_gradients(case: Case, *, args: tuple | None = None, score_bound: float
     args = case.tensors() if args is None else args
     q = args[0]
     g = torch.randn(q.shape, generator=torch.Generator().manual_seed(case.seed + 1)).to(DEVICE)
+    scale = kwargs.get("scale")
     with deterministic_algorithms(deterministic):  # the references below use matmuls: cuBLAS refuses the mode
         out, *grads = gradients(segment_attention, args, case.dtype, g.to(case.dtype), **kwargs)
-    _, *ref = gradients(segment_attention_ref, args, torch.float64, g.double())
-    _, *pt = gradients(lambda *a: segment_attention_ref(*a, upcast=False), args, case.dtype, g.to(case.dtype))
+    _, *ref = gradients(segment_attention_ref, args, torch.float64, g.double(), scale=scale)
+    _, *pt = gradients(lambda *a: segment_attention_ref(*a, upcast=False, scale=scale), args, case.dtype,
+                       g.to(case.dtype))
     assert out.requires_grad
     new_len = args[8].cpu()
     for name, mine, gold, theirs in zip(("dq", "dk", "dv"), grads, ref, pt):
@@ -119,6 +121,41 @@ def test_gradients_after_split_k_and_nested_forward(name):
     check_gradients(case, num_splits=3)
     check_gradients(case, config=dataclasses.replace(cfg, flat=False))
     check_gradients(case, config=dataclasses.replace(cfg, prerotate=True))
+
+
+@pytest.mark.parametrize("scale", [0.3, 1.7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("name", ["decode-S1", "overlap-repeat-gap", "fp16-D128", "seqlen-97"])
+def test_gradients_at_large_scale(name, dtype, scale):
+    """An explicit softmax scale far above 1 / sqrt(D) (0.125 at D 64, 0.088 at D 128): scaled scores of tens,
+    where the backward's P = exp2(s - L) is only as exact as the forward's L is for the same scores. With moved
+    segments scored one way in the forward (the query counter-rotated) and another in the backward (the keys
+    rotated), dV at 16-bit dtypes came out 2.5-6.6x PyTorch's error at scale 1.7; the forward of a launch that a
+    backward follows now scores the keys moved first, as the backward does (``scoring_launch``)."""
+    check_gradients(dataclasses.replace(AWKWARD[name], dtype=dtype), scale=scale)
+
+
+def test_scoring_launch_moves_the_keys_first_only_where_a_segment_moved():
+    """The forward that a backward follows: the launch itself when nothing is moved; else prerotated keys, in the
+    flat loop without TMA (a nested-loop launch gets the tile table the backward would cut)."""
+    from triton_kernels.segment_attention import prepare_launch
+    from triton_kernels.segment_attention_backward import scoring_launch
+
+    moved = AWKWARD["overlap-repeat-gap"]
+    unmoved = Case(segments=[[(0, 20, 0), (30, 5, 0)]], own_start=[40], own_past=[2], new_len=[3], S=3)
+    for case in (moved, unmoved):
+        args = case.tensors()
+        cfg = launch_config(case.S * case.H // case.Hkv, case.D, case.dtype, interpreter_active())
+        for config in (cfg, dataclasses.replace(cfg, flat=False)):
+            launch = prepare_launch(*args, config=config)
+            scoring = scoring_launch(launch)
+            if case is unmoved:
+                assert scoring is launch
+                continue
+            assert scoring.config == dataclasses.replace(cfg, prerotate=True)
+            assert scoring.tiles is not None and scoring.tiles.moved
+            if launch.tiles is not None:
+                assert scoring.tiles is launch.tiles
 
 
 @pytest.mark.parametrize("name", ["decode-S1", "overlap-repeat-gap", "padding-segments-and-rows", "all-calls-padding",
