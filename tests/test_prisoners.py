@@ -18,12 +18,15 @@ from choreo.results import JsonlLog
 from choreo.workflows import prisoners as pd
 
 TINY = pd.GameConfig.preset("tiny")
+# Adapter identities (``adapter_identity``) that name no real adapter: run_games records them, it cannot check them.
+ADAPTER_A = {"sha256": "a" * 64, "step": 3}
+ADAPTER_B = {"sha256": "b" * 64, "step": 3}
 
 
-def _run(model, tmp_path, arm, *, seeds=(0, 1), plans=None, predict=False, name="games.jsonl"):
+def _run(model, tmp_path, arm, *, seeds=(0, 1), plans=None, predict=False, name="games.jsonl", adapter=None):
     log = JsonlLog(tmp_path / name, key="key")
     return pd.run_games(model, arm=arm, strategies=["defect"], seeds=seeds, log=log, config=TINY, plans=plans,
-                        predict=predict, progress=False)
+                        predict=predict, progress=False, adapter=adapter)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +45,7 @@ def _plans(baseline):
 
 @pytest.mark.parametrize("arm", ["choreographed", "leak_system", "leak_plan", "finetuned"])
 def test_every_arm_plays_paired_games(model, tmp_path, baseline, arm):
-    out = _run(model, tmp_path, arm, plans=_plans(baseline))
+    out = _run(model, tmp_path, arm, plans=_plans(baseline), adapter=ADAPTER_A if arm == "finetuned" else None)
     for key, record in out.items():
         base = baseline[key]
         assert record["arm"] == arm and record["order"] == pd.turn_order(key[1])
@@ -53,6 +56,7 @@ def test_every_arm_plays_paired_games(model, tmp_path, baseline, arm):
         assert record["cooperate"]["bob"] == pd.is_cooperate(record["decisions"]["bob"])
         assert record["choice"] == {a: pd.parse_choice(record["decisions"][a]) for a in pd.AGENTS}
         assert record["plan_source"] == {"alice": "forced", "bob": "forced"}
+        assert record.get("adapter") == (ADAPTER_A if arm == "finetuned" else None)
 
 
 def test_baseline_records_choices_and_sampled_plans(baseline):
@@ -70,12 +74,21 @@ def test_an_empty_paired_plan_is_forced_empty_and_recorded(model, baseline, arm)
     base = baseline[("defect", 0)]
     plans = {"alice": [], "bob": base["plan_tokens"]["bob"]}
     executor = choreo.Baseline(model) if arm == "baseline" else choreo.Choreographer(model)
-    game = choreo.Runner(executor, progress=False).run(
-        [lambda s: pd.play(s, strategy="defect", seed=0, arm=arm, plans=plans, config=TINY)])[0]
+    runner = choreo.Runner(executor, progress=False, trace=True)
+    game = runner.run([lambda s: pd.play(s, strategy="defect", seed=0, arm=arm, plans=plans, config=TINY)])[0]
     assert game["plan_source"] == {"alice": "forced empty", "bob": "forced"}
     assert game["plan_tokens"] == {"alice": [], "bob": base["plan_tokens"]["bob"]}
     assert game["plans"]["alice"] == ""
     assert len(game["messages"]) == 2 * TINY.rounds
+    if arm == "leak_plan":
+        events = runner.traces[0]
+        copies = _copies(events)
+        assert sorted(events[c].role for c in copies) == ["assistant:alice"] * 2 + ["assistant:bob"] * 2
+        for c in copies:
+            if events[c].role == "assistant:alice":
+                assert events[c].parents == (), "a copy of an empty plan's author sees nothing"
+            else:
+                _assert_sees_only_its_authors_channel(events, c, "plan")
 
 
 def test_plan_sources():
@@ -107,30 +120,90 @@ def test_turn_orders_alternate(baseline):
     assert firsts == {0: "alice", 1: "bob"}
 
 
-def _trace(model, arm, plans=None):
+def _trace(model, arm, plans=None, *, wrap=lambda ex: ex):
     ex = (choreo.Baseline if arm == "baseline" else choreo.Choreographer)(model)
     runner = choreo.Runner(ex, progress=False, trace=True)
-    runner.run([lambda s: pd.play(s, strategy="defect", seed=0, arm=arm, plans=plans, config=TINY)])
+    runner.run([lambda s: pd.play(wrap(s), strategy="defect", seed=0, arm=arm, plans=plans, config=TINY)])
     return runner.traces[0]
+
+
+def _public(events) -> list[int]:
+    """Indices of the public messages as their authors wrote them (sampled, or forced by ``_EmptyMessages``)."""
+    return [i for i, e in enumerate(events) if e.kind == "decode" and e.prefix.startswith("To ")
+            and e.max_tokens == TINY.message_tokens]
+
+
+def _copies(events) -> list[int]:
+    """Indices of the ablations' teacher-forced copies of public messages."""
+    return [i for i, e in enumerate(events) if e.kind == "decode" and e.prefix.startswith("To ")
+            and e.max_tokens != TINY.message_tokens]
+
+
+def _assert_sees_only_its_authors_channel(events, c, channel):
+    """The copy ``events[c]`` attends to one event: its author's system prompt, or its author's plan re-encoded
+    alone (a teacher-forced turn of the plan's tokens without parents) -- never a public message, never the
+    reader's channel."""
+    copy = events[c]
+    author = copy.role.removeprefix("assistant:")
+    assert len(copy.parents) == 1, f"copy {c} sees {copy.parents}: one channel, never the original message"
+    (parent,) = copy.parents
+    seen = events[parent]
+    assert parent not in _public(events)
+    if channel == "system":
+        assert seen.kind == "prefill" and seen.role == "system" and seen.parents == ()
+        assert seen.text.startswith(f"You are {author.capitalize()}."), (c, seen.text[:40])
+    else:
+        (plan,) = [e for e in events if e.kind == "decode" and e.role == copy.role
+                   and e.max_tokens == TINY.plan_tokens and e.prefix == ""]  # the author's plan in the game
+        assert seen.kind == "decode" and seen.parents == () and seen.forced and seen.role == copy.role
+        assert seen.tokens == plan.tokens and seen.prefix == ""
 
 
 @pytest.mark.parametrize("arm,channel", [("leak_system", "system"), ("leak_plan", "plan")])
 def test_ablation_copies_attend_to_exactly_their_channel(model, baseline, arm, channel):
     events = _trace(model, arm, plans=baseline[("defect", 0)]["plan_tokens"])
-    public = [i for i, e in enumerate(events) if e.kind == "decode" and e.prefix.startswith("To ")
-              and e.max_tokens == TINY.message_tokens]
-    copies = [e for e in events if e.kind == "decode" and e.prefix.startswith("To ")
-              and e.max_tokens != TINY.message_tokens]
+    public, copies = _public(events), _copies(events)
     assert len(public) == 4 and len(copies) == 4
-    for copy in copies:
-        assert len(copy.parents) == 1, "a copy sees one channel and never the original cached message"
-        (parent,) = copy.parents
-        assert parent not in public
-        seen = events[parent]
-        if channel == "system":
-            assert seen.kind == "prefill" and seen.role == "system"
-        else:  # the plan re-encoded alone: a teacher-forced assistant turn without parents
-            assert seen.kind == "decode" and seen.parents == () and seen.role.startswith("assistant:")
+    for c, original in zip(copies, public):  # each copy follows its original
+        assert c > original and events[c].tokens == events[original].tokens and events[c].forced
+        assert events[c].role == events[original].role and events[c].prefix == events[original].prefix
+        _assert_sees_only_its_authors_channel(events, c, channel)
+
+
+class _EmptyMessages:
+    """A session whose agents write empty public messages (the model ending its turn at once): every message
+    call is teacher-forced to no tokens; all else passes through."""
+
+    def __init__(self, ex):
+        self._ex = ex
+
+    def __getattr__(self, name):
+        return getattr(self._ex, name)
+
+    async def decode(self, *args, **kwargs):
+        if kwargs.get("prefix", "").startswith("To ") and kwargs.get("max_tokens") == TINY.message_tokens:
+            kwargs["teacher_tokens"] = []
+        return await self._ex.decode(*args, **kwargs)
+
+
+@pytest.mark.parametrize("arm,channel", [("leak_system", "system"), ("leak_plan", "plan")])
+def test_an_empty_message_is_copied_seeing_only_the_channel(model, baseline, arm, channel):
+    """An empty public message still has an encoding (header, "To ...: " prefix, end of turn), and the original's
+    saw the author's whole context: the reader attends to a copy of it that sees only the channel."""
+    events = _trace(model, arm, plans=baseline[("defect", 0)]["plan_tokens"], wrap=_EmptyMessages)
+    public, copies = _public(events), _copies(events)
+    assert len(public) == 4 and all(events[i].tokens == () for i in public)
+    assert len(copies) == 4 and all(events[c].tokens == () for c in copies)
+    for c in copies:
+        _assert_sees_only_its_authors_channel(events, c, channel)
+    for agent in pd.AGENTS:  # every later call of the reader: its own messages and the copies, no original
+        others = {i for i in public if events[i].role != f"assistant:{agent}"}
+        reader_calls = [e for e in events if e.role in (f"assistant:{agent}", "user") and e.parents
+                        and events[e.parents[0]].text.startswith(f"You are {agent.capitalize()}.")]
+        decision = [e for e in reader_calls if e.prefix == pd.DECISION_PREFIX]
+        assert decision and all(not others & set(e.parents) for e in reader_calls), agent
+        assert {p for p in decision[0].parents if events[p].role != f"assistant:{agent}"} >= \
+            {c for c in copies if events[c].role != f"assistant:{agent}"}
 
 
 @pytest.mark.parametrize("arm", ["baseline", "choreographed"])
@@ -184,31 +257,96 @@ def test_interrupted_run_resumes_without_redoing_or_losing_games(model, tmp_path
     assert set(out) == {("defect", s) for s in seeds}
 
 
-def test_games_of_different_variants_share_a_log_without_mixing(model, tmp_path, baseline, monkeypatch):
-    """The fine-tuned arm labels its games with the plan that trained its adapter: another plan's games in the
-    same log are neither reused nor returned, and unlabelled (older) games count as ``unlabelled_variant``."""
-    path, plans, seeds = tmp_path / "games.jsonl", _plans(baseline), [0, 1]
-    play = lambda variant, **kw: pd.run_games(  # noqa: E731
-        model, arm="finetuned", strategies=["defect"], seeds=seeds, log=JsonlLog(path, key="key"), config=TINY,
-        plans=plans, progress=False, variant=variant, **kw)
-    unlabelled = pd.run_games(model, arm="finetuned", strategies=["defect"], seeds=seeds,
-                              log=JsonlLog(path, key="key"), config=TINY, plans=plans, progress=False)
-    assert all("variant" not in r for r in unlabelled.values())
-    played = []
-    real = pd.play
+@pytest.fixture
+def played(monkeypatch):
+    """The seeds of the games ``play`` actually plays from here on (resumed games are not played)."""
+    seeds, real = [], pd.play
 
     async def counting(ex, **kw):
-        played.append(kw["seed"])
+        seeds.append(kw["seed"])
         return await real(ex, **kw)
 
     monkeypatch.setattr(pd, "play", counting)
-    assert play("plan-a", unlabelled_variant="plan-a") == unlabelled and played == []  # the older games count
-    b = play("plan-b", unlabelled_variant="plan-a")
-    assert sorted(played) == seeds and all(r["variant"] == "plan-b" for r in b.values())  # another plan: played
-    assert play("plan-b", unlabelled_variant="plan-a") == b and len(played) == len(seeds)  # and then reused
-    assert play("plan-a", unlabelled_variant="plan-a") == unlabelled  # each plan still reads its own games
+    return seeds
+
+
+def _finetuned(model, path, plans, *, variant=None, adapter=ADAPTER_A, seeds=(0, 1)):
+    return pd.run_games(model, arm="finetuned", strategies=["defect"], seeds=seeds, log=JsonlLog(path, key="key"),
+                        config=TINY, plans=plans, progress=False, variant=variant, adapter=adapter)
+
+
+def test_games_of_different_variants_share_a_log_without_mixing(model, tmp_path, baseline, played):
+    """The fine-tuned arm labels its games with the plan that trained its adapter: another plan's games in the
+    same log are neither reused nor returned (unlabelled games: test_finetuned_games_are_tied_to_the_adapter...)."""
+    path, plans, seeds = tmp_path / "games.jsonl", _plans(baseline), [0, 1]
+    a = _finetuned(model, path, plans, variant="plan-a")
+    assert sorted(played) == seeds and all(r["variant"] == "plan-a" for r in a.values())
+    b = _finetuned(model, path, plans, variant="plan-b")
+    assert sorted(played) == sorted(2 * seeds)  # another plan: played
+    assert all(r["variant"] == "plan-b" for r in b.values())
+    assert _finetuned(model, path, plans, variant="plan-b") == b and len(played) == 4  # and then reused
+    assert _finetuned(model, path, plans, variant="plan-a") == a and len(played) == 4  # each plan reads its own
     keys = [tuple(r["key"]) for r in JsonlLog(path, key="key").records()]
     assert len(keys) == 2 * len(seeds) and set(keys) == {("finetuned", "defect", s) for s in seeds}
+
+
+def _strip(path, *fields):
+    """The log as written before its records carried ``fields`` (the committed leakage log's fine-tuned games)."""
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps({k: v for k, v in r.items() if k not in fields}) + "\n" for r in records))
+
+
+def test_finetuned_games_are_tied_to_the_adapter_that_played_them(model, tmp_path, baseline, played):
+    """A fine-tuned game records the adapter that played it (weights hash and step) and is resumed only by that
+    adapter: another adapter, the same weights chosen at another step, or a game logged before records carried
+    an adapter (stale: credited to none) are played again, and the new records replace the stale ones for this
+    adapter; the log stays readable and append-only."""
+    path, plans, seeds = tmp_path / "games.jsonl", _plans(baseline), [0, 1]
+    old = _finetuned(model, path, plans)
+    _strip(path, "adapter", "variant")  # the committed log's fine-tuned games: no adapter, no plan label
+    del played[:]
+    a = _finetuned(model, path, plans)
+    assert sorted(played) == seeds, "games logged without an adapter were credited to the adapter loaded now"
+    assert all(r["adapter"] == ADAPTER_A for r in a.values())
+    assert all(a[k]["messages"] == old[k]["messages"] for k in a)  # the same adapter plays the same games
+    assert _finetuned(model, path, plans) == a and len(played) == 2  # resumed: same adapter
+    later = {**ADAPTER_A, "step": ADAPTER_A["step"] + 1}
+    for n, adapter in ((4, later), (6, ADAPTER_B)):
+        out = _finetuned(model, path, plans, adapter=adapter)
+        assert len(played) == n and all(r["adapter"] == adapter for r in out.values()), adapter
+    assert _finetuned(model, path, plans) == a and len(played) == 6  # each adapter still reads its own games
+    records = list(JsonlLog(path, key="key").records())
+    assert len(records) == 4 * len(seeds) and sum("adapter" not in r for r in records) == len(seeds)
+
+
+@pytest.mark.parametrize("arm,adapter,message", [
+    ("finetuned", None, "arm 'finetuned' needs adapter identity"),
+    ("choreographed", ADAPTER_A, "arm 'choreographed' takes no adapter identity"),
+])
+def test_only_the_finetuned_arm_plays_under_an_adapter_identity(model, tmp_path, baseline, arm, adapter, message):
+    with pytest.raises(ValueError, match=message):
+        _run(model, tmp_path, arm, plans=_plans(baseline), adapter=adapter)
+    assert not (tmp_path / "games.jsonl").exists()
+
+
+def test_adapter_identity_hashes_the_weight_files_and_names_the_step(tmp_path):
+    folder = tmp_path / "best"
+    folder.mkdir()
+    (folder / "adapter_model.safetensors").write_bytes(b"weights-1")
+    (folder / "adapter_config.json").write_text('{"base_model_name_or_path": "/home/a/model"}')
+    (folder / "README.md").write_text("peft card")
+    first = pd.adapter_identity(folder, step=4)
+    assert set(first) == {"sha256", "step"} and len(first["sha256"]) == 64 and first["step"] == 4
+    # The config names the base model's local path, which differs between checkouts: not part of the identity.
+    (folder / "adapter_config.json").write_text('{"base_model_name_or_path": "/root/b/model"}')
+    (folder / "README.md").write_text("another card")
+    assert pd.adapter_identity(folder, step=4) == first
+    assert pd.adapter_identity(folder, step=5) != first
+    (folder / "adapter_model.safetensors").write_bytes(b"weights-2")
+    assert pd.adapter_identity(folder, step=4)["sha256"] != first["sha256"]
+    assert pd.adapter_text(first) == f"adapter {first['sha256'][:12]} (step 4)"
+    with pytest.raises(ValueError, match="adapter folder .*missing.* does not exist"):
+        pd.adapter_identity(tmp_path / "missing", step=0)
 
 
 def test_malformed_log_is_an_error_naming_file_and_line(model, tmp_path):
@@ -290,9 +428,13 @@ def test_finetuned_arm_trains_an_adapter_and_plays(model, tmp_path, baseline):
     fluency = json.loads((tmp_path / "ft" / "fluency.json").read_text())
     assert [g["seed"] for g in fluency["games"]] == [100, 101, 102] and all(g["kept"] for g in fluency["games"])
     assert all(0 < g["nll"] < 100 for g in fluency["games"]) and fluency["max_nll"] == 100.0
+    adapter = pd.adapter_identity(result.best_adapter, step=result.best_step)
+    assert adapter["step"] == result.best_step == json.loads((tmp_path / "ft" / "history.json").read_text())[
+        "best_step"]
     with use_adapter(model, result.best_adapter):
-        out = _run(model, tmp_path, "finetuned", plans=_plans(baseline), predict=True)
+        out = _run(model, tmp_path, "finetuned", plans=_plans(baseline), predict=True, adapter=adapter)
     assert all(r["arm"] == "finetuned" and len(r["predictions"]) == TINY.rounds + 1 for r in out.values())
+    assert all(r["adapter"] == adapter for r in out.values())
     with pytest.raises(ValueError, match="train and dev seeds overlap"):
         pd.train_adapter(model, strategy="defect", train_seeds=[1, 2], dev_seeds=[2], config=TINY,
                          finetune_config=FinetuneConfig.preset("smoke"), out_dir=tmp_path / "x", progress=False)

@@ -2,8 +2,9 @@
 "±" and a Wilson interval inside [0, 100], Table 1 has its TOST and Holm columns and words its verdicts
 without reading a large p-value as equivalence, Tables 1-3 parse every decision and prediction from its logged
 text and report the unparsable ones, exploited/defended/correct count only parsed texts, the fine-tuned arm's
-note names the chosen checkpoint, and the provenance command names the environment variables that change what
-runs."""
+note names the chosen checkpoint, the adapter that played the games and what the fluency filter scores, the
+fine-tuned games are played under the identity of the adapter loaded, the canary asserts at `paper` only what
+no single model measured, and the provenance command names the environment variables that change what runs."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ from pathlib import Path
 import pytest
 
 from choreo.report import command_line
+from choreo.workflows import prisoners as pd
 from choreo.workflows.prisoners import STRATEGIES, GameConfig
 from suites.leakage import conftest as leakage
 from suites.leakage.ablations import test_ablations as ablations
+from suites.leakage.canary import test_canary as canary
 from suites.leakage.cooperation import test_cooperation as cooperation
 from suites.leakage.prediction import test_prediction as prediction
 
@@ -55,6 +58,7 @@ def _record(bob: str, p: float, seed: int, *, alice: str = 'COOPERATE"}', predic
             "predictions": [{"text": prediction, "cooperate": True}] * 3, "seed": seed}
 
 
+ADAPTER = {"sha256": "b3845af37587" + "0" * 52, "step": 0}  # an adapter_identity, as the games fixture records it
 C, D, U1, U2 = 'COOPERATE"}', 'defect"}', 'COPERATE"}', "SIGLIO ARENA UN"   # U: unparsable
 BASE = [C] * 18 + [D] * 5 + [U1] * 9                 # paper's rule 18/32; parsed 18/23
 CHO = [C] * 21 + [D] * 4 + [U2] * 7                  # paper's rule 21/32: 3 discordant pairs, all one way
@@ -69,7 +73,7 @@ def _games(tmp_path: Path, *, finetuned: bool) -> leakage.Games:
     records = {arm: {s: [_record(x, p + 0.001 * (i % 3), i) for i, x in enumerate(xs)] for s in STRATEGIES}
                for arm, (xs, p) in arms.items()}
     chosen = {s: {"kept_train": 20, "kept_dev": 6, "best_step": 0, "last_step": 9, "dev_metric": "kl",
-                  "dev_loss_start": 0.048, "best_dev_loss": 0.048} for s in STRATEGIES}
+                  "dev_loss_start": 0.048, "best_dev_loss": 0.048, "adapter": ADAPTER} for s in STRATEGIES}
     plan = leakage.FINETUNE_REDUCED if finetuned else None
     games = leakage.Games(records=records, seeds=list(range(n)), config=GameConfig.preset("tiny"),
                           sizes={"games": n, "predict": n, "reduced_from": {}}, wall_s={},
@@ -129,6 +133,17 @@ def test_cooperation_notes_name_the_chosen_checkpoint(table):
     md = table["md"]
     assert "Chosen checkpoints: No Strategy: step 0 of 9" in md
     assert "the untrained adapter, so this arm equals the choreographed arm (identical games: 32/32)" in md
+    assert md.count("games played by adapter b3845af37587 (step 0)") == 3  # the adapter that played, per strategy
+    assert table["json"]["data"]["No Strategy"]["finetune_checkpoint"]["adapter"] == ADAPTER
+
+
+def test_the_fluency_note_says_what_the_filter_scores(table):
+    """game_nll scores every generated token of a game, the decision probe included (as when FLUENCY_MAX_NLL was
+    set), not only the messages."""
+    md = table["md"]
+    assert ("token-mean NLL of all the game's generated tokens -- both plans, the public messages, both decisions "
+            "and each decision's one-token P(COOPERATE) probe, end of turn excluded -- under the base model") in md
+    assert "mean NLL of their messages" not in md
 
 
 def test_cooperation_counts_unparsable_decisions_from_the_logged_text(table):
@@ -277,3 +292,69 @@ def test_command_line_prefixes_only_set_variables(monkeypatch):
     assert command_line(["CHOREO_LEAKAGE_GAMES", "CHOREO_LEAKAGE_CANARY"], ["choreo", "repro", "a b"]) == \
         "CHOREO_LEAKAGE_GAMES=8 choreo repro 'a b'"
     assert command_line([], ["pytest"]) == "pytest"
+
+
+def test_finetuned_games_are_played_under_the_identity_of_the_adapter_loaded(tmp_path, monkeypatch):
+    """finetuned_arm loads each strategy's best/ and passes run_games that folder's adapter_identity (its weights'
+    hash and history.json's best step): games logged under no identity or another are never credited to it.
+    Without a plan (the default `small` run) it plays nothing and reads no fine-tuned game."""
+    import contextlib
+
+    import choreo.finetune
+
+    variant = tmp_path / leakage.plan_variant(leakage.FINETUNE_REDUCED)
+    for step, s in enumerate(STRATEGIES):  # finished training: reused as it is
+        (variant / s / "best").mkdir(parents=True)
+        (variant / s / "best" / "adapter_model.safetensors").write_bytes(f"weights of {s}".encode())
+        (variant / s / "history.json").write_text(json.dumps({"best_step": step}))
+    calls, loaded = [], {}
+
+    @contextlib.contextmanager
+    def use_adapter(model, folder):
+        loaded["folder"] = Path(folder)
+        yield
+
+    def run_games(model, *, strategies, seeds, **kwargs):
+        calls.append({"strategy": strategies[0], "folder": loaded["folder"], **kwargs})
+        return {(s, seed): {"seed": seed, "adapter": kwargs["adapter"]} for s in strategies for seed in seeds}
+
+    monkeypatch.setattr(choreo.finetune, "use_adapter", use_adapter)
+    monkeypatch.setattr(leakage, "run_games", run_games)
+    records = {}
+    adapters = leakage.finetuned_arm(object(), leakage.FINETUNE_REDUCED, records, seeds=[0, 1], log=None,
+                                     config=None, plans={}, folder=tmp_path)
+    assert [c["strategy"] for c in calls] == list(STRATEGIES)
+    for step, (s, call) in enumerate(zip(STRATEGIES, calls)):
+        assert call["folder"] == variant / s / "best"
+        assert call["adapter"] == adapters[s] == pd.adapter_identity(variant / s / "best", step=step)
+        assert call["variant"] == variant.name and "unlabelled_variant" not in call
+        assert all(r["adapter"] == adapters[s] for r in records["finetuned"][s])
+    assert len({a["sha256"] for a in adapters.values()}) == 3
+    calls.clear()
+    untouched = {}
+    assert leakage.finetuned_arm(object(), None, untouched, seeds=[0], log=None, config=None, plans={},
+                                 folder=tmp_path) == {}
+    assert calls == [] and untouched == {}
+
+
+def _canary_result(mean: float, holm: float) -> dict:
+    return {"mean_difference": mean, "bootstrap_ci": [mean - 0.05, mean + 0.05], "holm_pvalue": holm}
+
+
+def test_canary_at_paper_reports_the_negative_control_without_asserting_it():
+    """The negative control's drop (cached without secret < baseline) was a SmolLM2 measurement: `small` asserts
+    it as a regression check, `paper` reports it whatever its sign; the leak rows and the positive control stay
+    asserted at both."""
+    row = "cached without secret vs baseline"
+    table = {"results": {row: _canary_result(+0.3, 0.001)}, "text": "", "profile": "paper"}
+    canary.test_canary(table, row)  # a significant rise: reported, no claim
+    with pytest.raises(AssertionError, match="significant decrease"):
+        canary.test_canary({**table, "profile": "small"}, row)
+    for leak in ("cached vs baseline (contrast)", "cached vs cached without secret",
+                 "told vs baseline (positive control)"):
+        for profile in ("small", "paper"):
+            with pytest.raises(AssertionError, match="significant increase"):
+                canary.test_canary({"results": {leak: _canary_result(+0.3, 0.2)}, "text": "", "profile": profile},
+                                   leak)
+    assert set(canary.CLAIMS["paper"]) == set(canary.CLAIMS["small"]) == set(canary.ROWS)
+    assert [r for r, claim in canary.CLAIMS["paper"].items() if claim is None] == [row]

@@ -283,8 +283,11 @@ async def _channel(ex, arm: str, author_sys, author_plan) -> list:
 async def _copy(ex, msg, channel: list | None):
     """The encoding of ``msg`` that the other agent attends to: the message itself (baseline, where the
     executor re-encodes its text in the reader's call; choreographed; fine-tuned), or a teacher-forced copy
-    encoded seeing only ``channel`` (the leak ablations)."""
-    if channel is None or not msg.tokens:  # an empty message has no content to carry anything
+    encoded seeing only ``channel`` (the leak ablations).
+
+    An empty message is copied too: its header, "To ...: " prefix and end of turn are still encoded, and the
+    original's saw the author's whole context, which an ablation's reader must never attend to."""
+    if channel is None:
         return msg
     return await ex.decode(role=msg.role, parents=channel, offsets=linearize(channel), prefix=msg.prefix,
                            teacher_tokens=msg.tokens)
@@ -336,7 +339,7 @@ def game_key(arm: str, strategy: str, seed: int) -> tuple[str, str, int]:
 def run_games(model, *, arm: str, strategies=STRATEGIES, seeds, log, config: GameConfig = GameConfig(),
               plans: dict | None = None, predict: bool = False, max_concurrent: int = 32,
               progress: bool | str = True, variant: str | None = None,
-              unlabelled_variant: str | None = None) -> dict[tuple[str, int], dict]:
+              adapter: dict | None = None) -> dict[tuple[str, int], dict]:
     """Play every (strategy, seed) game of ``arm`` not yet in ``log`` and append each as it finishes.
 
     ``log`` is a ``choreo.results.JsonlLog`` keyed by "key" (``game_key``); an interrupted run resumes
@@ -344,9 +347,13 @@ def run_games(model, *, arm: str, strategies=STRATEGIES, seeds, log, config: Gam
     game's plan tokens (required for every arm but the baseline). Returns {(strategy, seed): record}
     for all requested games, read back from the log.
 
-    ``variant`` labels games that depend on more than the arm (the fine-tuned arm: which adapter played them);
-    a logged game counts only for its own variant, so games of several variants share one log. A game logged
-    without a label counts as ``unlabelled_variant`` (None: unlabelled games are the arms' without variants).
+    ``variant`` labels games that depend on more than the arm (the fine-tuned arm: the plan that trained its
+    adapter); a logged game counts only for its own variant, so games of several variants share one log.
+    ``adapter`` (required by the fine-tuned arm, whose caller has loaded that adapter on ``model``) is the
+    ``adapter_identity`` of the adapter playing the games: every game played records it, and a logged game is
+    resumed only when its recorded identity equals it. Others -- another adapter's, or games logged before records
+    carried one -- are stale: played again, and the new record replaces the stale one for this adapter (the log is
+    append-only, so the stale record stays in the file for the adapter that played it).
 
     Example::
 
@@ -361,6 +368,10 @@ def run_games(model, *, arm: str, strategies=STRATEGIES, seeds, log, config: Gam
 
     if arm not in ARMS:
         raise ValueError(f"unknown arm {arm!r}; choose one of {ARMS}")
+    if (arm == "finetuned") != (adapter is not None):
+        raise ValueError(f"arm {arm!r} {'needs' if arm == 'finetuned' else 'takes no'} adapter identity "
+                         f"(adapter_identity of the adapter loaded on the model), got {adapter!r}: fine-tuned games "
+                         f"are tied to the adapter that played them, and only they")
     strategies, seeds = list(strategies), [int(s) for s in seeds]
     for s in strategies:
         if s not in STRATEGIES:
@@ -371,8 +382,9 @@ def run_games(model, *, arm: str, strategies=STRATEGIES, seeds, log, config: Gam
         if missing:
             raise ValueError(f"arm {arm!r} teacher-forces the paired baseline plans; none given for {missing[:3]}"
                              f"{' ...' if len(missing) > 3 else ''}")
-    def logged() -> dict[tuple, dict]:  # this variant's games by key, the last of a key winning
-        return {tuple(r["key"]): r for r in log.records() if r.get("variant", unlabelled_variant) == variant}
+    def logged() -> dict[tuple, dict]:  # this variant's and adapter's games by key, the last of a key winning
+        return {tuple(r["key"]): r for r in log.records()
+                if r.get("variant") == variant and r.get("adapter") == adapter}
 
     done = logged()
     todo = [w for w in wanted if game_key(arm, *w) not in done]
@@ -383,7 +395,8 @@ def run_games(model, *, arm: str, strategies=STRATEGIES, seeds, log, config: Gam
             executor = Choreographer(model, capacity=max_concurrent * 2048)
         coop_ids = decision_token_ids(model.tokenizer)
         tag = {"config": config.fingerprint(), "model": model.spec.name, "model_sha256": model.spec.sha256,
-               **({} if variant is None else {"variant": variant})}
+               **({} if variant is None else {"variant": variant}),
+               **({} if adapter is None else {"adapter": adapter})}
 
         def workflow(strategy, seed):
             return lambda ex: play(ex, strategy=strategy, seed=seed, arm=arm, config=config, predict=predict,
@@ -400,24 +413,57 @@ def run_games(model, *, arm: str, strategies=STRATEGIES, seeds, log, config: Gam
 
 
 # ------------------------------------------------------------------------------------------------ fine-tuned arm
-# Training games are kept when their sampled messages are fluent (docs/protocols.md): the token-mean negative
-# log-likelihood of every generated token of the game, under the base model re-encoding it, is at most this
-# many nats. Set from 16 baseline games of the embedded model (GameConfig defaults, T = 1.0, strategies "none"
-# and "defect", seeds 500-507): game NLLs ran from 2.3 to 3.7 nats per token; 3.5 keeps 13 of the 16 and drops
-# the tail, whose messages read as word salad ("Thinkers of mine are clueless about how they can help ...").
+# Training games are kept when fluent (docs/protocols.md asks for fluent messages; what is scored is the whole
+# game, ``game_nll``): the token-mean negative log-likelihood of every generated token of the game -- both plans,
+# every public message, both decisions and each decision's one-token P(COOPERATE) probe, end-of-turn tokens
+# excluded -- under the base model re-encoding each call's context, is at most this many nats. Set from 16
+# baseline games of the embedded model (GameConfig defaults, T = 1.0, strategies "none" and "defect", seeds
+# 500-507): game NLLs ran from 2.3 to 3.7 nats per token; 3.5 keeps 13 of the 16 and drops the tail, whose
+# messages read as word salad ("Thinkers of mine are clueless about how they can help ...").
 FLUENCY_MAX_NLL = 3.5
 
 
+ADAPTER_WEIGHTS = ("*.safetensors", "*.bin")  # the files of an adapter folder that hold weights
+
+
+def adapter_identity(folder, *, step: int | None) -> dict:
+    """Which adapter plays the fine-tuned games: ``{"sha256": ..., "step": step}``, the SHA-256 over the weight
+    files of ``folder`` (``ADAPTER_WEIGHTS``, each name then its bytes, in name order) and the checkpoint step it
+    was chosen at (``history.json``'s ``best_step`` beside ``train_adapter``'s ``best/``). The folder's
+    ``adapter_config.json`` is left out: it names the base model's local path, which differs between checkouts;
+    the LoRA settings it holds are the fine-tuning plan's, which the games' ``variant`` records.
+
+    Example: ``adapter_identity("ft/defect/best", step=8)`` is ``{"sha256": "<64 hex digits>", "step": 8}``; the
+    same weights chosen at another step, or other weights, are another adapter.
+    """
+    import hashlib
+    from pathlib import Path
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"adapter folder {str(folder)!r} does not exist")
+    digest = hashlib.sha256()
+    for path in sorted({f for pattern in ADAPTER_WEIGHTS for f in folder.glob(pattern)}):
+        digest.update(path.name.encode() + b"\0")
+        digest.update(path.read_bytes())
+    return {"sha256": digest.hexdigest(), "step": None if step is None else int(step)}
+
+
+def adapter_text(identity: dict) -> str:
+    """``adapter_identity`` as the tables write it: "adapter b3845af37587 (step 8)"."""
+    return f"adapter {identity['sha256'][:12]} (step {identity['step']})"
+
+
 def game_nll(model, traces) -> list[float]:
-    """Per traced game: the token-mean negative log-likelihood (nats) of all its generated content tokens under
-    the adapter-free re-encoding baseline, teacher-forced, together with each decision's one-token P(COOPERATE)
-    probe (forced when recorded; not a training target: ``choreo.finetune`` scores only what was sampled). The
-    probe's token is likely after the decision prefix: it lowered the mean of the 32 "none" games of the reduced
-    CPU run by 0.019-0.042 nats, and ``FLUENCY_MAX_NLL`` was set on this measure, probe included. End-of-turn
-    tokens are not scored: a message cut at its token cap has none, and scoring the forced one would call every
-    capped message disfluent. A game with a message that decoded no tokens gets NaN, so no filter keeps it: an
-    empty move, plan or decision is no game to learn from (fine-tuning itself would replay it as a forced empty
-    turn).
+    """Per traced game: the token-mean negative log-likelihood (nats) of all its generated content tokens (every
+    decode call: both plans, the public messages, both decisions and any predictions) under the adapter-free
+    re-encoding baseline, teacher-forced, together with each decision's one-token P(COOPERATE) probe (forced
+    when recorded; not a training target: ``choreo.finetune`` scores only what was sampled). The probe's token
+    is likely after the decision prefix: it lowered the mean of the 32 "none" games of the reduced CPU run by
+    0.019-0.042 nats, and ``FLUENCY_MAX_NLL`` was set on this measure, probe included. End-of-turn tokens are
+    not scored: a message cut at its token cap has none, and scoring the forced one would call every capped
+    message disfluent. A game with a message that decoded no tokens gets NaN, so no filter keeps it: an empty
+    move, plan or decision is no game to learn from (fine-tuning itself would replay it as a forced empty turn).
 
     Example: ``[nll <= FLUENCY_MAX_NLL for nll in game_nll(model, traces)]``.
     """
@@ -453,7 +499,8 @@ def train_adapter(model, *, strategy: str, train_seeds, dev_seeds, config: GameC
         result = train_adapter(model, strategy="defect", train_seeds=range(500, 950), dev_seeds=range(950, 1000),
                                config=GameConfig(), finetune_config=FinetuneConfig.preset("paper"), out_dir="ft/defect")
         with use_adapter(model, result.best_adapter):
-            run_games(model, arm="finetuned", strategies=["defect"], seeds=range(500), log=log, plans=plans)
+            run_games(model, arm="finetuned", strategies=["defect"], seeds=range(500), log=log, plans=plans,
+                      adapter=adapter_identity(result.best_adapter, step=result.best_step))
     """
     from pathlib import Path
 

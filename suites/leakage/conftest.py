@@ -255,13 +255,14 @@ def games(model, profile, results_dir, leakage_sizes) -> Games:
     t0 = time.perf_counter()
     plan = finetune_plan(profile)
     folder = log_path.parent.parent / "adapters" / name
-    finetuned_arm(model, plan, records, seeds=seeds, log=log, config=config, plans=plans, folder=folder)
+    adapters = finetuned_arm(model, plan, records, seeds=seeds, log=log, config=config, plans=plans, folder=folder)
     if "finetuned" in records:
         wall["finetuned (training + games)"] = round(time.perf_counter() - t0, 1)
     out = Games(records=records, seeds=seeds, config=config, sizes=leakage_sizes, wall_s=wall, log_path=log_path,
                 finetune_note="", finetune_plan=plan)
     if plan is not None:
-        out.finetune_chosen = {s: adapter_summary(folder / plan_variant(plan) / s) for s in STRATEGIES}
+        out.finetune_chosen = {s: {**adapter_summary(folder / plan_variant(plan) / s), "adapter": adapters[s]}
+                               for s in STRATEGIES}
         identical = {s: out.identical_to_choreographed(s) for s in STRATEGIES}
         out.finetune_note = finetune_note(plan, out.finetune_chosen, identical, n=len(seeds))
     else:
@@ -275,20 +276,22 @@ NOT_RUN_NOTE = ("Choreographed + FT: not run at this profile (CPU time). Code pa
                 "CHOREO_LEAKAGE_FINETUNE=1 runs a reduced CPU version.")
 
 
-def finetuned_arm(model, plan: dict | None, records: dict, *, seeds, log, config, plans, folder: Path) -> None:
+def finetuned_arm(model, plan: dict | None, records: dict, *, seeds, log, config, plans, folder: Path) -> dict:
     """Train one adapter per Alice strategy (or reuse one whose training finished: ``adapter_trained``) and play
-    the fine-tuned games into ``records``."""
+    the fine-tuned games into ``records``. Returns {strategy: ``adapter_identity``} of the adapters that played
+    them: a logged game is resumed only when it records that identity (``run_games``), so the games logged before
+    records carried one are played again by this run's adapters rather than credited to them."""
     if plan is None:
-        return
+        return {}
     from choreo.finetune import FinetuneConfig, use_adapter
-    from choreo.workflows.prisoners import train_adapter
+    from choreo.workflows.prisoners import adapter_identity, train_adapter
 
     first, n_train, n_dev = plan["first_seed"], plan["train"], plan["dev"]
     train_seeds = range(first, first + n_train)
     dev_seeds = range(first + n_train, first + n_train + n_dev)
     if set(train_seeds) & set(seeds) or set(dev_seeds) & set(seeds):
         raise ValueError(f"fine-tuning seeds from {first} overlap the evaluation seeds 0..{max(seeds)}")
-    out, variant = {}, plan_variant(plan)
+    out, variant, adapters = {}, plan_variant(plan), {}
     for s in STRATEGIES:
         out_dir = folder / variant / s
         if not adapter_trained(out_dir):
@@ -296,11 +299,13 @@ def finetuned_arm(model, plan: dict | None, records: dict, *, seeds, log, config
             train_adapter(model, strategy=s, train_seeds=train_seeds, dev_seeds=dev_seeds, config=config,
                           finetune_config=FinetuneConfig.preset(plan["preset"], **plan.get("overrides", {})),
                           out_dir=out_dir)
+        step = json.loads((out_dir / "history.json").read_text()).get("best_step")
+        adapters[s] = adapter_identity(out_dir / "best", step=step)  # the folder use_adapter loads
         with use_adapter(model, out_dir / "best"):
             out.update(run_games(model, arm="finetuned", strategies=[s], seeds=seeds, log=log, config=config,
-                                 plans=plans, predict=True, variant=variant,
-                                 unlabelled_variant=plan_variant(FINETUNE_REDUCED)))
+                                 plans=plans, predict=True, variant=variant, adapter=adapters[s]))
     records["finetuned"] = {s: [out[(s, seed)] for seed in seeds] for s in STRATEGIES}
+    return adapters
 
 
 def adapter_trained(out_dir: Path) -> bool:
@@ -318,8 +323,9 @@ def _clear_unfinished(out_dir: Path) -> None:
 
 
 def plan_variant(plan: dict) -> str:
-    """The fine-tuned arm's label for ``plan``: its games and adapters are kept apart from another plan's. The
-    fine-tuned games logged before games carried it were all the reduced plan's (CHOREO_LEAKAGE_FINETUNE=1)."""
+    """The fine-tuned arm's label for ``plan``: its games and adapters are kept apart from another plan's. Within a
+    plan, games are tied to the very adapter that played them (``adapter_identity``); fine-tuned games logged
+    before games carried either are credited to no adapter and played again."""
     from choreo.finetune import FinetuneConfig
 
     config = FinetuneConfig.preset(plan["preset"], **plan.get("overrides", {}))
@@ -338,11 +344,16 @@ def adapter_summary(folder: Path) -> dict:
 
 
 def chosen_text(chosen: dict, identical: dict, n: int) -> str:
-    """Per strategy: the chosen step, the dev curve's ends, and whether the arm is the choreographed one again."""
+    """Per strategy: the chosen step, the dev curve's ends, the adapter that played the games (SHA-256 prefix of
+    its weights and its step, when ``chosen`` records it) and whether the arm is the choreographed one again."""
+    from choreo.workflows.prisoners import adapter_text
+
     parts = []
     for s, c in chosen.items():
         text = (f"{STRATEGY_NAMES[s]}: step {c['best_step']} of {c['last_step']} (dev {c['dev_metric']} "
                 f"{loss_text(c['dev_loss_start'])} -> {loss_text(c['best_dev_loss'])})")
+        if c.get("adapter"):
+            text += f", games played by {adapter_text(c['adapter'])}"
         if c["best_step"] == 0:
             text += (f", the untrained adapter, so this arm equals the choreographed arm (identical games: "
                      f"{identical[s]}/{n})")
@@ -359,6 +370,8 @@ def finetune_note(plan: dict, chosen: dict, identical: dict, *, n: int) -> str:
     return (f"Choreographed + FT: one LoRA per Alice strategy (preset {plan['preset']!r}, "
             f"{plan.get('overrides') or 'no overrides'}), trained on {n_train} baseline games (seeds {first}-"
             f"{first + n_train - 1}), checkpoint chosen on {n_dev} dev games (seeds {first + n_train}-"
-            f"{first + n_train + n_dev - 1}); training and dev games kept when fluent (mean NLL of their messages "
-            f"under the base model <= {FLUENCY_MAX_NLL} nats/token; kept train/dev per strategy: {kept}). "
+            f"{first + n_train + n_dev - 1}); training and dev games kept when fluent (token-mean NLL of all the "
+            f"game's generated tokens -- both plans, the public messages, both decisions and each decision's "
+            f"one-token P(COOPERATE) probe, end of turn excluded -- under the base model re-encoding each call's "
+            f"context, <= {FLUENCY_MAX_NLL} nats/token; kept train/dev per strategy: {kept}). "
             f"Chosen checkpoints: {chosen_text(chosen, identical, n)}.")

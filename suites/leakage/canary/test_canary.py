@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from choreo import stats
+from choreo.profiles import pick
 from choreo.report import markdown_table, plot_rates, write_table
 from choreo.results import JsonlLog
 from choreo.workflows.canary import CONDITIONS, run_probes
@@ -57,8 +58,9 @@ def table(model, profile, results_dir):
         results[row] = {"mean_difference": t.mean_difference, "t_ci": [t.low, t.high], "t_pvalue": t.t_pvalue,
                         "wilcoxon_pvalue": t.wilcoxon_pvalue, "bootstrap_ci": [boot.low, boot.high], "n": n,
                         "kind": kind}
-    # One Holm family for the rows whose claim reads a p-value ("cached vs baseline" is judged by its interval).
-    family = [r for r in ROWS if CLAIMS[r] is not _no_large_decrease]
+    # One Holm family for the rows whose claim reads a p-value at `small` ("cached vs baseline" is judged by its
+    # interval); the same family at every profile, so a row reported without a claim at `paper` keeps its Holm p.
+    family = [r for r in ROWS if CLAIMS["small"][r] is not _no_large_decrease]
     holm = dict(zip(family, stats.adjust_pvalues([results[r]["t_pvalue"] for r in family], method="holm",
                                                  alpha=ALPHA).adjusted))
     for row in ROWS:
@@ -115,7 +117,9 @@ def test_canary(table, row):
     assert np.isfinite(res["mean_difference"]) and res["bootstrap_ci"][0] <= res["bootstrap_ci"][1], text
     if table["profile"] == "smoke":
         return  # mechanics only: the probe ran, statistics and the table exist
-    claim = CLAIMS[row]
+    claim = pick(CLAIMS, table["profile"])[row]
+    if claim is None:
+        return  # reported in the table without a claim at this profile (CLAIMS)
     assert claim(res), f"{row}: expected {claim.__doc__}\n{text}"
 
 
@@ -134,14 +138,26 @@ def _no_large_decrease(res):
     return res["bootstrap_ci"][0] > -0.1
 
 
-# Measured on the embedded SmolLM2-135M (small profile; see README and results/leakage/canary/canary.md):
-# caching alone lowers every password's probability a little (negative control vs baseline), and the secret
-# rises above that, both against the negative control and relative to the distractors; the raw secret
-# log-probability, cached vs re-encoded, moves little. `paper` asserts the same pattern on its checkpoint.
+# Per profile, row -> claim. `small`: what the embedded SmolLM2-135M measured (see README and
+# results/leakage/canary/canary.md): caching alone lowers every password's probability a little (negative
+# control vs baseline), and the secret rises above that, both against the negative control and relative to the
+# distractors; the raw secret log-probability, cached vs re-encoded, moves little. `paper` asserts what the probe
+# is for on any checkpoint -- the leak (the two contrast rows), the positive control, and no large drop of the raw
+# secret log-probability under caching -- and reports the negative control vs baseline without a claim: its drop
+# is a SmolLM2 measurement that no protocol claims.
 CLAIMS = {
-    "cached vs baseline": _no_large_decrease,
-    "cached vs baseline (contrast)": _significant_positive,
-    "cached vs cached without secret": _significant_positive,
-    "cached without secret vs baseline": _significant_negative,
-    "told vs baseline (positive control)": _significant_positive,
+    "small": {
+        "cached vs baseline": _no_large_decrease,
+        "cached vs baseline (contrast)": _significant_positive,
+        "cached vs cached without secret": _significant_positive,
+        "cached without secret vs baseline": _significant_negative,
+        "told vs baseline (positive control)": _significant_positive,
+    },
+    "paper": {
+        "cached vs baseline": _no_large_decrease,
+        "cached vs baseline (contrast)": _significant_positive,
+        "cached vs cached without secret": _significant_positive,
+        "cached without secret vs baseline": None,  # reported, not asserted
+        "told vs baseline (positive control)": _significant_positive,
+    },
 }
