@@ -18,16 +18,16 @@ from .arms import (HF_PROTOCOL, TEACHER, HFSession, StepwiseBaseline, StepwiseCh
                    fast_arm, make_executor)
 from .cli import bench, register, remeasure_memory
 from .config import BENCH_PROFILES, BenchConfig, memory_arms
-from .measure import (check_identical, compare, fit_affine, measure_shape, model_seconds, pass_costs, run_once,
-                      speedups, summarize)
+from .measure import (check_identical, compare, family, fit_affine, measure_shape, model_seconds, pass_costs,
+                      pass_time, run_once, speedups, summarize, tie_tolerance, time_pass)
 from .memory import measure_memory, measure_memory_here, peak_rss, reset_peak_rss, trim_heap
-from .report import plot_scaling, table_rows, write_pass_costs, write_results
+from .report import plot_scaling, rerender, rerender_engine, table_rows, write_pass_costs, write_results
 from .shapes import PAPER, PAPER_SHAPES, SCALING, WORKFLOWS, Lengths, Recorder, Shape, Synth, make_shape
 
 __all__ = ["BENCH_PROFILES", "BenchConfig", "HFSession", "HF_PROTOCOL", "Lengths", "PAPER", "PAPER_SHAPES",
            "Recorder", "SCALING", "Shape", "StepwiseBaseline", "StepwiseChoreographer", "Synth", "TEACHER",
-           "WORKFLOWS", "available_arms", "bench", "check_identical", "compare", "fast_arm", "fit_affine",
+           "WORKFLOWS", "available_arms", "bench", "check_identical", "compare", "family", "fast_arm", "fit_affine",
            "make_executor", "make_shape", "measure_memory", "measure_memory_here", "measure_shape", "memory_arms",
-           "model_seconds", "pass_costs", "peak_rss", "plot_scaling", "register", "remeasure_memory",
-           "reset_peak_rss", "run_once", "speedups", "summarize", "table_rows", "trim_heap", "write_pass_costs",
-           "write_results"]
+           "model_seconds", "pass_costs", "pass_time", "peak_rss", "plot_scaling", "register", "remeasure_memory",
+           "rerender", "rerender_engine", "reset_peak_rss", "run_once", "speedups", "summarize", "table_rows",
+           "tie_tolerance", "time_pass", "trim_heap", "write_pass_costs", "write_results"]

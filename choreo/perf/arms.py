@@ -8,7 +8,9 @@
 
 Content is teacher-forced *one decode step at a time* (``TEACHER``): a call's prompt is encoded, then each
 forced content token is fed as if it had been sampled, so time to first token is real prompt processing. Every
-step reads its argmax to the host, as sampling does, so on a GPU each step waits for its pass to finish.
+step reads its argmax (and the gap to the runner-up) to the host, as sampling does, so on a GPU each step waits
+for its pass to finish; the argmaxes are kept (``step_argmax``) so that ``measure.check_identical`` can compare
+what each arm's model computed, not only the forced tokens, which are the same by construction.
 """
 
 from __future__ import annotations
@@ -24,20 +26,35 @@ from ..cache import Message
 from ..engine import Call, Choreographer, Engine, Job
 from ..model import Model
 
-TEACHER = "teacher-forced, one decode step per content token (identical tokens in every arm)"
+TEACHER = ("teacher-forced, one decode step per content token (identical tokens in every arm; each step's argmax "
+           "checked to agree between arms that compute the same attention)")
 HF_PROTOCOL = ("hf_model forward with its DynamicCache on the baseline's serial prompt ids, then the same "
                "teacher tokens one step at a time and a closing step with the footer (logits_to_keep=1); "
                "parallel calls one after another")
 
 
+def top2(logits: torch.Tensor) -> tuple[int, float]:
+    """(argmax, relative gap) of one step's logits (V,): the gap between the largest and second largest logit over
+    max(1, |largest|). What a sampling step reads back to the host (a sync on a GPU); the gap tells a float
+    near-tie from a different computation (``measure.check_identical``)."""
+    top = logits.float().topk(2)
+    (a, b), index = top.values.tolist(), int(top.indices[0])
+    return index, (a - b) / max(1.0, abs(a))
+
+
 class _StepwiseEngine(Engine):
-    """Feeds a job's forced tokens as if sampled (no argmax), one decode step each."""
+    """Feeds a job's forced tokens as if sampled, one decode step each; records each step's argmax and the number
+    of tokens of every forward pass (``pass_tokens``)."""
+
+    def _forward(self, jobs: list[Job]) -> None:
+        self.pass_tokens.append(sum(len(j.pending) for j in jobs))
+        super()._forward(jobs)
 
     def _advance(self, job: Job, logits: torch.Tensor) -> None:
         forced = getattr(job, "forced", None)
         if forced is None or job.closing:
             return super()._advance(job, logits)
-        int(logits[-1].argmax())  # what sampling costs: the step's result reaches the host (a sync on a GPU)
+        job.argmax.append(top2(logits[-1]))  # the step's result reaches the host, as sampling's does
         if job.msg.ttft is None:
             job.msg.ttft = time.perf_counter() - job.t0
         token = forced[len(job.generated)]
@@ -51,15 +68,17 @@ class _Stepwise:
 
     def __init__(self, model, **kwargs):
         super().__init__(model, **kwargs)
-        self.engine.__class__ = _StepwiseEngine  # adds behaviour only, no state
+        self.engine.__class__ = _StepwiseEngine  # adds behaviour; its one list of state is set here
+        self.engine.pass_tokens = []  # tokens of every forward pass, in order
         self.first_pass_tokens: dict[int, int] = {}  # message id -> tokens its call encoded before its first token
+        self.step_argmax: dict[int, list[tuple[int, float]]] = {}  # message id -> (argmax, relative top-2 gap) per step
 
     def make_job(self, call: Call, header, **kwargs) -> Job:
         if call.teacher_tokens is None:
             return super().make_job(call, header, **kwargs)
         forced = [int(t) for t in call.teacher_tokens]
         job = super().make_job(dataclasses.replace(call, teacher_tokens=None, max_tokens=len(forced)), header, **kwargs)
-        job.forced = forced
+        job.forced, job.argmax = forced, []
         return job
 
     def finish(self, jobs: list[Job]) -> list[Message]:
@@ -69,6 +88,7 @@ class _Stepwise:
                 # What the call's first pass encodes: the choreographed header; the baseline's serial prompt past
                 # the prefix reused from a cached chain (prompt[reuse:], reuse = len(job.origin[1])).
                 self.first_pass_tokens[msg.id] = job.n_header
+                self.step_argmax[msg.id] = getattr(job, "argmax", [])
         return out
 
 
@@ -84,9 +104,13 @@ class HFSession:
     """The executor verbs over ``model.hf_model`` on the baseline's serial prompts (verbs never suspend)."""
 
     def __init__(self, model: Model):
-        self.model, self.book = model, Baseline(model)  # the book keeps messages and builds the prompts
+        # The book keeps messages and builds the prompts; it never encodes, so its KV store holds one row (the
+        # default 1,024-row store, 45 MiB for SmolLM2-135M, would be charged to hf's peak memory).
+        self.model, self.book = model, Baseline(model, capacity=1)
         self.tokens_processed, self.forward_passes, self.peak_kv_tokens, self.created = 0, 0, 0, []
         self.first_pass_tokens: dict[int, int] = {}  # message id -> its serial prompt's length
+        self.step_argmax: dict[int, list[tuple[int, float]]] = {}  # message id -> (argmax, relative top-2 gap) per step
+        self.pass_tokens: list[int] = []  # tokens of every forward pass, in order
 
     async def prefill(self, text, *, role, parents=(), offsets=None, new_offset=None) -> Message:
         msg = self.book.prefill(text, role=role, parents=parents, offsets=offsets, new_offset=new_offset)
@@ -105,23 +129,28 @@ class HFSession:
         hf, dev = self.model.hf_model, self.model.spec.device
         prompt, _, _ = self.book.serial_prompt(call)  # exactly the baseline's serial prompt
         forced, footer = [int(t) for t in call.teacher_tokens], self.book.format.footer(call.role)
-        def step(ids, past):  # one forward; its argmax reaches the host, as sampling would (a sync on a GPU)
+        argmax = []
+
+        def step(ids, past, keep=True):  # one forward; its argmax reaches the host, as sampling would
             out = hf(input_ids=torch.tensor([ids], device=dev), past_key_values=past, use_cache=True,
                      logits_to_keep=1)
-            int(out.logits[0, -1].argmax())
+            self.pass_tokens.append(len(ids))
+            if keep:  # the closing step's logits predict past the footer: no forced token to compare with
+                argmax.append(top2(out.logits[0, -1]))
             return out
 
         out = step(prompt, None)
         ttft = time.perf_counter() - t0
         for token in forced[:-1]:
             out = step([token], out.past_key_values)
-        step([forced[-1]] + footer, out.past_key_values)
+        step([forced[-1]] + footer, out.past_key_values, keep=False)
         n = len(prompt) + len(forced) + len(footer)
         self.tokens_processed += n
         self.forward_passes += len(forced) + 1
         self.peak_kv_tokens = max(self.peak_kv_tokens, n)
         msg = self.book.add_generated(call, forced, ttft=ttft, latency=time.perf_counter() - t0)
         self.first_pass_tokens[msg.id] = len(prompt)
+        self.step_argmax[msg.id] = argmax
         return msg
 
     def close(self) -> None:

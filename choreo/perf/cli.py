@@ -26,7 +26,7 @@ def bench(model: Model, *, profile: str, results_dir: Path, model_path: str | No
 
     On CPU, peak RSS runs in subprocesses that load ``model_path`` (``rss=False`` skips them, e.g. when
     ``model`` has random weights); on CUDA the runs record allocated memory themselves."""
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
     cfg = BENCH_PROFILES[profile]
     arms = available_arms(model.spec.device)
@@ -35,7 +35,7 @@ def bench(model: Model, *, profile: str, results_dir: Path, model_path: str | No
     if cost is not None:  # written with the table that uses it, at the end: an interrupted run changes neither
         log(f"pass cost: {1000 * cost['fixed_s']:.1f} ms + {1000 * cost['per_token_s']:.2f} ms x S")
     figures, memory, scaling = {}, {}, {}
-    for shape in tqdm(cfg.shapes, desc="shapes", disable=not progress):
+    for shape in progress_bar(cfg.shapes, desc="shapes", disable=not progress):
         figures[shape.label] = measure_shape(model, shape, arms, lengths=cfg.lengths, rounds=cfg.rounds,
                                              warmup=cfg.warmup, cost=cost)
         e2e = {a: round(s["e2e"], 2) for a, s in figures[shape.label]["speedups"].items()}
@@ -43,12 +43,12 @@ def bench(model: Model, *, profile: str, results_dir: Path, model_path: str | No
     fast = fast_arm(model.spec.device)
     for axis, shapes in cfg.scaling.items():
         scaling[axis] = []
-        for shape in tqdm(shapes, desc=f"scaling {axis}", disable=not progress):
+        for shape in progress_bar(shapes, desc=f"scaling {axis}", disable=not progress):
             f = measure_shape(model, shape, [fast, "baseline"], lengths=cfg.lengths, rounds=cfg.scaling_rounds,
                               warmup=cfg.warmup, cost=cost)
             scaling[axis].append((dict(shape.size)[axis], f["speedups"]["baseline"]))
     if model.spec.device.type == "cpu" and rss:
-        for shape in tqdm(cfg.shapes if cfg.memory_arms else (), desc="memory", disable=not progress):
+        for shape in progress_bar(cfg.shapes if cfg.memory_arms else (), desc="memory", disable=not progress):
             memory[shape.label] = {a: measure_memory(shape, a, cfg.lengths, model_path=model_path)
                                    for a in memory_arms(cfg, model.spec.device)}
     if cost is not None:
@@ -244,8 +244,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m choreo.perf")
-    register(parser.add_subparsers(dest="command", required=True))
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    render = sub.add_parser("render", help="re-render speedups*.md and engine.md from their JSON (nothing measured)")
+    render.add_argument("folder", nargs="?", default=str(RESULTS_DIR / "performance"))
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.command == "render":
+        from .report import rerender_all
+
+        for path in rerender_all(Path(args.folder)):
+            print(path)
+        return 0
     from ..cli import run_command
 
     return run_command(args)

@@ -79,17 +79,20 @@ def measure_memory_here(model: Model, shape: Shape, arm: str, lengths: Lengths) 
     executor = None if arm == "hf" else make_executor(model, arm)
     result = run_once(model, shape, arm, synth, executor)
     peak = peak_rss()
-    return {"arm": arm, "shape": shape.label, "rss_before": before, "rss_peak": peak, "peak_reset": reset,
+    return {"arm": arm, "shape": shape.label, "threads": torch.get_num_threads(), "rss_before": before,
+            "rss_peak": peak, "peak_reset": reset,
             "heap_trimmed": trimmed, "rss_delta": max(peak - before, 0), "kv_peak_bytes": result["kv_peak_bytes"],
             "cuda_peak_bytes": result["cuda_peak_bytes"]}
 
 
 def measure_memory(shape: Shape, arm: str, lengths: Lengths, *, model_path: str | None = None,
                    timeout: float = 900) -> dict:
-    """``measure_memory_here`` in a fresh subprocess (one per configuration, so peaks do not mix)."""
+    """``measure_memory_here`` in a fresh subprocess (one per configuration, so peaks do not mix), with this
+    process's torch thread count (``threads`` in the result records the subprocess's own)."""
+    threads = torch.get_num_threads()
     spec = {"shape": shape.name, "size": dict(shape.size), "arm": arm, "lengths": dataclasses.asdict(lengths),
-            "model": model_path}
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+            "model": model_path, "threads": threads}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     out = subprocess.run([sys.executable, "-m", "choreo.perf.memory", json.dumps(spec)], capture_output=True, text=True,
                          timeout=timeout, env=env)
     if out.returncode != 0:
@@ -100,6 +103,8 @@ def measure_memory(shape: Shape, arm: str, lengths: Lengths, *, model_path: str 
 def _child(spec: dict) -> None:
     from ..model import load_model
 
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     model = load_model(spec["model"])
     result = measure_memory_here(model, make_shape(spec["shape"], **spec["size"]), spec["arm"],
                                  Lengths(**spec["lengths"]))

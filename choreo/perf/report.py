@@ -13,9 +13,11 @@ from .arms import HF_PROTOCOL, TEACHER
 from .config import BENCH_PROFILES
 from .shapes import PAPER, PAPER_E2E_TYPICAL
 
-COLUMNS = ["workflow", "end-to-end speed-up vs baseline", "TTFT speed-up vs baseline",
-           "end-to-end vs baseline, prefills fused", "end-to-end vs baseline+prefix / hf", "paper (A100) e2e / TTFT",
-           "peak memory (+ growth in the run): choreographed vs baseline", "peak KV cache: choreographed vs baseline"]
+COLUMNS = ["workflow", "end-to-end speed-up vs baseline", "end-to-end vs baseline, prefills fused",
+           "TTFT vs baseline, prompts prefilled apart (their passes not in the window)",
+           "TTFT vs baseline, prefills fused (the same work in the window)", "end-to-end vs baseline+prefix / hf",
+           "paper (A100) e2e / TTFT", "peak memory (+ growth in the run): choreographed vs baseline",
+           "peak KV cache: choreographed vs baseline"]
 
 
 def _x(s: dict, key: str) -> str:
@@ -52,9 +54,10 @@ def table_rows(figures: dict, memory: dict) -> list[list[str]]:
         base = f["speedups"]["baseline"]
         mem = memory.get(label, {})
         paper = PAPER.get(label)
+        fused = f.get("fused")
         rows.append([
-            label, _x(base, "e2e"), _x(base, "ttft"),
-            _x(f["fused"], "e2e") if f.get("fused") else "-",
+            label, _x(base, "e2e"), _x(fused, "e2e") if fused else "-",
+            _x(base, "ttft"), _x(fused, "ttft") if fused else "-",
             " / ".join(f"{f['speedups'][a]['e2e']:.2f}x" for a in ("baseline+prefix", "hf")
                        if a in f["speedups"]) or "-",
             "-" if paper is None else f"~{PAPER_E2E_TYPICAL:.2f}x (all workflows) / {paper['ttft']:.1f}x",
@@ -95,18 +98,98 @@ def plot_scaling(path: Path, *, title: str, axis: str, points: list[tuple[int, d
     return save_figure(fig, path)
 
 
-def _memory_note(device: torch.device, *, measured: bool) -> str:
-    """How the table's peak-memory column was measured on ``device``."""
-    if device.type == "cuda":
+def _memory_note(device_type: str, memory: dict) -> str:
+    """How the table's peak-memory column was measured on a device of ``device_type`` ("cpu" or "cuda")."""
+    if device_type == "cuda":
         return ("Peak memory: CUDA memory allocated (torch.cuda.max_memory_allocated, peak reset at the start of each "
                 "run, max over rounds); + is the growth above what was allocated when the run began (weights and "
                 "every arm's preallocated KV store stay allocated across runs).")
-    if not measured:
+    if not memory:
         return "Peak memory: not measured in this run."
+    runs = [m for arms in memory.values() for m in arms.values()]
+    threads = sorted({m["threads"] for m in runs if "threads" in m})
+    threads = (f"{'/'.join(map(str, threads))} torch thread(s) in the memory subprocesses" if threads else
+               "the memory subprocesses' torch threads not recorded (OMP_NUM_THREADS=1 unless set, at the time)")
     return ("Peak memory: peak RSS of one subprocess per configuration (model loaded, one 2-token priming pass, "
             "free heap pages returned to the system by glibc malloc_trim(0), VmHWM reset, then the executor made, its "
             "KV store with room for 1,024 tokens included, and one run); + is the growth above the RSS before the "
-            "executor was made: every page the executor and the run touched, its KV store included.")
+            f"executor was made: every page the executor and the run touched, its KV store included; {threads}.")
+
+
+def _device_type(data: dict, prov: dict) -> str:
+    """"cuda" or "cpu": as recorded, or (tables written before it was) from the runs' CUDA memory figures."""
+    if data.get("device_type"):
+        return data["device_type"]
+    runs = [r for f in data["figures"].values() for rs in f["runs"].values() for r in rs]
+    return "cuda" if any(r.get("cuda_peak_bytes") is not None for r in runs) else "cpu"
+
+
+def _pass_cost_note(cost: dict) -> str:
+    """How the pass-cost bounds were computed from ``cost``: by interpolating measured passes, or (tables written
+    before the passes were interpolated) by the affine line alone."""
+    line = f"t(S) = {1000 * cost['fixed_s']:.1f} ms + {1000 * cost['per_token_s']:.2f} ms x S"
+    if cost.get("bound"):
+        worst = cost["fit_max_residual"]
+        return (f"Pass cost used for the bounds, measured in the same run (pass_cost.md): each pass charged the time "
+                f"of a pass of its size, the measured passes of S = {', '.join(map(str, cost['prefill_s']))} tokens "
+                f"interpolated piecewise linearly; the affine summary {line} is off the measured passes by up to "
+                f"{100 * abs(worst['residual']):.0f}% (S={worst['S']}).")
+    return (f"Pass cost used for the bounds: the affine fit {line} over whole prefills (tokenising included) of "
+            f"S = {', '.join(map(str, cost['prefill_s']))} tokens, measured in the same run; every pass charged "
+            "fixed + per-token x S (before the bounds interpolated measured passes).")
+
+
+TTFT_NOTE = (
+    "TTFT = summed over sequential stages of the slowest call's time to first token; a call's window runs from its "
+    "submission to its first token. What each window holds: baseline, one pass over the call's whole serial prompt "
+    "(every parent's text, prompts and earlier generated messages, then its header); hf, the same prompt in "
+    "Hugging Face's forward, after the decodes of the calls ahead of it in its stage; choreographed with prompts "
+    "prefilled apart, only the pass of the calls' headers: the prompt messages they read were encoded when created, "
+    "in passes of their own before the call, outside the window (counted end to end); choreographed with prefills "
+    "fused, one pass over the prompt messages created since the last stage together with the calls' headers: the "
+    "prompt text the baseline's window also encodes, less the cached generated messages. So only the fused "
+    "column compares the same work; below 1x, choreography reaches the first token later than re-encoding.")
+
+
+def render_notes(data: dict, prov: dict) -> list[str]:
+    """The notes of a speedups table, from what it stored: its ``data`` and ``provenance`` (``rerender``)."""
+    cfg, cost, memory = BENCH_PROFILES[data["profile"]], data.get("cost"), data.get("memory") or {}
+    sizes = prov.get("sample_sizes") or {}
+    threads, cores = prov.get("threads"), prov.get("cpu_count") or os.cpu_count()
+    load, timed_load = prov.get("load_average") or [float("nan")], prov.get("timings_load_average")
+    notes = [
+        f"Protocol: {prov.get('protocol', TEACHER)}; {sizes.get('prompt_words', cfg.lengths.prompt_words)}-word "
+        f"synthetic prompts, {sizes.get('content_tokens', cfg.lengths.content_tokens)} content tokens per call. "
+        f"hf arm: {prov.get('hf_protocol', HF_PROTOCOL)}.",
+        "Speed-ups are medians over rounds of ratios measured side by side in the same round (arms interleaved).",
+        "Bounds: tokens = tokens the baseline encodes / tokens the choreographed arm encodes (end-to-end: all "
+        "forward-pass tokens; TTFT: tokens encoded in each TTFT window, as each executor counted them, so "
+        "baseline+prefix is charged only the prompt past the prefix it reuses); passes = the same ratio of the "
+        "times the pass cost (last note) predicts for those passes, which charges every pass its per-pass cost as "
+        "well as its tokens. The percentage is measured / bound.",
+        "hf runs a stage's calls one after another and its TTFT counts from the stage's submission, so it includes "
+        "the decodes of the calls ahead; no token or pass-cost bound counts them, so the hf arm has no TTFT bounds "
+        "(its end-to-end bounds stand).",
+        TTFT_NOTE,
+        _memory_note(_device_type(data, prov), memory) + " Peak KV: the store's peak rows in use x bytes per token.",
+        (f"1-min load average {timed_load[0]:.1f} on {cores} cores at the end of the timed run ({load[0]:.1f} at the "
+         f"end of the memory re-measurement), " if timed_load else
+         f"1-min load average {load[0]:.1f} on {cores} cores at the end of the run, ")
+        + f"{threads} torch threads in the timing process.",
+    ]
+    if prov.get("timings_git_commit"):
+        notes.append(f"Timings measured at commit {prov['timings_git_commit']}; memory re-measured at the commit "
+                     "in the provenance below.")
+    if data.get("scaling"):
+        notes.append(f"Scaling plots: the choreographed arm vs baseline only, {sizes.get('scaling_rounds')} timed "
+                     f"round(s) after {sizes.get('scaling_warmup')} warm-up round(s) per point, arms interleaved "
+                     "within each round.")
+    if cost is not None:
+        notes.append(_pass_cost_note(cost))
+    return notes
+
+
+TITLE = "Performance: choreographed vs re-encoding vs Hugging Face (teacher-forced)"
 
 
 def write_results(out: Path, *, model: Model, profile: str, figures: dict, memory: dict, scaling: dict,
@@ -118,90 +201,156 @@ def write_results(out: Path, *, model: Model, profile: str, figures: dict, memor
     ``speedups_suite`` for the performance suite, which has no scaling plots to go with it.
     ``scaling_warmup``: warm-up rounds of the scaling points (default: the profile's ``warmup``, as ``bench``
     runs them). ``extra`` goes into the provenance (e.g. where re-measured memory joins earlier timings).
+    Rows and notes are rendered from the stored data and provenance alone (``rerender`` redoes them).
 
     Example: ``write_results(Path("results/performance"), model=model, profile="smoke", figures=figures,
     memory={}, scaling={}, name="speedups_suite")`` -> ``results/performance/speedups_suite.md``.
     """
     from ..provenance import provenance
-    from ..report import write_table
 
     cfg = BENCH_PROFILES[profile]
-    load = os.getloadavg()
     scaling_warmup = cfg.warmup if scaling_warmup is None else scaling_warmup
     sizes = {"rounds": cfg.rounds, "warmup": cfg.warmup, **dataclasses.asdict(cfg.lengths)}
     if scaling:
         sizes.update(scaling_rounds=cfg.scaling_rounds, scaling_warmup=scaling_warmup)
     prov = provenance(model, seeds=None, sample_sizes=sizes,
-                      command=command, protocol=TEACHER, hf_protocol=HF_PROTOCOL, load_average=load,
-                      threads=torch.get_num_threads(), **extra)
-    notes = [
-        f"Protocol: {TEACHER}; {cfg.lengths.prompt_words}-word synthetic prompts, "
-        f"{cfg.lengths.content_tokens} content tokens per call. hf arm: {HF_PROTOCOL}.",
-        "Speed-ups are medians over rounds of ratios measured side by side in the same round (arms interleaved).",
-        "Bounds: tokens = tokens the baseline encodes / tokens the choreographed arm encodes (end-to-end: all "
-        "forward-pass tokens; TTFT: tokens encoded before each stage's first tokens, as each executor counted them, "
-        "so baseline+prefix is charged only the prompt past the prefix it reuses); passes = the same ratio of "
-        "times predicted by the affine cost of one forward pass (pass_cost.md), which charges every pass its fixed "
-        "part. The percentage is measured / bound.",
-        "hf runs a stage's calls one after another and its TTFT counts from the stage's submission, so it includes "
-        "the decodes of the calls ahead; no token or pass-cost bound counts them, so the hf arm has no TTFT bounds "
-        "(its end-to-end bounds stand).",
-        "TTFT = summed over sequential stages of the slowest call's time to first token. Choreographed prompt "
-        "messages are encoded when created, in passes of their own, counted in end-to-end time but not in TTFT; "
-        "'prefills fused' encodes them in the first pass of the call that reads them (the Runner's default).",
-        _memory_note(model.spec.device, measured=bool(memory)) + " Peak KV: the store's peak rows in use x bytes "
-        "per token.",
-        (f"1-min load average {extra['timings_load_average'][0]:.1f} on {os.cpu_count()} cores at the end of the "
-         f"timed run ({load[0]:.1f} at the end of the memory re-measurement), "
-         if extra.get("timings_load_average") else
-         f"1-min load average {load[0]:.1f} on {os.cpu_count()} cores at the end of the run, ")
-        + f"{torch.get_num_threads()} torch threads.",
-    ]
-    if extra.get("timings_git_commit"):
-        notes.append(f"Timings measured at commit {extra['timings_git_commit']}; memory re-measured at the commit "
-                     "in the provenance below.")
-    if scaling:
-        notes.append(f"Scaling plots: the choreographed arm vs baseline only, {cfg.scaling_rounds} timed round(s) "
-                     f"after {scaling_warmup} warm-up round(s) per point, arms interleaved within each round.")
-    if cost is not None:
-        notes.append(f"Pass cost used for the bounds: t(S) = {1000 * cost['fixed_s']:.1f} ms + "
-                     f"{1000 * cost['per_token_s']:.2f} ms x S, measured in the same run.")
-    write_table(out, name, title="Performance: choreographed vs re-encoding vs Hugging Face (teacher-forced)",
-                columns=COLUMNS, rows=table_rows(figures, memory),
-                data={"figures": figures, "memory": memory, "scaling": scaling, "profile": profile, "cost": cost},
-                provenance=prov, notes=notes)
+                      command=command, protocol=TEACHER, hf_protocol=HF_PROTOCOL, load_average=os.getloadavg(),
+                      threads=torch.get_num_threads(), cpu_count=os.cpu_count(), **extra)
+    data = {"figures": figures, "memory": memory, "scaling": scaling, "profile": profile, "cost": cost,
+            "device_type": model.spec.device.type}
+    path = _render(out, name, data, prov)
     titles = {"B": "tree of thoughts, V=4: proposals B", "V": "tree of thoughts, B=4: voters V",
               "A": "parallel debate, 3 rounds: agents A"}
     for axis, points in scaling.items():
         plot_scaling(out / f"scaling_{axis}.png", title=titles.get(axis, axis), axis=axis, points=points)
-    return out / f"{name}.md"
+    return path
+
+
+def _render(out: Path, name: str, data: dict, prov: dict) -> Path:
+    from ..report import write_table
+
+    return write_table(out, name, title=TITLE, columns=COLUMNS, rows=table_rows(data["figures"], data["memory"]),
+                       data=data, provenance=prov, notes=render_notes(data, prov))
+
+
+def rerender_all(out: Path) -> list[Path]:
+    """``rerender`` every speedups table and ``rerender_engine`` the engine table found in ``out`` (``python -m
+    choreo.perf render DIR``); returns the ``.md`` files rewritten."""
+    out = Path(out)
+    written = [rerender(out, stem) for stem in ("speedups", "speedups_suite") if (out / f"{stem}.json").is_file()]
+    return written + ([rerender_engine(out)] if (out / "engine.json").is_file() else [])
+
+
+def rerender(out: Path, name: str = "speedups") -> Path:
+    """Rewrite ``out/<name>.md`` and ``.json`` from the stored ``.json`` (its data and provenance kept as they are,
+    rows and notes rendered by this code): nothing is measured. Returns the ``.md``.
+
+    Example: ``rerender(Path("results/performance"))`` after a change of the table's columns or notes.
+    """
+    import json
+
+    stored = json.loads((Path(out) / f"{name}.json").read_text())
+    return _render(Path(out), name, stored["data"], stored["provenance"])
 
 
 def write_pass_costs(out: Path, model: Model, costs: dict, *, command: str | None = None) -> Path:
-    """``pass_cost.md``/``.json``: measured pass times against the affine fit."""
+    """``pass_cost.md``/``.json``: measured pass times, the affine summary line and how far it is off them."""
     from ..provenance import provenance
     from ..report import write_table
 
     fit = lambda s: costs["fixed_s"] + costs["per_token_s"] * s
-    rows = [[f"prefill, S={s}", f"{1000 * t:.1f} ms", f"{1000 * fit(s):.1f} ms"] for s, t in costs["prefill_s"].items()]
-    rows += [[f"decode step, B={b} calls", f"{1000 * t:.1f} ms", f"{1000 * fit(b):.1f} ms"]
+    off = lambda t, s: f"{100 * (fit(s) / t - 1):+.0f}%"
+    rows = [[f"pass, S={s} tokens", f"{1000 * t:.1f} ms", f"{1000 * fit(int(s)):.1f} ms", off(t, int(s))]
+            for s, t in costs["prefill_s"].items()]
+    rows += [[f"decode step, B={b} calls", f"{1000 * t:.1f} ms", f"{1000 * fit(int(b)):.1f} ms", off(t, int(b))]
              for b, t in costs["decode_step_s"].items()]
     where = ("on CPU, mostly streaming the weights from memory" if model.spec.device.type == "cpu" else
              f"on {model.spec.device.type}: reading the weights, launching kernels, the host's Python")
-    worst = max(costs["prefill_s"].items(), key=lambda st: abs(st[1] / fit(st[0]) - 1), default=None)
-    pulled = ("" if worst is None or abs(worst[1] / fit(worst[0]) - 1) <= 0.25 else
-              f" One prefill is off the fit by more than 25% (S={worst[0]}: {1000 * worst[1]:.1f} ms measured, "
-              f"{1000 * fit(worst[0]):.1f} ms fitted) and pulls it: read the measured rows.")
-    notes = [f"Least-squares fit over the prefills: t(S) = {1000 * costs['fixed_s']:.1f} ms + "
-             f"{1000 * costs['per_token_s']:.2f} ms x S. The fixed part is paid by every forward pass ({where}), so "
-             "a choreographed call that encodes a few header tokens cannot be faster than it, whatever the token "
-             f"bound says.{pulled} A decode step of B calls encodes B tokens: "
+    sizes = [int(s) for s in costs["prefill_s"]]
+    worst = max(costs["prefill_s"].items(), key=lambda st: abs(st[1] / fit(int(st[0])) - 1), default=None)
+    small = [(int(s), t) for s, t in costs["prefill_s"].items() if int(s) <= 32]
+    small_worst = max((abs(fit(s) / t - 1) for s, t in small), default=None)
+    residual = ("" if worst is None else
+                f" Over the measured range S = {min(sizes)}-{max(sizes)} the affine line is off the measured passes by "
+                f"up to {100 * abs(fit(int(worst[0])) / worst[1] - 1):.0f}% (S={worst[0]}: {1000 * worst[1]:.1f} ms "
+                f"measured, {1000 * fit(int(worst[0])):.1f} ms on the line)"
+                + (f"; over S <= 32, where choreographed TTFT passes lie, by up to {100 * small_worst:.0f}%"
+                   if small_worst is not None else "") + ".")
+    method = costs.get("pass_method", "a whole prefill call (tokenising and message bookkeeping included)")
+    notes = [f"Passes: {method}. The pass-cost bounds of speedups.md charge each pass the measured time of its size, "
+             "interpolated piecewise linearly in S between the measured sizes (extrapolated along the last segment "
+             f"above them). Least-squares summary line: t(S) = {1000 * costs['fixed_s']:.1f} ms + "
+             f"{1000 * costs['per_token_s']:.2f} ms x S; 'affine off by' = line / measured - 1.{residual}",
+             f"What every pass pays ({where}) is what the smallest pass costs"
+             + (f" (S={min(sizes)}: {1000 * costs['prefill_s'][min(costs['prefill_s'], key=int)]:.1f} ms)"
+                if sizes else "")
+             + ", so a choreographed call that encodes a few header tokens cannot be faster than that, whatever the "
+             "token bound says; the line's intercept is an extrapolation, not that floor.",
+             "A decode step of B calls encodes B tokens: "
              + costs.get("decode_step_method", "the mean pass of a decode of up to 8 tokens, its header and closing "
                                                "passes included (measured before the difference method)") + ".",
              f"1-min load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, "
              f"{costs.get('threads', torch.get_num_threads())} torch threads."]
     title = f"Cost of one forward pass (choreographed engine, {costs['attention']} attention)"
     return write_table(out, "pass_cost", title=title,
-                       columns=["pass", "measured (min of repeats)", "affine fit"], rows=rows, data=costs,
-                       provenance=provenance(model, seeds=None, sample_sizes={"repeats": costs.get("repeats")},
-                                             command=command), notes=notes)
+                       columns=["pass", "measured (min of repeats)", "affine line", "affine off by"], rows=rows,
+                       data=costs, provenance=provenance(model, seeds=None,
+                                                         sample_sizes={"repeats": costs.get("repeats")},
+                                                         command=command), notes=notes)
+
+
+# ------------------------------------------------------------------------------------ engine.md (test_engine_bench)
+# Runs of the same code on this shared machine have differed by more than the rounds of one run do (TTFT: 19.3x,
+# 19.7x, 19.96x and 21.0x, a spread of 8.7% of the goal): a verdict within this share of its goal says so.
+RUN_TO_RUN = 0.10
+ENGINE_GOALS = {"ttft": 20.0, "throughput": 5.0}  # engine.md's rows with a goal: the ratio each must reach
+DECODE_TIMED = ("generated tokens / the Runner's wall time for the calls alone: each call's header pass, one decode "
+                "step per teacher token and a closing pass, over a prompt prefilled (and cached) before timing")
+
+
+def verdict(ratio: float, goal: float) -> str:
+    """'met' or 'not met' by the run's own ratio, with how far from the goal when within ``RUN_TO_RUN`` of it.
+
+    Example: ``verdict(19.26, 20.0)`` -> 'not met (-3.7%, within run-to-run spread)'; ``verdict(10.8, 5.0)`` ->
+    'met'."""
+    word, off = ("met" if ratio >= goal else "not met"), ratio / goal - 1
+    return f"{word} ({off:+.1%}, within run-to-run spread)" if abs(off) <= RUN_TO_RUN + 1e-12 else word
+
+
+def engine_notes(load: float) -> list[str]:
+    """The notes of engine.md: ``load`` the 1-min load average at the end of the run."""
+    return [f"Shared 2-core machine: 1-min load average {load:.1f} at the end; ratios are measured side by side "
+            "(setup/target of one pytest-benchmark round).",
+            "met: whether one run's median of per-round ratios reaches the goal. Runs of the same code on this "
+            f"machine have differed by up to {RUN_TO_RUN:.0%} of the goal (suites/performance/README.md), so a "
+            "ratio that close to it is marked 'within run-to-run spread': another run may land on the other side.",
+            f"(b) decode tokens/s = {DECODE_TIMED}.",
+            "(c) RSS: free heap pages are returned to the system (glibc malloc_trim(0)) before the RSS is read and "
+            "its peak reset, so the growth counts every page the run touched."]
+
+
+def engine_ratios(raw: dict) -> dict[str, float]:
+    """The median per-round ratio of each goal row of engine.json's ``raw`` (baseline / choreographed TTFT;
+    concurrent / single tokens per second)."""
+    import statistics
+
+    pairs = {"ttft": raw["ttft"]["rounds_baseline_choreographed_s"],
+             "throughput": raw["throughput"]["rounds_tokens_per_s_1_and_concurrent"]}
+    return {k: statistics.median(b / a if k == "throughput" else a / b for a, b in v) for k, v in pairs.items()}
+
+
+def rerender_engine(out: Path) -> Path:
+    """Rewrite ``out/engine.md``/``.json`` from the stored ``engine.json``: the 'met' column recomputed from the
+    rounds it keeps, the notes by this code, data and provenance as stored. Nothing is measured."""
+    import json
+
+    from ..report import write_table
+
+    stored = json.loads((Path(out) / "engine.json").read_text())
+    data, rows = stored["data"], stored["data"]["rows"]
+    met = stored["columns"].index("met")
+    for key, ratio in engine_ratios(data["raw"]).items():
+        rows[key][met] = verdict(ratio, ENGINE_GOALS[key])
+    load = (stored["provenance"].get("load_average") or [float("nan")])[0]
+    return write_table(out, "engine", title=stored["title"], columns=stored["columns"], rows=list(rows.values()),
+                       data=data, provenance=stored["provenance"], notes=engine_notes(load))

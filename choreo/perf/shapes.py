@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 
 from ..cache import Message
 from ..engine import Call
+from ..workflows.debate import MODERATOR_PREFIX, SPEAKERS
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -78,9 +79,9 @@ class Recorder:
         return msg
 
     async def decode(self, tags: Sequence[str], parents: Sequence[Sequence[Message]],
-                     role="assistant") -> list[Message]:
+                     role="assistant", prefix: str = "") -> list[Message]:
         roles = [role] * len(tags) if isinstance(role, str) else list(role)
-        calls = [Call(role=r, parents=tuple(p), teacher_tokens=self.synth.tokens(t), max_tokens=1)
+        calls = [Call(role=r, parents=tuple(p), prefix=prefix, teacher_tokens=self.synth.tokens(t), max_tokens=1)
                  for t, p, r in zip(tags, parents, roles)]
         msgs = await self.ex.decode(calls)
         # what a call encoded before its first token is the executor's count (``first_pass_tokens``), by id
@@ -89,8 +90,8 @@ class Recorder:
         self._prefilled = 0
         return msgs
 
-    async def decode1(self, tag: str, parents: Sequence[Message], role="assistant") -> Message:
-        return (await self.decode([tag], [parents], role))[0]
+    async def decode1(self, tag: str, parents: Sequence[Message], role="assistant", prefix: str = "") -> Message:
+        return (await self.decode([tag], [parents], role, prefix))[0]
 
 
 async def prisoners_dilemma(rec: Recorder, *, rounds: int = 2):
@@ -136,39 +137,50 @@ async def tree_of_thoughts(rec: Recorder, *, B: int = 8, V: int = 4):
 
 
 async def iterative_debate(rec: Recorder, *, rounds: int = 3):
-    """Affirmative then negative, each seeing the whole debate so far, and a moderator after every round (a side
-    call: the debaters never see it), as ``choreo.workflows.debate.iterative_debate`` runs them. All ``rounds``
-    run: with synthetic text no moderator names a winner, where the paper's debate may stop early."""
-    q = await rec.prefill("id/question", role="user")
-    aff_sys = await rec.prefill("id/aff", role="system")
-    neg_sys = await rec.prefill("id/neg", role="system")
-    mod_sys = await rec.prefill("id/moderator", role="system")
+    """``choreo.workflows.debate.iterative_debate``'s call graph: each speaker (affirmative, negative, moderator)
+    has its own system prompt and its own copy of the problem turn; in every round the affirmative then the
+    negative speak, each seeing its own prompts and the whole debate so far plus, once the debate has begun, a
+    private instruction turn prefilled right before its call; then the moderator, seeing its own prompts, the
+    debate and its instruction, replies behind the forced JSON prefix (a side call: the debaters never see it).
+    All ``rounds`` run: with synthetic text no moderator names a winner, where the MATH debate may stop early."""
+    own = {}  # speaker -> [system prompt, problem turn]
+    for speaker in SPEAKERS:
+        sys_ = await rec.prefill(f"id/system/{speaker}", role="system")
+        own[speaker] = [sys_, await rec.prefill("id/problem", role="user", parents=[sys_])]
     debate: list[Message] = []
     for r in range(rounds):
-        debate.append(await rec.decode1(f"id/aff{r}", [aff_sys, q, *debate], role="assistant:aff"))
-        debate.append(await rec.decode1(f"id/neg{r}", [neg_sys, q, *debate], role="assistant:neg"))
-        ask = await rec.prefill(f"id/moderate{r}", role="user", parents=[mod_sys, q, *debate])
-        await rec.decode1(f"id/verdict{r}", [mod_sys, q, *debate, ask], role="assistant:moderator")
+        for speaker in ("affirmative", "negative"):
+            view = own[speaker] + debate
+            if debate:
+                view.append(await rec.prefill(f"id/{r}/instruct/{speaker}", role="user", parents=view))
+            debate.append(await rec.decode1(f"id/{r}/{speaker}", view, role=f"assistant:{speaker}"))
+        view = own["moderator"] + debate
+        view.append(await rec.prefill(f"id/{r}/instruct/moderator", role="user", parents=view))
+        await rec.decode1(f"id/{r}/verdict", view, role="assistant:moderator", prefix=MODERATOR_PREFIX)
     return rec.stages
 
 
 async def parallel_debate(rec: Recorder, *, A: int = 3, rounds: int = 3):
-    """A agents answer independently, then ``rounds`` update rounds (Du et al.; as
-    ``choreo.workflows.debate.parallel_debate`` runs them): a summariser reads every answer of the last round, and
-    each agent updates its answer seeing its own history, the summary and an update prompt."""
-    q = await rec.prefill("pdb/question", role="user")
-    agents = [await rec.prefill(f"pdb/agent{a}", role="system") for a in range(A)]
+    """``choreo.workflows.debate.parallel_debate``'s call graph (Du et al.): A agents share one system prompt and
+    problem turn and answer independently (one parallel decode); the summariser's own system prompt and problem
+    turn follow; then in each of ``rounds`` update rounds the summariser reads every answer of the last round and
+    an instruction turn and summarises them, and each agent, seeing the shared prompts, its own earlier answers,
+    the summary and a private update turn, updates its answer (one parallel decode)."""
+    sys_ = await rec.prefill("pdb/system/agent", role="system")
+    own = [sys_, await rec.prefill("pdb/problem", role="user", parents=[sys_])]
     roles = [f"assistant:agent{a}" for a in range(A)]
-    last = await rec.decode([f"pdb/0/{a}" for a in range(A)], [[agents[a], q] for a in range(A)], role=roles)
+    last = await rec.decode([f"pdb/0/{a}" for a in range(A)], [own] * A, role=roles)
     history = [[m] for m in last]
-    summariser = await rec.prefill("pdb/summariser", role="system")
+    sum_sys = await rec.prefill("pdb/system/summariser", role="system")
+    summariser = [sum_sys, await rec.prefill("pdb/problem", role="user", parents=[sum_sys])]
     for r in range(1, rounds + 1):
-        ask = await rec.prefill(f"pdb/{r}/summarise", role="user", parents=[summariser, q, *last])
-        summary = await rec.decode1(f"pdb/{r}/summary", [summariser, q, *last, ask], role="assistant:summariser")
-        views = [[agents[a], q, *history[a], summary] for a in range(A)]
-        updates = [await rec.prefill(f"pdb/{r}/update{a}", role="user", parents=views[a]) for a in range(A)]
-        last = await rec.decode([f"pdb/{r}/{a}" for a in range(A)], [views[a] + [updates[a]] for a in range(A)],
-                                role=roles)
+        view = summariser + list(last)
+        view.append(await rec.prefill(f"pdb/{r}/instruct/summariser", role="user", parents=view))
+        summary = await rec.decode1(f"pdb/{r}/summary", view, role="assistant:summariser")
+        views = [own + history[a] + [summary] for a in range(A)]
+        for a in range(A):
+            views[a].append(await rec.prefill(f"pdb/{r}/instruct/{a}", role="user", parents=views[a]))
+        last = await rec.decode([f"pdb/{r}/{a}" for a in range(A)], views, role=roles)
         for a, msg in enumerate(last):
             history[a].append(msg)
     return rec.stages

@@ -19,6 +19,7 @@ import pytest
 
 import choreo
 from choreo import perf
+from choreo.perf.report import DECODE_TIMED, RUN_TO_RUN, engine_notes, verdict  # noqa: F401
 from choreo.profiles import pick
 from choreo.runner import RunStats
 
@@ -34,23 +35,6 @@ DECODE_STEPS = {"smoke": 8, "small": 32, "paper": 64}
 CONVERSATION_TOKENS = {"smoke": 4, "small": 16, "paper": 64}
 CONCURRENT = 32
 CONVERSATIONS = 64
-DECODE_TIMED = ("generated tokens / the Runner's wall time for the calls alone: each call's header pass, one decode "
-                "step per teacher token and a closing pass, over a prompt prefilled (and cached) before timing")
-
-
-# Runs of the same code on this shared machine have differed by more than the rounds of one run do (TTFT: 19.3x,
-# 19.7x, 19.96x and 21.0x, a spread of 8.7% of the goal): a ratio within this share of its goal is at the goal,
-# neither met nor missed.
-RUN_TO_RUN = 0.10
-
-
-def verdict(ratio: float, goal: float) -> str:
-    """'met', 'not met', or 'at the goal' when ``ratio`` is within ``RUN_TO_RUN`` of ``goal`` (either side).
-
-    Example: ``verdict(21.0, 20.0)`` -> 'at the goal (+5.0%)'; ``verdict(10.8, 5.0)`` -> 'met'."""
-    if abs(ratio / goal - 1) <= RUN_TO_RUN + 1e-12:
-        return f"at the goal ({ratio / goal - 1:+.1%})"
-    return "met" if ratio > goal else "not met"
 
 
 def measured(ratio: float, rounds: list[float], digits: int) -> str:
@@ -84,14 +68,7 @@ def engine_rows(request, model, profile, results_dir, engine_raw):
                                                                            "warmup": pick(WARMUP, profile)},
                                           command=command_line(),  # as run: pytest, or choreo repro
                                           load_average=os.getloadavg()),
-                    notes=[f"Shared 2-core machine: 1-min load average {os.getloadavg()[0]:.1f} at the end; ratios are "
-                           "measured side by side (setup/target of one pytest-benchmark round).",
-                           f"met: one run's median of per-round ratios; within {RUN_TO_RUN:.0%} of the goal it reads "
-                           f"'at the goal', the spread between runs of the same code on this machine "
-                           f"(suites/performance/README.md).",
-                           f"(b) decode tokens/s = {DECODE_TIMED}.",
-                           "(c) RSS: free heap pages are returned to the system (glibc malloc_trim(0)) before the RSS "
-                           "is read and its peak reset, so the growth counts every page the run touched."])
+                    notes=engine_notes(os.getloadavg()[0]))
 
 
 def _parent_text(tokenizer, n: int) -> str:
