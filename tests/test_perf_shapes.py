@@ -393,6 +393,12 @@ def test_pass_cost_table_gives_how_far_the_affine_line_is_off(tiny_gqa, tmp_path
     assert "over S <= 32, where choreographed TTFT passes lie, by up to 29%" in text
     assert "pass, S=37 tokens" in text and "+20%" in text  # 30.8 ms on the line / 25.7 ms measured
     assert "interpolated piecewise linearly" in text and "not that floor" in text
+    # The largest residual by the same measure as the rows (line / measured - 1): S=1 (+18%), not S=8 (-13%),
+    # which measured / line - 1 would rank first (+15% against -15%).
+    costs = {"fixed_s": 0.0390, "per_token_s": 0.00089, "prefill_s": {1: 0.0339, 8: 0.0533, 512: 0.4972},
+             "decode_step_s": {}, "attention": "torch", "repeats": 3}
+    text = write_pass_costs(tmp_path, tiny_gqa, costs, command="test").read_text()
+    assert "off the measured passes by up to 18% (S=1: 33.9 ms measured, 39.9 ms on the line)" in text
 
 
 def test_pass_time_interpolates_the_measured_passes():

@@ -267,7 +267,7 @@ def write_pass_costs(out: Path, model: Model, costs: dict, *, command: str | Non
     where = ("on CPU, mostly streaming the weights from memory" if model.spec.device.type == "cpu" else
              f"on {model.spec.device.type}: reading the weights, launching kernels, the host's Python")
     sizes = [int(s) for s in costs["prefill_s"]]
-    worst = max(costs["prefill_s"].items(), key=lambda st: abs(st[1] / fit(int(st[0])) - 1), default=None)
+    worst = max(costs["prefill_s"].items(), key=lambda st: abs(fit(int(st[0])) / st[1] - 1), default=None)
     small = [(int(s), t) for s, t in costs["prefill_s"].items() if int(s) <= 32]
     small_worst = max((abs(fit(s) / t - 1) for s, t in small), default=None)
     residual = ("" if worst is None else
