@@ -24,7 +24,7 @@ def default_results_dir(profile: str | None) -> Path:
     return SMOKE_RESULTS_DIR if profile == "smoke" else RESULTS_DIR
 # Environment variables that change what a suite runs (suites/leakage/conftest.py reads them with ``env_flag`` and
 # ``env_count``), checked here before pytest starts: a bad one is one line, not an error in every test that reads it.
-ENV_FLAGS = ("CHOREO_LEAKAGE_FINETUNE",)
+ENV_FLAGS = ("CHOREO_LEAKAGE_FINETUNE", "CHOREO_MATH_RENDER_ONLY")
 ENV_COUNTS = {"CHOREO_LEAKAGE_GAMES": 2, "CHOREO_LEAKAGE_CANARY": 2}  # the smallest count each accepts (games)
 
 

@@ -11,7 +11,8 @@ import choreo
 from choreo.workflows import debate
 from choreo.workflows.debate import (AFFIRMATIVE_PROMPT, MODERATOR_PREFIX, NEGATIVE_PROMPT, SUMMARY_PROMPT,
                                      UPDATE_PROMPT, DebateConfig, call_seed, final_answer, iterative_debate,
-                                     names_winner, parallel_debate, parse_moderator, run_condition)
+                                     names_winner, parallel_debate, parse_moderator, reread, run_condition,
+                                     usable_answer)
 
 PROBLEM = "What is $2 + 3 \\cdot 4$?"
 TINY = DebateConfig.preset("tiny")  # rounds=2, agents=2, a few tokens per call
@@ -68,9 +69,74 @@ def test_parse_moderator_garbage(text):
     assert parse_moderator(text) == {"preference": None, "answer": None}
 
 
+@pytest.mark.parametrize("answer", [
+    "affirmative", "Negative", "the affirmative side", "negative's answer", "none", "None", "N/A", "n/a", "null",
+    "yes", "No", "true", "FALSE", "\\text{none}", "Affirmative.", "<the final answer of the side you prefer>",
+    "this is the final answer of the side you prefer", "<answer>", "", "  ", None,
+])
+def test_no_answer_in_the_answer_field(answer):
+    assert usable_answer(answer) is None
+    text = json.dumps({"reasoning": "x", "preference": "affirmative", "answer": answer})
+    verdict = parse_moderator(text)
+    assert verdict == {"preference": "affirmative", "answer": None} and not names_winner(verdict)
+
+
+@pytest.mark.parametrize("answer", ["14", "-2, 1", "\\frac{1}{2}", "x = 3", "nonexistent", "yesterday's 5", "0"])
+def test_usable_answers_are_kept(answer):
+    assert usable_answer(f" {answer} ") == answer
+    assert names_winner({"preference": "negative", "answer": answer})
+
+
+def test_a_side_without_an_answer_gives_that_sides_last_message():
+    aff, neg = "aff \\boxed{9}", "neg \\boxed{7}"
+    for text, expected in [
+        ('{"reasoning": "x", "preference": "negative", "answer": "negative"}', (neg, "negative")),
+        ('{"reasoning": "x", "preference": "negative", "answer": "none"}', (neg, "negative")),
+        ('{"reasoning": "x", "preference": "affirmative", "answer": "N/A"}', (aff, "affirmative")),
+        ('{"reasoning": "x", "preference": "affirmative", "answer": "<the final answer of the side you prefer>"}',
+         (aff, "affirmative")),
+        ('{"reasoning": "x", "preference": "none", "answer": "none"}', (aff, "affirmative")),
+        ('{"reasoning": "x", "preference": "negative", "answer": "8"}', ("\\boxed{8}", "moderator")),
+    ]:
+        assert final_answer([parse_moderator(text)], aff, neg) == expected, text
+
+
+def _logged(verdicts, rounds_run):
+    """A logged iterative record whose moderator wrote ``verdicts`` (one JSON text per round)."""
+    transcript = []
+    for r, text in enumerate(verdicts[:rounds_run]):
+        transcript += [{"speaker": "affirmative", "text": f"aff {r} \\boxed{{{r}}}"},
+                       {"speaker": "negative", "text": f"neg {r} \\boxed{{{10 + r}}}"},
+                       {"speaker": "moderator", "text": text}]
+    return {"final": "stale", "final_source": "moderator", "rounds": rounds_run,
+            "moderator": [{"text": t, "preference": "?", "answer": "?"} for t in verdicts[:rounds_run]],
+            "transcript": transcript}
+
+
+def test_reread_judges_logged_debates_again():
+    side_name = '{"reasoning": "x", "preference": "negative", "answer": "negative"}'
+    winner = '{"reasoning": "x", "preference": "affirmative", "answer": "5"}'
+    nothing = '{"reasoning": "x"}'
+    # stopped at round 1 of 3 on a verdict that is no longer a winner: graded as the side's message, incomplete
+    out = reread(_logged([side_name], 1), rounds=3)
+    assert (out["final"], out["final_source"], out["complete"]) == ("neg 0 \\boxed{10}", "negative", False)
+    assert out["moderator"][0]["answer"] is None and out["moderator"][0]["preference"] == "negative"
+    # the same verdict at the last round: complete
+    out = reread(_logged([nothing, side_name], 2), rounds=2)
+    assert (out["final"], out["final_source"], out["complete"]) == ("neg 1 \\boxed{11}", "negative", True)
+    # stopped on a real winner, or ran every round without one: complete
+    out = reread(_logged([nothing, winner], 2), rounds=3)
+    assert (out["final"], out["final_source"], out["complete"]) == ("\\boxed{5}", "moderator", True)
+    out = reread(_logged([nothing, nothing, nothing], 3), rounds=3)
+    assert (out["final"], out["final_source"], out["complete"]) == ("aff 2 \\boxed{2}", "affirmative", True)
+    # went on past a verdict that names a winner now: not what the current rule runs
+    assert not reread(_logged([winner, nothing], 2), rounds=2)["complete"]
+
+
 def test_stopping_rule_and_final_answer():
     assert names_winner({"preference": "negative", "answer": "14"})
     assert names_winner({"preference": "affirmative", "answer": "x"})
+    assert not names_winner({"preference": "affirmative", "answer": "affirmative"})  # a side's name is no answer
     assert not names_winner({"preference": "none", "answer": "14"})  # no side named
     assert not names_winner({"preference": "negative", "answer": None})  # no answer
     assert not names_winner({"preference": "negative", "answer": "  "})
@@ -202,6 +268,18 @@ def test_parallel_structure(tiny_gqa):
     seeds = [trace[i].seed for i in calls]
     assert len(set(seeds)) == len(seeds) and all(3 * debate.SEED_STRIDE <= s < 4 * debate.SEED_STRIDE for s in seeds)
     json.dumps(out)
+
+
+def test_a_side_named_without_an_answer_does_not_stop_the_debate(tiny_gqa, monkeypatch):
+    verdicts = iter(['{"preference": "negative", "answer": "negative"}',
+                     '{"preference": "negative", "answer": "none"}'])
+    real = debate.parse_moderator
+    monkeypatch.setattr(debate, "parse_moderator", lambda text: real(next(verdicts)))
+    config = DebateConfig(rounds=2, answer_tokens=3, moderator_tokens=3)
+    out, trace = _run(tiny_gqa, iterative_debate, "choreographed", "parallel", config=config)
+    assert out["rounds"] == 2 and len(_decodes(trace)) == 6  # both rounds ran
+    negative = [t["text"] for t in out["transcript"] if t["speaker"] == "negative"]
+    assert out["final"] == negative[-1] and out["final_source"] == "negative"
 
 
 def test_early_stop_when_the_moderator_names_a_winner(tiny_gqa, monkeypatch):

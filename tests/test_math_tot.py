@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 
 import choreo
-from choreo.data.math import (BUILTIN_SIZE, FILE_NAME, equivalent, extract_answer, grade, last_boxed, load_problems,
-                              split_problems)
+from choreo.data.math import (BUILTIN_SIZE, FILE_NAME, equivalent, extract_answer, gold_answer, grade, last_boxed,
+                              load_problems, split_problems)
 from choreo.workflows.tot import (DirectConfig, ToTConfig, direct_trace, majority, parse_vote, run_condition,
                                   tree_of_thoughts)
 
@@ -40,7 +41,7 @@ def test_first_box_for_the_parallel_debate():
     ("... so the answer is \\boxed{9/7}", "9/7"),
     ("work\nANSWER: $12$.", "12"),
     ("answer: 3\nmore text\nANSWER: 5", "5"),  # the last ANSWER line
-    ("ANSWER: \\boxed{4} and ANSWER: 6", "4"),  # a box wins over an ANSWER line
+    ("ANSWER: \\boxed{4} and ANSWER: 6", "4"),  # a box inside the last ANSWER line wins
     ("ANSWER:   ", None),
     ("\\boxed{}", None),
     ("the answer is 10", None),  # a bare number is not an answer
@@ -60,6 +61,67 @@ def test_first_box_for_the_parallel_debate():
 ])
 def test_extract_answer(text, answer):
     assert extract_answer(text) == answer
+
+
+# Adversarial responses from the review (/tmp/audit_math/adv.out): the later of the last box and the last ANSWER
+# line, empty boxes skipped, "\\boxed 5" without braces read as the MATH reference extractor reads it
+@pytest.mark.parametrize("text, last, first", [
+    ("The first is \\boxed{3}. Then ... ANSWER: 10", "10", "3"),  # the ANSWER line comes later
+    ("ANSWER: 10, so \\boxed{3}", "3", "3"),  # the box comes later
+    ("$\\boxed{5}$ and ANSWER: 7", "7", "5"),
+    ("ANSWER: \\boxed{5}", "5", "5"),
+    ("\\boxed{}. ANSWER: 2", "2", "2"),  # an empty box is no answer
+    ("I put my final answer in \\boxed{}. Then x = \\boxed{5}", "5", "5"),
+    ("\\boxed{4} then \\boxed{ }", "4", "4"),
+    ("\\boxed 5", "5", "5"),
+    ("so $\\boxed 1/2$.", "1/2", "1/2"),
+    ("\\boxed 7.\nThat is all.", "7", "7"),
+    ("\\boxed{1} \\boxed 2", "2", "1"),
+    ("\\boxed{}", None, None),
+], ids=["answer-after-box", "box-after-answer", "dollar-box-then-answer", "box-in-answer-line", "empty-box-then-answer",
+        "empty-box-first", "blank-box-last", "unbraced", "unbraced-in-dollars", "unbraced-then-period",
+        "braced-then-unbraced", "only-empty"])
+def test_extract_answer_adversarial(text, last, first):
+    assert extract_answer(text) == last and extract_answer(text, which="first") == first
+
+
+def test_grading_works_off_the_main_thread():
+    """math_verify times itself with signal.alarm, which raises off the main thread: grading must not read that
+    as "not equal" (the runner's callbacks and thread pools grade off the main thread)."""
+    out = {}
+
+    def work():
+        out["equal"] = equivalent("\\frac{1}{2}", "0.5")
+        out["graded"] = grade("\\frac{1}{2}", "so \\boxed{0.5}")
+        out["different"] = equivalent("\\frac{1}{2}", "0.4")
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join()
+    assert out == {"equal": True, "graded": {"correct": True, "extracted": "0.5"}, "different": False}
+    assert equivalent("\\frac{1}{2}", "0.5")  # and still on the main thread
+
+
+@pytest.mark.parametrize("solution, problem, gold", [
+    ("answers are $\\boxed{-2}$ and $\\boxed{1}$.", "Find all solutions, separated by comma(s).", "-2, 1"),
+    ("$\\boxed{3}$ or $\\boxed{\\frac{2}{5}}$", "Enter all the solutions, separated by commas.", "3, \\frac{2}{5}"),
+    ("$\\boxed{1}$, again $\\boxed{1}$", "Enter all solutions, separated by commas.", "1"),  # distinct ones
+    ("$d=\\boxed{-3}$. Note: $\\boxed{3}$ is also accepted.", "What is the common difference?", "3"),
+    ("$\\boxed{\\frac{2+\\sqrt{53}}{53}}$ so $\\boxed{161}$", "Find $a+b+c+d$.", "161"),
+    ("box $\\boxed{4}$ then $\\boxed{}$", "What number?", "4"),  # an empty box skipped
+])
+def test_gold_answer_joins_the_boxes_of_several_answers(solution, problem, gold):
+    assert gold_answer(solution, problem) == gold
+    assert grade(gold_answer(solution, problem), f"\\boxed{{{gold}}}")["correct"]
+
+
+def test_gold_answer_rules():
+    solution, problem = "$\\boxed{-2}$ and $\\boxed{1}$", "separated by commas"
+    assert gold_answer(solution, problem, rule="last") == "1"
+    assert not grade(gold_answer(solution, problem), "\\boxed{1}")["correct"]  # one root of two is wrong
+    assert gold_answer("no box", problem) is None
+    with pytest.raises(ValueError, match="rule must be 'joined' or 'last', got 'first'"):
+        gold_answer(solution, problem, rule="first")
 
 
 @pytest.mark.parametrize("gold, answer, same", [
@@ -104,11 +166,13 @@ def test_split_is_disjoint_seeded_and_independent_of_order():
 def test_math_file_loading_and_errors(tmp_path):
     rows = [{"id": "algebra/2", "problem": "1+1?", "level": "Level 1", "type": "Algebra",
              "solution": "It is $\\boxed{2}$."},
-            {"id": "algebra/1", "problem": "Half?", "solution": "$\\boxed{\\frac{1}{2}}$"}]
+            {"id": "algebra/1", "problem": "Half?", "solution": "$\\boxed{\\frac{1}{2}}$"},
+            {"id": "algebra/3", "problem": "Roots, separated by commas?", "solution": "$\\boxed{-2}$, $\\boxed{1}$"}]
     (tmp_path / FILE_NAME).write_text("".join(json.dumps(r) + "\n" for r in rows))
     problems = load_problems(tmp_path)
-    assert [(p.id, p.answer, p.level) for p in problems] == [("algebra/2", "2", "Level 1"),
-                                                             ("algebra/1", "\\frac{1}{2}", "")]
+    assert [(p.id, p.answer, p.level) for p in problems] == [
+        ("algebra/2", "2", "Level 1"), ("algebra/1", "\\frac{1}{2}", ""), ("algebra/3", "-2, 1", "")]
+    assert [p.answer for p in load_problems(tmp_path, gold="last")] == ["2", "\\frac{1}{2}", "1"]
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_problems(tmp_path / "missing")
     for bad, message in [({"id": "a/1", "problem": "p", "solution": "no box"}, "has no \\\\boxed"),

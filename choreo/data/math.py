@@ -1,7 +1,8 @@
 """MATH problems: the benchmark's JSONL by path, or a built-in set; answer extraction and grading.
 
 ``load_problems(data_dir)`` reads ``<data_dir>/math_test.jsonl`` (one ``{"id", "problem", "level", "type",
-"solution"}`` per line, the gold answer being the solution's last ``\\boxed{}``); without a folder it makes
+"solution"}`` per line, the gold answer being the solution's last ``\\boxed{}``, or its boxes joined when the
+problem asks for answers "separated by commas": ``gold_answer``); without a folder it makes
 ``BUILTIN_SIZE`` seeded problems in MATH's format (integer arithmetic, linear equations, fractions: *not* MATH,
 for machines without the file). ``split_problems`` picks disjoint evaluation and training sets with a fixed seed
 from the id-sorted list, so the choice does not depend on the file's order.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import re
+import threading
 from fractions import Fraction
 from pathlib import Path
 from typing import Sequence
@@ -46,18 +48,33 @@ class Problem:
         return dataclasses.asdict(self)
 
 
-def boxed(text: str) -> list[str]:
-    """The contents of every closed ``\\boxed{...}`` (or ``\\fbox{...}``) in ``text``, in order, braces balanced;
-    a box that is never closed (a response cut at its token cap) is left out."""
+# "\\boxed{x}" (braces balanced) or "\\boxed x" (no braces: up to the next "$" or line end, as the MATH reference
+# extractor reads it)
+_BOX = re.compile(r"\\(?:boxed|fbox)(?:\s*\{|[ \t]+(?=[^\s{$]))")
+
+
+def _boxes(text: str) -> list[tuple[int, str]]:
+    """(start, content) of every closed box in ``text``, in order; contents stripped, empty ones kept."""
     found = []
-    for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
+    for m in _BOX.finditer(text):
+        if not m.group().endswith("{"):
+            content = re.match(r"[^$\n]*", text[m.end():]).group().strip().rstrip(".,;").strip()
+            found.append((m.start(), content))
+            continue
         depth, i = 1, m.end()
         while i < len(text) and depth:
             depth += {"{": 1, "}": -1}.get(text[i], 0)
             i += 1
         if depth == 0:
-            found.append(text[m.end():i - 1].strip())
+            found.append((m.start(), text[m.end():i - 1].strip()))
     return found
+
+
+def boxed(text: str) -> list[str]:
+    """The contents of every closed ``\\boxed{...}`` (or ``\\fbox{...}``, or ``\\boxed x`` without braces: up to
+    the next ``$`` or line end) in ``text``, in order, braces balanced; a box that is never closed (a response cut
+    at its token cap) is left out."""
+    return [content for _, content in _boxes(text)]
 
 
 def last_boxed(text: str) -> str | None:
@@ -65,6 +82,29 @@ def last_boxed(text: str) -> str | None:
     Example: ``last_boxed("\\\\boxed{\\\\frac{1}{2}}.")`` is ``"\\\\frac{1}{2}"``."""
     found = boxed(text)
     return found[-1] if found else None
+
+
+# A problem that asks for several answers ("Enter all the solutions, separated by commas.")
+_SEVERAL = re.compile(r"separated by comma", re.IGNORECASE)
+
+
+def gold_answer(solution: str, problem: str = "", *, rule: str = "joined") -> str | None:
+    """The gold answer of a MATH solution: its last non-empty box; when ``problem`` asks for several answers
+    "separated by commas" (``rule="joined"``), its distinct non-empty boxes joined in order ("-2, 1": MATH boxes each
+    solution of such a problem). ``rule="last"``: the last box, empty or not (MATH's usual convention). None when
+    there is no box. Only the comma-separated problems join: elsewhere several boxes are alternatives ("3 is also
+    accepted"), an intermediate result, or a drawing (``\\boxed{\\phantom{2}}``).
+    Example: ``gold_answer("$\\\\boxed{-2}$ and $\\\\boxed{1}$", "... separated by commas.")`` is ``"-2, 1"``."""
+    if rule not in ("joined", "last"):
+        raise ValueError(f"rule must be 'joined' or 'last', got {rule!r}")
+    if rule == "last":
+        return last_boxed(solution)
+    boxes = [b for b in boxed(solution) if b]
+    if not boxes:
+        return None
+    if _SEVERAL.search(problem):
+        return ", ".join(dict.fromkeys(boxes))
+    return boxes[-1]
 
 
 # The protocol's "ANSWER: x": upper-case anywhere, any case at the start of a line (markdown bullets, quotes,
@@ -79,18 +119,22 @@ _HOPE = re.compile(r"\.?\s*I hope it is correct.*$", re.IGNORECASE)
 
 
 def extract_answer(text: str, *, which: str = "last") -> str | None:
-    """A response's final answer: its last closed ``\\boxed{}`` (``which="first"``: its first), else the rest of
-    the line after its last "ANSWER:" (upper-case, or any case at a line's start), else after its last "final
-    answer is" or "final answer:" (Minerva's "The final answer is $x$. I hope it is correct."); an echoed
-    placeholder ("<final answer>") skipped; markdown bold, quotes, dollar signs and a trailing period removed. None
-    when it has none of them (or the answer is empty)."""
+    """A response's final answer: whichever comes later of its last non-empty closed ``\\boxed{}`` (or ``\\boxed
+    x``) and the rest of the line after its last "ANSWER:" (upper-case, or any case at a line's start; a box inside
+    that line wins), else after its last "final answer is" or "final answer:" (Minerva's "The final answer is $x$.
+    I hope it is correct."). ``which="first"``: its first non-empty box, else as "last". An empty box and an
+    echoed placeholder ("<final answer>") are skipped; markdown bold, quotes, dollar signs and a trailing period
+    removed. None when it has none of them (or the answer is empty). Example: ``extract_answer("\\\\boxed{3}, then
+    ANSWER: 10")`` is ``"10"``; ``extract_answer("\\\\boxed{} so \\\\boxed 5")`` is ``"5"``."""
     if which not in ("last", "first"):
         raise ValueError(f"which must be 'last' or 'first', got {which!r}")
-    boxes = boxed(text)
-    if boxes:
-        return boxes[-1 if which == "last" else 0] or None
-    found = ([a for a in _ANSWER.findall(text) if not _PLACEHOLDER.match(a)]
-             or [a for a in _FINAL.findall(text) if not _PLACEHOLDER.match(a)])
+    boxes = [(at, content) for at, content in _boxes(text) if content]  # an empty \\boxed{} is no answer
+    lines = [m for m in _ANSWER.finditer(text) if not _PLACEHOLDER.match(m.group(1))]
+    if which == "first" and boxes:
+        return boxes[0][1]
+    if boxes and (not lines or boxes[-1][0] >= lines[-1].start()):  # the box is in or after the last ANSWER line
+        return boxes[-1][1]
+    found = [m.group(1) for m in lines] or [a for a in _FINAL.findall(text) if not _PLACEHOLDER.match(a)]
     if not found:
         return None
     answer = _HOPE.sub("", found[-1].strip())
@@ -106,13 +150,17 @@ def _normal(answer: str) -> str:
 
 def equivalent(gold: str, answer: str) -> bool:
     """Whether ``answer`` means ``gold`` (both bare answers, LaTeX allowed): identical after removing spacing,
-    or equal for ``math_verify`` (symbolic and numeric comparison)."""
+    or equal for ``math_verify`` (symbolic and numeric comparison). Safe in any thread: ``math_verify`` times its
+    steps with ``signal.alarm``, which only the main thread may set (elsewhere it raises, which would read as "not
+    equal"), so off the main thread its timeouts are off."""
     if _normal(gold) == _normal(answer):
         return True
     from math_verify import parse, verify
 
+    limit = {} if threading.current_thread() is threading.main_thread() else {"parsing_timeout": None}
     try:
-        return bool(verify(parse(f"${gold}$"), parse(f"${answer}$")))
+        return bool(verify(parse(f"${gold}$", **limit), parse(f"${answer}$", **limit),
+                           **({} if not limit else {"timeout_seconds": None})))
     except Exception:  # math_verify gives up (timeouts, unparsable LaTeX) by raising: not shown equal
         return False
 
@@ -148,9 +196,10 @@ def _builtin(i: int) -> Problem:
     return Problem(id=f"builtin/{i}", problem=text, answer=answer, level="builtin", type=kind)
 
 
-def load_problems(data_dir: str | Path | None = None) -> list[Problem]:
-    """Every problem of ``<data_dir>/math_test.jsonl`` (rows without a boxed answer are refused), or the
-    ``BUILTIN_SIZE`` built-in problems without a folder."""
+def load_problems(data_dir: str | Path | None = None, *, gold: str = "joined") -> list[Problem]:
+    """Every problem of ``<data_dir>/math_test.jsonl`` (rows without a boxed answer are refused; the gold answer
+    by ``gold_answer(solution, problem, rule=gold)``), or the ``BUILTIN_SIZE`` built-in problems without a
+    folder."""
     if data_dir is None:
         return [_builtin(i) for i in range(BUILTIN_SIZE)]
     path = Path(data_dir) / FILE_NAME
@@ -161,7 +210,7 @@ def load_problems(data_dir: str | Path | None = None) -> list[Problem]:
         fields = ("id", "problem", "solution")
         if not isinstance(record, dict) or not all(isinstance(record.get(k), str) and record[k] for k in fields):
             raise ValueError(f"{path}:{number}: expected non-empty string fields {fields}, got {str(record)[:80]!r}")
-        answer = last_boxed(record["solution"])
+        answer = gold_answer(record["solution"], record["problem"], rule=gold)
         if not answer:
             raise ValueError(f"{path}:{number}: the solution of {record['id']!r} has no \\boxed{{}} answer")
         if record["id"] in seen:

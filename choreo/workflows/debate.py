@@ -8,7 +8,10 @@ conditions change is how speakers see each other's messages.
 r the affirmative speaks (round 1: proposes a solution; later: defends or revises it against the negative's
 last argument), then the negative (argues against it with its own solution), then the moderator replies with
 JSON ``{"reasoning", "preference": "affirmative" | "negative" | "none", "answer"}`` behind a forced prefix.
-The debate stops after the first round whose moderator names a winner with a non-empty answer (``names_winner``).
+The debate stops after the first round whose moderator names a winner with a usable answer (``names_winner``;
+PROTOCOLS: "stops when it names a winner with an answer"): a side's name, "none", "N/A", yes/no/true/false or the
+prompt's placeholder in the answer field is no answer, so such a verdict does not stop the debate. After the last
+round without a winner, a verdict that prefers a side gives that side's last message as the final answer.
 
 - the debate is the debaters' messages, in order; each debater's call attends to its system prompt, its
   problem turn, the whole debate so far and a private instruction turn (the opening proposal has none);
@@ -177,12 +180,13 @@ def parse_moderator(text: str) -> dict:
     ``preference`` is one of ``PREFERENCES`` ("aff..." / "neg..." count; "null", "neither", "tie" are "none"),
     or None when absent or unrecognised. ``answer`` is the stripped string (``\\\\`` and ``\\"`` unescaped, other
     backslashes kept, since LaTeX such as ``\\frac`` is rarely escaped; a wrapping ``\\boxed{}`` or ``$...$``
-    removed), a bare value such as 42 as text, or None when absent, empty or null. Example::
+    removed), a bare value such as 42 as text, or None when absent, empty or not an answer (``usable_answer``: a
+    side's name, "none", "N/A", yes/no, true/false, the prompt's placeholder). Example::
 
         parse_moderator('{"reasoning": "x", "preference": "Negative", "answer": "\\\\\\\\frac{1}{2}"}')
         # {"preference": "negative", "answer": "\\\\frac{1}{2}"}
-        parse_moderator('{"reasoning": "both agree", "preference": "none", "answ')
-        # {"preference": "none", "answer": None}
+        parse_moderator('{"reasoning": "both agree", "preference": "affirmative", "answer": "affirmative"}')
+        # {"preference": "affirmative", "answer": None}
     """
     pref = _PREFERENCE.search(text)
     word = next((g for g in pref.groups() if g is not None), "").strip().lower() if pref else ""
@@ -202,9 +206,7 @@ def parse_moderator(text: str) -> dict:
         answer = (double if double is not None else single if single is not None else bare).strip()
         if quote is not None:
             answer = answer.replace("\\\\", "\x00").replace("\\" + quote, quote).replace("\x00", "\\").strip()
-        elif answer.lower() == "null":
-            answer = ""
-        answer = _unwrap(answer) or None
+        answer = usable_answer(_unwrap(answer))
     return {"preference": preference, "answer": answer}
 
 
@@ -217,23 +219,71 @@ def _unwrap(answer: str) -> str:
     return m.group(1).strip() if m else answer
 
 
+# What a moderator writes in the answer field when it has none: a side's name ("affirmative", "the negative
+# side's answer"), a refusal, or a truth value (the prompt asks for a side's final answer, and MATH answers are
+# numbers and expressions); compared whole, case-insensitively, after ``\\text{}`` and end punctuation are removed
+_NON_ANSWER = re.compile(r"(?:the\s+)?(?:affirmative|negative)(?:\s+side)?(?:'s)?(?:\s+(?:side|answer|solution))?"
+                         r"|none|null|nil|nothing|n/?a|neither|tie|unknown|undefined|undecided|no\s+answer"
+                         r"|yes|no|true|false|-+|\?+", re.IGNORECASE)
+# The prompt's placeholder for the answer ("<the final answer of the side you prefer>"), echoed with or without
+# its angle brackets; any other "<...>" is a placeholder too (choreo.data.math's rule for "ANSWER: <...>")
+_ECHOED = re.compile(re.escape(re.search(r'"answer": "<([^<>]*)>"', MODERATOR_PROMPT).group(1)), re.IGNORECASE)
+_ANGLED = re.compile(r"\s*<[^<>\n]*>")
+
+
+def usable_answer(answer: str | None) -> str | None:
+    """``answer`` (stripped) when it can be an answer to the problem, else None: empty, "null", a side's name, "none",
+    "N/A", yes/no, true/false, or the prompt's placeholder. Example: ``usable_answer(" 14 ")`` is ``"14"``;
+    ``usable_answer("Affirmative.")`` and ``usable_answer("<the final answer of the side you prefer>")`` are None.
+    """
+    answer = (answer or "").strip()
+    bare = re.sub(r"^\\text\s*\{(.*)\}$", r"\1", answer).strip().rstrip(".!").strip()
+    if not bare or _NON_ANSWER.fullmatch(bare) or _ANGLED.match(bare) or _ECHOED.search(bare):
+        return None
+    return answer
+
+
 def names_winner(verdict: dict) -> bool:
-    """The stopping rule: the moderator prefers a side ("affirmative" or "negative") and gives a non-empty answer."""
-    return verdict.get("preference") in ("affirmative", "negative") and bool((verdict.get("answer") or "").strip())
+    """The stopping rule: the moderator prefers a side ("affirmative" or "negative") and gives a usable answer
+    (``usable_answer``); a preference without one does not end the debate (PROTOCOLS: "names a winner with an
+    answer")."""
+    return verdict.get("preference") in ("affirmative", "negative") and usable_answer(verdict.get("answer")) is not None
 
 
-def final_answer(verdicts: Sequence[dict], affirmative: str) -> tuple[str, str]:
-    """(text to grade, source) at the end of an iterative debate.
+def final_answer(verdicts: Sequence[dict], affirmative: str, negative: str = "") -> tuple[str, str]:
+    """(text to grade, source) at the end of an iterative debate, from its verdicts and each side's last message.
 
     The moderator's answer wrapped as ``\\boxed{answer}`` (source "moderator") when the last verdict names a
-    winner (the debate stopped on it), else the last affirmative message as written (source "affirmative"): after
-    the last round without a winner, the side that proposed and defended a solution keeps it. Example:
-    ``final_answer([{"preference": "negative", "answer": "7"}], "... \\\\boxed{9}")`` is ``("\\\\boxed{7}",
-    "moderator")``.
+    winner (the debate stopped on it); else, when the last verdict prefers a side without a usable answer, that
+    side's last message as written (source "affirmative" or "negative"); else the last affirmative message (source
+    "affirmative"): after the last round without a winner, the side that proposed and defended a solution keeps
+    it. Example: ``final_answer([{"preference": "negative", "answer": "7"}], "... \\\\boxed{9}")`` is
+    ``("\\\\boxed{7}", "moderator")``; with answer "negative" instead of "7" it is the negative's last message.
     """
-    if verdicts and names_winner(verdicts[-1]):
-        return f"\\boxed{{{verdicts[-1]['answer'].strip()}}}", "moderator"
+    last = verdicts[-1] if verdicts else {}
+    if names_winner(last):
+        return f"\\boxed{{{last['answer'].strip()}}}", "moderator"
+    if last.get("preference") == "negative":
+        return negative, "negative"
     return affirmative, "affirmative"
+
+
+def reread(record: dict, *, rounds: int) -> dict:
+    """A logged ``iterative_debate`` record judged again by the current rules, from its logged texts: every verdict
+    re-parsed from the moderator's text, the final answer recomputed from the verdicts and the sides' last
+    messages in the transcript. ``"complete"`` is False when the logged debate stopped before round ``rounds`` on
+    a verdict that does not name a winner now (it was run under an earlier stopping rule, and would have gone
+    on): only running that debate again gives its result. Example: a record that stopped at round 1 of 3 on
+    ``{"preference": "affirmative", "answer": "affirmative"}`` comes back with the affirmative's last message as
+    its final answer and ``"complete": False``.
+    """
+    verdicts = [{"text": m["text"], **parse_moderator(m["text"])} for m in record["moderator"]]
+    last = {turn["speaker"]: turn["text"] for turn in record["transcript"]}  # each speaker's last message
+    final, source = final_answer(verdicts, last.get("affirmative", ""), last.get("negative", ""))
+    winners = [r for r, v in enumerate(verdicts) if names_winner(v)]
+    # as run now, the debate stops at its first winner, else after round ``rounds``
+    complete = winners[:1] == [len(verdicts) - 1] if winners else len(verdicts) == rounds
+    return {**record, "final": final, "final_source": source, "moderator": verdicts, "complete": complete}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -248,8 +298,8 @@ async def iterative_debate(ex, problem: str, *, layout: str, seed: int, config: 
 
     Call ``3 * r + k`` of round r (0-based; k: affirmative, negative, moderator) samples with ``call_seed(seed,
     3 * r + k)``. Returns ``{"final": text to grade (``final_answer``), "final_source": "moderator" |
-    "affirmative", "rounds": rounds run, "moderator": [{"text" (forced prefix included), "preference", "answer"}
-    per round], "transcript": [{"speaker", "text"} for every message in order, the moderator's included]}``.
+    "affirmative" | "negative", "rounds": rounds run, "moderator": [{"text" (forced prefix included), "preference",
+    "answer"} per round], "transcript": [{"speaker", "text"} for every message in order, the moderator's included]}``.
     """
     _check(layout, problem)
     sample = dict(temperature=config.temperature, top_p=config.top_p)
@@ -275,7 +325,7 @@ async def iterative_debate(ex, problem: str, *, layout: str, seed: int, config: 
         transcript.append({"speaker": "moderator", "text": text})
         if names_winner(verdicts[-1]):
             break
-    final, source = final_answer(verdicts, last_affirmative)
+    final, source = final_answer(verdicts, last_affirmative, debate[-1].text)
     return {"final": final, "final_source": source, "rounds": len(verdicts), "moderator": verdicts,
             "transcript": transcript}
 
