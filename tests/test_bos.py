@@ -71,7 +71,8 @@ def test_the_prefix_is_cached_once_and_read_by_every_call(bos_model):
     assert ch.memory()["tokens_used"] == 1  # the prefix stays for the executor's lifetime
 
 
-@pytest.mark.parametrize("what", ["bad-teacher-token", "decode-over-capacity", "prefill-over-capacity"])
+@pytest.mark.parametrize("what", ["bad-teacher-token", "decode-over-capacity", "batch-over-capacity",
+                                  "prefill-over-capacity"])
 def test_a_refused_first_call_leaves_no_prefix(bos_model, what):
     """The prefix's rows are reserved by the first call and encoded only once that call is accepted: a refused
     first call leaves the executor as it was (no row, no pass, the same peak), and the next call works."""
@@ -80,7 +81,8 @@ def test_a_refused_first_call_leaves_no_prefix(bos_model, what):
     ch = choreo.Choreographer(bos_model, capacity=256)
     action, error = {
         "bad-teacher-token": (lambda: ch.decode(role="assistant", teacher_tokens=[10 ** 7]), ValueError),
-        "decode-over-capacity": (lambda: ch.decode(role="assistant", max_tokens=1000), CapacityError),
+        "decode-over-capacity": (lambda: ch.decode(role="assistant", max_tokens=1000), ValueError),  # names it
+        "batch-over-capacity": (lambda: ch.decode([choreo.Call(max_tokens=100) for _ in range(3)]), CapacityError),
         "prefill-over-capacity": (lambda: ch.prefill("word " * 500, role="user"), CapacityError),
     }[what]
     before = (ch.memory(), ch.engine.forward_passes)
