@@ -319,9 +319,11 @@ def scoring_launch(launch: Launch) -> Launch:
     dtype; with the keys moved first, 0.2-0.3x (tests/kernels/test_segment_attention_backward.py,
     ``test_gradients_at_large_scale``)."""
     cfg, tiles = launch.config, launch.tiles
-    if tiles is None:  # the nested loop: cut its table (the backward would cut the same one; on CUDA a sync)
+    if tiles is None:  # the nested loop: moved if a used segment has a delta (on CUDA a sync)
+        if not bool((launch.seg_delta[launch.seg_len > 0] != 0).any()):
+            return launch  # as configured; the backward cuts its table
         tiles = tile_table(launch.seg_start, launch.seg_len, launch.seg_delta, cfg.block_n, device=launch.device)
-    if not tiles.moved:
+    elif not tiles.moved:
         return launch
     config = dataclasses.replace(cfg, flat=True, tma=False, prerotate=True)
     return dataclasses.replace(launch, config=config, tiles=tiles)
