@@ -2,10 +2,19 @@
 
 Every message is encoded on its own, so the template is split into a per-role header and footer
 around the content. Splitting with a sentinel keeps the result token-for-token equal to the template's
-rendering of the whole conversation (tested), and never adds the default system prompt that some
-templates (SmolLM2's) insert when a conversation lacks one. A token the template writes once at the start of
-a conversation (Llama 3's ``<|begin_of_text|>``: ``prefix_ids``) belongs to no message: executors hold it
-once, shared by every call (docs/protocols.md, "Engine facts").
+rendering of the whole conversation (tested with ChatML, Llama 3.0 and 3.1), with three differences by design:
+
+- the default system prompt that some templates (SmolLM2's, Llama 3.1's date lines) insert when a conversation
+  lacks a system message is never added;
+- every system message is rendered as a conversation's first one (Llama 3.1 gives only the first its date lines);
+- a template that strips each content's edge whitespace (Llama 3's ``| trim``) is detected, and ``encode`` strips
+  the text too.
+
+A template whose turn headers hold other messages' text (Mistral v0.3's puts the system prompt inside the last
+user turn), or that drops or rewrites a content, is refused with a ``ValueError`` naming the role; templates that
+insist on user/assistant alternation (Mistral v0.1's) work for those roles. A token the template writes once at
+the start of a conversation (Llama 3's ``<|begin_of_text|>``: ``prefix_ids``) belongs to no message: executors hold
+it once, shared by every call (docs/protocols.md, "Engine facts").
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ import functools
 
 ROLES = ("system", "user", "assistant")
 _SENTINEL = "\u2063CHOREO\u2063"
+_PROBE = " \u2063probe\u2063 \n"  # a content with edge whitespace: shows whether the template keeps it
 # Extra tokens, beyond one per byte of the longest stop string, in the window searched for stop strings: room for
 # a token that decodes to no text (a special token) or a leading space a tokenizer drops at the window's start.
 STOP_SLACK = 4
@@ -34,6 +44,14 @@ def parse_role(role: str) -> tuple[str, str | None]:
 def stop_window(stop) -> int:
     """How many trailing generated tokens ``hits_stop`` decodes for the stop strings ``stop`` (non-empty)."""
     return max(len(s.encode("utf-8")) for s in stop) + STOP_SLACK
+
+
+class _Unusable(Exception):
+    """A context after which a turn cannot be split from the template's rendering (the reason)."""
+
+
+def _describe(context: tuple[str, ...] | None) -> str:
+    return "alone" if context is None else "after a " + " + ".join(context) + " message"
 
 
 class ChatFormat:
@@ -68,46 +86,84 @@ class ChatFormat:
         bos = self.tokenizer.bos_token
         if not bos:
             return ""
-        two = self._render([{"role": "system", "content": "x"}, {"role": "user", "content": "y"}])
-        return bos if two.startswith(bos) and two.count(bos) == 1 else ""
+        errors = []
+        for two in ([("system", "x"), ("user", "y")], [("user", "x"), ("assistant", "y")]):  # some have no system
+            try:
+                text = self._render([{"role": r, "content": c} for r, c in two])
+            except Exception as error:  # jinja raises template-specific exception types
+                errors.append(f"{error}")
+                continue
+            return bos if text.startswith(bos) and text.count(bos) == 1 else ""
+        raise ValueError(f"the chat template renders no two-message conversation: {'; '.join(errors)}")
 
     @functools.cached_property
     def prefix_ids(self) -> list[int]:
         """Token ids the template writes once at the start of a conversation (a BOS token); [] for none."""
         return self._ids(self._prefix_text) if self._prefix_text else []
 
-    @functools.cache
     def _split(self, role: str) -> tuple[str, str]:
+        """(header, footer): the template's text before and after a ``role`` message's content."""
+        return self._layout(role)[:2]
+
+    @functools.cache
+    def _layout(self, role: str) -> tuple[str, str, bool]:
+        """(header, footer, trims): ``trims`` when the template strips the content's edge whitespace (Llama 3's
+        ``| trim``), which ``encode`` then does too."""
         base, name = parse_role(role)
         turn = {"role": base, "content": _SENTINEL}
         if name is not None:
-            named = self._split_turn({**turn, "name": name})
+            named = self._layout_turn({**turn, "name": name})
             # A template that ignores "name" renders it like the bare role: put the name in the role slot.
-            return named if named != self._split(base) else self._split_turn({**turn, "role": role})
-        return self._split_turn(turn)
+            return named if named != self._layout(base) else self._layout_turn({**turn, "role": role})
+        return self._layout_turn(turn)
 
-    def _split_turn(self, turn: dict) -> tuple[str, str]:
-        if turn["role"] == "system":
-            text = self._render([turn]).removeprefix(self._prefix_text)
+    def _layout_turn(self, turn: dict) -> tuple[str, str, bool]:
+        """Split the template's rendering of ``turn`` after a short context. A context is used only if the turn's
+        header and footer do not depend on it (Mistral v0.3's folds the system message into the next user turn)
+        and the content comes back verbatim (or stripped, for a template that trims); templates that insist on
+        user/assistant alternation get a context they accept."""
+        base = turn["role"].partition(":")[0]
+        if base == "system":
+            contexts = [None]  # a conversation's first message: rendered alone
+        elif base == "user":
+            contexts = [("system",), ("user", "assistant")]
         else:
-            contexts = [[{"role": "system", "content": "x"}]]
-            if turn["role"].startswith("assistant"):
-                contexts.append(contexts[0] + [{"role": "user", "content": "x"}])
-            text, errors = None, []
-            for context in contexts:  # some templates insist on user/assistant alternation
-                try:
-                    before, full = self._render(context), self._render(context + [turn])
-                except Exception as error:  # jinja raises template-specific exception types
-                    errors.append(error)
-                    continue
-                if full.startswith(before):
-                    text = full[len(before):]
-                    break
-            if text is None:
-                raise ValueError(f"cannot render a {turn['role']!r} turn with this chat template: {errors}")
-        header, sep, footer = text.partition(_SENTINEL)
-        assert sep, "chat template dropped the message content"
-        return header, footer
+            contexts = [("system",), ("system", "user"), ("user",)]
+        reasons = []
+        for context in contexts:
+            try:
+                return self._layout_after(context, turn)
+            except _Unusable as why:
+                reasons.append(f"{_describe(context)}: {why}")
+        raise ValueError(f"cannot render a {turn['role']!r} message on its own with this chat template "
+                         f"({'; '.join(reasons)})")
+
+    def _layout_after(self, context: tuple[str, ...] | None, turn: dict) -> tuple[str, str, bool]:
+        """``_layout_turn`` after messages of the roles ``context`` (None: the turn rendered alone, after the
+        conversation prefix); raises ``_Unusable`` with the reason the context does not work."""
+        def text_of(content: str, filler: str = "x") -> str:
+            """What the template adds for ``turn`` holding ``content``, after the context (its contents ``filler``)."""
+            messages = [{"role": role, "content": filler} for role in context or ()]
+            try:
+                full = self._render(messages + [{**turn, "content": content}])
+                before = self._render(messages) if context else self._prefix_text
+            except Exception as error:  # jinja raises template-specific exception types
+                raise _Unusable(f"the template raised {error}") from None
+            if not full.startswith(before):
+                raise _Unusable("the turn changes the text rendered before it")
+            return full[len(before):]
+
+        header, sep, footer = text_of(_SENTINEL).partition(_SENTINEL)
+        if not sep:
+            raise _Unusable("the template drops the message's content")
+        if context and text_of(_SENTINEL, "y") != header + _SENTINEL + footer:
+            raise _Unusable("the turn's header or footer holds the earlier messages' text")
+        probe = text_of(_PROBE)
+        if probe == header + _PROBE + footer:
+            return header, footer, False
+        if probe == header + _PROBE.strip() + footer:
+            return header, footer, True
+        raise _Unusable(f"the template rewrites the content ({_PROBE!r} became {probe[len(header):]!r})")
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -121,9 +177,10 @@ class ChatFormat:
         return self._ids(self._split(role)[1])
 
     def encode(self, text: str, role: str) -> list[int]:
-        """The whole turn: header + content + footer, tokenized as one string."""
-        header, footer = self._split(role)
-        return self._ids(header + text + footer)
+        """The whole turn: header + content + footer, tokenized as one string (the content stripped of edge
+        whitespace where the template strips it)."""
+        header, footer, trims = self._layout(role)
+        return self._ids(header + (text.strip() if trims else text) + footer)
 
     def encode_turn(self, text: str, role: str) -> tuple[list[int], tuple[int, int]]:
         r"""``encode(text, role)`` and the [a, b) index range of the text's tokens within it.
@@ -136,7 +193,8 @@ class ChatFormat:
         ``encode_turn("\n\nHi", "user")`` -> (ids, (2, 5)): ``ids[2]`` is "\n\n", the header's "\n" and one of
         the text's.
         """
-        header, footer = self._split(role)
+        header, footer, trims = self._layout(role)
+        text = text.strip() if trims else text
         ids = self._ids(header + text + footer)
         h, f = self._ids(header), self._ids(footer)
         if len(h) + len(f) <= len(ids) and ids[:len(h)] == h and ids[len(ids) - len(f):] == f:

@@ -11,8 +11,10 @@ from pathlib import Path
 from . import __version__
 
 # Bad values from the command line (checked paths, names, devices) and paths the system refuses (a folder where a
-# file should be, no permission): one line on stderr, exit status 2.
-USER_ERRORS = (ValueError, OSError, KeyError)
+# file should be, no permission): one line on stderr, exit status 2 (with CHOREO_DEBUG=1, the traceback instead).
+# Any other exception is a defect and propagates with its traceback.
+USER_ERRORS = (ValueError, OSError)
+DEBUG_ENV = "CHOREO_DEBUG"
 
 
 def positive_int(text: str) -> int:
@@ -73,15 +75,24 @@ def describe(error: BaseException) -> str:
 
 def _demo(args) -> int:
     from .demo import run_demo
-    from .model import load_model
+    from .model import check_checkpoint, load_model
 
+    if args.model is not None:  # every check before the model loads
+        check_checkpoint(args.model, source="--model")
+    if args.attention == "triton":
+        import torch
+
+        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("--attention 'triton' needs CUDA (or TRITON_INTERPRET=1, about 400x slower than torch)")
     run_demo(load_model(args.model), rounds=args.rounds, max_tokens=args.max_tokens, attention=args.attention)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="choreo",
-                                     description="Prompt Choreography: LLM workflows over one global KV cache.")
+                                     description="Prompt Choreography: LLM workflows over one global KV cache.",
+                                     epilog=f"A bad value is reported in one line (exit status 2); set {DEBUG_ENV}=1 "
+                                            "for the traceback.")
     parser.add_argument("--version", action="version", version=f"choreo {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = sub.add_parser("demo", help="a three-agent conversation under both executors, with timings")
@@ -102,18 +113,24 @@ def _registered():
     return [repro.register, finetune.register, perf.register]
 
 
-def run_command(args) -> int:
+def run_command(args, *, prog: str = "choreo") -> int:
     """Run a parsed subcommand; a bad value it reports, or a path the system refuses (``OSError``: a folder where a
-    file should be, a file where a folder should be, no permission), becomes one line on stderr and exit status 2."""
+    file should be, a file where a folder should be, no permission), becomes one line on stderr and exit status 2,
+    unless ``$CHOREO_DEBUG`` is 1 (then it propagates with its traceback)."""
     try:
         return args.func(args)
     except USER_ERRORS as error:
-        print(f"choreo {args.command}: error: {describe(error)}", file=sys.stderr)
+        if os.environ.get(DEBUG_ENV) == "1":
+            raise
+        print(f"{prog} {args.command}: error: {describe(error)}", file=sys.stderr)
         return 2
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command(build_parser().parse_args(argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv  # what was typed: ``choreo repro`` tells its own positionals from pytest's (after --)
+    return run_command(args)
 
 
 if __name__ == "__main__":

@@ -357,8 +357,27 @@ def _cache_root() -> Path:
     set_by = os.environ.get("CHOREO_CACHE")
     root = Path(set_by or Path.home() / ".cache" / "choreo")
     if root.exists() and not root.is_dir():
-        raise NotADirectoryError(f"{'$CHOREO_CACHE' if set_by else 'the cache folder'} {str(root)!r} is not a folder "
+        raise NotADirectoryError(f"{_cache_label()} {str(root)!r} is not a folder "
                                  f"(choreo keeps the converted embedded model there)")
+    return root
+
+
+def _cache_label() -> str:
+    return "$CHOREO_CACHE" if os.environ.get("CHOREO_CACHE") else "the cache folder"
+
+
+def _writable_cache_root() -> Path:
+    """``_cache_root()``, created and checked writable: a ValueError naming it, before a conversion that would
+    fail only at its end."""
+    import tempfile
+
+    root = _cache_root()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=root).close()
+    except OSError as error:
+        raise ValueError(f"{_cache_label()} {str(root)!r}: cannot write there ({error.strerror or error}); choreo "
+                         "converts the embedded model into it once") from None
     return root
 
 
@@ -423,6 +442,7 @@ def embedded_checkpoint() -> Path:
     target = _cache_root() / f"{EMBEDDED_NAME}-{gguf.stat().st_size}"
     if (target / "choreo.json").exists():
         return target
+    _writable_cache_root()
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

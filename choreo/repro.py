@@ -35,7 +35,8 @@ def available_suites() -> list[str]:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("repro", help="reproduce the paper's tables (writes results/<suite>/)")
+    p = sub.add_parser("repro", help="reproduce the paper's tables (writes results/<suite>/; results-smoke/<suite>/ "
+                                     "at --profile smoke)")
     p.add_argument("--profile", default="small", choices=PROFILES, help="suite size (default: small)")
     p.add_argument("--model", default=None, help="local checkpoint directory (default: embedded SmolLM2-135M)")
     p.add_argument("--only", action="append", default=None, metavar="SUITE", help="run only this suite (repeatable)")
@@ -47,7 +48,8 @@ def register(sub) -> None:
                         f"and/or {MATH_FILE} (MATH problems for the applications suite); default: $CHOREO_DATA "
                         "(checked like --data-dir), else ../shared/data beside the checkout, else built-in concepts "
                         "and problems")
-    p.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
+    p.add_argument("pytest_args", nargs="*", help="extra pytest arguments, after -- (e.g. `choreo repro --only "
+                                                  "leakage -- -k canary -x`)")
     p.set_defaults(func=run)
 
 
@@ -56,7 +58,7 @@ def run(args) -> int:
     import pytest
 
     chosen = _chosen_suites(args.only)
-    _check_passed_through(args.pytest_args)
+    _check_passed_through(args.pytest_args, getattr(args, "argv", None))
     if args.model is not None:
         from .model import check_checkpoint  # imports torch: only for a --model to check
 
@@ -86,9 +88,14 @@ def run(args) -> int:
 OWN_OPTIONS = ("--profile", "--results-dir", "--model", "--data-dir")
 
 
-def _check_passed_through(pytest_args) -> None:
-    """Refuse one of ``OWN_OPTIONS`` after ``--``: repro passes its own, checked, and would report on another folder
-    than the one pytest wrote to. Example: ``choreo repro -- --results-dir /x`` -> 'give --results-dir before --'."""
+def _check_passed_through(pytest_args, typed: list[str] | None = None) -> None:
+    """Refuse pytest arguments typed without ``--`` (``choreo repro suites/leakage`` would run every suite and that
+    one's tests twice), and one of ``OWN_OPTIONS`` after ``--``: repro passes its own, checked, and would report on
+    another folder than the one pytest wrote to. Example: ``choreo repro -- --results-dir /x`` -> 'give
+    --results-dir before --'. ``typed``: the command line as typed (None: not known, as in a call from Python)."""
+    if pytest_args and typed is not None and "--" not in typed:
+        raise ValueError(f"unexpected argument {pytest_args[0]!r}: choose suites with --only SUITE; pytest "
+                         "arguments go after -- (choreo repro --only leakage -- -k canary)")
     for arg in pytest_args:
         option = arg.split("=", 1)[0]
         if option in OWN_OPTIONS:

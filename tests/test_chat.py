@@ -88,3 +88,104 @@ def test_the_stop_check_decodes_a_bounded_window(tokenizer, monkeypatch):
     assert not fmt.hits_stop(tokens, ["zzz", "\u96e8"])
     assert decoded == [stop_window(["zzz", "\u96e8"])] and decoded[0] < 20
     assert not fmt.hits_stop(tokens, [])
+
+
+# Other families' templates, on a copy of the tokenizer with their special tokens. Llama 3.0 and 3.1 strip each
+# content ("| trim"); 3.1 writes date lines into the first system message (and into one it adds when there is none);
+# Mistral v0.3 folds the system prompt into the last user turn; v0.1 insists on user/assistant alternation.
+LLAMA3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}"
+          "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ "
+          "message['content'] | trim + '<|eot_id|>' %}"
+          "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+LLAMA31 = ("{{- bos_token }}{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content']"
+           "|trim %}{%- set messages = messages[1:] %}{%- else %}{%- set system_message = '' %}{%- endif %}"
+           "{{- '<|start_header_id|>system<|end_header_id|>\n\n' }}{{- 'Cutting Knowledge Date: December 2023\n' }}"
+           "{{- 'Today Date: 26 Jul 2024\n\n' }}{{- system_message }}{{- '<|eot_id|>' }}{%- for message in messages %}"
+           "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
+           "'<|eot_id|>' }}{%- endfor %}{%- if add_generation_prompt %}"
+           "{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}")
+MISTRAL3 = ("{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
+            "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+            "{{- bos_token }}{%- for message in loop_messages %}{%- if (message['role'] == 'user') != "
+            "(loop.index0 % 2 == 0) %}{{- raise_exception('roles must alternate') }}{%- endif %}"
+            "{%- if message['role'] == 'user' %}{%- if loop.last and system_message is defined %}"
+            "{{- '[INST] ' + system_message + '\n\n' + message['content'] + '[/INST]' }}{%- else %}"
+            "{{- '[INST] ' + message['content'] + '[/INST]' }}{%- endif %}{%- elif message['role'] == 'assistant' %}"
+            "{{- ' ' + message['content'] + eos_token}}{%- else %}{{- raise_exception('no such role') }}{%- endif %}"
+            "{%- endfor %}")
+MISTRAL1 = ("{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+            "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+            "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+            "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
+            "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}")
+FAMILIES = {"llama3.0": LLAMA3, "llama3.1": LLAMA31, "mistral-v0.3": MISTRAL3, "mistral-v0.1": MISTRAL1}
+EDGE_TEXTS = ["Be brief.", " Be brief.\n", "\n\nHi  ", "", "\n\U0001f642", " x<|eot_id|>y "]
+
+
+def _family(tokenizer, template):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.add_special_tokens({"additional_special_tokens": ["<|begin_of_text|>", "<|start_header_id|>",
+                                                         "<|end_header_id|>", "<|eot_id|>"]})
+    tok.bos_token, tok.eos_token = "<|begin_of_text|>", "<|eot_id|>"
+    tok.chat_template = template
+    return tok
+
+
+def _hugging_face_ids(tok, conversation):
+    text = tok.apply_chat_template([{"role": r, "content": c} for r, c in conversation], tokenize=False)
+    return tok.encode(text, add_special_tokens=False)
+
+
+@pytest.mark.parametrize("family", ["llama3.0", "llama3.1"])
+@pytest.mark.parametrize("text", EDGE_TEXTS, ids=[repr(t) for t in EDGE_TEXTS])
+def test_templates_that_trim_get_the_same_tokens_message_by_message(tokenizer, family, text):
+    tok = _family(tokenizer, FAMILIES[family])
+    fmt = ChatFormat(tok)
+    conversation = [("system", text), ("user", text), ("assistant", text), ("user", "?")]
+    mine = fmt.prefix_ids + sum((fmt.encode(c, r) for r, c in conversation), [])
+    assert mine == _hugging_face_ids(tok, conversation)
+    ids, (a, b) = fmt.encode_turn(text, "user")
+    assert tok.decode(ids[a:b], skip_special_tokens=False) == text.strip()
+    assert fmt.prefix_ids == [tok.bos_token_id]
+
+
+def test_llama31_gives_every_system_message_the_first_ones_date_lines(tokenizer):
+    """By design (module docstring): a message is encoded without knowing whether another system message
+    precedes it."""
+    fmt = ChatFormat(_family(tokenizer, LLAMA31))
+    assert "Today Date" in fmt.tokenizer.decode(fmt.header("system"), skip_special_tokens=False)
+    assert "Today Date" not in fmt.tokenizer.decode(fmt.header("user"), skip_special_tokens=False)
+
+
+def test_a_template_that_folds_the_system_prompt_into_a_user_turn_is_refused_for_system(tokenizer):
+    tok = _family(tokenizer, MISTRAL3)
+    fmt = ChatFormat(tok)
+    with pytest.raises(ValueError, match="'system' message.*drops the message's content"):
+        fmt.encode("Be brief.", "system")
+    assert tok.decode(fmt.encode("Hi", "user"), skip_special_tokens=False) == "[INST] Hi[/INST]"  # no "x" inside
+    conversation = [("user", "Hi"), ("assistant", "Hello"), ("user", "More?")]
+    assert fmt.prefix_ids + sum((fmt.encode(c, r) for r, c in conversation), []) == _hugging_face_ids(tok, conversation)
+
+
+def test_a_template_that_insists_on_alternation_works_for_user_and_assistant(tokenizer):
+    tok = _family(tokenizer, MISTRAL1)
+    fmt = ChatFormat(tok)
+    conversation = [("user", "Hi"), ("assistant", "Hello"), ("user", " More? ")]
+    assert fmt.prefix_ids + sum((fmt.encode(c, r) for r, c in conversation), []) == _hugging_face_ids(tok, conversation)
+    with pytest.raises(ValueError, match="'system' message.*alternate"):
+        fmt.header("system")
+
+
+@pytest.mark.parametrize("template, match", [
+    ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] | upper }}\n{% endfor %}", "rewrites the content"),
+    ("{% for m in messages %}{{ m['role'] }}: {% if m['role'] != 'user' %}{{ m['content'] }}{% endif %}\n"
+     "{% endfor %}", "drops the message's content"),
+    ("{% for m in messages %}[{{ messages | length }}] {{ m['content'] }}\n{% endfor %}", "changes the text"),
+], ids=["upper", "drops-user", "counts-messages"])
+def test_a_template_that_changes_contents_is_refused_naming_the_role(tokenizer, template, match):
+    fmt = ChatFormat(_family(tokenizer, template))
+    with pytest.raises(ValueError, match=f"'user' message.*{match}"):
+        fmt.encode("Hi", "user")

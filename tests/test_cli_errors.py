@@ -401,7 +401,7 @@ def test_demo_names_a_truncated_weights_file_in_one_line(capsys, tmp_path):
     folder = _checkpoint(tmp_path / "model", weights="truncated")
     assert main(["demo", "--model", str(folder)]) == 2
     err = _error_line(capsys)
-    assert f"model path {str(folder)!r}" in err and "model.safetensors" in err
+    assert f"--model {str(folder)!r}" in err and "model.safetensors" in err
 
 
 def test_load_model_names_the_folder_and_files_it_could_not_load(tmp_path, monkeypatch):
@@ -443,3 +443,81 @@ def test_repro_refuses_its_own_options_after_the_double_dash(no_model, capsys, p
     assert main(["repro", "--only", "blockage", "--", *passed]) == 2
     option = next(a for a in passed if a.startswith("--")).split("=")[0]
     assert f"{option} is an option of choreo repro: give it before --" in _error_line(capsys)
+
+
+def test_a_defect_keeps_its_traceback_and_choreo_debug_shows_a_bad_values(capsys, monkeypatch):
+    """Only bad values and refused paths become one line: a KeyError from inside a run is a defect, and
+    CHOREO_DEBUG=1 turns the one line back into the traceback."""
+    import argparse
+
+    from choreo.cli import run_command
+
+    def missing(args):
+        return {}["e2e"]
+
+    def bad_value(args):
+        raise ValueError("--rounds 3 is too many")
+
+    with pytest.raises(KeyError):
+        run_command(argparse.Namespace(command="demo", func=missing))
+    assert run_command(argparse.Namespace(command="demo", func=bad_value)) == 2
+    assert _error_line(capsys) == "choreo demo: error: --rounds 3 is too many"
+    monkeypatch.setenv("CHOREO_DEBUG", "1")
+    with pytest.raises(ValueError, match="too many"):
+        run_command(argparse.Namespace(command="demo", func=bad_value))
+
+
+def test_perf_render_refuses_a_folder_without_tables_in_one_line(tmp_path):
+    def render(folder):
+        out = subprocess.run([sys.executable, "-m", "choreo.perf", "render", str(folder)], capture_output=True,
+                             text=True)
+        assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+        return out.stderr
+
+    assert "is not a folder" in render(tmp_path / "no_such")
+    assert "holds none of speedups.json" in render(tmp_path)
+    (tmp_path / "speedups.json").write_text('{"data": ')
+    assert "speedups.json' is not JSON" in render(tmp_path)
+    (tmp_path / "speedups.json").write_text('{"data": {}}')
+    assert "lacks provenance" in render(tmp_path)
+    assert (tmp_path / "speedups.json").read_text() == '{"data": {}}' and not (tmp_path / "speedups.md").exists()
+
+
+@pytest.mark.parametrize("argv", [["repro", "suites/leakage"], ["repro", "--only", "leakage", "canary"]],
+                         ids=["suite-path", "stray-word"])
+def test_repro_refuses_pytest_arguments_typed_without_the_separator(no_model, capsys, monkeypatch, argv):
+    import pytest as pytest_module
+
+    monkeypatch.setattr(pytest_module, "main", lambda argv: pytest.fail("the suites ran"))
+    assert main(argv) == 2
+    err = _error_line(capsys)
+    assert repr(argv[-1]) in err and "--only SUITE" in err and "after --" in err
+
+
+def test_repro_passes_arguments_after_the_separator_to_pytest(no_model, monkeypatch, tmp_path):
+    import pytest as pytest_module
+
+    seen = []
+    monkeypatch.setattr(pytest_module, "main", lambda argv: seen.append(argv) or 0)
+    assert main(["repro", "--profile", "smoke", "--only", "leakage", "--results-dir", str(tmp_path), "--",
+                 "-k", "canary"]) == 0
+    assert seen[0][-2:] == ["-k", "canary"]
+
+
+@pytest.mark.parametrize("command", ["demo", "bench"])
+def test_a_model_path_is_named_as_the_option_before_any_work(no_model, capsys, tmp_path, command):
+    argv = [command, "--model", str(tmp_path / "no_such")]
+    if command == "bench":
+        argv += ["--results-dir", str(tmp_path / "res")]
+    assert main(argv) == 2
+    assert f"--model {str(tmp_path / 'no_such')!r} is not a directory" in _error_line(capsys)
+    assert not (tmp_path / "res").exists()
+
+
+def test_demo_with_triton_attention_without_cuda_fails_before_the_model_loads(no_model, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert main(["demo", "--attention", "triton"]) == 2
+    assert "--attention 'triton' needs CUDA" in _error_line(capsys)

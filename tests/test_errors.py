@@ -580,3 +580,14 @@ def test_a_cache_folder_that_is_a_file_is_named(monkeypatch, tmp_path):
         _cache_root()
     monkeypatch.setenv("CHOREO_CACHE", str(tmp_path / "new"))
     assert _cache_root() == tmp_path / "new"
+
+
+def test_a_cache_folder_that_cannot_be_written_is_named_before_converting(monkeypatch, tmp_path):
+    """The embedded model's conversion takes about half a minute: an unwritable cache is refused before it."""
+    import choreo.model as model_module
+
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("CHOREO_CACHE", str(tmp_path / "afile" / "below"))
+    monkeypatch.setattr(model_module, "embedded_gguf", lambda: tmp_path / "afile")
+    with pytest.raises(ValueError, match=r"\$CHOREO_CACHE '.*below': cannot write there \(Not a directory\)"):
+        model_module.embedded_checkpoint()

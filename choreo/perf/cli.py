@@ -221,6 +221,10 @@ def _check_options(args) -> torch.device:
     if args.passes_only and not BENCH_PROFILES[_profile(args)].pass_sizes:
         usable = sorted(name for name, cfg in BENCH_PROFILES.items() if cfg.pass_sizes)
         raise ValueError(f"--profile {_profile(args)!r} measures no pass cost; --passes-only takes one of {usable}")
+    if args.model is not None and not args.random_weights:
+        from ..model import check_checkpoint
+
+        check_checkpoint(args.model, source="--model")
     device = check_device(args.device)
     if args.memory_only and device.type != "cpu":
         raise ValueError(f"--device {args.device!r}: --memory-only measures peak RSS in CPU subprocesses; on CUDA, "
@@ -250,11 +254,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     render.add_argument("folder", nargs="?", default=str(RESULTS_DIR / "performance"))
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.command == "render":
-        from .report import rerender_all
-
-        for path in rerender_all(Path(args.folder)):
-            print(path)
-        return 0
+        args.func = _render_folder
     from ..cli import run_command
 
-    return run_command(args)
+    return run_command(args, prog=parser.prog)
+
+
+def _render_folder(args) -> int:
+    from .report import rerender_all
+
+    for path in rerender_all(Path(args.folder)):
+        print(path)
+    return 0

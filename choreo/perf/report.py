@@ -237,8 +237,30 @@ def rerender_all(out: Path) -> list[Path]:
     """``rerender`` every speedups table and ``rerender_engine`` the engine table found in ``out`` (``python -m
     choreo.perf render DIR``); returns the ``.md`` files rewritten."""
     out = Path(out)
-    written = [rerender(out, stem) for stem in ("speedups", "speedups_suite") if (out / f"{stem}.json").is_file()]
-    return written + ([rerender_engine(out)] if (out / "engine.json").is_file() else [])
+    if not out.is_dir():
+        raise ValueError(f"{str(out)!r} is not a folder")
+    names = [name for name in ("speedups", "speedups_suite", "engine") if (out / f"{name}.json").is_file()]
+    if not names:
+        raise ValueError(f"{str(out)!r} holds none of speedups.json, speedups_suite.json, engine.json")
+    for name in names:  # every file is read before any is rewritten
+        _stored(out, name)
+    return [rerender_engine(out) if name == "engine" else rerender(out, name) for name in names]
+
+
+def _stored(out: Path, name: str) -> dict:
+    """``out/<name>.json`` as a table writer stored it; a ValueError naming the file says what is wrong with it."""
+    import json
+
+    path = Path(out) / f"{name}.json"
+    try:
+        stored = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{str(path)!r} is not JSON ({error})") from None
+    missing = [key for key in ("data", "provenance") + (("columns", "title") if name == "engine" else ())
+               if not isinstance(stored, dict) or key not in stored]
+    if missing:
+        raise ValueError(f"{str(path)!r} lacks {', '.join(missing)}: not a table `choreo bench` wrote")
+    return stored
 
 
 def rerender(out: Path, name: str = "speedups") -> Path:
@@ -247,9 +269,7 @@ def rerender(out: Path, name: str = "speedups") -> Path:
 
     Example: ``rerender(Path("results/performance"))`` after a change of the table's columns or notes.
     """
-    import json
-
-    stored = json.loads((Path(out) / f"{name}.json").read_text())
+    stored = _stored(out, name)
     return _render(Path(out), name, stored["data"], stored["provenance"])
 
 
@@ -342,11 +362,9 @@ def engine_ratios(raw: dict) -> dict[str, float]:
 def rerender_engine(out: Path) -> Path:
     """Rewrite ``out/engine.md``/``.json`` from the stored ``engine.json``: the 'met' column recomputed from the
     rounds it keeps, the notes by this code, data and provenance as stored. Nothing is measured."""
-    import json
-
     from ..report import write_table
 
-    stored = json.loads((Path(out) / "engine.json").read_text())
+    stored = _stored(out, "engine")
     data, rows = stored["data"], stored["data"]["rows"]
     met = stored["columns"].index("met")
     for key, ratio in engine_ratios(data["raw"]).items():
