@@ -204,22 +204,24 @@ def logs_written(paths) -> list[dict]:
 
 
 def fingerprint(**parts) -> str:
-    """A short hash of everything a run's records depend on (model hash, profile, sizes, prompts, seeds)."""
+    """A short hash of ``parts``: what a run's records depend on, as the caller lists it (each suite's key says
+    what it names; a part left out, such as a prompt's wording, does not change the key)."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def resumable(path: str | os.PathLike, items: Sequence, run: Callable,
-              redo: Callable[[Any], bool] | None = None) -> list:
+              redo: Callable[[Any, Any], bool] | None = None) -> list:
     """Results for ``items``, reusing those already logged in the ``JsonlLog`` at ``path`` and logging new ones.
 
     ``run(todo_items, on_result)`` computes the missing items (``on_result(j, result)`` for todo item j), and
-    those whose logged result ``redo(result)`` rejects (e.g. a record format that lacks a field now reported).
+    those whose logged result ``redo(result, item)`` rejects (e.g. a record format that lacks a field now reported,
+    or one computed from another item than the one now at its index).
     The log is append-only: an interrupted session resumes where it stopped, and the last record of an index
     is the one used.
     """
     log = JsonlLog(path, key="index")
     done = {i: result for i, result in logged_results(path).items() if i < len(items)}
-    todo = [i for i in range(len(items)) if i not in done or (redo is not None and redo(done[i]))]
+    todo = [i for i in range(len(items)) if i not in done or (redo is not None and redo(done[i], items[i]))]
     if todo:
         def on_result(j, result):
             log.append({"index": todo[j], "result": result})

@@ -11,7 +11,7 @@ import torch
 import choreo
 from choreo.data.concepts import BUILTIN_CONCEPTS, coverage, found, inflections, load_concept_sets
 from choreo.workflows.bsm import (BSMConfig, as_layout, bsm, judge_diagnostics, judge_outcome, parse_branch,
-                                  parse_verdict, run_condition, run_judge)
+                                  parse_verdict, run_condition, run_judge, stories_digest)
 
 CONCEPTS = ["dog", "ball", "park", "dance", "river", "art"]
 TINY_CONFIG = BSMConfig(branch_tokens=8, solve_tokens=6, merge_tokens=6)
@@ -24,6 +24,21 @@ def test_parse_branch():
     assert parse_branch("Topic: x\nGroup 1: dog", CONCEPTS) is None  # no second group
     assert parse_branch("Group 1: dog\nGroup 2: art", CONCEPTS) is None  # no topic
     assert parse_branch("Topic: x\nGroup 1: dog, art\nGroup 2: art", CONCEPTS) is None  # art taken by group 1
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Topic:\nGroup 1: dog\nGroup 2: art", None),                      # the topic never reads a group's line
+    ("Topic:\nA walk\nGroup 1: dog\nGroup 2: art", ("A walk", ["dog"], ["art"])),
+    ("Topic: x\nGroup 1:\n- dog\n- ball\nGroup 2:\n1. park\n2) rivers", ("x", ["dog", "ball"], ["park", "river"])),
+    ("Topic: x\nGroup 1:\n- dog\n\n- ball\nGroup 2: art", ("x", ["dog"], ["art"])),  # a blank line ends the list
+    ("Topic: x\nGroup 1 (fun): dogs, dancing\nGroup 2 (outdoors): park and art",
+     ("x", ["dog", "dance"], ["park", "art"])),
+    ("Topic: x\nGroup 1 (dog-walking): dog\nGroup 2: art", ("x", ["dog"], ["art"])),
+    ("Topic: x\nGroup 1: dogs, dog\nGroup 2: dog, art", ("x", ["dog"], ["art"])),  # an inflection is its concept
+], ids=["topic-then-group", "topic-next-line", "bullets", "blank-ends-bullets", "parenthesis-inflections",
+        "hyphen-in-parenthesis", "inflection-taken"])
+def test_parse_branch_awkward_layouts(text, expected):
+    assert parse_branch(text, CONCEPTS) == expected
 
 
 def test_coverage_substring_versus_word():
@@ -166,10 +181,14 @@ def test_unparsed_branch_scores_zero(tiny_gqa):
 
 
 def test_judge_needs_both_orders(tiny_gqa):
-    assert run_judge(tiny_gqa, [("", "")], progress=False) == [{"outcome": "tie", "orders": []}]
-    assert run_judge(tiny_gqa, [("A story.", "")], progress=False) == [{"outcome": "A", "orders": []}]
+    assert run_judge(tiny_gqa, [("", "")], progress=False) == [
+        {"outcome": "tie", "orders": [], "stories": stories_digest("", "")}]
+    assert run_judge(tiny_gqa, [("A story.", "")], progress=False) == [
+        {"outcome": "A", "orders": [], "stories": stories_digest("A story.", "")}]
     (record,) = run_judge(tiny_gqa, [("The dog ran.", "The cat sat.")], progress=False)
     assert record["outcome"] in ("A", "B", "tie") and len(record["orders"]) == 2
+    assert record["stories"] == stories_digest("The dog ran.", "The cat sat.") != stories_digest("The cat sat.",
+                                                                                                 "The dog ran.")
     for order in record["orders"]:  # each order's raw answer is kept with its parse
         assert isinstance(order["text"], str) and order["verdict"] == parse_verdict(order["text"])
     ab, ba = (o["verdict"] for o in record["orders"])

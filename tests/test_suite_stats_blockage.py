@@ -23,18 +23,20 @@ def test_paper_profiles_use_the_paper_preset(plans):
     assert (config.lora_rank, config.lora_alpha, config.lr, config.dev_fraction) == (64, 32.0, 5e-5, 0.1)
 
 
-# The committed small runs' logs are named by fingerprint(eval=<evaluation key>, plan, ft=config before the
-# split's dev_fraction is recorded); a change to these plans would orphan them.
-COMMITTED = {"multiqa": (multiqa.FINETUNE, "88f73fa82920", "38d7c976a901"),
-             "bsm": (blockage.BSM_FINETUNE, "ce883725a347", "bc70a79078b5")}
+# The committed small runs' fine-tuned logs are named by each suite's finetune_key (the evaluation's key, the plan,
+# its config); a change to these plans would orphan them, and the suite would quietly train and run the arm again.
+COMMITTED = {"multiqa": (multiqa.finetune_key, multiqa.FINETUNE, "4c1e8e863fad", "multiqa"),
+             "bsm": (blockage.finetune_key, blockage.BSM_FINETUNE, "ce883725a347", "bsm")}
 
 
 @pytest.mark.parametrize("suite", list(COMMITTED))
 def test_small_plans_still_name_their_committed_logs(suite):
-    plans, eval_key, ft_key = COMMITTED[suite]
-    plan = plans["small"]
-    config = FinetuneConfig.preset(plan["preset"], **plan["overrides"])
-    assert blockage.fingerprint(eval=eval_key, plan=plan, ft=config.to_json()) == ft_key
+    from choreo.repro import RESULTS_DIR
+
+    key_of, plans, eval_key, folder = COMMITTED[suite]
+    runs = RESULTS_DIR / "blockage" / folder / "runs"
+    assert (runs / f"{eval_key}.jsonl").exists() or any(runs.glob(f"*-{eval_key}.jsonl"))  # the evaluation's logs
+    assert (runs / f"finetuned-{key_of(eval_key, plans['small'])}.jsonl").is_file()
 
 
 def test_with_split_records_the_share_used():
@@ -147,13 +149,37 @@ def test_bsm_judge_no_difference_is_not_vacuous():
     # Position bias alone decides nothing by content: every outcome is a tie whatever the stories say.
     assert "decided none of the 24 comparisons by the stories' content (the same position in both orders: A 24, B 0" \
         in judge.vacuity([biased] * 24, differ=24)
-    assert judge.vacuity([biased] * 23 + [decided], differ=24) is None
+    # One comparison decided by content is not enough either: a sign test over it can never reach p < 0.05.
+    assert judge.MIN_DECISIVE == 6
+    assert "decided 1 of the 24 comparisons" in judge.vacuity([biased] * 23 + [decided], differ=24)
+    assert "fewer than the 6 a sign test needs" in judge.vacuity([biased] * 19 + [decided] * 5, differ=24)
+    assert judge.vacuity([biased] * 18 + [decided] * 6, differ=24) is None
     assert "identical in all 24 pairs" in judge.vacuity([biased] * 24, differ=0)
     assert "keep only the outcome" in judge.vacuity(["tie"] * 24, differ=24)   # records from before the answers
     assert "none of the judge's 48 answers" in judge.vacuity([unparsable] * 24, differ=24)
     assert "no comparison was put" in judge.vacuity([{"outcome": "A", "orders": []}] * 24, differ=24)
     assert "decided none of the 24" in judge.vacuity([unparsable] * 23 + [biased], differ=24)
-    assert judge.vacuity([unparsable] * 22 + [biased, decided], differ=24) is None
+    assert judge.vacuity([unparsable] * 17 + [biased] + [decided] * 6, differ=24) is None
+
+
+@pytest.mark.parametrize("text, verdict", [
+    (" A", "A"), (" A.", "A"), (" B.", "B"), (" A.\n\nThe story is more", "A"), (" b", "B"), ("a", "A"),
+    ("Story B is better.", "B"), (" Story A", "A"), ("The answer is B", "B"), (" A. Both are good, but", "A"),
+    ("A story that is better is Story B", "B"), ("A story that is better is B", None),
+    (" A and B are equal", None), (" Both", None), (" Neither.", None), (" It's a tie", None), ("", None),
+    (" The first one", None)])
+def test_the_judge_answer_parser_reads_awkward_answers(text, verdict):
+    from choreo.workflows.bsm import parse_verdict
+
+    assert parse_verdict(text) == verdict
+
+
+def test_a_logged_judgement_is_read_by_the_current_parser():
+    from choreo.workflows.bsm import judge_diagnostics, judge_outcome
+
+    old = {"outcome": "tie", "orders": [{"text": " b", "verdict": None}, {"text": " A", "verdict": "A"}]}
+    assert judge_outcome(old) == "B"  # " b" now reads as B: story B preferred in both orders
+    assert judge_diagnostics([old])["consistent"] == 1 and judge_outcome("tie") == "tie"
 
 
 def test_bsm_judge_even_is_tost_on_the_net_preference():
@@ -186,9 +212,33 @@ def test_resumable_redoes_rejected_records_and_keeps_the_last(tmp_path):
             on_result(j, {"outcome": "tie", "orders": [], "item": item})
 
     items = ["x", "y", "z"]
-    out = blockage.resumable(tmp_path, "judge", items, run, redo=lambda r: not isinstance(r, dict))
+    out = blockage.resumable(tmp_path, "judge", items, run, redo=lambda r, _item: not isinstance(r, dict))
     assert calls == [["x", "y", "z"]] and [r["item"] for r in out] == items
-    again = blockage.resumable(tmp_path, "judge", items, run, redo=lambda r: not isinstance(r, dict))
+    again = blockage.resumable(tmp_path, "judge", items, run, redo=lambda r, _item: not isinstance(r, dict))
     assert calls == [["x", "y", "z"]] and again == out               # the new records are the ones read
     assert len(log.path.read_text().splitlines()) == 6                # appended: the old records stay in the log
     assert blockage.resumable(tmp_path / "fresh", "judge", items, run) == out and len(calls) == 2
+
+
+def test_a_logged_judgement_of_other_stories_is_judged_again(tmp_path):
+    """A judgement names the stories it compared: regenerated stories under the same log name are judged anew,
+    while records from before the stories were named are read as logged."""
+    from choreo.workflows.bsm import stories_digest
+
+    pairs = [("one", "two"), ("three", "four")]
+    calls = []
+
+    def run(todo, on_result):
+        calls.append(list(todo))
+        for j, (a, b) in enumerate(todo):
+            on_result(j, {"outcome": "A", "orders": [{"text": " A", "verdict": "A"}] * 2,
+                          "stories": stories_digest(a, b)})
+
+    blockage.resumable(tmp_path, "judge", pairs, run, redo=blockage.stale_judgement)
+    assert calls == [pairs]
+    blockage.resumable(tmp_path, "judge", pairs, run, redo=blockage.stale_judgement)
+    assert len(calls) == 1
+    blockage.resumable(tmp_path, "judge", [("one", "two"), ("three", "FOUR")], run, redo=blockage.stale_judgement)
+    assert calls[-1] == [("three", "FOUR")]
+    assert not blockage.stale_judgement({"outcome": "tie", "orders": []}, ("x", "y"))  # from before: as logged
+    assert blockage.stale_judgement("tie", ("x", "y"))                                   # outcome only

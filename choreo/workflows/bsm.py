@@ -93,37 +93,71 @@ def solve_prompt(topic: str, group: Sequence[str]) -> str:
 MERGE_PROMPT = ("Combine the two stories above into one coherent story paragraph. "
                 "Keep every concept from both concept lists.")
 
-_GROUP = re.compile(r"^\W*group\s*([12])\W*[:\-]\s*(.*)$", re.IGNORECASE | re.MULTILINE)
-_TOPIC = re.compile(r"^\W*topic\W*[:\-]\s*(.+)$", re.IGNORECASE | re.MULTILINE)
+# "Group 1: dog, ball", "**Group 2 (outdoors):** park", "Group 1 - dog"; the items on the same line and on the bullet
+# lines right below it. "Topic: a day out" (or the topic alone on the next line). Never across a line break.
+_GROUP = re.compile(r"^\W*group[ \t]*([12])\b[ \t]*(?:\([^)\n]*\))?[ \t*_]*[:\-][ \t*_]*(.*)$",
+                    re.IGNORECASE | re.MULTILINE)
+_TOPIC = re.compile(r"^\W*topic[ \t*_]*[:\-][ \t*_]*(.*)$", re.IGNORECASE | re.MULTILINE)
+_BULLET = re.compile(r"[ \t]*(?:[-*\u2022+]|\d+[.)])[ \t]+(.*)")
+
+
+def _topic(text: str) -> str | None:
+    """The text after "Topic:" on its line, or the next line when that is empty and not a group's."""
+    m = _TOPIC.search(text)
+    if m is None:
+        return None
+    topic = m.group(1).strip()
+    if not topic:
+        after = text[m.end():].lstrip("\n").split("\n", 1)[0]
+        topic = "" if _GROUP.match(after) else after.strip()
+    return topic or None
+
+
+def _group_items(text: str, m: re.Match) -> list[str]:
+    """The raw items of the group line ``m``: its own line's, then those of the bullet lines right below it."""
+    parts = [m.group(2)]
+    for line in text[m.end():].split("\n")[1:]:
+        bullet = _BULLET.fullmatch(line)
+        if bullet is None:
+            break
+        parts.append(bullet.group(1))
+    return [x for part in parts for x in re.split(r"[,;]|\band\b", part)]
 
 
 def parse_branch(text: str, concepts: Sequence[str]) -> tuple[str, list[str], list[str]] | None:
     """(topic, group 1, group 2) from a branch answer, or None when it does not follow the format.
 
-    Group items are matched to the given concepts (case-insensitive, surrounding punctuation ignored);
-    unknown items are dropped and a concept keeps its first group. None if the topic is missing or a
-    group has no known concept. Example::
+    Group items are matched to the given concepts (case-insensitive, surrounding punctuation ignored; a regular
+    inflection of a concept, as coverage counts it, names it: "dogs" is "dog"); items may follow the group's
+    label on its line or be bullet lines below it; a label may carry a parenthesis ("Group 1 (outdoors):").
+    Unknown items are dropped and a concept keeps its first group. None if the topic is missing or a group has no
+    known concept. Example::
 
         parse_branch("Topic: a day out\\nGroup 1: dog, ball\\nGroup 2: park", ["dog", "ball", "park"])
         # ("a day out", ["dog", "ball"], ["park"])
+        parse_branch("Topic: x\\nGroup 1:\\n- dogs\\n- ball\\nGroup 2: park", ["dog", "ball", "park"])
+        # ("x", ["dog", "ball"], ["park"])
     """
-    topic = _TOPIC.search(text)
-    known = {c.lower(): c for c in concepts}
+    from ..data.concepts import inflections
+
+    topic = _topic(text)
+    known = {word.lower(): c for c in reversed(concepts) for word in inflections(c)}  # the first concept wins
+    known.update({c.lower(): c for c in reversed(concepts)})  # and a concept's own name over an inflection
     groups: dict[int, list[str]] = {}
     seen: set[str] = set()
     for m in _GROUP.finditer(text):
         k = int(m.group(1))
         if k in groups:
             continue
-        items = [re.sub(r"^[\W_]+|[\W_]+$", "", x).lower() for x in re.split(r"[,;]|\band\b", m.group(2))]
         groups[k] = []
-        for x in items:
-            if x in known and x not in seen:
-                groups[k].append(known[x])
-                seen.add(x)
+        for x in (re.sub(r"^[\W_]+|[\W_]+$", "", item).lower() for item in _group_items(text, m)):
+            concept = known.get(x)
+            if concept is not None and concept not in seen:
+                groups[k].append(concept)
+                seen.add(concept)
     if topic is None or not groups.get(1) or not groups.get(2):
         return None
-    return topic.group(1).strip(), groups[1], groups[2]
+    return topic, groups[1], groups[2]
 
 
 async def bsm(ex, concepts: Sequence[str], *, layout: str, seed: int, config: BSMConfig = BSMConfig(),
@@ -194,16 +228,38 @@ def judge_prompt(first: str, second: str) -> str:
             "Which story is more coherent and better written? Answer with the single letter A or B.")
 
 
+# A first sentence that names no single story; a bare letter (any case); an answer that opens with the letter or
+# "Story X" (not the article of "A story that ..."); else the first "Story X" / "the answer is X".
+_NO_SINGLE = re.compile(r"\b(both|equal(ly)?|neither|tie[ds]?|same)\b", re.IGNORECASE)
+_BARE = re.compile(r"\W*([ABab])\W*")
+_LEADING = re.compile(r"\W*(?:(?i:story)\s+)?([AB])\b(?!\s+(?i:stor))")
+_NAMED = re.compile(r"(?i:story|answer\s+is|answer\s*:)\s*([AB])\b")
+
+
 def parse_verdict(text: str) -> str | None:
-    """'A', 'B' or None from a judge's answer (the first standalone A or B)."""
-    m = re.search(r"\b([AB])\b", text)
-    return m.group(1) if m else None
+    """'A', 'B' or None from a judge's answer: a bare letter in either case (" b" -> 'B'); an answer that opens
+    with the letter or "Story X" (" A.", "Story B is better"; not the article of "A story that is better is B",
+    which reads on to "Story"/"answer is"); else the first "Story X" or "the answer is X". None when the first
+    sentence names both stories, neither, a tie or the same quality (" A and B are equal"), or nothing parses.
+
+    Example: ``[parse_verdict(t) for t in (" A", " B.", " b", "A story that is better is Story B", " Both")]``
+    -> ['A', 'B', 'B', 'B', None].
+    """
+    first = re.split(r"[.\n!?]", text.strip(), maxsplit=1)[0]
+    if _NO_SINGLE.search(first):
+        return None
+    for pattern, match in ((_BARE, re.fullmatch), (_LEADING, re.match), (_NAMED, re.search)):
+        m = match(pattern, text)
+        if m:
+            return m.group(1).upper()
+    return None
 
 
 async def judge_orders(ex, story_a: str, story_b: str, *, max_tokens: int = 8) -> dict:
     """Compare two stories in both orders (greedy); the outcome with each order's raw answer and its parse.
 
-    Returns ``{"outcome": "A" | "B" | "tie", "orders": [{"text", "verdict"}, {"text", "verdict"}]}``: order 0
+    Returns ``{"outcome": "A" | "B" | "tie", "orders": [{"text", "verdict"}, {"text", "verdict"}], "stories":
+    stories_digest(story_a, story_b)}``: order 0
     shows ``story_a`` as Story A, order 1 shows ``story_b`` as Story A; ``verdict`` is the *position* the answer
     names ("A", "B" or None when it does not parse). The outcome is "A" or "B" only if that story is preferred in
     both orders, else "tie" -- so a judge that names position A twice (position bias) and one whose answers do
@@ -215,7 +271,7 @@ async def judge_orders(ex, story_a: str, story_b: str, *, max_tokens: int = 8) -
 
     if not story_a.strip() or not story_b.strip():
         outcome = "tie" if not story_a.strip() and not story_b.strip() else ("B" if not story_a.strip() else "A")
-        return {"outcome": outcome, "orders": []}
+        return {"outcome": outcome, "orders": [], "stories": stories_digest(story_a, story_b)}
     sys = await ex.prefill(JUDGE_SYSTEM, role="system")
     asks = [await ex.prefill(judge_prompt(x, y), role="user", parents=[sys]) for x, y in ((story_a, story_b),
                                                                                           (story_b, story_a))]
@@ -224,7 +280,16 @@ async def judge_orders(ex, story_a: str, story_b: str, *, max_tokens: int = 8) -
     orders = [{"text": x.text, "verdict": parse_verdict(x.text)} for x in answers]
     pref_ab = orders[0]["verdict"]
     pref_ba = {"A": "B", "B": "A"}.get(orders[1]["verdict"])  # map the position back to the story
-    return {"outcome": combine_orders(pref_ab, pref_ba), "orders": orders}
+    return {"outcome": combine_orders(pref_ab, pref_ba), "orders": orders, "stories": stories_digest(story_a, story_b)}
+
+
+def stories_digest(story_a: str, story_b: str) -> str:
+    """A short hash of the two stories a judgement compared (kept in its record): a logged verdict is reused only
+    for the same stories."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps([story_a, story_b]).encode()).hexdigest()[:12]
 
 
 async def judge(ex, story_a: str, story_b: str, *, max_tokens: int = 8) -> str:
@@ -233,8 +298,14 @@ async def judge(ex, story_a: str, story_b: str, *, max_tokens: int = 8) -> str:
 
 
 def judge_outcome(record: str | dict) -> str:
-    """The outcome of a logged judgement: a ``judge_orders`` record, or a bare outcome (records that kept only it)."""
-    return record if isinstance(record, str) else record["outcome"]
+    """The outcome of a logged judgement: a ``judge_orders`` record's answers parsed again (by this
+    ``parse_verdict``, so a log is read the same as a fresh run), or a bare outcome (records that kept only it)."""
+    from ..stats import combine_orders
+
+    if isinstance(record, str) or not record["orders"]:
+        return record if isinstance(record, str) else record["outcome"]
+    pref_ab, pref_ba = (parse_verdict(o["text"]) for o in record["orders"])
+    return combine_orders(pref_ab, {"A": "B", "B": "A"}.get(pref_ba))
 
 
 def judge_diagnostics(records: Sequence[str | dict]) -> dict:
@@ -248,7 +319,7 @@ def judge_diagnostics(records: Sequence[str | dict]) -> dict:
     give ``asked=2, verdicts=4, unparsable=0, position_a=2, consistent=0``.
     """
     logged = [r for r in records if isinstance(r, dict)]
-    asked = [[o["verdict"] for o in r["orders"]] for r in logged if r["orders"]]
+    asked = [[parse_verdict(o["text"]) for o in r["orders"]] for r in logged if r["orders"]]  # as judge_outcome
     return {"n": len(records), "not_logged": len(records) - len(logged), "asked": len(asked),
             "verdicts": 2 * len(asked), "unparsable": sum(v is None for vs in asked for v in vs),
             "position_a": sum(vs == ["A", "A"] for vs in asked), "position_b": sum(vs == ["B", "B"] for vs in asked),

@@ -63,7 +63,7 @@ def logs_read(folder: Path) -> list[dict]:
 
 
 def resumable(folder: Path, name: str, items: Sequence, run: Callable,
-              redo: Callable[[object], bool] | None = None) -> list:
+              redo: Callable[[object, object], bool] | None = None) -> list:
     """``choreo.results.resumable`` on ``folder/<name>.jsonl``, the log noted for the tables' provenance."""
     path = Path(folder) / f"{name}.jsonl"
     LOGS_READ.add(path)
@@ -95,6 +95,16 @@ BSM_FINETUNE = {  # baseline traces from separate concept sets (the first ones),
 FINETUNE_ROW = "Choreographed + Fine-tuning"
 
 
+def finetune_key(eval_key: str, plan: dict) -> str:
+    """The fine-tuned arm's log name: the evaluation's key, the plan, its fine-tuning configuration (before the
+    split's dev_fraction is recorded: the committed logs were named so) and the teacher, which replays the traces as
+    recorded (logs from before, whose teacher read the merge's parents reordered, have another name)."""
+    from choreo.finetune import FinetuneConfig
+
+    ft = FinetuneConfig.preset(plan["preset"], **plan["overrides"]).to_json()
+    return fingerprint(eval=eval_key, plan=plan, ft=ft, teacher="as recorded")
+
+
 def _finetuned_arm(model, *, plan, config, sizes, data_dir, use_file, sets, seeds, key, folder, out_dir):
     """Train on baseline traces of separate concept sets (dev-selected checkpoint), run the choreographed arm
     with the adapter, then remove the adapter. Returns (results, training summary, the arm's key: its logs' name,
@@ -105,9 +115,7 @@ def _finetuned_arm(model, *, plan, config, sizes, data_dir, use_file, sets, seed
     from choreo.workflows.bsm import as_layout, run_condition
 
     ft_config = FinetuneConfig.preset(plan["preset"], **plan["overrides"])
-    # teacher: the KL teacher replays the traces as recorded (logs from before, whose teacher read the merge's
-    # parents reordered, have another name and are not reused)
-    ft_key = fingerprint(eval=key, plan=plan, ft=ft_config.to_json(), teacher="as recorded")
+    ft_key = finetune_key(key, plan)
     # After the fingerprint (which names the committed logs): the configuration records the split actually used.
     ft_config = dataclasses.replace(ft_config, dev_fraction=DEV_FRACTION)
     log = Path(folder) / f"finetuned-{ft_key}.jsonl"
@@ -135,6 +143,17 @@ def _finetuned_arm(model, *, plan, config, sizes, data_dir, use_file, sets, seed
     summary = with_split(summary, dev_fraction=ft_config.dev_fraction, seed=BSM_SEED)
     write_json(Path(folder) / f"finetune-{ft_key}.json", summary)
     return runs, summary, ft_key
+
+
+def stale_judgement(record, pair: tuple[str, str]) -> bool:
+    """Whether a logged judgement must be redone for ``pair`` (story A, story B): it kept only the outcome (no raw
+    answers), or it names other stories than these (a log of the stories regenerated under the same key). Records
+    from before judgements named their stories are read as logged."""
+    from choreo.workflows.bsm import stories_digest
+
+    if not isinstance(record, dict):
+        return True
+    return "stories" in record and record["stories"] != stories_digest(*pair)
 
 
 @pytest.fixture(scope="session")
@@ -177,7 +196,7 @@ def bsm_study(model, profile, data_dir, results_dir, tmp_path_factory):
         # A fine-tuned row's verdicts are keyed like its stories (plan and config too): other stories, other log.
         name = f"judge-{BSM_ARMS[row]}-{key}" if row in BSM_ARMS else f"judge-finetuned-{ft_key}"
         judged[row] = resumable(folder, name, pairs, lambda todo, cb: run_judge(
-            model, todo, progress="bsm judge", on_result=cb), redo=lambda r: not isinstance(r, dict))
+            model, todo, progress="bsm judge", on_result=cb), redo=stale_judgement)
     return {"profile": profile, "sizes": sizes, "sets": sets, "source": source, "config": config, "seeds": seeds,
             "runs": runs, "judged": judged, "wall_s": time.perf_counter() - t0, "key": key, "finetune": finetune,
             "finetune_note": (f"{FINETUNE_ROW}: not run at profile {profile} (CPU time; it runs at smoke for the "

@@ -402,7 +402,7 @@ def table(model, profile, data_dir, results_dir):
         logs.append(path)
         runs[row] = resumable(path, list(range(n)), _run(model, problems, seeds, workflow=workflow, condition=condition,
                                                          configs=configs, progress=f"math {row}"),
-                              redo=lambda r, w=workflow: stale(r, workflow=w, configs=configs))
+                              redo=lambda r, _index, w=workflow: stale(r, workflow=w, configs=configs))
     finetuned, train_runs = {}, {}
 
     def train(name):  # the baseline records and traces of the training problems, collected when first needed

@@ -28,6 +28,18 @@ ROWS = list(ARMS)
 OUTCOMES = ("a_win", "tie", "b_win")
 
 
+def fewest_decisive(alpha: float = ALPHA) -> int:
+    """The fewest comparisons decided by content (wins, ties dropped) in which the two-sided sign test can reach
+    p < ``alpha``: all of them the same way. Below it, "no detectable difference" holds whatever the stories say
+    (at 0.05: 6, p = 2 / 2^6 = 0.031)."""
+    from scipy.stats import binomtest
+
+    return next(k for k in range(1, 64) if binomtest(k, k).pvalue < alpha)
+
+
+MIN_DECISIVE = fewest_decisive()
+
+
 def net_equivalence(outcomes: list[str]) -> stats.EquivalenceResult:
     """TOST on the net preference (A wins - B wins) / n within ±NET_MARGIN: A-wins and B-wins are the discordant
     pairs of two paired indicators (ties are neither), Bonett-Price."""
@@ -62,7 +74,9 @@ def vacuity(records: list, differ: int) -> str | None:
     from two unparsable answers cannot be told from one of position bias), no comparison was put to the judge (every
     pair had an empty story), none of its answers parsed (every outcome is a tie by default), or it decided none of
     the comparisons by the stories' content (it named the same position in both orders, or failed to parse, in
-    every one: every outcome is a tie whatever the stories say).
+    every one: every outcome is a tie whatever the stories say), or it decided fewer than ``MIN_DECISIVE`` by
+    content (then no sign test over them can find a difference, and a net-preference TOST rests on ties of position
+    bias).
 
     Example: ``vacuity(["tie"] * 24, differ=24)`` says the answers were not logged.
     """
@@ -76,9 +90,10 @@ def vacuity(records: list, differ: int) -> str | None:
         return "no comparison was put to the judge (an empty story in every pair)"
     if d["unparsable"] == d["verdicts"]:
         return f"none of the judge's {d['verdicts']} answers names A or B"
-    if d["consistent"] == 0:
-        return (f"the judge decided none of the {d['asked']} comparisons by the stories' content (the same position "
-                f"in both orders: A {d['position_a']}, B {d['position_b']}; an unparsable answer in the rest)")
+    if d["consistent"] < MIN_DECISIVE:
+        return (f"the judge decided {d['consistent'] or 'none'} of the {d['asked']} comparisons by the stories' "
+                f"content (the same position in both orders: A {d['position_a']}, B {d['position_b']}; an unparsable "
+                f"answer in the rest), fewer than the {MIN_DECISIVE} a sign test needs to reach p < {ALPHA}")
     return None
 
 
@@ -164,8 +179,9 @@ def _equivalence_text(tost, d: dict) -> str:
     """How to read a net-preference TOST, given the judge's diagnostics ``d`` (``judge_diagnostics``): a tie of
     position bias counts as no preference, so equivalence says little where few comparisons were decided by the
     stories' content."""
-    if d["consistent"] == 0:
-        return "not read as equivalence: the judge decided no comparison by the stories' content"
+    if d["consistent"] < MIN_DECISIVE:
+        return (f"not read as equivalence: the judge decided {d['consistent'] or 'no'} comparison(s) by the stories' "
+                f"content, fewer than {MIN_DECISIVE}")
     if not tost.equivalent:
         return "not shown equivalent"
     if d["consistent"] < d["asked"]:
@@ -200,6 +216,10 @@ def test_bsm_judge(table, row):
     elif outcome == "judge decides nothing by content":  # what the committed small run measured; no claim
         d = table["diagnostics"][row]  # about the stories: the judge named the same position in both orders
         assert d["asked"] > 0 and d["consistent"] == 0 and h.a_wins == h.b_wins == 0, f"{row}: {d}\n{text}"
+    elif outcome == "judge decides too few by content":  # likewise: fewer decided than a sign test could read
+        d = table["diagnostics"][row]
+        assert d["asked"] > 0 and 0 < d["consistent"] < MIN_DECISIVE, f"{row}: {d}\n{text}"
+        assert table["vacuous"][row] is not None, text
     elif outcome in ("no detectable difference", "even"):
         why = table["vacuous"][row]
         assert why is None, f"{row}: {outcome!r} would hold whatever the stories: {why}\n{text}"
@@ -212,18 +232,20 @@ def test_bsm_judge(table, row):
 # Profile -> row -> outcome. `paper`: the paper's (GPT-4o judge, n = 50): the baseline's story preferred over the
 # choreographed one (31 / 16 / 3) and over the linearized one (28 / 16 / 6), even after fine-tuning (15 / 21 / 14:
 # TOST within ±NET_MARGIN of no net preference).
-# `small`: what the embedded model showed (n = 24, measured first; see README): the 135M judge never prefers the
-# same story in both orders (pure position bias: position A in both orders in 70 of 72 comparisons, B in 2; no
-# unparsable answer), so every comparison is a tie, which says nothing about the stories: the paper's baseline
+# `small`: what the embedded model showed (n = 24, measured first; see README): in the choreographed and linearized
+# rows the 135M judge never prefers the same story in both orders (pure position bias: position A in both orders in
+# 47 of 48 comparisons, B in 1; no unparsable answer), so every comparison is a tie, which says nothing about the
+# stories: the paper's baseline
 # preference is not tested by this judge. A stronger local judge (--model) is the way to test it. The fine-tuned
 # row, rerun with the teacher that reads the baseline's merge prompt: the judge decided 1 of 24 comparisons by
-# content (position A in both orders in the other 23), so its sign test can be read, and shows no difference.
+# content (position A in both orders in the other 23), fewer than the MIN_DECISIVE (6) a sign test needs to reach
+# p < 0.05, so "no difference" would hold whatever the stories: no claim about them either.
 CLAIMS = {
     "smoke": {},  # mechanics only
     "small": {
         "Baseline vs. Choreographed": "judge decides nothing by content",
         "Baseline vs. Choreographed + Linearization": "judge decides nothing by content",
-        "Baseline vs. Choreographed + Fine-tuning": "no detectable difference",
+        "Baseline vs. Choreographed + Fine-tuning": "judge decides too few by content",
     },
     "paper": {
         "Baseline vs. Choreographed": "baseline wins",

@@ -30,7 +30,7 @@ CONDITION = {"baseline": "baseline", "choreographed": "choreographed", "choreogr
 FINETUNE = {  # training pairs (baseline traces, DEV_FRACTION of them dev), LoRA preset and overrides
     "smoke": dict(train=6, preset="smoke", overrides={}),
     # The paper's 450 training pairs, one epoch, LoRA rank 16 (traces, training and the evaluation with the
-    # adapter took 1364 s, about 23 minutes, on the shared 2-core CPU: results/blockage/multiqa/multiqa.md). It
+    # adapter took 629 s, about 10 minutes, on the shared 2-core CPU: results/blockage/multiqa/multiqa.md). It
     # distils the adapter-off baseline (loss "kl", lr chosen on dev for the blockage recovery task,
     # results/finetune/recovery.md): on 60 pairs, cross-entropy (10 steps) gave 0/100 both correct and KL
     # (26 steps) 1/100 (runs/finetuned-*.json).
@@ -44,6 +44,15 @@ TRAIN_SEED = 1
 TRAIN_SHARE = 0.4
 
 
+def finetune_key(eval_key: str, plan: dict) -> str:
+    """The fine-tuned arm's log name: the evaluation's key, the plan and its fine-tuning configuration (before the
+    split's dev_fraction is recorded: the committed logs were named so)."""
+    from choreo.finetune import FinetuneConfig
+
+    ft = FinetuneConfig.preset(plan["preset"], **plan["overrides"]).to_json()
+    return fingerprint(eval=eval_key, plan=plan, ft=ft)
+
+
 def _finetuned(model, profile, train_questions, pairs, config, key, folder):
     """Train on baseline traces of pairs of the questions set aside for training (dev-selected checkpoint), run
     the choreographed condition on the evaluation pairs with the adapter, remove it. Resumes from the logged
@@ -53,7 +62,7 @@ def _finetuned(model, profile, train_questions, pairs, config, key, folder):
 
     plan = pick(FINETUNE, profile)
     ft_config = FinetuneConfig.preset(plan["preset"], **plan["overrides"])
-    name = f"finetuned-{fingerprint(eval=key, plan=plan, ft=ft_config.to_json())}"
+    name = f"finetuned-{finetune_key(key, plan)}"
     # After the fingerprint (which names the committed logs): the configuration records the split actually used.
     ft_config = dataclasses.replace(ft_config, dev_fraction=DEV_FRACTION)
     LOGS_READ.add(folder / f"{name}.jsonl")
@@ -222,8 +231,8 @@ def test_multiqa(table, row):
             t = table["tests"][name]
             if direction == "greater":
                 assert t.difference > 0 and table["holm"][name] < ALPHA, f"{name}\n{text}"
-            else:  # "not detected": no recovery at this training budget
-                assert table["holm"][name] >= ALPHA, f"{name}\n{text}"
+            else:  # "not detected": no recovery at this training budget (the raw p: Holm only makes it easier)
+                assert t.pvalue >= ALPHA, f"{name}\n{text}"
         return
     name = f"{'choreographed' if row == 'choreographed' else 'linearized'} both < baseline both"
     both = table["tests"][name]
@@ -234,8 +243,8 @@ def test_multiqa(table, row):
 
 
 # What fine-tuning was measured to do on the embedded model at `small` (see README). With the paper's 450 training
-# pairs (one epoch, 102 steps distilling the baseline) dev KL falls from 0.263 to 0.049 nats/token and both-correct
-# recovers from 0/100 to 13/100 (baseline 18/100): the paper's direction (0.4% -> 48.8%). On 60 pairs it did not
+# pairs (one epoch, 102 steps distilling the baseline) dev KL falls from 0.234 to 0.042 nats/token and both-correct
+# recovers from 0/100 to 18/100 (baseline 17/100): the paper's direction (0.4% -> 48.8%). On 60 pairs it did not
 # (KL, 26 steps: 1/100; cross-entropy, 10 steps: 0/100).
 FINETUNE_CLAIMS = [("finetuned both > choreographed both", "greater")]
 # Equivalence of fine-tuned and baseline both-correct is reported (TOST at this margin, in rate points), not asserted.
