@@ -180,8 +180,8 @@ def _equivalence_text(tost, d: dict) -> str:
     position bias counts as no preference, so equivalence says little where few comparisons were decided by the
     stories' content."""
     if d["consistent"] < MIN_DECISIVE:
-        return (f"not read as equivalence: the judge decided {d['consistent'] or 'no'} comparison(s) by the stories' "
-                f"content, fewer than {MIN_DECISIVE}")
+        return (f"not read as equivalence: the judge decided {d['consistent']} of {d['asked']} comparisons by the "
+                f"stories' content, fewer than the {MIN_DECISIVE} a sign test needs")
     if not tost.equivalent:
         return "not shown equivalent"
     if d["consistent"] < d["asked"]:
