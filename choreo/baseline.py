@@ -10,13 +10,15 @@ math is the same, but not the computation: a reused prefix was encoded in a pass
 differ from full re-encoding by floating-point reassociation (up to ~5e-5 in fp32 on the embedded model), which
 the bit-for-bit rule of docs/semantics.md for prefix reuse does not allow. It is off by default; the leakage
 suites' baseline arm uses it and says what it measured of the difference (suites/leakage/cooperation/README.md).
+Cached prompts are a cache, as in those servers: when a call does not fit the store, the least recently used
+ones that no running call reads are evicted until it does, so a program that fits without reuse fits with it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from .cache import Message
+from .cache import CapacityError, Message
 from .engine import Call, Choreographer, Job, token_ids
 from .model import Model
 
@@ -47,10 +49,11 @@ class Baseline(Choreographer):
                  prefix_reuse: bool = False):
         super().__init__(model, attention=attention, capacity=capacity)
         self.prefix_reuse = prefix_reuse
-        self._chains: dict[int, _Chain] = {}  # output message id -> the chain that encoded it
+        self._chains: dict[int, _Chain] = {}  # output message id -> its encoding chain, least recently used first
         self._refs: dict[int, int] = {}  # internal message id -> number of chains using it
         self._internal: dict[int, Message] = {}
         self.reused_tokens = 0  # prompt tokens that finished calls read from cached chains instead of encoding
+        self.evicted_chains = 0  # cached prompts dropped to make room for a call
 
     def start_decode(self, calls: list[Call]) -> list[Job]:
         calls = [c if isinstance(c, Call) else Call(**c) for c in calls]
@@ -64,7 +67,15 @@ class Baseline(Choreographer):
                 job.origin = (start, prompt[:reuse], parts)
                 yield job
 
-        jobs = self._all_or_nothing(reserve())
+        while True:
+            try:
+                jobs = self._all_or_nothing(reserve())
+                break
+            except CapacityError:
+                store = self.engine.store
+                if not self._chains or self._least_rows(calls) > store.capacity - store.used + self._freeable():
+                    raise  # nothing cached to make room with, or not room enough were all of it evicted
+                self._evict_oldest()
         for job in jobs:
             job.msg.id = next(self._ids)
             self._internal[job.msg.id] = job.msg
@@ -99,6 +110,30 @@ class Baseline(Choreographer):
                 self._release(chain)
             out.append(msg)
         return out
+
+    def _least_rows(self, calls: list[Call]) -> int:
+        """The fewest new rows ``calls`` can reserve: each one's prompt less its longest cached prefix, plus the
+        rows of its output (``max_tokens`` or teacher tokens) and footer."""
+        total = 0
+        for call in calls:
+            prompt = self.serial_prompt(call)[0]
+            own = call.max_tokens if call.teacher_tokens is None else len(call.teacher_tokens)
+            total += len(prompt) - self._reuse(prompt, touch=False)[1] + own + len(self.format.footer(call.role))
+        return total
+
+    def _freeable(self) -> int:
+        """Rows that evicting every cached prompt would free: those of messages only cached prompts refer to (a
+        running call's reference keeps its rows)."""
+        counts: dict[int, int] = {}
+        for chain in self._chains.values():
+            for m, _ in chain.parts:
+                counts[m.id] = counts.get(m.id, 0) + 1
+        return sum(self._internal[i].length for i, k in counts.items() if self._refs[i] == k)
+
+    def _evict_oldest(self) -> None:
+        """Drop the least recently used cached prompt; rows that a running call reads stay (reference counts)."""
+        self._release(self._chains.pop(next(iter(self._chains))))
+        self.evicted_chains += 1
 
     def release(self, msg: Message) -> None:
         """A text message holds no rows; one whose encoding is kept for reuse releases its chain."""
@@ -147,19 +182,23 @@ class Baseline(Choreographer):
         self._messages[msg.id] = msg
         return msg
 
-    def _reuse(self, prompt: list[int]) -> tuple[list[tuple[Message, int]], int]:
-        """The chain parts covering the longest cached exact prefix of ``prompt`` (one token is left to encode)."""
+    def _reuse(self, prompt: list[int], *, touch: bool = True) -> tuple[list[tuple[Message, int]], int]:
+        """The chain parts covering the longest cached exact prefix of ``prompt`` (one token is left to encode);
+        ``touch``: count it as a use (the chain becomes the most recently used)."""
         if not self.prefix_reuse:
             return [], 0
         best, best_len = None, 0
-        for chain in self._chains.values():
+        for key, chain in self._chains.items():  # the longest; of equals, the earliest cached (use order aside)
             n = _common_prefix(chain.ids, prompt, len(prompt) - 1)
-            if n > best_len:
-                best, best_len = chain, n
+            if n > best_len or (n == best_len and n and key < best):
+                best, best_len = key, n
         if best is None:
             return [], 0
+        chain = self._chains[best]
+        if touch:
+            self._chains[best] = self._chains.pop(best)  # now the most recently used
         parts, n = [], best_len
-        for m, used in best.parts:  # the leading parts covering exactly best_len tokens
+        for m, used in chain.parts:  # the leading parts covering exactly best_len tokens
             if n <= 0:
                 break
             parts.append((m, min(used, n)))

@@ -157,12 +157,22 @@ class Job:
     stop_ids: frozenset[int] = frozenset()
     footer: list[int] = dataclasses.field(default_factory=list)
     n_header: int = 0  # header + prefix tokens
-    logits: torch.Tensor | None = None  # (S, V) of the teacher-forced step, when kept
+    logits: torch.Tensor | None = None  # (n + 1, V) of a teacher-forced call: row j predicts ids[content[0] + j]
     origin: object = None  # the executor's own bookkeeping (the baseline's prompt and reuse)
 
     @property
     def wants_all_logits(self) -> bool:
         return self.call is not None and self.call.teacher_tokens is not None
+
+    def logit_rows(self) -> list[int]:
+        """The rows of the chunk now pending whose logits the call needs: a teacher-forced call's (fed in one
+        chunk) predict its n content tokens and the end of turn, rows content[0] - 1 .. content[1]; any other
+        call needs its last row's."""
+        if not self.wants_all_logits:
+            return [len(self.pending) - 1]
+        a, b = self.msg.content
+        assert self.fed == 0 and len(self.pending) >= b, "a teacher-forced call is fed in one chunk"
+        return list(range(a - 1, b))
 
 
 class Engine:
@@ -257,18 +267,18 @@ class Engine:
                 out.register_hook(guard)
             return out
 
-        if any(j.wants_all_logits for j in jobs):
-            index = None
-        else:
-            index = torch.tensor([[len(j.pending) - 1] for j in jobs], device=dev)
+        # Logits only for the rows a call reads (ragged, padded by repeating a call's last one): a teacher-forced
+        # call's content, not its whole prompt, and never every row of the pass for every call.
+        wanted = [j.logit_rows() for j in jobs]
+        K = max(map(len, wanted))
+        index = torch.tensor([w + w[-1:] * (K - len(w)) for w in wanted], device=dev)  # (B, K)
         with torch.set_grad_enabled(grad), adapter_scope(self.model, enabled=self.adapter):
             logits = self.model.forward(ids.to(dev), pos.to(dev), attend, logits_index=index)  # (B, K, V)
         self.forward_passes += 1
         self.tokens_processed += len(rows)
         for b, j in enumerate(jobs):
-            n = len(j.pending)
-            j.fed += n
-            self._advance(j, logits[b, :n] if index is None else logits[b, -1:])
+            j.fed += len(j.pending)
+            self._advance(j, logits[b, :len(wanted[b])])
 
     def _advance(self, job: Job, logits: torch.Tensor) -> None:
         """Consume the logits of the chunk just fed (K, V): sample, close or finish the job."""
@@ -306,7 +316,7 @@ class Engine:
             msg.text = self.format.decode(job.generated)
         if job.logits is not None:
             a, b = msg.content
-            content_logits = job.logits[a - 1:b - 1].float()  # row i predicts token i + 1
+            content_logits = job.logits[:b - a].float()  # row j predicts content token j
             logp = content_logits.log_softmax(-1)
             msg.logprobs = logp.gather(1, torch.tensor(msg.tokens, device=logp.device)[:, None])[:, 0].tolist()
             if call.keep_logits:

@@ -262,7 +262,7 @@ def replay_loss(executor: Choreographer, events: Trace, *, calls: str = "all", t
                         continue
                     # The job's own tokens (the baseline's job holds its whole re-encoded prompt).
                     a, b = job.msg.content
-                    rows = job.logits[a - 1:b]  # (n + 1, V): row j predicts ids[a + j]; the last, end-of-turn
+                    rows = job.logits  # (n + 1, V): row j predicts ids[a + j]; the last, end-of-turn
                     target = torch.tensor(_with_end(job.msg.ids[a:b + 1], b - a, executor), device=rows.device)
                     call_loss = call_losses(rows, target, loss=loss, teacher=None if teacher is None else teacher[i],
                                             ce_content=not events[i].forced,

@@ -591,3 +591,34 @@ def test_a_cache_folder_that_cannot_be_written_is_named_before_converting(monkey
     monkeypatch.setattr(model_module, "embedded_gguf", lambda: tmp_path / "afile")
     with pytest.raises(ValueError, match=r"\$CHOREO_CACHE '.*below': cannot write there \(Not a directory\)"):
         model_module.embedded_checkpoint()
+
+
+def test_cached_prompts_make_room_least_recently_used_first(tiny_gqa):
+    """With prefix reuse the Baseline keeps each call's encoded prompt; a call that does not fit evicts the least
+    recently used ones (a reuse counts as a use) until it does, so a program that fits without reuse fits with it,
+    and gives the same tokens."""
+    def program(bl, record=None):
+        u = bl.prefill("one two three", role="user")
+        a = bl.decode(parents=[u], max_tokens=8)
+        b = bl.decode(parents=[bl.prefill("four", role="user")], max_tokens=8)
+        c = bl.decode(parents=[u, a], max_tokens=4)  # reads a's cached prompt: a is used again after b
+        if record is not None:
+            assert list(bl._chains) == [b.id, a.id, c.id]
+        d = bl.decode(parents=[bl.prefill("five six seven eight nine ten", role="user")], max_tokens=8)
+        return [m.ids for m in (a, b, c, d)], (a.id, b.id, c.id)
+
+    plain, _ = program(choreo.Baseline(tiny_gqa, capacity=70))
+    bl = choreo.Baseline(tiny_gqa, capacity=70, prefix_reuse=True)
+    evicted, evict = [], bl._evict_oldest
+    bl._evict_oldest = lambda: evicted.append(next(iter(bl._chains))) or evict()
+    tokens, (a, b, c) = program(bl, record=True)
+    assert tokens == plain and bl.reused_tokens > 0
+    # d's prompt shares only the user turn's header with the cached prompts; of those equal prefixes each try reads
+    # (and refreshes) the earliest cached, a's, so b goes first, then c (whose own rows free; a's are read again).
+    assert evicted == [b, c] and bl.evicted_chains == 2 and list(bl._chains) == [a, bl.messages[-1].id]
+    assert bl.memory()["tokens_used"] == sum(m.length for m in bl._internal.values())
+    e = bl.decode(parents=[bl.prefill("word " * 40, role="user")], max_tokens=2)  # needs most of the store
+    assert list(bl._chains) == [e.id] and bl.memory()["tokens_used"] == bl._chains[e.id].parts[-1][1]
+    with pytest.raises(CapacityError):  # a prompt longer than the store: refused as without reuse
+        bl.decode(parents=[bl.prefill("word " * 70, role="user")], max_tokens=2)
+    assert bl.memory()["tokens_used"] == 0 and not bl._chains  # (e was evicted trying)

@@ -242,6 +242,17 @@ def state(ex) -> tuple:
             owners, extra)
 
 
+def evicted_only(ex, before: tuple) -> bool:
+    """Whether the state differs from ``before`` only by cached prompts a Baseline with prefix reuse evicted (it
+    makes room for a call before knowing that the call still does not fit, as when the store is fragmented)."""
+    if not (isinstance(ex, choreo.Baseline) and ex.prefix_reuse):
+        return False
+    now = state(ex)
+    same = lambda i: now[i] == before[i]  # noqa: E731
+    return (same(2) and same(3) and set(now[5][1]) < set(before[5][1])
+            and now[0]["tokens_used"] < before[0]["tokens_used"] and now[0]["tokens_peak"] == before[0]["tokens_peak"])
+
+
 def check_bookkeeping(ex, live: dict, snapshots: dict, peak_before: int) -> None:
     """After every op: counts, the peak, rows owned exactly once, and cached K/V never rewritten."""
     mem, store = ex.memory(), ex.engine.store
@@ -279,7 +290,7 @@ def run_program(ex, ops) -> Run:
                 raise
             outcome = "CapacityError"
         if outcome != "ok":
-            assert state(ex) == before, f"{op} ({outcome}) changed the executor's state"
+            assert state(ex) == before or evicted_only(ex, before), f"{op} ({outcome}) changed the executor's state"
         check_bookkeeping(ex, live, snapshots, peak)
         outcomes.append(outcome)
     return Run(outcomes, made)

@@ -235,3 +235,29 @@ def test_positions_may_be_any_integer_type(tiny_gqa, kind):
                   max_tokens=2)
     assert (sys.start, q.start, a.start) == (0, 30, 2 + sys.length + q.length)
     assert all(type(m.start) is int for m in (sys, q, a))
+
+
+@pytest.mark.parametrize("kind", ["choreographed", "baseline"])
+def test_a_pass_computes_logits_only_for_the_rows_its_calls_read(tiny_gqa, kind):
+    """A teacher-forced call beside a long prompt: the pass's logits hold the forced call's content and end of turn
+    and the other call's last row, not every row of the pass (a Baseline call's whole re-encoded prompt), and the
+    forced call's log-probabilities are those of the same call alone."""
+    ex = choreo.Choreographer(tiny_gqa) if kind == "choreographed" else choreo.Baseline(tiny_gqa)
+    long = ex.prefill("word " * 80, role="user")
+    short = ex.prefill("hi", role="user")
+    forced = choreo.Call(parents=[short], teacher_tokens=[11, 12, 13], keep_logits=True)
+    alone = ex.decode([forced])[0]
+    shapes, forward = [], tiny_gqa.forward
+
+    def recording(*args, logits_index=None, **kwargs):
+        shapes.append(tuple(logits_index.shape))
+        return forward(*args, logits_index=logits_index, **kwargs)
+
+    tiny_gqa.forward = recording
+    try:
+        _, together = ex.decode([choreo.Call(parents=[long], max_tokens=1), forced])
+    finally:
+        del tiny_gqa.forward
+    assert shapes[0] == (2, 3 + 1)  # three forced tokens and the end of turn; the long prompt's last row
+    assert together.logits.shape == (3, tiny_gqa.spec.vocab_size)
+    np.testing.assert_allclose(together.logprobs, alone.logprobs, rtol=0, atol=1e-9)
