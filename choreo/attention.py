@@ -44,7 +44,7 @@ class AttentionPlan:
     own_start: tuple[int, ...]
     own_past: tuple[int, ...]
     new_len: tuple[int, ...]
-    _index: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    _index: dict = dataclasses.field(default_factory=dict, init=False, compare=False, repr=False)
 
     @property
     def batch(self) -> int:

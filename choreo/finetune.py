@@ -312,6 +312,7 @@ def call_losses(rows: torch.Tensor, target: torch.Tensor, *, loss: str, teacher:
 
     Example: ``call_losses(logits, target, loss="kl", teacher=logits.log_softmax(-1))`` is 0.
     """
+    check_loss(loss)  # an unknown name would otherwise add no term at all: a loss of 0
     logq = rows.float().log_softmax(-1)  # (S, V)
     out = torch.zeros((), device=rows.device)
     if loss in ("ce", "ce+kl"):

@@ -200,7 +200,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def rerotate(k: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """Move keys stored after RoPE by ``delta`` positions (RoPE rotations compose).
 
-    k: (..., T, D); delta: (T,) or broadcastable to (..., T) integer shifts. Math in fp32.
+    k: (..., T, D); delta: (T,) or broadcastable to (..., T) integer shifts. Math in fp32 (fp64 keys: in fp64),
+    rounded back to k's dtype.
     """
     work = torch.promote_types(k.dtype, torch.float32)  # fp32 math for half types, fp64 stays fp64
     angle = delta[..., None].to(work) * inv_freq.to(work)  # (..., T, D/2)

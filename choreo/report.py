@@ -102,24 +102,32 @@ def bar_layout(groups: dict[str, dict]) -> tuple[list[str], float, dict[tuple[st
 
 def plot_rates(path: str | Path, *, title: str, groups: dict[str, dict[str, tuple[float, float, float]]],
                ylabel: str = "rate") -> Path:
-    """Grouped bar chart of rates with intervals: groups[group][arm] = (rate, low, high). Groups may hold
-    different arms (``bar_layout``); an arm keeps one colour and one legend entry."""
+    """Grouped bar chart of rates in [0, 1] with intervals: groups[group][arm] = (rate, low, high), drawn in
+    percent, each bar labelled with its value (a rate of 0 is otherwise only an interval). Groups may hold
+    different arms (``bar_layout``); an arm keeps one colour and one legend entry, beside the axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import PercentFormatter
 
     arms, width, x = bar_layout(groups)
-    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(groups) * 0.4 / width), 3.6))
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(groups) * 0.4 / width) + 1.8, 3.6))
+    top = max([high for g in groups.values() for _, _, high in g.values()] + [0.01])
     for arm in arms:
         cells = [(x[g, arm], *groups[g][arm]) for g in groups if arm in groups[g]]
         xs, ys = [c[0] for c in cells], [c[1] for c in cells]
         err = [[r - low for _, r, low, _ in cells], [high - r for _, r, _, high in cells]]
         ax.bar(xs, ys, width, yerr=err, capsize=3, label=arm)
+        for xi, r, _, high in cells:
+            ax.annotate(f"{100 * r:.3g}%", (xi, high), xytext=(0, 2), textcoords="offset points", ha="center",
+                        va="bottom", fontsize="x-small")
     ax.set_xticks(range(len(groups)), list(groups))
-    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1.12 * top)  # room for the labels above the intervals
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set_ylabel(f"{ylabel} (95% interval)")
     ax.set_title(title)
-    ax.legend(fontsize="small", frameon=False)
+    ax.legend(fontsize="small", frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return save_figure(fig, path, dpi=120)
 
 

@@ -200,7 +200,7 @@ def test_fused_prefills_fold_prompts_into_the_first_reading_pass(tiny_gqa, synth
     fused = perf.run_once(tiny_gqa, shape, "choreographed[torch]+fused", synth)
     assert fused["generated"] == plain["generated"]
     assert fused["tokens_processed"] == plain["tokens_processed"]
-    prompts = 4  # question, propose, vote, final: one pass each when not fused
+    prompts = 6  # system, propose, vote, vote instruction, question, finish: one pass each when not fused
     assert fused["forward_passes"] == plain["forward_passes"] - prompts
     assert fused["prompt_tokens"] > plain["prompt_tokens"]
     assert [len(s) for s in plain["stage_tokens"]] == [1, 1, 1]  # one batched pass per stage
@@ -456,7 +456,8 @@ class RecordingExecutor:
     def _new(self):
         import types
 
-        msg = types.SimpleNamespace(id=len(self._index), text="x", length=1, ttft=0.0, latency=0.0, tokens=[1])
+        msg = types.SimpleNamespace(id=len(self._index), text="x", length=1, start=0, ttft=0.0, latency=0.0,
+                                    tokens=[1])
         self._index[msg.id] = msg.id
         return msg
 
@@ -503,3 +504,37 @@ def test_debate_shapes_are_the_math_workflows_call_graphs(synth, name, size, rou
     assert len([e for e in shape_ex.events if e[0] == "prefill"]) == len(prefills)
     assert [[len(call[2]) for call in e[1]] for e in shape_ex.events if e[0] == "decode"] == stages
     assert shape_ex.events == workflow_ex.events
+
+
+def _workflow_events(name, size, tokenizer):
+    """The recorded events of the library workflow the shape ``name`` stands for, at ``size``."""
+    import types
+
+    from choreo.chat import ChatFormat
+    from choreo.data.trivia import Question
+    from choreo.workflows import bsm, multiqa, tot
+
+    ex = RecordingExecutor()
+    if name == "tree_of_thoughts":
+        config = tot.ToTConfig(proposals=size["B"], voters=size["V"])
+        _drive(tot.tree_of_thoughts(ex, "What is 1 + 1?", layout="parallel", seed=0, config=config))
+    elif name == "branch_solve_merge":
+        config = bsm.BSMConfig(branch="halves")
+        _drive(bsm.bsm(ex, ["dog", "ball", "park", "river"], layout="parallel", seed=0, config=config))
+    else:
+        ex.executor = types.SimpleNamespace(format=ChatFormat(tokenizer))  # for the turn's raw segments
+        questions = [Question(id=f"q{i}", question=f"Question {i}?", aliases=("x",)) for i in range(size["k"])]
+        _drive(multiqa.multiqa(ex, questions, layout="parallel"))
+    return ex.events
+
+
+@pytest.mark.parametrize("name, size", [
+    ("tree_of_thoughts", {"B": 8, "V": 4}), ("tree_of_thoughts", {"B": 1, "V": 2}),
+    ("branch_solve_merge", {"N": 2}), ("multiqa", {"k": 2}), ("multiqa", {"k": 5}),
+], ids=["tot-8x4", "tot-1x2", "bsm-2", "multiqa-2", "multiqa-5"])
+def test_tot_bsm_and_multiqa_shapes_are_the_workflows_call_graphs(synth, tokenizer, name, size):
+    """As for the debates: the same prefills (role, parents) and decode stages (each call's role, forced prefix
+    and parents) in the same order as the library's workflow under the parallel layout."""
+    shape_ex = RecordingExecutor()
+    _drive(perf.make_shape(name, **size).workflow(synth)(shape_ex))
+    assert shape_ex.events == _workflow_events(name, size, tokenizer)

@@ -129,8 +129,9 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["segment_attention", "is_available", "interpreter_active", "LaunchConfig", "launch_config",
-           "TileTable", "tile_table", "pack_tiles", "unpack_tiles", "default_splits", "half_angles"]
+__all__ = ["segment_attention", "prepare_launch", "run_launch", "Launch", "unsupported", "is_available",
+           "interpreter_active", "LaunchConfig", "launch_config", "TileTable", "tile_table", "pack_tiles",
+           "unpack_tiles", "default_splits", "half_angles"]
 
 # exp(x) == exp2(x * log2(e)): the softmax runs on exp2, the GPU's native exponential (one MUFU.EX2 instruction),
 # so the softmax scale is pre-multiplied by log2(e) = 1 / ln(2).
@@ -874,8 +875,12 @@ def _check_table_values(seg_start, seg_len, own_start, own_past, new_len, S: int
         raise ValueError(f"every non-empty segment must lie in store rows 0 .. N - 1 = {N - 1}: call {b}, segment {g} "
                          f"reads rows {int(seg_start[b, g])} .. {int(seg_start[b, g] + seg_len[b, g]) - 1}")
     own = own_past + new_len > 0  # a call without own rows reads none: its own_start is not used
-    if ((own_start < 0) & own).any() or ((own_start + own_past + new_len > N) & own).any():
-        raise ValueError(f"own rows own_start .. own_start + own_past + new_len - 1 must lie in 0 .. {N - 1}")
+    bad = (((own_start < 0) | (own_start + own_past + new_len > N)) & own).nonzero()
+    if len(bad):
+        b = int(bad[0])
+        raise ValueError(f"own rows own_start .. own_start + own_past + new_len - 1 must lie in 0 .. {N - 1}: call "
+                         f"{b} has own_start {int(own_start[b])}, own_past {int(own_past[b])}, new_len "
+                         f"{int(new_len[b])}")
 
 
 def _check_tiles(tiles: TileTable, seg_start, seg_len, seg_delta) -> None:

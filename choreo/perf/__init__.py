@@ -7,6 +7,7 @@ plots), ``cli`` (``choreo bench``).
 
 Example::
 
+    import choreo
     from choreo import perf
     model = choreo.load_model()
     runs = perf.compare(model, perf.make_shape("tree_of_thoughts", B=8, V=4),

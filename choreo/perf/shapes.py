@@ -17,7 +17,7 @@ import random
 from typing import Callable, Sequence
 
 from ..cache import Message
-from ..engine import Call
+from ..engine import RAW, Call
 from ..workflows.debate import MODERATOR_PREFIX, SPEAKERS
 
 
@@ -79,10 +79,12 @@ class Recorder:
         return msg
 
     async def decode(self, tags: Sequence[str], parents: Sequence[Sequence[Message]],
-                     role="assistant", prefix: str = "") -> list[Message]:
+                     role: str | Sequence[str] = "assistant", prefix: str | Sequence[str] = "") -> list[Message]:
+        """One stage of parallel calls; ``role`` and ``prefix``: one for all, or one per call."""
         roles = [role] * len(tags) if isinstance(role, str) else list(role)
-        calls = [Call(role=r, parents=tuple(p), prefix=prefix, teacher_tokens=self.synth.tokens(t), max_tokens=1)
-                 for t, p, r in zip(tags, parents, roles)]
+        prefixes = [prefix] * len(tags) if isinstance(prefix, str) else list(prefix)
+        calls = [Call(role=r, parents=tuple(p), prefix=f, teacher_tokens=self.synth.tokens(t), max_tokens=1)
+                 for t, p, r, f in zip(tags, parents, roles, prefixes)]
         msgs = await self.ex.decode(calls)
         # what a call encoded before its first token is the executor's count (``first_pass_tokens``), by id
         self.stages.append([{"id": m.id, "ttft": m.ttft, "latency": m.latency, "tokens": list(m.tokens),
@@ -95,7 +97,9 @@ class Recorder:
 
 
 async def prisoners_dilemma(rec: Recorder, *, rounds: int = 2):
-    """Private plans, ``rounds`` of public A->B turns, then both decisions in parallel."""
+    """Private plans, ``rounds`` of public A->B turns, then both decisions in parallel: the skeleton of the leakage
+    suite's game (``choreo.workflows.prisoners.play`` adds a prompt turn before each plan, talk and decision call,
+    lays each view out with ``linearize``, and, in some arms, copies and predictions)."""
     sys_ = {a: await rec.prefill(f"pd/system/{a}", role="system") for a in ("alice", "bob")}
     plan = dict(zip(sys_, await rec.decode(["pd/plan/alice", "pd/plan/bob"], [[sys_["alice"]], [sys_["bob"]]])))
     public: list[Message] = []
@@ -107,32 +111,48 @@ async def prisoners_dilemma(rec: Recorder, *, rounds: int = 2):
 
 
 async def multiqa(rec: Recorder, *, k: int = 2):
-    """k questions encoded in parallel, one answer attending to all of them."""
+    """``choreo.workflows.multiqa.multiqa``'s call graph (parallel layout): one user turn in raw segments, its
+    header, then k questions encoded in parallel after it; one answer attending to all of them."""
     sys_ = await rec.prefill("mqa/system", role="system")
-    qs = [await rec.prefill(f"mqa/q{i}", role="user", parents=[sys_]) for i in range(k)]
-    await rec.decode1("mqa/answer", [sys_, *qs])
+    head = await rec.prefill("mqa/header", role=RAW, parents=[sys_])
+    qs = [await rec.prefill(f"mqa/q{i}", role=RAW, parents=[sys_, head]) for i in range(k)]
+    await rec.decode1("mqa/answer", [sys_, head, *qs])
     return rec.stages
 
 
 async def branch_solve_merge(rec: Recorder, *, N: int = 2):
-    """A task, N branch instructions, N parallel solutions, one merge over them."""
-    task = await rec.prefill("bsm/task", role="user")
-    branches = [await rec.prefill(f"bsm/branch{i}", role="user", parents=[task]) for i in range(N)]
-    solved = await rec.decode([f"bsm/solve{i}" for i in range(N)], [[task, b] for b in branches])
-    merge = await rec.prefill("bsm/merge", role="user", parents=[task])
-    await rec.decode1("bsm/final", [task, merge, *solved])
+    """``choreo.workflows.bsm.bsm``'s call graph (parallel layout) with N groups (the workflow's 2): the branch call
+    names the topic behind the forced "Topic:"; N solve prompts get their stories in one parallel decode; the merge
+    reads the system prompt, each solve prompt and its story, and the merge instruction."""
+    sys_ = await rec.prefill("bsm/system", role="system")
+    ask = await rec.prefill("bsm/branch", role="user", parents=[sys_])
+    await rec.decode1("bsm/topic", [sys_, ask], prefix="Topic:")
+    asks = [await rec.prefill(f"bsm/solve{i}", role="user", parents=[sys_]) for i in range(N)]
+    stories = await rec.decode([f"bsm/story{i}" for i in range(N)], [[sys_, a] for a in asks])
+    context = [sys_, *(m for pair in zip(asks, stories) for m in pair)]
+    instruction = await rec.prefill("bsm/merge", role="user", parents=context)
+    await rec.decode1("bsm/merged", [*context, instruction])
     return rec.stages
 
 
 async def tree_of_thoughts(rec: Recorder, *, B: int = 8, V: int = 4):
-    """B proposals in parallel, V voters attending to all of them, a final answer from the winner."""
-    q = await rec.prefill("tot/question", role="user")
-    ask = await rec.prefill("tot/propose", role="user", parents=[q])
-    cands = await rec.decode([f"tot/cand{i}" for i in range(B)], [[q, ask]] * B)
-    vote = await rec.prefill("tot/vote", role="user", parents=[q])
-    await rec.decode([f"tot/vote{i}" for i in range(V)], [[vote, *cands]] * V)
-    final = await rec.prefill("tot/final", role="user", parents=[q])
-    await rec.decode1("tot/answer", [final, cands[0]])  # teacher-forced votes: the winner is fixed
+    """``choreo.workflows.tot.tree_of_thoughts``'s call graph (parallel layout): B proposals in parallel, each
+    behind its forced "Solution #i:"; V voters reading the system prompt, the vote's introduction, every proposal
+    and the vote instruction, behind "BEST CHOICE:"; the finisher reading the system prompt, the problem, the
+    winner and the finishing instruction. With teacher-forced votes no vote parses, so the winner is the first
+    proposal, as in the workflow."""
+    sys_ = await rec.prefill("tot/system", role="system")
+    ask = await rec.prefill("tot/propose", role="user", parents=[sys_])
+    cands = await rec.decode([f"tot/cand{i}" for i in range(B)], [[sys_, ask]] * B,
+                             prefix=[f"Solution #{i}:" for i in range(1, B + 1)])
+    intro = await rec.prefill("tot/vote", role="user", parents=[sys_])
+    context = [sys_, intro, *cands]
+    instruction = await rec.prefill("tot/vote/instruction", role="user", parents=context)
+    await rec.decode([f"tot/vote{j}" for j in range(V)], [[*context, instruction]] * V, prefix="BEST CHOICE:")
+    question = await rec.prefill("tot/question", role="user", parents=[sys_])
+    context = [sys_, question, cands[0]]
+    finish = await rec.prefill("tot/finish", role="user", parents=context)
+    await rec.decode1("tot/answer", [*context, finish])
     return rec.stages
 
 

@@ -46,9 +46,12 @@ class MultiQAConfig:
     max_tokens: int = 48
 
     def __post_init__(self):
+        for name in ("system", "instruction", "answer_prefix"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"MultiQAConfig.{name} must be a string, got {getattr(self, name)!r}")
         if not self.system.strip():
             raise ValueError("MultiQAConfig.system must be a non-empty system prompt")
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"MultiQAConfig.max_tokens must be an integer >= 1, got {self.max_tokens!r}")
 
 
@@ -129,8 +132,6 @@ def collect_traces(model, pairs, *, config: MultiQAConfig = MultiQAConfig(), bat
     The raw question segments are re-parented to the system prompt and the turn header only, so a replay
     through ``choreo.Choreographer`` teacher-forces the baseline answer under the choreographed layout.
     """
-    import dataclasses as dc
-
     from ..baseline import Baseline
     from ..runner import Runner
 
@@ -140,8 +141,8 @@ def collect_traces(model, pairs, *, config: MultiQAConfig = MultiQAConfig(), bat
     for i in range(len(pairs)):
         events = list(runner.traces[i])
         head = next(k for k, e in enumerate(events) if e.role == SEGMENT_ROLE)  # the turn header segment
-        out.append([dc.replace(e, parents=(0, head)) if e.role == SEGMENT_ROLE and k != head else
-                    dc.replace(e, offsets=None) if e.kind == "decode" else e for k, e in enumerate(events)])
+        out.append([dataclasses.replace(e, parents=(0, head)) if e.role == SEGMENT_ROLE and k != head else
+                    dataclasses.replace(e, offsets=None) if e.kind == "decode" else e for k, e in enumerate(events)])
     return out
 
 

@@ -95,14 +95,15 @@ BSM_FINETUNE = {  # baseline traces from separate concept sets (the first ones),
 FINETUNE_ROW = "Choreographed + Fine-tuning"
 
 
-def finetune_key(eval_key: str, plan: dict) -> str:
-    """The fine-tuned arm's log name: the evaluation's key, the plan, its fine-tuning configuration (before the
-    split's dev_fraction is recorded: the committed logs were named so) and the teacher, which replays the traces as
-    recorded (logs from before, whose teacher read the merge's parents reordered, have another name)."""
+def finetune_key(eval_key: str, plan: dict, *, teacher: str | None = "as recorded") -> str:
+    """A fine-tuned arm's log name: the evaluation's key, the plan, its fine-tuning configuration (before the
+    split's dev_fraction is recorded: the committed logs were named so) and, where given, the teacher: BSM's
+    replays the traces as recorded (logs from before, whose teacher read the merge's parents reordered, have
+    another name); MultiQA's names none (``teacher=None``: its logs were named before the teacher was a part)."""
     from choreo.finetune import FinetuneConfig
 
     ft = FinetuneConfig.preset(plan["preset"], **plan["overrides"]).to_json()
-    return fingerprint(eval=eval_key, plan=plan, ft=ft, teacher="as recorded")
+    return fingerprint(eval=eval_key, plan=plan, ft=ft, **({} if teacher is None else {"teacher": teacher}))
 
 
 def _finetuned_arm(model, *, plan, config, sizes, data_dir, use_file, sets, seeds, key, folder, out_dir):

@@ -18,8 +18,8 @@ from choreo.report import loss_text, plot_rates, write_table
 from choreo.results import write_text
 from choreo.workflows.multiqa import MultiQAConfig, collect_traces, run_condition
 
-from ..conftest import (DEV_FRACTION, LOGS_READ, fingerprint, logs_read, resumable, resumed_summary, split_text,
-                        with_split)
+from ..conftest import (DEV_FRACTION, LOGS_READ, fingerprint, finetune_key, logs_read, resumable, resumed_summary,
+                        split_text, with_split)
 
 HERE = Path(__file__).resolve().parent
 SIZES = {"smoke": 4, "small": 100, "paper": 500}  # question pairs
@@ -44,15 +44,6 @@ TRAIN_SEED = 1
 TRAIN_SHARE = 0.4
 
 
-def finetune_key(eval_key: str, plan: dict) -> str:
-    """The fine-tuned arm's log name: the evaluation's key, the plan and its fine-tuning configuration (before the
-    split's dev_fraction is recorded: the committed logs were named so)."""
-    from choreo.finetune import FinetuneConfig
-
-    ft = FinetuneConfig.preset(plan["preset"], **plan["overrides"]).to_json()
-    return fingerprint(eval=eval_key, plan=plan, ft=ft)
-
-
 def _finetuned(model, profile, train_questions, pairs, config, key, folder):
     """Train on baseline traces of pairs of the questions set aside for training (dev-selected checkpoint), run
     the choreographed condition on the evaluation pairs with the adapter, remove it. Resumes from the logged
@@ -62,7 +53,7 @@ def _finetuned(model, profile, train_questions, pairs, config, key, folder):
 
     plan = pick(FINETUNE, profile)
     ft_config = FinetuneConfig.preset(plan["preset"], **plan["overrides"])
-    name = f"finetuned-{finetune_key(key, plan)}"
+    name = f"finetuned-{finetune_key(key, plan, teacher=None)}"
     # After the fingerprint (which names the committed logs): the configuration records the split actually used.
     ft_config = dataclasses.replace(ft_config, dev_fraction=DEV_FRACTION)
     LOGS_READ.add(folder / f"{name}.jsonl")
