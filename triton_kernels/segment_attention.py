@@ -40,72 +40,10 @@ Not supported:
     Tile tables hold position deltas up to +-4194303 (``tile_table`` refuses larger ones): the flat loop and the
     backward walk one; the nested loop (``LaunchConfig(flat=False)``) runs larger moves, forward only.
 
-Measured (H200, bf16, H=32, Hkv=8, D=128, Triton 3.6; ``tests/kernels/bench_segment_attention.py``;
-``results/kernels/segment_attention*.md``): at commit 1b0bef4, prefill of 256-512 new tokens per call over 8-32
-moved 128-token messages (1k-4k keys) at 89-92% of causal SDPA's speed at equal attended tokens, of 128 new tokens
-over 128 messages (16k keys) at 82-85%, over one 4k-token message at 103%, and over the same messages unmoved at
-128%; forward + backward at 86-91% (95% on one message). The full comparison at 1001322 (the previous kernel code):
-decode over 1k-4k keys at 0.9-1.9x causal SDPA, over 16k keys 0.5-0.9x (the same launch took 90-126 and 131-230 us
-between tests of one run); FlexAttention's kernel alone, on keys gathered and re-rotated before timing, faster on
-prefill (0.70-0.79x the kernel's time on moved messages, 0.91x on one) and slower on decode; as a backend it needs
-that gather, which the kernel at its defaults beats 1.8-4.5x on prefill and 17-29x on decode (37x at the tile
-sweep's fastest configuration). Forward + backward 1.2-1.9x faster than autograd through the gather + dense-mask
-path, in a fraction of its memory (224-412 MiB against 630-3,225 MiB).
-Against the commit timed on an H100 before (134a743), on the same H200 back to back: prefill forward 1.02-1.08x,
-forward + backward 1.09-1.13x. Every test of the forward, the backward and the engine's triton backend passed on the
-H200 at 1b0bef4 (``results/kernels/gpu_tests.md``).
-
-Where the time goes, as the compiled code shows it (sm_90, Triton 3.7, bf16 D 128; ``ptxas_report`` and the
-Triton GPU IR; counted, not timed one by one: the timings above are their sum):
-- With three int32 table loads per tile, the flat loop kept one K/V tile in flight at prefill and none at
-  decode at ``num_stages``, where the own-token loops kept two: its stages are shared with the tile-table loads
-  that address K/V. One int64 entry per tile (``pack_tiles``) gives it the own loops' buffers (three at prefill,
-  two at decode) at ``num_stages`` and the same shared memory (``LaunchConfig.flat_stages``).
-- The counter-rotated query is carried across the flat loop in registers, so every tile stores it to shared
-  memory and loads it back for the score dot (a BLOCK_M x D round trip per tile, about as many bytes as the
-  K/V tile itself); the own loops keep their query in shared memory once, and so does the flat loop of a
-  launch with no moved segment. The nested loop avoids this but restarts its pipeline at every segment.
-- With ``tma=True``, zeroing the values past a partial tile's count (in registers, for every tile: a tensor
-  descriptor's tile is used from shared memory or not at all) cost 730 instructions per tile at prefill and a
-  K/V buffer. The option now requires finite store rows instead (its lanes past the count read the next store
-  rows, with zero probabilities): 423 instructions and three buffers, against 500 for the default loads
-  (now 395 against 453). Timed on the H100 (commit 134a743, default prefill tile) it was 4-12% slower than the
-  default loads at prefill; at decode, slower over 1k and 4k keys, and over 16k faster than the unsplit
-  default loads only with 128-key tiles, slower than split-K (``results/kernels/segment_attention_raw.json``).
-- Instructions issued per key tile (SASS, nvdisasm; ``ptxas_report``'s ``loop_instructions``): masked K/V loads
-  and a masked score tile cost the flat loop 674 instructions per whole tile at prefill and 481 at decode (the
-  own-token loop over whole tiles, counted the same way: 404 and 284).
-  A prefill tile's dots take about 512 cycles of an SM's tensor cores (2 x 64 x 64 x 128 multiply-adds at
-  ~4k flops per cycle); two programs per SM, 4 warps each, issuing 674 instructions per tile need ~674 issue
-  cycles per tile on its 4 schedulers: by this count (an estimate, not a measurement) the flat loop was bound by
-  instruction issue where the own loop is bound by the tensor cores. Loads that re-read a tile's last key
-  instead of masking (in bounds, finite), and a score mask only on a partial tile, bring that to 534 and 372
-  (``_attn_fwd_flat``); one int64 table entry per tile, read with one load instead of three, to 500 and 344.
-  The softmax scale applied in the exponent's fused multiply-add instead of to the score tile first
-  (``_online_softmax``), and unmasked query loads at the re-rotation: 453 and 336 (with the backward's changes
-  of the same commits, prefill 1.02-1.08x faster than at 134a743 on the H200); 449 and 339 since the
-  re-rotation rotates in bf16.
-  A launch with no moved segment (``TileTable.moved`` False: the engine's calls without ``offsets``) keeps its
-  query in shared memory and skips the re-rotation: 400 and 301 (dq: 327 per 128 x 64 tile instead of 401).
-- The re-rotation where a new segment's delta begins (``ptxas_report``'s largest skipped block) issues 164
-  instructions per thread at prefill, bf16 D 128: two 16-byte loads per 8 query elements (the query and its
-  half-swapped copy), the rotation as one bf16x2 multiply and one bf16x2 fused multiply-add per pair of elements
-  (``_rotate_bf16``), and the store for the score dot. In fp32 arithmetic (widen each element, a multiply and a
-  fused multiply-add per element, pack back) it issued 368 (Triton 3.6 and 3.7), and 553 at commit 134a743 (its
-  masked loads zero-filled their registers first, the plain bf16 cast took 1.5 instructions per element, and the
-  rotation's sign was a separate multiply). Timed on the H200, 368 -> 164 made prefill 1-4% faster (the
-  unmoved messages, which skip it, 1.00x): the moved loop itself (449 instructions per tile, against 400 unmoved,
-  with the rotated query's round trip through shared memory) is what still separates moved from unmoved (965
-  against 684 us on prefill-B8-S512-T4k). Evaluated once per column, the cosines and sines cost a thread one
-  evaluation for each column it holds: at D 64 the block is 580 instructions and dq's new-delta block 429
-  (D 128); evaluated on the D / 2 frequencies (``half_angles``: dq at 16-bit dtypes, the forward at D <= 64),
-  215 and 64.
-- With the moved keys copied first (``LaunchConfig.prerotate``, off by default) the main loop is the unmoved
-  one over the copy: 405 instructions per tile and no re-rotation (D 64: 329, against 360 moved and 322
-  unmoved), for one extra pass that reads and writes every attended moved key once per launch (prefill-B8-S512-T4k:
-  64 MB each way at bf16). Not yet timed: ``triton_prerotate`` in the benchmarks. A forward that a backward
-  follows always runs this way when a segment is moved (``scoring_launch``), so that the backward's
-  probabilities come from the scores the forward normalised.
+Measured on an H200 (bf16, H=32, Hkv=8, D=128): prefill over 1k-4k moved keys at 89-92% of causal SDPA's speed
+at equal attended tokens, over 16k moved keys at 82-85%; decode 17-29x faster than FlexAttention after the gather
+it needs. The figures, what the compiled code shows of where the time goes (instructions per key tile, registers,
+pipelining) and what each change did: ``triton_kernels/NOTES.md``, with the tables in ``results/kernels/``.
 
 Worked example (call 0 sees store rows 0..9 moved 5 positions later, then its own 3 tokens, 2 of them new)::
 
