@@ -138,8 +138,8 @@ def stale(record, *, workflow, configs) -> bool:
 def _rule(name) -> dict:
     """The key part naming the iterative debate's stopping rule (a winner needs a usable answer): files of the MAD
     rows trained on baseline traces carry it, so an adapter trained on debates run under the earlier rule is not
-    reused; rendering only reads the files as they were first named."""
-    return {"moderator": "usable answer"} if name == "MAD" and not RENDER_ONLY else {}
+    reused, and rendering only reads the files of the current rule (those of the earlier one stay in runs/)."""
+    return {"moderator": "usable answer"} if name == "MAD" else {}
 
 
 def _ft_config(plan, name, **changes):
