@@ -283,3 +283,19 @@ def test_the_math_note_reads_a_summary_whose_losses_were_not_numbers():
                "train_problems": 4, "empty_outputs": 0, "outputs": 8, "train_traces": 3, "dev_traces": 1,
                "steps": 2, "best_step": 2, "seconds": 1.0}
     assert "n/a (step 0), 0.500 (step 2)" in math_suite.finetune_note("ToT After", summary)
+
+
+@pytest.mark.parametrize("name", ["ToT", "MAD", "MADpar"])
+def test_math_render_only_reads_the_files_a_run_writes(monkeypatch, name):
+    """Rendering only must name every log and training file as running does: it once read the MAD rows' files of
+    an earlier stopping rule and re-rendered the table from debates a rerun had replaced."""
+    problems = [SimpleNamespace(id=f"p{j}") for j in range(3)]
+    plan = math_suite.FINETUNE["small"]
+    names = {}
+    for render_only in (False, True):
+        monkeypatch.setattr(math_suite, "RENDER_ONLY", render_only)
+        ft = math_suite._ft_config(plan, name)
+        names[render_only] = (
+            math_suite._train_path(name, train_problems=problems, key="k", folder=Path("runs")),
+            math_suite._stem("x", plan=plan, key="k", train_problems=problems, ft_config=ft, name=name))
+    assert names[True] == names[False]
