@@ -166,7 +166,7 @@ class Job:
 
     def logit_rows(self) -> list[int]:
         """The rows of the chunk now pending whose logits the call needs: a teacher-forced call's (fed in one
-        chunk) predict its n content tokens and the end of turn, rows content[0] - 1 .. content[1]; any other
+        chunk) predict its n content tokens and the end of turn, rows content[0] - 1 .. content[1] - 1; any other
         call needs its last row's."""
         if not self.wants_all_logits:
             return [len(self.pending) - 1]
