@@ -267,7 +267,6 @@ async def judge_orders(ex, story_a: str, story_b: str, *, max_tokens: int = 8) -
     a non-empty one and two empty stories tie, without asking (``orders`` is then empty).
     """
     from ..engine import Call
-    from ..stats import combine_orders
 
     if not story_a.strip() or not story_b.strip():
         outcome = "tie" if not story_a.strip() and not story_b.strip() else ("B" if not story_a.strip() else "A")
@@ -278,9 +277,8 @@ async def judge_orders(ex, story_a: str, story_b: str, *, max_tokens: int = 8) -
     answers = await ex.decode([Call(role="assistant", parents=[sys, a], prefix="Answer:", max_tokens=max_tokens)
                                for a in asks])
     orders = [{"text": x.text, "verdict": parse_verdict(x.text)} for x in answers]
-    pref_ab = orders[0]["verdict"]
-    pref_ba = {"A": "B", "B": "A"}.get(orders[1]["verdict"])  # map the position back to the story
-    return {"outcome": combine_orders(pref_ab, pref_ba), "orders": orders, "stories": stories_digest(story_a, story_b)}
+    return {"outcome": _outcome(*(o["verdict"] for o in orders)), "orders": orders,
+            "stories": stories_digest(story_a, story_b)}
 
 
 def stories_digest(story_a: str, story_b: str) -> str:
@@ -300,12 +298,19 @@ async def judge(ex, story_a: str, story_b: str, *, max_tokens: int = 8) -> str:
 def judge_outcome(record: str | dict) -> str:
     """The outcome of a logged judgement: a ``judge_orders`` record's answers parsed again (by this
     ``parse_verdict``, so a log is read the same as a fresh run), or a bare outcome (records that kept only it)."""
+    if isinstance(record, str):
+        return record
+    if not record["orders"]:  # an empty story: decided without asking
+        return record["outcome"]
+    return _outcome(*(parse_verdict(o["text"]) for o in record["orders"]))
+
+
+def _outcome(first: str | None, second: str | None) -> str:
+    """"A", "B" or "tie" from the positions named in the two orders (order 1 shows story B first: its position is
+    mapped back to the story)."""
     from ..stats import combine_orders
 
-    if isinstance(record, str) or not record["orders"]:
-        return record if isinstance(record, str) else record["outcome"]
-    pref_ab, pref_ba = (parse_verdict(o["text"]) for o in record["orders"])
-    return combine_orders(pref_ab, {"A": "B", "B": "A"}.get(pref_ba))
+    return combine_orders(first, {"A": "B", "B": "A"}.get(second))
 
 
 def judge_diagnostics(records: Sequence[str | dict]) -> dict:
