@@ -13,6 +13,7 @@ import dataclasses
 
 import torch
 
+from .checks import check_int
 from .model import ModelSpec
 
 
@@ -76,8 +77,7 @@ class KVStore:
     """
 
     def __init__(self, spec: ModelSpec, *, capacity: int, initial: int = 1024):
-        if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
-            raise ValueError(f"capacity must be an integer of at least 1 token, got {capacity!r}")
+        capacity = check_int("capacity", capacity)
         self.spec, self.capacity = spec, capacity
         n = min(initial, capacity)
         shape = (spec.n_kv_heads, n, spec.head_dim)

@@ -108,9 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _registered():
     """Subcommands that live beside the modules they drive."""
-    from . import finetune, perf, repro
+    from . import finetune_cli, perf, repro
 
-    return [repro.register, finetune.register, perf.register]
+    return [repro.register, finetune_cli.register, perf.register]
 
 
 def run_command(args, *, prog: str = "choreo") -> int:

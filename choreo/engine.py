@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import numbers
 import operator
 import time
 from typing import Iterable, Sequence
@@ -21,6 +20,7 @@ import torch
 from .attention import AttentionPlan, default_backend, get_backend, triton_unsupported
 from .cache import KVStore, Message
 from .chat import ChatFormat, parse_role
+from .checks import check_int, is_int, is_real
 from .lora import adapter_scope
 from .model import Model
 from .sampling import make_generator, sample
@@ -62,13 +62,12 @@ class Call:
         object.__setattr__(self, "new_offset", check_position(self.new_offset, "new_offset"))
         if not isinstance(self.prefix, str):
             raise ValueError(f"prefix must be a string (text the turn starts with), got {self.prefix!r}")
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not _is_real(self.temperature) or not 0 <= self.temperature < math.inf:
+        check_int("max_tokens", self.max_tokens)
+        if not is_real(self.temperature) or not 0 <= self.temperature < math.inf:
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
+        if not is_real(self.top_p) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
-        if not _is_int(self.seed) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+        if not is_int(self.seed) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             raise ValueError(f"seed must be an integer in [0, 2**32 - 1], got {self.seed!r}: torch's CPU generator "
                              f"keeps a seed's low 32 bits only, so seeds differing by a multiple of 2**32 (or a "
                              f"negative one and its 32-bit complement) would draw the same tokens")
@@ -119,14 +118,6 @@ def as_tuple(value, singles=SINGLES):
     """An iterable (a list, a generator) as a tuple, read once; a single item or a non-iterable comes back as it is,
     for the checks that say what was expected (``_check_sequence``)."""
     return value if _is_single(value, singles) else tuple(value)
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def _is_real(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def _as_int(x) -> int | None:

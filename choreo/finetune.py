@@ -38,7 +38,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import random
 import resource
 import tempfile
@@ -54,6 +53,7 @@ import torch.nn.functional as F
 from .attention import BACKENDS
 from .baseline import Baseline
 from .cache import Message
+from .checks import check_int_fields, is_int
 from .engine import Call, Choreographer
 from .lora import DEFAULT_TARGETS, adapter_weights, add_adapter, adapter_disabled, check_no_adapter, load_adapter, \
     save_adapter, set_adapter_weights, trainable_parameters, unload_adapter, use_adapter
@@ -61,7 +61,7 @@ from .trace import TraceEvent, as_recorded
 
 __all__ = ["FinetuneConfig", "ReplayLoss", "Selection", "Teacher", "TrainResult", "adapter_disabled", "evaluate",
            "check_replayable", "load_adapter", "replay_loss", "sampled_end_of_turn", "select_calls", "select_on_dev",
-           "split_traces", "train", "trained_adapter", "unload_adapter", "use_adapter", "register"]
+           "split_traces", "train", "trained_adapter", "unload_adapter", "use_adapter"]
 
 Trace = Sequence[TraceEvent]
 LOSSES = ("ce", "kl", "ce+kl")
@@ -107,11 +107,8 @@ class FinetuneConfig:
     }
 
     def __post_init__(self):
-        for name in ("lora_rank", "grad_accum", "epochs", "eval_every"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
-            raise ValueError(f"max_steps must be an integer >= 1 or None, got {self.max_steps!r}")
+        check_int_fields(self, ("lora_rank", "grad_accum", "epochs", "eval_every"))
+        check_int_fields(self, ("max_steps",), optional=True)
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if not 0 <= self.warmup < 1:
@@ -127,8 +124,7 @@ class FinetuneConfig:
         check_loss(self.loss, "loss")
         if self.dev_metric is not None:
             check_loss(self.dev_metric, "dev_metric")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+        check_int_fields(self, ("seed",), minimum=0)
         if isinstance(self.lora_targets, str) or not self.lora_targets:
             raise ValueError(f"lora_targets must be a non-empty sequence of module names (e.g. ('q_proj', "
                              f"'v_proj')), got {self.lora_targets!r}")
@@ -342,9 +338,9 @@ def check_replayable(events: Trace, *, vocab_size: int, where: str = "trace", ca
     for i, e in enumerate(events):
         if e.kind not in ("prefill", "decode"):
             raise ValueError(f"{where}, event {i}: kind must be 'prefill' or 'decode', got {e.kind!r}")
-        if not isinstance(e.group, int) or isinstance(e.group, bool):
+        if not is_int(e.group):
             raise ValueError(f"{where}, event {i}: group must be an integer, got {e.group!r}")
-        bad = [p for p in e.parents if not isinstance(p, int) or isinstance(p, bool) or not 0 <= p < i]
+        bad = [p for p in e.parents if not is_int(p) or not 0 <= p < i]
         if bad:
             raise ValueError(f"{where}, event {i}: parents must be indices of earlier events (0..{i - 1}), "
                              f"got {bad[0]!r}")
@@ -829,118 +825,3 @@ def select_on_dev(model, train_traces: Sequence, dev_traces: Sequence, *, config
     model.hf_model.eval()
     return Selection(best=best, config=configs[best], result=results[best], metric=metric, candidates=rows)
 
-
-# ---------------------------------------------------------------------------------------------- command line
-def register(sub) -> None:
-    """``choreo finetune collect|train|recovery``."""
-    from .cli import positive_int
-
-    p = sub.add_parser("finetune", help="collect baseline traces and fine-tune a LoRA adapter on them")
-    verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
-    c = verbs.add_parser("collect", help="run a built-in task under the baseline and save its traces (JSONL)")
-    c.add_argument("--task", default="blockage", choices=["blockage"])
-    c.add_argument("--n", type=positive_int, default=64, help="workflow instances")
-    c.add_argument("--split", default="train", choices=["train", "eval"], help="which question pool")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--out", required=True, help="trace file to write")
-    c.add_argument("--model", default=None, help="local checkpoint directory (default: embedded SmolLM2-135M)")
-    c.set_defaults(func=_cli_collect)
-    t = verbs.add_parser("train", help="train an adapter from trace files")
-    t.add_argument("--traces", required=True, nargs="+", help="training trace files (JSONL)")
-    t.add_argument("--dev-traces", nargs="*", default=None, help="dev trace files (default: split off --traces)")
-    t.add_argument("--out", required=True, help="run folder (best/, last/, history.json)")
-    t.add_argument("--config", default="embedded-cpu", choices=sorted(FinetuneConfig.PRESETS))
-    t.add_argument("--loss", default=None, choices=list(LOSSES),
-                   help="training loss (default: the preset's, 'ce'); 'kl' distils the adapter-off baseline")
-    t.add_argument("--resume", action="store_true", help="continue from OUT/last")
-    t.add_argument("--attention", default="torch", choices=sorted(BACKENDS),
-                   help="attention backend of the replays ('triton': the fused kernel's forward and backward, CUDA)")
-    t.add_argument("--deterministic", action="store_true",
-                   help="torch.use_deterministic_algorithms(True) for the run: deterministic GPU algorithms, an "
-                        "operation without one raises (the kernel's backward adds dK / dV in a fixed order)")
-    t.add_argument("--model", default=None)
-    t.set_defaults(func=_cli_train)
-    r = verbs.add_parser("recovery", help="blockage recovery: KL and agreement before/after fine-tuning")
-    r.add_argument("--n-train", type=positive_int, default=40, help="training pairs (dev is split off these)")
-    r.add_argument("--n-eval", type=positive_int, default=24, help="held-out pairs")
-    r.add_argument("--out", required=True, help="folder for recovery.json and recovery.md")
-    r.add_argument("--config", default="embedded-cpu", choices=sorted(FinetuneConfig.PRESETS))
-    r.add_argument("--losses", nargs="+", default=["kl"], choices=list(LOSSES), help="candidate losses")
-    r.add_argument("--lrs", nargs="+", type=float, default=[3e-4, 1e-3], help="candidate learning rates")
-    r.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
-    r.add_argument("--runs", default=None, help="keep the candidates' adapters here (default: a temporary folder)")
-    r.add_argument("--model", default=None)
-    r.set_defaults(func=_cli_recovery)
-
-
-def _cli_collect(args) -> int:
-    from .cli import output_file
-    from .model import load_model
-    from .recovery import collect_traces, make_pairs
-
-    from .provenance import provenance
-    from .results import write_json
-    from .trace import save_traces
-
-    sidecar = f"{args.out}.provenance.json"
-    for path in (args.out, sidecar):  # before the model loads and the traces are collected
-        output_file(path, option="--out")
-    try:
-        make_pairs(args.split, args.n, seed=args.seed)  # the pool holds that many pairs
-    except ValueError as error:
-        raise ValueError(f"--n: {error}") from None
-    model = load_model(args.model)
-    traces, meta = collect_traces(model, n=args.n, split=args.split, seed=args.seed)
-    save_traces(args.out, traces, meta=meta)
-    write_json(sidecar, provenance(model, seeds=[args.seed], sample_sizes={"instances": args.n, "traces": len(traces)},
-                                   task=args.task, split=args.split))
-    print(f"wrote {len(traces)} {args.task} traces to {args.out} (provenance: {sidecar})")
-    return 0
-
-
-def _cli_train(args) -> int:
-    from .cli import input_file, output_dir
-    from .model import load_model
-    from .trace import load_traces
-
-    if args.deterministic:  # before any CUDA work: cuBLAS reads its workspace setting when it starts
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-    config = FinetuneConfig.preset(args.config, attention=args.attention,
-                                   **({} if args.loss is None else {"loss": args.loss}))
-    for option, paths in (("--traces", args.traces), ("--dev-traces", args.dev_traces or ())):
-        for path in paths:
-            input_file(path, option=option)
-    output_dir(args.out, option="--out")  # before the model loads: train writes OUT/best, OUT/last as it goes
-    earlier = [n for n in ("best", "last", "history.json") if (Path(args.out) / n).exists()]
-    if earlier and not args.resume:  # a fresh run would overwrite best/ at its first evaluation
-        raise ValueError(f"--out {args.out!r} holds a training run ({', '.join(earlier)}): pass --resume to continue "
-                         f"it, or choose another folder (a new run would replace its adapter)")
-    traces = [events for path in args.traces for _, events in load_traces(path)]
-    if args.dev_traces:
-        train_set, dev_set = traces, [events for path in args.dev_traces for _, events in load_traces(path)]
-    else:
-        train_set, dev_set = split_traces(traces, dev_fraction=config.dev_fraction, seed=config.seed)
-    result = train(load_model(args.model), train_set, dev_set, config=config, out_dir=args.out, resume=args.resume)
-    print(json.dumps({"best_adapter": str(result.best_adapter), "best_step": result.best_step,
-                      "best_dev_loss": result.best_dev_loss, "steps": result.steps,
-                      "seconds_per_step": result.seconds_per_step, "peak_rss_mb": result.peak_rss_mb}, indent=1))
-    return 0
-
-
-def _cli_recovery(args) -> int:
-    from .cli import output_dir
-    from .model import load_model
-    from .recovery import candidate_configs, check_recovery_sizes, recovery_experiment
-
-    overrides = {} if args.epochs is None else {"epochs": args.epochs}
-    configs = candidate_configs(FinetuneConfig.preset(args.config, **overrides), losses=args.losses, lrs=args.lrs)
-    check_recovery_sizes(args.n_train, args.n_eval, configs, names=("--n-train", "--n-eval"))  # before loading
-    # before the model loads: recovery.json and .md are written when the experiment ends, --runs as it trains
-    output_dir(args.out, option="--out")
-    if args.runs is not None:
-        output_dir(args.runs, option="--runs")
-    report = recovery_experiment(load_model(args.model), configs=configs, out_dir=args.out, n_train=args.n_train,
-                                 n_eval=args.n_eval, adapter_dir=args.runs)
-    print(json.dumps(report["summary"], indent=1))
-    return 0

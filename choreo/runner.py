@@ -25,6 +25,7 @@ import time
 from typing import Any, Callable, Coroutine, Iterable, Sequence
 
 from .cache import CapacityError, Message
+from .checks import check_int
 from .engine import Call, Choreographer, Job, as_tuple, call_list
 from .progress import progress_bar
 from .trace import TraceRecorder
@@ -155,8 +156,7 @@ class Runner:
 
     def __init__(self, executor: Choreographer, *, max_concurrent: int = 64, progress: bool | str = True,
                  trace: bool = False, fuse_prefills: bool = True):
-        if not isinstance(max_concurrent, int) or isinstance(max_concurrent, bool) or max_concurrent < 1:
-            raise ValueError(f"max_concurrent must be an integer >= 1, got {max_concurrent!r}")
+        max_concurrent = check_int("max_concurrent", max_concurrent)
         self.executor, self.max_concurrent, self.progress = executor, max_concurrent, progress
         self.trace = trace
         # True: a prefill is encoded in the pass of the first call that reads it (fewer passes). False: each

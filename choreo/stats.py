@@ -10,7 +10,8 @@ What the original used, and what this module adds (docs/protocols.md, "Statistic
   Wilcoxon signed-rank p-value.
 - ``tost_paired_proportions`` / ``tost_paired_means`` -- equivalence tests for "no difference" claims, with a
   stated margin, instead of reading a large p-value as equivalence.
-- ``adjust_pvalues`` -- Holm, Bonferroni or Benjamini-Hochberg across the rows of a table.
+- ``adjust_pvalues`` -- Holm, Bonferroni or Benjamini-Hochberg across the rows of a table; ``holm_by_name`` --
+  Holm over a family keyed by row name.
 - ``combine_orders`` / ``head_to_head`` -- the story-coherence judge table: a side wins only if the judge prefers
   it in both presentation orders, else the comparison is a tie.
 
@@ -23,12 +24,14 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from numbers import Integral, Real
+from numbers import Real
 
 import numpy as np
 from scipy import stats as sps
+
+from .checks import is_int
 
 __all__ = [
     "Rate", "rate", "normal_half_width",
@@ -36,7 +39,7 @@ __all__ = [
     "BootstrapResult", "paired_bootstrap",
     "PairedDifference", "paired_mean_difference",
     "EquivalenceResult", "tost_paired_proportions", "tost_paired_means",
-    "AdjustedPValues", "adjust_pvalues",
+    "AdjustedPValues", "adjust_pvalues", "holm_by_name",
     "HeadToHead", "combine_orders", "head_to_head", "head_to_head_from_outcomes",
 ]
 
@@ -46,7 +49,7 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------------------------
 
 def _check_int(name: str, value, *, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral):
+    if not is_int(value):
         raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
@@ -60,7 +63,7 @@ def _check_alpha(alpha: float) -> float:
 
 
 def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, Integral):
+    if not is_int(seed):
         raise TypeError(f"seed must be an integer (every bootstrap is seeded), got {seed!r}")
     if seed < 0:
         raise ValueError(f"seed must be >= 0 (numpy.random.default_rng rule), got {seed}")
@@ -498,6 +501,18 @@ def adjust_pvalues(pvalues: Sequence[float], *, method: str = "holm", alpha: flo
     adjusted = np.empty(m)
     adjusted[order] = np.minimum(adj_sorted, 1.0)
     return AdjustedPValues(adjusted=adjusted, reject=adjusted <= alpha, method=method, alpha=alpha)
+
+
+def holm_by_name(pvalues: Mapping, *, alpha: float = 0.05) -> dict:
+    """Holm-adjusted p-values of one family, keyed as ``pvalues`` is (a table's row names, say).
+
+    Example: ``holm_by_name({"a": 0.01, "b": 0.04, "c": 0.03})`` is ``{"a": 0.03, "b": 0.06, "c": 0.06}``; an
+    empty family gives ``{}``.
+    """
+    if not pvalues:
+        return {}
+    adjusted = adjust_pvalues(list(pvalues.values()), method="holm", alpha=alpha).adjusted
+    return {name: float(p) for name, p in zip(pvalues, adjusted)}
 
 
 # ---------------------------------------------------------------------------------------------------------------

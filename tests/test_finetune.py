@@ -17,8 +17,9 @@ import pytest
 import torch
 
 import choreo
-from choreo.finetune import FinetuneConfig, Teacher, check_replayable, evaluate, register, replay_loss, schedule, \
+from choreo.finetune import FinetuneConfig, Teacher, check_replayable, evaluate, replay_loss, schedule, \
     select_calls, sampled_end_of_turn, select_on_dev, split_traces, train, trained_adapter
+from choreo.finetune_cli import register
 from choreo.lora import add_adapter, adapter_disabled, is_adapted, load_adapter, lora_layers, save_adapter, \
     trainable_parameters, unload_adapter, use_adapter
 

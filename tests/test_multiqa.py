@@ -170,7 +170,7 @@ def test_pair_count_is_validated(n):
 @pytest.mark.parametrize("limit", [-1, 0, True, False, 1.5, "2"], ids=["minus-one", "zero", "true", "false",
                                                                       "float", "string"])
 def test_question_limit_is_validated(limit):
-    with pytest.raises(ValueError, match=f"limit must be None or an integer >= 1, got {limit!r}"):
+    with pytest.raises(ValueError, match=f"limit must be an integer >= 1 or None, got {limit!r}"):
         load_questions(limit=limit)
 
 
@@ -292,3 +292,19 @@ def test_baseline_traces_replay_as_parallel_and_fine_tune(tiny_gqa, tmp_path):
         assert run_condition(tiny_gqa, pairs[:1], condition="choreographed", config=config, progress=False)
     assert not is_adapted(tiny_gqa)
     assert result.summary()["steps"] == 2 and result.summary()["history"][0]["step"] == 0
+
+
+@pytest.mark.parametrize("kind, cls", [("baseline", choreo.Baseline), ("choreographed", choreo.Choreographer)])
+def test_make_executor_gives_each_condition_its_executor(tiny_gqa, kind, cls):
+    from choreo.workflows.executors import make_executor
+
+    ex = make_executor(tiny_gqa, kind, capacity=512)
+    assert type(ex) is cls and ex.engine.store.capacity == 512
+
+
+@pytest.mark.parametrize("kind", ["Baseline", "choreographer", "", None])
+def test_make_executor_names_an_unknown_kind(tiny_gqa, kind):
+    from choreo.workflows.executors import make_executor
+
+    with pytest.raises(ValueError, match=rf"unknown executor {kind!r}; choose one of 'baseline', 'choreographed'"):
+        make_executor(tiny_gqa, kind)

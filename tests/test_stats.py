@@ -321,6 +321,19 @@ def test_adjust_pvalues_worked_example():
     assert stats.adjust_pvalues([0.01, 0.04, 0.03], method="fdr_bh").adjusted == pytest.approx([0.03, 0.04, 0.04])
 
 
+@settings(max_examples=40, deadline=None)
+@given(p=st.lists(st.floats(0.0, 1.0), min_size=0, max_size=12))
+def test_holm_by_name_keeps_each_name_with_its_own_adjusted_p(p):
+    names = [f"row {i}" for i in reversed(range(len(p)))]  # keys not in the p-values' order
+    holm = stats.holm_by_name(dict(zip(names, p)))
+    assert list(holm) == names
+    if p:
+        _, corrected, _, _ = multipletests(np.array(p), method="holm")
+        assert [holm[n] for n in names] == pytest.approx(corrected.tolist(), abs=1e-12)
+        assert all(type(v) is float for v in holm.values())  # JSON-ready
+    assert stats.holm_by_name({"a": 0.01, "b": 0.04, "c": 0.03}) == pytest.approx({"a": 0.03, "b": 0.06, "c": 0.06})
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Head-to-head judge table
 # ---------------------------------------------------------------------------------------------------------------

@@ -24,7 +24,9 @@ def rope_shift(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> 
     """Move RoPE'd rows x (..., D) by integer positions delta (broadcastable to x.shape[:-1]).
 
     HF Llama rotate_half convention: out1 = x1 cos - x2 sin, out2 = x2 cos + x1 sin with a = delta * inv_freq.
-    Computed in inv_freq's dtype (pass float64 for the oracle); the caller casts the result.
+    Computed in inv_freq's dtype (pass float64 for the oracle); the caller casts the result. Written apart from the
+    engine's ``choreo.model.rerotate`` on purpose: the two references check each other
+    (``tests/test_attention.py::test_the_engine_and_kernel_references_agree``), which one shared shift could not.
     """
     angle = delta.to(inv_freq.dtype)[..., None] * inv_freq  # (..., D/2)
     cos, sin = angle.cos(), angle.sin()

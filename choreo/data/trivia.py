@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from ..checks import check_int, is_real
 from ..results import read_jsonl
 
 HERE = Path(__file__).resolve().parent
@@ -210,8 +211,7 @@ def load_questions(path: str | Path | None = None, *, limit: int | None = None) 
     ``limit``: keep only the first ``limit`` questions (None or an integer >= 1).
     Example: ``load_questions()[0].question`` is a short question the embedded model answers alone.
     """
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be None or an integer >= 1, got {limit!r}")
+    limit = check_int("limit", limit, optional=True)
     path = BUILTIN if path is None else Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"trivia question file {str(path)!r} does not exist")
@@ -246,7 +246,7 @@ def split_questions(questions: Sequence[Question], *, train_share: float, seed: 
     """
     import random
 
-    if isinstance(train_share, bool) or not isinstance(train_share, (int, float)) or not 0 < train_share < 1:
+    if not is_real(train_share) or not 0 < train_share < 1:
         raise ValueError(f"train_share must be a number in (0, 1), got {train_share!r}")
     n_train = max(2, round(len(questions) * train_share))
     if len(questions) - n_train < 2:
@@ -267,8 +267,7 @@ def make_pairs(questions: Sequence[Question], n: int, *, seed: int) -> list[tupl
 
     if len(questions) < 2:
         raise ValueError(f"need at least 2 questions to make pairs, got {len(questions)}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"number of pairs must be an integer >= 1, got {n!r}")
+    n = check_int("number of pairs", n)
     rng = random.Random(seed)
     pairs: list[tuple[Question, Question]] = []
     firsts: list[Question] = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..checks import check_int_fields
 from .arms import fast_arm
 from .shapes import PAPER_SHAPES, SCALING, Lengths, Shape, make_shape
 
@@ -27,11 +28,8 @@ class BenchConfig:
     pass_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 128, 512)
 
     def __post_init__(self):
-        for name in ("rounds", "scaling_rounds"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"BenchConfig.{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        if not isinstance(self.warmup, int) or self.warmup < 0:
-            raise ValueError(f"BenchConfig.warmup must be an integer >= 0, got {self.warmup!r}")
+        check_int_fields(self, ("rounds", "scaling_rounds"))
+        check_int_fields(self, ("warmup",), minimum=0)
 
 
 BENCH_PROFILES = {

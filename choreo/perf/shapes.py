@@ -17,6 +17,7 @@ import random
 from typing import Callable, Sequence
 
 from ..cache import Message
+from ..checks import check_int_fields, is_int
 from ..engine import RAW, Call
 from ..workflows.debate import MODERATOR_PREFIX, SPEAKERS
 
@@ -29,10 +30,7 @@ class Lengths:
     content_tokens: int = 16
 
     def __post_init__(self):
-        for name in ("prompt_words", "content_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"Lengths.{name} must be an integer >= 1, got {value!r}")
+        check_int_fields(self, ("prompt_words", "content_tokens"))
 
 
 _WORDS = ("the plan should weigh cost risk and time before we agree on a fair answer to this question "
@@ -239,7 +237,7 @@ class Shape:
             raise ValueError(f"unknown shape {self.name!r}; choose one of {sorted(WORKFLOWS)}")
         for key, value in self.size:
             lo, hi = _LIMITS.get(key, (1, 64))
-            if not isinstance(value, int) or not lo <= value <= hi:
+            if not is_int(value) or not lo <= value <= hi:
                 raise ValueError(f"{self.name}: size {key}={value!r} must be an integer in {lo}..{hi}")
 
     @property

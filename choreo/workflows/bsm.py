@@ -36,6 +36,7 @@ import dataclasses
 import re
 from typing import Sequence
 
+from ..checks import check_int_fields
 from ..data.concepts import coverage
 from ..engine import linearize
 from ..trace import without_offsets
@@ -61,10 +62,7 @@ class BSMConfig:
             raise ValueError(f"BSMConfig.branch must be one of {BRANCH_MODES}, got {self.branch!r}")
         if not self.temperature >= 0:
             raise ValueError(f"BSMConfig.temperature must be >= 0, got {self.temperature!r}")
-        for name in ("branch_tokens", "solve_tokens", "merge_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"BSMConfig.{name} must be an integer >= 1, got {value!r}")
+        check_int_fields(self, ("branch_tokens", "solve_tokens", "merge_tokens"))
 
 
 def branch_prompt(concepts: Sequence[str]) -> str:
@@ -351,7 +349,7 @@ def run_condition(model, concept_sets: Sequence[Sequence[str]], *, condition: st
     Example: ``run_condition(model, load_concept_sets(None, n=8, size=10), condition="choreographed")``.
     """
     from ..runner import Runner
-    from .multiqa import make_executor
+    from .executors import make_executor
 
     if condition not in CONDITIONS:
         raise ValueError(f"unknown BSM condition {condition!r}; choose one of {sorted(CONDITIONS)}")

@@ -52,6 +52,7 @@ import math
 import re
 from typing import Sequence
 
+from ..checks import check_int_fields, is_real
 from ..engine import Call, linearize
 
 LAYOUTS = ("parallel", "linearized")
@@ -77,18 +78,12 @@ class DebateConfig:
     summary_tokens: int = 160
 
     def __post_init__(self):
-        for name, hi in (("rounds", MAX_ROUNDS), ("agents", MAX_AGENTS)):
-            value, lo = getattr(self, name), 2 if name == "agents" else 1
-            if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-                raise ValueError(f"DebateConfig.{name} must be an integer in {lo}..{hi}, got {value!r}")
-        for name in ("answer_tokens", "moderator_tokens", "summary_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"DebateConfig.{name} must be an integer >= 1, got {value!r}")
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
-                or not 0 <= self.temperature < math.inf:
+        check_int_fields(self, ("rounds",), maximum=MAX_ROUNDS)
+        check_int_fields(self, ("agents",), minimum=2, maximum=MAX_AGENTS)
+        check_int_fields(self, ("answer_tokens", "moderator_tokens", "summary_tokens"))
+        if not is_real(self.temperature) or not 0 <= self.temperature < math.inf:
             raise ValueError(f"DebateConfig.temperature must be a finite number >= 0, got {self.temperature!r}")
-        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+        if not is_real(self.top_p) or not 0 < self.top_p <= 1:
             raise ValueError(f"DebateConfig.top_p must be a number in (0, 1], got {self.top_p!r}")
 
     @classmethod
@@ -394,7 +389,7 @@ def run_condition(model, problems: Sequence[str], *, workflow: str, condition: s
     Example: ``run_condition(model, [p.problem for p in problems], workflow="parallel", condition="baseline")``.
     """
     from ..runner import Runner
-    from .multiqa import make_executor
+    from .executors import make_executor
 
     if workflow not in WORKFLOWS:
         raise ValueError(f"unknown debate workflow {workflow!r}; choose one of {sorted(WORKFLOWS)}")

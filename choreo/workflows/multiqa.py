@@ -30,8 +30,10 @@ import dataclasses
 from typing import Sequence
 
 from ..cache import Message
+from ..checks import check_int_fields
 from ..engine import RAW, Choreographer, linearize
 from ..data.trivia import Question, grade
+from .executors import make_executor
 
 LAYOUTS = ("serial", "parallel", "linearized")
 
@@ -51,8 +53,7 @@ class MultiQAConfig:
                 raise ValueError(f"MultiQAConfig.{name} must be a string, got {getattr(self, name)!r}")
         if not self.system.strip():
             raise ValueError("MultiQAConfig.system must be a non-empty system prompt")
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"MultiQAConfig.max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        check_int_fields(self, ("max_tokens",))
 
 
 SEGMENT_ROLE = RAW  # raw segments: parts of the one user turn, each its own message
@@ -113,16 +114,6 @@ CONDITIONS = {  # name -> (executor, layout); a fine-tuned condition is "choreog
     "choreographed": ("choreographed", "parallel"),
     "linearized": ("choreographed", "linearized"),
 }
-
-
-def make_executor(model, kind: str, *, capacity: int = 65536):
-    """``choreo.Baseline`` for "baseline", else ``choreo.Choreographer``; ``capacity``: the KV store's token cap
-    (the baseline keeps every re-encoded prompt of a live instance, so many concurrent instances need more)."""
-    from ..baseline import Baseline
-
-    if kind not in ("baseline", "choreographed"):
-        raise ValueError(f"unknown executor {kind!r}; choose 'baseline' or 'choreographed'")
-    return Baseline(model, capacity=capacity) if kind == "baseline" else Choreographer(model, capacity=capacity)
 
 
 def collect_traces(model, pairs, *, config: MultiQAConfig = MultiQAConfig(), batch: int = 64,

@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from ..checks import check_int_fields
 from ..engine import Call, linearize
 
 PAYOFFS = {"T": 5, "R": 3, "P": 1, "S": 0}  # temptation, reward, punishment, sucker
@@ -62,10 +63,7 @@ class GameConfig:
     top_p: float = 1.0
 
     def __post_init__(self):
-        for name in ("rounds", "plan_tokens", "message_tokens", "decision_tokens", "prediction_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"GameConfig.{name} must be an integer >= 1, got {value!r}")
+        check_int_fields(self, ("rounds", "plan_tokens", "message_tokens", "decision_tokens", "prediction_tokens"))
         if self.rounds > MAX_ROUNDS:  # call_seed steps: messages 1 .. 2 * rounds, decision 9, predictions 10 + k
             raise ValueError(f"GameConfig.rounds must be at most {MAX_ROUNDS}, got {self.rounds}: more rounds would "
                              f"give two calls of a game the same seed")

@@ -36,6 +36,7 @@ import re
 from collections import Counter
 from typing import Sequence
 
+from ..checks import check_int_fields
 from ..engine import Call, linearize
 from ..trace import TraceEvent
 
@@ -55,10 +56,7 @@ class ToTConfig:
     system: str = "You are an expert mathematician who solves competition problems step by step."
 
     def __post_init__(self):
-        for name in ("proposals", "voters", "propose_tokens", "vote_tokens", "answer_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"ToTConfig.{name} must be an integer >= 1, got {value!r}")
+        check_int_fields(self, ("proposals", "voters", "propose_tokens", "vote_tokens", "answer_tokens"))
         if not self.temperature >= 0:
             raise ValueError(f"ToTConfig.temperature must be >= 0, got {self.temperature!r}")
         if not self.system.strip():
@@ -159,8 +157,7 @@ class DirectConfig:
     system: str = ToTConfig.system
 
     def __post_init__(self):
-        if not isinstance(self.answer_tokens, int) or isinstance(self.answer_tokens, bool) or self.answer_tokens < 1:
-            raise ValueError(f"DirectConfig.answer_tokens must be an integer >= 1, got {self.answer_tokens!r}")
+        check_int_fields(self, ("answer_tokens",))
         if not self.temperature >= 0:
             raise ValueError(f"DirectConfig.temperature must be >= 0, got {self.temperature!r}")
 
@@ -226,7 +223,7 @@ def run_condition(model, problems: Sequence[str], *, condition: str, config: ToT
     Example: ``run_condition(model, [p.problem for p in problems], condition="choreographed")``.
     """
     from ..runner import Runner
-    from .multiqa import make_executor
+    from .executors import make_executor
 
     if condition not in (*CONDITIONS, "direct"):
         raise ValueError(f"unknown Tree-of-Thoughts condition {condition!r}; choose one of "

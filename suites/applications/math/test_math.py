@@ -361,8 +361,7 @@ RECOVERY_CLAIMED = ("ToT", "MAD")  # the workflows whose "After > Before" the pa
 
 def holm_adjusted(tests: dict) -> dict:
     """Holm-adjusted p-values of ``tests`` (name -> McNemar result), by name."""
-    adjusted = stats.adjust_pvalues([t.pvalue for t in tests.values()], method="holm", alpha=ALPHA).adjusted
-    return dict(zip(tests, map(float, adjusted)))
+    return stats.holm_by_name({name: t.pvalue for name, t in tests.items()}, alpha=ALPHA)
 
 
 def same_answer(a: str | None, b: str | None) -> bool | None:

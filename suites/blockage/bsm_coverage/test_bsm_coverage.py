@@ -110,8 +110,7 @@ def table(bsm_study, model, results_dir):
 
     tests = {name: stats.paired_mean_difference(series(runs, x, "word", part_x), series(runs, y, "word", part_y))
              for name, ((x, part_x), (y, part_y)) in TESTS.items()}
-    holm = dict(zip(tests, stats.adjust_pvalues([t.t_pvalue for t in tests.values()], method="holm",
-                                                alpha=ALPHA).adjusted.tolist()))
+    holm = stats.holm_by_name({name: t.t_pvalue for name, t in tests.items()}, alpha=ALPHA)
     tuned = "Choreographed + Fine-tuning"
     equivalence = {} if tuned not in runs else {RECOVERY: stats.tost_paired_means(
         series(runs, tuned, "word", "all"), series(runs, "Baseline", "word", "all"), margin=COVERAGE_MARGIN,

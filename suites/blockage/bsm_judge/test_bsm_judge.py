@@ -120,9 +120,7 @@ def table(bsm_study, model, results_dir):
                     + list(answers_text(diagnostics[row])) + [ref])
     # The rows whose claim reads the sign test ("baseline wins") are one Holm family; no other row's claim reads it.
     family = [row for row in results if pick(CLAIMS, st["profile"]).get(row) == "baseline wins"]
-    adjusted = stats.adjust_pvalues([results[row].pvalue for row in family], method="holm", alpha=ALPHA).adjusted \
-        if family else []
-    holm = dict(zip(family, map(float, adjusted)))
+    holm = stats.holm_by_name({row: results[row].pvalue for row in family}, alpha=ALPHA)
     notes = [f"n = {n} concept sets ({st['source']}), profile {st['profile']}; A = the baseline's merged story, "
              "B = the other condition's, same instance and seeds.",
              "Judge: the model under test (default the embedded SmolLM2-135M-Instruct; the paper used GPT-4o), greedy, "

@@ -124,8 +124,7 @@ def table(model, profile, results_dir):
     base, serial = runs["baseline"], runs["serial check"]
     identical = sum(a["response"] == b["response"] for a, b in zip(base, serial))
     tests = claim_tests(runs)
-    adjusted = stats.adjust_pvalues([t.pvalue for t in tests.values()], method="holm", alpha=ALPHA).adjusted
-    holm = {name: float(p) for name, p in zip(tests, adjusted)}
+    holm = stats.holm_by_name({name: t.pvalue for name, t in tests.items()}, alpha=ALPHA)
     ft_both, base_both = _rates(runs["choreographed+finetuned"], "Both"), _rates(base, "Both")
     vs_base = stats.mcnemar_exact(ft_both, base_both)
     tost = stats.tost_paired_proportions(ft_both, base_both, margin=EQUIVALENCE_MARGIN, alpha=ALPHA)

@@ -27,7 +27,7 @@ def table(games, model, profile, results_dir):
 
 def build(games, model, profile, results_dir) -> dict:
     paper = json.loads((HERE / "paper.json").read_text())["rows"]
-    results, rows, pvals = {}, [], []
+    results, rows = {}, []
     for row in ROWS:
         s = STRATEGY_OF[row]
         base, pb = games.bob("baseline", s), games.bob("baseline", s, "p_cooperate")
@@ -45,14 +45,13 @@ def build(games, model, profile, results_dir) -> dict:
                         "shift_ci": [shift.low, shift.high],
                         "shift_p": shift.t_pvalue,
                         "tost_p_coop": stats.tost_paired_means(px, pb, margin=P_MARGIN, alpha=ALPHA).pvalue}
-            pvals.append(res[arm]["shift_p"])
         res["baseline"] = {"rate": sum(base) / len(base), "wilson": rate_json(base), "p_coop": sum(pb) / len(pb),
                            "choices": choice_counts(cb), "parsed": parsed_json(cb)}
         results[row] = res
-    holm = iter(stats.adjust_pvalues(pvals, method="holm", alpha=ALPHA).adjusted)
-    for row in ROWS:
-        for arm in ABLATIONS:
-            results[row][arm]["shift_p_holm"] = float(next(holm))
+    holm = stats.holm_by_name({(row, arm): results[row][arm]["shift_p"] for row in ROWS for arm in ABLATIONS},
+                              alpha=ALPHA)
+    for (row, arm), p in holm.items():
+        results[row][arm]["shift_p_holm"] = p
     for row in ROWS:
         s, res = STRATEGY_OF[row], results[row]
         rows.append([row, res["n"]] + [rate_cell(games.bob(a, s)) for a in ARMS]
@@ -76,7 +75,7 @@ def build(games, model, profile, results_dir) -> dict:
         "decisions among his parsed ones (cooperate/parsed; Wilson intervals in the JSON); each arm's denominator is "
         "its own parsed games.",
         "P(C): Bob's probability of COOPERATE at the decision point; ΔP(C): paired mean difference vs baseline "
-        f"(t interval), its p Holm-adjusted across the {len(pvals)} comparisons. " + p_coop_note(games, model),
+        f"(t interval), its p Holm-adjusted across the {len(holm)} comparisons. " + p_coop_note(games, model),
         "Sampled rates vs baseline, per arm (not in the table; raw p-values, not adjusted): exact McNemar p and TOST "
         f"p for equivalence within ±{100 * RATE_MARGIN:.0f} pts on the paper-style rates, and exact McNemar p on "
         "cooperate-among-parsed restricted to the games whose decisions parse in both arms ('parsed', with that "

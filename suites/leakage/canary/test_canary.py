@@ -61,11 +61,10 @@ def table(model, profile, results_dir):
     # One Holm family for the rows whose claim reads a p-value at `small` ("cached vs baseline" is judged by its
     # interval); the same family at every profile, so a row reported without a claim at `paper` keeps its Holm p.
     family = [r for r in ROWS if CLAIMS["small"][r] is not _no_large_decrease]
-    holm = dict(zip(family, stats.adjust_pvalues([results[r]["t_pvalue"] for r in family], method="holm",
-                                                 alpha=ALPHA).adjusted))
+    holm = stats.holm_by_name({r: results[r]["t_pvalue"] for r in family}, alpha=ALPHA)
     for row in ROWS:
         res = results[row]
-        res["holm_pvalue"] = float(holm[row]) if row in holm else None
+        res["holm_pvalue"] = holm.get(row)
         rows.append([row, ROWS[row][2], n, f"{res['mean_difference']:+.3f}",
                      f"[{res['bootstrap_ci'][0]:+.3f}, {res['bootstrap_ci'][1]:+.3f}]",
                      f"x{math.exp(res['mean_difference']):.3g}", f"{res['t_pvalue']:.2g}",

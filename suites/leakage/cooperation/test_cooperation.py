@@ -70,11 +70,9 @@ def row_results(games, s: str, ft: bool) -> dict:
 def add_holm(results: dict, key: str) -> None:
     """Holm-adjust ``results[row][key]`` (a p-value, or a dict with "pvalue") across the strategies into
     ``results[row][key + '_holm']``."""
-    raw = [results[r][key] for r in results]
-    raw = [x["pvalue"] if isinstance(x, dict) else x for x in raw]
-    holm = stats.adjust_pvalues(raw, method="holm", alpha=ALPHA).adjusted
-    for row, p in zip(results, holm):
-        results[row][f"{key}_holm"] = float(p)
+    raw = {row: res[key]["pvalue"] if isinstance(res[key], dict) else res[key] for row, res in results.items()}
+    for row, p in stats.holm_by_name(raw, alpha=ALPHA).items():
+        results[row][f"{key}_holm"] = p
 
 
 def table_row(row: str, res: dict, cells: dict, paper_row: dict, ft: bool) -> list:

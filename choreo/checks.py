@@ -1,0 +1,49 @@
+"""Argument checks shared by the configs and entry points.
+
+Each message names the argument, the rule and the bad value: ``"ToTConfig.voters must be an integer >= 1, got 0"``.
+A bool is never an integer here (``True`` is not a token count), and numpy integers are: a checked value comes back
+as a Python ``int``, so it can reach JSON provenance.
+"""
+
+from __future__ import annotations
+
+import numbers
+import operator
+
+__all__ = ["check_int", "check_int_fields", "is_int", "is_real"]
+
+
+def is_int(x) -> bool:
+    """True for an integer (numpy's included), False for a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def is_real(x) -> bool:
+    """True for a real number (an integer included), False for a bool."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def check_int(name: str, value, *, minimum: int = 1, maximum: int | None = None, optional: bool = False) -> int | None:
+    """``value`` as a Python int, or ValueError naming ``name`` unless it is an integer in ``minimum..maximum``.
+
+    ``optional``: None is allowed and comes back as None. Example: ``check_int("limit", 0)`` raises
+    ``ValueError("limit must be an integer >= 1, got 0")``.
+    """
+    if optional and value is None:
+        return None
+    if not is_int(value) or value < minimum or (maximum is not None and value > maximum):
+        rule = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
+        none = " or None" if optional else ""
+        raise ValueError(f"{name} must be an integer {rule}{none}, got {value!r}")
+    return operator.index(value)
+
+
+def check_int_fields(config, names, *, minimum: int = 1, maximum: int | None = None, optional: bool = False) -> None:
+    """``check_int`` on each named field of a (frozen) dataclass, stored back as a Python int.
+
+    Messages name the field as ``ClassName.field``.
+    """
+    for name in names:
+        value = check_int(f"{type(config).__name__}.{name}", getattr(config, name), minimum=minimum,
+                          maximum=maximum, optional=optional)
+        object.__setattr__(config, name, value)
