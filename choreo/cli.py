@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default=None, help="local checkpoint directory (default: embedded SmolLM2-135M)")
     demo.add_argument("--rounds", type=positive_int, default=1, help="turns per agent (default: 1)")
     demo.add_argument("--max-tokens", type=positive_int, default=40, help="tokens per turn at most (default: 40)")
-    demo.add_argument("--attention", default=None, choices=["torch", "reference", "triton"])
+    demo.add_argument("--attention", default=None, choices=["torch", "reference", "triton"],
+                      help="attention backend of both executors (default: torch on CPU, triton on CUDA)")
     demo.set_defaults(func=_demo)
     for register in _registered():
         register(sub)

@@ -45,7 +45,7 @@ NOTE = ("The two transcripts differ from the first turn on: the topic was encode
 
 def run_demo(model: Model, *, rounds: int = 1, max_tokens: int = 40, attention: str | None = None) -> None:
     for label, executor in (("choreographed", Choreographer(model, attention=attention)),
-                            ("baseline", Baseline(model))):
+                            ("baseline", Baseline(model, attention=attention))):
         print(f"\n=== {label} ===")
         for name, msg in conversation(executor, rounds=rounds, max_tokens=max_tokens):
             print(f"[{name}] (ttft {1000 * msg.ttft:.0f} ms, {len(msg.tokens)} tokens) {msg.text}")

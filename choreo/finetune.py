@@ -648,7 +648,7 @@ def _train_adapted(model, train_traces, dev_traces, *, config, out: Path, resume
             best["weights"] = saved["best_weights"]
             set_adapter_weights(model, saved["weights"], where=where)
         else:
-            load_adapter(model, last)
+            load_adapter(model, last, trainable=True)
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
         _set_rng_state(saved["rng"])
@@ -685,7 +685,7 @@ def _train_adapted(model, train_traces, dev_traces, *, config, out: Path, resume
         bar.close()
     _write_history(out / "history.json", state, config, model=model,
                    sizes={"train_traces": len(train_traces), "dev_traces": len(dev_traces)})
-    load_adapter(model, best_dir)
+    load_adapter(model, best_dir, trainable=True)  # the adapter stays as trainable as it was
     model.hf_model.eval()
     return TrainResult(best_adapter=best_dir, best_step=state["best_step"], best_dev_loss=state["best_dev_loss"],
                        best_dev_score=state["best_dev_score"], history=state["history"], steps=state["step"],

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
+
+from .checks import check_int, is_real
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -51,16 +54,28 @@ def add_adapter(model, *, rank: int, alpha: float, dropout: float, targets: Sequ
                 seed: int = 0):
     """Wrap ``model.hf_model`` with a fresh, trainable LoRA adapter (B = 0: the model is unchanged at first).
 
-    Example: ``add_adapter(model, rank=64, alpha=32, dropout=0.05)``; then ``trainable_parameters(model)``.
+    The model keeps its train/eval mode (a loaded model is in eval mode: LoRA dropout is off until training turns
+    it on). Example: ``add_adapter(model, rank=64, alpha=32, dropout=0.05)``; then ``trainable_parameters(model)``.
     """
     from peft import LoraConfig, get_peft_model
 
+    check_int("rank", rank)
+    if not is_real(alpha) or not 0 < alpha < math.inf:
+        raise ValueError(f"alpha must be a finite number > 0 (the LoRA scale is alpha / rank), got {alpha!r}")
+    if not is_real(dropout) or not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+    if isinstance(targets, str) or not targets or not all(isinstance(t, str) and t for t in targets):
+        raise ValueError(f"targets must be a non-empty sequence of module names (e.g. ('q_proj', 'v_proj')), "
+                         f"got {targets!r}")
+    check_int("seed", seed, minimum=0)
     check_no_adapter(model)
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
                         bias="none", task_type="CAUSAL_LM")
+    training = model.hf_model.training
     with torch.random.fork_rng(devices=[]), _peft_quietly():
         torch.manual_seed(seed)
         model.hf_model = get_peft_model(model.hf_model, config)
+    model.hf_model.train(training)  # peft switches the model to train mode
     return model.hf_model
 
 
@@ -89,6 +104,10 @@ def save_adapter(model, path: str | Path) -> Path:
 def load_adapter(model, path: str | Path, *, trainable: bool = False):
     """Wrap ``model.hf_model`` in place with the adapter saved at ``path`` (replacing weights of one already there).
 
+    ``trainable``: whether the adapter's weights take gradients, also when they replace those of an adapter the
+    model carries. The model keeps its train/eval mode. A folder without the config or the weights, or with a file
+    that cannot be read (cut off mid-write), is refused naming the file.
+
     Example::
 
         load_adapter(model, "runs/blockage/best")
@@ -98,12 +117,15 @@ def load_adapter(model, path: str | Path, *, trainable: bool = False):
     from peft import PeftModel, set_peft_model_state_dict
     from peft.utils import load_peft_weights
 
-    path = Path(path)
-    if not (path / "adapter_config.json").exists():
-        raise FileNotFoundError(f"adapter path {str(path)!r} has no adapter_config.json (not a saved adapter)")
-    weights = load_peft_weights(str(path), device=str(model.spec.device))
+    path = Path(path).absolute()  # a relative path that is not a saved adapter would be looked up on the Hub
+    saved, weights_file = _adapter_files(path)
+    try:
+        weights = load_peft_weights(str(path), device=str(model.spec.device))
+    except Exception as error:  # safetensors' and torch's errors name neither the file nor the cause
+        raise ValueError(f"adapter weights {str(weights_file)!r} cannot be read (cut off mid-write?): "
+                         f"{type(error).__name__}: {error}") from error
+    training = model.hf_model.training
     if is_adapted(model):  # same shape of adapter, new weights: anything else would mix two adapters silently
-        saved = json.loads((path / "adapter_config.json").read_text())
         mine, theirs = _layout(model.hf_model.peft_config["default"].to_dict()), _layout(saved)
         if mine != theirs:
             diff = {k: (theirs[k], mine[k]) for k in mine if mine[k] != theirs[k]}
@@ -112,6 +134,9 @@ def load_adapter(model, path: str | Path, *, trainable: bool = False):
                              f"unload_adapter(model) first")
         _check_same_weights(model, weights, path)
         set_peft_model_state_dict(model.hf_model, weights)
+        for name, p in model.hf_model.named_parameters():
+            if "lora_" in name:
+                p.requires_grad_(trainable)
     else:
         base = model.hf_model
         try:
@@ -125,7 +150,29 @@ def load_adapter(model, path: str | Path, *, trainable: bool = False):
             model.hf_model = base
             raise
     model.hf_model.to(model.spec.device)
+    model.hf_model.train(training)
     return model.hf_model
+
+
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")  # peft's names, in the order it reads them
+
+
+def _adapter_files(path: Path) -> tuple[dict, Path]:
+    """The saved adapter's config and its weights file, or an error naming what is missing or unreadable."""
+    config = path / "adapter_config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"adapter path {str(path)!r} has no adapter_config.json (not a saved adapter)")
+    try:
+        saved = json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"adapter config {str(config)!r} is not valid JSON (cut off mid-write?): {error}") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"adapter config {str(config)!r} holds {type(saved).__name__}, not a JSON object")
+    weights = next((path / name for name in WEIGHT_FILES if (path / name).is_file()), None)
+    if weights is None:
+        raise FileNotFoundError(f"adapter path {str(path)!r} has adapter_config.json but no weights "
+                                f"({' or '.join(WEIGHT_FILES)})")
+    return saved, weights
 
 
 # What must agree for saved weights to load over a model's adapter as the same adapter (the rest of the config,

@@ -13,16 +13,21 @@ from pathlib import Path
 
 import torch
 
-_LIBRARIES = ("choreo", "torch", "transformers", "peft", "triton", "numpy", "scipy")
+# what computes or grades a result: the model's numerics (torch, transformers, safetensors, tokenizers), the
+# adapters (peft), the kernel (triton), the statistics (numpy, scipy), MATH answers (math-verify)
+_LIBRARIES = ("choreo", "torch", "transformers", "tokenizers", "safetensors", "peft", "triton", "numpy", "scipy",
+              "math-verify")
 
 
 def library_versions() -> dict[str, str | None]:
+    """Python's and each library's version (None where one is not installed), and the CUDA torch was built for."""
     out = {"python": platform.python_version()}
     for name in _LIBRARIES:
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             out[name] = None
+    out["cuda"] = torch.version.cuda  # None for a CPU build
     return out
 
 
@@ -44,14 +49,17 @@ def device_name(device: str | torch.device = "cpu") -> str:
 
 def git_commit(root: Path | None = None) -> str | None:
     """HEAD of the source tree (``root``, default this package's checkout), with "+dirty" if tracked files outside
-    ``results/`` differ from it (the result came from uncommitted code); where git finds no repository there (a
-    copy of the tree without its .git), $CHOREO_GIT_COMMIT, else None."""
+    ``results/`` differ from it (the result came from uncommitted code); where ``root`` is not the top of a git
+    repository (a copy of the tree without its .git, or the package installed into site-packages, which may lie in
+    someone else's repository), $CHOREO_GIT_COMMIT, else None."""
     try:
-        root = root or Path(__file__).resolve().parent.parent
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        head = out.stdout.strip()
-        if not head:
+        root = (root or Path(__file__).parent.parent).resolve()
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+        lines = out.stdout.split("\n")
+        if out.returncode != 0 or len(lines) < 2 or Path(lines[0]).resolve() != root:
             return os.environ.get("CHOREO_GIT_COMMIT") or None
+        head = lines[1].strip()
         status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", ".",
                                  ":(exclude)results"], capture_output=True, text=True, timeout=10)
         return head + "+dirty" if status.returncode == 0 and status.stdout.strip() else head

@@ -35,12 +35,24 @@ def loss_text(loss: float | None) -> str:
 
 
 def markdown_table(columns: Sequence[str], rows: Sequence[Sequence]) -> str:
-    """A GitHub markdown table; cells are str()-ed."""
-    cells = [[str(c) for c in columns]] + [[str(c) for c in row] for row in rows]
+    """A GitHub markdown table; cells are str()-ed, a ``|`` in one escaped and a line break written as ``<br>``.
+
+    A row with more or fewer cells than ``columns`` is a ValueError naming it (a cell would be lost or shifted).
+    """
+    rows = [list(row) for row in rows]
+    for i, row in enumerate(rows):
+        if len(row) != len(columns):
+            raise ValueError(f"table row {i} ({row[0] if row else 'empty'!s}) has {len(row)} cell(s) for the "
+                             f"{len(columns)} columns {list(columns)}")
+    cells = [[_cell(c) for c in columns]] + [[_cell(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
     return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
                      + [line(r) for r in cells[1:]])
+
+
+def _cell(value) -> str:
+    return str(value).replace("|", "\\|").replace("\r\n", "<br>").replace("\n", "<br>")
 
 
 def write_table(folder: str | Path, name: str, *, title: str, columns: Sequence[str], rows: Sequence[Sequence],
@@ -111,13 +123,16 @@ def plot_rates(path: str | Path, *, title: str, groups: dict[str, dict[str, tupl
     import matplotlib.pyplot as plt
     from matplotlib.ticker import PercentFormatter
 
+    for g, cells in groups.items():
+        for a, cell in cells.items():
+            _check_rate(cell, f"groups[{g!r}][{a!r}]")
     arms, width, x = bar_layout(groups)
     fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(groups) * 0.4 / width) + 1.8, 3.6))
     top = max([high for g in groups.values() for _, _, high in g.values()] + [0.01])
     for arm in arms:
         cells = [(x[g, arm], *groups[g][arm]) for g in groups if arm in groups[g]]
         xs, ys = [c[0] for c in cells], [c[1] for c in cells]
-        err = [[r - low for _, r, low, _ in cells], [high - r for _, r, _, high in cells]]
+        err = [[max(r - low, 0.0) for _, r, low, _ in cells], [max(high - r, 0.0) for _, r, _, high in cells]]
         ax.bar(xs, ys, width, yerr=err, capsize=3, label=arm)
         for xi, r, _, high in cells:
             ax.annotate(f"{100 * r:.3g}%", (xi, high), xytext=(0, 2), textcoords="offset points", ha="center",
@@ -129,6 +144,16 @@ def plot_rates(path: str | Path, *, title: str, groups: dict[str, dict[str, tupl
     ax.set_title(title)
     ax.legend(fontsize="small", frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return save_figure(fig, path, dpi=120)
+
+
+def _check_rate(cell, where: str) -> None:
+    """(rate, low, high): finite numbers with low <= rate <= high (to rounding), or a ValueError naming the cell."""
+    try:
+        rate, low, high = (float(v) for v in cell)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} must be (rate, low, high) numbers, got {cell!r}") from None
+    if not all(map(math.isfinite, (rate, low, high))) or not low - 1e-9 <= rate <= high + 1e-9:
+        raise ValueError(f"{where} = {cell!r}: needs finite numbers with low <= rate <= high")
 
 
 def save_figure(fig, path: str | Path, *, dpi: int = 110) -> Path:

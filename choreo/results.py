@@ -1,7 +1,8 @@
 """Writing results without ever losing or corrupting what is already there.
 
 - ``write_json`` / ``write_text`` / ``write_bytes``: write to a temporary file in the same folder, then atomically
-  rename. ``write_json`` writes NaN and infinities as null (JSON has no such numbers).
+  rename. ``write_json`` writes NaN and infinities as null (JSON has no such numbers), numpy and torch numbers as
+  numbers.
 - ``JsonlLog``: append-only records (one finished workflow instance per line), flushed and fsynced per
   record, so an interrupted run resumes from what is on disk. A torn last line (the process died while
   writing) is ignored; a line anywhere else that is not UTF-8 or not JSON is an error naming the file and
@@ -61,11 +62,14 @@ def write_json(path: str | os.PathLike, payload: Any) -> Path:
 
 
 def finite(value: Any) -> Any:
-    """``value`` with every float that is NaN or infinite, inside dicts, lists and tuples too, replaced by None.
+    """``value`` with every float that is NaN or infinite, inside dicts, lists and tuples too, replaced by None, and
+    numpy and torch numbers and arrays as Python ones (JSON would otherwise get their ``str``: "0.25", "tensor(1.)").
 
     Example: ``finite({"seconds": float("nan"), "steps": [1.5, float("inf")]})`` -> ``{"seconds": None, "steps":
     [1.5, None]}``.
     """
+    if hasattr(value, "tolist") and hasattr(value, "ndim"):  # a numpy scalar or array, a torch tensor
+        value = value.tolist()
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
@@ -73,6 +77,11 @@ def finite(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [finite(v) for v in value]
     return value
+
+
+def _line(record: dict) -> str:
+    """One JSON line of a log, as ``write_json`` writes a value (no NaN, numpy numbers as numbers)."""
+    return json.dumps(finite(record), default=str, allow_nan=False) + "\n"
 
 
 class JsonlLog:
@@ -115,14 +124,14 @@ class JsonlLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._repair()
         with open(self.path, "a") as f:
-            f.write(json.dumps(record, default=str) + "\n")
+            f.write(_line(record))
             f.flush()
             os.fsync(f.fileno())
 
     def write(self, records: Sequence[dict]) -> None:
         """Replace the log with ``records``, stamped as ``append`` stamps them, in one atomic write (``write_text``):
         for records that are only of use together (a training set), so that no one ever reads part of them."""
-        write_text(self.path, "".join(json.dumps(self._stamped(r), default=str) + "\n" for r in records))
+        write_text(self.path, "".join(_line(self._stamped(r)) for r in records))
 
     def _stamped(self, record: dict) -> dict:
         """``record`` checked to have the key field, with the commit and date of this process (``STAMP``)."""

@@ -12,3 +12,16 @@ def test_the_demo_prints_both_transcripts_and_why_they_differ(tiny_gqa, capsys):
     assert "=== choreographed ===" in out and "=== baseline ===" in out
     assert "tokens in the shared cache" in out and "messages kept as text, no rows between calls" in out
     assert out.rstrip().endswith(NOTE)
+
+
+def test_the_demo_runs_both_executors_on_the_attention_asked_for(tiny_gqa, capsys, monkeypatch):
+    """--attention applies to the baseline too: the time-to-first-token comparison is of executors, not of kernels."""
+    import choreo.demo
+
+    seen = []
+    for name in ("Choreographer", "Baseline"):
+        cls = getattr(choreo.demo, name)
+        monkeypatch.setattr(choreo.demo, name, lambda *a, cls=cls, **k: seen.append(cls(*a, **k)) or seen[-1])
+    run_demo(tiny_gqa, max_tokens=2, attention="reference")
+    assert [type(ex).__name__ for ex in seen] == ["Choreographer", "Baseline"]
+    assert [ex.engine.attention for ex in seen] == ["reference", "reference"]

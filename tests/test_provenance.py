@@ -54,6 +54,28 @@ def test_git_commit_from_the_environment_only_outside_a_repository(monkeypatch, 
     assert git_commit(tmp_path) == head + "+dirty"
 
 
+def test_git_commit_of_a_folder_inside_another_repository_is_not_that_repositorys(tmp_path, monkeypatch):
+    """choreo installed as a copy into a venv that lies in someone's project: their HEAD is not choreo's code."""
+    monkeypatch.delenv("CHOREO_GIT_COMMIT", raising=False)
+    _git(tmp_path, "init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    _git(tmp_path, "add", ".")
+    _git(tmp_path, "commit", "-q", "-m", "first")
+    site = tmp_path / ".venv" / "lib" / "site-packages"
+    site.mkdir(parents=True)
+    assert git_commit(site) is None
+    monkeypatch.setenv("CHOREO_GIT_COMMIT", "abc123")
+    assert git_commit(site) == "abc123"
+    assert git_commit(tmp_path) == _git(tmp_path, "rev-parse", "HEAD")
+
+
+def test_provenance_names_the_libraries_that_compute_or_grade_results():
+    versions = provenance()["versions"]
+    assert {"python", "torch", "transformers", "tokenizers", "safetensors", "peft", "triton", "numpy", "scipy",
+            "math-verify", "cuda"} <= set(versions)
+    assert versions["torch"] and versions["transformers"] and versions["math-verify"]
+
+
 def test_git_commit_outside_a_repository(tmp_path, monkeypatch):
     monkeypatch.delenv("CHOREO_GIT_COMMIT", raising=False)
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))

@@ -46,3 +46,42 @@ def test_a_smoke_table_says_so_in_its_title(tmp_path, data, prov, smoke):
     md = write_table(tmp_path, "t", title="Table 1", columns=["a"], rows=[[1]], data=data, provenance=prov)
     assert (SMOKE_TITLE in md.read_text().splitlines()[0]) is smoke
     assert json.loads((tmp_path / "t.json").read_text())["title"] == "Table 1" + (SMOKE_TITLE if smoke else "")
+
+
+def test_markdown_table_escapes_pipes_and_line_breaks():
+    from choreo.report import markdown_table
+
+    lines = markdown_table(["arm", "answer"], [["a|b", "one\ntwo"], ["c", 3]]).splitlines()
+    assert len(lines) == 4  # header, rule, two rows: no row split by its line break
+    assert lines[2] == "| a\\|b | one<br>two |" and lines[3].startswith("| c    | 3")
+    assert all(line.replace("\\|", "").count("|") == 3 for line in lines)  # every row has the two columns
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([["a", 1, "extra"]], r"table row 0 \(a\) has 3 cell\(s\) for the 2 columns \['arm', 'rate'\]"),
+    ([["a", 1], ["b"]], r"table row 1 \(b\) has 1 cell\(s\) for the 2 columns"),
+    ([[]], r"table row 0 \(empty\) has 0 cell\(s\)"),
+])
+def test_markdown_table_refuses_a_row_that_does_not_fit_the_columns(rows, message):
+    from choreo.report import markdown_table
+
+    with pytest.raises(ValueError, match=message):
+        markdown_table(["arm", "rate"], rows)
+
+
+@pytest.mark.parametrize("cell, message", [
+    ((float("nan"), 0.1, 0.2), r"groups\['g'\]\['x'\] = \(nan, 0.1, 0.2\): needs finite numbers"),
+    ((0.5, 0.55, 0.6), r"low <= rate <= high"),
+    ((None, None, None), r"must be \(rate, low, high\) numbers, got \(None, None, None\)"),
+    ((0.5, 0.4), r"must be \(rate, low, high\) numbers"),
+])
+def test_plot_rates_names_a_cell_that_is_not_a_rate_in_its_interval(tmp_path, cell, message):
+    with pytest.raises(ValueError, match=message):
+        plot_rates(tmp_path / "r.png", title="t", groups={"g": {"x": cell, "y": (0.5, 0.4, 0.6)}})
+    assert not (tmp_path / "r.png").exists()
+
+
+def test_plot_rates_draws_a_rate_at_the_edge_of_its_interval(tmp_path):
+    """A rate of 0 with low 0 (and rounding one ulp past it) is a rate, not an error."""
+    path = plot_rates(tmp_path / "r.png", title="t", groups={"g": {"x": (0.0, 0.0, 0.2), "y": (0.3, 0.3 + 1e-17, 0.5)}})
+    assert path.stat().st_size > 0

@@ -299,3 +299,36 @@ def test_math_render_only_reads_the_files_a_run_writes(monkeypatch, name):
             math_suite._train_path(name, train_problems=problems, key="k", folder=Path("runs")),
             math_suite._stem("x", plan=plan, key="k", train_problems=problems, ft_config=ft, name=name))
     assert names[True] == names[False]
+
+
+def test_numpy_and_torch_numbers_are_written_as_numbers_and_nan_as_null(tmp_path):
+    import numpy as np
+    import torch
+
+    values = {"f32": np.float32(0.25), "i64": np.int64(3), "yes": np.bool_(True), "t": torch.tensor(1.5),
+              "nan32": np.float32("nan"), "array": np.arange(3), "nested": [{"x": float("inf")}], "path": tmp_path}
+    expected = {"f32": 0.25, "i64": 3, "yes": True, "t": 1.5, "nan32": None, "array": [0, 1, 2],
+                "nested": [{"x": None}], "path": str(tmp_path)}
+    assert json.loads(write_json(tmp_path / "a.json", values).read_text()) == expected
+    log = JsonlLog(tmp_path / "log.jsonl", key="k")
+    log.append({"k": 1, **values})
+    log.write([{"k": 2, **values}])  # the same rule for a log written whole
+    log.append({"k": 3, **values})
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    for line in lines:  # strict JSON: no NaN / Infinity tokens, which other readers refuse
+        record = json.loads(line, parse_constant=lambda token: pytest.fail(f"{token} in {line}"))
+        assert {k: record[k] for k in expected} == expected
+
+
+def test_a_resumed_result_equals_the_fresh_one(tmp_path):
+    """Records hold Python numbers, so a table built from resumed records reads what a fresh run returned."""
+    import numpy as np
+
+    def run(todo, on_result):
+        for j, i in enumerate(todo):
+            on_result(j, {"n": np.int64(i), "acc": np.float32(0.5)})
+
+    fresh = resumable(tmp_path / "runs.jsonl", [0, 1], run)
+    resumed = resumable(tmp_path / "runs.jsonl", [0, 1], lambda todo, on_result: pytest.fail("recomputed"))
+    assert resumed == [{"n": 0, "acc": 0.5}, {"n": 1, "acc": 0.5}] == fresh
+    assert all(type(r["n"]) is int and type(r["acc"]) is float for r in resumed)
