@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 import choreo
 from choreo.cache import CapacityError, KVStore
@@ -42,26 +42,54 @@ def test_growth_preserves_contents_and_capacity_is_hard(tiny_gqa):
     assert store.report()["tokens_used"] == 8
 
 
+def _runs(rows) -> list[tuple[int, int]]:
+    """The sorted, merged (start, length) runs of a set of rows."""
+    runs: list[tuple[int, int]] = []
+    for r in sorted(rows):
+        if runs and sum(runs[-1]) == r:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((r, 1))
+    return runs
+
+
 @settings(max_examples=50, deadline=None)
-@given(st.lists(st.tuples(st.booleans(), st.integers(1, 30)), min_size=1, max_size=40))
-def test_allocator_never_overlaps(spec_ops):
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 40)), min_size=1, max_size=40))
+@example([(False, 20)] * 3 + [(False, 38)])  # fits only by growing over the free tail: 64 + 38 - 4 <= 100 rows
+@example([(False, 30), (False, 40), (True, 0), (False, 25), (False, 30), (False, 1)])  # past a small hole; into it
+def test_allocator_grants_exactly_what_fits_first_fit_and_keeps_its_books(spec_ops):
+    """A model of the allocator: a request fits the first free run long enough, else the rows from the end of the
+    last live run up to capacity (the buffers grow over a free tail); it is granted exactly when it fits. After
+    every step the live and free rows partition the buffers, the free list is sorted and merged, and the peak is
+    the most rows ever in use."""
     import torch
 
     from choreo.model import ModelSpec
 
+    capacity = 100
     spec = ModelSpec(name="t", model_type="llama", n_layers=1, n_heads=1, n_kv_heads=1, head_dim=2, vocab_size=2,
                      dtype=torch.float32, device=torch.device("cpu"))
-    store, live = KVStore(spec, capacity=400, initial=16), []
+    store, live, peak = KVStore(spec, capacity=capacity, initial=16), [], 0
     for do_free, n in spec_ops:
         if do_free and live:
             store.free(*live.pop(n % len(live)))
         else:
-            try:
-                live.append((store.alloc(n), n))
-            except CapacityError:
-                continue
-        rows = sorted(r for a, k in live for r in range(a, a + k))
-        assert len(rows) == len(set(rows)) and store.used == len(rows)
+            held = {r for a, k in live for r in range(a, a + k)}
+            holes = _runs(set(range(store.allocated)) - held)
+            end = max((a + k for a, k in live), default=0)
+            row = next((start for start, length in holes if length >= n), end if end + n <= capacity else None)
+            if row is None:
+                with pytest.raises(CapacityError, match=f"cannot cache {n} more tokens"):
+                    store.alloc(n)
+            else:
+                assert store.alloc(n) == row, (live, holes, n)
+                live.append((row, n))
+        held = [r for a, k in live for r in range(a, a + k)]
+        assert len(held) == len(set(held)) and set(held) <= set(range(store.allocated)) <= set(range(capacity))
+        assert store._free == _runs(set(range(store.allocated)) - set(held))  # sorted, merged, the rest
+        peak = max(peak, len(held))
+        assert store.used == len(held) and store.peak == peak
+        assert store.writes.shape == (store.allocated,) and store.k[0].shape[1] == store.allocated
 
 
 def test_memory_report_and_freeing(tiny_gqa):
@@ -71,9 +99,11 @@ def test_memory_report_and_freeing(tiny_gqa):
     mem = ch.memory()
     assert mem["tokens_used"] == sys.length + ans.length  # the unused reservation was returned
     assert mem["bytes_used"] == mem["tokens_used"] * tiny_gqa.spec.kv_bytes_per_token
+    text, tokens, ids = ans.text, list(ans.tokens), list(ans.ids)
+    assert text and tokens and len(ids) > len(tokens)
     ch.free(sys, ans)
     assert ch.memory()["tokens_used"] == 0 and ch.memory()["messages"] == 0
-    assert ans.text == ans.text and ans.freed  # text stays readable
+    assert (ans.text, ans.tokens, ans.ids) == (text, tokens, ids) and ans.freed  # still readable once freed
 
 
 def test_read_guard_catches_rows_rewritten_before_the_backward(tiny_gqa):

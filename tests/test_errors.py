@@ -131,8 +131,8 @@ def test_free_twice_is_an_error(tiny_gqa):
 def test_message_of_another_executor_is_rejected(tiny_gqa):
     a, b = choreo.Choreographer(tiny_gqa), choreo.Choreographer(tiny_gqa)
     m = a.prefill("hello", role="user")
-    b.prefill("other", role="user")
-    with pytest.raises(KeyError):
+    b.prefill("other", role="user")  # the same id, another message: refused by identity, not by id
+    with pytest.raises(KeyError, match=r"parents: unknown or freed message Message\(id=0, role='user'.*'hello'"):
         b.decode(role="assistant", parents=[m])
 
 
@@ -320,6 +320,11 @@ REFUSALS = {
     "a call that fails in its first pass": lambda ex, calls: ex.decode(calls),
     "a call that fails midway": lambda ex, calls: ex.decode(calls),
 }
+REFUSED_WITH = {  # what each refusal raises: the reservation check before any pass, or the backend's failure
+    "a call that cannot fit": (ValueError, "reserves 505 cache rows \\(max_tokens=500.*capacity of 300 tokens"),
+    "a call that fails in its first pass": (RuntimeError, "^attention failed$"),
+    "a call that fails midway": (RuntimeError, "^attention failed$"),
+}
 
 
 @pytest.mark.parametrize("case", list(REFUSALS), ids=list(REFUSALS))
@@ -334,8 +339,10 @@ def test_a_call_that_does_not_finish_reuses_no_tokens(tiny_gqa, case):
     reused = bl.reused_tokens
     if case != "a call that cannot fit":
         bl.engine.backend = failing_backend(bl, after=0 if "first" in case else 1)
-    with pytest.raises((CapacityError, RuntimeError, ValueError)):
+    error, match = REFUSED_WITH[case]
+    with pytest.raises(error, match=match) as refused:
         REFUSALS[case](bl, calls)
+    assert refused.type is error
     assert bl.reused_tokens == reused
     bl.engine.backend = choreo.attention.get_backend(bl.attention)
     chain = [t for m in (sys, q, a) for t in m.ids]  # the prompt and output of the first call, cached
@@ -417,12 +424,14 @@ def test_nan_logits_name_the_call_and_roll_it_back(tiny_gqa, monkeypatch, kind, 
 def test_a_refused_batch_leaves_the_store_allocation_as_it_was(tiny_gqa):
     """The first call of a refused batch grew the buffers (no free run fit it): they shrink back."""
     for cls in (choreo.Choreographer, choreo.Baseline):
-        for bad in (choreo.Call(max_tokens=5000), choreo.Call(teacher_tokens=[10 ** 7])):
+        for bad, match in ((choreo.Call(max_tokens=5000), r"reserves 5006 cache rows \(max_tokens=5000.*of 4096"),
+                           (choreo.Call(teacher_tokens=[10 ** 7]), "token id 10000000, outside the model's vocab")):
             ex = cls(tiny_gqa, capacity=4096)
             sys = ex.prefill("Be brief.", role="system")
             before = ex.memory(), list(ex.engine.store._free)
-            with pytest.raises((CapacityError, ValueError)):
+            with pytest.raises(ValueError, match=match) as refused:
                 ex.decode([choreo.Call(parents=[sys], max_tokens=2000), bad])
+            assert refused.type is ValueError
             assert (ex.memory(), list(ex.engine.store._free)) == before, cls.__name__
             assert ex.engine.store.k[0].shape[1] == before[0]["tokens_allocated"] == ex.engine.store.writes.shape[0]
             fresh = cls(tiny_gqa, capacity=4096)
@@ -498,9 +507,18 @@ def test_a_turn_with_no_header_needs_a_prefix_instead_of_hanging(tokenizer):
                                              "prefix"):
             ch.decode(role="assistant", parents=[q], **call)
         assert snapshot(ch) == before
-    assert len(ch.decode(role="assistant", parents=[q], prefix="Sure", max_tokens=2).tokens) <= 2
+    choreographed = ch.decode(role="assistant", parents=[q], prefix="Sure", max_tokens=2)
     bl = choreo.Baseline(model)
-    assert len(bl.decode(role="assistant", parents=[bl.prefill("Two plus two?", role="user")], max_tokens=2).ids)
+    bq = bl.prefill("Two plus two?", role="user")
+    assert len(bl.decode(role="assistant", parents=[bq], max_tokens=2).tokens) <= 2
+    # The full conversation as the parents (docs/semantics.md, "The invariant"): the same greedy tokens, and the
+    # same logits for them.
+    assert len(choreographed.tokens) <= 2
+    greedy = [ex.decode(role="assistant", parents=[p], prefix="Sure", max_tokens=8) for ex, p in ((ch, q), (bl, bq))]
+    assert greedy[0].ids == greedy[1].ids and greedy[0].tokens, [m.ids for m in greedy]
+    forced = [ex.decode(role="assistant", parents=[p], prefix="Sure", teacher_tokens=greedy[0].tokens,
+                        keep_logits=True).logits for ex, p in ((ch, q), (bl, bq))]
+    torch.testing.assert_close(forced[0], forced[1], rtol=1e-9, atol=1e-9)
     with pytest.raises(ValueError, match="no prefix and no parents"):
         bl.decode(role="assistant", max_tokens=2)
 

@@ -247,6 +247,39 @@ def test_lora_applies_in_forward_and_baseline_runs_without_it(adapted, traces):
     assert all(p.requires_grad for p in trainable_parameters(adapted))
 
 
+def test_a_baseline_pass_leaves_a_loaded_adapter_as_it_found_it(tokenizer, tmp_path):
+    """The baseline switches the adapter off for its passes and back to what it was: a loaded (frozen) adapter
+    stays frozen, and inside ``adapter_disabled`` it stays off for the choreographed calls after it."""
+    model = build_tiny(tokenizer)
+    add_test_adapter(model)
+    save_adapter(model, tmp_path / "a")
+    unload_adapter(model)
+    load_adapter(model, tmp_path / "a")
+    lora = [p for n, p in model.hf_model.named_parameters() if "lora_" in n]
+    assert lora and not any(p.requires_grad for p in lora)
+
+    def forced() -> torch.Tensor:
+        ch = choreo.Choreographer(model)
+        return ch.decode(role="assistant", parents=[ch.prefill("Be brief.", role="system")], teacher_tokens=[5, 6, 7],
+                         keep_logits=True).logits
+
+    def baseline() -> None:
+        bl = choreo.Baseline(model)
+        bl.decode(role="assistant", parents=[bl.prefill("Be brief.", role="system")], max_tokens=3)
+
+    with torch.no_grad():
+        on = forced()
+        baseline()
+        assert not any(p.requires_grad for p in lora)
+        with adapter_disabled(model):
+            off = forced()
+            baseline()
+            assert torch.equal(forced(), off)
+        assert not torch.equal(off, on) and torch.equal(forced(), on)
+    assert not any(p.requires_grad for p in lora)
+    unload_adapter(model)
+
+
 def test_save_load_round_trip(adapted, traces, tmp_path, tokenizer):
     with torch.no_grad():
         expected = float(replay_loss(choreo.Choreographer(adapted), traces[4]).loss)
@@ -302,6 +335,9 @@ def test_a_dev_score_chooses_the_checkpoint_without_changing_training(tiny, trac
     on, in eval mode, without gradients; its sampling leaves the training steps as they are without it."""
     import random
 
+    from peft import get_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
     config = FinetuneConfig.preset("smoke", lora_dropout=0.1, epochs=2, eval_every=2, seed=3)
     train_set, dev_set = traces[:4], traces[6:]
     plain = train(tiny, train_set, dev_set, config=config, out_dir=tmp_path / "plain", progress=False)
@@ -315,6 +351,11 @@ def test_a_dev_score_chooses_the_checkpoint_without_changing_training(tiny, trac
 
     scored = train(tiny, train_set, dev_set, config=config, out_dir=tmp_path / "scored", progress=False,
                    dev_score=score)
+    loaded = get_peft_model_state_dict(tiny.hf_model)  # the chosen checkpoint (step 2), not the last step's (4)
+    best, last = (load_peft_weights(str(tmp_path / "scored" / name)) for name in ("best", "last"))
+    assert loaded.keys() == best.keys() == last.keys()
+    assert all(torch.equal(loaded[k], best[k]) for k in best), [k for k in best if not torch.equal(loaded[k], best[k])]
+    assert any(not torch.equal(loaded[k], last[k]) for k in last)
     unload_adapter(tiny)
     assert seen == [(True, False, False)] * 3
     evals = [r for r in scored.history if "dev_loss" in r]
@@ -598,6 +639,17 @@ def test_split_traces_is_seeded_and_disjoint():
         split_traces([1], dev_fraction=0.5, seed=0)
 
 
+def test_each_epoch_visits_every_training_trace_once_in_a_seeded_order():
+    from choreo.finetune import _instance
+
+    n = 5
+    orders = {seed: [[_instance(m, n, seed) for m in range(n * e, n * e + n)] for e in range(4)] for seed in (0, 3)}
+    for seed, epochs in orders.items():
+        assert all(sorted(order) == list(range(n)) for order in epochs), (seed, epochs)
+        assert len({tuple(order) for order in epochs}) > 1, (seed, epochs)  # reshuffled each epoch
+    assert orders[0] != orders[3]
+
+
 def test_config_defaults_presets_and_validation():
     paper = FinetuneConfig.preset("paper")
     assert (paper.lora_rank, paper.lora_alpha, paper.lora_dropout, paper.lr, paper.weight_decay, paper.warmup,
@@ -838,6 +890,9 @@ def test_config_refuses_an_infinite_learning_rate():
 
 
 def test_loading_an_adapter_of_another_shape_over_one_is_refused(tokenizer, tmp_path):
+    from peft import get_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
     model = build_tiny(tokenizer)
     add_adapter(model, rank=4, alpha=8, dropout=0.0, seed=1)
     save_adapter(model, tmp_path / "alpha8")
@@ -846,7 +901,13 @@ def test_loading_an_adapter_of_another_shape_over_one_is_refused(tokenizer, tmp_
     with pytest.raises(ValueError, match="unload_adapter"):
         load_adapter(model, tmp_path / "alpha8")
     save_adapter(model, tmp_path / "alpha16")
+    with torch.no_grad():  # other weights than the saved ones, so that a load that copies nothing shows
+        for n, p in model.hf_model.named_parameters():
+            if "lora_" in n:
+                p.add_(1.0)
     load_adapter(model, tmp_path / "alpha16")  # the same shape: new weights over the old ones
+    loaded, saved = get_peft_model_state_dict(model.hf_model), load_peft_weights(str(tmp_path / "alpha16"))
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
     # The same config, but the weights of another model (one layer fewer): refused before any weight is loaded.
     from safetensors.torch import load_file, save_file
 
@@ -919,17 +980,23 @@ def test_recovery_checks_the_held_out_size_before_training(tiny, monkeypatch, tm
                                 n_eval=n_eval)
 
 
-def test_a_failed_adapter_load_leaves_the_model_untouched(tokenizer, tmp_path):
+def test_a_failed_adapter_load_leaves_the_model_untouched(tokenizer, tmp_path, monkeypatch):
     """An adapter of another architecture fails to load; the model keeps its modules, state and outputs."""
+    import choreo.lora
+
     other = build_tiny(tokenizer, "llama-mha")  # 4 KV heads: k_proj / v_proj of another shape
     add_adapter(other, rank=4, alpha=8, dropout=0.0, seed=1)
     save_adapter(other, tmp_path / "mha")
     model = build_tiny(tokenizer, "llama-gqa")
     before = {k: v.clone() for k, v in model.hf_model.state_dict().items()}
     types = [type(m).__name__ for m in model.hf_model.modules()]
-    with pytest.raises(Exception):
+    stripped = []
+    strip = choreo.lora._strip_lora
+    monkeypatch.setattr(choreo.lora, "_strip_lora", lambda hf: (stripped.append(hf), strip(hf)))
+    with pytest.raises(RuntimeError, match=r"size mismatch for \S*layers\.0\.self_attn\.k_proj\.lora_B"):
         with use_adapter(model, tmp_path / "mha"):
-            pass
+            pytest.fail("the block ran")
+    assert len(stripped) == 1 and stripped[0] is model.hf_model  # peft's injected layers were taken out again
     after = model.hf_model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
     assert [type(m).__name__ for m in model.hf_model.modules()] == types and not is_adapted(model)

@@ -67,6 +67,37 @@ def test_stepwise_decoding_takes_one_pass_per_token(tiny_gqa, synth):
     assert plain.decode(parents=[p2], teacher_tokens=synth.tokens("x")).ids == msg.ids
 
 
+@pytest.mark.parametrize("kind", [choreo.Choreographer, choreo.Baseline, perf.StepwiseChoreographer],
+                         ids=["choreographed", "baseline", "stepwise"])
+def test_ttft_ends_with_the_first_pass_and_latency_with_the_last(tiny_gqa, synth, monkeypatch, kind):
+    """A call's clock starts when it is submitted (after ``decode`` is called, before its first pass) and its
+    first token is read after its first pass, before its second: so the time to first token is at least the first
+    pass and at most the time from the call to the second pass. Clock order only, no durations."""
+    import time
+
+    from choreo.model import Model
+
+    ex = kind(tiny_gqa)
+    prompt = ex.prefill("Hello there.", role="user")
+    passes, forward = [], Model.forward
+
+    def timed(self, *args, **kwargs):
+        start = time.perf_counter()
+        out = forward(self, *args, **kwargs)
+        passes.append((start, time.perf_counter()))
+        return out
+
+    monkeypatch.setattr(Model, "forward", timed)
+    how = dict(teacher_tokens=synth.tokens("x")) if kind is perf.StepwiseChoreographer else dict(max_tokens=6)
+    t_call = time.perf_counter()
+    msg = ex.decode(parents=[prompt], **how)
+    t_done = time.perf_counter()
+    assert len(passes) >= 2, passes
+    (start0, end0), (start1, _) = passes[:2]
+    assert end0 - start0 <= msg.ttft <= start1 - t_call, (msg.ttft, passes, t_call)
+    assert passes[-1][1] - start0 <= msg.latency <= t_done - t_call, (msg.latency, passes, t_call, t_done)
+
+
 def test_prefix_reuse_skips_tokens(tiny_gqa, synth):
     shape = perf.make_shape("iterative_debate", rounds=2)
     full = perf.run_once(tiny_gqa, shape, "baseline", synth)

@@ -142,13 +142,18 @@ def test_bootstrap_resamples_pairs_not_arms():
     assert r.ci == pytest.approx((1.0, 1.0))
 
 
-def test_bootstrap_bca_seeded_and_close_to_percentile(paired_normal):
+def test_bootstrap_bca_is_scipys_with_the_same_seeded_generator(paired_normal):
     a, b = paired_normal
     bca = stats.paired_bootstrap(a, b, seed=3, n_resamples=2000, method="BCa")
     assert bca == stats.paired_bootstrap(a, b, seed=3, n_resamples=2000, method="BCa")
+    ref = sps.bootstrap((a, b), lambda x, y, axis=-1: np.mean(x, axis=axis) - np.mean(y, axis=axis), paired=True,
+                        vectorized=True, n_resamples=2000, confidence_level=0.95, method="BCa",
+                        rng=np.random.default_rng(3))
+    assert (bca.low, bca.high, bca.standard_error) == (ref.confidence_interval.low, ref.confidence_interval.high,
+                                                       ref.standard_error)
     pct = stats.paired_bootstrap(a, b, seed=3, n_resamples=2000)
     assert bca.low <= bca.estimate <= bca.high
-    assert bca.ci == pytest.approx(pct.ci, abs=0.05), f"BCa {bca.ci} vs percentile {pct.ci}"
+    assert bca.ci != pct.ci and bca.ci == pytest.approx(pct.ci, abs=0.05), f"BCa {bca.ci} vs percentile {pct.ci}"
     with pytest.raises(ValueError, match="BCa interval is undefined"):
         stats.paired_bootstrap(np.ones(10), np.zeros(10), seed=0, n_resamples=200, method="BCa")
 
@@ -188,6 +193,27 @@ def test_paired_mean_difference_identical_arms():
     x = np.linspace(0.1, 0.9, 12)
     r = stats.paired_mean_difference(x, x)
     assert (r.mean_difference, r.low, r.high, r.t_pvalue, r.wilcoxon_pvalue) == (0.0, 0.0, 0.0, 1.0, 1.0)
+
+
+def test_a_constant_nonzero_difference_is_known_exactly():
+    """Every pair differs by the same 0.25: no spread, so the t interval is the point 0.25 and the t-test rejects
+    0 outright; TOST with margin 0.1 is certain the difference lies beyond it (either sign), and certain of
+    equivalence for identical arms. Exact answers, so no warning about the t statistic's precision."""
+    import warnings
+
+    x = np.arange(6) * 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = stats.paired_mean_difference(x + 0.25, x)
+        above, below, same = (stats.tost_paired_means(x + shift, x, margin=0.1) for shift in (0.25, -0.25, 0.0))
+    assert (r.n, r.mean_difference, r.ci, r.t_pvalue) == (6, 0.25, (0.25, 0.25), 0.0)
+    assert r.wilcoxon_pvalue == pytest.approx(2 / 2 ** 6)  # exact signed-rank: all six signs positive, two-sided
+    assert (above.difference, above.ci, above.p_lower, above.p_upper) == (0.25, (0.25, 0.25), 0.0, 1.0)
+    assert above.pvalue == 1.0 and not above.equivalent
+    assert (below.ci, below.p_lower, below.p_upper, below.pvalue, below.equivalent) == ((-0.25, -0.25), 1.0, 0.0,
+                                                                                        1.0, False)
+    assert (same.difference, same.ci, same.p_lower, same.p_upper) == (0.0, (0.0, 0.0), 0.0, 0.0)
+    assert same.pvalue == 0.0 and same.equivalent
 
 
 # ---------------------------------------------------------------------------------------------------------------
