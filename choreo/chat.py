@@ -179,8 +179,13 @@ class ChatFormat:
     def encode(self, text: str, role: str) -> list[int]:
         """The whole turn: header + content + footer, tokenized as one string (the content stripped of edge
         whitespace where the template strips it)."""
+        return self._ids("".join(self._turn(text, role)))
+
+    def _turn(self, text: str, role: str) -> tuple[str, str, str]:
+        """(header, content, footer) of a turn as the template renders it: the content stripped of edge whitespace
+        where the template strips it."""
         header, footer, trims = self._layout(role)
-        return self._ids(header + (text.strip() if trims else text) + footer)
+        return header, text.strip() if trims else text, footer
 
     def encode_turn(self, text: str, role: str) -> tuple[list[int], tuple[int, int]]:
         r"""``encode(text, role)`` and the [a, b) index range of the text's tokens within it.
@@ -193,8 +198,7 @@ class ChatFormat:
         ``encode_turn("\n\nHi", "user")`` -> (ids, (2, 5)): ``ids[2]`` is "\n\n", the header's "\n" and one of
         the text's.
         """
-        header, footer, trims = self._layout(role)
-        text = text.strip() if trims else text
+        header, text, footer = self._turn(text, role)
         ids = self._ids(header + text + footer)
         h, f = self._ids(header), self._ids(footer)
         if len(h) + len(f) <= len(ids) and ids[:len(h)] == h and ids[len(ids) - len(f):] == f:

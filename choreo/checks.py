@@ -7,10 +7,11 @@ as a Python ``int``, so it can reach JSON provenance.
 
 from __future__ import annotations
 
+import math
 import numbers
 import operator
 
-__all__ = ["check_int", "check_int_fields", "is_int", "is_real"]
+__all__ = ["check_int", "check_int_fields", "check_sampling_fields", "is_int", "is_real"]
 
 
 def is_int(x) -> bool:
@@ -47,3 +48,18 @@ def check_int_fields(config, names, *, minimum: int = 1, maximum: int | None = N
         value = check_int(f"{type(config).__name__}.{name}", getattr(config, name), minimum=minimum,
                           maximum=maximum, optional=optional)
         object.__setattr__(config, name, value)
+
+
+def check_sampling_fields(config) -> None:
+    """The sampling fields a (frozen) dataclass has, checked as ``choreo.Call`` checks them, so that a config that
+    could not run is refused when it is made, not at its first call: ``temperature`` a finite number >= 0, ``top_p``
+    a number in (0, 1]. Messages name the field as ``ClassName.field``."""
+    name = type(config).__name__
+    if hasattr(config, "temperature"):
+        t = config.temperature
+        if not is_real(t) or not 0 <= t < math.inf:
+            raise ValueError(f"{name}.temperature must be a finite number >= 0, got {t!r}")
+    if hasattr(config, "top_p"):
+        p = config.top_p
+        if not is_real(p) or not 0 < p <= 1:
+            raise ValueError(f"{name}.top_p must be a number in (0, 1], got {p!r}")

@@ -27,9 +27,11 @@
 # Runs with whatever python3 has torch with CUDA, triton, transformers, peft, pytest, pytest-benchmark,
 # hypothesis (pytest-xdist, if present, spreads the kernel tests' compilations over 8 workers).
 set -uo pipefail
-cd "$(dirname "$0")/.."
 out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR [MODEL_DIR]}
 model=${2:-}
+out=$(realpath -m -- "$out")  # relative to where the script was called from, not to the repository
+[ -n "$model" ] && model=$(realpath -m -- "$model")
+cd "$(dirname "$0")/.."
 stages=${CHOREO_GPU_STAGES:-0 1 2 3 4}
 mkdir -p "$out" || exit 2
 [ -d "$out" ] && [ -w "$out" ] || { echo "gpu_checks.sh: OUT_DIR $out is not a writable folder" >&2; exit 2; }

@@ -108,7 +108,7 @@ def test_commongen_file_loading_and_errors(tmp_path):
 
 
 def test_bad_options():
-    with pytest.raises(ValueError, match="temperature must be >= 0"):
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
         BSMConfig(temperature=-1)
     with pytest.raises(ValueError, match="merge_tokens must be an integer >= 1"):
         BSMConfig(merge_tokens=0)
@@ -121,6 +121,16 @@ def test_bad_options():
 def test_verdicts():
     assert parse_verdict(" B. Story B is better") == "B"
     assert parse_verdict("Both are fine") is None
+
+
+@pytest.mark.parametrize("text, verdict", [
+    (" A or B", None), (" Story A and Story B", None), (" A, B", None), ("A/B", None),  # the question echoed
+    ("A story that is better is Story B", "B"),  # the article, then a letter
+    ("Story B is better. A is weak.", "B"),  # only the first sentence is read for both letters
+    (" A.", "A"), (" b", "B"),
+])
+def test_a_first_sentence_naming_both_letters_is_no_verdict(text, verdict):
+    assert parse_verdict(text) == verdict
 
 
 def _merge_parents(executor, layout):

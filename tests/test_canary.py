@@ -62,3 +62,12 @@ def test_baseline_condition_matches_the_baseline_executor(model):
     ans = bl.decode(role="assistant:bob", parents=[sys_b, msg, q], prefix=canary.ANSWER_PREFIX,
                     teacher_tokens=canary.answer_tokens(model.tokenizer, secret))
     assert sum(ans.logprobs) == pytest.approx(out["logprob"]["baseline"], abs=2e-3)
+
+
+def test_probes_of_another_length_in_the_same_log_are_run_not_reused(model, tmp_path):
+    log = JsonlLog(tmp_path / "canary.jsonl", key="seed")
+    short = canary.run_probes(model, seeds=[0], log=log, message_tokens=4, progress=False)
+    longer = canary.run_probes(model, seeds=[0], log=log, message_tokens=6, progress=False)
+    assert [r["message_tokens"] for r in short + longer] == [4, 6] and len(list(log.records())) == 2
+    assert canary.run_probes(model, seeds=[0], log=log, message_tokens=4, progress=False) == short  # each its own
+    assert len(list(log.records())) == 2

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from choreo.checks import check_int, check_int_fields, is_int, is_real
+from choreo.workflows.tot import run_condition as tot_condition
 from choreo.finetune import FinetuneConfig
 from choreo.perf.config import BENCH_PROFILES, BenchConfig
 from choreo.perf.shapes import Lengths, make_shape
@@ -105,3 +106,27 @@ def test_configs_store_numpy_counts_as_python_ints(cls, field):
 def test_shape_sizes_refuse_a_bool():
     with pytest.raises(ValueError, match=r"size B=True must be an integer in 1\.\.16"):
         make_shape("tree_of_thoughts", B=True, V=2)
+
+
+SAMPLED = [BSMConfig, DebateConfig, GameConfig, ToTConfig, DirectConfig]
+TEMPERATURE, TOP_P = "must be a finite number >= 0", r"must be a number in \(0, 1\]"
+BAD_SAMPLING = [(cls, field, bad, rule) for cls in SAMPLED
+                for field, bad, rule in [("temperature", -1.0, TEMPERATURE), ("temperature", float("inf"), TEMPERATURE),
+                                         ("temperature", float("nan"), TEMPERATURE), ("temperature", True, TEMPERATURE),
+                                         ("top_p", 0.0, TOP_P), ("top_p", 1.5, TOP_P)]
+                if field in {f.name for f in dataclasses.fields(cls)}]
+
+
+@pytest.mark.parametrize("cls, field, bad, rule", BAD_SAMPLING,
+                         ids=[f"{c.__name__}.{f}={b!r}" for c, f, b, _ in BAD_SAMPLING])
+def test_sampling_configs_refuse_what_no_call_could_run(cls, field, bad, rule):
+    with pytest.raises(ValueError, match=rf"{cls.__name__}.{field} {rule}, got {bad!r}"):
+        cls(**{field: bad})
+
+
+@pytest.mark.parametrize("condition, config, wanted", [
+    ("direct", ToTConfig(), "DirectConfig"), ("baseline", DirectConfig(), "ToTConfig"),
+])
+def test_tot_refuses_the_other_conditions_config(condition, config, wanted):
+    with pytest.raises(ValueError, match=rf"condition '{condition}' takes a {wanted}, got {type(config).__name__}"):
+        tot_condition(None, ["1 + 1?"], condition=condition, config=config)

@@ -45,8 +45,11 @@ def _decodes(trace):
     ("""{"reasoning": "x", 'preference': 'negative', 'answer': '7'}""", ("negative", "7")),
     ("""{'preference': 'aff', 'answer': 'it\\'s $\\frac{1}{2}$'}""", ("affirmative", "it's $\\frac{1}{2}$")),
     ('{"preference": "negative", "answer": "it\'s 5"}', ("negative", "it's 5")),
+    ('{"reasoning": "x", "preference": "negative", "answer": "neither"}', ("negative", "neither")),  # MATH's answer
+    ('{"reasoning": "x", "preference": "the affirmative side", "answer": "3"}', ("affirmative", "3")),
 ], ids=["well-formed", "escaped-latex", "raw-latex", "boxed-in-dollars", "bare-number", "nulls-in-prose",
-        "empty-answer", "single-quoted", "single-quoted-escape", "apostrophe-in-double-quotes"])
+        "empty-answer", "single-quoted", "single-quoted-escape", "apostrophe-in-double-quotes", "neither-answer",
+        "the-side"])
 def test_parse_moderator_well_formed(text, expected):
     assert parse_moderator(text) == dict(zip(("preference", "answer"), expected))
 

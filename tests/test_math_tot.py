@@ -58,6 +58,11 @@ def test_first_box_for_the_parallel_debate():
     ("Now, you have your final answer: 3", "3"),
     ('End with a line of the form "ANSWER: <final answer>".', None),  # the instruction's placeholder echoed
     ('Write "ANSWER: <final answer>".\n\nThe final answer is 26.', "26"),
+    ("Step 3: 5+7=12.\nThe final answer is:", None),  # a sentence with nothing after its colon
+    ("The final answer is: 12", "12"),
+    ("The final answer is:\n$12$", "12"),
+    ("The final answer is: .", None),  # punctuation alone
+    ("Your final answer is:\nYour answer is:", None),  # the next line introduces an answer it never gives
 ])
 def test_extract_answer(text, answer):
     assert extract_answer(text) == answer
@@ -115,6 +120,19 @@ def test_gold_answer_joins_the_boxes_of_several_answers(solution, problem, gold)
     assert grade(gold_answer(solution, problem), f"\\boxed{{{gold}}}")["correct"]
 
 
+@pytest.mark.parametrize("response, correct, extracted", [
+    ("The solutions are $\\boxed{-2}$ and $\\boxed{1}$.", True, "-2, 1"),
+    ("$\\boxed{1}$ and $\\boxed{-2}$", True, "1, -2"),  # math_verify compares the answers as a set
+    ("$\\boxed{-2, 1}$", True, "-2, 1"),
+    ("try $\\boxed{-2}$, so ANSWER: -2, 1", True, "-2, 1"),  # a later ANSWER line is the answer as it stands
+    ("only $\\boxed{1}$", False, "1"),
+])
+def test_a_response_that_boxes_several_answers_apart_is_read_as_the_gold_is(response, correct, extracted):
+    problem = "Find all real x. Enter all the solutions, separated by commas."
+    assert grade("-2, 1", response, problem=problem) == {"correct": correct, "extracted": extracted}
+    assert grade("1", "$\\boxed{-2}$ then $\\boxed{1}$", problem="What is x?")["extracted"] == "1"  # one answer
+
+
 def test_gold_answer_rules():
     solution, problem = "$\\boxed{-2}$ and $\\boxed{1}$", "separated by commas"
     assert gold_answer(solution, problem, rule="last") == "1"
@@ -132,6 +150,10 @@ def test_gold_answer_rules():
     ("2", "3", False),
     ("\\frac{1}{3}", "0.33", False),
     ("10", "\\text{ten", False),  # unparsable LaTeX is not shown equal, and does not raise
+    ("12", "1 2", False),  # spacing between digits separates them
+    ("123", "1 23", False),
+    ("x+1", "x + 1", True),
+    ("1000", "1\\,000", True),
 ])
 def test_equivalent(gold, answer, same):
     assert equivalent(gold, answer) is same
@@ -195,7 +217,7 @@ def test_votes_and_majority():
 def test_config_validation_names_the_bad_value():
     with pytest.raises(ValueError, match="ToTConfig.voters must be an integer >= 1, got 0"):
         ToTConfig(voters=0)
-    with pytest.raises(ValueError, match="ToTConfig.temperature must be >= 0"):
+    with pytest.raises(ValueError, match="ToTConfig.temperature must be a finite number >= 0"):
         ToTConfig(temperature=-1.0)
     with pytest.raises(ValueError, match="DirectConfig.answer_tokens"):
         DirectConfig(answer_tokens=True)

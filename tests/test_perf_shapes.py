@@ -364,7 +364,8 @@ def test_scaling_points_warm_up_as_the_table_and_say_so(tiny_gqa, tmp_path, monk
     sizes = stored["provenance"]["sample_sizes"]
     assert (sizes["warmup"], sizes["scaling_rounds"], sizes["scaling_warmup"]) == (2, 1, 2)
     text = (tmp_path / "performance" / "speedups.md").read_text()
-    assert "Scaling plots: the choreographed arm vs baseline only, 1 timed round(s) after 2 warm-up round(s)" in text
+    assert ("Scaling plots: the choreographed arm (prompts prefilled apart) vs baseline only, 1 timed round(s) "
+            "after 2 warm-up round(s)") in text
     assert "hf arm has no TTFT bounds" in text
 
 
@@ -388,6 +389,52 @@ def test_memory_only_keeps_the_timings_commit(tiny_gqa, tmp_path, monkeypatch):
         assert prov["timings_git_commit"] == "0123abc" and prov["timings_command"] == "choreo bench --profile tiny"
         assert prov["sample_sizes"]["scaling_warmup"] == 0
     assert "Timings measured at commit 0123abc" in (tmp_path / "performance" / "speedups.md").read_text()
+
+
+def _timed_then_remeasured(tiny_gqa, tmp_path, monkeypatch, edit):
+    """A tiny table timed by ``bench``, edited by ``edit(stored)``, then ``remeasure_memory`` on it."""
+    from choreo.perf import cli
+
+    monkeypatch.setitem(perf.BENCH_PROFILES, "tiny", _tiny_profile())
+    cli.bench(tiny_gqa, profile="tiny", results_dir=tmp_path, log=lambda _: None, progress=False, rss=False)
+    path = tmp_path / "performance" / "speedups.json"
+    stored = json.loads(path.read_text())
+    edit(stored)
+    path.write_text(json.dumps(stored))
+    fake = {"rss_peak": 2**30, "rss_delta": 2**20, "kv_peak_bytes": 1, "cuda_peak_bytes": None}
+    monkeypatch.setattr(cli, "measure_memory", lambda shape, arm, lengths, model_path=None: dict(fake, arm=arm))
+    before = path.read_bytes()
+    try:
+        cli.remeasure_memory(tmp_path / "performance", tiny_gqa)
+    except ValueError:
+        assert path.read_bytes() == before  # nothing rewritten
+        raise
+    return json.loads(path.read_text())
+
+
+def test_memory_only_keeps_the_timing_machine_in_the_provenance(tiny_gqa, tmp_path, monkeypatch):
+    def timed_elsewhere(stored):
+        stored["provenance"].update(device="Some CPU (16 threads)", cpu_count=16, threads=16,
+                                    environment={"CHOREO_X": "1"})
+
+    stored = _timed_then_remeasured(tiny_gqa, tmp_path, monkeypatch, timed_elsewhere)
+    prov = stored["provenance"]
+    assert (prov["timings_device"], prov["timings_cpu_count"], prov["timings_threads"]) == ("Some CPU (16 threads)",
+                                                                                           16, 16)
+    assert prov["timings_environment"] == {"CHOREO_X": "1"}
+    text = (tmp_path / "performance" / "speedups.md").read_text()
+    assert "on 16 cores at the end of the timed run" in text and "16 torch threads in the timing process" in text
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s["data"].update(device_type="cuda"), "was timed on .*peak memory is measured on CPU"),
+    (lambda s: s["provenance"]["model"].update(sha256="f" * 64), "timed model .* not .*: pass the model it timed"),
+    (lambda s: s["provenance"]["sample_sizes"].update(rounds=99), r"other sizes than profile 'tiny' has now \(rounds "
+                                                                   r"99 then, \d+ now\)"),
+], ids=["gpu-timings", "other-model", "other-sizes"])
+def test_memory_only_refuses_timings_its_memory_cannot_join(tiny_gqa, tmp_path, monkeypatch, edit, message):
+    with pytest.raises(ValueError, match=message):
+        _timed_then_remeasured(tiny_gqa, tmp_path, monkeypatch, edit)
 
 
 def test_pass_costs_time_one_token_decode_steps(tiny_gqa, monkeypatch):

@@ -483,3 +483,13 @@ def test_game_nll_is_the_teacher_forced_baseline_nll(tiny_gqa):
     b = bl.decode(role="assistant", parents=[q, a], teacher_tokens=list(trace[2].tokens))
     expected = -(sum(a.logprobs) + sum(b.logprobs)) / (len(a.logprobs) + len(b.logprobs))
     assert pd.game_nll(tiny_gqa, [trace]) == pytest.approx([expected], rel=1e-6)
+
+
+def test_games_of_another_config_in_the_same_log_are_played_not_reused(model, tmp_path):
+    log = JsonlLog(tmp_path / "games.jsonl", key="key")
+    other = dataclasses.replace(TINY, message_tokens=4)
+    play = lambda config: pd.run_games(model, arm="baseline", strategies=["defect"], seeds=[0], log=log,
+                                       config=config, progress=False)
+    a, b = play(TINY), play(other)
+    assert [r["config"] for r in (*a.values(), *b.values())] == [TINY.fingerprint(), other.fingerprint()]
+    assert play(TINY) == a and len(list(log.records())) == 2  # each config reads its own games back

@@ -112,7 +112,7 @@ def gold_answer(solution: str, problem: str = "", *, rule: str = "joined") -> st
 _ANSWER = re.compile(r"(?:^[^\w\n]*(?i:answer)|\bANSWER)\s*\**\s*:\s*(.+)", re.MULTILINE)
 # Minerva's answer sentence (the form lm-evaluation-harness's MATH tasks read): "The final answer is $x$.", and
 # "final answer: x"
-_FINAL = re.compile(r"final answer\s*(?:is|was|:)\s*:?\s*(.+)", re.IGNORECASE)
+_FINAL = re.compile(r"final answer\s*(?:is|was|:)\s*:?\s*([^\s:].*)", re.IGNORECASE)  # not a bare "is:"
 # The instruction's placeholder echoed back ('a line of the form "ANSWER: <final answer>"'): not an answer
 _PLACEHOLDER = re.compile(r"\s*<[^<>\n]*>")
 _HOPE = re.compile(r"\.?\s*I hope it is correct.*$", re.IGNORECASE)
@@ -140,12 +140,16 @@ def extract_answer(text: str, *, which: str = "last") -> str | None:
     answer = _HOPE.sub("", found[-1].strip())
     for _ in range(2):  # '**$12$**.' -> '12', '"10".' -> '10'
         answer = answer.strip().strip("*").strip().strip('"').strip().strip("$").strip().rstrip(".").strip()
-    return answer or None
+    # punctuation alone is no answer, nor is a line that introduces one ("Your answer is:")
+    return answer if re.search(r"[\w\\]", answer) and not answer.endswith(":") else None
 
 
 def _normal(answer: str) -> str:
-    """Spacing, ``\\left``/``\\right`` and the ``dfrac``/``tfrac`` spellings removed."""
-    return re.sub(r"\s+|\\[,;!]|\\left|\\right", "", answer).replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    """Spacing (but for one space between two digits: "1 2" is not 12), ``\\left``/``\\right`` and the
+    ``dfrac``/``tfrac`` spellings removed."""
+    answer = re.sub(r"(?<=\d)\s+(?=\d)", "\0", answer)
+    answer = re.sub(r"\s+|\\[,;!]|\\left|\\right", "", answer).replace("\0", " ")
+    return answer.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
 
 
 def equivalent(gold: str, answer: str) -> bool:
@@ -165,10 +169,19 @@ def equivalent(gold: str, answer: str) -> bool:
         return False
 
 
-def grade(gold: str, response: str, *, which: str = "last") -> dict:
+def grade(gold: str, response: str, *, which: str = "last", problem: str | None = None) -> dict:
     """``{"correct": bool, "extracted": answer or None}`` for a response to a problem whose answer is ``gold``
-    (``which``: the box ``extract_answer`` reads)."""
+    (``which``: the box ``extract_answer`` reads).
+
+    ``problem``: for a problem that asks for answers "separated by commas", a response that boxes each answer
+    apart, as MATH's own solutions do, is read as ``gold_answer`` reads a solution: its distinct boxes joined.
+    Example: ``grade("-2, 1", "$\\boxed{-2}$ and $\\boxed{1}$", problem="... separated by commas.")`` is correct.
+    """
     extracted = extract_answer(response, which=which)
+    if problem is not None and which == "last" and _SEVERAL.search(problem):
+        boxes = list(dict.fromkeys(content for _, content in _boxes(response) if content))
+        if len(boxes) > 1 and extracted == boxes[-1]:  # the answer is the last box, not a later ANSWER line
+            extracted = ", ".join(boxes)
     return {"correct": extracted is not None and equivalent(gold, extracted), "extracted": extracted}
 
 

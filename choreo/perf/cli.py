@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 import sys
@@ -104,12 +105,15 @@ def _timed_parts(stored: dict, path: Path) -> tuple[dict, dict, dict]:
 
 def remeasure_memory(out: Path, model: Model, *, model_path: str | None = None, command: str | None = None) -> Path:
     """Peak memory again for every shape in ``out/speedups.json``; timings are kept as measured (their command,
-    date, load and commit stay in the provenance as ``timings_command``/``_date``/``_load_average``/``_git_commit``).
-    A malformed ``speedups.json`` is a ValueError naming it (``read_bench_table``)."""
+    date, load, commit, device, cores, torch threads and CHOREO_* variables stay in the provenance as
+    ``timings_command``, ``timings_date``, ... ``timings_environment``). A malformed ``speedups.json`` is a
+    ValueError naming it (``read_bench_table``), and so is one whose timings this run's memory cannot join: timed
+    on a GPU, with another model, or with other sizes than the profile has now."""
     path = Path(out) / "speedups.json"
     stored = read_bench_table(path)
     data = stored["data"]
     figures, scaling, timed = _timed_parts(stored, path)
+    _check_joinable(path, data, timed, model)
     # Scaling points measured before they were warmed up recorded no scaling_warmup: they ran with none.
     scaling_warmup = (timed.get("sample_sizes") or {}).get("scaling_warmup", 0)
     cfg = BENCH_PROFILES[data["profile"]]
@@ -124,7 +128,34 @@ def remeasure_memory(out: Path, model: Model, *, model_path: str | None = None, 
                          timings_command=timed.get("timings_command", timed.get("command")),
                          timings_git_commit=timed.get("timings_git_commit", timed.get("git_commit")),
                          timings_date=timed.get("timings_date", timed.get("date")),
-                         timings_load_average=timed.get("timings_load_average", timed.get("load_average")))
+                         timings_load_average=timed.get("timings_load_average", timed.get("load_average")),
+                         **{f"timings_{key}": timed.get(f"timings_{key}", timed.get(key))
+                            for key in ("device", "cpu_count", "threads", "environment")})
+
+
+def _check_joinable(path: Path, data: dict, timed: dict, model: Model) -> None:
+    """Refuse (ValueError naming ``path``) to join this run's memory to timings measured on a GPU, of another
+    model, or at other sizes than ``data``'s profile has now: the table would describe one run it never was."""
+    from .report import _device_type
+
+    where = f"--memory-only: {str(path)!r}"
+    device = _device_type(data, timed)
+    if device != "cpu" or model.spec.device.type != "cpu":
+        raise ValueError(f"{where} was timed on {timed.get('device', device)!r}; peak memory is measured on CPU, "
+                         f"beside CPU timings only: run `choreo bench` to time and measure together")
+    recorded = timed.get("model") or {}
+    if (recorded.get("name"), recorded.get("sha256")) != (model.spec.name, model.spec.sha256):
+        raise ValueError(f"{where} timed model {recorded.get('name')!r} (sha256 {recorded.get('sha256')!r}), not "
+                         f"{model.spec.name!r} (sha256 {model.spec.sha256!r}): pass the model it timed (--model, "
+                         f"--random-weights) or run `choreo bench`")
+    cfg = BENCH_PROFILES[data["profile"]]
+    now = {"rounds": cfg.rounds, "warmup": cfg.warmup, **dataclasses.asdict(cfg.lengths)}
+    sizes = timed.get("sample_sizes") or {}
+    changed = {k: (sizes[k], v) for k, v in now.items() if k in sizes and sizes[k] != v}
+    if changed:
+        raise ValueError(f"{where} was timed at other sizes than profile {data['profile']!r} has now ("
+                         + ", ".join(f"{k} {a} then, {b} now" for k, (a, b) in changed.items())
+                         + "): run `choreo bench` to time it again")
 
 
 DEFAULT_PROFILE = "small"

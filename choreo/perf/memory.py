@@ -50,13 +50,19 @@ def reset_peak_rss() -> bool:
 
 
 def peak_rss() -> int:
-    """Peak resident set of this process in bytes (since the last ``reset_peak_rss``)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
+    """Peak resident set of this process in bytes (since the last ``reset_peak_rss``; without /proc, since the
+    process started: ``getrusage``, whose ru_maxrss is in KiB on Linux and in bytes on macOS)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
+    import sys
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def measure_memory_here(model: Model, shape: Shape, arm: str, lengths: Lengths) -> dict:

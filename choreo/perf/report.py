@@ -79,12 +79,14 @@ def plot_scaling(path: Path, *, title: str, axis: str, points: list[tuple[int, d
     xs = [x for x, _ in points]
     fig, ax = plt.subplots(figsize=(6.6, 3.4))
     for key, marker, color in (("e2e", "o", "tab:blue"), ("ttft", "s", "tab:green")):
-        ax.plot(xs, [s[key] for _, s in points], marker + "-", color=color, label=f"{key} measured")
+        name = "TTFT" if key == "ttft" else key
+        what = f"{name} measured" + (" (prompts prefilled apart)" if key == "ttft" else "")
+        ax.plot(xs, [s[key] for _, s in points], marker + "-", color=color, label=what)
         ax.plot(xs, [s[f"{key}_bound"] for _, s in points], marker + ":", color=color, alpha=0.5,
-                label=f"{key} token bound")
+                label=f"{name} token bound")
         if all(f"{key}_model" in s for _, s in points):
             ax.plot(xs, [s[f"{key}_model"] for _, s in points], marker + "--", color=color, alpha=0.7,
-                    label=f"{key} pass-cost bound")
+                    label=f"{name} pass-cost bound")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
     ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
@@ -110,6 +112,10 @@ def _memory_note(device_type: str, memory: dict) -> str:
     threads = sorted({m["threads"] for m in runs if "threads" in m})
     threads = (f"{'/'.join(map(str, threads))} torch thread(s) in the memory subprocesses" if threads else
                "the memory subprocesses' torch threads not recorded (OMP_NUM_THREADS=1 unless set, at the time)")
+    unreset = sum(m.get("peak_reset") is False for m in runs)
+    if unreset:
+        threads += (f"; in {unreset} of {len(runs)} runs VmHWM could not be reset, so their peak is the process's "
+                    "whole peak (the priming pass's included)")
     return ("Peak memory: peak RSS of one subprocess per configuration (model loaded, one 2-token priming pass, "
             "free heap pages returned to the system by glibc malloc_trim(0), VmHWM reset, then the executor made, its "
             "KV store with room for 1,024 tokens included, and one run); + is the growth above the RSS before the "
@@ -130,7 +136,8 @@ def _pass_cost_note(cost: dict) -> str:
     line = f"t(S) = {1000 * cost['fixed_s']:.1f} ms + {1000 * cost['per_token_s']:.2f} ms x S"
     if cost.get("bound"):
         worst = cost["fit_max_residual"]
-        return (f"Pass cost used for the bounds, measured in the same run (pass_cost.md): each pass charged the time "
+        return (f"Pass cost used for the bounds, measured in the same run (this table's JSON, data.cost): each pass "
+                f"charged the time "
                 f"of a pass of its size, the measured passes of S = {', '.join(map(str, cost['prefill_s']))} tokens "
                 f"interpolated piecewise linearly; the affine summary {line} is off the measured passes by up to "
                 f"{100 * abs(worst['residual']):.0f}% (S={worst['S']}).")
@@ -155,7 +162,10 @@ def render_notes(data: dict, prov: dict) -> list[str]:
     """The notes of a speedups table, from what it stored: its ``data`` and ``provenance`` (``rerender``)."""
     cfg, cost, memory = BENCH_PROFILES[data["profile"]], data.get("cost"), data.get("memory") or {}
     sizes = prov.get("sample_sizes") or {}
-    threads, cores = prov.get("threads"), prov.get("cpu_count") or os.cpu_count()
+    threads = prov.get("timings_threads", prov.get("threads"))
+    cores = prov.get("timings_cpu_count", prov.get("cpu_count"))
+    cores = "an unrecorded number of" if cores is None else cores
+    threads = "an unrecorded number of" if threads is None else threads
     load, timed_load = prov.get("load_average") or [float("nan")], prov.get("timings_load_average")
     notes = [
         f"Protocol: {prov.get('protocol', TEACHER)}; {sizes.get('prompt_words', cfg.lengths.prompt_words)}-word "
@@ -181,9 +191,12 @@ def render_notes(data: dict, prov: dict) -> list[str]:
         notes.append(f"Timings measured at commit {prov['timings_git_commit']}; memory re-measured at the commit "
                      "in the provenance below.")
     if data.get("scaling"):
-        notes.append(f"Scaling plots: the choreographed arm vs baseline only, {sizes.get('scaling_rounds')} timed "
-                     f"round(s) after {sizes.get('scaling_warmup')} warm-up round(s) per point, arms interleaved "
-                     "within each round.")
+        rounds = ("rounds not recorded" if sizes.get("scaling_rounds") is None else
+                  f"{sizes['scaling_rounds']} timed round(s) after {sizes.get('scaling_warmup', 0)} warm-up round(s) "
+                  "per point")
+        notes.append(f"Scaling plots: the choreographed arm (prompts prefilled apart) vs baseline only, {rounds}, "
+                     "arms interleaved within each round. Their TTFT is the unfused one: not the same work as the "
+                     "baseline's window (see TTFT above); their end-to-end speed-ups compare the same work.")
     if cost is not None:
         notes.append(_pass_cost_note(cost))
     return notes
@@ -219,11 +232,17 @@ def write_results(out: Path, *, model: Model, profile: str, figures: dict, memor
     data = {"figures": figures, "memory": memory, "scaling": scaling, "profile": profile, "cost": cost,
             "device_type": model.spec.device.type}
     path = _render(out, name, data, prov)
+    _plot_scalings(out, scaling)
+    return path
+
+
+def _plot_scalings(out: Path, scaling: dict) -> None:
+    """``scaling_<axis>.png`` for each axis of ``scaling`` (axis -> [(size, speed-ups)])."""
     titles = {"B": "tree of thoughts, V=4: proposals B", "V": "tree of thoughts, B=4: voters V",
               "A": "parallel debate, 3 rounds: agents A"}
     for axis, points in scaling.items():
-        plot_scaling(out / f"scaling_{axis}.png", title=titles.get(axis, axis), axis=axis, points=points)
-    return path
+        plot_scaling(out / f"scaling_{axis}.png", title=titles.get(axis, axis), axis=axis,
+                     points=[tuple(p) for p in points])
 
 
 def _render(out: Path, name: str, data: dict, prov: dict) -> Path:
@@ -260,17 +279,33 @@ def _stored(out: Path, name: str) -> dict:
                if not isinstance(stored, dict) or key not in stored]
     if missing:
         raise ValueError(f"{str(path)!r} lacks {', '.join(missing)}: not a table `choreo bench` wrote")
+    data = stored["data"]
+    if not isinstance(data, dict) or not isinstance(stored["provenance"], dict):
+        raise ValueError(f"{str(path)!r}: data and provenance must be JSON objects")
+    if name == "engine":
+        wanted = {"data.rows": isinstance(data.get("rows"), dict), "data.raw": isinstance(data.get("raw"), dict),
+                  "a 'met' column": isinstance(stored["columns"], list) and "met" in stored["columns"]}
+    else:
+        wanted = {"data.profile (one of the bench profiles)": data.get("profile") in BENCH_PROFILES,
+                  "data.figures": isinstance(data.get("figures"), dict),
+                  "data.memory": isinstance(data.get("memory", {}), dict)}
+    lacking = [what for what, ok in wanted.items() if not ok]
+    if lacking:
+        raise ValueError(f"{str(path)!r} lacks {', '.join(lacking)}: not a table `choreo bench` wrote")
     return stored
 
 
 def rerender(out: Path, name: str = "speedups") -> Path:
     """Rewrite ``out/<name>.md`` and ``.json`` from the stored ``.json`` (its data and provenance kept as they are,
-    rows and notes rendered by this code): nothing is measured. Returns the ``.md``.
+    rows and notes rendered by this code), and its scaling plots from the points it stored: nothing is measured.
+    Returns the ``.md``.
 
     Example: ``rerender(Path("results/performance"))`` after a change of the table's columns or notes.
     """
     stored = _stored(out, name)
-    return _render(Path(out), name, stored["data"], stored["provenance"])
+    path = _render(Path(out), name, stored["data"], stored["provenance"])
+    _plot_scalings(Path(out), stored["data"].get("scaling") or {})
+    return path
 
 
 def write_pass_costs(out: Path, model: Model, costs: dict, *, command: str | None = None) -> Path:
@@ -337,9 +372,14 @@ def verdict(ratio: float, goal: float) -> str:
     return f"{word} ({off:+.1%}, within run-to-run spread)" if abs(off) <= RUN_TO_RUN + 1e-12 else word
 
 
-def engine_notes(load: float) -> list[str]:
-    """The notes of engine.md: ``load`` the 1-min load average at the end of the run."""
-    return [f"Shared 2-core machine: 1-min load average {load:.1f} at the end; ratios are measured side by side "
+def engine_notes(prov: dict) -> list[str]:
+    """The notes of engine.md, from its provenance: the 1-min load average at the end of the run, the machine's
+    cores and the torch threads (each said to be unrecorded in a table written before they were)."""
+    load = (prov.get("load_average") or [float("nan")])[0]
+    cores, threads = prov.get("cpu_count"), prov.get("threads")
+    machine = ("Cores and torch threads not recorded" if cores is None else
+               f"{prov.get('device', 'CPU')}, {cores} cores, {threads} torch threads")
+    return [f"{machine}: 1-min load average {load:.1f} at the end; ratios are measured side by side "
             "(setup/target of one pytest-benchmark round).",
             "met: whether one run's median of per-round ratios reaches the goal. Runs of the same code on this "
             f"machine have differed by up to {RUN_TO_RUN:.0%} of the goal (suites/performance/README.md), so a "
@@ -369,6 +409,5 @@ def rerender_engine(out: Path) -> Path:
     met = stored["columns"].index("met")
     for key, ratio in engine_ratios(data["raw"]).items():
         rows[key][met] = verdict(ratio, ENGINE_GOALS[key])
-    load = (stored["provenance"].get("load_average") or [float("nan")])[0]
     return write_table(out, "engine", title=stored["title"], columns=stored["columns"], rows=list(rows.values()),
-                       data=data, provenance=stored["provenance"], notes=engine_notes(load))
+                       data=data, provenance=stored["provenance"], notes=engine_notes(stored["provenance"]))

@@ -36,7 +36,7 @@ import dataclasses
 import re
 from typing import Sequence
 
-from ..checks import check_int_fields
+from ..checks import check_int_fields, check_sampling_fields
 from ..data.concepts import coverage
 from ..engine import linearize
 from ..trace import without_offsets
@@ -60,8 +60,7 @@ class BSMConfig:
     def __post_init__(self):
         if self.branch not in BRANCH_MODES:
             raise ValueError(f"BSMConfig.branch must be one of {BRANCH_MODES}, got {self.branch!r}")
-        if not self.temperature >= 0:
-            raise ValueError(f"BSMConfig.temperature must be >= 0, got {self.temperature!r}")
+        check_sampling_fields(self)
         check_int_fields(self, ("branch_tokens", "solve_tokens", "merge_tokens"))
 
 
@@ -232,20 +231,22 @@ _NO_SINGLE = re.compile(r"\b(both|equal(ly)?|neither|tie[ds]?|same)\b", re.IGNOR
 _BARE = re.compile(r"\W*([ABab])\W*")
 _LEADING = re.compile(r"\W*(?:(?i:story)\s+)?([AB])\b(?!\s+(?i:stor))")
 _NAMED = re.compile(r"(?i:story|answer\s+is|answer\s*:)\s*([AB])\b")
+_LETTER_A = re.compile(r"\bA\b(?!\s+(?i:stor))")  # the letter, not the article of "A story ..."
 
 
 def parse_verdict(text: str) -> str | None:
     """'A', 'B' or None from a judge's answer: a bare letter in either case (" b" -> 'B'); an answer that opens
     with the letter or "Story X" (" A.", "Story B is better"; not the article of "A story that is better is B",
     which reads on to "Story"/"answer is"); else the first "Story X" or "the answer is X". None when the first
-    sentence names both stories, neither, a tie or the same quality (" A and B are equal"), or nothing parses.
+    sentence names both stories (" A or B", " Story A and Story B"), neither, a tie or the same quality (" A and B
+    are equal"), or nothing parses.
 
     Example: ``[parse_verdict(t) for t in (" A", " B.", " b", "A story that is better is Story B", " Both")]``
     -> ['A', 'B', 'B', 'B', None].
     """
     first = re.split(r"[.\n!?]", text.strip(), maxsplit=1)[0]
-    if _NO_SINGLE.search(first):
-        return None
+    if _NO_SINGLE.search(first) or (_LETTER_A.search(first) and re.search(r"\bB\b", first)):
+        return None  # "both", or both letters: " A or B" echoes the question
     for pattern, match in ((_BARE, re.fullmatch), (_LEADING, re.match), (_NAMED, re.search)):
         m = match(pattern, text)
         if m:

@@ -116,8 +116,9 @@ async def probe(ex, *, seed: int, n_distractors: int = 7, message_tokens: int = 
 
 def run_probes(model, *, seeds, log, message_tokens: int = 48, max_concurrent: int = 32,
                progress: bool | str = True) -> list[dict]:
-    """Run ``probe`` for every seed not yet in ``log`` (a ``JsonlLog`` keyed by "seed"), appending each
-    as it finishes; returns the records of ``seeds`` in order, read back from the log.
+    """Run ``probe`` for every seed not yet in ``log`` (a ``JsonlLog`` keyed by "seed") for this model and
+    ``message_tokens``, appending each as it finishes; returns the records of ``seeds`` in order, read back from the
+    log (records of another model or length in the same log are never returned).
 
     Example: ``run_probes(model, seeds=range(64), log=JsonlLog("canary.jsonl", key="seed"))``.
     """
@@ -125,7 +126,12 @@ def run_probes(model, *, seeds, log, message_tokens: int = 48, max_concurrent: i
     from ..runner import Runner
 
     seeds = [int(s) for s in seeds]
-    done = log.keys()
+
+    def logged() -> dict[int, dict]:  # this model's probes of this length by seed, the last of a seed winning
+        return {r["seed"]: r for r in log.records()
+                if r.get("model_sha256") == model.spec.sha256 and r.get("message_tokens") == message_tokens}
+
+    done = logged()
     todo = [s for s in seeds if s not in done]
     if todo:
         tag = {"model": model.spec.name, "model_sha256": model.spec.sha256, "message_tokens": message_tokens}
@@ -133,5 +139,5 @@ def run_probes(model, *, seeds, log, message_tokens: int = 48, max_concurrent: i
                progress="canary probes" if progress is True else progress).run(
             [lambda ex, s=s: probe(ex, seed=s, message_tokens=message_tokens) for s in todo],
             on_result=lambda i, record: log.append({**tag, **record}))
-    records = {r["seed"]: r for r in log.records()}
+    records = logged()
     return [records[s] for s in seeds]

@@ -48,11 +48,10 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from typing import Sequence
 
-from ..checks import check_int_fields, is_real
+from ..checks import check_int_fields, check_sampling_fields
 from ..engine import Call, linearize
 
 LAYOUTS = ("parallel", "linearized")
@@ -81,10 +80,7 @@ class DebateConfig:
         check_int_fields(self, ("rounds",), maximum=MAX_ROUNDS)
         check_int_fields(self, ("agents",), minimum=2, maximum=MAX_AGENTS)
         check_int_fields(self, ("answer_tokens", "moderator_tokens", "summary_tokens"))
-        if not is_real(self.temperature) or not 0 <= self.temperature < math.inf:
-            raise ValueError(f"DebateConfig.temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not is_real(self.top_p) or not 0 < self.top_p <= 1:
-            raise ValueError(f"DebateConfig.top_p must be a number in (0, 1], got {self.top_p!r}")
+        check_sampling_fields(self)
 
     @classmethod
     def preset(cls, name: str) -> "DebateConfig":
@@ -185,6 +181,7 @@ def parse_moderator(text: str) -> dict:
     """
     pref = _PREFERENCE.search(text)
     word = next((g for g in pref.groups() if g is not None), "").strip().lower() if pref else ""
+    word = re.sub(r"^the\s+", "", word)  # "the affirmative side"
     if word.startswith("aff"):
         preference = "affirmative"
     elif word.startswith("neg"):
@@ -216,9 +213,11 @@ def _unwrap(answer: str) -> str:
 
 # What a moderator writes in the answer field when it has none: a side's name ("affirmative", "the negative
 # side's answer"), a refusal, or a truth value (the prompt asks for a side's final answer, and MATH answers are
-# numbers and expressions); compared whole, case-insensitively, after ``\\text{}`` and end punctuation are removed
+# numbers and expressions); compared whole, case-insensitively, after ``\\text{}`` and end punctuation are removed.
+# "neither" is an answer: MATH's "odd, even, or neither" problems have it as their gold answer (a moderator with no
+# preference says so in the preference field, and then names no winner whatever the answer).
 _NON_ANSWER = re.compile(r"(?:the\s+)?(?:affirmative|negative)(?:\s+side)?(?:'s)?(?:\s+(?:side|answer|solution))?"
-                         r"|none|null|nil|nothing|n/?a|neither|tie|unknown|undefined|undecided|no\s+answer"
+                         r"|none|null|nil|nothing|n/?a|tie|unknown|undefined|undecided|no\s+answer"
                          r"|yes|no|true|false|-+|\?+", re.IGNORECASE)
 # The prompt's placeholder for the answer ("<the final answer of the side you prefer>"), echoed with or without
 # its angle brackets; any other "<...>" is a placeholder too (choreo.data.math's rule for "ANSWER: <...>")

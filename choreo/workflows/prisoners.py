@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ..checks import check_int_fields
+from ..checks import check_int_fields, check_sampling_fields
 from ..engine import Call, linearize
 
 PAYOFFS = {"T": 5, "R": 3, "P": 1, "S": 0}  # temptation, reward, punishment, sucker
@@ -64,6 +64,7 @@ class GameConfig:
 
     def __post_init__(self):
         check_int_fields(self, ("rounds", "plan_tokens", "message_tokens", "decision_tokens", "prediction_tokens"))
+        check_sampling_fields(self)
         if self.rounds > MAX_ROUNDS:  # call_seed steps: messages 1 .. 2 * rounds, decision 9, predictions 10 + k
             raise ValueError(f"GameConfig.rounds must be at most {MAX_ROUNDS}, got {self.rounds}: more rounds would "
                              f"give two calls of a game the same seed")
@@ -380,9 +381,10 @@ def run_games(model, *, arm: str, strategies=STRATEGIES, seeds, log, config: Gam
         if missing:
             raise ValueError(f"arm {arm!r} teacher-forces the paired baseline plans; none given for {missing[:3]}"
                              f"{' ...' if len(missing) > 3 else ''}")
-    def logged() -> dict[tuple, dict]:  # this variant's and adapter's games by key, the last of a key winning
+    def logged() -> dict[tuple, dict]:  # this config's, model's, variant's and adapter's games by key (last wins)
         return {tuple(r["key"]): r for r in log.records()
-                if r.get("variant") == variant and r.get("adapter") == adapter}
+                if r.get("variant") == variant and r.get("adapter") == adapter
+                and r.get("config") == config.fingerprint() and r.get("model_sha256") == model.spec.sha256}
 
     done = logged()
     todo = [w for w in wanted if game_key(arm, *w) not in done]

@@ -36,7 +36,7 @@ import re
 from collections import Counter
 from typing import Sequence
 
-from ..checks import check_int_fields
+from ..checks import check_int_fields, check_sampling_fields
 from ..engine import Call, linearize
 from ..trace import TraceEvent
 
@@ -57,8 +57,7 @@ class ToTConfig:
 
     def __post_init__(self):
         check_int_fields(self, ("proposals", "voters", "propose_tokens", "vote_tokens", "answer_tokens"))
-        if not self.temperature >= 0:
-            raise ValueError(f"ToTConfig.temperature must be >= 0, got {self.temperature!r}")
+        check_sampling_fields(self)
         if not self.system.strip():
             raise ValueError("ToTConfig.system must be a non-empty system prompt")
 
@@ -158,8 +157,7 @@ class DirectConfig:
 
     def __post_init__(self):
         check_int_fields(self, ("answer_tokens",))
-        if not self.temperature >= 0:
-            raise ValueError(f"DirectConfig.temperature must be >= 0, got {self.temperature!r}")
+        check_sampling_fields(self)
 
 
 def direct_prompt(problem: str) -> str:
@@ -210,11 +208,12 @@ CONDITIONS = {  # name -> (executor, layout); a fine-tuned condition is "choreog
 }
 
 
-def run_condition(model, problems: Sequence[str], *, condition: str, config: ToTConfig = ToTConfig(),
+def run_condition(model, problems: Sequence[str], *, condition: str, config: ToTConfig | DirectConfig | None = None,
                   seeds: Sequence[int] | None = None, seed: int = 0, batch: int = 16, capacity: int = 65536,
                   progress: bool | str = True, trace: bool = False, on_result=None):
     """Run Tree of Thoughts on every problem under one of ``CONDITIONS`` (instance i uses seed ``seed + i``, or
-    ``seeds[i]``); ``condition="direct"`` runs the single direct call (a ``DirectConfig``) under the baseline.
+    ``seeds[i]``); ``condition="direct"`` runs the single direct call under the baseline. ``config``: a ``ToTConfig``
+    (a ``DirectConfig`` for "direct"); None for the defaults.
     ``batch`` instances run at once in a KV store of ``capacity`` tokens. A re-encoding baseline instance holds
     every voter's serial prompt (all proposals) until it ends: with 64-token proposals about 4,000 tokens, so
     32 such instances overflow the default 65,536.
@@ -231,8 +230,11 @@ def run_condition(model, problems: Sequence[str], *, condition: str, config: ToT
     seeds = [seed + i for i in range(len(problems))] if seeds is None else list(seeds)
     if len(seeds) != len(problems):
         raise ValueError(f"seeds has {len(seeds)} entries for {len(problems)} problems")
+    wanted = DirectConfig if condition == "direct" else ToTConfig
+    config = wanted() if config is None else config
+    if not isinstance(config, wanted):
+        raise ValueError(f"condition {condition!r} takes a {wanted.__name__}, got {type(config).__name__}")
     if condition == "direct":
-        config = config if isinstance(config, DirectConfig) else DirectConfig()
         runner = Runner(make_executor(model, "baseline", capacity=capacity), max_concurrent=batch, progress=progress,
                         trace=trace)
         workflows = [lambda ex, p=p, s=s: direct(ex, p, seed=s, config=config) for p, s in zip(problems, seeds)]

@@ -16,6 +16,7 @@ import statistics
 
 import psutil
 import pytest
+import torch
 
 import choreo
 from choreo import perf
@@ -61,14 +62,14 @@ def engine_rows(request, model, profile, results_dir, engine_raw):
         from choreo.provenance import provenance
         from choreo.report import command_line, write_table
 
+        prov = provenance(model, seeds=None, sample_sizes={"rounds": pick(ROUNDS, profile),
+                                                          "warmup": pick(WARMUP, profile)},
+                          command=command_line(),  # as run: pytest, or choreo repro
+                          load_average=os.getloadavg(), cpu_count=os.cpu_count(), threads=torch.get_num_threads())
         write_table(results_dir / "performance", "engine", title="Engine benchmarks (embedded model)",
                     columns=["benchmark", "measured", "goal", "met", "details"], rows=list(rows.values()),
-                    data={"rows": rows, "raw": engine_raw, "profile": profile},
-                    provenance=provenance(model, seeds=None, sample_sizes={"rounds": pick(ROUNDS, profile),
-                                                                           "warmup": pick(WARMUP, profile)},
-                                          command=command_line(),  # as run: pytest, or choreo repro
-                                          load_average=os.getloadavg()),
-                    notes=engine_notes(os.getloadavg()[0]))
+                    data={"rows": rows, "raw": engine_raw, "profile": profile}, provenance=prov,
+                    notes=engine_notes(prov))
 
 
 def _parent_text(tokenizer, n: int) -> str:

@@ -233,7 +233,7 @@ def dev_accuracy(model, dev, *, workflow, condition, configs):
     def score(adapted) -> float:
         records = run_workflow(adapted, [p.problem for _, p in dev], workflow=workflow, condition=condition,
                                configs=configs, seeds=[TRAIN_SEED + j for j, _ in dev], progress=False)
-        return sum(final_answer(r, p.answer)["correct"] for r, (_, p) in zip(records, dev)) / len(dev)
+        return sum(final_answer(r, p.answer, p.problem)["correct"] for r, (_, p) in zip(records, dev)) / len(dev)
     return score
 
 
@@ -343,12 +343,13 @@ def prompts() -> dict:
     return text
 
 
-def final_answer(record: dict, gold: str) -> dict:
-    """``{"correct", "extracted"}`` of one workflow record. Parallel debate: an agent's answer is its first
-    ``\\boxed{}`` (PROTOCOLS), the problem correct when a majority of the agents is correct (2 of 3), and its answer
-    the most common extracted one (None when no agent's parses)."""
+def final_answer(record: dict, gold: str, problem: str | None = None) -> dict:
+    """``{"correct", "extracted"}`` of one workflow record (``problem``: its text, for the problems that ask for
+    several answers separated by commas: ``choreo.data.math.grade``). Parallel debate: an agent's answer is its
+    first ``\\boxed{}`` (PROTOCOLS), the problem correct when a majority of the agents is correct (2 of 3), and its
+    answer the most common extracted one (None when no agent's parses)."""
     if "answers" not in record:
-        return grade(gold, record["final"])
+        return grade(gold, record["final"], problem=problem)
     graded = [grade(gold, text, which="first") for text in record["answers"]]
     answers = [g["extracted"] for g in graded if g["extracted"] is not None]
     common = Counter(answers).most_common(1)
@@ -431,7 +432,7 @@ def table(model, profile, data_dir, results_dir):
     if saved is not None:  # the MAD After row and its control trained on these debates
         stale_debates["MAD training traces"] = sum(not r["complete"] for r in reread(
             [meta for meta, _ in saved], workflow="iterative", configs=configs))
-    graded = {row: [final_answer(r, p.answer) for r, p in zip(rs, problems)] for row, rs in runs.items()}
+    graded = {row: [final_answer(r, p.answer, p.problem) for r, p in zip(rs, problems)] for row, rs in runs.items()}
     correct = {row: [g["correct"] for g in gs] for row, gs in graded.items()}
     rates = {row: stats.rate(sum(c), n) for row, c in correct.items()}
     unparsed = {row: sum(g["extracted"] is None for g in gs) for row, gs in graded.items()}
@@ -493,7 +494,7 @@ def table(model, profile, data_dir, results_dir):
         "last 'ANSWER:' line (upper-case, or any case at a line's start; an echoed '<final answer>' placeholder "
         "skipped), else its last 'final answer is ...' or 'final answer: ...', checked against the gold answer "
         "(the solution's last \\boxed{}; its distinct boxes joined where the problem asks for answers separated "
-        "by commas) with math_verify; "
+        "by commas, and so are a final text's when its last box is its answer) with math_verify; "
         "'no answer' counts final texts with none of them (graded wrong). "
         "MADpar: each agent's first \\boxed{} (PROTOCOLS); correct when a majority of its agents is correct; its "
         "answer is the agents' most common one.",
