@@ -481,6 +481,12 @@ def test_perf_render_refuses_a_folder_without_tables_in_one_line(tmp_path):
     (tmp_path / "speedups.json").write_text('{"data": {}}')
     assert "lacks provenance" in render(tmp_path)
     assert (tmp_path / "speedups.json").read_text() == '{"data": {}}' and not (tmp_path / "speedups.md").exists()
+    (tmp_path / "speedups.json").write_text('{"data": {"figures": {}}, "provenance": {}}')
+    assert "lacks data.profile (one of the bench profiles)" in render(tmp_path)
+    (tmp_path / "speedups.json").unlink()
+    (tmp_path / "engine.json").write_text('{"data": {"rows": {}, "raw": {}}, "provenance": {}, "title": "t", '
+                                          '"columns": ["benchmark"]}')
+    assert "engine.json' lacks a 'met' column" in render(tmp_path)
 
 
 @pytest.mark.parametrize("argv", [["repro", "suites/leakage"], ["repro", "--only", "leakage", "canary"]],

@@ -108,6 +108,17 @@ def test_engine_table_rerenders_its_verdicts_from_the_stored_rounds(tmp_path):
     assert again["provenance"] == stored["provenance"] and again["data"]["raw"] == stored["data"]["raw"]
 
 
+@pytest.mark.parametrize("prov, machine", [
+    ({"load_average": [1.5], "cpu_count": 16, "threads": 8, "device": "Some CPU (8 threads)"},
+     "Some CPU (8 threads), 16 cores, 8 torch threads: 1-min load average 1.5 at the end"),
+    ({"load_average": [0.7]}, "Cores and torch threads not recorded: 1-min load average 0.7 at the end"),
+], ids=["recorded", "written-before-they-were"])
+def test_engine_notes_name_the_machine_the_provenance_records(prov, machine):
+    from choreo.perf.report import engine_notes
+
+    assert engine_notes(prov)[0].startswith(machine)
+
+
 @pytest.mark.parametrize("now, low", [
     ({"unfused": {"ttft": 3.0, "e2e": 0.9}, "fused": {"ttft": 1.0, "e2e": 1.0}}, []),
     ({"unfused": {"ttft": 3.0, "e2e": 0.9}, "fused": {"ttft": 0.4, "e2e": 1.0}}, ["fused ttft"]),
