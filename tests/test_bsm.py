@@ -30,13 +30,21 @@ def test_parse_branch():
     ("Topic:\nGroup 1: dog\nGroup 2: art", None),                      # the topic never reads a group's line
     ("Topic:\nA walk\nGroup 1: dog\nGroup 2: art", ("A walk", ["dog"], ["art"])),
     ("Topic: x\nGroup 1:\n- dog\n- ball\nGroup 2:\n1. park\n2) rivers", ("x", ["dog", "ball"], ["park", "river"])),
-    ("Topic: x\nGroup 1:\n- dog\n\n- ball\nGroup 2: art", ("x", ["dog"], ["art"])),  # a blank line ends the list
+    ("Topic: x\nGroup 1:\n- dog\n\n- ball\nGroup 2: art", ("x", ["dog", "ball"], ["art"])),  # markdown's blank lines
+    ("Topic: x\nGroup 1:\n- dog\nNotes:\n- ball\nGroup 2: art", ("x", ["dog"], ["art"])),  # another line ends it
+    ("Topic: a day out\n**Group 1:**\n\n* dog\n* ball\n\n**Group 2:**\n\n* park",
+     ("a day out", ["dog", "ball"], ["park"])),
+    ("Topic: x\n1. Group 1: dog, ball\n2. Group 2: park", ("x", ["dog", "ball"], ["park"])),  # numbered groups
+    ("Topic: x\nGroup 1: the dog, a ball\nGroup 2: an art", ("x", ["dog", "ball"], ["art"])),  # articles
+    ("Topic: x\nGroup 1: dog ball dance\nGroup 2: art", ("x", ["dog", "ball", "dance"], ["art"])),  # no commas
+    ("Topic: x\nGroup 1: dog\nGroup 2: a river walk", ("x", ["dog"], ["river"])),  # words of an unknown item
     ("Topic: x\nGroup 1 (fun): dogs, dancing\nGroup 2 (outdoors): park and art",
      ("x", ["dog", "dance"], ["park", "art"])),
     ("Topic: x\nGroup 1 (dog-walking): dog\nGroup 2: art", ("x", ["dog"], ["art"])),
     ("Topic: x\nGroup 1: dogs, dog\nGroup 2: dog, art", ("x", ["dog"], ["art"])),  # an inflection is its concept
-], ids=["topic-then-group", "topic-next-line", "bullets", "blank-ends-bullets", "parenthesis-inflections",
-        "hyphen-in-parenthesis", "inflection-taken"])
+], ids=["topic-then-group", "topic-next-line", "bullets", "blank-lines-between-bullets", "other-line-ends-bullets",
+        "markdown-bold-groups", "numbered-groups", "articles", "no-commas", "unknown-item-words",
+        "parenthesis-inflections", "hyphen-in-parenthesis", "inflection-taken"])
 def test_parse_branch_awkward_layouts(text, expected):
     assert parse_branch(text, CONCEPTS) == expected
 

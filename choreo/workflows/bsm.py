@@ -90,9 +90,10 @@ def solve_prompt(topic: str, group: Sequence[str]) -> str:
 MERGE_PROMPT = ("Combine the two stories above into one coherent story paragraph. "
                 "Keep every concept from both concept lists.")
 
-# "Group 1: dog, ball", "**Group 2 (outdoors):** park", "Group 1 - dog"; the items on the same line and on the bullet
-# lines right below it. "Topic: a day out" (or the topic alone on the next line). Never across a line break.
-_GROUP = re.compile(r"^\W*group[ \t]*([12])\b[ \t]*(?:\([^)\n]*\))?[ \t*_]*[:\-][ \t*_]*(.*)$",
+# "Group 1: dog, ball", "**Group 2 (outdoors):** park", "Group 1 - dog", "2. Group 2: park"; the items on the same
+# line and on the bullet lines below it (blank lines between them allowed). "Topic: a day out" (or the topic alone on
+# the next line). An item never runs across a line break.
+_GROUP = re.compile(r"^(?:[^\w\n]|\d+[.)])*group[ \t]*([12])\b[ \t]*(?:\([^)\n]*\))?[ \t*_]*[:\-][ \t*_]*(.*)$",
                     re.IGNORECASE | re.MULTILINE)
 _TOPIC = re.compile(r"^\W*topic[ \t*_]*[:\-][ \t*_]*(.*)$", re.IGNORECASE | re.MULTILINE)
 _BULLET = re.compile(r"[ \t]*(?:[-*\u2022+]|\d+[.)])[ \t]+(.*)")
@@ -111,14 +112,28 @@ def _topic(text: str) -> str | None:
 
 
 def _group_items(text: str, m: re.Match) -> list[str]:
-    """The raw items of the group line ``m``: its own line's, then those of the bullet lines right below it."""
+    """The raw items of the group line ``m``: its own line's, then those of the bullet lines below it (blank lines
+    between bullets skipped; the first other line ends them)."""
     parts = [m.group(2)]
     for line in text[m.end():].split("\n")[1:]:
+        if not line.strip():
+            continue
         bullet = _BULLET.fullmatch(line)
-        if bullet is None:
+        if bullet is None or _GROUP.match(line):  # "2. Group 2: ..." is the next group, not a bullet
             break
         parts.append(bullet.group(1))
     return [x for part in parts for x in re.split(r"[,;]|\band\b", part)]
+
+
+def _concepts_of(item: str, known: dict[str, str]) -> list[str]:
+    """The concepts one raw item names: the item itself without an article ("the dog"), else each of its words
+    ("dog ball run", listed without commas). Unknown words are dropped."""
+    words = [re.sub(r"^[\W_]+|[\W_]+$", "", w).lower() for w in item.split()]
+    words = [w for w in words if w]
+    if words and words[0] in ("the", "a", "an") and len(words) > 1:
+        words = words[1:]
+    whole = known.get(" ".join(words))
+    return [whole] if whole is not None else [known[w] for w in words if w in known]
 
 
 def parse_branch(text: str, concepts: Sequence[str]) -> tuple[str, list[str], list[str]] | None:
@@ -147,11 +162,11 @@ def parse_branch(text: str, concepts: Sequence[str]) -> tuple[str, list[str], li
         if k in groups:
             continue
         groups[k] = []
-        for x in (re.sub(r"^[\W_]+|[\W_]+$", "", item).lower() for item in _group_items(text, m)):
-            concept = known.get(x)
-            if concept is not None and concept not in seen:
-                groups[k].append(concept)
-                seen.add(concept)
+        for item in _group_items(text, m):
+            for concept in _concepts_of(item, known):
+                if concept not in seen:
+                    groups[k].append(concept)
+                    seen.add(concept)
     if topic is None or not groups.get(1) or not groups.get(2):
         return None
     return topic, groups[1], groups[2]
