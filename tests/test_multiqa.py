@@ -7,7 +7,7 @@ import json
 import pytest
 
 import choreo
-from choreo.data.trivia import (Question, free_text_aliases, grade, load_questions, make_pairs, matches,
+from choreo.data.trivia import (Question, free_text_aliases, grade, load_questions, make_pairs, matches, with_numbers,
                                 matches_item, normalize, overlapping, split_numbered, split_questions)
 from choreo.workflows.multiqa import MultiQAConfig, multiqa, run_condition, turn_segments
 
@@ -81,12 +81,34 @@ def test_swapped_inline_answers_grade_wrong():
     ("1. 7.5\n2. Paris", [False, True]),  # part of a number is not the token "7"
     ("1. 17\n2. Paris", [False, True]),
     ("1. 6\n2. Paris, population 7 million", [False, True]),  # a short alias counts only in its own item
-    ("There are 7 continents; the capital is Paris.", [False, True]),  # free text: short aliases do not count
+    ("There are 7 continents; the capital is Paris.", [True, True]),  # free text: a whole token
     ("There are seven continents; the capital is Paris.", [True, True]),
+    ("Question 7 is about Paris.", [False, True]),  # free text: a question's number is not an answer
+    ("Q7 and #7: Paris", [False, True]),
+    ("About 7.5 continents and Paris", [False, True]),
 ], ids=["bare", "sentence", "parenthesised", "long-alias", "decimal", "longer-number", "other-item", "free-text",
-        "free-text-long"])
+        "free-text-long", "free-text-question-number", "free-text-q-and-hash", "free-text-decimal"])
 def test_short_aliases_match_whole_tokens_of_their_item(response, expected):
     assert grade(response, [CONTINENTS, FRANCE]) == expected
+
+
+@pytest.mark.parametrize("response, aliases, correct", [
+    ("A triangle has 3 sides.", ("three",), True),  # the committed MultiQA log's "The answer is: 3" to c077
+    ("The answer is: 3", ("three",), True),
+    ("1. three", ("3",), True),
+    ("There are twenty of them", ("20",), True),
+    ("There are 21 of them", ("twenty-one",), False),  # only zero to twenty
+    ("It has 3 sides", ("four",), False),
+], ids=["digit-for-word", "answer-is", "word-for-digit-item", "twenty", "past-twenty", "wrong-number"])
+def test_numbers_up_to_twenty_are_the_same_answer_as_words_or_digits(response, aliases, correct):
+    question = Question(id="n", question="How many?", aliases=aliases)
+    assert grade(response, [question]) == [correct]
+
+
+def test_number_spellings_make_questions_overlap():
+    three = Question(id="a", question="How many sides has a triangle?", aliases=("three",))
+    digits = Question(id="b", question="How many wheels has a tricycle?", aliases=("3",))
+    assert overlapping(three, digits) and with_numbers(("three", "dozen")) == ("three", "dozen", "3")
 
 
 def test_short_aliases_are_kept(tmp_path):

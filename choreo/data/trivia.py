@@ -4,9 +4,10 @@ Grading follows the TriviaQA evaluation script: lower-case, strip punctuation an
 collapse whitespace; a prediction is correct when a normalised alias occurs in it as whole words.
 Answers to several questions are first split by their numbers ("1.", "2)", "Question 2:", "Answer 2:") at line
 starts, or inline ("1. Tokyo 2. Paris") for the next expected number; an "Answer i" item wins over an echoed
-"Question i" one. Aliases shorter than 2 characters after normalisation (e.g. "7") match only as a whole token of
-their question's item; a question whose number is missing is graded against the whole response (free text) with
-the longer aliases only.
+"Question i" one. A number from zero to twenty is the same answer as a word or in digits ("three", "3"). Aliases
+shorter than 2 characters after normalisation (e.g. "7") match only as a whole token: of their question's item, or,
+for a question whose number is missing (graded against the whole response, as free text), of the response, but
+not as the number of a question ("Question 2", "Q2", "#2").
 
 The built-in set (``trivia_questions.json``) is the subset of ``trivia_candidates.json`` that the
 embedded SmolLM2-135M-Instruct answers correctly when asked alone (greedy), made by::
@@ -43,8 +44,12 @@ _ITEM = re.compile(r"(?:^|\n)[ \t>*#-]*(?:\*\*)?(question|answer|q|a)?[ \t]*(\d+
 _INLINE = re.compile(r"(?<=[ \t])(?:\*\*)?(?:(question|answer)[ \t]*)?(\d+)(?:\*\*)?([.):])(?:\*\*)?(?=[ \t]+\S)",
                      re.IGNORECASE)
 _ANSWER_WORDS = ("answer", "a")
-# Aliases shorter than this after normalisation ("7", "x") count only within their question's numbered item.
+# Aliases shorter than this after normalisation ("7", "x") count only as whole tokens (``matches_item``, ``grade``).
 SHORT_ALIAS = 2
+_NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+                 "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty")
+# the words before a question's own number in a free-text answer ("Question 2", "Q2", "#2", "number 2")
+_NUMBERING = {"question", "questions", "q", "number", "no", "#"}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -133,14 +138,53 @@ def _tokens(text: str) -> set[str]:
     return {normalize(token.strip(_PUNCT_CHARS)) for token in text.split()}
 
 
+def with_numbers(aliases: Sequence[str]) -> tuple[str, ...]:
+    """``aliases`` and, for each that is a number from zero to twenty, its other spelling (word or digits).
+
+    Example: ``with_numbers(["three"])`` is ``("three", "3")``; ``with_numbers(["12", "dozen"])`` is ``("12",
+    "dozen", "twelve")``.
+    """
+    out = list(aliases)
+    for a in map(normalize, aliases):
+        other = (str(_NUMBER_WORDS.index(a)) if a in _NUMBER_WORDS else
+                 _NUMBER_WORDS[int(a)] if a.isascii() and a.isdigit() and int(a) < len(_NUMBER_WORDS) else None)
+        if other is not None and other not in out:
+            out.append(other)
+    return tuple(out)
+
+
+def _short(aliases: Sequence[str]) -> set[str]:
+    return {a for a in map(normalize, aliases) if 0 < len(a) < SHORT_ALIAS}
+
+
 def matches_item(item: str, aliases: Sequence[str]) -> bool:
     """Whether a numbered item answers a question: an alias of ``SHORT_ALIAS``+ characters occurs in it as whole
-    words (``matches``), or a shorter one is a whole token of it.
+    words (``matches``), or a shorter one is a whole token of it; numbers up to twenty as words or digits.
 
     Example: ``matches_item("7 (seven)", ["7"])`` is True; ``matches_item("7.5", ["7"])`` is False.
     """
-    short = {a for a in map(normalize, aliases) if 0 < len(a) < SHORT_ALIAS}
-    return matches(item, free_text_aliases(aliases)) or bool(short & _tokens(item))
+    aliases = with_numbers(aliases)
+    return matches(item, free_text_aliases(aliases)) or bool(_short(aliases) & _tokens(item))
+
+
+def matches_free_text(response: str, aliases: Sequence[str]) -> bool:
+    """Whether a response with no item for the question answers it: an alias of ``SHORT_ALIAS``+ characters as whole
+    words, or a shorter one as a whole token that does not number a question ("Question 2"); numbers up to twenty
+    as words or digits.
+
+    Example: ``matches_free_text("A triangle has 3 sides.", ["three"])`` is True; ``matches_free_text("Question 3
+    is hard.", ["3"])`` is False.
+    """
+    aliases = with_numbers(aliases)
+    if matches(response, free_text_aliases(aliases)):
+        return True
+    short, previous = _short(aliases), ""
+    for raw in response.split():
+        token = normalize(raw.strip(_PUNCT_CHARS))
+        if token in short and previous not in _NUMBERING and not raw.startswith("#"):
+            return True
+        previous = token if token else raw.strip()  # "#" normalises to nothing
+    return False
 
 
 def free_text_aliases(aliases: Sequence[str]) -> tuple[str, ...]:
@@ -153,19 +197,21 @@ def grade(response: str, questions: Sequence[Question]) -> list[bool]:
     """Per-question correctness of one response to a numbered list of questions.
 
     Question i (1-based) is graded on item i of the response's numbered list (``split_numbered``) when there is
-    one, with all its aliases (``matches_item``); else on the whole response with ``free_text_aliases`` only.
+    one (``matches_item``); else on the whole response (``matches_free_text``).
     Example: ``grade("1. Paris\\n2. Hamlet", [q_france, q_hamlet_author])`` is [True, False].
     """
     items = split_numbered(response)
-    return [matches_item(items[i], q.aliases) if i in items else matches(response, free_text_aliases(q.aliases))
+    return [matches_item(items[i], q.aliases) if i in items else matches_free_text(response, q.aliases)
             for i, q in enumerate(questions, start=1)]
 
 
 def overlapping(a: Question, b: Question) -> bool:
-    """Whether an answer to one question could be graded correct for the other (shared alias words)."""
-    na, nb = [x for x in map(normalize, a.aliases) if x], [x for x in map(normalize, b.aliases) if x]
+    """Whether an answer to one question could be graded correct for the other (shared alias words, numbers as words
+    or digits)."""
+    aliases_a, aliases_b = with_numbers(a.aliases), with_numbers(b.aliases)
+    na, nb = [x for x in map(normalize, aliases_a) if x], [x for x in map(normalize, aliases_b) if x]
     return any(f" {x} " in f" {y} " or f" {y} " in f" {x} " for x in na for y in nb) or \
-        matches(a.question, b.aliases) or matches(b.question, a.aliases)
+        matches(a.question, aliases_b) or matches(b.question, aliases_a)
 
 
 # ---------------------------------------------------------------------------------------------------------------
