@@ -45,7 +45,7 @@ FINETUNE = {
     "small": None,  # hours of CPU on a shared 2-core machine; run at `paper` (GPU) or set CHOREO_LEAKAGE_FINETUNE=1
     "paper": dict(train=450, dev=50, first_seed=500, preset="paper"),
 }
-# The reduced CPU run distils the adapter-off baseline (loss "kl"): on the blockage recovery task it closed 71%
+# The reduced CPU run distils the adapter-off baseline (loss "kl"): on the blockage recovery task it closed 67%
 # of the held-out KL where cross-entropy on sampled tokens closed little (results/finetune/recovery.md).
 FINETUNE_REDUCED = dict(train=24, dev=8, first_seed=500, preset="embedded-cpu", overrides=dict(loss="kl", lr=1e-3))
 ARM_NAMES = {"baseline": "Baseline", "choreographed": "Choreographed", "leak_system": "Leak System",
