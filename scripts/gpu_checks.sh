@@ -41,13 +41,27 @@ done
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 
+# Without CUDA every GPU test and benchmark would skip and each stage would still exit 0: refuse at once.
 $py - <<'PY' | tee "$out/machine.txt"
-import platform, torch, triton, transformers
+import platform, sys, torch, triton
+if not torch.cuda.is_available():
+    sys.exit(f"gpu_checks.sh: torch {torch.__version__} sees no CUDA device: every GPU test would skip")
+try:
+    import transformers
+    transformers_version = transformers.__version__
+except ImportError:
+    transformers_version = None
+props = torch.cuda.get_device_properties(0)
 print("device", torch.cuda.get_device_name(), "| capability", torch.cuda.get_device_capability(),
+      "| SMs", props.multi_processor_count, "| L2", getattr(props, "L2_cache_size", None),
       "| python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda,
-      "| triton", triton.__version__, "| transformers", transformers.__version__)
+      "| triton", triton.__version__, "| transformers", transformers_version)
 PY
+[ "${PIPESTATUS[0]}" = 0 ] || exit 2
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >>"$out/machine.txt" 2>&1
+# The code that ran: a checkout's HEAD and whether it was edited, or $CHOREO_GIT_COMMIT for a copy without .git
+{ git rev-parse HEAD 2>/dev/null && git status --porcelain --untracked-files=no 2>/dev/null; } >"$out/git.txt" \
+  || echo "no git repository here; CHOREO_GIT_COMMIT=${CHOREO_GIT_COMMIT:-unset}" >"$out/git.txt"
 
 xdist=()
 $py -c "import xdist" 2>/dev/null && xdist=(-p xdist -n 8)

@@ -18,9 +18,9 @@ def _bench():
     speed = lambda impl, s, tf: _record(f"test_segment_attention_speed[w-{impl}]", "w", impl=impl,  # noqa: E731
                                         seconds_per_call=s, tflops=tf, peak_extra_mem_mib=1.0, mask_density=0.5,
                                         attended_pairs=100)
-    tile = lambda s, m, k: _record("test_segment_attention_tiles[w-x]", "w tiles", seconds_per_call=s,  # noqa: E731
-                                   tflops=1 / s, num_splits=k,
-                                   config=dict(block_m=m, block_n=64, num_warps=4, num_stages=3, flat=True))
+    tile = lambda s, m, k, default=False: _record(  # noqa: E731
+        "test_segment_attention_tiles[w-x]", "w tiles", seconds_per_call=s, tflops=1 / s, num_splits=k,
+        is_default=default, config=dict(block_m=m, block_n=64, num_warps=4, num_stages=3, flat=True))
     train = lambda impl, s: _record(f"test_segment_attention_training_speed[w-{impl}]", "w training",  # noqa: E731
                                     impl=impl, seconds_per_call=s, tflops=1 / s, peak_extra_mem_mib=s * 1e4,
                                     attended_pairs=100)
@@ -35,7 +35,7 @@ def _bench():
     return {"datetime": "2026-11-26T05:11:17", "machine_info": {"python_version": "3.12.3"},
             "benchmarks": [vs("forward", "base", 3e-3), vs("forward", "head", 2e-3),
                            speed("triton", 2e-3, 100.0), speed("sdpa_causal", 1e-3, 200.0),
-                           speed("flex", 4e-3, 50.0), tile(3e-3, 128, 1), tile(1.5e-3, 64, 2),
+                           speed("flex", 4e-3, 50.0), tile(3e-3, 128, 1, True), tile(1.5e-3, 64, 2),
                            speed("triton_prerotate", 1.25e-3, 160.0),
                            train("triton", 4e-3), train("sdpa_dense", 1e-2), train("sdpa_causal", 3e-3),
                            bwd("default", 4e-3), bwd("dkdv m128 w8 s1", 5e-3),
@@ -50,9 +50,18 @@ def test_summary_picks_the_fastest_sweep_config():
     assert summary["w"]["best"]["config"] == "m64 n64 w4 s3 flat, 2 split(s)"
     row = bench_report.table_rows(summary)[0]
     assert row[4] == "1,250 us (160)"  # the moved keys copied first
-    # causal SDPA 1.0 ms / the defaults' 2.0 ms, then / the fastest kernel (prerotate) 1.25 ms
-    assert row[6] == "50% (80%)"
-    assert row[-1] == "2.0x (3.2x)"  # Flex + gather 4.0 ms / 2.0 ms, then / 1.25 ms
+    # causal SDPA 1.0 ms / the defaults' 2.0 ms, then / the fastest: the sweep's best ran in half the defaults'
+    # time in the sweep (1.5 / 3.0 ms), so 2.0 ms x 0.5 = 1.0 ms, faster than prerotate's 1.25 ms
+    assert row[6] == "50% (100%)"
+    assert row[-1] == "2.0x (4.0x)"  # Flex + gather 4.0 ms / 2.0 ms, then / 1.0 ms
+    no_default = bench_report.summarize({"benchmarks": [
+        b if "_tiles" not in b["name"] else b | {"extra_info": b["extra_info"] | {"is_default": False}}
+        for b in _bench()["benchmarks"] if "prerotate" not in b["name"]]})
+    assert bench_report.table_rows(no_default)[0][6] == "50%"  # a sweep without the defaults: no tuned ratio
+    retimed = bench_report.summarize({"benchmarks": [
+        b if "_tiles" not in b["name"] else b | {"extra_info": b["extra_info"] | {"is_default": True}}
+        for b in _bench()["benchmarks"] if "prerotate" not in b["name"]]})
+    assert bench_report.table_rows(retimed)[0][6] == "50%"  # the best is the defaults, timed again: no bracket
     alone = bench_report.summarize({"benchmarks": [b for b in _bench()["benchmarks"] if "_tiles" not in b["name"]
                                                    and "prerotate" not in b["name"]]})
     assert bench_report.table_rows(alone)[0][6] == "50%"  # the defaults are the only configuration timed

@@ -42,8 +42,10 @@ Not supported:
 
 Measured on an H200 (bf16, H=32, Hkv=8, D=128): prefill over 1k-4k moved keys at 89-92% of causal SDPA's speed
 at equal attended tokens, over 16k moved keys at 82-85%; decode 17-29x faster than FlexAttention after the gather
-it needs. The figures, what the compiled code shows of where the time goes (instructions per key tile, registers,
-pipelining) and what each change did: ``triton_kernels/NOTES.md``, with the tables in ``results/kernels/``.
+it needs (by a harness whose causal SDPA read a cache shared across the batch and whose kernel timings included
+per-call checks: ``triton_kernels/NOTES.md`` says how that skews them). The figures, what the compiled code shows
+of where the time goes (instructions per key tile, registers, pipelining) and what each change did:
+``triton_kernels/NOTES.md``, with the tables in ``results/kernels/``.
 
 Worked example (call 0 sees store rows 0..9 moved 5 positions later, then its own 3 tokens, 2 of them new)::
 

@@ -26,7 +26,8 @@ this checkout against another commit's, forward and forward + backward, workload
 triton_kernels | tar -x -C DIR``; a file ``DIR/COMMIT`` names the commit in the records).
 
 Run: ``pytest tests/kernels/bench_segment_attention.py -m gpu --benchmark-group-by=group``; add
-``--benchmark-save=NAME`` / ``--benchmark-compare --benchmark-compare-fail=mean:10%`` for regression gates.
+``--benchmark-save=NAME`` / ``--benchmark-compare --benchmark-compare-fail=median:10%`` for regression gates (the
+median, as the tables report; pytest-benchmark's times are per round: ``calls_per_round`` calls).
 """
 
 from __future__ import annotations
@@ -156,12 +157,24 @@ def _gather_rotated(args, layout):
     return rope_shift(k, layout.key_delta[:, None, :], inv_freq).to(q.dtype), v
 
 
-def _kernel_call(kernels, w: Workload, args):
-    """The kernel of the package ``kernels`` (``triton_kernels``, or another commit's) at its own defaults, its
-    tile table built once outside timing, as the engine does per step."""
-    cfg = kernels.launch_config(w.S * H // HKV, D, DTYPE, kernels.interpreter_active())
+def _kernel_call(kernels, w: Workload, args, *, config=None, num_splits=None, prepared: bool | None = None):
+    """The kernel of the package ``kernels`` (``triton_kernels``, or another commit's) at ``config`` (default: its
+    own defaults). Its tile table is built, and its arguments checked and its tables copied (``prepare_launch``),
+    once outside timing, as the engine does once per forward pass for every layer: what is timed is the launch
+    (``run_launch``), with the own rows' longest length given so that the backward reads nothing back from the
+    device. ``prepared=False`` times the whole ``segment_attention`` call instead (a commit without
+    ``prepare_launch``: both sides of a comparison must be timed alike); default: whether ``kernels`` has it."""
+    cfg = config or kernels.launch_config(w.S * H // HKV, D, DTYPE, kernels.interpreter_active())
     tiles = kernels.tile_table(*args[3:6], cfg.block_n)
-    return lambda: kernels.segment_attention(*args, config=cfg, tiles=tiles)
+    splits = {} if num_splits is None else {"num_splits": num_splits}
+    if prepared is None:
+        prepared = hasattr(kernels, "prepare_launch")
+    if not prepared:
+        return lambda: kernels.segment_attention(*args, config=cfg, tiles=tiles, **splits)
+    launch = kernels.prepare_launch(*args, config=cfg, tiles=tiles, max_own_len=w.own_past + w.S,
+                                    copy_tables=False, **splits)
+    q, k, v = args[:3]
+    return lambda: kernels.run_launch(q, k, v, launch)
 
 
 def make_impl(name: str, w: Workload, args):
@@ -174,8 +187,7 @@ def make_impl(name: str, w: Workload, args):
         return _kernel_call(triton_kernels, w, args)
     if name == "triton_prerotate":  # the moved keys copied first (``LaunchConfig.prerotate``)
         cfg = dataclasses.replace(triton_kernels.launch_config(w.S * H // HKV, D, DTYPE), prerotate=True)
-        tiles = triton_kernels.tile_table(*args[3:6], cfg.block_n)
-        return lambda: triton_kernels.segment_attention(*args, config=cfg, tiles=tiles)
+        return _kernel_call(triton_kernels, w, args, config=cfg)
     layout = dense_layout(*args[3:9], w.S)
     if name == "sdpa_dense":
         mask = layout.mask[:, None]  # (B, 1, S, T)
@@ -211,11 +223,19 @@ def make_impl(name: str, w: Workload, args):
     if name == "sdpa_causal":
         from torch.nn.attention.bias import causal_lower_right
 
+        # Every call its own contiguous cache of T rows, as ordinary batched attention reads: (B, Hkv, T, D). One
+        # store expanded over the batch (batch stride 0) would let the B calls share T rows in the L2 cache.
         T = layout.key_rows.shape[1]
-        k = args[1][:, :T].expand(w.B, -1, -1, -1)  # (B, Hkv, T, D) contiguous rows, no gather
-        v = args[2][:, :T].expand(w.B, -1, -1, -1)
+        grad = args[1].requires_grad
+        k, v = (torch.randn(w.B, HKV, T, D, device=q.device, dtype=q.dtype).requires_grad_(grad) for _ in range(2))
         mask = causal_lower_right(w.S, T)
-        return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+        def sdpa_causal():
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+        sdpa_causal.kv = (k, v)
+        sdpa_causal.leaves = (k, v) if grad else ()  # its own keys and values take gradients in a training step
+        return sdpa_causal
     raise ValueError(f"unknown implementation {name!r}")
 
 
@@ -250,6 +270,9 @@ def input_sets(w: Workload, device="cuda") -> list[tuple]:
     return [first] + [build_inputs(w, device, seed=seed) for seed in range(1, n)]
 
 
+WARM_S = 0.2  # seconds of the timed rounds themselves run before timing, in every test
+
+
 def _time(benchmark, fns, w: Workload, rounds: int = 10) -> float:
     """Median seconds per call over ``rounds`` rounds of REPS calls each, the calls taking the zero-argument
     functions ``fns`` in turn (one per input set, ``input_sets``; each called once before timing)."""
@@ -264,6 +287,9 @@ def _time(benchmark, fns, w: Workload, rounds: int = 10) -> float:
     for fn in fns:
         fn()
     torch.cuda.synchronize()
+    end = time.perf_counter() + WARM_S  # the GPU idled while this test built its inputs: back to full clocks
+    while time.perf_counter() < end:
+        run()
     benchmark.pedantic(run, rounds=rounds, warmup_rounds=2, iterations=1)
     benchmark.extra_info.update(calls_per_round=reps, input_sets=len(fns))
     return benchmark.stats.stats.median / reps
@@ -276,9 +302,10 @@ def _training_step(make, args):
     leaves = tuple(t.detach().requires_grad_() for t in args[:3])
     fn = make((*leaves, *args[3:]))
     g = torch.randn_like(leaves[0])
+    wanted = leaves + tuple(getattr(fn, "leaves", ()))  # causal SDPA: its own keys and values, not the store's
 
     def step():
-        return torch.autograd.grad(fn(), leaves, g)
+        return torch.autograd.grad(fn(), wanted, g, allow_unused=True)[:len(leaves)]
 
     step.leaves, step.cotangent = leaves, g
     return step
@@ -374,7 +401,7 @@ TILE_IDS = [f"{w.name}-m{c.block_m}n{c.block_n}w{c.num_warps}s{c.num_stages}"
 @pytest.mark.parametrize("w, cfg, splits", TILES, ids=TILE_IDS)
 def test_segment_attention_tiles(benchmark, w, cfg, splits):
     """The kernel at each candidate tile configuration and split count (what the defaults are chosen from)."""
-    from triton_kernels import default_splits, launch_config, segment_attention, tile_table
+    from triton_kernels import default_splits, launch_config, tile_table
     from triton_kernels.reference import dense_layout
 
     if cfg.tma and torch.cuda.get_device_capability()[0] < 9:
@@ -382,11 +409,11 @@ def test_segment_attention_tiles(benchmark, w, cfg, splits):
     sets = input_sets(w)
     args = sets[0]
 
-    tables = [tile_table(*a[3:6], cfg.block_n) for a in sets]  # built once, as the engine does per step
+    import triton_kernels
+
     benchmark.group = f"{w.name} tiles"
-    seconds = _time(benchmark, [lambda a=a, t=t: segment_attention(*a, config=cfg, tiles=t, num_splits=splits)
-                                for a, t in zip(sets, tables)], w)
-    tiles = tables[0]
+    seconds = _time(benchmark, [_kernel_call(triton_kernels, w, a, config=cfg, num_splits=splits) for a in sets], w)
+    tiles = tile_table(*args[3:6], cfg.block_n)
     pairs = int(dense_layout(*args[3:9], w.S).mask.sum())
     default = launch_config(w.S * H // HKV, D, DTYPE)
     default_k = default_splits(triton.cdiv(w.S * H // HKV, default.block_m) * w.B * HKV,
@@ -499,17 +526,18 @@ def test_segment_attention_vs_base(benchmark, w, mode, which):
     sets = input_sets(w)
     args = sets[0]
     mine, other = (base, triton_kernels) if which == "base" else (triton_kernels, base)
+    prepared = hasattr(base, "prepare_launch")  # both commits timed alike: the launch alone, or the whole call
     if mode == "forward":
-        torch.testing.assert_close(_kernel_call(mine, w, args)(), _kernel_call(other, w, args)(), atol=2e-2,
-                                   rtol=2e-2)
-        fns = [_kernel_call(mine, w, a) for a in sets]
+        torch.testing.assert_close(_kernel_call(mine, w, args, prepared=prepared)(),
+                                   _kernel_call(other, w, args, prepared=prepared)(), atol=2e-2, rtol=2e-2)
+        fns = [_kernel_call(mine, w, a, prepared=prepared) for a in sets]
     else:
-        fns = [_training_step(lambda a: _kernel_call(mine, w, a), a) for a in sets]
-        _assert_grads_close(fns[0], lambda a: _kernel_call(other, w, a), args)
+        fns = [_training_step(lambda a: _kernel_call(mine, w, a, prepared=prepared), a) for a in sets]
+        _assert_grads_close(fns[0], lambda a: _kernel_call(other, w, a, prepared=prepared), args)
     torch.cuda.synchronize()
     benchmark.group = f"{w.name} vs base {mode}"
     seconds = _time(benchmark, fns, w)
     pairs = int(dense_layout(*args[3:9], w.S).mask.sum())
     flops = (3.5 if mode == "training" else 1.0) * 4 * D * H * pairs
-    benchmark.extra_info.update(which=which, mode=mode, base_commit=base_commit, **_machine_info(),
+    benchmark.extra_info.update(which=which, mode=mode, base_commit=base_commit, prepared=prepared, **_machine_info(),
                                 seconds_per_call=seconds, tflops=flops / seconds / 1e12)
