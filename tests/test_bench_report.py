@@ -190,3 +190,14 @@ def test_a_render_without_training_or_base_records_removes_their_old_tables(tmp_
     assert (out / "segment_attention.md").exists() and (out / "other_training.md").exists()
     bench_report.write_report(full, out, commit="abc", command="c")
     assert all(p.exists() for p in companions)
+
+
+def test_notes_describe_only_what_the_json_timed(tmp_path):
+    """No prerotate records, no one-delta workload: the notes say so instead of describing them."""
+    src = tmp_path / "bench.json"
+    src.write_text(json.dumps({**_bench(), "benchmarks": [b for b in _bench()["benchmarks"]
+                                                           if "prerotate" not in b["name"]]}))
+    bench_report.write_report(src, tmp_path / "out", commit="abc", command="c")
+    text = (tmp_path / "out" / "segment_attention.md").read_text()
+    assert "'moved keys copied first': not timed in this run" in text and "one-delta" not in text
+    assert "test_segment_attention_tiles: 2 configurations per workload" in text

@@ -257,17 +257,33 @@ def write_report(bench_json: Path, out: Path, *, commit: str | None, command: st
                   + " calls then one synchronisation; median round / calls" + _input_sets_note(bench),
     }
     out.mkdir(parents=True, exist_ok=True)
+    # what the notes describe is what this JSON timed: workloads and columns it has no records for are not told
+    names = set(summary)
+    timed = {impl for w in summary.values() for impl in w["impls"]}
+    swept = {n: len(w["sweep"]) for n, w in summary.items() if w["sweep"]}
+    workloads = ["the one-segment workload reads one 4k-token message instead"] if any(
+        "one-segment" in n for n in names) else []
+    if any("one-delta" in n for n in names):
+        workloads.append("the one-delta workload moves the same messages by one common delta (one re-rotation per "
+                         "call instead of one per message)")
+    if any("unmoved" in n for n in names):
+        workloads.append("the unmoved workload reads the same messages where they were encoded (no re-rotation): "
+                         "kernel and causal SDPA only")
+    sweep_sizes = sorted(set(swept.values()))
     notes = [
         "Each cell: median time per call (TFLOP/s over attended (query, key) pairs: 4 * D flops per pair and "
         "query head). Workloads: H=32 query heads, Hkv=8, D=128, bf16; B calls attend to randomly chosen 128-token "
         "messages of a cache twice as large as what they read, moved back to back by position deltas, then "
-        "causally to their own tokens; the one-segment workload reads one 4k-token message instead. The "
-        "one-delta workload moves the same messages by one common delta (one re-rotation per call instead of one "
-        "per message) and the unmoved one reads them where they were encoded (none): kernel and causal SDPA only.",
+        "causally to their own tokens" + "".join(f"; {w}" for w in workloads) + ".",
         "'defaults then': the kernel's default tiles and split count at the benchmarked commit; 'best of sweep': "
         "the fastest of the tile / loop / split-K configurations timed in the same run "
-        "(test_segment_attention_tiles); 'moved keys copied first': the default tiles with LaunchConfig.prerotate "
-        "(a pass that copies the moved keys, moved, before the main loop; its time included; prefill only). The "
+        "(test_segment_attention_tiles"
+        + (f": {'/'.join(map(str, sweep_sizes))} configurations per workload, '-' where none ran" if swept else
+           ": not run")
+        + ")" + ("; 'moved keys copied first': the default tiles with LaunchConfig.prerotate (a pass that copies "
+                 "the moved keys, moved, before the main loop; its time included; prefill only)"
+                 if "triton_prerotate" in timed else "; 'moved keys copied first': not timed in this run")
+        + ". The "
         "speed relative to causal SDPA and Flex is the defaults', then in brackets the fastest's where that is "
         "another configuration: the moved keys copied first (timed in the same test as causal SDPA), or the "
         "sweep's best, as the defaults' time scaled by best / defaults within the sweep (a configuration chosen "
