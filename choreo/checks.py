@@ -11,7 +11,7 @@ import math
 import numbers
 import operator
 
-__all__ = ["check_int", "check_int_fields", "check_sampling_fields", "is_int", "is_real"]
+__all__ = ["check_int", "check_int_fields", "check_sampling", "check_sampling_fields", "is_int", "is_real"]
 
 
 def is_int(x) -> bool:
@@ -50,16 +50,21 @@ def check_int_fields(config, names, *, minimum: int = 1, maximum: int | None = N
         object.__setattr__(config, name, value)
 
 
+_UNSET = object()  # an argument not given (None is a value, and refused)
+
+
+def check_sampling(*, temperature=_UNSET, top_p=_UNSET, prefix: str = "") -> None:
+    """ValueError unless ``temperature`` (when given) is a finite number >= 0 and ``top_p`` (when given) a number in
+    (0, 1]; messages name them after ``prefix`` ("ToTConfig." names the fields of a config)."""
+    if temperature is not _UNSET and (not is_real(temperature) or not 0 <= temperature < math.inf):
+        raise ValueError(f"{prefix}temperature must be a finite number >= 0, got {temperature!r}")
+    if top_p is not _UNSET and (not is_real(top_p) or not 0 < top_p <= 1):
+        raise ValueError(f"{prefix}top_p must be a number in (0, 1], got {top_p!r}")
+
+
 def check_sampling_fields(config) -> None:
-    """The sampling fields a (frozen) dataclass has, checked as ``choreo.Call`` checks them, so that a config that
-    could not run is refused when it is made, not at its first call: ``temperature`` a finite number >= 0, ``top_p``
-    a number in (0, 1]. Messages name the field as ``ClassName.field``."""
-    name = type(config).__name__
-    if hasattr(config, "temperature"):
-        t = config.temperature
-        if not is_real(t) or not 0 <= t < math.inf:
-            raise ValueError(f"{name}.temperature must be a finite number >= 0, got {t!r}")
-    if hasattr(config, "top_p"):
-        p = config.top_p
-        if not is_real(p) or not 0 < p <= 1:
-            raise ValueError(f"{name}.top_p must be a number in (0, 1], got {p!r}")
+    """The sampling fields a (frozen) dataclass has, checked as ``choreo.Call`` checks them (``check_sampling``), so
+    that a config that could not run is refused when it is made, not at its first call. Messages name the field as
+    ``ClassName.field``."""
+    check_sampling(temperature=getattr(config, "temperature", _UNSET), top_p=getattr(config, "top_p", _UNSET),
+                   prefix=f"{type(config).__name__}.")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 import operator
 import time
 from typing import Iterable, Sequence
@@ -20,7 +19,7 @@ import torch
 from .attention import AttentionPlan, default_backend, get_backend, triton_unsupported
 from .cache import KVStore, Message
 from .chat import ChatFormat, parse_role
-from .checks import check_int, is_int, is_real
+from .checks import check_int, check_sampling, is_int
 from .lora import adapter_scope
 from .model import Model
 from .sampling import make_generator, sample
@@ -63,10 +62,7 @@ class Call:
         if not isinstance(self.prefix, str):
             raise ValueError(f"prefix must be a string (text the turn starts with), got {self.prefix!r}")
         check_int("max_tokens", self.max_tokens)
-        if not is_real(self.temperature) or not 0 <= self.temperature < math.inf:
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not is_real(self.top_p) or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        check_sampling(temperature=self.temperature, top_p=self.top_p)
         if not is_int(self.seed) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             raise ValueError(f"seed must be an integer in [0, 2**32 - 1], got {self.seed!r}: torch's CPU generator "
                              f"keeps a seed's low 32 bits only, so seeds differing by a multiple of 2**32 (or a "

@@ -134,9 +134,8 @@ def load_adapter(model, path: str | Path, *, trainable: bool = False):
                              f"unload_adapter(model) first")
         _check_same_weights(model, weights, path)
         set_peft_model_state_dict(model.hf_model, weights)
-        for name, p in model.hf_model.named_parameters():
-            if "lora_" in name:
-                p.requires_grad_(trainable)
+        for p in _lora_parameters(model).values():
+            p.requires_grad_(trainable)
     else:
         base = model.hf_model
         try:
@@ -206,15 +205,20 @@ def _check_same_weights(model, weights: dict, path: Path, *, hint: str = "unload
                          f"{hint}")
 
 
+def _lora_parameters(model) -> dict[str, torch.nn.Parameter]:
+    """The adapter's parameters by name (peft names every LoRA weight ``...lora_A...`` / ``...lora_B...``)."""
+    return {n: p for n, p in model.hf_model.named_parameters() if "lora_" in n}
+
+
 def adapter_weights(model) -> dict[str, torch.Tensor]:
     """A CPU copy of the adapter's weights, by parameter name (what ``set_adapter_weights`` puts back)."""
-    return {n: p.detach().cpu().clone() for n, p in model.hf_model.named_parameters() if "lora_" in n}
+    return {n: p.detach().cpu().clone() for n, p in _lora_parameters(model).items()}
 
 
 def set_adapter_weights(model, weights: dict[str, torch.Tensor], *, where: str) -> None:
     """Copy ``adapter_weights`` (parameter name -> tensor) into the model's adapter of the same layout; ``where``
     names their source in the error when the names or shapes differ (nothing is copied then)."""
-    params = {n: p for n, p in model.hf_model.named_parameters() if "lora_" in n}
+    params = _lora_parameters(model)
     if params.keys() != weights.keys():
         raise ValueError(f"{where}: its LoRA weights do not match the model's adapter ({len(weights)} saved, "
                          f"{len(params)} in the model)")

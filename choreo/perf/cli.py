@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shlex
 import sys
@@ -136,7 +135,7 @@ def remeasure_memory(out: Path, model: Model, *, model_path: str | None = None, 
 def _check_joinable(path: Path, data: dict, timed: dict, model: Model) -> None:
     """Refuse (ValueError naming ``path``) to join this run's memory to timings measured on a GPU, of another
     model, or at other sizes than ``data``'s profile has now: the table would describe one run it never was."""
-    from .report import _device_type
+    from .report import _device_type, timed_sizes
 
     where = f"--memory-only: {str(path)!r}"
     device = _device_type(data, timed)
@@ -148,8 +147,7 @@ def _check_joinable(path: Path, data: dict, timed: dict, model: Model) -> None:
         raise ValueError(f"{where} timed model {recorded.get('name')!r} (sha256 {recorded.get('sha256')!r}), not "
                          f"{model.spec.name!r} (sha256 {model.spec.sha256!r}): pass the model it timed (--model, "
                          f"--random-weights) or run `choreo bench`")
-    cfg = BENCH_PROFILES[data["profile"]]
-    now = {"rounds": cfg.rounds, "warmup": cfg.warmup, **dataclasses.asdict(cfg.lengths)}
+    now = timed_sizes(BENCH_PROFILES[data["profile"]])
     sizes = timed.get("sample_sizes") or {}
     changed = {k: (sizes[k], v) for k, v in now.items() if k in sizes and sizes[k] != v}
     if changed:

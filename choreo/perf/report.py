@@ -205,6 +205,11 @@ def render_notes(data: dict, prov: dict) -> list[str]:
 TITLE = "Performance: choreographed vs re-encoding vs Hugging Face (teacher-forced)"
 
 
+def timed_sizes(cfg) -> dict:
+    """The sizes a ``BenchConfig``'s timings depend on, as the provenance records them (``sample_sizes``)."""
+    return {"rounds": cfg.rounds, "warmup": cfg.warmup, **dataclasses.asdict(cfg.lengths)}
+
+
 def write_results(out: Path, *, model: Model, profile: str, figures: dict, memory: dict, scaling: dict,
                   cost: dict | None = None, command: str | None = None, scaling_warmup: int | None = None,
                   name: str = "speedups", **extra) -> Path:
@@ -223,7 +228,7 @@ def write_results(out: Path, *, model: Model, profile: str, figures: dict, memor
 
     cfg = BENCH_PROFILES[profile]
     scaling_warmup = cfg.warmup if scaling_warmup is None else scaling_warmup
-    sizes = {"rounds": cfg.rounds, "warmup": cfg.warmup, **dataclasses.asdict(cfg.lengths)}
+    sizes = timed_sizes(cfg)
     if scaling:
         sizes.update(scaling_rounds=cfg.scaling_rounds, scaling_warmup=scaling_warmup)
     prov = provenance(model, seeds=None, sample_sizes=sizes,
