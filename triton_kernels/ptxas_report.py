@@ -14,6 +14,7 @@ Usage (TRITON_INTERPRET must be unset: interpreted kernels cannot be compiled)::
 
     python -m triton_kernels.ptxas_report                 # the default tiles, sm_90
     python -m triton_kernels.ptxas_report --sweep dq --head-dim 128 --dtype bf16
+    python -m triton_kernels.ptxas_report --sweep fwd --seq-len 1      # the forward's tiles for decode
     python -m triton_kernels.ptxas_report --flat-stages 3 5     # the flat loops at other stage counts
     python -m triton_kernels.ptxas_report --dtype bf16 --head-dim 128 --opcodes 12   # where the loops' issue goes
 """
@@ -51,7 +52,8 @@ class KernelStats:
     None without nvdisasm); ``switch_instructions``: what the largest block that loop jumps over issues when it
     runs (the forward's re-rotation at a new segment, ``switch_instructions``); ``loop_opcodes`` /
     ``switch_opcodes``: how many of each opcode those are (``opcodes``), when asked for. The loop figures are
-    None for a kernel without a loop (``prerotate``, the pass that copies moved keys)."""
+    None for a kernel without a loop (``prerotate``, the pass that copies moved keys). ``seq_len``: the new tokens
+    per call it was compiled for (1: a decode launch); ``split``: the forward's split-K variant."""
 
     kernel: str
     dtype: str
@@ -64,6 +66,8 @@ class KernelStats:
     flat_stages: int | None
     deterministic: bool
     moved: bool
+    seq_len: int
+    split: bool
     registers: int
     spill_bytes: int
     shared_bytes: int
@@ -86,10 +90,11 @@ def _kernel(name: str):
             "prerotate": fwd._prerotate_keys}[name]
 
 
-def values(head_dim: int) -> dict[str, int]:
-    """Representative integer arguments: q (B, H, S, D) and out contiguous, store (Hkv, N, D), tile table (B, T),
-    segment table (B, G), H = 32 query heads over Hkv = 8."""
-    S, H, Hkv, T, N, G, D = 256, 32, 8, 40, 40000, 8, head_dim
+def values(head_dim: int, seq_len: int = 256) -> dict[str, int]:
+    """Representative integer arguments: q (B, H, S, D) and out contiguous with S = ``seq_len`` new tokens per call
+    (1 at decode, which the JIT then compiles as a constant), store (Hkv, N, D), tile table (B, T), segment table
+    (B, G), H = 32 query heads over Hkv = 8."""
+    S, H, Hkv, T, N, G, D = seq_len, 32, 8, 40, 40000, 8, head_dim
     q = {"b": H * S * D, "h": S * D, "s": D, "d": 1}
     kv = {"h": N * D, "n": D, "d": 1}
     return ({f"stride_q{k}": v for k, v in q.items()} | {f"stride_o{k}": v for k, v in q.items()}
@@ -108,14 +113,25 @@ I64_POINTERS = ("DEST", "TILES")
 def compile_stats(kernel: str, dtype: str, head_dim: int, *, block_m: int, block_n: int, num_warps: int,
                   num_stages: int, tma: bool = False, flat_stages: int | None = None, group: int = 4,
                   arch: int = 90, deterministic: bool = False, moved: bool = True, prerotate: bool = False,
-                  half_angles: bool | None = None, with_opcodes: bool = False) -> KernelStats:
+                  half_angles: bool | None = None, seq_len: int = 256, split: bool = False,
+                  with_opcodes: bool = False) -> KernelStats:
     """Compile one kernel for ``sm_<arch>`` and read its resource use from ``ptxas -v`` and its pipelining from
     the Triton GPU IR (``tma`` and ``flat_stages``: the forward's ``LaunchConfig`` options; ``deterministic``:
     dkdv's partials instead of atomics; ``moved=False``: the launch has no moved segment, no re-rotation;
     ``prerotate``: the forward's ``LaunchConfig.prerotate`` main loop, over keys copied moved;
     ``half_angles``: how it evaluates the rotation's cosines and sines, None: as launches do,
-    ``segment_attention.half_angles``; ``with_opcodes``: also count the opcodes of its main loop and of the
-    largest block that loop skips, ``opcodes``)."""
+    ``segment_attention.half_angles``; ``seq_len``: new tokens per call, S (1: a decode launch, S a constant);
+    ``split``: the forward's split-K variant, which writes partials instead of the output and its log-sum-exp (what
+    ``default_splits`` gives a launch that leaves half the multiprocessors idle); ``with_opcodes``: also count the
+    opcodes of its main loop and of the largest block that loop skips, ``opcodes``)."""
+    if kernel not in (*KERNELS, "prerotate"):
+        raise ValueError(f"kernel must be one of {(*KERNELS, 'prerotate')}, got {kernel!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"seq_len must be an integer >= 1, got {seq_len!r}")
+    if split and kernel != "fwd":
+        raise ValueError(f"split=True is the forward's split-K variant; kernel {kernel!r} has none")
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
@@ -138,11 +154,11 @@ def compile_stats(kernel: str, dtype: str, head_dim: int, *, block_m: int, block
         half_angles = rule(kernel, DTYPES[dtype], head_dim)
     constexprs["HALF_ANGLES"] = half_angles
     if kernel == "fwd":
-        constexprs |= {"FLAT": True, "SPLIT": False, "STORE_LSE": True, "TMA": tma, "PREROTATED": prerotate}
+        constexprs |= {"FLAT": True, "SPLIT": split, "STORE_LSE": not split, "TMA": tma, "PREROTATED": prerotate}
     if kernel == "dkdv":
         constexprs["DETERMINISTIC"] = deterministic
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}  # the prerotate pass takes few
-    ints = values(head_dim)
+    ints = values(head_dim, seq_len)
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -173,7 +189,7 @@ def compile_stats(kernel: str, dtype: str, head_dim: int, *, block_m: int, block
                                                                switch_opcodes=dict(opcodes(sass, "skipped")))
     return KernelStats(kernel=kernel, dtype=dtype, head_dim=head_dim, block_m=block_m, block_n=block_n,
                        num_warps=num_warps, num_stages=num_stages, tma=tma, flat_stages=flat_stages,
-                       deterministic=deterministic, moved=moved,
+                       deterministic=deterministic, moved=moved, seq_len=seq_len, split=split,
                        registers=registers, spill_bytes=spills, shared_bytes=compiled.metadata.shared,
                        loop_buffers=loop_buffers(compiled.asm["ttgir"], tile, head_dim) if loop else None,
                        loop_instructions=loop_ins, switch_instructions=switch_ins, arch=arch, **counts)
@@ -317,34 +333,48 @@ def _ptxas_verbose(ptx: str, arch: int) -> tuple[int, int]:
     return int(regs.group(1)), int(spills.group(1)) if spills else 0
 
 
-def default_configs(dtype: str, head_dim: int) -> dict[str, "object"]:
-    """The tiles ``segment_attention`` and its backward pick for prefill (S * group >= 256 rows) and decode."""
+GROUP = 4  # query heads per KV head in ``values`` (H = 32 over Hkv = 8)
+SHAPES = {"prefill": 256, "decode": 1}  # new tokens per call: 1024 and 4 packed query rows (S x GROUP)
+
+
+def default_configs(dtype: str, head_dim: int) -> dict[str, tuple["object", int]]:
+    """The tiles ``segment_attention`` and its backward pick for prefill (S = 256 new tokens per call, S * group =
+    1024 packed query rows) and decode (S = 1, 4 rows), each with its S: {label: (config, S)}."""
     from .segment_attention import launch_config
     from .segment_attention_backward import backward_configs
 
     torch_dtype = DTYPES[dtype]
     out = {}
-    for shape, rows in (("prefill", 1024), ("decode", 4)):
+    for shape, seq_len in SHAPES.items():
+        rows = seq_len * GROUP
         fwd = launch_config(rows, head_dim, torch_dtype)
         dq, dkdv = backward_configs(fwd, rows, head_dim, torch_dtype)
-        out |= {f"fwd {shape}": fwd, f"dq {shape}": dq, f"dkdv {shape}": dkdv}
+        out |= {f"fwd {shape}": (fwd, seq_len), f"dq {shape}": (dq, seq_len), f"dkdv {shape}": (dkdv, seq_len)}
     return out
+
+
+SPLIT_LABEL = "fwd decode split-K"
 
 
 def default_stats(dtypes: Sequence[str] = ("bf16",), head_dims: Sequence[int] = (64, 128), arch: int = 90,
                   flat_stages: Sequence[int | None] = (None,), with_opcodes: bool = False):
-    """``KernelStats`` of every default tile configuration (prefill and decode, forward and backward); those of
-    the kernels with a flat tile loop (forward, dq) once per ``flat_stages`` (None: the default)."""
+    """``KernelStats`` of every default tile configuration (prefill and decode, forward and backward), each compiled
+    for its S, and of the decode forward's split-K variant (``SPLIT_LABEL``: what a decode launch of few calls
+    runs, ``default_splits``); those of the kernels with a flat tile loop (forward, dq) once per ``flat_stages``
+    (None: the default). Returns [(label, stats)]."""
     stats = []
     for dtype, head_dim in itertools.product(dtypes, head_dims):
-        for label, default in default_configs(dtype, head_dim).items():
+        configs = default_configs(dtype, head_dim)
+        jobs = [(label, label.split()[0], default, seq_len, False) for label, (default, seq_len) in configs.items()]
+        jobs.append((SPLIT_LABEL, "fwd", *configs["fwd decode"], True))
+        for label, kernel, default, seq_len, split in jobs:
             for cfg in ([dataclasses.replace(default, flat_stages=f) if f else default for f in flat_stages]
-                        if label.split()[0] in FLAT_KERNELS else [default]):
-                stats.append((label, compile_stats(label.split()[0], dtype, head_dim, block_m=cfg.block_m,
+                        if kernel in FLAT_KERNELS else [default]):
+                stats.append((label, compile_stats(kernel, dtype, head_dim, block_m=cfg.block_m,
                                                    block_n=cfg.block_n, num_warps=cfg.num_warps,
-                                                   num_stages=cfg.num_stages, tma=cfg.tma,
-                                                   flat_stages=cfg.flat_stages, arch=arch,
-                                                   with_opcodes=with_opcodes)))
+                                                   num_stages=cfg.num_stages, tma=cfg.tma, group=GROUP,
+                                                   flat_stages=cfg.flat_stages, arch=arch, seq_len=seq_len,
+                                                   split=split, with_opcodes=with_opcodes)))
     return stats
 
 
@@ -377,7 +407,10 @@ def write_report(rows, out: Path, *, command: str) -> Path:
     notes = ["Compiled ahead of time with arguments specialised as the JIT specialises the engine's layout (16-byte "
              "aligned pointers, unit strides as constants, multiples of 16 marked); registers and spills from "
              "`ptxas -v`. A GPU has 255 registers per thread at most; spilled bytes go to local memory in the "
-             "inner loop. 'prefill': 1024 packed query rows (S x H / Hkv), 'decode': 4. Compiled for launches "
+             "inner loop. 'prefill': 256 new tokens per call, 1024 packed query rows (S x H / Hkv); 'decode': one "
+             "token per call (S = 1, which the JIT compiles as a constant), 4 rows. 'fwd decode split-K': the decode "
+             "forward as a launch that leaves half the multiprocessors idle runs it (few calls, default_splits), "
+             "writing fp32 partials that a second kernel merges. Compiled for launches "
              "with moved segments (the re-rotation on); a launch with none (TileTable.moved False) compiles "
              "without it: compile_stats(..., moved=False).",
              "Buffers per tile, from the Triton GPU IR: the ring of shared-memory buffers the software pipeliner "
@@ -423,6 +456,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (80: A100, 90: H100/H200)")
     parser.add_argument("--sweep", choices=KERNELS, default=None,
                         help="every block_m x block_n x warps x stages of one kernel instead of the defaults")
+    parser.add_argument("--seq-len", type=int, default=SHAPES["prefill"], metavar="S",
+                        help="with --sweep: the new tokens per call to compile for (default %(default)s; 1: decode)")
     parser.add_argument("--flat-stages", nargs="+", type=int, default=None,
                         help="compile the forward and dq kernels with each of these LaunchConfig.flat_stages "
                              "(default: their own)")
@@ -446,6 +481,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--flat-stages must be >= 1, got {args.flat_stages}")
     if args.opcodes < 0:
         parser.error(f"--opcodes must be >= 0, got {args.opcodes}")
+    if args.seq_len < 1:
+        parser.error(f"--seq-len must be >= 1, got {args.seq_len}")
     counted = args.opcodes > 0
     if args.sweep:
         from .segment_attention_backward import dq_flat_stages
@@ -455,7 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         rows = [(args.sweep, compile_stats(args.sweep, d, h, block_m=m, block_n=n, num_warps=w, num_stages=s,
                                            flat_stages=f or own(s, h, d), arch=args.arch,
-                                           with_opcodes=counted))
+                                           seq_len=args.seq_len, with_opcodes=counted))
                 for d, h in itertools.product(args.dtype, args.head_dim)
                 for m, n, w, s in itertools.product((16, 32, 64, 128), (32, 64, 128), (4, 8), (1, 2, 3))
                 for f in (flat_stages if args.sweep in FLAT_KERNELS else [None])]
@@ -468,7 +505,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.json:
             print(json.dumps({"label": label} | dataclasses.asdict(st)), flush=True)
         else:
-            print(f"{label:<14} {st.dtype} D={st.head_dim:<4} {tiles_label(st)}: {st.registers} registers, "
+            print(f"{label:<18} {st.dtype} D={st.head_dim:<4} {tiles_label(st)}: {st.registers} registers, "
                   f"{st.spill_bytes} B spilled, {st.shared_bytes / 1024:.0f} KiB shared, {st.loop_buffers} "
                   f"buffer(s) and {st.loop_instructions} instructions per tile in the first loop, "
                   f"{st.switch_instructions} in its largest skipped block (sm_{st.arch})",

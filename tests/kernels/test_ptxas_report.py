@@ -53,11 +53,40 @@ def test_report_table_carries_provenance(default_stats, report_dir):
 
 def test_default_tiles_do_not_spill(default_stats):
     labels = {(s["label"], s["dtype"], s["head_dim"]) for s in default_stats}
-    assert len(labels) == 2 * 2 * 6  # dtypes x head dims x (forward, dq, dkdv) x (prefill, decode)
+    # dtypes x head dims x ((forward, dq, dkdv) x (prefill, decode) + the decode forward's split-K variant)
+    assert len(labels) == 2 * 2 * 7
     spilling = [s for s in default_stats if s["spill_bytes"] > MAX_SPILL]
     assert not spilling, "\n".join(f"{s['label']} {s['dtype']} D={s['head_dim']} m{s['block_m']} n{s['block_n']} "
                                    f"w{s['num_warps']}: {s['spill_bytes']} B spilled" for s in spilling)
     assert all(s["shared_bytes"] <= 227 * 1024 for s in default_stats)  # an H100's shared memory per block
+
+
+def test_each_shape_is_compiled_as_it_launches(default_stats):
+    """Prefill rows are compiled for 256 new tokens per call, decode rows for one (S = 1, a constant to the JIT as
+    in a real decode launch), and the split-K row is the decode forward with partials instead of the output."""
+    for s in default_stats:
+        shape = s["label"].split()[1]
+        assert s["seq_len"] == {"prefill": 256, "decode": 1}[shape], s["label"]
+        assert s["split"] == (s["label"] == "fwd decode split-K"), s["label"]
+    split = [s for s in default_stats if s["split"]]
+    assert len(split) == 4 and all(s["loop_buffers"] >= 2 for s in split if s["dtype"] == "bf16"), split
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (dict(kernel="dq", split=True), "split=True is the forward's split-K variant; kernel 'dq' has none"),
+    (dict(kernel="fwd", seq_len=0), "seq_len must be an integer >= 1, got 0"),
+    (dict(kernel="fwd", seq_len=True), "seq_len must be an integer >= 1, got True"),
+    (dict(kernel="attn"), "kernel must be one of ('fwd', 'dq', 'dkdv', 'prerotate'), got 'attn'"),
+    (dict(kernel="fwd", dtype="fp8"), "dtype must be one of ['bf16', 'fp16', 'fp32'], got 'fp8'"),
+])
+def test_compile_stats_refuses_bad_arguments(arguments, message):
+    from triton_kernels.ptxas_report import compile_stats
+
+    arguments = dict(dtype="bf16") | arguments
+    with pytest.raises(ValueError) as err:
+        compile_stats(arguments.pop("kernel"), arguments.pop("dtype"), 128, block_m=64, block_n=64, num_warps=4,
+                      num_stages=3, **arguments)
+    assert str(err.value) == message
 
 
 def test_refuses_to_compile_interpreted_kernels():
@@ -290,6 +319,7 @@ def test_opcodes_option_is_checked():
 @pytest.mark.parametrize("args, message", [
     (["--head-dim", "48"], "--head-dim must be powers of two in 16..256"),
     (["--head-dim", "0", "64"], "got [0]"),
+    (["--sweep", "fwd", "--seq-len", "0"], "--seq-len must be >= 1, got 0"),
 ])
 def test_head_dim_option_is_checked(args, message):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
