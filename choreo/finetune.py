@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from .attention import BACKENDS
 from .baseline import Baseline
 from .cache import Message
-from .checks import check_int_fields, is_int
+from .checks import check_int, check_int_fields, is_int, is_real
 from .engine import Call, Choreographer
 from .lora import DEFAULT_TARGETS, adapter_weights, add_adapter, adapter_disabled, check_no_adapter, load_adapter, \
     save_adapter, set_adapter_weights, trainable_parameters, unload_adapter, use_adapter
@@ -109,15 +109,16 @@ class FinetuneConfig:
     def __post_init__(self):
         check_int_fields(self, ("lora_rank", "grad_accum", "epochs", "eval_every"))
         check_int_fields(self, ("max_steps",), optional=True)
-        if not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if not 0 <= self.warmup < 1:
-            raise ValueError(f"warmup must be a fraction in [0, 1), got {self.warmup!r}")
-        if not 0 < self.dev_fraction < 1:
-            raise ValueError(f"dev_fraction must be in (0, 1), got {self.dev_fraction!r}")
-        if not 0 < self.lr < math.inf or not 0 < self.max_grad_norm < math.inf:
-            raise ValueError(f"lr and max_grad_norm must be finite and > 0, got {self.lr!r} and "
-                             f"{self.max_grad_norm!r}")
+        for name, low, high, rule in (("lora_dropout", 0, 1, "in [0, 1)"), ("warmup", 0, 1, "a fraction in [0, 1)"),
+                                      ("weight_decay", 0, math.inf, "finite and >= 0")):
+            value = getattr(self, name)
+            if not is_real(value) or not low <= value < high:
+                raise ValueError(f"{name} must be {rule}, got {value!r}")
+        for name, rule in (("dev_fraction", "in (0, 1)"), ("lora_alpha", "finite and > 0"),
+                           ("lr", "finite and > 0"), ("max_grad_norm", "finite and > 0")):
+            value = getattr(self, name)
+            if not is_real(value) or not 0 < value < (1 if name == "dev_fraction" else math.inf):
+                raise ValueError(f"{name} must be {rule}, got {value!r}")
         if self.attention not in BACKENDS:
             raise ValueError(f"attention must be one of {', '.join(map(repr, BACKENDS))}, got {self.attention!r}")
         check_loss_calls(self.loss_calls)
@@ -540,6 +541,7 @@ def train(model, train_traces: Sequence, dev_traces: Sequence, *, config: Finetu
         result = train(model, train_set, dev_set, config=FinetuneConfig.preset("embedded-cpu"), out_dir="runs/b")
         with adapter_disabled(model): ...   # the base model again
     """
+    check_int("stop_after", stop_after, optional=True)  # 0 would stop before writing last/, so nothing resumes
     train_traces = [as_events(t) for t in train_traces]
     dev_traces = [as_events(t) for t in dev_traces]
     if not train_traces or not dev_traces:

@@ -9,10 +9,15 @@ from pathlib import Path
 import torch
 
 from .attention import BACKENDS
+from .checks import check_int
 from .cli import input_file, output_dir, output_file, positive_int
 from .finetune import LOSSES, FinetuneConfig, split_traces, train
 
 __all__ = ["register"]
+
+# ``choreo finetune recovery``'s options that run the experiment (``--render-only`` refuses any other value)
+RECOVERY_DEFAULTS = dict(n_train=40, n_eval=24, config="embedded-cpu", losses=["kl"], lrs=[3e-4, 1e-3], epochs=None,
+                         runs=None, model=None)
 
 
 def register(sub) -> None:
@@ -23,7 +28,7 @@ def register(sub) -> None:
     c.add_argument("--task", default="blockage", choices=["blockage"])
     c.add_argument("--n", type=positive_int, default=64, help="workflow instances")
     c.add_argument("--split", default="train", choices=["train", "eval"], help="which question pool")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=int, default=0, help="seed of the question pairs' draw (an integer >= 0)")
     c.add_argument("--out", required=True, help="trace file to write")
     c.add_argument("--model", default=None, help="local checkpoint directory (default: embedded SmolLM2-135M)")
     c.set_defaults(func=_cli_collect)
@@ -43,21 +48,25 @@ def register(sub) -> None:
     t.add_argument("--model", default=None)
     t.set_defaults(func=_cli_train)
     r = verbs.add_parser("recovery", help="blockage recovery: KL and agreement before/after fine-tuning")
-    r.add_argument("--n-train", type=positive_int, default=40, help="training pairs (dev is split off these)")
-    r.add_argument("--n-eval", type=positive_int, default=24, help="held-out pairs")
+    d = RECOVERY_DEFAULTS
+    r.add_argument("--n-train", type=positive_int, default=d["n_train"], help="training pairs (dev is split off these)")
+    r.add_argument("--n-eval", type=positive_int, default=d["n_eval"], help="held-out pairs (at least 2)")
     r.add_argument("--out", required=True, help="folder for recovery.json and recovery.md")
-    r.add_argument("--config", default="embedded-cpu", choices=sorted(FinetuneConfig.PRESETS))
-    r.add_argument("--losses", nargs="+", default=["kl"], choices=list(LOSSES), help="candidate losses")
-    r.add_argument("--lrs", nargs="+", type=float, default=[3e-4, 1e-3], help="candidate learning rates")
-    r.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
-    r.add_argument("--runs", default=None, help="keep the candidates' adapters here (default: a temporary folder)")
-    r.add_argument("--model", default=None)
+    r.add_argument("--config", default=d["config"], choices=sorted(FinetuneConfig.PRESETS))
+    r.add_argument("--losses", nargs="+", default=d["losses"], choices=list(LOSSES), help="candidate losses")
+    r.add_argument("--lrs", nargs="+", type=float, default=d["lrs"], help="candidate learning rates")
+    r.add_argument("--epochs", type=int, default=d["epochs"], help="override the preset's epochs")
+    r.add_argument("--runs", default=d["runs"], help="keep the candidates' adapters here (default: a temporary folder)")
+    r.add_argument("--model", default=d["model"])
+    r.add_argument("--render-only", action="store_true",
+                   help="recompute the statistics of OUT/recovery.json from its per-pair metrics and rewrite it and "
+                        "recovery.md (nothing runs)")
     r.set_defaults(func=_cli_recovery)
 
 
 def _cli_collect(args) -> int:
     from .model import load_model
-    from .recovery import collect_traces, make_pairs
+    from .recovery import collect_traces, question_pairs
 
     from .provenance import provenance
     from .results import write_json
@@ -66,8 +75,9 @@ def _cli_collect(args) -> int:
     sidecar = f"{args.out}.provenance.json"
     for path in (args.out, sidecar):  # before the model loads and the traces are collected
         output_file(path, option="--out")
+    check_int("--seed", args.seed, minimum=0)
     try:
-        make_pairs(args.split, args.n, seed=args.seed)  # the pool holds that many pairs
+        question_pairs(args.split, args.n, seed=args.seed)  # the pool holds that many pairs
     except ValueError as error:
         raise ValueError(f"--n: {error}") from None
     model = load_model(args.model)
@@ -110,8 +120,16 @@ def _cli_train(args) -> int:
 
 def _cli_recovery(args) -> int:
     from .model import load_model
-    from .recovery import candidate_configs, check_recovery_sizes, recovery_experiment
+    from .recovery import candidate_configs, check_recovery_sizes, recovery_experiment, rerender
 
+    if args.render_only:
+        given = [f"--{name.replace('_', '-')}" for name in ("n_train", "n_eval", "config", "losses", "lrs", "epochs",
+                                                            "runs", "model")
+                 if getattr(args, name) != RECOVERY_DEFAULTS[name]]
+        if given:
+            raise ValueError(f"{', '.join(given)} has no effect with --render-only (nothing runs)")
+        print(f"wrote {rerender(args.out)}")
+        return 0
     overrides = {} if args.epochs is None else {"epochs": args.epochs}
     configs = candidate_configs(FinetuneConfig.preset(args.config, **overrides), losses=args.losses, lrs=args.lrs)
     check_recovery_sizes(args.n_train, args.n_eval, configs, names=("--n-train", "--n-eval"))  # before loading

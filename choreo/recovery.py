@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from .baseline import Baseline
+from .checks import check_int, is_int
 from .engine import Choreographer
 from .runner import Runner
 from .trace import TraceEvent, replay_calls
@@ -75,6 +76,7 @@ def question_pools(*, dev_fraction: float, seed: int = 0, dev_pairs: int = 0) ->
     """
     if not 0 < dev_fraction < 1:
         raise ValueError(f"dev_fraction must be in (0, 1), got {dev_fraction!r}")
+    check_int("seed", seed, minimum=0)  # numpy's generators take no negative seed
     n_questions = max(2, round(len(TRAIN_QUESTIONS) * dev_fraction))
     while n_questions * (n_questions - 1) < dev_pairs:
         n_questions += 1
@@ -84,19 +86,21 @@ def question_pools(*, dev_fraction: float, seed: int = 0, dev_pairs: int = 0) ->
             "dev": tuple(q for i, q in enumerate(TRAIN_QUESTIONS) if i in dev), "eval": EVAL_QUESTIONS}
 
 
-def make_pairs(split: str, n: int, *, seed: int = 0, pools: dict[str, tuple[str, ...]] | None = None
+def question_pairs(split: str, n: int, *, seed: int = 0, pools: dict[str, tuple[str, ...]] | None = None
                ) -> list[tuple[str, str]]:
-    """n seeded question pairs (two different questions) from the 'train' or 'eval' pool (or the pools of
-    ``question_pools``, 'dev' too), no pair repeated while unused pairs remain.
+    """n seeded pairs of two different questions (strings) from the 'train' or 'eval' pool (or the pools of
+    ``question_pools``, 'dev' too), no ordered pair repeated; the first n of one seed's order for any n (the
+    trivia benchmark's pairs of ``Question`` are ``choreo.data.trivia.make_pairs``).
 
-    Example: ``make_pairs("eval", 3, seed=0)`` -> three (question 1, question 2) tuples from EVAL_QUESTIONS.
+    Example: ``question_pairs("eval", 3, seed=0)`` -> three (question 1, question 2) tuples from EVAL_QUESTIONS.
     """
+    check_int("seed", seed, minimum=0)  # numpy's generators take no negative seed
     pools = pools or {"train": TRAIN_QUESTIONS, "eval": EVAL_QUESTIONS}
     if split not in pools:
         raise ValueError(f"split must be one of {', '.join(map(repr, pools))}, got {split!r}")
     pool = pools[split]
-    if n < 1 or n > len(pool) * (len(pool) - 1):
-        raise ValueError(f"n must be in 1..{len(pool) * (len(pool) - 1)} for the {split!r} pool, got {n}")
+    if not is_int(n) or n < 1 or n > len(pool) * (len(pool) - 1):
+        raise ValueError(f"n must be in 1..{len(pool) * (len(pool) - 1)} for the {split!r} pool, got {n!r}")
     rng = np.random.default_rng([seed, len(split)])
     all_pairs = [(a, b) for a in pool for b in pool if a != b]
     return [all_pairs[i] for i in rng.permutation(len(all_pairs))[:n]]
@@ -114,7 +118,7 @@ async def two_questions(ex, q1: str, q2: str, *, max_tokens: int = MAX_TOKENS) -
 def collect_traces(model, *, n: int, split: str = "train", seed: int = 0, pairs=None, pools=None,
                    max_tokens: int = MAX_TOKENS) -> tuple[list[list[TraceEvent]], list[dict]]:
     """Baseline traces of the blockage task (greedy), and per-trace metadata; empty answers are dropped."""
-    pairs = pairs if pairs is not None else make_pairs(split, n, seed=seed, pools=pools)
+    pairs = pairs if pairs is not None else question_pairs(split, n, seed=seed, pools=pools)
     runner = Runner(Baseline(model), progress=False, trace=True)
     with torch.no_grad():
         runner.run([lambda ex, p=p: two_questions(ex, *p, max_tokens=max_tokens) for p in pairs])
@@ -221,6 +225,8 @@ def recovery_experiment(model, *, configs, out_dir, n_train: int = 40, n_eval: i
     launch = launch_record()  # the run takes minutes: the code and scheduling it started with
     train_set, _ = collect_traces(model, n=n_train - n_dev, split="train", seed=seed, pools=pools)
     dev_set, _ = collect_traces(model, n=n_dev, split="dev", seed=seed, pools=pools)
+    _enough_traces("training", train_set, n_train - n_dev, least=1)
+    _enough_traces("dev", dev_set, n_dev, least=1)
     with tempfile.TemporaryDirectory() as scratch:
         try:
             chosen = select_on_dev(model, train_set, dev_set, configs=configs, out_dir=Path(adapter_dir or scratch),
@@ -228,6 +234,7 @@ def recovery_experiment(model, *, configs, out_dir, n_train: int = 40, n_eval: i
             t_selected = time.perf_counter()
             # Held-out data: first touched here, once, for the before/after report.
             eval_traces, eval_meta = collect_traces(model, n=n_eval, split="eval", seed=seed)
+            _enough_traces("held-out", eval_traces, n_eval, least=2)
             after = divergence(model, eval_traces)
             with adapter_disabled(model):
                 before = divergence(model, eval_traces)
@@ -255,19 +262,30 @@ def recovery_experiment(model, *, configs, out_dir, n_train: int = 40, n_eval: i
     return report
 
 
+def _enough_traces(what: str, traces: list, asked: int, *, least: int) -> None:
+    """ValueError unless at least ``least`` of the ``asked`` pairs left a trace (``collect_traces`` drops a pair
+    whose baseline answer is empty)."""
+    if len(traces) < least:
+        raise ValueError(f"{len(traces)} of {asked} {what} pairs left a trace (the baseline's answer was empty for "
+                         f"the rest); the experiment needs at least {least}: draw more pairs")
+
+
 def check_recovery_sizes(n_train: int, n_eval: int, configs, *, seed: int = 0,
                          names: tuple[str, str] = ("n_train", "n_eval")) -> tuple[dict, int]:
     """Raise ValueError naming the option (``names``: how the caller calls n_train and n_eval) unless ``n_train``
-    pairs split into training and dev pairs and ``n_eval`` held-out pairs can be drawn; returns the question pools
-    and the number of dev pairs."""
-    if not isinstance(n_train, int) or n_train < 2:
+    pairs split into training and dev pairs and ``n_eval`` >= 2 held-out pairs (the paired tests' least) can be
+    drawn; returns the question pools and the number of dev pairs."""
+    if not is_int(n_train) or n_train < 2:
         raise ValueError(f"{names[0]} must be an integer >= 2 (training and dev pairs), got {n_train!r}")
+    if not is_int(n_eval) or n_eval < 2:
+        raise ValueError(f"{names[1]} must be an integer >= 2 (the before/after tests pair held-out pairs), "
+                         f"got {n_eval!r}")
     n_dev = min(n_train - 1, max(1, round(n_train * configs[0].dev_fraction)))
     pools = question_pools(dev_fraction=configs[0].dev_fraction, seed=configs[0].seed, dev_pairs=n_dev)
     for (name, given), split, n in (((names[0], n_train), "train", n_train - n_dev),
                                     ((names[0], n_train), "dev", n_dev), ((names[1], n_eval), "eval", n_eval)):
         try:
-            make_pairs(split, n, seed=seed, pools=pools)
+            question_pairs(split, n, seed=seed, pools=pools)
         except ValueError as error:
             raise ValueError(f"{name} {given}: {error}") from None
     return pools, n_dev
@@ -294,7 +312,8 @@ METRICS = (  # name, what it is, which direction is better
 def compare(before: dict, after: dict, *, alpha: float = 0.05) -> dict:
     """Paired before/after statistics per metric: means, the improvement (before - after for "lower" metrics,
     after - before otherwise) with its t interval, paired t and Wilcoxon p, and Holm-adjusted p across the
-    four metrics; agreement adds Wilson intervals and the exact McNemar p (the p that enters the adjustment)."""
+    four metrics; agreement adds its rates with Wilson intervals (``agree_before_rate``, and as text
+    ``agree_before_ci``: "9.4% ± 10.1% [3.2, 24.2]") and the exact McNemar p (the p that enters the adjustment)."""
     from . import stats
 
     out, pvalues = {}, []
@@ -306,14 +325,45 @@ def compare(before: dict, after: dict, *, alpha: float = 0.05) -> dict:
                     f"{name}_t_pvalue": d.t_pvalue, f"{name}_wilcoxon_pvalue": d.wilcoxon_pvalue})
         pvalues.append(d.t_pvalue)
     n = len(before["agree"])
-    out["agree_before_ci"] = stats.rate(sum(before["agree"]), n).format()
-    out["agree_after_ci"] = stats.rate(sum(after["agree"]), n).format()
+    for arm, values in (("before", before["agree"]), ("after", after["agree"])):
+        agreement = stats.rate(sum(values), n)
+        out[f"agree_{arm}_ci"] = agreement.format_both()  # the paper's ± and the Wilson interval
+        out[f"agree_{arm}_rate"] = agreement.to_json()
     out["agree_mcnemar_pvalue"] = stats.mcnemar_exact(after["agree"], before["agree"]).pvalue
     pvalues[-1] = out["agree_mcnemar_pvalue"]
     adjusted = stats.adjust_pvalues(pvalues, method="holm", alpha=alpha).adjusted
     for (name, _, _), p in zip(METRICS, adjusted):
         out[f"{name}_holm_pvalue"] = float(p)
     return out
+
+
+def rerender(out_dir) -> Path:
+    """Recompute the before/after statistics of ``out_dir/recovery.json`` from the per-pair metrics it logged
+    (``before``, ``after``) and rewrite it and ``recovery.md``; nothing is measured, the run's provenance is kept
+    (``choreo finetune recovery --render-only --out DIR``). Returns the ``.md``."""
+    import json
+
+    from .results import write_json, write_text
+
+    path = Path(out_dir) / "recovery.json"
+    try:
+        report = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{str(path)!r} does not exist: no recovery experiment was written there") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{str(path)!r} is not JSON ({error})") from None
+    names = [name for name, _, _ in METRICS]
+    ok = isinstance(report, dict) and all(isinstance(report.get(k), dict) for k in ("summary", "before", "after",
+                                                                                       "provenance"))
+    lengths = ok and {len(report[arm].get(name) or ()) for arm in ("before", "after") for name in names}
+    if not ok or len(lengths) != 1 or 0 in lengths:
+        raise ValueError(f"{str(path)!r} lacks the per-pair metrics {names} of both arms, of one length: not a "
+                         f"report recovery_experiment wrote")
+    report["summary"].update(compare(report["before"], report["after"]))
+    write_json(path, report)
+    md = Path(out_dir) / "recovery.md"
+    write_text(md, recovery_markdown(report))
+    return md
 
 
 def recovery_markdown(report: dict) -> str:

@@ -211,6 +211,19 @@ def test_finetune_collect_checks_the_pool_size_before_the_model_loads(no_model, 
     assert "--n: n must be in 1..992 for the 'train' pool, got 100000" in _error_line(capsys)
 
 
+def test_finetune_collect_names_a_negative_seed(no_model, capsys, tmp_path):
+    """numpy refuses a negative seed; its error used to come out as one about --n."""
+    assert main(["finetune", "collect", "--seed", "-1", "--n", "4", "--out", str(tmp_path / "t.jsonl")]) == 2
+    assert "--seed must be an integer >= 0, got -1" in _error_line(capsys)
+
+
+def test_finetune_recovery_needs_two_held_out_pairs_before_the_model_loads(no_model, capsys, tmp_path):
+    """The before/after tests pair held-out pairs: one pair used to fail after the collection and training."""
+    assert main(["finetune", "recovery", "--n-train", "4", "--n-eval", "1", "--out", str(tmp_path / "r")]) == 2
+    assert "--n-eval must be an integer >= 2 (the before/after tests pair held-out pairs), got 1" \
+        in _error_line(capsys)
+
+
 # ------------------------------------------------------------------------------ bench: every option takes effect
 def test_bench_memory_only_and_passes_only_exclude_each_other(no_model, capsys):
     with pytest.raises(SystemExit) as exit_:

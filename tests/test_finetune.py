@@ -698,24 +698,29 @@ def test_command_line_parses():
 
 
 def test_blockage_task_helpers(tiny):
-    from choreo.recovery import EVAL_QUESTIONS, TRAIN_QUESTIONS, collect_traces, divergence, make_pairs, \
+    from choreo.recovery import EVAL_QUESTIONS, TRAIN_QUESTIONS, collect_traces, divergence, question_pairs, \
         question_pools
 
     assert not set(TRAIN_QUESTIONS) & set(EVAL_QUESTIONS)
-    pairs = make_pairs("eval", 3, seed=0)
-    assert pairs == make_pairs("eval", 3, seed=0) and all(a != b and a in EVAL_QUESTIONS for a, b in pairs)
+    pairs = question_pairs("eval", 3, seed=0)
+    assert pairs == question_pairs("eval", 3, seed=0) and all(a != b and a in EVAL_QUESTIONS for a, b in pairs)
     with pytest.raises(ValueError, match="split must be one of 'train', 'eval', got 'test'"):
-        make_pairs("test", 3)
+        question_pairs("test", 3)
     pools = question_pools(dev_fraction=0.2, seed=0)
     assert pools == question_pools(dev_fraction=0.2, seed=0) != question_pools(dev_fraction=0.2, seed=1)
     assert len(pools["dev"]) == 6 and set(pools["train"]) | set(pools["dev"]) == set(TRAIN_QUESTIONS)
     wide = question_pools(dev_fraction=0.2, seed=0, dev_pairs=80)  # 6 questions make 30 pairs: 10 make 90
     assert len(wide["dev"]) == 10 and set(pools["dev"]) < set(wide["dev"])
     assert not set(pools["train"]) & set(pools["dev"]) and pools["eval"] == EVAL_QUESTIONS
-    dev = make_pairs("dev", 30, seed=0, pools=pools)  # every ordered pair of the 6 dev questions
+    dev = question_pairs("dev", 30, seed=0, pools=pools)  # every ordered pair of the 6 dev questions
     assert len(set(dev)) == 30 and all(a in pools["dev"] and b in pools["dev"] for a, b in dev)
     with pytest.raises(ValueError, match="n must be in 1..30 for the 'dev' pool, got 31"):
-        make_pairs("dev", 31, seed=0, pools=pools)
+        question_pairs("dev", 31, seed=0, pools=pools)
+    with pytest.raises(ValueError, match="n must be in 1..30 for the 'dev' pool, got True"):
+        question_pairs("dev", True, seed=0, pools=pools)
+    with pytest.raises(ValueError, match="seed must be an integer >= 0, got -1"):  # numpy's error named no value
+        question_pairs("eval", 3, seed=-1)
+    assert question_pairs("dev", 7, seed=0, pools=pools) == dev[:7]  # the first n of one seed's order
     with pytest.raises(ValueError, match="dev_fraction must be in \\(0, 1\\), got 1.0"):
         question_pools(dev_fraction=1.0)
     traces, meta = collect_traces(tiny, n=3, pairs=pairs, max_tokens=4)
@@ -889,6 +894,33 @@ def test_config_refuses_an_infinite_learning_rate():
         FinetuneConfig.preset("smoke", lr=float("inf"))
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("lora_alpha", -1.0, "lora_alpha must be finite and > 0, got -1.0"),  # add_adapter refused it after collection
+    ("lora_alpha", 0.0, "lora_alpha must be finite and > 0, got 0.0"),
+    ("weight_decay", float("inf"), "weight_decay must be finite and >= 0, got inf"),  # trained to NaN, step 0 kept
+    ("weight_decay", -0.5, "weight_decay must be finite and >= 0, got -0.5"),
+    ("lr", True, "lr must be finite and > 0, got True"),  # trained at lr 1.0
+    ("max_grad_norm", True, "max_grad_norm must be finite and > 0, got True"),
+    ("lora_dropout", 1.0, "lora_dropout must be in [0, 1), got 1.0"),
+    ("warmup", "0.1", "warmup must be a fraction in [0, 1), got '0.1'"),
+    ("dev_fraction", 0, "dev_fraction must be in (0, 1), got 0"),
+])
+def test_config_refuses_bad_numbers_naming_them(field, value, message):
+    with pytest.raises(ValueError) as error:
+        FinetuneConfig.preset("smoke", **{field: value})
+    assert str(error.value) == message
+    assert FinetuneConfig.preset("smoke", weight_decay=0.0).weight_decay == 0.0  # no decay is allowed
+
+
+@pytest.mark.parametrize("stop_after", [0, -3, 1.5, True])
+def test_train_refuses_a_stop_after_that_leaves_nothing_to_resume(tiny, tmp_path, stop_after):
+    """``stop_after`` 0 or below ran no step and wrote no ``last/``, so the ``resume`` it promises failed."""
+    traces = [[]]  # never read: the argument is refused first
+    with pytest.raises(ValueError, match=f"stop_after must be an integer >= 1 or None, got {stop_after!r}"):
+        train(tiny, traces, traces, config=FinetuneConfig.preset("smoke"), out_dir=tmp_path, stop_after=stop_after)
+    assert not any(tmp_path.iterdir())
+
+
 def test_loading_an_adapter_of_another_shape_over_one_is_refused(tokenizer, tmp_path):
     from peft import get_peft_model_state_dict
     from peft.utils import load_peft_weights
@@ -974,8 +1006,9 @@ def test_recovery_checks_the_held_out_size_before_training(tiny, monkeypatch, tm
     from choreo.recovery import recovery_experiment
 
     monkeypatch.setattr(ft, "select_on_dev", lambda *a, **k: pytest.fail("trained before checking n_eval"))
-    for n_eval in (0, 10 ** 6):
-        with pytest.raises(ValueError, match=f"n must be in 1..*got {n_eval}"):
+    for n_eval, message in ((0, "n_eval must be an integer >= 2 .*got 0"), (1, "n_eval must be .*got 1"),
+                            (10 ** 6, "n must be in 1..*got 1000000")):
+        with pytest.raises(ValueError, match=message):
             recovery_experiment(tiny, configs=[FinetuneConfig.preset("smoke")], out_dir=tmp_path, n_train=4,
                                 n_eval=n_eval)
 
@@ -1058,3 +1091,68 @@ def test_a_template_with_no_end_of_turn_text_scores_content_and_eos(tokenizer, m
     (rows, target), = seen
     assert rows.shape[0] == len(target) == len(events[-1].tokens) + 1
     assert target.tolist() == [*events[-1].tokens, tok.eos_token_id] and math.isfinite(float(out.loss))
+
+
+def test_recovery_agreement_is_reported_with_wilson_intervals():
+    """The agreement cells carry the Wilson interval the docstring promises: the normal "±" alone ran below 0%
+    (3 of 32: "9.4% ± 10.1%") and collapsed to "± 0.0%" at 0/n."""
+    from choreo.recovery import compare
+
+    n = 32
+    before = {"kl": [0.5] * n, "nll": [1.0] * n, "top1": [0.5] * n, "agree": [1] * 3 + [0] * (n - 3)}
+    after = {"kl": [0.25] * n, "nll": [0.75] * n, "top1": [0.75] * n, "agree": [1] * 8 + [0] * (n - 8)}
+    out = compare(before, after)
+    assert out["agree_before_ci"] == "9.4% ± 10.1% [3.2, 24.2]"
+    assert out["agree_after_ci"] == "25.0% ± 15.0% [13.3, 42.1]"
+    assert out["agree_before_rate"]["successes"] == 3 and out["agree_before_rate"]["method"] == "wilson"
+    assert out["agree_before_rate"]["low"] == pytest.approx(0.0324, abs=1e-4)
+    none = compare(before, {**after, "agree": [0] * n})
+    assert none["agree_after_ci"] == "0.0% ± 0.0% [0.0, 10.7]"
+
+
+def test_recovery_render_only_recomputes_the_statistics_from_the_logged_metrics(tmp_path, capsys):
+    from choreo.cli import main
+    from choreo.recovery import METRICS
+
+    n = 4
+    before = {name: [0.5, 0.25, 0.5, 0.75] for name, _, _ in METRICS} | {"agree": [0, 0, 1, 0]}
+    after = {name: [0.25, 0.25, 0.25, 0.5] for name, _, _ in METRICS} | {"agree": [1, 0, 1, 1]}
+    summary = {"n_eval": n, "n_train": 8, "n_dev": 2, "agree_before_ci": "stale", "selection_metric": "kl",
+               "chosen": 0, "chosen_loss": "kl", "chosen_lr": 1e-3, "best_step": 2, "steps": 4, "seconds_per_step": 1.0,
+               "peak_rss_mb": 100.0, "wall_s": 60.0}
+    provenance = {"model": {"name": "m", "sha256": "abc", "dtype": "float32"}, "device": "cpu", "seeds": {},
+                  "sample_sizes": {}, "versions": {"torch": "x"}, "git_commit": "c", "date": "d", "command": "run"}
+    report = {"summary": summary, "candidates": [{"loss": "kl", "lr": 1e-3, "dev_step0": 1.0, "best_dev": 0.5,
+                                                  "best_step": 2, "steps": 4, "seconds_per_step": 1.0}],
+              "before": before, "after": after, "provenance": provenance}
+    (tmp_path / "recovery.json").write_text(json.dumps(report))
+    assert main(["finetune", "recovery", "--render-only", "--out", str(tmp_path)]) == 0
+    stored = json.loads((tmp_path / "recovery.json").read_text())
+    assert stored["summary"]["agree_before_ci"] == "25.0% ± 42.4% [4.6, 69.9]"
+    assert stored["summary"]["kl_gain"] == pytest.approx(0.5 - 0.3125) and stored["provenance"] == provenance
+    assert "25.0% ± 42.4% [4.6, 69.9]" in (tmp_path / "recovery.md").read_text()
+    del report["after"]["kl"]
+    (tmp_path / "recovery.json").write_text(json.dumps(report))
+    capsys.readouterr()
+    assert main(["finetune", "recovery", "--render-only", "--out", str(tmp_path)]) == 2
+    assert "lacks the per-pair metrics" in capsys.readouterr().err
+    assert main(["finetune", "recovery", "--render-only", "--lrs", "0.1", "--out", str(tmp_path)]) == 2
+    assert "--lrs has no effect with --render-only" in capsys.readouterr().err
+
+
+def test_recovery_refuses_too_few_held_out_traces_with_a_clear_error(tiny, tmp_path, monkeypatch):
+    """``collect_traces`` drops pairs with an empty baseline answer; fewer than 2 held-out traces left used to end
+    in the paired test's bare "need at least 2 pair(s)"."""
+    import choreo.recovery as recovery
+
+    collect = recovery.collect_traces
+
+    def few_held_out(model, *, n, split="train", **kw):
+        traces, meta = collect(model, n=n, split=split, **kw)
+        return (traces[:1], meta[:1]) if split == "eval" else (traces, meta)
+
+    monkeypatch.setattr(recovery, "collect_traces", few_held_out)
+    with pytest.raises(ValueError, match="1 of 3 held-out pairs left a trace .* needs at least 2"):
+        recovery.recovery_experiment(tiny, configs=[FinetuneConfig.preset("smoke", max_steps=1)], out_dir=tmp_path,
+                                     n_train=4, n_eval=3, progress=False)
+    assert not is_adapted(tiny)
