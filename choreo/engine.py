@@ -162,12 +162,62 @@ class Job:
         return list(range(a - 1, b))
 
 
+# Rows of padding one forward pass's fixed cost is worth (``Engine.pass_rows``): on CPU a pass of the embedded
+# model costs 43 ms plus 1.04 ms per token (results/performance/pass_cost.md); on an H200 its pass costs the same
+# from 6 to 517 tokens (results/performance_gpu/pass_cost.md).
+PASS_ROWS = {"cpu": 64, "cuda": 512}
+
+
+def first_chunk_passes(jobs: list[Job], pass_rows: int) -> list[list[Job]]:
+    """The forward passes that feed ``jobs``' first chunks, in order, each a list in ``jobs``' order.
+
+    A pass pads every chunk to its longest: one 300-token prompt beside eight 5-token headers computes 2,700 rows
+    for 340 tokens. Chunks are taken longest first, and the next starts a new pass where it would bring the
+    current pass's padding (rows computed beyond its tokens) above ``pass_rows``, what a pass's fixed cost is
+    worth. A job whose rows another job reads in this step (a prefill a call attends to in the same step) then
+    moves to that reader's pass if it would come later: each layer writes a pass's keys and values before any call
+    of it attends, so a writer's pass may not follow its reader's. Long prompts go first, so a short call over a
+    long prefill runs in a short pass after it rather than padded to the prefill's length.
+
+    Example: with pass_rows 64, chunks of 5, 5 and 300 tokens -> [300] then [5, 5]; chunks of 3, 7 and 5 -> one
+    pass (6 rows of padding).
+    """
+    order = sorted(range(len(jobs)), key=lambda i: -len(jobs[i].pending))
+    level, k, longest, padding = {}, 0, 0, 0
+    for i in order:
+        n = len(jobs[i].pending)
+        if level and padding + longest - n > pass_rows:
+            k, longest, padding = k + 1, n, 0
+        elif not level:
+            longest = n
+        level[i], padding = k, padding + longest - n
+    if k:  # several passes: no writer after a job that reads its rows
+        writes = [(j.msg.row + j.fed, j.msg.row + j.fed + len(j.pending)) for j in jobs]
+        writers = [[w for w, (lo, hi) in enumerate(writes) if w != i and any(r < hi and lo < r + n
+                                                                              for r, n, _ in j.segments)]
+                   for i, j in enumerate(jobs)]
+        changed = True
+        while changed:  # levels only fall, so this ends (after at most len(jobs) rounds)
+            changed = False
+            for i in range(len(jobs)):
+                for w in writers[i]:
+                    if level[w] > level[i]:
+                        level[w], changed = level[i], True
+    return [[j for i, j in enumerate(jobs) if level[i] == p] for p in sorted(set(level.values()))]
+
+
 class Engine:
     """Batched forward steps over jobs that share one KV store."""
 
-    def __init__(self, model: Model, *, attention: str | None = None, capacity: int = 65536, adapter: bool = True):
+    def __init__(self, model: Model, *, attention: str | None = None, capacity: int = 65536, adapter: bool = True,
+                 pass_rows: int | None = None):
+        """``pass_rows``: the rows of padding a forward pass's fixed cost is worth, which decides when first chunks
+        of different lengths take separate passes (``first_chunk_passes``); default ``PASS_ROWS`` of the model's
+        device type (64 elsewhere)."""
         if not isinstance(model, Model):
             raise TypeError(f"model must be a choreo Model (choreo.load_model()), got {type(model).__name__}")
+        self.pass_rows = (PASS_ROWS.get(model.spec.device.type, 64) if pass_rows is None
+                          else check_int("pass_rows", pass_rows, minimum=0))
         self.model = model
         self.adapter = adapter  # False: a LoRA adapter on the model is switched off for this engine's passes
         self.grad = False  # True: record autograd history (teacher-forced replays for fine-tuning)
@@ -192,8 +242,9 @@ class Engine:
         self.tokens_processed = 0
 
     def step(self, jobs: Iterable[Job]) -> None:
-        """Feed every job's pending tokens, in up to three passes: first chunks (prompts), then single decode
-        tokens, then closing chunks (padding decode tokens to a chunk's length would waste compute).
+        """Feed every job's pending tokens: first chunks (prompts, headers), then single decode tokens, then
+        closing chunks (padding decode tokens to a chunk's length would waste compute). First chunks of very
+        different lengths take more than one pass (``first_chunk_passes``): a pass pads every chunk to its longest.
 
         A prompt may attend to a message that is prefilled in the same pass: each layer writes every job's
         keys and values before any job attends, so a child reads its parent's rows of that very layer.
@@ -207,7 +258,7 @@ class Engine:
         first = [j for j in live if j.fed == 0]
         single = [j for j in live if j.fed > 0 and len(j.pending) == 1]
         closing = [j for j in live if j.fed > 0 and len(j.pending) > 1]
-        for group in (first, single, closing):
+        for group in (*first_chunk_passes(first, self.pass_rows), single, closing):
             if group:
                 self._forward(group)
 

@@ -500,3 +500,90 @@ def test_awaiting_asyncio_inside_a_workflow_says_what_to_await(tiny_gqa):
         choreo.Runner(ch, progress=False).run([sleeps])
     assert any("without asyncio" in note for note in caught.value.__notes__)
     assert ch.memory()["tokens_used"] == 0
+
+
+# ------------------------------------------------------------------ first chunks of very different lengths
+def _chunk(row: int, n: int, reads=()):
+    """What ``first_chunk_passes`` reads of a job: its first chunk's rows and the segments it attends to."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(pending=[0] * n, fed=0, msg=SimpleNamespace(row=row),
+                           segments=tuple((r, k, 0) for r, k in reads))
+
+
+def test_first_chunks_of_very_different_lengths_take_separate_passes():
+    from choreo.engine import first_chunk_passes
+
+    headers = [_chunk(1000 + 10 * i, 5) for i in range(8)]
+    prompt = _chunk(0, 300)
+    passes = first_chunk_passes([headers[0], prompt, *headers[1:]], 64)
+    assert passes == [[prompt], headers]  # longest first; each pass keeps the jobs' order
+    assert first_chunk_passes([headers[0], prompt, *headers[1:]], 8 * 295) == [[headers[0], prompt, *headers[1:]]]
+    alike = [_chunk(100 * i, n) for i, n in enumerate((3, 7, 5, 6, 4))]
+    assert first_chunk_passes(alike, 64) == [alike]  # 10 rows of padding: cheaper than a pass
+    assert first_chunk_passes(alike, 0) == [[alike[1]], [alike[3]], [alike[2]], [alike[4]], [alike[0]]]
+    assert first_chunk_passes([], 64) == []
+    # a header reading the prompt's rows runs in the short pass after it; a short prefill the prompt reads (and
+    # the one that prefill reads) joins the prompt's pass: a pass's keys are written before any call of it attends
+    reader = _chunk(2000, 5, reads=[(0, 300)])
+    system = _chunk(3000, 4)
+    question = _chunk(3100, 6, reads=[(3000, 4)])
+    reading = _chunk(0, 300, reads=[(3100, 6)])
+    assert first_chunk_passes([*headers, reader, prompt], 64) == [[prompt], [*headers, reader]]
+    assert first_chunk_passes([*headers, system, question, reading], 64) == [[system, question, reading], headers]
+
+
+def test_split_passes_respect_every_read_whatever_the_lengths():
+    """Random chunk lengths and reads (a job reads only earlier ones, as prefills of one step do): every job is in
+    exactly one pass, never before a job whose rows it reads, and with no reads no pass pads more than pass_rows
+    rows beyond its tokens."""
+    import random
+
+    from choreo.engine import first_chunk_passes
+
+    rng = random.Random(0)
+    for _ in range(300):
+        B, pass_rows = rng.randint(1, 12), rng.choice([0, 16, 64, 512])
+        lengths = [rng.choice([1, 2, 5, 9, 40, 130, 700]) for _ in range(B)]
+        rows = [sum(lengths[:i]) for i in range(B)]
+        reads = [[k for k in range(i) if rng.random() < 0.15] for i in range(B)]
+        jobs = [_chunk(rows[i], lengths[i], [(rows[k], lengths[k]) for k in reads[i]]) for i in range(B)]
+        passes = first_chunk_passes(jobs, pass_rows)
+        where = {id(j): p for p, group in enumerate(passes) for j in group}
+        assert sorted(map(id, (j for g in passes for j in g))) == sorted(map(id, jobs))
+        assert all(where[id(jobs[k])] <= where[id(jobs[i])] for i in range(B) for k in reads[i])
+        assert all(sorted(group, key=jobs.index) == group for group in passes)
+        if not any(reads):
+            for group in passes:
+                tokens, padded = sum(len(j.pending) for j in group), len(group) * max(len(j.pending) for j in group)
+                assert padded - tokens <= pass_rows, [len(j.pending) for j in group]
+
+
+def test_a_long_prompt_beside_short_headers_gives_the_one_pass_results(tiny_gqa):
+    """Eight workflows start their calls while a ninth prefills a long document: the document (with its call's
+    header, which reads it) and the other headers go in two passes, and every result equals the one-at-a-time
+    run's."""
+    async def call(ex, k):
+        sys = await ex.prefill("Be brief.", role="system")
+        return (await ex.decode(role="assistant", parents=[sys], teacher_tokens=[5 + k, 6], keep_logits=True)).logits
+
+    async def long_read(ex):
+        doc = await ex.prefill(" ".join(["word"] * 200), role="user")
+        return (await ex.decode(role="assistant", parents=[doc], teacher_tokens=[9, 10], keep_logits=True)).logits
+
+    workflows = [lambda ex, k=k: call(ex, k) for k in range(8)] + [long_read]
+    runner = choreo.Runner(choreo.Choreographer(tiny_gqa), progress=False)
+    together = runner.run(workflows)
+    assert runner.stats.forward_passes == 2  # the long prompt, then the eight short ones (not one pass of 9 x 200)
+    for got, workflow in zip(together, workflows):
+        alone = choreo.Runner(choreo.Choreographer(tiny_gqa), progress=False).run([workflow])[0]
+        torch.testing.assert_close(got, alone)
+
+
+def test_pass_rows_defaults_to_the_devices_and_is_checked(tiny_gqa):
+    from choreo.engine import PASS_ROWS, Engine
+
+    assert Engine(tiny_gqa).pass_rows == PASS_ROWS["cpu"] and Engine(tiny_gqa, pass_rows=0).pass_rows == 0
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=f"pass_rows must be an integer >= 0, got {bad!r}"):
+            Engine(tiny_gqa, pass_rows=bad)

@@ -243,6 +243,7 @@ def test_a_pass_computes_logits_only_for_the_rows_its_calls_read(tiny_gqa, kind)
     and the other call's last row, not every row of the pass (a Baseline call's whole re-encoded prompt), and the
     forced call's log-probabilities are those of the same call alone."""
     ex = choreo.Choreographer(tiny_gqa) if kind == "choreographed" else choreo.Baseline(tiny_gqa)
+    ex.engine.pass_rows = 1 << 20  # both calls in one pass, however padded (``first_chunk_passes``)
     long = ex.prefill("word " * 80, role="user")
     short = ex.prefill("hi", role="user")
     forced = choreo.Call(parents=[short], teacher_tokens=[11, 12, 13], keep_logits=True)
