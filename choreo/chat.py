@@ -2,7 +2,7 @@
 
 Every message is encoded on its own, so the template is split into a per-role header and footer
 around the content. Splitting with a sentinel keeps the result token-for-token equal to the template's
-rendering of the whole conversation (tested with ChatML, Llama 3.0 and 3.1), with three differences by design:
+rendering of the whole conversation (tested with ChatML, Llama 2, 3.0 and 3.1), with three differences by design:
 
 - the default system prompt that some templates (SmolLM2's, Llama 3.1's date lines) insert when a conversation
   lacks a system message is never added;
@@ -82,14 +82,17 @@ class ChatFormat:
     @functools.cached_property
     def _prefix_text(self) -> str:
         """The BOS text the template writes once before the first turn, or "" (ChatML: every turn starts with
-        the tokenizer's bos_token, so it is part of each turn, not a conversation prefix)."""
+        the tokenizer's bos_token, so it is part of each turn, not a conversation prefix). Read from a render of
+        two user turns: a template that opens every user turn with BOS (Llama 2's ``bos_token + '[INST] '``)
+        writes it twice there, though once in a two-message conversation."""
         bos = self.tokenizer.bos_token
         if not bos:
             return ""
         errors = []
-        for two in ([("system", "x"), ("user", "y")], [("user", "x"), ("assistant", "y")]):  # some have no system
+        for conversation in (["user", "assistant", "user"], ["system", "user", "assistant", "user"],
+                             ["system", "user"], ["user", "assistant"]):  # some have no system; some need one
             try:
-                text = self._render([{"role": r, "content": c} for r, c in two])
+                text = self._render([{"role": r, "content": f"x{k}"} for k, r in enumerate(conversation)])
             except Exception as error:  # jinja raises template-specific exception types
                 errors.append(f"{error}")
                 continue
@@ -220,11 +223,23 @@ class ChatFormat:
         return list(zip([0] + ends[:-1], ends))
 
     def stop_ids(self, role: str) -> frozenset[int]:
-        """Tokens that end generation: the footer's first token and the tokenizer's EOS."""
-        ids = set(self.footer(role)[:1])
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        return frozenset(ids)
+        """Tokens that end generation: the footer's first special token (ChatML's ``<|im_end|>``) and the
+        tokenizer's EOS. A footer that opens with text (Llama 2's assistant turn ends ``' ' + eos``) stops at
+        its special token, not at that text: a bare space token would end every answer at its first number."""
+        ids = {next((t for t in self.footer(role) if t in self._no_text), None), self.tokenizer.eos_token_id}
+        return frozenset(ids - {None})
+
+    def check_stop(self, stop, role: str = "assistant") -> None:
+        """ValueError naming the string unless every one of ``stop`` can match: a stop string holding a special
+        token's text never does (``hits_stop`` reads the generated text, which has none)."""
+        for s in stop:
+            special = [t for t in self._ids(s) if t in self._no_text]
+            if special:
+                names = ", ".join(map(repr, self.tokenizer.convert_ids_to_tokens(special)))
+                raise ValueError(f"stop string {s!r} holds the special token {names} (id {special[0]}): stop strings "
+                                 f"match the generated text, which holds no special tokens, so it would never stop "
+                                 f"the call (the end of a {role!r} turn, ids {sorted(self.stop_ids(role))}, "
+                                 f"stops it already)")
 
     def hits_stop(self, tokens, stop) -> bool:
         """Whether one of the ``stop`` strings occurs in the text of the last generated tokens: the engine's check

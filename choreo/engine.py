@@ -75,7 +75,8 @@ class Call:
             raise ValueError(f"keep_logits must be True or False, got {self.keep_logits!r}")
         if self.keep_logits and self.teacher_tokens is None:
             raise ValueError("keep_logits=True keeps the logits of a teacher-forced call; this call samples "
-                             "(teacher_tokens=None): use teacher_tokens, or read the sampled message's logprobs")
+                             "(teacher_tokens=None): to score sampled tokens, teacher-force them afterwards "
+                             "(teacher_tokens=message.tokens, keep_logits=True)")
         stop = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else as_tuple(self.stop)
         if not isinstance(stop, tuple) or not all(isinstance(s, str) and s for s in stop):  # a generator: read once
             raise ValueError(f"stop must be a non-empty string or a sequence of them, got {self.stop!r}")
@@ -579,6 +580,7 @@ class Choreographer:
 
     def make_job(self, call: Call, header: list[int], *, segments, start: int, parents: tuple[int, ...]) -> Job:
         """Reserve rows for a decode whose own tokens begin with ``header`` (the message is not yet listed)."""
+        self.format.check_stop(call.stop, call.role)
         if not header:  # the first token is predicted from the last token a call feeds: it must feed one
             raise ValueError(f"decode call (role {call.role!r}) has no token to encode before its first one: the "
                              f"chat template opens a {call.role!r} turn with no tokens, and the call has no prefix"
@@ -713,6 +715,11 @@ def call_list(calls, fields: dict) -> list[Call]:
         raise TypeError(f"decode(calls) takes no keyword fields, got {sorted(fields)}")
     _check_sequence(calls, "decode(calls)", "calls", example="decode([call]) or decode(**fields)",
                     singles=(Call, dict, str, bytes))
+    calls = list(calls)
+    for i, c in enumerate(calls):
+        if not isinstance(c, (Call, dict)):
+            raise TypeError(f"decode(calls)[{i}] must be a Call or a dict of Call fields, got "
+                            f"{type(c).__name__} {c!r:.60}")
     return [c if isinstance(c, Call) else Call(**c) for c in calls]
 
 

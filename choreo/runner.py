@@ -54,8 +54,11 @@ class Session:
         self._awaited: list[Job] = []  # the jobs this instance waits on (undone if it is closed first)
 
     async def prefill(self, text: str, *, role: str, parents=(), offsets=None, new_offset=None) -> Message:
-        """Returns at once: the message is encoded in the runner's next step, in the same forward pass as the
-        first call that reads it (or earlier), so a workflow's prompts cost no passes of their own."""
+        """Returns at once. With ``Runner(fuse_prefills=True)`` (the default) the message is encoded in the
+        runner's next step, with the first call that reads it: in that call's forward pass, or in a pass just
+        before it when their lengths differ enough that padding would cost more (``engine.first_chunk_passes``),
+        so a workflow's prompts mostly cost no passes of their own. With ``fuse_prefills=False`` it awaits a
+        pass of its own."""
         parents = as_tuple(parents)  # read once: the trace checks it, then the executor
         offsets = offsets if offsets is None else as_tuple(offsets)
         if self.trace is not None:
@@ -159,7 +162,7 @@ class Runner:
         max_concurrent = check_int("max_concurrent", max_concurrent)
         self.executor, self.max_concurrent, self.progress = executor, max_concurrent, progress
         self.trace = trace
-        # True: a prefill is encoded in the pass of the first call that reads it (fewer passes). False: each
+        # True: a prefill is encoded in the step of the first call that reads it (fewer passes). False: each
         # prefill is a step of its own before the workflow continues (prompts encoded ahead of any call).
         self.fuse_prefills = fuse_prefills
         self.traces: dict[int, list] = {}  # the last run's: instance index -> trace events, when trace=True

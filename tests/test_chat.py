@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from choreo.chat import ChatFormat, parse_role, stop_window
@@ -189,3 +191,48 @@ def test_a_template_that_changes_contents_is_refused_naming_the_role(tokenizer, 
     fmt = ChatFormat(_family(tokenizer, template))
     with pytest.raises(ValueError, match=f"'user' message.*{match}"):
         fmt.encode("Hi", "user")
+
+
+LLAMA2 = ("{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+          "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+          "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+          "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+          "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+          "{% if loop.index0 == 0 and system_message != false %}"
+          "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+          "{% else %}{% set content = message['content'] %}{% endif %}"
+          "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+          "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}"
+          "{% endfor %}")
+
+
+def test_a_template_that_opens_every_user_turn_with_bos_keeps_it_in_the_turns(tokenizer):
+    """Llama 2 writes BOS before every [INST]: once in a two-message conversation, so it was taken for a
+    conversation prefix and kept in the user header too (two BOS where the template has one)."""
+    tok = _family(tokenizer, LLAMA2)
+    fmt = ChatFormat(tok)
+    assert fmt.prefix_ids == []
+    conversation = [("user", "Hi"), ("assistant", "Hello"), ("user", "Bye")]
+    assert sum((fmt.encode(c, r) for r, c in conversation), []) == _hugging_face_ids(tok, conversation)
+
+
+def test_a_footer_that_opens_with_text_stops_at_its_special_token(tokenizer):
+    """Llama 2's assistant footer is ' ' + eos: its first token is a bare space, which as a stop token ended
+    answers at their first number (" 12" is a space, then "12", for SentencePiece tokenizers)."""
+    tok = _family(tokenizer, LLAMA2)
+    fmt = ChatFormat(tok)
+    footer = fmt.footer("assistant")
+    assert footer[-1] == tok.eos_token_id and footer[0] != tok.eos_token_id  # the space first
+    assert fmt.stop_ids("assistant") == {tok.eos_token_id}
+    chatml = ChatFormat(tokenizer)
+    assert chatml.stop_ids("assistant") == {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id}
+
+
+@pytest.mark.parametrize("stop", [["<|im_start|>"], ["fine", "Answer:<|im_end|>"]])
+def test_a_stop_string_holding_a_special_token_is_refused(tokenizer, stop):
+    """The stop check reads the generated text, which holds no special tokens: such a string never stops a call."""
+    fmt = ChatFormat(tokenizer)
+    message = re.escape(f"stop string {stop[-1]!r} holds the special token ") + ".*would never stop"
+    with pytest.raises(ValueError, match=message):
+        fmt.check_stop(stop, "assistant")
+    fmt.check_stop(["\n\n", "Answer:", "<im_start>"], "assistant")  # text, however it looks

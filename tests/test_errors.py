@@ -102,7 +102,15 @@ BAD = {
     "a prefix that is no string": (lambda ex, s, g: ex.decode(role="assistant", parents=[s], prefix=5), ValueError,
                                    "prefix must be a string.*5"),
     "keep_logits on a sampled call": (lambda ex, s, g: ex.decode(role="assistant", parents=[s], keep_logits=True),
-                                      ValueError, "keep_logits=True keeps the logits of a teacher-forced call"),
+                                      ValueError, r"keep_logits=True keeps the logits of a teacher-forced call.*"
+                                                  r"teacher-force them afterwards \(teacher_tokens=message.tokens"),
+    "a special token as a stop string": (
+        lambda ex, s, g: ex.decode([choreo.Call(parents=[s], max_tokens=5),
+                                    choreo.Call(parents=[s], max_tokens=5, stop=["\n", "<|im_start|>"])]),
+        ValueError, r"stop string '<\|im_start\|>' holds the special token .*would never stop"),
+    "a message among the calls": (lambda ex, s, g: ex.decode([choreo.Call(parents=[s]), s]), TypeError,
+                                  r"decode\(calls\)\[1\] must be a Call or a dict of Call fields, got Message"),
+    "None among the calls": (lambda ex, s, g: ex.decode([None]), TypeError, r"decode\(calls\)\[0\] .* got NoneType"),
     "keep_logits not a bool": (lambda ex, s, g: ex.decode(role="assistant", parents=[s], teacher_tokens=[5],
                                                           keep_logits="no"), ValueError, "keep_logits.*'no'"),
 }
