@@ -462,6 +462,7 @@ class TrainResult:
     seconds_per_step: float
     peak_rss_mb: float
     best_dev_score: float | None = None
+    steps_run: int = 0  # optimizer steps this call ran: 0 where it resumed a run that had finished
 
     def summary(self) -> dict:
         """The JSON-ready record of the run (everything but the adapter folder, which may be temporary)."""
@@ -642,6 +643,10 @@ def _train_adapted(model, train_traces, dev_traces, *, config, out: Path, resume
         if saved.get("data", data) != data:
             raise ValueError(f"cannot resume {str(out)!r} with other training or dev traces than it started with "
                              f"(saved {saved['data']['sizes']}, given {data['sizes']}; a changed trace counts too)")
+        if _finished(out, saved["state"], total):  # nothing left to run: the folder stays as the run left it
+            load_adapter(model, best_dir, trainable=True)
+            model.hf_model.eval()
+            return _result(best_dir, {"best_dev_score": None, **saved["state"]}, times=[])
         where = str(last / "trainer_state.pt")
         if "weights" in saved:  # saved in the state's file: the adapters of its step
             # best/ as of that step (a later write of it may have been cut off with the run)
@@ -689,9 +694,31 @@ def _train_adapted(model, train_traces, dev_traces, *, config, out: Path, resume
                    sizes={"train_traces": len(train_traces), "dev_traces": len(dev_traces)})
     load_adapter(model, best_dir, trainable=True)  # the adapter stays as trainable as it was
     model.hf_model.eval()
+    return _result(best_dir, state, times=times)
+
+
+def _result(best_dir: Path, state: dict, *, times: list[float]) -> TrainResult:
+    """The ``TrainResult`` of a run whose training state is ``state``, this call having run steps of ``times``
+    seconds (none: seconds_per_step is NaN, written as null by ``choreo.results.write_json``)."""
     return TrainResult(best_adapter=best_dir, best_step=state["best_step"], best_dev_loss=state["best_dev_loss"],
                        best_dev_score=state["best_dev_score"], history=state["history"], steps=state["step"],
-                       seconds_per_step=float(np.mean(times)) if times else float("nan"), peak_rss_mb=peak_rss_mb())
+                       seconds_per_step=float(np.mean(times)) if times else float("nan"), peak_rss_mb=peak_rss_mb(),
+                       steps_run=len(times))
+
+
+def _finished(out: Path, state: dict, total: int) -> bool:
+    """Whether a run to resume has nothing left to do: all ``total`` steps ran and ``out/history.json`` records
+    them (a run killed after its last state was saved but before its history was written goes on to write it, and
+    ``best/`` again from the state)."""
+    from .results import finite
+
+    if state["step"] < total:
+        return False
+    try:
+        written = json.loads((out / "history.json").read_text())["history"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return written == finite(state["history"])
 
 
 def _scored(model, dev_score) -> float:

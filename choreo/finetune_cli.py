@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ from .attention import BACKENDS
 from .checks import check_int
 from .cli import input_file, output_dir, output_file, positive_int
 from .finetune import LOSSES, FinetuneConfig, split_traces, train
+from .results import finite
 
 __all__ = ["register"]
 
@@ -112,9 +114,13 @@ def _cli_train(args) -> int:
     else:
         train_set, dev_set = split_traces(traces, dev_fraction=config.dev_fraction, seed=config.seed)
     result = train(load_model(args.model), train_set, dev_set, config=config, out_dir=args.out, resume=args.resume)
-    print(json.dumps({"best_adapter": str(result.best_adapter), "best_step": result.best_step,
-                      "best_dev_loss": result.best_dev_loss, "steps": result.steps,
-                      "seconds_per_step": result.seconds_per_step, "peak_rss_mb": result.peak_rss_mb}, indent=1))
+    if args.resume and result.steps_run == 0:
+        print(f"--out {args.out!r}: the run had finished all {result.steps} steps; none left to run",
+              file=sys.stderr)
+    print(json.dumps(finite({"best_adapter": str(result.best_adapter), "best_step": result.best_step,
+                             "best_dev_loss": result.best_dev_loss, "steps": result.steps,
+                             "seconds_per_step": result.seconds_per_step, "peak_rss_mb": result.peak_rss_mb}),
+                     indent=1, allow_nan=False))
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from .cli import output_dir
 from .data.concepts import FILE_NAME as CONCEPTS_FILE
 from .data.math import FILE_NAME as MATH_FILE
 from .profiles import PROFILES
+from .report import profile_of
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITES_DIR = ROOT / "suites"
@@ -69,6 +71,9 @@ def run(args) -> int:
     elif os.environ.get("CHOREO_DATA"):  # the suites read it (conftest.py): a mistyped one must not fall back quietly
         check_data_dir(os.environ["CHOREO_DATA"], source="$CHOREO_DATA")
     results = output_dir(args.results_dir or default_results_dir(args.profile), option="--results-dir")
+    check_table_profiles(results, chosen, args.profile)
+    if "applications" in chosen:
+        check_math_logs(results)
     argv = [str(SUITES_DIR / name) for name in chosen]
     # -ra: a line per test that did not pass (-rA would print every passing test's output a second time);
     # tee-sys: progress bars and logs show as they happen, and a failing test's report still holds its output.
@@ -123,6 +128,42 @@ def check_data_dir(path: str, *, source: str) -> Path:
     if not any((folder / name).is_file() for name in (CONCEPTS_FILE, MATH_FILE)):
         raise FileNotFoundError(f"{source} {path!r} has no {CONCEPTS_FILE} or {MATH_FILE}")
     return folder
+
+
+def check_table_profiles(results: Path, suites: list[str], profile: str) -> None:
+    """Refuse a run at ``profile`` into a folder whose tables (``choreo.report.write_table``) record another
+    profile: the suites would replace them. Example: ``--profile smoke --results-dir results`` over the committed
+    tables -> "... results/leakage/canary holds a table of profile 'small' (canary.json) ..."."""
+    for name in suites:
+        for table in sorted((results / name).rglob("*.json")):
+            recorded = table_profile(table)
+            if recorded is not None and recorded != profile:
+                raise ValueError(f"--results-dir {str(results)!r}: {str(table.parent)!r} holds a table of profile "
+                                 f"{recorded!r} ({table.name}), which --profile {profile!r} would replace; choose "
+                                 f"another --results-dir (--profile smoke writes to {SMOKE_RESULTS_DIR} without one)")
+
+
+def check_math_logs(results: Path) -> None:
+    """With ``CHOREO_MATH_RENDER_ONLY=1`` the applications suite re-renders the MATH table from its logs: a results
+    folder with none is refused before a model loads. (A log that lacks records stops the suite, in one line.)"""
+    runs = results / "applications" / "math" / "runs"
+    if env_flag("CHOREO_MATH_RENDER_ONLY") and not any(runs.glob("*.jsonl")):
+        raise FileNotFoundError(f"CHOREO_MATH_RENDER_ONLY=1 re-renders the MATH table from its logs, and "
+                                f"{str(runs)!r} holds none (--results-dir {str(results)!r})")
+
+
+def table_profile(path: Path) -> str | None:
+    """The profile recorded in the table ``path`` (a .json that ``write_table`` wrote beside its .md), or None
+    for any other file (run logs, adapters, a table that records none)."""
+    if not path.with_suffix(".md").is_file():
+        return None
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(stored, dict) or not isinstance(stored.get("provenance"), dict):
+        return None
+    return profile_of(stored.get("data"), stored["provenance"])
 
 
 def env_flag(name: str) -> bool:

@@ -201,3 +201,25 @@ def test_notes_describe_only_what_the_json_timed(tmp_path):
     text = (tmp_path / "out" / "segment_attention.md").read_text()
     assert "'moved keys copied first': not timed in this run" in text and "one-delta" not in text
     assert "test_segment_attention_tiles: 2 configurations per workload" in text
+
+
+def test_without_commit_the_tables_name_the_recorded_commit(tmp_path):
+    """Without --commit the vs-base table was titled "commit None vs 134a743" and the provenance read `None`."""
+    src = tmp_path / "bench.json"
+    src.write_text(json.dumps(_bench() | {"commit_info": {"id": "456a5bfb62d9", "dirty": True}}))
+    text = bench_report.write_report(src, tmp_path / "out", commit=None, command=None).read_text()
+    versus = (tmp_path / "out" / "segment_attention_vs_base.md").read_text()
+    assert "commit 456a5bf+dirty vs 134a743" in versus and "None" not in versus.splitlines()[0]
+    for table in (text, versus):
+        assert "commit 456a5bf+dirty" in table and "`None`" not in table and "without --command" in table
+
+
+def test_cli_refuses_a_file_as_out_before_reading_the_json(tmp_path, capsys):
+    src, out = tmp_path / "bench.json", tmp_path / "taken"
+    src.write_text(json.dumps(_bench()))
+    out.write_text("a file")
+    with pytest.raises(SystemExit) as exit_info:
+        bench_report.main([str(src), "--out", str(out)])
+    assert exit_info.value.code == 2
+    assert f"--out {str(out)!r} is a file, not a folder" in capsys.readouterr().err
+    assert out.read_text() == "a file"

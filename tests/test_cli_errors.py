@@ -540,3 +540,69 @@ def test_demo_with_triton_attention_without_cuda_fails_before_the_model_loads(no
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert main(["demo", "--attention", "triton"]) == 2
     assert "--attention 'triton' needs CUDA" in _error_line(capsys)
+
+
+def test_repro_refuses_to_replace_tables_of_another_profile(no_model, capsys, tmp_path, monkeypatch):
+    """A smoke run with --results-dir results replaced the committed small tables (canary.json said "small")."""
+    from choreo.report import write_table
+
+    write_table(tmp_path / "leakage" / "canary", "canary", title="t", columns=["a"], rows=[[1]],
+                data={"n": 1}, provenance={"profile": "small"})
+    before = (tmp_path / "leakage" / "canary" / "canary.json").read_text()
+    seen = _fake_pytest(monkeypatch, code=0)
+    assert main(["repro", "--profile", "smoke", "--only", "leakage", "--results-dir", str(tmp_path), "--",
+                 "-k", "canary"]) == 2
+    err = _error_line(capsys)
+    assert repr(str(tmp_path / "leakage" / "canary")) in err and "'small'" in err and "--profile 'smoke'" in err
+    assert not seen and (tmp_path / "leakage" / "canary" / "canary.json").read_text() == before
+    # the same profile, or a suite whose folder holds no table of another profile, runs
+    assert main(["repro", "--profile", "small", "--only", "leakage", "--results-dir", str(tmp_path)]) == 0
+    assert main(["repro", "--profile", "smoke", "--only", "blockage", "--results-dir", str(tmp_path)]) == 0
+    assert len(seen) == 2
+
+
+def test_repro_render_only_needs_the_math_logs(no_model, capsys, tmp_path, monkeypatch):
+    """CHOREO_MATH_RENDER_ONLY=1 on a folder without logs printed 644 lines of tracebacks (exit 1)."""
+    monkeypatch.delenv("CHOREO_DATA", raising=False)
+    monkeypatch.setenv("CHOREO_MATH_RENDER_ONLY", "1")
+    seen = _fake_pytest(monkeypatch, code=0)
+    assert main(["repro", "--only", "applications", "--profile", "smoke", "--results-dir", str(tmp_path)]) == 2
+    err = _error_line(capsys)
+    assert "CHOREO_MATH_RENDER_ONLY=1" in err and repr(str(tmp_path / "applications" / "math" / "runs")) in err
+    assert not seen
+    assert main(["repro", "--only", "leakage", "--profile", "smoke", "--results-dir", str(tmp_path)]) == 0 and seen
+
+
+@pytest.mark.model
+def test_math_render_only_stops_in_one_line_where_a_log_lacks_records(tmp_path):
+    """A log the suite would have to extend stops the session with one line and exit status 2, not an error with
+    its traceback in every test of the module."""
+    import os
+
+    runs = tmp_path / "applications" / "math" / "runs"
+    runs.mkdir(parents=True)
+    (runs / "other.jsonl").write_text("")
+    env = {**os.environ, "CHOREO_MATH_RENDER_ONLY": "1"}
+    env.pop("CHOREO_DATA", None)
+    out = subprocess.run([sys.executable, "-m", "choreo.cli", "repro", "--only", "applications", "--profile", "smoke",
+                          "--results-dir", str(tmp_path)], capture_output=True, text=True, env=env)
+    text = out.stdout + out.stderr
+    assert out.returncode == 2, text
+    assert "CHOREO_MATH_RENDER_ONLY=1: math Direct would run 2 problems; the logs lack them" in text
+    assert "Traceback" not in text and "RuntimeError" not in text and len(text.splitlines()) < 10, text
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda folder: None, "does not exist"),
+    (lambda folder: folder.write_text("x"), "is not a directory"),
+    (lambda folder: folder.mkdir(), "has no config.json (--random-weights reads the architecture there)"),
+], ids=["missing", "file", "no-config"])
+def test_bench_random_weights_names_the_model_option_before_any_folder(no_model, capsys, tmp_path, make, message):
+    """With --random-weights, a missing --model read "model path '/no/such' has no config.json", after an empty
+    performance folder was made."""
+    folder = tmp_path / "model"
+    make(folder)
+    assert main(["bench", "--random-weights", "--model", str(folder), "--passes-only",
+                 "--results-dir", str(tmp_path / "res")]) == 2
+    assert f"--model {str(folder)!r} {message}" in _error_line(capsys)
+    assert not (tmp_path / "res").exists()

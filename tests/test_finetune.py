@@ -1156,3 +1156,49 @@ def test_recovery_refuses_too_few_held_out_traces_with_a_clear_error(tiny, tmp_p
         recovery.recovery_experiment(tiny, configs=[FinetuneConfig.preset("smoke", max_steps=1)], out_dir=tmp_path,
                                      n_train=4, n_eval=3, progress=False)
     assert not is_adapted(tiny)
+
+
+def _files(folder) -> dict:
+    """Every file under ``folder``: its bytes and modification time."""
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_resuming_a_finished_run_leaves_its_folder_as_it_was(tiny, traces, tmp_path, monkeypatch, capsys):
+    """``choreo finetune train --resume`` on a run that had run every step printed "seconds_per_step": NaN (not
+    JSON) and rewrote history.json (its date) and best/."""
+    import choreo.model
+    from choreo.cli import main
+    from choreo.trace import save_traces
+
+    save_traces(tmp_path / "t.jsonl", traces)
+    monkeypatch.setattr(choreo.model, "load_model", lambda *args, **kwargs: tiny)
+    argv = ["finetune", "train", "--traces", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "run"),
+            "--config", "smoke"]
+    assert main(argv) == 0
+    unload_adapter(tiny)
+    first = json.loads(capsys.readouterr().out)
+    before = _files(tmp_path / "run")
+    assert main(argv + ["--resume"]) == 0
+    out, err = capsys.readouterr()
+    resumed = json.loads(out, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+    loaded = {n: p.detach().clone() for n, p in tiny.hf_model.named_parameters() if "lora_" in n}
+    unload_adapter(tiny)
+    assert resumed["seconds_per_step"] is None and resumed["steps"] == first["steps"]
+    assert resumed["best_step"] == first["best_step"] and resumed["best_dev_loss"] == first["best_dev_loss"]
+    assert f"the run had finished all {first['steps']} steps; none left to run" in err
+    assert _files(tmp_path / "run") == before
+    load_adapter(tiny, tmp_path / "run" / "best")  # the model carried the chosen adapter
+    assert all(torch.equal(p, loaded[n]) for n, p in tiny.hf_model.named_parameters() if "lora_" in n)
+    unload_adapter(tiny)
+
+
+def test_a_finished_run_killed_before_its_history_was_written_writes_it_on_resume(tiny, traces, tmp_path):
+    config = FinetuneConfig.preset("smoke", epochs=2, eval_every=2, seed=3)
+    full = train(tiny, traces[:4], traces[6:], config=config, out_dir=tmp_path, progress=False)
+    unload_adapter(tiny)
+    written = json.loads((tmp_path / "history.json").read_text())
+    (tmp_path / "history.json").unlink()
+    rest = train(tiny, traces[:4], traces[6:], config=config, out_dir=tmp_path, resume=True, progress=False)
+    unload_adapter(tiny)
+    assert rest.steps_run == 0 and math.isnan(rest.seconds_per_step) and rest.best_step == full.best_step
+    assert json.loads((tmp_path / "history.json").read_text())["history"] == written["history"]

@@ -52,3 +52,29 @@ def test_cli_reports_bad_values_by_name():
     out = subprocess.run([sys.executable, "-m", "choreo.cli", "demo", "--model", "/no/such/model"],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "/no/such/model" in out.stderr
+
+
+def _command_row(command: str) -> str:
+    """The README command table's row whose first cell starts with ``command``."""
+    rows = [line for line in README.read_text().splitlines() if line.startswith(f"| `{command}")]
+    assert len(rows) == 1, rows
+    return rows[0]
+
+
+def test_the_registers_row_gives_the_command_that_made_the_committed_table():
+    import json
+
+    made = json.loads((README.parent / "results" / "kernels" / "registers.json").read_text())["provenance"]["command"]
+    assert f"`{made}`" in _command_row("python -m triton_kernels.ptxas_report")
+
+
+@pytest.mark.parametrize("command", ["demo", "bench"])
+def test_the_command_rows_name_every_option(command):
+    from choreo.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if a.choices and command in a.choices).choices
+    options = [o for a in commands[command]._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
+    row = _command_row(f"choreo {command}")
+    assert [o for o in options if o not in row] == []
+    if command == "bench":
+        assert "at `--profile smoke` `results-smoke/performance/`" in row

@@ -241,6 +241,7 @@ def write_report(bench_json: Path, out: Path, *, commit: str | None, command: st
     device = first["device"]
     info = bench.get("commit_info") or {}
     recorded = (str(info["id"])[:7] + ("+dirty" if info.get("dirty") else "")) if info.get("id") else None
+    this_commit = commit or recorded  # the commit given, else the one pytest-benchmark recorded (its dirty flag)
     sets = sorted({b["extra_info"]["input_sets"] for b in bench["benchmarks"] if "input_sets" in b["extra_info"]})
     calls = sorted({b["extra_info"]["calls_per_round"] for b in bench["benchmarks"]
                     if "calls_per_round" in b["extra_info"]})
@@ -250,8 +251,8 @@ def write_report(bench_json: Path, out: Path, *, commit: str | None, command: st
         "seeds": list(range(sets[-1])) if sets else [0], "sample_sizes": None,
         "versions": {k: first.get(k) for k in ("torch", "triton", "cuda")} | {
             "python": bench.get("machine_info", {}).get("python_version")},
-        # the commit given, else the one pytest-benchmark recorded (with its dirty flag)
-        "git_commit": commit or recorded, "date": bench.get("datetime"), "command": command,
+        "git_commit": this_commit, "date": bench.get("datetime"),
+        "command": command or "not recorded (the report was made without --command)",
         "timing": "pytest-benchmark pedantic: 10 rounds after 2 warm-up rounds; a round is "
                   + ("/".join(map(str, calls)) if calls else "20 (decode) or 5 (prefill)")
                   + " calls then one synchronisation; median round / calls" + _input_sets_note(bench),
@@ -328,7 +329,8 @@ def write_report(bench_json: Path, out: Path, *, commit: str | None, command: st
         base_commit = next(p["base"]["base_commit"] for w in summary.values() for p in w.get("vs_base", {}).values()
                            if "base" in p)
         written.add(f"{name}_vs_base")
-        write_table(out, f"{name}_vs_base", title=f"Segment attention: commit {commit} vs {base_commit} ({device})",
+        title = f"Segment attention: commit {this_commit} vs {base_commit} ({device})"
+        write_table(out, f"{name}_vs_base", title=title,
                     columns=BASE_COLUMNS, rows=compared,
                     data={k: w["vs_base"] for k, w in summary.items() if "vs_base" in w}, provenance=provenance,
                     notes=[f"Both commits' kernels at their own default tiles and split counts, timed back to back "
@@ -357,6 +359,8 @@ def _remove_stale(out: Path, name: str, written: set[str]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from choreo.cli import output_dir
+
     parser = argparse.ArgumentParser(prog="python -m triton_kernels.bench_report", description=__doc__.split("\n")[0])
     parser.add_argument("bench_json", type=Path, help="pytest-benchmark JSON of bench_segment_attention.py")
     parser.add_argument("--out", type=Path, default=Path("results/kernels"))
@@ -372,6 +376,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.bench_json.is_file():
         parser.error(f"no such file: {args.bench_json}")
+    try:  # before any table is written: a file named as the folder fails here, in one line
+        output_dir(args.out, option="--out")
+    except ValueError as e:
+        parser.error(str(e))
     try:
         report = write_report(args.bench_json, args.out, commit=args.commit, command=args.command, name=args.name,
                               extra_notes=args.note, training_notes=args.training_note, base_notes=args.base_note)

@@ -41,6 +41,9 @@ __all__ = ["KernelStats", "compile_stats", "default_stats", "loop_instructions",
 KERNELS = ("fwd", "dq", "dkdv")
 FLAT_KERNELS = ("fwd", "dq")  # those with a loop over the tile table (``LaunchConfig.flat_stages``)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Compute capabilities x10 (--arch) the whole report runs for with Triton 3.7's wheel: its nvdisasm fails on an
+# sm_70 cubin, its ptxas on the sm_100a and sm_120a PTX, and 0 aborts in LLVM.
+ARCHES = (75, 80, 86, 89, 90)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -453,7 +456,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m triton_kernels.ptxas_report", description=__doc__.split("\n")[0])
     parser.add_argument("--dtype", nargs="+", default=["bf16"], choices=sorted(DTYPES))
     parser.add_argument("--head-dim", nargs="+", type=int, default=[64, 128])
-    parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (80: A100, 90: H100/H200)")
+    parser.add_argument("--arch", type=int, default=90, choices=ARCHES,
+                        help="compute capability x10 (80: A100, 90: H100/H200; default %(default)s)")
     parser.add_argument("--sweep", choices=KERNELS, default=None,
                         help="every block_m x block_n x warps x stages of one kernel instead of the defaults")
     parser.add_argument("--seq-len", type=int, default=SHAPES["prefill"], metavar="S",
@@ -483,6 +487,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--opcodes must be >= 0, got {args.opcodes}")
     if args.seq_len < 1:
         parser.error(f"--seq-len must be >= 1, got {args.seq_len}")
+    if args.out is not None:  # before compiling: a file named as the folder fails at once, not after every kernel
+        from choreo.cli import output_dir
+
+        try:
+            output_dir(args.out, option="--out")
+        except ValueError as error:
+            parser.error(str(error))
     counted = args.opcodes > 0
     if args.sweep:
         from .segment_attention_backward import dq_flat_stages

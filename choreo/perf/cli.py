@@ -250,7 +250,9 @@ def _check_options(args) -> torch.device:
     if args.passes_only and not BENCH_PROFILES[_profile(args)].pass_sizes:
         usable = sorted(name for name, cfg in BENCH_PROFILES.items() if cfg.pass_sizes)
         raise ValueError(f"--profile {_profile(args)!r} measures no pass cost; --passes-only takes one of {usable}")
-    if args.model is not None and not args.random_weights:
+    if args.model is not None and args.random_weights:
+        _check_architecture(args.model)
+    elif args.model is not None:
         from ..model import check_checkpoint
 
         check_checkpoint(args.model, source="--model")
@@ -259,6 +261,17 @@ def _check_options(args) -> torch.device:
         raise ValueError(f"--device {args.device!r}: --memory-only measures peak RSS in CPU subprocesses; on CUDA, "
                          "a full `choreo bench` run records allocated memory with the timings")
     return device
+
+
+def _check_architecture(path: str) -> None:
+    """``--model`` with ``--random-weights``: a folder holding the config.json that ``random_model`` reads (with the
+    tokenizer; the weights are not read). Example: ``--model /no/such`` -> "--model '/no/such' does not exist"."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--model {path!r} " + ("is not a directory" if folder.exists() else "does not exist"))
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"--model {path!r} has no config.json (--random-weights reads the architecture "
+                                "there)")
 
 
 def _check_stored_profile(results: Path) -> None:

@@ -335,3 +335,23 @@ def test_triton_interpret_0_is_off():
     run = subprocess.run([sys.executable, "-m", "triton_kernels.ptxas_report", "--opcodes", "-1"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "--opcodes must be >= 0" in run.stderr and "TRITON_INTERPRET" not in run.stderr
+
+
+@pytest.mark.parametrize("arch", ["0", "70", "100"])
+def test_arch_option_is_checked(arch):
+    """--arch 0 aborted in LLVM (exit 134), --arch 70 failed in nvdisasm with a traceback."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "triton_kernels.ptxas_report", "--arch", arch], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and f"--arch: invalid choice: {arch} (choose from 75, 80, 86, 89, 90)" in run.stderr
+
+
+def test_out_option_is_checked_before_compiling(tmp_path):
+    """A file as --out failed with FileExistsError only after every kernel was compiled."""
+    taken = tmp_path / "registers"
+    taken.write_text("a file")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "triton_kernels.ptxas_report", "--out", str(taken)], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and f"--out {str(taken)!r} is a file, not a folder" in run.stderr, run.stderr[-2000:]
+    assert taken.read_text() == "a file"

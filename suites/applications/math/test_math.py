@@ -91,6 +91,12 @@ EQUIVALENCE_MARGIN = 0.10
 RENDER_ONLY = env_flag("CHOREO_MATH_RENDER_ONLY")  # checked as choreo repro checks it: 1, 0 or unset
 
 
+def render_only_stop(why: str):
+    """End the session when rendering only needs a record the logs lack: one line and exit status 2 (a usage error,
+    as ``choreo repro`` reports bad values), not the same traceback in every test of the module."""
+    pytest.exit(f"CHOREO_MATH_RENDER_ONLY=1: {why} (run without it to compute them)", returncode=2)
+
+
 def _configs(sizes):
     return (tot.ToTConfig(**sizes["tot"]), debate.DebateConfig(**sizes["debate"]),
             tot.DirectConfig(**sizes["direct"]))
@@ -112,8 +118,7 @@ def _run(model, problems, seeds, *, workflow, condition, configs, progress):
     """``run(todo, on_result)`` for ``resumable``: the problems at indices ``todo`` (an error when rendering only)."""
     def run(todo, cb):
         if RENDER_ONLY:
-            raise RuntimeError(f"CHOREO_MATH_RENDER_ONLY: {progress} would run {len(todo)} problems; the logs lack "
-                               "them")
+            render_only_stop(f"{progress} would run {len(todo)} problems; the logs lack them")
         return run_workflow(model, [problems[i].problem for i in todo], workflow=workflow, condition=condition,
                             configs=configs, seeds=[seeds[i] for i in todo], progress=progress, on_result=cb)
     return run
@@ -171,7 +176,7 @@ def _train_runs(model, name, *, train_problems, configs, key, folder, progress):
     if saved is not None:
         return reread([meta for meta, _ in saved], workflow=workflow, configs=configs), [e for _, e in saved]
     if RENDER_ONLY:
-        raise RuntimeError(f"CHOREO_MATH_RENDER_ONLY: the training traces {path} are missing")
+        render_only_stop(f"the training traces {path} are missing")
     records, traces = run_workflow(model, [p.problem for p in train_problems], workflow=workflow,
                                    condition="baseline", configs=configs,
                                    seeds=[TRAIN_SEED + j for j in range(len(train_problems))],
@@ -253,7 +258,7 @@ def _adapted_run(model, *, stem, problems, data, ft_config, run, folder, dev_sco
     if all(i in done for i in range(len(problems))) and summary_path.exists():
         return [done[i] for i in range(len(problems))], json.loads(summary_path.read_text()), path
     if RENDER_ONLY:
-        raise RuntimeError(f"CHOREO_MATH_RENDER_ONLY: {path} or {summary_path.name} is incomplete; training would run")
+        render_only_stop(f"{path} or {summary_path.name} is incomplete; training would run")
     train_set, dev_set, facts = data()
     t0 = time.perf_counter()
     with trained_adapter(model, train_set, dev_set, config=ft_config, dev_score=dev_score) as result:
