@@ -623,9 +623,10 @@ class LaunchConfig:
 class TileTable:
     """Every call's segments cut into key tiles of ``block_n`` (what the flat loop walks).
 
-    tiles: (B, T) int64 on the kernel's device, one entry per tile (``pack_tiles``: first store row, key count
-    1..block_n and position delta), calls' tiles in segment order, padded with zeros; n_tiles: (B,) int32;
-    max_tiles: T, on the host. ``fields()`` unpacks the entries. moved: whether any tile has a non-zero delta
+    tiles: (B, W) int64 on the kernel's device, W >= max(T, 1) columns, one entry per tile (``pack_tiles``: first
+    store row, key count 1..block_n and position delta), calls' tiles in segment order, padded with zeros (a table
+    with no tile has one column of them); n_tiles: (B,) int32; max_tiles: T, the most tiles of any call, on the
+    host. ``fields()`` unpacks the entries. moved: whether any tile has a non-zero delta
     (on the host); False lets the kernels skip the re-rotation entirely (the engine's calls without ``offsets``
     read every parent where it was encoded), True is always correct.
     """
@@ -637,7 +638,7 @@ class TileTable:
     moved: bool = True
 
     def fields(self) -> torch.Tensor:
-        """(3, B, T) int32: each tile's first store row, key count and position delta."""
+        """(3, B, W) int32: each tile's first store row, key count and position delta."""
         return unpack_tiles(self.tiles)
 
 

@@ -18,17 +18,40 @@ from hypothesis import strategies as st
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 
-# Floor added to the 2x-PyTorch-error bound, relative to the output's largest entry (at least 1): where PyTorch
-# happens to be exact at that dtype (tiny attention sets), the kernel may still differ by a few rounding steps of
-# the output. Its softmax runs on exp2 with the scale pre-multiplied by log2(e), one more rounding of every
-# exponent than PyTorch's exp: at fp32 an output of 2.36 came out 7 ulps (1.7e-6) off where PyTorch was 1.4 ulps
-# off (decode over 31 own keys, D 128).
-ABS_FLOOR = {torch.float32: 1e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3}
+# Tolerance, as flash-attention's tests set it: the kernel's error against the fp64 reference is at most twice
+# PyTorch's own error at the input dtype (the einsum-and-softmax reference computed at that dtype, flash-attention's
+# ``attention_ref(upcast=False)``) plus twice the dtype's rounding at the result's size (``rounding_floor``,
+# flash-attention's ``fwd_atol``). SDPA at the dtype is no yardstick on the CPU: its math path computes in fp32 and
+# rounds once (at bf16 and a softmax scale of 1.7, dq 0.45 off where the einsum reference is 4.7 off and the
+# kernel, which rounds P to bf16 for its dots as FlashAttention does, 2.7).
+#
+# fp32 gets ``fp32_ulps`` more ulps of the result's largest entry: FP32_ULPS for the forward, FP32_GRAD_ULPS for
+# the gradients. The kernel's softmax is exp2 of scores pre-scaled by log2(e), and the backward recomputes it from
+# the stored log-sum-exp; in the interpreter every fp32 exp2 is numpy's float32 routine, on a GPU ex2.approx.
+# Measured in the interpreter beyond 2x PyTorch + the rounding floor, over the Hypothesis cases (about 100 per
+# head dim) and the awkward ones: the forward up to 2.9 ulps (decode over 31 own keys, D 128: 1.7e-6 where PyTorch
+# is 3.3e-7 off), the gradients up to 7.0 (dk) and 6.6 (dv, where PyTorch's dv is exact); fp16 and bf16 stay
+# within 0.53 of the bound without any.
+FP32_ULPS = 8
+FP32_GRAD_ULPS = 16
 
 
-def error_bound(ref: torch.Tensor, err_pt: float, dtype: torch.dtype) -> float:
-    """The kernel's allowed max error against the fp64 ``ref``: twice PyTorch's at ``dtype``, plus the floor."""
-    return 2 * err_pt + ABS_FLOOR[dtype] * max(1.0, ref.abs().max().item() if ref.numel() else 0.0)
+def rounding_floor(ref: torch.Tensor, dtype: torch.dtype) -> float:
+    """Twice the rounding of ``ref`` at ``dtype`` around its size (flash-attention's ``fwd_atol``:
+    ``2 * (ref + 0.3 - 0.3 - ref).abs().max()`` at the dtype)."""
+    if not ref.numel():
+        return 0.0
+    r = ref.to(dtype)
+    return 2 * (r + 0.3 - 0.3 - r).abs().max().item()
+
+
+def error_bound(ref: torch.Tensor, err_pt: float, dtype: torch.dtype, *, fp32_ulps: int = FP32_ULPS,
+                extra: float = 0.0) -> float:
+    """The kernel's allowed max error against the fp64 ``ref``: twice PyTorch's (``err_pt``), the rounding floor,
+    ``fp32_ulps`` ulps of ``ref``'s largest entry at fp32, and ``extra`` (a relative error, of that entry)."""
+    size = ref.abs().max().item() if ref.numel() else 0.0
+    ulps = fp32_ulps * torch.finfo(torch.float32).eps if dtype == torch.float32 else 0.0
+    return 2 * err_pt + rounding_floor(ref, dtype) + (ulps + extra) * size
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -131,7 +154,7 @@ AWKWARD = {
                                new_len=[4, 2], S=4),
     "large-deltas": Case(segments=[[(0, 20, 4000), (20, 20, -4000)]], own_start=[40], own_past=[2], new_len=[3],
                          S=3),
-    # the fp32 case behind ABS_FLOOR's scaling by the output's size (a draw of the property test)
+    # the fp32 case furthest beyond 2x PyTorch's error (2.9 ulps, FP32_ULPS; a draw of the property test)
     "fp32-D128-own-only": Case(segments=[[]], own_start=[69], own_past=[30], new_len=[1], S=1, H=2, Hkv=1, D=128,
                                seed=203),
 }

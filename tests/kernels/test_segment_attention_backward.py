@@ -1,8 +1,9 @@
 """Backward pass of the segment-attention kernel vs autograd through the fp64 reference.
 
 Gradients dq, dk, dv of <out, g> for a random cotangent g. Tolerance as for the forward (flash-attention's
-tests): the kernel's error against fp64 is at most 2x PyTorch's own error at the input dtype (autograd through
-the reference computed at that dtype), plus a rounding floor scaled by the gradient's size.
+tests, ``cases.error_bound``): the kernel's error against fp64 is at most 2x PyTorch's own error at the input dtype
+(autograd through the einsum reference at that dtype), plus twice the dtype's rounding at the gradient's size,
+plus at fp32 ``cases.FP32_GRAD_ULPS`` ulps of it (the backward recomputes P = exp2(s - lse) from fp32 s and lse).
 """
 
 import contextlib
@@ -13,19 +14,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.kernels.cases import (ABS_FLOOR, AWKWARD, CUDA, DEVICE, EXAMPLES, Case, cases,  # sets TRITON_INTERPRET
-                                 read_rows)
+from tests.kernels.cases import (AWKWARD, CUDA, DEVICE, EXAMPLES, FP32_GRAD_ULPS, Case, cases,  # sets TRITON_INTERPRET
+                                 error_bound, read_rows)
 from triton_kernels import LaunchConfig, interpreter_active, is_available, launch_config, segment_attention
-from triton_kernels.reference import segment_attention_ref
+from triton_kernels.reference import dense_layout, rope_shift, segment_attention_ref
 from triton_kernels.segment_attention import LOG2E
 from triton_kernels.segment_attention_backward import backward_configs
-
-# Rounding floor of the gradients, relative to their largest entry (at least 1). The backward recomputes P from
-# the stored row statistics (exp2(s - lse): an exponent rounded at the dtype carries a relative error of a few
-# ulps of |s|) and forms dS = P (dP - rowsum(dO O)), a difference of terms of size |dO| |V|; so at fp32 the
-# gradients differ from autograd's by ~1e-6 even where PyTorch happens to be nearly exact. fp16 / bf16 as the
-# forward's floor.
-GRAD_FLOOR = {torch.float32: 1e-5, torch.float16: ABS_FLOOR[torch.float16], torch.bfloat16: ABS_FLOOR[torch.bfloat16]}
 
 pytestmark = pytest.mark.skipif(
     not is_available(DEVICE),
@@ -86,9 +80,10 @@ def check_gradients(case: Case, *, args: tuple | None = None, score_bound: float
             continue
         err = (mine.double() - gold).abs().max().item()
         err_pt = (theirs.double() - gold).abs().max().item()
-        floor = GRAD_FLOOR[case.dtype] + 4 * score_bound * torch.finfo(torch.float32).eps
-        bound = 2 * err_pt + floor * max(1.0, gold.abs().max().item())
-        assert err <= bound, f"{name}: kernel error {err:.3g} > 2 x PyTorch's {err_pt:.3g} + floor for {case}"
+        bound = error_bound(gold, err_pt, case.dtype, fp32_ulps=FP32_GRAD_ULPS,
+                            extra=4 * score_bound * torch.finfo(torch.float32).eps)
+        assert err <= bound, (f"{name}: kernel error {err:.3g} > {bound:.3g} (2 x PyTorch's {err_pt:.3g} + floor) "
+                              f"for {case}")
         if name != "dq":  # store rows no call reads get exactly zero gradient
             assert (mine[:, ~read_rows(case, mine.shape[1])] == 0).all(), f"{name} is non-zero on rows nobody read"
     for b in range(q.shape[0]):  # padding query rows get exactly zero gradient
@@ -131,8 +126,22 @@ def test_gradients_at_large_scale(name, dtype, scale):
     where the backward's P = exp2(s - L) is only as exact as the forward's L is for the same scores. With moved
     segments scored one way in the forward (the query counter-rotated) and another in the backward (the keys
     rotated), dV at 16-bit dtypes came out 2.5-6.6x PyTorch's error at scale 1.7; the forward of a launch that a
-    backward follows now scores the keys moved first, as the backward does (``scoring_launch``)."""
-    check_gradients(dataclasses.replace(AWKWARD[name], dtype=dtype), scale=scale)
+    backward follows now scores the keys moved first, as the backward does (``scoring_launch``). The floor grows
+    with the largest scaled score (``check_gradients``' score_bound)."""
+    case = dataclasses.replace(AWKWARD[name], dtype=dtype)
+    check_gradients(case, scale=scale, score_bound=max_scaled_score(case.tensors(), scale))
+
+
+def max_scaled_score(args: tuple, scale: float) -> float:
+    """The largest |score| in log2 units (|q . k| * scale * log2(e)) over the keys each query attends to, moved
+    keys re-rotated: computed in fp64 from ``Case.tensors``."""
+    q, k, _, *tables, inv_freq = args
+    layout = dense_layout(*tables, q.shape[2])  # key_rows, key_delta (B, T); mask (B, S, T)
+    keys = k[:, layout.key_rows].transpose(0, 1).double()  # (B, Hkv, T, D)
+    keys = rope_shift(keys, layout.key_delta[:, None, :], inv_freq.double())
+    keys = keys.repeat_interleave(q.shape[1] // k.shape[0], dim=1)  # (B, H, T, D)
+    scores = q.double() @ keys.transpose(-1, -2) * scale  # (B, H, S, T)
+    return scores.masked_fill(~layout.mask[:, None], 0.0).abs().max().item() * LOG2E
 
 
 def test_scoring_launch_moves_the_keys_first_only_where_a_segment_moved():
