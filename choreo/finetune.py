@@ -463,12 +463,14 @@ class TrainResult:
     peak_rss_mb: float
     best_dev_score: float | None = None
     steps_run: int = 0  # optimizer steps this call ran: 0 where it resumed a run that had finished
+    provenance: dict | None = None  # the run's, as its history.json records it (model, seeds, sizes, versions, ...)
 
     def summary(self) -> dict:
-        """The JSON-ready record of the run (everything but the adapter folder, which may be temporary)."""
+        """The JSON-ready record of the run (everything but the adapter folder, which may be temporary), with the
+        provenance of the training run."""
         return {"best_step": self.best_step, "best_dev_loss": self.best_dev_loss,
                 "best_dev_score": self.best_dev_score, "steps": self.steps, "seconds_per_step": self.seconds_per_step,
-                "peak_rss_mb": self.peak_rss_mb, "history": self.history}
+                "peak_rss_mb": self.peak_rss_mb, "history": self.history, "provenance": self.provenance}
 
 
 def schedule(step: int, total: int, warmup: float) -> float:
@@ -646,7 +648,8 @@ def _train_adapted(model, train_traces, dev_traces, *, config, out: Path, resume
         if _finished(out, saved["state"], total):  # nothing left to run: the folder stays as the run left it
             load_adapter(model, best_dir, trainable=True)
             model.hf_model.eval()
-            return _result(best_dir, {"best_dev_score": None, **saved["state"]}, times=[])
+            recorded = json.loads((out / "history.json").read_text()).get("provenance")
+            return _result(best_dir, {"best_dev_score": None, **saved["state"]}, times=[], provenance=recorded)
         where = str(last / "trainer_state.pt")
         if "weights" in saved:  # saved in the state's file: the adapters of its step
             # best/ as of that step (a later write of it may have been cut off with the run)
@@ -690,20 +693,20 @@ def _train_adapted(model, train_traces, dev_traces, *, config, out: Path, resume
                 _save_last(model, last, opt, sched, state, config, data, best["weights"])
     finally:
         bar.close()
-    _write_history(out / "history.json", state, config, model=model,
+    prov = _write_history(out / "history.json", state, config, model=model,
                    sizes={"train_traces": len(train_traces), "dev_traces": len(dev_traces)})
     load_adapter(model, best_dir, trainable=True)  # the adapter stays as trainable as it was
     model.hf_model.eval()
-    return _result(best_dir, state, times=times)
+    return _result(best_dir, state, times=times, provenance=prov)
 
 
-def _result(best_dir: Path, state: dict, *, times: list[float]) -> TrainResult:
+def _result(best_dir: Path, state: dict, *, times: list[float], provenance: dict | None) -> TrainResult:
     """The ``TrainResult`` of a run whose training state is ``state``, this call having run steps of ``times``
     seconds (none: seconds_per_step is NaN, written as null by ``choreo.results.write_json``)."""
     return TrainResult(best_adapter=best_dir, best_step=state["best_step"], best_dev_loss=state["best_dev_loss"],
                        best_dev_score=state["best_dev_score"], history=state["history"], steps=state["step"],
                        seconds_per_step=float(np.mean(times)) if times else float("nan"), peak_rss_mb=peak_rss_mb(),
-                       steps_run=len(times))
+                       steps_run=len(times), provenance=provenance)
 
 
 def _finished(out: Path, state: dict, total: int) -> bool:
@@ -787,15 +790,17 @@ def _data_key(train_traces, dev_traces) -> dict:
     return {"sizes": {"train_traces": len(train_traces), "dev_traces": len(dev_traces)}, "sha256": digest}
 
 
-def _write_history(path: Path, state: dict, config: FinetuneConfig, *, model, sizes: dict) -> None:
+def _write_history(path: Path, state: dict, config: FinetuneConfig, *, model, sizes: dict) -> dict:
+    """Write the run's ``history.json``; returns its provenance."""
     from .provenance import provenance
     from .results import write_json
 
+    prov = provenance(model, seeds=[config.seed], sample_sizes=sizes)
     write_json(path, {"config": config.to_json(), "dev_metric": config.dev_criterion,
                       "selected_by": state["selected_by"], "best_step": state["best_step"],
                       "best_dev_loss": state["best_dev_loss"], "best_dev_score": state["best_dev_score"],
-                      "history": state["history"],
-                      "provenance": provenance(model, seeds=[config.seed], sample_sizes=sizes)})
+                      "history": state["history"], "provenance": prov})
+    return prov
 
 
 # ---------------------------------------------------------------------------------------------- selection on dev

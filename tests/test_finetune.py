@@ -886,6 +886,8 @@ def test_history_records_the_rate_each_step_used_and_its_provenance(tiny, traces
         assert r["lr"] == pytest.approx(config.lr * schedule(r["step"] - 1, result.steps, config.warmup)), r
     prov = history["provenance"]
     assert prov["sample_sizes"] == {"train_traces": 4, "dev_traces": 2} and prov["seeds"] == [config.seed]
+    # the summary the suites store beside their logs carries it too
+    assert result.provenance == prov and result.summary()["provenance"] == prov
     assert prov["model"]["sha256"] == tiny.spec.sha256
 
 
