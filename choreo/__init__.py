@@ -3,7 +3,8 @@
 from . import attention, stats  # noqa: F401  (public submodules)
 from .cache import CapacityError, Message
 from .baseline import Baseline
-from .engine import Call, Choreographer, linearize
+from .calls import Call, linearize
+from .choreographer import Choreographer
 from .runner import Runner, Session
 from .model import Model, load_model
 

@@ -19,7 +19,9 @@ from __future__ import annotations
 import dataclasses
 
 from .cache import CapacityError, Message
-from .engine import Call, Choreographer, Job, token_ids
+from .calls import Call, token_ids
+from .choreographer import Choreographer
+from .engine import Job
 from .model import Model
 
 

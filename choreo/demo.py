@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .baseline import Baseline
-from .engine import Choreographer
+from .choreographer import Choreographer
 from .model import Model
 
 AGENTS = {

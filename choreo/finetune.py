@@ -54,7 +54,8 @@ from .attention import BACKENDS
 from .baseline import Baseline
 from .cache import Message
 from .checks import check_int, check_int_fields, is_int, is_real
-from .engine import Call, Choreographer
+from .calls import Call
+from .choreographer import Choreographer
 from .lora import DEFAULT_TARGETS, adapter_weights, add_adapter, adapter_disabled, check_no_adapter, load_adapter, \
     save_adapter, set_adapter_weights, trainable_parameters, unload_adapter, use_adapter
 from .trace import TraceEvent, as_recorded

@@ -34,7 +34,7 @@ import torch
 
 from .baseline import Baseline
 from .checks import check_int, is_int
-from .engine import Choreographer
+from .choreographer import Choreographer
 from .runner import Runner
 from .trace import TraceEvent, replay_calls
 

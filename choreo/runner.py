@@ -26,7 +26,9 @@ from typing import Any, Callable, Coroutine, Iterable, Sequence
 
 from .cache import CapacityError, Message
 from .checks import check_int
-from .engine import Call, Choreographer, Job, as_tuple, call_list
+from .calls import Call, as_tuple, call_list
+from .choreographer import Choreographer
+from .engine import Job
 from .progress import progress_bar
 from .trace import TraceRecorder
 

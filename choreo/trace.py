@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .cache import Message
-from .engine import Call, check_position
+from .calls import Call, check_position
 from .results import read_jsonl
 
 

@@ -23,7 +23,9 @@ import torch
 
 from ..baseline import Baseline
 from ..cache import Message
-from ..engine import Call, Choreographer, Engine, Job
+from ..calls import Call
+from ..choreographer import Choreographer
+from ..engine import Engine, Job
 from ..model import Model
 
 TEACHER = ("teacher-forced, one decode step per content token (identical tokens in every arm; each step's argmax "

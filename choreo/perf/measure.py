@@ -28,7 +28,8 @@ from typing import Sequence
 import torch
 
 from ..cache import Message
-from ..engine import RAW, Call, Job
+from ..calls import RAW, Call
+from ..engine import Job
 from ..model import Model
 from ..runner import Runner
 from .arms import HFSession, StepwiseChoreographer, fast_arm, make_executor

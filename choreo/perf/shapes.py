@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 from ..cache import Message
 from ..checks import check_int_fields, is_int
-from ..engine import RAW, Call
+from ..calls import RAW, Call
 from ..workflows.debate import MODERATOR_PREFIX, SPEAKERS
 
 

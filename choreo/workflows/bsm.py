@@ -38,7 +38,7 @@ from typing import Sequence
 
 from ..checks import check_int_fields, check_sampling_fields
 from ..data.concepts import coverage
-from ..engine import linearize
+from ..calls import linearize
 from ..trace import without_offsets
 
 LAYOUTS = ("parallel", "linearized")
@@ -209,7 +209,7 @@ async def bsm(ex, concepts: Sequence[str], *, layout: str, seed: int, config: BS
     if parsed is None:
         return out
     topic, g1, g2 = parsed
-    from ..engine import Call
+    from ..calls import Call
 
     asks = [await ex.prefill(solve_prompt(topic, g), role="user", parents=[sys]) for g in (g1, g2)]
     stories = await ex.decode([Call(role="assistant", parents=[sys, a], max_tokens=config.solve_tokens,
@@ -280,7 +280,7 @@ async def judge_orders(ex, story_a: str, story_b: str, *, max_tokens: int = 8) -
     not parse both give ties, and only ``orders`` tells them apart. An empty story (a failed instance) loses to
     a non-empty one and two empty stories tie, without asking (``orders`` is then empty).
     """
-    from ..engine import Call
+    from ..calls import Call
 
     if not story_a.strip() or not story_b.strip():
         outcome = "tie" if not story_a.strip() and not story_b.strip() else ("B" if not story_a.strip() else "A")
@@ -394,7 +394,7 @@ def run_judge(model, pairs: Sequence[tuple[str, str]], *, batch: int = 64, progr
               on_result=None) -> list[dict]:
     """``judge_orders`` records (the outcome "A", "B" or "tie" and each order's raw answer) for (story A, story B)
     pairs, judged in both orders (greedy)."""
-    from ..engine import Choreographer
+    from ..choreographer import Choreographer
     from ..runner import Runner
 
     runner = Runner(Choreographer(model), max_concurrent=batch, progress=progress)

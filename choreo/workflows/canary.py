@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import random
 
-from ..engine import Call, linearize
+from ..calls import Call, linearize
 from .prisoners import system_prompt
 
 CONDITIONS = ("baseline", "cached", "cached_without_secret", "told")
@@ -122,7 +122,7 @@ def run_probes(model, *, seeds, log, message_tokens: int = 48, max_concurrent: i
 
     Example: ``run_probes(model, seeds=range(64), log=JsonlLog("canary.jsonl", key="seed"))``.
     """
-    from ..engine import Choreographer
+    from ..choreographer import Choreographer
     from ..runner import Runner
 
     seeds = [int(s) for s in seeds]

@@ -52,7 +52,7 @@ import re
 from typing import Sequence
 
 from ..checks import check_int_fields, check_sampling_fields
-from ..engine import Call, linearize
+from ..calls import Call, linearize
 
 LAYOUTS = ("parallel", "linearized")
 PREFERENCES = ("affirmative", "negative", "none")

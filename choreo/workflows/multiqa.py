@@ -31,7 +31,8 @@ from typing import Sequence
 
 from ..cache import Message
 from ..checks import check_int_fields
-from ..engine import RAW, Choreographer, linearize
+from ..calls import RAW, linearize
+from ..choreographer import Choreographer
 from ..data.trivia import Question, grade
 from .executors import make_executor
 

@@ -35,7 +35,7 @@ import dataclasses
 import math
 
 from ..checks import check_int_fields, check_sampling_fields
-from ..engine import Call, linearize
+from ..calls import Call, linearize
 
 PAYOFFS = {"T": 5, "R": 3, "P": 1, "S": 0}  # temptation, reward, punishment, sucker
 STRATEGIES = ("none", "cooperate", "defect")
@@ -362,7 +362,7 @@ def run_games(model, *, arm: str, strategies=STRATEGIES, seeds, log, config: Gam
         cho = run_games(model, arm="choreographed", seeds=range(8), log=log, plans=plans)
     """
     from ..baseline import Baseline
-    from ..engine import Choreographer
+    from ..choreographer import Choreographer
     from ..runner import Runner
 
     if arm not in ARMS:

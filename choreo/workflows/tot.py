@@ -37,7 +37,7 @@ from collections import Counter
 from typing import Sequence
 
 from ..checks import check_int_fields, check_sampling_fields
-from ..engine import Call, linearize
+from ..calls import Call, linearize
 from ..trace import TraceEvent
 
 LAYOUTS = ("parallel", "linearized")

@@ -55,7 +55,7 @@ def _setup():
 
 def _step_fn(attention: str):
     """A zero-argument optimizer step over the traces, and the first step's loss."""
-    from choreo.engine import Choreographer
+    from choreo.choreographer import Choreographer
     from choreo.finetune import replay_loss
     from choreo.lora import add_adapter, trainable_parameters, unload_adapter
 
