@@ -459,6 +459,11 @@ def table(model, profile, data_dir, results_dir):
                                                        margin=EQUIVALENCE_MARGIN, alpha=ALPHA)
                    for name in WORKFLOWS if f"{name} After" in runs}
     equivalence_holm = holm_adjusted({name: t for name, t in equivalence.items() if name in RECOVERY_CLAIMED})
+    # Below MIN_BASELINE_RATE a TOST passes on agreement at the floor (0/24 against 0/24: p = 0.033 from its pseudo-
+    # counts alone): no evidence of recovery, so the table says "untestable" rather than "equivalent".
+    untestable = {name: f"untestable: the baseline solves {rates[f'{name} Baseline'].successes}/{n} (< "
+                        f"{MIN_BASELINE_RATE:.0%})" for name in equivalence
+                  if rates[f"{name} Baseline"].rate < MIN_BASELINE_RATE}
     vs_control = {name: stats.mcnemar_exact(correct[f"{name} After"], correct[row]) for name, row in CONTROLS.items()
                   if f"{name} After" in runs and row in runs}
     control_holm = holm_adjusted(vs_control)
@@ -519,6 +524,8 @@ def table(model, profile, data_dir, results_dir):
           f"{100 * (1 - 2 * ALPHA):.0f}% interval [{t.low:+.3f}, {t.high:+.3f}], p = {t.pvalue:.2g}, "
           + (f"Holm-adjusted p = {equivalence_holm[name]:.2g} (family: {', '.join(equivalence_holm)})."
              if name in equivalence_holm else "not a claim of the paper, so outside the Holm family.")
+          + (f" {untestable[name].capitalize()}: agreement at the floor, not evidence of recovery."
+             if name in untestable else "")
           for name, t in equivalence.items()],
         *[f"{name} After vs {CONTROLS[name]}: difference {t.difference:+.3f} ({t.a_only} problems solved only by "
           f"the fine-tuned workflow, {t.b_only} only by the fine-tuned direct call), exact McNemar p = "
@@ -565,7 +572,8 @@ def table(model, profile, data_dir, results_dir):
                                for name, t in recovery.items()},
             "equivalence_tests": {name: {"margin": t.margin, "difference": t.difference, "low": t.low, "high": t.high,
                                          "pvalue": t.pvalue, "holm": equivalence_holm.get(name),
-                                         "equivalent": t.equivalent} for name, t in equivalence.items()},
+                                         "equivalent": None if name in untestable else t.equivalent,
+                                         "untestable": untestable.get(name)} for name, t in equivalence.items()},
             "control_tests": {name: {"control": CONTROLS[name], "a_only": t.a_only, "b_only": t.b_only,
                                      "difference": t.difference, "pvalue": t.pvalue, "holm": control_holm[name]}
                               for name, t in vs_control.items()},
