@@ -84,7 +84,8 @@ class ChatFormat:
         """The BOS text the template writes once before the first turn, or "" (ChatML: every turn starts with
         the tokenizer's bos_token, so it is part of each turn, not a conversation prefix). Read from a render of
         two user turns: a template that opens every user turn with BOS (Llama 2's ``bos_token + '[INST] '``)
-        writes it twice there, though once in a two-message conversation."""
+        writes it twice there, though once in a two-message conversation; templates that render no such
+        conversation are read from two messages."""
         bos = self.tokenizer.bos_token
         if not bos:
             return ""
@@ -97,7 +98,8 @@ class ChatFormat:
                 errors.append(f"{error}")
                 continue
             return bos if text.startswith(bos) and text.count(bos) == 1 else ""
-        raise ValueError(f"the chat template renders no two-message conversation: {'; '.join(errors)}")
+        raise ValueError(f"the chat template renders none of the conversations tried (user/assistant/user, with a "
+                         f"system message first, system/user, user/assistant): {'; '.join(errors)}")
 
     @functools.cached_property
     def prefix_ids(self) -> list[int]:
@@ -223,11 +225,13 @@ class ChatFormat:
         return list(zip([0] + ends[:-1], ends))
 
     def stop_ids(self, role: str) -> frozenset[int]:
-        """Tokens that end generation: the footer's first special token (ChatML's ``<|im_end|>``) and the
-        tokenizer's EOS. A footer that opens with text (Llama 2's assistant turn ends ``' ' + eos``) stops at
-        its special token, not at that text: a bare space token would end every answer at its first number."""
-        ids = {next((t for t in self.footer(role) if t in self._no_text), None), self.tokenizer.eos_token_id}
-        return frozenset(ids - {None})
+        """Tokens that end generation: the footer's first special token (ChatML's ``<|im_end|>``), or its first
+        token where it holds none (an end-of-turn token added as a plain one), and the tokenizer's EOS. A footer
+        that opens with text (Llama 2's assistant turn ends ``' ' + eos``) stops at its special token, not at that
+        text: a bare space token would end every answer at its first number."""
+        footer = self.footer(role)
+        end = next((t for t in footer if t in self._no_text), footer[0] if footer else None)  # no special: the first
+        return frozenset({end, self.tokenizer.eos_token_id} - {None})
 
     def check_stop(self, stop, role: str = "assistant") -> None:
         """ValueError naming the string unless every one of ``stop`` can match: a stop string holding a special

@@ -360,9 +360,14 @@ def rerender(out_dir) -> Path:
         raise ValueError(f"{str(path)!r} lacks the per-pair metrics {names} of both arms, of one length: not a "
                          f"report recovery_experiment wrote")
     report["summary"].update(compare(report["before"], report["after"]))
+    try:  # the whole table before either file is written
+        text = recovery_markdown(report)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as error:
+        raise ValueError(f"{str(path)!r}: its summary, candidates or provenance lack what recovery.md shows "
+                         f"({type(error).__name__}: {error}): not a report recovery_experiment wrote") from None
     write_json(path, report)
     md = Path(out_dir) / "recovery.md"
-    write_text(md, recovery_markdown(report))
+    write_text(md, text)
     return md
 
 

@@ -16,14 +16,17 @@ from .report import profile_of
 ROOT = Path(__file__).resolve().parent.parent
 SUITES_DIR = ROOT / "suites"
 RESULTS_DIR = ROOT / "results"  # the checkout's results/, wherever the command runs from
-# Smoke runs check the mechanics on a few instances: by default their tables go here (git-ignored), so that a
-# quick look never replaces the committed tables of a larger profile.
+# The committed tables are the small profile's. Smoke runs check the mechanics on a few instances, paper runs take
+# the paper's sizes (a GPU's hours): by default their tables go to folders of their own (git-ignored), so that no
+# run replaces the committed tables of another profile (``check_table_profiles`` refuses one that would).
 SMOKE_RESULTS_DIR = ROOT / "results-smoke"
+PAPER_RESULTS_DIR = ROOT / "results-paper"
 
 
 def default_results_dir(profile: str | None) -> Path:
-    """Where tables go without ``--results-dir``: ``SMOKE_RESULTS_DIR`` at profile smoke, else ``RESULTS_DIR``."""
-    return SMOKE_RESULTS_DIR if profile == "smoke" else RESULTS_DIR
+    """Where tables go without ``--results-dir``: ``SMOKE_RESULTS_DIR`` at profile smoke, ``PAPER_RESULTS_DIR`` at
+    paper, else ``RESULTS_DIR``."""
+    return {"smoke": SMOKE_RESULTS_DIR, "paper": PAPER_RESULTS_DIR}.get(profile, RESULTS_DIR)
 # Environment variables that change what a suite runs (suites/leakage/conftest.py reads them with ``env_flag`` and
 # ``env_count``), checked here before pytest starts: a bad one is one line, not an error in every test that reads it.
 ENV_FLAGS = ("CHOREO_LEAKAGE_FINETUNE", "CHOREO_MATH_RENDER_ONLY")
@@ -38,13 +41,14 @@ def available_suites() -> list[str]:
 
 def register(sub) -> None:
     p = sub.add_parser("repro", help="reproduce the paper's tables (writes results/<suite>/; results-smoke/<suite>/ "
-                                     "at --profile smoke)")
+                                     "at --profile smoke, results-paper/<suite>/ at paper)")
     p.add_argument("--profile", default="small", choices=PROFILES, help="suite size (default: small)")
     p.add_argument("--model", default=None, help="local checkpoint directory (default: embedded SmolLM2-135M)")
     p.add_argument("--only", action="append", default=None, metavar="SUITE", help="run only this suite (repeatable)")
     p.add_argument("--results-dir", default=None,
                    help=f"tables go to RESULTS_DIR/<suite>/ (default: the checkout's {RESULTS_DIR}; at --profile "
-                        f"smoke {SMOKE_RESULTS_DIR}, so that a quick look never replaces the committed tables)")
+                        f"smoke {SMOKE_RESULTS_DIR}, at paper {PAPER_RESULTS_DIR}, so that no run replaces the "
+                        f"committed tables of the small profile)")
     p.add_argument("--data-dir", default=None,
                    help=f"folder holding {CONCEPTS_FILE} (CommonGen-Hard concept sets for the blockage BSM suite) "
                         f"and/or {MATH_FILE} (MATH problems for the applications suite); default: $CHOREO_DATA "
@@ -71,7 +75,7 @@ def run(args) -> int:
     elif os.environ.get("CHOREO_DATA"):  # the suites read it (conftest.py): a mistyped one must not fall back quietly
         check_data_dir(os.environ["CHOREO_DATA"], source="$CHOREO_DATA")
     results = output_dir(args.results_dir or default_results_dir(args.profile), option="--results-dir")
-    check_table_profiles(results, chosen, args.profile)
+    check_table_profiles(results, chosen, args.profile, given=args.results_dir is not None)
     if "applications" in chosen:
         check_math_logs(results)
     argv = [str(SUITES_DIR / name) for name in chosen]
@@ -130,17 +134,19 @@ def check_data_dir(path: str, *, source: str) -> Path:
     return folder
 
 
-def check_table_profiles(results: Path, suites: list[str], profile: str) -> None:
+def check_table_profiles(results: Path, suites: list[str], profile: str, *, given: bool = True) -> None:
     """Refuse a run at ``profile`` into a folder whose tables (``choreo.report.write_table``) record another
-    profile: the suites would replace them. Example: ``--profile smoke --results-dir results`` over the committed
-    tables -> "... results/leakage/canary holds a table of profile 'small' (canary.json) ..."."""
+    profile: the suites would replace them (``given``: the folder was named by --results-dir, not the default).
+    Example: ``--profile smoke --results-dir results`` over the committed tables -> "... results/leakage/canary
+    holds a table of profile 'small' (canary.json) ..."."""
     for name in suites:
         for table in sorted((results / name).rglob("*.json")):
             recorded = table_profile(table)
             if recorded is not None and recorded != profile:
-                raise ValueError(f"--results-dir {str(results)!r}: {str(table.parent)!r} holds a table of profile "
-                                 f"{recorded!r} ({table.name}), which --profile {profile!r} would replace; choose "
-                                 f"another --results-dir (--profile smoke writes to {SMOKE_RESULTS_DIR} without one)")
+                folder = f"--results-dir {str(results)!r}" if given else f"the default results folder {str(results)!r}"
+                raise ValueError(f"{folder}: {str(table.parent)!r} holds a table of profile {recorded!r} "
+                                 f"({table.name}), which --profile {profile!r} would replace; choose another "
+                                 f"--results-dir")
 
 
 def check_math_logs(results: Path) -> None:

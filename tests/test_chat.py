@@ -236,3 +236,17 @@ def test_a_stop_string_holding_a_special_token_is_refused(tokenizer, stop):
     with pytest.raises(ValueError, match=message):
         fmt.check_stop(stop, "assistant")
     fmt.check_stop(["\n\n", "Answer:", "<im_start>"], "assistant")  # text, however it looks
+
+
+def test_an_end_of_turn_token_added_as_a_plain_token_still_stops(tokenizer):
+    """A footer with no special token (its end-of-turn token added with special_tokens=False) stops at its first
+    token, as before the rule that skips a footer's leading text."""
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.add_tokens(["<|eot|>"], special_tokens=False)
+    tok.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|eot|>\n{% endfor %}"
+    fmt = ChatFormat(tok)
+    eot = tok.convert_tokens_to_ids("<|eot|>")
+    assert fmt.footer("assistant")[0] == eot and eot not in fmt._no_text
+    assert fmt.stop_ids("assistant") == {eot, tok.eos_token_id}

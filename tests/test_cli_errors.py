@@ -69,20 +69,24 @@ def _help(capsys, command: str) -> str:
 
 
 def test_bench_and_repro_default_to_the_same_results_folder():
-    """The checkout's results/, except at the smoke profile: a quick look must not replace the committed tables."""
+    """The checkout's results/, except at the smoke and paper profiles: no run may replace the committed tables
+    (the small profile's)."""
     assert (RESULTS_DIR.parent / "pyproject.toml").is_file()  # the checkout's results/
-    from choreo.repro import SMOKE_RESULTS_DIR, default_results_dir
+    from choreo.repro import PAPER_RESULTS_DIR, SMOKE_RESULTS_DIR, default_results_dir
 
-    assert default_results_dir("small") == default_results_dir("paper") == default_results_dir(None) == RESULTS_DIR
+    assert default_results_dir("small") == default_results_dir(None) == RESULTS_DIR
     assert default_results_dir("smoke") == SMOKE_RESULTS_DIR != RESULTS_DIR
+    assert default_results_dir("paper") == PAPER_RESULTS_DIR not in (RESULTS_DIR, SMOKE_RESULTS_DIR)
     from choreo.cli import build_parser
 
     commands = next(a for a in build_parser()._actions if a.choices and "repro" in a.choices).choices
     for command in ("bench", "repro"):  # the help strings themselves (a formatted help may wrap a path at a hyphen)
         text = next(a.help for a in commands[command]._actions if "--results-dir" in a.option_strings)
         assert str(RESULTS_DIR) in text and f"smoke {SMOKE_RESULTS_DIR}" in text
-    ignored = subprocess.run(["git", "check-ignore", "-q", str(SMOKE_RESULTS_DIR / "x.md")], cwd=RESULTS_DIR.parent)
-    assert ignored.returncode == 0  # git-ignored
+        assert f"paper {PAPER_RESULTS_DIR}" in text
+    for folder in (SMOKE_RESULTS_DIR, PAPER_RESULTS_DIR):
+        ignored = subprocess.run(["git", "check-ignore", "-q", str(folder / "x.md")], cwd=RESULTS_DIR.parent)
+        assert ignored.returncode == 0  # git-ignored
 
 
 @pytest.mark.parametrize("data_dir, message", [("no/such/folder", "is not a directory"),
@@ -559,6 +563,22 @@ def test_repro_refuses_to_replace_tables_of_another_profile(no_model, capsys, tm
     assert main(["repro", "--profile", "small", "--only", "leakage", "--results-dir", str(tmp_path)]) == 0
     assert main(["repro", "--profile", "smoke", "--only", "blockage", "--results-dir", str(tmp_path)]) == 0
     assert len(seen) == 2
+
+
+def test_repro_at_the_paper_profile_writes_a_folder_of_its_own(no_model, capsys, monkeypatch, tmp_path):
+    """The committed tables are the small profile's: a paper run goes to results-paper/ by default (it was refused
+    over results/), and a default folder that would be replaced is named as the default."""
+    import choreo.repro as repro
+
+    assert repro.default_results_dir("paper") == repro.ROOT / "results-paper"
+    monkeypatch.setattr(repro, "PAPER_RESULTS_DIR", tmp_path / "results-paper")  # not the checkout's, in a test
+    seen = _fake_pytest(monkeypatch, code=0)
+    assert main(["repro", "--profile", "paper", "--only", "leakage"]) == 0
+    assert seen and str(tmp_path / "results-paper") in seen[-1]
+    with pytest.raises(ValueError, match=r"^the default results folder '.*results': .* holds a table of profile "
+                                         r"'small' \(.*\), which --profile 'paper' would replace; choose another "
+                                         r"--results-dir$"):
+        repro.check_table_profiles(repro.RESULTS_DIR, ["leakage"], "paper", given=False)
 
 
 def test_repro_render_only_needs_the_math_logs(no_model, capsys, tmp_path, monkeypatch):

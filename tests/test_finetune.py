@@ -1140,6 +1140,13 @@ def test_recovery_render_only_recomputes_the_statistics_from_the_logged_metrics(
     assert "lacks the per-pair metrics" in capsys.readouterr().err
     assert main(["finetune", "recovery", "--render-only", "--lrs", "0.1", "--out", str(tmp_path)]) == 2
     assert "--lrs has no effect with --render-only" in capsys.readouterr().err
+    report["after"]["kl"] = report["before"]["kl"]  # metrics again, but a summary that lacks what the table shows
+    del report["summary"]["n_eval"]
+    (tmp_path / "recovery.json").write_text(json.dumps(report))
+    before = (tmp_path / "recovery.json").read_bytes()
+    assert main(["finetune", "recovery", "--render-only", "--out", str(tmp_path)]) == 2
+    assert "lack what recovery.md shows (KeyError: 'n_eval')" in capsys.readouterr().err
+    assert (tmp_path / "recovery.json").read_bytes() == before  # nothing written
 
 
 def test_recovery_refuses_too_few_held_out_traces_with_a_clear_error(tiny, tmp_path, monkeypatch):

@@ -560,9 +560,10 @@ def test_split_passes_respect_every_read_whatever_the_lengths():
 
 
 def test_a_long_prompt_beside_short_headers_gives_the_one_pass_results(tiny_gqa):
-    """Eight workflows start their calls while a ninth prefills a long document: the document (with its call's
-    header, which reads it) and the other headers go in two passes, and every result equals the one-at-a-time
-    run's."""
+    """Eight workflows start their calls while a ninth prefills a long document: the document goes in a pass of
+    its own, then the nine calls' headers (one of them reading the document) in a second; every result equals
+    the one-pass run's (``pass_rows`` too large to split), where every call attends in the pass that writes the
+    document."""
     async def call(ex, k):
         sys = await ex.prefill("Be brief.", role="system")
         return (await ex.decode(role="assistant", parents=[sys], teacher_tokens=[5 + k, 6], keep_logits=True)).logits
@@ -572,12 +573,16 @@ def test_a_long_prompt_beside_short_headers_gives_the_one_pass_results(tiny_gqa)
         return (await ex.decode(role="assistant", parents=[doc], teacher_tokens=[9, 10], keep_logits=True)).logits
 
     workflows = [lambda ex, k=k: call(ex, k) for k in range(8)] + [long_read]
-    runner = choreo.Runner(choreo.Choreographer(tiny_gqa), progress=False)
-    together = runner.run(workflows)
-    assert runner.stats.forward_passes == 2  # the long prompt, then the eight short ones (not one pass of 9 x 200)
-    for got, workflow in zip(together, workflows):
-        alone = choreo.Runner(choreo.Choreographer(tiny_gqa), progress=False).run([workflow])[0]
-        torch.testing.assert_close(got, alone)
+    split = choreo.Runner(choreo.Choreographer(tiny_gqa), progress=False)
+    together = split.run(workflows)
+    assert split.stats.forward_passes == 2  # the long prompt, then the nine headers (not one pass of 9 x 200 rows)
+    one_pass = choreo.Choreographer(tiny_gqa)
+    one_pass.engine.pass_rows = 1 << 20
+    whole = choreo.Runner(one_pass, progress=False)
+    expected = whole.run(workflows)
+    assert whole.stats.forward_passes == 1
+    for got, want in zip(together, expected):
+        torch.testing.assert_close(got, want)
 
 
 def test_pass_rows_defaults_to_the_devices_and_is_checked(tiny_gqa):

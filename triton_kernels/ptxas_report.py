@@ -460,8 +460,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="compute capability x10 (80: A100, 90: H100/H200; default %(default)s)")
     parser.add_argument("--sweep", choices=KERNELS, default=None,
                         help="every block_m x block_n x warps x stages of one kernel instead of the defaults")
-    parser.add_argument("--seq-len", type=int, default=SHAPES["prefill"], metavar="S",
-                        help="with --sweep: the new tokens per call to compile for (default %(default)s; 1: decode)")
+    parser.add_argument("--seq-len", type=int, default=None, metavar="S",
+                        help=f"with --sweep: the new tokens per call to compile for (default {SHAPES['prefill']}; 1: "
+                             f"decode); the defaults are compiled at each shape's own")
     parser.add_argument("--flat-stages", nargs="+", type=int, default=None,
                         help="compile the forward and dq kernels with each of these LaunchConfig.flat_stages "
                              "(default: their own)")
@@ -485,8 +486,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--flat-stages must be >= 1, got {args.flat_stages}")
     if args.opcodes < 0:
         parser.error(f"--opcodes must be >= 0, got {args.opcodes}")
-    if args.seq_len < 1:
-        parser.error(f"--seq-len must be >= 1, got {args.seq_len}")
+    if args.seq_len is not None and not args.sweep:
+        parser.error(f"--seq-len applies to --sweep only: the default tiles are compiled at their shapes' own S "
+                     f"({', '.join(f'{k} {v}' for k, v in SHAPES.items())})")
+    seq_len = SHAPES["prefill"] if args.seq_len is None else args.seq_len
+    if seq_len < 1:
+        parser.error(f"--seq-len must be >= 1, got {seq_len}")
     if args.out is not None:  # before compiling: a file named as the folder fails at once, not after every kernel
         from choreo.cli import output_dir
 
@@ -503,7 +508,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         rows = [(args.sweep, compile_stats(args.sweep, d, h, block_m=m, block_n=n, num_warps=w, num_stages=s,
                                            flat_stages=f or own(s, h, d), arch=args.arch,
-                                           seq_len=args.seq_len, with_opcodes=counted))
+                                           seq_len=seq_len, with_opcodes=counted))
                 for d, h in itertools.product(args.dtype, args.head_dim)
                 for m, n, w, s in itertools.product((16, 32, 64, 128), (32, 64, 128), (4, 8), (1, 2, 3))
                 for f in (flat_stages if args.sweep in FLAT_KERNELS else [None])]

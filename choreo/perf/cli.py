@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..model import Model
-from ..repro import RESULTS_DIR, SMOKE_RESULTS_DIR, default_results_dir
+from ..repro import PAPER_RESULTS_DIR, RESULTS_DIR, SMOKE_RESULTS_DIR, default_results_dir
 from .arms import available_arms, fast_arm
 from .config import BENCH_PROFILES, memory_arms
 from .measure import measure_shape, pass_costs
@@ -169,7 +169,7 @@ def register(sub) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--results-dir", default=None,
                    help=f"tables and plots go to RESULTS_DIR/performance/ (default: the checkout's {RESULTS_DIR}; at "
-                        f"--profile smoke {SMOKE_RESULTS_DIR})")
+                        f"--profile smoke {SMOKE_RESULTS_DIR}, at paper {PAPER_RESULTS_DIR})")
     p.add_argument("--random-weights", action="store_true",
                    help="the model's architecture and tokenizer with seeded random weights (timings only; for "
                         "machines without the weights: teacher-forced work does not depend on them)")

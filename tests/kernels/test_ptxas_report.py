@@ -320,6 +320,7 @@ def test_opcodes_option_is_checked():
     (["--head-dim", "48"], "--head-dim must be powers of two in 16..256"),
     (["--head-dim", "0", "64"], "got [0]"),
     (["--sweep", "fwd", "--seq-len", "0"], "--seq-len must be >= 1, got 0"),
+    (["--seq-len", "1"], "--seq-len applies to --sweep only"),
 ])
 def test_head_dim_option_is_checked(args, message):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
