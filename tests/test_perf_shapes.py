@@ -618,3 +618,24 @@ def test_tot_bsm_and_multiqa_shapes_are_the_workflows_call_graphs(synth, tokeniz
     shape_ex = RecordingExecutor()
     _drive(perf.make_shape(name, **size).workflow(synth)(shape_ex))
     assert shape_ex.events == _workflow_events(name, size, tokenizer)
+
+
+def test_a_stage_whose_first_chunks_take_several_passes_counts_each(tiny_gqa, tokenizer):
+    """ToT 8x4 with prefills fused: a stage's prompts and headers differ enough in length to take two passes
+    (``first_chunk_passes``); the stage's window lists both, so the pass-cost bound charges both. Against the
+    same run in one pass per stage: the same tokens before each stage's first tokens, one pass more per split."""
+    shape = perf.make_shape("tree_of_thoughts", B=8, V=4)
+    arm = "choreographed[torch]+fused"
+    synth = perf.Synth(tokenizer, perf.Lengths())  # the suites' prompt lengths: long enough to split a stage
+    split = perf.run_once(tiny_gqa, shape, arm, synth)
+    whole_ex = perf.make_executor(tiny_gqa, arm)
+    whole_ex.engine.pass_rows = 1 << 20
+    whole = perf.run_once(tiny_gqa, shape, arm, synth, executor=whole_ex)
+    assert [len(s) for s in whole["stage_tokens"]] == [1] * whole["stages"]
+    assert any(len(s) > 1 for s in split["stage_tokens"])
+    assert [sum(s) for s in split["stage_tokens"]] == [sum(s) for s in whole["stage_tokens"]]
+    extra = sum(len(s) - 1 for s in split["stage_tokens"])
+    assert split["forward_passes"] - whole["forward_passes"] == extra
+    cost = {"prefill_s": {1: 0.04, 512: 0.6}}
+    charged = perf.model_seconds(split, cost)["ttft"] - perf.model_seconds(whole, cost)["ttft"]
+    assert charged > 0.03 * extra  # about a fixed cost per extra pass, less the padding it saves

@@ -45,11 +45,21 @@ def top2(logits: torch.Tensor) -> tuple[int, float]:
 
 
 class _StepwiseEngine(Engine):
-    """Feeds a job's forced tokens as if sampled, one decode step each; records each step's argmax and the number
-    of tokens of every forward pass (``pass_tokens``)."""
+    """Feeds a job's forced tokens as if sampled, one decode step each; records each step's argmax, the number
+    of tokens of every forward pass (``pass_tokens``), and on each job the tokens of every pass of its step that
+    fed first chunks (``job.first_passes``: one pass, or several where ``first_chunk_passes`` split them)."""
+
+    def step(self, jobs) -> None:
+        self._first_passes: list[int] = []  # this step's passes of first chunks, their tokens
+        super().step(jobs)
 
     def _forward(self, jobs: list[Job]) -> None:
-        self.pass_tokens.append(sum(len(j.pending) for j in jobs))
+        tokens = sum(len(j.pending) for j in jobs)
+        self.pass_tokens.append(tokens)
+        if all(j.fed == 0 for j in jobs):  # a pass of first chunks: every job of it is before its first token
+            self._first_passes.append(tokens)
+            for j in jobs:
+                j.first_passes = self._first_passes  # the step's list, filled by its later passes too
         super()._forward(jobs)
 
     def _advance(self, job: Job, logits: torch.Tensor) -> None:
@@ -73,6 +83,7 @@ class _Stepwise:
         self.engine.__class__ = _StepwiseEngine  # adds behaviour; its one list of state is set here
         self.engine.pass_tokens = []  # tokens of every forward pass, in order
         self.first_pass_tokens: dict[int, int] = {}  # message id -> tokens its call encoded before its first token
+        self.first_passes: dict[int, list[int]] = {}  # message id -> tokens of each pass before its first token
         self.step_argmax: dict[int, list[tuple[int, float]]] = {}  # message id -> (argmax, relative top-2 gap) per step
 
     def make_job(self, call: Call, header, **kwargs) -> Job:
@@ -90,6 +101,7 @@ class _Stepwise:
                 # What the call's first pass encodes: the choreographed header; the baseline's serial prompt past
                 # the prefix reused from a cached chain (prompt[reuse:], reuse = len(job.origin[1])).
                 self.first_pass_tokens[msg.id] = job.n_header
+                self.first_passes[msg.id] = list(getattr(job, "first_passes", []))
                 self.step_argmax[msg.id] = getattr(job, "argmax", [])
         return out
 

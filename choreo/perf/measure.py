@@ -46,8 +46,9 @@ def run_once(model: Model, shape: Shape, arm: str, synth: Synth, executor=None) 
 
     ``executor`` lets rounds reuse one executor (its KV buffers stay allocated, like a server's).
     ``stage_tokens`` lists, per sequential stage, the tokens each pass up to the stage's first tokens
-    encodes (engine arms: one batched pass; ``hf``: one pass per call, in turn), as the executor counted them
-    (``first_pass_tokens``): a prefix that ``baseline+prefix`` reuses from its cache is not encoded, so not counted.
+    encodes (engine arms: the step's passes of first chunks, one batched pass or a few where their lengths differ
+    much, ``first_chunk_passes``; ``hf``: one pass per call, in turn), as the executor counted them: a prefix
+    that ``baseline+prefix`` reuses from its cache is not encoded, so not counted.
     ``pass_tokens`` counts the forward passes of the run by their number of tokens ({S: passes}); ``argmax`` holds,
     per call, each step's (argmax, relative top-2 logit gap) over the forced tokens (``check_identical``).
     """
@@ -78,6 +79,7 @@ def run_once(model: Model, shape: Shape, arm: str, synth: Synth, executor=None) 
         tok0, passes0 = engine.tokens_processed, engine.forward_passes
         engine.store.peak = engine.store.used
         ex.first_pass_tokens.clear()  # a reused executor keeps its earlier runs' counts
+        ex.first_passes.clear()
         ex.step_argmax.clear()
         engine.pass_tokens = []
         t0 = time.perf_counter()
@@ -90,13 +92,16 @@ def run_once(model: Model, shape: Shape, arm: str, synth: Synth, executor=None) 
         tokens, kv_tokens = engine.tokens_processed - tok0, engine.store.peak
         passes = engine.forward_passes - passes0
         encoded, argmax, sizes = ex.first_pass_tokens, ex.step_argmax, engine.pass_tokens
+        windows = ex.first_passes
     # Tokens each call encodes before its first token, as the executor recorded them: the header when its
     # parents are cached (choreographed), the serial prompt past any reused prefix (baseline+prefix), the
     # whole serial prompt (baseline, hf).
     if arm == "hf":
         stage_tokens = [[encoded[c["id"]] for c in s] for s in stages]
     else:
-        stage_tokens = [[sum(encoded[c["id"]] for c in s) + (s[0]["prefilled"] if fused else 0)] for s in stages]
+        stage_tokens = [windows[s[0]["id"]] for s in stages]  # a stage's calls start in one step
+        if any(windows[c["id"]] != windows[s[0]["id"]] for s in stages for c in s):
+            raise RuntimeError(f"{shape.label} ({arm}): the calls of a stage started in different steps")
     calls = [c for s in stages for c in s]
     return {
         "arm": arm, "shape": shape.label, "wall_s": wall,

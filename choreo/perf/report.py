@@ -153,7 +153,8 @@ TTFT_NOTE = (
     "Hugging Face's forward, after the decodes of the calls ahead of it in its stage; choreographed with prompts "
     "prefilled apart, only the pass of the calls' headers: the prompt messages they read were encoded when created, "
     "in passes of their own before the call, outside the window (counted end to end); choreographed with prefills "
-    "fused, one pass over the prompt messages created since the last stage together with the calls' headers: the "
+    "fused, one pass (a few where their lengths differ much: engine.first_chunk_passes) over the prompt messages "
+    "created since the last stage together with the calls' headers: the "
     "prompt text the baseline's window also encodes, less the cached generated messages. So only the fused "
     "column compares the same work; below 1x, choreography reaches the first token later than re-encoding.")
 

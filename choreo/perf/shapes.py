@@ -69,12 +69,9 @@ class Recorder:
 
     def __init__(self, ex, synth: Synth):
         self.ex, self.synth, self.stages = ex, synth, []
-        self._prefilled = 0  # tokens of the messages prefilled since the last stage
 
     async def prefill(self, tag: str, *, role: str, parents=()) -> Message:
-        msg = await self.ex.prefill(self.synth.prompt(tag), role=role, parents=parents)
-        self._prefilled += msg.length
-        return msg
+        return await self.ex.prefill(self.synth.prompt(tag), role=role, parents=parents)
 
     async def decode(self, tags: Sequence[str], parents: Sequence[Sequence[Message]],
                      role: str | Sequence[str] = "assistant", prefix: str | Sequence[str] = "") -> list[Message]:
@@ -85,9 +82,8 @@ class Recorder:
                  for t, p, r, f in zip(tags, parents, roles, prefixes)]
         msgs = await self.ex.decode(calls)
         # what a call encoded before its first token is the executor's count (``first_pass_tokens``), by id
-        self.stages.append([{"id": m.id, "ttft": m.ttft, "latency": m.latency, "tokens": list(m.tokens),
-                             "prefilled": self._prefilled} for m in msgs])
-        self._prefilled = 0
+        self.stages.append([{"id": m.id, "ttft": m.ttft, "latency": m.latency, "tokens": list(m.tokens)}
+                            for m in msgs])
         return msgs
 
     async def decode1(self, tag: str, parents: Sequence[Message], role="assistant", prefix: str = "") -> Message:
