@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import importlib.metadata
 import os
 import platform
@@ -48,8 +49,10 @@ def device_name(device: str | torch.device = "cpu") -> str:
 
 
 def git_commit(root: Path | None = None) -> str | None:
-    """HEAD of the source tree (``root``, default this package's checkout), with "+dirty" if tracked files outside
-    ``results/`` differ from it (the result came from uncommitted code); where ``root`` is not the top of a git
+    """HEAD of the source tree (``root``, default this package's checkout), with "+dirty.<digest>" if tracked files
+    outside ``results/`` differ from it (the result came from uncommitted code; the digest, the first 12 hex digits
+    of the SHA-256 of ``git diff HEAD`` over those files, tells one uncommitted state from another); where ``root``
+    is not the top of a git
     repository (a copy of the tree without its .git, or the package installed into site-packages, which may lie in
     someone else's repository), $CHOREO_GIT_COMMIT, else None."""
     try:
@@ -60,9 +63,15 @@ def git_commit(root: Path | None = None) -> str | None:
         if out.returncode != 0 or len(lines) < 2 or Path(lines[0]).resolve() != root:
             return os.environ.get("CHOREO_GIT_COMMIT") or None
         head = lines[1].strip()
-        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                 ":(exclude)results"], capture_output=True, text=True, timeout=10)
-        return head + "+dirty" if status.returncode == 0 and status.stdout.strip() else head
+        code = ["--", ".", ":(exclude)results"]
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", *code],
+                                capture_output=True, text=True, timeout=10)
+        if status.returncode != 0 or not status.stdout.strip():
+            return head
+        diff = subprocess.run(["git", "-C", str(root), "diff", "--binary", "HEAD", *code], capture_output=True,
+                              timeout=30)
+        digest = hashlib.sha256(diff.stdout).hexdigest()[:12] if diff.returncode == 0 else "unknown"
+        return f"{head}+dirty.{digest}"
     except (OSError, subprocess.SubprocessError):
         return os.environ.get("CHOREO_GIT_COMMIT") or None
 

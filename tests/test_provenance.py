@@ -36,7 +36,13 @@ def test_git_commit_marks_uncommitted_code_but_not_results(tmp_path, monkeypatch
     (tmp_path / "notes.txt").write_text("untracked\n")
     assert git_commit(tmp_path) == head
     (tmp_path / "code.py").write_text("x = 2\n")
-    assert git_commit(tmp_path) == head + "+dirty"
+    dirty = git_commit(tmp_path)
+    assert dirty.startswith(head + "+dirty.") and len(dirty) == len(head) + len("+dirty.") + 12
+    assert git_commit(tmp_path) == dirty  # the same uncommitted code, the same digest ...
+    (tmp_path / "code.py").write_text("x = 3\n")
+    assert git_commit(tmp_path).startswith(head + "+dirty.") and git_commit(tmp_path) != dirty  # ... other code not
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_commit(tmp_path) == dirty
 
 
 def test_git_commit_from_the_environment_only_outside_a_repository(monkeypatch, tmp_path):
@@ -51,7 +57,7 @@ def test_git_commit_from_the_environment_only_outside_a_repository(monkeypatch, 
     head = _git(tmp_path, "rev-parse", "HEAD")
     assert git_commit(tmp_path) == head
     (tmp_path / "code.py").write_text("x = 2\n")
-    assert git_commit(tmp_path) == head + "+dirty"
+    assert git_commit(tmp_path).startswith(head + "+dirty.")
 
 
 def test_git_commit_of_a_folder_inside_another_repository_is_not_that_repositorys(tmp_path, monkeypatch):
