@@ -225,12 +225,15 @@ class ChatFormat:
         return list(zip([0] + ends[:-1], ends))
 
     def stop_ids(self, role: str) -> frozenset[int]:
-        """Tokens that end generation: the footer's first special token (ChatML's ``<|im_end|>``), or its first
-        token where it holds none (an end-of-turn token added as a plain one), and the tokenizer's EOS. A footer
-        that opens with text (Llama 2's assistant turn ends ``' ' + eos``) stops at its special token, not at that
-        text: a bare space token would end every answer at its first number."""
+        """Tokens that end generation: the footer's first special token (ChatML's ``<|im_end|>``), or where it holds
+        none its first added token (an end-of-turn token added to the vocabulary as a plain one), and the
+        tokenizer's EOS. Never a footer's text: Llama 2's assistant turn ends ``' ' + eos``, and a bare space token
+        would end every answer at its first number; a footer of a blank line, every answer at its first paragraph."""
         footer = self.footer(role)
-        end = next((t for t in footer if t in self._no_text), footer[0] if footer else None)  # no special: the first
+        added = set(getattr(self.tokenizer, "added_tokens_decoder", {}) or {})
+        end = next((t for t in footer if t in self._no_text), None)
+        if end is None:  # an end-of-turn token added to the vocabulary as a plain one; never plain text ("\n\n")
+            end = next((t for t in footer if t in added), None)
         return frozenset({end, self.tokenizer.eos_token_id} - {None})
 
     def check_stop(self, stop, role: str = "assistant") -> None:

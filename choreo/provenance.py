@@ -68,8 +68,9 @@ def git_commit(root: Path | None = None) -> str | None:
                                 capture_output=True, text=True, timeout=10)
         if status.returncode != 0 or not status.stdout.strip():
             return head
-        diff = subprocess.run(["git", "-C", str(root), "diff", "--binary", "HEAD", *code], capture_output=True,
-                              timeout=30)
+        # plumbing options: no external diff driver, textconv or colour from the user's config in the digest
+        diff = subprocess.run(["git", "-C", str(root), "diff", "--no-ext-diff", "--no-textconv", "--no-color",
+                               "--binary", "HEAD", *code], capture_output=True, timeout=30)
         digest = hashlib.sha256(diff.stdout).hexdigest()[:12] if diff.returncode == 0 else "unknown"
         return f"{head}+dirty.{digest}"
     except (OSError, subprocess.SubprocessError):

@@ -250,3 +250,15 @@ def test_an_end_of_turn_token_added_as_a_plain_token_still_stops(tokenizer):
     eot = tok.convert_tokens_to_ids("<|eot|>")
     assert fmt.footer("assistant")[0] == eot and eot not in fmt._no_text
     assert fmt.stop_ids("assistant") == {eot, tok.eos_token_id}
+
+
+def test_a_footer_of_plain_text_is_no_stop_token(tokenizer):
+    """A template whose turns end in a blank line: stopping at it would end every answer at its first paragraph
+    break; only the tokenizer's EOS (and a special or added end-of-turn token, where there is one) stops."""
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n\n{% endfor %}"
+    fmt = ChatFormat(tok)
+    assert tok.convert_ids_to_tokens(fmt.footer("assistant")) == ["ĊĊ"]
+    assert fmt.stop_ids("assistant") == {tok.eos_token_id}

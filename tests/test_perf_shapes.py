@@ -639,3 +639,16 @@ def test_a_stage_whose_first_chunks_take_several_passes_counts_each(tiny_gqa, to
     cost = {"prefill_s": {1: 0.04, 512: 0.6}}
     charged = perf.model_seconds(split, cost)["ttft"] - perf.model_seconds(whole, cost)["ttft"]
     assert charged > 0.03 * extra  # about a fixed cost per extra pass, less the padding it saves
+
+
+def test_the_ttft_note_says_one_pass_unless_a_fused_stage_took_more():
+    """Tables timed before ``first_chunk_passes`` ran every fused stage in one pass: their notes must say so."""
+    from choreo.perf.report import _ttft_note
+
+    def data(stages):
+        return {"figures": {"s": {"runs": {"choreographed[torch]+fused": [{"stage_tokens": stages}],
+                                           "baseline": [{"stage_tokens": [[9, 9]]}]}}}}
+
+    assert "fused, one pass over the prompt messages" in _ttft_note(data([[133], [72]]))
+    split = _ttft_note(data([[85, 48], [72]]))
+    assert "fused, one pass, or a few where their lengths differ much" in split and "charges each" in split

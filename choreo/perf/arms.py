@@ -51,6 +51,7 @@ class _StepwiseEngine(Engine):
 
     def step(self, jobs) -> None:
         self._first_passes: list[int] = []  # this step's passes of first chunks, their tokens
+        self.steps = getattr(self, "steps", 0) + 1  # the step's number, for telling steps apart
         super().step(jobs)
 
     def _forward(self, jobs: list[Job]) -> None:
@@ -60,6 +61,7 @@ class _StepwiseEngine(Engine):
             self._first_passes.append(tokens)
             for j in jobs:
                 j.first_passes = self._first_passes  # the step's list, filled by its later passes too
+                j.first_step = self.steps
         super()._forward(jobs)
 
     def _advance(self, job: Job, logits: torch.Tensor) -> None:
@@ -83,7 +85,8 @@ class _Stepwise:
         self.engine.__class__ = _StepwiseEngine  # adds behaviour; its one list of state is set here
         self.engine.pass_tokens = []  # tokens of every forward pass, in order
         self.first_pass_tokens: dict[int, int] = {}  # message id -> tokens its call encoded before its first token
-        self.first_passes: dict[int, list[int]] = {}  # message id -> tokens of each pass before its first token
+        self.first_passes: dict[int, tuple[int, list[int]]] = {}  # message id -> (its step, tokens of each pass
+        # before its first token)
         self.step_argmax: dict[int, list[tuple[int, float]]] = {}  # message id -> (argmax, relative top-2 gap) per step
 
     def make_job(self, call: Call, header, **kwargs) -> Job:
@@ -101,7 +104,7 @@ class _Stepwise:
                 # What the call's first pass encodes: the choreographed header; the baseline's serial prompt past
                 # the prefix reused from a cached chain (prompt[reuse:], reuse = len(job.origin[1])).
                 self.first_pass_tokens[msg.id] = job.n_header
-                self.first_passes[msg.id] = list(getattr(job, "first_passes", []))
+                self.first_passes[msg.id] = (getattr(job, "first_step", None), list(getattr(job, "first_passes", [])))
                 self.step_argmax[msg.id] = getattr(job, "argmax", [])
         return out
 

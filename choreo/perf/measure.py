@@ -99,8 +99,8 @@ def run_once(model: Model, shape: Shape, arm: str, synth: Synth, executor=None) 
     if arm == "hf":
         stage_tokens = [[encoded[c["id"]] for c in s] for s in stages]
     else:
-        stage_tokens = [windows[s[0]["id"]] for s in stages]  # a stage's calls start in one step
-        if any(windows[c["id"]] != windows[s[0]["id"]] for s in stages for c in s):
+        stage_tokens = [windows[s[0]["id"]][1] for s in stages]  # a stage's calls start in one step
+        if any(windows[c["id"]][0] != windows[s[0]["id"]][0] for s in stages for c in s):
             raise RuntimeError(f"{shape.label} ({arm}): the calls of a stage started in different steps")
     calls = [c for s in stages for c in s]
     return {
