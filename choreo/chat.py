@@ -224,6 +224,7 @@ class ChatFormat:
         ends = [len(self.tokenizer.decode(ids[:i + 1], clean_up_tokenization_spaces=False)) for i in range(len(ids))]
         return list(zip([0] + ends[:-1], ends))
 
+    @functools.cache  # every decode call asks; the answer depends on the role only
     def stop_ids(self, role: str) -> frozenset[int]:
         """Tokens that end generation: the footer's first special token (ChatML's ``<|im_end|>``), or where it holds
         none its first added token (an end-of-turn token added to the vocabulary as a plain one), and the

@@ -107,18 +107,22 @@ class FinetuneConfig:
         "smoke": dict(lora_rank=4, lora_alpha=8.0, lr=1e-3, epochs=1, grad_accum=2, eval_every=2),
     }
 
+    NUMBER_RULES: ClassVar[tuple] = (  # the real-valued fields: (name, rule as the message says it, test)
+        ("lora_dropout", "in [0, 1)", lambda x: 0 <= x < 1),
+        ("warmup", "a fraction in [0, 1)", lambda x: 0 <= x < 1),
+        ("weight_decay", "finite and >= 0", lambda x: 0 <= x < math.inf),
+        ("dev_fraction", "in (0, 1)", lambda x: 0 < x < 1),
+        ("lora_alpha", "finite and > 0", lambda x: 0 < x < math.inf),
+        ("lr", "finite and > 0", lambda x: 0 < x < math.inf),
+        ("max_grad_norm", "finite and > 0", lambda x: 0 < x < math.inf),
+    )
+
     def __post_init__(self):
         check_int_fields(self, ("lora_rank", "grad_accum", "epochs", "eval_every"))
         check_int_fields(self, ("max_steps",), optional=True)
-        for name, low, high, rule in (("lora_dropout", 0, 1, "in [0, 1)"), ("warmup", 0, 1, "a fraction in [0, 1)"),
-                                      ("weight_decay", 0, math.inf, "finite and >= 0")):
+        for name, rule, ok in self.NUMBER_RULES:
             value = getattr(self, name)
-            if not is_real(value) or not low <= value < high:
-                raise ValueError(f"{name} must be {rule}, got {value!r}")
-        for name, rule in (("dev_fraction", "in (0, 1)"), ("lora_alpha", "finite and > 0"),
-                           ("lr", "finite and > 0"), ("max_grad_norm", "finite and > 0")):
-            value = getattr(self, name)
-            if not is_real(value) or not 0 < value < (1 if name == "dev_fraction" else math.inf):
+            if not is_real(value) or not ok(value):
                 raise ValueError(f"{name} must be {rule}, got {value!r}")
         if self.attention not in BACKENDS:
             raise ValueError(f"attention must be one of {', '.join(map(repr, BACKENDS))}, got {self.attention!r}")
@@ -646,11 +650,12 @@ def _train_adapted(model, train_traces, dev_traces, *, config, out: Path, resume
         if saved.get("data", data) != data:
             raise ValueError(f"cannot resume {str(out)!r} with other training or dev traces than it started with "
                              f"(saved {saved['data']['sizes']}, given {data['sizes']}; a changed trace counts too)")
-        if _finished(out, saved["state"], total):  # nothing left to run: the folder stays as the run left it
+        recorded = _finished(out, saved["state"], total)
+        if recorded is not None:  # nothing left to run: the folder stays as the run left it
             load_adapter(model, best_dir, trainable=True)
             model.hf_model.eval()
-            recorded = json.loads((out / "history.json").read_text()).get("provenance")
-            return _result(best_dir, {"best_dev_score": None, **saved["state"]}, times=[], provenance=recorded)
+            return _result(best_dir, {"best_dev_score": None, **saved["state"]}, times=[],
+                           provenance=recorded.get("provenance"))
         where = str(last / "trainer_state.pt")
         if "weights" in saved:  # saved in the state's file: the adapters of its step
             # best/ as of that step (a later write of it may have been cut off with the run)
@@ -710,19 +715,19 @@ def _result(best_dir: Path, state: dict, *, times: list[float], provenance: dict
                        steps_run=len(times), provenance=provenance)
 
 
-def _finished(out: Path, state: dict, total: int) -> bool:
-    """Whether a run to resume has nothing left to do: all ``total`` steps ran and ``out/history.json`` records
-    them (a run killed after its last state was saved but before its history was written goes on to write it, and
-    ``best/`` again from the state)."""
+def _finished(out: Path, state: dict, total: int) -> dict | None:
+    """``out/history.json`` if a run to resume has nothing left to do: all ``total`` steps ran and that file records
+    them; else None (a run killed after its last state was saved but before its history was written goes on to
+    write it, and ``best/`` again from the state)."""
     from .results import finite
 
     if state["step"] < total:
-        return False
+        return None
     try:
-        written = json.loads((out / "history.json").read_text())["history"]
+        written = json.loads((out / "history.json").read_text())
+        return written if written["history"] == finite(state["history"]) else None
     except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return written == finite(state["history"])
+        return None
 
 
 def _scored(model, dev_score) -> float:

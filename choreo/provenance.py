@@ -52,9 +52,8 @@ def git_commit(root: Path | None = None) -> str | None:
     """HEAD of the source tree (``root``, default this package's checkout), with "+dirty.<digest>" if tracked files
     outside ``results/`` differ from it (the result came from uncommitted code; the digest, the first 12 hex digits
     of the SHA-256 of ``git diff HEAD`` over those files, tells one uncommitted state from another); where ``root``
-    is not the top of a git
-    repository (a copy of the tree without its .git, or the package installed into site-packages, which may lie in
-    someone else's repository), $CHOREO_GIT_COMMIT, else None."""
+    is not the top of a git repository (a copy of the tree without its .git, or the package installed into
+    site-packages, which may lie in someone else's repository), $CHOREO_GIT_COMMIT, else None."""
     try:
         root = (root or Path(__file__).parent.parent).resolve()
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel", "HEAD"], capture_output=True,

@@ -46,22 +46,22 @@ def top2(logits: torch.Tensor) -> tuple[int, float]:
 
 class _StepwiseEngine(Engine):
     """Feeds a job's forced tokens as if sampled, one decode step each; records each step's argmax, the number
-    of tokens of every forward pass (``pass_tokens``), and on each job the tokens of every pass of its step that
-    fed first chunks (``job.first_passes``: one pass, or several where ``first_chunk_passes`` split them)."""
+    of tokens of every forward pass (``pass_tokens``), and on each job the step it started in and the tokens of
+    every pass of that step that fed first chunks (``job.first_window``: one pass, or several where
+    ``first_chunk_passes`` split them)."""
 
     def step(self, jobs) -> None:
-        self._first_passes: list[int] = []  # this step's passes of first chunks, their tokens
-        self.steps = getattr(self, "steps", 0) + 1  # the step's number, for telling steps apart
+        self.steps += 1
+        self._first_window = (self.steps, [])  # this step's number and its passes of first chunks, their tokens
         super().step(jobs)
 
     def _forward(self, jobs: list[Job]) -> None:
         tokens = sum(len(j.pending) for j in jobs)
         self.pass_tokens.append(tokens)
         if all(j.fed == 0 for j in jobs):  # a pass of first chunks: every job of it is before its first token
-            self._first_passes.append(tokens)
+            self._first_window[1].append(tokens)
             for j in jobs:
-                j.first_passes = self._first_passes  # the step's list, filled by its later passes too
-                j.first_step = self.steps
+                j.first_window = self._first_window  # the step's, its list filled by its later passes too
         super()._forward(jobs)
 
     def _advance(self, job: Job, logits: torch.Tensor) -> None:
@@ -82,8 +82,9 @@ class _Stepwise:
 
     def __init__(self, model, **kwargs):
         super().__init__(model, **kwargs)
-        self.engine.__class__ = _StepwiseEngine  # adds behaviour; its one list of state is set here
+        self.engine.__class__ = _StepwiseEngine  # adds behaviour; its state is set here
         self.engine.pass_tokens = []  # tokens of every forward pass, in order
+        self.engine.steps = 0  # steps run
         self.first_pass_tokens: dict[int, int] = {}  # message id -> tokens its call encoded before its first token
         self.first_passes: dict[int, tuple[int, list[int]]] = {}  # message id -> (its step, tokens of each pass
         # before its first token)
@@ -104,7 +105,8 @@ class _Stepwise:
                 # What the call's first pass encodes: the choreographed header; the baseline's serial prompt past
                 # the prefix reused from a cached chain (prompt[reuse:], reuse = len(job.origin[1])).
                 self.first_pass_tokens[msg.id] = job.n_header
-                self.first_passes[msg.id] = (getattr(job, "first_step", None), list(getattr(job, "first_passes", [])))
+                step, passes = getattr(job, "first_window", (None, []))
+                self.first_passes[msg.id] = (step, list(passes))
                 self.step_argmax[msg.id] = getattr(job, "argmax", [])
         return out
 
