@@ -112,18 +112,21 @@ class AttentionPlan:
             self._index[key] = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, -torch.inf)
         return self._index[key]
 
-    def kernel_tables(self, device: torch.device, block_n: int):
-        """``segment_attention``'s int32 tables on ``device``: seg_start, seg_len, seg_delta (B, G) (G = the most
-        segments of any call, shorter rows padded with empty segments), own_start, own_past, new_len (B,), and their
-        ``triton_kernels.tile_table`` for tiles of ``block_n``. Built on the host and copied to ``device``
-        together: one copy per step and tile size, shared by all layers."""
+    def kernel_tables(self, device: torch.device, block_n: int) -> dict:
+        """``segment_attention``'s keyword arguments for this plan's tables, int32 on ``device``: seg_start, seg_len,
+        seg_delta (B, G) (G = the most segments of any call, shorter rows padded with empty segments), own_start,
+        own_past, new_len (B,), and tiles, their ``triton_kernels.tile_table`` for tiles of ``block_n``. Built on
+        the host and copied to ``device`` together: one copy per step and tile size, shared by all layers.
+
+        Example: ``prepare_launch(q, k, v, **plan.kernel_tables(q.device, 64), inv_freq=inv_freq)``.
+        """
         from triton_kernels import TileTable, tile_table
 
         device = torch.device(device)
         key = ("kernel", device, block_n)
         if key not in self._index:
             table, own = self._host_table()
-            tiles = tile_table(*table, block_n)
+            tiles = tile_table(seg_start=table[0], seg_len=table[1], seg_delta=table[2], block_n=block_n)
             # The int64 tile entries go first, as int32 pairs, so that their view back is 8-byte aligned.
             parts = [tiles.tiles.view(torch.int32), table, own, tiles.n_tiles]
             flat = torch.cat([p.flatten() for p in parts]).to(device)  # one copy
@@ -131,10 +134,12 @@ class AttentionPlan:
             for p in parts:
                 views.append(flat[at:at + p.numel()].view(p.shape))
                 at += p.numel()
-            self._index[key] = (*views[1], *views[2], TileTable(block_n=block_n, tiles=views[0].view(torch.int64),
-                                                                  n_tiles=views[3], max_tiles=tiles.max_tiles,
-                                                                  moved=tiles.moved))
-        return self._index[key]
+            (seg_start, seg_len, seg_delta), (own_start, own_past, new_len) = views[1], views[2]
+            self._index[key] = dict(
+                seg_start=seg_start, seg_len=seg_len, seg_delta=seg_delta, own_start=own_start, own_past=own_past,
+                new_len=new_len, tiles=TileTable(block_n=block_n, tiles=views[0].view(torch.int64), n_tiles=views[3],
+                                                 max_tiles=tiles.max_tiles, moved=tiles.moved))
+        return dict(self._index[key])  # a copy: a caller's edit of the dict cannot reach the cache
 
     def _host_table(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(3, B, G) segment rows (start, length, delta) and (3, B) own rows (start, past, new), int32 on the host."""
@@ -219,8 +224,8 @@ def triton_attention(plan, q, k_store, v_store, inv_freq, scale):
     if freq is not inv_freq:
         B, H, S, D = q.shape
         cfg = launch_config(S * (H // k_store.shape[0]), D, q.dtype, interpreter_active())
-        *table, tiles = plan.kernel_tables(q.device, cfg.block_n)  # one host-to-device copy per step
-        launch = prepare_launch(q, k_store, v_store, *table, inv_freq, scale=scale, config=cfg, tiles=tiles,
+        tables = plan.kernel_tables(q.device, cfg.block_n)  # the six tables and tiles: one host-to-device copy per step
+        launch = prepare_launch(q, k_store, v_store, **tables, inv_freq=inv_freq, scale=scale, config=cfg,
                                 max_own_len=plan.max_own_len, copy_tables=False)  # the plan's own tables
         plan._index[key] = (inv_freq, launch)
     return run_launch(q, k_store, v_store, launch)

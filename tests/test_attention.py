@@ -93,7 +93,8 @@ def test_the_engine_and_kernel_references_agree(seed):
     k_store, v_store = (torch.randn(Hkv, N, D, generator=g, dtype=torch.float64) for _ in range(2))
     inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
     engine = reference_attention(p, q, k_store, v_store, inv_freq, 0.4)
-    table, own = p._host_table()
-    kernel = segment_attention_ref(q, k_store, v_store, *table.long(), *own.long(), inv_freq, scale=0.4)
+    table, own = (t.long() for t in p._host_table())  # (3, B, G) start, length, delta; (3, B) start, past, new
+    kernel = segment_attention_ref(q, k_store, v_store, seg_start=table[0], seg_len=table[1], seg_delta=table[2],
+                                   own_start=own[0], own_past=own[1], new_len=own[2], inv_freq=inv_freq, scale=0.4)
     for b in range(B):
         torch.testing.assert_close(engine[b, :, :new_len[b]], kernel[b, :, :new_len[b]], rtol=0, atol=1e-12)

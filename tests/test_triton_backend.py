@@ -130,14 +130,18 @@ def test_kernel_tables_come_in_one_copy_and_match_their_parts():
 
     plan = AttentionPlan(segments=(((0, 100, 5), (300, 10, 0)), ()), own_start=(400, 500), own_past=(3, 0),
                          new_len=(2, 7))
-    *table, tiles = plan.kernel_tables("cpu", 64)
-    expected = [[[0, 300], [0, 0]], [[100, 10], [0, 0]], [[5, 0], [0, 0]], [400, 500], [3, 0], [2, 7]]
-    assert [t.tolist() for t in table] == expected and all(t.dtype == torch.int32 for t in table)
-    expected = triton_kernels.tile_table(*table[:3], 64)
+    tables = plan.kernel_tables("cpu", 64)
+    tiles = tables.pop("tiles")
+    expected = dict(seg_start=[[0, 300], [0, 0]], seg_len=[[100, 10], [0, 0]], seg_delta=[[5, 0], [0, 0]],
+                    own_start=[400, 500], own_past=[3, 0], new_len=[2, 7])
+    assert {name: t.tolist() for name, t in tables.items()} == expected
+    assert all(t.dtype == torch.int32 for t in tables.values())
+    expected = triton_kernels.tile_table(seg_start=tables["seg_start"], seg_len=tables["seg_len"],
+                                         seg_delta=tables["seg_delta"], block_n=64)
     assert torch.equal(tiles.tiles, expected.tiles) and torch.equal(tiles.n_tiles, expected.n_tiles)
     assert tiles.max_tiles == 3 and tiles.block_n == 64
-    assert table[0].untyped_storage().data_ptr() == tiles.tiles.untyped_storage().data_ptr()  # one buffer
-    assert plan.kernel_tables("cpu", 64)[-1] is tiles  # cached per step
+    assert tables["seg_start"].untyped_storage().data_ptr() == tiles.tiles.untyped_storage().data_ptr()  # one buffer
+    assert plan.kernel_tables("cpu", 64)["tiles"] is tiles  # cached per step
     assert plan.max_own_len == 7
 
 
@@ -155,10 +159,10 @@ def test_triton_backend_prepares_one_launch_per_step():
     launches = [key for key in plan._index if isinstance(key, tuple) and key[0] == "launch"]
     assert len(launches) == 1
     cfg = plan._index[launches[0]][1].config
-    *table, tiles = plan.kernel_tables(DEVICE, cfg.block_n)
+    tables = plan.kernel_tables(DEVICE, cfg.block_n)  # the six tables and the tiles, by name
     for (q, k, v), out in zip(layers, outs):
-        assert torch.equal(out, triton_kernels.segment_attention(q, k, v, *table, inv_freq, scale=0.25, config=cfg,
-                                                                 tiles=tiles))
+        assert torch.equal(out, triton_kernels.segment_attention(q, k, v, **tables, inv_freq=inv_freq, scale=0.25,
+                                                                 config=cfg))
     triton_attention(plan, *(t.half() for t in layers[0]), inv_freq, 0.25)
     assert len([key for key in plan._index if isinstance(key, tuple) and key[0] == "launch"]) == 2  # another dtype
 

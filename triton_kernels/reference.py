@@ -6,7 +6,8 @@
 - ``dense_layout`` + ``segment_attention_sdpa``: the same computation materialised as a padded key list per call
   (store row, delta, own index) and a dense boolean mask, run through ``F.scaled_dot_product_attention``.
 
-Shapes: q (B, H, S, D); k_cache / v_cache (Hkv, N, D); segment table (B, G); own_* and new_len (B,).
+Shapes: q (B, H, S, D); k_cache / v_cache (Hkv, N, D); segment table (B, G); own_* and new_len (B,). As in
+``segment_attention``, the tables and inv_freq are keyword-only (same-typed tables cannot be swapped by position).
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ def rope_shift(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> 
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-def segment_attention_ref(q, k_cache, v_cache, seg_start, seg_len, seg_delta, own_start, own_past, new_len, inv_freq,
-                          *, scale=None, upcast=True) -> torch.Tensor:
+def segment_attention_ref(q, k_cache, v_cache, *, seg_start, seg_len, seg_delta, own_start, own_past, new_len,
+                          inv_freq, scale=None, upcast=True) -> torch.Tensor:
     """Explicit per-call gather + mask + softmax. Same contract as ``segment_attention``.
 
     upcast=True: everything in fp64. upcast=False: keys re-rotated in fp32 and rounded to q's dtype, scores,
@@ -94,10 +95,15 @@ class DenseLayout:
         return self.mask.float().mean().item()
 
 
-def dense_layout(seg_start, seg_len, seg_delta, own_start, own_past, new_len, num_queries: int) -> DenseLayout:
-    """Flatten a segment table into per-call key lists and a (B, S, T) mask (built on CPU, moved to q's device).
+def dense_layout(*, seg_start, seg_len, seg_delta, own_start, own_past, new_len, num_queries: int) -> DenseLayout:
+    """Flatten a segment table into per-call key lists and a (B, S, T) mask (built on CPU, moved to the tables'
+    device). Every argument is keyword-only.
 
     Example: one call with segment (start 0, len 2, delta 5) and own_start 7, own_past 1, new_len 2 (S = 2)::
+
+        t = lambda x: torch.tensor(x, dtype=torch.int32)
+        dense_layout(seg_start=t([[0]]), seg_len=t([[2]]), seg_delta=t([[5]]), own_start=t([7]), own_past=t([1]),
+                     new_len=t([2]), num_queries=2)
 
         key_rows  [[0, 1, 7, 8, 9]]    key_delta [[5, 5, 0, 0, 0]]    key_own [[-1, -1, 0, 1, 2]]
         mask      [[[1, 1, 1, 1, 0],
@@ -129,8 +135,8 @@ def dense_layout(seg_start, seg_len, seg_delta, own_start, own_past, new_len, nu
     return DenseLayout(key_rows.to(device), key_delta.to(device), key_own.to(device), mask.to(device))
 
 
-def segment_attention_sdpa(q, k_cache, v_cache, seg_start, seg_len, seg_delta, own_start, own_past, new_len,
-                           inv_freq, *, scale=None, layout: DenseLayout | None = None) -> torch.Tensor:
+def segment_attention_sdpa(q, k_cache, v_cache, *, seg_start, seg_len, seg_delta, own_start, own_past, new_len,
+                           inv_freq, scale=None, layout: DenseLayout | None = None) -> torch.Tensor:
     """Gather + re-rotate each call's keys, then one SDPA call with the dense mask, all at q's dtype.
 
     Re-rotation runs in fp32 and rounds to q's dtype (fp64 stays fp64). Pass ``layout`` to reuse a
@@ -138,7 +144,8 @@ def segment_attention_sdpa(q, k_cache, v_cache, seg_start, seg_len, seg_delta, o
     """
     S = q.shape[2]
     if layout is None:
-        layout = dense_layout(seg_start, seg_len, seg_delta, own_start, own_past, new_len, S)
+        layout = dense_layout(seg_start=seg_start, seg_len=seg_len, seg_delta=seg_delta, own_start=own_start,
+                              own_past=own_past, new_len=new_len, num_queries=S)
     freq = inv_freq.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
     k = k_cache[:, layout.key_rows].transpose(0, 1)  # (B, Hkv, T, D)
     v = v_cache[:, layout.key_rows].transpose(0, 1)

@@ -47,7 +47,8 @@ per-call checks: ``triton_kernels/NOTES.md`` says how that skews them). The figu
 of where the time goes (instructions per key tile, registers, pipelining) and what each change did:
 ``triton_kernels/NOTES.md``, with the tables in ``results/kernels/``.
 
-Worked example (call 0 sees store rows 0..9 moved 5 positions later, then its own 3 tokens, 2 of them new)::
+Worked example (call 0 sees store rows 0..9 moved 5 positions later, then its own 3 tokens, 2 of them new; every
+argument after v_cache is keyword-only, so that same-typed tables cannot be swapped by position)::
 
     out = segment_attention(
         q,                       # (1, H, 2, D), the 2 new tokens, RoPE'd at own positions
@@ -655,10 +656,11 @@ def unpack_tiles(entries: torch.Tensor) -> torch.Tensor:
     return torch.stack([entries & 0xFFFFFFFF, hi & ((1 << COUNT_BITS) - 1), hi >> COUNT_BITS]).to(torch.int32)
 
 
-def tile_table(seg_start, seg_len, seg_delta, block_n: int, device=None) -> TileTable:
+def tile_table(*, seg_start, seg_len, seg_delta, block_n: int, device=None) -> TileTable:
     """Cut a segment table (B, G) into key tiles of ``block_n``; built on the host, then copied to ``device``
     (default: the tables' device). Tables on a GPU are copied to the host first (a synchronisation): callers
-    that know their segments on the host (the engine) build the table there, once per step.
+    that know their segments on the host (the engine) build the table there, once per step. Every argument is
+    keyword-only: the three tables share a shape and dtype, so a swapped pair would pass every check.
 
     Consecutive segments of a call that continue each other (the next starts at the store row after the
     previous one's last, with the same delta; empty entries between them do not count) are cut as one run: the
@@ -666,7 +668,13 @@ def tile_table(seg_start, seg_len, seg_delta, block_n: int, device=None) -> Tile
     unmoved, or moved by one offset, are such runs (the engine lists one segment per parent message).
 
     Example: segments (0, 100, 5) and (300, 10, 0) with block_n 64 give tiles (0, 64, 5), (64, 36, 5), (300, 10, 0)
-    (``TileTable.fields()``); segments (0, 40, 0) and (40, 40, 0) give (0, 64, 0), (64, 16, 0).
+    (``TileTable.fields()``)::
+
+        table = tile_table(seg_start=torch.tensor([[0, 300]]), seg_len=torch.tensor([[100, 10]]),
+                           seg_delta=torch.tensor([[5, 0]]), block_n=64)
+        table.fields()[:, 0].T.tolist()  # [[0, 64, 5], [64, 36, 5], [300, 10, 0]]
+
+    Segments (0, 40, 0) and (40, 40, 0) give (0, 64, 0), (64, 16, 0).
     """
     device = torch.device(device) if device is not None else seg_start.device
     if not 1 <= block_n < 1 << COUNT_BITS:
@@ -827,7 +835,7 @@ def _check_table_values(seg_start, seg_len, own_start, own_past, new_len, S: int
 def _check_tiles(tiles: TileTable, seg_start, seg_len, seg_delta) -> None:
     """On CPU: a caller's tile table must be the one ``tile_table`` cuts from this segment table (the kernels
     trust its rows, counts, ``max_tiles`` and ``moved``)."""
-    expected = tile_table(seg_start, seg_len, seg_delta, tiles.block_n)
+    expected = tile_table(seg_start=seg_start, seg_len=seg_len, seg_delta=seg_delta, block_n=tiles.block_n)
     T = expected.max_tiles
     if not T <= tiles.max_tiles <= tiles.tiles.shape[1]:
         raise ValueError(f"tiles.max_tiles = {tiles.max_tiles} must lie between the {T} tiles of the longest call "
@@ -838,7 +846,7 @@ def _check_tiles(tiles: TileTable, seg_start, seg_len, seg_delta) -> None:
     if (not torch.equal(tiles.n_tiles.to(torch.int64), expected.n_tiles.to(torch.int64))
             or not torch.equal(tiles.tiles[:, :T], expected.tiles[:, :T]) or tiles.tiles[:, T:].any()):
         raise ValueError(f"tiles are not this segment table cut into tiles of {tiles.block_n} keys: build them "
-                         f"with tile_table(seg_start, seg_len, seg_delta, {tiles.block_n})")
+                         f"with tile_table(seg_start=..., seg_len=..., seg_delta=..., block_n={tiles.block_n})")
 
 
 def _positive_finite(x) -> bool:
@@ -851,10 +859,13 @@ def _positive_finite(x) -> bool:
     return math.isfinite(x) and x > 0
 
 
-def segment_attention(q, k_cache, v_cache, seg_start, seg_len, seg_delta, own_start, own_past, new_len, inv_freq,
-                      *, scale=None, config: LaunchConfig | None = None, tiles: TileTable | None = None,
+def segment_attention(q, k_cache, v_cache, *, seg_start, seg_len, seg_delta, own_start, own_past, new_len, inv_freq,
+                      scale=None, config: LaunchConfig | None = None, tiles: TileTable | None = None,
                       num_splits: int | None = None, max_own_len: int | None = None) -> torch.Tensor:
     """Attention of B calls over a shared KV store, each to its segment table and causally to its own tokens.
+
+    Everything after v_cache is keyword-only: the six index tables share a dtype and their shapes ((B, G) or
+    (B,)), so a swapped pair (own_start for own_past, seg_len for seg_delta) would pass every check.
 
     q: (B, H, S, D) new tokens, RoPE'd at their positions; row i of call b is valid iff i < new_len[b].
     k_cache, v_cache: (Hkv, N, D) one layer's store, keys RoPE'd at their original positions; H % Hkv == 0.
@@ -877,20 +888,21 @@ def segment_attention(q, k_cache, v_cache, seg_start, seg_len, seg_delta, own_st
     ``segment_attention_backward``).
     """
     return run_launch(q, k_cache, v_cache, prepare_launch(
-        q, k_cache, v_cache, seg_start, seg_len, seg_delta, own_start, own_past, new_len, inv_freq, scale=scale,
-        config=config, tiles=tiles, num_splits=num_splits, max_own_len=max_own_len))
+        q, k_cache, v_cache, seg_start=seg_start, seg_len=seg_len, seg_delta=seg_delta, own_start=own_start,
+        own_past=own_past, new_len=new_len, inv_freq=inv_freq, scale=scale, config=config, tiles=tiles,
+        num_splits=num_splits, max_own_len=max_own_len))
 
 
-def prepare_launch(q, k_cache, v_cache, seg_start, seg_len, seg_delta, own_start, own_past, new_len, inv_freq,
-                   *, scale=None, config: LaunchConfig | None = None, tiles: TileTable | None = None,
+def prepare_launch(q, k_cache, v_cache, *, seg_start, seg_len, seg_delta, own_start, own_past, new_len, inv_freq,
+                   scale=None, config: LaunchConfig | None = None, tiles: TileTable | None = None,
                    num_splits: int | None = None, max_own_len: int | None = None, copy_tables: bool = True) -> Launch:
-    """Every check and choice of ``segment_attention`` (arguments as there), without running the kernel: a
-    ``Launch`` that ``run_launch`` runs on these q, k_cache and v_cache or on any of the same shapes, dtype and
-    device. A caller that attends many times with one table prepares once: the engine, for every layer of a
-    forward pass. The launch copies the segment, own-row and tile tables it was checked with (``run_launch``
-    trusts them); ``copy_tables=False`` keeps the caller's, for a caller that never edits them afterwards. (On
-    the CPU, with the kernel launches made no-ops, a pass of 30 layers took 2.9-3.6 ms of host time through
-    ``segment_attention`` and 0.70 ms prepared once: ``tests/kernels/bench_launch_host_cost.py``.)
+    """Every check and choice of ``segment_attention`` (arguments as there, keyword-only after v_cache), without
+    running the kernel: a ``Launch`` that ``run_launch`` runs on these q, k_cache and v_cache or on any of the same
+    shapes, dtype and device. A caller that attends many times with one table prepares once: the engine, for every
+    layer of a forward pass. The launch copies the segment, own-row and tile tables it was checked with
+    (``run_launch`` trusts them); ``copy_tables=False`` keeps the caller's, for a caller that never edits them
+    afterwards. (On the CPU, with the kernel launches made no-ops, a pass of 30 layers took 2.9-3.6 ms of host
+    time through ``segment_attention`` and 0.70 ms prepared once: ``tests/kernels/bench_launch_host_cost.py``.)
     """
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("inv_freq", inv_freq),
                     ("seg_start", seg_start)):
@@ -974,7 +986,8 @@ def prepare_launch(q, k_cache, v_cache, seg_start, seg_len, seg_delta, own_start
     cfg = config or launch_config(S * group, D, q.dtype, interpret)
     if cfg.flat:
         if tiles is None:
-            tiles = tile_table(seg_start, seg_len, seg_delta, cfg.block_n, device=q.device)
+            tiles = tile_table(seg_start=seg_start, seg_len=seg_len, seg_delta=seg_delta, block_n=cfg.block_n,
+                               device=q.device)
         elif tiles.block_n != cfg.block_n:
             raise ValueError(f"tiles were cut for block_n = {tiles.block_n}, but the launch uses block_n = "
                              f"{cfg.block_n}: build them with tile_table(..., block_n={cfg.block_n})")
@@ -995,7 +1008,9 @@ def run_launch(q, k_cache, v_cache, launch: Launch) -> torch.Tensor:
 
     Example (one table, every layer)::
 
-        launch = prepare_launch(q, k_store[0], v_store[0], *tables, inv_freq)
+        tables = dict(seg_start=seg_start, seg_len=seg_len, seg_delta=seg_delta, own_start=own_start,
+                      own_past=own_past, new_len=new_len)
+        launch = prepare_launch(q, k_store[0], v_store[0], **tables, inv_freq=inv_freq)
         outs = [run_launch(q_l, k_l, v_l, launch) for q_l, k_l, v_l in zip(qs, k_store, v_store)]
     """
     if not isinstance(launch, Launch):

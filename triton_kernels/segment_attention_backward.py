@@ -322,7 +322,8 @@ def scoring_launch(launch: Launch) -> Launch:
     if tiles is None:  # the nested loop: moved if a used segment has a delta (on CUDA a sync)
         if not bool((launch.seg_delta[launch.seg_len > 0] != 0).any()):
             return launch  # as configured; the backward cuts its table
-        tiles = tile_table(launch.seg_start, launch.seg_len, launch.seg_delta, cfg.block_n, device=launch.device)
+        tiles = tile_table(seg_start=launch.seg_start, seg_len=launch.seg_len, seg_delta=launch.seg_delta,
+                           block_n=cfg.block_n, device=launch.device)
     elif not tiles.moved:
         return launch
     config = dataclasses.replace(cfg, flat=True, tma=False, prerotate=True)
@@ -389,7 +390,8 @@ def backward(do, q, k_cache, v_cache, out, lse, launch: Launch, *, need_dq: bool
     cfg_dq, cfg_kv = backward_configs(launch.config, S * (H // Hkv), D, q.dtype, interpret)
     tiles = launch.tiles
     if tiles is None:  # a nested-loop forward: cut its table here (on CUDA, one synchronisation)
-        tiles = tile_table(launch.seg_start, launch.seg_len, launch.seg_delta, cfg_dq.block_n, device=q.device)
+        tiles = tile_table(seg_start=launch.seg_start, seg_len=launch.seg_len, seg_delta=launch.seg_delta,
+                           block_n=cfg_dq.block_n, device=q.device)
     q = q.contiguous()
     do = do.to(q.dtype).contiguous()
     di = (do.float() * out.float()).sum(-1)  # (B, H, S): rowsum(dO * O)

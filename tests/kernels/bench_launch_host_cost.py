@@ -66,8 +66,8 @@ def test_launch_host_cost_per_pass(benchmark, no_kernels, path):
         if path == "engine":
             return [triton_attention(plan, q, k, v, inv_freq, D ** -0.5) for q, k, v in zip(qs, ks, vs)]
         cfg = launch_config(S * H // HKV, D, torch.float32)
-        *table, tiles = plan.kernel_tables("cpu", cfg.block_n)
-        return [segment_attention(q, k, v, *table, inv_freq, scale=D ** -0.5, config=cfg, tiles=tiles,
+        tables = plan.kernel_tables("cpu", cfg.block_n)  # the six tables and the tiles, by name
+        return [segment_attention(q, k, v, **tables, inv_freq=inv_freq, scale=D ** -0.5, config=cfg,
                                   max_own_len=plan.max_own_len) for q, k, v in zip(qs, ks, vs)]
 
     outs = benchmark(one_pass)

@@ -46,6 +46,8 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from tests.kernels.cases import QKV, index_tables, segment_table
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.bench,
@@ -116,8 +118,8 @@ WORKLOADS = [
 SWEPT = [w for w in WORKLOADS if w.deltas == "per-message"]  # the tile and training sweeps' workloads
 
 
-def build_inputs(w: Workload, device, seed=0):
-    """Random store + segment tables: the positional arguments of ``segment_attention``."""
+def build_inputs(w: Workload, device, seed=0) -> dict:
+    """Random store + segment tables: ``segment_attention``'s arguments by name (as ``cases.Case.tensors``)."""
     gen = torch.Generator().manual_seed(seed)
     n_pick = w.attended // w.msg_len
     pool = w.pool_messages * w.msg_len
@@ -137,8 +139,9 @@ def build_inputs(w: Workload, device, seed=0):
     q = torch.randn(w.B, H, w.S, D, generator=gen)
     k, v = torch.randn(2, HKV, N, D, generator=gen)
     inv_freq = 1.0 / (500000.0 ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
-    return tuple(t.to(device) for t in (q.to(DTYPE), k.to(DTYPE), v.to(DTYPE), seg_start, seg_len, seg_delta,
-                                        own_start, own_past, new_len, inv_freq))
+    args = dict(q=q.to(DTYPE), k_cache=k.to(DTYPE), v_cache=v.to(DTYPE), seg_start=seg_start, seg_len=seg_len,
+                seg_delta=seg_delta, own_start=own_start, own_past=own_past, new_len=new_len, inv_freq=inv_freq)
+    return {name: t.to(device) for name, t in args.items()}
 
 
 @functools.cache
@@ -151,10 +154,9 @@ def _compiled_flex():
 def _gather_rotated(args, layout):
     from triton_kernels.reference import rope_shift
 
-    q, k_cache, v_cache, *_, inv_freq = args
-    k = k_cache[:, layout.key_rows].transpose(0, 1)  # (B, Hkv, T, D)
-    v = v_cache[:, layout.key_rows].transpose(0, 1)
-    return rope_shift(k, layout.key_delta[:, None, :], inv_freq).to(q.dtype), v
+    k = args["k_cache"][:, layout.key_rows].transpose(0, 1)  # (B, Hkv, T, D)
+    v = args["v_cache"][:, layout.key_rows].transpose(0, 1)
+    return rope_shift(k, layout.key_delta[:, None, :], args["inv_freq"]).to(args["q"].dtype), v
 
 
 def _kernel_call(kernels, w: Workload, args, *, config=None, num_splits=None, prepared: bool | None = None):
@@ -163,17 +165,18 @@ def _kernel_call(kernels, w: Workload, args, *, config=None, num_splits=None, pr
     once outside timing, as the engine does once per forward pass for every layer: what is timed is the launch
     (``run_launch``), with the own rows' longest length given so that the backward reads nothing back from the
     device. ``prepared=False`` times the whole ``segment_attention`` call instead (a commit without
-    ``prepare_launch``: both sides of a comparison must be timed alike); default: whether ``kernels`` has it."""
+    ``prepare_launch``: both sides of a comparison must be timed alike); default: whether ``kernels`` has it.
+    The tables go by keyword, which commits from before they were keyword-only accept as well (same names)."""
     cfg = config or kernels.launch_config(w.S * H // HKV, D, DTYPE, kernels.interpreter_active())
-    tiles = kernels.tile_table(*args[3:6], cfg.block_n)
+    tiles = kernels.tile_table(**segment_table(args), block_n=cfg.block_n)
     splits = {} if num_splits is None else {"num_splits": num_splits}
     if prepared is None:
         prepared = hasattr(kernels, "prepare_launch")
     if not prepared:
-        return lambda: kernels.segment_attention(*args, config=cfg, tiles=tiles, **splits)
-    launch = kernels.prepare_launch(*args, config=cfg, tiles=tiles, max_own_len=w.own_past + w.S,
+        return lambda: kernels.segment_attention(**args, config=cfg, tiles=tiles, **splits)
+    launch = kernels.prepare_launch(**args, config=cfg, tiles=tiles, max_own_len=w.own_past + w.S,
                                     copy_tables=False, **splits)
-    q, k, v = args[:3]
+    q, k, v = (args[name] for name in QKV)
     return lambda: kernels.run_launch(q, k, v, launch)
 
 
@@ -182,13 +185,13 @@ def make_impl(name: str, w: Workload, args):
     import triton_kernels
     from triton_kernels.reference import dense_layout
 
-    q = args[0]
+    q = args["q"]
     if name == "triton":
         return _kernel_call(triton_kernels, w, args)
     if name == "triton_prerotate":  # the moved keys copied first (``LaunchConfig.prerotate``)
         cfg = dataclasses.replace(triton_kernels.launch_config(w.S * H // HKV, D, DTYPE), prerotate=True)
         return _kernel_call(triton_kernels, w, args, config=cfg)
-    layout = dense_layout(*args[3:9], w.S)
+    layout = dense_layout(**index_tables(args), num_queries=w.S)
     if name == "sdpa_dense":
         mask = layout.mask[:, None]  # (B, 1, S, T)
 
@@ -200,7 +203,7 @@ def make_impl(name: str, w: Workload, args):
     if name == "flex":
         from torch.nn.attention.flex_attention import create_block_mask
 
-        key_own, own_past, new_len = layout.key_own, args[7], args[8]
+        key_own, own_past, new_len = layout.key_own, args["own_past"], args["new_len"]
 
         def mask_mod(b, h, q_idx, kv_idx):
             own = key_own[b, kv_idx]
@@ -226,7 +229,7 @@ def make_impl(name: str, w: Workload, args):
         # Every call its own contiguous cache of T rows, as ordinary batched attention reads: (B, Hkv, T, D). One
         # store expanded over the batch (batch stride 0) would let the B calls share T rows in the L2 cache.
         T = layout.key_rows.shape[1]
-        grad = args[1].requires_grad
+        grad = args["k_cache"].requires_grad
         k, v = (torch.randn(w.B, HKV, T, D, device=q.device, dtype=q.dtype).requires_grad_(grad) for _ in range(2))
         mask = causal_lower_right(w.S, T)
 
@@ -255,7 +258,7 @@ def skip_reason(w: Workload, impl: str) -> str | None:
 REPS = {1: 20}  # decode; prefill: 5
 
 
-def input_sets(w: Workload, device="cuda") -> list[tuple]:
+def input_sets(w: Workload, device="cuda") -> list[dict]:
     """Independent inputs of ``w`` (``build_inputs`` with seeds 0, 1, ...), enough that a timed round cycling
     through them reads its keys and values from device memory, not from the L2 cache: together their stores hold
     at least 4x the GPU's L2 (at least 2 sets, at most 16). Calls repeated over one store time the cache where
@@ -264,8 +267,8 @@ def input_sets(w: Workload, device="cuda") -> list[tuple]:
     launch took 131 us a call in one test and 230 us in another of the same run; how much of the cache each
     test's store kept is the likely cause, not established."""
     first = build_inputs(w, device, seed=0)
-    per_set = sum(t.numel() * t.element_size() for t in first[:3])
-    l2 = torch.cuda.get_device_properties(first[0].device).L2_cache_size if first[0].is_cuda else 0
+    per_set = sum(first[name].numel() * first[name].element_size() for name in QKV)
+    l2 = torch.cuda.get_device_properties(first["q"].device).L2_cache_size if first["q"].is_cuda else 0
     n = min(16, max(2, -(-4 * l2 // per_set)))
     return [first] + [build_inputs(w, device, seed=seed) for seed in range(1, n)]
 
@@ -297,24 +300,25 @@ def _time(benchmark, fns, w: Workload, rounds: int = 10) -> float:
 
 def _training_step(make, args):
     """A zero-argument forward + backward of the implementation ``make(args)`` builds, with gradients to q and to
-    the whole store (``args`` with q, k and v made leaves that require grad): ``step.leaves`` and
-    ``step.cotangent`` let another implementation differentiate at the same point."""
-    leaves = tuple(t.detach().requires_grad_() for t in args[:3])
-    fn = make((*leaves, *args[3:]))
+    the whole store (``args`` with q, k and v made leaves that require grad): ``step.args`` (those arguments),
+    ``step.leaves`` (q, k, v) and ``step.cotangent`` let another implementation differentiate at the same point."""
+    leaves = tuple(args[name].detach().requires_grad_() for name in QKV)
+    at_leaves = {**args, **dict(zip(QKV, leaves))}
+    fn = make(at_leaves)
     g = torch.randn_like(leaves[0])
     wanted = leaves + tuple(getattr(fn, "leaves", ()))  # causal SDPA: its own keys and values, not the store's
 
     def step():
         return torch.autograd.grad(fn(), wanted, g, allow_unused=True)[:len(leaves)]
 
-    step.leaves, step.cotangent = leaves, g
+    step.args, step.leaves, step.cotangent = at_leaves, leaves, g
     return step
 
 
-def _assert_grads_close(step, reference, args):
-    """``step``'s gradients (``_training_step``) against those of the implementation ``reference(args)`` builds,
-    at the same inputs and cotangent: max error within 5% of the reference's largest gradient + 0.01."""
-    theirs = torch.autograd.grad(reference((*step.leaves, *args[3:]))(), step.leaves, step.cotangent)
+def _assert_grads_close(step, reference):
+    """``step``'s gradients (``_training_step``) against those of the implementation ``reference(step.args)``
+    builds, at the same inputs and cotangent: max error within 5% of the reference's largest gradient + 0.01."""
+    theirs = torch.autograd.grad(reference(step.args)(), step.leaves, step.cotangent)
     for mine, ref in zip(step(), theirs):
         err = (mine.float() - ref.float()).abs().max().item()
         assert err <= 5e-2 * ref.float().abs().max().item() + 1e-2, err
@@ -336,12 +340,12 @@ def test_segment_attention_speed(benchmark, w, impl):
         pytest.skip(skip_reason(w, impl))
     sets = input_sets(w)
     args = sets[0]
-    layout = dense_layout(*args[3:9], w.S)
+    layout = dense_layout(**index_tables(args), num_queries=w.S)
     fns = [make_impl(impl, w, a) for a in sets]
     fn = fns[0]
     out = fn()  # also compiles before timing
     if impl != "sdpa_causal":  # the same attention: check before timing
-        torch.testing.assert_close(out, segment_attention_sdpa(*args, layout=layout), atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(out, segment_attention_sdpa(**args, layout=layout), atol=2e-2, rtol=2e-2)
     del out
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -413,8 +417,8 @@ def test_segment_attention_tiles(benchmark, w, cfg, splits):
 
     benchmark.group = f"{w.name} tiles"
     seconds = _time(benchmark, [_kernel_call(triton_kernels, w, a, config=cfg, num_splits=splits) for a in sets], w)
-    tiles = tile_table(*args[3:6], cfg.block_n)
-    pairs = int(dense_layout(*args[3:9], w.S).mask.sum())
+    tiles = tile_table(**segment_table(args), block_n=cfg.block_n)
+    pairs = int(dense_layout(**index_tables(args), num_queries=w.S).mask.sum())
     default = launch_config(w.S * H // HKV, D, DTYPE)
     default_k = default_splits(triton.cdiv(w.S * H // HKV, default.block_m) * w.B * HKV,
                                tiles.max_tiles * cfg.block_n, torch.device("cuda"))
@@ -439,13 +443,13 @@ def test_segment_attention_training_speed(benchmark, w, impl):
     steps = [_training_step(lambda a: make_impl(impl, w, a), a) for a in sets]
     steps[0]()  # also compiles before timing
     if impl == "triton":  # the same gradients as the dense-mask backend: check before timing
-        _assert_grads_close(steps[0], lambda a: make_impl("sdpa_dense", w, a), args)
+        _assert_grads_close(steps[0], lambda a: make_impl("sdpa_dense", w, a))
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base_mem = torch.cuda.memory_allocated()
     benchmark.group = f"{w.name} training"
     seconds = _time(benchmark, steps, w)
-    pairs = int(dense_layout(*args[3:9], w.S).mask.sum())
+    pairs = int(dense_layout(**index_tables(args), num_queries=w.S).mask.sum())
     benchmark.extra_info.update(
         impl=impl, **_machine_info(), attended_pairs=pairs, seconds_per_call=seconds,
         tflops=3.5 * 4 * D * H * pairs / seconds / 1e12,
@@ -485,7 +489,7 @@ def test_segment_attention_backward_tiles(benchmark, monkeypatch, w, label, dq, 
     args = sets[0]
     benchmark.group = f"{w.name} backward tiles"
     seconds = _time(benchmark, [_training_step(lambda a: make_impl("triton", w, a), a) for a in sets], w)
-    pairs = int(dense_layout(*args[3:9], w.S).mask.sum())
+    pairs = int(dense_layout(**index_tables(args), num_queries=w.S).mask.sum())
     benchmark.extra_info.update(backward_tiles=label, **_machine_info(), seconds_per_call=seconds,
                                 tflops=3.5 * 4 * D * H * pairs / seconds / 1e12)
 
@@ -533,11 +537,11 @@ def test_segment_attention_vs_base(benchmark, w, mode, which):
         fns = [_kernel_call(mine, w, a, prepared=prepared) for a in sets]
     else:
         fns = [_training_step(lambda a: _kernel_call(mine, w, a, prepared=prepared), a) for a in sets]
-        _assert_grads_close(fns[0], lambda a: _kernel_call(other, w, a, prepared=prepared), args)
+        _assert_grads_close(fns[0], lambda a: _kernel_call(other, w, a, prepared=prepared))
     torch.cuda.synchronize()
     benchmark.group = f"{w.name} vs base {mode}"
     seconds = _time(benchmark, fns, w)
-    pairs = int(dense_layout(*args[3:9], w.S).mask.sum())
+    pairs = int(dense_layout(**index_tables(args), num_queries=w.S).mask.sum())
     flops = (3.5 if mode == "training" else 1.0) * 4 * D * H * pairs
     benchmark.extra_info.update(which=which, mode=mode, base_commit=base_commit, prepared=prepared, **_machine_info(),
                                 seconds_per_call=seconds, tflops=flops / seconds / 1e12)

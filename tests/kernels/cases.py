@@ -1,5 +1,6 @@
-"""Shared cases of the segment-attention kernel tests: the ``Case`` record, a Hypothesis strategy of random
-segment tables, and the awkward cases by name.
+"""Shared cases of the segment-attention kernel tests: the ``Case`` record (its tensors are the kernel's arguments,
+by name) with helpers that pick tables out of them, a Hypothesis strategy of random segment tables, and the awkward
+cases by name.
 
 Importing this module sets TRITON_INTERPRET=1 when there is no CUDA device, so it must be imported before
 ``triton_kernels`` (the test modules import it first).
@@ -72,8 +73,9 @@ class Case:
     dtype: torch.dtype = torch.float32
     seed: int = 0
 
-    def tensors(self, device=DEVICE):
-        """(q, k_cache, v_cache, seg_start, seg_len, seg_delta, own_start, own_past, new_len, inv_freq)."""
+    def tensors(self, device=DEVICE) -> dict:
+        """``segment_attention``'s arguments by name: q, k_cache, v_cache, seg_start, seg_len, seg_delta, own_start,
+        own_past, new_len, inv_freq (``segment_attention(**case.tensors())``)."""
         B, G = len(self.own_start), max((len(s) for s in self.segments), default=0)
         table = torch.zeros(3, B, G, dtype=torch.int32)
         for b, segs in enumerate(self.segments):
@@ -88,8 +90,32 @@ class Case:
         v = torch.randn(self.Hkv, N, self.D, generator=gen)
         inv_freq = 1.0 / (10000.0 ** (torch.arange(0, self.D, 2, dtype=torch.float32) / self.D))
         own = torch.tensor([self.own_start, self.own_past, self.new_len], dtype=torch.int32).reshape(3, B)
-        return tuple(t.to(device) for t in (
-            q.to(self.dtype), k.to(self.dtype), v.to(self.dtype), *table, *own, inv_freq))
+        args = dict(q=q.to(self.dtype), k_cache=k.to(self.dtype), v_cache=v.to(self.dtype), seg_start=table[0],
+                    seg_len=table[1], seg_delta=table[2], own_start=own[0], own_past=own[1], new_len=own[2],
+                    inv_freq=inv_freq)
+        return {name: t.to(device) for name, t in args.items()}
+
+
+# ``Case.tensors`` returns ``segment_attention``'s arguments as a dict by these names (every one after v_cache is
+# keyword-only in the kernel API: the six index tables share a dtype, so a swap by position would pass every check).
+QKV = ("q", "k_cache", "v_cache")
+SEGMENT_TABLE = ("seg_start", "seg_len", "seg_delta")  # (B, G) each: ``tile_table``'s tables
+INDEX_TABLES = SEGMENT_TABLE + ("own_start", "own_past", "new_len")  # ``dense_layout``'s; own_* and new_len (B,)
+
+
+def segment_table(args: dict) -> dict:
+    """seg_start, seg_len and seg_delta of ``args`` (``Case.tensors``): ``tile_table(**segment_table(args), ...)``."""
+    return {name: args[name] for name in SEGMENT_TABLE}
+
+
+def index_tables(args: dict) -> dict:
+    """The six index tables of ``args``: ``dense_layout(**index_tables(args), num_queries=S)``."""
+    return {name: args[name] for name in INDEX_TABLES}
+
+
+def fp64(args: dict) -> dict:
+    """``args`` with q, k_cache and v_cache in fp64: the reference's inputs for an fp64 result."""
+    return {**args, **{name: args[name].double() for name in QKV}}
 
 
 # ----------------------------------------------------------------------------------- property test

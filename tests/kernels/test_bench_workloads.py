@@ -15,7 +15,7 @@ import shutil
 import pytest
 import torch
 
-from tests.kernels.cases import DEVICE  # sets TRITON_INTERPRET before triton_kernels is imported
+from tests.kernels.cases import DEVICE, fp64, index_tables, segment_table  # sets TRITON_INTERPRET first
 from tests.kernels import bench_segment_attention as bench
 from triton_kernels import interpreter_active, is_available
 from triton_kernels.reference import dense_layout, segment_attention_ref
@@ -44,9 +44,8 @@ def small(monkeypatch):
     return bench
 
 
-def reference(args) -> torch.Tensor:
-    q, k, v, *rest = args
-    return segment_attention_ref(q.double(), k.double(), v.double(), *rest).float()
+def reference(args: dict) -> torch.Tensor:
+    return segment_attention_ref(**fp64(args)).float()
 
 
 def test_every_workload_kind_is_covered():
@@ -59,7 +58,10 @@ def test_every_workload_kind_is_covered():
 @pytest.mark.parametrize("w", bench.WORKLOADS, ids=[w.name for w in bench.WORKLOADS])
 def test_workload_builds_what_it_names(small, w):
     t = tiny(w)
-    q, k, v, seg_start, seg_len, seg_delta, own_start, own_past, new_len, _ = small.build_inputs(t, DEVICE)
+    args = small.build_inputs(t, DEVICE)
+    q, k, v = args["q"], args["k_cache"], args["v_cache"]
+    seg_start, seg_len, seg_delta = args["seg_start"], args["seg_len"], args["seg_delta"]
+    own_start, own_past, new_len = args["own_start"], args["own_past"], args["new_len"]
     n_pick = t.attended // t.msg_len
     assert q.shape == (t.B, small.H, t.S, small.D) and k.shape == v.shape and k.shape[0] == small.HKV
     assert seg_start.shape == (t.B, n_pick) and (seg_len == t.msg_len).all() and (new_len == t.S).all()
@@ -77,7 +79,7 @@ def test_workload_builds_what_it_names(small, w):
     else:
         assert (seg_delta == 0).all()
     assert len(small.input_sets(t, DEVICE)) == 2  # no GPU L2 to fill: the two sets a round still cycles through
-    assert not torch.equal(small.build_inputs(t, DEVICE, seed=1)[0], q)
+    assert not torch.equal(small.build_inputs(t, DEVICE, seed=1)["q"], q)
 
 
 IMPL_CASES = [(w, impl) for w in bench.WORKLOADS for impl in bench.IMPLS if not bench.skip_reason(w, impl)]
@@ -88,9 +90,9 @@ IMPL_CASES = [(w, impl) for w in bench.WORKLOADS for impl in bench.IMPLS if not 
 def test_each_timed_implementation_computes_the_attention(small, w, impl):
     t = tiny(w)
     args = small.build_inputs(t, DEVICE)
-    layout = dense_layout(*args[3:9], t.S)
+    layout = dense_layout(**index_tables(args), num_queries=t.S)
     out = small.make_impl(impl, t, args)()
-    assert out.shape == args[0].shape
+    assert out.shape == args["q"].shape
     if impl != "sdpa_causal":
         torch.testing.assert_close(out, reference(args), atol=1e-4, rtol=1e-4)
         return
@@ -102,7 +104,7 @@ def test_each_timed_implementation_computes_the_attention(small, w, impl):
     k_own, v_own = fn.kv  # every call its own contiguous keys and values (no batch stride 0: no shared L2 rows)
     assert k_own.shape == (t.B, small.HKV, T, small.D) and k_own.is_contiguous() and k_own.stride(0) > 0
     assert not torch.equal(k_own[0], k_own[1])
-    q = args[0]
+    q = args["q"]
     out = fn()
     k, v = (c.repeat_interleave(small.H // small.HKV, 1).double() for c in (k_own, v_own))
     scores = torch.einsum("bhsd,bhtd->bhst", q.double(), k) / small.D ** 0.5
@@ -116,7 +118,8 @@ def test_each_swept_tile_configuration_computes_the_attention(small, w, cfg, spl
 
     t = tiny(w)
     args = small.build_inputs(t, DEVICE)
-    out = segment_attention(*args, config=cfg, tiles=tile_table(*args[3:6], cfg.block_n), num_splits=splits)
+    tiles = tile_table(**segment_table(args), block_n=cfg.block_n)
+    out = segment_attention(**args, config=cfg, tiles=tiles, num_splits=splits)
     torch.testing.assert_close(out, reference(args), atol=1e-4, rtol=1e-4)
 
 
@@ -138,11 +141,10 @@ def test_training_steps_differentiate_at_the_same_point(small, monkeypatch, impl
     step = small._training_step(lambda a: small.make_impl(impl, t, a), args)
     if impl == "sdpa_causal":  # other attention, over keys and values of its own: q's gradient, finite
         dq, dk_store, dv_store = step()
-        assert dq.shape == args[0].shape and dq.isfinite().all() and dk_store is None and dv_store is None
+        assert dq.shape == args["q"].shape and dq.isfinite().all() and dk_store is None and dv_store is None
         return
-    small._assert_grads_close(step, lambda a: small.make_impl("sdpa_dense", t, a), args)
-    theirs = torch.autograd.grad(bench.make_impl("sdpa_dense", t, (*step.leaves, *args[3:]))(), step.leaves,
-                                 step.cotangent)
+    small._assert_grads_close(step, lambda a: small.make_impl("sdpa_dense", t, a))
+    theirs = torch.autograd.grad(bench.make_impl("sdpa_dense", t, step.args)(), step.leaves, step.cotangent)
     for mine, ref in zip(step(), theirs):  # tighter than the benchmarks' 5% at fp32
         torch.testing.assert_close(mine, ref, atol=1e-4, rtol=1e-4)
 

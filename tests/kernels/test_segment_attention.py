@@ -13,8 +13,8 @@ import triton
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.kernels.cases import (AWKWARD, CUDA, DEVICE, EXAMPLES, Case, cases, error_bound,  # sets TRITON_INTERPRET
-                                 read_rows)
+from tests.kernels.cases import (AWKWARD, CUDA, DEVICE, EXAMPLES, INDEX_TABLES, QKV,  # sets TRITON_INTERPRET
+                                 Case, cases, error_bound, fp64, index_tables, read_rows, segment_table)
 from triton_kernels import (LaunchConfig, TileTable, default_splits, interpreter_active, is_available,
                             launch_config, prepare_launch, run_launch, segment_attention, tile_table)
 from triton_kernels.reference import dense_layout, segment_attention_ref, segment_attention_sdpa
@@ -30,13 +30,13 @@ HOPPER = not CUDA or torch.cuda.get_device_capability()[0] >= 9  # tensor descri
 
 def check_against_reference(case: Case, **kwargs):
     args = case.tensors()
-    out = segment_attention(*args, **kwargs)
-    q, k, v, *rest = args
-    ref = segment_attention_ref(q.double(), k.double(), v.double(), *rest)  # fp64, not rounded to the dtype
-    pt = segment_attention_ref(*args, upcast=False)  # PyTorch at the input dtype
+    out = segment_attention(**args, **kwargs)
+    q = args["q"]
+    ref = segment_attention_ref(**fp64(args))  # fp64, not rounded to the dtype
+    pt = segment_attention_ref(**args, upcast=False)  # PyTorch at the input dtype
     assert out.shape == q.shape and out.dtype == q.dtype
     assert not out.isnan().any(), "kernel produced NaN"
-    new_len = args[8].cpu()
+    new_len = args["new_len"].cpu()
     for b in range(q.shape[0]):  # padding rows are exact zeros
         assert (out[b, :, int(new_len[b]):] == 0).all(), f"call {b}: rows >= new_len are not zero"
     err = (out.double() - ref).abs().max().item() if out.numel() else 0.0
@@ -67,12 +67,12 @@ def test_awkward_cases(case):
 def test_padding_rows_ignore_garbage_queries():
     """Rows >= new_len may hold anything (here NaN): they come out as zeros and do not leak into valid rows."""
     case = AWKWARD["padding-segments-and-rows"]
-    args = list(case.tensors())
-    clean = segment_attention(*args)
-    args[0] = args[0].clone()
-    args[0][0, :, 2:] = float("nan")  # call 0 has new_len 2
-    args[0][1] = float("nan")  # call 1 has new_len 0
-    out = segment_attention(*args)
+    args = case.tensors()
+    clean = segment_attention(**args)
+    args["q"] = args["q"].clone()
+    args["q"][0, :, 2:] = float("nan")  # call 0 has new_len 2
+    args["q"][1] = float("nan")  # call 1 has new_len 0
+    out = segment_attention(**args)
     assert not out.isnan().any()
     assert torch.equal(out, clean)
 
@@ -81,16 +81,15 @@ GARBAGE_CASES = ["overlap-repeat-gap", "multi-tile-segments", "decode-S1", "padd
                  "gqa-4-to-1", "continued-segments"]
 
 
-def with_garbage_in_unread_rows(case: Case, args: tuple, finite: bool = False) -> tuple:
+def with_garbage_in_unread_rows(case: Case, args: dict, finite: bool = False) -> dict:
     """``args`` (``Case.tensors``) with NaN in the keys and inf in the values of every store row no call reads
     (``finite``: -1e30 and 1e30): gaps between segments, and the rows just past a segment's last, partial key
     tile."""
-    q, k, v, *rest = args
+    k, v = args["k_cache"].clone(), args["v_cache"].clone()
     unread = ~read_rows(case, k.shape[1])
     assert unread.any(), f"{case} reads every store row"
-    k, v = k.clone(), v.clone()
     k[:, unread], v[:, unread] = (-1e30, 1e30) if finite else (float("nan"), float("inf"))
-    return (q, k, v, *rest)
+    return dict(args, k_cache=k, v_cache=v)
 
 
 @pytest.mark.parametrize("loop", ["flat", "nested", "prerotate"] + (["tma"] if HOPPER else []))
@@ -107,19 +106,20 @@ def test_unread_store_rows_ignore_garbage(name, loop):
     args = case.tensors()
     dirty = with_garbage_in_unread_rows(case, args, finite=loop == "tma")
     for splits in (1, 3):
-        clean = segment_attention(*args, config=cfg, num_splits=splits)
-        assert torch.equal(segment_attention(*dirty, config=cfg, num_splits=splits), clean)
+        clean = segment_attention(**args, config=cfg, num_splits=splits)
+        assert torch.equal(segment_attention(**dirty, config=cfg, num_splits=splits), clean)
 
 
 def test_strided_inputs():
     """Non-contiguous q (a transposed view) and a store sliced out of a bigger buffer give the same result."""
     case = AWKWARD["gqa-4-to-1"]
-    q, k, v, *rest = case.tensors()
+    args = case.tensors()
+    q, k = args["q"], args["k_cache"]
     q_t = q.transpose(1, 2).contiguous().transpose(1, 2)  # (B, H, S, D) with S-major memory
     big_k = torch.zeros(k.shape[0], k.shape[1] + 8, k.shape[2], dtype=k.dtype, device=k.device)
     big_k[:, 8:] = k
     assert not q_t.is_contiguous()
-    assert torch.equal(segment_attention(q_t, big_k[:, 8:], v, *rest), segment_attention(q, k, v, *rest))
+    assert torch.equal(segment_attention(**dict(args, q=q_t, k_cache=big_k[:, 8:])), segment_attention(**args))
 
 
 CONFIGS = [LaunchConfig(block_m=16, block_n=32, num_warps=2, num_stages=1),
@@ -146,7 +146,7 @@ def test_tile_configs_agree(name, cfg):
     the online softmax's sums)."""
     case = dataclasses.replace(AWKWARD[name], dtype=torch.float32)
     args = case.tensors()
-    torch.testing.assert_close(segment_attention(*args, config=cfg), segment_attention(*args), atol=2e-5, rtol=0)
+    torch.testing.assert_close(segment_attention(**args, config=cfg), segment_attention(**args), atol=2e-5, rtol=0)
 
 
 SPLIT_CASES = ["decode-S1", "empty-segment-list-G0", "padding-segments-and-rows", "all-calls-padding",
@@ -164,10 +164,9 @@ def test_split_k_matches_reference(name, splits, loop):
     cfg = dataclasses.replace(launch_config(case.S * case.H // case.Hkv, case.D, case.dtype, interpreter_active()),
                               flat=loop != "nested", tma=loop == "tma", prerotate=loop == "prerotate")
     args = case.tensors()
-    out = segment_attention(*args, config=cfg, num_splits=splits)
-    q, k, v, *rest = args
-    ref = segment_attention_ref(q.double(), k.double(), v.double(), *rest)
-    pt = segment_attention_ref(*args, upcast=False)
+    out = segment_attention(**args, config=cfg, num_splits=splits)
+    ref = segment_attention_ref(**fp64(args))
+    pt = segment_attention_ref(**args, upcast=False)
     err, err_pt = (out.double() - ref).abs().max().item(), (pt.double() - ref).abs().max().item()
     assert not out.isnan().any()
     assert err <= error_bound(ref, err_pt, case.dtype), (err, err_pt)
@@ -175,14 +174,17 @@ def test_split_k_matches_reference(name, splits, loop):
 
 def test_tile_table_docstring_example():
     t = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
-    table = tile_table(t([[0, 300], [7, 0]]), t([[100, 10], [0, 0]]), t([[5, 0], [1, 2]]), 64)
+    table = tile_table(seg_start=t([[0, 300], [7, 0]]), seg_len=t([[100, 10], [0, 0]]),
+                       seg_delta=t([[5, 0], [1, 2]]), block_n=64)
     assert table.max_tiles == 3 and table.n_tiles.tolist() == [3, 0]
     assert table.tiles.dtype == torch.int64 and table.tiles.shape == (2, 3)  # one entry per tile
     assert table.fields()[:, 0].T.tolist() == [[0, 64, 5], [64, 36, 5], [300, 10, 0]]
     assert (table.tiles[1] == 0).all()
-    empty = tile_table(t([[]]).reshape(1, 0), t([[]]).reshape(1, 0), t([[]]).reshape(1, 0), 16)
+    no_segments = t([[]]).reshape(1, 0)
+    empty = tile_table(seg_start=no_segments, seg_len=no_segments, seg_delta=no_segments, block_n=16)
     assert empty.max_tiles == 0 and empty.tiles.shape == (1, 1)
-    run = tile_table(t([[0, 40]]), t([[40, 40]]), t([[0, 0]]), 64)  # one segment continuing the other: one run
+    # one segment continuing the other: one run
+    run = tile_table(seg_start=t([[0, 40]]), seg_len=t([[40, 40]]), seg_delta=t([[0, 0]]), block_n=64)
     assert run.fields()[:, 0].T.tolist() == [[0, 64, 0], [64, 16, 0]]
 
 
@@ -196,7 +198,7 @@ def test_tile_table_walks_each_calls_keys_in_order(case, block_n):
     """A call's tiles hold exactly its segments' keys, in table order, each with its segment's delta (segments
     that continue each other cut as one run, so no more tiles than cutting each segment alone), at most
     ``block_n`` keys a tile, and each tile within one segment's run of store rows."""
-    table = tile_table(*case.tensors("cpu")[3:6], block_n)
+    table = tile_table(**segment_table(case.tensors("cpu")), block_n=block_n)
     fields = table.fields()
     assert table.max_tiles == int(table.n_tiles.max())
     for b, segs in enumerate(case.segments):
@@ -219,10 +221,11 @@ def test_unmoved_launch_skips_the_rotation():
     as the rotating loop (a rotation by 0 is exact), and the reference's."""
     args = UNMOVED.tensors()
     cfg = launch_config(UNMOVED.S * UNMOVED.H // UNMOVED.Hkv, UNMOVED.D, UNMOVED.dtype, interpreter_active())
-    tiles = tile_table(*args[3:6], cfg.block_n)
-    assert not tiles.moved and tile_table(*AWKWARD["multi-tile-segments"].tensors()[3:6], cfg.block_n).moved
-    out = segment_attention(*args, tiles=tiles)
-    assert torch.equal(out, segment_attention(*args, tiles=dataclasses.replace(tiles, moved=True)))
+    tiles = tile_table(**segment_table(args), block_n=cfg.block_n)
+    moved = tile_table(**segment_table(AWKWARD["multi-tile-segments"].tensors()), block_n=cfg.block_n)
+    assert not tiles.moved and moved.moved
+    out = segment_attention(**args, tiles=tiles)
+    assert torch.equal(out, segment_attention(**args, tiles=dataclasses.replace(tiles, moved=True)))
     check_against_reference(UNMOVED)
 
 
@@ -237,42 +240,43 @@ def test_tile_entries_round_trip_and_refuse_deltas_out_of_range():
     assert unpack_tiles(pack_tiles(row, count, delta)).tolist() == [row.tolist(), count.tolist(), delta.tolist()]
     t = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
     with pytest.raises(ValueError, match=str(MAX_TILE_DELTA + 1)):
-        tile_table(t([[0, 9]]), t([[5, 4]]), t([[0, MAX_TILE_DELTA + 1]]), 64)
-    assert tile_table(t([[0, 9]]), t([[5, 0]]), t([[0, 2**30]]), 64).max_tiles == 1  # an empty segment's delta
+        tile_table(seg_start=t([[0, 9]]), seg_len=t([[5, 4]]), seg_delta=t([[0, MAX_TILE_DELTA + 1]]), block_n=64)
+    # an empty segment's delta
+    assert tile_table(seg_start=t([[0, 9]]), seg_len=t([[5, 0]]), seg_delta=t([[0, 2**30]]), block_n=64).max_tiles == 1
     with pytest.raises(ValueError, match="block_n"):
-        tile_table(t([[0]]), t([[5]]), t([[0]]), 512)
+        tile_table(seg_start=t([[0]]), seg_len=t([[5]]), seg_delta=t([[0]]), block_n=512)
     with pytest.raises(ValueError, match=r"\(B, G\) tables of one shape, got \(2,\)"):
-        tile_table(t([0, 9]), t([5, 4]), t([0, 0]), 64)
+        tile_table(seg_start=t([0, 9]), seg_len=t([5, 4]), seg_delta=t([0, 0]), block_n=64)
     with pytest.raises(ValueError, match="one shape"):
-        tile_table(t([[0, 9]]), t([[5]]), t([[0, 0]]), 64)
+        tile_table(seg_start=t([[0, 9]]), seg_len=t([[5]]), seg_delta=t([[0, 0]]), block_n=64)
 
 
 def test_prebuilt_tiles_and_their_errors():
     case = AWKWARD["multi-tile-segments"]
     args = case.tensors()
     cfg = launch_config(case.S * case.H // case.Hkv, case.D, case.dtype, interpreter_active())
-    tiles = tile_table(*args[3:6], cfg.block_n)
+    tiles = tile_table(**segment_table(args), block_n=cfg.block_n)
     assert isinstance(tiles, TileTable)
-    torch.testing.assert_close(segment_attention(*args, tiles=tiles), segment_attention(*args), atol=0, rtol=0)
+    torch.testing.assert_close(segment_attention(**args, tiles=tiles), segment_attention(**args), atol=0, rtol=0)
     with pytest.raises(ValueError, match="block_n"):
-        segment_attention(*args, tiles=tile_table(*args[3:6], 2 * cfg.block_n))
+        segment_attention(**args, tiles=tile_table(**segment_table(args), block_n=2 * cfg.block_n))
     with pytest.raises(TypeError, match="tiles"):
-        segment_attention(*args, tiles=(tiles.tiles, tiles.n_tiles))
+        segment_attention(**args, tiles=(tiles.tiles, tiles.n_tiles))
     with pytest.raises(ValueError, match="num_splits"):
-        segment_attention(*args, num_splits=0)
+        segment_attention(**args, num_splits=0)
     # counts the kernels cannot read as they are: strided (read with stride 1), or of a float dtype
     strided = torch.stack([tiles.n_tiles, torch.zeros_like(tiles.n_tiles)], 1)[:, 0]
     assert strided.stride() == (2,)
     as_strided = TileTable(block_n=tiles.block_n, tiles=tiles.tiles, n_tiles=strided, max_tiles=tiles.max_tiles)
-    torch.testing.assert_close(segment_attention(*args, tiles=as_strided), segment_attention(*args), atol=0, rtol=0)
+    torch.testing.assert_close(segment_attention(**args, tiles=as_strided), segment_attention(**args), atol=0, rtol=0)
     floats = TileTable(block_n=tiles.block_n, tiles=tiles.tiles, n_tiles=tiles.n_tiles.float(),
                        max_tiles=tiles.max_tiles)
     with pytest.raises(ValueError, match="int32 counts.*float32"):
-        segment_attention(*args, tiles=floats)
+        segment_attention(**args, tiles=floats)
     elsewhere = TileTable(block_n=tiles.block_n, tiles=tiles.tiles, n_tiles=tiles.n_tiles.to("meta"),
                           max_tiles=tiles.max_tiles)
     with pytest.raises(ValueError, match="tiles.n_tiles on meta"):
-        segment_attention(*args, tiles=elsewhere)
+        segment_attention(**args, tiles=elsewhere)
 
 
 def test_default_splits_only_on_an_idle_gpu(monkeypatch):
@@ -309,12 +313,13 @@ def test_default_launch_config():
 
 def test_tma_needs_an_aligned_store():
     case = AWKWARD["multi-tile-segments"]
-    q, k, v, *rest = case.tensors()
+    args = case.tensors()
+    k = args["k_cache"]
     cfg = LaunchConfig(block_m=16, block_n=16, num_warps=1, num_stages=1, tma=True)
     padded = torch.zeros(k.shape[0], k.shape[1], k.shape[2] + 1, device=DEVICE)[..., :-1]  # row stride 65 floats
     padded.copy_(k)
     with pytest.raises(ValueError, match="16-byte"):
-        segment_attention(q, padded, v, *rest, config=cfg)
+        segment_attention(**dict(args, k_cache=padded), config=cfg)
 
 
 @pytest.mark.parametrize("kwargs, word", [
@@ -343,29 +348,28 @@ def test_config_must_be_a_launch_config():
 def test_scale_argument():
     case = AWKWARD["decode-S1"]
     args = case.tensors()
-    out = segment_attention(*args, scale=0.3)
-    q, k, v, *rest = args
-    ref = segment_attention_ref(q.double(), k.double(), v.double(), *rest, scale=0.3)
+    out = segment_attention(**args, scale=0.3)
+    ref = segment_attention_ref(**fp64(args), scale=0.3)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("scale", [0.0, -0.3, float("inf"), float("nan"), True, "0.3"])
 def test_scale_must_be_positive_and_finite(scale):
     with pytest.raises(ValueError, match="scale must be a positive finite number"):
-        segment_attention(*AWKWARD["decode-S1"].tensors(), scale=scale)
+        segment_attention(**AWKWARD["decode-S1"].tensors(), scale=scale)
 
 
 # ----------------------------------------------------------------------------------- the references agree
 @pytest.mark.parametrize("name", ["decode-S1", "overlap-repeat-gap", "padding-segments-and-rows", "gqa-3-decode"])
 def test_dense_sdpa_helper_matches_reference(name):
-    q, k, v, *rest = AWKWARD[name].tensors(device="cpu")
-    args = (q.double(), k.double(), v.double(), *rest)
-    torch.testing.assert_close(segment_attention_sdpa(*args), segment_attention_ref(*args), atol=1e-12, rtol=0)
+    args = fp64(AWKWARD[name].tensors(device="cpu"))
+    torch.testing.assert_close(segment_attention_sdpa(**args), segment_attention_ref(**args), atol=1e-12, rtol=0)
 
 
 def test_dense_layout_docstring_example():
     t = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
-    lay = dense_layout(t([[0]]), t([[2]]), t([[5]]), t([7]), t([1]), t([2]), num_queries=2)
+    lay = dense_layout(seg_start=t([[0]]), seg_len=t([[2]]), seg_delta=t([[5]]), own_start=t([7]), own_past=t([1]),
+                       new_len=t([2]), num_queries=2)
     assert lay.key_rows.tolist() == [[0, 1, 7, 8, 9]]
     assert lay.key_delta.tolist() == [[5, 5, 0, 0, 0]]
     assert lay.key_own.tolist() == [[-1, -1, 0, 1, 2]]
@@ -374,11 +378,7 @@ def test_dense_layout_docstring_example():
 
 # ----------------------------------------------------------------------------------- wrapper errors
 def _args(**over):
-    names = ["q", "k_cache", "v_cache", "seg_start", "seg_len", "seg_delta", "own_start", "own_past", "new_len",
-             "inv_freq"]
-    args = dict(zip(names, AWKWARD["decode-S1"].tensors()))
-    args.update(over)
-    return args
+    return dict(AWKWARD["decode-S1"].tensors(), **over)
 
 
 def _bad(name, fn):
@@ -430,6 +430,33 @@ def test_wrapper_rejects_bad_arguments(make, exc, word):
         segment_attention(**make())
 
 
+@pytest.mark.parametrize("fn", [segment_attention, prepare_launch, segment_attention_ref, segment_attention_sdpa],
+                         ids=lambda fn: fn.__name__)
+def test_table_arguments_are_keyword_only(fn):
+    """The six index tables share a dtype and their shapes ((B, G) or (B,)): passed by position, a swapped pair
+    (own_start for own_past, seg_len for seg_delta) would pass every check. Only q, k_cache and v_cache are taken
+    by position; a table, even one, is refused before anything runs."""
+    args = _args()
+    q, k, v = (args.pop(name) for name in QKV)
+    with pytest.raises(TypeError, match="positional argument"):
+        fn(q, k, v, args.pop("seg_start"), **args)  # one table by position, the others by name
+    with pytest.raises(TypeError, match="positional argument"):
+        fn(q, k, v, *index_tables(_args()).values(), args["inv_freq"])  # all, in the old signature's order
+
+
+def test_tile_table_and_dense_layout_take_keywords_only():
+    table = segment_table(_args())
+    assert tile_table(**table, block_n=16).max_tiles > 0
+    with pytest.raises(TypeError, match="positional argument"):
+        tile_table(*table.values(), block_n=16)
+    with pytest.raises(TypeError, match="positional argument"):
+        tile_table(*table.values(), 16)
+    tables = index_tables(_args())
+    assert dense_layout(**tables, num_queries=1).mask.any()
+    with pytest.raises(TypeError, match="positional argument"):
+        dense_layout(*tables.values(), num_queries=1)
+
+
 @pytest.mark.parametrize("name", ["num_splits", "max_own_len"])
 def test_a_bool_is_no_count(name):
     with pytest.raises(ValueError, match=f"{name} must be an integer"):
@@ -459,11 +486,11 @@ def test_a_callers_tile_table_must_be_the_segment_tables():
     """Tiles cut from another table, ``moved`` cleared on moved segments, or fewer tiles than the calls have
     would make the kernels read the wrong keys, skip the re-rotation or walk past their buffer: refused."""
     args = _args()
-    table = [args[n] for n in ("seg_start", "seg_len", "seg_delta")]
-    assert table[2].ne(0).any() and table[1].gt(0).any()
-    good = tile_table(*table, 16)
+    table = segment_table(args)
+    assert table["seg_delta"].ne(0).any() and table["seg_len"].gt(0).any()
+    good = tile_table(**table, block_n=16)
     segment_attention(**args, tiles=good, config=LaunchConfig(block_m=16, block_n=16, num_warps=1, num_stages=1))
-    other = tile_table(table[0] + 1, *table[1:], 16)
+    other = tile_table(**dict(table, seg_start=table["seg_start"] + 1), block_n=16)
     still = TileTable(block_n=16, tiles=good.tiles, n_tiles=good.n_tiles, max_tiles=good.max_tiles, moved=False)
     short = TileTable(block_n=16, tiles=good.tiles[:, :-1], n_tiles=good.n_tiles, max_tiles=good.max_tiles - 1)
     for tiles, word in ((other, "not this segment table"), (still, "moved is False"), (short, "max_tiles")):
@@ -492,8 +519,7 @@ def test_prepared_launch_runs_other_layers_and_checks_their_tensors():
 def test_a_prepared_launch_keeps_the_tables_it_was_checked_with(dtype):
     """Editing a table in place after ``prepare_launch`` changes nothing (the launch holds copies), so an edit
     cannot get past the checks; ``copy_tables=False`` shares them, for callers whose tables are private."""
-    args = {n: (t.to(dtype) if n in ("seg_start", "seg_len", "seg_delta", "own_start", "own_past", "new_len") else t)
-            for n, t in _args().items()}
+    args = {n: (t.to(dtype) if n in INDEX_TABLES else t) for n, t in _args().items()}
     expected = segment_attention(**args)
     launch = prepare_launch(**args)
     args["seg_len"].fill_(0)

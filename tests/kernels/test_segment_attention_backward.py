@@ -14,8 +14,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.kernels.cases import (AWKWARD, CUDA, DEVICE, EXAMPLES, FP32_GRAD_ULPS, Case, cases,  # sets TRITON_INTERPRET
-                                 error_bound, read_rows)
+from tests.kernels.cases import (AWKWARD, CUDA, DEVICE, EXAMPLES, FP32_GRAD_ULPS, QKV, Case,  # sets TRITON_INTERPRET
+                                 cases, error_bound, index_tables, read_rows, segment_table)
 from triton_kernels import LaunchConfig, interpreter_active, is_available, launch_config, segment_attention
 from triton_kernels.reference import dense_layout, rope_shift, segment_attention_ref
 from triton_kernels.segment_attention import LOG2E
@@ -31,12 +31,12 @@ BACKWARD_EXAMPLES = max(2, EXAMPLES // 2)
 
 
 def gradients(fn, args, dtype, cotangent, **kwargs):
-    """(out, dq, dk, dv) of <fn(q, k, v, *tables), cotangent> with q, k, v cast to ``dtype``."""
-    q, k, v, *rest = args
-    q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
-    out = fn(q, k, v, *rest, **kwargs)
+    """(out, dq, dk, dv) of <fn(**args), cotangent> with q, k_cache, v_cache of ``args`` (``Case.tensors``) cast to
+    ``dtype``."""
+    leaves = {name: args[name].detach().to(dtype).requires_grad_() for name in QKV}
+    out = fn(**{**args, **leaves}, **kwargs)
     (out.to(cotangent.dtype) * cotangent).sum().backward()
-    return out, q.grad, k.grad, v.grad
+    return (out, *(leaves[name].grad for name in QKV))
 
 
 @contextlib.contextmanager
@@ -55,7 +55,7 @@ def deterministic_algorithms(mode: bool = True):
         torch.use_deterministic_algorithms(before, warn_only=warn_only)
 
 
-def check_gradients(case: Case, *, args: tuple | None = None, score_bound: float = 0.0, deterministic: bool = False,
+def check_gradients(case: Case, *, args: dict | None = None, score_bound: float = 0.0, deterministic: bool = False,
                     **kwargs):
     """The kernel's gradients (under ``torch.use_deterministic_algorithms(deterministic)``) against autograd through
     the fp64 reference, within 2x PyTorch's own error at the dtype. Returns them, (out, dq, dk, dv). args: the
@@ -63,16 +63,15 @@ def check_gradients(case: Case, *, args: tuple | None = None, score_bound: float
     log2 units where it is far above 1: P = exp2(s - lse), recomputed from fp32 s and lse of that size, carries
     a relative error of a few ulps of it, added to the floor."""
     args = case.tensors() if args is None else args
-    q = args[0]
+    q = args["q"]
     g = torch.randn(q.shape, generator=torch.Generator().manual_seed(case.seed + 1)).to(DEVICE)
     scale = kwargs.get("scale")
     with deterministic_algorithms(deterministic):  # the references below use matmuls: cuBLAS refuses the mode
         out, *grads = gradients(segment_attention, args, case.dtype, g.to(case.dtype), **kwargs)
     _, *ref = gradients(segment_attention_ref, args, torch.float64, g.double(), scale=scale)
-    _, *pt = gradients(lambda *a: segment_attention_ref(*a, upcast=False, scale=scale), args, case.dtype,
-                       g.to(case.dtype))
+    _, *pt = gradients(segment_attention_ref, args, case.dtype, g.to(case.dtype), upcast=False, scale=scale)
     assert out.requires_grad
-    new_len = args[8].cpu()
+    new_len = args["new_len"].cpu()
     for name, mine, gold, theirs in zip(("dq", "dk", "dv"), grads, ref, pt):
         assert mine.dtype == case.dtype and mine.shape == gold.shape
         assert not mine.isnan().any(), f"{name} has NaN for {case}"
@@ -132,11 +131,11 @@ def test_gradients_at_large_scale(name, dtype, scale):
     check_gradients(case, scale=scale, score_bound=max_scaled_score(case.tensors(), scale))
 
 
-def max_scaled_score(args: tuple, scale: float) -> float:
+def max_scaled_score(args: dict, scale: float) -> float:
     """The largest |score| in log2 units (|q . k| * scale * log2(e)) over the keys each query attends to, moved
     keys re-rotated: computed in fp64 from ``Case.tensors``."""
-    q, k, _, *tables, inv_freq = args
-    layout = dense_layout(*tables, q.shape[2])  # key_rows, key_delta (B, T); mask (B, S, T)
+    q, k, inv_freq = args["q"], args["k_cache"], args["inv_freq"]
+    layout = dense_layout(**index_tables(args), num_queries=q.shape[2])  # key_rows, key_delta (B, T); mask (B, S, T)
     keys = k[:, layout.key_rows].transpose(0, 1).double()  # (B, Hkv, T, D)
     keys = rope_shift(keys, layout.key_delta[:, None, :], inv_freq.double())
     keys = keys.repeat_interleave(q.shape[1] // k.shape[0], dim=1)  # (B, H, T, D)
@@ -156,7 +155,7 @@ def test_scoring_launch_moves_the_keys_first_only_where_a_segment_moved():
         args = case.tensors()
         cfg = launch_config(case.S * case.H // case.Hkv, case.D, case.dtype, interpreter_active())
         for config in (cfg, dataclasses.replace(cfg, flat=False)):
-            launch = prepare_launch(*args, config=config)
+            launch = prepare_launch(**args, config=config)
             scoring = scoring_launch(launch)
             if case is unmoved:
                 assert scoring is launch
@@ -194,13 +193,13 @@ def test_deterministic_gradients(name, monkeypatch):
 def test_padding_rows_with_garbage_do_not_leak():
     """NaN queries and a NaN cotangent on rows >= new_len change no gradient of the valid rows."""
     case = AWKWARD["padding-segments-and-rows"]
-    args = list(case.tensors())
-    g = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    args = case.tensors()
+    g = torch.randn(args["q"].shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
     with deterministic_algorithms():
         clean = gradients(segment_attention, args, case.dtype, g)
-    args[0] = args[0].clone()
-    args[0][0, :, 2:] = float("nan")  # call 0 has new_len 2
-    args[0][1] = float("nan")  # call 1 has new_len 0
+    args["q"] = args["q"].clone()
+    args["q"][0, :, 2:] = float("nan")  # call 0 has new_len 2
+    args["q"][1] = float("nan")  # call 1 has new_len 0
     g[0, :, 2:] = float("nan")
     g[1] = float("nan")
     with deterministic_algorithms():
@@ -218,13 +217,14 @@ def test_far_negative_scores_keep_partial_tiles_finite(dtype):
     which dkdv masks only once after its loop, have P = exp2(0 - lse) = inf there; no gradient may see it."""
     case = Case(segments=[[(0, 65, 0), (70, 33, 0)], [(5, 17, 0)]], own_start=[110, 130], own_past=[49, 3],
                 new_len=[2, 2], S=2, dtype=dtype)
-    q, k, v, *rest = case.tensors()
+    args = case.tensors()
+    q, k = args["q"], args["k_cache"]
     gen = torch.Generator().manual_seed(5)
     k = (torch.rand(k.shape, generator=gen) + 1).to(k)  # every component positive ...
     q = (-40 * (torch.rand(q.shape, generator=gen) + 1)).to(q)  # ... and every query's negative
     # |q . k| <= D max|q| max|k|, scaled by the default 1 / sqrt(D) and log2(e)
     bound = case.D * q.abs().max().item() * k.abs().max().item() * case.D ** -0.5 * LOG2E
-    out, *grads = check_gradients(case, args=(q, k, v, *rest), score_bound=bound)
+    out, *grads = check_gradients(case, args=dict(args, q=q, k_cache=k), score_bound=bound)
     assert all(t.isfinite().all() for t in (out, *grads))
 
 
@@ -236,7 +236,7 @@ def test_unread_store_rows_ignore_garbage(name):
 
     case = AWKWARD[name]
     args = case.tensors()
-    g = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    g = torch.randn(args["q"].shape, generator=torch.Generator().manual_seed(4)).to(DEVICE)
     with deterministic_algorithms():
         clean = gradients(segment_attention, args, case.dtype, g)
         dirty = gradients(segment_attention, with_garbage_in_unread_rows(case, args), case.dtype, g)
@@ -252,9 +252,9 @@ def test_unmoved_launch_gradients():
 
     args = UNMOVED.tensors()
     cfg = launch_config(UNMOVED.S * UNMOVED.H // UNMOVED.Hkv, UNMOVED.D, UNMOVED.dtype, interpreter_active())
-    tiles = tile_table(*args[3:6], cfg.block_n)
+    tiles = tile_table(**segment_table(args), block_n=cfg.block_n)
     assert not tiles.moved
-    g = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    g = torch.randn(args["q"].shape, generator=torch.Generator().manual_seed(6)).to(DEVICE)
     with deterministic_algorithms():
         plain = gradients(segment_attention, args, UNMOVED.dtype, g, tiles=tiles)
         rotating = gradients(segment_attention, args, UNMOVED.dtype, g, tiles=dataclasses.replace(tiles, moved=True))
@@ -274,7 +274,7 @@ def test_half_angles_give_the_same_results(name, monkeypatch):
     fwd = sys.modules["triton_kernels.segment_attention"]
     case = AWKWARD[name]
     args = case.tensors()
-    g = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    g = torch.randn(args["q"].shape, generator=torch.Generator().manual_seed(7)).to(DEVICE)
     results = []
     for choice in (True, False):
         for module in (fwd, bwd):
@@ -289,18 +289,19 @@ def test_store_rows_written_after_the_forward():
     """The engine writes later tokens' rows into the same store tensors between a layer's forward and the
     backward: allowed (the store is held by reference), and the gradients are those of the rows read."""
     case = AWKWARD["decode-S1"]
-    q, k, v, *rest = case.tensors()
+    args = case.tensors()
     extra = 16
-    k_big, v_big = (torch.cat([t, torch.zeros(t.shape[0], extra, t.shape[2], device=DEVICE)], 1) for t in (k, v))
-    q, k_big, v_big = (t.detach().requires_grad_() for t in (q, k_big, v_big))
+    rows = torch.zeros(args["k_cache"].shape[0], extra, args["k_cache"].shape[2], device=DEVICE)
+    k_big, v_big = (torch.cat([args[name], rows], 1) for name in ("k_cache", "v_cache"))
+    q, k_big, v_big = (t.detach().requires_grad_() for t in (args["q"], k_big, v_big))
     k_store, v_store = k_big * 1.0, v_big * 1.0  # non-leaf, as in the engine
     with deterministic_algorithms():
-        out = segment_attention(q, k_store, v_store, *rest)
+        out = segment_attention(**dict(args, q=q, k_cache=k_store, v_cache=v_store))
         with torch.no_grad():
             k_store[:, -extra:] = 7.0  # rows no call read
             v_store[:, -extra:] = -7.0
         out.sum().backward()
-        _, dq, dk, dv = gradients(segment_attention, (q, k, v, *rest), case.dtype, torch.ones_like(out))
+        _, dq, dk, dv = gradients(segment_attention, dict(args, q=q), case.dtype, torch.ones_like(out))
     torch.testing.assert_close(q.grad, dq, rtol=0, atol=0)
     torch.testing.assert_close(k_big.grad[:, :-extra], dk, rtol=0, atol=0)
     assert (k_big.grad[:, -extra:] == 0).all() and (v_big.grad[:, -extra:] == 0).all()
@@ -311,21 +312,22 @@ def test_gradients_only_where_asked():
     case = AWKWARD["gqa-3-decode"]
     args = case.tensors()
     with deterministic_algorithms():
-        _, dq_all, dk_all, dv_all = gradients(segment_attention, args, case.dtype, torch.ones_like(args[0]))
-    q, k, v, *rest = args
+        _, dq_all, dk_all, dv_all = gradients(segment_attention, args, case.dtype, torch.ones_like(args["q"]))
+    q, k, v = (args[name] for name in QKV)
     q.requires_grad_()
-    segment_attention(q, k, v, *rest).sum().backward()
+    segment_attention(**args).sum().backward()
     assert k.grad is None and v.grad is None
     torch.testing.assert_close(q.grad, dq_all, rtol=0, atol=0)
-    q, k, v, *rest = case.tensors()
+    args = case.tensors()
+    q, k, v = (args[name] for name in QKV)
     k.requires_grad_()
     v.requires_grad_()
     with deterministic_algorithms():
-        segment_attention(q, k, v, *rest).sum().backward()
+        segment_attention(**args).sum().backward()
     assert q.grad is None
     torch.testing.assert_close((k.grad, v.grad), (dk_all, dv_all), rtol=0, atol=0)
     with torch.no_grad():  # no graph, no statistics
-        assert not segment_attention(q, k, v, *rest).requires_grad
+        assert not segment_attention(**args).requires_grad
 
 
 def test_backward_configs():
@@ -355,7 +357,7 @@ def test_max_own_len_sizes_the_backward_grid():
     without the backward reading it back; a value too small is refused (checked on CPU)."""
     case = AWKWARD["seqlen-97"]  # own_past 10 + new_len 97: several own key tiles
     args = case.tensors()
-    g = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    g = torch.randn(args["q"].shape, generator=torch.Generator().manual_seed(5)).to(DEVICE)
     with deterministic_algorithms():
         plain = gradients(segment_attention, args, case.dtype, g)
         given_len = gradients(segment_attention, args, case.dtype, g, max_own_len=107)
@@ -365,4 +367,4 @@ def test_max_own_len_sizes_the_backward_grid():
         with pytest.raises(ValueError, match="max_own_len"):
             gradients(segment_attention, args, case.dtype, g, max_own_len=100)
     with pytest.raises(ValueError, match="max_own_len"):
-        segment_attention(*args, max_own_len=-1)
+        segment_attention(**args, max_own_len=-1)
