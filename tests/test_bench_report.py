@@ -49,7 +49,11 @@ def test_summary_picks_the_fastest_sweep_config():
     assert summary["w"]["best"]["seconds"] == 1.5e-3
     assert summary["w"]["best"]["config"] == "m64 n64 w4 s3 flat, 2 split(s)"
     row = bench_report.table_rows(summary)[0]
-    assert row[4] == "1,250 us (160)"  # the moved keys copied first
+    assert row[4] == "1,250 us (160): copied first"  # the other rotation: records from before prefill copied
+    in_loop = bench_report.table_rows(bench_report.summarize({"benchmarks": [
+        b if "prerotate" not in b["name"] else b | {"extra_info": b["extra_info"] | {"impl": "triton_in_loop"}}
+        for b in _bench()["benchmarks"]]}))[0]
+    assert in_loop[4] == "1,250 us (160): in the loop" and in_loop[6] == row[6]  # the same column, either name
     # causal SDPA 1.0 ms / the defaults' 2.0 ms, then / the fastest: the sweep's best ran in half the defaults'
     # time in the sweep (1.5 / 3.0 ms), so 2.0 ms x 0.5 = 1.0 ms, faster than prerotate's 1.25 ms
     assert row[6] == "50% (100%)"
@@ -92,6 +96,9 @@ def test_report_writes_table_plot_raw_json_and_provenance(tmp_path):
     src.write_text(json.dumps(_bench() | {"commit_info": {"id": "456a5bfb62d9", "dirty": True}}))
     text = bench_report.write_report(src, tmp_path / "out", commit="abc", command="pytest ...").read_text()
     assert "commit_info names 456a5bf (dirty)" in text and "commit abc" in text
+    src.write_text(json.dumps(_bench() | {"commit_info": {"id": "unversioned", "dirty": False}}))  # no .git there
+    text = bench_report.write_report(src, tmp_path / "out", commit="abc", command="x").read_text()
+    assert "copy of the files of commit abc without git metadata" in text and "names unversi" not in text
     src.write_text(json.dumps(_bench() | {"commit_info": {"id": "abc0123", "dirty": False}}))
     assert "commit_info" not in bench_report.write_report(src, tmp_path / "out", commit="abc", command="x").read_text()
 
@@ -199,7 +206,7 @@ def test_notes_describe_only_what_the_json_timed(tmp_path):
                                                            if "prerotate" not in b["name"]]}))
     bench_report.write_report(src, tmp_path / "out", commit="abc", command="c")
     text = (tmp_path / "out" / "segment_attention.md").read_text()
-    assert "'moved keys copied first': not timed in this run" in text and "one-delta" not in text
+    assert "'other rotation of moved keys': not timed in this run" in text and "one-delta" not in text
     assert "test_segment_attention_tiles: 2 configurations per workload" in text
 
 

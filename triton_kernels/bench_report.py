@@ -22,6 +22,7 @@ from typing import Sequence
 IMPLS = {
     "triton": "kernel (defaults then)",
     "triton_prerotate": "kernel, moved keys copied first",
+    "triton_in_loop": "kernel, moved keys re-rotated in the loop",
     "sdpa_causal": "causal SDPA, same attended tokens",
     "flex_kernel": "FlexAttention kernel, keys pre-gathered",
     "flex": "FlexAttention + gather",
@@ -95,6 +96,12 @@ def _tuned(w: dict, default: float) -> float:
     return default * best["seconds"] / timed_default["seconds"]
 
 
+# The kernel with the other treatment of moved keys than its defaults' (LaunchConfig.prerotate), as the benchmarks
+# named it: forced on, where the defaults re-rotated in the loop everywhere; forced off, once prefill defaulted to
+# copying the moved keys first.
+OTHER_ROTATION = {"triton_prerotate": "copied first", "triton_in_loop": "in the loop"}
+
+
 def table_rows(summary: dict) -> list[list[str]]:
     rows = []
     for name, w in summary.items():
@@ -103,15 +110,15 @@ def table_rows(summary: dict) -> list[list[str]]:
             continue
         causal = impls.get("sdpa_causal")
         default = impls["triton"]["seconds"]
-        fastest = min([default, _tuned(w, default)]
-                      + ([impls["triton_prerotate"]["seconds"]] if "triton_prerotate" in impls else []))
+        other = next((k for k in OTHER_ROTATION if k in impls), None)  # the defaults' other rotation, if timed
+        fastest = min([default, _tuned(w, default)] + ([impls[other]["seconds"]] if other else []))
         cell = lambda k: "-" if k not in impls else f"{_us(impls[k]['seconds'])} ({impls[k]['tflops']:.0f})"  # noqa: E731
         # The defaults' ratio, then the fastest configuration's where it is another one.
         both = lambda f: f(default) + ("" if fastest == default else f" ({f(fastest)})")  # noqa: E731
         rows.append([
             name, f"{w['density']:.3f}", cell("triton"),
             "-" if not best else f"{_us(best['seconds'])} ({best['tflops']:.0f}): {best['config']}",
-            cell("triton_prerotate"), cell("sdpa_causal"),
+            "-" if not other else f"{cell(other)}: {OTHER_ROTATION[other]}", cell("sdpa_causal"),
             "-" if not causal else both(lambda t: f"{100 * causal['seconds'] / t:.0f}%"),
             cell("flex_kernel"), cell("flex"), cell("sdpa_dense"),
             "-" if "flex" not in impls else both(lambda t: f"{impls['flex']['seconds'] / t:.1f}x"),
@@ -159,7 +166,7 @@ TRAINING_COLUMNS = ["workload", "kernel fwd + bwd: time (TFLOP/s)", "dense-mask 
                     "extra memory, kernel / dense-mask", "kernel, best of backward-tile sweep"]
 
 COLUMNS = ["workload", "mask density", "kernel, defaults then: time (TFLOP/s)", "kernel, best of sweep",
-           "kernel, moved keys copied first (prerotate)", "causal SDPA",
+           "kernel, other rotation of moved keys", "causal SDPA",
            "kernel speed / causal SDPA: defaults (fastest)", "Flex kernel, keys pre-gathered", "Flex + gather",
            "dense-mask SDPA + gather", "kernel speed-up vs Flex + gather: defaults (fastest)"]
 
@@ -174,6 +181,7 @@ def plot(path: Path, summary: dict, device: str) -> Path:
     series = {"kernel, best of sweep": lambda w: w.get("best", {}).get("tflops")}
     series.update({label: (lambda w, k=k: w["impls"].get(k, {}).get("tflops")) for k, label in IMPLS.items()})
     names = [n for n, w in summary.items() if w["impls"]]  # workloads timed forward (not the fine-tuning step)
+    series = {label: get for label, get in series.items() if any(get(summary[n]) for n in names)}  # timed ones
     fig, ax = plt.subplots(figsize=(8.5, 0.9 + 0.75 * len(names)))
     height = 0.8 / len(series)
     for k, (label, get) in enumerate(series.items()):
@@ -281,12 +289,14 @@ def write_report(bench_json: Path, out: Path, *, commit: str | None, command: st
         "(test_segment_attention_tiles"
         + (f": {'/'.join(map(str, sweep_sizes))} configurations per workload, '-' where none ran" if swept else
            ": not run")
-        + ")" + ("; 'moved keys copied first': the default tiles with LaunchConfig.prerotate (a pass that copies "
-                 "the moved keys, moved, before the main loop; its time included; prefill only)"
-                 if "triton_prerotate" in timed else "; 'moved keys copied first': not timed in this run")
+        + ")" + ("; 'other rotation of moved keys': the default tiles with LaunchConfig.prerotate flipped, prefill "
+                 "only: 'copied first' (a pass that copies the moved keys, moved, before the main loop; its time "
+                 "included) where the defaults re-rotate them in the loop, 'in the loop' where the defaults copy "
+                 "them first" if timed & set(OTHER_ROTATION) else "; 'other rotation of moved keys': not timed in "
+                 "this run")
         + ". The "
         "speed relative to causal SDPA and Flex is the defaults', then in brackets the fastest's where that is "
-        "another configuration: the moved keys copied first (timed in the same test as causal SDPA), or the "
+        "another configuration: the other rotation (timed in the same test as causal SDPA), or the "
         "sweep's best, as the defaults' time scaled by best / defaults within the sweep (a configuration chosen "
         "after timing it: an upper bound of what tuning gives).",
         "Causal SDPA runs over contiguous keys of the same count with no gather and no re-rotation: the speed of "
@@ -295,7 +305,10 @@ def write_report(bench_json: Path, out: Path, *, commit: str | None, command: st
         "before timing.",
     ]
     info = bench.get("commit_info") or {}
-    if commit and info.get("id") and not str(info["id"]).startswith(commit):
+    if commit and info.get("id") == "unversioned":  # pytest-benchmark's id for a tree without git metadata
+        notes.append(f"The benchmark ran in a copy of the files of commit {commit} without git metadata (the raw "
+                     f"JSON's commit_info reads 'unversioned'); the commit is the one given to the report.")
+    elif commit and info.get("id") and not str(info["id"]).startswith(commit):
         dirty = " (dirty)" if info.get("dirty") else ""
         notes.append(f"The raw JSON's commit_info names {str(info['id'])[:7]}{dirty}: "
                      f"the git metadata of the tree the benchmark ran in, whose files were those of commit {commit} "

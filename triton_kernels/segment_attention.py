@@ -40,12 +40,11 @@ Not supported:
     Tile tables hold position deltas up to +-4194303 (``tile_table`` refuses larger ones): the flat loop and the
     backward walk one; the nested loop (``LaunchConfig(flat=False)``) runs larger moves, forward only.
 
-Measured on an H200 (bf16, H=32, Hkv=8, D=128): prefill over 1k-4k moved keys at 89-92% of causal SDPA's speed
-at equal attended tokens, over 16k moved keys at 82-85%; decode 17-29x faster than FlexAttention after the gather
-it needs (by a harness whose causal SDPA read a cache shared across the batch and whose kernel timings included
-per-call checks: ``triton_kernels/NOTES.md`` says how that skews them). The figures, what the compiled code shows
-of where the time goes (instructions per key tile, registers, pipelining) and what each change did:
-``triton_kernels/NOTES.md``, with the tables in ``results/kernels/``.
+Measured on an H200 (bf16, H=32, Hkv=8, D=128, at equal attended tokens): prefill over 1k-16k moved keys, with
+the moved keys copied first as the defaults now do there, at 111-127% of causal SDPA's speed; decode at 97-209%,
+27-36x faster than FlexAttention after the gather it needs; forward + backward at 91-99%. The figures, what the
+compiled code shows of where the time goes (instructions per key tile, registers, pipelining) and what each change
+did: ``triton_kernels/NOTES.md``, with the tables in ``results/kernels/``.
 
 Worked example (call 0 sees store rows 0..9 moved 5 positions later, then its own 3 tokens, 2 of them new; every
 argument after v_cache is keyword-only, so that same-typed tables cannot be swapped by position)::
@@ -559,7 +558,7 @@ class LaunchConfig:
     strides, and finite values in every store row: a partial tile's box reads the rows after its keys (rows
     past N read as zeros), which enter the output multiplied by zero (inf or NaN there would make NaN). The
     engine's store is allocated with zeros and written with keys and values only. Off by default: on an H100
-    it was slower than the default loads on the benchmarked prefill workloads (see the module docstring).
+    it was slower than the default loads on the benchmarked prefill workloads (``triton_kernels/NOTES.md``).
     flat_stages: software-pipelining stages of the flat loop alone (the own-token loops use ``num_stages``);
     default ``num_stages``. Its K/V loads are addressed by a tile-table load, and Triton's pipeliner (3.6, 3.7)
     splits a loop's stages between the two: with a tile's row, count and delta in three int32 loads,
@@ -574,8 +573,9 @@ class LaunchConfig:
     shared memory, no re-rotation) with the values read from the store. Trades the in-register re-rotation
     (its query round trip through shared memory at every tile and its re-rotation at every delta change) for
     that copy, which the query blocks of a prefill share; at decode the copy is about as much traffic as the
-    attention itself. Off by default: not yet timed on a GPU. A forward that a backward will follow uses it
-    whatever the config says, when some segment is moved (``segment_attention_backward.scoring_launch``: the
+    attention itself. ``launch_config`` turns it on for prefill launches of ``PREROTATE_ROWS`` rows or more at
+    fp16 / bf16 and D <= 128, where it was timed faster (H200); elsewhere off. A forward that a backward will follow
+    uses it whatever the config says, when some segment is moved (``segment_attention_backward.scoring_launch``: the
     backward scores moved keys rotated, and its recomputed probabilities must use the forward's row statistics
     of those same scores).
     """
@@ -766,8 +766,20 @@ def _merge_splits(acc, row_max, row_sum, dtype) -> tuple[torch.Tensor, torch.Ten
     return out.to(dtype), lse
 
 
+# Prefill launches of at least this many packed query rows per (call, KV head), at 16-bit dtypes and D <= 128,
+# copy their moved keys first (``LaunchConfig.prerotate``): on an H200 (bf16, H 32, Hkv 8, D 128; 512 to 2048 rows,
+# 8 to 32 query blocks of 64 sharing each copy) that took 0.73-0.85x the time of re-rotating in the loop on the
+# five moved prefill workloads of ``tests/kernels/bench_segment_attention.py`` (e.g. 3.64 against 4.96 ms on
+# prefill-B8-S512-T4k) and the same time unmoved (3.65 against 3.66 ms; nothing is copied). Fewer rows share the
+# copy among fewer query blocks and were not timed: they keep the re-rotation in the loop, as decode does.
+PREROTATE_ROWS = 512
+
+
 def launch_config(rows: int, head_dim: int, dtype: torch.dtype, interpret: bool = False) -> LaunchConfig:
-    """The default tiles for ``rows`` = S * (H // Hkv) packed query rows of one (call, KV head)."""
+    """The default tiles for ``rows`` = S * (H // Hkv) packed query rows of one (call, KV head). Prefill launches
+    of ``PREROTATE_ROWS`` rows or more at fp16 / bf16 and D <= 128 copy their moved keys first
+    (``LaunchConfig.prerotate``; transient memory of B x Hkv x max_tiles x block_n x D elements when a segment is
+    moved, none otherwise)."""
     if interpret:  # per-op Python overhead dominates; small tiles keep padding work low
         return LaunchConfig(block_m=16, block_n=16, num_warps=1, num_stages=1)
     half = dtype != torch.float32
@@ -776,7 +788,7 @@ def launch_config(rows: int, head_dim: int, dtype: torch.dtype, interpret: bool 
         return LaunchConfig(block_m=block_m, block_n=64 if head_dim <= 128 else 32, num_warps=4,
                             num_stages=3 if half and head_dim <= 128 else 2)
     if half and head_dim <= 128:  # prefill: the fastest tile of the H200 sweep on segmented workloads
-        return LaunchConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
+        return LaunchConfig(block_m=64, block_n=64, num_warps=4, num_stages=3, prerotate=rows >= PREROTATE_ROWS)
     # fp32 (IEEE dots, twice the registers) and D = 256: 8 warps, so that the tile compiles for sm_90 without
     # spilling registers (4 warps spilled 1.3-5 KB at fp32; ``ptxas_report``). Not timed on a GPU.
     return LaunchConfig(block_m=64, block_n=32, num_warps=8, num_stages=2)

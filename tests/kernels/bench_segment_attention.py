@@ -4,8 +4,9 @@ Implementations, all at bf16 on the same workload (each call attends to randomly
 linearised by per-message position deltas, then causally to its own tokens):
 
 - ``triton``: ``segment_attention`` walks the segment table; no gather, no mask tensor.
-- ``triton_prerotate``: the same with ``LaunchConfig.prerotate``: the moved keys first copied, tile by tile, moved
-  (its time includes that copy; its extra memory is the copy); prefill workloads only.
+- ``triton_in_loop``: the same with ``LaunchConfig.prerotate`` off: moved keys re-rotated in registers in the
+  main loop, where the defaults (``launch_config``) copy them first, moved, at prefill; prefill workloads only.
+  (Records from before prefill defaulted to the copy hold ``triton_prerotate`` instead: the copy forced on.)
 - ``sdpa_dense``: gather + re-rotate each call's keys, SDPA with a dense boolean mask (the engine's torch backend).
 - ``flex``: the same gather + re-rotation, compiled FlexAttention with a block mask from the key table.
 - ``flex_kernel``: FlexAttention's kernel alone, on keys gathered and re-rotated before timing (a lower bound
@@ -188,8 +189,8 @@ def make_impl(name: str, w: Workload, args):
     q = args["q"]
     if name == "triton":
         return _kernel_call(triton_kernels, w, args)
-    if name == "triton_prerotate":  # the moved keys copied first (``LaunchConfig.prerotate``)
-        cfg = dataclasses.replace(triton_kernels.launch_config(w.S * H // HKV, D, DTYPE), prerotate=True)
+    if name == "triton_in_loop":  # moved keys re-rotated in the loop, not copied first (``LaunchConfig.prerotate``)
+        cfg = dataclasses.replace(triton_kernels.launch_config(w.S * H // HKV, D, DTYPE), prerotate=False)
         return _kernel_call(triton_kernels, w, args, config=cfg)
     layout = dense_layout(**index_tables(args), num_queries=w.S)
     if name == "sdpa_dense":
@@ -242,15 +243,15 @@ def make_impl(name: str, w: Workload, args):
     raise ValueError(f"unknown implementation {name!r}")
 
 
-IMPLS = ["triton", "triton_prerotate", "sdpa_dense", "flex", "flex_kernel", "sdpa_causal"]
+IMPLS = ["triton", "triton_in_loop", "sdpa_dense", "flex", "flex_kernel", "sdpa_causal"]
 
 
 def skip_reason(w: Workload, impl: str) -> str | None:
     """Why ``test_segment_attention_speed`` does not time ``impl`` on ``w``, or None."""
-    if w.deltas != "per-message" and impl not in ("triton", "triton_prerotate", "sdpa_causal"):
+    if w.deltas != "per-message" and impl not in ("triton", "triton_in_loop", "sdpa_causal"):
         return f"deltas={w.deltas!r} isolates the kernel's re-rotation: kernel and causal SDPA only"
-    if impl == "triton_prerotate" and w.S == 1:
-        return "copying the moved keys first pays off only where query blocks share them: prefill"
+    if impl == "triton_in_loop" and w.S == 1:
+        return "decode re-rotates in the loop by default: the other rotation is timed at prefill only"
     return None
 
 # Calls per timed round: a round is REPS launches then one synchronisation, so that the host's launch and

@@ -49,12 +49,16 @@ def rounding_floor(ref: torch.Tensor, dtype: torch.dtype) -> float:
 
 
 def error_bound(ref: torch.Tensor, err_pt: float, dtype: torch.dtype, *, fp32_ulps: int = FP32_ULPS,
-                extra: float = 0.0) -> float:
+                extra: float = 0.0, cancelled: float = 0.0) -> float:
     """The kernel's allowed max error against the fp64 ``ref``: twice PyTorch's (``err_pt``), the rounding floor,
-    ``fp32_ulps`` ulps of ``ref``'s largest entry at fp32, and ``extra`` (a relative error, of that entry)."""
+    ``fp32_ulps`` ulps of ``ref``'s largest entry at fp32, ``extra`` (a relative error, of that entry), and
+    ``fp32_ulps`` fp32 ulps of ``cancelled`` at every dtype: the size of terms the kernel subtracts in fp32
+    whatever its inputs' dtype, which the result's own size does not show where they cancel (the backward's
+    dP - D_i: for a query row that attends a single key both are do . v, and the exact dq is zero)."""
     size = ref.abs().max().item() if ref.numel() else 0.0
-    ulps = fp32_ulps * torch.finfo(torch.float32).eps if dtype == torch.float32 else 0.0
-    return 2 * err_pt + rounding_floor(ref, dtype) + (ulps + extra) * size
+    eps = torch.finfo(torch.float32).eps
+    ulps = fp32_ulps * eps if dtype == torch.float32 else 0.0
+    return 2 * err_pt + rounding_floor(ref, dtype) + (ulps + extra) * size + fp32_ulps * eps * cancelled
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -18,6 +18,7 @@ from tests.kernels.cases import (AWKWARD, CUDA, DEVICE, EXAMPLES, INDEX_TABLES, 
 from triton_kernels import (LaunchConfig, TileTable, default_splits, interpreter_active, is_available,
                             launch_config, prepare_launch, run_launch, segment_attention, tile_table)
 from triton_kernels.reference import dense_layout, segment_attention_ref, segment_attention_sdpa
+from triton_kernels.segment_attention import PREROTATE_ROWS
 
 pytestmark = pytest.mark.skipif(
     not is_available(DEVICE),
@@ -302,7 +303,13 @@ def test_default_splits_only_on_an_idle_gpu(monkeypatch):
 def test_default_launch_config():
     assert launch_config(4, 64, torch.bfloat16) == LaunchConfig(block_m=16, block_n=64, num_warps=4, num_stages=3)
     assert launch_config(1024, 128, torch.bfloat16) == LaunchConfig(block_m=64, block_n=64, num_warps=4,
-                                                                     num_stages=3)
+                                                                     num_stages=3, prerotate=True)
+    # prefill copies its moved keys first from PREROTATE_ROWS rows (8 query blocks of 64) at 16-bit dtypes, D <= 128
+    assert launch_config(PREROTATE_ROWS, 64, torch.float16).prerotate
+    assert not launch_config(PREROTATE_ROWS - 1, 128, torch.bfloat16).prerotate
+    assert not launch_config(1024, 128, torch.float32).prerotate
+    assert not launch_config(1024, 256, torch.bfloat16).prerotate
+    assert not launch_config(1024, 128, torch.bfloat16, interpret=True).prerotate
     assert launch_config(1024, 128, torch.float32).block_m == 64  # fp32 tiles twice the bytes: smaller
     assert launch_config(1024, 256, torch.float16).block_n == 32
     assert launch_config(4, 64, torch.float32, interpret=True).block_m == 16
