@@ -8,7 +8,7 @@ import shlex
 from pathlib import Path
 from typing import Sequence
 
-from .results import write_json, write_text
+from .results import write_bytes, write_json, write_text
 
 
 def command_line(env: Sequence[str] = (), argv: Sequence[str] | None = None) -> str:
@@ -89,7 +89,9 @@ def provenance_line(prov: dict) -> str:
     model = prov.get("model")
     parts = ["no model" if not model else f"model {model.get('name')} (sha256 {str(model.get('sha256'))[:12]})",
              f"device {prov.get('device')}", f"seeds {prov.get('seeds')}", f"sizes {prov.get('sample_sizes')}",
-             f"commit {prov.get('git_commit')}", str(prov.get("date")), f"`{prov.get('command')}`"]
+             f"commit {prov.get('git_commit')}" + (f" (the checkout held {prov['git_commit_at_write']} when this was "
+                                                   "written)" if prov.get("git_commit_at_write") else ""),
+             str(prov.get("date")), f"`{prov.get('command')}`"]
     if prov.get("environment"):
         parts.append(f"environment {prov['environment']}")
     logs = prov.get("logs")
@@ -157,15 +159,18 @@ def _check_rate(cell, where: str) -> None:
 
 
 def save_figure(fig, path: str | Path, *, dpi: int = 110) -> Path:
-    """Lay out, write atomically (a half-written file never replaces a good one) and close a matplotlib figure;
-    the format follows ``path``'s suffix (.png, .pdf, .svg)."""
+    """Lay out, write atomically (``write_bytes``: a half-written file never replaces a good one, and none is left
+    behind) and close a matplotlib figure, whether or not it could be written; the format follows ``path``'s suffix
+    (.png, .pdf, .svg)."""
+    import io
+
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")  # matplotlib picks the format from the suffix
-    fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    try:
+        fig.tight_layout()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=path.suffix[1:] or None, dpi=dpi)  # None: matplotlib's default (png)
+    finally:
+        plt.close(fig)
+    return write_bytes(path, buffer.getvalue())

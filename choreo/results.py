@@ -23,6 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from . import provenance  # imported with the package, so that it reads the commit of the code as imported
+
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
     """``text`` (UTF-8) as the whole of ``path``, written atomically (``write_bytes``)."""
@@ -95,6 +97,7 @@ class JsonlLog:
     """
 
     STAMP = "written"  # the field each appended record gets: {"git_commit", "date"} of the process that wrote it
+    # (its commit as read when it started: provenance.COMMIT_AT_START)
 
     def __init__(self, path: str | os.PathLike, *, key: str):
         self.path, self.key = Path(path), key
@@ -139,10 +142,8 @@ class JsonlLog:
             raise ValueError(f"record lacks the key field {self.key!r}: {sorted(record)}")
         if self.STAMP in record:
             return record
-        if self._commit is None:  # once per log: a subprocess per record would slow long runs
-            from .provenance import git_commit
-
-            self._commit = git_commit() or "unknown"
+        if self._commit is None:  # the code this process imported, not what the checkout holds by now
+            self._commit = provenance.COMMIT_AT_START or "unknown"
         now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         return {**record, self.STAMP: {"git_commit": self._commit, "date": now}}
 

@@ -114,7 +114,8 @@ class Session:
 @dataclasses.dataclass
 class RunStats:
     """Counters of a ``Runner``, added up over its ``run`` calls (a run that raised included): instances that
-    finished, wall time, forward passes and tokens processed; the largest cache use and batch seen."""
+    finished, wall time, forward passes and tokens processed; the largest cache use (the KV store's peak rows in use
+    during a run, what a store must hold to run it) and batch seen."""
 
     instances: int = 0
     wall_s: float = 0.0
@@ -177,6 +178,10 @@ class Runner:
         finished = 0
         engine = self.executor.engine
         passes0, tokens0 = engine.forward_passes, engine.tokens_processed
+        # The store's own peak, kept on every reservation: with fused prefills, rows reserved between steps (one
+        # instance's next calls while another finishes and frees its rows) coexist without any step seeing them.
+        store = engine.store
+        outer_peak, store.peak = store.peak, store.used
         t0 = time.perf_counter()
         bar = progress_bar(total=len(todo), desc=self.progress if isinstance(self.progress, str) else "workflows",
                            disable=not self.progress, leave=False)
@@ -233,7 +238,6 @@ class Runner:
                 engine.step(jobs)
                 deferred.clear()
                 self.executor.release_unread()
-                self.stats.peak_cache_tokens = max(self.stats.peak_cache_tokens, engine.store.used)
                 for i in [i for i, (_, _, r) in waiting.items() if all(j.done for j in r.jobs)]:
                     session, coro, request = waiting.pop(i)
                     messages = self.executor.finish(request.jobs)
@@ -258,4 +262,6 @@ class Runner:
             self.stats.wall_s += time.perf_counter() - t0
             self.stats.forward_passes += engine.forward_passes - passes0
             self.stats.tokens_processed += engine.tokens_processed - tokens0
+            self.stats.peak_cache_tokens = max(self.stats.peak_cache_tokens, store.peak)
+            store.peak = max(outer_peak, store.peak)
         return results

@@ -274,17 +274,36 @@ def test_table_row_shows_bounds_and_fused(tiny_gqa, synth):
     assert row[4].startswith(f"{figure['fused']['ttft']:.2f}x")
 
 
-def test_the_committed_speedups_table_rerenders_from_its_json(tmp_path):
+@pytest.mark.parametrize("folder, name", [("performance", "speedups"), ("performance", "speedups_suite"),
+                                          ("performance_gpu", "speedups")])
+def test_the_committed_speedups_table_rerenders_from_its_json(tmp_path, folder, name):
     """results/performance/speedups.md is what this code renders from speedups.json (data, provenance kept)."""
     from pathlib import Path
 
-    folder = Path(__file__).resolve().parents[1] / "results" / "performance"
-    stored = json.loads((folder / "speedups.json").read_text())
-    (tmp_path / "speedups.json").write_text(json.dumps(stored))
-    text = perf.rerender(tmp_path).read_text()
-    assert text == (folder / "speedups.md").read_text()
+    folder = Path(__file__).resolve().parents[1] / "results" / folder
+    stored = json.loads((folder / f"{name}.json").read_text())
+    (tmp_path / f"{name}.json").write_text(json.dumps(stored))
+    text = perf.rerender(tmp_path, name).read_text()
+    assert text == (folder / f"{name}.md").read_text()
     assert "TTFT vs baseline, prefills fused (the same work in the window)" in text
-    assert json.loads((tmp_path / "speedups.json").read_text())["provenance"] == stored["provenance"]
+    assert json.loads((tmp_path / f"{name}.json").read_text())["provenance"] == stored["provenance"]
+
+
+def test_the_hf_note_does_not_deny_the_ttft_bounds_a_table_stores():
+    """The GPU table was written before the hf arm's TTFT bounds were left out: its JSON holds them, so its note
+    says they are not shown, not that there are none."""
+    from pathlib import Path
+
+    from choreo.perf.report import render_notes
+
+    stored = json.loads((Path(__file__).resolve().parents[1] / "results" / "performance_gpu" / "speedups.json")
+                        .read_text())
+    notes = " ".join(render_notes(stored["data"], stored["provenance"]))
+    assert "so the hf arm has no TTFT bounds" not in notes and "do not bound it and are not shown" in notes
+    for figure in stored["data"]["figures"].values():
+        for key in ("ttft_bound", "ttft_model"):
+            figure["speedups"]["hf"].pop(key, None)
+    assert "so the hf arm has no TTFT bounds" in " ".join(render_notes(stored["data"], stored["provenance"]))
 
 
 def test_baseline_add_generated_is_a_parent_like_any_other(tiny_gqa):
@@ -383,6 +402,7 @@ def test_memory_only_keeps_the_timings_commit(tiny_gqa, tmp_path, monkeypatch):
     path.write_text(json.dumps(stored))
     fake = {"rss_peak": 2**30, "rss_delta": 2**20, "kv_peak_bytes": 1, "cuda_peak_bytes": None}
     monkeypatch.setattr(cli, "measure_memory", lambda shape, arm, lengths, model_path=None: dict(fake, arm=arm))
+    monkeypatch.setattr(cli, "check_memory_model", lambda *args, **kwargs: None)  # no subprocess loads anything
     for _ in range(2):  # the second re-measurement carries timings_git_commit from the first
         cli.remeasure_memory(tmp_path / "performance", tiny_gqa, command="choreo bench --memory-only")
         prov = json.loads(path.read_text())["provenance"]
@@ -403,6 +423,7 @@ def _timed_then_remeasured(tiny_gqa, tmp_path, monkeypatch, edit):
     path.write_text(json.dumps(stored))
     fake = {"rss_peak": 2**30, "rss_delta": 2**20, "kv_peak_bytes": 1, "cuda_peak_bytes": None}
     monkeypatch.setattr(cli, "measure_memory", lambda shape, arm, lengths, model_path=None: dict(fake, arm=arm))
+    monkeypatch.setattr(cli, "check_memory_model", lambda *args, **kwargs: None)  # no subprocess loads anything
     before = path.read_bytes()
     try:
         cli.remeasure_memory(tmp_path / "performance", tiny_gqa)
@@ -426,12 +447,29 @@ def test_memory_only_keeps_the_timing_machine_in_the_provenance(tiny_gqa, tmp_pa
     assert "on 16 cores at the end of the timed run" in text and "16 torch threads in the timing process" in text
 
 
+def test_memory_only_keeps_the_timings_versions_protocols_and_scaling_rounds(tiny_gqa, tmp_path, monkeypatch):
+    """The speed-ups ran under the timing run's libraries and protocols: they stay beside them (timings_*), the
+    notes describe the protocol the timings used, and the scaling rounds are the ones stored."""
+    def timed_elsewhere(stored):
+        stored["provenance"].update(versions={"torch": "9.9.9-TIMED"}, protocol="OLD PROTOCOL",
+                                    hf_protocol="OLD HF PROTOCOL", git_commit="0123abc")
+
+    prov = _timed_then_remeasured(tiny_gqa, tmp_path, monkeypatch, timed_elsewhere)["provenance"]
+    assert prov["timings_versions"] == {"torch": "9.9.9-TIMED"} and prov["versions"]["torch"] != "9.9.9-TIMED"
+    assert (prov["timings_protocol"], prov["timings_hf_protocol"]) == ("OLD PROTOCOL", "OLD HF PROTOCOL")
+    assert prov["sample_sizes"]["scaling_rounds"] == 1
+    text = (tmp_path / "performance" / "speedups.md").read_text()
+    assert "Protocol: OLD PROTOCOL;" in text and "hf arm: OLD HF PROTOCOL." in text
+    assert "Timings measured at commit 0123abc with {'torch': '9.9.9-TIMED'};" in text
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda s: s["data"].update(device_type="cuda"), "was timed on .*peak memory is measured on CPU"),
     (lambda s: s["provenance"]["model"].update(sha256="f" * 64), "timed model .* not .*: pass the model it timed"),
     (lambda s: s["provenance"]["sample_sizes"].update(rounds=99), r"other sizes than profile 'tiny' has now \(rounds "
                                                                    r"99 then, \d+ now\)"),
-], ids=["gpu-timings", "other-model", "other-sizes"])
+    (lambda s: s["provenance"]["sample_sizes"].update(scaling_rounds=7), r"\(scaling_rounds 7 then, 1 now\)"),
+], ids=["gpu-timings", "other-model", "other-sizes", "other-scaling-rounds"])
 def test_memory_only_refuses_timings_its_memory_cannot_join(tiny_gqa, tmp_path, monkeypatch, edit, message):
     with pytest.raises(ValueError, match=message):
         _timed_then_remeasured(tiny_gqa, tmp_path, monkeypatch, edit)
@@ -481,6 +519,21 @@ def test_pass_cost_table_gives_how_far_the_affine_line_is_off(tiny_gqa, tmp_path
     assert "off the measured passes by up to 18% (S=1: 33.9 ms measured, 39.9 ms on the line)" in text
 
 
+def test_the_pass_cost_table_records_the_conditions_its_notes_give(tiny_gqa, tmp_path, monkeypatch):
+    """Load, cores and torch threads go into pass_cost.json's provenance and the note is rendered from there (not
+    from the machine at rendering); a provenance without them says they are not recorded."""
+    from choreo.perf import report
+
+    monkeypatch.setattr(report.os, "getloadavg", lambda: (7.25, 1.0, 1.0))
+    costs = {"fixed_s": 0.03, "per_token_s": 1e-4, "prefill_s": {1: 0.03, 8: 0.031}, "decode_step_s": {1: 0.03},
+             "attention": "torch", "repeats": 3, "threads": 2}
+    text = report.write_pass_costs(tmp_path, tiny_gqa, costs, command="test").read_text()
+    prov = json.loads((tmp_path / "pass_cost.json").read_text())["provenance"]
+    assert prov["load_average"][0] == 7.25 and prov["cpu_count"] >= 1 and prov["threads"] >= 1
+    assert f"1-min load average 7.2 on {prov['cpu_count']} cores, 2 torch threads." in text
+    assert report._pass_conditions({}, {}) == "load average not recorded, torch threads not recorded."
+
+
 def test_pass_time_interpolates_the_measured_passes():
     """Piecewise linear between measured sizes, held below the smallest, extended along the last segment; the
     affine line only where no passes were measured (and JSON's string keys read as sizes)."""
@@ -524,6 +577,109 @@ def test_an_interrupted_bench_leaves_the_pass_cost_table_as_it_was(tiny_gqa, tmp
     with pytest.raises(KeyboardInterrupt):
         perf_cli.bench(tiny_gqa, profile="small", results_dir=tmp_path, progress=False, rss=False, log=lambda s: None)
     assert not (tmp_path / "performance").exists()
+
+
+def test_a_bench_interrupted_while_writing_its_table_keeps_the_old_pass_costs(tiny_gqa, tmp_path, monkeypatch):
+    """speedups.json (which holds the cost its bounds used) is written first, pass_cost.json last: an interrupted
+    write never leaves new costs beside a table whose bounds used the old ones."""
+    import dataclasses
+
+    from choreo.perf import cli
+
+    monkeypatch.setitem(perf.BENCH_PROFILES, "tiny", dataclasses.replace(_tiny_profile(memory_arms=()),
+                                                                         pass_sizes=(1, 2)))
+    monkeypatch.setattr(cli, "pass_costs", lambda model, sizes: {
+        "fixed_s": 0.09, "per_token_s": 1e-3, "prefill_s": {1: 0.09, 2: 0.09}, "decode_step_s": {},
+        "attention": "torch", "repeats": 1})
+    monkeypatch.setattr(cli, "measure_shape", lambda *args, **kwargs: {"speedups": {"baseline": {"e2e": 1.0}}})
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "write_results", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cli.bench(tiny_gqa, profile="tiny", results_dir=tmp_path, progress=False, rss=False, log=lambda s: None)
+    assert not (tmp_path / "performance" / "pass_cost.json").exists()
+
+
+def test_no_triton_arm_for_heads_the_kernel_cannot_run(tmp_path, monkeypatch):
+    """A head dim of 96 (not a power of two): the engine falls back to torch attention on CUDA, and so do the
+    arms bench times and measures the memory of; a head dim the kernel runs keeps triton."""
+    import types
+
+    import torch
+
+    from choreo.perf import cli
+
+    assert perf.fast_arm("cuda", head_dim=96, dtype=torch.float32) == "choreographed[torch]"
+    assert perf.available_arms("cuda", head_dim=96, dtype=torch.float32) == [
+        "choreographed[torch]", "choreographed[torch]+fused", "baseline", "baseline+prefix", "hf"]
+    assert perf.available_arms("cuda", head_dim=64, dtype=torch.bfloat16)[:3] == [
+        "choreographed[torch]", "choreographed[triton]", "choreographed[triton]+fused"]
+    assert perf.memory_arms(perf.BENCH_PROFILES["small"], "cuda", head_dim=96, dtype=torch.float32) == [
+        "choreographed[torch]", "baseline"]
+    spec = types.SimpleNamespace(device=torch.device("cuda"), head_dim=96, dtype=torch.float32)
+    monkeypatch.setitem(perf.BENCH_PROFILES, "tiny", _tiny_profile(memory_arms=()))
+    asked = []
+
+    def measured(model, shape, arms, **kwargs):
+        asked.append(list(arms))
+        raise KeyboardInterrupt  # what bench asks for is all this checks
+
+    monkeypatch.setattr(cli, "measure_shape", measured)
+    with pytest.raises(KeyboardInterrupt):
+        cli.bench(types.SimpleNamespace(spec=spec), profile="tiny", results_dir=tmp_path, progress=False,
+                  log=lambda s: None)
+    assert asked == [perf.available_arms("cuda", head_dim=96, dtype=torch.float32)]
+
+
+def test_bench_refuses_memory_subprocesses_that_load_another_model(tiny_gqa, tmp_path, monkeypatch):
+    """The subprocesses load ``model_path`` (None: the embedded model); their peak RSS beside another model's
+    timings would describe a run that never was. Refused before anything is measured."""
+    import types
+
+    import torch
+
+    from choreo.model import embedded_checkpoint
+    from choreo.perf import cli
+    from choreo.perf.memory import check_memory_model
+
+    monkeypatch.setitem(perf.BENCH_PROFILES, "tiny", _tiny_profile())
+    monkeypatch.setattr(cli, "measure_shape", lambda *args, **kwargs: pytest.fail("measured before the check"))
+    with pytest.raises(ValueError, match=r"^bench: the memory subprocesses load the embedded model \(sha256 \w+, "
+                                         r"torch.float32\), not the timed model 'llama' \(sha256 None, "
+                                         r"torch.float64\); .*, or rss=False$"):
+        cli.bench(tiny_gqa, profile="tiny", results_dir=tmp_path, progress=False, log=lambda s: None)
+    sha = json.loads((embedded_checkpoint() / "choreo.json").read_text())["gguf_sha256"]
+    embedded = types.SimpleNamespace(spec=types.SimpleNamespace(name="SmolLM2", sha256=sha, dtype=torch.float32))
+    check_memory_model(embedded, None, where="bench")  # the same model: no error
+    embedded.spec.dtype = torch.bfloat16
+    with pytest.raises(ValueError, match="torch.bfloat16"):
+        check_memory_model(embedded, None, where="bench")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"rounds": 2, "warmup": -1}, "warmup must be an integer >= 0, got -1"),
+    ({"rounds": -3}, "rounds must be an integer >= 1, got -3"),
+    ({"rounds": 0, "warmup": 1}, "rounds must be an integer >= 1, got 0"),
+], ids=["negative-warmup", "negative-rounds", "no-rounds"])
+def test_compare_names_a_bad_round_count(tiny_gqa, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        perf.compare(tiny_gqa, perf.make_shape("multiqa", k=2), arms=["baseline"], lengths=LENGTHS, **kwargs)
+
+
+def test_pass_costs_and_device_name_their_bad_values(tiny_gqa):
+    from choreo.perf.cli import check_device
+
+    with pytest.raises(ValueError, match="repeats must be an integer >= 1, got 0"):
+        perf.pass_costs(tiny_gqa, sizes=(1, 2), batches=(1,), repeats=0)
+    with pytest.raises(ValueError, match="sizes .* must each name at least one size"):
+        perf.pass_costs(tiny_gqa, sizes=(), batches=(1,))
+    with pytest.raises(ValueError, match="repeats must be an integer >= 1, got -1"):
+        perf.time_pass(perf.StepwiseChoreographer(tiny_gqa), [1, 2], repeats=-1)
+    for text in ("", "  "):
+        with pytest.raises(ValueError, match=f"--device {text!r} is not a device name"):
+            check_device(text)
 
 
 # ------------------------------------------------- the debate shapes are the MATH debates' call graphs (debate.py)

@@ -353,3 +353,42 @@ def test_remeasure_memory_names_what_the_stored_table_lacks(monkeypatch, tmp_pat
     with pytest.raises(ValueError) as error:
         cli.remeasure_memory(tmp_path, model=None)
     assert str(error.value).startswith(f"--memory-only: {str(path)!r} ") and what in str(error.value)
+
+
+# ------------------------------------------------------ python -m choreo.perf render: a stored table it cannot render
+def _committed_table(tmp_path, edit) -> Path:
+    stored = json.loads((Path(__file__).resolve().parents[1] / "results" / "performance" / "speedups.json").read_text())
+    edit(stored)
+    (tmp_path / "speedups.json").write_text(json.dumps(stored))
+    return tmp_path / "speedups.json"
+
+
+def _drop_figure_key(key):
+    def edit(stored):
+        del next(iter(stored["data"]["figures"].values()))[key]
+    return edit
+
+
+@pytest.mark.parametrize("edit, what", [
+    (_drop_figure_key("speedups"), 'lacks speedups["baseline"]'),
+    (_drop_figure_key("runs"), "lacks runs of its fast arm and of baseline"),
+    (_drop_figure_key("fast"), "lacks fast (the choreographed arm), runs of its fast arm and of baseline"),
+], ids=["no-speedups", "no-runs", "no-fast"])
+def test_render_names_the_figure_it_cannot_render(capsys, tmp_path, edit, what):
+    """One line naming the file and the figure, exit 2; not a KeyError's traceback."""
+    from choreo.perf.cli import main
+
+    path = _committed_table(tmp_path, edit)
+    assert main(["render", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"python -m choreo.perf render: error: {str(path)!r}: data.figures['prisoners_dilemma ")
+    assert what in err
+
+
+def test_render_takes_a_table_without_memory_as_one_that_measured_none(capsys, tmp_path):
+    from choreo.perf.cli import main
+
+    _committed_table(tmp_path, lambda stored: stored["data"].pop("memory"))
+    assert main(["render", str(tmp_path)]) == 0
+    assert "Peak memory: not measured in this run." in (tmp_path / "speedups.md").read_text()

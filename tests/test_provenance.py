@@ -45,6 +45,41 @@ def test_git_commit_marks_uncommitted_code_but_not_results(tmp_path, monkeypatch
     assert git_commit(tmp_path) == dirty
 
 
+def test_an_untracked_source_file_marks_the_code_dirty_but_not_untracked_results(tmp_path, monkeypatch):
+    """A new module the run imports is uncommitted code: the recorded commit cannot reproduce it. Results written
+    (results/, results-*/), files outside the source folders and files of a kind not tracked there do not count."""
+    monkeypatch.delenv("CHOREO_GIT_COMMIT", raising=False)
+    _git(tmp_path, "init", "-q")
+    (tmp_path / "choreo").mkdir()
+    (tmp_path / "choreo" / "engine.py").write_text("x = 1\n")
+    _git(tmp_path, "add", ".")
+    _git(tmp_path, "commit", "-q", "-m", "first")
+    head = _git(tmp_path, "rev-parse", "HEAD")
+    for name in ("results/performance/speedups.json", "results-smoke/t.json", "notes.py", "choreo/scratch.xyz"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("{}\n")
+    assert git_commit(tmp_path) == head
+    (tmp_path / "choreo" / "new_module.py").write_text("y = 1\n")
+    dirty = git_commit(tmp_path)
+    assert dirty.startswith(head + "+dirty.") and len(dirty) == len(head) + len("+dirty.") + 12
+    (tmp_path / "choreo" / "new_module.py").write_text("y = 2\n")
+    assert git_commit(tmp_path).startswith(head + "+dirty.") and git_commit(tmp_path) != dirty  # its content counts
+
+
+def test_provenance_records_the_commit_the_run_imported_not_the_one_at_writing(monkeypatch):
+    """A long run's checkout may change under it (an edit, a commit): the table names the code that ran, and says
+    what the checkout held when it was written."""
+    import choreo.provenance
+
+    monkeypatch.setattr(choreo.provenance, "COMMIT_AT_START", "aaa111")
+    monkeypatch.setattr(choreo.provenance, "git_commit", lambda root=None: "bbb222")
+    prov = provenance(None)
+    assert prov["git_commit"] == "aaa111" and prov["git_commit_at_write"] == "bbb222"
+    assert "commit aaa111 (the checkout held bbb222 when this was written)" in provenance_line(prov)
+    monkeypatch.setattr(choreo.provenance, "git_commit", lambda root=None: "aaa111")
+    assert "git_commit_at_write" not in provenance(None)
+
+
 def test_git_commit_from_the_environment_only_outside_a_repository(monkeypatch, tmp_path):
     """$CHOREO_GIT_COMMIT names the code of a copy without its .git; in a checkout git's answer wins."""
     monkeypatch.setenv("CHOREO_GIT_COMMIT", "abc123")
@@ -78,7 +113,7 @@ def test_git_commit_of_a_folder_inside_another_repository_is_not_that_repository
 def test_provenance_names_the_libraries_that_compute_or_grade_results():
     versions = provenance()["versions"]
     assert {"python", "torch", "transformers", "tokenizers", "safetensors", "peft", "triton", "numpy", "scipy",
-            "math-verify", "cuda"} <= set(versions)
+            "math-verify", "gguf", "cuda"} <= set(versions)
     assert versions["torch"] and versions["transformers"] and versions["math-verify"]
 
 
@@ -91,7 +126,7 @@ def test_git_commit_outside_a_repository(tmp_path, monkeypatch):
 def test_logged_records_carry_the_commit_that_computed_them(tmp_path, monkeypatch):
     import choreo.provenance
 
-    monkeypatch.setattr(choreo.provenance, "git_commit", lambda root=None: "abc123")
+    monkeypatch.setattr(choreo.provenance, "COMMIT_AT_START", "abc123")
     _git(tmp_path, "init", "-q")
     path = tmp_path / "games.jsonl"
     path.write_text('{"key": 0, "coop": true}\n')  # a record from before records were stamped
@@ -100,7 +135,7 @@ def test_logged_records_carry_the_commit_that_computed_them(tmp_path, monkeypatc
     committed = _git(tmp_path, "log", "-1", "--format=%h")
     log = JsonlLog(path, key="key")
     log.append({"key": 1, "coop": False})
-    monkeypatch.setattr(choreo.provenance, "git_commit", lambda root=None: "def456")
+    monkeypatch.setattr(choreo.provenance, "COMMIT_AT_START", "def456")
     JsonlLog(path, key="key").append({"key": 2, "coop": True})
     records = list(log.records())
     assert [r.get("written", {}).get("git_commit") for r in records] == [None, "abc123", "def456"]

@@ -85,3 +85,29 @@ def test_plot_rates_draws_a_rate_at_the_edge_of_its_interval(tmp_path):
     """A rate of 0 with low 0 (and rounding one ulp past it) is a rate, not an error."""
     path = plot_rates(tmp_path / "r.png", title="t", groups={"g": {"x": (0.0, 0.0, 0.2), "y": (0.3, 0.3 + 1e-17, 0.5)}})
     assert path.stat().st_size > 0
+
+
+def test_a_figure_that_cannot_be_written_leaves_no_file_and_is_closed(tmp_path, monkeypatch):
+    """A savefig that fails part-way (a full disk) leaves the old file as it was, no temporary file, no open figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    from choreo.report import save_figure
+
+    def failing(self, fname, **kwargs):
+        (fname.write if hasattr(fname, "write") else open(fname, "wb").write)(b"\x89PNG partial")
+        raise OSError(28, "No space left on device")
+
+    (tmp_path / "scaling_B.png").write_bytes(b"old")
+    monkeypatch.setattr(Figure, "savefig", failing)
+    plt.close("all")
+    fig, ax = plt.subplots()
+    ax.plot([1, 2])
+    with pytest.raises(OSError, match="No space left"):
+        save_figure(fig, tmp_path / "scaling_B.png")
+    assert [p.name for p in tmp_path.iterdir()] == ["scaling_B.png"]
+    assert (tmp_path / "scaling_B.png").read_bytes() == b"old"
+    assert plt.get_fignums() == []

@@ -592,3 +592,19 @@ def test_pass_rows_defaults_to_the_devices_and_is_checked(tiny_gqa):
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match=f"pass_rows must be an integer >= 0, got {bad!r}"):
             Engine(tiny_gqa, pass_rows=bad)
+
+
+def test_the_peak_cache_use_counts_rows_reserved_between_steps(tiny_gqa, tokenizer):
+    """With fused prefills, one instance reserves its next calls' rows while another, later in the same round,
+    frees its own: both are held at once though no step sees it. The peak is the store's, and a store of that
+    size runs the same workload."""
+    from choreo import perf
+
+    synth = perf.Synth(tokenizer, perf.Lengths(prompt_words=8, content_tokens=2))
+    flows = [perf.make_shape("conversation", turns=t).workflow(synth) for t in (1, 4, 1, 4, 2, 3)]
+    ex = perf.StepwiseChoreographer(tiny_gqa)
+    runner = choreo.Runner(ex, max_concurrent=3, progress=False)
+    runner.run(flows)
+    assert runner.stats.peak_cache_tokens == ex.engine.store.peak > 0
+    sized = perf.StepwiseChoreographer(tiny_gqa, capacity=runner.stats.peak_cache_tokens)
+    choreo.Runner(sized, max_concurrent=3, progress=False).run(flows)  # no CapacityError

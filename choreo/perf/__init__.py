@@ -16,7 +16,7 @@ Example::
 """
 
 from .arms import (HF_PROTOCOL, TEACHER, HFSession, StepwiseBaseline, StepwiseChoreographer, available_arms,
-                   fast_arm, make_executor)
+                   fast_arm, make_executor, model_heads)
 from .cli import bench, register, remeasure_memory
 from .config import BENCH_PROFILES, BenchConfig, memory_arms
 from .measure import (check_identical, compare, family, fit_affine, measure_shape, model_seconds, pass_costs,
@@ -29,6 +29,6 @@ __all__ = ["BENCH_PROFILES", "BenchConfig", "HFSession", "HF_PROTOCOL", "Lengths
            "Recorder", "SCALING", "Shape", "StepwiseBaseline", "StepwiseChoreographer", "Synth", "TEACHER",
            "WORKFLOWS", "available_arms", "bench", "check_identical", "compare", "family", "fast_arm", "fit_affine",
            "make_executor", "make_shape", "measure_memory", "measure_memory_here", "measure_shape", "memory_arms",
-           "model_seconds", "pass_costs", "pass_time", "peak_rss", "plot_scaling", "register", "remeasure_memory",
-           "rerender", "rerender_engine", "reset_peak_rss", "run_once", "speedups", "summarize", "table_rows",
-           "tie_tolerance", "time_pass", "trim_heap", "write_pass_costs", "write_results"]
+           "model_heads", "model_seconds", "pass_costs", "pass_time", "peak_rss", "plot_scaling", "register",
+           "remeasure_memory", "rerender", "rerender_engine", "reset_peak_rss", "run_once", "speedups", "summarize",
+           "table_rows", "tie_tolerance", "time_pass", "trim_heap", "write_pass_costs", "write_results"]

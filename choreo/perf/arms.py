@@ -177,19 +177,31 @@ class HFSession:
         self.created = []
 
 
-def available_arms(device) -> list[str]:
-    """Arms that run on ``device``: the torch backend everywhere, triton on CUDA; the device's default
-    backend also with prefills fused into the first pass that reads them (``+fused``)."""
-    backends = ["torch"] + (["triton"] if torch.device(device).type == "cuda" else [])
-    return ([f"choreographed[{b}]" for b in backends] + [fast_arm(device) + "+fused"]
+def available_arms(device, *, head_dim: int | None = None, dtype: torch.dtype | None = None) -> list[str]:
+    """Arms that run on ``device``: the torch backend everywhere, triton on CUDA where the kernel runs the model's
+    heads (``head_dim`` and ``dtype``: ``attention.default_backend``); the device's default backend also with
+    prefills fused into the first pass that reads them (``+fused``).
+
+    Example: ``available_arms("cuda", head_dim=96, dtype=torch.float32)`` has no triton arm (96 is not a power of
+    two)."""
+    fast = fast_arm(device, head_dim=head_dim, dtype=dtype)
+    backends = ["torch"] + (["triton"] if fast == "choreographed[triton]" else [])
+    return ([f"choreographed[{b}]" for b in backends] + [fast + "+fused"]
             + ["baseline", "baseline+prefix", "hf"])
 
 
-def fast_arm(device) -> str:
-    """The choreographed arm with the device's default attention backend (torch on CPU, triton on CUDA)."""
+def fast_arm(device, *, head_dim: int | None = None, dtype: torch.dtype | None = None) -> str:
+    """The choreographed arm with the device's default attention backend for a model with heads of ``head_dim`` at
+    ``dtype`` (torch on CPU; triton on CUDA, unless the kernel cannot run those heads: then torch, as the engine
+    falls back)."""
     from ..attention import default_backend
 
-    return f"choreographed[{default_backend(torch.device(device))}]"
+    return f"choreographed[{default_backend(torch.device(device), head_dim=head_dim, dtype=dtype)}]"
+
+
+def model_heads(model: Model) -> dict:
+    """The head dim and dtype of ``model``, as ``available_arms``, ``fast_arm`` and ``memory_arms`` take them."""
+    return {"head_dim": model.spec.head_dim, "dtype": model.spec.dtype}
 
 
 def make_executor(model: Model, arm: str):

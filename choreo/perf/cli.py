@@ -12,10 +12,10 @@ import torch
 
 from ..model import Model
 from ..repro import PAPER_RESULTS_DIR, RESULTS_DIR, SMOKE_RESULTS_DIR, default_results_dir
-from .arms import available_arms, fast_arm
+from .arms import available_arms, fast_arm, model_heads
 from .config import BENCH_PROFILES, memory_arms
 from .measure import measure_shape, pass_costs
-from .memory import measure_memory
+from .memory import check_memory_model, measure_memory
 from .report import write_pass_costs, write_results
 
 
@@ -24,15 +24,21 @@ def bench(model: Model, *, profile: str, results_dir: Path, model_path: str | No
           rss: bool = True) -> dict:
     """Measure every shape of a profile, write ``results_dir/performance/`` (tables, JSON, plots).
 
-    On CPU, peak RSS runs in subprocesses that load ``model_path`` (``rss=False`` skips them, e.g. when
-    ``model`` has random weights); on CUDA the runs record allocated memory themselves."""
+    On CPU, peak RSS runs in subprocesses that load ``model_path`` (None: the embedded model), which must be
+    ``model`` (a ValueError before anything is measured otherwise: ``check_memory_model``); ``rss=False`` skips
+    them, e.g. when ``model`` has random weights. On CUDA the runs record allocated memory themselves."""
     from ..progress import progress_bar
 
     cfg = BENCH_PROFILES[profile]
-    arms = available_arms(model.spec.device)
+    rss = rss and model.spec.device.type == "cpu" and bool(cfg.memory_arms)
+    if rss:
+        check_memory_model(model, model_path, where="bench", otherwise=", or rss=False")
+    arms = available_arms(model.spec.device, **model_heads(model))  # triton only where it runs the model's heads
     out = Path(results_dir) / "performance"
     cost = pass_costs(model, sizes=cfg.pass_sizes) if cfg.pass_sizes else None
-    if cost is not None:  # written with the table that uses it, at the end: an interrupted run changes neither
+    if cost is not None:  # written after the table that uses it (which holds it as data.cost), at the end: an
+        # interrupted run changes neither, or leaves a new table beside the old pass_cost.md, never new costs
+        # beside a table whose bounds used the old ones
         log(f"pass cost: {1000 * cost['fixed_s']:.1f} ms + {1000 * cost['per_token_s']:.2f} ms x S")
     figures, memory, scaling = {}, {}, {}
     for shape in progress_bar(cfg.shapes, desc="shapes", disable=not progress):
@@ -40,21 +46,21 @@ def bench(model: Model, *, profile: str, results_dir: Path, model_path: str | No
                                              warmup=cfg.warmup, cost=cost)
         e2e = {a: round(s["e2e"], 2) for a, s in figures[shape.label]["speedups"].items()}
         log(f"{shape.label}: e2e {json.dumps(e2e)}")
-    fast = fast_arm(model.spec.device)
+    fast = fast_arm(model.spec.device, **model_heads(model))
     for axis, shapes in cfg.scaling.items():
         scaling[axis] = []
         for shape in progress_bar(shapes, desc=f"scaling {axis}", disable=not progress):
             f = measure_shape(model, shape, [fast, "baseline"], lengths=cfg.lengths, rounds=cfg.scaling_rounds,
                               warmup=cfg.warmup, cost=cost)
             scaling[axis].append((dict(shape.size)[axis], f["speedups"]["baseline"]))
-    if model.spec.device.type == "cpu" and rss:
-        for shape in progress_bar(cfg.shapes if cfg.memory_arms else (), desc="memory", disable=not progress):
+    if rss:
+        for shape in progress_bar(cfg.shapes, desc="memory", disable=not progress):
             memory[shape.label] = {a: measure_memory(shape, a, cfg.lengths, model_path=model_path)
-                                   for a in memory_arms(cfg, model.spec.device)}
-    if cost is not None:
-        write_pass_costs(out, model, cost, command=command)
+                                   for a in memory_arms(cfg, model.spec.device, **model_heads(model))}
     write_results(out, model=model, profile=profile, figures=figures, memory=memory, scaling=scaling, cost=cost,
                   command=command)
+    if cost is not None:
+        write_pass_costs(out, model, cost, command=command)
     return {"figures": figures, "memory": memory, "scaling": scaling, "cost": cost}
 
 
@@ -104,32 +110,38 @@ def _timed_parts(stored: dict, path: Path) -> tuple[dict, dict, dict]:
 
 def remeasure_memory(out: Path, model: Model, *, model_path: str | None = None, command: str | None = None) -> Path:
     """Peak memory again for every shape in ``out/speedups.json``; timings are kept as measured (their command,
-    date, load, commit, device, cores, torch threads and CHOREO_* variables stay in the provenance as
-    ``timings_command``, ``timings_date``, ... ``timings_environment``). A malformed ``speedups.json`` is a
+    date, load, commit, device, cores, torch threads, CHOREO_* variables, library versions and protocols stay in the
+    provenance as ``timings_command``, ``timings_date``, ... ``timings_versions``, ``timings_protocol``; their
+    scaling rounds in ``sample_sizes``). A malformed ``speedups.json`` is a
     ValueError naming it (``read_bench_table``), and so is one whose timings this run's memory cannot join: timed
-    on a GPU, with another model, or with other sizes than the profile has now."""
+    on a GPU, with another model, or with other sizes than the profile has now; and so is a ``model_path`` that is
+    not ``model`` (``check_memory_model``)."""
     path = Path(out) / "speedups.json"
     stored = read_bench_table(path)
     data = stored["data"]
     figures, scaling, timed = _timed_parts(stored, path)
     _check_joinable(path, data, timed, model)
+    check_memory_model(model, model_path, where=f"--memory-only: {str(path)!r}")
+    sizes = timed.get("sample_sizes") or {}
     # Scaling points measured before they were warmed up recorded no scaling_warmup: they ran with none.
-    scaling_warmup = (timed.get("sample_sizes") or {}).get("scaling_warmup", 0)
+    scaling_warmup = sizes.get("scaling_warmup", 0)
     cfg = BENCH_PROFILES[data["profile"]]
     memory = {}
     for shape in cfg.shapes:
         if shape.label in figures:
             memory[shape.label] = {a: measure_memory(shape, a, cfg.lengths, model_path=model_path)
-                                   for a in memory_arms(cfg, model.spec.device)}
+                                   for a in memory_arms(cfg, model.spec.device, **model_heads(model))}
     return write_results(Path(out), model=model, profile=data["profile"], figures=figures, memory=memory,
                          scaling={k: [tuple(p) for p in v] for k, v in scaling.items()},
                          cost=data.get("cost"), command=command, scaling_warmup=scaling_warmup,
+                         scaling_rounds=sizes.get("scaling_rounds"),
                          timings_command=timed.get("timings_command", timed.get("command")),
                          timings_git_commit=timed.get("timings_git_commit", timed.get("git_commit")),
                          timings_date=timed.get("timings_date", timed.get("date")),
                          timings_load_average=timed.get("timings_load_average", timed.get("load_average")),
                          **{f"timings_{key}": timed.get(f"timings_{key}", timed.get(key))
-                            for key in ("device", "cpu_count", "threads", "environment")})
+                            for key in ("device", "cpu_count", "threads", "environment", "versions", "protocol",
+                                        "hf_protocol")})
 
 
 def _check_joinable(path: Path, data: dict, timed: dict, model: Model) -> None:
@@ -147,7 +159,8 @@ def _check_joinable(path: Path, data: dict, timed: dict, model: Model) -> None:
         raise ValueError(f"{where} timed model {recorded.get('name')!r} (sha256 {recorded.get('sha256')!r}), not "
                          f"{model.spec.name!r} (sha256 {model.spec.sha256!r}): pass the model it timed (--model, "
                          f"--random-weights) or run `choreo bench`")
-    now = timed_sizes(BENCH_PROFILES[data["profile"]])
+    cfg = BENCH_PROFILES[data["profile"]]
+    now = timed_sizes(cfg) | ({"scaling_rounds": cfg.scaling_rounds} if data.get("scaling") else {})
     sizes = timed.get("sample_sizes") or {}
     changed = {k: (sizes[k], v) for k, v in now.items() if k in sizes and sizes[k] != v}
     if changed:
@@ -200,6 +213,8 @@ def _command(args) -> str:
 
 def check_device(text: str | None) -> torch.device:
     """The device ``--device`` names, if this torch can run the benchmarks on it (default: CPU)."""
+    if text is not None and not text.strip():
+        raise ValueError(f"--device {text!r} is not a device name; use cpu, cuda or cuda:N")
     try:
         device = torch.device(text or "cpu")
     except RuntimeError:

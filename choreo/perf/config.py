@@ -42,6 +42,7 @@ BENCH_PROFILES = {
 }
 
 
-def memory_arms(cfg: BenchConfig, device) -> list[str]:
-    """The arms whose peak memory a profile measures, with "choreographed" resolved for ``device``."""
-    return [fast_arm(device) if a == "choreographed" else a for a in cfg.memory_arms]
+def memory_arms(cfg: BenchConfig, device, *, head_dim: int | None = None, dtype=None) -> list[str]:
+    """The arms whose peak memory a profile measures, with "choreographed" resolved for ``device`` and a model with
+    heads of ``head_dim`` at ``dtype`` (``fast_arm``)."""
+    return [fast_arm(device, head_dim=head_dim, dtype=dtype) if a == "choreographed" else a for a in cfg.memory_arms]

@@ -28,11 +28,12 @@ from typing import Sequence
 import torch
 
 from ..cache import Message
+from ..checks import check_int
 from ..calls import RAW, Call
 from ..engine import Job
 from ..model import Model
 from ..runner import Runner
-from .arms import HFSession, StepwiseChoreographer, fast_arm, make_executor
+from .arms import HFSession, StepwiseChoreographer, fast_arm, make_executor, model_heads
 from .shapes import Lengths, Shape, Synth
 
 
@@ -126,7 +127,9 @@ def run_once(model: Model, shape: Shape, arm: str, synth: Synth, executor=None) 
 
 def compare(model: Model, shape: Shape, *, arms: Sequence[str], lengths: Lengths, rounds: int = 3,
             warmup: int = 1) -> dict[str, list[dict]]:
-    """Run every arm ``warmup + rounds`` times, interleaved within each round; returns timed runs per arm."""
+    """Run every arm ``warmup + rounds`` times, interleaved within each round; returns timed runs per arm (a
+    ``rounds`` below 1 or ``warmup`` below 0 is a ValueError naming it)."""
+    rounds, warmup = check_int("rounds", rounds), check_int("warmup", warmup, minimum=0)
     synth = Synth(model.tokenizer, lengths)
     executors = {a: make_executor(model, a) for a in arms if a != "hf"}
     runs: dict[str, list[dict]] = {a: [] for a in arms}
@@ -246,7 +249,8 @@ def measure_shape(model: Model, shape: Shape, arms: Sequence[str], *, lengths: L
     """Runs, identity check and ``summarize`` for one shape."""
     runs = compare(model, shape, arms=arms, lengths=lengths, rounds=rounds, warmup=warmup)
     check_identical(runs, tolerance=tie_tolerance(model.spec.dtype))
-    fast = fast_arm(model.spec.device) if fast_arm(model.spec.device) in arms else arms[0]
+    fast = fast_arm(model.spec.device, **model_heads(model))
+    fast = fast if fast in arms else arms[0]
     return summarize(runs, fast, cost=cost)
 
 
@@ -278,6 +282,7 @@ PASS_METHOD = ("one engine forward pass (Engine.step) over a job of S token ids 
 def time_pass(ch, ids: Sequence[int], *, repeats: int) -> float:
     """Fastest of ``repeats`` (after one warm-up) of one forward pass of ``ids`` through ``ch``'s engine, as the
     engine runs a pass: a root message of exactly ``len(ids)`` tokens, its rows reserved before the timer starts."""
+    repeats = check_int("repeats", repeats)
     engine, model, times = ch.engine, ch.model, []
     for _ in range(repeats + 1):
         row = engine.store.alloc(len(ids))
@@ -301,6 +306,13 @@ def pass_costs(model: Model, *, sizes=(1, 2, 4, 8, 16, 32, 128, 512), batches=(1
     per_token * S`` over them is a summary, with ``fit_max_residual`` (the largest |fit / measured - 1|) saying how
     far it is off. A one-token pass is what every pass pays at least (streaming the weights, launches).
     """
+    repeats = check_int("repeats", repeats)
+    if not sizes or not batches:
+        raise ValueError(f"pass_costs: sizes {tuple(sizes)!r} and batches {tuple(batches)!r} must each name at least "
+                         "one size")
+    for name, values in (("sizes", sizes), ("batches", batches)):
+        for value in values:
+            check_int(f"pass_costs: each of {name}", value)
     ch = StepwiseChoreographer(model)  # teacher-forced decodes take one pass per token, as sampling does
     words = Synth(model.tokenizer, Lengths(prompt_words=2 * max(sizes))).prompt("pass")
     ids = model.tokenizer.encode(words, add_special_tokens=False)

@@ -106,6 +106,26 @@ def measure_memory(shape: Shape, arm: str, lengths: Lengths, *, model_path: str 
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def check_memory_model(model: Model, model_path: str | None, *, where: str, otherwise: str = "") -> None:
+    """Refuse (ValueError starting with ``where``) to join memory measured by subprocesses that load another model
+    than ``model``: they load ``model_path`` (None: the embedded model) at the loader's CPU default, fp32.
+    ``otherwise`` ends the error's advice (", or rss=False").
+
+    Example: ``check_memory_model(llama_8b, None, where="bench")`` raises: the subprocesses would load SmolLM2.
+    """
+    from ..model import checkpoint_sha256, embedded_checkpoint
+
+    if model_path is None:
+        loaded = "the embedded model"
+        sha = json.loads((embedded_checkpoint() / "choreo.json").read_text())["gguf_sha256"]
+    else:
+        loaded, sha = f"model_path {model_path!r}", checkpoint_sha256(model_path)
+    if (sha, torch.float32) != (model.spec.sha256, model.spec.dtype):
+        raise ValueError(f"{where}: the memory subprocesses load {loaded} (sha256 {sha}, torch.float32), not the "
+                         f"timed model {model.spec.name!r} (sha256 {model.spec.sha256}, {model.spec.dtype}); pass "
+                         f"model_path= the timed model's checkpoint (loaded in fp32){otherwise}")
+
+
 def _child(spec: dict) -> None:
     from ..model import load_model
 

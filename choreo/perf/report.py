@@ -169,6 +169,18 @@ def _ttft_note(data: dict) -> str:
                             else "one pass")
 
 
+def _hf_note(data: dict) -> str:
+    """Why the hf arm's TTFT has no bounds; where the stored figures hold some anyway (tables written before
+    ``speedups`` left them out), that they are not shown and do not bound it."""
+    note = ("hf runs a stage's calls one after another and its TTFT counts from the stage's submission, so it "
+            "includes the decodes of the calls ahead; no token or pass-cost bound counts them, so ")
+    stored = any("ttft_bound" in (f.get("speedups") or {}).get("hf", {}) for f in data.get("figures", {}).values())
+    if stored:
+        return note + ("the hf TTFT bounds this table's JSON holds (computed before they were left out) do not bound "
+                       "it and are not shown (its end-to-end bounds stand).")
+    return note + "the hf arm has no TTFT bounds (its end-to-end bounds stand)."
+
+
 def render_notes(data: dict, prov: dict) -> list[str]:
     """The notes of a speedups table, from what it stored: its ``data`` and ``provenance`` (``rerender``)."""
     cfg, cost, memory = BENCH_PROFILES[data["profile"]], data.get("cost"), data.get("memory") or {}
@@ -178,19 +190,20 @@ def render_notes(data: dict, prov: dict) -> list[str]:
     cores = "an unrecorded number of" if cores is None else cores
     threads = "an unrecorded number of" if threads is None else threads
     load, timed_load = prov.get("load_average") or [float("nan")], prov.get("timings_load_average")
+    # where memory was re-measured, the timings' own protocols (timings_*) are what the speed-ups ran under
+    protocol = prov.get("timings_protocol", prov.get("protocol", TEACHER))
+    hf_protocol = prov.get("timings_hf_protocol", prov.get("hf_protocol", HF_PROTOCOL))
     notes = [
-        f"Protocol: {prov.get('protocol', TEACHER)}; {sizes.get('prompt_words', cfg.lengths.prompt_words)}-word "
+        f"Protocol: {protocol}; {sizes.get('prompt_words', cfg.lengths.prompt_words)}-word "
         f"synthetic prompts, {sizes.get('content_tokens', cfg.lengths.content_tokens)} content tokens per call. "
-        f"hf arm: {prov.get('hf_protocol', HF_PROTOCOL)}.",
+        f"hf arm: {hf_protocol}.",
         "Speed-ups are medians over rounds of ratios measured side by side in the same round (arms interleaved).",
         "Bounds: tokens = tokens the baseline encodes / tokens the choreographed arm encodes (end-to-end: all "
         "forward-pass tokens; TTFT: tokens encoded in each TTFT window, as each executor counted them, so "
         "baseline+prefix is charged only the prompt past the prefix it reuses); passes = the same ratio of the "
         "times the pass cost (last note) predicts for those passes, which charges every pass its per-pass cost as "
         "well as its tokens. The percentage is measured / bound.",
-        "hf runs a stage's calls one after another and its TTFT counts from the stage's submission, so it includes "
-        "the decodes of the calls ahead; no token or pass-cost bound counts them, so the hf arm has no TTFT bounds "
-        "(its end-to-end bounds stand).",
+        _hf_note(data),
         _ttft_note(data),
         _memory_note(_device_type(data, prov), memory) + " Peak KV: the store's peak rows in use x bytes per token.",
         (f"1-min load average {timed_load[0]:.1f} on {cores} cores at the end of the timed run ({load[0]:.1f} at the "
@@ -199,8 +212,9 @@ def render_notes(data: dict, prov: dict) -> list[str]:
         + f"{threads} torch threads in the timing process.",
     ]
     if prov.get("timings_git_commit"):
-        notes.append(f"Timings measured at commit {prov['timings_git_commit']}; memory re-measured at the commit "
-                     "in the provenance below.")
+        versions = f" with {prov['timings_versions']}" if prov.get("timings_versions") else ""
+        notes.append(f"Timings measured at commit {prov['timings_git_commit']}{versions}; memory re-measured at the "
+                     "commit in the provenance below.")
     if data.get("scaling"):
         rounds = ("rounds not recorded" if sizes.get("scaling_rounds") is None else
                   f"{sizes['scaling_rounds']} timed round(s) after {sizes.get('scaling_warmup', 0)} warm-up round(s) "
@@ -223,13 +237,14 @@ def timed_sizes(cfg) -> dict:
 
 def write_results(out: Path, *, model: Model, profile: str, figures: dict, memory: dict, scaling: dict,
                   cost: dict | None = None, command: str | None = None, scaling_warmup: int | None = None,
-                  name: str = "speedups", **extra) -> Path:
+                  scaling_rounds: int | None = None, name: str = "speedups", **extra) -> Path:
     """``<name>.md``/``.json`` (one row per shape) and ``scaling_<axis>.png`` under ``out``; returns the ``.md``.
 
     ``name``: the tables' file stem, ``speedups`` for ``choreo bench`` (the table ``--memory-only`` re-measures),
     ``speedups_suite`` for the performance suite, which has no scaling plots to go with it.
-    ``scaling_warmup``: warm-up rounds of the scaling points (default: the profile's ``warmup``, as ``bench``
-    runs them). ``extra`` goes into the provenance (e.g. where re-measured memory joins earlier timings).
+    ``scaling_warmup``, ``scaling_rounds``: warm-up and timed rounds of the scaling points (default: the
+    profile's ``warmup`` and ``scaling_rounds``, as ``bench`` runs them; ``remeasure_memory`` passes those
+    stored). ``extra`` goes into the provenance (e.g. where re-measured memory joins earlier timings).
     Rows and notes are rendered from the stored data and provenance alone (``rerender`` redoes them).
 
     Example: ``write_results(Path("results/performance"), model=model, profile="smoke", figures=figures,
@@ -241,7 +256,8 @@ def write_results(out: Path, *, model: Model, profile: str, figures: dict, memor
     scaling_warmup = cfg.warmup if scaling_warmup is None else scaling_warmup
     sizes = timed_sizes(cfg)
     if scaling:
-        sizes.update(scaling_rounds=cfg.scaling_rounds, scaling_warmup=scaling_warmup)
+        sizes.update(scaling_rounds=cfg.scaling_rounds if scaling_rounds is None else scaling_rounds,
+                     scaling_warmup=scaling_warmup)
     prov = provenance(model, seeds=None, sample_sizes=sizes,
                       command=command, protocol=TEACHER, hf_protocol=HF_PROTOCOL, load_average=os.getloadavg(),
                       threads=torch.get_num_threads(), cpu_count=os.cpu_count(), **extra)
@@ -264,7 +280,8 @@ def _plot_scalings(out: Path, scaling: dict) -> None:
 def _render(out: Path, name: str, data: dict, prov: dict) -> Path:
     from ..report import write_table
 
-    return write_table(out, name, title=TITLE, columns=COLUMNS, rows=table_rows(data["figures"], data["memory"]),
+    return write_table(out, name, title=TITLE, columns=COLUMNS,
+                       rows=table_rows(data["figures"], data.get("memory") or {}),
                        data=data, provenance=prov, notes=render_notes(data, prov))
 
 
@@ -308,7 +325,26 @@ def _stored(out: Path, name: str) -> dict:
     lacking = [what for what, ok in wanted.items() if not ok]
     if lacking:
         raise ValueError(f"{str(path)!r} lacks {', '.join(lacking)}: not a table `choreo bench` wrote")
+    if name != "engine":
+        for label, figure in data["figures"].items():
+            _check_figure(path, label, figure)
     return stored
+
+
+def _check_figure(path: Path, label: str, figure) -> None:
+    """A stored figure holds what ``table_rows`` reads: its fast arm, the runs of that arm and the baseline, and
+    the speed-ups over the baseline; a ValueError naming the file and the figure says what it lacks."""
+    runs = figure.get("runs") if isinstance(figure, dict) else None
+    speedups = figure.get("speedups") if isinstance(figure, dict) else None
+    wanted = {"fast (the choreographed arm)": isinstance(figure, dict) and isinstance(figure.get("fast"), str),
+              "runs of its fast arm and of baseline": isinstance(runs, dict) and all(
+                  isinstance(runs.get(a), list) and runs[a] and isinstance(runs[a][0], dict)
+                  for a in (figure.get("fast"), "baseline")),
+              'speedups["baseline"]': isinstance(speedups, dict) and isinstance(speedups.get("baseline"), dict)}
+    lacking = [what for what, ok in wanted.items() if not ok]
+    if lacking:
+        raise ValueError(f"{str(path)!r}: data.figures[{label!r}] lacks {', '.join(lacking)}: not a figure "
+                         "`choreo bench` wrote")
 
 
 def rerender(out: Path, name: str = "speedups") -> Path:
@@ -335,6 +371,9 @@ def write_pass_costs(out: Path, model: Model, costs: dict, *, command: str | Non
             for s, t in costs["prefill_s"].items()]
     rows += [[f"decode step, B={b} calls", f"{1000 * t:.1f} ms", f"{1000 * fit(int(b)):.1f} ms", off(t, int(b))]
              for b, t in costs["decode_step_s"].items()]
+    # the conditions of the timings, recorded with them (the notes read them from here, never from this machine now)
+    prov = provenance(model, seeds=None, sample_sizes={"repeats": costs.get("repeats")}, command=command,
+                      load_average=os.getloadavg(), cpu_count=os.cpu_count(), threads=torch.get_num_threads())
     where = ("on CPU, mostly streaming the weights from memory" if model.spec.device.type == "cpu" else
              f"on {model.spec.device.type}: reading the weights, launching kernels, the host's Python")
     sizes = [int(s) for s in costs["prefill_s"]]
@@ -360,14 +399,21 @@ def write_pass_costs(out: Path, model: Model, costs: dict, *, command: str | Non
              "A decode step of B calls encodes B tokens: "
              + costs.get("decode_step_method", "the mean pass of a decode of up to 8 tokens, its header and closing "
                                                "passes included (measured before the difference method)") + ".",
-             f"1-min load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, "
-             f"{costs.get('threads', torch.get_num_threads())} torch threads."]
+             _pass_conditions(costs, prov)]
     title = f"Cost of one forward pass (choreographed engine, {costs['attention']} attention)"
     return write_table(out, "pass_cost", title=title,
                        columns=["pass", "measured (min of repeats)", "affine line", "affine off by"], rows=rows,
-                       data=costs, provenance=provenance(model, seeds=None,
-                                                         sample_sizes={"repeats": costs.get("repeats")},
-                                                         command=command), notes=notes)
+                       data=costs, provenance=prov, notes=notes)
+
+
+def _pass_conditions(costs: dict, prov: dict) -> str:
+    """The machine's state when the passes were timed, as the provenance recorded it at the end of the run (a
+    table written before it did says what is not recorded, rather than reading the machine it is rendered on)."""
+    load, cores = prov.get("load_average"), prov.get("cpu_count")
+    threads = costs.get("threads", prov.get("threads"))
+    where = ("load average not recorded" if load is None else f"1-min load average {load[0]:.1f}") + (
+        "" if cores is None else f" on {cores} cores")
+    return where + ", " + ("torch threads not recorded" if threads is None else f"{threads} torch threads") + "."
 
 
 # ------------------------------------------------------------------------------------ engine.md (test_engine_bench)

@@ -77,8 +77,8 @@ def peak_memory(shape, cfg: perf.BenchConfig, device, model_path: str | None) ->
 
 def test_speedups(benchmark, model, model_path, profile, shape, collected, cost):
     cfg = perf.BENCH_PROFILES[profile]
-    arms = perf.available_arms(model.spec.device)
-    fast = perf.fast_arm(model.spec.device)
+    arms = perf.available_arms(model.spec.device, **perf.model_heads(model))  # no triton arm for heads it cannot run
+    fast = perf.fast_arm(model.spec.device, **perf.model_heads(model))
     others = [a for a in arms if a != fast]
     synth = perf.Synth(model.tokenizer, cfg.lengths)
     executors = {a: perf.make_executor(model, a) for a in arms if a != "hf"}
