@@ -156,7 +156,8 @@ class Choreographer:
         return list(self._messages.values())
 
     def memory(self) -> dict:
-        """Cache usage: tokens and bytes in use, allocated and at peak, and the capacity."""
+        """Cache usage: the message count; tokens in use, at peak and allocated, and the capacity (in tokens); bytes
+        per token, bytes in use and allocated (``KVStore.report``)."""
         return {"messages": len(self._messages), **self.engine.store.report()}
 
     # ------------------------------------------------------------------ jobs (shared with the runner)

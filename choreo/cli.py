@@ -73,18 +73,49 @@ def describe(error: BaseException) -> str:
     return str(error)
 
 
+DEVICE_HELP = "cpu, cuda or cuda:N (default: cuda if this torch finds a CUDA device, else cpu)"
+
+
+def model_device(text: str | None, *, attention: str | None = None):
+    """The ``torch.device`` that ``--device`` names (None: cuda if this torch finds a CUDA device, else cpu), checked
+    with ``--attention`` before the model loads on it. Example: ``model_device("cpu", attention="triton")`` without
+    ``TRITON_INTERPRET=1`` -> "--attention 'triton' cannot run with --device 'cpu': ...". Devices are named as
+    ``choreo bench --device`` names them."""
+    import torch
+
+    given = text is not None
+    if not given:
+        text = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"--device {text!r} is not a device name; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {text!r}: choreo runs models on cpu or cuda only")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "was built without CUDA" if torch.version.cuda is None else "finds no CUDA device"
+            raise ValueError(f"--device {text!r}: this torch ({torch.__version__}) {why}")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {text!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    # the engine's rule (triton_kernels.is_available), read from the environment: in a fresh process the kernel
+    # module is not imported yet, and will be imported for the interpreter exactly when TRITON_INTERPRET is 1
+    if attention == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        default = "" if given else " (the default: this torch finds no CUDA device)"
+        raise ValueError(f"--attention 'triton' cannot run with --device {text!r}{default}: the kernel needs --device "
+                         f"cuda (or TRITON_INTERPRET=1 on the CPU, about 400x slower than torch)")
+    return device
+
+
 def _demo(args) -> int:
     from .demo import run_demo
     from .model import check_checkpoint, load_model
 
     if args.model is not None:  # every check before the model loads
         check_checkpoint(args.model, source="--model")
-    if args.attention == "triton":
-        import torch
-
-        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError("--attention 'triton' needs CUDA (or TRITON_INTERPRET=1, about 400x slower than torch)")
-    run_demo(load_model(args.model), rounds=args.rounds, max_tokens=args.max_tokens, attention=args.attention)
+    device = model_device(args.device, attention=args.attention)
+    run_demo(load_model(args.model, device=device), rounds=args.rounds, max_tokens=args.max_tokens,
+             attention=args.attention)
     return 0
 
 
@@ -99,8 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default=None, help="local checkpoint directory (default: embedded SmolLM2-135M)")
     demo.add_argument("--rounds", type=positive_int, default=1, help="turns per agent (default: 1)")
     demo.add_argument("--max-tokens", type=positive_int, default=40, help="tokens per turn at most (default: 40)")
+    demo.add_argument("--device", default=None, help=f"where the model runs: {DEVICE_HELP}; fp32 on cpu, bf16 on cuda")
     demo.add_argument("--attention", default=None, choices=["torch", "reference", "triton"],
-                      help="attention backend of both executors (default: torch on CPU, triton on CUDA)")
+                      help="attention backend of both executors (default: triton on cuda where the kernel runs the "
+                           "model's heads, else torch; triton on cpu needs TRITON_INTERPRET=1)")
     demo.set_defaults(func=_demo)
     for register in _registered():
         register(sub)

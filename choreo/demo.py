@@ -21,7 +21,7 @@ def conversation(executor, *, rounds: int = 1, max_tokens: int = 40) -> list[tup
     of them (it starts after the longest, so every agent reads its prompt, then the topic). Under the
     ``Choreographer`` a public message's cached keys and values were computed over its author's system
     prompt and what that turn attended to, and later agents read them as encoded; the ``Baseline``
-    re-encodes each parent's text in every call, so an agent reads only the text of other agents' turns.
+    re-encodes each parent's token ids in every call, so an agent reads only the tokens of other agents' turns.
 
     Turns use the plain assistant role: SmolLM2's template has no name field, and a named role header
     (``assistant:alice``) makes the 135M model end its turn at once.
@@ -50,8 +50,8 @@ def run_demo(model: Model, *, rounds: int = 1, max_tokens: int = 40, attention: 
         for name, msg in conversation(executor, rounds=rounds, max_tokens=max_tokens):
             print(f"[{name}] (ttft {1000 * msg.ttft:.0f} ms, {len(msg.tokens)} tokens) {msg.text}")
         memory = executor.memory()
-        if label == "baseline" and not memory["tokens_used"]:  # text only: each prompt is encoded for its call
-            print(f"cache: {memory['messages']} messages kept as text, no rows between calls")
+        if label == "baseline" and not memory["tokens_used"]:  # ids only: each prompt is encoded for its call
+            print(f"cache: {memory['messages']} messages kept as token ids, no rows between calls")
         else:
             print(f"cache: {memory['messages']} messages, {memory['tokens_used']} tokens in the shared cache")
     print(f"\n{NOTE}")

@@ -11,7 +11,7 @@ import torch
 
 from .attention import BACKENDS
 from .checks import check_int
-from .cli import input_file, output_dir, output_file, positive_int
+from .cli import DEVICE_HELP, input_file, model_device, output_dir, output_file, positive_int
 from .finetune import LOSSES, FinetuneConfig, split_traces, train
 from .results import finite
 
@@ -43,7 +43,9 @@ def register(sub) -> None:
                    help="training loss (default: the preset's, 'ce'); 'kl' distils the adapter-off baseline")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last")
     t.add_argument("--attention", default="torch", choices=sorted(BACKENDS),
-                   help="attention backend of the replays ('triton': the fused kernel's forward and backward, CUDA)")
+                   help="attention backend of the replays ('triton': the fused kernel's forward and backward; needs "
+                        "--device cuda, or TRITON_INTERPRET=1 on cpu)")
+    t.add_argument("--device", default=None, help=f"where the model trains: {DEVICE_HELP}; fp32 on cpu, bf16 on cuda")
     t.add_argument("--deterministic", action="store_true",
                    help="torch.use_deterministic_algorithms(True) for the run: deterministic GPU algorithms, an "
                         "operation without one raises (the kernel's backward adds dK / dV in a fixed order)")
@@ -100,6 +102,7 @@ def _cli_train(args) -> int:
         torch.use_deterministic_algorithms(True)
     config = FinetuneConfig.preset(args.config, attention=args.attention,
                                    **({} if args.loss is None else {"loss": args.loss}))
+    device = model_device(args.device, attention=config.attention)
     for option, paths in (("--traces", args.traces), ("--dev-traces", args.dev_traces or ())):
         for path in paths:
             input_file(path, option=option)
@@ -113,7 +116,8 @@ def _cli_train(args) -> int:
         train_set, dev_set = traces, [events for path in args.dev_traces for _, events in load_traces(path)]
     else:
         train_set, dev_set = split_traces(traces, dev_fraction=config.dev_fraction, seed=config.seed)
-    result = train(load_model(args.model), train_set, dev_set, config=config, out_dir=args.out, resume=args.resume)
+    result = train(load_model(args.model, device=device), train_set, dev_set, config=config, out_dir=args.out,
+                   resume=args.resume)
     if args.resume and result.steps_run == 0:
         print(f"--out {args.out!r}: the run had finished all {result.steps} steps; none left to run",
               file=sys.stderr)

@@ -538,12 +538,68 @@ def test_a_model_path_is_named_as_the_option_before_any_work(no_model, capsys, t
 
 
 def test_demo_with_triton_attention_without_cuda_fails_before_the_model_loads(no_model, capsys, monkeypatch):
+    """Without CUDA the default device is the CPU, where the kernel runs only under the interpreter."""
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert main(["demo", "--attention", "triton"]) == 2
-    assert "--attention 'triton' needs CUDA" in _error_line(capsys)
+    assert _error_line(capsys) == (
+        "choreo demo: error: --attention 'triton' cannot run with --device 'cpu' (the default: this torch finds no "
+        "CUDA device): the kernel needs --device cuda (or TRITON_INTERPRET=1 on the CPU, about 400x slower than torch)")
+
+
+@pytest.mark.parametrize("command", [["demo"], ["finetune", "train", "--traces", "t.jsonl", "--out", "run"]],
+                         ids=["demo", "finetune-train"])
+def test_triton_attention_on_a_cpu_device_names_both_values_before_the_model_loads(no_model, capsys, monkeypatch,
+                                                                                   tmp_path, command):
+    """On a CUDA machine too: --device cpu with --attention triton is refused at once, not after the model loaded."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)  # finetune train's --out 'run' is not created: the device is checked first
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert main([*command, "--attention", "triton", "--device", "cpu"]) == 2
+    line = _error_line(capsys)
+    assert "--attention 'triton' cannot run with --device 'cpu': the kernel needs --device cuda" in line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", [["demo"], ["finetune", "train", "--traces", "t.jsonl", "--out", "run"]],
+                         ids=["demo", "finetune-train"])
+@pytest.mark.parametrize("device, message", [
+    ("nonsense", "--device 'nonsense' is not a device name; use cpu, cuda or cuda:N"),
+    ("meta", "--device 'meta': choreo runs models on cpu or cuda only"),
+    ("cuda", "--device 'cuda': this torch"),
+], ids=["not-a-device", "meta", "cuda-without-cuda"])
+def test_the_model_device_is_checked_before_the_model_loads(no_model, capsys, monkeypatch, tmp_path, command, device,
+                                                            message):
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main([*command, "--device", device]) == 2
+    assert message in _error_line(capsys)
+
+
+@pytest.mark.parametrize("cuda, expected", [(False, "cpu"), (True, "cuda")], ids=["no-cuda", "cuda"])
+def test_demo_loads_the_model_on_the_device_it_runs(monkeypatch, cuda, expected):
+    """The default device is cuda where this torch finds one, else cpu; the model loads there (its dtype is
+    load_model's default: fp32 on cpu, bf16 on cuda)."""
+    import torch
+
+    import choreo.demo
+    import choreo.model
+
+    seen = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(choreo.model, "load_model", lambda source, **kw: seen.update(kw, source=source) or "model")
+    monkeypatch.setattr(choreo.demo, "run_demo", lambda model, **kw: seen.update(kw, model=model))
+    assert main(["demo", "--rounds", "2"]) == 0
+    assert seen == {"device": torch.device(expected), "source": None, "model": "model", "rounds": 2,
+                    "max_tokens": 40, "attention": None}
+    assert main(["demo", "--device", "cpu", "--attention", "reference"]) == 0
+    assert seen["device"] == torch.device("cpu") and seen["attention"] == "reference"
 
 
 def test_repro_refuses_to_replace_tables_of_another_profile(no_model, capsys, tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ def test_the_demo_prints_both_transcripts_and_why_they_differ(tiny_gqa, capsys):
     out = capsys.readouterr().out
     assert out.count("[alice]") == out.count("[bob]") == out.count("[carol]") == 2
     assert "=== choreographed ===" in out and "=== baseline ===" in out
-    assert "tokens in the shared cache" in out and "messages kept as text, no rows between calls" in out
+    assert "tokens in the shared cache" in out and "messages kept as token ids, no rows between calls" in out
     assert out.rstrip().endswith(NOTE)
 
 
@@ -25,3 +25,20 @@ def test_the_demo_runs_both_executors_on_the_attention_asked_for(tiny_gqa, capsy
     run_demo(tiny_gqa, max_tokens=2, attention="reference")
     assert [type(ex).__name__ for ex in seen] == ["Choreographer", "Baseline"]
     assert [ex.engine.attention for ex in seen] == ["reference", "reference"]
+
+
+def test_the_demo_command_runs_on_the_device_it_names_with_its_default_backend(tiny_gqa, capsys, monkeypatch):
+    """``choreo demo --device cpu`` loads the model on the CPU, where the default backend is torch."""
+    import torch
+
+    import choreo.demo
+    import choreo.model
+    from choreo.cli import main
+
+    seen = []
+    monkeypatch.setattr(choreo.model, "load_model", lambda source, *, device: seen.append(device) or tiny_gqa)
+    cls = choreo.demo.Choreographer
+    monkeypatch.setattr(choreo.demo, "Choreographer", lambda *a, **k: seen.append(cls(*a, **k)) or seen[-1])
+    assert main(["demo", "--device", "cpu", "--max-tokens", "2"]) == 0
+    assert seen[0] == torch.device("cpu") and seen[1].engine.attention == "torch"
+    assert "=== baseline ===" in capsys.readouterr().out

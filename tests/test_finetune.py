@@ -687,7 +687,9 @@ def test_command_line_parses():
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["finetune", "train", "--traces", "a.jsonl", "--out", "run", "--resume"])
     assert args.verb == "train" and args.resume and args.config == "embedded-cpu" and args.attention == "torch"
-    assert not args.deterministic
+    assert not args.deterministic and args.device is None  # None: cuda where this torch finds it, else cpu
+    assert parser.parse_args(["finetune", "train", "--traces", "a", "--out", "r", "--device", "cuda:1"]).device \
+        == "cuda:1"
     assert parser.parse_args(["finetune", "train", "--traces", "a", "--out", "r", "--deterministic"]).deterministic
     assert parser.parse_args(["finetune", "train", "--traces", "a", "--out", "r", "--attention", "triton"]).attention \
         == "triton"
@@ -1065,6 +1067,37 @@ def test_train_into_a_folder_holding_a_run_needs_resume(no_model, capsys, tmp_pa
     assert main(["finetune", "train", "--traces", str(traces), "--out", str(tmp_path / "run")]) == 2
     assert "holds a training run (best, history.json): pass --resume" in capsys.readouterr().err
     assert (tmp_path / "run" / "history.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("argv, cuda, expected", [
+    ([], False, "cpu"), ([], True, "cuda"), (["--device", "cpu"], True, "cpu"),
+    (["--device", "cpu", "--attention", "triton"], False, "cpu"),  # the interpreter (TRITON_INTERPRET=1, below)
+], ids=["default-no-cuda", "default-cuda", "cpu-on-a-cuda-machine", "triton-interpreted-on-cpu"])
+def test_train_loads_the_model_on_the_device_it_trains_on(capsys, tmp_path, monkeypatch, argv, cuda, expected):
+    """``choreo finetune train`` loads the model on --device (load_model's dtype: fp32 on cpu, bf16 on cuda): it
+    used to load it on the CPU always, so that --attention triton could not run on a CUDA machine."""
+    import types
+
+    import choreo.finetune_cli
+    import choreo.model
+    from choreo.cli import main
+    from choreo.trace import save_traces
+
+    traces = tmp_path / "t.jsonl"
+    save_traces(traces, [[choreo.trace.TraceEvent(kind="decode", group=0, role="assistant", parents=(), tokens=(5,))]
+                         for _ in range(4)])
+    seen = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(choreo.model, "load_model", lambda source, **kw: seen.update(kw) or "model")
+    done = types.SimpleNamespace(best_adapter=tmp_path / "run" / "best", best_step=0, best_dev_loss=1.0, steps=1,
+                                 steps_run=1, seconds_per_step=0.5, peak_rss_mb=10.0)
+    monkeypatch.setattr(choreo.finetune_cli, "train", lambda model, *a, config, **kw: seen.update(
+        model=model, attention=config.attention) or done)
+    assert main(["finetune", "train", "--traces", str(traces), "--out", str(tmp_path / "run"), *argv]) == 0
+    attention = argv[argv.index("--attention") + 1] if "--attention" in argv else "torch"
+    assert seen == {"device": torch.device(expected), "model": "model", "attention": attention}
+    assert json.loads(capsys.readouterr().out)["steps"] == 1
 
 
 def test_a_template_with_no_end_of_turn_text_scores_content_and_eos(tokenizer, monkeypatch):

@@ -47,7 +47,7 @@ SIZES = {  # problems; Tree-of-Thoughts and debate settings; token caps
     "small": dict(n=24, tot=dict(propose_tokens=48, answer_tokens=160),
                   debate=dict(answer_tokens=96, moderator_tokens=64, summary_tokens=64),
                   direct=dict(answer_tokens=160)),
-    "paper": dict(n=500, tot={}, debate={}, direct={}),  # PROTOCOLS: 500 problems, the workflows' defaults
+    "paper": dict(n=500, tot={}, debate={}, direct={}),  # docs/protocols.md: 500 problems, the workflows' defaults
 }
 WORKFLOWS = {"ToT": "tot", "MAD": "iterative", "MADpar": "parallel"}
 # Instances run at once, and the KV store's token cap: the re-encoding baseline holds every re-encoded prompt of a
@@ -60,7 +60,7 @@ ROWS = ["Direct", "+ ToT fine-tuning", "+ MAD fine-tuning", "ToT Baseline", "ToT
 # The control: the direct call fine-tuned on a workflow's final answers only (on the same training problems).
 CONTROLS = {"ToT": "+ ToT fine-tuning", "MAD": "+ MAD fine-tuning"}
 # After = the choreographed workflow with a LoRA adapter trained on baseline traces of separate training problems
-# (PROTOCOLS: 90/10 train/dev, checkpoint chosen by dev accuracy).
+# (docs/protocols.md: 90/10 train/dev, checkpoint chosen by dev accuracy).
 # ``workflows``: which After rows and controls a profile runs (the others are listed as not run at that profile).
 # ``select``: "accuracy" chooses the checkpoint by the share of the dev problems the adapted row solves (ties: the
 # lower dev loss), "loss" by the dev loss alone. A control trains with cross-entropy on the final answers (its
@@ -72,7 +72,8 @@ FINETUNE = {
     # tell checkpoints apart, and each evaluation would rerun the workflow.
     "small": dict(train=40, preset="embedded-cpu", overrides={"epochs": 1, "eval_every": 2, "loss": "kl", "lr": 1e-3},
                   workflows=tuple(WORKFLOWS), select="loss"),
-    # PROTOCOLS: 500 training problems, rank 64, alpha 32, lr 5e-5 (2e-5 for the debates), 4 epochs, dev accuracy
+    # docs/protocols.md: 500 training problems, rank 64, alpha 32, lr 5e-5 (2e-5 for the debates), 4 epochs, dev
+    # accuracy
     "paper": dict(train=500, preset="paper", overrides={}, workflows=tuple(WORKFLOWS),
                   lr={"MAD": 2e-5, "MADpar": 2e-5}, select="accuracy"),
 }
@@ -351,8 +352,8 @@ def prompts() -> dict:
 def final_answer(record: dict, gold: str, problem: str | None = None) -> dict:
     """``{"correct", "extracted"}`` of one workflow record (``problem``: its text, for the problems that ask for
     several answers separated by commas: ``choreo.data.math.grade``). Parallel debate: an agent's answer is its
-    first ``\\boxed{}`` (PROTOCOLS), the problem correct when a majority of the agents is correct (2 of 3), and its
-    answer the most common extracted one (None when no agent's parses)."""
+    first ``\\boxed{}`` (docs/protocols.md), the problem correct when a majority of the agents is correct (2 of 3),
+    and its answer the most common extracted one (None when no agent's parses)."""
     if "answers" not in record:
         return grade(gold, record["final"], problem=problem)
     graded = [grade(gold, text, which="first") for text in record["answers"]]
@@ -506,8 +507,8 @@ def table(model, profile, data_dir, results_dir):
         "(the solution's last \\boxed{}; its distinct boxes joined where the problem asks for answers separated "
         "by commas, and so are a final text's when its last box is its answer) with math_verify; "
         "'no answer' counts final texts with none of them (graded wrong). "
-        "MADpar: each agent's first \\boxed{} (PROTOCOLS); correct when a majority of its agents is correct; its "
-        "answer is the agents' most common one.",
+        "MADpar: each agent's first \\boxed{} (docs/protocols.md); correct when a majority of its agents is correct; "
+        "its answer is the agents' most common one.",
         "'same answer as baseline': problems where the row's final answer is equivalent to its baseline's on the "
         "same problem (the workflow's Baseline for Before and After, Direct for the fine-tuned direct calls), out "
         "of those where at least one of the two gave an answer.",
