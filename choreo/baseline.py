@@ -1,8 +1,8 @@
 """The re-encoding baseline: ordinary chat prompting behind the choreography API.
 
 Every call re-encodes, from position 0, a serial prompt made of its parents' turns in position order
-(ties keep the listed order) followed by its own header. Parents are text: nothing of how a parent was
-encoded carries over, so there is no leakage and no blockage.
+(ties keep the listed order) followed by its own header. Parents are token ids (a message's text rendering, or
+the ids it sampled): nothing of how a parent was encoded carries over, so there is no leakage and no blockage.
 
 With ``prefix_reuse=True`` a call may attend to the cached encoding of an earlier prompt that starts
 with exactly the same tokens at the same positions (what vLLM's or SGLang's prefix caching does). The
@@ -12,6 +12,8 @@ the bit-for-bit rule of docs/semantics.md for prefix reuse does not allow. It is
 suites' baseline arm uses it and says what it measured of the difference (suites/leakage/cooperation/README.md).
 Cached prompts are a cache, as in those servers: when a call does not fit the store, the least recently used
 ones that no running call reads are evicted until it does, so a program that fits without reuse fits with it.
+Without reuse a call's re-encoded prompt is freed as soon as the call finishes: the store holds only the prompts
+of the calls running (a parallel step's together).
 """
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ import torch
 
 import choreo
 from choreo.data.concepts import BUILTIN_CONCEPTS, coverage, found, inflections, load_concept_sets
-from choreo.workflows.bsm import (BSMConfig, as_layout, bsm, judge_diagnostics, judge_outcome, parse_branch,
-                                  parse_verdict, run_condition, run_judge, stories_digest)
+from choreo.cache import CapacityError
+from choreo.workflows.bsm import (MAX_SEED, BSMConfig, as_layout, bsm, judge_diagnostics, judge_outcome,
+                                  parse_branch, parse_verdict, run_condition, run_judge, stories_digest)
 
 CONCEPTS = ["dog", "ball", "park", "dance", "river", "art"]
 TINY_CONFIG = BSMConfig(branch_tokens=8, solve_tokens=6, merge_tokens=6)
@@ -122,8 +123,51 @@ def test_bad_options():
         BSMConfig(merge_tokens=0)
     with pytest.raises(ValueError, match="unknown BSM condition 'fancy'"):
         run_condition(None, [CONCEPTS], condition="fancy")
-    with pytest.raises(ValueError, match="size must be in"):
+    with pytest.raises(ValueError, match="size must be an integer in 2..154, got 1"):
         load_concept_sets(None, n=1, size=1)
+    with pytest.raises(ValueError, match="BSMConfig.system must be a non-empty system prompt, got ''"):
+        BSMConfig(system="")
+    with pytest.raises(ValueError, match="BSMConfig.system must be a non-empty system prompt, got None"):
+        BSMConfig(system=None)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(n="3"), "n must be an integer >= 1, got '3'"),
+    (dict(n=2.5), "n must be an integer >= 1, got 2.5"),
+    (dict(n=0), "n must be an integer >= 1, got 0"),
+    (dict(n=1, skip=-1), "skip must be an integer >= 0, got -1"),
+    (dict(n=1, skip=1.0), "skip must be an integer >= 0, got 1.0"),
+    (dict(n=1, size=3.0), "size must be an integer in 2..154, got 3.0"),
+], ids=["string", "float", "zero", "negative-skip", "float-skip", "float-size"])
+def test_concept_set_loader_names_the_bad_argument(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        load_concept_sets(None, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(seed=-1), r"seed must be an integer in 0\.\.\d+, got -1"),
+    (dict(seed=1.0), r"seed must be an integer in 0\.\.\d+, got 1.0"),
+    (dict(seed=MAX_SEED), rf"seed must be an integer in 0\.\.{MAX_SEED - 1}, got {MAX_SEED}"),
+    (dict(seeds=[3, MAX_SEED + 1]), rf"seeds\[1\] must be an integer in 0\.\.{MAX_SEED}, got {MAX_SEED + 1}"),
+], ids=["negative", "float", "last-instance-too-large", "seeds-too-large"])
+def test_seeds_are_checked_before_anything_runs(tiny_gqa, kwargs, message):
+    """The seed the caller passed is named (not the call seed 4 * seed derived from it), before any instance runs."""
+    assert MAX_SEED == (2**32 - 1 - 3) // 4  # the merge of the last allowed instance samples with seed 2**32 - 1
+    with pytest.raises(ValueError, match=message):
+        run_condition(tiny_gqa, [CONCEPTS, CONCEPTS], condition="baseline", config=TINY_CONFIG, progress=False,
+                      **kwargs)
+    with pytest.raises(ValueError, match=r"seed must be an integer in 0\.\.\d+, got -1"):
+        choreo.Runner(choreo.Choreographer(tiny_gqa), progress=False).run(
+            [lambda ex: bsm(ex, CONCEPTS, layout="parallel", seed=-1, config=TINY_CONFIG)])
+
+
+def test_run_condition_takes_the_capacity_its_error_asks_for(tiny_gqa):
+    with pytest.raises(CapacityError, match=r"pass a lower batch= \(now 64\) or a larger capacity= \(now 200\)"):
+        run_condition(tiny_gqa, [CONCEPTS] * 2, condition="choreographed", config=TINY_CONFIG, capacity=200,
+                      progress=False)
+    out = run_condition(tiny_gqa, [CONCEPTS] * 2, condition="choreographed", config=TINY_CONFIG, capacity=200,
+                        batch=1, progress=False)
+    assert len(out) == 2
 
 
 def test_verdicts():
@@ -239,3 +283,29 @@ def test_halves_branch_mode(tiny_gqa):
     out = run_condition(tiny_gqa, [CONCEPTS], condition="linearized", config=config, progress=False)[0]
     if out["parsed"]:  # an empty topic (the tiny model may stop at once) also counts as a failure
         assert out["groups"] == [CONCEPTS[:3], CONCEPTS[3:]] and out["topic"]
+
+
+@pytest.mark.parametrize("reply, calls", [("\nA day at the beach\n", 2), (" A day at the beach\n", 1)],
+                         ids=["topic-on-the-next-line", "topic-on-its-line"])
+def test_halves_topic_may_start_on_the_next_line(tiny_gqa, monkeypatch, reply, calls):
+    """A halves-mode topic written on the line after "Topic:" is read (as ``_topic`` reads the model mode's), not an
+    empty topic: the branch reply is continued past its opening line break. One on the first line takes one call."""
+    import choreo.engine
+
+    tok = tiny_gqa.tokenizer
+    script = [t for line in reply.split("\n")[:-1] for t in tok.encode(line, add_special_tokens=False)
+              + tok.encode("\n", add_special_tokens=False)]  # the branch's tokens, each line break its own token
+    real, drawn = choreo.engine.sample, []
+
+    def scripted(logits, **kwargs):  # the first tokens sampled are the branch reply's
+        drawn.append(None)
+        return script[len(drawn) - 1] if len(drawn) <= len(script) else real(logits, **kwargs)
+
+    monkeypatch.setattr(choreo.engine, "sample", scripted)
+    config = BSMConfig(branch="halves", branch_tokens=12, solve_tokens=3, merge_tokens=3)
+    (out,), (trace,) = run_condition(tiny_gqa, [CONCEPTS], condition="choreographed", config=config,
+                                     progress=False, trace=True)
+    assert out["parsed"] and out["topic"] == "A day at the beach", out
+    assert out["branch"] == "Topic:" + reply and out["groups"] == [CONCEPTS[:3], CONCEPTS[3:]]
+    branch_calls = [e for e in trace if e.kind == "decode" and e.prefix.startswith("Topic:")]
+    assert len(branch_calls) == calls and {e.seed for e in branch_calls} == {0}

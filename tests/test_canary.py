@@ -20,6 +20,16 @@ def test_draw_is_seeded_and_distinct():
         canary.draw(0, n_distractors=0)
 
 
+@pytest.mark.parametrize("seed", [-1, 2.5, 2**32], ids=["negative", "float", "too-large"])
+def test_bad_seeds_are_refused_by_name_before_any_probe(tiny_gqa, tmp_path, seed):
+    message = rf"seed must be an integer in 0\.\.4294967295, got {seed}"
+    with pytest.raises(ValueError, match=message):  # not a float truncated, nor a failure after some probes ran
+        canary.run_probes(tiny_gqa, seeds=[0, seed], log=JsonlLog(tmp_path / "c.jsonl", key="seed"), progress=False)
+    assert not (tmp_path / "c.jsonl").exists()
+    with pytest.raises(ValueError, match=message):
+        choreo.Runner(choreo.Choreographer(tiny_gqa), progress=False).run([lambda ex: canary.probe(ex, seed=seed)])
+
+
 def test_answer_tokens_follow_the_prefix(model):
     ids = canary.answer_tokens(model.tokenizer, "tiger")
     assert model.tokenizer.decode(ids) == " tiger"

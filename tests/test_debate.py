@@ -186,6 +186,26 @@ def test_bad_arguments(tiny_gqa):
         runner.run([lambda ex: parallel_debate(ex, " ", layout="parallel", seed=0)])
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(seed=-1), r"seed must be an integer in 0\.\.4294966, got -1"),
+    (dict(seed=2.0), r"seed must be an integer in 0\.\.4294966, got 2.0"),
+    (dict(seed=debate.MAX_SEED), r"seed must be an integer in 0\.\.4294966, got 4294967"),
+    (dict(seeds=[0, 4_294_968]), r"seeds\[1\] must be an integer in 0\.\.4294967, got 4294968"),
+], ids=["negative", "float", "last-instance-too-large", "seeds-too-large"])
+def test_seeds_are_checked_before_anything_runs(tiny_gqa, kwargs, message):
+    """The seed the caller passed is named (not the call seed 1000 * seed + step derived from it), before any
+    instance runs."""
+    assert debate.call_seed(debate.MAX_SEED, debate.MAX_STEP) <= 2**32 - 1 < debate.call_seed(
+        debate.MAX_SEED + 1, 0)  # every step of the last seed allowed fits a Call, and no more
+    with pytest.raises(ValueError, match=message):
+        run_condition(tiny_gqa, [PROBLEM, PROBLEM], workflow="parallel", condition="baseline", config=TINY,
+                      progress=False, **kwargs)
+    runner = choreo.Runner(choreo.Choreographer(tiny_gqa), progress=False)
+    for workflow in (iterative_debate, parallel_debate):
+        with pytest.raises(ValueError, match=r"seed must be an integer in 0\.\.4294967, got -1"):
+            runner.run([lambda ex: workflow(ex, PROBLEM, layout="parallel", seed=-1, config=TINY)])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Call structure: what each call attends to
 # ---------------------------------------------------------------------------------------------------------------

@@ -62,6 +62,8 @@ def test_first_box_for_the_parallel_debate():
     ("The final answer is: 12", "12"),
     ("The final answer is:\n$12$", "12"),
     ("The final answer is: .", None),  # punctuation alone
+    ("Final Answer: The final answer is $5$. I hope it is correct.", "5"),  # Minerva's whole line: the inner one
+    ("Final answer: the final answer was 6.", "6"),
     ("Your final answer is:\nYour answer is:", None),  # the next line introduces an answer it never gives
 ])
 def test_extract_answer(text, answer):
@@ -181,8 +183,19 @@ def test_split_is_disjoint_seeded_and_independent_of_order():
     assert split_problems(problems, n_eval=20, seed=4)[0] != evaluation
     with pytest.raises(ValueError, match="only 1000 exist"):
         split_problems(problems, n_eval=900, n_train=200)
-    with pytest.raises(ValueError, match="n_eval >= 1"):
+    with pytest.raises(ValueError, match="n_eval must be an integer >= 1, got 0"):
         split_problems(problems, n_eval=0)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(n_eval=2.5), "n_eval must be an integer >= 1, got 2.5"),
+    (dict(n_eval="2"), "n_eval must be an integer >= 1, got '2'"),
+    (dict(n_eval=2, n_train=-1), "n_train must be an integer >= 0, got -1"),
+    (dict(n_eval=2, n_train=1.0), "n_train must be an integer >= 0, got 1.0"),
+], ids=["float", "string", "negative-train", "float-train"])
+def test_split_sizes_are_checked_by_name(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        split_problems(load_problems(None), **kwargs)
 
 
 def test_math_file_loading_and_errors(tmp_path):
@@ -210,6 +223,8 @@ def test_votes_and_majority():
     assert parse_vote(" #2", 8) == 2 and parse_vote(" 1. The first", 8) == 1
     assert parse_vote(" 10 x 1", 8) is None and parse_vote(" 5.5x", 8) is None and parse_vote(" none", 8) is None
     assert parse_vote(" 0", 8) is None
+    assert parse_vote(" 03", 8) == 3 and parse_vote(" 0" + "1" * 5000, 8) is None  # no int() of 5,000 digits
+    assert parse_vote(" " + "1" * 5000, 12) is None and parse_vote(" 12", 12) == 12
     assert majority([2, 3, 3, 2]) == 2  # a tie goes to the index seen first
     assert majority([None, 4, 1, 1]) == 1 and majority([None, None]) is None
 
@@ -221,6 +236,10 @@ def test_config_validation_names_the_bad_value():
         ToTConfig(temperature=-1.0)
     with pytest.raises(ValueError, match="DirectConfig.answer_tokens"):
         DirectConfig(answer_tokens=True)
+    with pytest.raises(ValueError, match="ToTConfig.system must be a non-empty system prompt, got None"):
+        ToTConfig(system=None)
+    with pytest.raises(ValueError, match="DirectConfig.system must be a non-empty system prompt, got ' '"):
+        DirectConfig(system=" ")
 
 
 TINY = ToTConfig(proposals=3, voters=2, propose_tokens=5, vote_tokens=3, answer_tokens=4)
@@ -263,6 +282,25 @@ def test_run_condition_direct_and_errors(tiny_gqa):
     with pytest.raises(ValueError, match="unknown Tree-of-Thoughts layout"):
         choreo.Runner(choreo.Choreographer(tiny_gqa), progress=False).run(
             [lambda ex: tree_of_thoughts(ex, PROBLEM, layout="serial", seed=0, config=TINY)])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(seed=-1), r"seed must be an integer in 0\.\.\d+, got -1"),
+    (dict(seed=2.0), r"seed must be an integer in 0\.\.\d+, got 2.0"),
+    (dict(seed=TINY.max_seed), rf"seed must be an integer in 0\.\.{TINY.max_seed - 1}, got {TINY.max_seed}"),
+    (dict(seeds=[0, -4]), r"seeds\[1\] must be an integer in 0\.\.\d+, got -4"),
+    (dict(seeds=[0, TINY.max_seed + 1]), rf"seeds\[1\] must be an integer in 0\.\.{TINY.max_seed}, got"),
+], ids=["negative", "float", "last-instance-too-large", "seeds-negative", "seeds-too-large"])
+def test_seeds_are_checked_before_anything_runs(tiny_gqa, kwargs, message):
+    """The seed the caller passed is named, before any instance starts: not a call seed derived from it."""
+    with pytest.raises(ValueError, match=message):
+        run_condition(tiny_gqa, [PROBLEM, PROBLEM], condition="baseline", config=TINY, progress=False, **kwargs)
+    assert TINY.max_seed == (2**32 - 1 - 5) // 6  # every call seed of the last instance fits: stride B + V + 1
+    with pytest.raises(ValueError, match="seed must be an integer in 0..4294967295, got -1"):
+        run_condition(tiny_gqa, [PROBLEM], condition="direct", seed=-1, progress=False)
+    with pytest.raises(ValueError, match=rf"seed must be an integer in 0\.\.{TINY.max_seed}, got -1"):
+        choreo.Runner(choreo.Choreographer(tiny_gqa), progress=False).run(
+            [lambda ex: tree_of_thoughts(ex, PROBLEM, layout="parallel", seed=-1, config=TINY)])
 
 
 def test_direct_trace_carries_the_workflows_answer_over(tiny_gqa):

@@ -32,6 +32,9 @@ def test_numbered_answers_are_split_and_graded_per_item():
     assert grade("1. Shakespeare", [FRANCE, HAMLET]) == [False, True]  # item 2 missing: whole response
     assert grade("1. Paris\n2. Paris", [FRANCE, HAMLET]) == [True, False]
     assert grade("The capital of France is Paris.", [FRANCE, HAMLET]) == [True, False]  # free text
+    # A number past Python's int() limit (4,300 digits) numbers no item: graded, not a crash
+    assert grade("9" * 5000 + ". Lyon\n2. Shakespeare", [FRANCE, HAMLET]) == [False, True]
+    assert split_numbered("1. Paris " + "2" * 5000 + ". Tokyo") == {1: "Paris " + "2" * 5000 + ". Tokyo"}
 
 
 @pytest.mark.parametrize("response, expected", [
@@ -252,6 +255,30 @@ def test_segments_are_one_user_turn(tokenizer):
     assert ids == whole
 
 
+@pytest.mark.parametrize("instruction", ["Answer both questions.", "Answer both questions.\n"],
+                         ids=["no-line-break", "own-line-break"])
+def test_an_instruction_is_a_line_of_its_own(tokenizer, instruction):
+    """The instruction never runs into "Question 1:"; one that ends its own line is not given a second break."""
+    from choreo.chat import ChatFormat
+
+    class Ex:
+        format = ChatFormat(tokenizer)
+
+    segs = turn_segments(Ex, [FRANCE, HAMLET], MultiQAConfig(instruction=instruction))
+    assert segs[0][1].endswith("\nAnswer both questions.\n")
+    whole = Ex.format.encode("Answer both questions.\nQuestion 1: What is the capital of France?\n"
+                             "Question 2: Who wrote Hamlet?", "user")
+    assert [t for s, _ in segs for t in s] == whole
+
+
+def test_run_condition_takes_the_capacity_its_error_asks_for(tiny_gqa):
+    pairs = [[FRANCE, HAMLET]] * 2
+    with pytest.raises(choreo.cache.CapacityError, match=r"pass a lower batch= \(now 64\) or a larger capacity= "
+                                                         r"\(now 150\)"):
+        run_condition(tiny_gqa, pairs, condition="choreographed", capacity=150, progress=False)
+    assert len(run_condition(tiny_gqa, pairs, condition="choreographed", capacity=150, batch=1, progress=False)) == 2
+
+
 def test_layouts_place_questions(tiny_gqa):
     pairs = [[FRANCE, HAMLET]]
     out = {c: run_condition(tiny_gqa, pairs, condition=c, progress=False)[0]
@@ -330,3 +357,19 @@ def test_make_executor_names_an_unknown_kind(tiny_gqa, kind):
 
     with pytest.raises(ValueError, match=rf"unknown executor {kind!r}; choose one of 'baseline', 'choreographed'"):
         make_executor(tiny_gqa, kind)
+
+
+def test_the_baseline_executor_frees_each_prompt_when_its_call_ends(tiny_gqa):
+    """What make_executor's capacity advice rests on: a re-encoding baseline holds a call's prompt only while the
+    call runs (the store is empty between calls), while the choreographer keeps the instance's messages."""
+    from choreo.workflows.executors import make_executor
+
+    used = {}
+    for kind in ("baseline", "choreographed"):
+        ex = make_executor(tiny_gqa, kind)
+        sys = ex.prefill("You are terse.", role="system")
+        q = ex.prefill("Capital of France?", role="user", parents=[sys])
+        a = ex.decode(role="assistant", parents=[sys, q], max_tokens=3)
+        ex.decode(role="assistant", parents=[sys, q, a], max_tokens=3)
+        used[kind] = ex.engine.store.used
+    assert used["baseline"] == 0 and used["choreographed"] > 0

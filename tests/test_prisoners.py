@@ -296,6 +296,40 @@ def _strip(path, *fields):
     path.write_text("".join(json.dumps({k: v for k, v in r.items() if k not in fields}) + "\n" for r in records))
 
 
+def test_games_logged_without_predictions_are_played_again_when_predictions_are_asked(model, tmp_path, played):
+    """A game logged by ``predict=False`` has no predictions: ``predict=True`` plays it again (the same game, now with
+    its predictions), rather than returning it with none. A game logged with predictions serves either setting."""
+    path, seeds = tmp_path / "games.jsonl", [0, 1]
+    plain = _run(model, tmp_path, "baseline")
+    assert all(r["predict"] is False and r["predictions"] == [] for r in plain.values())
+    asked = _run(model, tmp_path, "baseline", predict=True)
+    assert sorted(played) == sorted(2 * seeds)  # played again
+    for key, record in asked.items():
+        assert record["predict"] is True and len(record["predictions"]) == TINY.rounds + 1
+        assert record["messages"] == plain[key]["messages"] and record["decisions"] == plain[key]["decisions"]
+    assert _run(model, tmp_path, "baseline", predict=True) == asked and len(played) == 4  # then resumed
+    assert _run(model, tmp_path, "baseline") == asked and len(played) == 4  # predictions: resumed for False too
+    _strip(path, "predict")  # records from before they carried the flag: read by whether they hold predictions
+    assert [r["predictions"] for r in _run(model, tmp_path, "baseline", predict=True).values()] == \
+        [r["predictions"] for r in asked.values()] and len(played) == 4
+
+
+@pytest.mark.parametrize("seed, message", [
+    (-1, "seed must be an integer in 0..4294967, got -1"),
+    (2.5, "seed must be an integer in 0..4294967, got 2.5"),
+    (pd.MAX_SEED + 1, "seed must be an integer in 0..4294967, got 4294968"),
+], ids=["negative", "float", "too-large"])
+def test_bad_seeds_are_refused_by_name_before_any_game(model, tmp_path, seed, message):
+    """The seed passed is named (not the call seed 1000 * seed + ... derived from it), before a game starts."""
+    assert pd.call_seed(pd.MAX_SEED, "bob", 99) <= 2**32 - 1 < pd.call_seed(pd.MAX_SEED + 1, "alice", 0)
+    with pytest.raises(ValueError, match=message):
+        _run(model, tmp_path, "baseline", seeds=[0, seed])
+    assert not (tmp_path / "games.jsonl").exists()
+    with pytest.raises(ValueError, match=message):
+        choreo.Runner(choreo.Baseline(model), progress=False).run(
+            [lambda s: pd.play(s, strategy="defect", seed=seed, config=TINY)])
+
+
 def test_finetuned_games_are_tied_to_the_adapter_that_played_them(model, tmp_path, baseline, played):
     """A fine-tuned game records the adapter that played it (weights hash and step) and is resumed only by that
     adapter: another adapter, the same weights chosen at another step, or a game logged before records carried

@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Sequence
 
+from ..checks import check_int
 from ..results import read_jsonl
 
 FILE_NAME = "commongen_hard.jsonl"
@@ -37,13 +38,9 @@ def load_concept_sets(data_dir: str | Path | None = None, *, n: int, skip: int =
     Built-in sets are ``size`` distinct concepts drawn with ``seed`` (set i uses ``seed`` and i, so sets
     do not depend on ``n``). Example: ``load_concept_sets(None, n=2, size=10)[0]`` is ten concepts.
     """
-    if n < 1:
-        raise ValueError(f"number of concept sets must be >= 1, got {n}")
-    if skip < 0:
-        raise ValueError(f"skip must be >= 0, got {skip}")
+    n, skip = check_int("n", n), check_int("skip", skip, minimum=0)
     if data_dir is None:
-        if not 2 <= size <= len(BUILTIN_CONCEPTS):
-            raise ValueError(f"size must be in [2, {len(BUILTIN_CONCEPTS)}], got {size}")
+        size = check_int("size", size, minimum=2, maximum=len(BUILTIN_CONCEPTS))
         return [random.Random(f"{seed}:{i}").sample(BUILTIN_CONCEPTS, size) for i in range(skip, skip + n)]
     path = Path(data_dir) / FILE_NAME
     if not path.is_file():

@@ -28,6 +28,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Sequence
 
+from ..checks import check_int
 from ..results import read_jsonl
 
 FILE_NAME = "math_test.jsonl"
@@ -118,14 +119,23 @@ _PLACEHOLDER = re.compile(r"\s*<[^<>\n]*>")
 _HOPE = re.compile(r"\.?\s*I hope it is correct.*$", re.IGNORECASE)
 
 
+def _innermost_final(answer: str) -> str:
+    """The text after the last "final answer is" nested in a found answer: Minerva's whole line "Final Answer: The
+    final answer is $5$. I hope it is correct." gives "$5$. I hope it is correct.", not "The final answer is ..."."""
+    while (m := _FINAL.search(answer)) is not None:
+        answer = m.group(1)
+    return answer
+
+
 def extract_answer(text: str, *, which: str = "last") -> str | None:
     """A response's final answer: whichever comes later of its last non-empty closed ``\\boxed{}`` (or ``\\boxed
     x``) and the rest of the line after its last "ANSWER:" (upper-case, or any case at a line's start; a box inside
-    that line wins), else after its last "final answer is" or "final answer:" (Minerva's "The final answer is $x$.
-    I hope it is correct."). ``which="first"``: its first non-empty box, else as "last". An empty box and an
-    echoed placeholder ("<final answer>") are skipped; markdown bold, quotes, dollar signs and a trailing period
-    removed. None when it has none of them (or the answer is empty). Example: ``extract_answer("\\\\boxed{3}, then
-    ANSWER: 10")`` is ``"10"``; ``extract_answer("\\\\boxed{} so \\\\boxed 5")`` is ``"5"``."""
+    that line wins), else after its last "final answer is" or "final answer:" (Minerva's "Final Answer: The final
+    answer is $x$. I hope it is correct." gives x). ``which="first"``: its first non-empty box, else as "last". An
+    empty box and an echoed placeholder ("<final answer>") are skipped; markdown bold, quotes, dollar signs and a
+    trailing period removed. None when it has none of them (or the answer is empty). Example:
+    ``extract_answer("\\\\boxed{3}, then ANSWER: 10")`` is ``"10"``;
+    ``extract_answer("\\\\boxed{} so \\\\boxed 5")`` is ``"5"``."""
     if which not in ("last", "first"):
         raise ValueError(f"which must be 'last' or 'first', got {which!r}")
     boxes = [(at, content) for at, content in _boxes(text) if content]  # an empty \\boxed{} is no answer
@@ -134,7 +144,8 @@ def extract_answer(text: str, *, which: str = "last") -> str | None:
         return boxes[0][1]
     if boxes and (not lines or boxes[-1][0] >= lines[-1].start()):  # the box is in or after the last ANSWER line
         return boxes[-1][1]
-    found = [m.group(1) for m in lines] or [a for a in _FINAL.findall(text) if not _PLACEHOLDER.match(a)]
+    found = [m.group(1) for m in lines] or [a for a in map(_innermost_final, _FINAL.findall(text))
+                                             if not _PLACEHOLDER.match(a)]
     if not found:
         return None
     answer = _HOPE.sub("", found[-1].strip())
@@ -241,8 +252,7 @@ def split_problems(problems: Sequence[Problem], *, n_eval: int, n_train: int = 0
     The evaluation set is the first ``n_eval`` of the seeded shuffle and training the next ``n_train``, so a
     larger ``n_train`` never changes the evaluation set, and the same seed gives the same sets on any file order.
     """
-    if n_eval < 1 or n_train < 0:
-        raise ValueError(f"need n_eval >= 1 and n_train >= 0, got n_eval={n_eval}, n_train={n_train}")
+    n_eval, n_train = check_int("n_eval", n_eval), check_int("n_train", n_train, minimum=0)
     if n_eval + n_train > len(problems):
         raise ValueError(f"{n_eval} evaluation + {n_train} training problems requested; only {len(problems)} exist")
     order = sorted(problems, key=lambda p: p.id)

@@ -99,17 +99,25 @@ def matches(prediction: str, aliases: Sequence[str]) -> bool:
 def _markers(text: str) -> list[tuple[int, int, int, bool]]:
     """(start, end, number, is_answer) of the item markers in ``text``, in order: every line-start marker, and an
     inline one only when its number is one more than the previous accepted marker's (1 when none came before)."""
-    found = [(m.start(), m.end(), int(m.group(2)), (m.group(1) or "").lower() in _ANSWER_WORDS, True)
+    found = [(m.start(), m.end(), _number(m.group(2)), (m.group(1) or "").lower() in _ANSWER_WORDS, True)
              for m in _ITEM.finditer(text)]
-    found += [(m.start(), m.end(), int(m.group(2)), (m.group(1) or "").lower() == "answer", False)
+    found += [(m.start(), m.end(), _number(m.group(2)), (m.group(1) or "").lower() == "answer", False)
               for m in _INLINE.finditer(text) if m.group(1) or m.group(3) != ":"]
     marks: list[tuple[int, int, int, bool]] = []
-    for start, end, number, is_answer, line_start in sorted(found):
+    for start, end, number, is_answer, line_start in sorted(f for f in found if f[2] is not None):
         if marks and start < marks[-1][1]:
             continue  # inside the previous marker (an indented line-start marker is found twice)
         if line_start or number == (marks[-1][2] if marks else 0) + 1:
             marks.append((start, end, number, is_answer))
     return marks
+
+
+def _number(digits: str) -> int | None:
+    """``int(digits)``, or None for more digits than Python converts (4,300 by default): no item's number."""
+    try:
+        return int(digits)
+    except ValueError:
+        return None
 
 
 def split_numbered(text: str) -> dict[int, str]:

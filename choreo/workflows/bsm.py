@@ -2,8 +2,9 @@
 
 1. Branch: propose a topic and split the concepts into two groups (fixed format, parsed; a parse
    failure ends the instance with coverage 0). With ``BSMConfig(branch="halves")`` the model proposes the
-   topic only and the groups are the two halves of the concept list (for models too small to follow the
-   split format; the blockage under test is at the merge).
+   topic only, on one line (a reply that starts with a line break is continued to the end of the next line, the
+   line a "Topic:" alone on its line announces), and the groups are the two halves of the concept list (for
+   models too small to follow the split format; the blockage under test is at the merge).
 2. Solve: one story paragraph per group, both decoded in parallel.
 3. Merge: one paragraph combining the two stories and keeping every concept. The merge attends to the
    system prompt, each solve prompt (with its concept list) and each story, then a merge instruction.
@@ -36,13 +37,14 @@ import dataclasses
 import re
 from typing import Sequence
 
-from ..checks import check_int_fields, check_sampling_fields
+from ..checks import check_int, check_int_fields, check_sampling_fields
 from ..data.concepts import coverage
-from ..calls import linearize
+from ..calls import SEED_RANGE, linearize
 from ..trace import without_offsets
 
 LAYOUTS = ("parallel", "linearized")
 BRANCH_MODES = ("model", "halves")
+MAX_SEED = (SEED_RANGE[1] - 3) // 4  # the largest instance seed whose call seeds (4 * seed + 0..3) fit a Call
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -60,6 +62,8 @@ class BSMConfig:
     def __post_init__(self):
         if self.branch not in BRANCH_MODES:
             raise ValueError(f"BSMConfig.branch must be one of {BRANCH_MODES}, got {self.branch!r}")
+        if not isinstance(self.system, str) or not self.system.strip():
+            raise ValueError(f"BSMConfig.system must be a non-empty system prompt, got {self.system!r}")
         check_sampling_fields(self)
         check_int_fields(self, ("branch_tokens", "solve_tokens", "merge_tokens"))
 
@@ -183,6 +187,7 @@ async def bsm(ex, concepts: Sequence[str], *, layout: str, seed: int, config: BS
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown BSM layout {layout!r}; choose one of {LAYOUTS}")
+    seed = check_int("seed", seed, minimum=0, maximum=MAX_SEED)
     concepts = list(concepts)
     if len(concepts) < 2:
         raise ValueError(f"branch-solve-merge needs at least 2 concepts, got {concepts!r}")
@@ -193,6 +198,11 @@ async def bsm(ex, concepts: Sequence[str], *, layout: str, seed: int, config: BS
         branch = await ex.decode(role="assistant", parents=[sys, ask], prefix="Topic:", stop=("\n",),
                                  max_tokens=config.branch_tokens, seed=4 * seed, **sample)
         branch_text = "Topic:" + branch.text
+        if "\n" in branch.text and not branch.text.strip():  # "Topic:\n": the topic follows on the next line
+            # A continuation of the same reply, so it samples with that call's seed (every other seed is taken).
+            branch = await ex.decode(role="assistant", parents=[sys, ask], prefix=branch_text, stop=("\n",),
+                                     max_tokens=config.branch_tokens, seed=4 * seed, **sample)
+            branch_text += branch.text
         topic = branch.text.strip().split("\n")[0].strip()
         parsed = (topic, *halves(concepts)) if topic else None
     elif split is None:
@@ -357,25 +367,28 @@ CONDITIONS = {  # name -> (executor, layout); a fine-tuned condition is "choreog
 
 
 def run_condition(model, concept_sets: Sequence[Sequence[str]], *, condition: str, config: BSMConfig = BSMConfig(),
-                  seed: int = 0, batch: int = 64, progress: bool | str = True, trace: bool = False,
-                  seeds: Sequence[int] | None = None, on_result=None):
+                  seed: int = 0, batch: int = 64, capacity: int = 65536, progress: bool | str = True,
+                  trace: bool = False, seeds: Sequence[int] | None = None, on_result=None):
     """Run every concept set under one of ``CONDITIONS`` (instance i uses seed ``seed + i``, or ``seeds[i]``).
+
+    ``batch`` instances run at once in a KV store of ``capacity`` tokens. A choreographed instance keeps all its
+    messages until it ends, up to ``branch_tokens + 2 * solve_tokens + merge_tokens`` tokens plus its prompts: at
+    the paper's caps (256/320/480) 50 instances at once can overflow the default 65,536.
 
     Returns the results, or (results, traces) with ``trace=True``.
     Example: ``run_condition(model, load_concept_sets(None, n=8, size=10), condition="choreographed")``.
     """
     from ..runner import Runner
-    from .executors import make_executor
+    from .executors import instance_seeds, make_executor, run_instances
 
     if condition not in CONDITIONS:
         raise ValueError(f"unknown BSM condition {condition!r}; choose one of {sorted(CONDITIONS)}")
     kind, layout = CONDITIONS[condition]
-    runner = Runner(make_executor(model, kind), max_concurrent=batch, progress=progress, trace=trace)
-    seeds = [seed + i for i in range(len(concept_sets))] if seeds is None else list(seeds)
-    if len(seeds) != len(concept_sets):
-        raise ValueError(f"seeds has {len(seeds)} entries for {len(concept_sets)} concept sets")
-    results = runner.run([lambda ex, c=c, s=s: bsm(ex, c, layout=layout, seed=s, config=config)
-                          for c, s in zip(concept_sets, seeds)], on_result=on_result)
+    seeds = instance_seeds(seed, seeds, len(concept_sets), maximum=MAX_SEED, what="concept sets")
+    runner = Runner(make_executor(model, kind, capacity=capacity), max_concurrent=batch, progress=progress,
+                    trace=trace)
+    results = run_instances(runner, [lambda ex, c=c, s=s: bsm(ex, c, layout=layout, seed=s, config=config)
+                                     for c, s in zip(concept_sets, seeds)], capacity=capacity, on_result=on_result)
     return (results, [runner.traces[i] for i in range(len(results))]) if trace else results
 
 

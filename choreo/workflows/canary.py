@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import random
 
-from ..calls import Call, linearize
+from ..calls import SEED_RANGE, Call, linearize
+from ..checks import check_int
 from .prisoners import system_prompt
 
 CONDITIONS = ("baseline", "cached", "cached_without_secret", "told")
@@ -52,6 +53,11 @@ def draw(seed: int, *, n_distractors: int = 7) -> tuple[str, list[str]]:
     return words[0], words[1:]
 
 
+def _check_seed(seed) -> int:
+    """A probe's seed, which its message call samples with: an int in ``SEED_RANGE`` (ValueError naming it)."""
+    return check_int("seed", seed, minimum=SEED_RANGE[0], maximum=SEED_RANGE[1])
+
+
 def answer_tokens(tokenizer, word: str) -> list[int]:
     """The tokens of " word" as they follow ``ANSWER_PREFIX`` (the prefix itself is forced)."""
     base = tokenizer.encode(ANSWER_PREFIX, add_special_tokens=False)
@@ -67,6 +73,7 @@ async def probe(ex, *, seed: int, n_distractors: int = 7, message_tokens: int = 
 
     Returns per condition the log-probability (nats) of the secret and the mean over distractors.
     """
+    seed = _check_seed(seed)
     tokenizer = ex.executor.format.tokenizer
     secret, distractors = draw(seed, n_distractors=n_distractors)
     bob = "assistant:bob"
@@ -125,7 +132,7 @@ def run_probes(model, *, seeds, log, message_tokens: int = 48, max_concurrent: i
     from ..choreographer import Choreographer
     from ..runner import Runner
 
-    seeds = [int(s) for s in seeds]
+    seeds = [_check_seed(s) for s in seeds]
 
     def logged() -> dict[int, dict]:  # this model's probes of this length by seed, the last of a seed winning
         return {r["seed"]: r for r in log.records()

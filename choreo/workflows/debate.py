@@ -51,8 +51,8 @@ import dataclasses
 import re
 from typing import Sequence
 
-from ..checks import check_int_fields, check_sampling_fields
-from ..calls import Call, linearize
+from ..checks import check_int, check_int_fields, check_sampling_fields
+from ..calls import SEED_RANGE, Call, linearize
 
 LAYOUTS = ("parallel", "linearized")
 PREFERENCES = ("affirmative", "negative", "none")
@@ -96,16 +96,26 @@ def call_seed(seed: int, step: int) -> int:
     return SEED_STRIDE * seed + step
 
 
+MAX_STEP = (MAX_ROUNDS + 1) * (MAX_AGENTS + 1) - 1  # the last call of the largest parallel debate
+MAX_SEED = (SEED_RANGE[1] - MAX_STEP) // SEED_STRIDE  # the largest instance seed whose call seeds all fit a Call
+
+
+def _check_seed(seed) -> int:
+    return check_int("seed", seed, minimum=0, maximum=MAX_SEED)
+
+
 def _offsets(parents: Sequence, layout: str) -> list[int] | None:
     """A call's offsets: its parents back to back in list order ("linearized") or where they are ("parallel")."""
     return linearize(parents) if layout == "linearized" else None
 
 
-def _check(layout: str, problem: str) -> None:
+def _check(layout: str, problem: str, seed) -> int:
+    """The instance's seed as an int, once the arguments are checked."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown debate layout {layout!r}; choose one of {LAYOUTS}")
     if not isinstance(problem, str) or not problem.strip():
         raise ValueError(f"a debate needs a non-empty problem string, got {problem!r}")
+    return _check_seed(seed)
 
 
 async def _speak(ex, view: list, instruction: str | None, *, layout: str, **call):
@@ -295,7 +305,7 @@ async def iterative_debate(ex, problem: str, *, layout: str, seed: int, config: 
     "affirmative" | "negative", "rounds": rounds run, "moderator": [{"text" (forced prefix included), "preference",
     "answer"} per round], "transcript": [{"speaker", "text"} for every message in order, the moderator's included]}``.
     """
-    _check(layout, problem)
+    seed = _check(layout, problem, seed)
     sample = dict(temperature=config.temperature, top_p=config.top_p)
     own = {}  # speaker -> [system prompt, problem turn]: its own serial prefix
     for speaker, system in zip(SPEAKERS, (AFFIRMATIVE_SYSTEM, NEGATIVE_SYSTEM, MODERATOR_SYSTEM)):
@@ -331,7 +341,7 @@ async def parallel_debate(ex, problem: str, *, layout: str, seed: int, config: D
     ``call_seed(seed, r * (agents + 1) + agents)`` for the summary of round r >= 1. Returns ``{"answers": [each agent's
     final text], "history": [[its text in rounds 0..rounds] per agent], "summaries": [one text per update round]}``.
     """
-    _check(layout, problem)
+    seed = _check(layout, problem, seed)
     A, stride = config.agents, config.agents + 1
     sample = dict(temperature=config.temperature, top_p=config.top_p)
     roles = [f"assistant:agent{a}" for a in range(A)]
@@ -381,26 +391,26 @@ def run_condition(model, problems: Sequence[str], *, workflow: str, condition: s
                   on_result=None):
     """Run one debate ``workflow`` ("iterative" or "parallel") on every problem under one of ``CONDITIONS``
     (instance i uses seed ``seed + i``, or ``seeds[i]``). ``batch`` instances run at once in a KV store of
-    ``capacity`` tokens: a re-encoding baseline keeps every call's serial prompt until its instance ends, which
-    grows with rounds x agents x answer length (thousands of tokens per instance), so mind the product.
+    ``capacity`` tokens: a re-encoding baseline reserves each call's whole serial prompt while the call runs (the
+    parallel debate's agents together) and frees it when the call ends. A prompt holds every earlier message it
+    reads, so it grows with the rounds (x agents x answer length: thousands of tokens in the last round), and the
+    last round's calls, times the instances running it, set the peak: mind the product.
 
     Returns the results, or (results, traces) with ``trace=True``.
     Example: ``run_condition(model, [p.problem for p in problems], workflow="parallel", condition="baseline")``.
     """
     from ..runner import Runner
-    from .executors import make_executor
+    from .executors import instance_seeds, make_executor, run_instances
 
     if workflow not in WORKFLOWS:
         raise ValueError(f"unknown debate workflow {workflow!r}; choose one of {sorted(WORKFLOWS)}")
     if condition not in CONDITIONS:
         raise ValueError(f"unknown debate condition {condition!r}; choose one of {sorted(CONDITIONS)}")
-    seeds = [seed + i for i in range(len(problems))] if seeds is None else list(seeds)
-    if len(seeds) != len(problems):
-        raise ValueError(f"seeds has {len(seeds)} entries for {len(problems)} problems")
+    seeds = instance_seeds(seed, seeds, len(problems), maximum=MAX_SEED, what="problems")
     kind, layout = CONDITIONS[condition]
     run = WORKFLOWS[workflow]
     runner = Runner(make_executor(model, kind, capacity=capacity), max_concurrent=batch, progress=progress,
                     trace=trace)
-    results = runner.run([lambda ex, p=p, s=s: run(ex, p, layout=layout, seed=s, config=config)
-                          for p, s in zip(problems, seeds)], on_result=on_result)
+    results = run_instances(runner, [lambda ex, p=p, s=s: run(ex, p, layout=layout, seed=s, config=config)
+                                     for p, s in zip(problems, seeds)], capacity=capacity, on_result=on_result)
     return (results, [runner.traces[i] for i in range(len(results))]) if trace else results

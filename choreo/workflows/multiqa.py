@@ -34,7 +34,7 @@ from ..checks import check_int_fields
 from ..calls import RAW, linearize
 from ..choreographer import Choreographer
 from ..data.trivia import Question, grade
-from .executors import make_executor
+from .executors import make_executor, run_instances
 
 LAYOUTS = ("serial", "parallel", "linearized")
 
@@ -44,7 +44,7 @@ class MultiQAConfig:
     """Prompt and decoding settings (identical in every condition)."""
 
     system: str = "Answer all of the user's questions. Reply with a numbered list: one short answer per question."
-    instruction: str = ""  # text at the start of the user turn, before the questions
+    instruction: str = ""  # text at the start of the user turn, on its own line(s) before the questions
     answer_prefix: str = ""  # forced start of the answer, e.g. "1."
     max_tokens: int = 48
 
@@ -62,13 +62,16 @@ SEGMENT_ROLE = RAW  # raw segments: parts of the one user turn, each its own mes
 
 def turn_segments(executor: Choreographer, questions: Sequence[Question],
                   config: MultiQAConfig) -> list[tuple[list[int], str]]:
-    """(ids, raw text) of the user turn's segments: header + instruction, then one per question (the last one
-    with the turn's footer). ``ids`` is the tokenization of the raw text."""
+    """(ids, raw text) of the user turn's segments: header + instruction (ended by a line break when it has none),
+    then one per question (the last one with the turn's footer). ``ids`` is the tokenization of the raw text."""
     fmt = executor.format
     tok = fmt.tokenizer
     header = tok.decode(fmt.header("user"), skip_special_tokens=False)
     footer = tok.decode(fmt.footer("user"), skip_special_tokens=False)
-    texts = [header + config.instruction]
+    instruction = config.instruction
+    if instruction and not instruction.endswith("\n"):  # "...questions.Question 1:" is no prompt: a line break
+        instruction += "\n"
+    texts = [header + instruction]
     for i, q in enumerate(questions, start=1):
         last = i == len(questions)
         texts.append(f"Question {i}: {q.question}" + (footer if last else "\n"))
@@ -139,9 +142,10 @@ def collect_traces(model, pairs, *, config: MultiQAConfig = MultiQAConfig(), bat
 
 
 def run_condition(model, pairs: Sequence[Sequence[Question]], *, condition: str,
-                  config: MultiQAConfig = MultiQAConfig(),
-                  batch: int = 64, progress: bool | str = True, on_result=None) -> list[dict]:
-    """Run every pair under one of ``CONDITIONS`` through ``choreo.Runner`` (concurrent, batched).
+                  config: MultiQAConfig = MultiQAConfig(), batch: int = 64, capacity: int = 65536,
+                  progress: bool | str = True, on_result=None) -> list[dict]:
+    """Run every pair under one of ``CONDITIONS`` through ``choreo.Runner`` (concurrent, batched): ``batch``
+    instances at once in a KV store of ``capacity`` tokens.
 
     Example: ``run_condition(model, make_pairs(load_questions(), 30, seed=0), condition="linearized")``.
     """
@@ -150,6 +154,6 @@ def run_condition(model, pairs: Sequence[Sequence[Question]], *, condition: str,
     if condition not in CONDITIONS:
         raise ValueError(f"unknown MultiQA condition {condition!r}; choose one of {sorted(CONDITIONS)}")
     kind, layout = CONDITIONS[condition]
-    runner = Runner(make_executor(model, kind), max_concurrent=batch, progress=progress)
-    return runner.run([lambda ex, p=p: multiqa(ex, p, layout=layout, config=config) for p in pairs],
-                      on_result=on_result)
+    runner = Runner(make_executor(model, kind, capacity=capacity), max_concurrent=batch, progress=progress)
+    return run_instances(runner, [lambda ex, p=p: multiqa(ex, p, layout=layout, config=config) for p in pairs],
+                         capacity=capacity, on_result=on_result)

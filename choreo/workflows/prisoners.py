@@ -34,8 +34,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ..checks import check_int_fields, check_sampling_fields
-from ..calls import Call, linearize
+from ..checks import check_int, check_int_fields, check_sampling_fields
+from ..calls import SEED_RANGE, Call, linearize
 
 PAYOFFS = {"T": 5, "R": 3, "P": 1, "S": 0}  # temptation, reward, punishment, sucker
 STRATEGIES = ("none", "cooperate", "defect")
@@ -165,6 +165,14 @@ def call_seed(seed: int, agent: str, step: int) -> int:
     return seed * 1000 + AGENTS.index(agent) * 100 + step
 
 
+MAX_SEED = (SEED_RANGE[1] - call_seed(0, "bob", 99)) // 1000  # the largest game seed whose call seeds all fit a Call
+
+
+def _check_seed(seed) -> int:
+    """``seed`` as an int, or ValueError naming it unless it is a game seed in 0..``MAX_SEED``."""
+    return check_int("seed", seed, minimum=0, maximum=MAX_SEED)
+
+
 def _other(agent: str) -> str:
     return "bob" if agent == "alice" else "alice"
 
@@ -198,6 +206,7 @@ async def play(ex, *, strategy: str, seed: int, arm: str = "baseline", plans: di
         raise ValueError(f"unknown arm {arm!r}; choose one of {ARMS}")
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
+    seed = _check_seed(seed)
     order = order or turn_order(seed)
     if order not in ORDERS:
         raise ValueError(f"unknown turn order {order!r}; choose one of {ORDERS}")
@@ -354,6 +363,10 @@ def run_games(model, *, arm: str, strategies=STRATEGIES, seeds, log, config: Gam
     carried one -- are stale: played again, and the new record replaces the stale one for this adapter (the log is
     append-only, so the stale record stays in the file for the adapter that played it).
 
+    Every game played records ``predict``. With ``predict=True`` a logged game played without predictions is stale
+    in the same way: played again (the predictions are side calls, so the game is the same), its new record with
+    predictions replacing the old one. A game logged with predictions serves ``predict=False`` as well.
+
     Example::
 
         log = JsonlLog("results/leakage/games.jsonl", key="key")
@@ -371,7 +384,7 @@ def run_games(model, *, arm: str, strategies=STRATEGIES, seeds, log, config: Gam
         raise ValueError(f"arm {arm!r} {'needs' if arm == 'finetuned' else 'takes no'} adapter identity "
                          f"(adapter_identity of the adapter loaded on the model), got {adapter!r}: fine-tuned games "
                          f"are tied to the adapter that played them, and only they")
-    strategies, seeds = list(strategies), [int(s) for s in seeds]
+    strategies, seeds = list(strategies), [_check_seed(s) for s in seeds]
     for s in strategies:
         if s not in STRATEGIES:
             raise ValueError(f"unknown strategy {s!r}; choose one of {STRATEGIES}")
@@ -384,7 +397,8 @@ def run_games(model, *, arm: str, strategies=STRATEGIES, seeds, log, config: Gam
     def logged() -> dict[tuple, dict]:  # this config's, model's, variant's and adapter's games by key (last wins)
         return {tuple(r["key"]): r for r in log.records()
                 if r.get("variant") == variant and r.get("adapter") == adapter
-                and r.get("config") == config.fingerprint() and r.get("model_sha256") == model.spec.sha256}
+                and r.get("config") == config.fingerprint() and r.get("model_sha256") == model.spec.sha256
+                and (not predict or r.get("predict", bool(r.get("predictions"))))}  # older records: by their data
 
     done = logged()
     todo = [w for w in wanted if game_key(arm, *w) not in done]
@@ -395,7 +409,7 @@ def run_games(model, *, arm: str, strategies=STRATEGIES, seeds, log, config: Gam
             executor = Choreographer(model, capacity=max_concurrent * 2048)
         coop_ids = decision_token_ids(model.tokenizer)
         tag = {"config": config.fingerprint(), "model": model.spec.name, "model_sha256": model.spec.sha256,
-               **({} if variant is None else {"variant": variant}),
+               "predict": bool(predict), **({} if variant is None else {"variant": variant}),
                **({} if adapter is None else {"adapter": adapter})}
 
         def workflow(strategy, seed):
@@ -509,7 +523,7 @@ def train_adapter(model, *, strategy: str, train_seeds, dev_seeds, config: GameC
     from ..results import write_json
     from ..runner import Runner
 
-    train_seeds, dev_seeds = [int(s) for s in train_seeds], [int(s) for s in dev_seeds]
+    train_seeds, dev_seeds = [_check_seed(s) for s in train_seeds], [_check_seed(s) for s in dev_seeds]
     if set(train_seeds) & set(dev_seeds):
         raise ValueError(f"train and dev seeds overlap: {sorted(set(train_seeds) & set(dev_seeds))[:5]}")
     if max_nll is not None and not max_nll > 0:

@@ -36,8 +36,8 @@ import re
 from collections import Counter
 from typing import Sequence
 
-from ..checks import check_int_fields, check_sampling_fields
-from ..calls import Call, linearize
+from ..checks import check_int, check_int_fields, check_sampling_fields
+from ..calls import SEED_RANGE, Call, linearize
 from ..trace import TraceEvent
 
 LAYOUTS = ("parallel", "linearized")
@@ -58,8 +58,17 @@ class ToTConfig:
     def __post_init__(self):
         check_int_fields(self, ("proposals", "voters", "propose_tokens", "vote_tokens", "answer_tokens"))
         check_sampling_fields(self)
-        if not self.system.strip():
-            raise ValueError("ToTConfig.system must be a non-empty system prompt")
+        _check_system(self)
+
+    @property
+    def max_seed(self) -> int:
+        """The largest instance seed whose call seeds (``B + V + 1`` per instance) all fit a ``Call``."""
+        return (SEED_RANGE[1] - self.proposals - self.voters) // (self.proposals + self.voters + 1)
+
+
+def _check_system(config) -> None:
+    if not isinstance(config.system, str) or not config.system.strip():
+        raise ValueError(f"{type(config).__name__}.system must be a non-empty system prompt, got {config.system!r}")
 
 
 def propose_prompt(problem: str) -> str:
@@ -87,7 +96,7 @@ def parse_vote(text: str, n: int) -> int | None:
     ("3", "#3", "Solution #3"; not the 5 of "5.5"), None when there is none or it is not in 1..n.
     Example: ``parse_vote(" Solution #3, because", 8)`` is 3; ``parse_vote(" 10 x 1", 8)`` is None."""
     m = _INDEX.search(text)
-    if m is None:
+    if m is None or len(m.group(1).lstrip("0")) > len(str(n)):  # more than n (no int() past 4,300 digits)
         return None
     k = int(m.group(1))
     return k if 1 <= k <= n else None
@@ -111,6 +120,7 @@ async def tree_of_thoughts(ex, problem: str, *, layout: str, seed: int, config: 
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown Tree-of-Thoughts layout {layout!r}; choose one of {LAYOUTS}")
+    seed = check_int("seed", seed, minimum=0, maximum=config.max_seed)
     B, V = config.proposals, config.voters
     stride = B + V + 1  # calls per instance: seeds never collide across instances
     sample = dict(temperature=config.temperature)
@@ -158,6 +168,9 @@ class DirectConfig:
     def __post_init__(self):
         check_int_fields(self, ("answer_tokens",))
         check_sampling_fields(self)
+        _check_system(self)
+
+    max_seed = SEED_RANGE[1]  # the seed is the call's own
 
 
 def direct_prompt(problem: str) -> str:
@@ -167,6 +180,7 @@ def direct_prompt(problem: str) -> str:
 
 async def direct(ex, problem: str, *, seed: int, config: DirectConfig = DirectConfig()) -> dict:
     """One call that solves ``problem``: ``{"final": text}``."""
+    seed = check_int("seed", seed, minimum=0, maximum=config.max_seed)
     sys = await ex.prefill(config.system, role="system")
     ask = await ex.prefill(direct_prompt(problem), role="user", parents=[sys])
     answer = await ex.decode(role="assistant", parents=[sys, ask], max_tokens=config.answer_tokens,
@@ -214,26 +228,25 @@ def run_condition(model, problems: Sequence[str], *, condition: str, config: ToT
     """Run Tree of Thoughts on every problem under one of ``CONDITIONS`` (instance i uses seed ``seed + i``, or
     ``seeds[i]``); ``condition="direct"`` runs the single direct call under the baseline. ``config``: a ``ToTConfig``
     (a ``DirectConfig`` for "direct"); None for the defaults.
-    ``batch`` instances run at once in a KV store of ``capacity`` tokens. A re-encoding baseline instance holds
-    every voter's serial prompt (all proposals) until it ends: with 64-token proposals about 4,000 tokens, so
-    32 such instances overflow the default 65,536.
+    ``batch`` instances run at once in a KV store of ``capacity`` tokens. A re-encoding baseline frees each call's
+    serial prompt when the call ends, but its vote step reserves every voter's whole prompt (all B proposals) at
+    once: with B = 8, V = 4 and 64-token proposals about 2,800 tokens per instance, so 32 instances voting together
+    overflow the default 65,536.
 
     Returns the results, or (results, traces) with ``trace=True``.
     Example: ``run_condition(model, [p.problem for p in problems], condition="choreographed")``.
     """
     from ..runner import Runner
-    from .executors import make_executor
+    from .executors import instance_seeds, make_executor, run_instances
 
     if condition not in (*CONDITIONS, "direct"):
         raise ValueError(f"unknown Tree-of-Thoughts condition {condition!r}; choose one of "
                          f"{sorted([*CONDITIONS, 'direct'])}")
-    seeds = [seed + i for i in range(len(problems))] if seeds is None else list(seeds)
-    if len(seeds) != len(problems):
-        raise ValueError(f"seeds has {len(seeds)} entries for {len(problems)} problems")
     wanted = DirectConfig if condition == "direct" else ToTConfig
     config = wanted() if config is None else config
     if not isinstance(config, wanted):
         raise ValueError(f"condition {condition!r} takes a {wanted.__name__}, got {type(config).__name__}")
+    seeds = instance_seeds(seed, seeds, len(problems), maximum=config.max_seed, what="problems")
     if condition == "direct":
         runner = Runner(make_executor(model, "baseline", capacity=capacity), max_concurrent=batch, progress=progress,
                         trace=trace)
@@ -244,5 +257,5 @@ def run_condition(model, problems: Sequence[str], *, condition: str, config: ToT
                         trace=trace)
         workflows = [lambda ex, p=p, s=s: tree_of_thoughts(ex, p, layout=layout, seed=s, config=config)
                      for p, s in zip(problems, seeds)]
-    results = runner.run(workflows, on_result=on_result)
+    results = run_instances(runner, workflows, capacity=capacity, on_result=on_result)
     return (results, [runner.traces[i] for i in range(len(results))]) if trace else results
