@@ -7,11 +7,11 @@ problem asks for answers "separated by commas": ``gold_answer``); without a fold
 for machines without the file). ``split_problems`` picks disjoint evaluation and training sets with a fixed seed
 from the id-sorted list, so the choice does not depend on the file's order.
 
-Grading (PROTOCOLS: programmatic, not by asking a model): ``extract_answer`` takes the last closed ``\\boxed{...}``
-of a response (or the first: the parallel debate's rule), else what follows its last "ANSWER:" (upper-case, or at a
-line's start), else its last "final answer is ..."; ``grade`` checks that answer against the gold one with
-``math_verify`` (symbolic and numeric equivalence: ``\\frac{9}{7}`` = ``9/7``, ``0.5`` = ``\\frac12``). A response
-with none of them is wrong and counted as unparsed. Example::
+Grading (docs/protocols.md: programmatic, not by asking a model): ``extract_answer`` takes the last closed
+``\\boxed{...}`` of a response (or the first: the parallel debate's rule), else what follows its last "ANSWER:"
+(upper-case, or at a line's start), else its last "final answer is ..."; ``grade`` checks that answer against the
+gold one with ``math_verify`` (symbolic and numeric equivalence: ``\\frac{9}{7}`` = ``9/7``, ``0.5`` =
+``\\frac12``). A response with none of them is wrong and counted as unparsed. Example::
 
     problems = load_problems(None)
     evaluation, train = split_problems(problems, n_eval=8, n_train=16, seed=0)

@@ -262,7 +262,7 @@ SCALING = {
     "V": [make_shape("tree_of_thoughts", B=4, V=v) for v in (2, 4, 8, 16)],
     "A": [make_shape("parallel_debate", A=a, rounds=3) for a in (2, 4, 8)],
 }
-# Paper figures (A100; PROTOCOLS.md, Performance), for the table's reference column: a TTFT speed-up per workflow,
+# Paper figures (A100; docs/protocols.md, Performance), for the table's reference column: a TTFT speed-up per workflow,
 # and one end-to-end figure for all of them ("about 1.03x": decoding dominated), not one per workflow.
 PAPER_E2E_TYPICAL = 1.03
 PAPER = {"tree_of_thoughts B=8 V=4": {"ttft": 3.6},

@@ -9,8 +9,8 @@ r the affirmative speaks (round 1: proposes a solution; later: defends or revise
 last argument), then the negative (argues against it with its own solution), then the moderator replies with
 JSON ``{"reasoning", "preference": "affirmative" | "negative" | "none", "answer"}`` behind a forced prefix.
 The debate stops after the first round whose moderator names a winner with a usable answer (``names_winner``;
-PROTOCOLS: "stops when it names a winner with an answer"): a side's name, "none", "N/A", yes/no/true/false or the
-prompt's placeholder in the answer field is no answer, so such a verdict does not stop the debate. After the last
+docs/protocols.md: "stops when it names a winner with an answer"): a side's name, "none", "N/A", yes/no/true/false
+or the prompt's placeholder in the answer field is no answer, so such a verdict does not stop the debate. After the last
 round without a winner, a verdict that prefers a side gives that side's last message as the final answer.
 
 - the debate is the debaters' messages, in order; each debater's call attends to its system prompt, its
@@ -249,7 +249,7 @@ def usable_answer(answer: str | None) -> str | None:
 
 def names_winner(verdict: dict) -> bool:
     """The stopping rule: the moderator prefers a side ("affirmative" or "negative") and gives a usable answer
-    (``usable_answer``); a preference without one does not end the debate (PROTOCOLS: "names a winner with an
+    (``usable_answer``); a preference without one does not end the debate (docs/protocols.md: "names a winner with an
     answer")."""
     return verdict.get("preference") in ("affirmative", "negative") and usable_answer(verdict.get("answer")) is not None
 

@@ -11,7 +11,7 @@ from choreo.report import loss_text
 from choreo.results import fingerprint, logged_results, logs_written, resumable as results_resumable
 
 
-# Train/dev split of the fine-tuning traces (PROTOCOLS: 90/10, fixed seed), whatever the LoRA preset's own
+# Train/dev split of the fine-tuning traces (docs/protocols.md: 90/10, fixed seed), whatever the LoRA preset's own
 # dev_fraction says: the suites split one trace set themselves and record this share in the training summary.
 DEV_FRACTION = 0.1
 
@@ -90,7 +90,7 @@ BSM_FINETUNE = {  # baseline traces from separate concept sets (the first ones),
     "smoke": dict(train=4, preset="smoke", overrides={}),
     # CPU time: 40 concept sets, one epoch distilling the adapter-off baseline (as MultiQA's fine-tuned arm)
     "small": dict(train=40, preset="embedded-cpu", overrides={"epochs": 1, "eval_every": 3, "loss": "kl", "lr": 1e-3}),
-    "paper": dict(train=100, preset="paper", overrides={}),  # PROTOCOLS: rank 64, alpha 32, lr 5e-5
+    "paper": dict(train=100, preset="paper", overrides={}),  # docs/protocols.md: rank 64, alpha 32, lr 5e-5
 }
 FINETUNE_ROW = "Choreographed + Fine-tuning"
 

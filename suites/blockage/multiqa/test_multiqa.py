@@ -36,7 +36,7 @@ FINETUNE = {  # training pairs (baseline traces, DEV_FRACTION of them dev), LoRA
     # (26 steps) 1/100 (runs/finetuned-*.json).
     "small": dict(train=450, preset="embedded-cpu", overrides={"epochs": 1, "eval_every": 25, "loss": "kl",
                                                                "lr": 1e-3}),
-    "paper": dict(train=450, preset="paper", overrides={}),  # PROTOCOLS: rank 64, alpha 32, lr 5e-5
+    "paper": dict(train=450, preset="paper", overrides={}),  # docs/protocols.md: rank 64, alpha 32, lr 5e-5
 }
 TRAIN_SEED = 1
 # Share of the questions set aside for fine-tuning pairs (split_questions, seed SEED): no evaluation pair asks one
