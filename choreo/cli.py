@@ -76,6 +76,28 @@ def describe(error: BaseException) -> str:
 DEVICE_HELP = "cpu, cuda or cuda:N (default: cuda if this torch finds a CUDA device, else cpu)"
 
 
+def parse_device(text: str, *, who: str):
+    """The ``torch.device`` that ``--device`` names, if this torch can run on it: cpu, cuda or cuda:N of a visible
+    device; a ValueError naming ``text`` otherwise (``who``: what runs there, for the message)."""
+    import torch
+
+    try:
+        if not text.strip():
+            raise RuntimeError("blank")
+        device = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"--device {text!r} is not a device name; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {text!r}: {who} on cpu or cuda only")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "was built without CUDA" if torch.version.cuda is None else "finds no CUDA device"
+            raise ValueError(f"--device {text!r}: this torch ({torch.__version__}) {why}")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {text!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return device
+
+
 def model_device(text: str | None, *, attention: str | None = None):
     """The ``torch.device`` that ``--device`` names (None: cuda if this torch finds a CUDA device, else cpu), checked
     with ``--attention`` before the model loads on it. Example: ``model_device("cpu", attention="triton")`` without
@@ -86,18 +108,7 @@ def model_device(text: str | None, *, attention: str | None = None):
     given = text is not None
     if not given:
         text = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise ValueError(f"--device {text!r} is not a device name; use cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {text!r}: choreo runs models on cpu or cuda only")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "was built without CUDA" if torch.version.cuda is None else "finds no CUDA device"
-            raise ValueError(f"--device {text!r}: this torch ({torch.__version__}) {why}")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {text!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    device = parse_device(text, who="choreo runs models")
     # the engine's rule (triton_kernels.is_available), read from the environment: in a fresh process the kernel
     # module is not imported yet, and will be imported for the interpreter exactly when TRITON_INTERPRET is 1
     if attention == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":

@@ -213,21 +213,9 @@ def _command(args) -> str:
 
 def check_device(text: str | None) -> torch.device:
     """The device ``--device`` names, if this torch can run the benchmarks on it (default: CPU)."""
-    if text is not None and not text.strip():
-        raise ValueError(f"--device {text!r} is not a device name; use cpu, cuda or cuda:N")
-    try:
-        device = torch.device(text or "cpu")
-    except RuntimeError:
-        raise ValueError(f"--device {text!r} is not a device name; use cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {text!r}: the benchmarks run on cpu or cuda only")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "was built without CUDA" if torch.version.cuda is None else "finds no CUDA device"
-            raise ValueError(f"--device {text!r}: this torch ({torch.__version__}) {why}")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {text!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
-    return device
+    from ..cli import parse_device
+
+    return parse_device("cpu" if text is None else text, who="the benchmarks run")
 
 
 def _bench_command(args) -> int:
