@@ -61,8 +61,9 @@ class Job:
 
 
 # Rows of padding one forward pass's fixed cost is worth (``Engine.pass_rows``): on CPU a pass of the embedded
-# model costs 43 ms plus 1.04 ms per token (results/performance/pass_cost.md); on an H200 its pass costs the same
-# from 6 to 517 tokens (results/performance_gpu/pass_cost.md).
+# model costs 43-53 ms at one token and 1.0-1.4 ms per token more (results/performance/pass_cost.md, two machines:
+# the fixed cost is worth 40 rows or so, rounded up to a power of two); on an H200 its pass costs the same from 6 to
+# 517 tokens (results/performance_gpu/pass_cost.md).
 PASS_ROWS = {"cpu": 64, "cuda": 512}
 
 

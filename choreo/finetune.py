@@ -650,6 +650,10 @@ def _train_adapted(model, train_traces, dev_traces, *, config, out: Path, resume
         if saved.get("data", data) != data:
             raise ValueError(f"cannot resume {str(out)!r} with other training or dev traces than it started with "
                              f"(saved {saved['data']['sizes']}, given {data['sizes']}; a changed trace counts too)")
+        if saved.get("model", _model_key(model)) != _model_key(model):  # runs saved before the key: not checked
+            raise ValueError(f"cannot resume {str(out)!r} with another model or dtype than it started with (saved "
+                             f"{saved['model']}, given {_model_key(model)}; on the command line, the --device it "
+                             f"started on: fp32 on cpu, bf16 on cuda)")
         recorded = _finished(out, saved["state"], total)
         if recorded is not None:  # nothing left to run: the folder stays as the run left it
             load_adapter(model, best_dir, trainable=True)
@@ -782,9 +786,14 @@ def _save_last(model, last: Path, opt, sched, state, config, data: dict, best_we
     save_adapter(model, last)
     tmp = last / "trainer_state.pt.tmp"
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(),
-                "state": state, "config": config.to_json(), "data": data, "weights": adapter_weights(model),
-                "best_weights": best_weights}, tmp)
+                "state": state, "config": config.to_json(), "data": data, "model": _model_key(model),
+                "weights": adapter_weights(model), "best_weights": best_weights}, tmp)
     tmp.replace(last / "trainer_state.pt")
+
+
+def _model_key(model) -> dict:
+    """What a resumed run must be given again of its model: the checkpoint's hash and the dtype it trains in."""
+    return {"sha256": model.spec.sha256, "dtype": str(model.spec.dtype)}
 
 
 def _data_key(train_traces, dev_traces) -> dict:

@@ -49,9 +49,9 @@ def device_name(device: str | torch.device = "cpu") -> str:
     return f"{model} ({torch.get_num_threads()} threads)"
 
 
-# where the code that runs lives: an untracked file of a kind tracked there (a new module, say) is uncommitted code
-# too; results (results/, results-*/) lie outside them and never count
-SOURCE_FOLDERS = ("choreo", "triton_kernels", "suites", "scripts")
+# where the code that runs lives (the kernel benchmarks behind results/kernels in tests/): an untracked file of a kind
+# tracked there (a new module, say) is uncommitted code too; results (results/, results-*/) lie outside them
+SOURCE_FOLDERS = ("choreo", "triton_kernels", "suites", "scripts", "tests")
 
 
 def git_commit(root: Path | None = None) -> str | None:
@@ -74,7 +74,10 @@ def git_commit(root: Path | None = None) -> str | None:
         code = ["--", ".", ":(exclude)results", ":(exclude)results-*"]
         status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", *code],
                                 capture_output=True, text=True, timeout=10)
-        untracked = _untracked_sources(root)
+        try:
+            untracked = _untracked_sources(root)
+        except subprocess.SubprocessError:  # HEAD is known; whether new files sit beside it is not
+            return f"{head}+dirty.unknown"
         if status.returncode != 0 or not status.stdout.strip() and not untracked:
             return head
         # plumbing options: no external diff driver, textconv or colour from the user's config in the digest

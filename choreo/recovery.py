@@ -415,7 +415,8 @@ def recovery_markdown(report: dict) -> str:
               f"- device: {prov['device']}",
               f"- seeds: {prov['seeds']}; sizes: {prov['sample_sizes']}",
               f"- versions: {', '.join(f'{k} {v}' for k, v in prov['versions'].items())}",
-              f"- git commit at start: {prov.get('git_commit_at_start')}; at the end: {prov['git_commit']}; "
+              f"- git commit at start: {prov.get('git_commit_at_start')}; at the end: "
+              f"{prov.get('git_commit_at_write', prov['git_commit'])}; "
               f"finished {prov['date']}",
               f"- OMP_NUM_THREADS={prov.get('omp_num_threads')}, niceness {prov.get('niceness')}",
               f"- time per optimizer step (chosen run): {s['seconds_per_step']:.1f} s; "

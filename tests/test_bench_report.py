@@ -230,3 +230,17 @@ def test_cli_refuses_a_file_as_out_before_reading_the_json(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert f"--out {str(out)!r} is a file, not a folder" in capsys.readouterr().err
     assert out.read_text() == "a file"
+
+
+def test_a_run_without_forward_timings_writes_its_tables_and_no_plot(tmp_path):
+    """A run of the tile sweeps and training benchmarks alone (``CHOREO_BENCH_FILTER="tiles and prefill"``) has no
+    bars to draw: the tables are written, the plot is not (nor left from an earlier run)."""
+    src = tmp_path / "bench.json"
+    timed = [b for b in _bench()["benchmarks"] if not b["name"].startswith("test_segment_attention_speed")]
+    src.write_text(json.dumps({**_bench(), "benchmarks": timed}))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "segment_attention.png").write_bytes(b"an earlier run's plot")
+    bench_report.write_report(src, out, commit="abc", command="c")
+    assert (out / "segment_attention.md").exists() and (out / "segment_attention_training.md").exists()
+    assert not (out / "segment_attention.png").exists()

@@ -462,6 +462,23 @@ def test_resume_refuses_other_traces(tiny, traces, tmp_path):
     assert rest.steps == 4
 
 
+def test_resume_refuses_another_model_or_dtype(tiny, traces, tmp_path, monkeypatch):
+    """A run resumed in another dtype (``choreo finetune train --device cuda`` after a CPU start: bf16 instead of
+    fp32) or on another checkpoint would continue other numerics under the same history: refused, naming both."""
+    config = FinetuneConfig.preset("smoke", epochs=2)
+    train(tiny, traces[:4], traces[6:], config=config, out_dir=tmp_path, stop_after=1, progress=False)
+    unload_adapter(tiny)
+    spec = tiny.spec
+    for other in (dataclasses.replace(spec, dtype=torch.bfloat16), dataclasses.replace(spec, sha256="0" * 64)):
+        monkeypatch.setattr(tiny, "spec", other)
+        with pytest.raises(ValueError, match="another model or dtype.*saved .*given "):
+            train(tiny, traces[:4], traces[6:], config=config, out_dir=tmp_path, resume=True, progress=False)
+        assert not is_adapted(tiny)
+    monkeypatch.setattr(tiny, "spec", spec)
+    assert train(tiny, traces[:4], traces[6:], config=config, out_dir=tmp_path, resume=True, progress=False).steps == 4
+    unload_adapter(tiny)
+
+
 def test_selection_refuses_a_model_that_already_carries_an_adapter(tiny, traces, tmp_path):
     """``select_on_dev`` and ``recovery_experiment`` add and remove their own adapters: they refuse to start
     rather than remove the caller's."""

@@ -64,6 +64,13 @@ def test_an_untracked_source_file_marks_the_code_dirty_but_not_untracked_results
     assert dirty.startswith(head + "+dirty.") and len(dirty) == len(head) + len("+dirty.") + 12
     (tmp_path / "choreo" / "new_module.py").write_text("y = 2\n")
     assert git_commit(tmp_path).startswith(head + "+dirty.") and git_commit(tmp_path) != dirty  # its content counts
+    import choreo.provenance
+
+    def unlisted(root):
+        raise subprocess.SubprocessError("ls-files failed")
+
+    monkeypatch.setattr(choreo.provenance, "_untracked_sources", unlisted)
+    assert git_commit(tmp_path) == head + "+dirty.unknown"  # HEAD kept; whether it is all the code, unknown
 
 
 def test_provenance_records_the_commit_the_run_imported_not_the_one_at_writing(monkeypatch):

@@ -1,7 +1,8 @@
 """Tables and a plot from the kernel benchmarks' pytest-benchmark JSON (``tests/kernels/bench_segment_attention.py``).
 
 One row per workload: the kernel with the defaults of the benchmarked commit, the fastest configuration of its
-tile sweep, the kernel with its moved keys copied first (``LaunchConfig.prerotate``), plain causal SDPA at the
+tile sweep, the kernel with the other treatment of moved keys than its defaults' (``LaunchConfig.prerotate``
+flipped: copied first, or re-rotated in the loop), plain causal SDPA at the
 same attended tokens (the goal: >= 90% of its speed), FlexAttention (with and without the gather it needs) and
 dense-mask SDPA (the engine's torch backend). TFLOP/s count attended (query, key) pairs only, so every
 implementation is charged for the same work.
@@ -171,8 +172,9 @@ COLUMNS = ["workload", "mask density", "kernel, defaults then: time (TFLOP/s)", 
            "dense-mask SDPA + gather", "kernel speed-up vs Flex + gather: defaults (fastest)"]
 
 
-def plot(path: Path, summary: dict, device: str) -> Path:
-    """Horizontal bars: TFLOP/s per implementation, one group per workload (log scale)."""
+def plot(path: Path, summary: dict, device: str) -> Path | None:
+    """Horizontal bars: TFLOP/s per implementation, one group per workload (log scale); None, and no file, where
+    nothing was timed forward (a run of the tile sweeps or the training benchmarks alone)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,6 +184,9 @@ def plot(path: Path, summary: dict, device: str) -> Path:
     series.update({label: (lambda w, k=k: w["impls"].get(k, {}).get("tflops")) for k, label in IMPLS.items()})
     names = [n for n, w in summary.items() if w["impls"]]  # workloads timed forward (not the fine-tuning step)
     series = {label: get for label, get in series.items() if any(get(summary[n]) for n in names)}  # timed ones
+    if not series:
+        path.unlink(missing_ok=True)  # not an earlier run's plot beside this run's tables
+        return None
     fig, ax = plt.subplots(figsize=(8.5, 0.9 + 0.75 * len(names)))
     height = 0.8 / len(series)
     for k, (label, get) in enumerate(series.items()):

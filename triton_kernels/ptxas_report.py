@@ -364,20 +364,30 @@ def default_stats(dtypes: Sequence[str] = ("bf16",), head_dims: Sequence[int] = 
     """``KernelStats`` of every default tile configuration (prefill and decode, forward and backward), each compiled
     for its S, and of the decode forward's split-K variant (``SPLIT_LABEL``: what a decode launch of few calls
     runs, ``default_splits``); those of the kernels with a flat tile loop (forward, dq) once per ``flat_stages``
-    (None: the default). Returns [(label, stats)]."""
+    (None: the default). A default that copies moved keys first (``LaunchConfig.prerotate``: prefill at 16-bit
+    dtypes) gives two rows: ``label`` with the re-rotation in the loop (what decode, short prefills and launches
+    past the copy's budget run) and ``label + ", keys copied first"`` (the loop over the copy). Returns
+    [(label, stats)]."""
     stats = []
     for dtype, head_dim in itertools.product(dtypes, head_dims):
         configs = default_configs(dtype, head_dim)
         jobs = [(label, label.split()[0], default, seq_len, False) for label, (default, seq_len) in configs.items()]
         jobs.append((SPLIT_LABEL, "fwd", *configs["fwd decode"], True))
         for label, kernel, default, seq_len, split in jobs:
-            for cfg in ([dataclasses.replace(default, flat_stages=f) if f else default for f in flat_stages]
-                        if kernel in FLAT_KERNELS else [default]):
-                stats.append((label, compile_stats(kernel, dtype, head_dim, block_m=cfg.block_m,
-                                                   block_n=cfg.block_n, num_warps=cfg.num_warps,
-                                                   num_stages=cfg.num_stages, tma=cfg.tma, group=GROUP,
-                                                   flat_stages=cfg.flat_stages, arch=arch, seq_len=seq_len,
-                                                   split=split, with_opcodes=with_opcodes)))
+            if default.prerotate:  # both loops a moved launch may run: re-rotating in the loop, and over the copy
+                variants = [(label, dataclasses.replace(default, prerotate=False)),
+                            (f"{label}, keys copied first", default)]
+            else:
+                variants = [(label, default)]
+            for row, variant in variants:
+                for cfg in ([dataclasses.replace(variant, flat_stages=f) if f else variant for f in flat_stages]
+                            if kernel in FLAT_KERNELS else [variant]):
+                    stats.append((row, compile_stats(kernel, dtype, head_dim, block_m=cfg.block_m,
+                                                       block_n=cfg.block_n, num_warps=cfg.num_warps,
+                                                       num_stages=cfg.num_stages, tma=cfg.tma, group=GROUP,
+                                                       prerotate=cfg.prerotate, flat_stages=cfg.flat_stages,
+                                                       arch=arch, seq_len=seq_len, split=split,
+                                                       with_opcodes=with_opcodes)))
     return stats
 
 

@@ -769,17 +769,24 @@ def _merge_splits(acc, row_max, row_sum, dtype) -> tuple[torch.Tensor, torch.Ten
 # Prefill launches of at least this many packed query rows per (call, KV head), at 16-bit dtypes and D <= 128,
 # copy their moved keys first (``LaunchConfig.prerotate``): on an H200 (bf16, H 32, Hkv 8, D 128; 512 to 2048 rows,
 # 8 to 32 query blocks of 64 sharing each copy) that took 0.73-0.85x the time of re-rotating in the loop on the
-# five moved prefill workloads of ``tests/kernels/bench_segment_attention.py`` (e.g. 3.64 against 4.96 ms on
-# prefill-B8-S512-T4k) and the same time unmoved (3.65 against 3.66 ms; nothing is copied). Fewer rows share the
-# copy among fewer query blocks and were not timed: they keep the re-rotation in the loop, as decode does.
+# five moved prefill workloads of ``tests/kernels/bench_segment_attention.py`` (e.g. 728 against 992 us a call on
+# prefill-B8-S512-T4k) and the same time unmoved (729 against 733 us; nothing is copied). Fewer rows share the
+# copy among fewer query blocks and were not timed: they keep the re-rotation in the loop, as decode does. fp16
+# and D 64 were not timed either; they take the rule by the same arithmetic (the copy and the loop's re-rotation
+# both scale with D, and fp16 and bf16 move the same bytes).
 PREROTATE_ROWS = 512
+# The copy is B x Hkv x max_tiles x block_n x D elements, made for the launch and freed after it (on the H200
+# workloads above 33-268 MiB, one layer at a time). A default launch whose copy would exceed this keeps the
+# re-rotation in the loop instead: e.g. 32 calls over 16k moved keys each at Hkv 8, D 128, bf16 would copy 1 GiB.
+PREROTATE_MAX_BYTES = 512 << 20
 
 
 def launch_config(rows: int, head_dim: int, dtype: torch.dtype, interpret: bool = False) -> LaunchConfig:
     """The default tiles for ``rows`` = S * (H // Hkv) packed query rows of one (call, KV head). Prefill launches
     of ``PREROTATE_ROWS`` rows or more at fp16 / bf16 and D <= 128 copy their moved keys first
     (``LaunchConfig.prerotate``; transient memory of B x Hkv x max_tiles x block_n x D elements when a segment is
-    moved, none otherwise)."""
+    moved, none otherwise; a launch whose copy would exceed ``PREROTATE_MAX_BYTES`` keeps the in-loop
+    re-rotation, ``prepare_launch``)."""
     if interpret:  # per-op Python overhead dominates; small tiles keep padding work low
         return LaunchConfig(block_m=16, block_n=16, num_warps=1, num_stages=1)
     half = dtype != torch.float32
@@ -1003,6 +1010,10 @@ def prepare_launch(q, k_cache, v_cache, *, seg_start, seg_len, seg_delta, own_st
         elif tiles.block_n != cfg.block_n:
             raise ValueError(f"tiles were cut for block_n = {tiles.block_n}, but the launch uses block_n = "
                              f"{cfg.block_n}: build them with tile_table(..., block_n={cfg.block_n})")
+    if config is None and cfg.prerotate and tiles.moved:  # the default's copy of the moved keys, within its budget
+        copy_bytes = B * Hkv * max(tiles.max_tiles, 1) * cfg.block_n * D * q.element_size()
+        if copy_bytes > PREROTATE_MAX_BYTES:
+            cfg = dataclasses.replace(cfg, prerotate=False)
     if num_splits is None:
         programs = triton.cdiv(S * group, cfg.block_m) * B * Hkv
         num_splits = 1 if tiles is None else default_splits(programs, tiles.max_tiles * cfg.block_n, q.device)

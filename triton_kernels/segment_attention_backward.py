@@ -343,7 +343,7 @@ def backward_configs(forward_config: LaunchConfig, rows: int, head_dim: int, dty
     The key tile is the forward's ``block_n``, so the forward's tile table serves both passes. Query blocks,
     warps and stages are the largest that compile for sm_90 without spilling registers and fit an H100's 227 KiB
     of shared memory (``ptxas_report``; checked by a test); timed against the earlier tiles on an H100 and an H200
-    (1.4-1.7x faster than dq on 64 rows and dkdv on 32 on the H100: ``results/kernels/segment_attention_training.md``
+    (1.4-1.6x faster than dq on 64 rows and dkdv on 32 on the H100: ``results/kernels/segment_attention_training.md``
     as committed at 58222f9, in the repository's history; on the H200 the fastest of the sweep on three of four
     prefill workloads: ``segment_attention_1001322_training.md``). A query block is at most
     ``rows`` rounded up to a power of two (>= 16). dq's segment loop loads each K tile twice (as stored and

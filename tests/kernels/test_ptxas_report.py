@@ -53,8 +53,11 @@ def test_report_table_carries_provenance(default_stats, report_dir):
 
 def test_default_tiles_do_not_spill(default_stats):
     labels = {(s["label"], s["dtype"], s["head_dim"]) for s in default_stats}
-    # dtypes x head dims x ((forward, dq, dkdv) x (prefill, decode) + the decode forward's split-K variant)
-    assert len(labels) == 2 * 2 * 7
+    # dtypes x head dims x ((forward, dq, dkdv) x (prefill, decode) + the decode forward's split-K variant), and the
+    # bf16 prefill forward's loop over keys copied first (its default at 1024 rows) at both head dims
+    assert len(labels) == 2 * 2 * 7 + 2
+    assert {(dtype, d) for label, dtype, d in labels if label == "fwd prefill, keys copied first"} == {
+        ("bf16", 64), ("bf16", 128)}
     spilling = [s for s in default_stats if s["spill_bytes"] > MAX_SPILL]
     assert not spilling, "\n".join(f"{s['label']} {s['dtype']} D={s['head_dim']} m{s['block_m']} n{s['block_n']} "
                                    f"w{s['num_warps']}: {s['spill_bytes']} B spilled" for s in spilling)
@@ -65,7 +68,7 @@ def test_each_shape_is_compiled_as_it_launches(default_stats):
     """Prefill rows are compiled for 256 new tokens per call, decode rows for one (S = 1, a constant to the JIT as
     in a real decode launch), and the split-K row is the decode forward with partials instead of the output."""
     for s in default_stats:
-        shape = s["label"].split()[1]
+        shape = s["label"].split()[1].rstrip(",")  # "fwd prefill, keys copied first": a prefill row
         assert s["seq_len"] == {"prefill": 256, "decode": 1}[shape], s["label"]
         assert s["split"] == (s["label"] == "fwd decode split-K"), s["label"]
     split = [s for s in default_stats if s["split"]]

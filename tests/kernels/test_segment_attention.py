@@ -318,6 +318,28 @@ def test_default_launch_config():
     assert LaunchConfig(block_m=16, block_n=16, num_stages=3, flat_stages=5).flat_loop_stages == 5
 
 
+def test_default_copy_of_moved_keys_keeps_within_its_budget(monkeypatch):
+    """A default launch that would copy its moved keys first (``launch_config``'s prerotate) keeps the in-loop
+    re-rotation where the copy (B x Hkv x max_tiles x block_n x D elements) would exceed PREROTATE_MAX_BYTES; an
+    explicit config is run as given, and an unmoved launch copies nothing."""
+    kernels = sys.modules["triton_kernels.segment_attention"]  # the module (the package exports a function so named)
+    args = AWKWARD["multi-tile-segments"].tensors()
+    q = args["q"]
+    B, _, _, D = q.shape
+    Hkv = args["k_cache"].shape[0]
+    copying = LaunchConfig(block_m=16, block_n=16, num_warps=1, num_stages=1, prerotate=True)
+    monkeypatch.setattr(kernels, "launch_config", lambda *a, **k: copying)
+    tiles = tile_table(**segment_table(args), block_n=16)
+    copy_bytes = B * Hkv * tiles.max_tiles * 16 * D * q.element_size()
+    monkeypatch.setattr(kernels, "PREROTATE_MAX_BYTES", copy_bytes)
+    assert prepare_launch(**args).config.prerotate  # at the budget
+    monkeypatch.setattr(kernels, "PREROTATE_MAX_BYTES", copy_bytes - 1)
+    assert prepare_launch(**args).config == dataclasses.replace(copying, prerotate=False)
+    assert prepare_launch(**args, config=copying).config.prerotate  # asked for: run as given
+    expected = segment_attention(**args, config=dataclasses.replace(copying, prerotate=False))
+    assert torch.equal(run_launch(q, args["k_cache"], args["v_cache"], prepare_launch(**args)), expected)
+
+
 def test_tma_needs_an_aligned_store():
     case = AWKWARD["multi-tile-segments"]
     args = case.tensors()
