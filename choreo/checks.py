@@ -62,6 +62,13 @@ def check_sampling(*, temperature=_UNSET, top_p=_UNSET, prefix: str = "") -> Non
         raise ValueError(f"{prefix}top_p must be a number in (0, 1], got {top_p!r}")
 
 
+def check_system_field(config) -> None:
+    """A (frozen) dataclass's ``system`` prompt: a non-empty string (ValueError naming ``ClassName.system``), since
+    every call of its workflow attends to it."""
+    if not isinstance(config.system, str) or not config.system.strip():
+        raise ValueError(f"{type(config).__name__}.system must be a non-empty system prompt, got {config.system!r}")
+
+
 def check_sampling_fields(config) -> None:
     """The sampling fields a (frozen) dataclass has, checked as ``choreo.Call`` checks them (``check_sampling``), so
     that a config that could not run is refused when it is made, not at its first call. Messages name the field as

@@ -650,10 +650,11 @@ def _train_adapted(model, train_traces, dev_traces, *, config, out: Path, resume
         if saved.get("data", data) != data:
             raise ValueError(f"cannot resume {str(out)!r} with other training or dev traces than it started with "
                              f"(saved {saved['data']['sizes']}, given {data['sizes']}; a changed trace counts too)")
-        if saved.get("model", _model_key(model)) != _model_key(model):  # runs saved before the key: not checked
+        given = _model_key(model)
+        if saved.get("model", given) != given:  # runs saved before the key: not checked
             raise ValueError(f"cannot resume {str(out)!r} with another model or dtype than it started with (saved "
-                             f"{saved['model']}, given {_model_key(model)}; on the command line, the --device it "
-                             f"started on: fp32 on cpu, bf16 on cuda)")
+                             f"{saved['model']}, given {given}; on the command line, the --device it started on: "
+                             f"fp32 on cpu, bf16 on cuda)")
         recorded = _finished(out, saved["state"], total)
         if recorded is not None:  # nothing left to run: the folder stays as the run left it
             load_adapter(model, best_dir, trainable=True)

@@ -292,12 +292,13 @@ def check_recovery_sizes(n_train: int, n_eval: int, configs, *, seed: int = 0,
 
 
 def launch_record() -> dict:
-    """The git commit, niceness and OMP thread setting at the start of a run (provenance is written at its end)."""
+    """The git commit, niceness and OMP thread setting at the start of a run (provenance is written at its end; its
+    ``git_commit`` is the same commit, the code as imported)."""
     import os
 
-    from .provenance import git_commit
+    from .provenance import COMMIT_AT_START
 
-    return {"git_commit_at_start": git_commit(), "niceness": os.nice(0),
+    return {"git_commit_at_start": COMMIT_AT_START, "niceness": os.nice(0),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
 
 

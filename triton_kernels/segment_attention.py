@@ -801,6 +801,12 @@ def launch_config(rows: int, head_dim: int, dtype: torch.dtype, interpret: bool 
     return LaunchConfig(block_m=64, block_n=32, num_warps=8, num_stages=2)
 
 
+def _copy_shape(B: int, Hkv: int, max_tiles: int, block_n: int, D: int) -> tuple[int, int, int, int]:
+    """The shape of a prerotating launch's copy of its moved keys (``LaunchConfig.prerotate``): every call's tiles,
+    ``block_n`` rows each, per KV head (at least one tile, so that the kernel gets a real buffer)."""
+    return (B, Hkv, max(max_tiles, 1) * block_n, D)
+
+
 def _check_index(name: str, t, shape: tuple[int, ...], device: torch.device, copy: bool) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -1011,8 +1017,7 @@ def prepare_launch(q, k_cache, v_cache, *, seg_start, seg_len, seg_delta, own_st
             raise ValueError(f"tiles were cut for block_n = {tiles.block_n}, but the launch uses block_n = "
                              f"{cfg.block_n}: build them with tile_table(..., block_n={cfg.block_n})")
     if config is None and cfg.prerotate and tiles.moved:  # the default's copy of the moved keys, within its budget
-        copy_bytes = B * Hkv * max(tiles.max_tiles, 1) * cfg.block_n * D * q.element_size()
-        if copy_bytes > PREROTATE_MAX_BYTES:
+        if math.prod(_copy_shape(B, Hkv, tiles.max_tiles, cfg.block_n, D)) * q.element_size() > PREROTATE_MAX_BYTES:
             cfg = dataclasses.replace(cfg, prerotate=False)
     if num_splits is None:
         programs = triton.cdiv(S * group, cfg.block_m) * B * Hkv
@@ -1133,7 +1138,7 @@ def forward(q, k_cache, v_cache, launch: Launch, *, store_lse: bool = False):
     prerotated = cfg.prerotate and moved
     if prerotated:  # the moved keys, tile by tile, for this launch only: (B, Hkv, T * block_n, D)
         T = launch.tiles.max_tiles
-        kp = torch.empty((B, Hkv, max(T, 1) * cfg.block_n, D), dtype=k_cache.dtype, device=q.device)
+        kp = torch.empty(_copy_shape(B, Hkv, T, cfg.block_n, D), dtype=k_cache.dtype, device=q.device)
         if T:
             _prerotate_keys[(T, B * Hkv)](
                 k_cache, kp, table, n_tiles, launch.inv_freq, *k_cache.stride(), *kp.stride()[:3], *table.stride(),

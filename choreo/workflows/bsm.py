@@ -37,7 +37,7 @@ import dataclasses
 import re
 from typing import Sequence
 
-from ..checks import check_int, check_int_fields, check_sampling_fields
+from ..checks import check_int, check_int_fields, check_sampling_fields, check_system_field
 from ..data.concepts import coverage
 from ..calls import SEED_RANGE, linearize
 from ..trace import without_offsets
@@ -62,8 +62,7 @@ class BSMConfig:
     def __post_init__(self):
         if self.branch not in BRANCH_MODES:
             raise ValueError(f"BSMConfig.branch must be one of {BRANCH_MODES}, got {self.branch!r}")
-        if not isinstance(self.system, str) or not self.system.strip():
-            raise ValueError(f"BSMConfig.system must be a non-empty system prompt, got {self.system!r}")
+        check_system_field(self)
         check_sampling_fields(self)
         check_int_fields(self, ("branch_tokens", "solve_tokens", "merge_tokens"))
 

@@ -100,10 +100,6 @@ MAX_STEP = (MAX_ROUNDS + 1) * (MAX_AGENTS + 1) - 1  # the last call of the large
 MAX_SEED = (SEED_RANGE[1] - MAX_STEP) // SEED_STRIDE  # the largest instance seed whose call seeds all fit a Call
 
 
-def _check_seed(seed) -> int:
-    return check_int("seed", seed, minimum=0, maximum=MAX_SEED)
-
-
 def _offsets(parents: Sequence, layout: str) -> list[int] | None:
     """A call's offsets: its parents back to back in list order ("linearized") or where they are ("parallel")."""
     return linearize(parents) if layout == "linearized" else None
@@ -115,7 +111,7 @@ def _check(layout: str, problem: str, seed) -> int:
         raise ValueError(f"unknown debate layout {layout!r}; choose one of {LAYOUTS}")
     if not isinstance(problem, str) or not problem.strip():
         raise ValueError(f"a debate needs a non-empty problem string, got {problem!r}")
-    return _check_seed(seed)
+    return check_int("seed", seed, minimum=0, maximum=MAX_SEED)
 
 
 async def _speak(ex, view: list, instruction: str | None, *, layout: str, **call):

@@ -30,7 +30,7 @@ import dataclasses
 from typing import Sequence
 
 from ..cache import Message
-from ..checks import check_int_fields
+from ..checks import check_int_fields, check_system_field
 from ..calls import RAW, linearize
 from ..choreographer import Choreographer
 from ..data.trivia import Question, grade
@@ -52,8 +52,7 @@ class MultiQAConfig:
         for name in ("system", "instruction", "answer_prefix"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"MultiQAConfig.{name} must be a string, got {getattr(self, name)!r}")
-        if not self.system.strip():
-            raise ValueError("MultiQAConfig.system must be a non-empty system prompt")
+        check_system_field(self)
         check_int_fields(self, ("max_tokens",))
 
 

@@ -36,7 +36,7 @@ import re
 from collections import Counter
 from typing import Sequence
 
-from ..checks import check_int, check_int_fields, check_sampling_fields
+from ..checks import check_int, check_int_fields, check_sampling_fields, check_system_field
 from ..calls import SEED_RANGE, Call, linearize
 from ..trace import TraceEvent
 
@@ -58,17 +58,12 @@ class ToTConfig:
     def __post_init__(self):
         check_int_fields(self, ("proposals", "voters", "propose_tokens", "vote_tokens", "answer_tokens"))
         check_sampling_fields(self)
-        _check_system(self)
+        check_system_field(self)
 
     @property
     def max_seed(self) -> int:
         """The largest instance seed whose call seeds (``B + V + 1`` per instance) all fit a ``Call``."""
         return (SEED_RANGE[1] - self.proposals - self.voters) // (self.proposals + self.voters + 1)
-
-
-def _check_system(config) -> None:
-    if not isinstance(config.system, str) or not config.system.strip():
-        raise ValueError(f"{type(config).__name__}.system must be a non-empty system prompt, got {config.system!r}")
 
 
 def propose_prompt(problem: str) -> str:
@@ -168,7 +163,7 @@ class DirectConfig:
     def __post_init__(self):
         check_int_fields(self, ("answer_tokens",))
         check_sampling_fields(self)
-        _check_system(self)
+        check_system_field(self)
 
     max_seed = SEED_RANGE[1]  # the seed is the call's own
 
